@@ -1,0 +1,65 @@
+"""Shared test helpers: independent reference computations and test data."""
+
+import torch
+
+
+WORDS = (
+    "the a river stone light house quietly ran over under green old new city song letter morning winter "
+    "bright sudden garden paper window friend table and but because when then clock silver mountain"
+).split()
+
+
+def random_texts(n: int, seed: int = 0, min_words: int = 2, max_words: int = 60) -> list[str]:
+    """Distinct pseudo-English texts of varied length (some longer than the test contexts)."""
+    generator = torch.Generator().manual_seed(seed)
+    texts = []
+    for i in range(n):
+        length = int(torch.randint(min_words, max_words + 1, (1,), generator=generator))
+        words = [WORDS[j] for j in torch.randint(len(WORDS), (length,), generator=generator)]
+        texts.append(f"{i}: " + " ".join(words) + ".")
+    return texts
+
+
+def hook_reference(model, texts, points, ctx_len, drop_first=False):
+    """Activations at `points` recorded by plain PyTorch forward hooks, running each text alone (no padding).
+
+    Returns one `[n_tokens, d]` tensor per point; `drop_first` drops each text's first token.
+    """
+    torch_model = model._module
+    tokenizer = model.tokenizer
+    rows = [[] for _ in points]
+    current = [None] * len(points)
+    handles = []
+    for i, point in enumerate(points):
+        module = torch_model.get_submodule(point.path)
+
+        def take(value, i=i):
+            while isinstance(value, (tuple, list)):
+                value = value[0]
+            current[i] = value.detach()
+
+        if point.io == "output":
+            handles.append(module.register_forward_hook(lambda m, args, out, take=take: take(out)))
+        else:
+            handles.append(module.register_forward_pre_hook(lambda m, args, take=take: take(args)))
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ids = tokenizer(text, truncation=True, max_length=ctx_len, return_tensors="pt")["input_ids"]
+                torch_model(ids)
+                for i in range(len(points)):
+                    rows[i].append(current[i][0, 1:] if drop_first else current[i][0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [torch.cat(r) for r in rows]
+
+
+def assert_same_rows(actual, expected, atol=1e-4):
+    """The rows of `actual` are those of `expected` in some order (a multiset match within atol)."""
+    assert actual.shape == expected.shape, f"{tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual, expected = actual.double(), expected.double()
+    distances = torch.cdist(actual, expected)  # [n_actual, n_expected]
+    scale = 1 + expected.norm(dim=-1).max()
+    assert distances.min(dim=1).values.max() <= atol * scale, "a row has no match in the reference"
+    assert distances.min(dim=0).values.max() <= atol * scale, "a reference row is missing"
