@@ -29,6 +29,7 @@ class ActivationBuffer:
       `(hook(model, 6, "mlp_in"), hook(model, 6, "mlp_out"))`. HookPoints carry their own input / output choice;
       modules and paths are read at their output (io="out"), input (io="in"), or input and output ("in_to_out").
     d_submodule: expected width (an int, or `(d_in, d_out)` for "in_to_out"); checked against the model.
+    remove_bos: drop each context's first token (BOS, or the attention-sink first token of models without BOS).
     dtype: storage dtype (default: the model's). seed: the shuffling seed.
     """
 
@@ -165,13 +166,13 @@ class ActivationBuffer:
         return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
 
     def token_mask(self, encoding: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[batch, seq] bool: the positions whose activations are kept (real tokens, minus BOS if remove_bos)."""
+        """[batch, seq] bool: the positions whose activations are kept: real tokens, minus each context's first
+        token if remove_bos (the BOS where the tokenizer adds one; otherwise the first token, which models without
+        BOS treat as an attention sink of outlier norm)."""
         mask = encoding["attention_mask"].bool()
-        if self.remove_bos and self.tokenizer.bos_token_id is not None:
+        if self.remove_bos:
             first = mask.int().argmax(dim=1)  # first real token of each row (left padding)
-            rows = torch.arange(mask.shape[0])
-            is_bos = encoding["input_ids"][rows, first] == self.tokenizer.bos_token_id
-            mask[rows[is_bos], first[is_bos]] = False
+            mask[torch.arange(mask.shape[0]), first] = False
         return mask
 
     def _collect(self, texts: list[str]) -> list[torch.Tensor]:

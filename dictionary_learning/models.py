@@ -387,6 +387,18 @@ def smollm2_path() -> Path:
 # load_model
 
 
+def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """bfloat16 where the hardware runs it fast (GPUs, CPUs with AVX-512 BF16 or AMX), else float32.
+
+    On CPUs without native bf16 it is emulated and several times slower than float32.
+    """
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    cpu = getattr(torch, "cpu", None)
+    fast_bf16 = any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return torch.bfloat16 if fast_bf16 else torch.float32
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     device: str = "cpu",

@@ -23,3 +23,8 @@ def tiny_gpt2():
 @pytest.fixture(scope="session", params=["tiny-llama", "tiny-gpt2"])
 def tiny_model(request, tiny_llama, tiny_gpt2):
     return {"tiny-llama": tiny_llama, "tiny-gpt2": tiny_gpt2}[request.param]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return load_model("smollm2-135m")

@@ -67,13 +67,14 @@ def test_submodule_forms_agree(tiny_gpt2):
         torch.testing.assert_close(result, results[0])
 
 
-def test_remove_bos(tiny_llama):
+def test_remove_bos(tiny_model):
+    """remove_bos drops each context's first token: tiny-llama's BOS, tiny-gpt2's first real token."""
     texts = random_texts(8, seed=4)
-    point = hook(tiny_llama, 0, "resid")
-    got = drain(ActivationBuffer(texts, tiny_llama, point, n_ctxs=100, ctx_len=CTX, remove_bos=True))
-    assert_same_rows(got, hook_reference(tiny_llama, texts, [point], CTX, drop_first=True)[0])
-    # tiny-llama's tokenizer adds BOS: exactly one vector per text fewer
-    n_tokens = sum(len(tiny_llama.tokenizer(t, truncation=True, max_length=CTX)["input_ids"]) for t in texts)
+    point = hook(tiny_model, 0, "resid")
+    got = drain(ActivationBuffer(texts, tiny_model, point, n_ctxs=100, ctx_len=CTX, remove_bos=True,
+                                 refresh_batch_size=3))
+    assert_same_rows(got, hook_reference(tiny_model, texts, [point], CTX, drop_first=True)[0])
+    n_tokens = sum(len(tiny_model.tokenizer(t, truncation=True, max_length=CTX)["input_ids"]) for t in texts)
     assert got.shape[0] == n_tokens - len(texts)
 
 
@@ -153,3 +154,17 @@ def test_bad_input(tiny_llama, kwargs, error, match):
     arguments.update(kwargs)
     with pytest.raises(error, match=match):
         ActivationBuffer(**arguments)
+
+
+@pytest.mark.slow
+def test_smollm2_buffer_matches_forward_hooks(smollm2):
+    import itertools
+
+    from dictionary_learning import default_corpus
+
+    texts = list(itertools.islice(default_corpus(), 6))
+    points = (hook(smollm2, 5, "mlp_in"), hook(smollm2, 5, "mlp_out"))
+    got = drain(ActivationBuffer(texts, smollm2, points, io="in_to_out", n_ctxs=2, ctx_len=64,
+                                 refresh_batch_size=3, out_batch_size=100))
+    expected = hook_reference(smollm2, texts, points, 64)
+    assert_same_rows(torch.cat(got, -1), torch.cat(expected, -1))
