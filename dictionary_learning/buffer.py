@@ -19,6 +19,17 @@ from .models import execution_key, max_context, read_value, resolve_hook
 IO_MODES = ("out", "in", "in_to_out")
 
 
+def model_inputs(encoding: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Trace inputs for a left-padded batch: positions count real tokens only, so a padded text gets the positions
+    it has unpadded (which matters for learned position embeddings)."""
+    attention_mask = encoding["attention_mask"]
+    return {
+        "input_ids": encoding["input_ids"],
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+    }
+
+
 class ActivationBuffer:
     """Iterator over batches of activations: `[out_batch_size, d]` tensors, or `(x_in, x_out)` pairs for
     io="in_to_out".
@@ -179,16 +190,9 @@ class ActivationBuffer:
         """Activations of the hook points on these texts: one `[n_tokens, d]` tensor per hook, padding dropped."""
         encoding = self._tokenize(texts)
         mask = self.token_mask(encoding)
-        attention_mask = encoding["attention_mask"]
-        inputs = {
-            "input_ids": encoding["input_ids"],
-            "attention_mask": attention_mask,
-            # positions count real tokens only, so a left-padded text gets the positions it has unpadded
-            "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
-        }
         saved: list[Any] = [None] * len(self.hooks)
         with torch.no_grad():
-            with self.model.trace(inputs) as tracer:
+            with self.model.trace(model_inputs(encoding)) as tracer:
                 for i in self._order:  # modules must be reached in execution order within one trace
                     envoy = self.model.get(self.hooks[i].path)
                     saved[i] = (envoy.input if self.hooks[i].io == "input" else envoy.output).save()

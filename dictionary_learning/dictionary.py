@@ -190,6 +190,19 @@ class Dictionary(ABC, nn.Module):
     def decoder_bias(self) -> torch.Tensor:
         return self.b_dec
 
+    @torch.no_grad()
+    def fold_scale(self, scale_in: float, scale_out: float) -> None:
+        """Make a dictionary trained on (scale_in * x, scale_out * y) work on raw (x, y): afterwards
+        `new(x) == old(scale_in * x) / scale_out`, and features are `1 / scale_in` times the old ones."""
+        self.encoder.bias /= scale_in
+        if hasattr(self, "threshold") and self.threshold >= 0:
+            self.threshold /= scale_in
+        self.decoder.weight *= scale_in / scale_out
+        decoder_bias = self.decoder_bias
+        decoder_bias /= scale_out
+        if self.skip is not None:
+            self.skip.weight *= scale_in / scale_out
+
     def dictionary_config(self) -> dict[str, Any]:
         """Constructor arguments, enough to rebuild the dictionary (saved in config.json)."""
         config = {"dict_class": type(self).__name__, "activation_dim": self.activation_dim,

@@ -63,3 +63,34 @@ def assert_same_rows(actual, expected, atol=1e-4):
     scale = 1 + expected.norm(dim=-1).max()
     assert distances.min(dim=1).values.max() <= atol * scale, "a row has no match in the reference"
     assert distances.min(dim=0).values.max() <= atol * scale, "a reference row is missing"
+
+
+def planted_features(n_features, d, seed):
+    """Unit-norm ground-truth feature directions [n_features, d]."""
+    features = torch.randn(n_features, d, generator=torch.Generator().manual_seed(seed))
+    return features / features.norm(dim=1, keepdim=True)
+
+
+def planted_codes(n_tokens, n_features, k_active, generator):
+    """Sparse non-negative codes: k_active distinct features per token, magnitudes in [0.5, 2.5]."""
+    chosen = torch.rand(n_tokens, n_features, generator=generator).topk(k_active, dim=1).indices
+    magnitudes = 0.5 + 2 * torch.rand(n_tokens, k_active, generator=generator)
+    return torch.zeros(n_tokens, n_features).scatter_(1, chosen, magnitudes)
+
+
+def planted_stream(features_in, k_active, batch, n_batches, seed, features_out=None, noise=0.01):
+    """Batches x = codes @ features_in + noise, or (x, y) pairs with y = codes @ features_out when given."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(n_batches):
+        codes = planted_codes(batch, features_in.shape[0], k_active, generator)
+        x = codes @ features_in + noise * torch.randn(batch, features_in.shape[1], generator=generator)
+        if features_out is None:
+            yield x
+        else:
+            yield x, codes @ features_out + noise * torch.randn(batch, features_out.shape[1], generator=generator)
+
+
+def fraction_recovered(features, decoder_weight, threshold=0.9):
+    """Fraction of true features whose best-matching decoder column has cosine >= threshold."""
+    columns = decoder_weight / decoder_weight.norm(dim=0, keepdim=True)
+    return ((features @ columns).max(dim=1).values >= threshold).float().mean().item()

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Build one virtual environment per peer package for the TopK training-throughput benchmark
+# (bench/peer_step.py runs inside them; bench/peers.py finds them).
+#
+#   ${PEERS_DIR:-$HOME/.cache/dictionary_learning/peers}/dictionary-learning   Sam Marks' dictionary-learning 0.1.0
+#   ${PEERS_DIR:-$HOME/.cache/dictionary_learning/peers}/sae-lens              sae-lens (6.54.12 unless SAE_LENS_VERSION)
+#
+# Each venv gets torch==2.13.0 first (this machine's local CPU wheel) and every later pip call is constrained to
+# it, so no peer can swap in a multi-GB CUDA torch. dictionary-learning 0.1.0 pins nnsight<0.4 whose deps pull
+# torch 2.14.1 + CUDA: it and nnsight 0.3.7 go in with --no-deps, followed by the few packages that
+# `from dictionary_learning.trainers.top_k import TopKTrainer` actually imports. Idempotent: a venv that
+# already imports its peer on torch 2.13.0 is left alone (FORCE=1 rebuilds).
+set -euo pipefail
+
+PEERS_DIR="${PEERS_DIR:-$HOME/.cache/dictionary_learning/peers}"
+PYTHON="${PYTHON:-python3}"
+TORCH_VERSION="2.13.0"
+DICTIONARY_LEARNING_VERSION="0.1.0"
+NNSIGHT_VERSION="0.3.7"
+SAE_LENS_VERSION="${SAE_LENS_VERSION:-6.54.12}"
+export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+mkdir -p "$PEERS_DIR"
+CONSTRAINTS="$PEERS_DIR/torch-constraint.txt"
+echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
+
+# What each peer's venv must import for the benchmark to run.
+check_code() {
+    case "$1" in
+        dictionary-learning) echo "from dictionary_learning.trainers.top_k import TopKTrainer, AutoEncoderTopK";;
+        sae-lens) echo "from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig";;
+    esac
+}
+
+venv_works() {  # name -> 0 if the venv imports its peer on the pinned torch and holds no CUDA wheels
+    local name="$1" py="$PEERS_DIR/$1/bin/python"
+    [ -x "$py" ] || return 1
+    "$py" - <<EOF >/dev/null 2>&1 || return 1
+import importlib.metadata as metadata, torch
+assert torch.__version__.split("+")[0] == "$TORCH_VERSION", torch.__version__
+assert not [d for d in metadata.distributions() if (d.metadata["Name"] or "").lower().startswith("nvidia-")]
+$(check_code "$name")
+EOF
+}
+
+pip_in() {  # name, pip install args...
+    local name="$1"; shift
+    "$PEERS_DIR/$name/bin/python" -m pip install --quiet "$@"
+}
+
+install_dictionary_learning() {
+    local name=dictionary-learning
+    pip_in "$name" "torch==$TORCH_VERSION"
+    pip_in "$name" --no-deps "dictionary-learning==$DICTIONARY_LEARNING_VERSION" "nnsight==$NNSIGHT_VERSION"
+    # Found by importing dictionary_learning.trainers.top_k and fixing ImportErrors one by one: the package
+    # imports nnsight (for its buffer) at top level, and nnsight 0.3.7 imports transformers (< 4.48, of its era),
+    # accelerate, pydantic, yaml, socketio and PIL. Declared-but-unneeded deps (wandb, datasets, umap-learn,
+    # circuitsvis, plotly, pandas, zstandard, llvmlite; nnsight's diffusers, torchvision, sentencepiece,
+    # protobuf) are left out.
+    echo "[setup_peers] (pip's 'requires ..., which is not installed' lines below are those left-out deps: expected)"
+    pip_in "$name" -c "$CONSTRAINTS" einops tqdm pyyaml pydantic accelerate "transformers<4.48" \
+        "python-socketio[client]" pillow
+}
+
+install_sae_lens() {
+    local name=sae-lens
+    pip_in "$name" "torch==$TORCH_VERSION"
+    # Its declared deps resolve against torch==2.13.0 (transformer-lens accepts it), so a plain install under
+    # the constraint keeps the CPU torch.
+    pip_in "$name" -c "$CONSTRAINTS" "sae-lens==$SAE_LENS_VERSION"
+}
+
+status=0
+for name in dictionary-learning sae-lens; do
+    if [ "${FORCE:-0}" != 1 ] && venv_works "$name"; then
+        echo "[setup_peers] $name: $PEERS_DIR/$name already works, skipping"
+        continue
+    fi
+    echo "[setup_peers] $name: building $PEERS_DIR/$name"
+    rm -rf "${PEERS_DIR:?}/$name"
+    "$PYTHON" -m venv "$PEERS_DIR/$name"
+    if [ "$name" = dictionary-learning ]; then install_dictionary_learning; else install_sae_lens; fi
+    if venv_works "$name"; then
+        version=$("$PEERS_DIR/$name/bin/python" -c "import importlib.metadata as m; print(m.version('$name'))")
+        echo "[setup_peers] $name $version ready (torch $TORCH_VERSION)"
+    else
+        echo "[setup_peers] $name: venv built but its import check fails" >&2
+        status=1
+    fi
+done
+exit $status

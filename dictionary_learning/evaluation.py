@@ -1,0 +1,175 @@
+"""Evaluation: reconstruction metrics on activation batches and `loss_recovered` through nnsight patching.
+
+loss_recovered runs three traces on the same tokens: clean; with the hook point's value replaced by the
+dictionary's reconstruction (a transcoder replaces the output side, computed from the input side); and with that
+value zero-ablated. frac_recovered = (CE_zero - CE_patched) / (CE_zero - CE_clean). Cross-entropy is computed here
+from the logits and the attention mask (Hugging Face's `labels=` miscounts left-padded batches), and KL is that of
+the patched next-token distribution from the clean one, averaged over real tokens. Positions the buffer drops
+(padding, and each context's first token when it was built with remove_bos) are left unpatched, since the
+dictionary never saw them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .buffer import ActivationBuffer, model_inputs
+from .dictionary import Dictionary
+from .models import HookPoint, read_value
+
+
+@torch.no_grad()
+def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]:
+    """mse, fvu, cosine similarity, L2 ratio, L0, L1 and per-feature firing counts on one batch."""
+    if isinstance(batch, (tuple, list)):
+        x, y = batch
+    else:
+        x = y = batch
+    param = next(dictionary.parameters())
+    x, y = x.to(param.device, param.dtype), y.to(param.device, param.dtype)
+    y_hat, f = dictionary(x, output_features=True)
+    error = y - y_hat
+    total_variance = (y - y.mean(dim=0)).pow(2).sum()
+    active = f != 0
+    return {
+        "mse": error.pow(2).sum(dim=-1).mean().item(),
+        "fvu": (error.pow(2).sum() / total_variance.clamp_min(1e-12)).item(),
+        "cossim": F.cosine_similarity(y_hat, y, dim=-1).mean().item(),
+        "l2_ratio": (y_hat.norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12)).mean().item(),
+        "l2_loss": error.norm(dim=-1).mean().item(),
+        "l1_loss": f.abs().sum(dim=-1).mean().item(),
+        "l0": active.sum(dim=-1).float().mean().item(),
+        "_fired": active.sum(dim=0),
+        "_tokens": x.shape[0],
+    }
+
+
+def masked_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token CE `[batch, seq-1]` and the mask of real (context, target) pairs."""
+    ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none")
+    return ce.view(input_ids.shape[0], -1), attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+
+
+def _read(model, point: HookPoint):
+    envoy = model.get(point.path)
+    return envoy.input if point.io == "input" else envoy.output
+
+
+def _write(model, point: HookPoint, old: Any, new: torch.Tensor) -> None:
+    envoy = model.get(point.path)
+    value = (new, *old[1:]) if isinstance(old, tuple) else new
+    if point.io == "input":
+        envoy.input = value
+    else:
+        envoy.output = value
+
+
+def _apply(dictionary: Dictionary, x: torch.Tensor) -> torch.Tensor:
+    param = next(dictionary.parameters())
+    flat = x.reshape(-1, x.shape[-1]).to(param.dtype)
+    return dictionary(flat).reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+@torch.no_grad()
+def loss_recovered(
+    texts: list[str],
+    model: Any,
+    dictionary: Dictionary,
+    hooks: tuple[HookPoint, ...],
+    ctx_len: int = 128,
+    patch_mask_fn=None,
+) -> dict[str, float]:
+    """CE clean / patched with the reconstruction / zero-ablated, the fraction recovered, and KL(clean || patched).
+
+    hooks: `(point,)` for SAEs (the value read is replaced by its reconstruction), `(input_side, output_side)`
+    for transcoders. patch_mask_fn(encoding) -> [batch, seq] bool picks the positions to patch (default: real tokens).
+    """
+    encoding = model.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=ctx_len)
+    encoding = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+    inputs = model_inputs(encoding)
+    patch_mask = (patch_mask_fn(encoding) if patch_mask_fn else encoding["attention_mask"].bool())[..., None]
+
+    def run(mode: str) -> torch.Tensor:
+        with model.trace(inputs):
+            if mode != "clean":
+                source_raw = _read(model, hooks[0])
+                target_raw = _read(model, hooks[1]) if len(hooks) == 2 else source_raw
+                source, target = read_value(source_raw), read_value(target_raw)
+                replacement = torch.zeros_like(target) if mode == "zero" else _apply(dictionary, source)
+                new = torch.where(patch_mask.to(target.device), replacement, target)
+                _write(model, hooks[-1], target_raw, new)
+            logits = model.output.logits.save()
+        return logits
+
+    clean, patched, zero = run("clean"), run("patch"), run("zero")
+    ids, attention = encoding["input_ids"].to(clean.device), encoding["attention_mask"].to(clean.device)
+    results = {}
+    for name, logits in (("clean", clean), ("patched", patched), ("zero", zero)):
+        ce, mask = masked_cross_entropy(logits, ids, attention)
+        results[f"ce_{name}"] = ce[mask].mean().item()
+    clean_logp = clean.float().log_softmax(-1)
+    patched_logp = patched.float().log_softmax(-1)
+    kl = (clean_logp.exp() * (clean_logp - patched_logp)).sum(-1)  # [batch, seq]
+    results["kl_patched"] = kl[attention.bool()].mean().item()
+    denominator = results["ce_zero"] - results["ce_clean"]
+    results["frac_recovered"] = (results["ce_zero"] - results["ce_patched"]) / denominator if denominator else float("nan")
+    return results
+
+
+@torch.no_grad()
+def evaluate(
+    dictionary: Dictionary,
+    activations: ActivationBuffer | Iterable[Any],
+    max_len: int = 128,
+    batch_size: int = 32,
+    n_batches: int = 4,
+    loss_batches: int = 1,
+    device: str | None = None,
+) -> dict[str, float]:
+    """Reconstruction metrics over `n_batches` activation batches, plus loss_recovered on `loss_batches` batches of
+    `batch_size` texts when `activations` is an ActivationBuffer (it supplies the model, hook points and text).
+
+    Returns mse, fvu, frac_variance_explained, cossim, l2_ratio, l2_loss, l1_loss, l0, frac_alive (features that
+    fired at least once in these batches) and, with a buffer, ce_clean, ce_patched, ce_zero, frac_recovered
+    (also as upstream's `frac_recovered`) and kl_patched.
+    """
+    if device is not None:
+        dictionary = dictionary.to(device)
+    iterator = iter(activations)
+    totals: dict[str, float] = {}
+    fired, count, tokens = None, 0, 0
+    for _ in range(n_batches):
+        batch = next(iterator, None)
+        if batch is None:
+            break
+        metrics = reconstruction_metrics(dictionary, batch)
+        fired = metrics["_fired"] if fired is None else fired + metrics["_fired"]
+        tokens += metrics["_tokens"]
+        for key, value in metrics.items():
+            if not key.startswith("_"):
+                totals[key] = totals.get(key, 0.0) + value
+        count += 1
+    if count == 0:
+        raise ValueError("activations yielded no batches")
+    results = {key: value / count for key, value in totals.items()}
+    results["frac_variance_explained"] = 1 - results["fvu"]
+    results["frac_alive"] = (fired > 0).float().mean().item()
+    results["tokens"] = tokens
+
+    if isinstance(activations, ActivationBuffer) and loss_batches > 0:
+        loss_totals: dict[str, float] = {}
+        done = 0
+        for _ in range(loss_batches):
+            try:
+                texts = activations.text_batch(batch_size)
+            except StopIteration:
+                break
+            for key, value in loss_recovered(texts, activations.model, dictionary, activations.hooks,
+                                             ctx_len=max_len, patch_mask_fn=activations.token_mask).items():
+                loss_totals[key] = loss_totals.get(key, 0.0) + value
+            done += 1
+        results.update({key: value / done for key, value in loss_totals.items()} if done else {})
+    return results

@@ -1,0 +1,163 @@
+"""TopKTrainer (Gao et al. 2024) and BatchTopKTrainer (Bussmann et al. 2024).
+
+Loss: squared error summed over the output and averaged over the batch, plus `auxk_alpha` times the AuxK loss:
+the k_aux largest pre-activations among dead latents (no token fired them for `dead_feature_threshold` tokens)
+reconstruct the main reconstruction's residual, normalised by the residual's variance. Decoder rows are kept at unit
+norm, with the gradient component parallel to each row removed before the step. b_dec starts at the geometric
+median of the first batch's targets. The step never builds dense [batch, dict_size] codes or code gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..dictionary import AutoEncoderTopK, BatchTopKSAE, Dictionary, SparseCode
+from .trainer import SAETrainer, geometric_median, lr_schedule
+
+
+def default_topk_lr(dict_size: int) -> float:
+    """Gao et al. 2024's scaling: 2e-4 at 2**14 latents, times 1/sqrt(dict_size / 2**14)."""
+    return 2e-4 / math.sqrt(dict_size / 2**14)
+
+
+class TopKTrainer(SAETrainer):
+    """Trains an `AutoEncoderTopK` (or a transcoder of that class)."""
+
+    default_dict_class: type[Dictionary] = AutoEncoderTopK
+
+    def __init__(
+        self,
+        steps: int,
+        activation_dim: int,
+        dict_size: int,
+        k: int,
+        layer: int | None = None,
+        lm_name: str | None = None,
+        dict_class: type[Dictionary] | None = None,
+        lr: float | None = None,
+        auxk_alpha: float = 1 / 32,
+        k_aux: int | None = None,
+        warmup_steps: int = 1000,
+        decay_start: int | None = None,
+        dead_feature_threshold: int = 10_000_000,
+        threshold_beta: float = 0.999,
+        threshold_start_step: int = 1000,
+        output_dim: int | None = None,
+        transcoder: bool = False,
+        skip: bool = False,
+        seed: int | None = None,
+        device: str | None = None,
+        wandb_name: str = "TopKTrainer",
+        submodule_name: str | None = None,
+    ):
+        super().__init__(seed)
+        dict_class = dict_class or self.default_dict_class
+        if not isinstance(steps, int) or steps <= 0:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        if warmup_steps > steps:
+            warmup_steps = steps
+        self.steps, self.k = steps, k
+        self.device = torch.device(device or "cpu")
+        self.ae = dict_class(activation_dim, dict_size, k, output_dim=output_dim, transcoder=transcoder,
+                             skip=skip).to(self.device)
+        self.lr = lr if lr is not None else default_topk_lr(dict_size)
+        self.auxk_alpha = auxk_alpha
+        self.k_aux = k_aux if k_aux is not None else self.ae.output_dim // 2
+        self.dead_threshold_tokens = dead_feature_threshold
+        self.threshold_beta, self.threshold_start_step = threshold_beta, threshold_start_step
+        self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=6.25e-10)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(steps, warmup_steps, decay_start))
+        self._init_tracking(dict_size, self.device)
+        self.logging_parameters = ["effective_l0", "dead_features", "pre_norm_auxk_loss"]
+        self.effective_l0 = self.dead_features = self.pre_norm_auxk_loss = -1.0
+        self._config = {
+            "lr": self.lr, "steps": steps, "auxk_alpha": auxk_alpha, "k_aux": self.k_aux,
+            "warmup_steps": warmup_steps, "decay_start": decay_start, "dead_feature_threshold": dead_feature_threshold,
+            "threshold_beta": threshold_beta, "threshold_start_step": threshold_start_step, "seed": seed,
+            "device": str(self.device), "layer": layer, "lm_name": lm_name, "wandb_name": wandb_name,
+            "submodule_name": submodule_name,
+        }
+
+    # code selection: TopK per token (BatchTopK overrides) --------------------------------------------------------
+    def _code(self, x: torch.Tensor, pre: torch.Tensor, step: int) -> SparseCode:
+        return self.ae.sparse_code(x, pre)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        if step == 0 and not getattr(self, "_b_dec_initialised", False):
+            with torch.no_grad():  # b_dec at the geometric median of the first targets
+                self.ae.b_dec.copy_(geometric_median(y).to(self.ae.b_dec.dtype))
+            self._b_dec_initialised = True
+        pre = self.ae.pre_activations(x)  # [batch, dict_size], no grad
+        code = self._code(x, pre, step)
+        y_hat = self.ae.decode_sparse(code, x)
+        mse = (y - y_hat).pow(2).sum(dim=-1).mean()
+        with torch.no_grad():
+            fired = code.cols[code.values > 0].unique()
+            self._track(fired, x.shape[0])
+            self.effective_l0 = (code.values > 0).sum().item() / x.shape[0]
+        auxk = self._auxk_loss(x, y - y_hat.detach(), pre)
+        loss = mse + self.auxk_alpha * auxk
+        self._record(y, y_hat.detach(), self.effective_l0, loss, auxk_loss=auxk.item(), mse_loss=mse.item())
+        return loss
+
+    def _auxk_loss(self, x: torch.Tensor, residual: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+        """Normalised error of reconstructing the residual from the top-k_aux dead latents (0 if none is dead)."""
+        dead = self.dead_mask(self.dead_threshold_tokens)
+        n_dead = int(dead.sum())
+        self.dead_features = n_dead
+        if n_dead == 0 or self.auxk_alpha == 0:
+            self.pre_norm_auxk_loss = 0.0
+            return torch.zeros((), device=x.device, dtype=x.dtype)
+        k_aux = min(self.k_aux, n_dead)
+        with torch.no_grad():
+            values, cols = pre.masked_fill_(~dead, -torch.inf).topk(k_aux, dim=-1, sorted=False)
+        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k_aux)
+        code = self.ae.gather_code(x, rows, cols.reshape(-1), values.reshape(-1), x.shape[0])
+        residual_hat = self.ae.decode_sparse(code, bias=False)
+        error = (residual - residual_hat).pow(2).sum(dim=-1).mean()
+        self.pre_norm_auxk_loss = error.item()
+        scale = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
+        return (error / scale).nan_to_num(0.0)
+
+    # decoder geometry ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Remove the gradient component parallel to each (unit) decoder column."""
+        weight, grad = self.ae.decoder.weight, self.ae.decoder.weight.grad
+        if grad is not None:
+            grad -= (grad * weight).sum(dim=0, keepdim=True) * weight
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        weight = self.ae.decoder.weight
+        weight /= weight.norm(dim=0, keepdim=True).clamp_min(1e-8)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"b_dec_initialised": getattr(self, "_b_dec_initialised", False)}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self._b_dec_initialised = state.get("b_dec_initialised", False)
+
+
+class BatchTopKTrainer(TopKTrainer):
+    """Trains a `BatchTopKSAE`: the batch's k*batch largest codes while training; the inference threshold is an
+    exponential moving average (beta `threshold_beta`, from `threshold_start_step`) of the smallest kept code."""
+
+    default_dict_class = BatchTopKSAE
+
+    def __init__(self, *args, wandb_name: str = "BatchTopKTrainer", **kwargs):
+        super().__init__(*args, wandb_name=wandb_name, **kwargs)
+
+    def _code(self, x: torch.Tensor, pre: torch.Tensor, step: int) -> SparseCode:
+        code = self.ae.sparse_code(x, pre)
+        if step >= self.threshold_start_step and code.values.numel():
+            with torch.no_grad():
+                smallest = code.values[code.values > 0].min().to(self.ae.threshold.dtype)
+                if self.ae.threshold < 0:
+                    self.ae.threshold.copy_(smallest)
+                else:
+                    self.ae.threshold.mul_(self.threshold_beta).add_((1 - self.threshold_beta) * smallest)
+        return code
