@@ -1,6 +1,7 @@
 """Command line: `python -m dictionary_learning <command> --help`.
 
-collect  read activations out of a model at a hook point and print their statistics (offline defaults)
+train    the quickstart: a TopK SAE on SmolLM2's middle layer on the offline corpus, then a report folder
+collect  read activations out of a model at a hook point and print their statistics
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-
 from .buffer import ActivationBuffer
 from .data import text_source
 from .models import DEFAULT_MODEL, SITES, default_dtype, hook, load_model, n_layers
@@ -73,18 +72,10 @@ def collect(args: argparse.Namespace) -> dict:
     buffer = ActivationBuffer(text_source(args.data), model, point, n_ctxs=max(1, args.tokens // args.ctx_len),
                               ctx_len=args.ctx_len, refresh_batch_size=args.batch, out_batch_size=4096,
                               device=args.device, dtype=dtype, remove_bos=args.remove_bos)
-    batches, count = [], 0
     start = time.perf_counter()
-    with tqdm(total=args.tokens, desc="collecting", unit="tok", file=sys.stderr) as progress:
-        for batch in buffer:
-            batch = batch[: args.tokens - count]
-            batches.append(batch)
-            count += batch.shape[0]
-            progress.update(batch.shape[0])
-            if count >= args.tokens:
-                break
+    activations = buffer.take(args.tokens, progress=True)
     seconds = time.perf_counter() - start
-    activations = torch.cat(batches)
+    count = activations.shape[0]
     stats = {"model": args.model, "hook": str(point), "tokens_per_second": count / seconds,
              **activation_statistics(activations)}
     print(json.dumps(stats, indent=2))
@@ -101,10 +92,123 @@ def collect(args: argparse.Namespace) -> dict:
     return stats
 
 
+def cached_batches(activations: torch.Tensor, batch_size: int, seed: int):
+    """Endless shuffled batches over an in-memory activation tensor, a new permutation each epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        permutation = torch.randperm(activations.shape[0], generator=generator)
+        for start in range(0, activations.shape[0] - batch_size + 1, batch_size):
+            yield activations[permutation[start : start + batch_size]]
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Collect activations once, train a TopK SAE on them for several epochs, evaluate, write the report."""
+    import itertools
+
+    from .evaluation import evaluate, feature_density, plot_feature_density, top_activating_contexts
+    from .trainers import TopKTrainer
+    from .training import trainSAE
+    from .utils import atomic_write, atomic_write_json
+
+    started = time.perf_counter()
+    out = Path(args.out)
+    dtype = _dtype(args.dtype, args.device)
+    model = load_model(args.model, device=args.device, dtype=dtype)
+    layer = n_layers(model) // 2 if args.layer is None else args.layer
+    point = hook(model, layer, args.site)
+    print(f"{args.model} {point} ({str(dtype)[6:]}): collecting {args.tokens} training tokens", file=sys.stderr)
+
+    # held-out text for evaluation first, the rest for training
+    texts = text_source(args.data, repeat=True)
+    eval_texts = list(itertools.islice(texts, args.eval_texts))
+    buffer_kwargs = dict(ctx_len=args.ctx_len, refresh_batch_size=args.batch_texts, device=args.device,
+                         dtype=torch.float32, remove_bos=True, seed=args.seed)
+    train_buffer = ActivationBuffer(texts, model, point, n_ctxs=max(1, args.tokens // args.ctx_len),
+                                    out_batch_size=4096, **buffer_kwargs)
+    activations = train_buffer.take(args.tokens, progress=True)
+    collected = time.perf_counter()
+
+    config = dict(trainer=TopKTrainer, activation_dim=activations.shape[1], dict_size=args.dict_size, k=args.k,
+                  lr=args.lr, steps=args.steps, warmup_steps=min(100, args.steps // 10), decay_start=int(args.steps * 0.8),
+                  dead_feature_threshold=args.dead_tokens, seed=args.seed, device=args.device, layer=layer,
+                  lm_name=args.model, submodule_name=str(point), wandb_name="quickstart")
+    [trainer] = trainSAE(cached_batches(activations, args.batch, args.seed), [config], args.steps,
+                         save_dir=out / "sae", normalize_activations=True, use_wandb=args.wandb,
+                         log_steps=max(1, args.steps // 50), run_cfg={"buffer": train_buffer.config})
+    trained = time.perf_counter()
+    n_collected = int(activations.shape[0])
+    del activations
+
+    from .utils import load_dictionary
+
+    sae, _ = load_dictionary(out / "sae" / "trainer_0")  # the saved one: works on raw activations
+    eval_buffer = ActivationBuffer(iter(eval_texts), model, point, n_ctxs=max(1, args.eval_tokens // args.ctx_len),
+                                   out_batch_size=2048, **buffer_kwargs)
+    held_out = eval_buffer.take(args.eval_tokens)
+    batches = held_out.split(2048)
+    metrics = evaluate(sae, iter(batches), n_batches=len(batches))
+    eval_buffer = ActivationBuffer(iter(eval_texts), model, point, n_ctxs=1, **buffer_kwargs)
+    loss = evaluate(sae, eval_buffer, max_len=args.ctx_len, batch_size=16, n_batches=1, loss_batches=args.loss_batches)
+    metrics.update({k: v for k, v in loss.items() if k.startswith(("ce_", "kl_", "frac_recovered"))})
+    density = feature_density(sae, batches)
+    metrics.update(
+        model=args.model, hook=str(point), dict_size=args.dict_size, k=args.k, steps=args.steps,
+        training_tokens_collected=n_collected, batch_size=args.batch,
+        tokens_trained=args.steps * args.batch, held_out_tokens=int(held_out.shape[0]),
+        dead_features=int((density == 0).sum()), seconds_collect=collected - started,
+        seconds_train=trained - collected,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    plot_feature_density(density, str(out / "feature_density.png"), title=f"{point}, {args.dict_size} features")
+
+    # a handful of features spread over densities, with their top-activating contexts on held-out text
+    generator = torch.Generator().manual_seed(args.seed)
+    candidates = ((density > 1e-3) & (density < 5e-2)).nonzero().flatten()
+    chosen = candidates[torch.randperm(len(candidates), generator=generator)[: args.n_features]].tolist()
+    contexts = top_activating_contexts(sae, model, point, eval_texts, chosen, ctx_len=args.ctx_len)
+    lines = [f"Top-activating held-out contexts of {len(chosen)} random features with density in (0.1%, 5%)",
+             f"{args.model} {point}, TopK SAE with {args.dict_size} features, k={args.k}", ""]
+    for feature in chosen:
+        lines.append(f"feature {feature}  (fires on {density[feature]:.2%} of held-out tokens)")
+        lines += [f"  {value:8.2f}  {text}" for value, text in contexts[feature]]
+        lines.append("")
+    atomic_write(out / "top_contexts.txt", lambda tmp: Path(tmp).write_text("\n".join(lines)))
+    metrics["seconds_total"] = time.perf_counter() - started
+    atomic_write_json(out / "metrics.json", metrics)
+    table = [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
+             for key, value in metrics.items()]
+    atomic_write(out / "metrics.md", lambda tmp: Path(tmp).write_text("| metric | value |\n|---|---|\n"
+                                                                       + "\n".join(table) + "\n"))
+    keys = ("fvu", "cossim", "l0", "frac_alive", "ce_clean", "ce_patched", "ce_zero", "frac_recovered",
+            "kl_patched", "seconds_total")
+    print("\n".join(f"{key:>16s}: {metrics[key]:.4g}" for key in keys))
+    print(f"report written to {out}/ (metrics.md, metrics.json, feature_density.png, top_contexts.txt, sae/)")
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dictionary_learning", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("train", help="the quickstart: train a TopK SAE, evaluate it, write a report")
+    _add_model_arguments(p)
+    p.add_argument("--tokens", type=int, default=150_000, help="training activations to collect (once)")
+    p.add_argument("--steps", type=int, default=600, help="training steps (epochs over the collected tokens)")
+    p.add_argument("--batch", type=int, default=2048, help="activations per training step")
+    p.add_argument("--dict-size", type=int, default=4608)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dead-tokens", type=int, default=200_000, help="tokens without firing before a latent "
+                   "counts as dead for AuxK")
+    p.add_argument("--batch-texts", type=int, default=32, help="texts per forward pass")
+    p.add_argument("--eval-texts", type=int, default=150, help="held-out texts (first of the corpus)")
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--loss-batches", type=int, default=2, help="batches of 16 held-out texts for loss_recovered")
+    p.add_argument("--n-features", type=int, default=8, help="features shown in top_contexts.txt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wandb", action="store_true", help="log to wandb ($WANDB_MODE, default offline)")
+    p.add_argument("--out", default="reports/quickstart", help="report folder")
+    p.set_defaults(run=train)
     p = commands.add_parser("collect", help="collect activations and print their statistics")
     _add_model_arguments(p)
     p.add_argument("--tokens", type=int, default=20000, help="how many token vectors to collect")

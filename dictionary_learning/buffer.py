@@ -150,6 +150,26 @@ class ActivationBuffer:
             self._pos += batch[0].shape[0]
         return batch[0] if self.io != "in_to_out" else (batch[0], batch[1])
 
+    def take(self, n_tokens: int, progress: bool = False):
+        """Up to `n_tokens` vectors (fewer if the text runs out) as one tensor, or an `(x_in, x_out)` pair."""
+        from tqdm import tqdm
+
+        parts, count = [], 0
+        with tqdm(total=n_tokens, desc="collecting activations", unit="tok", disable=not progress) as bar:
+            while count < n_tokens:
+                batch = next(self, None)
+                if batch is None:
+                    break
+                batch = batch if isinstance(batch, tuple) else (batch,)
+                batch = tuple(side[: n_tokens - count] for side in batch)
+                parts.append(batch)
+                count += batch[0].shape[0]
+                bar.update(batch[0].shape[0])
+        if not parts:
+            raise ValueError("the text data is exhausted: no activations to take")
+        sides = tuple(torch.cat(side) for side in zip(*parts))
+        return sides if self.io == "in_to_out" else sides[0]
+
     # ------------------------------------------------------------------------------------------------------------
     def text_batch(self, batch_size: int | None = None) -> list[str]:
         """The next `batch_size` non-empty texts (fewer at the end of the data; raises StopIteration when none)."""

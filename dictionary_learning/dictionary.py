@@ -294,36 +294,9 @@ class AutoEncoder(Dictionary):
 # TopK
 
 
-class _SparseCodeMixin:
-    """Shared sparse training path for TopK-style dictionaries."""
-
-    def _encoder_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W, b) with pre-activations = x @ W.T + b for raw inputs x. For SAEs b = b_enc - W_enc @ b_dec, so
-        gradients reach b_dec through one [d_sae, d_in] x [d_in] product instead of a per-token one."""
-        weight, bias = self.encoder.weight, self.encoder.bias
-        if not self.transcoder:
-            bias = bias - weight @ self.b_dec
-        return weight, bias
-
-    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense encoder pre-activations, without autograd: `[batch, dict_size]`."""
-        with torch.no_grad():
-            return F.linear(x, *self._encoder_affine())
-
-    def gather_code(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
-                    n_rows: int) -> SparseCode:
-        """The differentiable sparse code with pre-activations `values` (no grad) at (rows, cols)."""
-        weight, bias = self._encoder_affine()
-        return SparseCode(gather_linear(x, weight, bias, rows, cols, values).relu(), rows, cols, n_rows)
-
-    def decode_sparse(self, code: SparseCode, x: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
-        """Reconstruction from a sparse code (`bias=False`: W_dec f alone, as for AuxK)."""
-        out = sparse_decode(code, self.decoder.weight)
-        return self._add_skip(out + self.b_dec, x) if bias else out
-
-
-class AutoEncoderTopK(_SparseCodeMixin, Dictionary):
-    """TopK SAE (Gao et al. 2024): f = TopK_k(relu(W_enc (x - b_dec) + b_enc)); x_hat = W_dec f + b_dec."""
+class TopKDictionary(Dictionary):
+    """Shared parts of TopK-style dictionaries: unit-norm decoder columns, `k` and `threshold` buffers, b_dec, and
+    the sparse training path."""
 
     def __init__(self, activation_dim: int, dict_size: int, k: int, output_dim: int | None = None,
                  transcoder: bool = False, skip: bool = False):
@@ -351,6 +324,37 @@ class AutoEncoderTopK(_SparseCodeMixin, Dictionary):
     def dictionary_config(self) -> dict[str, Any]:
         return {**super().dictionary_config(), "k": int(self.k)}
 
+    def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        return self._add_skip(self.decoder(f) + self.b_dec, x)
+
+    def _encoder_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, b) with pre-activations = x @ W.T + b for raw inputs x. For SAEs b = b_enc - W_enc @ b_dec, so
+        gradients reach b_dec through one [d_sae, d_in] x [d_in] product instead of a per-token one."""
+        weight, bias = self.encoder.weight, self.encoder.bias
+        if not self.transcoder:
+            bias = bias - weight @ self.b_dec
+        return weight, bias
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense encoder pre-activations, without autograd: `[batch, dict_size]`."""
+        with torch.no_grad():
+            return F.linear(x, *self._encoder_affine())
+
+    def gather_code(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+                    n_rows: int) -> SparseCode:
+        """The differentiable sparse code with pre-activations `values` (no grad) at (rows, cols)."""
+        weight, bias = self._encoder_affine()
+        return SparseCode(gather_linear(x, weight, bias, rows, cols, values).relu(), rows, cols, n_rows)
+
+    def decode_sparse(self, code: SparseCode, x: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
+        """Reconstruction from a sparse code (`bias=False`: W_dec f alone, as for AuxK)."""
+        out = sparse_decode(code, self.decoder.weight)
+        return self._add_skip(out + self.b_dec, x) if bias else out
+
+
+class AutoEncoderTopK(TopKDictionary):
+    """TopK SAE (Gao et al. 2024): f = TopK_k(relu(W_enc (x - b_dec) + b_enc)); x_hat = W_dec f + b_dec."""
+
     def topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pre-activations, latent indices) of each row's k largest codes, no grad: `[batch, k]` each.
 
@@ -368,9 +372,6 @@ class AutoEncoderTopK(_SparseCodeMixin, Dictionary):
         codes = torch.zeros_like(pre).scatter_(-1, indices, values)
         return (codes, values, indices, pre) if return_topk else codes
 
-    def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        return self._add_skip(self.decoder(f) + self.b_dec, x)
-
     def forward(self, x: torch.Tensor, output_features: bool = False):
         """Reconstruction through the sparse path (no dense code) unless features are asked for."""
         self.check_input(x)
@@ -387,31 +388,9 @@ class AutoEncoderTopK(_SparseCodeMixin, Dictionary):
         return self.gather_code(x, rows, top_indices.reshape(-1), top_values.reshape(-1), x.shape[0])
 
 
-class BatchTopKSAE(_SparseCodeMixin, Dictionary):
+class BatchTopKSAE(TopKDictionary):
     """BatchTopK SAE (Bussmann et al. 2024): while training, the batch's `k * batch` largest codes are kept;
     at inference, codes above a learned `threshold` (tracked by the trainer)."""
-
-    def __init__(self, activation_dim: int, dict_size: int, k: int, output_dim: int | None = None,
-                 transcoder: bool = False, skip: bool = False):
-        super().__init__()
-        self._init_shared(activation_dim, dict_size, output_dim, transcoder, skip)
-        if not isinstance(k, int) or not 0 < k <= dict_size:
-            raise ValueError(f"k must be an int in [1, dict_size={dict_size}], got {k!r}")
-        self.register_buffer("k", torch.tensor(k, dtype=torch.int))
-        self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32))
-        self.decoder = nn.Linear(dict_size, self.output_dim, bias=False)
-        w = torch.randn(self.output_dim, dict_size)
-        self.decoder.weight.data = w / w.norm(dim=0, keepdim=True)
-        self.encoder = nn.Linear(activation_dim, dict_size)
-        nn.init.zeros_(self.encoder.bias)
-        if self.output_dim == activation_dim:
-            self.encoder.weight.data = self.decoder.weight.data.t().clone()
-        else:
-            nn.init.kaiming_uniform_(self.encoder.weight)
-        self.b_dec = nn.Parameter(torch.zeros(self.output_dim))
-
-    _extra_from_state_dict = AutoEncoderTopK._extra_from_state_dict
-    dictionary_config = AutoEncoderTopK.dictionary_config
 
     def batch_topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, cols, values) of the batch's k*batch largest positive pre-activations, grouped by row."""
@@ -433,9 +412,6 @@ class BatchTopKSAE(_SparseCodeMixin, Dictionary):
             values, indices = flat.topk(n, sorted=False)
             codes = torch.zeros_like(flat).scatter_(-1, indices, values).reshape(pre.shape)
         return (codes, codes.sum(0) > 0, pre) if return_active else codes
-
-    def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        return self._add_skip(self.decoder(f) + self.b_dec, x)
 
     def sparse_code(self, x: torch.Tensor, pre: torch.Tensor | None = None) -> SparseCode:
         """The differentiable batch-top-k code of `x` [batch, activation_dim] (training-time selection)."""

@@ -173,3 +173,93 @@ def evaluate(
             done += 1
         results.update({key: value / done for key, value in loss_totals.items()} if done else {})
     return results
+
+
+@torch.no_grad()
+def feature_density(dictionary: Dictionary, batches: Iterable[Any]) -> torch.Tensor:
+    """Fraction of tokens on which each feature fires, over the given activation batches: `[dict_size]`."""
+    fired, tokens = None, 0
+    for batch in batches:
+        metrics = reconstruction_metrics(dictionary, batch)
+        fired = metrics["_fired"] if fired is None else fired + metrics["_fired"]
+        tokens += metrics["_tokens"]
+    if fired is None:
+        raise ValueError("no batches to measure feature density on")
+    return fired.float() / tokens
+
+
+def plot_feature_density(density: torch.Tensor, path: str, title: str = "feature density") -> None:
+    """Histogram of log10(firing frequency) as a PNG; dead features (never fired) are counted in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alive = density[density > 0]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.hist(alive.log10().cpu().numpy(), bins=50, color="tab:blue")
+    axis.set_xlabel("log10(fraction of tokens the feature fires on)")
+    axis.set_ylabel("features")
+    axis.set_title(f"{title}: {len(alive)} alive, {int((density == 0).sum())} never fired")
+    figure.tight_layout()
+    from .utils import atomic_write
+
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
+    plt.close(figure)
+
+
+@torch.no_grad()
+def top_activating_contexts(
+    dictionary: Dictionary,
+    model: Any,
+    point: HookPoint,
+    texts: list[str],
+    features: list[int],
+    n_top: int = 5,
+    ctx_len: int = 128,
+    batch_size: int = 16,
+    window: int = 16,
+    remove_bos: bool = True,
+) -> dict[int, list[tuple[float, str]]]:
+    """For each feature, its `n_top` strongest activations on `texts` with the preceding `window` tokens as text;
+    the activating token is marked «like this». `point` is what the dictionary reads (a transcoder's input side)."""
+    features_tensor = torch.tensor(features)
+    best_values = torch.full((len(features), n_top), -torch.inf)
+    best_where: list[list[tuple[int, int, int] | None]] = [[None] * n_top for _ in features]
+    encodings = []
+    for start in range(0, len(texts), batch_size):
+        encoding = model.tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
+                                   truncation=True, max_length=ctx_len)
+        encoding = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+        encodings.append(encoding)
+        with model.trace(model_inputs(encoding)) as tracer:
+            value = _read(model, point).save()
+            tracer.stop()
+        x = read_value(value)
+        mask = encoding["attention_mask"].bool()
+        if remove_bos:
+            mask[torch.arange(mask.shape[0]), mask.int().argmax(dim=1)] = False
+        codes = dictionary.encode(x.reshape(-1, x.shape[-1]).to(next(dictionary.parameters()).dtype))
+        codes = codes[:, features_tensor].reshape(*mask.shape, len(features)).masked_fill(~mask[..., None], -torch.inf)
+        for j in range(len(features)):
+            values, flat = codes[..., j].flatten().topk(min(n_top, codes[..., j].numel()))
+            merged = torch.cat([best_values[j], values])
+            where = best_where[j] + [(len(encodings) - 1, int(i) // mask.shape[1], int(i) % mask.shape[1])
+                                     for i in flat]
+            order = merged.topk(n_top).indices
+            best_values[j] = merged[order]
+            best_where[j] = [where[i] for i in order]
+    results: dict[int, list[tuple[float, str]]] = {}
+    for j, feature in enumerate(features):
+        rows = []
+        for value, place in zip(best_values[j].tolist(), best_where[j]):
+            if place is None or value <= 0:
+                continue
+            batch_index, row, position = place
+            ids = encodings[batch_index]["input_ids"][row]
+            before = model.tokenizer.decode(ids[max(0, position - window) : position])
+            token = model.tokenizer.decode(ids[position : position + 1])
+            after = model.tokenizer.decode(ids[position + 1 : position + 4])
+            rows.append((value, f"{before}«{token}»{after}".replace("\n", "\\n")))
+        results[feature] = rows
+    return results
