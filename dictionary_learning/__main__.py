@@ -123,7 +123,7 @@ def train(args: argparse.Namespace) -> dict:
     eval_texts = list(itertools.islice(texts, args.eval_texts))
     buffer_kwargs = dict(ctx_len=args.ctx_len, refresh_batch_size=args.batch_texts, device=args.device,
                          dtype=torch.float32, remove_bos=True, seed=args.seed)
-    train_buffer = ActivationBuffer(texts, model, point, n_ctxs=max(1, args.tokens // args.ctx_len),
+    train_buffer = ActivationBuffer(texts, model, point, n_ctxs=max(1, min(args.tokens, 32768) // args.ctx_len),
                                     out_batch_size=4096, **buffer_kwargs)
     activations = train_buffer.take(args.tokens, progress=True)
     collected = time.perf_counter()

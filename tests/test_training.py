@@ -177,3 +177,14 @@ def test_bad_input_raises_and_leaves_saves_intact(tmp_path, case, error, match):
         trainSAE(iter(stream), [config], 5, save_dir=tmp_path, checkpoint_steps=100, progress=False)
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_wandb_offline_logging(tmp_path, monkeypatch):
+    """use_wandb=True works with no network (offline mode) and writes the run locally."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    features = planted_features(N_TRUE, D, seed=0)
+    trainSAE(planted_stream(features, K, 64, 6, seed=1), [topk_config(6)], 6, save_dir=tmp_path, use_wandb=True,
+             log_steps=2, progress=False)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

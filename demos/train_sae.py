@@ -1,0 +1,29 @@
+"""Train a TopK SAE and a BatchTopK SAE together on SmolLM2's layer-6 residual stream (each batch read once).
+
+    python demos/train_sae.py            # ~3 minutes on a 2-core CPU
+"""
+
+from dictionary_learning import ActivationBuffer, default_corpus, hook, load_model
+from dictionary_learning.dictionary import AutoEncoderTopK, BatchTopKSAE
+from dictionary_learning.evaluation import evaluate
+from dictionary_learning.trainers import BatchTopKTrainer, TopKTrainer
+from dictionary_learning.training import trainSAE
+from dictionary_learning.utils import load_dictionary
+
+model = load_model("smollm2-135m")
+point = hook(model, 6, "resid")
+buffer = ActivationBuffer(default_corpus(repeat=True), model, point, n_ctxs=128, ctx_len=128,
+                          refresh_batch_size=32, out_batch_size=1024, remove_bos=True)
+steps = 150
+common = dict(activation_dim=576, dict_size=2304, k=32, lr=1e-3, steps=steps, warmup_steps=15, seed=0,
+              layer=6, lm_name="smollm2-135m", submodule_name=str(point), dead_feature_threshold=100_000)
+configs = [dict(trainer=TopKTrainer, dict_class=AutoEncoderTopK, wandb_name="topk", **common),
+           dict(trainer=BatchTopKTrainer, dict_class=BatchTopKSAE, wandb_name="batchtopk", **common)]
+trainSAE(buffer, configs, steps, save_dir="runs/demo_sae", normalize_activations=True, log_steps=25)
+
+for i, name in enumerate(("TopK", "BatchTopK")):
+    sae, config = load_dictionary(f"runs/demo_sae/trainer_{i}")
+    metrics = evaluate(sae, buffer, batch_size=8, n_batches=2, loss_batches=1)
+    print(f"{name:9s} fvu {metrics['fvu']:.3f}  L0 {metrics['l0']:.1f}  alive {metrics['frac_alive']:.2f}  "
+          f"CE clean {metrics['ce_clean']:.3f} patched {metrics['ce_patched']:.3f} zero {metrics['ce_zero']:.3f}  "
+          f"recovered {metrics['frac_recovered']:.3f}")
