@@ -257,7 +257,8 @@ def top_activating_contexts(
                 continue
             batch_index, row, position = place
             ids = encodings[batch_index]["input_ids"][row]
-            before = model.tokenizer.decode(ids[max(0, position - window) : position])
+            first_real = int(encodings[batch_index]["attention_mask"][row].int().argmax())  # skip left padding
+            before = model.tokenizer.decode(ids[max(first_real, position - window) : position])
             token = model.tokenizer.decode(ids[position : position + 1])
             after = model.tokenizer.decode(ids[position + 1 : position + 4])
             rows.append((value, f"{before}«{token}»{after}".replace("\n", "\\n")))
