@@ -22,6 +22,11 @@ Peers:
   its default); it does no per-step decoder re-normalisation. `--sparse-activations` turns on its
   `use_sparse_activations` option, which crashes in a CPU training step (see the JSON "error").
 
+Besides the requested keys the JSON line carries step_ms_median / step_ms_min, cpu_ms_per_step, the median of
+the steps that had all their threads (`uncontended_*`: the figure to trust on a shared machine),
+`reference_gemm_ms` (one dense batch x d_in x dict_size GEMM, to normalise across sessions), the 1-minute load
+average, the peer's dead-latent count and its last AuxK loss; on failure an "error" key and where it happened.
+
 `--dead-fraction f`: the first round(f * dict_size) latents (after a seeded permutation) are made really dead
 (their encoder bias is set far below any pre-activation, so they never fire) and the peer's own dead-latent
 tracking state is set so they already count as dead (dictionary-learning: `num_tokens_since_fired` at its
@@ -185,6 +190,30 @@ def build_sae_lens(torch, args, pool, dead_ids):
     return step, dead_count, auxk_loss
 
 
+def reference_gemm_ms(torch, args: argparse.Namespace, repeats: int = 5) -> float:
+    """Median time of one dense [batch, d_in] x [d_in, dict_size] float32 GEMM: this machine's speed right now."""
+    generator = torch.Generator().manual_seed(args.seed + 2)
+    x = torch.randn(args.batch, args.d_in, generator=generator)
+    weight = torch.randn(args.dict_size, args.d_in, generator=generator)
+    torch.nn.functional.linear(x, weight)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, weight)
+        times.append(time.perf_counter() - start)
+    return round(1000 * statistics.median(times), 2)
+
+
+def uncontended_figures(times: list[float], cpu_times: list[float], args: argparse.Namespace) -> dict:
+    clean = [wall for wall, cpu in zip(times, cpu_times) if cpu >= 0.9 * args.threads * wall]
+    figures = {"uncontended_steps": len(clean)}
+    if clean:
+        median = statistics.median(clean)
+        figures.update(uncontended_step_ms=round(1000 * median, 2),
+                       uncontended_tokens_per_s=round(args.batch / median, 1))
+    return figures
+
+
 def peer_version(peer: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -222,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError:
             pass
         result["torch"] = torch.__version__
+        result["reference_gemm_ms"] = reference_gemm_ms(torch, args)
         pool = make_pool(torch, args)
         dead_ids = dead_latent_ids(torch, args)
         build = build_dictionary_learning if args.peer == "dictionary-learning" else build_sae_lens
@@ -229,14 +259,15 @@ def main(argv: list[str] | None = None) -> int:
 
         for index in range(args.warmup):
             step(index, pool[index % POOL_BATCHES])
-        times = []
+        times, cpu_times = [], []
         load_before = os.getloadavg()[0]
         cpu_start = time.process_time()
         for index in range(args.warmup, args.warmup + args.steps):
             x = pool[index % POOL_BATCHES]
-            start = time.perf_counter()
+            start, cpu_step_start = time.perf_counter(), time.process_time()
             step(index, x)
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_step_start)
 
         cpu_seconds = time.process_time() - cpu_start
         load_after = os.getloadavg()[0]
@@ -249,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
             tokens_per_s_best=round(args.batch / min(times), 1),
             # contention check: cpu_ms_per_step ~ threads * step_ms when the peer had its cores to itself
             cpu_ms_per_step=round(1000 * cpu_seconds / args.steps, 2),
+            # steps during which this process got ~all its threads (process CPU time >= 0.9 * threads * wall):
+            # on a shared machine their median is the uncontended figure
+            **uncontended_figures(times, cpu_times, args),
             loadavg_1min=[round(load_before, 2), round(load_after, 2)],
             dead_latents_requested=len(dead_ids),
             dead_latents_measured=dead_count(),

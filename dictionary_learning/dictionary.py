@@ -402,11 +402,12 @@ class BatchTopKSAE(TopKDictionary):
         return flat // self.dict_size, flat % self.dict_size, values[order]
 
     def encode(self, x: torch.Tensor, return_active: bool = False, use_threshold: bool = True):
-        """Dense codes: above `threshold` (use_threshold, inference) or the batch top-k (training)."""
+        """Dense codes: above `threshold` (use_threshold, inference) or the batch top-k (training, or before any
+        threshold was learned)."""
         pre = F.relu(self.encoder(self._encoder_input(x)))
-        if use_threshold:
+        if use_threshold and self.threshold >= 0:
             codes = pre * (pre > self.threshold)
-        else:
+        else:  # training-time selection (also when no threshold has been learned yet)
             flat = pre.flatten()
             n = min(int(self.k) * x.shape[0], flat.numel())
             values, indices = flat.topk(n, sorted=False)

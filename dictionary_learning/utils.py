@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from .dictionary import DICTIONARY_CLASSES, Dictionary, dictionary_from_config, json_safe, load_state_dict
+from .dictionary import DICTIONARY_CLASSES, Dictionary, json_safe, load_state_dict
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -94,7 +94,3 @@ def pull_from_hub(repo_id: str, subfolder: str | None = None, revision: str | No
     local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token)
     return load_dictionary(Path(local) / subfolder if subfolder else local, device=device)
 
-
-def rebuild(config: dict[str, Any]) -> Dictionary:
-    """An untrained dictionary of the shape a config describes."""
-    return dictionary_from_config(config.get("trainer", config))

@@ -89,6 +89,8 @@ def test_encode_decode_api():
 def test_batch_topk_threshold_at_inference():
     ae = _randomise(BatchTopKSAE(8, 20, 2), seed=5)
     x = torch.randn(6, 8)
+    # no threshold learned yet: inference falls back to the batch top-k, never to "every positive code"
+    assert int((ae.encode(x) > 0).sum()) == 2 * 6
     ae.threshold.fill_(0.7)
     codes = ae.encode(x)
     pre = F.relu((x - ae.b_dec) @ ae.encoder.weight.t() + ae.encoder.bias)

@@ -44,7 +44,7 @@ class TopKTrainer(SAETrainer):
         decay_start: int | None = None,
         dead_feature_threshold: int = 10_000_000,
         threshold_beta: float = 0.999,
-        threshold_start_step: int = 1000,
+        threshold_start_step: int | None = None,
         output_dim: int | None = None,
         transcoder: bool = False,
         skip: bool = False,
@@ -67,6 +67,8 @@ class TopKTrainer(SAETrainer):
         self.auxk_alpha = auxk_alpha
         self.k_aux = k_aux if k_aux is not None else self.ae.output_dim // 2
         self.dead_threshold_tokens = dead_feature_threshold
+        if threshold_start_step is None:  # upstream's 1000, but within short runs too
+            threshold_start_step = min(1000, steps // 10)
         self.threshold_beta, self.threshold_start_step = threshold_beta, threshold_start_step
         self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=6.25e-10)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(steps, warmup_steps, decay_start))
@@ -112,8 +114,10 @@ class TopKTrainer(SAETrainer):
             self.pre_norm_auxk_loss = 0.0
             return torch.zeros((), device=x.device, dtype=x.dtype)
         k_aux = min(self.k_aux, n_dead)
-        with torch.no_grad():
-            values, cols = pre.masked_fill_(~dead, -torch.inf).topk(k_aux, dim=-1, sorted=False)
+        with torch.no_grad():  # top-k over the dead columns only
+            dead_ids = dead.nonzero().flatten()
+            values, local = pre.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
+            cols = dead_ids[local]
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k_aux)
         code = self.ae.gather_code(x, rows, cols.reshape(-1), values.reshape(-1), x.shape[0])
         residual_hat = self.ae.decode_sparse(code, bias=False)
