@@ -111,3 +111,37 @@ def test_bad_input():
         dictionary_from_config({"dict_class": "Nope"})
     with pytest.raises(ValueError, match="skip connection"):
         AutoEncoderTopK(4, 8, 2, transcoder=True, skip=True).decode(torch.zeros(1, 8))
+
+
+def test_topk_trainer_loss_with_auxk_matches_dense_autograd():
+    """The whole TopKTrainer loss, AuxK on dead latents included: value and every gradient in float64."""
+    from dictionary_learning.trainers import TopKTrainer
+
+    trainer = TopKTrainer(steps=10, activation_dim=12, dict_size=40, k=4, k_aux=6, auxk_alpha=0.5, seed=0,
+                          dead_feature_threshold=100)
+    ae = _randomise(trainer.ae.double(), seed=6)
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[torch.randperm(40, generator=torch.Generator().manual_seed(7))[:15]] = True
+    trainer.num_tokens_since_fired[dead] = 1000
+    x = torch.randn(9, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    loss = trainer.loss(x, x, step=1)
+    grads = torch.autograd.grad(loss, list(ae.parameters()))
+
+    pre = (x - ae.b_dec) @ ae.encoder.weight.t() + ae.encoder.bias
+    top_values, top_indices = pre.topk(4, dim=-1)
+    codes = torch.zeros_like(pre).scatter(-1, top_indices, F.relu(top_values))
+    x_hat = codes @ ae.decoder.weight.t() + ae.b_dec
+    mse = (x - x_hat).pow(2).sum(-1).mean()
+    residual = (x - x_hat).detach()
+    dead &= ~(codes > 0).any(dim=0)  # latents firing in this batch are alive again before AuxK (as upstream)
+    aux_values, aux_indices = pre.masked_fill(~dead, -torch.inf).topk(6, dim=-1)
+    aux_codes = torch.zeros_like(pre).scatter(-1, aux_indices, F.relu(aux_values))
+    error = (residual - aux_codes @ ae.decoder.weight.t()).pow(2).sum(-1).mean()
+    scale = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    reference = mse + 0.5 * error / scale
+    torch.testing.assert_close(loss, reference)
+    reference_grads = torch.autograd.grad(reference, list(ae.parameters()))
+    for (name, _), g, r in zip(ae.named_parameters(), grads, reference_grads):
+        torch.testing.assert_close(g, r, msg=f"gradient of {name}")
+    by_name = dict(zip([name for name, _ in ae.named_parameters()], grads))
+    assert by_name["encoder.bias"][dead].abs().sum() > 0  # AuxK's gradient reaches the dead latents' encoder
