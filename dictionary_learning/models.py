@@ -56,6 +56,7 @@ class FamilyAdapter:
     embed: str  # token embedding
     final_norm: str
     unembed: str
+    attention_layout: str = "llama"  # how value / output weights are stored: "llama" (v_proj, o_proj) or "gpt2"
 
     def block(self, layer: int) -> str:
         return f"{self.layers}.{layer}"
@@ -92,6 +93,7 @@ GPT2 = FamilyAdapter(
     embed="transformer.wte",
     final_norm="transformer.ln_f",
     unembed="lm_head",
+    attention_layout="gpt2",
 )
 GPT_NEOX = FamilyAdapter(
     family="gpt_neox",
@@ -103,6 +105,7 @@ GPT_NEOX = FamilyAdapter(
     embed="gpt_neox.embed_in",
     final_norm="gpt_neox.final_layer_norm",
     unembed="embed_out",
+    attention_layout="gpt_neox",
 )
 # config.model_type -> adapter; Llama-like decoders share Llama's module names.
 ADAPTERS: dict[str, FamilyAdapter] = {
@@ -147,6 +150,78 @@ def max_context(model: Any) -> int | None:
         if value:
             return int(value)
     return None
+
+
+@dataclass(frozen=True)
+class NormParams:
+    """A pre-norm's parameters: y = weight * (x - mean(x) if layer) / sqrt(mean((x - ...)^2) + eps) + bias."""
+
+    kind: str  # "rms" | "layer"
+    weight: torch.Tensor  # [d_model]
+    bias: torch.Tensor | None  # [d_model]
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layer":
+            x = x - x.mean(dim=-1, keepdim=True)
+        y = self.weight * x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return y + self.bias if self.bias is not None else y
+
+
+@dataclass(frozen=True)
+class AttentionOV:
+    """Per-head value and output maps, grouped-query heads expanded: head h's contribution at query q is
+    `sum_k P[h, q, k] * (x_normed[k] @ W_V[h] + b_V[h]) @ W_O[h]`; the module adds `b_O` once."""
+
+    W_V: torch.Tensor  # [n_heads, d_model, d_head]
+    b_V: torch.Tensor | None  # [n_heads, d_head]
+    W_O: torch.Tensor  # [n_heads, d_head, d_model]
+    b_O: torch.Tensor | None  # [d_model]
+
+
+def norm_params(model: Any, layer: int | None, which: str) -> NormParams:
+    """The parameters of a layer's "attn" or "mlp" pre-norm, or of the "final" norm (layer None)."""
+    adapter = get_adapter(model)
+    if which == "final":
+        path = adapter.final_norm
+    elif which in ("attn", "mlp"):
+        path = f"{adapter.block(layer)}.{adapter.attn_norm if which == 'attn' else adapter.mlp_norm}"
+    else:
+        raise ValueError(f"which must be 'attn', 'mlp' or 'final', got {which!r}")
+    module = get_module(model, path)
+    if isinstance(module, nn.LayerNorm):
+        return NormParams("layer", module.weight, module.bias, module.eps)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if eps is None or not hasattr(module, "weight"):
+        raise ValueError(f"{path} ({type(module).__name__}) is neither a LayerNorm nor an RMSNorm with weight and eps")
+    return NormParams("rms", module.weight, getattr(module, "bias", None), float(eps))
+
+
+def attention_ov(model: Any, layer: int) -> AttentionOV:
+    """A layer's per-head OV weights (views of the model's parameters, so gradients reach them)."""
+    adapter = get_adapter(model)
+    config = _torch_model(model).config
+    attn = get_module(model, f"{adapter.block(layer)}.{adapter.attn}")
+    n_heads = int(getattr(config, "num_attention_heads", None) or config.n_head)
+    d_model = int(getattr(config, "hidden_size", None) or config.n_embd)
+    d_head = int(getattr(config, "head_dim", None) or d_model // n_heads)
+    if adapter.attention_layout == "llama":
+        n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
+        W_V = attn.v_proj.weight.view(n_kv, d_head, d_model).transpose(1, 2)  # [n_kv, d_model, d_head]
+        b_V = attn.v_proj.bias.view(n_kv, d_head) if attn.v_proj.bias is not None else None
+        repeat = n_heads // n_kv  # query head h reads kv head h // repeat
+        W_V = W_V.repeat_interleave(repeat, dim=0)
+        b_V = b_V.repeat_interleave(repeat, dim=0) if b_V is not None else None
+        W_O = attn.o_proj.weight.view(d_model, n_heads, d_head).permute(1, 2, 0)  # [n_heads, d_head, d_model]
+        b_O = attn.o_proj.bias
+    elif adapter.attention_layout == "gpt2":  # Conv1D: y = x @ weight + bias, c_attn packs q | k | v
+        W_V = attn.c_attn.weight[:, 2 * d_model :].view(d_model, n_heads, d_head).transpose(0, 1)
+        b_V = attn.c_attn.bias[2 * d_model :].view(n_heads, d_head)
+        W_O = attn.c_proj.weight.view(n_heads, d_head, d_model)
+        b_O = attn.c_proj.bias
+    else:
+        raise ValueError(f"attention_ov does not know the {adapter.family} layout yet")
+    return AttentionOV(W_V, b_V, W_O, b_O)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -404,12 +479,14 @@ def load_model(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    attn_implementation: str | None = None,
     **kwargs: Any,
 ):
     """Load a language model as an `nnsight.LanguageModel` on `device` in `dtype`.
 
     name_or_path: "smollm2-135m" (default, offline), "tiny-llama" / "tiny-gpt2" (random, seeded by `seed`),
-    a local directory, or a Hugging Face hub id. Extra kwargs go to `from_pretrained`.
+    a local directory, or a Hugging Face hub id. attn_implementation: e.g. "eager", whose attention modules also
+    return their attention patterns (SCAE needs them). Extra kwargs go to `from_pretrained`.
     """
     from nnsight import LanguageModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -418,7 +495,11 @@ def load_model(
         raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
     if name_or_path in ("tiny-llama", "tiny-gpt2"):
         hf_model, tokenizer = tiny_hf_model(name_or_path, seed=seed)
+        if attn_implementation is not None:
+            hf_model.set_attn_implementation(attn_implementation)
     else:
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
         path = str(smollm2_path()) if name_or_path == DEFAULT_MODEL else name_or_path
         hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -90,3 +90,44 @@ def test_smollm2_is_a_trained_model(smollm2):
     with torch.no_grad():
         shuffled_loss = F.cross_entropy(torch_model(shuffled).logits[0, :-1].float(), shuffled[0, 1:]).item()
     assert loss < shuffled_loss - 2 and shuffled_loss < uniform
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_norm_and_attention_weights_rebuild_the_block(name):
+    """norm_params and attention_ov (grouped-query heads expanded) recompute the attention output from the attention
+    patterns, and the MLP input from the residual stream, exactly as the model does."""
+    from dictionary_learning.models import attention_ov, norm_params
+
+    model = load_model(name, attn_implementation="eager")
+    adapter, layer = get_adapter(model), 1
+    block = f"{adapter.block(layer)}"
+    points = [hook(model, layer, "attn_out"), hook(model, layer, "mlp_in")]
+    attn_norm_out, attn_out, mlp_in = hook_reference(
+        model, TEXT, [get_norm_point(block, adapter.attn_norm), *points], ctx_len=256)
+    patterns = []
+    attn = get_module(model, f"{block}.{adapter.attn}")
+    handle = attn.register_forward_hook(lambda m, args, out: patterns.append(out[1][0]))
+    ids = model.tokenizer(TEXT[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        resid_pre = model._module(ids, output_hidden_states=True).hidden_states[layer][0]
+    handle.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(norm_params(model, layer, "attn")(resid_pre), attn_norm_out, atol=1e-5, rtol=1e-5)
+        ov = attention_ov(model, layer)
+        values = torch.einsum("kd,hde->hke", attn_norm_out, ov.W_V)
+        if ov.b_V is not None:
+            values = values + ov.b_V[:, None]
+        rebuilt = torch.einsum("hqk,hke,hed->qd", patterns[0], values, ov.W_O)
+        if ov.b_O is not None:
+            rebuilt = rebuilt + ov.b_O
+        torch.testing.assert_close(rebuilt, attn_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(norm_params(model, layer, "mlp")(resid_pre + attn_out), mlp_in,
+                                   atol=1e-5, rtol=1e-5)
+    if name == "tiny-llama":
+        assert ov.W_V.shape == (4, 64, 16) and torch.equal(ov.W_V[0], ov.W_V[1])  # 2 kv heads shared by 4
+
+
+def get_norm_point(block, norm):
+    from dictionary_learning.models import HookPoint
+
+    return HookPoint(f"{block}.{norm}", "output")
