@@ -63,7 +63,8 @@ def load_dictionary(path: str | Path, device: str = "cpu", dtype: torch.dtype = 
     if name not in DICTIONARY_CLASSES:
         raise ValueError(f"config.json names dict_class {name!r}; this toolkit loads {sorted(DICTIONARY_CLASSES)}")
     state = load_state_dict(path)
-    dictionary = DICTIONARY_CLASSES[name].from_state_dict(state)
+    # a square transcoder looks like an SAE in its weights: the config says which it is
+    dictionary = DICTIONARY_CLASSES[name].from_state_dict(state, transcoder=trainer_config.get("transcoder"))
     if "threshold" in dict(dictionary.named_buffers()) and "threshold" not in state:  # older upstream TopK saves
         state["threshold"] = torch.tensor(-1.0)
     dictionary.load_state_dict(state)

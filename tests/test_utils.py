@@ -40,13 +40,17 @@ def local_hub(tmp_path, monkeypatch):
     return root, calls
 
 
-@pytest.mark.parametrize("cls", [AutoEncoderTopK, BatchTopKSAE])
-def test_push_and_pull_round_trip(tmp_path, local_hub, cls):
+@pytest.mark.parametrize("cls,output_dim,skip", [(AutoEncoderTopK, 10, True), (BatchTopKSAE, 10, True),
+                                                 (AutoEncoderTopK, 12, False)])
+def test_push_and_pull_round_trip(tmp_path, local_hub, cls, output_dim, skip):
+    """Transcoders round trip, square ones without a skip too (their weights alone look like an SAE's)."""
     root, calls = local_hub
     torch.manual_seed(0)
-    ae = cls(12, 48, 4, output_dim=10, transcoder=True, skip=True)
+    ae = cls(12, 48, 4, output_dim=output_dim, transcoder=True, skip=skip)
     with torch.no_grad():
-        ae.skip.weight.normal_()
+        ae.b_dec.normal_()
+        if skip:
+            ae.skip.weight.normal_()
     save_dictionary(ae, tmp_path / "saved", {"trainer": {"lm_name": "tiny-llama", "layer": 1}})
     push_to_hub(tmp_path / "saved", "me/my-sae", path_in_repo="layer_1")
     assert calls["create_repo"] == ("me/my-sae", False)
@@ -57,7 +61,7 @@ def test_push_and_pull_round_trip(tmp_path, local_hub, cls):
     assert config["trainer"]["lm_name"] == "tiny-llama" and config["trainer"]["dict_class"] == cls.__name__
     x = torch.randn(6, 12)
     torch.testing.assert_close(pulled(x), ae(x))
-    assert isinstance(pulled, cls) and pulled.transcoder and pulled.skip is not None
+    assert isinstance(pulled, cls) and pulled.transcoder and (pulled.skip is not None) == skip
 
 
 def test_load_errors(tmp_path):

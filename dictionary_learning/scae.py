@@ -1,0 +1,237 @@
+"""Sparsely connected autoencoders (SCAE): a suite of attention-output SAEs and MLP transcoders, one of each per
+layer, in which every feature is computed from a few upstream features.
+
+Work in progress (issue 4). In place so far: the `SCAESuite` container (save / load as one folder), the
+reconstruction run `run_suite` that patches every module's reconstruction into the model in one nnsight trace and
+records what the linearisation needs, and `decompose`, the exact linear decomposition of every module's encoder
+pre-activations into per-upstream-module terms plus an embedding term and a bias term.
+
+Linearisation. With the norm scales s(t) (1 / rms, after centring for LayerNorm) and the attention patterns
+P_h[q, k] held fixed at their values in the recorded run, a downstream encoder row e_F receives from upstream
+feature j (decoder column d_j, activation a_j):
+- into a transcoder at layer L:      a_j(t) * s(t) * e_F . (w_norm * C d_j)
+- into an attention SAE at layer L:  sum_h sum_k P_h[q, k] * s(k) * a_j(k) * e_F . ((w_norm * C d_j) W_V^h W_O^h)
+where C centres (LayerNorm) or is the identity (RMSNorm). The embedding (with learned positions, for GPT-2) and the
+biases (upstream b_dec, the norm's bias, b_V, b_O, the encoder's own bias and b_dec) make up the rest, so that with
+every upstream feature kept the decomposition equals the dense pre-activation of the recorded run exactly.
+The recorded run is the one with the suite's reconstructions patched in (not the clean model's), so the
+decomposition is exact for the computation the suite actually performs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .buffer import model_inputs
+from .dictionary import Dictionary, TopKDictionary
+from .models import attention_ov, get_adapter, n_layers, norm_params, read_value
+from .utils import atomic_write_json, load_dictionary, save_dictionary
+
+
+def module_names(n_layer: int) -> list[str]:
+    """The suite's modules in execution order: attn_0, mlp_0, attn_1, mlp_1, ..."""
+    return [f"{kind}_{layer}" for layer in range(n_layer) for kind in ("attn", "mlp")]
+
+
+def upstream_of(name: str) -> list[str]:
+    """Modules whose outputs reach `name`'s input: everything earlier in execution order."""
+    kind, layer = name.split("_")
+    order = module_names(int(layer) + 1)
+    return order[: order.index(name)]
+
+
+class SCAESuite(nn.Module):
+    """Per-layer TopK attention SAEs (attn_out -> attn_out) and TopK transcoders (mlp_in -> mlp_out)."""
+
+    def __init__(self, modules: dict[str, Dictionary], model_name: str | None = None):
+        super().__init__()
+        if not modules:
+            raise ValueError("an SCAESuite needs at least one module")
+        layers = 1 + max(int(name.split("_")[1]) for name in modules)
+        expected = module_names(layers)
+        if sorted(modules) != sorted(expected):
+            raise ValueError(f"an SCAESuite needs an attention SAE and a transcoder on every layer: expected "
+                             f"{expected}, got {sorted(modules)}")
+        for name, module in modules.items():
+            if not isinstance(module, TopKDictionary):
+                raise TypeError(f"{name}: SCAE modules are TopK dictionaries, got {type(module).__name__}")
+            if module.skip is not None:
+                raise ValueError(f"{name}: transcoders with a skip connection are not supported in an SCAE")
+            if name.startswith("attn") and module.transcoder:
+                raise ValueError(f"{name}: attention modules are SAEs (not transcoders)")
+        self.names = expected
+        self.dictionaries = nn.ModuleDict({name: modules[name] for name in expected})
+        self.model_name = model_name
+        self.n_layers = layers
+
+    def __getitem__(self, name: str) -> Dictionary:
+        return self.dictionaries[name]
+
+    def check_model(self, model: Any) -> None:
+        """Clear errors for a suite whose widths or depth do not match the model."""
+        config = model._module.config
+        d_model = int(getattr(config, "hidden_size", None) or config.n_embd)
+        if self.n_layers > n_layers(model):
+            raise ValueError(f"the suite has {self.n_layers} layers, the model {n_layers(model)}")
+        for name, module in self.dictionaries.items():
+            if module.activation_dim != d_model or module.output_dim != d_model:
+                raise ValueError(f"{name} maps {module.activation_dim} -> {module.output_dim}, but the model's "
+                                 f"width is {d_model}")
+
+    @classmethod
+    def random(cls, model: Any, dict_size: int, k: int, n_layer: int | None = None, seed: int = 0) -> "SCAESuite":
+        """An untrained suite for `model` (all layers, or the first `n_layer`)."""
+        from .dictionary import AutoEncoderTopK
+
+        config = model._module.config
+        d_model = int(getattr(config, "hidden_size", None) or config.n_embd)
+        torch.manual_seed(seed)
+        modules = {name: AutoEncoderTopK(d_model, dict_size, k, transcoder=name.startswith("mlp"))
+                   for name in module_names(n_layer or n_layers(model))}
+        return cls(modules)
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        for name, module in self.dictionaries.items():
+            save_dictionary(module, directory / name)
+        atomic_write_json(directory / "suite.json", {"modules": self.names, "model_name": self.model_name})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "cpu") -> "SCAESuite":
+        directory = Path(directory)
+        if not (directory / "suite.json").exists():
+            raise ValueError(f"{str(directory)!r} is not a saved SCAESuite (no suite.json)")
+        meta = json.loads((directory / "suite.json").read_text())
+        modules = {name: load_dictionary(directory / name, device=device)[0] for name in meta["modules"]}
+        return cls(modules, model_name=meta.get("model_name"))
+
+
+@dataclass
+class SuiteRecord:
+    """What one run of the model with the suite patched in recorded, for tokens `[batch, seq]`."""
+
+    mask: torch.Tensor  # [batch, seq] real tokens
+    embedding: torch.Tensor  # [batch, seq, d_model]: the residual stream before layer 0
+    codes: dict[str, torch.Tensor]  # module -> [batch, seq, dict_size] TopK codes
+    encoder_inputs: dict[str, torch.Tensor]  # module -> [batch, seq, d_model] what its encoder read
+    norm_scales: dict[str, torch.Tensor]  # "attn_L" / "mlp_L" -> [batch, seq] s(t) of the norm before it
+    patterns: dict[int, torch.Tensor]  # layer -> [batch, heads, seq, seq]
+
+
+def _norm_scale(norm, x: torch.Tensor) -> torch.Tensor:
+    """s(t) = 1 / sqrt(mean(C x)^2 + eps) of a pre-norm: `[..., d] -> [...]`."""
+    if norm.kind == "layer":
+        x = x - x.mean(dim=-1, keepdim=True)
+    return torch.rsqrt(x.pow(2).mean(dim=-1) + norm.eps)
+
+
+@torch.no_grad()
+def run_suite(suite: SCAESuite, model: Any, texts: list[str], ctx_len: int = 128) -> tuple[SuiteRecord, torch.Tensor]:
+    """Run the model with every module's reconstruction patched in (attention outputs replaced by the attention
+    SAEs' reconstructions, MLP outputs by the transcoders'), recording codes, norm scales and attention patterns.
+    Returns the record and the logits. The model must run eager attention (`load_model(..., attn_implementation=
+    "eager")`) so that attention modules return their patterns."""
+    suite.check_model(model)
+    adapter = get_adapter(model)
+    encoding = model.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=ctx_len)
+    encoding = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+    saved: dict[str, Any] = {}
+    with model.trace(model_inputs(encoding)):
+        for layer in range(suite.n_layers):
+            block = adapter.block(layer)
+            attn_norm_in = model.get(f"{block}.{adapter.attn_norm}").input
+            if layer == 0:
+                saved["embedding"] = read_value(attn_norm_in).save()
+            saved[f"resid_pre_{layer}"] = read_value(attn_norm_in).save()
+            attn = model.get(f"{block}.{adapter.attn}")
+            attn_output = attn.output
+            if attn_output[1] is None:
+                raise ValueError("the model's attention returns no patterns: load it with attn_implementation='eager'")
+            sae = suite[f"attn_{layer}"]
+            attn_out = attn_output[0]
+            codes = sae.encode(attn_out)
+            saved[f"codes_attn_{layer}"] = codes.save()
+            saved[f"input_attn_{layer}"] = attn_out.save()
+            saved[f"pattern_{layer}"] = attn_output[1].save()
+            attn.output = (sae.decode(codes), *attn_output[1:])
+            saved[f"resid_mid_{layer}"] = read_value(model.get(f"{block}.{adapter.mlp_norm}").input).save()
+            mlp = model.get(f"{block}.{adapter.mlp}")
+            mlp_in = read_value(mlp.input)
+            transcoder = suite[f"mlp_{layer}"]
+            codes = transcoder.encode(mlp_in)
+            saved[f"codes_mlp_{layer}"] = codes.save()
+            saved[f"input_mlp_{layer}"] = mlp_in.save()
+            mlp.output = transcoder.decode(codes)
+        logits = model.output.logits.save()
+    norm_scales = {}
+    for layer in range(suite.n_layers):
+        norm_scales[f"attn_{layer}"] = _norm_scale(norm_params(model, layer, "attn"), saved[f"resid_pre_{layer}"])
+        norm_scales[f"mlp_{layer}"] = _norm_scale(norm_params(model, layer, "mlp"), saved[f"resid_mid_{layer}"])
+    record = SuiteRecord(
+        mask=encoding["attention_mask"].bool(),
+        embedding=saved["embedding"],
+        codes={name: saved[f"codes_{name}"] for name in suite.names},
+        encoder_inputs={name: saved[f"input_{name}"] for name in suite.names},
+        norm_scales=norm_scales,
+        patterns={layer: saved[f"pattern_{layer}"] for layer in range(suite.n_layers)},
+    )
+    return record, logits
+
+
+def _through_norm(norm, vectors: torch.Tensor) -> torch.Tensor:
+    """w_norm * C v for rows v (the linear part of the norm, before the per-token scale)."""
+    if norm.kind == "layer":
+        vectors = vectors - vectors.mean(dim=-1, keepdim=True)
+    return vectors * norm.weight
+
+
+@torch.no_grad()
+def decompose(suite: SCAESuite, model: Any, record: SuiteRecord, name: str) -> dict[str, torch.Tensor]:
+    """Module `name`'s encoder pre-activations `[batch, seq, dict_size]` split into one term per upstream module
+    (summed over that module's features), "embedding" and "bias"; the terms add up to the dense pre-activation
+    of the recorded run."""
+    kind, layer = name.split("_")[0], int(name.split("_")[1])
+    target = suite[name]
+    encoder_weight, encoder_bias = target.encoder.weight, target.encoder.bias  # [dict_size, d], [dict_size]
+    norm = norm_params(model, layer, kind)
+    scale = record.norm_scales[name][..., None]  # [batch, seq, 1]
+
+    # residual-stream pieces entering this module's norm, each [batch, seq, d_model]
+    pieces = {up: record.codes[up] @ suite[up].decoder.weight.t() for up in upstream_of(name)}
+    pieces["embedding"] = record.embedding
+    constant = torch.zeros_like(norm.weight)  # upstream decoder biases, [d_model]
+    for up in upstream_of(name):
+        constant = constant + suite[up].b_dec
+    normed = {key: scale * _through_norm(norm, value) for key, value in pieces.items()}
+    normed_constant = scale * _through_norm(norm, constant.expand_as(record.embedding))
+    norm_bias = norm.bias if norm.bias is not None else torch.zeros_like(norm.weight)
+
+    if kind == "mlp":  # transcoder: e_F . mlp_in + b_enc
+        terms = {key: value @ encoder_weight.t() for key, value in normed.items()}
+        terms["bias"] = (normed_constant + norm_bias) @ encoder_weight.t() + encoder_bias
+        return terms
+
+    # attention SAE: e_F . (attn_out - b_dec) + b_enc, attn_out = sum_h P_h (x W_V^h + b_V^h) W_O^h + b_O
+    ov = attention_ov(model, layer)
+    pattern = record.patterns[layer]  # [batch, heads, q, k]
+
+    def through_heads(x: torch.Tensor) -> torch.Tensor:  # [batch, seq, d_model] -> [batch, seq, dict_size]
+        values = torch.einsum("bkd,hde->bhke", x, ov.W_V)
+        mixed = torch.einsum("bhqk,bhke->bhqe", pattern, values)
+        return torch.einsum("bhqe,hed->bqd", mixed, ov.W_O) @ encoder_weight.t()
+
+    terms = {key: through_heads(value) for key, value in normed.items()}
+    bias = through_heads(normed_constant + norm_bias)
+    if ov.b_V is not None:  # each pattern row sums to 1 over real keys
+        row_sums = pattern.sum(dim=-1)  # [batch, heads, q]
+        bias = bias + torch.einsum("bhq,he,hed->bqd", row_sums, ov.b_V, ov.W_O) @ encoder_weight.t()
+    output_bias = (ov.b_O if ov.b_O is not None else 0) - target.b_dec
+    terms["bias"] = bias + output_bias @ encoder_weight.t() + encoder_bias
+    return terms
