@@ -193,10 +193,11 @@ def _through_norm(norm, vectors: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decompose(suite: SCAESuite, model: Any, record: SuiteRecord, name: str) -> dict[str, torch.Tensor]:
+def decompose(suite: SCAESuite, model: Any, record: SuiteRecord, name: str,
+              upstream_codes: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Module `name`'s encoder pre-activations `[batch, seq, dict_size]` split into one term per upstream module
     (summed over that module's features), "embedding" and "bias"; the terms add up to the dense pre-activation
-    of the recorded run."""
+    of the recorded run. `upstream_codes` replaces the recorded codes (an empty dict: embedding and bias only)."""
     kind, layer = name.split("_")[0], int(name.split("_")[1])
     target = suite[name]
     encoder_weight, encoder_bias = target.encoder.weight, target.encoder.bias  # [dict_size, d], [dict_size]
@@ -204,7 +205,8 @@ def decompose(suite: SCAESuite, model: Any, record: SuiteRecord, name: str) -> d
     scale = record.norm_scales[name][..., None]  # [batch, seq, 1]
 
     # residual-stream pieces entering this module's norm, each [batch, seq, d_model]
-    pieces = {up: record.codes[up] @ suite[up].decoder.weight.t() for up in upstream_of(name)}
+    codes = record.codes if upstream_codes is None else upstream_codes
+    pieces = {up: codes[up] @ suite[up].decoder.weight.t() for up in upstream_of(name) if up in codes}
     pieces["embedding"] = record.embedding
     constant = torch.zeros_like(norm.weight)  # upstream decoder biases, [d_model]
     for up in upstream_of(name):
@@ -235,3 +237,84 @@ def decompose(suite: SCAESuite, model: Any, record: SuiteRecord, name: str) -> d
     output_bias = (ov.b_O if ov.b_O is not None else 0) - target.b_dec
     terms["bias"] = bias + output_bias @ encoder_weight.t() + encoder_bias
     return terms
+
+
+# --------------------------------------------------------------------------------------------------------------
+# connections and the pruned forward pass
+
+
+@dataclass
+class Connections:
+    """For each module, the upstream features each of its features reads: `indices[name]` `[dict_size, C]` into the
+    concatenation of `upstream_of(name)`'s features (in that order), and their virtual weights `weights[name]`:
+    `[dict_size, C]` for transcoders, `[dict_size, C, n_heads]` for attention SAEs (one per head)."""
+
+    indices: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]
+
+
+def _upstream_decoder(suite: SCAESuite, name: str) -> torch.Tensor:
+    """Decoder columns of every upstream feature as rows, concatenated in upstream order: `[n_upstream, d_model]`."""
+    columns = [suite[up].decoder.weight.t() for up in upstream_of(name)]
+    return torch.cat(columns) if columns else suite[name].encoder.weight.new_zeros(0, suite[name].activation_dim)
+
+
+@torch.no_grad()
+def virtual_weights(suite: SCAESuite, model: Any, name: str, indices: torch.Tensor) -> torch.Tensor:
+    """e_F . (w_norm * C d_j) for transcoders, e_F . ((w_norm * C d_j) W_V^h W_O^h) per head for attention SAEs,
+    for every feature F and its connected upstream features j = indices[F]."""
+    kind, layer = name.split("_")[0], int(name.split("_")[1])
+    encoder = suite[name].encoder.weight  # [dict_size, d_model]
+    normed = _through_norm(norm_params(model, layer, kind), _upstream_decoder(suite, name))  # [n_up, d_model]
+    if kind == "mlp":
+        return torch.einsum("fd,fcd->fc", encoder, normed[indices])
+    ov = attention_ov(model, layer)
+    per_head = torch.einsum("jd,hde,hem->hjm", normed, ov.W_V, ov.W_O)  # [heads, n_up, d_model]
+    return torch.stack([torch.einsum("fd,fcd->fc", encoder, head[indices]) for head in per_head], dim=-1)
+
+
+def all_connections(suite: SCAESuite, model: Any) -> Connections:
+    """Every feature connected to every upstream feature (C = all): the pruned pass then equals the dense one."""
+    indices, weights = {}, {}
+    for name in suite.names:
+        n_up = sum(suite[up].dict_size for up in upstream_of(name))
+        indices[name] = torch.arange(n_up).expand(suite[name].dict_size, n_up).contiguous()
+        weights[name] = virtual_weights(suite, model, name, indices[name])
+    return Connections(indices, weights)
+
+
+def _topk_codes(pre: torch.Tensor, k: int) -> torch.Tensor:
+    values, indices = pre.relu().topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter_(-1, indices, values)
+
+
+@torch.no_grad()
+def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord, connections: Connections, name: str,
+                           upstream_codes: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Module `name`'s pre-activations `[batch, seq, dict_size]` from its connected upstream features only (with
+    the given upstream codes), plus the embedding and bias terms, under the recorded run's norm scales and
+    attention patterns. Reference implementation: it gathers `[batch, seq, dict_size, C]`; fine at small scale."""
+    kind, layer = name.split("_")[0], int(name.split("_")[1])
+    dense_terms = decompose(suite, model, record, name, upstream_codes={})
+    pre = dense_terms["embedding"] + dense_terms["bias"]
+    if not upstream_of(name):
+        return pre
+    upstream = torch.cat([upstream_codes[up] for up in upstream_of(name)], dim=-1)  # [batch, seq, n_up]
+    scaled = upstream * record.norm_scales[name][..., None]
+    indices, weights = connections.indices[name], connections.weights[name]
+    if kind == "mlp":
+        return pre + (scaled[..., indices] * weights).sum(-1)
+    mixed = torch.einsum("bhqk,bkj->bhqj", record.patterns[layer], scaled)  # attention-mixed upstream activity
+    return pre + torch.einsum("bhqfc,fch->bqf", mixed[..., indices], weights)
+
+
+@torch.no_grad()
+def pruned_forward(suite: SCAESuite, model: Any, record: SuiteRecord, connections: Connections
+                   ) -> dict[str, torch.Tensor]:
+    """Every module's TopK codes `[batch, seq, dict_size]`, computed in layer order from the pruned codes of its
+    connected upstream features (never the clean ones), plus the embedding and bias terms."""
+    codes: dict[str, torch.Tensor] = {}
+    for name in suite.names:
+        pre = pruned_pre_activations(suite, model, record, connections, name, codes)
+        codes[name] = _topk_codes(pre, int(suite[name].k))
+    return codes
