@@ -252,6 +252,22 @@ class Connections:
     indices: dict[str, torch.Tensor]
     weights: dict[str, torch.Tensor]
 
+    def validate(self, suite: "SCAESuite") -> None:
+        """Clear errors for connections that do not fit the suite."""
+        for name in suite.names:
+            if name not in self.indices:
+                raise ValueError(f"no connections for module {name}")
+            indices, n_up = self.indices[name], sum(suite[up].dict_size for up in upstream_of(name))
+            if indices.dim() != 2 or indices.shape[0] != suite[name].dict_size:
+                raise ValueError(f"{name}: expected indices of shape [{suite[name].dict_size}, C], got "
+                                 f"{tuple(indices.shape)}")
+            if indices.numel() and (indices.min() < 0 or indices.max() >= n_up):
+                raise ValueError(f"{name}: connection indices must lie in [0, {n_up}), got "
+                                 f"[{int(indices.min())}, {int(indices.max())}]")
+            if self.weights[name].shape[:2] != indices.shape:
+                raise ValueError(f"{name}: weights of shape {tuple(self.weights[name].shape)} do not match indices "
+                                 f"{tuple(indices.shape)}")
+
 
 def _upstream_decoder(suite: SCAESuite, name: str) -> torch.Tensor:
     """Decoder columns of every upstream feature as rows, concatenated in upstream order: `[n_upstream, d_model]`."""
@@ -313,8 +329,111 @@ def pruned_forward(suite: SCAESuite, model: Any, record: SuiteRecord, connection
                    ) -> dict[str, torch.Tensor]:
     """Every module's TopK codes `[batch, seq, dict_size]`, computed in layer order from the pruned codes of its
     connected upstream features (never the clean ones), plus the embedding and bias terms."""
+    connections.validate(suite)
     codes: dict[str, torch.Tensor] = {}
     for name in suite.names:
         pre = pruned_pre_activations(suite, model, record, connections, name, codes)
         codes[name] = _topk_codes(pre, int(suite[name].k))
     return codes
+
+
+@torch.no_grad()
+def mean_contributions(suite: SCAESuite, model: Any, texts: list[str], batch_size: int = 8, ctx_len: int = 128,
+                       ) -> dict[str, dict[str, torch.Tensor]]:
+    """Per downstream module, per upstream module, the mean over real tokens of each (feature, upstream feature)
+    contribution to the pre-activation: `[dict_size, upstream dict_size]` matrices, built from per-upstream-feature
+    statistics (mean of s(t) a_j(t), attention-mixed per head for attention SAEs) so memory stays at one such
+    matrix per module pair."""
+    sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in suite.names}
+    tokens = 0
+    for start in range(0, len(texts), batch_size):
+        record, _ = run_suite(suite, model, texts[start : start + batch_size], ctx_len=ctx_len)
+        mask = record.mask.to(torch.float32)
+        tokens += int(mask.sum())
+        for name in suite.names:
+            kind, layer = name.split("_")[0], int(name.split("_")[1])
+            scale = record.norm_scales[name] * mask if kind == "mlp" else record.norm_scales[name]
+            if kind == "attn":  # sum over real queries of P[q, k]: how much each key position is read
+                reads = torch.einsum("bhqk,bq->bhk", record.patterns[layer], mask)
+            for up in upstream_of(name):
+                codes = record.codes[up]
+                if kind == "mlp":
+                    stat = torch.einsum("bt,btj->j", scale, codes)
+                else:
+                    stat = torch.einsum("bhk,bk,bkj->hj", reads, scale, codes)
+                sums[name][up] = sums[name].get(up, 0) + stat
+    result: dict[str, dict[str, torch.Tensor]] = {}
+    for name in suite.names:
+        kind, layer = name.split("_")[0], int(name.split("_")[1])
+        norm = norm_params(model, layer, kind)
+        encoder = suite[name].encoder.weight
+        result[name] = {}
+        for up, total in sums[name].items():
+            mean = total / max(tokens, 1)
+            normed = _through_norm(norm, suite[up].decoder.weight.t())  # [n_up, d_model]
+            if kind == "mlp":
+                result[name][up] = (encoder @ normed.t()) * mean
+            else:
+                ov = attention_ov(model, layer)
+                folded = torch.einsum("hj,jd,hde,hem->jm", mean, normed, ov.W_V, ov.W_O)  # sum_h mean_h * d_j OV_h
+                result[name][up] = encoder @ folded.t()
+    return result
+
+
+@torch.no_grad()
+def select_connections(suite: SCAESuite, model: Any, texts: list[str], C: int, batch_size: int = 8,
+                       ctx_len: int = 128) -> Connections:
+    """For every feature, the C upstream features (across all upstream modules) with the largest |mean
+    contribution| over `texts`, stored as `[dict_size, C]` indices (fewer where fewer exist) and virtual weights."""
+    if not isinstance(C, int) or C <= 0:
+        raise ValueError(f"C must be a positive int, got {C!r}")
+    contributions = mean_contributions(suite, model, texts, batch_size=batch_size, ctx_len=ctx_len)
+    indices, weights = {}, {}
+    for name in suite.names:
+        upstream = upstream_of(name)
+        n_features = suite[name].dict_size
+        best_values = torch.empty(n_features, 0)
+        best_indices = torch.empty(n_features, 0, dtype=torch.long)
+        offset = 0
+        for up in upstream:  # a running top-C across upstream modules: one [dict_size, n_up] matrix at a time
+            scores = contributions[name][up].abs()
+            values, local = scores.topk(min(C, scores.shape[1]), dim=1)
+            merged_values = torch.cat([best_values, values], dim=1)
+            merged_indices = torch.cat([best_indices, local + offset], dim=1)
+            keep = merged_values.topk(min(C, merged_values.shape[1]), dim=1).indices
+            best_values, best_indices = merged_values.gather(1, keep), merged_indices.gather(1, keep)
+            offset += suite[up].dict_size
+        indices[name] = best_indices.sort(dim=1).values
+        weights[name] = virtual_weights(suite, model, name, indices[name])
+    return Connections(indices, weights)
+
+
+@torch.no_grad()
+def suite_cross_entropy(suite: SCAESuite, model: Any, texts: list[str], connections: Connections | None = None,
+                        ctx_len: int = 128) -> dict[str, float]:
+    """Next-token CE of the clean model, with the dense suite patched in (every attention output and MLP output
+    replaced by its module's reconstruction) and, given connections, with the pruned suite patched in."""
+    from .evaluation import masked_cross_entropy
+
+    adapter = get_adapter(model)
+    encoding = model.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=ctx_len)
+    encoding = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+    record, dense_logits = run_suite(suite, model, texts, ctx_len=ctx_len)
+    with model.trace(model_inputs(encoding)):
+        clean_logits = model.output.logits.save()
+    results = {}
+    logits = {"clean": clean_logits, "dense": dense_logits}
+    if connections is not None:
+        codes = pruned_forward(suite, model, record, connections)
+        with model.trace(model_inputs(encoding)):
+            for layer in range(suite.n_layers):
+                block = adapter.block(layer)
+                attn = model.get(f"{block}.{adapter.attn}")
+                output = attn.output
+                attn.output = (suite[f"attn_{layer}"].decode(codes[f"attn_{layer}"]), *output[1:])
+                model.get(f"{block}.{adapter.mlp}").output = suite[f"mlp_{layer}"].decode(codes[f"mlp_{layer}"])
+            logits["pruned"] = model.output.logits.save()
+    for key, value in logits.items():
+        ce, mask = masked_cross_entropy(value, encoding["input_ids"], encoding["attention_mask"])
+        results[f"ce_{key}"] = ce[mask].mean().item()
+    return results

@@ -139,3 +139,69 @@ def test_pruning_removes_exactly_the_unselected_contributions(eager_model):
             assert removed[mask].abs().max() > 1e-3  # pruning did remove something
             torch.testing.assert_close(pruned[..., feature][mask], (dense[..., feature] - removed)[mask],
                                        atol=1e-4, rtol=1e-4, msg=f"{name} feature {feature}")
+
+
+def test_select_connections_keeps_the_largest_mean_contributions(eager_model):
+    """Against a dense reference: every token's contribution of every upstream feature, written out from the
+    record (norm scale, code, decoder column, norm weight, attention pattern, OV weights, encoder row)."""
+    from dictionary_learning.models import attention_ov, norm_params
+    from dictionary_learning.scae import select_connections
+
+    suite = make_suite(eager_model, n_layer=2)
+    texts = random_texts(4, seed=24, max_words=6)
+    C = 6
+    connections = select_connections(suite, eager_model, texts, C, batch_size=2, ctx_len=CTX)
+    totals, count = {}, 0
+    for start in (0, 2):
+        record, _ = run_suite(suite, eager_model, texts[start:start + 2], ctx_len=CTX)
+        count += int(record.mask.sum())
+        for name in ("mlp_0", "attn_1", "mlp_1"):
+            kind, layer = name.split("_")[0], int(name[-1])
+            norm = norm_params(eager_model, layer, kind)
+            codes = torch.cat([record.codes[up] for up in upstream_of(name)], dim=-1)  # [b, t, n_up]
+            columns = torch.cat([suite[up].decoder.weight.t() for up in upstream_of(name)])  # [n_up, d]
+            if norm.kind == "layer":
+                columns = columns - columns.mean(-1, keepdim=True)
+            columns = columns * norm.weight
+            scaled = codes * record.norm_scales[name][..., None]
+            encoder = suite[name].encoder.weight
+            if kind == "mlp":
+                per_token = torch.einsum("btj,jd,fd->btfj", scaled, columns, encoder)
+            else:
+                ov = attention_ov(eager_model, layer)
+                head_out = torch.einsum("jd,hde,hem->hjm", columns, ov.W_V, ov.W_O)
+                per_token = torch.einsum("bhqk,bkj,hjm,fm->bqfj", record.patterns[layer], scaled, head_out, encoder)
+            totals[name] = totals.get(name, 0) + per_token[record.mask].sum(0)
+    for name, total in totals.items():
+        mean = (total / count).abs()
+        expected = mean.topk(C, dim=1).indices.sort(dim=1).values
+        got = connections.indices[name]
+        assert got.shape == (suite[name].dict_size, C)
+        agree = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, expected)) / got.numel()
+        assert agree > 0.99, f"{name}: only {agree:.1%} of selected connections match the dense reference"
+    assert connections.indices["attn_0"].shape == (96, 0)
+    with pytest.raises(ValueError, match="C must be a positive int, got 0"):
+        select_connections(suite, eager_model, texts, 0)
+
+
+def test_cross_entropy_of_dense_and_pruned_suites(eager_model):
+    from dictionary_learning.scae import all_connections, suite_cross_entropy
+
+    suite = make_suite(eager_model, n_layer=2)
+    texts = random_texts(3, seed=25, max_words=6)
+    results = suite_cross_entropy(suite, eager_model, texts, all_connections(suite, eager_model), ctx_len=CTX)
+    assert results["ce_pruned"] == pytest.approx(results["ce_dense"], abs=1e-4)  # C = all: pruned == dense
+    assert results["ce_dense"] != pytest.approx(results["ce_clean"], abs=1e-3)
+
+
+def test_bad_connections_raise(eager_model):
+    from dictionary_learning.scae import Connections, all_connections, pruned_forward
+
+    suite = make_suite(eager_model, n_layer=2)
+    record, _ = run_suite(suite, eager_model, random_texts(1, seed=26, max_words=4), ctx_len=CTX)
+    full = all_connections(suite, eager_model)
+    broken = Connections(dict(full.indices), dict(full.weights))
+    broken.indices["mlp_1"] = broken.indices["mlp_1"].clone()
+    broken.indices["mlp_1"][0, 0] = 10_000
+    with pytest.raises(ValueError, match=r"mlp_1: connection indices must lie in \[0, 288\)"):
+        pruned_forward(suite, eager_model, record, broken)
