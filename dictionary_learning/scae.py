@@ -31,7 +31,7 @@ from torch import nn
 from .buffer import model_inputs
 from .dictionary import Dictionary, TopKDictionary
 from .models import attention_ov, get_adapter, n_layers, norm_params, read_value
-from .utils import atomic_write_json, load_dictionary, save_dictionary
+from .utils import atomic_write, atomic_write_json, load_dictionary, save_dictionary
 
 
 def module_names(n_layer: int) -> list[str]:
@@ -192,7 +192,6 @@ def _through_norm(norm, vectors: torch.Tensor) -> torch.Tensor:
     return vectors * norm.weight
 
 
-@torch.no_grad()
 def decompose(suite: SCAESuite, model: Any, record: SuiteRecord, name: str,
               upstream_codes: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Module `name`'s encoder pre-activations `[batch, seq, dict_size]` split into one term per upstream module
@@ -275,7 +274,6 @@ def _upstream_decoder(suite: SCAESuite, name: str) -> torch.Tensor:
     return torch.cat(columns) if columns else suite[name].encoder.weight.new_zeros(0, suite[name].activation_dim)
 
 
-@torch.no_grad()
 def virtual_weights(suite: SCAESuite, model: Any, name: str, indices: torch.Tensor) -> torch.Tensor:
     """e_F . (w_norm * C d_j) for transcoders, e_F . ((w_norm * C d_j) W_V^h W_O^h) per head for attention SAEs,
     for every feature F and its connected upstream features j = indices[F]."""
@@ -289,6 +287,7 @@ def virtual_weights(suite: SCAESuite, model: Any, name: str, indices: torch.Tens
     return torch.stack([torch.einsum("fd,fcd->fc", encoder, head[indices]) for head in per_head], dim=-1)
 
 
+@torch.no_grad()
 def all_connections(suite: SCAESuite, model: Any) -> Connections:
     """Every feature connected to every upstream feature (C = all): the pruned pass then equals the dense one."""
     indices, weights = {}, {}
@@ -304,12 +303,13 @@ def _topk_codes(pre: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(pre).scatter_(-1, indices, values)
 
 
-@torch.no_grad()
 def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord, connections: Connections, name: str,
-                           upstream_codes: dict[str, torch.Tensor]) -> torch.Tensor:
+                           upstream_codes: dict[str, torch.Tensor], recompute_weights: bool = False) -> torch.Tensor:
     """Module `name`'s pre-activations `[batch, seq, dict_size]` from its connected upstream features only (with
     the given upstream codes), plus the embedding and bias terms, under the recorded run's norm scales and
-    attention patterns. Reference implementation: it gathers `[batch, seq, dict_size, C]`; fine at small scale."""
+    attention patterns. Reference implementation: it gathers `[batch, seq, dict_size, C]`; fine at small scale.
+    Differentiable in the suite's parameters; `recompute_weights` derives the virtual weights from the current
+    parameters (as training needs) instead of using the stored ones."""
     kind, layer = name.split("_")[0], int(name.split("_")[1])
     dense_terms = decompose(suite, model, record, name, upstream_codes={})
     pre = dense_terms["embedding"] + dense_terms["bias"]
@@ -317,22 +317,22 @@ def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord, co
         return pre
     upstream = torch.cat([upstream_codes[up] for up in upstream_of(name)], dim=-1)  # [batch, seq, n_up]
     scaled = upstream * record.norm_scales[name][..., None]
-    indices, weights = connections.indices[name], connections.weights[name]
+    indices = connections.indices[name]
+    weights = virtual_weights(suite, model, name, indices) if recompute_weights else connections.weights[name]
     if kind == "mlp":
         return pre + (scaled[..., indices] * weights).sum(-1)
     mixed = torch.einsum("bhqk,bkj->bhqj", record.patterns[layer], scaled)  # attention-mixed upstream activity
     return pre + torch.einsum("bhqfc,fch->bqf", mixed[..., indices], weights)
 
 
-@torch.no_grad()
-def pruned_forward(suite: SCAESuite, model: Any, record: SuiteRecord, connections: Connections
-                   ) -> dict[str, torch.Tensor]:
+def pruned_forward(suite: SCAESuite, model: Any, record: SuiteRecord, connections: Connections,
+                   recompute_weights: bool = False) -> dict[str, torch.Tensor]:
     """Every module's TopK codes `[batch, seq, dict_size]`, computed in layer order from the pruned codes of its
     connected upstream features (never the clean ones), plus the embedding and bias terms."""
     connections.validate(suite)
     codes: dict[str, torch.Tensor] = {}
     for name in suite.names:
-        pre = pruned_pre_activations(suite, model, record, connections, name, codes)
+        pre = pruned_pre_activations(suite, model, record, connections, name, codes, recompute_weights)
         codes[name] = _topk_codes(pre, int(suite[name].k))
     return codes
 
@@ -408,6 +408,22 @@ def select_connections(suite: SCAESuite, model: Any, texts: list[str], C: int, b
     return Connections(indices, weights)
 
 
+def patched_logits(suite: SCAESuite, model: Any, encoding: dict[str, torch.Tensor],
+                   codes: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits with every attention output and MLP output replaced by the suite's reconstruction from `codes`, in
+    one nnsight trace (differentiable in the codes and the decoders)."""
+    adapter = get_adapter(model)
+    with model.trace(model_inputs(encoding)):
+        for layer in range(suite.n_layers):
+            block = adapter.block(layer)
+            attn = model.get(f"{block}.{adapter.attn}")
+            output = attn.output
+            attn.output = (suite[f"attn_{layer}"].decode(codes[f"attn_{layer}"]), *output[1:])
+            model.get(f"{block}.{adapter.mlp}").output = suite[f"mlp_{layer}"].decode(codes[f"mlp_{layer}"])
+        logits = model.output.logits.save()
+    return logits
+
+
 @torch.no_grad()
 def suite_cross_entropy(suite: SCAESuite, model: Any, texts: list[str], connections: Connections | None = None,
                         ctx_len: int = 128) -> dict[str, float]:
@@ -415,7 +431,6 @@ def suite_cross_entropy(suite: SCAESuite, model: Any, texts: list[str], connecti
     replaced by its module's reconstruction) and, given connections, with the pruned suite patched in."""
     from .evaluation import masked_cross_entropy
 
-    adapter = get_adapter(model)
     encoding = model.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=ctx_len)
     encoding = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
     record, dense_logits = run_suite(suite, model, texts, ctx_len=ctx_len)
@@ -425,15 +440,180 @@ def suite_cross_entropy(suite: SCAESuite, model: Any, texts: list[str], connecti
     logits = {"clean": clean_logits, "dense": dense_logits}
     if connections is not None:
         codes = pruned_forward(suite, model, record, connections)
-        with model.trace(model_inputs(encoding)):
-            for layer in range(suite.n_layers):
-                block = adapter.block(layer)
-                attn = model.get(f"{block}.{adapter.attn}")
-                output = attn.output
-                attn.output = (suite[f"attn_{layer}"].decode(codes[f"attn_{layer}"]), *output[1:])
-                model.get(f"{block}.{adapter.mlp}").output = suite[f"mlp_{layer}"].decode(codes[f"mlp_{layer}"])
-            logits["pruned"] = model.output.logits.save()
+        logits["pruned"] = patched_logits(suite, model, encoding, codes)
     for key, value in logits.items():
         ce, mask = masked_cross_entropy(value, encoding["input_ids"], encoding["attention_mask"])
         results[f"ce_{key}"] = ce[mask].mean().item()
     return results
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fine-tuning through the pruned forward pass
+
+
+def save_connections(connections: Connections, path: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"{name}.indices": t.contiguous() for name, t in connections.indices.items()}
+    tensors |= {f"{name}.weights": t.detach().contiguous() for name, t in connections.weights.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+
+
+def load_connections(path: str | Path) -> Connections:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    names = {key.rsplit(".", 1)[0] for key in tensors}
+    return Connections({n: tensors[f"{n}.indices"] for n in names}, {n: tensors[f"{n}.weights"] for n in names})
+
+
+@torch.no_grad()
+def clean_targets(suite: SCAESuite, model: Any, encoding: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What each module should reconstruct, from the clean model: attention outputs and MLP outputs."""
+    adapter = get_adapter(model)
+    saved = {}
+    with model.trace(model_inputs(encoding)) as tracer:
+        for layer in range(suite.n_layers):
+            block = adapter.block(layer)
+            saved[f"attn_{layer}"] = read_value(model.get(f"{block}.{adapter.attn}").output).save()
+            saved[f"mlp_{layer}"] = read_value(model.get(f"{block}.{adapter.mlp}").output).save()
+        tracer.stop()
+    return saved
+
+
+class SCAETrainer:
+    """Fine-tunes a suite through the pruned forward pass on local MSE (each module's pruned reconstruction against
+    the clean model's attention / MLP output, as a fraction of its variance, summed over modules) and downstream CE
+    (every pruned reconstruction patched into the model in one nnsight trace, CE backpropagated into the suite).
+    The linearisation (norm scales, attention patterns) is that of the run with the dense suite patched in, taken
+    without gradient each step; the virtual weights are recomputed from the current parameters."""
+
+    def __init__(self, suite: SCAESuite, model: Any, connections: Connections, steps: int, lr: float = 1e-4,
+                 mse_weight: float = 1.0, ce_weight: float = 1.0, warmup_steps: int = 0, ctx_len: int = 128,
+                 seed: int = 0):
+        from .trainers.trainer import lr_schedule
+
+        if mse_weight < 0 or ce_weight < 0 or mse_weight + ce_weight == 0:
+            raise ValueError(f"mse_weight and ce_weight must be >= 0 and not both 0, got {mse_weight}, {ce_weight}")
+        suite.check_model(model)
+        connections.validate(suite)
+        torch.manual_seed(seed)
+        self.suite, self.model, self.connections = suite, model, connections
+        self.mse_weight, self.ce_weight, self.ctx_len = mse_weight, ce_weight, ctx_len
+        for parameter in model._module.parameters():
+            parameter.requires_grad_(False)  # only the suite trains
+        self.optimizer = torch.optim.Adam(suite.parameters(), lr=lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(steps, warmup_steps))
+        self.config = {"steps": steps, "lr": lr, "mse_weight": mse_weight, "ce_weight": ce_weight,
+                       "warmup_steps": warmup_steps, "ctx_len": ctx_len, "seed": seed}
+        self.last_metrics: dict[str, float] = {}
+
+    def loss(self, texts: list[str]) -> torch.Tensor:
+        from .evaluation import masked_cross_entropy
+
+        suite, model = self.suite, self.model
+        encoding = model.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.ctx_len)
+        encoding = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+        with torch.no_grad():
+            record, _ = run_suite(suite, model, texts, ctx_len=self.ctx_len)
+        targets = clean_targets(suite, model, encoding)
+        codes = pruned_forward(suite, model, record, self.connections, recompute_weights=True)
+        mask = record.mask
+        mse = torch.zeros(())
+        for name in suite.names:
+            target = targets[name][mask]
+            error = (suite[name].decode(codes[name][mask]) - target).pow(2).sum()
+            mse = mse + error / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+        loss = self.mse_weight * mse
+        metrics = {"fvu_sum": mse.item(), "l0": sum((codes[n][mask] > 0).sum(-1).float().mean().item()
+                                                     for n in suite.names) / len(suite.names)}
+        if self.ce_weight:
+            ce, ce_mask = masked_cross_entropy(patched_logits(suite, model, encoding, codes),
+                                               encoding["input_ids"], encoding["attention_mask"])
+            ce = ce[ce_mask].mean()
+            loss = loss + self.ce_weight * ce
+            metrics["ce"] = ce.item()
+        self.last_metrics = {"loss": loss.item(), **metrics}
+        return loss
+
+    def update(self, step: int, texts: list[str]) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(texts)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.suite.parameters(), 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():  # keep decoder columns at unit norm, as the TopK trainers do
+            for module in self.suite.dictionaries.values():
+                weight = module.decoder.weight
+                weight /= weight.norm(dim=0, keepdim=True).clamp_min(1e-8)
+        return loss.item()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"suite": self.suite.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.suite.load_state_dict(state["suite"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def train_scae_suite(suite: SCAESuite, model: Any, texts: Any, connections: Connections, steps: int,
+                     batch_texts: int = 8, save_dir: str | Path | None = None, checkpoint_steps: int | None = None,
+                     resume: bool = False, log_steps: int | None = None, use_wandb: bool = False,
+                     wandb_project: str = "dictionary_learning", progress: bool = True, **trainer_kwargs
+                     ) -> SCAETrainer:
+    """Fine-tune `suite` for `steps` steps on batches of `batch_texts` texts from the iterator `texts`, with a tqdm
+    bar, optional wandb logging ($WANDB_MODE, offline by default), atomic checkpoints in `save_dir` and
+    `resume=True` continuing from the last one (the consumed text batches are skipped). The fine-tuned suite and
+    its connections are saved to `save_dir` at the end."""
+    import itertools
+    import os
+
+    from tqdm import tqdm
+
+    trainer = SCAETrainer(suite, model, connections, steps, **trainer_kwargs)
+    texts = iter(texts)
+    save_dir = Path(save_dir) if save_dir is not None else None
+    checkpoint_steps = checkpoint_steps or max(1, steps // 10)
+    start = 0
+    if resume:
+        if save_dir is None:
+            raise ValueError("resume=True needs the save_dir of the interrupted run")
+        path = save_dir / "checkpoint.pt"
+        if path.exists():
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            trainer.load_state_dict(state["trainer"])
+            start = state["step"]
+            for _ in range(start * batch_texts):
+                next(texts)
+    run = None
+    if use_wandb:
+        import wandb
+
+        run = wandb.init(project=wandb_project, mode=os.environ.get("WANDB_MODE", "offline"), config=trainer.config,
+                         dir=str(save_dir) if save_dir else None)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="fine-tuning suite", disable=not progress)
+    for step in bar:
+        batch = list(itertools.islice(texts, batch_texts))
+        if not batch:
+            break
+        trainer.update(step, batch)
+        metrics = trainer.last_metrics
+        bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+        if run is not None and log_steps and step % log_steps == 0:
+            run.log(metrics, step=step)
+        if save_dir is not None and (step + 1) % checkpoint_steps == 0:
+            state = {"trainer": trainer.state_dict(), "step": step + 1}
+            atomic_write(save_dir / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+    bar.close()
+    if run is not None:
+        run.finish()
+    if save_dir is not None:
+        with torch.no_grad():
+            final = Connections(connections.indices, {name: virtual_weights(suite, model, name, idx)
+                                                      for name, idx in connections.indices.items()})
+        suite.save(save_dir / "suite")
+        save_connections(final, save_dir / "connections.safetensors")
+    return trainer
