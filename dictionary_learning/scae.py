@@ -321,8 +321,16 @@ def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord, co
     weights = virtual_weights(suite, model, name, indices) if recompute_weights else connections.weights[name]
     if kind == "mlp":
         return pre + (scaled[..., indices] * weights).sum(-1)
-    mixed = torch.einsum("bhqk,bkj->bhqj", record.patterns[layer], scaled)  # attention-mixed upstream activity
-    return pre + torch.einsum("bhqfc,fch->bqf", mixed[..., indices], weights)
+    # attention-mix only the upstream features active somewhere in the batch; the rest contribute nothing
+    active = (scaled.detach() != 0).flatten(0, 1).any(dim=0).nonzero().flatten()
+    lookup = torch.full((scaled.shape[-1],), len(active), dtype=torch.long)
+    lookup[active] = torch.arange(len(active))
+    mixed = torch.einsum("bhqk,bkj->bhqj", record.patterns[layer], scaled[..., active])
+    mixed = torch.cat([mixed, mixed.new_zeros(*mixed.shape[:-1], 1)], dim=-1)  # a zero column for inactive ones
+    positions = lookup[indices]  # [dict_size, C]
+    for head in range(mixed.shape[1]):  # one head at a time bounds memory at [batch, seq, dict_size, C]
+        pre = pre + (mixed[:, head][..., positions] * weights[..., head]).sum(-1)
+    return pre
 
 
 def pruned_forward(suite: SCAESuite, model: Any, record: SuiteRecord, connections: Connections,
@@ -617,3 +625,55 @@ def train_scae_suite(suite: SCAESuite, model: Any, texts: Any, connections: Conn
         suite.save(save_dir / "suite")
         save_connections(final, save_dir / "connections.safetensors")
     return trainer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CE against C
+
+
+@torch.no_grad()
+def ce_versus_c(suite: SCAESuite, model: Any, selection_texts: list[str], eval_texts: list[str], Cs: list[int],
+                batch_size: int = 8, ctx_len: int = 128) -> list[dict[str, float]]:
+    """For each C, select connections on `selection_texts` and measure CE on `eval_texts` of the clean model, the
+    dense suite and the suite pruned to C (C larger than a module's upstream count keeps them all)."""
+    rows = []
+    for C in Cs:
+        connections = select_connections(suite, model, selection_texts, C, batch_size=batch_size, ctx_len=ctx_len)
+        totals: dict[str, float] = {}
+        batches = 0
+        for start in range(0, len(eval_texts), batch_size):
+            for key, value in suite_cross_entropy(suite, model, eval_texts[start : start + batch_size], connections,
+                                                  ctx_len=ctx_len).items():
+                totals[key] = totals.get(key, 0.0) + value
+            batches += 1
+        rows.append({"C": C, **{key: value / batches for key, value in totals.items()}})
+    return rows
+
+
+def ce_table(rows: list[dict[str, float]], label: str = "") -> str:
+    """A markdown table of ce_versus_c rows."""
+    lines = [f"| C | CE clean | CE dense suite | CE pruned suite{' ' + label if label else ''} |", "|---|---|---|---|"]
+    lines += [f"| {r['C']} | {r['ce_clean']:.4f} | {r['ce_dense']:.4f} | {r['ce_pruned']:.4f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_ce_versus_c(curves: dict[str, list[dict[str, float]]], path: str | Path) -> None:
+    """CE of the pruned suite against C (log scale) for each labelled curve, with the clean and dense CEs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for label, rows in curves.items():
+        line, = axis.plot([r["C"] for r in rows], [r["ce_pruned"] for r in rows], marker="o", label=f"pruned, {label}")
+        axis.axhline(rows[0]["ce_dense"], color=line.get_color(), linestyle=":", label=f"dense suite, {label}")
+    first = next(iter(curves.values()))
+    axis.axhline(first[0]["ce_clean"], color="black", linestyle="--", label="clean model")
+    axis.set_xscale("log")
+    axis.set_xlabel("C (upstream connections per feature)")
+    axis.set_ylabel("next-token CE (nats)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
+    plt.close(figure)

@@ -255,3 +255,18 @@ def test_fine_tuning_lowers_the_loss_and_resumes(tmp_path, eager_model):
         torch.testing.assert_close(a, b, msg=name)
     loaded = load_connections(tmp_path / "a" / "connections.safetensors")
     assert all(torch.equal(loaded.indices[n], connections.indices[n]) for n in connections.indices)
+
+
+def test_ce_versus_c_curve(tmp_path, tiny_gpt2):
+    from dictionary_learning.scae import ce_table, ce_versus_c, plot_ce_versus_c
+
+    model = load_model("tiny-gpt2", attn_implementation="eager")
+    suite = make_suite(model, n_layer=2)
+    texts = random_texts(8, seed=29, max_words=6)
+    rows = ce_versus_c(suite, model, texts[:4], texts[4:], [1, 4, 10_000], batch_size=4, ctx_len=CTX)
+    assert [r["C"] for r in rows] == [1, 4, 10_000]
+    assert rows[-1]["ce_pruned"] == pytest.approx(rows[-1]["ce_dense"], abs=1e-4)  # C beyond all: the dense suite
+    assert len({round(r["ce_clean"], 6) for r in rows}) == 1
+    plot_ce_versus_c({"before": rows}, tmp_path / "ce.png")
+    assert (tmp_path / "ce.png").read_bytes()[:4] == b"\x89PNG"
+    assert ce_table(rows).count("\n") == 4
