@@ -5,7 +5,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from dictionary_learning import load_model  # noqa: E402
 
