@@ -511,6 +511,8 @@ class SCAETrainer:
         for parameter in model._module.parameters():
             parameter.requires_grad_(False)  # only the suite trains
         self.optimizer = torch.optim.Adam(suite.parameters(), lr=lr)
+        self.decoder_norms = {name: module.decoder.weight.detach().norm(dim=0, keepdim=True).clone()
+                              for name, module in suite.dictionaries.items()}
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(steps, warmup_steps))
         self.config = {"steps": steps, "lr": lr, "mse_weight": mse_weight, "ce_weight": ce_weight,
                        "warmup_steps": warmup_steps, "ctx_len": ctx_len, "seed": seed}
@@ -551,10 +553,11 @@ class SCAETrainer:
         torch.nn.utils.clip_grad_norm_(self.suite.parameters(), 1.0)
         self.optimizer.step()
         self.scheduler.step()
-        with torch.no_grad():  # keep decoder columns at unit norm, as the TopK trainers do
-            for module in self.suite.dictionaries.values():
+        with torch.no_grad():  # keep each decoder column at its starting norm (unit for TopK-trained modules,
+            # c_in / c_out for transcoders whose training normalisation was folded in)
+            for name, module in self.suite.dictionaries.items():
                 weight = module.decoder.weight
-                weight /= weight.norm(dim=0, keepdim=True).clamp_min(1e-8)
+                weight *= self.decoder_norms[name] / weight.norm(dim=0, keepdim=True).clamp_min(1e-8)
         return loss.item()
 
     def state_dict(self) -> dict[str, Any]:

@@ -270,3 +270,16 @@ def test_ce_versus_c_curve(tmp_path, tiny_gpt2):
     plot_ce_versus_c({"before": rows}, tmp_path / "ce.png")
     assert (tmp_path / "ce.png").read_bytes()[:4] == b"\x89PNG"
     assert ce_table(rows).count("\n") == 4
+
+
+def test_fine_tuning_keeps_decoder_column_norms(eager_model):
+    """Folded transcoders have decoder columns of norm c_in / c_out, not 1: a step must not reset them."""
+    from dictionary_learning.scae import SCAETrainer, all_connections
+
+    suite = make_suite(eager_model, n_layer=1)
+    with torch.no_grad():
+        suite["mlp_0"].decoder.weight.mul_(3.0)
+    norms = suite["mlp_0"].decoder.weight.norm(dim=0).clone()
+    trainer = SCAETrainer(suite, eager_model, all_connections(suite, eager_model), steps=2, lr=1e-3, ctx_len=CTX)
+    trainer.update(0, random_texts(2, seed=30, max_words=5))
+    torch.testing.assert_close(suite["mlp_0"].decoder.weight.norm(dim=0), norms)
