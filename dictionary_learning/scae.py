@@ -133,17 +133,19 @@ def _norm_scale(norm, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_suite(suite: SCAESuite, model: Any, texts: list[str], ctx_len: int = 128) -> tuple[SuiteRecord, torch.Tensor]:
+def run_suite(suite: SCAESuite, model: Any, texts: list[str], ctx_len: int = 128, logits: bool = True
+              ) -> tuple[SuiteRecord, torch.Tensor | None]:
     """Run the model with every module's reconstruction patched in (attention outputs replaced by the attention
     SAEs' reconstructions, MLP outputs by the transcoders'), recording codes, norm scales and attention patterns.
-    Returns the record and the logits. The model must run eager attention (`load_model(..., attn_implementation=
-    "eager")`) so that attention modules return their patterns."""
+    Returns the record and the logits (None with `logits=False`, which stops the pass after the suite's last
+    layer). The model must run eager attention (`load_model(..., attn_implementation="eager")`) so that
+    attention modules return their patterns."""
     suite.check_model(model)
     adapter = get_adapter(model)
     encoding = model.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=ctx_len)
     encoding = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
     saved: dict[str, Any] = {}
-    with model.trace(model_inputs(encoding)):
+    with model.trace(model_inputs(encoding)) as tracer:
         for layer in range(suite.n_layers):
             block = adapter.block(layer)
             attn_norm_in = model.get(f"{block}.{adapter.attn_norm}").input
@@ -169,7 +171,10 @@ def run_suite(suite: SCAESuite, model: Any, texts: list[str], ctx_len: int = 128
             saved[f"codes_mlp_{layer}"] = codes.save()
             saved[f"input_mlp_{layer}"] = mlp_in.save()
             mlp.output = transcoder.decode(codes)
-        logits = model.output.logits.save()
+        if logits:
+            saved["logits"] = model.output.logits.save()
+        else:
+            tracer.stop()
     norm_scales = {}
     for layer in range(suite.n_layers):
         norm_scales[f"attn_{layer}"] = _norm_scale(norm_params(model, layer, "attn"), saved[f"resid_pre_{layer}"])
@@ -182,7 +187,7 @@ def run_suite(suite: SCAESuite, model: Any, texts: list[str], ctx_len: int = 128
         norm_scales=norm_scales,
         patterns={layer: saved[f"pattern_{layer}"] for layer in range(suite.n_layers)},
     )
-    return record, logits
+    return record, saved.get("logits")
 
 
 def _through_norm(norm, vectors: torch.Tensor) -> torch.Tensor:
@@ -355,7 +360,7 @@ def mean_contributions(suite: SCAESuite, model: Any, texts: list[str], batch_siz
     sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in suite.names}
     tokens = 0
     for start in range(0, len(texts), batch_size):
-        record, _ = run_suite(suite, model, texts[start : start + batch_size], ctx_len=ctx_len)
+        record, _ = run_suite(suite, model, texts[start : start + batch_size], ctx_len=ctx_len, logits=False)
         mask = record.mask.to(torch.float32)
         tokens += int(mask.sum())
         for name in suite.names:
@@ -525,7 +530,7 @@ class SCAETrainer:
         encoding = model.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.ctx_len)
         encoding = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
         with torch.no_grad():
-            record, _ = run_suite(suite, model, texts, ctx_len=self.ctx_len)
+            record, _ = run_suite(suite, model, texts, ctx_len=self.ctx_len, logits=False)
         targets = clean_targets(suite, model, encoding)
         codes = pruned_forward(suite, model, record, self.connections, recompute_weights=True)
         mask = record.mask
