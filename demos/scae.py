@@ -4,7 +4,7 @@ print CE against C before and after.
 
     python demos/scae.py [--layers 2] [--dict-size 1152] [--k 16]      # ~10-15 minutes on a 2-core CPU
 
-Writes runs/demo_scae/: the suite, its connections, ce_versus_c.png and ce_versus_c.md.
+Writes runs/demo_scae/: the suite, its connections, connections.png, ce_versus_c.png and ce_versus_c.md.
 """
 
 import argparse
@@ -13,7 +13,8 @@ from pathlib import Path
 
 from dictionary_learning import ActivationBuffer, default_corpus, hook, load_model
 from dictionary_learning.scae import (
-    SCAESuite, ce_table, ce_versus_c, plot_ce_versus_c, select_connections, train_scae_suite,
+    SCAESuite, ce_table, ce_versus_c, connections_from_contributions, mean_contributions, plot_ce_versus_c,
+    plot_connection_statistics, train_scae_suite,
 )
 from dictionary_learning.trainers import TopKTrainer
 from dictionary_learning.training import trainSAE
@@ -58,7 +59,10 @@ before = ce_versus_c(suite, model, selection_texts, eval_texts, Cs, batch_size=8
 print(ce_table(before, "(before fine-tuning)"))
 
 # 3. fine-tune through the pruned pass at C = 16 on local MSE and downstream CE
-connections = select_connections(suite, model, selection_texts, 16, batch_size=8)
+contributions = mean_contributions(suite, model, selection_texts, batch_size=8)
+connections = connections_from_contributions(suite, model, contributions, 16)
+stats = plot_connection_statistics(suite, contributions, connections, out / "connections.png")
+print(f"at C = 16 the median feature keeps {stats['median_share_kept']:.1%} of its total |mean contribution|")
 train_scae_suite(suite, model, texts, connections, steps=args.finetune_steps, batch_texts=4, lr=1e-4,
                  save_dir=out)
 after = ce_versus_c(suite, model, selection_texts, eval_texts, Cs, batch_size=8)

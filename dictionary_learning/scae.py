@@ -401,14 +401,23 @@ def select_connections(suite: SCAESuite, model: Any, texts: list[str], C: int, b
     if not isinstance(C, int) or C <= 0:
         raise ValueError(f"C must be a positive int, got {C!r}")
     contributions = mean_contributions(suite, model, texts, batch_size=batch_size, ctx_len=ctx_len)
+    return connections_from_contributions(suite, model, contributions, C)
+
+
+@torch.no_grad()
+def connections_from_contributions(suite: SCAESuite, model: Any, contributions: dict[str, dict[str, torch.Tensor]],
+                                   C: int) -> Connections:
+    """The top-C connections per feature from `mean_contributions` output (a running top-C across upstream
+    modules, one [dict_size, n_upstream_module] matrix at a time)."""
+    if not isinstance(C, int) or C <= 0:
+        raise ValueError(f"C must be a positive int, got {C!r}")
     indices, weights = {}, {}
     for name in suite.names:
-        upstream = upstream_of(name)
         n_features = suite[name].dict_size
         best_values = torch.empty(n_features, 0)
         best_indices = torch.empty(n_features, 0, dtype=torch.long)
         offset = 0
-        for up in upstream:  # a running top-C across upstream modules: one [dict_size, n_up] matrix at a time
+        for up in upstream_of(name):
             scores = contributions[name][up].abs()
             values, local = scores.topk(min(C, scores.shape[1]), dim=1)
             merged_values = torch.cat([best_values, values], dim=1)
@@ -419,6 +428,40 @@ def select_connections(suite: SCAESuite, model: Any, texts: list[str], C: int, b
         indices[name] = best_indices.sort(dim=1).values
         weights[name] = virtual_weights(suite, model, name, indices[name])
     return Connections(indices, weights)
+
+
+@torch.no_grad()
+def plot_connection_statistics(suite: SCAESuite, contributions: dict[str, dict[str, torch.Tensor]],
+                               connections: Connections, path: str | Path) -> dict[str, float]:
+    """Two histograms as a PNG: |mean contribution| of kept connections, and the share of each feature's total
+    |mean contribution| its C connections capture. Returns the median share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kept, shares = [], []
+    for name in suite.names:
+        if not upstream_of(name):
+            continue
+        scores = torch.cat([contributions[name][up].abs() for up in upstream_of(name)], dim=1)
+        chosen = scores.gather(1, connections.indices[name])
+        kept.append(chosen.flatten())
+        shares.append(chosen.sum(1) / scores.sum(1).clamp_min(1e-12))
+    kept, shares = torch.cat(kept), torch.cat(shares)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.hist(kept.clamp_min(1e-12).log10().numpy(), bins=50)
+    left.set_xlabel("log10 |mean contribution| of kept connections")
+    left.set_ylabel("connections")
+    right.hist(shares.numpy(), bins=40, range=(0, 1))
+    right.set_xlabel("share of a feature's total |mean contribution| kept")
+    right.set_ylabel("features")
+    C = max(i.shape[1] for i in connections.indices.values())
+    figure.suptitle(f"connections at C = {C}")
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
+    plt.close(figure)
+    return {"median_share_kept": shares.median().item()}
 
 
 def patched_logits(suite: SCAESuite, model: Any, encoding: dict[str, torch.Tensor],

@@ -283,3 +283,17 @@ def test_fine_tuning_keeps_decoder_column_norms(eager_model):
     trainer = SCAETrainer(suite, eager_model, all_connections(suite, eager_model), steps=2, lr=1e-3, ctx_len=CTX)
     trainer.update(0, random_texts(2, seed=30, max_words=5))
     torch.testing.assert_close(suite["mlp_0"].decoder.weight.norm(dim=0), norms)
+
+
+def test_connection_statistics_plot(tmp_path, tiny_llama):
+    from dictionary_learning.scae import connections_from_contributions, mean_contributions, plot_connection_statistics
+
+    model = load_model("tiny-llama", attn_implementation="eager")
+    suite = make_suite(model, n_layer=2)
+    contributions = mean_contributions(suite, model, random_texts(4, seed=31, max_words=6), ctx_len=CTX)
+    few = connections_from_contributions(suite, model, contributions, 4)
+    many = connections_from_contributions(suite, model, contributions, 64)
+    share_few = plot_connection_statistics(suite, contributions, few, tmp_path / "few.png")["median_share_kept"]
+    share_many = plot_connection_statistics(suite, contributions, many, tmp_path / "many.png")["median_share_kept"]
+    assert 0 < share_few < share_many <= 1
+    assert (tmp_path / "few.png").read_bytes()[:4] == b"\x89PNG"
