@@ -308,12 +308,25 @@ def _topk_codes(pre: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(pre).scatter_(-1, indices, values)
 
 
+def _connect(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[..., F] = sum_c weights[F, c] * x[..., indices[F, c]] as one sparse-dense product: the connection matrix
+    [dict_size, n_columns] has dict_size * C non-zeros, and no [..., dict_size, C] tensor is built."""
+    n_features, C = indices.shape
+    if C == 0:
+        return x.new_zeros(*x.shape[:-1], n_features)
+    rows = torch.arange(n_features).repeat_interleave(C)
+    matrix = torch.sparse_coo_tensor(torch.stack([rows, indices.flatten()]), weights.flatten(),
+                                     (n_features, x.shape[-1]), check_invariants=False)
+    flat = x.reshape(-1, x.shape[-1])  # [tokens, n_columns]
+    return torch.sparse.mm(matrix, flat.t()).t().reshape(*x.shape[:-1], n_features)
+
+
 def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord, connections: Connections, name: str,
                            upstream_codes: dict[str, torch.Tensor], recompute_weights: bool = False) -> torch.Tensor:
     """Module `name`'s pre-activations `[batch, seq, dict_size]` from its connected upstream features only (with
     the given upstream codes), plus the embedding and bias terms, under the recorded run's norm scales and
-    attention patterns. Reference implementation: it gathers `[batch, seq, dict_size, C]`; fine at small scale.
-    Differentiable in the suite's parameters; `recompute_weights` derives the virtual weights from the current
+    attention patterns. Cost scales with dict_size x C per token (plus attention-mixing the upstream features that
+    are active in the batch); no n_features x n_upstream matrix is built. Differentiable in the suite's parameters; `recompute_weights` derives the virtual weights from the current
     parameters (as training needs) instead of using the stored ones."""
     kind, layer = name.split("_")[0], int(name.split("_")[1])
     dense_terms = decompose(suite, model, record, name, upstream_codes={})
@@ -325,7 +338,7 @@ def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord, co
     indices = connections.indices[name]
     weights = virtual_weights(suite, model, name, indices) if recompute_weights else connections.weights[name]
     if kind == "mlp":
-        return pre + (scaled[..., indices] * weights).sum(-1)
+        return pre + _connect(scaled, indices, weights)
     # attention-mix only the upstream features active somewhere in the batch; the rest contribute nothing
     active = (scaled.detach() != 0).flatten(0, 1).any(dim=0).nonzero().flatten()
     lookup = torch.full((scaled.shape[-1],), len(active), dtype=torch.long)
@@ -333,8 +346,8 @@ def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord, co
     mixed = torch.einsum("bhqk,bkj->bhqj", record.patterns[layer], scaled[..., active])
     mixed = torch.cat([mixed, mixed.new_zeros(*mixed.shape[:-1], 1)], dim=-1)  # a zero column for inactive ones
     positions = lookup[indices]  # [dict_size, C]
-    for head in range(mixed.shape[1]):  # one head at a time bounds memory at [batch, seq, dict_size, C]
-        pre = pre + (mixed[:, head][..., positions] * weights[..., head]).sum(-1)
+    for head in range(mixed.shape[1]):
+        pre = pre + _connect(mixed[:, head], positions, weights[..., head])
     return pre
 
 
