@@ -79,10 +79,10 @@ def measure(args) -> None:
     indices = random_connections(suite, args.C)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if args.variant == "ours":
-        def run():
+        @torch.no_grad()
+        def run():  # virtual weights for the kept connections, then the pruned pass
             connections = Connections(indices, {n: virtual_weights(suite, model, n, i) for n, i in indices.items()})
-            with torch.no_grad():
-                return pruned_forward(suite, model, record, connections)
+            return pruned_forward(suite, model, record, connections)
     else:
         def run():
             return dense_masked_forward(suite, model, record, indices)
@@ -122,7 +122,7 @@ def main() -> None:
     print(f"SCAE pruned forward pass: SmolLM2 first {args.layers} layers ({2 * args.layers} modules), "
           f"{args.dict_size} features, k {args.k}, C {args.C}, {args.texts} texts x {args.ctx_len} tokens, "
           f"{torch.get_num_threads()} threads")
-    for variant, label in (("ours", "pruned pass (gathers kept connections)"),
+    for variant, label in (("ours", "pruned pass (sparse connections)"),
                            ("dense", "dense masked virtual weights")):
         r = results[variant]
         print(f"  {label:40s} {r['seconds'] * 1000:9.1f} ms   peak +{r['peak_mb']:8.1f} MB")

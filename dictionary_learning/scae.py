@@ -285,11 +285,14 @@ def virtual_weights(suite: SCAESuite, model: Any, name: str, indices: torch.Tens
     kind, layer = name.split("_")[0], int(name.split("_")[1])
     encoder = suite[name].encoder.weight  # [dict_size, d_model]
     normed = _through_norm(norm_params(model, layer, kind), _upstream_decoder(suite, name))  # [n_up, d_model]
-    if kind == "mlp":
-        return torch.einsum("fd,fcd->fc", encoder, normed[indices])
+    if kind == "mlp":  # in chunks of features, so the gathered [features, C, d_model] block stays small
+        return torch.cat([torch.einsum("fd,fcd->fc", encoder[start : start + 256], normed[indices[start : start + 256]])
+                          for start in range(0, len(indices), 256)]) if len(indices) else normed.new_zeros(0, 0)
     ov = attention_ov(model, layer)
-    per_head = torch.einsum("jd,hde,hem->hjm", normed, ov.W_V, ov.W_O)  # [heads, n_up, d_model]
-    return torch.stack([torch.einsum("fd,fcd->fc", encoder, head[indices]) for head in per_head], dim=-1)
+    # per head, meet in the d_head-wide middle: (e_F W_O^h^T) . (w C d_j W_V^h)
+    reads = torch.einsum("fm,hem->hfe", encoder, ov.W_O)  # [heads, dict_size, d_head]
+    writes = torch.einsum("jd,hde->hje", normed, ov.W_V)  # [heads, n_up, d_head]
+    return torch.stack([torch.einsum("fe,fce->fc", reads[h], writes[h][indices]) for h in range(len(reads))], dim=-1)
 
 
 @torch.no_grad()
