@@ -1,10 +1,12 @@
 """Sparsely connected autoencoders (SCAE): a suite of attention-output SAEs and MLP transcoders, one of each per
 layer, in which every feature is computed from a few upstream features.
 
-Work in progress (issue 4). In place so far: the `SCAESuite` container (save / load as one folder), the
-reconstruction run `run_suite` that patches every module's reconstruction into the model in one nnsight trace and
-records what the linearisation needs, and `decompose`, the exact linear decomposition of every module's encoder
-pre-activations into per-upstream-module terms plus an embedding term and a bias term.
+Work in progress (issue 4). In place: the `SCAESuite` container (save / load as one folder); `run_suite`, which
+patches every module's reconstruction into the model in one nnsight trace and records what the linearisation
+needs; `decompose`, the exact linear decomposition of every module's encoder pre-activations into
+per-upstream-module terms plus an embedding term and a bias term; connection selection by mean contribution; the
+pruned forward pass; CE of the clean model and the dense / pruned suites, against C; and fine-tuning
+(`SCAETrainer`, `train_scae_suite`) on local MSE and downstream CE.
 
 Linearisation. With the norm scales s(t) (1 / rms, after centring for LayerNorm) and the attention patterns
 P_h[q, k] held fixed at their values in the recorded run, a downstream encoder row e_F receives from upstream
@@ -328,9 +330,10 @@ def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord, co
                            upstream_codes: dict[str, torch.Tensor], recompute_weights: bool = False) -> torch.Tensor:
     """Module `name`'s pre-activations `[batch, seq, dict_size]` from its connected upstream features only (with
     the given upstream codes), plus the embedding and bias terms, under the recorded run's norm scales and
-    attention patterns. Cost scales with dict_size x C per token (plus attention-mixing the upstream features that
-    are active in the batch); no n_features x n_upstream matrix is built. Differentiable in the suite's parameters; `recompute_weights` derives the virtual weights from the current
-    parameters (as training needs) instead of using the stored ones."""
+    attention patterns. Cost scales with dict_size x C per token (plus attention-mixing the upstream features
+    that are active in the batch); no n_features x n_upstream matrix is built. Differentiable in the suite's
+    parameters; `recompute_weights` derives the virtual weights from the current parameters (as training needs)
+    instead of using the stored ones."""
     kind, layer = name.split("_")[0], int(name.split("_")[1])
     dense_terms = decompose(suite, model, record, name, upstream_codes={})
     pre = dense_terms["embedding"] + dense_terms["bias"]
