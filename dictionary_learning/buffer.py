@@ -19,6 +19,19 @@ from .models import execution_key, max_context, read_value, resolve_hook
 IO_MODES = ("out", "in", "in_to_out")
 
 
+def tokenize(tokenizer: Any, texts: list[str], ctx_len: int) -> dict[str, torch.Tensor]:
+    """Texts as the toolkit feeds them to models: left padded (nnsight's tokenizer setting), truncated to ctx_len."""
+    encoding = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=ctx_len)
+    return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+
+
+def drop_first_tokens(mask: torch.Tensor) -> torch.Tensor:
+    """A copy of a left-padded `[batch, seq]` token mask without each row's first real token."""
+    mask = mask.clone()
+    mask[torch.arange(mask.shape[0]), mask.int().argmax(dim=1)] = False
+    return mask
+
+
 def model_inputs(encoding: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Trace inputs for a left-padded batch: positions count real tokens only, so a padded text gets the positions
     it has unpadded (which matters for learned position embeddings)."""
@@ -191,20 +204,14 @@ class ActivationBuffer:
         return self._tokenize(self.text_batch(batch_size))
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        encoding = self.tokenizer(
-            texts, return_tensors="pt", padding=True, truncation=True, max_length=self.ctx_len
-        )
-        return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+        return tokenize(self.tokenizer, texts, self.ctx_len)
 
     def token_mask(self, encoding: dict[str, torch.Tensor]) -> torch.Tensor:
         """[batch, seq] bool: the positions whose activations are kept: real tokens, minus each context's first
         token if remove_bos (the BOS where the tokenizer adds one; otherwise the first token, which models without
         BOS treat as an attention sink of outlier norm)."""
         mask = encoding["attention_mask"].bool()
-        if self.remove_bos:
-            first = mask.int().argmax(dim=1)  # first real token of each row (left padding)
-            mask[torch.arange(mask.shape[0]), first] = False
-        return mask
+        return drop_first_tokens(mask) if self.remove_bos else mask
 
     def _collect(self, texts: list[str]) -> list[torch.Tensor]:
         """Activations of the hook points on these texts: one `[n_tokens, d]` tensor per hook, padding dropped."""

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 
-from .buffer import ActivationBuffer, model_inputs
+from .buffer import ActivationBuffer, drop_first_tokens, model_inputs, tokenize
 from .dictionary import Dictionary
 from .models import HookPoint, read_value
 
@@ -87,8 +87,7 @@ def loss_recovered(
     hooks: `(point,)` for SAEs (the value read is replaced by its reconstruction), `(input_side, output_side)`
     for transcoders. patch_mask_fn(encoding) -> [batch, seq] bool picks the positions to patch (default: real tokens).
     """
-    encoding = model.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=ctx_len)
-    encoding = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+    encoding = tokenize(model.tokenizer, texts, ctx_len)
     inputs = model_inputs(encoding)
     patch_mask = (patch_mask_fn(encoding) if patch_mask_fn else encoding["attention_mask"].bool())[..., None]
 
@@ -228,9 +227,7 @@ def top_activating_contexts(
     best_where: list[list[tuple[int, int, int] | None]] = [[None] * n_top for _ in features]
     encodings = []
     for start in range(0, len(texts), batch_size):
-        encoding = model.tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                                   truncation=True, max_length=ctx_len)
-        encoding = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+        encoding = tokenize(model.tokenizer, texts[start : start + batch_size], ctx_len)
         encodings.append(encoding)
         with model.trace(model_inputs(encoding)) as tracer:
             value = _read(model, point).save()
@@ -238,7 +235,7 @@ def top_activating_contexts(
         x = read_value(value)
         mask = encoding["attention_mask"].bool()
         if remove_bos:
-            mask[torch.arange(mask.shape[0]), mask.int().argmax(dim=1)] = False
+            mask = drop_first_tokens(mask)
         codes = dictionary.encode(x.reshape(-1, x.shape[-1]).to(next(dictionary.parameters()).dtype))
         codes = codes[:, features_tensor].reshape(*mask.shape, len(features)).masked_fill(~mask[..., None], -torch.inf)
         for j in range(len(features)):

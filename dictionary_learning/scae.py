@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .buffer import model_inputs
+from .buffer import model_inputs, tokenize
 from .dictionary import Dictionary, TopKDictionary
 from .models import attention_ov, get_adapter, n_layers, norm_params, read_value
 from .utils import atomic_write, atomic_write_json, load_dictionary, save_dictionary
@@ -144,8 +144,7 @@ def run_suite(suite: SCAESuite, model: Any, texts: list[str], ctx_len: int = 128
     attention modules return their patterns."""
     suite.check_model(model)
     adapter = get_adapter(model)
-    encoding = model.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=ctx_len)
-    encoding = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+    encoding = tokenize(model.tokenizer, texts, ctx_len)
     saved: dict[str, Any] = {}
     with model.trace(model_inputs(encoding)) as tracer:
         for layer in range(suite.n_layers):
@@ -506,8 +505,7 @@ def suite_cross_entropy(suite: SCAESuite, model: Any, texts: list[str], connecti
     replaced by its module's reconstruction) and, given connections, with the pruned suite patched in."""
     from .evaluation import masked_cross_entropy
 
-    encoding = model.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=ctx_len)
-    encoding = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+    encoding = tokenize(model.tokenizer, texts, ctx_len)
     record, dense_logits = run_suite(suite, model, texts, ctx_len=ctx_len)
     with model.trace(model_inputs(encoding)):
         clean_logits = model.output.logits.save()
@@ -589,8 +587,7 @@ class SCAETrainer:
         from .evaluation import masked_cross_entropy
 
         suite, model = self.suite, self.model
-        encoding = model.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.ctx_len)
-        encoding = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+        encoding = tokenize(model.tokenizer, texts, self.ctx_len)
         with torch.no_grad():
             record, _ = run_suite(suite, model, texts, ctx_len=self.ctx_len, logits=False)
         targets = clean_targets(suite, model, encoding)
