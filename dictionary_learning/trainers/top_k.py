@@ -73,6 +73,7 @@ class TopKTrainer(SAETrainer):
         self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=6.25e-10)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(steps, warmup_steps, decay_start))
         self._init_tracking(dict_size, self.device)
+        self._b_dec_initialised = False  # b_dec goes to the geometric median of the first batch, once
         self.logging_parameters = ["effective_l0", "dead_features", "pre_norm_auxk_loss"]
         self.effective_l0 = self.dead_features = self.pre_norm_auxk_loss = -1.0
         self._config = {
@@ -88,7 +89,7 @@ class TopKTrainer(SAETrainer):
         return self.ae.sparse_code(x, pre)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
-        if step == 0 and not getattr(self, "_b_dec_initialised", False):
+        if step == 0 and not self._b_dec_initialised:
             with torch.no_grad():  # b_dec at the geometric median of the first targets
                 self.ae.b_dec.copy_(geometric_median(y).to(self.ae.b_dec.dtype))
             self._b_dec_initialised = True
@@ -140,7 +141,7 @@ class TopKTrainer(SAETrainer):
         weight /= weight.norm(dim=0, keepdim=True).clamp_min(1e-8)
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"b_dec_initialised": getattr(self, "_b_dec_initialised", False)}
+        return {"b_dec_initialised": self._b_dec_initialised}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._b_dec_initialised = state.get("b_dec_initialised", False)
