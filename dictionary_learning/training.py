@@ -68,9 +68,11 @@ def estimate_scales(batches: list[Any]) -> tuple[float, float]:
 
 
 def _scaled(batch: Any, scale_in: float, scale_out: float) -> Any:
+    if (scale_in, scale_out) == (1.0, 1.0):
+        return batch
     if isinstance(batch, (tuple, list)):
         return batch[0] * scale_in, batch[1] * scale_out
-    return batch * scale_in if scale_in != 1.0 else batch
+    return batch * scale_in
 
 
 def _save(trainer: SAETrainer, directory: Path, scales: tuple[float, float], run_config: dict[str, Any]) -> None:
