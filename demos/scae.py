@@ -2,9 +2,11 @@
 transcoder per layer) on the first layers, select connections, fine-tune through the pruned forward pass, and
 print CE against C before and after.
 
-    python demos/scae.py [--layers 2] [--dict-size 1152] [--k 16]      # ~10-15 minutes on a 2-core CPU
+    python demos/scae.py [--layers 2] [--dict-size 1152] [--k 16]      # ~10 minutes on a 2-core CPU
+    python demos/scae.py --suite runs/demo_scae/suite                  # start from a saved suite instead
 
-Writes runs/demo_scae/: the suite, its connections, connections.png, ce_versus_c.png and ce_versus_c.md.
+Writes runs/demo_scae/: the modules, the fine-tuned suite with its connections (suite/), connections.png,
+ce_versus_c.png and ce_versus_c.md.
 """
 
 import argparse
@@ -13,12 +15,12 @@ from pathlib import Path
 
 from dictionary_learning import ActivationBuffer, default_corpus, hook, load_model
 from dictionary_learning.scae import (
-    SCAESuite, ce_table, ce_versus_c, connections_from_contributions, mean_contributions, plot_ce_versus_c,
-    plot_connection_statistics, train_scae_suite,
+    SCAESuite, ce_table, ce_versus_c, evaluate_suite, module_table, plot_ce_versus_c, plot_connection_statistics,
+    select_connections, train_scae_suite,
 )
 from dictionary_learning.trainers import TopKTrainer
 from dictionary_learning.training import trainSAE
-from dictionary_learning.utils import load_dictionary
+from dictionary_learning.utils import atomic_write, load_dictionary
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--layers", type=int, default=2)
@@ -26,6 +28,7 @@ parser.add_argument("--dict-size", type=int, default=1152)
 parser.add_argument("--k", type=int, default=16)
 parser.add_argument("--sae-steps", type=int, default=150)
 parser.add_argument("--finetune-steps", type=int, default=20)
+parser.add_argument("--suite", default=None, help="a saved SCAESuite folder to start from (skips training)")
 parser.add_argument("--out", default="runs/demo_scae")
 args = parser.parse_args()
 out = Path(args.out)
@@ -37,7 +40,7 @@ eval_texts = list(itertools.islice(texts, 24))
 
 # 1. one attention SAE and one transcoder per layer, each trained with trainSAE on its own activation stream
 modules = {}
-for layer in range(args.layers):
+for layer in range(0 if args.suite else args.layers):
     for kind in ("attn", "mlp"):
         points = hook(model, layer, "attn_out") if kind == "attn" else (hook(model, layer, "mlp_in"),
                                                                         hook(model, layer, "mlp_out"))
@@ -51,23 +54,28 @@ for layer in range(args.layers):
                  normalize_activations=True)
         # the saved copy has the normalisation folded in: it works on raw activations, as the suite needs
         modules[f"{kind}_{layer}"] = load_dictionary(out / "modules" / f"{kind}_{layer}" / "trainer_0")[0]
-suite = SCAESuite(modules, model_name="smollm2-135m")
+suite = SCAESuite.load(args.suite) if args.suite else SCAESuite(modules, model_name="smollm2-135m")
 
-# 2. CE against C before fine-tuning (C beyond a module's upstream count keeps every connection)
-Cs = [1, 4, 16, 64]
+# 2. CE against C before fine-tuning; the last C is the largest upstream count, so it keeps every connection
+Cs = [1, 4, 16, 64, sum(suite[name].dict_size for name in suite.names[:-1])]
 before = ce_versus_c(suite, model, selection_texts, eval_texts, Cs, batch_size=8)
 print(ce_table(before, "(before fine-tuning)"))
+print(module_table(before[Cs.index(16)], "C = 16, before fine-tuning"))
 
 # 3. fine-tune through the pruned pass at C = 16 on local MSE and downstream CE
-contributions = mean_contributions(suite, model, selection_texts, batch_size=8)
-connections = connections_from_contributions(suite, model, contributions, 16)
-stats = plot_connection_statistics(suite, contributions, connections, out / "connections.png")
+connections = select_connections(suite, model, selection_texts, 16)
+stats = plot_connection_statistics(connections, out / "connections.png")
 print(f"at C = 16 the median feature keeps {stats['median_share_kept']:.1%} of its total |mean contribution|")
 train_scae_suite(suite, model, texts, connections, steps=args.finetune_steps, batch_texts=4, lr=1e-4,
                  save_dir=out)
+tuned = evaluate_suite(suite, model, eval_texts, suite.connections)  # virtual weights of the tuned parameters
+print(f"fine-tuned suite with the connections it was tuned on (C = 16): CE clean {tuned['ce_clean']:.4f}, "
+      f"dense {tuned['ce_dense']:.4f}, pruned {tuned['ce_pruned']:.4f}")
+print(module_table(tuned))
 after = ce_versus_c(suite, model, selection_texts, eval_texts, Cs, batch_size=8)
-print(ce_table(after, "(after fine-tuning at C = 16)"))
+print(ce_table(after, "(after fine-tuning at C = 16, connections selected again)"))
 
 plot_ce_versus_c({"before fine-tuning": before, "after": after}, out / "ce_versus_c.png")
-(out / "ce_versus_c.md").write_text(ce_table(before, "(before)") + "\n\n" + ce_table(after, "(after)") + "\n")
+table = ce_table(before, "(before)") + "\n\n" + ce_table(after, "(after)") + "\n"
+atomic_write(out / "ce_versus_c.md", lambda tmp: Path(tmp).write_text(table))
 print(f"written to {out}/")

@@ -1,34 +1,45 @@
 """Sparsely connected autoencoders (SCAE): a suite of attention-output SAEs and MLP transcoders, one of each per
 layer, in which every feature is computed from a few upstream features.
 
-Work in progress (issue 4). In place: the `SCAESuite` container (save / load as one folder); `run_suite`, which
-patches every module's reconstruction into the model in one nnsight trace and records what the linearisation
-needs; `decompose`, the exact linear decomposition of every module's encoder pre-activations into
-per-upstream-module terms plus an embedding term and a bias term; connection selection by mean contribution; the
-pruned forward pass; CE of the clean model and the dense / pruned suites, against C; and fine-tuning
-(`SCAETrainer`, `train_scae_suite`) on local MSE and downstream CE.
+The pipeline: `SCAESuite` holds the modules (and, once selected, their connections; save / load as one folder);
+`run_suite` patches every module's reconstruction into the model in one nnsight trace and records what the
+linearisation needs; `decompose` splits each module's encoder pre-activation exactly into per-upstream-module
+terms plus an embedding term and a bias term; `select_connections` keeps, per feature, the C upstream features
+with the largest |mean contribution| (`contribution_statistics` + `connections_from_statistics`, one module pair
+in memory at a time); `pruned_forward` recomputes every module, in layer order, from its connected upstream
+features' pruned codes only; `evaluate_suite` / `ce_versus_c` measure CE (clean, dense suite, pruned suite) and
+per-module FVU and L0; `SCAETrainer` / `train_scae_suite` fine-tune through the pruned pass on local MSE and
+downstream CE.
 
 Linearisation. With the norm scales s(t) (1 / rms, after centring for LayerNorm) and the attention patterns
-P_h[q, k] held fixed at their values in the recorded run, a downstream encoder row e_F receives from upstream
-feature j (decoder column d_j, activation a_j):
+P_h[q, k] held fixed, a downstream encoder row e_F receives from upstream feature j (decoder column d_j,
+activation a_j):
 - into a transcoder at layer L:      a_j(t) * s(t) * e_F . (w_norm * C d_j)
 - into an attention SAE at layer L:  sum_h sum_k P_h[q, k] * s(k) * a_j(k) * e_F . ((w_norm * C d_j) W_V^h W_O^h)
-where C centres (LayerNorm) or is the identity (RMSNorm). The embedding (with learned positions, for GPT-2) and the
-biases (upstream b_dec, the norm's bias, b_V, b_O, the encoder's own bias and b_dec) make up the rest, so that with
-every upstream feature kept the decomposition equals the dense pre-activation of the recorded run exactly.
-The recorded run is the one with the suite's reconstructions patched in (not the clean model's), so the
-decomposition is exact for the computation the suite actually performs.
+where C centres (LayerNorm) or is the identity (RMSNorm); grouped-query heads are expanded to one OV map per query
+head. The embedding (with learned positions, for GPT-2) and the biases (upstream b_dec, the norm's bias, b_V, b_O,
+the encoder's own bias and b_dec) make up the rest, always kept in full, so that with every upstream feature kept
+the decomposition equals the dense pre-activation exactly.
+
+Which run's s(t) and P_h: the run with the dense suite's reconstructions patched in, not the clean model's (the
+reference fork uses the clean run's). The suite replaces every attention and MLP output, so the residual stream it
+computes on, and hence the norm scales and patterns, are those of the patched run; holding the clean run's fixed
+would make even C = all differ from the dense suite by the error the reconstructions introduce into s and P.
+With the patched run's, C = all reproduces the dense suite exactly (tested), and pruning changes only what it
+removes. Both are a linearisation around one run: the pruned pass does not recompute s or P from the pruned codes.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .buffer import model_inputs, tokenize
 from .dictionary import Dictionary, TopKDictionary
@@ -51,7 +62,8 @@ def upstream_of(name: str) -> list[str]:
 class SCAESuite(nn.Module):
     """Per-layer TopK attention SAEs (attn_out -> attn_out) and TopK transcoders (mlp_in -> mlp_out)."""
 
-    def __init__(self, modules: dict[str, Dictionary], model_name: str | None = None):
+    def __init__(self, modules: dict[str, Dictionary], model_name: str | None = None,
+                 connections: "Connections | None" = None):
         super().__init__()
         if not modules:
             raise ValueError("an SCAESuite needs at least one module")
@@ -71,6 +83,9 @@ class SCAESuite(nn.Module):
         self.dictionaries = nn.ModuleDict({name: modules[name] for name in expected})
         self.model_name = model_name
         self.n_layers = layers
+        self.connections = connections  # the suite's selected connections, saved and loaded with it
+        if connections is not None:
+            connections.validate(self)
 
     def __getitem__(self, name: str) -> Dictionary:
         return self.dictionaries[name]
@@ -99,10 +114,15 @@ class SCAESuite(nn.Module):
         return cls(modules)
 
     def save(self, directory: str | Path) -> Path:
+        """One folder: a dictionary folder per module (upstream's ae.pt + config.json format), the connections
+        (connections.safetensors, if set) and suite.json, written last so a folder with it is complete."""
         directory = Path(directory)
         for name, module in self.dictionaries.items():
             save_dictionary(module, directory / name)
-        atomic_write_json(directory / "suite.json", {"modules": self.names, "model_name": self.model_name})
+        if self.connections is not None:
+            save_connections(self.connections, directory / "connections.safetensors")
+        atomic_write_json(directory / "suite.json", {"modules": self.names, "model_name": self.model_name,
+                                                     "connections": self.connections is not None})
         return directory
 
     @classmethod
@@ -112,7 +132,8 @@ class SCAESuite(nn.Module):
             raise ValueError(f"{str(directory)!r} is not a saved SCAESuite (no suite.json)")
         meta = json.loads((directory / "suite.json").read_text())
         modules = {name: load_dictionary(directory / name, device=device)[0] for name in meta["modules"]}
-        return cls(modules, model_name=meta.get("model_name"))
+        connections = load_connections(directory / "connections.safetensors") if meta.get("connections") else None
+        return cls(modules, model_name=meta.get("model_name"), connections=connections)
 
 
 @dataclass
@@ -252,10 +273,15 @@ def decompose(suite: SCAESuite, model: Any, record: SuiteRecord, name: str,
 class Connections:
     """For each module, the upstream features each of its features reads: `indices[name]` `[dict_size, C]` into the
     concatenation of `upstream_of(name)`'s features (in that order), and their virtual weights `weights[name]`:
-    `[dict_size, C]` for transcoders, `[dict_size, C, n_heads]` for attention SAEs (one per head)."""
+    `[dict_size, C]` for transcoders, `[dict_size, C, n_heads]` for attention SAEs (one per head). Selected
+    connections come strongest first in each row (so `top(C)` keeps the C strongest), with `scores[name]` `[dict_size,
+    C]` their |mean contribution| and `totals[name]` `[dict_size]` each feature's total |mean contribution| over all
+    of its upstream features."""
 
     indices: dict[str, torch.Tensor]
     weights: dict[str, torch.Tensor]
+    scores: dict[str, torch.Tensor] | None = None
+    totals: dict[str, torch.Tensor] | None = None
 
     def validate(self, suite: "SCAESuite") -> None:
         """Clear errors for connections that do not fit the suite."""
@@ -269,36 +295,79 @@ class Connections:
             if indices.numel() and (indices.min() < 0 or indices.max() >= n_up):
                 raise ValueError(f"{name}: connection indices must lie in [0, {n_up}), got "
                                  f"[{int(indices.min())}, {int(indices.max())}]")
+            if indices.shape[1] > 1 and (indices.sort(dim=1).values.diff(dim=1) == 0).any():
+                raise ValueError(f"{name}: a feature lists the same upstream feature twice")
             if self.weights[name].shape[:2] != indices.shape:
                 raise ValueError(f"{name}: weights of shape {tuple(self.weights[name].shape)} do not match indices "
                                  f"{tuple(indices.shape)}")
 
+    def top(self, C: int) -> "Connections":
+        """The first C connections of every feature: the C strongest, for selected connections."""
+        _check_C(C)
 
-def _upstream_decoder(suite: SCAESuite, name: str) -> torch.Tensor:
-    """Decoder columns of every upstream feature as rows, concatenated in upstream order: `[n_upstream, d_model]`."""
-    columns = [suite[up].decoder.weight.t() for up in upstream_of(name)]
-    return torch.cat(columns) if columns else suite[name].encoder.weight.new_zeros(0, suite[name].activation_dim)
+        def first(tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+            return None if tensors is None else {name: t[:, :C] for name, t in tensors.items()}
+
+        return Connections(first(self.indices), first(self.weights), first(self.scores), self.totals)
+
+
+def _check_C(C: Any) -> None:
+    if isinstance(C, bool) or not isinstance(C, int) or C <= 0:
+        raise ValueError(f"C must be a positive int, got {C!r}")
+
+
+def _upstream_decoder(suite: SCAESuite, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoder columns of the upstream features (all, or the sorted indices `rows` into their concatenation) as
+    rows, in upstream order: `[n_upstream or len(rows), d_model]`. Only the asked-for columns are copied."""
+    parts, offset = [], 0
+    for up in upstream_of(name):
+        weight, size = suite[up].decoder.weight, suite[up].dict_size  # [d_model, size]
+        if rows is None:
+            parts.append(weight.t())
+        else:
+            local = rows[(rows >= offset) & (rows < offset + size)] - offset
+            parts.append(weight[:, local].t())
+        offset += size
+    return torch.cat(parts) if parts else suite[name].encoder.weight.new_zeros(0, suite[name].activation_dim)
+
+
+def _chunked_rows(n_rows: int, compute, chunk: int = 256) -> torch.Tensor:
+    """compute(start, stop) over blocks of rows, concatenated, so gathered [rows, C, d] blocks stay small."""
+    return torch.cat([compute(start, start + chunk) for start in range(0, n_rows, chunk)])
 
 
 def virtual_weights(suite: SCAESuite, model: Any, name: str, indices: torch.Tensor) -> torch.Tensor:
     """e_F . (w_norm * C d_j) for transcoders, e_F . ((w_norm * C d_j) W_V^h W_O^h) per head for attention SAEs,
-    for every feature F and its connected upstream features j = indices[F]."""
+    for every feature F and its connected upstream features j = indices[F]: `[dict_size, C]` / `[dict_size, C,
+    heads]`. Only the connected upstream decoder columns are read; cost scales with dict_size x C (never
+    dict_size x n_upstream)."""
     kind, layer = name.split("_")[0], int(name.split("_")[1])
     encoder = suite[name].encoder.weight  # [dict_size, d_model]
-    normed = _through_norm(norm_params(model, layer, kind), _upstream_decoder(suite, name))  # [n_up, d_model]
-    if kind == "mlp":  # in chunks of features, so the gathered [features, C, d_model] block stays small
-        return torch.cat([torch.einsum("fd,fcd->fc", encoder[start : start + 256], normed[indices[start : start + 256]])
-                          for start in range(0, len(indices), 256)]) if len(indices) else normed.new_zeros(0, 0)
+    n_features, C = indices.shape
+    n_heads = attention_ov(model, layer).W_V.shape[0] if kind == "attn" else 0
+    if C == 0:
+        return encoder.new_zeros(n_features, 0, *([n_heads] if kind == "attn" else []))
+    used, position = indices.unique(return_inverse=True)  # position: [dict_size, C] rows of `normed`
+    normed = _through_norm(norm_params(model, layer, kind), _upstream_decoder(suite, name, used))  # [used, d_model]
+    if kind == "mlp":
+        return _chunked_rows(n_features, lambda a, b: torch.einsum("fd,fcd->fc", encoder[a:b], normed[position[a:b]]))
     ov = attention_ov(model, layer)
-    # per head, meet in the d_head-wide middle: (e_F W_O^h^T) . (w C d_j W_V^h)
-    reads = torch.einsum("fm,hem->hfe", encoder, ov.W_O)  # [heads, dict_size, d_head]
-    writes = torch.einsum("jd,hde->hje", normed, ov.W_V)  # [heads, n_up, d_head]
-    return torch.stack([torch.einsum("fe,fce->fc", reads[h], writes[h][indices]) for h in range(len(reads))], dim=-1)
+    d_model, d_head = ov.W_V.shape[1:]
+    reads = torch.einsum("fm,hem->hfe", encoder, ov.W_O)  # [heads, dict_size, d_head]: e_F W_O^h^T
+    # two contraction orders give the same numbers: meet in the d_head-wide middle (values of the used upstream
+    # features, then C x d_head products) or fold W_V into the reads (then C x d_model products); take the cheaper
+    if len(used) * d_model * d_head + n_features * C * d_head <= n_features * d_model * d_head + n_features * C * d_model:
+        writes = torch.einsum("jd,hde->hje", normed, ov.W_V)  # [heads, used, d_head]
+        return _chunked_rows(n_features, lambda a, b: torch.einsum("hfe,hfce->fch", reads[:, a:b],
+                                                                   writes[:, position[a:b]]))
+    folded = torch.einsum("hfe,hde->fhd", reads, ov.W_V)  # [dict_size, heads, d_model]: e_F (W_V^h W_O^h)^T
+    return _chunked_rows(n_features, lambda a, b: torch.einsum("fhd,fcd->fch", folded[a:b], normed[position[a:b]]))
 
 
 @torch.no_grad()
 def all_connections(suite: SCAESuite, model: Any) -> Connections:
-    """Every feature connected to every upstream feature (C = all): the pruned pass then equals the dense one."""
+    """Every feature connected to every upstream feature (C = all): the pruned pass then equals the dense one.
+    Only for small suites: this is the dense dict_size x n_upstream matrix the pruned pass otherwise avoids."""
     indices, weights = {}, {}
     for name in suite.names:
         n_up = sum(suite[up].dict_size for up in upstream_of(name))
@@ -312,48 +381,74 @@ def _topk_codes(pre: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(pre).scatter_(-1, indices, values)
 
 
-def _connect(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """out[..., F] = sum_c weights[F, c] * x[..., indices[F, c]] as one sparse-dense product: the connection matrix
-    [dict_size, n_columns] has dict_size * C non-zeros, and no [..., dict_size, C] tensor is built."""
+def _connect(upstream: list[torch.Tensor], indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[t, F] = sum_c weights[F, c] * x[t, indices[F, c]], where x is the concatenation of the `upstream` code
+    tensors `[tokens, n_module]` along features (never built). `weights` `[dict_size, C]` or `[dict_size, C, heads]`
+    gives out `[tokens, dict_size]` or `[tokens, dict_size, heads]`. Computed as a sparse [dict_size, columns]
+    connection matrix (dict_size x C non-zeros) times the dense codes of the upstream features that are both
+    connected and active somewhere in the batch: work tokens x dict_size x C, memory tokens x those columns; no
+    dict_size x n_upstream matrix. Differentiable in the upstream codes and the weights."""
     n_features, C = indices.shape
-    if C == 0:
-        return x.new_zeros(*x.shape[:-1], n_features)
-    rows = torch.arange(n_features).repeat_interleave(C)
-    matrix = torch.sparse_coo_tensor(torch.stack([rows, indices.flatten()]), weights.flatten(),
-                                     (n_features, x.shape[-1]), check_invariants=False)
-    flat = x.reshape(-1, x.shape[-1])  # [tokens, n_columns]
-    return torch.sparse.mm(matrix, flat.t()).t().reshape(*x.shape[:-1], n_features)
+    connected = torch.zeros(sum(x.shape[1] for x in upstream), dtype=torch.bool)
+    connected[indices.flatten()] = True
+    columns, lookup_parts, n_columns, offset = [], [], 0, 0
+    for x in upstream:
+        used = ((x.detach() != 0).any(dim=0) & connected[offset : offset + x.shape[1]]).nonzero().flatten()
+        lookup = torch.full((x.shape[1],), -1, dtype=torch.long)
+        lookup[used] = torch.arange(n_columns, n_columns + len(used))
+        columns.append(x[:, used])
+        lookup_parts.append(lookup)
+        n_columns += len(used)
+        offset += x.shape[1]
+    lookup = torch.cat(lookup_parts)[indices]  # [dict_size, C]: column of each connection, -1 where inactive
+    # CSR rows in column order (the gradient of the values needs it); connections to upstream features inactive in
+    # the batch contribute nothing and are left out
+    order = torch.where(lookup >= 0, lookup, n_columns).argsort(dim=1)
+    lookup = lookup.gather(1, order)
+    weights = weights.gather(1, order if weights.dim() == 2 else order[..., None].expand_as(weights))
+    kept = lookup >= 0
+    codes = torch.cat(columns, dim=1).t().contiguous()  # [columns, tokens] (contiguous: ~4x faster products)
+    row_starts = torch.cat([kept.new_zeros(1, dtype=torch.long), kept.sum(dim=1).cumsum(0)])
+    outputs = []
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR products are ~1.7x faster than COO here
+        warnings.simplefilter("ignore", UserWarning)
+        for head_weights in ([weights] if weights.dim() == 2 else weights.unbind(-1)):
+            matrix = torch.sparse_csr_tensor(row_starts, lookup[kept], head_weights[kept], (n_features, n_columns),
+                                             check_invariants=False)
+            outputs.append((matrix @ codes).t())  # [tokens, dict_size]
+    return outputs[0] if weights.dim() == 2 else torch.stack(outputs, dim=-1)
 
 
 def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord, connections: Connections, name: str,
                            upstream_codes: dict[str, torch.Tensor], recompute_weights: bool = False) -> torch.Tensor:
     """Module `name`'s pre-activations `[batch, seq, dict_size]` from its connected upstream features only (with
     the given upstream codes), plus the embedding and bias terms, under the recorded run's norm scales and
-    attention patterns. Cost scales with dict_size x C per token (plus attention-mixing the upstream features
-    that are active in the batch); no n_features x n_upstream matrix is built. Differentiable in the suite's
-    parameters; `recompute_weights` derives the virtual weights from the current parameters (as training needs)
-    instead of using the stored ones."""
+    attention patterns. The connected upstream codes are summed with their virtual weights as one sparse product
+    (`_connect`), so the cost scales with dict_size x C per token and the memory with the connected upstream
+    features active in the batch, never with dict_size x n_upstream; attention SAEs sum per head at each key
+    position, then mix the sums across positions with the pattern. Differentiable in the suite's parameters;
+    `recompute_weights` derives the virtual weights from the current parameters (as training needs) instead of
+    using the stored ones."""
     kind, layer = name.split("_")[0], int(name.split("_")[1])
     dense_terms = decompose(suite, model, record, name, upstream_codes={})
     pre = dense_terms["embedding"] + dense_terms["bias"]
-    if not upstream_of(name):
+    if not upstream_of(name) or connections.indices[name].shape[1] == 0:
         return pre
-    upstream = torch.cat([upstream_codes[up] for up in upstream_of(name)], dim=-1)  # [batch, seq, n_up]
-    scaled = upstream * record.norm_scales[name][..., None]
+    batch, seq = pre.shape[:2]
+    scale = record.norm_scales[name].reshape(-1, 1)  # [tokens, 1]
+    upstream = [upstream_codes[up].reshape(batch * seq, -1) * scale for up in upstream_of(name)]
     indices = connections.indices[name]
-    weights = virtual_weights(suite, model, name, indices) if recompute_weights else connections.weights[name]
+    if recompute_weights:  # checkpointed: rebuilt in the backward pass rather than kept (the gathered decoder
+        # blocks of 60 modules at full SmolLM2 depth would not fit in memory)
+        weights = checkpoint(virtual_weights, suite, model, name, indices, use_reentrant=False)
+    else:
+        weights = connections.weights[name]
+    summed = _connect(upstream, indices, weights)  # [tokens, dict_size] or [tokens, dict_size, heads]
     if kind == "mlp":
-        return pre + _connect(scaled, indices, weights)
-    # attention-mix only the upstream features active somewhere in the batch; the rest contribute nothing
-    active = (scaled.detach() != 0).flatten(0, 1).any(dim=0).nonzero().flatten()
-    lookup = torch.full((scaled.shape[-1],), len(active), dtype=torch.long)
-    lookup[active] = torch.arange(len(active))
-    mixed = torch.einsum("bhqk,bkj->bhqj", record.patterns[layer], scaled[..., active])
-    mixed = torch.cat([mixed, mixed.new_zeros(*mixed.shape[:-1], 1)], dim=-1)  # a zero column for inactive ones
-    positions = lookup[indices]  # [dict_size, C]
-    for head in range(mixed.shape[1]):
-        pre = pre + _connect(mixed[:, head], positions, weights[..., head])
-    return pre
+        return pre + summed.view(batch, seq, -1)
+    # head h at query q reads key k with weight P_h[q, k]
+    per_head = summed.view(batch, seq, -1, summed.shape[-1])  # [batch, key, dict_size, heads]
+    return pre + torch.einsum("bhqk,bkfh->bqf", record.patterns[layer], per_head)
 
 
 def pruned_forward(suite: SCAESuite, model: Any, record: SuiteRecord, connections: Connections,
@@ -368,89 +463,103 @@ def pruned_forward(suite: SCAESuite, model: Any, record: SuiteRecord, connection
     return codes
 
 
+@dataclass
+class ContributionStatistics:
+    """What mean contributions need, summed over `tokens` real tokens: per downstream module and upstream module,
+    sum_t s(t) a_j(t) for transcoders (`[n_upstream_module]`) and, for attention SAEs, sum_q sum_k P_h[q, k] s(k)
+    a_j(k) per head (`[heads, n_upstream_module]`)."""
+
+    tokens: int
+    sums: dict[str, dict[str, torch.Tensor]]
+
+
 @torch.no_grad()
-def mean_contributions(suite: SCAESuite, model: Any, texts: list[str], batch_size: int = 8, ctx_len: int = 128,
-                       ) -> dict[str, dict[str, torch.Tensor]]:
-    """Per downstream module, per upstream module, the mean over real tokens of each (feature, upstream feature)
-    contribution to the pre-activation: `[dict_size, upstream dict_size]` matrices, built from per-upstream-feature
-    statistics (mean of s(t) a_j(t), attention-mixed per head for attention SAEs) so memory stays at one such
-    matrix per module pair."""
+def contribution_statistics(suite: SCAESuite, model: Any, texts: Any, batch_size: int = 8, ctx_len: int = 128,
+                            progress: bool = False) -> ContributionStatistics:
+    """One pass of the suite over `texts` (any iterable of strings), keeping only per-upstream-feature sums: memory
+    is a vector (per head) per module pair, whatever the number of texts."""
+    from tqdm import tqdm
+
+    texts = list(texts)
+    if not texts:
+        raise ValueError("contribution statistics need at least one text, got none")
     sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in suite.names}
     tokens = 0
-    for start in range(0, len(texts), batch_size):
+    for start in tqdm(range(0, len(texts), batch_size), desc="contribution statistics", disable=not progress):
         record, _ = run_suite(suite, model, texts[start : start + batch_size], ctx_len=ctx_len, logits=False)
         mask = record.mask.to(torch.float32)
         tokens += int(mask.sum())
         for name in suite.names:
             kind, layer = name.split("_")[0], int(name.split("_")[1])
-            scale = record.norm_scales[name] * mask if kind == "mlp" else record.norm_scales[name]
-            if kind == "attn":  # sum over real queries of P[q, k]: how much each key position is read
-                reads = torch.einsum("bhqk,bq->bhk", record.patterns[layer], mask)
-            for up in upstream_of(name):
-                codes = record.codes[up]
-                if kind == "mlp":
-                    stat = torch.einsum("bt,btj->j", scale, codes)
-                else:
-                    stat = torch.einsum("bhk,bk,bkj->hj", reads, scale, codes)
-                sums[name][up] = sums[name].get(up, 0) + stat
-    result: dict[str, dict[str, torch.Tensor]] = {}
-    for name in suite.names:
-        kind, layer = name.split("_")[0], int(name.split("_")[1])
-        norm = norm_params(model, layer, kind)
-        encoder = suite[name].encoder.weight
-        result[name] = {}
-        for up, total in sums[name].items():
-            mean = total / max(tokens, 1)
-            normed = _through_norm(norm, suite[up].decoder.weight.t())  # [n_up, d_model]
             if kind == "mlp":
-                result[name][up] = (encoder @ normed.t()) * mean
-            else:
-                ov = attention_ov(model, layer)
-                folded = torch.einsum("hj,jd,hde,hem->jm", mean, normed, ov.W_V, ov.W_O)  # sum_h mean_h * d_j OV_h
-                result[name][up] = encoder @ folded.t()
-    return result
+                weight = record.norm_scales[name] * mask  # [batch, seq]
+            else:  # how much each key position is read, summed over real queries, per head
+                weight = torch.einsum("bhqk,bq,bk->bhk", record.patterns[layer], mask, record.norm_scales[name])
+            for up in upstream_of(name):
+                pattern = "bt,btj->j" if kind == "mlp" else "bhk,bkj->hj"
+                sums[name][up] = sums[name].get(up, 0) + torch.einsum(pattern, weight, record.codes[up])
+    return ContributionStatistics(tokens, sums)
 
 
 @torch.no_grad()
-def select_connections(suite: SCAESuite, model: Any, texts: list[str], C: int, batch_size: int = 8,
-                       ctx_len: int = 128) -> Connections:
-    """For every feature, the C upstream features (across all upstream modules) with the largest |mean
-    contribution| over `texts`, stored as `[dict_size, C]` indices (fewer where fewer exist) and virtual weights."""
-    if not isinstance(C, int) or C <= 0:
-        raise ValueError(f"C must be a positive int, got {C!r}")
-    contributions = mean_contributions(suite, model, texts, batch_size=batch_size, ctx_len=ctx_len)
-    return connections_from_contributions(suite, model, contributions, C)
+def pair_contributions(suite: SCAESuite, model: Any, statistics: ContributionStatistics, name: str, up: str
+                       ) -> torch.Tensor:
+    """Mean contribution of each feature of `up` to each feature of `name`'s pre-activation, over the tokens of
+    `statistics`: `[dict_size, up's dict_size]`. One module pair at a time, so selection never holds more."""
+    kind, layer = name.split("_")[0], int(name.split("_")[1])
+    if up not in upstream_of(name):
+        raise ValueError(f"{up} is not upstream of {name}; upstream modules are {upstream_of(name)}")
+    mean = statistics.sums[name][up] / max(statistics.tokens, 1)
+    normed = _through_norm(norm_params(model, layer, kind), suite[up].decoder.weight.t())  # [n_up, d_model]
+    encoder = suite[name].encoder.weight
+    if kind == "mlp":
+        return (encoder @ normed.t()) * mean
+    ov = attention_ov(model, layer)
+    values = torch.einsum("jd,hde->hje", normed, ov.W_V) * mean[..., None]  # [heads, n_up, d_head]
+    return encoder @ torch.einsum("hje,hem->jm", values, ov.W_O).t()
 
 
 @torch.no_grad()
-def connections_from_contributions(suite: SCAESuite, model: Any, contributions: dict[str, dict[str, torch.Tensor]],
-                                   C: int) -> Connections:
-    """The top-C connections per feature from `mean_contributions` output (a running top-C across upstream
-    modules, one [dict_size, n_upstream_module] matrix at a time)."""
-    if not isinstance(C, int) or C <= 0:
-        raise ValueError(f"C must be a positive int, got {C!r}")
-    indices, weights = {}, {}
+def connections_from_statistics(suite: SCAESuite, model: Any, statistics: ContributionStatistics, C: int
+                                ) -> Connections:
+    """The top-C connections per feature by |mean contribution|, strongest first, with a running top-C across
+    upstream modules (one `[dict_size, n_upstream_module]` matrix at a time)."""
+    _check_C(C)
+    indices, weights, scores, totals = {}, {}, {}, {}
     for name in suite.names:
         n_features = suite[name].dict_size
         best_values = torch.empty(n_features, 0)
         best_indices = torch.empty(n_features, 0, dtype=torch.long)
+        totals[name] = torch.zeros(n_features)
         offset = 0
         for up in upstream_of(name):
-            scores = contributions[name][up].abs()
-            values, local = scores.topk(min(C, scores.shape[1]), dim=1)
+            strength = pair_contributions(suite, model, statistics, name, up).abs()
+            totals[name] += strength.sum(dim=1)
+            values, local = strength.topk(min(C, strength.shape[1]), dim=1)
             merged_values = torch.cat([best_values, values], dim=1)
             merged_indices = torch.cat([best_indices, local + offset], dim=1)
-            keep = merged_values.topk(min(C, merged_values.shape[1]), dim=1).indices
-            best_values, best_indices = merged_values.gather(1, keep), merged_indices.gather(1, keep)
+            best_values, keep = merged_values.topk(min(C, merged_values.shape[1]), dim=1)  # sorted: strongest first
+            best_indices = merged_indices.gather(1, keep)
             offset += suite[up].dict_size
-        indices[name] = best_indices.sort(dim=1).values
-        weights[name] = virtual_weights(suite, model, name, indices[name])
-    return Connections(indices, weights)
+        indices[name], scores[name] = best_indices, best_values
+        weights[name] = virtual_weights(suite, model, name, best_indices)
+    return Connections(indices, weights, scores, totals)
 
 
 @torch.no_grad()
-def plot_connection_statistics(suite: SCAESuite, contributions: dict[str, dict[str, torch.Tensor]],
-                               connections: Connections, path: str | Path) -> dict[str, float]:
+def select_connections(suite: SCAESuite, model: Any, texts: Any, C: int, batch_size: int = 8, ctx_len: int = 128,
+                       progress: bool = False) -> Connections:
+    """For every feature, the C upstream features (across all upstream modules) with the largest |mean
+    contribution| over `texts`, stored as `[dict_size, C]` indices, strongest first (fewer where fewer exist), and
+    their virtual weights. The embedding and bias terms are always kept, densely."""
+    _check_C(C)
+    statistics = contribution_statistics(suite, model, texts, batch_size=batch_size, ctx_len=ctx_len,
+                                         progress=progress)
+    return connections_from_statistics(suite, model, statistics, C)
+
+
+@torch.no_grad()
+def plot_connection_statistics(connections: Connections, path: str | Path) -> dict[str, float]:
     """Two histograms as a PNG: |mean contribution| of kept connections, and the share of each feature's total
     |mean contribution| its C connections capture. Returns the median share."""
     import matplotlib
@@ -458,14 +567,15 @@ def plot_connection_statistics(suite: SCAESuite, contributions: dict[str, dict[s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if connections.scores is None or connections.totals is None:
+        raise ValueError("these connections carry no scores: make them with select_connections or "
+                         "connections_from_statistics")
     kept, shares = [], []
-    for name in suite.names:
-        if not upstream_of(name):
+    for name, chosen in connections.scores.items():
+        if chosen.shape[1] == 0:
             continue
-        scores = torch.cat([contributions[name][up].abs() for up in upstream_of(name)], dim=1)
-        chosen = scores.gather(1, connections.indices[name])
         kept.append(chosen.flatten())
-        shares.append(chosen.sum(1) / scores.sum(1).clamp_min(1e-12))
+        shares.append(chosen.sum(1) / connections.totals[name].clamp_min(1e-12))
     kept, shares = torch.cat(kept), torch.cat(shares)
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     left.hist(kept.clamp_min(1e-12).log10().numpy(), bins=50)
@@ -498,26 +608,89 @@ def patched_logits(suite: SCAESuite, model: Any, encoding: dict[str, torch.Tenso
     return logits
 
 
-@torch.no_grad()
-def suite_cross_entropy(suite: SCAESuite, model: Any, texts: list[str], connections: Connections | None = None,
-                        ctx_len: int = 128) -> dict[str, float]:
-    """Next-token CE of the clean model, with the dense suite patched in (every attention output and MLP output
-    replaced by its module's reconstruction) and, given connections, with the pruned suite patched in."""
-    from .evaluation import masked_cross_entropy
+class _SuiteMetrics:
+    """Token-weighted sums over evaluation batches: CE of the clean model, the dense suite and each set of pruned
+    connections, and per module the squared error against the clean model's attention / MLP output and the L0."""
 
-    encoding = tokenize(model.tokenizer, texts, ctx_len)
-    record, dense_logits = run_suite(suite, model, texts, ctx_len=ctx_len)
-    with model.trace(model_inputs(encoding)):
-        clean_logits = model.output.logits.save()
-    results = {}
-    logits = {"clean": clean_logits, "dense": dense_logits}
-    if connections is not None:
-        codes = pruned_forward(suite, model, record, connections)
-        logits["pruned"] = patched_logits(suite, model, encoding, codes)
-    for key, value in logits.items():
-        ce, mask = masked_cross_entropy(value, encoding["input_ids"], encoding["attention_mask"])
-        results[f"ce_{key}"] = ce[mask].mean().item()
-    return results
+    def __init__(self) -> None:
+        self.ce: dict[str, float] = {}
+        self.ce_tokens = 0
+        self.tokens = 0
+        self.error: dict[tuple[str, str], float] = {}
+        self.l0: dict[tuple[str, str], float] = {}
+        self.target_sum: dict[str, torch.Tensor] = {}
+        self.target_square: dict[str, float] = {}
+
+    @torch.no_grad()
+    def add(self, suite: SCAESuite, model: Any, texts: list[str], connection_sets: dict[str, Connections],
+            ctx_len: int) -> None:
+        from .evaluation import masked_cross_entropy
+
+        encoding = tokenize(model.tokenizer, texts, ctx_len)
+        record, dense_logits = run_suite(suite, model, texts, ctx_len=ctx_len)
+        saved = clean_targets(suite, model, encoding, logits=True)
+        logits, codes = {"clean": saved["logits"], "dense": dense_logits}, {"dense": record.codes}
+        for label, connections in connection_sets.items():
+            codes[label] = pruned_forward(suite, model, record, connections)
+            logits[label] = patched_logits(suite, model, encoding, codes[label])
+        for label, value in logits.items():
+            ce, mask = masked_cross_entropy(value, encoding["input_ids"], encoding["attention_mask"])
+            self.ce[label] = self.ce.get(label, 0.0) + ce[mask].sum().item()
+        self.ce_tokens += int(mask.sum())
+        mask = record.mask
+        self.tokens += int(mask.sum())
+        for name in suite.names:
+            target = saved[name][mask]
+            self.target_sum[name] = self.target_sum.get(name, 0) + target.sum(0)
+            self.target_square[name] = self.target_square.get(name, 0.0) + target.pow(2).sum().item()
+            for label, module_codes in codes.items():
+                active = module_codes[name][mask]
+                error = (suite[name].decode(active) - target).pow(2).sum().item()
+                self.error[label, name] = self.error.get((label, name), 0.0) + error
+                self.l0[label, name] = self.l0.get((label, name), 0.0) + (active > 0).sum().item()
+
+    def result(self, label: str, key: str = "pruned") -> dict[str, Any]:
+        """CE of the clean model, the dense suite and connection set `label` (as `ce_<key>`), and per module the
+        FVU and L0 of the dense and the pruned codes."""
+        result: dict[str, Any] = {"ce_clean": self.ce["clean"] / self.ce_tokens,
+                                  "ce_dense": self.ce["dense"] / self.ce_tokens}
+        if label in self.ce:
+            result[f"ce_{key}"] = self.ce[label] / self.ce_tokens
+        modules = {}
+        for name, total in self.target_sum.items():
+            variance = max(self.target_square[name] - total.pow(2).sum().item() / self.tokens, 1e-12)
+            modules[name] = {f"{metric}_{out}": value for source, out in (("dense", "dense"), (label, key))
+                             if (source, name) in self.error
+                             for metric, value in (("fvu", self.error[source, name] / variance),
+                                                   ("l0", self.l0[source, name] / self.tokens))}
+        result["modules"] = modules
+        return result
+
+
+@torch.no_grad()
+def evaluate_suite(suite: SCAESuite, model: Any, texts: list[str], connections: Connections | None = None,
+                   batch_size: int = 8, ctx_len: int = 128, progress: bool = False) -> dict[str, Any]:
+    """Next-token CE (mean over real tokens) of the clean model, with the dense suite patched in (every attention
+    output and MLP output replaced by its module's reconstruction) and, given connections, with the pruned suite
+    patched in; and under "modules", per module, the FVU of its reconstruction against the clean model's attention /
+    MLP output and its L0, for the dense and the pruned codes."""
+    from tqdm import tqdm
+
+    texts = list(texts)
+    if not texts:
+        raise ValueError("evaluate_suite needs at least one text, got none")
+    metrics = _SuiteMetrics()
+    sets = {"pruned": connections} if connections is not None else {}
+    for start in tqdm(range(0, len(texts), batch_size), desc="evaluating suite", disable=not progress):
+        metrics.add(suite, model, texts[start : start + batch_size], sets, ctx_len)
+    return metrics.result("pruned")
+
+
+def suite_cross_entropy(suite: SCAESuite, model: Any, texts: list[str], connections: Connections | None = None,
+                        ctx_len: int = 128, batch_size: int = 8) -> dict[str, float]:
+    """`ce_clean`, `ce_dense` and (given connections) `ce_pruned` of `evaluate_suite`."""
+    result = evaluate_suite(suite, model, texts, connections, batch_size=batch_size, ctx_len=ctx_len)
+    return {key: value for key, value in result.items() if key.startswith("ce_")}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -525,10 +698,13 @@ def suite_cross_entropy(suite: SCAESuite, model: Any, texts: list[str], connecti
 
 
 def save_connections(connections: Connections, path: str | Path) -> None:
+    """Indices, virtual weights (and scores / totals where present) in one safetensors file, written atomically."""
     from safetensors.torch import save_file
 
-    tensors = {f"{name}.indices": t.contiguous() for name, t in connections.indices.items()}
-    tensors |= {f"{name}.weights": t.detach().contiguous() for name, t in connections.weights.items()}
+    tensors = {}
+    for field in ("indices", "weights", "scores", "totals"):
+        for name, tensor in (getattr(connections, field) or {}).items():
+            tensors[f"{name}.{field}"] = tensor.detach().contiguous()
     atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
 
@@ -536,13 +712,18 @@ def load_connections(path: str | Path) -> Connections:
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
-    names = {key.rsplit(".", 1)[0] for key in tensors}
-    return Connections({n: tensors[f"{n}.indices"] for n in names}, {n: tensors[f"{n}.weights"] for n in names})
+    fields: dict[str, dict[str, torch.Tensor]] = {"indices": {}, "weights": {}, "scores": {}, "totals": {}}
+    for key, tensor in tensors.items():
+        name, field = key.rsplit(".", 1)
+        fields[field][name] = tensor
+    return Connections(fields["indices"], fields["weights"], fields["scores"] or None, fields["totals"] or None)
 
 
 @torch.no_grad()
-def clean_targets(suite: SCAESuite, model: Any, encoding: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What each module should reconstruct, from the clean model: attention outputs and MLP outputs."""
+def clean_targets(suite: SCAESuite, model: Any, encoding: dict[str, torch.Tensor], logits: bool = False
+                  ) -> dict[str, torch.Tensor]:
+    """What each module should reconstruct, from the clean model: attention outputs and MLP outputs (and, with
+    `logits=True`, the clean logits under "logits"; otherwise the pass stops after the suite's last layer)."""
     adapter = get_adapter(model)
     saved = {}
     with model.trace(model_inputs(encoding)) as tracer:
@@ -550,7 +731,10 @@ def clean_targets(suite: SCAESuite, model: Any, encoding: dict[str, torch.Tensor
             block = adapter.block(layer)
             saved[f"attn_{layer}"] = read_value(model.get(f"{block}.{adapter.attn}").output).save()
             saved[f"mlp_{layer}"] = read_value(model.get(f"{block}.{adapter.mlp}").output).save()
-        tracer.stop()
+        if logits:
+            saved["logits"] = model.output.logits.save()
+        else:
+            tracer.stop()
     return saved
 
 
@@ -641,8 +825,9 @@ def train_scae_suite(suite: SCAESuite, model: Any, texts: Any, connections: Conn
                      ) -> SCAETrainer:
     """Fine-tune `suite` for `steps` steps on batches of `batch_texts` texts from the iterator `texts`, with a tqdm
     bar, optional wandb logging ($WANDB_MODE, offline by default), atomic checkpoints in `save_dir` and
-    `resume=True` continuing from the last one (the consumed text batches are skipped). The fine-tuned suite and
-    its connections are saved to `save_dir` at the end."""
+    `resume=True` continuing from the last one (the consumed text batches are skipped). At the end the suite's
+    `connections` hold the tuned connections' virtual weights, and the suite (with them) is saved to
+    `save_dir/suite`. The scores and totals are those of the selection, before fine-tuning."""
     import itertools
     import os
 
@@ -685,12 +870,12 @@ def train_scae_suite(suite: SCAESuite, model: Any, texts: Any, connections: Conn
     bar.close()
     if run is not None:
         run.finish()
+    with torch.no_grad():  # the virtual weights of the fine-tuned parameters
+        suite.connections = Connections(connections.indices, {name: virtual_weights(suite, model, name, idx)
+                                                              for name, idx in connections.indices.items()},
+                                        connections.scores, connections.totals)
     if save_dir is not None:
-        with torch.no_grad():
-            final = Connections(connections.indices, {name: virtual_weights(suite, model, name, idx)
-                                                      for name, idx in connections.indices.items()})
         suite.save(save_dir / "suite")
-        save_connections(final, save_dir / "connections.safetensors")
     return trainer
 
 
@@ -700,27 +885,44 @@ def train_scae_suite(suite: SCAESuite, model: Any, texts: Any, connections: Conn
 
 @torch.no_grad()
 def ce_versus_c(suite: SCAESuite, model: Any, selection_texts: list[str], eval_texts: list[str], Cs: list[int],
-                batch_size: int = 8, ctx_len: int = 128) -> list[dict[str, float]]:
-    """For each C, select connections on `selection_texts` and measure CE on `eval_texts` of the clean model, the
-    dense suite and the suite pruned to C (C larger than a module's upstream count keeps them all)."""
-    rows = []
+                batch_size: int = 8, ctx_len: int = 128, progress: bool = False) -> list[dict[str, Any]]:
+    """Select connections on `selection_texts` (once, at the largest C: the top C for a smaller C are its first
+    C) and measure, on `eval_texts`, CE of the clean model, the dense suite and the suite pruned to each C (C larger
+    than a module's upstream count keeps them all, which is the dense suite), with per-module FVU and L0. One row
+    per C."""
+    from tqdm import tqdm
+
+    if not Cs:
+        raise ValueError("Cs must list at least one C")
     for C in Cs:
-        connections = select_connections(suite, model, selection_texts, C, batch_size=batch_size, ctx_len=ctx_len)
-        totals: dict[str, float] = {}
-        batches = 0
-        for start in range(0, len(eval_texts), batch_size):
-            for key, value in suite_cross_entropy(suite, model, eval_texts[start : start + batch_size], connections,
-                                                  ctx_len=ctx_len).items():
-                totals[key] = totals.get(key, 0.0) + value
-            batches += 1
-        rows.append({"C": C, **{key: value / batches for key, value in totals.items()}})
-    return rows
+        _check_C(C)
+    statistics = contribution_statistics(suite, model, selection_texts, batch_size=batch_size, ctx_len=ctx_len,
+                                         progress=progress)
+    strongest = connections_from_statistics(suite, model, statistics, max(Cs))
+    sets = {str(C): strongest.top(C) for C in Cs}
+    metrics = _SuiteMetrics()
+    for start in tqdm(range(0, len(eval_texts), batch_size), desc="CE against C", disable=not progress):
+        metrics.add(suite, model, eval_texts[start : start + batch_size], sets, ctx_len)
+    return [{"C": C, **metrics.result(str(C))} for C in Cs]
 
 
-def ce_table(rows: list[dict[str, float]], label: str = "") -> str:
-    """A markdown table of ce_versus_c rows."""
-    lines = [f"| C | CE clean | CE dense suite | CE pruned suite{' ' + label if label else ''} |", "|---|---|---|---|"]
-    lines += [f"| {r['C']} | {r['ce_clean']:.4f} | {r['ce_dense']:.4f} | {r['ce_pruned']:.4f} |" for r in rows]
+def ce_table(rows: list[dict[str, Any]], label: str = "") -> str:
+    """A markdown table of ce_versus_c rows (with the pruned suite's FVU averaged over modules)."""
+    lines = [f"| C | CE clean | CE dense suite | CE pruned suite{' ' + label if label else ''} | mean FVU pruned |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        fvu = sum(m["fvu_pruned"] for m in r["modules"].values()) / len(r["modules"])
+        lines.append(f"| {r['C']} | {r['ce_clean']:.4f} | {r['ce_dense']:.4f} | {r['ce_pruned']:.4f} | {fvu:.3f} |")
+    return "\n".join(lines)
+
+
+def module_table(result: dict[str, Any], label: str = "") -> str:
+    """A markdown table of the per-module FVU and L0 in an `evaluate_suite` result or a `ce_versus_c` row."""
+    lines = [f"| module{' (' + label + ')' if label else ''} | FVU dense | FVU pruned | L0 dense | L0 pruned |",
+             "|---|---|---|---|---|"]
+    for name, m in result["modules"].items():
+        lines.append(f"| {name} | {m['fvu_dense']:.3f} | {m.get('fvu_pruned', float('nan')):.3f} | "
+                     f"{m['l0_dense']:.1f} | {m.get('l0_pruned', float('nan')):.1f} |")
     return "\n".join(lines)
 
 

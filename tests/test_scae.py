@@ -73,12 +73,22 @@ def test_decomposition_equals_dense_pre_activations(eager_model):
 
 
 def test_suite_save_load_and_errors(tmp_path, tiny_llama):
+    from dictionary_learning.scae import Connections, all_connections
+
     suite = make_suite(tiny_llama, n_layer=2)
+    suite.save(tmp_path / "bare")
+    assert SCAESuite.load(tmp_path / "bare").connections is None
+    suite.connections = all_connections(suite, tiny_llama)
     suite.save(tmp_path / "suite")
     loaded = SCAESuite.load(tmp_path / "suite")
     x = torch.randn(4, 64)
     for name in suite.names:
         torch.testing.assert_close(loaded[name](x), suite[name](x))
+        assert torch.equal(loaded.connections.indices[name], suite.connections.indices[name])
+        assert torch.equal(loaded.connections.weights[name], suite.connections.weights[name])
+    wrong = Connections({n: i[:5] for n, i in suite.connections.indices.items()}, suite.connections.weights)
+    with pytest.raises(ValueError, match=r"attn_0: expected indices of shape \[96, C\], got \(5, 0\)"):
+        SCAESuite(dict(suite.dictionaries.items()), connections=wrong)
     modules = dict(suite.dictionaries.items())
     with pytest.raises(ValueError, match="expected \\['attn_0', 'mlp_0', 'attn_1', 'mlp_1'\\]"):
         SCAESuite({k: v for k, v in modules.items() if k != "mlp_1"})
@@ -205,6 +215,12 @@ def test_bad_connections_raise(eager_model):
     broken.indices["mlp_1"][0, 0] = 10_000
     with pytest.raises(ValueError, match=r"mlp_1: connection indices must lie in \[0, 288\)"):
         pruned_forward(suite, eager_model, record, broken)
+    broken.indices["mlp_1"][0, 0] = broken.indices["mlp_1"][0, 1]
+    with pytest.raises(ValueError, match="mlp_1: a feature lists the same upstream feature twice"):
+        pruned_forward(suite, eager_model, record, broken)
+    broken.indices["mlp_1"] = full.indices["mlp_1"][:, :3]
+    with pytest.raises(ValueError, match=r"mlp_1: weights of shape \(96, 288\) do not match indices \(96, 3\)"):
+        pruned_forward(suite, eager_model, record, broken)
 
 
 def test_ce_gradients_reach_every_trained_parameter(eager_model):
@@ -222,7 +238,7 @@ def test_ce_gradients_reach_every_trained_parameter(eager_model):
 
 
 def test_fine_tuning_lowers_the_loss_and_resumes(tmp_path, eager_model):
-    from dictionary_learning.scae import load_connections, select_connections, train_scae_suite
+    from dictionary_learning.scae import select_connections, train_scae_suite, virtual_weights
 
     texts = random_texts(48, seed=28, max_words=6)
     suite = make_suite(eager_model, n_layer=2)
@@ -253,12 +269,15 @@ def test_fine_tuning_lowers_the_loss_and_resumes(tmp_path, eager_model):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
     for (name, a), b in zip(before.state_dict().items(), straight.suite.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
-    loaded = load_connections(tmp_path / "a" / "connections.safetensors")
+    loaded = before.connections  # saved with the suite: the same connections, weights of the tuned parameters
     assert all(torch.equal(loaded.indices[n], connections.indices[n]) for n in connections.indices)
+    tuned = virtual_weights(straight.suite, eager_model, "attn_1", connections.indices["attn_1"])
+    torch.testing.assert_close(loaded.weights["attn_1"], tuned)
+    assert not torch.allclose(tuned, connections.weights["attn_1"])
 
 
 def test_ce_versus_c_curve(tmp_path, tiny_gpt2):
-    from dictionary_learning.scae import ce_table, ce_versus_c, plot_ce_versus_c
+    from dictionary_learning.scae import ce_table, ce_versus_c, module_table, plot_ce_versus_c
 
     model = load_model("tiny-gpt2", attn_implementation="eager")
     suite = make_suite(model, n_layer=2)
@@ -270,6 +289,9 @@ def test_ce_versus_c_curve(tmp_path, tiny_gpt2):
     plot_ce_versus_c({"before": rows}, tmp_path / "ce.png")
     assert (tmp_path / "ce.png").read_bytes()[:4] == b"\x89PNG"
     assert ce_table(rows).count("\n") == 4
+    assert module_table(rows[0]).count("\n") == 1 + len(suite.names)
+    assert rows[-1]["modules"]["mlp_1"]["fvu_pruned"] == pytest.approx(rows[-1]["modules"]["mlp_1"]["fvu_dense"],
+                                                                       rel=1e-4)
 
 
 def test_fine_tuning_keeps_decoder_column_norms(eager_model):
@@ -286,14 +308,109 @@ def test_fine_tuning_keeps_decoder_column_norms(eager_model):
 
 
 def test_connection_statistics_plot(tmp_path, tiny_llama):
-    from dictionary_learning.scae import connections_from_contributions, mean_contributions, plot_connection_statistics
+    from dictionary_learning.scae import Connections, plot_connection_statistics, select_connections
 
     model = load_model("tiny-llama", attn_implementation="eager")
     suite = make_suite(model, n_layer=2)
-    contributions = mean_contributions(suite, model, random_texts(4, seed=31, max_words=6), ctx_len=CTX)
-    few = connections_from_contributions(suite, model, contributions, 4)
-    many = connections_from_contributions(suite, model, contributions, 64)
-    share_few = plot_connection_statistics(suite, contributions, few, tmp_path / "few.png")["median_share_kept"]
-    share_many = plot_connection_statistics(suite, contributions, many, tmp_path / "many.png")["median_share_kept"]
+    many = select_connections(suite, model, random_texts(4, seed=31, max_words=6), 64, ctx_len=CTX)
+    share_few = plot_connection_statistics(many.top(4), tmp_path / "few.png")["median_share_kept"]
+    share_many = plot_connection_statistics(many, tmp_path / "many.png")["median_share_kept"]
     assert 0 < share_few < share_many <= 1
     assert (tmp_path / "few.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="carry no scores"):
+        plot_connection_statistics(Connections(many.indices, many.weights), tmp_path / "none.png")
+
+
+@pytest.mark.parametrize("heads", [None, 3])
+def test_connect_matches_a_dense_masked_product(heads):
+    """Summing connected upstream codes (a sparse product over the connected, active columns only) equals x @ M^T
+    with the dense connection matrix M, in value and in the gradients of the weights and of the active upstream
+    values."""
+    from dictionary_learning.scae import _connect
+
+    generator = torch.Generator().manual_seed(5)
+    sizes, n_features, C, tokens = [7, 5, 9], 6, 4, 10
+    n_up = sum(sizes)
+    upstream = [torch.randn(tokens, n, generator=generator, dtype=torch.float64)
+                * (torch.rand(tokens, n, generator=generator) < 0.3) for n in sizes]
+    indices = torch.stack([torch.randperm(n_up, generator=generator)[:C] for _ in range(n_features)])
+    shape = (n_features, C) if heads is None else (n_features, C, heads)
+    weights = torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+    leaves = [x.clone().requires_grad_(True) for x in upstream]
+    got = _connect(leaves, indices, weights)
+
+    reference_weights = weights.detach().clone().requires_grad_(True)
+    reference_leaves = [x.clone().requires_grad_(True) for x in upstream]
+    x = torch.cat(reference_leaves, dim=1)  # [tokens, n_up]
+    dense = torch.zeros(n_features, n_up, *shape[2:], dtype=torch.float64)
+    dense = dense.index_put((torch.arange(n_features)[:, None].expand(-1, C), indices), reference_weights)
+    expected = torch.einsum("tj,fj...->tf...", x, dense)
+    torch.testing.assert_close(got, expected)
+    cotangent = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+    (got * cotangent).sum().backward()
+    (expected * cotangent).sum().backward()
+    torch.testing.assert_close(weights.grad, reference_weights.grad)
+    for ours, theirs, x in zip(leaves, reference_leaves, upstream):
+        active = x != 0  # the gradient of TopK codes only matters where they are active
+        torch.testing.assert_close(ours.grad[active], theirs.grad[active])
+
+
+def test_top_c_and_connection_files(tmp_path, eager_model):
+    """Selected rows come strongest first, so the top C of a larger selection is the selection at C; scores and
+    totals survive a save / load round trip."""
+    from dictionary_learning.scae import all_connections, load_connections, save_connections, select_connections
+    from dictionary_learning.scae import virtual_weights
+
+    suite = make_suite(eager_model, n_layer=2)
+    texts = random_texts(4, seed=32, max_words=6)
+    wide = select_connections(suite, eager_model, texts, 12, ctx_len=CTX)
+    narrow = select_connections(suite, eager_model, texts, 3, ctx_len=CTX)
+    for name in ("mlp_0", "attn_1", "mlp_1"):
+        assert torch.equal(wide.top(3).indices[name], narrow.indices[name])
+        assert (wide.scores[name][:, :-1] >= wide.scores[name][:, 1:]).all()
+        assert (wide.scores[name].sum(1) <= wide.totals[name] * (1 + 1e-5)).all()
+        # the virtual weights of a subset equal the matching entries of C = all (the two contraction orders agree)
+        full = all_connections(suite, eager_model)
+        rows = torch.arange(suite[name].dict_size)[:, None]
+        torch.testing.assert_close(wide.weights[name], full.weights[name][rows, wide.indices[name]])
+        torch.testing.assert_close(virtual_weights(suite, eager_model, name, wide.indices[name]), wide.weights[name])
+    save_connections(wide, tmp_path / "c.safetensors")
+    loaded = load_connections(tmp_path / "c.safetensors")
+    for field in ("indices", "weights", "scores", "totals"):
+        for name, tensor in getattr(wide, field).items():
+            assert torch.equal(getattr(loaded, field)[name], tensor), (field, name)
+    with pytest.raises(ValueError, match="C must be a positive int, got -1"):
+        wide.top(-1)
+
+
+def test_evaluate_suite_module_metrics(eager_model):
+    """attn_0 reads the clean model's first attention output (nothing is patched before it), so its dense FVU and
+    L0 can be computed from a plain forward hook; with C = all the pruned metrics equal the dense ones."""
+    from dictionary_learning.scae import all_connections, evaluate_suite
+
+    suite = make_suite(eager_model, n_layer=2)
+    texts = random_texts(5, seed=33, max_words=6)
+    result = evaluate_suite(suite, eager_model, texts, all_connections(suite, eager_model), batch_size=2, ctx_len=CTX)
+    captured = []
+    adapter, torch_model = get_adapter(eager_model), eager_model._module
+    attn = torch_model.get_submodule(f"{adapter.block(0)}.{adapter.attn}")
+    handle = attn.register_forward_hook(lambda m, a, out: captured.append(out[0][0]))
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ids = eager_model.tokenizer(text, return_tensors="pt", truncation=True, max_length=CTX)["input_ids"]
+                torch_model(ids)
+    finally:
+        handle.remove()
+    target = torch.cat(captured)  # [tokens, d_model]
+    with torch.no_grad():
+        codes = suite["attn_0"].encode(target)
+        fvu = (suite["attn_0"].decode(codes) - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
+    metrics = result["modules"]
+    assert metrics["attn_0"]["fvu_dense"] == pytest.approx(fvu.item(), rel=1e-4)
+    assert metrics["attn_0"]["l0_dense"] == pytest.approx((codes > 0).sum(-1).float().mean().item())
+    for name in suite.names:
+        assert metrics[name]["fvu_pruned"] == pytest.approx(metrics[name]["fvu_dense"], rel=1e-4)
+        assert metrics[name]["l0_pruned"] == pytest.approx(metrics[name]["l0_dense"])
+        assert 0 < metrics[name]["l0_dense"] <= suite[name].k
+    assert result["ce_pruned"] == pytest.approx(result["ce_dense"], abs=1e-4)
