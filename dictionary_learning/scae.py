@@ -326,14 +326,49 @@ def _upstream_decoder(suite: SCAESuite, name: str, rows: torch.Tensor | None = N
             parts.append(weight.t())
         else:
             local = rows[(rows >= offset) & (rows < offset + size)] - offset
-            parts.append(weight[:, local].t())
+            parts.append(weight.index_select(1, local).t())
         offset += size
     return torch.cat(parts) if parts else suite[name].encoder.weight.new_zeros(0, suite[name].activation_dim)
 
 
-def _chunked_rows(n_rows: int, compute, chunk: int = 256) -> torch.Tensor:
-    """compute(start, stop) over blocks of rows, concatenated, so gathered [rows, C, d] blocks stay small."""
-    return torch.cat([compute(start, start + chunk) for start in range(0, n_rows, chunk)])
+def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] through index_select on the flattened index (several times faster than advanced indexing)."""
+    return table.index_select(0, index.flatten()).view(*index.shape, *table.shape[1:])
+
+
+class _GatherDot(torch.autograd.Function):
+    """out[f, c, h] = A[f, h] . B[index[f, c]] (B `[J, d]`, shared by the heads) or A[f, h] . B[index[f, c], h]
+    (B `[J, heads, d]`), for A `[F, heads, d]`, in blocks of rows so the gathered `[rows, C, ...]` blocks stay small.
+    A custom backward writes each block's gradient into one preallocated tensor: autograd through sliced blocks
+    would zero-fill a full-size gradient per block (measured: a third of a fine-tuning step)."""
+
+    CHUNK = 256
+
+    @staticmethod
+    def forward(ctx, A, B, index):
+        ctx.save_for_backward(A, B, index)
+        pattern = "fhd,fcd->fch" if B.dim() == 2 else "fhd,fchd->fch"
+        out = A.new_empty(index.shape[0], index.shape[1], A.shape[1])
+        for start in range(0, len(index), _GatherDot.CHUNK):
+            rows = slice(start, start + _GatherDot.CHUNK)
+            out[rows] = torch.einsum(pattern, A[rows], _gather_rows(B, index[rows]))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        A, B, index = ctx.saved_tensors
+        grad_A = torch.empty_like(A) if ctx.needs_input_grad[0] else None
+        grad_B = torch.zeros_like(B) if ctx.needs_input_grad[1] else None
+        shared = B.dim() == 2
+        for start in range(0, len(index), _GatherDot.CHUNK):
+            rows = slice(start, start + _GatherDot.CHUNK)
+            if grad_A is not None:
+                grad_A[rows] = torch.einsum("fch,fcd->fhd" if shared else "fch,fchd->fhd", grad_out[rows],
+                                            _gather_rows(B, index[rows]))
+            if grad_B is not None:
+                block = torch.einsum("fch,fhd->fcd" if shared else "fch,fhd->fchd", grad_out[rows], A[rows])
+                grad_B.index_add_(0, index[rows].flatten(), block.flatten(0, 1))
+        return grad_A, grad_B, None
 
 
 def virtual_weights(suite: SCAESuite, model: Any, name: str, indices: torch.Tensor) -> torch.Tensor:
@@ -350,18 +385,17 @@ def virtual_weights(suite: SCAESuite, model: Any, name: str, indices: torch.Tens
     used, position = indices.unique(return_inverse=True)  # position: [dict_size, C] rows of `normed`
     normed = _through_norm(norm_params(model, layer, kind), _upstream_decoder(suite, name, used))  # [used, d_model]
     if kind == "mlp":
-        return _chunked_rows(n_features, lambda a, b: torch.einsum("fd,fcd->fc", encoder[a:b], normed[position[a:b]]))
+        return _GatherDot.apply(encoder[:, None], normed, position)[..., 0]
     ov = attention_ov(model, layer)
     d_model, d_head = ov.W_V.shape[1:]
-    reads = torch.einsum("fm,hem->hfe", encoder, ov.W_O)  # [heads, dict_size, d_head]: e_F W_O^h^T
+    reads = torch.einsum("fm,hem->fhe", encoder, ov.W_O)  # [dict_size, heads, d_head]: e_F W_O^h^T
     # two contraction orders give the same numbers: meet in the d_head-wide middle (values of the used upstream
     # features, then C x d_head products) or fold W_V into the reads (then C x d_model products); take the cheaper
     if len(used) * d_model * d_head + n_features * C * d_head <= n_features * d_model * d_head + n_features * C * d_model:
-        writes = torch.einsum("jd,hde->hje", normed, ov.W_V)  # [heads, used, d_head]
-        return _chunked_rows(n_features, lambda a, b: torch.einsum("hfe,hfce->fch", reads[:, a:b],
-                                                                   writes[:, position[a:b]]))
-    folded = torch.einsum("hfe,hde->fhd", reads, ov.W_V)  # [dict_size, heads, d_model]: e_F (W_V^h W_O^h)^T
-    return _chunked_rows(n_features, lambda a, b: torch.einsum("fhd,fcd->fch", folded[a:b], normed[position[a:b]]))
+        writes = torch.einsum("jd,hde->jhe", normed, ov.W_V)  # [used, heads, d_head]
+        return _GatherDot.apply(reads, writes, position)
+    folded = torch.einsum("fhe,hde->fhd", reads, ov.W_V)  # [dict_size, heads, d_model]: e_F (W_V^h W_O^h)^T
+    return _GatherDot.apply(folded, normed, position)
 
 
 @torch.no_grad()
@@ -396,27 +430,59 @@ def _connect(upstream: list[torch.Tensor], indices: torch.Tensor, weights: torch
         used = ((x.detach() != 0).any(dim=0) & connected[offset : offset + x.shape[1]]).nonzero().flatten()
         lookup = torch.full((x.shape[1],), -1, dtype=torch.long)
         lookup[used] = torch.arange(n_columns, n_columns + len(used))
-        columns.append(x[:, used])
+        columns.append(x.index_select(1, used))
         lookup_parts.append(lookup)
         n_columns += len(used)
         offset += x.shape[1]
     lookup = torch.cat(lookup_parts)[indices]  # [dict_size, C]: column of each connection, -1 where inactive
-    # CSR rows in column order (the gradient of the values needs it); connections to upstream features inactive in
-    # the batch contribute nothing and are left out
-    order = torch.where(lookup >= 0, lookup, n_columns).argsort(dim=1)
-    lookup = lookup.gather(1, order)
-    weights = weights.gather(1, order if weights.dim() == 2 else order[..., None].expand_as(weights))
-    kept = lookup >= 0
+    kept = lookup >= 0  # connections to upstream features inactive in the batch contribute nothing: left out
+    if n_columns == 0:
+        return weights.new_zeros(upstream[0].shape[0], n_features, *weights.shape[2:])
     codes = torch.cat(columns, dim=1).t().contiguous()  # [columns, tokens] (contiguous: ~4x faster products)
     row_starts = torch.cat([kept.new_zeros(1, dtype=torch.long), kept.sum(dim=1).cumsum(0)])
-    outputs = []
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR products are ~1.7x faster than COO here
-        warnings.simplefilter("ignore", UserWarning)
-        for head_weights in ([weights] if weights.dim() == 2 else weights.unbind(-1)):
-            matrix = torch.sparse_csr_tensor(row_starts, lookup[kept], head_weights[kept], (n_features, n_columns),
-                                             check_invariants=False)
-            outputs.append((matrix @ codes).t())  # [tokens, dict_size]
-    return outputs[0] if weights.dim() == 2 else torch.stack(outputs, dim=-1)
+    values = weights[kept]  # [non-zeros] or [non-zeros, heads], row by row
+    out = _CSRProduct.apply(values.reshape(len(values), -1), codes, row_starts, lookup[kept], n_features)
+    return out[..., 0] if weights.dim() == 2 else out
+
+
+class _CSRProduct(torch.autograd.Function):
+    """out[t, F, h] = sum over the row F of a CSR matrix of values[i, h] * codes[column[i], t], one CSR product per
+    head. Autograd's own backward for CSR values forms a dense [rows, columns] product (~5x the forward's time at a
+    few thousand columns); here the values' gradient is gathered per non-zero (work non-zeros x tokens) and the
+    codes' gradient is a product with the transposed CSR matrix."""
+
+    @staticmethod
+    def forward(ctx, values, codes, row_starts, columns, n_rows):  # [nnz, heads], [n_columns, tokens]
+        ctx.save_for_backward(values, codes, row_starts, columns)
+        ctx.n_rows = n_rows
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": its products are ~1.7x faster than COO
+            warnings.simplefilter("ignore", UserWarning)
+            heads = [torch.sparse_csr_tensor(row_starts, columns, values[:, h], (n_rows, codes.shape[0]),
+                                             check_invariants=False) @ codes for h in range(values.shape[1])]
+        return torch.stack(heads, dim=-1).transpose(0, 1)  # [tokens, rows, heads]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, codes, row_starts, columns = ctx.saved_tensors
+        grad_rows = grad_out.permute(1, 2, 0).contiguous()  # [rows, heads, tokens]
+        rows = torch.repeat_interleave(torch.arange(ctx.n_rows), row_starts.diff())  # row of each non-zero
+        grad_values = grad_codes = None
+        if ctx.needs_input_grad[0]:
+            chunk = max(1, (1 << 24) // max(1, grad_rows.shape[1] * grad_rows.shape[2]))
+            grad_values = torch.cat([torch.einsum("nht,nt->nh", grad_rows[rows[i : i + chunk]],
+                                                  codes[columns[i : i + chunk]])
+                                     for i in range(0, len(rows), chunk)]) if len(rows) else torch.zeros_like(values)
+        if ctx.needs_input_grad[1]:  # the transposed matrix, as a CSR over columns
+            order = columns.argsort(stable=True)
+            starts = torch.cat([columns.new_zeros(1), torch.bincount(columns, minlength=len(codes)).cumsum(0)])
+            grad_codes = torch.zeros_like(codes)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                for h in range(values.shape[1]):
+                    transposed = torch.sparse_csr_tensor(starts, rows[order], values[order, h],
+                                                         (len(codes), ctx.n_rows), check_invariants=False)
+                    grad_codes += transposed @ grad_rows[:, h]
+        return grad_values, grad_codes, None, None, None
 
 
 def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord, connections: Connections, name: str,
@@ -435,8 +501,7 @@ def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord, co
     if not upstream_of(name) or connections.indices[name].shape[1] == 0:
         return pre
     batch, seq = pre.shape[:2]
-    scale = record.norm_scales[name].reshape(-1, 1)  # [tokens, 1]
-    upstream = [upstream_codes[up].reshape(batch * seq, -1) * scale for up in upstream_of(name)]
+    upstream = [upstream_codes[up].reshape(batch * seq, -1) for up in upstream_of(name)]
     indices = connections.indices[name]
     if recompute_weights:  # checkpointed: rebuilt in the backward pass rather than kept (the gathered decoder
         # blocks of 60 modules at full SmolLM2 depth would not fit in memory)
@@ -444,6 +509,8 @@ def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord, co
     else:
         weights = connections.weights[name]
     summed = _connect(upstream, indices, weights)  # [tokens, dict_size] or [tokens, dict_size, heads]
+    # every upstream feature at token t enters through the norm with the same scale s(t) (at the key, for attention)
+    summed = summed * record.norm_scales[name].reshape(-1, *[1] * (summed.dim() - 1))
     if kind == "mlp":
         return pre + summed.view(batch, seq, -1)
     # head h at query q reads key k with weight P_h[q, k]
