@@ -430,3 +430,24 @@ def test_gather_dot_gradients(shared, monkeypatch):
     expected = torch.einsum("fhd,fcd->fch" if shared else "fhd,fchd->fch", A, B[index])
     torch.testing.assert_close(_GatherDot.apply(A, B, index), expected)
     assert torch.autograd.gradcheck(lambda a, b: _GatherDot.apply(a, b, index), (A, B))
+
+
+@pytest.mark.slow
+def test_smollm2_decomposition_and_all_connections():
+    """On the real SmolLM2 (RoPE, 9 query heads over 3 key-value heads, RMSNorm): the decomposition equals every
+    module's dense pre-activation, and the pruned pass with every connection kept reproduces the recorded codes."""
+    from dictionary_learning.scae import all_connections, pruned_forward
+
+    model = load_model("smollm2-135m", attn_implementation="eager")
+    suite = SCAESuite.random(model, dict_size=128, k=8, n_layer=2, seed=0)
+    record, _ = run_suite(suite, model, ["def add(a, b):\n    return a + b", "The cat sat on the mat."], ctx_len=16)
+    mask = record.mask
+    for name in suite.names:
+        module = suite[name]
+        x = record.encoder_inputs[name]
+        dense = F.linear(x if module.transcoder else x - module.b_dec, module.encoder.weight, module.encoder.bias)
+        total = sum(decompose(suite, model, record, name).values())
+        torch.testing.assert_close(total[mask], dense[mask], atol=1e-4, rtol=1e-4, msg=name)
+    codes = pruned_forward(suite, model, record, all_connections(suite, model))
+    for name in suite.names:
+        torch.testing.assert_close(codes[name][mask], record.codes[name][mask], atol=1e-4, rtol=1e-4, msg=name)
