@@ -2,6 +2,7 @@
 
 train    the quickstart: a TopK SAE on SmolLM2's middle layer on the offline corpus, then a report folder
 collect  read activations out of a model at a hook point and print their statistics
+scae     evaluate a saved SCAE suite: CE and per-module FVU / L0 against C, and with its own connections
 """
 
 from __future__ import annotations
@@ -186,6 +187,48 @@ def train(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def scae(args: argparse.Namespace) -> list[dict]:
+    """Select connections on held-out text and print CE (clean, dense suite, pruned suite) against C, per-module
+    FVU and L0 at the largest C, and, for a suite saved with connections (fine-tuned), the same with those."""
+    import itertools
+
+    from .scae import (
+        SCAESuite, ce_table, ce_versus_c, connections_from_statistics, contribution_statistics, evaluate_suite,
+        module_table, plot_ce_versus_c, plot_connection_statistics,
+    )
+    from .utils import atomic_write, atomic_write_json
+
+    try:
+        Cs = [int(c) for c in args.Cs.split(",")]
+    except ValueError:
+        raise ValueError(f"--Cs must be comma-separated integers, got {args.Cs!r}") from None
+    suite = SCAESuite.load(args.suite)
+    model = load_model(args.model or suite.model_name or DEFAULT_MODEL, attn_implementation="eager")
+    texts = text_source(args.data, repeat=True)
+    selection_texts = list(itertools.islice(texts, args.selection_texts))
+    eval_texts = list(itertools.islice(texts, args.eval_texts))
+    kwargs = dict(batch_size=args.batch_texts, ctx_len=args.ctx_len)
+    rows = ce_versus_c(suite, model, selection_texts, eval_texts, Cs, progress=True, **kwargs)
+    report = [ce_table(rows), module_table(rows[-1], f"C = {rows[-1]['C']}")]
+    if suite.connections is not None:
+        own = evaluate_suite(suite, model, eval_texts, suite.connections, **kwargs)
+        C = max(i.shape[1] for i in suite.connections.indices.values())
+        report.append(f"with the suite's own connections (C = {C}): CE clean {own['ce_clean']:.4f}, dense "
+                      f"{own['ce_dense']:.4f}, pruned {own['ce_pruned']:.4f}\n\n" + module_table(own))
+    text = "\n\n".join(report) + "\n"
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        atomic_write(out / "ce_versus_c.md", lambda tmp: Path(tmp).write_text(text))
+        atomic_write_json(out / "ce_versus_c.json", rows)
+        plot_ce_versus_c({"selected on held-out text": rows}, out / "ce_versus_c.png")
+        statistics = contribution_statistics(suite, model, selection_texts, **kwargs)
+        plot_connection_statistics(connections_from_statistics(suite, model, statistics, max(Cs)),
+                                   out / "connections.png")
+        print(f"written to {out}/ (ce_versus_c.md, ce_versus_c.json, ce_versus_c.png, connections.png)")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dictionary_learning", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,6 +258,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=32, help="texts per forward pass")
     p.add_argument("--out", default=None, help="save the activations to this .safetensors file")
     p.set_defaults(run=collect)
+    p = commands.add_parser("scae", help="evaluate a saved SCAE suite: CE and FVU against C")
+    p.add_argument("--suite", required=True, help="a folder written by SCAESuite.save (train_scae_suite writes "
+                   "save_dir/suite)")
+    p.add_argument("--model", default=None, help="default: the suite's model_name, else smollm2-135m")
+    p.add_argument("--data", default=None, help="text: python-docs (default, offline), a .txt/.jsonl file or "
+                   "folder, or a hub dataset id[:split]")
+    p.add_argument("--Cs", default="1,4,16,64", help="comma-separated connections per feature")
+    p.add_argument("--selection-texts", type=int, default=24, help="texts to select connections on (first)")
+    p.add_argument("--eval-texts", type=int, default=24, help="texts to measure CE on (the next ones)")
+    p.add_argument("--batch-texts", type=int, default=8)
+    p.add_argument("--ctx-len", type=int, default=128)
+    p.add_argument("--out", default=None, help="also write the tables and plots to this folder")
+    p.set_defaults(run=scae)
     args = parser.parse_args(argv)
     args.run(args)
 

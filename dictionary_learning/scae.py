@@ -391,7 +391,8 @@ def virtual_weights(suite: SCAESuite, model: Any, name: str, indices: torch.Tens
     reads = torch.einsum("fm,hem->fhe", encoder, ov.W_O)  # [dict_size, heads, d_head]: e_F W_O^h^T
     # two contraction orders give the same numbers: meet in the d_head-wide middle (values of the used upstream
     # features, then C x d_head products) or fold W_V into the reads (then C x d_model products); take the cheaper
-    if len(used) * d_model * d_head + n_features * C * d_head <= n_features * d_model * d_head + n_features * C * d_model:
+    meet_in_middle = len(used) * d_model * d_head + n_features * C * d_head
+    if meet_in_middle <= n_features * d_model * d_head + n_features * C * d_model:
         writes = torch.einsum("jd,hde->jhe", normed, ov.W_V)  # [used, heads, d_head]
         return _GatherDot.apply(reads, writes, position)
     folded = torch.einsum("fhe,hde->fhd", reads, ov.W_V)  # [dict_size, heads, d_model]: e_F (W_V^h W_O^h)^T
