@@ -48,7 +48,7 @@ def random_connections(suite, C, seed=0):
 def dense_masked_forward(suite, model, record, indices):
     """Dense virtual weights [n_features, n_upstream] (x heads for attention) masked to the connections."""
     from dictionary_learning.models import attention_ov, norm_params
-    from dictionary_learning.scae import _through_norm, _topk_codes, _upstream_decoder, decompose, upstream_of
+    from dictionary_learning.scae import _through_norm, _topk_codes, decompose, upstream_of
 
     codes = {}
     for name in suite.names:
@@ -56,7 +56,8 @@ def dense_masked_forward(suite, model, record, indices):
         terms = decompose(suite, model, record, name, upstream_codes={})
         pre = terms["embedding"] + terms["bias"]
         if upstream_of(name):
-            normed = _through_norm(norm_params(model, layer, kind), _upstream_decoder(suite, name))  # [n_up, d]
+            decoders = torch.cat([suite[up].decoder.weight.t() for up in upstream_of(name)])  # [n_up, d]
+            normed = _through_norm(norm_params(model, layer, kind), decoders)
             mask = torch.zeros(suite[name].dict_size, normed.shape[0]).scatter_(1, indices[name], 1.0)
             upstream = torch.cat([codes[up] for up in upstream_of(name)], dim=-1) * record.norm_scales[name][..., None]
             encoder = suite[name].encoder.weight

@@ -58,12 +58,13 @@ suite = SCAESuite.load(args.suite) if args.suite else SCAESuite(modules, model_n
 
 # 2. CE against C before fine-tuning; the last C is the largest upstream count, so it keeps every connection
 Cs = [1, 4, 16, 64, sum(suite[name].dict_size for name in suite.names[:-1])]
-before = ce_versus_c(suite, model, selection_texts, eval_texts, Cs, batch_size=8)
+strongest = select_connections(suite, model, selection_texts, max(Cs))
+before = ce_versus_c(suite, model, None, eval_texts, Cs, batch_size=8, connections=strongest)
 print(ce_table(before, "(before fine-tuning)"))
 print(module_table(before[Cs.index(16)], "C = 16, before fine-tuning"))
 
 # 3. fine-tune through the pruned pass at C = 16 on local MSE and downstream CE
-connections = select_connections(suite, model, selection_texts, 16)
+connections = strongest.top(16)  # the same as selecting at C = 16
 stats = plot_connection_statistics(connections, out / "connections.png")
 print(f"at C = 16 the median feature keeps {stats['median_share_kept']:.1%} of its total |mean contribution|")
 train_scae_suite(suite, model, texts, connections, steps=args.finetune_steps, batch_texts=4, lr=1e-4,

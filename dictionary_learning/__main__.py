@@ -193,8 +193,8 @@ def scae(args: argparse.Namespace) -> list[dict]:
     import itertools
 
     from .scae import (
-        SCAESuite, ce_table, ce_versus_c, connections_from_statistics, contribution_statistics, evaluate_suite,
-        module_table, plot_ce_versus_c, plot_connection_statistics,
+        SCAESuite, ce_table, ce_versus_c, evaluate_suite, module_table, plot_ce_versus_c, plot_connection_statistics,
+        select_connections,
     )
     from .utils import atomic_write, atomic_write_json
 
@@ -208,7 +208,8 @@ def scae(args: argparse.Namespace) -> list[dict]:
     selection_texts = list(itertools.islice(texts, args.selection_texts))
     eval_texts = list(itertools.islice(texts, args.eval_texts))
     kwargs = dict(batch_size=args.batch_texts, ctx_len=args.ctx_len)
-    rows = ce_versus_c(suite, model, selection_texts, eval_texts, Cs, progress=True, **kwargs)
+    selected = select_connections(suite, model, selection_texts, max(Cs), progress=True, **kwargs)
+    rows = ce_versus_c(suite, model, None, eval_texts, Cs, progress=True, connections=selected, **kwargs)
     report = [ce_table(rows), module_table(rows[-1], f"C = {rows[-1]['C']}")]
     if suite.connections is not None:
         own = evaluate_suite(suite, model, eval_texts, suite.connections, **kwargs)
@@ -222,9 +223,7 @@ def scae(args: argparse.Namespace) -> list[dict]:
         atomic_write(out / "ce_versus_c.md", lambda tmp: Path(tmp).write_text(text))
         atomic_write_json(out / "ce_versus_c.json", rows)
         plot_ce_versus_c({"selected on held-out text": rows}, out / "ce_versus_c.png")
-        statistics = contribution_statistics(suite, model, selection_texts, **kwargs)
-        plot_connection_statistics(connections_from_statistics(suite, model, statistics, max(Cs)),
-                                   out / "connections.png")
+        plot_connection_statistics(selected, out / "connections.png")
         print(f"written to {out}/ (ce_versus_c.md, ce_versus_c.json, ce_versus_c.png, connections.png)")
     return rows
 

@@ -316,17 +316,14 @@ def _check_C(C: Any) -> None:
         raise ValueError(f"C must be a positive int, got {C!r}")
 
 
-def _upstream_decoder(suite: SCAESuite, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Decoder columns of the upstream features (all, or the sorted indices `rows` into their concatenation) as
-    rows, in upstream order: `[n_upstream or len(rows), d_model]`. Only the asked-for columns are copied."""
+def _upstream_decoder(suite: SCAESuite, name: str, rows: torch.Tensor) -> torch.Tensor:
+    """Decoder columns of the upstream features at the sorted indices `rows` into their concatenation, as rows in
+    upstream order: `[len(rows), d_model]`. Only those columns are copied."""
     parts, offset = [], 0
     for up in upstream_of(name):
         weight, size = suite[up].decoder.weight, suite[up].dict_size  # [d_model, size]
-        if rows is None:
-            parts.append(weight.t())
-        else:
-            local = rows[(rows >= offset) & (rows < offset + size)] - offset
-            parts.append(weight.index_select(1, local).t())
+        local = rows[(rows >= offset) & (rows < offset + size)] - offset
+        parts.append(weight.index_select(1, local).t())
         offset += size
     return torch.cat(parts) if parts else suite[name].encoder.weight.new_zeros(0, suite[name].activation_dim)
 
@@ -816,8 +813,9 @@ class SCAETrainer:
     def __init__(self, suite: SCAESuite, model: Any, connections: Connections, steps: int, lr: float = 1e-4,
                  mse_weight: float = 1.0, ce_weight: float = 1.0, warmup_steps: int = 0, ctx_len: int = 128,
                  seed: int = 0):
-        from .trainers.trainer import lr_schedule
+        from .trainers.trainer import check_steps, lr_schedule
 
+        check_steps(steps)
         if mse_weight < 0 or ce_weight < 0 or mse_weight + ce_weight == 0:
             raise ValueError(f"mse_weight and ce_weight must be >= 0 and not both 0, got {mse_weight}, {ce_weight}")
         suite.check_model(model)
@@ -952,21 +950,32 @@ def train_scae_suite(suite: SCAESuite, model: Any, texts: Any, connections: Conn
 
 
 @torch.no_grad()
-def ce_versus_c(suite: SCAESuite, model: Any, selection_texts: list[str], eval_texts: list[str], Cs: list[int],
-                batch_size: int = 8, ctx_len: int = 128, progress: bool = False) -> list[dict[str, Any]]:
+def ce_versus_c(suite: SCAESuite, model: Any, selection_texts: list[str] | None, eval_texts: list[str],
+                Cs: list[int], batch_size: int = 8, ctx_len: int = 128, progress: bool = False,
+                connections: Connections | None = None) -> list[dict[str, Any]]:
     """Select connections on `selection_texts` (once, at the largest C: the top C for a smaller C are its first
-    C) and measure, on `eval_texts`, CE of the clean model, the dense suite and the suite pruned to each C (C larger
-    than a module's upstream count keeps them all, which is the dense suite), with per-module FVU and L0. One row
-    per C."""
+    C; or pass `connections` already selected at the largest C or more) and measure, on `eval_texts`, CE of the
+    clean model, the dense suite and the suite pruned to each C (C larger than a module's upstream count keeps them
+    all, which is the dense suite), with per-module FVU and L0. One row per C."""
     from tqdm import tqdm
 
     if not Cs:
         raise ValueError("Cs must list at least one C")
     for C in Cs:
         _check_C(C)
-    statistics = contribution_statistics(suite, model, selection_texts, batch_size=batch_size, ctx_len=ctx_len,
-                                         progress=progress)
-    strongest = connections_from_statistics(suite, model, statistics, max(Cs))
+    if connections is None:
+        statistics = contribution_statistics(suite, model, selection_texts, batch_size=batch_size, ctx_len=ctx_len,
+                                             progress=progress)
+        connections = connections_from_statistics(suite, model, statistics, max(Cs))
+    elif connections.scores is None:
+        raise ValueError("ce_versus_c needs selected connections (strongest first, with scores): make them with "
+                         "select_connections")
+    for name in suite.names:
+        needed = min(max(Cs), sum(suite[up].dict_size for up in upstream_of(name)))
+        if connections.indices[name].shape[1] < needed:
+            raise ValueError(f"{name}: C = {max(Cs)} needs {needed} connections per feature, the connections given "
+                             f"have {connections.indices[name].shape[1]}")
+    strongest = connections
     sets = {str(C): strongest.top(C) for C in Cs}
     metrics = _SuiteMetrics()
     for start in tqdm(range(0, len(eval_texts), batch_size), desc="CE against C", disable=not progress):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .dictionary import DICTIONARY_CLASSES
 from .trainers import TRAINER_CLASSES
-from .trainers.trainer import SAETrainer
+from .trainers.trainer import SAETrainer, check_steps
 from .utils import atomic_write, save_dictionary
 
 CHECKPOINT = "checkpoint.pt"
@@ -120,8 +120,7 @@ def trainSAE(
     """
     if not trainer_configs:
         raise ValueError("trainer_configs is empty: pass at least one trainer config")
-    if not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    check_steps(steps)
     trainers = [build_trainer(config) for config in trainer_configs]
     save_dir = Path(save_dir) if save_dir is not None else None
     directories = [save_dir / f"trainer_{i}" for i in range(len(trainers))] if save_dir else []

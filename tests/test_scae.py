@@ -292,6 +292,13 @@ def test_ce_versus_c_curve(tmp_path, tiny_gpt2):
     assert module_table(rows[0]).count("\n") == 1 + len(suite.names)
     assert rows[-1]["modules"]["mlp_1"]["fvu_pruned"] == pytest.approx(rows[-1]["modules"]["mlp_1"]["fvu_dense"],
                                                                        rel=1e-4)
+    from dictionary_learning.scae import select_connections
+
+    selected = select_connections(suite, model, texts[:4], 4, batch_size=4, ctx_len=CTX)
+    again = ce_versus_c(suite, model, None, texts[4:], [1, 4], batch_size=4, ctx_len=CTX, connections=selected)
+    assert [r["ce_pruned"] for r in again] == pytest.approx([r["ce_pruned"] for r in rows[:2]], abs=1e-6)
+    with pytest.raises(ValueError, match="mlp_0: C = 8 needs 8 connections per feature, the connections given have 4"):
+        ce_versus_c(suite, model, None, texts[4:], [8], ctx_len=CTX, connections=selected)
 
 
 def test_fine_tuning_keeps_decoder_column_norms(eager_model):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..dictionary import AutoEncoder, Dictionary
-from .trainer import SAETrainer, lr_schedule
+from .trainer import SAETrainer, check_steps, lr_schedule
 
 
 class StandardTrainer(SAETrainer):
@@ -39,8 +39,7 @@ class StandardTrainer(SAETrainer):
         submodule_name: str | None = None,
     ):
         super().__init__(seed)
-        if not isinstance(steps, int) or steps <= 0:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        check_steps(steps)
         warmup_steps = min(warmup_steps, steps)
         self.steps, self.lr, self.l1_penalty = steps, lr, l1_penalty
         self.sparsity_warmup_steps = sparsity_warmup_steps

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..dictionary import AutoEncoderTopK, BatchTopKSAE, Dictionary, SparseCode
-from .trainer import SAETrainer, geometric_median, lr_schedule
+from .trainer import SAETrainer, check_steps, geometric_median, lr_schedule
 
 
 def default_topk_lr(dict_size: int) -> float:
@@ -55,10 +55,8 @@ class TopKTrainer(SAETrainer):
     ):
         super().__init__(seed)
         dict_class = dict_class or self.default_dict_class
-        if not isinstance(steps, int) or steps <= 0:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        if warmup_steps > steps:
-            warmup_steps = steps
+        check_steps(steps)
+        warmup_steps = min(warmup_steps, steps)
         self.steps, self.k = steps, k
         self.device = torch.device(device or "cpu")
         self.ae = dict_class(activation_dim, dict_size, k, output_dim=output_dim, transcoder=transcoder,

@@ -13,6 +13,12 @@ import torch
 from ..dictionary import Dictionary, json_safe
 
 
+def check_steps(steps: Any) -> None:
+    """A clear error unless `steps` is a positive int."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+
+
 def lr_schedule(steps: int, warmup_steps: int = 0, decay_start: int | None = None):
     """Multiplier on the lr: linear warmup over `warmup_steps`, flat, then linear decay to 0 from `decay_start`."""
     if decay_start is not None and not 0 <= decay_start <= steps:
