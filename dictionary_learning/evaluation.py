@@ -189,10 +189,9 @@ def feature_density(dictionary: Dictionary, batches: Iterable[Any]) -> torch.Ten
 
 def plot_feature_density(density: torch.Tensor, path: str, title: str = "feature density") -> None:
     """Histogram of log10(firing frequency) as a PNG; dead features (never fired) are counted in the title."""
-    import matplotlib
+    from .utils import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     alive = density[density > 0]
     figure, axis = plt.subplots(figsize=(7, 4))
@@ -201,10 +200,7 @@ def plot_feature_density(density: torch.Tensor, path: str, title: str = "feature
     axis.set_ylabel("features")
     axis.set_title(f"{title}: {len(alive)} alive, {int((density == 0).sum())} never fired")
     figure.tight_layout()
-    from .utils import atomic_write
-
-    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 @torch.no_grad()

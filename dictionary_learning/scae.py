@@ -44,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 from .buffer import model_inputs, tokenize
 from .dictionary import Dictionary, TopKDictionary
 from .models import attention_ov, get_adapter, n_layers, norm_params, read_value
-from .utils import atomic_write, atomic_write_json, load_dictionary, save_dictionary
+from .utils import atomic_write, atomic_write_json, load_dictionary, pyplot, save_dictionary, save_figure
 
 
 def module_names(n_layer: int) -> list[str]:
@@ -627,10 +627,7 @@ def select_connections(suite: SCAESuite, model: Any, texts: Any, C: int, batch_s
 def plot_connection_statistics(connections: Connections, path: str | Path) -> dict[str, float]:
     """Two histograms as a PNG: |mean contribution| of kept connections, and the share of each feature's total
     |mean contribution| its C connections capture. Returns the median share."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if connections.scores is None or connections.totals is None:
         raise ValueError("these connections carry no scores: make them with select_connections or "
@@ -652,8 +649,7 @@ def plot_connection_statistics(connections: Connections, path: str | Path) -> di
     C = max(i.shape[1] for i in connections.indices.values())
     figure.suptitle(f"connections at C = {C}")
     figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
-    plt.close(figure)
+    save_figure(figure, path)
     return {"median_share_kept": shares.median().item()}
 
 
@@ -1005,10 +1001,7 @@ def module_table(result: dict[str, Any], label: str = "") -> str:
 
 def plot_ce_versus_c(curves: dict[str, list[dict[str, float]]], path: str | Path) -> None:
     """CE of the pruned suite against C (log scale) for each labelled curve, with the clean and dense CEs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(7, 4))
     for label, rows in curves.items():
@@ -1021,5 +1014,4 @@ def plot_ce_versus_c(curves: dict[str, list[dict[str, float]]], path: str | Path
     axis.set_ylabel("next-token CE (nats)")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
-    plt.close(figure)
+    save_figure(figure, path)

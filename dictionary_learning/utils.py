@@ -30,6 +30,22 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
             tmp.unlink()
 
 
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend, so plots need no display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure: Any, path: str | Path) -> None:
+    """Write a matplotlib figure as a PNG atomically, then close it."""
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
+    pyplot().close(figure)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     text = json.dumps(json_safe(obj), indent=2)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
