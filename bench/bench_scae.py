@@ -33,12 +33,10 @@ def setup(args):
 
 
 def random_connections(suite, C, seed=0):
-    from dictionary_learning.scae import upstream_of
-
     generator = torch.Generator().manual_seed(seed)
     indices = {}
     for name in suite.names:
-        n_up = sum(suite[up].dict_size for up in upstream_of(name))
+        n_up = suite.n_upstream(name)
         c = min(C, n_up)
         indices[name] = torch.rand(suite[name].dict_size, n_up, generator=generator).topk(c, dim=1).indices.sort(1).values
     return indices
@@ -48,16 +46,17 @@ def random_connections(suite, C, seed=0):
 def dense_masked_forward(suite, model, record, indices):
     """Dense virtual weights [n_features, n_upstream] (x heads for attention) masked to the connections."""
     from dictionary_learning.models import attention_ov, norm_params
-    from dictionary_learning.scae import _through_norm, _topk_codes, decompose, upstream_of
+    from dictionary_learning.dictionary import topk_codes
+    from dictionary_learning.scae import decompose, parse_module_name, upstream_of
 
     codes = {}
     for name in suite.names:
-        kind, layer = name.split("_")[0], int(name.split("_")[1])
+        kind, layer = parse_module_name(name)
         terms = decompose(suite, model, record, name, upstream_codes={})
         pre = terms["embedding"] + terms["bias"]
         if upstream_of(name):
             decoders = torch.cat([suite[up].decoder.weight.t() for up in upstream_of(name)])  # [n_up, d]
-            normed = _through_norm(norm_params(model, layer, kind), decoders)
+            normed = norm_params(model, layer, kind).linear_part(decoders)
             mask = torch.zeros(suite[name].dict_size, normed.shape[0]).scatter_(1, indices[name], 1.0)
             upstream = torch.cat([codes[up] for up in upstream_of(name)], dim=-1) * record.norm_scales[name][..., None]
             encoder = suite[name].encoder.weight
@@ -69,7 +68,7 @@ def dense_masked_forward(suite, model, record, indices):
                 for head in range(ov.W_V.shape[0]):
                     dense = (encoder @ (normed @ ov.W_V[head] @ ov.W_O[head]).t()) * mask  # [n_features, n_up]
                     pre = pre + mixed[:, head] @ dense.t()
-        codes[name] = _topk_codes(pre, int(suite[name].k))
+        codes[name] = topk_codes(pre.relu(), int(suite[name].k))[0]
     return codes
 
 

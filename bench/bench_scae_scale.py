@@ -64,7 +64,7 @@ def main() -> None:
         generator = torch.Generator().manual_seed(0)
         indices = {}
         for name in suite.names:  # C distinct upstream features per row: start + c * stride, c < C, stride < n_up / C
-            n_up, n_features = sum(suite[up].dict_size for up in upstream_of(name)), suite[name].dict_size
+            n_up, n_features = suite.n_upstream(name), suite[name].dict_size
             C = min(args.C, n_up)
             start = torch.randint(max(n_up, 1), (n_features, 1), generator=generator)
             stride = torch.randint(1, max(n_up // max(C, 1), 2), (n_features, 1), generator=generator)

@@ -14,7 +14,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dictionary_learning.dictionary import AutoEncoderTopK, SparseCode, sparse_decode
+from dictionary_learning.dictionary import AutoEncoderTopK
+from dictionary_learning.sparse import SparseCode, sparse_decode
 
 
 def timed(fn, repeats):

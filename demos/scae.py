@@ -20,7 +20,8 @@ from dictionary_learning.scae import (
 )
 from dictionary_learning.trainers import TopKTrainer
 from dictionary_learning.training import trainSAE
-from dictionary_learning.utils import atomic_write, load_dictionary
+from dictionary_learning.files import atomic_write
+from dictionary_learning.utils import load_dictionary
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--layers", type=int, default=2)

@@ -1,17 +1,41 @@
-"""dictionary_learning: sparse autoencoders, transcoders and sparsely connected autoencoders on nnsight."""
+"""dictionary_learning: sparse autoencoders, transcoders and sparsely connected autoencoders on nnsight.
+
+The names a researcher reaches for first; everything else lives in the rooms named in ARCHITECTURE.md
+(the SCAE wing: `dictionary_learning.scae`).
+"""
 
 from .buffer import ActivationBuffer
 from .data import default_corpus, hf_dataset_texts, local_texts, text_source
+from .dictionary import AutoEncoder, AutoEncoderTopK, BatchTopKSAE, Dictionary
+from .evaluation import evaluate, loss_recovered
 from .models import HookPoint, get_adapter, hook, load_model
+from .trainers import BatchTopKTrainer, SAETrainer, StandardTrainer, TopKTrainer
+from .training import trainSAE
+from .utils import load_dictionary, pull_from_hub, push_to_hub, save_dictionary
 
 __all__ = [
     "ActivationBuffer",
+    "AutoEncoder",
+    "AutoEncoderTopK",
+    "BatchTopKSAE",
+    "BatchTopKTrainer",
+    "Dictionary",
     "HookPoint",
+    "SAETrainer",
+    "StandardTrainer",
+    "TopKTrainer",
     "default_corpus",
+    "evaluate",
     "get_adapter",
     "hf_dataset_texts",
     "hook",
+    "load_dictionary",
     "load_model",
     "local_texts",
+    "loss_recovered",
+    "pull_from_hub",
+    "push_to_hub",
+    "save_dictionary",
     "text_source",
+    "trainSAE",
 ]

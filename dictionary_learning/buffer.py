@@ -14,33 +14,10 @@ from typing import Any
 
 import torch
 
-from .models import execution_key, max_context, read_value, resolve_hook
+from .models import max_context, resolve_hook, torch_model
+from .tracing import read_hook_points, token_mask, tokenize
 
 IO_MODES = ("out", "in", "in_to_out")
-
-
-def tokenize(tokenizer: Any, texts: list[str], ctx_len: int) -> dict[str, torch.Tensor]:
-    """Texts as the toolkit feeds them to models: left padded (nnsight's tokenizer setting), truncated to ctx_len."""
-    encoding = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=ctx_len)
-    return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
-
-
-def drop_first_tokens(mask: torch.Tensor) -> torch.Tensor:
-    """A copy of a left-padded `[batch, seq]` token mask without each row's first real token."""
-    mask = mask.clone()
-    mask[torch.arange(mask.shape[0]), mask.int().argmax(dim=1)] = False
-    return mask
-
-
-def model_inputs(encoding: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Trace inputs for a left-padded batch: positions count real tokens only, so a padded text gets the positions
-    it has unpadded (which matters for learned position embeddings)."""
-    attention_mask = encoding["attention_mask"]
-    return {
-        "input_ids": encoding["input_ids"],
-        "attention_mask": attention_mask,
-        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
-    }
 
 
 class ActivationBuffer:
@@ -89,7 +66,7 @@ class ActivationBuffer:
         self.refresh_batch_size, self.out_batch_size = int(refresh_batch_size), int(out_batch_size)
         self.device = torch.device(device)
         self.remove_bos = remove_bos
-        self.dtype = dtype or next(model._module.parameters()).dtype
+        self.dtype = dtype or next(torch_model(model).parameters()).dtype
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
 
@@ -106,7 +83,6 @@ class ActivationBuffer:
                 raise ValueError(f"a pair of submodules needs io='in_to_out', got io={io!r}")
             self.hooks = (resolve_hook(model, submodule, "input" if io == "in" else "output"),)
         self.submodule = submodule
-        self._order = sorted(range(len(self.hooks)), key=lambda i: execution_key(model, self.hooks[i]))
 
         # probe the widths on a short text, and check them against d_submodule
         widths = tuple(v.shape[-1] for v in self._collect(["The quick brown fox."]))
@@ -210,22 +186,14 @@ class ActivationBuffer:
         """[batch, seq] bool: the positions whose activations are kept: real tokens, minus each context's first
         token if remove_bos (the BOS where the tokenizer adds one; otherwise the first token, which models without
         BOS treat as an attention sink of outlier norm)."""
-        mask = encoding["attention_mask"].bool()
-        return drop_first_tokens(mask) if self.remove_bos else mask
+        return token_mask(encoding, self.remove_bos)
 
     def _collect(self, texts: list[str]) -> list[torch.Tensor]:
         """Activations of the hook points on these texts: one `[n_tokens, d]` tensor per hook, padding dropped."""
         encoding = self._tokenize(texts)
-        mask = self.token_mask(encoding)
-        saved: list[Any] = [None] * len(self.hooks)
-        with torch.no_grad():
-            with self.model.trace(model_inputs(encoding)) as tracer:
-                for i in self._order:  # modules must be reached in execution order within one trace
-                    envoy = self.model.get(self.hooks[i].path)
-                    saved[i] = (envoy.input if self.hooks[i].io == "input" else envoy.output).save()
-                tracer.stop()
-        mask = mask.to(read_value(saved[0]).device)
-        return [read_value(value)[mask].to(device=self.device, dtype=self.dtype) for value in saved]
+        values = read_hook_points(self.model, encoding, self.hooks)
+        mask = self.token_mask(encoding).to(values[0].device)
+        return [value[mask].to(device=self.device, dtype=self.dtype) for value in values]
 
     def refresh(self) -> None:
         """Keep the unread vectors, refill to capacity from new texts, and shuffle everything."""
@@ -261,3 +229,13 @@ class ActivationBuffer:
             "remove_bos": self.remove_bos,
             "seed": self.seed,
         }
+
+
+def epochs(activations: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Endless shuffled batches over collected activations `[n, d]`, a new permutation each epoch (the last partial
+    batch of each epoch is dropped)."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        permutation = torch.randperm(activations.shape[0], generator=generator)
+        for start in range(0, activations.shape[0] - batch_size + 1, batch_size):
+            yield activations[permutation[start : start + batch_size]]

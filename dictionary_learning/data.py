@@ -23,7 +23,7 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .models import cache_dir
+from .files import atomic_write_text, cache_dir
 
 DEFAULT_CORPUS = "python-docs"
 PASSAGE_CHARS = 600  # ~140 SmolLM2 tokens: one passage fills a 128-token context with little waste
@@ -77,19 +77,12 @@ def _python_docs_documents() -> Iterator[str]:
                     yield doc
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def default_corpus_file() -> Path:
     """The python-docs corpus as a cached JSON-lines file (one passage per line), built on first use."""
     path = cache_dir() / "corpora" / f"{DEFAULT_CORPUS}-{PASSAGE_CHARS}.jsonl"
     if not path.exists():
         lines = (json.dumps({"text": p}) for doc in _python_docs_documents() for p in passages(doc))
-        _atomic_write_text(path, "\n".join(lines) + "\n")
+        atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 

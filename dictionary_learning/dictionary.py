@@ -5,125 +5,22 @@ buffers `k` and `threshold`), so upstream checkpoints load here and ours load th
 width `activation_dim` to an output of width `output_dim` (default: the same): its encoder reads the raw input
 (no `b_dec` is subtracted, since that bias lives in output space) and an optional linear skip adds `W_skip @ x`.
 
-TopK dictionaries never build a dense `[batch, dict_size]` code in their training path: `topk_forward` gathers the
-k active pre-activations through `gather_linear` (a linear map evaluated only at chosen (row, latent) pairs, whose
-backward costs O(active * d_in) instead of a dense GEMM) and decodes with `sparse_decode` (`F.embedding_bag` over the
-active decoder rows). `bench/bench_topk.py` measures both against the dense path.
+TopK dictionaries never build a dense `[batch, dict_size]` code in their training path: `sparse_code` gathers the
+k active pre-activations through `gather_linear` and `decode_sparse` decodes them with `sparse_decode` (both in
+`sparse.py`, with hand-written backward passes).
 """
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# ----------------------------------------------------------------------------------------------------------------
-# sparse kernels
-
-
-class _GatherLinear(torch.autograd.Function):
-    """values[n] = x[rows[n]] . weight[cols[n]] + bias[cols[n]], given the values already computed densely.
-
-    Backward without dense [batch, d_sae] work: grad_bias by index_add, grad_weight as a sparse-dense product
-    with one non-zero per (row, col) pair, grad_x by embedding_bag over the chosen weight rows.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, rows, cols, values):
-        ctx.save_for_backward(x, weight, rows, cols)
-        ctx.has_bias = bias is not None
-        return values
-
-    @staticmethod
-    def backward(ctx, grad_values):
-        x, weight, rows, cols = ctx.saved_tensors
-        grad_x = grad_weight = grad_bias = None
-        grad_values = grad_values.to(x.dtype)
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.zeros_like(x).index_add_(0, rows, weight[cols] * grad_values[:, None]) if rows.numel() \
-                else torch.zeros_like(x)
-        if ctx.needs_input_grad[1]:
-            grad_weight = sparse_transpose_matmul(cols, rows, grad_values, x, weight.shape[0])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = torch.zeros(weight.shape[0], dtype=grad_values.dtype, device=grad_values.device)
-            grad_bias.index_add_(0, cols, grad_values)
-        return grad_x, grad_weight, grad_bias, None, None, None
-
-
-def sparse_transpose_matmul(out_rows: torch.Tensor, in_rows: torch.Tensor, values: torch.Tensor,
-                            x: torch.Tensor, n_out: int) -> torch.Tensor:
-    """S @ x for a sparse S[n_out, len(x)] with S[out_rows[i], in_rows[i]] = values[i] (duplicates add up)."""
-    if values.numel() == 0:
-        return torch.zeros(n_out, x.shape[1], dtype=x.dtype, device=x.device)
-    sparse = torch.sparse_coo_tensor(torch.stack([out_rows, in_rows]), values, (n_out, x.shape[0]),
-                                     check_invariants=False)
-    return torch.sparse.mm(sparse, x)
-
-
-def gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
-                  cols: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
-    """`(x @ weight.T + bias)[rows, cols]` with a sparse backward. Pass `values` if already computed (no grad)."""
-    if values is None:
-        with torch.no_grad():
-            values = (x[rows] * weight[cols]).sum(-1) + (bias[cols] if bias is not None else 0)
-    return _GatherLinear.apply(x, weight, bias, rows, cols, values.detach())
-
-
-class SparseCode(NamedTuple):
-    """A sparse code: `values[i]` of latent `cols[i]` in row `rows[i]`, grouped by row (rows ascending)."""
-
-    values: torch.Tensor  # [n_active]
-    rows: torch.Tensor  # [n_active]
-    cols: torch.Tensor  # [n_active]
-    n_rows: int
-
-    @property
-    def offsets(self) -> torch.Tensor:
-        """[n_rows]: where each row's entries start."""
-        counts = torch.bincount(self.rows, minlength=self.n_rows)
-        return torch.cumsum(counts, 0) - counts
-
-    def to_dense(self, dict_size: int) -> torch.Tensor:
-        dense = torch.zeros(self.n_rows, dict_size, dtype=self.values.dtype, device=self.values.device)
-        return dense.index_put_((self.rows, self.cols), self.values, accumulate=True)
-
-
-class _SparseDecode(torch.autograd.Function):
-    """out[r] = sum_i values[i] * table[cols[i]] over row r's entries (embedding_bag), with a sparse backward:
-    grad_table as a sparse-dense product (autograd's embedding_bag weight backward is ~4x slower on CPU)."""
-
-    @staticmethod
-    def forward(ctx, values, table, rows, cols, offsets):
-        ctx.save_for_backward(values, table, rows, cols, offsets)
-        return F.embedding_bag(cols, table, offsets, mode="sum", per_sample_weights=values)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        values, table, rows, cols, offsets = ctx.saved_tensors
-        grad_values = grad_table = None
-        if ctx.needs_input_grad[0]:
-            with torch.enable_grad():  # embedding_bag's own per-sample-weight backward is the fast path
-                weights = values.detach().requires_grad_()
-                out = F.embedding_bag(cols, table.detach(), offsets, mode="sum", per_sample_weights=weights)
-                (grad_values,) = torch.autograd.grad(out, weights, grad_out)
-        if ctx.needs_input_grad[1]:
-            grad_table = sparse_transpose_matmul(cols, rows, values, grad_out, table.shape[0])
-        return grad_values, grad_table, None, None, None
-
-
-def sparse_decode(code: SparseCode, decoder_weight: torch.Tensor) -> torch.Tensor:
-    """W_dec @ f for a sparse code f, without the bias: `[n_rows, d_out]`. decoder_weight: [d_out, d_sae]."""
-    if code.cols.numel() == 0:
-        return torch.zeros(code.n_rows, decoder_weight.shape[0], dtype=decoder_weight.dtype,
-                           device=decoder_weight.device)
-    table = decoder_weight.t().contiguous()  # [d_sae, d_out]: embedding_bag is ~10x slower on a transposed view
-    return _SparseDecode.apply(code.values.to(table.dtype), table, code.rows, code.cols, code.offsets)
-
+from .sparse import SparseCode, gather_linear, sparse_decode
 
 # ----------------------------------------------------------------------------------------------------------------
 # base
@@ -294,6 +191,13 @@ class AutoEncoder(Dictionary):
 # TopK
 
 
+def topk_codes(codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes with all but the k largest of each row zeroed, those k values, their indices) for non-negative codes
+    `[..., dict_size]`."""
+    values, indices = codes.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(codes).scatter_(-1, indices, values), values, indices
+
+
 class TopKDictionary(Dictionary):
     """Shared parts of TopK-style dictionaries: unit-norm decoder columns, `k` and `threshold` buffers, b_dec, and
     the sparse training path."""
@@ -368,8 +272,7 @@ class AutoEncoderTopK(TopKDictionary):
         if use_threshold:
             codes = pre * (pre > self.threshold)
             return (codes, *codes.topk(int(self.k), dim=-1), pre) if return_topk else codes
-        values, indices = pre.topk(int(self.k), dim=-1, sorted=False)
-        codes = torch.zeros_like(pre).scatter_(-1, indices, values)
+        codes, values, indices = topk_codes(pre, int(self.k))
         return (codes, values, indices, pre) if return_topk else codes
 
     def forward(self, x: torch.Tensor, output_features: bool = False):
@@ -426,31 +329,19 @@ DICTIONARY_CLASSES: dict[str, type[Dictionary]] = {
 }
 
 
+def dictionary_class(name: Any, source: str = "") -> type[Dictionary]:
+    """A dictionary class by its name (as config files and trainer configs give it; `source` names where from)."""
+    if name not in DICTIONARY_CLASSES:
+        raise ValueError(f"unknown dict_class {name!r}{' in ' + source if source else ''}; this toolkit has "
+                         f"{sorted(DICTIONARY_CLASSES)}")
+    return DICTIONARY_CLASSES[name]
+
+
 def dictionary_from_config(config: dict[str, Any]) -> Dictionary:
     """Build an (untrained) dictionary from `dictionary_config()` output or an upstream trainer config."""
-    name = config.get("dict_class")
-    if name not in DICTIONARY_CLASSES:
-        raise ValueError(f"unknown dict_class {name!r}; known: {sorted(DICTIONARY_CLASSES)}")
-    keys = ("activation_dim", "dict_size", "k", "output_dim", "transcoder", "skip")
+    cls = dictionary_class(config.get("dict_class"))
+    keys = ("activation_dim", "dict_size", "output_dim", "transcoder", "skip")
     kwargs = {key: config[key] for key in keys if key in config}
-    if name == "AutoEncoder":
-        kwargs.pop("k", None)
-    return DICTIONARY_CLASSES[name](**kwargs)
-
-
-def json_safe(config: dict[str, Any]) -> dict[str, Any]:
-    """A config with classes and dtypes turned into names, ready for json.dumps."""
-    def convert(value):
-        if isinstance(value, type):
-            return value.__name__
-        if isinstance(value, (torch.dtype, torch.device)):
-            return str(value)
-        if isinstance(value, dict):
-            return {k: convert(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [convert(v) for v in value]
-        return value
-
-    result = convert(config)
-    json.dumps(result)
-    return result
+    if issubclass(cls, TopKDictionary) and "k" in config:
+        kwargs["k"] = config["k"]
+    return cls(**kwargs)

@@ -1,4 +1,5 @@
-"""Evaluation: reconstruction metrics on activation batches and `loss_recovered` through nnsight patching.
+"""Evaluation: reconstruction metrics on activation batches, `loss_recovered` through nnsight patching, feature
+density, top-activating contexts and activation statistics.
 
 loss_recovered runs three traces on the same tokens: clean; with the hook point's value replaced by the
 dictionary's reconstruction (a transcoder replaces the output side, computed from the input side); and with that
@@ -16,9 +17,11 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 
-from .buffer import ActivationBuffer, drop_first_tokens, model_inputs, tokenize
+from .buffer import ActivationBuffer
 from .dictionary import Dictionary
-from .models import HookPoint, read_value
+from .files import pyplot, save_figure
+from .models import HookPoint
+from .tracing import hook_value, logits_or_stop, model_inputs, read_hook_points, read_value, token_mask, tokenize, write
 
 
 @torch.no_grad()
@@ -53,20 +56,6 @@ def masked_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, attentio
     return ce.view(input_ids.shape[0], -1), attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
 
 
-def _read(model, point: HookPoint):
-    envoy = model.get(point.path)
-    return envoy.input if point.io == "input" else envoy.output
-
-
-def _write(model, point: HookPoint, old: Any, new: torch.Tensor) -> None:
-    envoy = model.get(point.path)
-    value = (new, *old[1:]) if isinstance(old, tuple) else new
-    if point.io == "input":
-        envoy.input = value
-    else:
-        envoy.output = value
-
-
 def _apply(dictionary: Dictionary, x: torch.Tensor) -> torch.Tensor:
     param = next(dictionary.parameters())
     flat = x.reshape(-1, x.shape[-1]).to(param.dtype)
@@ -92,15 +81,15 @@ def loss_recovered(
     patch_mask = (patch_mask_fn(encoding) if patch_mask_fn else encoding["attention_mask"].bool())[..., None]
 
     def run(mode: str) -> torch.Tensor:
-        with model.trace(inputs):
+        with model.trace(inputs) as tracer:
             if mode != "clean":
-                source_raw = _read(model, hooks[0])
-                target_raw = _read(model, hooks[1]) if len(hooks) == 2 else source_raw
+                source_raw = hook_value(model, hooks[0])
+                target_raw = hook_value(model, hooks[1]) if len(hooks) == 2 else source_raw
                 source, target = read_value(source_raw), read_value(target_raw)
                 replacement = torch.zeros_like(target) if mode == "zero" else _apply(dictionary, source)
                 new = torch.where(patch_mask.to(target.device), replacement, target)
-                _write(model, hooks[-1], target_raw, new)
-            logits = model.output.logits.save()
+                write(model, hooks[-1], target_raw, new)
+            logits = logits_or_stop(model, tracer, logits=True)
         return logits
 
     clean, patched, zero = run("clean"), run("patch"), run("zero")
@@ -189,8 +178,6 @@ def feature_density(dictionary: Dictionary, batches: Iterable[Any]) -> torch.Ten
 
 def plot_feature_density(density: torch.Tensor, path: str, title: str = "feature density") -> None:
     """Histogram of log10(firing frequency) as a PNG; dead features (never fired) are counted in the title."""
-    from .utils import pyplot, save_figure
-
     plt = pyplot()
 
     alive = density[density > 0]
@@ -225,13 +212,8 @@ def top_activating_contexts(
     for start in range(0, len(texts), batch_size):
         encoding = tokenize(model.tokenizer, texts[start : start + batch_size], ctx_len)
         encodings.append(encoding)
-        with model.trace(model_inputs(encoding)) as tracer:
-            value = _read(model, point).save()
-            tracer.stop()
-        x = read_value(value)
-        mask = encoding["attention_mask"].bool()
-        if remove_bos:
-            mask = drop_first_tokens(mask)
+        [x] = read_hook_points(model, encoding, [point])
+        mask = token_mask(encoding, remove_bos)
         codes = dictionary.encode(x.reshape(-1, x.shape[-1]).to(next(dictionary.parameters()).dtype))
         codes = codes[:, features_tensor].reshape(*mask.shape, len(features)).masked_fill(~mask[..., None], -torch.inf)
         for j in range(len(features)):
@@ -257,3 +239,25 @@ def top_activating_contexts(
             rows.append((value, f"{before}«{token}»{after}".replace("\n", "\\n")))
         results[feature] = rows
     return results
+
+
+def activation_statistics(x: torch.Tensor) -> dict[str, float]:
+    """Summary statistics of a `[n, d]` activation matrix: norms, variance, principal components, outliers."""
+    x = x.float()
+    norms = x.norm(dim=-1)
+    centred = x - x.mean(dim=0)
+    total_variance = centred.pow(2).sum(dim=-1).mean()
+    singular = torch.linalg.svdvals(centred[:20000]) if x.shape[0] > 1 else torch.zeros(1)
+    explained = singular.pow(2) / singular.pow(2).sum().clamp_min(1e-12)
+    return {
+        "tokens": x.shape[0],
+        "width": x.shape[1],
+        "mean_norm": norms.mean().item(),
+        "median_norm": norms.median().item(),
+        "max_norm": norms.max().item(),
+        "norm_of_mean": x.mean(dim=0).norm().item(),
+        "total_variance": total_variance.item(),
+        "top1_pc_variance_fraction": explained[0].item(),
+        "top10_pc_variance_fraction": explained[:10].sum().item(),
+        "fraction_outlier_norm_tokens": (norms > 10 * norms.median()).float().mean().item(),
+    }

@@ -1,8 +1,9 @@
-"""trainSAE: train one or many dictionaries on one activation stream (each batch is collected once).
+"""trainSAE: train one or many dictionaries on one activation stream (each batch is collected once), on the one
+training loop of the package (`run_steps`, which `scae.train_scae_suite` runs on too).
 
-Progress bar with live loss / L0 / FVU, optional wandb logging (offline mode works with no network), checkpoints
-written atomically, and `resume=True` continuing from the last checkpoint so that a resumed run ends with the
-same weights as an uninterrupted one.
+The loop: a progress bar with live metrics, optional wandb logging (offline mode works with no network), checkpoints
+written atomically, and resuming (`resume_from_checkpoints`) that restores every trainer and replays the consumed
+batches, so that a resumed run ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ import inspect
 import math
 import os
 import warnings
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from tqdm import tqdm
 
-from .dictionary import DICTIONARY_CLASSES
+from .dictionary import dictionary_class
+from .files import atomic_write
 from .trainers import TRAINER_CLASSES
 from .trainers.trainer import SAETrainer, check_steps
-from .utils import atomic_write, save_dictionary
+from .utils import save_dictionary
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -40,10 +42,7 @@ def build_trainer(config: dict[str, Any]) -> SAETrainer:
     if not (isinstance(trainer_class, type) and issubclass(trainer_class, SAETrainer)):
         raise ValueError(f"config['trainer'] must be a trainer class such as TopKTrainer, got {trainer_class!r}")
     if isinstance(config.get("dict_class"), str):
-        name = config["dict_class"]
-        if name not in DICTIONARY_CLASSES:
-            raise ValueError(f"unknown dict_class {name!r}; known: {sorted(DICTIONARY_CLASSES)}")
-        config["dict_class"] = DICTIONARY_CLASSES[name]
+        config["dict_class"] = dictionary_class(config["dict_class"])
     accepted = set(inspect.signature(trainer_class.__init__).parameters) - {"self", "args", "kwargs"}
     if trainer_class.__init__ is not SAETrainer.__init__:  # subclasses forwarding **kwargs: include the parent's
         for base in trainer_class.__mro__[1:]:
@@ -85,6 +84,123 @@ def _save(trainer: SAETrainer, directory: Path, scales: tuple[float, float], run
     save_dictionary(ae, directory, config)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the training loop
+
+
+def resume_from_checkpoints(trainers: Sequence[Any], paths: Sequence[Path], batches: Iterator[Any],
+                            resume: bool = True) -> dict[str, Any]:
+    """With `resume`, restore each trainer from its checkpoint file and replay `batches` to where the interrupted
+    run stood. Returns the checkpoint's step, batches_consumed and extra keys; `{"step": 0, "batches_consumed": 0}`
+    without `resume` or when there is no checkpoint."""
+    if not resume:
+        return {"step": 0, "batches_consumed": 0}
+    if not paths:
+        raise ValueError("resume=True needs the save_dir of the interrupted run")
+    states = []
+    for path in paths:
+        if not path.exists():
+            return {"step": 0, "batches_consumed": 0}
+        states.append(torch.load(path, map_location="cpu", weights_only=False))
+    if len({state["step"] for state in states}) != 1:
+        folder = Path(os.path.commonpath([str(path.parent) for path in paths]))
+        raise ValueError(f"checkpoints in {folder} are at different steps: {[state['step'] for state in states]}")
+    for trainer, state in zip(trainers, states):
+        trainer.load_state_dict(state["trainer"])
+    resumed = {key: value for key, value in states[0].items() if key != "trainer"}
+    resumed.setdefault("batches_consumed", resumed["step"])  # one batch a step (older SCAE checkpoints)
+    for _ in range(resumed["batches_consumed"]):
+        next(batches)
+    return resumed
+
+
+def start_wandb(config: dict[str, Any], directory: Path | None, project: str = "dictionary_learning",
+                entity: str | None = None, resume: bool = False):
+    """A wandb run in the mode $WANDB_MODE names, offline when unset (no network needed; `wandb sync` uploads)."""
+    import wandb
+
+    return wandb.init(entity=entity, project=project, mode=os.environ.get("WANDB_MODE", "offline"), config=config,
+                      dir=str(directory) if directory else None, resume="allow" if resume else None)
+
+
+def run_steps(
+    trainers: Sequence[Any],
+    batches: Iterator[Any],
+    steps: int,
+    start: int = 0,
+    consumed: int = 0,
+    checkpoint_paths: Sequence[Path] = (),
+    checkpoint_steps: int | None = None,
+    checkpoint_extra: dict[str, Any] | None = None,
+    save_steps: Sequence[int] = (),
+    on_save: Callable[[int], None] | None = None,
+    log_steps: int | None = None,
+    log_values: Callable[[], dict[str, float]] | None = None,
+    run: Any = None,
+    prepare: Callable[[Any], Any] = lambda batch: batch,
+    context: AbstractContextManager | None = None,
+    bar_keys: Sequence[str] | None = None,
+    desc: str = "training",
+    progress: bool = True,
+    verbose: bool = False,
+) -> int:
+    """The one training loop: steps `start` to `steps`, each feeding the next batch (through `prepare`) to every
+    trainer's `update(step, batch)` (inside `context`, e.g. autocast). A tqdm bar shows the first trainer's
+    `last_metrics` (`bar_keys` of them); every `log_steps` steps `log_values()` goes to the wandb `run` (and is
+    printed with `verbose`); at `save_steps`, `on_save(step)`. Every `checkpoint_steps` steps, at `save_steps` and
+    at the end, each trainer's state is written atomically to its `checkpoint_paths` entry with the step, the
+    batches consumed and `checkpoint_extra`. A stream that runs out ends the loop with a warning. Returns the
+    number of steps done."""
+    checkpoint_steps = checkpoint_steps or max(1, steps // 10)
+    written = -1
+
+    def checkpoint(step: int) -> None:
+        nonlocal written
+        for trainer, path in zip(trainers, checkpoint_paths):
+            state = {"trainer": trainer.state_dict(), "step": step, "batches_consumed": consumed,
+                     **(checkpoint_extra or {})}
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
+        written = step
+
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress)
+    step = start
+    for step in bar:
+        batch = next(batches, None)
+        if batch is None:
+            warnings.warn(f"data ran out after {step} steps (of {steps})")
+            break
+        consumed += 1
+        batch = prepare(batch)
+        with context or nullcontext():
+            for trainer in trainers:
+                trainer.update(step, batch)
+        metrics = trainers[0].last_metrics
+        shown = metrics if bar_keys is None else {key: metrics.get(key, 0.0) for key in bar_keys}
+        bar.set_postfix({key: f"{value:.4g}" for key, value in shown.items()}, refresh=False)
+        if log_steps and step % log_steps == 0 and log_values is not None:
+            logged = log_values()
+            if run is not None:
+                run.log(logged, step=step)
+            if verbose:
+                tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in logged.items()))
+        if step + 1 in save_steps and on_save is not None:
+            on_save(step + 1)
+        if checkpoint_paths and ((step + 1) % checkpoint_steps == 0 or step + 1 in save_steps):
+            checkpoint(step + 1)
+    else:
+        step = steps
+    bar.close()
+    if checkpoint_paths and written != step:
+        checkpoint(step)
+    if run is not None:
+        run.finish()
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# trainSAE
+
+
 def trainSAE(
     data: Iterable[Any],
     trainer_configs: list[dict[str, Any]],
@@ -124,37 +240,19 @@ def trainSAE(
     trainers = [build_trainer(config) for config in trainer_configs]
     save_dir = Path(save_dir) if save_dir is not None else None
     directories = [save_dir / f"trainer_{i}" for i in range(len(trainers))] if save_dir else []
-    if save_dir is not None and checkpoint_steps is None:
-        checkpoint_steps = max(1, steps // 10)
     save_steps = sorted(set(save_steps or []))
     run_config = {"buffer": data.config} if hasattr(data, "config") else {}
     if run_cfg:
         run_config["run"] = dict(run_cfg)
 
     data = iter(data)
-    start_step, consumed, scales = 0, 0, (1.0, 1.0)
-    if resume:
-        if save_dir is None:
-            raise ValueError("resume=True needs the save_dir of the interrupted run")
-        states = []
-        for directory in directories:
-            path = directory / CHECKPOINT
-            if not path.exists():
-                states = []
-                break
-            states.append(torch.load(path, map_location="cpu", weights_only=False))
-        if states:
-            if len({s["step"] for s in states}) != 1:
-                raise ValueError(f"checkpoints in {save_dir} are at different steps: {[s['step'] for s in states]}")
-            for trainer, state in zip(trainers, states):
-                trainer.load_state_dict(state["trainer"])
-            start_step, consumed, scales = states[0]["step"], states[0]["batches_consumed"], tuple(states[0]["scales"])
-            for _ in range(consumed):  # replay the data stream to where the interrupted run stood
-                next(data)
-        elif verbose:
-            print(f"no checkpoint in {save_dir}; starting from step 0")
-
-    if normalize_activations and start_step == 0:
+    checkpoints = [directory / CHECKPOINT for directory in directories]
+    state = resume_from_checkpoints(trainers, checkpoints, data, resume)
+    if resume and state["step"] == 0 and verbose:
+        print(f"no checkpoint in {save_dir}; starting from step 0")
+    start, consumed = state["step"], state["batches_consumed"]
+    scales = tuple(state.get("scales", (1.0, 1.0)))
+    if normalize_activations and start == 0:
         # the normalisation batches are not trained on (as upstream); a resumed run skips them too
         sample = [batch for _, batch in zip(range(normalization_batches), data)]
         if not sample:
@@ -162,59 +260,25 @@ def trainSAE(
         scales = estimate_scales(sample)
         consumed += len(sample)
 
+    def save_all(step: int) -> None:
+        for trainer, directory in zip(trainers, directories):
+            _save(trainer, directory / "checkpoints" / f"step_{step}", scales, run_config)
+
+    def logged() -> dict[str, float]:
+        return {f"trainer_{i}/{k}": v for i, t in enumerate(trainers)
+                for k, v in t.get_logging_parameters().items() if isinstance(v, (int, float))}
+
     run = None
     if use_wandb:
-        import wandb
-
-        run = wandb.init(entity=wandb_entity, project=wandb_project, mode=os.environ.get("WANDB_MODE", "offline"),
-                         config={f"trainer_{i}": t.config for i, t in enumerate(trainers)} | run_config,
-                         dir=str(save_dir) if save_dir else None, resume="allow" if resume else None)
-
+        run = start_wandb({f"trainer_{i}": t.config for i, t in enumerate(trainers)} | run_config, save_dir,
+                          project=wandb_project, entity=wandb_entity, resume=resume)
     autocast = (torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype)
-                if autocast_dtype != torch.float32 else nullcontext())
-
-    def checkpoint(step: int) -> None:
-        for trainer, directory in zip(trainers, directories):
-            state = {"trainer": trainer.state_dict(), "step": step, "batches_consumed": consumed,
-                     "scales": list(scales)}
-            atomic_write(directory / CHECKPOINT, lambda tmp: torch.save(state, tmp))
-
-    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc="training", disable=not progress)
-    step = start_step
-    for step in bar:
-        batch = next(data, None)
-        if batch is None:
-            warnings.warn(f"data ran out after {step} steps (of {steps})")
-            break
-        consumed += 1
-        batch = _scaled(batch, *scales)
-        with autocast:
-            for trainer in trainers:
-                trainer.update(step, batch)
-        metrics = trainers[0].last_metrics
-        bar.set_postfix(loss=f"{metrics.get('loss', 0):.4g}", l0=f"{metrics.get('l0', 0):.1f}",
-                        fvu=f"{metrics.get('fvu', 0):.3f}", refresh=False)
-        if log_steps and step % log_steps == 0:
-            logged = {f"trainer_{i}/{k}": v for i, t in enumerate(trainers)
-                      for k, v in t.get_logging_parameters().items() if isinstance(v, (int, float))}
-            if run is not None:
-                run.log(logged, step=step)
-            if verbose:
-                tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in logged.items()))
-        if save_dir is not None:
-            if step + 1 in save_steps:
-                for trainer, directory in zip(trainers, directories):
-                    _save(trainer, directory / "checkpoints" / f"step_{step + 1}", scales, run_config)
-            if (step + 1) % checkpoint_steps == 0 or step + 1 in save_steps:
-                checkpoint(step + 1)
-    else:
-        step = steps
-    bar.close()
-
-    if save_dir is not None:
-        for trainer, directory in zip(trainers, directories):
-            _save(trainer, directory, scales, run_config)
-        checkpoint(step)
-    if run is not None:
-        run.finish()
+                if autocast_dtype != torch.float32 else None)
+    run_steps(trainers, data, steps, start=start, consumed=consumed, checkpoint_paths=checkpoints,
+              checkpoint_steps=checkpoint_steps, checkpoint_extra={"scales": list(scales)}, save_steps=save_steps,
+              on_save=save_all, log_steps=log_steps, log_values=logged, run=run, context=autocast,
+              prepare=lambda batch: _scaled(batch, *scales), bar_keys=("loss", "l0", "fvu"), progress=progress,
+              verbose=verbose)
+    for trainer, directory in zip(trainers, directories):
+        _save(trainer, directory, scales, run_config)
     return trainers

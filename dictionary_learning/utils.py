@@ -7,48 +7,13 @@ to a temporary name and renamed, so a crash never leaves a half-written file beh
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from .dictionary import DICTIONARY_CLASSES, Dictionary, json_safe, load_state_dict
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)`, then rename the temporary file onto `path` (same folder, so the rename is atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def pyplot():
-    """matplotlib.pyplot on the non-interactive Agg backend, so plots need no display."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(figure: Any, path: str | Path) -> None:
-    """Write a matplotlib figure as a PNG atomically, then close it."""
-    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
-    pyplot().close(figure)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    text = json.dumps(json_safe(obj), indent=2)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+from .dictionary import Dictionary, dictionary_class, load_state_dict
+from .files import atomic_write, atomic_write_json, pyplot, read_json, save_figure  # noqa: F401 (also importable here)
 
 
 def save_dictionary(dictionary: Dictionary, directory: str | Path, config: dict[str, Any] | None = None) -> Path:
@@ -73,14 +38,12 @@ def load_dictionary(path: str | Path, device: str = "cpu", dtype: torch.dtype = 
     path = Path(path)
     if not (path / "config.json").exists():
         raise ValueError(f"expected a folder with config.json and ae.pt (or model.safetensors), got {str(path)!r}")
-    config = json.loads((path / "config.json").read_text())
+    config = read_json(path / "config.json")
     trainer_config = config.get("trainer", config)
-    name = trainer_config.get("dict_class")
-    if name not in DICTIONARY_CLASSES:
-        raise ValueError(f"config.json names dict_class {name!r}; this toolkit loads {sorted(DICTIONARY_CLASSES)}")
+    cls = dictionary_class(trainer_config.get("dict_class"), source=str(path / "config.json"))
     state = load_state_dict(path)
     # a square transcoder looks like an SAE in its weights: the config says which it is
-    dictionary = DICTIONARY_CLASSES[name].from_state_dict(state, transcoder=trainer_config.get("transcoder"))
+    dictionary = cls.from_state_dict(state, transcoder=trainer_config.get("transcoder"))
     if "threshold" in dict(dictionary.named_buffers()) and "threshold" not in state:  # older upstream TopK saves
         state["threshold"] = torch.tensor(-1.0)
     dictionary.load_state_dict(state)

@@ -27,3 +27,10 @@ def tiny_model(request, tiny_llama, tiny_gpt2):
 @pytest.fixture(scope="session")
 def smollm2():
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2"])
+def eager_model(request):
+    """A tiny model whose attention modules return their patterns (as SCAE needs); one per test module, since
+    SCAE fine-tuning freezes the model's parameters."""
+    return load_model(request.param, attn_implementation="eager")

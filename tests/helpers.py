@@ -94,3 +94,19 @@ def fraction_recovered(features, decoder_weight, threshold=0.9):
     """Fraction of true features whose best-matching decoder column has cosine >= threshold."""
     columns = decoder_weight / decoder_weight.norm(dim=0, keepdim=True)
     return ((features @ columns).max(dim=1).values >= threshold).float().mean().item()
+
+
+CTX = 24  # context length of the SCAE tests
+
+
+def make_suite(model, n_layer=3, seed=0):
+    """A random SCAE suite on the first `n_layer` layers with non-zero biases, so every bias path is exercised."""
+    from dictionary_learning.scae import SCAESuite
+
+    suite = SCAESuite.random(model, dict_size=96, k=8, n_layer=n_layer, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in suite.dictionaries.values():
+            module.b_dec.copy_(0.1 * torch.randn(module.b_dec.shape, generator=generator))
+            module.encoder.bias.copy_(0.1 * torch.randn(module.encoder.bias.shape, generator=generator))
+    return suite

@@ -4,9 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dictionary_learning.dictionary import (
-    AutoEncoder, AutoEncoderTopK, BatchTopKSAE, SparseCode, dictionary_from_config, gather_linear, sparse_decode,
-)
+from dictionary_learning.dictionary import AutoEncoder, AutoEncoderTopK, BatchTopKSAE, dictionary_from_config
 
 
 def _randomise(ae, seed=0):
@@ -58,18 +56,6 @@ def test_batch_topk_sparse_path_matches_dense_autograd():
     for g, r in zip(grads, reference):
         torch.testing.assert_close(g, r)
     assert int((codes > 0).sum()) == 24 and len({*code.rows.tolist()}) > 1  # k*batch codes, spread over rows
-
-
-def test_sparse_kernels_gradcheck():
-    generator = torch.Generator().manual_seed(4)
-    x = torch.randn(5, 4, dtype=torch.float64, generator=generator, requires_grad=True)
-    weight = torch.randn(6, 4, dtype=torch.float64, generator=generator, requires_grad=True)
-    bias = torch.randn(6, dtype=torch.float64, generator=generator, requires_grad=True)
-    rows, cols = torch.tensor([0, 0, 1, 3, 3, 3]), torch.tensor([2, 5, 5, 0, 1, 5])
-    assert torch.autograd.gradcheck(lambda x, w, b: gather_linear(x, w, b, rows, cols), (x, weight, bias))
-    values = torch.randn(6, dtype=torch.float64, generator=generator, requires_grad=True)
-    decoder = torch.randn(4, 6, dtype=torch.float64, generator=generator, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda v, d: sparse_decode(SparseCode(v, rows, cols, 5), d), (values, decoder))
 
 
 def test_encode_decode_api():

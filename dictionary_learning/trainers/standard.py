@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..dictionary import AutoEncoder, Dictionary
-from .trainer import SAETrainer, check_steps, lr_schedule
+from .trainer import SAETrainer
 
 
 class StandardTrainer(SAETrainer):
@@ -38,26 +38,17 @@ class StandardTrainer(SAETrainer):
         wandb_name: str = "StandardTrainer",
         submodule_name: str | None = None,
     ):
-        super().__init__(seed)
-        check_steps(steps)
-        warmup_steps = min(warmup_steps, steps)
-        self.steps, self.lr, self.l1_penalty = steps, lr, l1_penalty
-        self.sparsity_warmup_steps = sparsity_warmup_steps
-        self.device = torch.device(device or "cpu")
-        self.ae = dict_class(activation_dim, dict_size, output_dim=output_dim, transcoder=transcoder,
-                             skip=skip).to(self.device)
-        self.dead_threshold_tokens = dead_feature_threshold
-        self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=lr, betas=(0.9, 0.999))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(steps, warmup_steps, decay_start))
-        self._init_tracking(dict_size, self.device)
+        super().__init__(
+            seed, steps=steps, lr=lr, warmup_steps=warmup_steps, decay_start=decay_start,
+            dead_feature_threshold=dead_feature_threshold, device=device,
+            build_dictionary=lambda: dict_class(activation_dim, dict_size, output_dim=output_dim,
+                                                transcoder=transcoder, skip=skip),
+            config={"l1_penalty": l1_penalty, "sparsity_warmup_steps": sparsity_warmup_steps, "layer": layer,
+                    "lm_name": lm_name, "wandb_name": wandb_name, "submodule_name": submodule_name},
+        )
+        self.l1_penalty, self.sparsity_warmup_steps = l1_penalty, sparsity_warmup_steps
         self.logging_parameters = ["sparsity_coefficient"]
         self.sparsity_coefficient = 0.0
-        self._config = {
-            "lr": lr, "l1_penalty": l1_penalty, "steps": steps, "warmup_steps": warmup_steps,
-            "sparsity_warmup_steps": sparsity_warmup_steps, "decay_start": decay_start,
-            "dead_feature_threshold": dead_feature_threshold, "seed": seed, "device": str(self.device),
-            "layer": layer, "lm_name": lm_name, "wandb_name": wandb_name, "submodule_name": submodule_name,
-        }
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         f = self.ae.encode(x)  # [batch, dict_size]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..dictionary import AutoEncoderTopK, BatchTopKSAE, Dictionary, SparseCode
-from .trainer import SAETrainer, check_steps, geometric_median, lr_schedule
+from .trainer import SAETrainer, geometric_median
 
 
 def default_topk_lr(dict_size: int) -> float:
@@ -53,34 +53,25 @@ class TopKTrainer(SAETrainer):
         wandb_name: str = "TopKTrainer",
         submodule_name: str | None = None,
     ):
-        super().__init__(seed)
         dict_class = dict_class or self.default_dict_class
-        check_steps(steps)
-        warmup_steps = min(warmup_steps, steps)
-        self.steps, self.k = steps, k
-        self.device = torch.device(device or "cpu")
-        self.ae = dict_class(activation_dim, dict_size, k, output_dim=output_dim, transcoder=transcoder,
-                             skip=skip).to(self.device)
-        self.lr = lr if lr is not None else default_topk_lr(dict_size)
+        super().__init__(
+            seed, steps=steps, lr=lr if lr is not None else default_topk_lr(dict_size), warmup_steps=warmup_steps,
+            decay_start=decay_start, dead_feature_threshold=dead_feature_threshold, device=device, adam_eps=6.25e-10,
+            build_dictionary=lambda: dict_class(activation_dim, dict_size, k, output_dim=output_dim,
+                                                transcoder=transcoder, skip=skip),
+            config={"layer": layer, "lm_name": lm_name, "wandb_name": wandb_name, "submodule_name": submodule_name},
+        )
+        self.k = k  # upstream's attribute; the dictionary's `k` buffer is what is used
         self.auxk_alpha = auxk_alpha
         self.k_aux = k_aux if k_aux is not None else self.ae.output_dim // 2
-        self.dead_threshold_tokens = dead_feature_threshold
         if threshold_start_step is None:  # upstream's 1000, but within short runs too
             threshold_start_step = min(1000, steps // 10)
         self.threshold_beta, self.threshold_start_step = threshold_beta, threshold_start_step
-        self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=6.25e-10)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(steps, warmup_steps, decay_start))
-        self._init_tracking(dict_size, self.device)
         self._b_dec_initialised = False  # b_dec goes to the geometric median of the first batch, once
         self.logging_parameters = ["effective_l0", "dead_features", "pre_norm_auxk_loss"]
         self.effective_l0 = self.dead_features = self.pre_norm_auxk_loss = -1.0
-        self._config = {
-            "lr": self.lr, "steps": steps, "auxk_alpha": auxk_alpha, "k_aux": self.k_aux,
-            "warmup_steps": warmup_steps, "decay_start": decay_start, "dead_feature_threshold": dead_feature_threshold,
-            "threshold_beta": threshold_beta, "threshold_start_step": threshold_start_step, "seed": seed,
-            "device": str(self.device), "layer": layer, "lm_name": lm_name, "wandb_name": wandb_name,
-            "submodule_name": submodule_name,
-        }
+        self._config.update(auxk_alpha=auxk_alpha, k_aux=self.k_aux, threshold_beta=threshold_beta,
+                            threshold_start_step=threshold_start_step)
 
     # code selection: TopK per token (BatchTopK overrides) --------------------------------------------------------
     def _code(self, x: torch.Tensor, pre: torch.Tensor, step: int) -> SparseCode:

@@ -6,11 +6,12 @@ transcoders, with x `[batch, activation_dim]` and y `[batch, output_dim]`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from ..dictionary import Dictionary, json_safe
+from ..dictionary import Dictionary
+from ..files import json_safe
 
 
 def check_steps(steps: Any) -> None:
@@ -72,18 +73,43 @@ def split_batch(batch: Any, dictionary: Dictionary) -> tuple[torch.Tensor, torch
 
 
 class SAETrainer:
-    """Base trainer. Subclasses build `self.ae`, `self.optimizer`, `self.scheduler` and implement `loss`."""
+    """Base trainer: subclasses implement `loss` (and optionally the optimizer-step hooks). The constructor builds
+    what every method shares; `SAETrainer(seed)` alone (upstream's base) only seeds, for subclasses that build
+    `self.ae`, `self.optimizer`, `self.scheduler` and tracking themselves."""
 
     ae: Dictionary
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    max_grad_norm = 1.0
 
-    def __init__(self, seed: int | None = None):
+    def __init__(self, seed: int | None = None, *, steps: int | None = None,
+                 build_dictionary: Callable[[], Dictionary] | None = None, lr: float = 1e-3, warmup_steps: int = 0,
+                 decay_start: int | None = None, dead_feature_threshold: int = 10_000_000,
+                 device: str | torch.device | None = None, adam_eps: float = 1e-8,
+                 config: dict[str, Any] | None = None):
+        """Seed torch's generator with `seed`; given `steps` and `build_dictionary` (called after seeding), also
+        build the dictionary on `device`, Adam, the lr schedule (warmup, optional decay), dead-feature tracking and
+        the config saved with the dictionary (`config` adds the method's own keys)."""
         self.seed = seed
         if seed is not None:
             torch.manual_seed(seed)
         self.logging_parameters: list[str] = []
         self.last_metrics: dict[str, float] = {}
+        if steps is None and build_dictionary is None:
+            return
+        check_steps(steps)
+        warmup_steps = min(warmup_steps, steps)
+        self.steps, self.lr = steps, lr
+        self.device = torch.device(device or "cpu")
+        self.ae = build_dictionary().to(self.device)
+        self.dead_threshold_tokens = dead_feature_threshold
+        self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=lr, betas=(0.9, 0.999), eps=adam_eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(steps, warmup_steps,
+                                                                                       decay_start))
+        self._init_tracking(self.ae.dict_size, self.device)
+        self._config = {"lr": lr, "steps": steps, "warmup_steps": warmup_steps, "decay_start": decay_start,
+                        "dead_feature_threshold": dead_feature_threshold, "seed": seed, "device": str(self.device),
+                        **(config or {})}
 
     # dead-feature tracking -------------------------------------------------------------------------------------
     def _init_tracking(self, dict_size: int, device) -> None:
@@ -122,8 +148,6 @@ class SAETrainer:
         self.scheduler.step()
         self.after_optimizer_step()
         return loss.item()
-
-    max_grad_norm = 1.0
 
     @torch.no_grad()
     def _record(self, y: torch.Tensor, y_hat: torch.Tensor, l0: float, loss: torch.Tensor, **extra: float) -> None:

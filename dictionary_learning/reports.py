@@ -1,0 +1,177 @@
+"""The pipelines behind the command line, as functions a notebook can call too; each returns what it measured.
+
+quickstart   a TopK SAE on a model's middle layer, evaluated on held-out text, with a report folder
+collect      activations at a hook point: statistics, optionally saved as safetensors
+scae_report  a saved SCAE suite: CE and per-module FVU / L0 against C, and with its own connections
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .buffer import ActivationBuffer, epochs
+from .data import text_source
+from .evaluation import activation_statistics, evaluate, feature_density, plot_feature_density, top_activating_contexts
+from .files import atomic_write, atomic_write_json, atomic_write_text
+from .models import DEFAULT_MODEL, dtype_from_name, hook, load_model, n_layers
+from .scae import (
+    SCAESuite, ce_table, ce_versus_c, evaluate_suite, module_table, plot_ce_versus_c, plot_connection_statistics,
+    select_connections,
+)
+from .trainers import TopKTrainer
+from .training import trainSAE
+from .utils import load_dictionary
+
+
+def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str = "resid", data: str | None = None,
+               dtype: str = "auto", device: str = "cpu", ctx_len: int = 128, remove_bos: bool = True,
+               tokens: int = 150_000, steps: int = 600, batch: int = 2048, dict_size: int = 4608, k: int = 32,
+               lr: float = 1e-3, dead_tokens: int = 200_000, batch_texts: int = 32, eval_texts: int = 150,
+               eval_tokens: int = 8192, loss_batches: int = 2, n_features: int = 8, seed: int = 0,
+               wandb: bool = False, out: str | Path = "reports/quickstart") -> dict[str, Any]:
+    """Collect activations once, train a TopK SAE on them for several epochs (normalised, scale folded into the saved
+    weights), evaluate it on held-out text (the first `eval_texts` texts, never trained on) and write `out/`:
+    metrics.json / metrics.md, feature_density.png, top_contexts.txt and the SAE in sae/trainer_0/."""
+    started = time.perf_counter()
+    out = Path(out)
+    torch_dtype = dtype_from_name(dtype, device)
+    lm = load_model(model, device=device, dtype=torch_dtype)
+    layer = n_layers(lm) // 2 if layer is None else layer
+    point = hook(lm, layer, site)
+    print(f"{model} {point} ({str(torch_dtype)[6:]}): collecting {tokens} training tokens", file=sys.stderr)
+
+    # held-out text for evaluation first, the rest for training
+    texts = text_source(data, repeat=True)
+    held_out_texts = list(itertools.islice(texts, eval_texts))
+    buffer_kwargs = dict(ctx_len=ctx_len, refresh_batch_size=batch_texts, device=device, dtype=torch.float32,
+                         remove_bos=remove_bos, seed=seed)
+    train_buffer = ActivationBuffer(texts, lm, point, n_ctxs=max(1, min(tokens, 32768) // ctx_len),
+                                    out_batch_size=4096, **buffer_kwargs)
+    activations = train_buffer.take(tokens, progress=True)
+    collected = time.perf_counter()
+
+    config = dict(trainer=TopKTrainer, activation_dim=activations.shape[1], dict_size=dict_size, k=k, lr=lr,
+                  steps=steps, warmup_steps=min(100, steps // 10), decay_start=int(steps * 0.8),
+                  dead_feature_threshold=dead_tokens, seed=seed, device=device, layer=layer, lm_name=model,
+                  submodule_name=str(point), wandb_name="quickstart")
+    trainSAE(epochs(activations, batch, seed), [config], steps, save_dir=out / "sae", normalize_activations=True,
+             use_wandb=wandb, log_steps=max(1, steps // 50), run_cfg={"buffer": train_buffer.config})
+    trained = time.perf_counter()
+    n_collected = int(activations.shape[0])
+    del activations
+
+    sae, _ = load_dictionary(out / "sae" / "trainer_0")  # the saved one: works on raw activations
+    eval_buffer = ActivationBuffer(iter(held_out_texts), lm, point, n_ctxs=max(1, eval_tokens // ctx_len),
+                                   out_batch_size=2048, **buffer_kwargs)
+    held_out = eval_buffer.take(eval_tokens)
+    batches = held_out.split(2048)
+    metrics = evaluate(sae, iter(batches), n_batches=len(batches))
+    eval_buffer = ActivationBuffer(iter(held_out_texts), lm, point, n_ctxs=1, **buffer_kwargs)
+    loss = evaluate(sae, eval_buffer, max_len=ctx_len, batch_size=16, n_batches=1, loss_batches=loss_batches)
+    metrics.update({key: value for key, value in loss.items() if key.startswith(("ce_", "kl_", "frac_recovered"))})
+    density = feature_density(sae, batches)
+    metrics.update(
+        model=model, hook=str(point), dict_size=dict_size, k=k, steps=steps, training_tokens_collected=n_collected,
+        batch_size=batch, tokens_trained=steps * batch, held_out_tokens=int(held_out.shape[0]),
+        dead_features=int((density == 0).sum()), seconds_collect=collected - started,
+        seconds_train=trained - collected,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    plot_feature_density(density, str(out / "feature_density.png"), title=f"{point}, {dict_size} features")
+
+    # a handful of features spread over densities, with their top-activating contexts on held-out text
+    generator = torch.Generator().manual_seed(seed)
+    candidates = ((density > 1e-3) & (density < 5e-2)).nonzero().flatten()
+    chosen = candidates[torch.randperm(len(candidates), generator=generator)[:n_features]].tolist()
+    contexts = top_activating_contexts(sae, lm, point, held_out_texts, chosen, ctx_len=ctx_len)
+    lines = [f"Top-activating held-out contexts of {len(chosen)} random features with density in (0.1%, 5%)",
+             f"{model} {point}, TopK SAE with {dict_size} features, k={k}", ""]
+    for feature in chosen:
+        lines.append(f"feature {feature}  (fires on {density[feature]:.2%} of held-out tokens)")
+        lines += [f"  {value:8.2f}  {text}" for value, text in contexts[feature]]
+        lines.append("")
+    atomic_write_text(out / "top_contexts.txt", "\n".join(lines))
+    metrics["seconds_total"] = time.perf_counter() - started
+    atomic_write_json(out / "metrics.json", metrics)
+    table = [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
+             for key, value in metrics.items()]
+    atomic_write_text(out / "metrics.md", "| metric | value |\n|---|---|\n" + "\n".join(table) + "\n")
+    keys = ("fvu", "cossim", "l0", "frac_alive", "ce_clean", "ce_patched", "ce_zero", "frac_recovered",
+            "kl_patched", "seconds_total")
+    print("\n".join(f"{key:>16s}: {metrics[key]:.4g}" for key in keys))
+    print(f"report written to {out}/ (metrics.md, metrics.json, feature_density.png, top_contexts.txt, sae/)")
+    return metrics
+
+
+def collect(model: str = DEFAULT_MODEL, layer: int | None = None, site: str = "resid", data: str | None = None,
+            dtype: str = "auto", device: str = "cpu", ctx_len: int = 128, remove_bos: bool = True,
+            tokens: int = 20000, batch: int = 32, out: str | Path | None = None) -> dict[str, Any]:
+    """Read `tokens` activation vectors at a hook point (default: the middle layer's residual stream), print their
+    statistics as JSON and, with `out`, save them as one safetensors file (with the buffer's config)."""
+    from safetensors.torch import save_file
+
+    torch_dtype = dtype_from_name(dtype, device)
+    start = time.perf_counter()
+    lm = load_model(model, device=device, dtype=torch_dtype)
+    layer = n_layers(lm) // 2 if layer is None else layer
+    point = hook(lm, layer, site)
+    print(f"model {model} loaded in {time.perf_counter() - start:.1f} s; reading {point} ({str(torch_dtype)[6:]})",
+          file=sys.stderr)
+    buffer = ActivationBuffer(text_source(data), lm, point, n_ctxs=max(1, tokens // ctx_len), ctx_len=ctx_len,
+                              refresh_batch_size=batch, out_batch_size=4096, device=device, dtype=torch_dtype,
+                              remove_bos=remove_bos)
+    start = time.perf_counter()
+    activations = buffer.take(tokens, progress=True)
+    seconds = time.perf_counter() - start
+    stats = {"model": model, "hook": str(point), "tokens_per_second": activations.shape[0] / seconds,
+             **activation_statistics(activations)}
+    print(json.dumps(stats, indent=2))
+    if out:
+        metadata = {"buffer_config": json.dumps(buffer.config), "model": model}
+        atomic_write(out, lambda tmp: save_file({"activations": activations.contiguous()}, tmp, metadata=metadata))
+        print(f"saved {tuple(activations.shape)} to {out}", file=sys.stderr)
+    return stats
+
+
+def scae_report(suite: str | Path, model: str | None = None, data: str | None = None, Cs: str | list[int] = "1,4,16,64",
+                selection_texts: int = 24, eval_texts: int = 24, batch_texts: int = 8, ctx_len: int = 128,
+                out: str | Path | None = None) -> list[dict[str, Any]]:
+    """Select connections on held-out text and print CE (clean, dense suite, pruned suite) against C, per-module
+    FVU and L0 at the largest C, and, for a suite saved with connections (fine-tuned), the same with those.
+    `Cs`: a list or comma-separated string. With `out`, also writes the tables (.md, .json) and plots there."""
+    if isinstance(Cs, str):
+        try:
+            Cs = [int(c) for c in Cs.split(",")]
+        except ValueError:
+            raise ValueError(f"--Cs must be comma-separated integers, got {Cs!r}") from None
+    suite = SCAESuite.load(suite)
+    lm = load_model(model or suite.model_name or DEFAULT_MODEL, attn_implementation="eager")
+    texts = text_source(data, repeat=True)
+    selection = list(itertools.islice(texts, selection_texts))
+    evaluation = list(itertools.islice(texts, eval_texts))
+    kwargs = dict(batch_size=batch_texts, ctx_len=ctx_len)
+    selected = select_connections(suite, lm, selection, max(Cs), progress=True, **kwargs)
+    rows = ce_versus_c(suite, lm, None, evaluation, Cs, progress=True, connections=selected, **kwargs)
+    report = [ce_table(rows), module_table(rows[-1], f"C = {rows[-1]['C']}")]
+    if suite.connections is not None:
+        own = evaluate_suite(suite, lm, evaluation, suite.connections, **kwargs)
+        C = max(i.shape[1] for i in suite.connections.indices.values())
+        report.append(f"with the suite's own connections (C = {C}): CE clean {own['ce_clean']:.4f}, dense "
+                      f"{own['ce_dense']:.4f}, pruned {own['ce_pruned']:.4f}\n\n" + module_table(own))
+    text = "\n\n".join(report) + "\n"
+    print(text)
+    if out:
+        out = Path(out)
+        atomic_write_text(out / "ce_versus_c.md", text)
+        atomic_write_json(out / "ce_versus_c.json", rows)
+        plot_ce_versus_c({"selected on held-out text": rows}, out / "ce_versus_c.png")
+        plot_connection_statistics(selected, out / "connections.png")
+        print(f"written to {out}/ (ce_versus_c.md, ce_versus_c.json, ce_versus_c.png, connections.png)")
+    return rows

@@ -1,0 +1,124 @@
+"""Connection selection: per feature, the C upstream features with the largest |mean contribution| over a dataset.
+`contribution_statistics` keeps only per-upstream-feature sums from one pass of the suite; `pair_contributions`
+turns them into one module pair's `[dict_size, n_upstream_module]` mean contributions at a time, and
+`connections_from_statistics` keeps a running top-C across upstream modules; `select_connections` does both."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..models import attention_ov, norm_params
+from .pruned import virtual_weights
+from .suite import Connections, SCAESuite, check_C, parse_module_name, upstream_of
+from .tracing import run_suite
+
+
+
+@dataclass
+class ContributionStatistics:
+    """What mean contributions need, summed over `tokens` real tokens: per downstream module and upstream module,
+    sum_t s(t) a_j(t) for transcoders (`[n_upstream_module]`) and, for attention SAEs, sum_q sum_k P_h[q, k] s(k)
+    a_j(k) per head (`[heads, n_upstream_module]`)."""
+
+    tokens: int
+    sums: dict[str, dict[str, torch.Tensor]]
+
+
+@torch.no_grad()
+def contribution_statistics(suite: SCAESuite, model: Any, texts: Any, batch_size: int = 8, ctx_len: int = 128,
+                            progress: bool = False) -> ContributionStatistics:
+    """One pass of the suite over `texts` (any iterable of strings), keeping only per-upstream-feature sums: memory
+    is a vector (per head) per module pair, whatever the number of texts."""
+    texts = list(texts)
+    if not texts:
+        raise ValueError("contribution statistics need at least one text, got none")
+    sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in suite.names}
+    tokens = 0
+    for start in tqdm(range(0, len(texts), batch_size), desc="contribution statistics", disable=not progress):
+        record, _ = run_suite(suite, model, texts[start : start + batch_size], ctx_len=ctx_len, logits=False)
+        mask = record.mask.to(torch.float32)
+        tokens += int(mask.sum())
+        for name in suite.names:
+            kind, layer = parse_module_name(name)
+            if kind == "mlp":
+                weight = record.norm_scales[name] * mask  # [batch, seq]
+            else:  # how much each key position is read, summed over real queries, per head
+                weight = torch.einsum("bhqk,bq,bk->bhk", record.patterns[layer], mask, record.norm_scales[name])
+            for up in upstream_of(name):
+                pattern = "bt,btj->j" if kind == "mlp" else "bhk,bkj->hj"
+                sums[name][up] = sums[name].get(up, 0) + torch.einsum(pattern, weight, record.codes[up])
+    return ContributionStatistics(tokens, sums)
+
+
+@torch.no_grad()
+def pair_contributions(suite: SCAESuite, model: Any, statistics: ContributionStatistics, name: str, up: str
+                       ) -> torch.Tensor:
+    """Mean contribution of each feature of `up` to each feature of `name`'s pre-activation, over the tokens of
+    `statistics`: `[dict_size, up's dict_size]`. One module pair at a time, so selection never holds more."""
+    kind, layer = parse_module_name(name)
+    if up not in upstream_of(name):
+        raise ValueError(f"{up} is not upstream of {name}; upstream modules are {upstream_of(name)}")
+    mean = statistics.sums[name][up] / max(statistics.tokens, 1)
+    normed = norm_params(model, layer, kind).linear_part(suite[up].decoder.weight.t())  # [n_up, d_model]
+    encoder = suite[name].encoder.weight
+    if kind == "mlp":
+        return (encoder @ normed.t()) * mean
+    ov = attention_ov(model, layer)
+    values = torch.einsum("jd,hde->hje", normed, ov.W_V) * mean[..., None]  # [heads, n_up, d_head]
+    return encoder @ torch.einsum("hje,hem->jm", values, ov.W_O).t()
+
+
+@torch.no_grad()
+def connections_from_statistics(suite: SCAESuite, model: Any, statistics: ContributionStatistics, C: int
+                                ) -> Connections:
+    """The top-C connections per feature by |mean contribution|, strongest first, with a running top-C across
+    upstream modules (one `[dict_size, n_upstream_module]` matrix at a time)."""
+    check_C(C)
+    indices, weights, scores, totals = {}, {}, {}, {}
+    for name in suite.names:
+        n_features = suite[name].dict_size
+        best_values = torch.empty(n_features, 0)
+        best_indices = torch.empty(n_features, 0, dtype=torch.long)
+        totals[name] = torch.zeros(n_features)
+        offset = 0
+        for up in upstream_of(name):
+            strength = pair_contributions(suite, model, statistics, name, up).abs()
+            totals[name] += strength.sum(dim=1)
+            values, local = strength.topk(min(C, strength.shape[1]), dim=1)
+            merged_values = torch.cat([best_values, values], dim=1)
+            merged_indices = torch.cat([best_indices, local + offset], dim=1)
+            best_values, keep = merged_values.topk(min(C, merged_values.shape[1]), dim=1)  # sorted: strongest first
+            best_indices = merged_indices.gather(1, keep)
+            offset += suite[up].dict_size
+        indices[name], scores[name] = best_indices, best_values
+        weights[name] = virtual_weights(suite, model, name, best_indices)
+    return Connections(indices, weights, scores, totals)
+
+
+@torch.no_grad()
+def select_connections(suite: SCAESuite, model: Any, texts: Any, C: int, batch_size: int = 8, ctx_len: int = 128,
+                       progress: bool = False) -> Connections:
+    """For every feature, the C upstream features (across all upstream modules) with the largest |mean
+    contribution| over `texts`, stored as `[dict_size, C]` indices, strongest first (fewer where fewer exist), and
+    their virtual weights. The embedding and bias terms are always kept, densely."""
+    check_C(C)
+    statistics = contribution_statistics(suite, model, texts, batch_size=batch_size, ctx_len=ctx_len,
+                                         progress=progress)
+    return connections_from_statistics(suite, model, statistics, C)
+
+
+
+@torch.no_grad()
+def all_connections(suite: SCAESuite, model: Any) -> Connections:
+    """Every feature connected to every upstream feature (C = all): the pruned pass then equals the dense one.
+    Only for small suites: this is the dense dict_size x n_upstream matrix the pruned pass otherwise avoids."""
+    indices, weights = {}, {}
+    for name in suite.names:
+        n_up = suite.n_upstream(name)
+        indices[name] = torch.arange(n_up).expand(suite[name].dict_size, n_up).contiguous()
+        weights[name] = virtual_weights(suite, model, name, indices[name])
+    return Connections(indices, weights)

@@ -1,0 +1,183 @@
+"""The suite and its connections: module names and which modules feed which, `SCAESuite` (an attention SAE and a
+transcoder per layer; saved and loaded as one folder) and `Connections` (per feature, the upstream features it reads
+and their virtual weights; saved as one safetensors file)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..dictionary import AutoEncoderTopK, Dictionary, TopKDictionary
+from ..files import atomic_write, atomic_write_json, read_json
+from ..models import d_model, n_layers
+from ..utils import load_dictionary, save_dictionary
+
+CONNECTION_FIELDS = ("indices", "weights", "scores", "totals")
+
+
+def module_names(n_layer: int) -> list[str]:
+    """The suite's modules in execution order: attn_0, mlp_0, attn_1, mlp_1, ..."""
+    return [f"{kind}_{layer}" for layer in range(n_layer) for kind in ("attn", "mlp")]
+
+
+def parse_module_name(name: str) -> tuple[str, int]:
+    """("attn" | "mlp", layer) of a module name such as "mlp_3"."""
+    kind, _, layer = name.partition("_")
+    if kind not in ("attn", "mlp") or not layer.isdigit():
+        raise ValueError(f"SCAE module names are 'attn_<layer>' or 'mlp_<layer>', got {name!r}")
+    return kind, int(layer)
+
+
+def upstream_of(name: str) -> list[str]:
+    """Modules whose outputs reach `name`'s input: everything earlier in execution order."""
+    order = module_names(parse_module_name(name)[1] + 1)
+    return order[: order.index(name)]
+
+
+def check_C(C: Any) -> None:
+    if isinstance(C, bool) or not isinstance(C, int) or C <= 0:
+        raise ValueError(f"C must be a positive int, got {C!r}")
+
+
+class SCAESuite(nn.Module):
+    """Per-layer TopK attention SAEs (attn_out -> attn_out) and TopK transcoders (mlp_in -> mlp_out)."""
+
+    def __init__(self, modules: dict[str, Dictionary], model_name: str | None = None,
+                 connections: "Connections | None" = None):
+        super().__init__()
+        if not modules:
+            raise ValueError("an SCAESuite needs at least one module")
+        layers = 1 + max(parse_module_name(name)[1] for name in modules)
+        expected = module_names(layers)
+        if sorted(modules) != sorted(expected):
+            raise ValueError(f"an SCAESuite needs an attention SAE and a transcoder on every layer: expected "
+                             f"{expected}, got {sorted(modules)}")
+        for name, module in modules.items():
+            if not isinstance(module, TopKDictionary):
+                raise TypeError(f"{name}: SCAE modules are TopK dictionaries, got {type(module).__name__}")
+            if module.skip is not None:
+                raise ValueError(f"{name}: transcoders with a skip connection are not supported in an SCAE")
+            if name.startswith("attn") and module.transcoder:
+                raise ValueError(f"{name}: attention modules are SAEs (not transcoders)")
+        self.names = expected
+        self.dictionaries = nn.ModuleDict({name: modules[name] for name in expected})
+        self.model_name = model_name
+        self.n_layers = layers
+        self.connections = connections  # the suite's selected connections, saved and loaded with it
+        if connections is not None:
+            connections.validate(self)
+
+    def __getitem__(self, name: str) -> Dictionary:
+        return self.dictionaries[name]
+
+    def n_upstream(self, name: str) -> int:
+        """How many upstream features module `name` can read: the features of every module before it."""
+        return sum(self[up].dict_size for up in upstream_of(name))
+
+    def check_model(self, model: Any) -> None:
+        """Clear errors for a suite whose widths or depth do not match the model."""
+        width = d_model(model)
+        if self.n_layers > n_layers(model):
+            raise ValueError(f"the suite has {self.n_layers} layers, the model {n_layers(model)}")
+        for name, module in self.dictionaries.items():
+            if module.activation_dim != width or module.output_dim != width:
+                raise ValueError(f"{name} maps {module.activation_dim} -> {module.output_dim}, but the model's "
+                                 f"width is {width}")
+
+    @classmethod
+    def random(cls, model: Any, dict_size: int, k: int, n_layer: int | None = None, seed: int = 0) -> "SCAESuite":
+        """An untrained suite for `model` (all layers, or the first `n_layer`)."""
+        width = d_model(model)
+        torch.manual_seed(seed)
+        modules = {name: AutoEncoderTopK(width, dict_size, k, transcoder=name.startswith("mlp"))
+                   for name in module_names(n_layer or n_layers(model))}
+        return cls(modules)
+
+    def save(self, directory: str | Path) -> Path:
+        """One folder: a dictionary folder per module (upstream's ae.pt + config.json format), the connections
+        (connections.safetensors, if set) and suite.json, written last so a folder with it is complete."""
+        directory = Path(directory)
+        for name, module in self.dictionaries.items():
+            save_dictionary(module, directory / name)
+        if self.connections is not None:
+            save_connections(self.connections, directory / "connections.safetensors")
+        atomic_write_json(directory / "suite.json", {"modules": self.names, "model_name": self.model_name,
+                                                     "connections": self.connections is not None})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "cpu") -> "SCAESuite":
+        directory = Path(directory)
+        if not (directory / "suite.json").exists():
+            raise ValueError(f"{str(directory)!r} is not a saved SCAESuite (no suite.json)")
+        meta = read_json(directory / "suite.json")
+        modules = {name: load_dictionary(directory / name, device=device)[0] for name in meta["modules"]}
+        connections = load_connections(directory / "connections.safetensors") if meta.get("connections") else None
+        return cls(modules, model_name=meta.get("model_name"), connections=connections)
+
+
+@dataclass
+class Connections:
+    """For each module, the upstream features each of its features reads: `indices[name]` `[dict_size, C]` into the
+    concatenation of `upstream_of(name)`'s features (in that order), and their virtual weights `weights[name]`:
+    `[dict_size, C]` for transcoders, `[dict_size, C, n_heads]` for attention SAEs (one per head). Selected
+    connections come strongest first in each row (so `top(C)` keeps the C strongest), with `scores[name]` `[dict_size,
+    C]` their |mean contribution| and `totals[name]` `[dict_size]` each feature's total |mean contribution| over all
+    of its upstream features."""
+
+    indices: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]
+    scores: dict[str, torch.Tensor] | None = None
+    totals: dict[str, torch.Tensor] | None = None
+
+    def validate(self, suite: SCAESuite) -> None:
+        """Clear errors for connections that do not fit the suite."""
+        for name in suite.names:
+            if name not in self.indices:
+                raise ValueError(f"no connections for module {name}")
+            indices, n_up = self.indices[name], suite.n_upstream(name)
+            if indices.dim() != 2 or indices.shape[0] != suite[name].dict_size:
+                raise ValueError(f"{name}: expected indices of shape [{suite[name].dict_size}, C], got "
+                                 f"{tuple(indices.shape)}")
+            if indices.numel() and (indices.min() < 0 or indices.max() >= n_up):
+                raise ValueError(f"{name}: connection indices must lie in [0, {n_up}), got "
+                                 f"[{int(indices.min())}, {int(indices.max())}]")
+            if indices.shape[1] > 1 and (indices.sort(dim=1).values.diff(dim=1) == 0).any():
+                raise ValueError(f"{name}: a feature lists the same upstream feature twice")
+            if self.weights[name].shape[:2] != indices.shape:
+                raise ValueError(f"{name}: weights of shape {tuple(self.weights[name].shape)} do not match indices "
+                                 f"{tuple(indices.shape)}")
+
+    def top(self, C: int) -> "Connections":
+        """The first C connections of every feature: the C strongest, for selected connections."""
+        check_C(C)
+
+        def first(tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+            return None if tensors is None else {name: t[:, :C] for name, t in tensors.items()}
+
+        return Connections(first(self.indices), first(self.weights), first(self.scores), self.totals)
+
+
+def save_connections(connections: Connections, path: str | Path) -> None:
+    """Indices, virtual weights (and scores / totals where present) in one safetensors file, written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for field in CONNECTION_FIELDS:
+        for name, tensor in (getattr(connections, field) or {}).items():
+            tensors[f"{name}.{field}"] = tensor.detach().contiguous()
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+
+
+def load_connections(path: str | Path) -> Connections:
+    from safetensors.torch import load_file
+
+    fields: dict[str, dict[str, torch.Tensor]] = {field: {} for field in CONNECTION_FIELDS}
+    for key, tensor in load_file(str(path)).items():
+        name, field = key.rsplit(".", 1)
+        fields[field][name] = tensor
+    return Connections(fields["indices"], fields["weights"], fields["scores"] or None, fields["totals"] or None)
