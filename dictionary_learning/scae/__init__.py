@@ -37,27 +37,26 @@ removes. Both are a linearisation around one run: the pruned pass does not recom
 """
 
 from .evaluation import (
-    SuiteMetrics, ce_table, ce_versus_c, evaluate_suite, module_table, plot_ce_versus_c, plot_connection_statistics,
+    ce_table, ce_versus_c, evaluate_suite, module_table, plot_ce_versus_c, plot_connection_statistics,
     suite_cross_entropy,
 )
-from .kernels import CSRProduct, GatherDot, connect
-from .pruned import decompose, pruned_forward, pruned_pre_activations, upstream_decoder, virtual_weights
+from .pruned import decompose, pruned_forward, pruned_pre_activations, virtual_weights
 from .selection import (
     ContributionStatistics, all_connections, connections_from_statistics, contribution_statistics, pair_contributions,
     select_connections,
 )
 from .suite import (
-    Connections, SCAESuite, check_C, load_connections, module_names, parse_module_name, save_connections, upstream_of,
+    Connections, SCAESuite, load_connections, module_names, parse_module_name, save_connections, upstream_of,
 )
 from .tracing import SuiteRecord, clean_targets, patched_logits, run_suite
 from .training import SCAETrainer, train_scae_suite
 
+# the public names (as before the wing was split, plus parse_module_name); the kernels stay in scae.kernels
 __all__ = [
-    "CSRProduct", "Connections", "ContributionStatistics", "GatherDot", "SCAESuite", "SCAETrainer", "SuiteMetrics",
-    "SuiteRecord", "all_connections", "ce_table", "ce_versus_c", "check_C", "clean_targets", "connect",
-    "connections_from_statistics", "contribution_statistics", "decompose", "evaluate_suite", "load_connections",
-    "module_names", "module_table", "pair_contributions", "parse_module_name", "patched_logits",
-    "plot_ce_versus_c", "plot_connection_statistics", "pruned_forward", "pruned_pre_activations", "run_suite",
-    "save_connections", "select_connections", "suite_cross_entropy", "train_scae_suite", "upstream_decoder",
-    "upstream_of", "virtual_weights",
+    "Connections", "ContributionStatistics", "SCAESuite", "SCAETrainer", "SuiteRecord", "all_connections", "ce_table",
+    "ce_versus_c", "clean_targets", "connections_from_statistics", "contribution_statistics", "decompose",
+    "evaluate_suite", "load_connections", "module_names", "module_table", "pair_contributions", "parse_module_name",
+    "patched_logits", "plot_ce_versus_c", "plot_connection_statistics", "pruned_forward", "pruned_pre_activations",
+    "run_suite", "save_connections", "select_connections", "suite_cross_entropy", "train_scae_suite", "upstream_of",
+    "virtual_weights",
 ]
