@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dictionary_learning.dictionary import AutoEncoderTopK, BatchTopKSAE
-from dictionary_learning.trainers import BatchTopKTrainer, StandardTrainer, TopKTrainer
+from dictionary_learning.trainers import BatchTopKTrainer, StandardTrainerAprilUpdate, TopKTrainer
 from dictionary_learning.training import trainSAE
 from dictionary_learning.utils import load_dictionary
 
@@ -42,13 +42,13 @@ def test_topk_transcoder_recovers_planted_map():
     assert recovered >= 0.9, f"only {recovered:.0%} of planted output features recovered at cosine >= 0.9"
 
 
-@pytest.mark.parametrize("trainer_class", [BatchTopKTrainer, StandardTrainer])
+@pytest.mark.parametrize("trainer_class", [BatchTopKTrainer, StandardTrainerAprilUpdate])
 def test_other_trainers_learn(trainer_class):
     features = planted_features(N_TRUE, D, seed=0)
     steps = 1000
-    if trainer_class is StandardTrainer:
-        config = dict(trainer=StandardTrainer, activation_dim=D, dict_size=2 * N_TRUE, lr=2e-3, l1_penalty=1.0,
-                      steps=steps, warmup_steps=20, sparsity_warmup_steps=100, seed=0)
+    if trainer_class is StandardTrainerAprilUpdate:
+        config = dict(trainer=StandardTrainerAprilUpdate, activation_dim=D, dict_size=2 * N_TRUE, lr=2e-3,
+                      l1_penalty=1.0, steps=steps, warmup_steps=20, sparsity_warmup_steps=100, seed=0)
     else:
         config = topk_config(steps, trainer=BatchTopKTrainer, dict_class=BatchTopKSAE, threshold_start_step=100)
     [trainer] = trainSAE(planted_stream(features, K, 256, steps, seed=1), [config], steps, progress=False)

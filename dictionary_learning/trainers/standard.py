@@ -13,7 +13,7 @@ from ..dictionary import AutoEncoder, Dictionary
 from .trainer import SAETrainer
 
 
-class StandardTrainer(SAETrainer):
+class StandardTrainerAprilUpdate(SAETrainer):
     """Trains an `AutoEncoder` (or a transcoder of that class)."""
 
     def __init__(
@@ -35,7 +35,7 @@ class StandardTrainer(SAETrainer):
         skip: bool = False,
         seed: int | None = None,
         device: str | None = None,
-        wandb_name: str = "StandardTrainer",
+        wandb_name: str = "StandardTrainerAprilUpdate",
         submodule_name: str | None = None,
     ):
         super().__init__(
@@ -64,3 +64,7 @@ class StandardTrainer(SAETrainer):
             l0 = active.sum(dim=-1).float().mean().item()
         self._record(y, y_hat.detach(), l0, loss, l1_loss=l1.item(), mse_loss=mse.item())
         return loss
+
+
+class StandardTrainer(StandardTrainerAprilUpdate):
+    """Stub: upstream's original StandardTrainer is being written; until then the April update."""

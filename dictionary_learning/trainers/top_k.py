@@ -1,4 +1,4 @@
-"""TopKTrainer (Gao et al. 2024) and BatchTopKTrainer (Bussmann et al. 2024).
+"""TopKTrainer (Gao et al. 2024); BatchTopKTrainer (Bussmann et al. 2024) builds on it in `batch_top_k.py`.
 
 Loss: squared error summed over the output and averaged over the batch, plus `auxk_alpha` times the AuxK loss:
 the k_aux largest pre-activations among dead latents (no token fired them for `dead_feature_threshold` tokens)
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..dictionary import AutoEncoderTopK, BatchTopKSAE, Dictionary, SparseCode
+from ..dictionary import AutoEncoderTopK, Dictionary, SparseCode
 from .trainer import SAETrainer, geometric_median
 
 
@@ -134,24 +134,3 @@ class TopKTrainer(SAETrainer):
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._b_dec_initialised = state.get("b_dec_initialised", False)
-
-
-class BatchTopKTrainer(TopKTrainer):
-    """Trains a `BatchTopKSAE`: the batch's k*batch largest codes while training; the inference threshold is an
-    exponential moving average (beta `threshold_beta`, from `threshold_start_step`) of the smallest kept code."""
-
-    default_dict_class = BatchTopKSAE
-
-    def __init__(self, *args, wandb_name: str = "BatchTopKTrainer", **kwargs):
-        super().__init__(*args, wandb_name=wandb_name, **kwargs)
-
-    def _code(self, x: torch.Tensor, pre: torch.Tensor, step: int) -> SparseCode:
-        code = self.ae.sparse_code(x, pre)
-        if step >= self.threshold_start_step and code.values.numel():
-            with torch.no_grad():
-                smallest = code.values[code.values > 0].min().to(self.ae.threshold.dtype)
-                if self.ae.threshold < 0:
-                    self.ae.threshold.copy_(smallest)
-                else:
-                    self.ae.threshold.mul_(self.threshold_beta).add_((1 - self.threshold_beta) * smallest)
-        return code

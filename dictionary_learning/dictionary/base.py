@@ -1,0 +1,140 @@
+"""The `Dictionary` base: encode / decode / forward, input checks, the transcoder plumbing shared by every class
+(`output_dim`, the raw-input encoder, the optional linear skip), scale folding, config and state-dict loading."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------------------------
+# base
+
+
+class Dictionary(ABC, nn.Module):
+    """A dictionary: `encode` input -> features, `decode` features -> output, `forward` both."""
+
+    activation_dim: int
+    dict_size: int
+    output_dim: int
+    transcoder: bool
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # [batch, activation_dim] -> [batch, dict_size]
+        ...
+
+    @abstractmethod
+    def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:  # -> [batch, output_dim]
+        ...
+
+    def forward(self, x: torch.Tensor, output_features: bool = False):
+        """Reconstruction (and features if output_features)."""
+        self.check_input(x)
+        f = self.encode(x)
+        x_hat = self.decode(f, x)
+        return (x_hat, f) if output_features else x_hat
+
+    # shared pieces --------------------------------------------------------------------------------------------
+    def _init_shared(self, activation_dim: int, dict_size: int, output_dim: int | None, transcoder: bool,
+                     skip: bool) -> None:
+        for name, value in (("activation_dim", activation_dim), ("dict_size", dict_size)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        output_dim = activation_dim if output_dim is None else output_dim
+        if not isinstance(output_dim, int) or output_dim <= 0:
+            raise ValueError(f"output_dim must be a positive int, got {output_dim!r}")
+        self.activation_dim, self.dict_size, self.output_dim = activation_dim, dict_size, output_dim
+        self.transcoder = bool(transcoder or skip or output_dim != activation_dim)
+        self.skip = nn.Linear(activation_dim, output_dim, bias=False) if skip else None
+        if self.skip is not None:
+            nn.init.zeros_(self.skip.weight)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Clear errors for inputs of the wrong width / dtype."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor of shape [..., {self.activation_dim}], got {type(x).__name__}")
+        if x.shape[-1] != self.activation_dim:
+            raise ValueError(f"expected input width {self.activation_dim}, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point tensor, got {x.dtype}")
+
+    def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.transcoder else x - self.decoder_bias
+
+    def _add_skip(self, out: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        if self.skip is not None:
+            if x is None:
+                raise ValueError("this transcoder has a skip connection: decode(f, x) needs the input x")
+            out = out + self.skip(x)
+        return out
+
+    @property
+    def decoder_bias(self) -> torch.Tensor:
+        return self.b_dec
+
+    @torch.no_grad()
+    def fold_scale(self, scale_in: float, scale_out: float) -> None:
+        """Make a dictionary trained on (scale_in * x, scale_out * y) work on raw (x, y): afterwards
+        `new(x) == old(scale_in * x) / scale_out`, and features are `1 / scale_in` times the old ones."""
+        self.encoder.bias /= scale_in
+        if hasattr(self, "threshold") and self.threshold >= 0:
+            self.threshold /= scale_in
+        self.decoder.weight *= scale_in / scale_out
+        decoder_bias = self.decoder_bias
+        decoder_bias /= scale_out
+        if self.skip is not None:
+            self.skip.weight *= scale_in / scale_out
+
+    def dictionary_config(self) -> dict[str, Any]:
+        """Constructor arguments, enough to rebuild the dictionary (saved in config.json)."""
+        config = {"dict_class": type(self).__name__, "activation_dim": self.activation_dim,
+                  "dict_size": self.dict_size}
+        if self.transcoder:
+            config.update(output_dim=self.output_dim, transcoder=True, skip=self.skip is not None)
+        return config
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None,
+                        **kwargs):
+        """Load from an `ae.pt` / `.safetensors` state dict, or a folder holding one (shapes read from the weights)."""
+        state_dict = load_state_dict(path)
+        dictionary = cls.from_state_dict(state_dict, **kwargs)
+        dictionary.load_state_dict(state_dict)
+        return dictionary.to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], **kwargs) -> Dictionary:
+        dict_size, activation_dim = state_dict["encoder.weight"].shape
+        output_dim = state_dict["decoder.weight"].shape[0]
+        skip = "skip.weight" in state_dict
+        transcoder = kwargs.pop("transcoder", None)
+        if transcoder is None:
+            transcoder = skip or output_dim != activation_dim
+        return cls(activation_dim=activation_dim, dict_size=dict_size, output_dim=output_dim,
+                   transcoder=transcoder, skip=skip, **cls._extra_from_state_dict(state_dict), **kwargs)
+
+    @classmethod
+    def _extra_from_state_dict(cls, state_dict):
+        return {}
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A dictionary's state dict from `ae.pt`, a `.safetensors` file, or a folder holding either."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("ae.pt", "model.safetensors", "ae.safetensors"):
+            if (path / name).exists():
+                path = path / name
+                break
+        else:
+            raise ValueError(f"folder {str(path)!r} holds no ae.pt or model.safetensors")
+    if not path.exists():
+        raise ValueError(f"no such file: {str(path)!r}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)

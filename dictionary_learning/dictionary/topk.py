@@ -1,0 +1,151 @@
+"""TopK dictionaries: `AutoEncoderTopK` (Gao et al. 2024) and `BatchTopKSAE` (Bussmann et al. 2024), each also a
+transcoder. Their training path never builds a dense `[batch, dict_size]` code: `sparse_code` gathers the k active
+pre-activations through `gather_linear` and `decode_sparse` decodes them with `sparse_decode` (both in `sparse.py`,
+with hand-written backward passes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..sparse import SparseCode, gather_linear, sparse_decode
+from .base import Dictionary
+
+# ----------------------------------------------------------------------------------------------------------------
+# TopK
+
+
+def topk_codes(codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes with all but the k largest of each row zeroed, those k values, their indices) for non-negative codes
+    `[..., dict_size]`."""
+    values, indices = codes.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(codes).scatter_(-1, indices, values), values, indices
+
+
+class TopKDictionary(Dictionary):
+    """Shared parts of TopK-style dictionaries: unit-norm decoder columns, `k` and `threshold` buffers, b_dec, and
+    the sparse training path."""
+
+    def __init__(self, activation_dim: int, dict_size: int, k: int, output_dim: int | None = None,
+                 transcoder: bool = False, skip: bool = False):
+        super().__init__()
+        self._init_shared(activation_dim, dict_size, output_dim, transcoder, skip)
+        if not isinstance(k, int) or not 0 < k <= dict_size:
+            raise ValueError(f"k must be an int in [1, dict_size={dict_size}], got {k!r}")
+        self.register_buffer("k", torch.tensor(k, dtype=torch.int))
+        self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32))
+        self.decoder = nn.Linear(dict_size, self.output_dim, bias=False)
+        w = torch.randn(self.output_dim, dict_size)
+        self.decoder.weight.data = w / w.norm(dim=0, keepdim=True)
+        self.encoder = nn.Linear(activation_dim, dict_size)
+        nn.init.zeros_(self.encoder.bias)
+        if self.output_dim == activation_dim:
+            self.encoder.weight.data = self.decoder.weight.data.t().clone()
+        else:
+            nn.init.kaiming_uniform_(self.encoder.weight)
+        self.b_dec = nn.Parameter(torch.zeros(self.output_dim))
+
+    @classmethod
+    def _extra_from_state_dict(cls, state_dict):
+        return {"k": int(state_dict["k"])}
+
+    def dictionary_config(self) -> dict[str, Any]:
+        return {**super().dictionary_config(), "k": int(self.k)}
+
+    def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        return self._add_skip(self.decoder(f) + self.b_dec, x)
+
+    def _encoder_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, b) with pre-activations = x @ W.T + b for raw inputs x. For SAEs b = b_enc - W_enc @ b_dec, so
+        gradients reach b_dec through one [d_sae, d_in] x [d_in] product instead of a per-token one."""
+        weight, bias = self.encoder.weight, self.encoder.bias
+        if not self.transcoder:
+            bias = bias - weight @ self.b_dec
+        return weight, bias
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense encoder pre-activations, without autograd: `[batch, dict_size]`."""
+        with torch.no_grad():
+            return F.linear(x, *self._encoder_affine())
+
+    def gather_code(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+                    n_rows: int) -> SparseCode:
+        """The differentiable sparse code with pre-activations `values` (no grad) at (rows, cols)."""
+        weight, bias = self._encoder_affine()
+        return SparseCode(gather_linear(x, weight, bias, rows, cols, values).relu(), rows, cols, n_rows)
+
+    def decode_sparse(self, code: SparseCode, x: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
+        """Reconstruction from a sparse code (`bias=False`: W_dec f alone, as for AuxK)."""
+        out = sparse_decode(code, self.decoder.weight)
+        return self._add_skip(out + self.b_dec, x) if bias else out
+
+
+class AutoEncoderTopK(TopKDictionary):
+    """TopK SAE (Gao et al. 2024): f = TopK_k(relu(W_enc (x - b_dec) + b_enc)); x_hat = W_dec f + b_dec."""
+
+    def topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pre-activations, latent indices) of each row's k largest codes, no grad: `[batch, k]` each.
+
+        The codes are the pre-activations' relu (a pre-activation can be negative when fewer than k are positive).
+        """
+        return self.pre_activations(x).topk(int(self.k), dim=-1, sorted=False)
+
+    def encode(self, x: torch.Tensor, return_topk: bool = False, use_threshold: bool = False):
+        """Dense codes `[batch, dict_size]`; with return_topk also (top values, top indices, post-relu codes)."""
+        pre = F.relu(self.encoder(self._encoder_input(x)))
+        if use_threshold:
+            codes = pre * (pre > self.threshold)
+            return (codes, *codes.topk(int(self.k), dim=-1), pre) if return_topk else codes
+        codes, values, indices = topk_codes(pre, int(self.k))
+        return (codes, values, indices, pre) if return_topk else codes
+
+    def forward(self, x: torch.Tensor, output_features: bool = False):
+        """Reconstruction through the sparse path (no dense code) unless features are asked for."""
+        self.check_input(x)
+        if output_features:
+            return super().forward(x, output_features=True)
+        flat = x.reshape(-1, x.shape[-1])
+        return self.decode_sparse(self.sparse_code(flat), flat).reshape(*x.shape[:-1], self.output_dim)
+
+    def sparse_code(self, x: torch.Tensor, pre: torch.Tensor | None = None) -> SparseCode:
+        """The differentiable TopK code of `x` [batch, activation_dim] (pass `pre` if already computed)."""
+        pre = self.pre_activations(x) if pre is None else pre
+        top_values, top_indices = pre.topk(int(self.k), dim=-1, sorted=False)
+        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(top_indices.shape[1])
+        return self.gather_code(x, rows, top_indices.reshape(-1), top_values.reshape(-1), x.shape[0])
+
+
+class BatchTopKSAE(TopKDictionary):
+    """BatchTopK SAE (Bussmann et al. 2024): while training, the batch's `k * batch` largest codes are kept;
+    at inference, codes above a learned `threshold` (tracked by the trainer)."""
+
+    def batch_topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, cols, values) of the batch's k*batch largest positive pre-activations, grouped by row."""
+        n = min(int(self.k) * pre.shape[0], pre.numel())
+        values, flat = pre.flatten().topk(n, sorted=False)
+        keep = values > 0
+        flat, values = flat[keep], values[keep]
+        flat, order = flat.sort()
+        return flat // self.dict_size, flat % self.dict_size, values[order]
+
+    def encode(self, x: torch.Tensor, return_active: bool = False, use_threshold: bool = True):
+        """Dense codes: above `threshold` (use_threshold, inference) or the batch top-k (training, or before any
+        threshold was learned)."""
+        pre = F.relu(self.encoder(self._encoder_input(x)))
+        if use_threshold and self.threshold >= 0:
+            codes = pre * (pre > self.threshold)
+        else:  # training-time selection (also when no threshold has been learned yet)
+            flat = pre.flatten()
+            n = min(int(self.k) * x.shape[0], flat.numel())
+            values, indices = flat.topk(n, sorted=False)
+            codes = torch.zeros_like(flat).scatter_(-1, indices, values).reshape(pre.shape)
+        return (codes, codes.sum(0) > 0, pre) if return_active else codes
+
+    def sparse_code(self, x: torch.Tensor, pre: torch.Tensor | None = None) -> SparseCode:
+        """The differentiable batch-top-k code of `x` [batch, activation_dim] (training-time selection)."""
+        pre = self.pre_activations(x) if pre is None else pre
+        rows, cols, values = self.batch_topk(pre)
+        return self.gather_code(x, rows, cols, values, x.shape[0])
