@@ -80,7 +80,7 @@ class SAETrainer:
     ae: Dictionary
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    max_grad_norm = 1.0
+    max_grad_norm: float | None = 1.0  # gradient clipping before each step (None: none, as some upstream trainers)
 
     def __init__(self, seed: int | None = None, *, steps: int | None = None,
                  build_dictionary: Callable[[], Dictionary] | None = None, lr: float = 1e-3, warmup_steps: int = 0,
@@ -143,7 +143,8 @@ class SAETrainer:
         loss = self.loss(x, y, step)
         loss.backward()
         self.before_optimizer_step()
-        torch.nn.utils.clip_grad_norm_(self.ae.parameters(), self.max_grad_norm)
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.ae.parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.after_optimizer_step()
