@@ -6,23 +6,37 @@ The names a researcher reaches for first; everything else lives in the rooms nam
 
 from .buffer import ActivationBuffer
 from .data import default_corpus, hf_dataset_texts, local_texts, text_source
-from .dictionary import AutoEncoder, AutoEncoderTopK, BatchTopKSAE, Dictionary
+from .dictionary import (AutoEncoder, AutoEncoderNew, AutoEncoderTopK, BatchTopKSAE, Dictionary, GatedAutoEncoder,
+                         IdentityDict, JumpReluAutoEncoder, MatryoshkaBatchTopKSAE)
 from .evaluation import evaluate, loss_recovered
 from .models import HookPoint, get_adapter, hook, load_model
-from .trainers import BatchTopKTrainer, SAETrainer, StandardTrainer, TopKTrainer
+from .trainers import (BatchTopKTrainer, GatedAnnealTrainer, GatedSAETrainer, JumpReluTrainer,
+                       MatryoshkaBatchTopKTrainer, PAnnealTrainer, SAETrainer, StandardTrainer,
+                       StandardTrainerAprilUpdate, TopKTrainer)
 from .training import trainSAE
 from .utils import load_dictionary, pull_from_hub, push_to_hub, save_dictionary
 
 __all__ = [
     "ActivationBuffer",
     "AutoEncoder",
+    "AutoEncoderNew",
     "AutoEncoderTopK",
     "BatchTopKSAE",
     "BatchTopKTrainer",
     "Dictionary",
+    "GatedAnnealTrainer",
+    "GatedAutoEncoder",
+    "GatedSAETrainer",
     "HookPoint",
+    "IdentityDict",
+    "JumpReluAutoEncoder",
+    "JumpReluTrainer",
+    "MatryoshkaBatchTopKSAE",
+    "MatryoshkaBatchTopKTrainer",
+    "PAnnealTrainer",
     "SAETrainer",
     "StandardTrainer",
+    "StandardTrainerAprilUpdate",
     "TopKTrainer",
     "default_corpus",
     "evaluate",

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+TRANSCODER_MARKER = "is_transcoder"  # in saved transcoders' state dicts only
+OPTIONAL_BUFFERS = {"threshold"}  # buffers that older upstream saves may lack
 # ----------------------------------------------------------------------------------------------------------------
 # base
 
@@ -97,13 +99,37 @@ class Dictionary(ABC, nn.Module):
         return config
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None,
-                        **kwargs):
-        """Load from an `ae.pt` / `.safetensors` state dict, or a folder holding one (shapes read from the weights)."""
-        state_dict = load_state_dict(path)
-        dictionary = cls.from_state_dict(state_dict, **kwargs)
-        dictionary.load_state_dict(state_dict)
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, **kwargs):
+        """Load from an `ae.pt` / `.safetensors` state dict, or a folder holding one (shapes read from the weights),
+        on `device`, in the saved dtype unless `dtype` is given (upstream's `(path, device)`; a dtype given second,
+        this toolkit's older order, is accepted too)."""
+        if isinstance(device, torch.dtype):
+            device, dtype = dtype, device
+        dictionary = cls.from_saved_state(load_state_dict(path), **kwargs)
         return dictionary.to(device=device, dtype=dtype)
+
+    def saved_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict as files hold it: on the CPU, contiguous, and for transcoders with an `is_transcoder` entry,
+        so that upstream's loaders (which have no transcoders) refuse the file instead of misreading it."""
+        state = {key: value.detach().cpu().contiguous() for key, value in self.state_dict().items()}
+        if self.transcoder:
+            state[TRANSCODER_MARKER] = torch.tensor(True)
+        return state
+
+    @classmethod
+    def from_saved_state(cls, state_dict: dict[str, torch.Tensor], **kwargs) -> Dictionary:
+        """A dictionary holding a saved state dict (see `saved_state_dict`; buffers older saves lack, such as TopK's
+        `threshold`, keep their initial values)."""
+        state_dict = dict(state_dict)
+        if state_dict.pop(TRANSCODER_MARKER, None) is not None and kwargs.get("transcoder") is None:
+            kwargs["transcoder"] = True
+        dictionary = cls.from_state_dict(state_dict, **kwargs)
+        own = dictionary.state_dict()
+        for name in OPTIONAL_BUFFERS & (set(own) - set(state_dict)):
+            state_dict[name] = own[name]
+        dictionary.load_state_dict(state_dict)
+        return dictionary
 
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, torch.Tensor], **kwargs) -> Dictionary:

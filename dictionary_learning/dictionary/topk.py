@@ -5,6 +5,7 @@ with hand-written backward passes)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sparse import SparseCode, gather_linear, sparse_decode
-from .base import Dictionary
+from .base import Dictionary, load_state_dict
 
 # ----------------------------------------------------------------------------------------------------------------
 # TopK
@@ -47,6 +48,18 @@ class TopKDictionary(Dictionary):
         else:
             nn.init.kaiming_uniform_(self.encoder.weight)
         self.b_dec = nn.Parameter(torch.zeros(self.output_dim))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, k: int | None = None, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, **kwargs):
+        """Upstream's `from_pretrained(path, k=None, device=None)`: `k` defaults to the saved one and must equal it
+        when both are given."""
+        state_dict = load_state_dict(path)
+        if k is not None and "k" in state_dict and int(k) != int(state_dict["k"]):
+            raise ValueError(f"k={k} was asked for, but {str(path)!r} holds a dictionary with k={int(state_dict['k'])}")
+        if k is not None and "k" not in state_dict:
+            state_dict["k"] = torch.tensor(int(k), dtype=torch.int)
+        return cls.from_saved_state(state_dict, **kwargs).to(device=device, dtype=dtype)
 
     @classmethod
     def _extra_from_state_dict(cls, state_dict):

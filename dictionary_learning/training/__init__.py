@@ -1,0 +1,18 @@
+"""Training: `trainSAE` (both of upstream's call forms) on the one training loop of the package.
+
+- `loop.py`: `run_steps` (the loop `trainSAE` and `scae.train_scae_suite` run on), checkpoints and exact resume
+  (`resume_from_checkpoints`), offline-capable wandb runs (`start_wandb`)
+- `train.py`: `build_trainer` (upstream-style config dicts), `train_dictionaries` (many trainers on one stream),
+  `trainSAE` (dispatching the two call forms)
+- `upstream.py`: upstream's `get_norm_factor`, `log_stats`, `new_wandb_process`, and `train_autoencoder` (the
+  founding README's call form)
+"""
+
+from .loop import CHECKPOINT, Every, resume_from_checkpoints, run_steps, start_wandb
+from .train import build_trainer, train_dictionaries, trainSAE
+from .upstream import activation_scales, get_norm_factor, log_stats, new_wandb_process, train_autoencoder
+
+__all__ = [
+    "CHECKPOINT", "Every", "activation_scales", "build_trainer", "get_norm_factor", "log_stats", "new_wandb_process",
+    "resume_from_checkpoints", "run_steps", "start_wandb", "trainSAE", "train_autoencoder", "train_dictionaries",
+]

@@ -1,0 +1,209 @@
+"""trainSAE: train one or many dictionaries on one activation stream (each batch is collected once), on the one
+training loop (`loop.run_steps`): a progress bar with live metrics, optional wandb logging (offline mode works with no
+network), atomic checkpoints and exact resume. The founding README's call form is dispatched to `upstream.py`."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from ..dictionary import dictionary_class
+from ..files import atomic_write
+from ..trainers import TRAINER_CLASSES
+from ..trainers.trainer import SAETrainer, check_steps
+from ..utils import save_dictionary
+from .loop import CHECKPOINT, Every, resume_from_checkpoints, run_steps, start_wandb
+from .upstream import activation_scales, train_autoencoder
+
+NORMALIZATIONS = (False, True, "unit", "d_model")
+
+
+def build_trainer(config: dict[str, Any]) -> SAETrainer:
+    """A trainer from an upstream-style config dict: {"trainer": TopKTrainer, "dict_class": ..., ...}."""
+    if not isinstance(config, dict):
+        raise TypeError(f"a trainer config is a dict, got {type(config).__name__}")
+    config = dict(config)
+    trainer_class = config.pop("trainer", None)
+    if isinstance(trainer_class, str):
+        if trainer_class not in TRAINER_CLASSES:
+            raise ValueError(f"unknown trainer {trainer_class!r}; known: {sorted(TRAINER_CLASSES)}")
+        trainer_class = TRAINER_CLASSES[trainer_class]
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, SAETrainer)):
+        raise ValueError(f"config['trainer'] must be a trainer class such as TopKTrainer, got {trainer_class!r}")
+    if isinstance(config.get("dict_class"), str):
+        config["dict_class"] = dictionary_class(config["dict_class"])
+    accepted = set(inspect.signature(trainer_class.__init__).parameters) - {"self", "args", "kwargs"}
+    if trainer_class.__init__ is not SAETrainer.__init__:  # subclasses forwarding **kwargs: include the parent's
+        for base in trainer_class.__mro__[1:]:
+            if issubclass(base, SAETrainer) and base is not SAETrainer:
+                accepted |= set(inspect.signature(base.__init__).parameters) - {"self", "args", "kwargs"}
+    unknown = sorted(set(config) - accepted)
+    if unknown:
+        raise ValueError(f"unknown {trainer_class.__name__} config keys {unknown}; accepted: {sorted(accepted)}")
+    return trainer_class(**config)
+
+
+def _save_steps(save_steps: Any) -> Any:
+    if save_steps is None:
+        return ()
+    if isinstance(save_steps, int) and not isinstance(save_steps, bool):
+        if save_steps <= 0:
+            raise ValueError(f"save_steps must be a positive int or a list of steps, got {save_steps}")
+        return Every(save_steps)
+    return sorted(set(save_steps))
+
+
+def _scaled(batch: Any, scale_in: float, scale_out: float) -> Any:
+    if (scale_in, scale_out) == (1.0, 1.0):
+        return batch
+    if isinstance(batch, (tuple, list)):
+        return batch[0] * scale_in, batch[1] * scale_out
+    return batch * scale_in
+
+
+def _save(trainer: SAETrainer, directory: Path, scales: tuple[float, float], run_config: dict[str, Any]) -> None:
+    """The final (or intermediate) dictionary with normalisation folded in, in upstream's format."""
+    ae = trainer.ae
+    if scales != (1.0, 1.0):
+        ae = copy.deepcopy(ae)
+        ae.fold_scale(*scales)
+    norm_factor = {"norm_factor": 1 / scales[0]} if scales != (1.0, 1.0) else {}
+    config = {"trainer": {**trainer.config, **norm_factor, "normalization_scales": list(scales)}, **run_config}
+    save_dictionary(ae, directory, config)
+
+
+def _save_checkpoint(trainer: SAETrainer, path: Path, scales: tuple[float, float]) -> None:
+    """An intermediate save as upstream writes it: `checkpoints/ae_{step}.pt`, the state dict (scales folded in)."""
+    ae = trainer.ae
+    if scales != (1.0, 1.0):
+        ae = copy.deepcopy(ae)
+        ae.fold_scale(*scales)
+    state = {key: value.detach().cpu() for key, value in ae.state_dict().items()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def train_dictionaries(
+    data: Iterable[Any],
+    trainer_configs: list[dict[str, Any]],
+    steps: int | None,
+    use_wandb: bool = False,
+    wandb_entity: str | None = None,
+    wandb_project: str | None = None,
+    save_steps: list[int] | int | None = None,
+    save_dir: str | Path | None = None,
+    log_steps: int | None = None,
+    activations_split_by_head: bool = False,
+    transcoder: bool = False,
+    run_cfg: dict[str, Any] | None = None,
+    normalize_activations: bool | str = False,
+    verbose: bool = False,
+    device: str | None = None,
+    autocast_dtype: torch.dtype = torch.float32,
+    backup_steps: int | None = None,
+    *,
+    normalization_batches: int = 8,
+    resume: bool = False,
+    checkpoint_steps: int | None = None,
+    progress: bool = True,
+) -> list[SAETrainer]:
+    """Train every trainer in `trainer_configs` on the same batches from `data` for `steps` steps (None: until the
+    data runs out). The parameters up to `backup_steps` are upstream's, in upstream's order.
+
+    data: an iterator of `[batch, d]` tensors, or of `(x, y)` pairs for transcoders (e.g. an ActivationBuffer);
+      with `activations_split_by_head`, `[batch, n_heads, d_head]` tensors and trainer i trains on head i.
+    save_dir: each trainer saves to `save_dir/trainer_{i}/` (`ae.pt`, `model.safetensors`, `config.json`);
+      `save_steps` (a list of steps, or an int: every that many steps) adds upstream's intermediate saves
+      `checkpoints/ae_{n}.pt` (the state dict after n steps).
+    checkpoint_steps (upstream: backup_steps): write a resumable `checkpoint.pt` every this many steps (default: at
+      save_steps and every max(1, steps // 10) steps when save_dir is given). `resume=True` continues from it,
+      skipping the batches the interrupted run consumed, so the result equals an uninterrupted run.
+    normalize_activations: True or "unit" (upstream): scale inputs (and targets) by one factor each so their mean
+      squared norm is 1 while training; "d_model": to their width instead. The factor is estimated on the first
+      `normalization_batches` batches (not trained on) and folded into the saved weights, which work on raw
+      activations; config.json records it as upstream's `norm_factor`.
+    use_wandb: log to one wandb run (mode from $WANDB_MODE, default "offline": no network needed).
+    transcoder: accepted for upstream's signature; transcoders are recognised from their dictionaries and (x, y)
+      batches. device: where autocast runs (default: the first trainer's device).
+    Returns the trainers (their dictionaries are trained on the scaled activations if normalize_activations).
+    """
+    if not trainer_configs:
+        raise ValueError("trainer_configs is empty: pass at least one trainer config")
+    if steps is not None:
+        check_steps(steps)
+    if normalize_activations not in NORMALIZATIONS:
+        raise ValueError(f"normalize_activations must be one of {NORMALIZATIONS}, got {normalize_activations!r}")
+    trainers = [build_trainer(config) for config in trainer_configs]
+    save_dir = Path(save_dir) if save_dir is not None else None
+    directories = [save_dir / f"trainer_{i}" for i in range(len(trainers))] if save_dir else []
+    save_steps = _save_steps(save_steps)
+    run_config = {"buffer": data.config} if hasattr(data, "config") else {}
+    if run_cfg:
+        run_config["run"] = dict(run_cfg)
+
+    data = iter(data)
+    checkpoints = [directory / CHECKPOINT for directory in directories]
+    state = resume_from_checkpoints(trainers, checkpoints, data, resume)
+    if resume and state["step"] == 0 and verbose:
+        print(f"no checkpoint in {save_dir}; starting from step 0")
+    start, consumed = state["step"], state["batches_consumed"]
+    scales = tuple(state.get("scales", (1.0, 1.0)))
+    if normalize_activations and start == 0:
+        # the normalisation batches are not trained on (as upstream); a resumed run skips them too
+        sample = [batch for _, batch in zip(range(normalization_batches), data)]
+        if not sample:
+            raise ValueError("data yielded no batches")
+        scales = activation_scales(sample, "d_model" if normalize_activations == "d_model" else "unit")
+        consumed += len(sample)
+
+    def save_all(step: int) -> None:
+        for trainer, directory in zip(trainers, directories):
+            _save_checkpoint(trainer, directory / "checkpoints" / f"ae_{step}.pt", scales)
+
+    if 0 in save_steps and start == 0:  # upstream saves step 0 (the initial weights) when asked
+        save_all(0)
+
+    def logged() -> dict[str, float]:
+        return {f"trainer_{i}/{k}": v for i, t in enumerate(trainers)
+                for k, v in t.get_logging_parameters().items() if isinstance(v, (int, float))}
+
+    run = None
+    if use_wandb:
+        run = start_wandb({f"trainer_{i}": t.config for i, t in enumerate(trainers)} | run_config, save_dir,
+                          project=wandb_project or "dictionary_learning", entity=wandb_entity or None, resume=resume)
+    device_type = torch.device(device).type if device else trainers[0].device.type
+    autocast = (torch.autocast(device_type=device_type, dtype=autocast_dtype)
+                if autocast_dtype != torch.float32 else None)
+    select = (lambda i, batch: batch[..., i, :]) if activations_split_by_head else None
+    run_steps(trainers, data, steps, start=start, consumed=consumed, checkpoint_paths=checkpoints,
+              checkpoint_steps=checkpoint_steps or backup_steps, checkpoint_extra={"scales": list(scales)},
+              save_steps=save_steps, on_save=save_all, log_steps=log_steps, log_values=logged, run=run,
+              context=autocast, prepare=lambda batch: _scaled(batch, *scales), select=select,
+              bar_keys=("loss", "l0", "fvu"), progress=progress, verbose=verbose)
+    for trainer, directory in zip(trainers, directories):
+        _save(trainer, directory, scales, run_config)
+    return trainers
+
+
+FOUNDING_KEYWORDS = {"activation_dim", "dictionary_size", "dict_size", "lr", "sparsity_penalty", "entropy",
+                     "warmup_steps", "resample_steps"}
+
+
+def trainSAE(data: Iterable[Any], *args: Any, **kwargs: Any) -> Any:
+    """Train dictionaries on an activation stream. Two call forms, told apart by their arguments:
+
+    - `trainSAE(data, trainer_configs, steps, ...)` (upstream since 2024, and this toolkit): every trainer config
+      (`{"trainer": TopKTrainer, "activation_dim": ..., ...}`) trains on the same batches; returns the trainers.
+      See `train_dictionaries` for every parameter.
+    - `trainSAE(activations, activation_dim, dictionary_size, lr=, sparsity_penalty=, entropy=False, steps=None, ...)`
+      (the founding README of December 2023): one `AutoEncoder` trained by the original recipe (unit-norm decoder
+      through constrained Adam, L1 or entropy penalty, lr warmup, dead-neuron resampling); returns the AutoEncoder.
+      See `training.upstream.train_autoencoder`.
+    """
+    founding = bool(args) and isinstance(args[0], int) and not isinstance(args[0], bool)
+    if founding or FOUNDING_KEYWORDS & set(kwargs):
+        return train_autoencoder(data, *args, **kwargs)
+    return train_dictionaries(data, *args, **kwargs)

@@ -1,0 +1,152 @@
+"""Upstream dictionary_learning's training helpers, and the founding (December 2023) README's `trainSAE` call form:
+`get_norm_factor`, `log_stats`, `new_wandb_process` with upstream's signatures, and `train_autoencoder`."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from pathlib import Path
+from queue import Empty
+from typing import Any, Iterable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from ..dictionary import AutoEncoder
+from ..files import atomic_write
+from ..trainers import StandardTrainer
+from ..utils import save_dictionary
+from .loop import Every, run_steps
+
+UNTIL_EXHAUSTED = 2**62  # the trainer's step budget when training runs until the data ends
+
+
+def activation_scales(batches: Sequence[Any], target: str = "unit") -> tuple[float, float]:
+    """(scale_in, scale_out) multiplying inputs / targets so that their mean squared norm (the mean over batches of
+    each batch's mean squared norm, as upstream's `get_norm_factor`) is 1 ("unit", upstream and Gao et al. 2024) or
+    their width ("d_model", Anthropic's April 2024 update)."""
+    def scale(tensors: list[torch.Tensor]) -> float:
+        mean_squared = sum(t.reshape(-1, t.shape[-1]).float().pow(2).sum(-1).mean().item() for t in tensors)
+        mean_squared /= len(tensors)
+        width = tensors[0].shape[-1] if target == "d_model" else 1
+        return math.sqrt(width / max(mean_squared, 1e-24))
+
+    if isinstance(batches[0], (tuple, list)):
+        return scale([b[0] for b in batches]), scale([b[1] for b in batches])
+    s = scale(list(batches))
+    return s, s
+
+
+def get_norm_factor(data: Iterable[Any], steps: int) -> float:
+    """Upstream's norm factor: the square root of the mean squared norm of the activations (averaged over the
+    first `steps` + 1 batches drawn from `data`); dividing by it gives unit mean squared norm (Gao et al. 2024)."""
+    batches = [batch for batch in tqdm(itertools.islice(data, steps + 1), total=steps + 1,
+                                       desc="Calculating norm factor")]
+    if not batches:
+        raise ValueError("get_norm_factor: data yielded no batches")
+    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
+    return 1.0 / activation_scales(batches, "unit")[0]
+
+
+@torch.no_grad()
+def log_stats(trainers: Sequence[Any], step: int, act: Any, activations_split_by_head: bool, transcoder: bool,
+              log_queues: Sequence[Any] = (), verbose: bool = False) -> list[dict[str, float]]:
+    """Upstream's per-trainer statistics on one batch: L0, the fraction of variance explained (SAEs) and each
+    trainer's logging parameters; each dict goes to `log_queues[i]` when given (see `new_wandb_process`). Unlike
+    upstream this does not call `trainer.loss`, so logging never changes a trainer's dead-feature counts."""
+    logs = []
+    for i, trainer in enumerate(trainers):
+        x, y = act if isinstance(act, (tuple, list)) else (act, act)
+        if activations_split_by_head:  # [batch, n_heads, d_head]: trainer i reads head i
+            x, y = x[..., i, :], y[..., i, :]
+        param = next(trainer.ae.parameters())
+        x, y = x.to(param.device, param.dtype), y.to(param.device, param.dtype)
+        y_hat, f = trainer.ae(x, output_features=True)
+        log = {key: value for key, value in trainer.get_logging_parameters().items()}
+        log["l0"] = (f != 0).float().sum(dim=-1).mean().item()
+        if not transcoder and not trainer.ae.transcoder:
+            log["frac_variance_explained"] = (1 - (y - y_hat).var(dim=0).sum() / y.var(dim=0).sum()).item()
+        log = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in log.items()}
+        if verbose:
+            print(f"Step {step}, trainer {i}: " + ", ".join(f"{k} = {v:.4g}" for k, v in log.items()
+                                                            if isinstance(v, (int, float))))
+        if log_queues:
+            log_queues[i].put(log)
+        logs.append(log)
+    return logs
+
+
+def new_wandb_process(config: dict[str, Any], log_queue: Any, entity: str | None, project: str | None) -> None:
+    """Upstream's wandb worker: one run named `config["wandb_name"]` logging every dict put on `log_queue` until
+    "DONE" arrives (mode from $WANDB_MODE, default offline: no network needed)."""
+    import wandb
+
+    wandb.init(entity=entity or None, project=project or "dictionary_learning", config=config,
+               name=config.get("wandb_name"), mode=os.environ.get("WANDB_MODE", "offline"))
+    while True:
+        try:
+            log = log_queue.get(timeout=1)
+        except Empty:
+            continue
+        if log == "DONE":
+            break
+        wandb.log(log)
+    wandb.finish()
+
+
+def train_autoencoder(
+    activations: Iterable[Any],
+    activation_dim: int,
+    dictionary_size: int,
+    lr: float,
+    sparsity_penalty: float,
+    entropy: bool = False,
+    steps: int | None = None,
+    warmup_steps: int = 1000,
+    resample_steps: int | None = 25000,
+    save_steps: int | None = None,
+    save_dir: str | Path | None = None,
+    log_steps: int | None = 1000,
+    device: str = "cpu",
+    *,
+    seed: int | None = None,
+    progress: bool = True,
+) -> AutoEncoder:
+    """The founding README's `trainSAE`: one `AutoEncoder` trained as in Anthropic's Towards Monosemanticity
+    (untied weights, unit-norm decoder through constrained Adam, lr warmup over `warmup_steps`, dead neurons
+    resampled every `resample_steps`) with an L1 penalty, or the entropy of the normalised codes when `entropy`.
+
+    activations: batches `[batch, activation_dim]`, or `(x, y)` pairs (an "in_to_out" buffer: a transcoder).
+    The loss is the founding one: the squared error averaged over batch and output width plus `sparsity_penalty`
+    times the penalty (so it is `StandardTrainer` with `l1_penalty = sparsity_penalty * output width`).
+    steps: None trains until `activations` runs out. save_steps: every that many steps, the weights go to
+    `save_dir/checkpoints/ae_{step}.pt`; the final dictionary is saved to `save_dir` (ae.pt + config.json).
+    log_steps: print the losses every that many steps. Returns the trained AutoEncoder.
+    """
+    data = iter(activations)
+    first = next(data, None)
+    if first is None:
+        raise ValueError("activations yielded no batches")
+    x, y = first if isinstance(first, (tuple, list)) else (first, first)
+    if x.shape[-1] != activation_dim:
+        raise ValueError(f"activation_dim={activation_dim} but the activations have width {x.shape[-1]}")
+    output_dim = y.shape[-1]
+    trainer = StandardTrainer(
+        steps=steps if steps is not None else UNTIL_EXHAUSTED, activation_dim=activation_dim,
+        dict_size=dictionary_size, lr=lr, l1_penalty=sparsity_penalty * output_dim, warmup_steps=warmup_steps,
+        sparsity_warmup_steps=None, resample_steps=resample_steps, entropy=entropy, seed=seed, device=device,
+        output_dim=output_dim, transcoder=isinstance(first, (tuple, list)))
+    save_dir = Path(save_dir) if save_dir is not None else None
+
+    def save_checkpoint(step: int) -> None:
+        if save_dir is not None:
+            state = {key: value.detach().cpu() for key, value in trainer.ae.state_dict().items()}
+            atomic_write(save_dir / "checkpoints" / f"ae_{step}.pt", lambda tmp: torch.save(state, tmp))
+
+    run_steps([trainer], itertools.chain([first], data), steps, save_steps=Every(save_steps) if save_steps else (),
+              on_save=save_checkpoint, log_steps=log_steps, log_values=lambda: dict(trainer.last_metrics),
+              verbose=bool(log_steps), progress=progress, desc="trainSAE")
+    if save_dir is not None:
+        save_dictionary(trainer.ae, save_dir, {"trainer": trainer.config})
+    return trainer.ae
