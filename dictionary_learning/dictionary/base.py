@@ -102,8 +102,8 @@ class Dictionary(ABC, nn.Module):
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, **kwargs):
         """Load from an `ae.pt` / `.safetensors` state dict, or a folder holding one (shapes read from the weights),
-        on `device`, in the saved dtype unless `dtype` is given (upstream's `(path, device)`; a dtype given second,
-        this toolkit's older order, is accepted too)."""
+        on `device`, in float32 unless `dtype` is given, whatever the file holds (as upstream: upstream's `(path,
+        device)`; a dtype given second, this toolkit's older order, is accepted too)."""
         if isinstance(device, torch.dtype):
             device, dtype = dtype, device
         dictionary = cls.from_saved_state(load_state_dict(path), **kwargs)

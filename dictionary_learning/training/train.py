@@ -82,7 +82,7 @@ def _save_checkpoint(trainer: SAETrainer, path: Path, scales: tuple[float, float
     if scales != (1.0, 1.0):
         ae = copy.deepcopy(ae)
         ae.fold_scale(*scales)
-    state = {key: value.detach().cpu() for key, value in ae.state_dict().items()}
+    state = ae.saved_state_dict()
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 

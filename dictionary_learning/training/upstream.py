@@ -141,7 +141,7 @@ def train_autoencoder(
 
     def save_checkpoint(step: int) -> None:
         if save_dir is not None:
-            state = {key: value.detach().cpu() for key, value in trainer.ae.state_dict().items()}
+            state = trainer.ae.saved_state_dict()
             atomic_write(save_dir / "checkpoints" / f"ae_{step}.pt", lambda tmp: torch.save(state, tmp))
 
     run_steps([trainer], itertools.chain([first], data), steps, save_steps=Every(save_steps) if save_steps else (),
