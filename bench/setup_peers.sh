@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Build one virtual environment per peer package for the TopK training-throughput benchmark
-# (bench/peer_step.py runs inside them; bench/peers.py finds them).
+# Build one virtual environment per peer package, for the training-throughput benchmarks (bench/peer_step.py runs
+# inside them; bench/peers.py finds them) and for tests/test_upstream_files.py (upstream's own trainSAE and loaders).
+#
+#   bash bench/setup_peers.sh                        both peers
+#   bash bench/setup_peers.sh dictionary-learning    one of them
 #
 #   ${PEERS_DIR:-$HOME/.cache/dictionary_learning/peers}/dictionary-learning   Sam Marks' dictionary-learning 0.1.0
 #   ${PEERS_DIR:-$HOME/.cache/dictionary_learning/peers}/sae-lens              sae-lens (6.54.12 unless SAE_LENS_VERSION)
@@ -27,7 +30,9 @@ echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
 # What each peer's venv must import for the benchmark to run.
 check_code() {
     case "$1" in
-        dictionary-learning) echo "from dictionary_learning.trainers.top_k import TopKTrainer, AutoEncoderTopK";;
+        dictionary-learning) echo "from dictionary_learning.trainers.top_k import TopKTrainer, AutoEncoderTopK
+from dictionary_learning.training import trainSAE
+from dictionary_learning.utils import load_dictionary";;
         sae-lens) echo "from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig";;
     esac
 }
@@ -52,14 +57,15 @@ install_dictionary_learning() {
     local name=dictionary-learning
     pip_in "$name" "torch==$TORCH_VERSION"
     pip_in "$name" --no-deps "dictionary-learning==$DICTIONARY_LEARNING_VERSION" "nnsight==$NNSIGHT_VERSION"
-    # Found by importing dictionary_learning.trainers.top_k and fixing ImportErrors one by one: the package
-    # imports nnsight (for its buffer) at top level, and nnsight 0.3.7 imports transformers (< 4.48, of its era),
-    # accelerate, pydantic, yaml, socketio and PIL. Declared-but-unneeded deps (wandb, datasets, umap-learn,
-    # circuitsvis, plotly, pandas, zstandard, llvmlite; nnsight's diffusers, torchvision, sentencepiece,
-    # protobuf) are left out.
+    # Found by importing dictionary_learning.trainers.top_k, .training and .utils and fixing ImportErrors one by
+    # one: the package imports nnsight (for its buffer) at top level, and nnsight 0.3.7 imports transformers
+    # (< 4.48, of its era, which needs huggingface-hub < 1), accelerate, pydantic, yaml, socketio and PIL; training
+    # imports wandb, utils imports datasets (< 4, of its era) and zstandard. Declared-but-unneeded deps (umap-learn,
+    # circuitsvis, plotly, pandas, llvmlite; nnsight's diffusers, torchvision, sentencepiece, protobuf) are left
+    # out.
     echo "[setup_peers] (pip's 'requires ..., which is not installed' lines below are those left-out deps: expected)"
     pip_in "$name" -c "$CONSTRAINTS" einops tqdm pyyaml pydantic accelerate "transformers<4.48" \
-        "python-socketio[client]" pillow
+        "huggingface-hub<1.0" "python-socketio[client]" pillow wandb "datasets<4" zstandard
 }
 
 install_sae_lens() {
@@ -71,7 +77,9 @@ install_sae_lens() {
 }
 
 status=0
-for name in dictionary-learning sae-lens; do
+names=("$@")
+[ ${#names[@]} -gt 0 ] || names=(dictionary-learning sae-lens)
+for name in "${names[@]}"; do
     if [ "${FORCE:-0}" != 1 ] && venv_works "$name"; then
         echo "[setup_peers] $name: $PEERS_DIR/$name already works, skipping"
         continue

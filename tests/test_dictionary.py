@@ -75,11 +75,14 @@ def test_encode_decode_api():
 def test_batch_topk_threshold_at_inference():
     ae = _randomise(BatchTopKSAE(8, 20, 2), seed=5)
     x = torch.randn(6, 8)
-    # no threshold learned yet: inference falls back to the batch top-k, never to "every positive code"
+    pre = F.relu((x - ae.b_dec) @ ae.encoder.weight.t() + ae.encoder.bias)
+    # no threshold learned yet: every positive code passes, as upstream ...
+    torch.testing.assert_close(ae.encode(x), pre)
+    # ... or, asked for, the batch top-k
+    ae.batch_topk_fallback = True
     assert int((ae.encode(x) > 0).sum()) == 2 * 6
     ae.threshold.fill_(0.7)
     codes = ae.encode(x)
-    pre = F.relu((x - ae.b_dec) @ ae.encoder.weight.t() + ae.encoder.bias)
     torch.testing.assert_close(codes, pre * (pre > 0.7))
 
 

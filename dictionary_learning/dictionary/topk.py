@@ -71,6 +71,14 @@ class TopKDictionary(Dictionary):
     def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         return self._add_skip(self.decoder(f) + self.b_dec, x)
 
+    @torch.no_grad()
+    def scale_biases(self, scale: float) -> None:
+        """Multiply the biases (and a learned threshold) by `scale`: afterwards `new(scale * x) == scale * old(x)`."""
+        self.encoder.bias.data *= scale
+        self.b_dec.data *= scale
+        if self.threshold >= 0:
+            self.threshold *= scale
+
     def _encoder_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W, b) with pre-activations = x @ W.T + b for raw inputs x. For SAEs b = b_enc - W_enc @ b_dec, so
         gradients reach b_dec through one [d_sae, d_in] x [d_in] product instead of a per-token one."""
@@ -133,7 +141,16 @@ class AutoEncoderTopK(TopKDictionary):
 
 class BatchTopKSAE(TopKDictionary):
     """BatchTopK SAE (Bussmann et al. 2024): while training, the batch's `k * batch` largest codes are kept;
-    at inference, codes above a learned `threshold` (tracked by the trainer)."""
+    at inference, codes above a learned `threshold` (tracked by the trainer).
+
+    While no threshold has been learned (-1), inference keeps every positive code, as upstream;
+    `batch_topk_fallback=True` (an attribute, settable any time) uses the batch top-k instead.
+    """
+
+    def __init__(self, activation_dim: int, dict_size: int, k: int, output_dim: int | None = None,
+                 transcoder: bool = False, skip: bool = False, *, batch_topk_fallback: bool = False):
+        super().__init__(activation_dim, dict_size, k, output_dim=output_dim, transcoder=transcoder, skip=skip)
+        self.batch_topk_fallback = batch_topk_fallback
 
     def batch_topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, cols, values) of the batch's k*batch largest positive pre-activations, grouped by row."""
@@ -145,12 +162,12 @@ class BatchTopKSAE(TopKDictionary):
         return flat // self.dict_size, flat % self.dict_size, values[order]
 
     def encode(self, x: torch.Tensor, return_active: bool = False, use_threshold: bool = True):
-        """Dense codes: above `threshold` (use_threshold, inference) or the batch top-k (training, or before any
-        threshold was learned)."""
+        """Dense codes: above `threshold` (use_threshold, inference) or the batch top-k (training; also at inference
+        before a threshold is learned when `batch_topk_fallback`)."""
         pre = F.relu(self.encoder(self._encoder_input(x)))
-        if use_threshold and self.threshold >= 0:
+        if use_threshold and not (self.batch_topk_fallback and self.threshold < 0):
             codes = pre * (pre > self.threshold)
-        else:  # training-time selection (also when no threshold has been learned yet)
+        else:  # training-time selection
             flat = pre.flatten()
             n = min(int(self.k) * x.shape[0], flat.numel())
             values, indices = flat.topk(n, sorted=False)
