@@ -52,7 +52,7 @@ for layer in range(0 if args.suite else args.layers):
                       dead_feature_threshold=100_000, layer=layer, lm_name="smollm2-135m")
         print(f"training {kind}_{layer}")
         trainSAE(buffer, [config], args.sae_steps, save_dir=out / "modules" / f"{kind}_{layer}",
-                 normalize_activations=True)
+                 normalize_activations="d_model")
         # the saved copy has the normalisation folded in: it works on raw activations, as the suite needs
         modules[f"{kind}_{layer}"] = load_dictionary(out / "modules" / f"{kind}_{layer}" / "trainer_0")[0]
 suite = SCAESuite.load(args.suite) if args.suite else SCAESuite(modules, model_name="smollm2-135m")

@@ -19,7 +19,8 @@ common = dict(activation_dim=576, dict_size=2304, k=32, lr=1e-3, steps=steps, wa
               layer=6, lm_name="smollm2-135m", submodule_name=str(point), dead_feature_threshold=100_000)
 configs = [dict(trainer=TopKTrainer, dict_class=AutoEncoderTopK, wandb_name="topk", **common),
            dict(trainer=BatchTopKTrainer, dict_class=BatchTopKSAE, wandb_name="batchtopk", **common)]
-trainSAE(buffer, configs, steps, save_dir="runs/demo_sae", normalize_activations=True, log_steps=25)
+trainSAE(buffer, configs, steps, save_dir="runs/demo_sae",
+         normalize_activations="d_model", log_steps=25)
 
 for i, name in enumerate(("TopK", "BatchTopK")):
     sae, config = load_dictionary(f"runs/demo_sae/trainer_{i}")

@@ -18,7 +18,8 @@ steps = 150
 config = dict(trainer=TopKTrainer, activation_dim=576, output_dim=576, transcoder=True, skip=True,
               dict_size=2304, k=32, lr=1e-3, steps=steps, warmup_steps=15, seed=0, layer=6,
               lm_name="smollm2-135m", submodule_name="layers.6.mlp", dead_feature_threshold=100_000)
-trainSAE(buffer, [config], steps, save_dir="runs/demo_transcoder", normalize_activations=True, log_steps=25)
+trainSAE(buffer, [config], steps, save_dir="runs/demo_transcoder",
+         normalize_activations="d_model", log_steps=25)
 
 transcoder, _ = load_dictionary("runs/demo_transcoder/trainer_0")
 metrics = evaluate(transcoder, buffer, batch_size=8, n_batches=2, loss_batches=1)

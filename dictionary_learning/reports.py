@@ -61,8 +61,10 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
                   steps=steps, warmup_steps=min(100, steps // 10), decay_start=int(steps * 0.8),
                   dead_feature_threshold=dead_tokens, seed=seed, device=device, layer=layer, lm_name=model,
                   submodule_name=str(point), wandb_name="quickstart")
-    trainSAE(epochs(activations, batch, seed), [config], steps, save_dir=out / "sae", normalize_activations=True,
-             use_wandb=wandb, log_steps=max(1, steps // 50), run_cfg={"buffer": train_buffer.config})
+    # scaled to mean squared norm = width (the April 2024 update's target), which the quickstart's lr was tuned on
+    trainSAE(epochs(activations, batch, seed), [config], steps, save_dir=out / "sae",
+             normalize_activations="d_model", use_wandb=wandb, log_steps=max(1, steps // 50),
+             run_cfg={"buffer": train_buffer.config})
     trained = time.perf_counter()
     n_collected = int(activations.shape[0])
     del activations
