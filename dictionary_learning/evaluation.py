@@ -3,16 +3,18 @@ density, top-activating contexts and activation statistics.
 
 loss_recovered runs three traces on the same tokens: clean; with the hook point's value replaced by the
 dictionary's reconstruction (a transcoder replaces the output side, computed from the input side); and with that
-value zero-ablated. frac_recovered = (CE_zero - CE_patched) / (CE_zero - CE_clean). Cross-entropy is computed here
-from the logits and the attention mask (Hugging Face's `labels=` miscounts left-padded batches), and KL is that of
-the patched next-token distribution from the clean one, averaged over real tokens. Positions the buffer drops
-(padding, and each context's first token when it was built with remove_bos) are left unpatched, since the
-dictionary never saw them.
+value zero-ablated. frac_recovered = (CE_zero - CE_patched) / (CE_zero - CE_clean). CE is computed here over the
+(context, target) pairs of real tokens (HF's `labels=` miscounts left padding; upstream's ignore_index=pad_token_id
+also scores a padded row's first token as predicted from a pad, and skips real tokens equal to the pad id, e.g. EOS).
+KL is that of the patched next-token distribution from the clean one, averaged over real tokens. Positions the
+buffer drops (padding; each context's first token with remove_bos) are left unpatched: the dictionary never saw them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,19 +22,28 @@ import torch.nn.functional as F
 from .buffer import ActivationBuffer
 from .dictionary import Dictionary
 from .files import pyplot, save_figure
-from .models import HookPoint
+from .models import HookPoint, resolve_hook
 from .tracing import hook_value, logits_or_stop, model_inputs, read_hook_points, read_value, token_mask, tokenize, write
+
+# upstream's default model keywords for evaluation traces (no KV cache, no attention weights)
+TRACER_ARGS: Mapping[str, Any] = MappingProxyType({"use_cache": False, "output_attentions": False})
+IO_MODES = {"out": "out", "in": "in", "in_to_out": "in_to_out", "in_and_out": "in_to_out"}  # upstream: in_and_out
 
 
 @torch.no_grad()
 def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]:
-    """mse, fvu, cosine similarity, L2 ratio, L0, L1 and per-feature firing counts on one batch."""
+    """Metrics of one batch `[n, d]` (or an `(x, y)` pair for transcoders): this toolkit's mse (mean squared error
+    norm), fvu (error energy / total variance) and upstream's l2_loss (mean error norm), l1_loss, l0, cossim,
+    l2_ratio, frac_variance_explained (1 - summed variance of the error / summed variance of y) and
+    relative_reconstruction_bias (E||y_hat||^2 / E<y, y_hat>, eq. 10 of arXiv:2404.16014); per-feature firing
+    counts in `_fired`."""
     if isinstance(batch, (tuple, list)):
         x, y = batch
     else:
         x = y = batch
     param = next(dictionary.parameters())
-    x, y = x.to(param.device, param.dtype), y.to(param.device, param.dtype)
+    x = x.reshape(-1, x.shape[-1]).to(param.device, param.dtype)
+    y = y.reshape(-1, y.shape[-1]).to(param.device, param.dtype)
     y_hat, f = dictionary(x, output_features=True)
     error = y - y_hat
     total_variance = (y - y.mean(dim=0)).pow(2).sum()
@@ -40,8 +51,10 @@ def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]
     return {
         "mse": error.pow(2).sum(dim=-1).mean().item(),
         "fvu": (error.pow(2).sum() / total_variance.clamp_min(1e-12)).item(),
+        "frac_variance_explained": (1 - error.var(dim=0).sum() / y.var(dim=0).sum().clamp_min(1e-12)).item(),
         "cossim": F.cosine_similarity(y_hat, y, dim=-1).mean().item(),
         "l2_ratio": (y_hat.norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12)).mean().item(),
+        "relative_reconstruction_bias": (y_hat.pow(2).sum(-1).mean() / (y * y_hat).sum(-1).mean()).item(),
         "l2_loss": error.norm(dim=-1).mean().item(),
         "l1_loss": f.abs().sum(dim=-1).mean().item(),
         "l0": active.sum(dim=-1).float().mean().item(),
@@ -62,49 +75,143 @@ def _apply(dictionary: Dictionary, x: torch.Tensor) -> torch.Tensor:
     return dictionary(flat).reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
-@torch.no_grad()
-def loss_recovered(
-    texts: list[str],
-    model: Any,
-    dictionary: Dictionary,
-    hooks: tuple[HookPoint, ...],
-    ctx_len: int = 128,
-    patch_mask_fn=None,
-) -> dict[str, float]:
-    """CE clean / patched with the reconstruction / zero-ablated, the fraction recovered, and KL(clean || patched).
+def encode_inputs(model: Any, inputs: Any, max_len: int | None) -> dict[str, torch.Tensor]:
+    """`{"input_ids", "attention_mask"}` for a text, a list of texts (tokenized left padded, truncated to max_len),
+    token ids `[batch, seq]` / `[seq]`, or a list of token-id lists (left padded with the pad id)."""
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if isinstance(inputs, torch.Tensor):
+        ids = inputs[None] if inputs.dim() == 1 else inputs
+        if ids.dim() != 2 or ids.is_floating_point():
+            raise ValueError(f"token ids must be an integer tensor [batch, seq], got {inputs.dtype} "
+                             f"{tuple(inputs.shape)}")
+        ids = ids[:, :max_len] if max_len else ids
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs = list(inputs)
+    if inputs and all(isinstance(text, str) for text in inputs):
+        return tokenize(model.tokenizer, inputs, max_len)
+    if inputs and all(isinstance(row, (list, tuple)) and all(isinstance(t, int) for t in row) for row in inputs):
+        rows = [list(row)[:max_len] if max_len else list(row) for row in inputs]
+        width, pad = max(map(len, rows)), model.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+        return {"input_ids": ids, "attention_mask": mask}
+    raise TypeError("inputs must be a text, a list of texts, a tensor of token ids or a list of token-id lists, "
+                    f"got {type(inputs).__name__}")
 
-    hooks: `(point,)` for SAEs (the value read is replaced by its reconstruction), `(input_side, output_side)`
-    for transcoders. patch_mask_fn(encoding) -> [batch, seq] bool picks the positions to patch (default: real tokens).
-    """
-    encoding = tokenize(model.tokenizer, texts, ctx_len)
+
+def hook_points_for(model: Any, submodule: Any, io: str) -> tuple[HookPoint, ...]:
+    """The hook points that `loss_recovered` reads and patches for upstream's (submodule, io): io="out" / "in" the
+    module's output / input; "in_to_out" (upstream: "in_and_out") reads the input and patches the output (of one
+    module, or of a pair `(input_side, output_side)`)."""
+    if io not in IO_MODES:
+        raise ValueError(f"io must be one of {sorted(IO_MODES)}, got {io!r}")
+    io = IO_MODES[io]
+    if io == "in_to_out":
+        source, target = submodule if isinstance(submodule, (tuple, list)) else (submodule, submodule)
+        return resolve_hook(model, source, "input"), resolve_hook(model, target, "output")
+    return (resolve_hook(model, submodule, "input" if io == "in" else "output"),)
+
+
+def _three_runs(model: Any, encoding: dict[str, torch.Tensor], dictionary: Dictionary, hooks: tuple[HookPoint, ...],
+                patch_mask: torch.Tensor, normalize_batch: bool, tracer_args: Mapping[str, Any]) -> list[torch.Tensor]:
+    """Logits of the clean, patched and zero-ablated runs."""
     inputs = model_inputs(encoding)
-    patch_mask = (patch_mask_fn(encoding) if patch_mask_fn else encoding["attention_mask"].bool())[..., None]
+    patch_mask = patch_mask[..., None]
 
     def run(mode: str) -> torch.Tensor:
-        with model.trace(inputs) as tracer:
+        with model.trace(inputs, **tracer_args) as tracer:
             if mode != "clean":
                 source_raw = hook_value(model, hooks[0])
                 target_raw = hook_value(model, hooks[1]) if len(hooks) == 2 else source_raw
                 source, target = read_value(source_raw), read_value(target_raw)
-                replacement = torch.zeros_like(target) if mode == "zero" else _apply(dictionary, source)
-                new = torch.where(patch_mask.to(target.device), replacement, target)
-                write(model, hooks[-1], target_raw, new)
+                mask = patch_mask.to(target.device)
+                if mode == "zero":
+                    replacement = torch.zeros_like(target)
+                elif normalize_batch:  # as upstream: the source scaled to mean norm sqrt(d) and the output back
+                    scale = dictionary.activation_dim ** 0.5 / source[mask[..., 0]].float().norm(dim=-1).mean()
+                    replacement = _apply(dictionary, source * scale) / scale
+                else:
+                    replacement = _apply(dictionary, source)
+                write(model, hooks[-1], target_raw, torch.where(mask, replacement, target))
             logits = logits_or_stop(model, tracer, logits=True)
         return logits
 
-    clean, patched, zero = run("clean"), run("patch"), run("zero")
-    ids, attention = encoding["input_ids"].to(clean.device), encoding["attention_mask"].to(clean.device)
-    results = {}
-    for name, logits in (("clean", clean), ("patched", patched), ("zero", zero)):
-        ce, mask = masked_cross_entropy(logits, ids, attention)
-        results[f"ce_{name}"] = ce[mask].mean().item()
-    clean_logp = clean.float().log_softmax(-1)
-    patched_logp = patched.float().log_softmax(-1)
+    return [run(mode) for mode in ("clean", "patch", "zero")]
+
+
+@torch.no_grad()
+def loss_recovered(
+    text: Any,
+    model: Any,
+    submodule: Any,
+    dictionary: Any = None,
+    max_len: int | None = None,
+    normalize_batch: bool = False,
+    io: str = "out",
+    tracer_args: Mapping[str, Any] = TRACER_ARGS,
+    *,
+    hooks: tuple[HookPoint, ...] | None = None,
+    ctx_len: int | None = None,
+    patch_mask_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+) -> Any:
+    """CE of the model clean, with a hook point's value replaced by the dictionary's reconstruction, and with it
+    zeroed. Two call forms, told apart by the fourth argument:
+
+    - upstream's `loss_recovered(text, model, submodule, dictionary, max_len=None, normalize_batch=False, io="out",
+      tracer_args=...)` returns the tuple `(loss_original, loss_reconstructed, loss_zero)` of scalar tensors.
+      submodule: an nnsight Envoy, torch module, dotted path or HookPoint; io: "out", "in" (the input is replaced /
+      zeroed) or "in_and_out" / "in_to_out" (a transcoder: output replaced by dictionary(input), or zeroed).
+    - this toolkit's `loss_recovered(texts, model, dictionary, hooks, ctx_len=128, patch_mask_fn=None)` (hooks: a
+      HookPoint tuple, `(point,)` for SAEs, `(input_side, output_side)` for transcoders; also as `hooks=`) returns
+      a dict: ce_clean, ce_patched, ce_zero, frac_recovered and kl_patched (KL(clean || patched)).
+
+    text: texts (tokenized left padded, truncated to max_len / ctx_len) or token ids `[batch, seq]`.
+    normalize_batch: the dictionary sees its input scaled to mean norm sqrt(activation_dim), and its output is
+    scaled back. patch_mask_fn(encoding) -> [batch, seq] bool picks the positions to patch (default: real tokens).
+    tracer_args: keywords for the model's forward (upstream's default: no cache, no attention weights).
+    """
+    hook_tuple = isinstance(dictionary, (tuple, list)) and bool(dictionary) and all(
+        isinstance(h, HookPoint) for h in dictionary)
+    toolkit_form = hooks is not None or isinstance(dictionary, HookPoint) or hook_tuple
+    if toolkit_form:
+        hooks = (hooks if hooks is not None else dictionary)
+        hooks, dictionary = ((hooks,) if isinstance(hooks, HookPoint) else tuple(hooks)), submodule
+        if not hooks or not all(isinstance(h, HookPoint) for h in hooks):
+            raise TypeError("hooks must be a tuple of HookPoints, e.g. (point,) or (input_side, output_side)")
+        length = ctx_len or max_len or 128
+    else:
+        if dictionary is None:
+            raise TypeError("loss_recovered(text, model, submodule, dictionary, ...) needs a dictionary")
+        hooks, length = hook_points_for(model, submodule, io), ctx_len or max_len
+    if not 1 <= len(hooks) <= 2:
+        raise ValueError(f"expected one hook point, or an (input_side, output_side) pair, got {len(hooks)}")
+    encoding = encode_inputs(model, text, length)
+    patch_mask = patch_mask_fn(encoding) if patch_mask_fn else encoding["attention_mask"].bool()
+    logits = _three_runs(model, encoding, dictionary, hooks, patch_mask, normalize_batch, dict(tracer_args or {}))
+    ids, attention = encoding["input_ids"].to(logits[0].device), encoding["attention_mask"].to(logits[0].device)
+    losses = []
+    for run_logits in logits:
+        ce, mask = masked_cross_entropy(run_logits, ids, attention)
+        losses.append(ce[mask].mean())
+    if not toolkit_form:
+        return tuple(losses)
+    clean, patched, _ = logits
+    results = {f"ce_{name}": loss.item() for name, loss in zip(("clean", "patched", "zero"), losses)}
+    clean_logp, patched_logp = clean.float().log_softmax(-1), patched.float().log_softmax(-1)
     kl = (clean_logp.exp() * (clean_logp - patched_logp)).sum(-1)  # [batch, seq]
     results["kl_patched"] = kl[attention.bool()].mean().item()
     denominator = results["ce_zero"] - results["ce_clean"]
-    results["frac_recovered"] = (results["ce_zero"] - results["ce_patched"]) / denominator if denominator else float("nan")
+    recovered = results["ce_zero"] - results["ce_patched"]
+    results["frac_recovered"] = recovered / denominator if denominator else float("nan")
     return results
+
+
+def _normalized(batch: Any, activation_dim: int) -> Any:
+    """Upstream's normalize_batch: x scaled to mean norm sqrt(activation_dim) (a target y by x's factor)."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    scale = activation_dim ** 0.5 / x.float().norm(dim=-1).mean()
+    return tuple(side * scale for side in batch) if isinstance(batch, (tuple, list)) else batch * scale
 
 
 @torch.no_grad()
@@ -112,27 +219,61 @@ def evaluate(
     dictionary: Dictionary,
     activations: ActivationBuffer | Iterable[Any],
     max_len: int = 128,
-    batch_size: int = 32,
-    n_batches: int = 4,
-    loss_batches: int = 1,
-    device: str | None = None,
+    batch_size: int = 128,
+    io: str = "out",
+    normalize_batch: bool = False,
+    tracer_args: Mapping[str, Any] = TRACER_ARGS,
+    device: str | torch.device | None = None,
+    n_batches: int = 1,
+    *,
+    loss_batches: int | None = None,
 ) -> dict[str, float]:
-    """Reconstruction metrics over `n_batches` activation batches, plus loss_recovered on `loss_batches` batches of
-    `batch_size` texts when `activations` is an ActivationBuffer (it supplies the model, hook points and text).
+    """Metrics averaged over `n_batches` activation batches (fewer if `activations` runs out first) and, when
+    `activations` is an ActivationBuffer, loss_recovered averaged over `loss_batches` batches of `batch_size` of its
+    texts (default: one after each activation batch, as upstream; more than n_batches follow the last one).
 
-    Returns mse, fvu, frac_variance_explained, cossim, l2_ratio, l2_loss, l1_loss, l0, frac_alive (features that
-    fired at least once in these batches) and, with a buffer, ce_clean, ce_patched, ce_zero, frac_recovered
-    (also as upstream's `frac_recovered`) and kl_patched.
+    Keys: upstream's l2_loss, l1_loss, l0, frac_variance_explained, cossim, l2_ratio, relative_reconstruction_bias,
+    frac_alive (features that fired at least once) and, with a buffer, loss_original, loss_reconstructed, loss_zero,
+    frac_recovered; this toolkit's mse, fvu, tokens and, with a buffer, ce_clean, ce_patched, ce_zero (the same CEs)
+    and kl_patched (see `reconstruction_metrics`, `loss_recovered`).
+    The buffer's own hook points are patched (this toolkit's buffer knows what it read; `io` serves buffers that only
+    name a submodule). normalize_batch: upstream's (see `loss_recovered`). device: where the dictionary runs
+    (default: where it is).
     """
+    if not isinstance(n_batches, int) or n_batches <= 0:
+        raise ValueError(f"n_batches must be a positive int, got {n_batches!r}")
     if device is not None:
         dictionary = dictionary.to(device)
+    loss_batches = n_batches if loss_batches is None else loss_batches
+    hooks = getattr(activations, "hooks", None)
+    with_loss = loss_batches > 0 and (isinstance(activations, ActivationBuffer) or (
+        hasattr(activations, "text_batch") and hasattr(getattr(activations, "model", None), "trace")))
     iterator = iter(activations)
     totals: dict[str, float] = {}
-    fired, count, tokens = None, 0, 0
-    for _ in range(n_batches):
+    loss_totals: dict[str, float] = {}
+    fired, count, tokens, loss_count = None, 0, 0, 0
+
+    def add_loss_batch() -> None:
+        nonlocal hooks, loss_count
+        try:
+            texts = activations.text_batch(batch_size)
+        except StopIteration:
+            return
+        if hooks is None:
+            hooks = hook_points_for(activations.model, activations.submodule, io)
+        losses = loss_recovered(texts, activations.model, dictionary, hooks=tuple(hooks), ctx_len=max_len,
+                                patch_mask_fn=getattr(activations, "token_mask", None),
+                                normalize_batch=normalize_batch, tracer_args=tracer_args)
+        for key, value in losses.items():
+            loss_totals[key] = loss_totals.get(key, 0.0) + value
+        loss_count += 1
+
+    for index in range(n_batches):
         batch = next(iterator, None)
         if batch is None:
             break
+        if normalize_batch:
+            batch = _normalized(batch, dictionary.activation_dim)
         metrics = reconstruction_metrics(dictionary, batch)
         fired = metrics["_fired"] if fired is None else fired + metrics["_fired"]
         tokens += metrics["_tokens"]
@@ -140,26 +281,20 @@ def evaluate(
             if not key.startswith("_"):
                 totals[key] = totals.get(key, 0.0) + value
         count += 1
+        if with_loss and index < loss_batches:  # interleaved as upstream, so the same texts are used
+            add_loss_batch()
+    for _ in range(loss_batches - min(count, loss_batches) if with_loss else 0):  # more loss batches than batches
+        add_loss_batch()
     if count == 0:
         raise ValueError("activations yielded no batches")
     results = {key: value / count for key, value in totals.items()}
-    results["frac_variance_explained"] = 1 - results["fvu"]
     results["frac_alive"] = (fired > 0).float().mean().item()
     results["tokens"] = tokens
-
-    if isinstance(activations, ActivationBuffer) and loss_batches > 0:
-        loss_totals: dict[str, float] = {}
-        done = 0
-        for _ in range(loss_batches):
-            try:
-                texts = activations.text_batch(batch_size)
-            except StopIteration:
-                break
-            for key, value in loss_recovered(texts, activations.model, dictionary, activations.hooks,
-                                             ctx_len=max_len, patch_mask_fn=activations.token_mask).items():
-                loss_totals[key] = loss_totals.get(key, 0.0) + value
-            done += 1
-        results.update({key: value / done for key, value in loss_totals.items()} if done else {})
+    if loss_count:
+        results.update({key: value / loss_count for key, value in loss_totals.items()})
+        for upstream_key, key in (("loss_original", "ce_clean"), ("loss_reconstructed", "ce_patched"),
+                                  ("loss_zero", "ce_zero")):
+            results[upstream_key] = results[key]
     return results
 
 
