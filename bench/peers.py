@@ -46,8 +46,10 @@ def run_peer(
     threads: int = 2,
     extra_args: tuple[str, ...] = (),
     timeout_s: float = 1800.0,
+    script: str | Path = PEER_STEP_SCRIPT,
 ) -> dict:
-    """Run bench/peer_step.py for one peer in its venv; return its JSON line as a dict.
+    """Run bench/peer_step.py (or another peer-side `script` taking the same arguments) for one peer in its venv;
+    return its JSON line as a dict.
 
     Never raises for a failing peer: a missing venv, a crash, a timeout or unparsable output gives a dict with
     an "error" key (plus "peer" and the shape).
@@ -58,7 +60,7 @@ def run_peer(
     python = peer_python(name)
     if python is None:
         return {**failure, "error": f"no venv at {peers_dir() / name}: run bench/setup_peers.sh"}
-    command = [str(python), str(PEER_STEP_SCRIPT), "--peer", name]
+    command = [str(python), str(script), "--peer", name]
     for key, value in shape.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
     command += list(extra_args)
@@ -73,7 +75,7 @@ def run_peer(
     environment.pop("PYTHONPATH", None)  # never let the peer import our package
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=environment,
-                                   cwd=str(PEER_STEP_SCRIPT.parent))
+                                   cwd=str(Path(script).resolve().parent))
     except subprocess.TimeoutExpired:
         return {**failure, "error": f"timed out after {timeout_s:.0f} s"}
     for line in reversed(completed.stdout.strip().splitlines()):
