@@ -1,12 +1,176 @@
-"""Gated SAE trainer (GDM), upstream's trainers.gdm. (Being written: a stub until then.)"""
+"""GatedSAETrainer (Rajamanoharan et al. 2024, GDM): upstream's trainers.gdm, also for gated transcoders.
+
+Loss, with y the target (y = x for SAEs), pre the encoder projection and g = relu(pre + b_gate) the gate path:
+
+    L = |y - y_hat|^2 + l1_penalty * s(step) * |g|_1 + |y - (W_dec g + b_dec)|^2
+
+summed over the output and averaged over the batch. The last (auxiliary) term decodes the gate path through a
+*detached* decoder and decoder bias (and skip), so it trains only the encoder and b_gate; the gate's step function in
+y_hat passes no gradient. s(step) ramps the sparsity penalty from 0 to 1 over `sparsity_warmup_steps`. Decoder
+columns stay at unit norm (the gradient component parallel to each column is removed before the Adam step, columns
+renormalised after; Adam betas (0, 0.999)); the lr warms up linearly from 0 and optionally decays linearly to 0 from
+`decay_start`; no gradient clipping. The optimizer and schedules below are shared with `gated_anneal.py`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ..dictionary import Dictionary, GatedAutoEncoder
 from .trainer import SAETrainer
+
+# ----------------------------------------------------------------------------------------------------------------
+# optimizer and schedules (TODO(lead): use trainer.ConstrainedAdam, trainer.get_lr_schedule and
+# trainer.get_sparsity_warmup_fn once they are in trainers/trainer.py)
+
+
+class ConstrainedAdam(torch.optim.Adam):
+    """Adam keeping the columns of `constrained_params` (decoder weights `[d_out, dict_size]`) at unit norm: the
+    gradient component along each column is removed before the step and the columns are renormalised after it."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], constrained_params: Iterable[torch.nn.Parameter],
+                 lr: float, betas: tuple[float, float] = (0.9, 0.999)):
+        super().__init__(params, lr=lr, betas=betas)
+        self.constrained_params = list(constrained_params)
+
+    def step(self, closure: Callable[[], float] | None = None):
+        with torch.no_grad():
+            for weight in self.constrained_params:
+                if weight.grad is not None:
+                    direction = weight / weight.norm(dim=0, keepdim=True)
+                    weight.grad -= (weight.grad * direction).sum(dim=0, keepdim=True) * direction
+        result = super().step(closure)
+        with torch.no_grad():
+            for weight in self.constrained_params:
+                weight /= weight.norm(dim=0, keepdim=True)
+        return result
+
+
+def gated_lr_schedule(steps: int, warmup_steps: int, decay_start: int | None = None,
+                      resample_steps: int | None = None, sparsity_warmup_steps: int | None = None
+                      ) -> Callable[[int], float]:
+    """Upstream's lr multiplier: step / warmup_steps during warmup (0 at step 0), 1, then (steps - step) /
+    (steps - decay_start) from `decay_start`; with `resample_steps`, the warmup restarts every that many steps."""
+    if decay_start is not None:
+        if resample_steps is not None:
+            raise ValueError(f"decay_start and resample_steps exclude each other, got {decay_start} and "
+                             f"{resample_steps}")
+        if not warmup_steps < decay_start < steps:
+            raise ValueError(f"decay_start must be in (warmup_steps={warmup_steps}, steps={steps}), got {decay_start}")
+        if sparsity_warmup_steps is not None and not decay_start > sparsity_warmup_steps:
+            raise ValueError(f"decay_start must be > sparsity_warmup_steps={sparsity_warmup_steps}, got {decay_start}")
+    if resample_steps is not None and not 0 < resample_steps < steps:
+        raise ValueError(f"resample_steps must be in (0, steps={steps}), got {resample_steps}")
+
+    def factor(step: int) -> float:
+        if resample_steps is not None:
+            return min((step % resample_steps) / warmup_steps, 1.0) if warmup_steps else 1.0
+        if step < warmup_steps:
+            return step / warmup_steps
+        if decay_start is not None and step >= decay_start:
+            return (steps - step) / (steps - decay_start)
+        return 1.0
+
+    return factor
+
+
+def sparsity_warmup(sparsity_warmup_steps: int | None) -> Callable[[int], float]:
+    """Multiplier on the sparsity penalty: step / sparsity_warmup_steps up to 1 (always 1 for None or 0)."""
+    def scale(step: int) -> float:
+        return min(step / sparsity_warmup_steps, 1.0) if sparsity_warmup_steps else 1.0
+
+    return scale
+
+
+def checked_warmups(steps: int, warmup_steps: int, sparsity_warmup_steps: int | None) -> tuple[int, int | None]:
+    """(warmup_steps, sparsity_warmup_steps) validated and capped at `steps` (upstream requires both < steps)."""
+    for name, value in (("warmup_steps", warmup_steps), ("sparsity_warmup_steps", sparsity_warmup_steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return min(warmup_steps, steps), None if sparsity_warmup_steps is None else min(sparsity_warmup_steps, steps)
+
+
+def use_gated_optimizer(trainer: SAETrainer, lr: float, lr_factor: Callable[[int], float]) -> None:
+    """Replace the base's Adam and schedule by upstream's: ConstrainedAdam (betas (0, 0.999)) on every parameter,
+    the decoder's columns constrained, and `lr_factor` as the lr schedule; no gradient clipping."""
+    trainer.optimizer = ConstrainedAdam(trainer.ae.parameters(), trainer.ae.decoder.parameters(), lr=lr,
+                                        betas=(0.0, 0.999))
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lr_factor)
+    trainer.max_grad_norm = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the gated loss terms
+
+
+def gated_terms(ae: GatedAutoEncoder, x: torch.Tensor, y: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y_hat, f, gate, reconstruction loss, auxiliary loss) of a gated dictionary on a batch; `gate` is the gate
+    path relu(pre + b_gate) `[batch, dict_size]`, decoded for the auxiliary loss through the detached decoder."""
+    f, gate = ae.encode(x, return_gate=True)  # [batch, dict_size] each
+    y_hat = ae.decode(f, x=x)
+    y_hat_gate = gate @ ae.decoder.weight.detach().T + ae.decoder_bias.detach()
+    if ae.skip is not None:
+        y_hat_gate = y_hat_gate + ae.skip(x).detach()
+    reconstruction = (y - y_hat).pow(2).sum(dim=-1).mean()
+    auxiliary = (y - y_hat_gate).pow(2).sum(dim=-1).mean()
+    return y_hat, f, gate, reconstruction, auxiliary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the trainer
 
 
 class GatedSAETrainer(SAETrainer):
-    """Gated SAE trainer (GDM), upstream's trainers.gdm."""
+    """Trains a `GatedAutoEncoder` (or a gated transcoder: `output_dim`, `transcoder`, `skip`)."""
 
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("GatedSAETrainer is not written yet")
+    def __init__(
+        self,
+        steps: int,
+        activation_dim: int,
+        dict_size: int,
+        layer: int | None = None,
+        lm_name: str | None = None,
+        dict_class: type[Dictionary] = GatedAutoEncoder,
+        lr: float = 5e-5,
+        l1_penalty: float = 1e-1,
+        warmup_steps: int = 1000,
+        sparsity_warmup_steps: int | None = 2000,
+        decay_start: int | None = None,
+        seed: int | None = None,
+        device: str | None = None,
+        wandb_name: str | None = "GatedSAETrainer",
+        submodule_name: str | None = None,
+        *,
+        output_dim: int | None = None,
+        transcoder: bool = False,
+        skip: bool = False,
+    ):
+        warmup_steps, sparsity_warmup_steps = checked_warmups(steps, warmup_steps, sparsity_warmup_steps)
+        super().__init__(
+            seed, steps=steps, lr=lr, warmup_steps=warmup_steps, decay_start=decay_start, device=device,
+            build_dictionary=lambda: dict_class(activation_dim, dict_size, output_dim=output_dim,
+                                                transcoder=transcoder, skip=skip),
+            config={"l1_penalty": l1_penalty, "sparsity_warmup_steps": sparsity_warmup_steps, "layer": layer,
+                    "lm_name": lm_name, "wandb_name": wandb_name, "submodule_name": submodule_name},
+        )
+        use_gated_optimizer(self, lr, gated_lr_schedule(steps, warmup_steps, decay_start, None,
+                                                        sparsity_warmup_steps))
+        self.sparsity_warmup_fn = sparsity_warmup(sparsity_warmup_steps)
+        self.layer, self.lm_name, self.submodule_name, self.wandb_name = layer, lm_name, submodule_name, wandb_name
+        self.l1_penalty, self.warmup_steps, self.decay_start = l1_penalty, warmup_steps, decay_start
+        self.sparsity_warmup_steps = sparsity_warmup_steps
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        y_hat, f, gate, reconstruction, auxiliary = gated_terms(self.ae, x, y)
+        sparsity = gate.sum(dim=-1).mean()  # the gate path is non-negative: its L1 norm
+        loss = reconstruction + self.l1_penalty * sparsity * self.sparsity_warmup_fn(step) + auxiliary
+        with torch.no_grad():
+            active = f > 0
+            self._track(active.any(dim=0).nonzero().flatten(), x.shape[0])
+            l0 = active.sum(dim=-1).float().mean().item()
+        self._record(y, y_hat.detach(), l0, loss, mse_loss=reconstruction.item(), sparsity_loss=sparsity.item(),
+                     aux_loss=auxiliary.item())
+        return loss
