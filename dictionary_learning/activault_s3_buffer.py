@@ -1,0 +1,512 @@
+"""Activations pre-computed by tilde-research's Activault, streamed from an S3 bucket (upstream's import path).
+
+Activault writes, under `{run_name}/{hook_name}/` in a bucket: `metadata.json` ({"shape": [n_sequences, seq_len, d],
+"dtype": "torch.float16", "input_ids_shape": [n_sequences, seq_len], "bytes_per_file": ..., ...}), an optional
+`statistics.json`, `{run_name}/cfg.json`, and megabatch files `{uuid}--{attempt}_{job}.saved.pt`, each a
+`torch.save` of {"states": [n_sequences, seq_len, d], "input_ids": [n_sequences, seq_len], "tensor_bytes": int}
+(older files: the states tensor alone).
+
+`S3RCache` lists the files as presigned URLs and iterates over their megabatches: `n_workers` worker processes
+download each file in ranged chunks, optionally shuffle its tokens, and hand it over through `buffer_size`
+shared-memory slots. `ActivaultS3ActivationBuffer` serves shuffled batches of token vectors from them, like
+`ActivationBuffer`. boto3 is imported only when an S3 client is made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import queue
+import random
+import time
+import urllib.error
+import urllib.request
+import warnings
+import weakref
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+KB = 1024
+MB = KB * KB
+OUTER_CACHE_DIR = "cache"
+INNER_CACHE_DIR = "cache"
+BUCKET_NAME = os.environ.get("S3_BUCKET_NAME", "main")
+
+PRESIGNED_URL_SECONDS = 604700  # about a week
+_POLL_SECONDS = 0.1  # how often a waiting process looks at the stop flag
+_TRIES = 5  # attempts per ranged request
+_SKIPPED = -1  # on the readable queue: a file that could not be downloaded
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # like aiohttp: env proxies ignored
+
+
+def _boto3():
+    try:
+        import boto3
+    except ImportError as error:
+        raise ImportError("reading Activault activations from S3 needs the package `boto3` (pip install boto3)") \
+            from error
+    return boto3
+
+
+def create_s3_client(access_key_id: str | None = None, secret_access_key: str | None = None,
+                     endpoint_url: str | None = None) -> Any:
+    """A boto3 S3 client for S3-compatible storage (path-style addresses, s3v4 signatures). Missing arguments are
+    read from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and S3_ENDPOINT_URL."""
+    access_key_id = access_key_id or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret_access_key = secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY")
+    endpoint_url = endpoint_url or os.environ.get("S3_ENDPOINT_URL")
+    if not access_key_id or not secret_access_key:
+        raise ValueError("S3 credentials are needed: pass access_key_id and secret_access_key, or set "
+                         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    if not endpoint_url:
+        raise ValueError("an S3 endpoint URL is needed: pass endpoint_url or set S3_ENDPOINT_URL")
+    boto3 = _boto3()
+    return boto3.session.Session().client(
+        service_name="s3", aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key,
+        endpoint_url=endpoint_url, use_ssl=True, verify=True,
+        config=boto3.session.Config(s3={"addressing_style": "path"}, signature_version="s3v4"))
+
+
+def ensure_spawn_context() -> None:
+    """Make 'spawn' the process-wide multiprocessing start method; warn when that is impossible. (S3RCache does not
+    need it: its workers come from a context of their own.)"""
+    if mp.get_start_method(allow_none=True) != "spawn":
+        try:
+            mp.set_start_method("spawn", force=True)
+        except RuntimeError:
+            warnings.warn("the multiprocessing start method is not 'spawn', which may cause problems", stacklevel=2)
+
+
+def shuffle_megabatch_tokens(t: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+    """`t` [n_sequences, seq_len, d] with its token vectors permuted across sequences (seed None: a fresh one)."""
+    if t.ndim != 3:
+        raise ValueError(f"expected a megabatch of shape [n_sequences, seq_len, d], got shape {tuple(t.shape)}")
+    generator = torch.Generator()
+    generator.manual_seed(seed) if seed is not None else generator.seed()
+    tokens = t.reshape(t.shape[0] * t.shape[1], t.shape[2])
+    return tokens[torch.randperm(tokens.shape[0], generator=generator)].reshape(t.shape)
+
+
+def compile(byte_buffers: list[tuple[int, bytes]], shuffle: bool = True, seed: int | None = None,
+            return_ids: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A megabatch from its downloaded `(start_byte, chunk)` pieces (any order): the saved dict when return_ids
+    (token order kept, so states line up with input_ids), else its states, token-shuffled if asked."""
+    data = b"".join(chunk for _, chunk in sorted(byte_buffers, key=lambda piece: piece[0]))
+    megabatch = torch.load(BytesIO(data), weights_only=True)
+    if return_ids:
+        return megabatch
+    if isinstance(megabatch, dict):
+        if "states" not in megabatch:
+            raise ValueError(f"expected a megabatch dict with a 'states' entry, got keys {sorted(megabatch)}")
+        megabatch = megabatch["states"]
+    return shuffle_megabatch_tokens(megabatch, seed) if shuffle else megabatch
+
+
+class SharedBuffer(nn.Module):
+    """A shared-memory slot for a megabatch's states and input_ids (a module's parameters stay shared when sent to
+    a worker, a dict's tensors would not)."""
+
+    def __init__(self, shape: list[int], input_ids_shape: list[int], dtype: torch.dtype):
+        super().__init__()
+        self.states = nn.Parameter(torch.ones(shape, dtype=dtype), requires_grad=False)
+        self.input_ids = nn.Parameter(torch.ones(input_ids_shape, dtype=torch.int64), requires_grad=False)
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        return {"states": self.states, "input_ids": self.input_ids}
+
+
+def _stopping(stop: Any) -> bool:
+    parent = multiprocessing.parent_process()
+    return bool(stop.value) or (parent is not None and not parent.is_alive())
+
+
+def _wait(call: Any, stop: Any | None) -> Any:
+    """`call(timeout)` until its queue is neither empty nor full; None once `stop` is set (or the parent process
+    died) meanwhile. Without `stop`, one blocking call."""
+    while stop is not None and not _stopping(stop):
+        try:
+            return call(_POLL_SECONDS)
+        except (queue.Empty, queue.Full):
+            pass
+    return call(None) if stop is None else None
+
+
+def write_tensor(t: torch.Tensor | dict[str, torch.Tensor], buffer: Any, writeable_tensors: Any,
+                 readable_tensors: Any, ongoing_downloads: Any, stop: Any | None = None) -> bool:
+    """Copy a megabatch into a free slot of `buffer`, announce the slot as readable and count the download done.
+    With `stop` (a shared flag), give up (returning False) when it is set while waiting."""
+    slot = _wait(lambda timeout: writeable_tensors.get(timeout=timeout), stop)
+    if slot is None:
+        return False
+    if isinstance(buffer[0], SharedBuffer):
+        if not isinstance(t, dict):
+            raise TypeError(f"return_ids needs megabatches saved as dicts with 'states' and 'input_ids', got a "
+                             f"{type(t).__name__}")
+        pairs = [(buffer[slot].states, t["states"]), (buffer[slot].input_ids, t["input_ids"])]
+    else:
+        pairs = [(buffer[slot], t)]
+    for target, value in pairs:
+        if value.shape != target.shape:
+            raise ValueError(f"a megabatch of shape {tuple(value.shape)} does not fit its slot of shape "
+                             f"{tuple(target.shape)} (metadata.json's shape)")
+        target.copy_(value)
+    written = _wait(lambda timeout: readable_tensors.put(slot, timeout=timeout) or True, stop)
+    with ongoing_downloads.get_lock():
+        ongoing_downloads.value -= 1
+    return bool(written)
+
+
+def _fetch(url: str, start: int, chunk_size: int) -> tuple[int, int, int | None, bytes]:
+    """(start, status, object size from Content-Range, body) of a ranged GET; past the end (416): an empty body."""
+    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-{start + chunk_size - 1}"})
+    for attempt in range(_TRIES):
+        try:
+            with _NO_PROXY.open(request, timeout=300) as reply:
+                status, headers, body = reply.status, reply.headers, reply.read()
+        except urllib.error.HTTPError as error:
+            if error.code != 416:
+                failure: Exception = error
+                time.sleep(0.2 * 2**attempt)
+                continue
+            status, headers, body = 416, error.headers, b""
+        except OSError as error:
+            failure = error
+            time.sleep(0.2 * 2**attempt)
+            continue
+        total = (headers.get("Content-Range") or "").rpartition("/")[2]
+        return start, status, int(total) if total.isdigit() else None, body
+    raise failure
+
+
+def _download(pool: ThreadPoolExecutor, url: str, size: int, chunk_size: int) -> list[tuple[int, bytes]] | None:
+    """A file as `(start_byte, chunk)` pieces fetched `chunk_size` bytes at a time (all of it, even when the object
+    is larger than `size`); None after repeated failures."""
+    try:
+        starts = range(0, size, chunk_size)
+        replies = list(pool.map(lambda start: _fetch(url, start, chunk_size), starts))
+        total = next((reply[2] for reply in replies if reply[2] is not None), None)
+        if total is not None and total > len(starts) * chunk_size:
+            more = range(len(starts) * chunk_size, total, chunk_size)
+            replies += pool.map(lambda start: _fetch(url, start, chunk_size), more)
+    except Exception as error:  # noqa: BLE001 (the file is skipped, as upstream does)
+        logger.error("could not download %s: %s", url.split("?")[0], error)
+        return None
+    whole = [body for _, status, _, body in replies if status == 200]  # a server that ignored the Range header
+    return [(0, whole[0])] if whole else [(start, body) for start, _, _, body in replies]
+
+
+def download_loop(buffer: Any, file_index: Any, s3_paths: list[str], stop: Any, readable_tensors: Any,
+                  writeable_tensors: Any, ongoing_downloads: Any, concurrency: int, bytes_per_file: int,
+                  chunk_size: int, shuffle: bool, seed: int | None, return_ids: bool, errors: Any = None) -> None:
+    """A worker: claim the next file of `s3_paths` (shared `file_index`), download (`concurrency` requests at once),
+    compile (file i shuffled with seed `seed + i`) and write it into `buffer`, until the files run out or `stop` is
+    set. A file that cannot be downloaded is announced as skipped; other errors go to `errors` and stop all workers."""
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        while not _stopping(stop):
+            with file_index.get_lock(), ongoing_downloads.get_lock():
+                position = file_index.value
+                if position >= len(s3_paths):
+                    break
+                file_index.value += 1
+                ongoing_downloads.value += 1
+            url = s3_paths[position]
+            try:
+                pieces = _download(pool, url, bytes_per_file, chunk_size)
+                if pieces is None:
+                    with ongoing_downloads.get_lock():
+                        ongoing_downloads.value -= 1
+                    _wait(lambda timeout: readable_tensors.put(_SKIPPED, timeout=timeout), stop)
+                    continue
+                megabatch = compile(pieces, shuffle, None if seed is None else seed + position, return_ids)
+                write_tensor(megabatch, buffer, writeable_tensors, readable_tensors, ongoing_downloads, stop)
+            except Exception as error:  # noqa: BLE001 (the main process raises it)
+                message = f"{type(error).__name__} while reading {url.split('?')[0]}: {error}"
+                logger.error(message)
+                if errors is not None:
+                    errors.put(message)
+                stop.value = True
+
+
+def _worker_context() -> Any:
+    """Fresh processes, never forks of this one (safe with CUDA and threads): from a fork server that has imported
+    this module where the platform has one (later workers then start in milliseconds), else spawned."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _shutdown(processes: list, stop: Any) -> None:
+    """Set the stop flag, give the workers a few seconds, then terminate the rest."""
+    stop.value = True
+    for process in processes:
+        process.join(timeout=5)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+            process.join()
+    processes.clear()
+
+
+class S3RCache:
+    """Iterator over the megabatches of Activault runs in an S3 bucket: `[n_sequences, seq_len, d]` tensors, or
+    dicts with "states" and "input_ids" when return_ids.
+
+    s3_client: a boto3 client (None: one for region eu-north1, endpoint S3_ENDPOINT_URL, credentials from the
+      environment). s3_prefix: `run_name/hook_name`, or a list of them with equal shapes and dtypes.
+    shuffle: permute each megabatch's tokens (not with return_ids). preserve_file_order: read files in key order
+      (else in an order shuffled with `seed`). paths: object keys to read instead of every file under the prefixes.
+    chunk_size: bytes per ranged request, `concurrency` requests at once per worker; buffer_size: megabatches held.
+    """
+
+    @classmethod
+    def from_credentials(cls, aws_access_key_id: str, aws_secret_access_key: str, *args, **kwargs) -> S3RCache:
+        """A cache on a client with these credentials (endpoint: S3_ENDPOINT_URL, if set)."""
+        client = _boto3().client("s3", aws_access_key_id=aws_access_key_id, aws_secret_access_key=aws_secret_access_key,
+                                 endpoint_url=os.environ.get("S3_ENDPOINT_URL"))
+        return cls(client, *args, **kwargs)
+
+    def __init__(self, s3_client: Any, s3_prefix: str | list[str], bucket_name: str = BUCKET_NAME,
+                 device: str = "cpu", concurrency: int = 100, chunk_size: int = MB * 16, buffer_size: int = 2,
+                 shuffle: bool = True, preserve_file_order: bool = False, seed: int | None = 42,
+                 paths: list[str] | None = None, n_workers: int = 1, return_ids: bool = False) -> None:
+        for name, value in (("concurrency", concurrency), ("chunk_size", chunk_size), ("buffer_size", buffer_size),
+                            ("n_workers", n_workers)):
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        prefixes = [s3_prefix] if isinstance(s3_prefix, str) else list(s3_prefix)
+        if not prefixes or not all(isinstance(prefix, str) and prefix.strip("/") for prefix in prefixes):
+            raise ValueError(f"s3_prefix must be 'run_name/hook_name' or a non-empty list of them, got {s3_prefix!r}")
+        if s3_client is None:
+            boto3 = _boto3()
+            s3_client = boto3.client("s3", region_name="eu-north1", endpoint_url=os.environ.get("S3_ENDPOINT_URL"),
+                                     config=boto3.session.Config(signature_version="s3v4"))
+        self.s3_client, self.s3_prefix, self.bucket_name, self.device = s3_client, s3_prefix, bucket_name, device
+        self.concurrency, self.chunk_size, self.buffer_size = int(concurrency), int(chunk_size), int(buffer_size)
+        self.shuffle, self.preserve_file_order, self.seed = shuffle, preserve_file_order, seed
+        self.paths, self.n_workers, self.return_ids = paths, int(n_workers), return_ids
+        self._random = random.Random(seed)
+        self._s3_paths = self._list_s3_files()  # sets self.metadata and self.config too
+        needed = {"shape", "dtype", "bytes_per_file", *(["input_ids_shape"] if return_ids else [])}
+        missing = needed - set(self.metadata)
+        if missing:
+            raise ValueError(f"metadata.json of {prefixes[0]!r} lacks {sorted(missing)}")
+        dtype = {str(value): value for value in vars(torch).values() if isinstance(value, torch.dtype)}.get(
+            "torch." + str(self.metadata["dtype"]).removeprefix("torch."))
+        if dtype is None:
+            raise ValueError(f"metadata.json's dtype must name a torch dtype, got {self.metadata['dtype']!r}")
+        self._activation_dtype, shape = dtype, self.metadata["shape"]
+        if return_ids:
+            self.buffer = [SharedBuffer(shape, self.metadata["input_ids_shape"], dtype).share_memory()
+                           for _ in range(self.buffer_size)]
+        else:
+            self.buffer = torch.empty((self.buffer_size, *shape), dtype=dtype).share_memory_()  # [slots, *shape]
+        self._context = _worker_context()
+        self._stop, self._file_index = self._context.Value("b", False), self._context.Value("i", 0)
+        self._ongoing_downloads = self._context.Value("i", 0)
+        self._running_processes: list = []
+        self._initial_file_index = self._received = self._expected = 0  # messages taken / due in this pass
+        self._reset()
+        weakref.finalize(self, _shutdown, self._running_processes, self._stop)
+
+    @property
+    def current_file_index(self) -> int:
+        """How many files of the list the workers have claimed (save it to resume with set_file_index)."""
+        return self._file_index.value
+
+    def set_file_index(self, index: int) -> None:
+        """Start the next pass at file `index` of the list (to resume a run)."""
+        if not 0 <= index <= len(self._s3_paths):
+            raise ValueError(f"file index must be in [0, {len(self._s3_paths)}], got {index}")
+        self._initial_file_index = index
+
+    def sync(self) -> None:
+        """List the bucket again (files written since)."""
+        self._s3_paths = self._list_s3_files()
+
+    def _reset(self) -> None:
+        """Flags and fresh queues for a new pass (no worker is running)."""
+        self._file_index.value, self._ongoing_downloads.value, self._stop.value = self._initial_file_index, 0, False
+        self.readable_tensors = self._context.Queue(maxsize=self.buffer_size + self.n_workers)
+        self.writeable_tensors = self._context.Queue(maxsize=self.buffer_size)
+        self._errors = self._context.Queue()
+        for slot in range(self.buffer_size):
+            self.writeable_tensors.put(slot)
+
+    def _read_json(self, key: str) -> dict:
+        return json.loads(self.s3_client.get_object(Bucket=self.bucket_name, Key=key)["Body"].read())
+
+    def _list_s3_files(self) -> list[str]:
+        """Presigned URLs of the megabatch files under the prefixes; sets `metadata` (the first prefix's) and
+        `config` (the runs' cfg.json, with total_tokens, n_total_files and batches_processed summed)."""
+        keys, self.metadata, self.config = [], None, None
+        for prefix in ([self.s3_prefix] if isinstance(self.s3_prefix, str) else self.s3_prefix):
+            prefix = prefix.rstrip("/")
+            metadata = self._read_json(f"{prefix}/metadata.json")
+            self.metadata = self.metadata or metadata
+            if [metadata.get("shape"), metadata.get("dtype")] != [self.metadata["shape"], self.metadata["dtype"]]:
+                raise ValueError(f"{prefix!r} holds megabatches of shape {metadata.get('shape')} and dtype "
+                                 f"{metadata.get('dtype')}, expected {self.metadata['shape']} and "
+                                 f"{self.metadata['dtype']}")
+            try:
+                run_config = self._read_json(f"{prefix.rsplit('/', 1)[0] if '/' in prefix else ''}/cfg.json")
+            except Exception as error:  # noqa: BLE001 (cfg.json is optional)
+                logger.warning("no cfg.json for %s: %s", prefix, error)
+                run_config = {}
+            self.config = self.config or {**run_config, "total_tokens": 0, "n_total_files": 0, "batches_processed": 0}
+            for name in ("total_tokens", "n_total_files", "batches_processed"):
+                self.config[name] += run_config.get(name, 0)
+            if self.paths is None:  # "/": a prefix "run/blocks.1" must not take in "run/blocks.10"
+                skip = {f"{prefix}/metadata.json", f"{prefix}/statistics.json"}
+                pages = self.s3_client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket_name,
+                                                                                 Prefix=prefix + "/")
+                keys += [item["Key"] for page in pages for item in page.get("Contents", [])
+                         if item["Key"] not in skip and not item["Key"].endswith("cfg.json")]
+        keys = list(self.paths) if self.paths is not None else sorted(keys)
+        if not self.preserve_file_order:
+            self._random.shuffle(keys)
+        return [self.s3_client.generate_presigned_url("get_object", Params={"Bucket": self.bucket_name, "Key": key},
+                                                      ExpiresIn=PRESIGNED_URL_SECONDS) for key in keys]
+
+    def __iter__(self) -> S3RCache:
+        if self._running_processes:
+            raise ValueError("cannot iterate over the cache a second time while it is downloading (call finalize)")
+        self._reset()
+        self._received, self._expected = 0, len(self._s3_paths) - self._initial_file_index
+        for _ in range(min(self.n_workers, self._expected)):
+            process = self._context.Process(target=download_loop, daemon=True, args=(
+                self.buffer, self._file_index, self._s3_paths, self._stop, self.readable_tensors,
+                self.writeable_tensors, self._ongoing_downloads, self.concurrency, self.metadata["bytes_per_file"],
+                self.chunk_size, self.shuffle, self.seed, self.return_ids, self._errors))
+            process.start()
+            self._running_processes.append(process)
+        return self
+
+    def __next__(self) -> torch.Tensor | dict[str, torch.Tensor]:
+        while self._received < self._expected:
+            slot = self._next_slot()
+            self._received += 1
+            if slot != _SKIPPED:
+                slot_tensors = self.buffer[slot]() if self.return_ids else {"states": self.buffer[slot]}
+                item = {name: value.detach().clone() for name, value in slot_tensors.items()}
+                self.writeable_tensors.put(slot)
+                return item if self.return_ids else item["states"]
+        self._stop_downloading()
+        raise StopIteration
+
+    def _next_slot(self) -> int:
+        """The next readable slot (or _SKIPPED); RuntimeError once the workers failed or died and nothing is left."""
+        while True:
+            waiting = not self._stop.value and any(process.is_alive() for process in self._running_processes)
+            try:
+                return self.readable_tensors.get(timeout=_POLL_SECONDS if waiting else 1.0)
+            except queue.Empty:
+                if waiting:
+                    continue
+            problems, codes = [], [process.exitcode for process in self._running_processes]
+            try:
+                while True:
+                    problems.append(self._errors.get(timeout=0.5))
+            except queue.Empty:
+                self._stop_downloading()
+            raise RuntimeError("downloading Activault megabatches failed: " +
+                               ("; ".join(problems) or f"the workers exited early (exit codes {codes})"))
+
+    def finalize(self) -> None:
+        """Stop the download workers (the iteration then ends)."""
+        self._stop_downloading()
+
+    def _stop_downloading(self) -> None:
+        self._expected = self._received
+        self._file_index.value = len(self._s3_paths)
+        _shutdown(self._running_processes, self._stop)
+        self._ongoing_downloads.value = 0
+
+
+class ActivaultS3ActivationBuffer:
+    """Iterator over shuffled `[batch_size, d]` batches of the token vectors in a cache's megabatches (an S3RCache,
+    or any iterable of `[n_sequences, seq_len, d]` tensors or dicts with "states").
+
+    A refresh keeps the unread vectors, adds megabatches until at least batch_size are unread and shuffles them, so
+    every vector is served once; the last batch may be smaller. io: "out" or "in" (Activault stores one activation
+    per token, whichever side of the hook it read). seed: the shuffling seed (None: torch's global generator).
+    """
+
+    def __init__(self, cache: S3RCache | Any, batch_size: int = 8192, device: str | torch.device = "cpu",
+                 io: str = "out", seed: int | None = None):
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if io not in ("out", "in"):
+            raise ValueError(f"io must be 'out' or 'in' (Activault stores one activation per token), got {io!r}")
+        self.cache = iter(cache)
+        self.batch_size, self.device, self.io, self.seed = int(batch_size), torch.device(device), io, seed
+        self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._exhausted, self._position = False, 0
+        self.states: torch.Tensor | None = None  # [n, d], shuffled
+        self.read_mask: torch.Tensor | None = None  # [n], True where served
+        self.refresh()
+
+    @property
+    def n_unread(self) -> int:
+        return 0 if self.states is None else self.states.shape[0] - self._position
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        with torch.no_grad():
+            if self.n_unread < self.batch_size:
+                self.refresh()
+            if self.n_unread == 0:
+                raise StopIteration
+            batch = self.states[self._position : self._position + self.batch_size]  # [batch_size, d]
+            self.read_mask[self._position : self._position + batch.shape[0]] = True
+            self._position += batch.shape[0]
+            return batch
+
+    def refresh(self) -> None:
+        """Keep the unread vectors, add megabatches until batch_size are unread (or the cache ends), shuffle."""
+        parts = [] if self.states is None else [self.states[self._position:]]
+        while sum(part.shape[0] for part in parts) < self.batch_size and not self._exhausted:
+            try:
+                megabatch = next(self.cache)
+            except StopIteration:
+                self._exhausted = True
+                break
+            states = megabatch["states"] if isinstance(megabatch, dict) else megabatch
+            if states.ndim != 3 or (parts and states.shape[-1] != parts[0].shape[-1]):
+                raise ValueError(f"expected megabatches of shape [n_sequences, seq_len, d] with one d, got "
+                                 f"{tuple(states.shape)}" + (f" after d={parts[0].shape[-1]}" if parts else ""))
+            parts.append(states.reshape(-1, states.shape[-1]).to(self.device))
+        pool = torch.cat(parts) if parts else None
+        if pool is None or pool.shape[0] == 0:
+            self.states = self.read_mask = None
+        else:
+            self.states = pool[torch.randperm(pool.shape[0], generator=self._generator).to(self.device)]
+            self.read_mask = torch.zeros(pool.shape[0], dtype=torch.bool, device=self.device)
+        self._position = 0
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable description of the buffer, saved with trained dictionaries."""
+        cache = self.cache if isinstance(self.cache, S3RCache) else None
+        return {"source": "activault", "s3_prefix": cache and cache.s3_prefix,
+                "bucket_name": cache and cache.bucket_name, "io": self.io, "out_batch_size": self.batch_size,
+                "device": str(self.device), "seed": self.seed}
+
+    def close(self) -> None:
+        """Stop the cache's download workers."""
+        for name in ("finalize", "close"):
+            if hasattr(self.cache, name):
+                return getattr(self.cache, name)()
