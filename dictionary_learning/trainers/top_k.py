@@ -15,7 +15,12 @@ from typing import Any
 import torch
 
 from ..dictionary import AutoEncoderTopK, Dictionary, SparseCode
-from .trainer import SAETrainer, geometric_median
+from .trainer import (
+    SAETrainer,
+    geometric_median,
+    remove_gradient_parallel_to_decoder_directions,
+    set_decoder_norm_to_unit_norm,
+)
 
 
 def default_topk_lr(dict_size: int) -> float:
@@ -120,14 +125,13 @@ class TopKTrainer(SAETrainer):
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
         """Remove the gradient component parallel to each (unit) decoder column."""
-        weight, grad = self.ae.decoder.weight, self.ae.decoder.weight.grad
-        if grad is not None:
-            grad -= (grad * weight).sum(dim=0, keepdim=True) * weight
+        weight = self.ae.decoder.weight
+        if weight.grad is not None:
+            remove_gradient_parallel_to_decoder_directions(weight, weight.grad, self.ae.output_dim, self.ae.dict_size)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        weight = self.ae.decoder.weight
-        weight /= weight.norm(dim=0, keepdim=True).clamp_min(1e-8)
+        set_decoder_norm_to_unit_norm(self.ae.decoder.weight, self.ae.output_dim, self.ae.dict_size)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"b_dec_initialised": self._b_dec_initialised}

@@ -1,4 +1,6 @@
-"""SAETrainer: the shared base of every training method (optimizer, lr schedule, dead-feature tracking, config).
+"""SAETrainer: the shared base of every training method (optimizer, lr schedule, dead-feature tracking, config),
+and upstream's public training helpers: `ConstrainedAdam`, `get_lr_schedule`, `get_sparsity_warmup_fn`,
+`set_decoder_norm_to_unit_norm`, `remove_gradient_parallel_to_decoder_directions`.
 
 Trainers take tensors, never models or buffers: `update(step, x)` for SAEs and `update(step, (x, y))` for
 transcoders, with x `[batch, activation_dim]` and y `[batch, output_dim]`.
@@ -6,12 +8,17 @@ transcoders, with x `[batch, activation_dim]` and y `[batch, output_dim]`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections import namedtuple
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
 from ..dictionary import Dictionary
 from ..files import json_safe
+
+# what upstream's `trainer.loss(x, step=..., logging=True)` returns
+LossLog = namedtuple("LossLog", ["x", "x_hat", "f", "losses"])
 
 
 def check_steps(steps: Any) -> None:
@@ -34,6 +41,161 @@ def lr_schedule(steps: int, warmup_steps: int = 0, decay_start: int | None = Non
         return value
 
     return factor
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# upstream's schedules
+
+
+def _check_schedule(total_steps: int, warmup_steps: int, decay_start: int | None, resample_steps: int | None,
+                    sparsity_warmup_steps: int | None, below_total: bool) -> None:
+    """Upstream's consistency rules for a schedule, as ValueErrors (`below_total`: also warmup and resampling
+    periods shorter than the run)."""
+    check_steps(total_steps)
+    if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    if below_total and warmup_steps >= total_steps:
+        raise ValueError(f"warmup_steps must be < steps={total_steps}, got {warmup_steps}")
+    if decay_start is not None:
+        if resample_steps is not None:
+            raise ValueError(f"decay_start ({decay_start}) and resample_steps ({resample_steps}) cannot both be set")
+        if not 0 <= decay_start < total_steps:
+            raise ValueError(f"decay_start must be in [0, steps={total_steps}), got {decay_start}")
+        if decay_start <= warmup_steps:
+            raise ValueError(f"decay_start must be > warmup_steps={warmup_steps}, got {decay_start}")
+        if sparsity_warmup_steps is not None and decay_start <= sparsity_warmup_steps:
+            raise ValueError(f"decay_start must be > sparsity_warmup_steps={sparsity_warmup_steps}, got {decay_start}")
+    if resample_steps is not None and not 0 < resample_steps < (total_steps if below_total else float("inf")):
+        raise ValueError(f"resample_steps must be in (0, steps={total_steps}), got {resample_steps}")
+
+
+def _lr_factor(total_steps: int, warmup_steps: int, decay_start: int | None,
+               resample_steps: int | None) -> Callable[[int], float]:
+    if resample_steps is not None:  # the warmup restarts after every resampling
+
+        def factor(step: int) -> float:
+            return 1.0 if warmup_steps == 0 else min((step % resample_steps) / warmup_steps, 1.0)
+
+        return factor
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        if decay_start is not None and step >= decay_start:
+            return (total_steps - step) / (total_steps - decay_start)
+        return 1.0
+
+    return factor
+
+
+def get_lr_schedule(total_steps: int, warmup_steps: int, decay_start: int | None = None,
+                    resample_steps: int | None = None,
+                    sparsity_warmup_steps: int | None = None) -> Callable[[int], float]:
+    """Upstream's lr multiplier (for LambdaLR): `step / warmup_steps` during the warmup, then 1, then a linear decay
+    to 0 from `decay_start`; with `resample_steps`, the warmup restarts every `resample_steps` steps instead.
+    `sparsity_warmup_steps` only takes part in the checks (decay must start after it)."""
+    _check_schedule(total_steps, warmup_steps, decay_start, resample_steps, sparsity_warmup_steps, True)
+    return _lr_factor(total_steps, warmup_steps, decay_start, resample_steps)
+
+
+def trainer_lr_schedule(total_steps: int, warmup_steps: int, decay_start: int | None = None,
+                        resample_steps: int | None = None,
+                        sparsity_warmup_steps: int | None = None) -> Callable[[int], float]:
+    """`get_lr_schedule` as the upstream-style trainers here use it: a warmup (or resampling period) longer than the
+    run is allowed (the lr then never reaches its full value, or no neuron is resampled, as in the founding
+    trainSAE), where upstream stops with an assertion."""
+    _check_schedule(total_steps, warmup_steps, decay_start, resample_steps, sparsity_warmup_steps, False)
+    return _lr_factor(total_steps, warmup_steps, decay_start, resample_steps)
+
+
+def get_sparsity_warmup_fn(total_steps: int, sparsity_warmup_steps: int | None = None) -> Callable[[int], float]:
+    """Multiplier on the sparsity penalty: `step / sparsity_warmup_steps` up to 1 (always 1 when None or 0)."""
+    if sparsity_warmup_steps is not None and not 0 <= sparsity_warmup_steps < total_steps:
+        raise ValueError(f"sparsity_warmup_steps must be in [0, steps={total_steps}), got {sparsity_warmup_steps}")
+    return sparsity_schedule(sparsity_warmup_steps)
+
+
+def sparsity_schedule(sparsity_warmup_steps: int | None) -> Callable[[int], float]:
+    """`get_sparsity_warmup_fn` without its check: a sparsity warmup longer than the run is allowed."""
+
+    def factor(step: int) -> float:
+        return 1.0 if not sparsity_warmup_steps else min(step / sparsity_warmup_steps, 1.0)
+
+    return factor
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# unit-norm decoder columns
+
+
+def _check_decoder_shape(W_dec_DF: torch.Tensor, activation_dim: int, d_sae: int) -> None:
+    if tuple(W_dec_DF.shape) != (activation_dim, d_sae):
+        raise ValueError(f"expected a decoder weight of shape [activation_dim, d_sae] = [{activation_dim}, {d_sae}] "
+                         f"(nn.Linear's layout), got {tuple(W_dec_DF.shape)}")
+
+
+@torch.no_grad()
+def set_decoder_norm_to_unit_norm(W_dec_DF: torch.Tensor, activation_dim: int, d_sae: int) -> torch.Tensor:
+    """Scale each decoder column (`W_dec_DF` is `[activation_dim, d_sae]`, as nn.Linear stores it) to unit norm,
+    in place; returns the weight's data."""
+    _check_decoder_shape(W_dec_DF, activation_dim, d_sae)
+    eps = torch.finfo(W_dec_DF.dtype).eps
+    W_dec_DF.data /= W_dec_DF.data.norm(dim=0, keepdim=True) + eps
+    return W_dec_DF.data
+
+
+@torch.no_grad()
+def remove_gradient_parallel_to_decoder_directions(W_dec_DF: torch.Tensor, W_dec_DF_grad: torch.Tensor,
+                                                   activation_dim: int, d_sae: int) -> torch.Tensor:
+    """Subtract from each column of `W_dec_DF_grad` its component along the matching decoder column, in place
+    (both `[activation_dim, d_sae]`); returns the gradient."""
+    _check_decoder_shape(W_dec_DF, activation_dim, d_sae)
+    _check_decoder_shape(W_dec_DF_grad, activation_dim, d_sae)
+    directions = W_dec_DF / (W_dec_DF.norm(dim=0, keepdim=True) + 1e-6)  # [activation_dim, d_sae]
+    W_dec_DF_grad -= (W_dec_DF_grad * directions).sum(dim=0, keepdim=True) * directions
+    return W_dec_DF_grad
+
+
+class ConstrainedAdam(torch.optim.Adam):
+    """Adam that keeps the columns (dim 0, nn.Linear decoder layout) of `constrained_params` at unit norm: before
+    each step the gradient component parallel to each column is removed, after it the columns are renormalised."""
+
+    def __init__(self, params: Iterable[Any], constrained_params: Iterable[torch.Tensor], lr: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, lr=lr, betas=betas, eps=eps)
+        self.constrained_params = list(constrained_params)
+
+    def step(self, closure=None):
+        with torch.no_grad():
+            for p in self.constrained_params:
+                if p.grad is not None:
+                    direction = p / p.norm(dim=0, keepdim=True)
+                    p.grad -= (p.grad * direction).sum(dim=0, keepdim=True) * direction
+        loss = super().step(closure=closure)
+        with torch.no_grad():
+            for p in self.constrained_params:
+                p /= p.norm(dim=0, keepdim=True)
+        return loss
+
+
+def loss_arguments(x: torch.Tensor, y: Any, step: Any) -> tuple[torch.Tensor, int]:
+    """(target, step) of a `loss` call made either as `loss(x, y, step)` or as upstream, `loss(x, step)` /
+    `loss(x, step=step)` (the target is then x)."""
+    if y is None:
+        return x, int(step or 0)
+    if not isinstance(y, torch.Tensor):  # upstream's positional step
+        return x, int(y)
+    return y, int(step or 0)
+
+
+def upstream_loss_call(x: torch.Tensor, step: Any, logging: Any, y: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, int, bool]:
+    """(target, step, logging) of a call to a loss with upstream's signature `loss(x, step, logging=False, y=None)`,
+    also when made in this toolkit's older positional form `loss(x, y, step)`; the target defaults to x."""
+    if isinstance(step, torch.Tensor):  # loss(x, y, step)
+        y, step, logging = step, logging, False
+    y, step = loss_arguments(x, y, step)
+    return y, step, bool(logging)
 
 
 @torch.no_grad()
@@ -86,10 +248,13 @@ class SAETrainer:
                  build_dictionary: Callable[[], Dictionary] | None = None, lr: float = 1e-3, warmup_steps: int = 0,
                  decay_start: int | None = None, dead_feature_threshold: int = 10_000_000,
                  device: str | torch.device | None = None, adam_eps: float = 1e-8,
-                 config: dict[str, Any] | None = None):
+                 config: dict[str, Any] | None = None,
+                 build_optimizer: Callable[[Dictionary], torch.optim.Optimizer] | None = None,
+                 lr_lambda: Callable[[int], float] | None = None):
         """Seed torch's generator with `seed`; given `steps` and `build_dictionary` (called after seeding), also
         build the dictionary on `device`, Adam, the lr schedule (warmup, optional decay), dead-feature tracking and
-        the config saved with the dictionary (`config` adds the method's own keys)."""
+        the config saved with the dictionary (`config` adds the method's own keys). `build_optimizer(ae)` replaces
+        Adam (e.g. by `ConstrainedAdam`) and `lr_lambda` the schedule (e.g. upstream's `get_lr_schedule`)."""
         self.seed = seed
         if seed is not None:
             torch.manual_seed(seed)
@@ -98,14 +263,18 @@ class SAETrainer:
         if steps is None and build_dictionary is None:
             return
         check_steps(steps)
-        warmup_steps = min(warmup_steps, steps)
+        if lr_lambda is None:
+            warmup_steps = min(warmup_steps, steps)
+            lr_lambda = lr_schedule(steps, warmup_steps, decay_start)
         self.steps, self.lr = steps, lr
         self.device = torch.device(device or "cpu")
         self.ae = build_dictionary().to(self.device)
         self.dead_threshold_tokens = dead_feature_threshold
-        self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=lr, betas=(0.9, 0.999), eps=adam_eps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(steps, warmup_steps,
-                                                                                       decay_start))
+        if build_optimizer is None:
+            self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=lr, betas=(0.9, 0.999), eps=adam_eps)
+        else:
+            self.optimizer = build_optimizer(self.ae)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
         self._init_tracking(self.ae.dict_size, self.device)
         self._config = {"lr": lr, "steps": steps, "warmup_steps": warmup_steps, "decay_start": decay_start,
                         "dead_feature_threshold": dead_feature_threshold, "seed": seed, "device": str(self.device),
@@ -124,7 +293,9 @@ class SAETrainer:
         return self.num_tokens_since_fired >= threshold_tokens
 
     # the step --------------------------------------------------------------------------------------------------
-    def loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, step: int, logging: bool = False, y: torch.Tensor | None = None, **kwargs: Any):
+        """The training loss on inputs x and targets y (None: x), upstream's signature; `update` calls it as
+        `loss(x, y=y, step=step)` (so `loss(self, x, y, step)` works too)."""
         raise NotImplementedError
 
     def before_optimizer_step(self) -> None:
@@ -133,14 +304,17 @@ class SAETrainer:
     def after_optimizer_step(self) -> None:
         """Hook after the optimizer step (e.g. decoder renormalisation)."""
 
-    def update(self, step: int, activations: Any) -> float:
-        """One training step on a batch; returns the loss."""
+    def batch_tensors(self, activations: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, target) of a batch, validated and on the dictionary's device and dtype."""
         x, y = split_batch(activations, self.ae)
         param = next(self.ae.parameters())
-        x = x.to(device=param.device, dtype=param.dtype)
-        y = y.to(device=param.device, dtype=param.dtype)
+        return x.to(device=param.device, dtype=param.dtype), y.to(device=param.device, dtype=param.dtype)
+
+    def update(self, step: int, activations: Any) -> float:
+        """One training step on a batch; returns the loss."""
+        x, y = self.batch_tensors(activations)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(x, y, step)
+        loss = self.loss(x, y=y, step=step)
         loss.backward()
         self.before_optimizer_step()
         if self.max_grad_norm is not None:
