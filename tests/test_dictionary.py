@@ -113,7 +113,7 @@ def test_topk_trainer_loss_with_auxk_matches_dense_autograd():
     dead[torch.randperm(40, generator=torch.Generator().manual_seed(7))[:15]] = True
     trainer.num_tokens_since_fired[dead] = 1000
     x = torch.randn(9, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
-    loss = trainer.loss(x, x, step=1)
+    loss = trainer.loss(x, y=x, step=1)
     grads = torch.autograd.grad(loss, list(ae.parameters()))
 
     pre = (x - ae.b_dec) @ ae.encoder.weight.t() + ae.encoder.bias

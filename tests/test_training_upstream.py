@@ -143,3 +143,35 @@ def test_founding_readme_call_form(tmp_path):
     entropy_ae = trainSAE(planted_stream(features, K, 64, 10, seed=6), D, 2 * N_TRUE, lr=3e-3, sparsity_penalty=1e-3,
                           entropy=True, log_steps=None, progress=False)
     assert isinstance(entropy_ae, AutoEncoder)
+
+
+def test_topk_trainer_upstream_methods():
+    trainer = TopKTrainer(steps=20, activation_dim=16, dict_size=64, k=4, seed=0, k_anneal_steps=10,
+                          dead_feature_threshold=50)
+    assert int(trainer.ae.k) == 16  # k anneals from the input width ...
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    for step in range(5):
+        trainer.update(step, x)
+    assert int(trainer.ae.k) == int(16 * 0.5 + 4 * 0.5)  # ... linearly ...
+    for step in range(5, 12):
+        trainer.update(step, x)
+    assert int(trainer.ae.k) == 4  # ... to k at k_anneal_steps
+    # upstream's threshold update: the mean over tokens of each token's smallest positive kept code
+    trainer.ae.threshold.fill_(-1.0)
+    top = torch.tensor([[3.0, 1.0, 0.0], [2.0, 5.0, 4.0]])
+    trainer.update_threshold(top)
+    assert float(trainer.ae.threshold) == pytest.approx((1.0 + 2.0) / 2)
+    # logging=True returns upstream's LossLog and leaves the dead-feature counts alone
+    before = trainer.num_tokens_since_fired.clone()
+    x_in, x_hat, f, losses = trainer.loss(x, step=12, logging=True)
+    assert torch.equal(trainer.num_tokens_since_fired, before)
+    torch.testing.assert_close(x_hat, trainer.ae(x))
+    assert "l2_loss" in losses and f.shape == (32, 64)
+    # upstream's dense AuxK equals the sparse one the step computes
+    trainer.num_tokens_since_fired[:20] = 1000
+    trainer.loss(x, step=13)
+    with torch.no_grad():
+        post_relu = torch.relu(trainer.ae.pre_activations(x))
+        residual = x - trainer.ae(x)
+    dense = trainer.get_auxiliary_loss(residual, post_relu)
+    assert float(dense) == pytest.approx(trainer.last_metrics["auxk_loss"], rel=1e-4)

@@ -56,6 +56,8 @@ def signature_problems(obj, spec) -> list[str]:
             problems.append(f"keyword {name!r} missing")
     upstream_names = set(spec["positional"]) | set(spec["keyword_only"])
     for p in params:
+        if spec["varargs"] and p.kind in POSITIONAL:
+            continue  # upstream takes any positional arguments (e.g. `download_loop(*args)`)
         if p.default is p.empty and p.kind in (*POSITIONAL, p.KEYWORD_ONLY) and p.name not in upstream_names:
             problems.append(f"{p.name!r} is required here, not upstream")
     return problems

@@ -1,12 +1,228 @@
-"""Matryoshka BatchTopK SAE (Bussmann et al. 2025), upstream's MatryoshkaBatchTopKSAE. (Being written: a stub until then.)"""
+"""Matryoshka BatchTopK SAE (Bussmann et al. 2025): a BatchTopK SAE whose latents form nested groups. Training asks
+every prefix of groups to reconstruct the input on its own, so the first groups learn general features and later
+ones refine them. Upstream's parameters and `ae.pt` keys: `W_enc` [activation_dim, dict_size], `b_enc`, `W_dec`
+[dict_size, output_dim], `b_dec`; buffers `k`, `threshold` (-1 until the trainer learns one) and `group_sizes`.
+
+The training path never builds a dense `[batch, dict_size]` code: `sparse_code` gathers the batch's k*batch active
+pre-activations (`gather_linear`) and `decode_prefixes` decodes each group's active latents as a bag of its own
+(`sparse_decode`), so the nested reconstructions are cumulative sums over groups."""
 
 from __future__ import annotations
 
-from .base import Dictionary
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..sparse import SparseCode, gather_linear, sparse_decode
+from .base import Dictionary, load_state_dict
+
+
+def _group_sizes(group_sizes: Any, dict_size: int) -> list[int]:
+    """Validated group sizes: positive ints summing to dict_size."""
+    if isinstance(group_sizes, torch.Tensor):
+        group_sizes = group_sizes.tolist()
+    if not isinstance(group_sizes, Sequence) or not group_sizes:
+        raise ValueError(f"group_sizes must be a non-empty list of positive ints, got {group_sizes!r}")
+    sizes = list(group_sizes)
+    if any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes):
+        raise ValueError(f"group_sizes must all be positive ints, got {sizes}")
+    if sum(sizes) != dict_size:
+        raise ValueError(f"group_sizes must sum to dict_size={dict_size}, got {sizes} (sum {sum(sizes)})")
+    return sizes
+
+
+def largest(values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices ascending, values) of the n largest entries of a 1-d tensor, as `topk` finds them but faster on
+    large inputs: a strided sample gives a threshold that about 1.25 n entries exceed, and only those candidates go
+    through topk (exact whenever at least n entries exceed it; otherwise a lower threshold, finally a plain topk)."""
+    numel = values.numel()
+    sample = values[::max(1, numel // 65536)]
+    for margin in (1.25, 2.0, 4.0):
+        m = int(sample.numel() * n / max(numel, 1) * margin) + 64
+        if m >= sample.numel():
+            break
+        threshold = sample.topk(m, sorted=False).values.min()
+        candidates = (values > threshold).nonzero().flatten()  # ascending
+        if candidates.numel() >= n:
+            top, local = values[candidates].topk(n, sorted=False)
+            local, order = local.sort()
+            return candidates[local], top[order]
+    top, indices = values.topk(n, sorted=False)
+    indices, order = indices.sort()
+    return indices, top[order]
 
 
 class MatryoshkaBatchTopKSAE(Dictionary):
-    """Matryoshka BatchTopK SAE (Bussmann et al. 2025), upstream's MatryoshkaBatchTopKSAE."""
+    """f = BatchTopK(relu(W_enc.T (x - b_dec) + b_enc)) over the active groups; x_hat = W_dec.T f + b_dec.
 
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("MatryoshkaBatchTopKSAE is not written yet")
+    Inference keeps the codes above `threshold`. While no threshold has been learned (-1), every positive code
+    passes, as upstream; `batch_topk_fallback=True` (an attribute, settable any time) uses the batch top-k instead,
+    as this toolkit's `BatchTopKSAE` does. `active_groups` (default: all) limits the codes to the first groups.
+    """
+
+    def __init__(self, activation_dim: int, dict_size: int, k: int, group_sizes: list[int],
+                 output_dim: int | None = None, transcoder: bool = False, skip: bool = False, *,
+                 batch_topk_fallback: bool = False):
+        super().__init__()
+        self._init_shared(activation_dim, dict_size, output_dim, transcoder, skip)
+        sizes = _group_sizes(group_sizes, dict_size)
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        self.register_buffer("k", torch.tensor(k, dtype=torch.int))
+        self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32))
+        self.register_buffer("group_sizes", torch.tensor(sizes))
+        self.active_groups = len(sizes)
+        self.batch_topk_fallback = batch_topk_fallback
+
+        self.W_enc = nn.Parameter(torch.empty(activation_dim, dict_size))
+        self.b_enc = nn.Parameter(torch.zeros(dict_size))
+        w = nn.init.kaiming_uniform_(torch.empty(dict_size, self.output_dim))
+        self.W_dec = nn.Parameter(w / (w.norm(dim=1, keepdim=True) + torch.finfo(w.dtype).eps))
+        self.b_dec = nn.Parameter(torch.zeros(self.output_dim))
+        if self.output_dim == activation_dim:  # tied initialisation
+            self.W_enc.data = self.W_dec.data.t().clone()
+        else:
+            nn.init.kaiming_uniform_(self.W_enc.data.t())  # [dict_size, activation_dim]: fan-in activation_dim
+
+    @property
+    def group_indices(self) -> list[int]:
+        """Group boundaries: group g holds latents group_indices[g] to group_indices[g + 1] - 1."""
+        return [0, *torch.cumsum(self.group_sizes, 0).tolist()]
+
+    @property
+    def active_end(self) -> int:
+        """One past the last latent of the active groups."""
+        return self.group_indices[self.active_groups]
+
+    # dense inference ------------------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, return_active: bool = False, use_threshold: bool = True):
+        """Codes `[..., dict_size]` above `threshold` (use_threshold) or of the batch top-k (k * tokens largest);
+        with return_active also (which latents fired in the batch, post-relu pre-activations)."""
+        post_relu = F.relu(self._encoder_input(x) @ self.W_enc + self.b_enc)
+        if use_threshold and not (self.batch_topk_fallback and self.threshold < 0):
+            codes = post_relu * (post_relu > self.threshold)
+        else:
+            flat = post_relu.flatten()
+            n = min(int(self.k) * (flat.numel() // self.dict_size), flat.numel())
+            top = flat.topk(n, sorted=False)
+            codes = torch.zeros_like(flat).scatter_(-1, top.indices, top.values).reshape(post_relu.shape)
+        end = self.active_end
+        if end < self.dict_size:
+            codes[..., end:] = 0
+        if return_active:
+            return codes, codes.reshape(-1, self.dict_size).sum(0) > 0, post_relu
+        return codes
+
+    def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction `[..., output_dim]` from codes `f` (x: the input, needed by skip transcoders)."""
+        return self._add_skip(f @ self.W_dec + self.b_dec, x)
+
+    # sparse training path -------------------------------------------------------------------------------------
+    def _encoder_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W [dict_size, activation_dim], b) with pre-activations x @ W.T + b for raw inputs x."""
+        bias = self.b_enc if self.transcoder else self.b_enc - self.b_dec @ self.W_enc
+        return self.W_enc.t(), bias
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense encoder pre-activations `[batch, dict_size]` (before the relu), without autograd."""
+        with torch.no_grad():
+            weight, bias = self._encoder_affine()
+            return torch.addmm(bias, x, weight.t())
+
+    def batch_topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, cols, values) of the batch's k*batch largest positive pre-activations in the active groups,
+        sorted by row and, within a row, by latent."""
+        flat, values = largest(pre.flatten(), min(int(self.k) * pre.shape[0], pre.numel()))
+        keep = values > 0
+        flat, values = flat[keep], values[keep]
+        rows, cols = flat // self.dict_size, flat % self.dict_size
+        end = self.active_end
+        if end < self.dict_size:  # selected among all latents, then the inactive groups are dropped (as upstream)
+            keep = cols < end
+            rows, cols, values = rows[keep], cols[keep], values[keep]
+        return rows, cols, values
+
+    def gather_code(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+                    n_rows: int) -> SparseCode:
+        """The differentiable code relu(pre-activation) at (rows, cols), given the pre-activations `values`."""
+        weight, bias = self._encoder_affine()
+        weight = weight.contiguous()  # one [dict_size, activation_dim] copy: row gathers are then contiguous
+        return SparseCode(gather_linear(x, weight, bias, rows, cols, values).relu(), rows, cols, n_rows)
+
+    def sparse_code(self, x: torch.Tensor, pre: torch.Tensor | None = None) -> SparseCode:
+        """The differentiable batch-top-k code of `x` [batch, activation_dim] (pass `pre` if already computed)."""
+        pre = self.pre_activations(x) if pre is None else pre
+        rows, cols, values = self.batch_topk(pre)
+        return self.gather_code(x, rows, cols, values, x.shape[0])
+
+    def decode_sparse(self, code: SparseCode, x: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
+        """Reconstruction `[batch, output_dim]` from a sparse code (`bias=False`: W_dec.T f alone, as for AuxK)."""
+        out = sparse_decode(code, self.W_dec.t())
+        return self._add_skip(out + self.b_dec, x) if bias else out
+
+    def decode_prefixes(self, code: SparseCode, x: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The nested reconstructions, one `[batch, output_dim]` per active group g, each decoding only the active
+        latents of groups 0..g. `code` must be grouped by row (as `sparse_code` returns it)."""
+        starts = self.group_indices[:self.active_groups + 1]
+        boundaries = torch.tensor(starts[1:-1], device=code.cols.device)
+        groups = torch.bucketize(code.cols, boundaries, right=True)  # [n_active]: each latent's group
+        counts = torch.bincount(groups, minlength=self.active_groups).tolist()
+        order = groups.sort(stable=True).indices  # by group, rows still ascending within each group
+        parts = zip(code.values[order].split(counts), code.rows[order].split(counts), code.cols[order].split(counts))
+        prefix = self._add_skip(self.b_dec.expand(code.n_rows, self.output_dim), x)
+        prefixes = []
+        for g, (values, rows, cols) in enumerate(parts):
+            start, end = starts[g], starts[g + 1]
+            group_code = SparseCode(values, rows, cols - start, code.n_rows)
+            prefix = prefix + sparse_decode(group_code, self.W_dec[start:end].t())  # group g's rows of W_dec only
+            prefixes.append(prefix)
+        return prefixes
+
+    # scale, config, loading -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_scale(self, scale_in: float, scale_out: float) -> None:
+        """Make a dictionary trained on (scale_in * x, scale_out * y) work on raw (x, y): afterwards
+        `new(x) == old(scale_in * x) / scale_out`, and codes are `1 / scale_in` times the old ones."""
+        if not self.transcoder and scale_in != scale_out:
+            raise ValueError(f"an SAE has one scale for input and output, got scale_in={scale_in}, "
+                             f"scale_out={scale_out}")
+        self.b_enc /= scale_in
+        if self.threshold >= 0:
+            self.threshold /= scale_in
+        self.W_dec *= scale_in / scale_out
+        self.b_dec /= scale_out
+        if self.skip is not None:
+            self.skip.weight *= scale_in / scale_out
+
+    @torch.no_grad()
+    def scale_biases(self, scale: float) -> None:
+        """Upstream's: multiply biases and threshold by `scale` (a dictionary trained on x / scale then works on x)."""
+        self.fold_scale(1 / scale, 1 / scale)
+
+    def dictionary_config(self) -> dict[str, Any]:
+        return {**super().dictionary_config(), "k": int(self.k), "group_sizes": self.group_sizes.tolist()}
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], **kwargs) -> MatryoshkaBatchTopKSAE:
+        activation_dim, dict_size = state_dict["W_enc"].shape
+        output_dim = state_dict["W_dec"].shape[1]
+        skip = "skip.weight" in state_dict
+        transcoder = kwargs.pop("transcoder", None)
+        if transcoder is None:
+            transcoder = skip or output_dim != activation_dim
+        kwargs.setdefault("k", int(state_dict["k"]))
+        return cls(activation_dim, dict_size, group_sizes=state_dict["group_sizes"].tolist(), output_dim=output_dim,
+                   transcoder=transcoder, skip=skip, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, k: int | None = None, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, **kwargs) -> MatryoshkaBatchTopKSAE:
+        """Upstream's `from_pretrained(path, k=None, device=None)` (an `ae.pt` / `.safetensors` file or a folder):
+        `k` defaults to the saved one and must equal it when both are given."""
+        state_dict = load_state_dict(path)
+        if k is not None and int(k) != int(state_dict["k"]):
+            raise ValueError(f"k={k} was asked for, but {str(path)!r} holds a dictionary with k={int(state_dict['k'])}")
+        return cls.from_saved_state(state_dict, **kwargs).to(device=device, dtype=dtype)

@@ -19,11 +19,13 @@ class BatchTopKTrainer(TopKTrainer):
 
     def _code(self, x: torch.Tensor, pre: torch.Tensor, step: int) -> SparseCode:
         code = self.ae.sparse_code(x, pre)
-        if step >= self.threshold_start_step and code.values.numel():
-            with torch.no_grad():
-                smallest = code.values[code.values > 0].min().to(self.ae.threshold.dtype)
-                if self.ae.threshold < 0:
-                    self.ae.threshold.copy_(smallest)
-                else:
-                    self.ae.threshold.mul_(self.threshold_beta).add_((1 - self.threshold_beta) * smallest)
+        if step >= self.threshold_start_step:
+            self.update_threshold(code.values.detach())
         return code
+
+    @torch.no_grad()
+    def update_threshold(self, f: torch.Tensor) -> None:
+        """Upstream's inference threshold: an exponential moving average (beta `threshold_beta`) of the smallest
+        positive code the batch kept (0 when none was)."""
+        active = f[f > 0]
+        self._move_threshold(active.min().float() if active.numel() else torch.zeros((), device=f.device))

@@ -18,7 +18,7 @@ import torch
 
 from ..dictionary import Dictionary, GatedAutoEncoder
 from .gdm import checked_warmups, gated_lr_schedule, gated_terms, sparsity_warmup, use_gated_optimizer
-from .trainer import SAETrainer, split_batch
+from .trainer import SAETrainer, split_batch, upstream_loss_call
 
 SPARSITY_FUNCTIONS = ("Lp^p", "Lp")
 
@@ -102,7 +102,14 @@ class GatedAnnealTrainer(SAETrainer):
         total = f.pow(p).sum(dim=-1)
         return total.mean() if self.sparsity_function == "Lp^p" else total.pow(1 / p).mean()
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False, y: torch.Tensor | None = None,
+             **kwargs: Any):
+        """The gated loss, upstream's call `loss(x, step, logging)` (transcoders pass their target as `y`;
+        `loss(x, y, step)` works too). With `logging`, returns upstream's LossLog(x, x_hat, f, losses) and changes
+        no training state."""
+        y, step, logging = upstream_loss_call(x, step, logging, y)
+        if logging:
+            return self.loss_log(x, y)
         y_hat, f, gate, reconstruction, auxiliary = gated_terms(self.ae, x, y)
         lp_loss = self.lp_norm(gate, self.p)
         scaled_lp_loss = lp_loss * self.sparsity_coeff * self.sparsity_warmup_fn(step)

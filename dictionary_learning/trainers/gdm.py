@@ -15,11 +15,12 @@ renormalised after; Adam betas (0, 0.999)); the lr warms up linearly from 0 and 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
 from ..dictionary import Dictionary, GatedAutoEncoder
-from .trainer import SAETrainer
+from .trainer import SAETrainer, upstream_loss_call
 
 # ----------------------------------------------------------------------------------------------------------------
 # optimizer and schedules (TODO(lead): use trainer.ConstrainedAdam, trainer.get_lr_schedule and
@@ -163,7 +164,18 @@ class GatedSAETrainer(SAETrainer):
         self.l1_penalty, self.warmup_steps, self.decay_start = l1_penalty, warmup_steps, decay_start
         self.sparsity_warmup_steps = sparsity_warmup_steps
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+    def update(self, step: int, x: Any) -> float:
+        """One training step (upstream's `update(step, x)`): x a batch, or an (x, y) pair for transcoders."""
+        return super().update(step, x)
+
+    def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False, y: torch.Tensor | None = None,
+             **kwargs: Any):
+        """The gated loss, upstream's call `loss(x, step, logging)` (transcoders pass their target as `y`;
+        `loss(x, y, step)` works too). With `logging`, returns upstream's LossLog(x, x_hat, f, losses) and changes
+        no training state."""
+        y, step, logging = upstream_loss_call(x, step, logging, y)
+        if logging:
+            return self.loss_log(x, y)
         y_hat, f, gate, reconstruction, auxiliary = gated_terms(self.ae, x, y)
         sparsity = gate.sum(dim=-1).mean()  # the gate path is non-negative: its L1 norm
         loss = reconstruction + self.l1_penalty * sparsity * self.sparsity_warmup_fn(step) + auxiliary

@@ -199,11 +199,11 @@ def upstream_loss_call(x: torch.Tensor, step: Any, logging: Any, y: torch.Tensor
 
 
 @torch.no_grad()
-def geometric_median(points: torch.Tensor, iterations: int = 100, tol: float = 1e-5) -> torch.Tensor:
+def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
     """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to `points` [n, d]."""
     points = points.float()
     guess = points.mean(dim=0)
-    for _ in range(iterations):
+    for _ in range(max_iter):
         previous = guess
         weights = 1.0 / (points - guess).norm(dim=1).clamp_min(1e-8)
         guess = (weights[:, None] * points).sum(dim=0) / weights.sum()
@@ -336,6 +336,15 @@ class SAETrainer:
             "frac_alive": (self.num_tokens_since_fired < self.dead_threshold_tokens).float().mean().item(),
             **{k: float(v) for k, v in extra.items()},
         }
+
+    @torch.no_grad()
+    def loss_log(self, x: torch.Tensor, y: torch.Tensor) -> LossLog:
+        """Upstream's `loss(x, step, logging=True)` result, LossLog(x, x_hat, f, losses), computed without changing any
+        training state: the reconstruction error now and the last step's metrics."""
+        y_hat, f = self.ae(x, output_features=True)
+        mse = (y - y_hat).pow(2).sum(dim=-1).mean().item()
+        return LossLog(x, y_hat, f, {**self.last_metrics, "l2_loss": (y - y_hat).norm(dim=-1).mean().item(),
+                                     "mse_loss": mse})
 
     def get_logging_parameters(self) -> dict[str, Any]:
         """The trainer's logged attributes (upstream API) plus the last step's metrics."""
