@@ -267,7 +267,8 @@ class SAETrainer:
             warmup_steps = min(warmup_steps, steps)
             lr_lambda = lr_schedule(steps, warmup_steps, decay_start)
         self.steps, self.lr = steps, lr
-        self.device = torch.device(device or "cpu")
+        # as upstream: CUDA when available unless a device is named
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.ae = build_dictionary().to(self.device)
         self.dead_threshold_tokens = dead_feature_threshold
         if build_optimizer is None:
