@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dictionary_learning import activault_s3_buffer as activault
+from dictionary_learning.activault_s3_buffer import workers
 from dictionary_learning.activault_s3_buffer import (ActivaultS3ActivationBuffer, S3RCache, SharedBuffer, compile,
                                                      shuffle_megabatch_tokens, write_tensor)
 
@@ -282,7 +283,7 @@ def test_the_module_imports_without_boto3(monkeypatch):
 
 def test_ensure_spawn_context_sets_spawn(monkeypatch):
     calls = []
-    monkeypatch.setattr(activault.mp, "get_start_method", lambda allow_none=False: "fork")
-    monkeypatch.setattr(activault.mp, "set_start_method", lambda method, force=False: calls.append((method, force)))
+    monkeypatch.setattr(workers.mp, "get_start_method", lambda allow_none=False: "fork")
+    monkeypatch.setattr(workers.mp, "set_start_method", lambda method, force=False: calls.append((method, force)))
     activault.ensure_spawn_context()
     assert calls == [("spawn", True)]
