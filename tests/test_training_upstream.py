@@ -174,4 +174,4 @@ def test_topk_trainer_upstream_methods():
         post_relu = torch.relu(trainer.ae.pre_activations(x))
         residual = x - trainer.ae(x)
     dense = trainer.get_auxiliary_loss(residual, post_relu)
-    assert float(dense) == pytest.approx(trainer.last_metrics["auxk_loss"], rel=1e-4)
+    assert float(dense.detach()) == pytest.approx(trainer.last_metrics["auxk_loss"], rel=1e-4)

@@ -3,14 +3,16 @@ every prefix of groups to reconstruct the input on its own, so the first groups 
 ones refine them. Upstream's parameters and `ae.pt` keys: `W_enc` [activation_dim, dict_size], `b_enc`, `W_dec`
 [dict_size, output_dim], `b_dec`; buffers `k`, `threshold` (-1 until the trainer learns one) and `group_sizes`.
 
-The training path never builds a dense `[batch, dict_size]` code: `sparse_code` gathers the batch's k*batch active
-pre-activations (`gather_linear`) and `decode_prefixes` decodes each group's active latents as a bag of its own
-(`sparse_decode`), so the nested reconstructions are cumulative sums over groups."""
+The training path never builds a dense `[batch, dict_size]` code: `sparse_code` picks the batch's k*batch largest
+pre-activations (`largest`, a sampled-threshold topk) and gathers them differentiably (`gather_linear`);
+`decode_prefixes` decodes each group's active latents against that group's rows of W_dec (`sparse_decode`) and adds
+them up group by group into the nested reconstructions."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -106,9 +108,8 @@ class MatryoshkaBatchTopKSAE(Dictionary):
             codes = post_relu * (post_relu > self.threshold)
         else:
             flat = post_relu.flatten()
-            n = min(int(self.k) * (flat.numel() // self.dict_size), flat.numel())
-            top = flat.topk(n, sorted=False)
-            codes = torch.zeros_like(flat).scatter_(-1, top.indices, top.values).reshape(post_relu.shape)
+            indices, values = largest(flat, min(int(self.k) * (flat.numel() // self.dict_size), flat.numel()))
+            codes = torch.zeros_like(flat).scatter_(-1, indices, values).reshape(post_relu.shape)
         end = self.active_end
         if end < self.dict_size:
             codes[..., end:] = 0

@@ -14,17 +14,24 @@ activation_dim down to k. The step decodes only the k*batch active latents, neve
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..dictionary import Dictionary, MatryoshkaBatchTopKSAE, SparseCode
 from .top_k import default_topk_lr
-from .trainer import LossLog, SAETrainer
+from .trainer import (
+    LossLog,
+    SAETrainer,
+    remove_gradient_parallel_to_decoder_directions,
+    set_decoder_norm_to_unit_norm,
+    split_batch,
+    trainer_lr_schedule,
+    upstream_loss_call,
+)
 from .trainer import geometric_median as _geometric_median
-from .trainer import (loss_arguments, remove_gradient_parallel_to_decoder_directions, set_decoder_norm_to_unit_norm,
-                      split_batch, trainer_lr_schedule)
 
 DENSE_AUXK_SHARE = 0.1  # AuxK codes dense over the dead columns when top_k_aux >= this share of the dead latents
 
@@ -90,12 +97,15 @@ class MatryoshkaBatchTopKTrainer(SAETrainer):
         if len(group_weights) != len(group_sizes):
             raise ValueError(f"group_weights needs one weight per group ({len(group_sizes)}), got {group_weights}")
         if k_anneal_steps is not None:
-            if isinstance(k_anneal_steps, bool) or not isinstance(k_anneal_steps, int) or not 0 < k_anneal_steps < steps:
+            if type(k_anneal_steps) is not int or not 0 < k_anneal_steps < steps:
                 raise ValueError(f"k_anneal_steps must be an int in (0, steps={steps}), got {k_anneal_steps!r}")
             if not activation_dim > k:
                 raise ValueError(f"k annealing starts at activation_dim={activation_dim}, which must exceed k={k}")
-        extras = {key: value for key, value in (("output_dim", output_dim), ("transcoder", transcoder), ("skip", skip))
-                  if value not in (None, False)}  # only when asked for, so upstream-style dict classes work too
+        extras: dict[str, Any] = {}  # passed only when asked for, so upstream-style dict classes work too
+        if output_dim is not None:
+            extras["output_dim"] = output_dim
+        if transcoder or skip:
+            extras.update(transcoder=True, skip=bool(skip))
         lr = lr if lr is not None else default_topk_lr(dict_size)
         config = {"layer": layer, "lm_name": lm_name, "group_fractions": list(group_fractions),
                   "group_weights": list(group_weights), "group_sizes": group_sizes, "auxk_alpha": auxk_alpha,
@@ -122,11 +132,12 @@ class MatryoshkaBatchTopKTrainer(SAETrainer):
         self.effective_l0 = self.dead_features = self.pre_norm_auxk_loss = -1
 
     # the loss -------------------------------------------------------------------------------------------------
-    def loss(self, x: torch.Tensor, y: torch.Tensor | None = None, step: int | None = None, logging: bool = False):
-        """The nested loss on a batch (also called as upstream: `loss(x, step=..., logging=...)`); with logging, a
-        LossLog (x, x_hat, dense f, losses). Updates dead-latent tracking and, after threshold_start_step, the
-        threshold."""
-        y, step = loss_arguments(x, y, step)
+    def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False, y: torch.Tensor | None = None,
+             **kwargs: Any):
+        """The nested loss on a batch, upstream's call `loss(x, step, logging)` (transcoders pass their target as `y`;
+        `loss(x, y, step)` works too); with logging, a LossLog (x, x_hat, dense f, losses). Updates dead-latent
+        tracking and, after threshold_start_step, the threshold."""
+        y, step, logging = upstream_loss_call(x, step, logging, y)
         ae = self.ae
         pre = ae.pre_activations(x)  # [batch, dict_size], no grad
         code = ae.sparse_code(x, pre)
