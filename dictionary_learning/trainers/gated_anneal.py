@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from ..dictionary import Dictionary, GatedAutoEncoder
-from .gdm import checked_warmups, gated_lr_schedule, gated_terms, sparsity_warmup, use_gated_optimizer
-from .trainer import SAETrainer, split_batch, upstream_loss_call
+from .gdm import checked_warmups, gated_terms, use_gated_optimizer
+from .trainer import SAETrainer, sparsity_schedule, split_batch, trainer_lr_schedule, upstream_loss_call
 
 SPARSITY_FUNCTIONS = ("Lp^p", "Lp")
 
@@ -74,9 +74,9 @@ class GatedAnnealTrainer(SAETrainer):
                     "resample_steps": resample_steps, "sparsity_warmup_steps": sparsity_warmup_steps,
                     "layer": layer, "lm_name": lm_name, "wandb_name": wandb_name, "submodule_name": submodule_name},
         )
-        use_gated_optimizer(self, lr, gated_lr_schedule(steps, warmup_steps, decay_start, resample_steps,
+        use_gated_optimizer(self, lr, trainer_lr_schedule(steps, warmup_steps, decay_start, resample_steps,
                                                         sparsity_warmup_steps))
-        self.sparsity_warmup_fn = sparsity_warmup(sparsity_warmup_steps)
+        self.sparsity_warmup_fn = sparsity_schedule(sparsity_warmup_steps)
         self.layer, self.lm_name, self.submodule_name, self.wandb_name = layer, lm_name, submodule_name, wandb_name
         self.activation_dim, self.dict_size = activation_dim, dict_size
         self.warmup_steps, self.sparsity_warmup_steps = warmup_steps, sparsity_warmup_steps

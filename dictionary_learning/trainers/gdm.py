@@ -14,75 +14,16 @@ renormalised after; Adam betas (0, 0.999)); the lr warms up linearly from 0 and 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..dictionary import Dictionary, GatedAutoEncoder
-from .trainer import SAETrainer, upstream_loss_call
+from .trainer import ConstrainedAdam, SAETrainer, sparsity_schedule, trainer_lr_schedule, upstream_loss_call
 
 # ----------------------------------------------------------------------------------------------------------------
-# optimizer and schedules (TODO(lead): use trainer.ConstrainedAdam, trainer.get_lr_schedule and
-# trainer.get_sparsity_warmup_fn once they are in trainers/trainer.py)
-
-
-class ConstrainedAdam(torch.optim.Adam):
-    """Adam keeping the columns of `constrained_params` (decoder weights `[d_out, dict_size]`) at unit norm: the
-    gradient component along each column is removed before the step and the columns are renormalised after it."""
-
-    def __init__(self, params: Iterable[torch.nn.Parameter], constrained_params: Iterable[torch.nn.Parameter],
-                 lr: float, betas: tuple[float, float] = (0.9, 0.999)):
-        super().__init__(params, lr=lr, betas=betas)
-        self.constrained_params = list(constrained_params)
-
-    def step(self, closure: Callable[[], float] | None = None):
-        with torch.no_grad():
-            for weight in self.constrained_params:
-                if weight.grad is not None:
-                    direction = weight / weight.norm(dim=0, keepdim=True)
-                    weight.grad -= (weight.grad * direction).sum(dim=0, keepdim=True) * direction
-        result = super().step(closure)
-        with torch.no_grad():
-            for weight in self.constrained_params:
-                weight /= weight.norm(dim=0, keepdim=True)
-        return result
-
-
-def gated_lr_schedule(steps: int, warmup_steps: int, decay_start: int | None = None,
-                      resample_steps: int | None = None, sparsity_warmup_steps: int | None = None
-                      ) -> Callable[[int], float]:
-    """Upstream's lr multiplier: step / warmup_steps during warmup (0 at step 0), 1, then (steps - step) /
-    (steps - decay_start) from `decay_start`; with `resample_steps`, the warmup restarts every that many steps."""
-    if decay_start is not None:
-        if resample_steps is not None:
-            raise ValueError(f"decay_start and resample_steps exclude each other, got {decay_start} and "
-                             f"{resample_steps}")
-        if not warmup_steps < decay_start < steps:
-            raise ValueError(f"decay_start must be in (warmup_steps={warmup_steps}, steps={steps}), got {decay_start}")
-        if sparsity_warmup_steps is not None and not decay_start > sparsity_warmup_steps:
-            raise ValueError(f"decay_start must be > sparsity_warmup_steps={sparsity_warmup_steps}, got {decay_start}")
-    if resample_steps is not None and not 0 < resample_steps < steps:
-        raise ValueError(f"resample_steps must be in (0, steps={steps}), got {resample_steps}")
-
-    def factor(step: int) -> float:
-        if resample_steps is not None:
-            return min((step % resample_steps) / warmup_steps, 1.0) if warmup_steps else 1.0
-        if step < warmup_steps:
-            return step / warmup_steps
-        if decay_start is not None and step >= decay_start:
-            return (steps - step) / (steps - decay_start)
-        return 1.0
-
-    return factor
-
-
-def sparsity_warmup(sparsity_warmup_steps: int | None) -> Callable[[int], float]:
-    """Multiplier on the sparsity penalty: step / sparsity_warmup_steps up to 1 (always 1 for None or 0)."""
-    def scale(step: int) -> float:
-        return min(step / sparsity_warmup_steps, 1.0) if sparsity_warmup_steps else 1.0
-
-    return scale
+# schedules and optimizer (upstream's: trainer.ConstrainedAdam, trainer_lr_schedule, sparsity_schedule)
 
 
 def checked_warmups(steps: int, warmup_steps: int, sparsity_warmup_steps: int | None) -> tuple[int, int | None]:
@@ -157,9 +98,9 @@ class GatedSAETrainer(SAETrainer):
             config={"l1_penalty": l1_penalty, "sparsity_warmup_steps": sparsity_warmup_steps, "layer": layer,
                     "lm_name": lm_name, "wandb_name": wandb_name, "submodule_name": submodule_name},
         )
-        use_gated_optimizer(self, lr, gated_lr_schedule(steps, warmup_steps, decay_start, None,
+        use_gated_optimizer(self, lr, trainer_lr_schedule(steps, warmup_steps, decay_start, None,
                                                         sparsity_warmup_steps))
-        self.sparsity_warmup_fn = sparsity_warmup(sparsity_warmup_steps)
+        self.sparsity_warmup_fn = sparsity_schedule(sparsity_warmup_steps)
         self.layer, self.lm_name, self.submodule_name, self.wandb_name = layer, lm_name, submodule_name, wandb_name
         self.l1_penalty, self.warmup_steps, self.decay_start = l1_penalty, warmup_steps, decay_start
         self.sparsity_warmup_steps = sparsity_warmup_steps
