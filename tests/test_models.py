@@ -131,3 +131,35 @@ def get_norm_point(block, norm):
     from dictionary_learning.models import HookPoint
 
     return HookPoint(f"{block}.{norm}", "output")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-gptneox"])
+def test_many_points_of_one_layer_read_in_one_trace(name):
+    """Every site of a layer, plus modules that run in another order than they are registered (GPT-NeoX's
+    post-attention norm runs after its attention) or whose output is also their block's last module's (GPT-2's MLP
+    and its block), read in one trace: each equals a plain forward hook."""
+    from dictionary_learning.models import HookPoint
+    from dictionary_learning.tracing import read_hook_points, token_mask, tokenize
+
+    model = load_model(name)
+    points = [hook(model, 1, site) for site in ("resid", "attn_out", "mlp_in", "mlp_out")]
+    points += [HookPoint(get_adapter(model).layers + ".1", "output")]
+    if name == "tiny-gptneox":
+        points += [HookPoint("gpt_neox.layers.1.post_attention_layernorm", "output"),
+                   HookPoint("gpt_neox.layers.1.attention", "output")]
+    texts = ["a river ran under the old stone bridge", "bright morning"]
+    encoding = tokenize(model.tokenizer, texts, 16)
+    values = read_hook_points(model, encoding, points)
+    mask = token_mask(encoding, remove_bos=False)
+    for point, value, expected in zip(points, values, hook_reference(model, texts, points, 16)):
+        torch.testing.assert_close(value[mask], expected, atol=1e-4, rtol=1e-4, msg=str(point))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-gptneox"])
+def test_adapter_paths_exist(name):
+    """Every module the family adapter names is in the model, and the unembedding is the output embedding."""
+    model = load_model(name)
+    adapter = get_adapter(model)
+    for path in (adapter.layers, adapter.embed, adapter.final_norm, adapter.unembed):
+        get_module(model, path)
+    assert get_module(model, adapter.unembed) is model._module.get_output_embeddings()

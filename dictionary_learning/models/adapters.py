@@ -77,7 +77,7 @@ GPT_NEOX = FamilyAdapter(
     mlp_norm="post_attention_layernorm",
     embed="gpt_neox.embed_in",
     final_norm="gpt_neox.final_layer_norm",
-    unembed="embed_out",
+    unembed="lm_head",  # transformers 5 (4.x called it embed_out)
     attention_layout="gpt_neox",
 )
 # config.model_type -> adapter; Llama-like decoders share Llama's module names.

@@ -3,9 +3,11 @@ and the order in which a forward pass reaches them."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .adapters import SITES, get_adapter, get_module, module_paths, n_layers, torch_model
@@ -74,12 +76,51 @@ def resolve_hook(model: Any, submodule: Any, io: str = "output") -> HookPoint:
     )
 
 
+_ORDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # torch model -> {(path, io): position}
+
+
+def execution_order(model: Any) -> dict[tuple[str, str], int]:
+    """{(module path, "input" | "output"): position} in the order one forward pass reaches them, recorded once per
+    model with forward hooks on a two-token input (first call of each module). Empty when the model cannot run
+    here (e.g. weights on the meta device); `execution_key` then falls back to registration order."""
+    module = torch_model(model)
+    if module in _ORDERS:
+        return _ORDERS[module]
+    events: dict[tuple[str, str], int] = {}
+    handles = []
+
+    def record(path: str, io: str) -> None:
+        events.setdefault((path, io), len(events))
+
+    for path, child in module.named_modules():
+        if path:
+            handles.append(child.register_forward_pre_hook(lambda m, args, path=path: record(path, "input")))
+            handles.append(child.register_forward_hook(lambda m, args, out, path=path: record(path, "output")))
+    try:
+        device = next(module.parameters()).device
+        with torch.no_grad():
+            ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+            module(input_ids=ids, attention_mask=torch.ones_like(ids))
+    except Exception:  # a model that cannot run a dummy pass here: registration order instead
+        events = {}
+    finally:
+        for handle in handles:
+            handle.remove()
+    _ORDERS[module] = events
+    return events
+
+
 def execution_key(model: Any, point: HookPoint) -> tuple[int, int]:
     """Sort key putting hook points in the order a forward pass reaches them (inputs before outputs).
 
-    Registration order of modules equals execution order for the decoder families adapted here. A module's output
+    The order is recorded from a real forward pass (`execution_order`), so modules registered in another order than
+    they run (GPT-NeoX's post-attention norm before its attention) and a module's output against its parent's
+    (GPT-2's MLP and its block) sort right. Without a recording, registration order is used: a module's output then
     comes after every module it contains, so outputs sort by the last descendant.
     """
+    recorded = execution_order(model)
+    if (point.path, point.io) in recorded:
+        return (recorded[(point.path, point.io)], 0)
     order = {name: i for i, name in enumerate(module_paths(model))}
     if point.io == "input":
         return (order[point.path], 0)
