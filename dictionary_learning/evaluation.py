@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .buffer import ActivationBuffer
+from .buffer import ActivationBuffer, HeadActivationBuffer
 from .dictionary import Dictionary
 from .files import pyplot, save_figure
 from .models import HookPoint, resolve_hook
@@ -246,8 +246,9 @@ def evaluate(
         dictionary = dictionary.to(device)
     loss_batches = n_batches if loss_batches is None else loss_batches
     hooks = getattr(activations, "hooks", None)
-    with_loss = loss_batches > 0 and (isinstance(activations, ActivationBuffer) or (
-        hasattr(activations, "text_batch") and hasattr(getattr(activations, "model", None), "trace")))
+    with_loss = loss_batches > 0 and not isinstance(activations, HeadActivationBuffer) and (  # per-head: no CE
+        isinstance(activations, ActivationBuffer) or (
+            hasattr(activations, "text_batch") and hasattr(getattr(activations, "model", None), "trace")))
     iterator = iter(activations)
     totals: dict[str, float] = {}
     loss_totals: dict[str, float] = {}

@@ -154,3 +154,17 @@ def test_evaluate_runs_loss_batches_beyond_n_batches(tiny_gpt2):
     results = evaluate(make_dictionary(48), buffer, max_len=CTX, batch_size=2, n_batches=1, loss_batches=3)
     assert calls.count(2) == 3 and math.isfinite(results["frac_recovered"])
     assert "loss_original" not in evaluate(make_dictionary(48), buffer, n_batches=1, loss_batches=0)
+
+
+def test_evaluate_on_a_head_buffer_skips_the_loss_as_upstream():
+    """Per-head activations cannot be patched back as one module's output: evaluate reports reconstruction metrics
+    (on `[batch, n_heads, d_head]` batches) and no loss keys, as upstream."""
+    from dictionary_learning import AutoEncoder, load_model
+    from dictionary_learning.buffer import HeadActivationBuffer
+
+    model = load_model("tiny-llama")
+    buffer = HeadActivationBuffer(iter(random_texts(40)), model, 0, n_ctxs=16, ctx_len=16, refresh_batch_size=8,
+                                  out_batch_size=32)
+    metrics = evaluate(AutoEncoder(model.config.head_dim, 64), buffer, batch_size=8, n_batches=2)
+    assert "l2_loss" in metrics and 0 <= metrics["frac_alive"] <= 1
+    assert not {"loss_original", "frac_recovered", "ce_clean"} & set(metrics)
