@@ -29,12 +29,13 @@ class FamilyAdapter:
     embed: str  # token embedding
     final_norm: str
     unembed: str
-    attention_layout: str = "llama"  # value / output weight storage: "llama" (v_proj, o_proj), "gpt2", "fused_qkv"
+    attention_layout: str = "llama"  # value / output weights: "llama" (v_proj, o_proj), "gpt2", "fused_qkv", "gpt_neox"
     attn_out: str | None = None  # module whose output attention adds to the residual, if not `attn` (a post-norm)
     mlp_out: str | None = None  # module whose output the MLP adds to the residual, if not `mlp` (a post-norm)
     norm_weight_offset: float = 0.0  # RMSNorms multiply by (offset + weight): Gemma stores w and scales by 1 + w
     parameterless_norm_eps: float | None = None  # norms with no weight or bias: LayerNorm with this eps (OLMo)
     not_decomposable: str | None = None  # why the SCAE linearisation of a block cannot be built for this family
+    parallel_residual_flag: str | None = None  # config key that, when true, makes the MLP read the block input too
 
     def block(self, layer: int) -> str:
         return f"{self.layers}.{layer}"
@@ -83,7 +84,8 @@ GPT_NEOX = FamilyAdapter(
     embed="gpt_neox.embed_in",
     final_norm="gpt_neox.final_layer_norm",
     unembed="lm_head",  # transformers 5 (4.x called it embed_out)
-    attention_layout="gpt_neox",
+    attention_layout="gpt_neox",  # query_key_value packs q | k | v per head; dense is the output projection
+    parallel_residual_flag="use_parallel_residual",  # Pythia: attention and MLP both read the block input
 )
 _LLAMA_PATHS = {k: getattr(LLAMA, k) for k in ("layers", "attn", "mlp", "attn_norm", "embed", "final_norm", "unembed")}
 # Gemma: RMSNorm scales by (1 + w); the embedding's sqrt(d_model) factor is inside embed_tokens' forward.
@@ -253,6 +255,15 @@ def norm_params(model: Any, layer: int | None, which: str) -> NormParams:
     return NormParams("rms", weight, getattr(module, "bias", None), float(eps))
 
 
+def parallel_residual(model: Any) -> bool:
+    """Whether a block's MLP reads the block input (through its own norm) rather than the residual stream after
+    attention, so that a layer's MLP is not downstream of the same layer's attention."""
+    adapter = get_adapter(model)
+    if adapter.parallel_residual_flag is None:
+        return False
+    return bool(getattr(torch_model(model).config, adapter.parallel_residual_flag, False))
+
+
 def _device(model: Any) -> torch.device:
     return next(torch_model(model).parameters()).device
 
@@ -296,6 +307,12 @@ def attention_ov(model: Any, layer: int) -> AttentionOV:
         b_V = attn.c_attn.bias[2 * width :].view(n_heads, d_head)
         W_O = attn.c_proj.weight.view(n_heads, d_head, width)
         b_O = attn.c_proj.bias
+    elif adapter.attention_layout == "gpt_neox":  # query_key_value's rows: per head, its q, k and v (d_head each)
+        qkv = attn.query_key_value
+        W_V = qkv.weight.view(n_heads, 3, d_head, width)[:, 2].transpose(1, 2)  # [n_heads, d_model, d_head]
+        b_V = qkv.bias.view(n_heads, 3, d_head)[:, 2] if qkv.bias is not None else None
+        W_O = attn.dense.weight.view(width, n_heads, d_head).permute(1, 2, 0)  # [n_heads, d_head, d_model]
+        b_O = attn.dense.bias
     else:
         raise ValueError(f"attention_ov does not know the {adapter.family} layout yet")
     return AttentionOV(W_V, b_V, W_O, b_O)

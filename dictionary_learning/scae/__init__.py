@@ -24,9 +24,11 @@ activation a_j):
 - into a transcoder at layer L:      a_j(t) * s(t) * e_F . (w_norm * C d_j)
 - into an attention SAE at layer L:  sum_h sum_k P_h[q, k] * s(k) * a_j(k) * e_F . ((w_norm * C d_j) W_V^h W_O^h)
 where C centres (LayerNorm) or is the identity (RMSNorm); grouped-query heads are expanded to one OV map per query
-head. The embedding (with learned positions, for GPT-2) and the biases (upstream b_dec, the norm's bias, b_V, b_O,
-the encoder's own bias and b_dec) make up the rest, always kept in full, so that with every upstream feature kept
-the decomposition equals the dense pre-activation exactly.
+head. Upstream features are those of every earlier module (`upstream_of(name, model)`), except that in a
+parallel-residual block (GPT-NeoX / Pythia: the MLP's norm reads the block input) a layer's MLP does not read the
+same layer's attention. The embedding (with learned positions, for GPT-2) and the biases (upstream b_dec, the norm's
+bias, b_V, b_O, the encoder's own bias and b_dec) make up the rest, always kept in full, so that with every upstream
+feature kept the decomposition equals the dense pre-activation exactly.
 
 Which run's s(t) and P_h: the run with the dense suite's reconstructions patched in, not the clean model's (the
 reference fork uses the clean run's). The suite replaces every attention and MLP output, so the residual stream it

@@ -120,7 +120,7 @@ def ce_versus_c(suite: SCAESuite, model: Any, selection_texts: list[str] | None,
         raise ValueError("ce_versus_c needs selected connections (strongest first, with scores): make them with "
                          "select_connections")
     for name in suite.names:
-        needed = min(max(Cs), suite.n_upstream(name))
+        needed = min(max(Cs), suite.n_upstream(name, model))
         if connections.indices[name].shape[1] < needed:
             raise ValueError(f"{name}: C = {max(Cs)} needs {needed} connections per feature, the connections given "
                              f"have {connections.indices[name].shape[1]}")

@@ -30,10 +30,10 @@ def decompose(suite: SCAESuite, model: Any, record: SuiteRecord, name: str,
 
     # residual-stream pieces entering this module's norm, each [batch, seq, d_model]
     codes = record.codes if upstream_codes is None else upstream_codes
-    pieces = {up: codes[up] @ suite[up].decoder.weight.t() for up in upstream_of(name) if up in codes}
+    pieces = {up: codes[up] @ suite[up].decoder.weight.t() for up in upstream_of(name, model) if up in codes}
     pieces["embedding"] = record.embedding
     constant = torch.zeros_like(norm.weight)  # upstream decoder biases, [d_model]
-    for up in upstream_of(name):
+    for up in upstream_of(name, model):
         constant = constant + suite[up].b_dec
     normed = {key: scale * norm.linear_part(value) for key, value in pieces.items()}
     normed_constant = scale * norm.linear_part(constant.expand_as(record.embedding))
@@ -63,11 +63,11 @@ def decompose(suite: SCAESuite, model: Any, record: SuiteRecord, name: str,
     return terms
 
 
-def upstream_decoder(suite: SCAESuite, name: str, rows: torch.Tensor) -> torch.Tensor:
-    """Decoder columns of the upstream features at the sorted indices `rows` into their concatenation, as rows in
-    upstream order: `[len(rows), d_model]`. Only those columns are copied."""
+def upstream_decoder(suite: SCAESuite, name: str, rows: torch.Tensor, model: Any = None) -> torch.Tensor:
+    """Decoder columns of the upstream features (`upstream_of(name, model)`) at the sorted indices `rows` into their
+    concatenation, as rows in upstream order: `[len(rows), d_model]`. Only those columns are copied."""
     parts, offset = [], 0
-    for up in upstream_of(name):
+    for up in upstream_of(name, model):
         weight, size = suite[up].decoder.weight, suite[up].dict_size  # [d_model, size]
         local = rows[(rows >= offset) & (rows < offset + size)] - offset
         parts.append(weight.index_select(1, local).t())
@@ -87,7 +87,7 @@ def virtual_weights(suite: SCAESuite, model: Any, name: str, indices: torch.Tens
     if C == 0:
         return encoder.new_zeros(n_features, 0, *([ov.n_heads] if ov is not None else []))
     used, position = indices.unique(return_inverse=True)  # position: [dict_size, C] rows of `normed`
-    normed = norm_params(model, layer, kind).linear_part(upstream_decoder(suite, name, used))  # [used, d_model]
+    normed = norm_params(model, layer, kind).linear_part(upstream_decoder(suite, name, used, model))  # [used, d_model]
     if ov is None:
         return GatherDot.apply(encoder[:, None], normed, position)[..., 0]
     d_model, d_head = ov.W_V.shape[1:]
@@ -115,10 +115,10 @@ def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord, co
     kind, layer = parse_module_name(name)
     dense_terms = decompose(suite, model, record, name, upstream_codes={})
     pre = dense_terms["embedding"] + dense_terms["bias"]
-    if not upstream_of(name) or connections.indices[name].shape[1] == 0:
+    if not upstream_of(name, model) or connections.indices[name].shape[1] == 0:
         return pre
     batch, seq = pre.shape[:2]
-    upstream = [upstream_codes[up].reshape(batch * seq, -1) for up in upstream_of(name)]
+    upstream = [upstream_codes[up].reshape(batch * seq, -1) for up in upstream_of(name, model)]
     indices = connections.indices[name]
     if recompute_weights:  # checkpointed: rebuilt in the backward pass rather than kept (the gathered decoder
         # blocks of 60 modules at full SmolLM2 depth would not fit in memory)
@@ -139,7 +139,7 @@ def pruned_forward(suite: SCAESuite, model: Any, record: SuiteRecord, connection
                    recompute_weights: bool = False) -> dict[str, torch.Tensor]:
     """Every module's TopK codes `[batch, seq, dict_size]`, computed in layer order from the pruned codes of its
     connected upstream features (never the clean ones), plus the embedding and bias terms."""
-    connections.validate(suite)
+    connections.validate(suite, model)
     codes: dict[str, torch.Tensor] = {}
     for name in suite.names:
         pre = pruned_pre_activations(suite, model, record, connections, name, codes, recompute_weights)

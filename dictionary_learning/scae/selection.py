@@ -48,7 +48,7 @@ def contribution_statistics(suite: SCAESuite, model: Any, texts: Any, batch_size
                 weight = record.norm_scales[name] * mask  # [batch, seq]
             else:  # how much each key position is read, summed over real queries, per head
                 weight = torch.einsum("bhqk,bq,bk->bhk", record.patterns[layer], mask, record.norm_scales[name])
-            for up in upstream_of(name):
+            for up in upstream_of(name, model):
                 pattern = "bt,btj->j" if kind == "mlp" else "bhk,bkj->hj"
                 sums[name][up] = sums[name].get(up, 0) + torch.einsum(pattern, weight, record.codes[up])
     return ContributionStatistics(tokens, sums)
@@ -60,8 +60,8 @@ def pair_contributions(suite: SCAESuite, model: Any, statistics: ContributionSta
     """Mean contribution of each feature of `up` to each feature of `name`'s pre-activation, over the tokens of
     `statistics`: `[dict_size, up's dict_size]`. One module pair at a time, so selection never holds more."""
     kind, layer = parse_module_name(name)
-    if up not in upstream_of(name):
-        raise ValueError(f"{up} is not upstream of {name}; upstream modules are {upstream_of(name)}")
+    if up not in upstream_of(name, model):
+        raise ValueError(f"{up} is not upstream of {name}; upstream modules are {upstream_of(name, model)}")
     mean = statistics.sums[name][up] / max(statistics.tokens, 1)
     normed = norm_params(model, layer, kind).linear_part(suite[up].decoder.weight.t())  # [n_up, d_model]
     encoder = suite[name].encoder.weight
@@ -85,7 +85,7 @@ def connections_from_statistics(suite: SCAESuite, model: Any, statistics: Contri
         best_indices = torch.empty(n_features, 0, dtype=torch.long)
         totals[name] = torch.zeros(n_features)
         offset = 0
-        for up in upstream_of(name):
+        for up in upstream_of(name, model):
             strength = pair_contributions(suite, model, statistics, name, up).abs()
             totals[name] += strength.sum(dim=1)
             values, local = strength.topk(min(C, strength.shape[1]), dim=1)
@@ -118,7 +118,7 @@ def all_connections(suite: SCAESuite, model: Any) -> Connections:
     Only for small suites: this is the dense dict_size x n_upstream matrix the pruned pass otherwise avoids."""
     indices, weights = {}, {}
     for name in suite.names:
-        n_up = suite.n_upstream(name)
+        n_up = suite.n_upstream(name, model)
         indices[name] = torch.arange(n_up).expand(suite[name].dict_size, n_up).contiguous()
         weights[name] = virtual_weights(suite, model, name, indices[name])
     return Connections(indices, weights)

@@ -14,6 +14,7 @@ from torch import nn
 from ..dictionary import AutoEncoderTopK, Dictionary, TopKDictionary
 from ..files import atomic_write, atomic_write_json, read_json
 from ..models import d_model, n_layers
+from ..models.adapters import parallel_residual
 from ..utils import load_dictionary, save_dictionary
 
 CONNECTION_FIELDS = ("indices", "weights", "scores", "totals")
@@ -32,10 +33,16 @@ def parse_module_name(name: str) -> tuple[str, int]:
     return kind, int(layer)
 
 
-def upstream_of(name: str) -> list[str]:
-    """Modules whose outputs reach `name`'s input: everything earlier in execution order."""
-    order = module_names(parse_module_name(name)[1] + 1)
-    return order[: order.index(name)]
+def upstream_of(name: str, model: Any = None) -> list[str]:
+    """Modules whose outputs reach `name`'s input: everything earlier in execution order. Given the `model`, a
+    parallel-residual family (attention and MLP both read the block input) drops the same layer's attention from
+    an MLP's list; without it (or for a sequential block) the list is the same."""
+    kind, layer = parse_module_name(name)
+    order = module_names(layer + 1)
+    upstream = order[: order.index(name)]
+    if kind == "mlp" and model is not None and parallel_residual(model):
+        upstream.remove(f"attn_{layer}")
+    return upstream
 
 
 def check_C(C: Any) -> None:
@@ -74,9 +81,9 @@ class SCAESuite(nn.Module):
     def __getitem__(self, name: str) -> Dictionary:
         return self.dictionaries[name]
 
-    def n_upstream(self, name: str) -> int:
-        """How many upstream features module `name` can read: the features of every module before it."""
-        return sum(self[up].dict_size for up in upstream_of(name))
+    def n_upstream(self, name: str, model: Any = None) -> int:
+        """How many upstream features module `name` can read: the features of `upstream_of(name, model)`."""
+        return sum(self[up].dict_size for up in upstream_of(name, model))
 
     def check_model(self, model: Any) -> None:
         """Clear errors for a suite whose widths or depth do not match the model."""
@@ -123,23 +130,23 @@ class SCAESuite(nn.Module):
 @dataclass
 class Connections:
     """For each module, the upstream features each of its features reads: `indices[name]` `[dict_size, C]` into the
-    concatenation of `upstream_of(name)`'s features (in that order), and their virtual weights `weights[name]`:
-    `[dict_size, C]` for transcoders, `[dict_size, C, n_heads]` for attention SAEs (one per head). Selected
-    connections come strongest first in each row (so `top(C)` keeps the C strongest), with `scores[name]` `[dict_size,
-    C]` their |mean contribution| and `totals[name]` `[dict_size]` each feature's total |mean contribution| over all
-    of its upstream features."""
+    concatenation of `upstream_of(name, model)`'s features (in that order), and their virtual weights
+    `weights[name]`: `[dict_size, C]` for transcoders, `[dict_size, C, n_heads]` for attention SAEs (one per head).
+    Selected connections come strongest first in each row (so `top(C)` keeps the C strongest), with `scores[name]`
+    `[dict_size, C]` their |mean contribution| and `totals[name]` `[dict_size]` each feature's total |mean
+    contribution| over all of its upstream features."""
 
     indices: dict[str, torch.Tensor]
     weights: dict[str, torch.Tensor]
     scores: dict[str, torch.Tensor] | None = None
     totals: dict[str, torch.Tensor] | None = None
 
-    def validate(self, suite: SCAESuite) -> None:
-        """Clear errors for connections that do not fit the suite."""
+    def validate(self, suite: SCAESuite, model: Any = None) -> None:
+        """Clear errors for connections that do not fit the suite (upstream counts for `model`, when given)."""
         for name in suite.names:
             if name not in self.indices:
                 raise ValueError(f"no connections for module {name}")
-            indices, n_up = self.indices[name], suite.n_upstream(name)
+            indices, n_up = self.indices[name], suite.n_upstream(name, model)
             if indices.dim() != 2 or indices.shape[0] != suite[name].dict_size:
                 raise ValueError(f"{name}: expected indices of shape [{suite[name].dict_size}, C], got "
                                  f"{tuple(indices.shape)}")

@@ -33,7 +33,7 @@ class SCAETrainer:
         if mse_weight < 0 or ce_weight < 0 or mse_weight + ce_weight == 0:
             raise ValueError(f"mse_weight and ce_weight must be >= 0 and not both 0, got {mse_weight}, {ce_weight}")
         suite.check_model(model)
-        connections.validate(suite)
+        connections.validate(suite, model)
         torch.manual_seed(seed)
         self.suite, self.model, self.connections = suite, model, connections
         self.mse_weight, self.ce_weight, self.ctx_len = mse_weight, ce_weight, ctx_len
