@@ -233,3 +233,67 @@ def test_scae_decomposition_equals_dense_or_family_refused(name):
                          dictionary.encoder.bias)
         torch.testing.assert_close(sum(pieces.values())[record.mask], dense[record.mask], atol=1e-4, rtol=1e-4,
                                    msg=lambda m, module=module: f"{name} {module}: {m}")
+
+
+@pytest.mark.parametrize("name", [name for name in NAMES if name not in NOT_DECOMPOSED])
+def test_all_connections_reproduce_the_dense_suite(name):
+    """The pruned pass with every connection kept gives the codes of the dense suite run."""
+    from dictionary_learning.scae import all_connections, pruned_forward, run_suite
+
+    from .helpers import make_suite
+
+    model = load_model(name, attn_implementation="eager")
+    suite = make_suite(model, n_layer=2)
+    record, _ = run_suite(suite, model, random_texts(3, seed=22, max_words=8), ctx_len=CTX, logits=False)
+    codes = pruned_forward(suite, model, record, all_connections(suite, model))
+    for module in suite.names:
+        torch.testing.assert_close(codes[module][record.mask], record.codes[module][record.mask], atol=1e-4,
+                                   rtol=1e-4, msg=lambda m, module=module: f"{name} {module}: {m}")
+
+
+@pytest.mark.parametrize("name", [name for name in NAMES if name not in NOT_DECOMPOSED])
+def test_run_suite_logits_equal_a_plain_hook_patched_run(name):
+    """run_suite's logits equal a plain PyTorch run whose forward hooks replace each layer's attn_out and mlp_out
+    sites by the suite's reconstructions (the transcoder reading the mlp_in site), each text run alone."""
+    from dictionary_learning.scae import run_suite
+
+    from .helpers import make_suite
+
+    model = load_model(name, attn_implementation="eager")
+    suite = make_suite(model, n_layer=2)
+    texts = random_texts(3, seed=23, max_words=8)
+    record, logits = run_suite(suite, model, texts, ctx_len=CTX)
+    adapter, hf = get_adapter(model), torch_model(model)
+    first = lambda value: value[0] if isinstance(value, tuple) else value  # noqa: E731
+    handles, mlp_inputs = [], {}
+    for layer in range(suite.n_layers):
+        sae, transcoder = suite[f"attn_{layer}"], suite[f"mlp_{layer}"]
+        attn_path, _ = adapter.site_path(layer, "attn_out")
+        in_path, in_io = adapter.site_path(layer, "mlp_in")
+        out_path, _ = adapter.site_path(layer, "mlp_out")
+
+        def replace(module, args, out, sae=sae):
+            return (sae(out[0]), *out[1:]) if isinstance(out, tuple) else sae(out)
+
+        def remember(module, args, out=None, layer=layer, in_io=in_io):
+            mlp_inputs[layer] = first(args) if in_io == "input" else first(out)
+
+        def transcode(module, args, out, layer=layer, transcoder=transcoder):
+            return transcoder(mlp_inputs[layer])
+
+        handles.append(hf.get_submodule(attn_path).register_forward_hook(replace))
+        if in_io == "input":
+            handles.append(hf.get_submodule(in_path).register_forward_pre_hook(remember))
+        else:
+            handles.append(hf.get_submodule(in_path).register_forward_hook(remember))
+        handles.append(hf.get_submodule(out_path).register_forward_hook(transcode))
+    try:
+        with torch.no_grad():
+            for row, text in enumerate(texts):
+                ids = model.tokenizer(text, return_tensors="pt", truncation=True, max_length=CTX)["input_ids"]
+                expected = hf(ids).logits[0]
+                torch.testing.assert_close(logits[row][record.mask[row]], expected, atol=1e-4, rtol=1e-4,
+                                           msg=lambda m, row=row: f"{name} text {row}: {m}")
+    finally:
+        for handle in handles:
+            handle.remove()
