@@ -93,7 +93,7 @@ def test_resume_equals_uninterrupted(tmp_path, normalize):
     with pytest.raises(Crash):
         trainSAE(crashing(planted_stream(features, K, 64, 40, seed=4), after=17), configs, steps,
                  save_dir=tmp_path / "b", checkpoint_steps=5, **kwargs)
-    state = torch.load(tmp_path / "b" / "trainer_0" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)  # all trainers, one file
     assert 0 < state["step"] < steps
     resumed = trainSAE(planted_stream(features, K, 64, 40, seed=4), configs, steps, save_dir=tmp_path / "b",
                        resume=True, **kwargs)

@@ -114,11 +114,11 @@ def train_scae_suite(suite: SCAESuite, model: Any, texts: Any, connections: Conn
     trainer = SCAETrainer(suite, model, connections, steps, **trainer_kwargs)
     batches = text_batches(texts, batch_texts)
     save_dir = Path(save_dir) if save_dir is not None else None
-    checkpoints = [save_dir / CHECKPOINT] if save_dir is not None else []
-    state = resume_from_checkpoints([trainer], checkpoints, batches, resume)
+    checkpoint = save_dir / CHECKPOINT if save_dir is not None else None
+    state = resume_from_checkpoints([trainer], checkpoint, batches, resume)
     run = start_wandb(trainer.config, save_dir, project=wandb_project) if use_wandb else None
     run_steps([trainer], batches, steps, start=state["step"], consumed=state["batches_consumed"],
-              checkpoint_paths=checkpoints, checkpoint_steps=checkpoint_steps, log_steps=log_steps,
+              checkpoint_path=checkpoint, checkpoint_steps=checkpoint_steps, log_steps=log_steps,
               log_values=lambda: trainer.last_metrics, run=run, desc="fine-tuning suite", progress=progress)
     with torch.no_grad():  # the virtual weights of the fine-tuned parameters
         suite.connections = Connections(connections.indices, {name: virtual_weights(suite, model, name, idx)

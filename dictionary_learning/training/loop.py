@@ -29,26 +29,55 @@ class Every:
         return isinstance(step, int) and step > 0 and step % self.every == 0
 
 
-def resume_from_checkpoints(trainers: Sequence[Any], paths: Sequence[Path], batches: Iterator[Any],
+def save_checkpoint(path: Path, trainers: Sequence[Any], step: int, batches_consumed: int,
+                    extra: dict[str, Any] | None = None) -> None:
+    """Every trainer's state, the step and the batches consumed, in one file written atomically: a crash (or a full
+    disk) at any moment leaves the previous complete checkpoint or the new one, never trainers at different steps."""
+    state = {"trainers": [trainer.state_dict() for trainer in trainers], "step": step,
+             "batches_consumed": batches_consumed, **(extra or {})}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint file's contents, loaded with `weights_only=True` (tensors and plain types only: a crafted file
+    cannot run code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"cannot load checkpoint {str(path)!r}: it is corrupt, or holds objects other than tensors "
+                         f"and plain types, which are refused because unpickling them could run code "
+                         f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from error
+
+
+def resume_from_checkpoints(trainers: Sequence[Any], path: Path | Sequence[Path] | None, batches: Iterator[Any],
                             resume: bool = True) -> dict[str, Any]:
-    """With `resume`, restore each trainer from its checkpoint file and replay `batches` to where the interrupted
-    run stood. Returns the checkpoint's step, batches_consumed and extra keys; `{"step": 0, "batches_consumed": 0}`
+    """With `resume`, restore every trainer from the checkpoint file `path` (`save_checkpoint`'s; a list of
+    per-trainer files is read as this toolkit's older layout) and replay `batches` to where the interrupted run
+    stood. Returns the checkpoint's step, batches_consumed and extra keys; `{"step": 0, "batches_consumed": 0}`
     without `resume` or when there is no checkpoint."""
     if not resume:
         return {"step": 0, "batches_consumed": 0}
-    if not paths:
+    if not path:
         raise ValueError("resume=True needs the save_dir of the interrupted run")
-    states = []
-    for path in paths:
-        if not path.exists():
+    if isinstance(path, (str, Path)):
+        if not Path(path).exists():
             return {"step": 0, "batches_consumed": 0}
-        states.append(torch.load(path, map_location="cpu", weights_only=False))
-    if len({state["step"] for state in states}) != 1:
-        folder = Path(os.path.commonpath([str(path.parent) for path in paths]))
-        raise ValueError(f"checkpoints in {folder} are at different steps: {[state['step'] for state in states]}")
+        state = load_checkpoint(Path(path))
+        states = state.pop("trainers") if "trainers" in state else [state.pop("trainer")]  # older: one trainer
+        if len(states) != len(trainers):
+            raise ValueError(f"checkpoint {str(path)!r} holds {len(states)} trainers, this run has {len(trainers)}")
+        resumed = state
+    else:  # older layout: one file per trainer
+        if not all(Path(p).exists() for p in path):
+            return {"step": 0, "batches_consumed": 0}
+        loaded = [load_checkpoint(Path(p)) for p in path]
+        if len({state["step"] for state in loaded}) != 1:
+            folder = Path(os.path.commonpath([str(Path(p).parent) for p in path]))
+            raise ValueError(f"checkpoints in {folder} are at different steps: {[s['step'] for s in loaded]}")
+        states = [state["trainer"] for state in loaded]
+        resumed = {key: value for key, value in loaded[0].items() if key != "trainer"}
     for trainer, state in zip(trainers, states):
-        trainer.load_state_dict(state["trainer"])
-    resumed = {key: value for key, value in states[0].items() if key != "trainer"}
+        trainer.load_state_dict(state)
     resumed.setdefault("batches_consumed", resumed["step"])  # one batch a step (older SCAE checkpoints)
     for _ in range(resumed["batches_consumed"]):
         next(batches)
@@ -70,7 +99,7 @@ def run_steps(
     steps: int | None,
     start: int = 0,
     consumed: int = 0,
-    checkpoint_paths: Sequence[Path] = (),
+    checkpoint_path: Path | None = None,
     checkpoint_steps: int | None = None,
     checkpoint_extra: dict[str, Any] | None = None,
     save_steps: Sequence[int] = (),
@@ -91,8 +120,8 @@ def run_steps(
     (inside `context`, e.g. autocast). A tqdm bar shows the first trainer's
     `last_metrics` (`bar_keys` of them); every `log_steps` steps `log_values()` goes to the wandb `run` (and is
     printed with `verbose`); at `save_steps`, `on_save(step)`. Every `checkpoint_steps` steps, at `save_steps` and
-    at the end, each trainer's state is written atomically to its `checkpoint_paths` entry with the step, the
-    batches consumed and `checkpoint_extra`. A stream that runs out ends the loop with a warning. Returns the
+    at the end, every trainer's state is written atomically to the one file `checkpoint_path`
+    (`save_checkpoint`) with the step, the batches consumed and `checkpoint_extra`. A stream that runs out ends the loop with a warning. Returns the
     number of steps done."""
     if checkpoint_steps is None:
         checkpoint_steps = max(1, steps // 10) if steps is not None else 0
@@ -100,10 +129,7 @@ def run_steps(
 
     def checkpoint(step: int) -> None:
         nonlocal written
-        for trainer, path in zip(trainers, checkpoint_paths):
-            state = {"trainer": trainer.state_dict(), "step": step, "batches_consumed": consumed,
-                     **(checkpoint_extra or {})}
-            atomic_write(path, lambda tmp: torch.save(state, tmp))
+        save_checkpoint(checkpoint_path, trainers, step, consumed, checkpoint_extra)
         written = step
 
     indices = range(start, steps) if steps is not None else itertools.count(start)
@@ -131,12 +157,12 @@ def run_steps(
                 tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in logged.items()))
         if step + 1 in save_steps and on_save is not None:
             on_save(step + 1)
-        if checkpoint_paths and ((checkpoint_steps and (step + 1) % checkpoint_steps == 0) or step + 1 in save_steps):
+        if checkpoint_path and ((checkpoint_steps and (step + 1) % checkpoint_steps == 0) or step + 1 in save_steps):
             checkpoint(step + 1)
     else:
         step = steps if steps is not None else step
     bar.close()
-    if checkpoint_paths and written != step:
+    if checkpoint_path and written != step:
         checkpoint(step)
     if run is not None:
         run.finish()

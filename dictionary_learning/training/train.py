@@ -76,7 +76,7 @@ def _save(trainer: SAETrainer, directory: Path, scales: tuple[float, float], run
     save_dictionary(ae, directory, config)
 
 
-def _save_checkpoint(trainer: SAETrainer, path: Path, scales: tuple[float, float]) -> None:
+def _save_intermediate(trainer: SAETrainer, path: Path, scales: tuple[float, float]) -> None:
     """An intermediate save as upstream writes it: `checkpoints/ae_{step}.pt`, the state dict (scales folded in)."""
     ae = trainer.ae
     if scales != (1.0, 1.0):
@@ -118,7 +118,8 @@ def train_dictionaries(
     save_dir: each trainer saves to `save_dir/trainer_{i}/` (`ae.pt`, `model.safetensors`, `config.json`);
       `save_steps` (a list of steps, or an int: every that many steps) adds upstream's intermediate saves
       `checkpoints/ae_{n}.pt` (the state dict after n steps).
-    checkpoint_steps (upstream: backup_steps): write a resumable `checkpoint.pt` every this many steps (default: at
+    checkpoint_steps (upstream: backup_steps): write a resumable `save_dir/checkpoint.pt` (every trainer's state in
+      one file, written atomically) every this many steps (default: at
       save_steps and every max(1, steps // 10) steps when save_dir is given). `resume=True` continues from it,
       skipping the batches the interrupted run consumed, so the result equals an uninterrupted run.
     normalize_activations: True or "unit" (upstream): scale inputs (and targets) by one factor each so their mean
@@ -145,8 +146,11 @@ def train_dictionaries(
         run_config["run"] = dict(run_cfg)
 
     data = iter(data)
-    checkpoints = [directory / CHECKPOINT for directory in directories]
-    state = resume_from_checkpoints(trainers, checkpoints, data, resume)
+    checkpoint = save_dir / CHECKPOINT if save_dir else None  # every trainer's state in one file
+    older = [directory / CHECKPOINT for directory in directories]  # this toolkit's older per-trainer files
+    resume_from = older if resume and checkpoint and not checkpoint.exists() and all(p.exists() for p in older) \
+        else checkpoint
+    state = resume_from_checkpoints(trainers, resume_from, data, resume)
     if resume and state["step"] == 0 and verbose:
         print(f"no checkpoint in {save_dir}; starting from step 0")
     start, consumed = state["step"], state["batches_consumed"]
@@ -161,7 +165,7 @@ def train_dictionaries(
 
     def save_all(step: int) -> None:
         for trainer, directory in zip(trainers, directories):
-            _save_checkpoint(trainer, directory / "checkpoints" / f"ae_{step}.pt", scales)
+            _save_intermediate(trainer, directory / "checkpoints" / f"ae_{step}.pt", scales)
 
     if 0 in save_steps and start == 0:  # upstream saves step 0 (the initial weights) when asked
         save_all(0)
@@ -178,7 +182,7 @@ def train_dictionaries(
     autocast = (torch.autocast(device_type=device_type, dtype=autocast_dtype)
                 if autocast_dtype != torch.float32 else None)
     select = (lambda i, batch: batch[..., i, :]) if activations_split_by_head else None
-    run_steps(trainers, data, steps, start=start, consumed=consumed, checkpoint_paths=checkpoints,
+    run_steps(trainers, data, steps, start=start, consumed=consumed, checkpoint_path=checkpoint,
               checkpoint_steps=checkpoint_steps or backup_steps, checkpoint_extra={"scales": list(scales)},
               save_steps=save_steps, on_save=save_all, log_steps=log_steps, log_values=logged, run=run,
               context=autocast, prepare=lambda batch: _scaled(batch, *scales), select=select,
