@@ -60,6 +60,13 @@ def load_dictionary(base_path: str | Path, device: str | torch.device | None = "
     cls = dictionary_class(trainer_config.get("dict_class"), source=str(path / "config.json"))
     # a square transcoder looks like an SAE in its weights: the config (or the file's marker) says which it is
     dictionary = cls.from_saved_state(load_state_dict(path), transcoder=trainer_config.get("transcoder"))
+    for key in ("activation_dim", "dict_size", "output_dim", "k"):  # config.json and the weights must agree
+        if key in trainer_config and hasattr(dictionary, key):
+            held = getattr(dictionary, key)
+            held = int(held) if isinstance(held, torch.Tensor) else held
+            if held is not None and trainer_config[key] != held:  # (IdentityDict's widths are not in weights)
+                raise ValueError(f"{str(path)!r}: config.json says {key}={trainer_config[key]!r} but the weights hold "
+                                 f"{key}={held!r}; the folder mixes two saves")
     if normalize_decoder and isinstance(dictionary, AutoEncoder):
         dictionary.normalize_decoder()
     return dictionary.to(device=device, dtype=dtype), config

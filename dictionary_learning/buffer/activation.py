@@ -87,6 +87,8 @@ class ActivationBuffer:
         if max_activation_norm_multiple is not None and not max_activation_norm_multiple > 0:
             raise ValueError(
                 f"max_activation_norm_multiple must be positive or None, got {max_activation_norm_multiple!r}")
+        if isinstance(data, (str, bytes)):
+            raise TypeError("data must be an iterable of texts (e.g. a list of strings), got a single string")
         limit = max_context(model)
         if limit is not None and ctx_len > limit:
             raise ValueError(f"ctx_len={ctx_len} exceeds the model's maximum context of {limit} tokens")

@@ -225,6 +225,9 @@ def split_batch(batch: Any, dictionary: Dictionary) -> tuple[torch.Tensor, torch
         raise ValueError("this dictionary is a transcoder: batches must be (x, y) pairs")
     if y is None:
         y = x
+    elif not dictionary.transcoder and y is not x and (y.shape != x.shape or not torch.equal(y, x)):
+        raise ValueError("this dictionary is an SAE (it reconstructs its input) but the batch is an (x, y) pair with "
+                         "y != x: build a transcoder (output_dim=... or transcoder=True) to learn x -> y, or pass x")
     if y.shape[-1] != dictionary.output_dim or y.shape[0] != x.shape[0]:
         raise ValueError(f"expected targets of shape [{x.shape[0]}, {dictionary.output_dim}], got {tuple(y.shape)}")
     for name, tensor in (("x", x), ("y", y)):

@@ -131,6 +131,8 @@ def train_dictionaries(
       batches. device: where autocast runs (default: the first trainer's device).
     Returns the trainers (their dictionaries are trained on the scaled activations if normalize_activations).
     """
+    if isinstance(data, (str, bytes)):
+        raise TypeError("data must be an iterable of activation batches (e.g. an ActivationBuffer), got a string")
     if not trainer_configs:
         raise ValueError("trainer_configs is empty: pass at least one trainer config")
     if steps is not None:
@@ -182,11 +184,13 @@ def train_dictionaries(
     autocast = (torch.autocast(device_type=device_type, dtype=autocast_dtype)
                 if autocast_dtype != torch.float32 else None)
     select = (lambda i, batch: batch[..., i, :]) if activations_split_by_head else None
-    run_steps(trainers, data, steps, start=start, consumed=consumed, checkpoint_path=checkpoint,
+    done = run_steps(trainers, data, steps, start=start, consumed=consumed, checkpoint_path=checkpoint,
               checkpoint_steps=checkpoint_steps or backup_steps, checkpoint_extra={"scales": list(scales)},
               save_steps=save_steps, on_save=save_all, log_steps=log_steps, log_values=logged, run=run,
               context=autocast, prepare=lambda batch: _scaled(batch, *scales), select=select,
               bar_keys=("loss", "l0", "fvu"), progress=progress, verbose=verbose)
+    if done == 0:  # nothing trained: never save an untrained dictionary as if it were one
+        raise ValueError("data yielded no batches to train on (after any normalisation batches): nothing was trained")
     for trainer, directory in zip(trainers, directories):
         _save(trainer, directory, scales, run_config)
     return trainers

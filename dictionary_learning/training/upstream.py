@@ -124,6 +124,9 @@ def train_autoencoder(
     `save_dir/checkpoints/ae_{step}.pt`; the final dictionary is saved to `save_dir` (ae.pt + config.json).
     log_steps: print the losses every that many steps. Returns the trained AutoEncoder.
     """
+    if isinstance(activations, (str, bytes)):
+        raise TypeError("activations must be an iterable of activation batches (e.g. an ActivationBuffer), got a "
+                        "string")
     data = iter(activations)
     first = next(data, None)
     if first is None:

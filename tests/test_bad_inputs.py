@@ -1,0 +1,47 @@
+"""Inputs that used to give silently wrong results now raise a clear error naming what was expected and what came
+(from the reliability sweep, ../shared/findings/reliability.md)."""
+
+import json
+
+import pytest
+
+from dictionary_learning import ActivationBuffer
+from dictionary_learning.dictionary import AutoEncoderTopK
+from dictionary_learning.training import trainSAE
+from dictionary_learning.utils import load_dictionary, save_dictionary
+
+from .helpers import planted_features, planted_stream
+from .test_training import N_TRUE, D, K, topk_config
+
+
+def test_a_string_is_not_a_stream(tiny_llama):
+    with pytest.raises(TypeError, match="got a string"):
+        trainSAE("not batches", [topk_config(5)], 5, progress=False)
+    with pytest.raises(TypeError, match="got a string"):
+        trainSAE("not batches", D, 2 * N_TRUE, lr=1e-3, sparsity_penalty=1e-3, progress=False)
+    with pytest.raises(TypeError, match="single string"):
+        ActivationBuffer("a text, not a list of texts", tiny_llama, "model.layers.0", n_ctxs=4, ctx_len=8)
+
+
+def test_an_empty_stream_saves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="no batches"), pytest.warns(UserWarning, match="ran out after 0 steps"):
+        trainSAE(iter([]), [topk_config(5)], 5, save_dir=tmp_path, progress=False)
+    assert not (tmp_path / "trainer_0" / "ae.pt").exists()
+
+
+def test_an_sae_is_not_trained_on_pairs_with_other_targets():
+    features = planted_features(N_TRUE, D, seed=0)
+    pairs = ((x, x.flip(0)) for x in planted_stream(features, K, 32, 5, seed=1))
+    with pytest.raises(ValueError, match="y != x"):
+        trainSAE(pairs, [topk_config(5)], 5, progress=False)
+    same = ((x, x) for x in planted_stream(features, K, 32, 5, seed=1))  # (x, x) pairs are just an SAE's batches
+    trainSAE(same, [topk_config(5)], 5, progress=False)
+
+
+def test_a_folder_whose_config_disagrees_with_its_weights_is_refused(tmp_path):
+    save_dictionary(AutoEncoderTopK(8, 32, 4), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["trainer"]["dict_size"] = 64  # as if config.json came from another save
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="dict_size=64 but the weights hold dict_size=32"):
+        load_dictionary(tmp_path)
