@@ -45,3 +45,14 @@ def test_a_folder_whose_config_disagrees_with_its_weights_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="dict_size=64 but the weights hold dict_size=32"):
         load_dictionary(tmp_path)
+
+
+def test_epochs_refuses_a_batch_larger_than_the_activations():
+    """It used to loop forever (the quickstart's --batch larger than the tokens collected)."""
+    import torch
+
+    from dictionary_learning.buffer import epochs
+
+    with pytest.raises(ValueError, match=r"batch_size must be an int in \[1, 10\].*got 11"):
+        next(epochs(torch.zeros(10, 4), 11))
+    assert next(epochs(torch.zeros(10, 4), 10)).shape == (10, 4)

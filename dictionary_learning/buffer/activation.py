@@ -349,6 +349,9 @@ class ActivationBuffer:
 def epochs(activations: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
     """Endless shuffled batches over collected activations `[n, d]`, a new permutation each epoch (the last partial
     batch of each epoch is dropped)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 0 < batch_size <= activations.shape[0]:
+        raise ValueError(f"batch_size must be an int in [1, {activations.shape[0]}] (the number of collected "
+                         f"activations), got {batch_size!r}")  # more would never yield: an endless loop
     generator = torch.Generator().manual_seed(seed)
     while True:
         permutation = torch.randperm(activations.shape[0], generator=generator)
