@@ -56,3 +56,16 @@ def test_epochs_refuses_a_batch_larger_than_the_activations():
     with pytest.raises(ValueError, match=r"batch_size must be an int in \[1, 10\].*got 11"):
         next(epochs(torch.zeros(10, 4), 11))
     assert next(epochs(torch.zeros(10, 4), 10)).shape == (10, 4)
+
+
+def test_in_to_out_needs_two_sides(tiny_llama):
+    """A single hook point (or a pair of the same point) read "in_to_out" gave x == y: a transcoder then learns the
+    identity."""
+    from dictionary_learning import hook
+
+    point = hook(tiny_llama, 0, "mlp_out")
+    for submodule in (point, (point, point), "layers.0.mlp_out"):
+        with pytest.raises(ValueError, match="two different hook points"):
+            ActivationBuffer(["some text"], tiny_llama, submodule, io="in_to_out", n_ctxs=4, ctx_len=8)
+    buffer = ActivationBuffer(["some text"], tiny_llama, "model.layers.0.mlp", io="in_to_out", n_ctxs=4, ctx_len=8)
+    assert buffer.hooks[0].io == "input" and buffer.hooks[1].io == "output"

@@ -124,8 +124,14 @@ class ActivationBuffer:
             if isinstance(submodule, (tuple, list)):
                 if len(submodule) != 2:
                     raise ValueError(f"io='in_to_out' takes one submodule or a pair, got {len(submodule)} items")
-                return resolve_hook(model, submodule[0], "input"), resolve_hook(model, submodule[1], "output")
-            return resolve_hook(model, submodule, "input"), resolve_hook(model, submodule, "output")
+                sides = resolve_hook(model, submodule[0], "input"), resolve_hook(model, submodule[1], "output")
+            else:
+                sides = resolve_hook(model, submodule, "input"), resolve_hook(model, submodule, "output")
+            if (sides[0].path, sides[0].io) == (sides[1].path, sides[1].io):  # x would equal y: an identity to learn
+                raise ValueError(f"io='in_to_out' needs two different hook points, but {submodule!r} names one, "
+                                 f"{sides[0]}: pass a module or path (its input and output are read) or a pair "
+                                 f"(input point, output point)")
+            return sides
         if isinstance(submodule, (tuple, list)):
             raise ValueError(f"a pair of submodules needs io='in_to_out', got io={io!r}")
         return (resolve_hook(model, submodule, "input" if io == "in" else "output"),)
