@@ -72,3 +72,19 @@ def test_fine_tuning_keeps_decoder_column_norms(eager_model):
     trainer = SCAETrainer(suite, eager_model, all_connections(suite, eager_model), steps=2, lr=1e-3, ctx_len=CTX)
     trainer.update(0, random_texts(2, seed=30, max_words=5))
     torch.testing.assert_close(suite["mlp_0"].decoder.weight.norm(dim=0), norms)
+
+
+def test_fine_tuning_refuses_what_would_train_nothing(tmp_path, eager_model):
+    """batch_texts=0 or an empty text stream used to save the untouched suite as tuned."""
+    from dictionary_learning.scae import select_connections, train_scae_suite
+
+    suite = make_suite(eager_model, n_layer=2)
+    connections = select_connections(suite, eager_model, random_texts(4, seed=29, max_words=6), 8, ctx_len=CTX)
+    with pytest.raises(ValueError, match="batch_texts must be a positive int, got 0"):
+        train_scae_suite(suite, eager_model, iter(["a text"]), connections, steps=2, batch_texts=0, progress=False)
+    with pytest.raises(TypeError, match="single string"):
+        train_scae_suite(suite, eager_model, "a text", connections, steps=2, progress=False)
+    with pytest.raises(ValueError, match="no batches"), pytest.warns(UserWarning, match="ran out"):
+        train_scae_suite(suite, eager_model, iter([]), connections, steps=2, save_dir=tmp_path, ctx_len=CTX,
+                         progress=False)
+    assert not (tmp_path / "suite").exists()

@@ -111,15 +111,21 @@ def train_scae_suite(suite: SCAESuite, model: Any, texts: Any, connections: Conn
     `resume=True` continuing from the last one (the consumed text batches are skipped). At the end the suite's
     `connections` hold the tuned connections' virtual weights, and the suite (with them) is saved to
     `save_dir/suite`. The scores and totals are those of the selection, before fine-tuning."""
+    if isinstance(batch_texts, bool) or not isinstance(batch_texts, int) or batch_texts <= 0:
+        raise ValueError(f"batch_texts must be a positive int, got {batch_texts!r}")  # 0 would train nothing
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("texts must be an iterable of texts (e.g. a list of strings), got a single string")
     trainer = SCAETrainer(suite, model, connections, steps, **trainer_kwargs)
     batches = text_batches(texts, batch_texts)
     save_dir = Path(save_dir) if save_dir is not None else None
     checkpoint = save_dir / CHECKPOINT if save_dir is not None else None
     state = resume_from_checkpoints([trainer], checkpoint, batches, resume)
     run = start_wandb(trainer.config, save_dir, project=wandb_project) if use_wandb else None
-    run_steps([trainer], batches, steps, start=state["step"], consumed=state["batches_consumed"],
-              checkpoint_path=checkpoint, checkpoint_steps=checkpoint_steps, log_steps=log_steps,
-              log_values=lambda: trainer.last_metrics, run=run, desc="fine-tuning suite", progress=progress)
+    done = run_steps([trainer], batches, steps, start=state["step"], consumed=state["batches_consumed"],
+                     checkpoint_path=checkpoint, checkpoint_steps=checkpoint_steps, log_steps=log_steps,
+                     log_values=lambda: trainer.last_metrics, run=run, desc="fine-tuning suite", progress=progress)
+    if done == 0:  # never save an untuned suite as tuned
+        raise ValueError("texts yielded no batches: the suite was not fine-tuned")
     with torch.no_grad():  # the virtual weights of the fine-tuned parameters
         suite.connections = Connections(connections.indices, {name: virtual_weights(suite, model, name, idx)
                                                               for name, idx in connections.indices.items()},
