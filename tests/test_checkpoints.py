@@ -60,3 +60,13 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_resume_is_exact(tm
     for a, b in zip(straight, resumed):
         for (name, x), y in zip(a.ae.state_dict().items(), b.ae.state_dict().values()):
             torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+
+
+def test_resuming_with_another_configuration_is_refused(tmp_path):
+    """The checkpoint's optimizer would keep the old lr while config.json recorded the new one."""
+    features = planted_features(N_TRUE, D, seed=0)
+    trainSAE(planted_stream(features, K, 32, 10, seed=1), [topk_config(10)], 10, save_dir=tmp_path,
+             checkpoint_steps=5, progress=False)
+    with pytest.raises(ValueError, match=r"lr: 0.002 in the checkpoint, 0.001 now"):
+        trainSAE(planted_stream(features, K, 32, 10, seed=1), [topk_config(10, lr=1e-3)], 10, save_dir=tmp_path,
+                 resume=True, progress=False)

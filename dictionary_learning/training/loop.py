@@ -5,6 +5,7 @@ resumed run ends with the same weights as an uninterrupted one) and offline-capa
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import warnings
 from contextlib import AbstractContextManager, nullcontext
@@ -34,8 +35,22 @@ def save_checkpoint(path: Path, trainers: Sequence[Any], step: int, batches_cons
     """Every trainer's state, the step and the batches consumed, in one file written atomically: a crash (or a full
     disk) at any moment leaves the previous complete checkpoint or the new one, never trainers at different steps."""
     state = {"trainers": [trainer.state_dict() for trainer in trainers], "step": step,
-             "batches_consumed": batches_consumed, **(extra or {})}
+             "batches_consumed": batches_consumed, "configs": [_config(trainer) for trainer in trainers],
+             **(extra or {})}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+# hyperparameters a resumed run must share with its checkpoint (fixed at construction in every trainer; other config
+# keys may evolve during training, e.g. the annealed sparsity_penalty of the p-annealing trainers)
+RESUME_MUST_MATCH = ("trainer_class", "dict_class", "activation_dim", "dict_size", "output_dim", "k", "lr", "steps",
+                     "warmup_steps", "decay_start", "seed", "auxk_alpha", "bandwidth", "target_l0", "group_fractions",
+                     "group_weights")
+
+
+def _config(trainer: Any) -> dict[str, Any]:
+    """A trainer's fixed hyperparameters (`RESUME_MUST_MATCH`) as JSON text values."""
+    config = getattr(trainer, "config", None) or {}
+    return {key: json.dumps(config[key], sort_keys=True, default=str) for key in RESUME_MUST_MATCH if key in config}
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -76,6 +91,15 @@ def resume_from_checkpoints(trainers: Sequence[Any], path: Path | Sequence[Path]
             raise ValueError(f"checkpoints in {folder} are at different steps: {[s['step'] for s in loaded]}")
         states = [state["trainer"] for state in loaded]
         resumed = {key: value for key, value in loaded[0].items() if key != "trainer"}
+    saved_configs = resumed.pop("configs", None) or [None] * len(trainers)  # older checkpoints have none
+    for i, (trainer, saved) in enumerate(zip(trainers, saved_configs)):
+        now = _config(trainer)
+        changed = sorted(key for key in set(saved or {}) | set(now)
+                         if saved is not None and saved.get(key) != now.get(key))
+        if changed:  # the checkpoint's optimizer and schedule would silently keep the old values
+            raise ValueError(f"trainer {i} is configured differently from the checkpoint it would resume: "
+                             + "; ".join(f"{key}: {saved.get(key)} in the checkpoint, {now.get(key)} now"
+                                         for key in changed))
     for trainer, state in zip(trainers, states):
         trainer.load_state_dict(state)
     resumed.setdefault("batches_consumed", resumed["step"])  # one batch a step (older SCAE checkpoints)
@@ -121,8 +145,8 @@ def run_steps(
     `last_metrics` (`bar_keys` of them); every `log_steps` steps `log_values()` goes to the wandb `run` (and is
     printed with `verbose`); at `save_steps`, `on_save(step)`. Every `checkpoint_steps` steps, at `save_steps` and
     at the end, every trainer's state is written atomically to the one file `checkpoint_path`
-    (`save_checkpoint`) with the step, the batches consumed and `checkpoint_extra`. A stream that runs out ends the loop with a warning. Returns the
-    number of steps done."""
+    (`save_checkpoint`) with the step, the batches consumed and `checkpoint_extra`. A stream that runs out ends the
+    loop with a warning. Returns the number of steps done."""
     if checkpoint_steps is None:
         checkpoint_steps = max(1, steps // 10) if steps is not None else 0
     written = -1
