@@ -6,9 +6,9 @@ attention weight layouts) lives in `adapters.py` only. Every name stays importab
 from ..files import cache_dir
 from .adapters import (
     ADAPTERS, GPT2, GPT_NEOX, LLAMA, SITES, AttentionOV, FamilyAdapter, NormParams, attention_ov, d_model, get_adapter,
-    get_module, max_context, module_paths, n_layers, norm_params, torch_model,
+    get_module, max_context, module_paths, n_layers, norm_params, parallel_residual, torch_model,
 )
-from .hooks import HookPoint, execution_key, hook, resolve_hook
+from .hooks import HookPoint, execution_key, execution_order, hook, resolve_hook
 from .loading import (
     DEFAULT_MODEL, DTYPES, SMOLLM2_GGUF, SMOLLM2_WHEEL, TINY_VOCAB, byte_tokenizer, default_dtype, dtype_from_name,
     load_model, smollm2_path, tiny_hf_model,
@@ -18,6 +18,6 @@ __all__ = [
     "ADAPTERS", "DEFAULT_MODEL", "DTYPES", "GPT2", "GPT_NEOX", "LLAMA", "SITES", "SMOLLM2_GGUF", "SMOLLM2_WHEEL",
     "TINY_VOCAB", "AttentionOV", "FamilyAdapter", "HookPoint", "NormParams", "attention_ov", "byte_tokenizer",
     "cache_dir", "d_model", "default_dtype", "dtype_from_name", "execution_key", "get_adapter", "get_module", "hook",
-    "load_model", "max_context", "module_paths", "n_layers", "norm_params", "resolve_hook", "smollm2_path",
-    "tiny_hf_model", "torch_model",
+    "execution_order", "load_model", "max_context", "module_paths", "n_layers", "norm_params", "parallel_residual",
+    "resolve_hook", "smollm2_path", "tiny_hf_model", "torch_model",
 ]
