@@ -1,16 +1,22 @@
 """Files: atomic writes, JSON-safe configs, the cache folder and PNG figures.
 
-Every file the toolkit writes goes through `atomic_write`: it is written under a temporary name in the same folder
-and renamed onto its final name, so a crash never leaves a half-written file there. This module imports nothing of
-the package, so every room may use it.
+Every file the toolkit writes goes through `atomic_write`: it is written under a temporary name in the same folder,
+flushed to disk and renamed onto its final name, so a crash never leaves a half-written file there. A folder that is
+one artifact (a saved dictionary, a saved suite) is written whole through `atomic_folder`: into a fresh folder beside
+it, which then takes the old one's place in one atomic exchange, so a reader sees the old save or the new one, never a
+mix. This module imports nothing of the package, so every room may use it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -21,17 +27,128 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove_stale(path: Path, suffixes: tuple[str, ...]) -> None:
+    """Remove `.{name}.{pid}{suffix}` leftovers of `path` written by processes that no longer run (a kill -9 mid-write
+    leaves them; they would otherwise pile up)."""
+    if not path.parent.is_dir():
+        return
+    for leftover in path.parent.glob(f".{path.name}.*"):
+        pid, _, suffix = leftover.name[len(path.name) + 2:].partition(".")
+        if pid.isdigit() and "." + suffix in suffixes and int(pid) != os.getpid() and not _alive(int(pid)):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def _fsync(path: str | Path, directory: bool = False) -> None:
+    """Flush a file (or a folder's entries) to disk, where the file system allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory and hasattr(os, "O_DIRECTORY") else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)`, then rename the temporary file onto `path` (same folder, so the rename is atomic)."""
+    """Call `write(tmp_path)`, flush the file to disk, then rename it onto `path` (same folder, so the rename is
+    atomic). Leftover temporary files of killed processes are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path, (".tmp",))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(str(tmp))
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent, directory=True)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):  # file system or kernel without it
+        return False
+    raise OSError(code, f"cannot swap {str(a)!r} and {str(b)!r}: {os.strerror(code)}")
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Make `target` a copy of `source`, hard-linking files where the file system allows it."""
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, target, copy_function=link, symlinks=True)
+    else:
+        link(str(source), str(target))
+
+
+@contextmanager
+def atomic_folder(path: str | Path, owned: Callable[[str], bool] = lambda name: True) -> Iterator[Path]:
+    """`with atomic_folder(path) as staging:` write the whole folder into `staging`; on leaving the block it
+    replaces `path` in one atomic exchange (two renames where the system has no exchange), so a reader finds the
+    old folder or the new one, never a mix of both; on an error `path` is left untouched. Entries of the old folder
+    that the new one lacks and `owned(name)` does not claim (e.g. upstream's `checkpoints/` beside a dictionary's
+    files) are carried over (hard links, else copies)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"cannot save a folder to {str(path)!r}: a file of that name exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path, (".new", ".old"))
+    staging = path.with_name(f".{path.name}.{os.getpid()}.new")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        yield staging
+        if path.is_dir():
+            for entry in path.iterdir():
+                if not owned(entry.name) and not (staging / entry.name).exists():
+                    _link_tree(entry, staging / entry.name)
+        _fsync(staging, directory=True)
+        if not path.exists():
+            os.rename(staging, path)
+        elif not _exchange(staging, path):
+            old = path.with_name(f".{path.name}.{os.getpid()}.old")
+            os.rename(path, old)  # a crash between these two renames leaves no folder, the old one beside it
+            os.rename(staging, path)
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync(path.parent, directory=True)
+    finally:
+        if staging.exists():  # the old folder after an exchange, or a failed save's partial one
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -61,8 +178,16 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(json_safe(obj), indent=2))
 
 
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+def read_json(path: str | Path, expect: type | None = None) -> Any:
+    """A JSON file's contents; a ValueError naming the file when it is not valid UTF-8 JSON (or not an `expect`)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not a valid JSON file (corrupt or truncated?): {error}") from error
+    if expect is not None and not isinstance(value, expect):
+        raise ValueError(f"{str(path)!r} must hold a JSON {'object' if expect is dict else expect.__name__}, "
+                         f"got a {type(value).__name__}")
+    return value
 
 
 def pyplot():

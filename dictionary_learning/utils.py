@@ -25,13 +25,18 @@ from typing import Any
 import torch
 
 from .dictionary import AutoEncoder, Dictionary, dictionary_class, load_state_dict
-from .files import atomic_write, atomic_write_json, pyplot, read_json, save_figure  # noqa: F401 (also importable here)
+from .files import atomic_folder, atomic_write, atomic_write_json, pyplot, read_json, save_figure  # noqa: F401 (also importable here)
 from .models import get_adapter, n_layers, torch_model
 
 
+DICTIONARY_FILES = ("ae.pt", "model.safetensors", "config.json")
+
+
 def save_dictionary(dictionary: Dictionary, directory: str | Path, config: dict[str, Any] | None = None) -> Path:
-    """Write `ae.pt`, `model.safetensors` and `config.json` into `directory` (atomically, file by file). Transcoders'
-    files carry an `is_transcoder` entry, so upstream's loaders refuse them instead of misreading them."""
+    """Write `ae.pt`, `model.safetensors` and `config.json` into `directory`, the folder replaced as a whole (a
+    reader sees the previous save or this one, never a mix; other entries there, such as upstream's `checkpoints/`,
+    are kept). Transcoders' files carry an `is_transcoder` entry, so upstream's loaders refuse them instead of
+    misreading them."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -39,10 +44,11 @@ def save_dictionary(dictionary: Dictionary, directory: str | Path, config: dict[
     config = dict(config or {})
     config.setdefault("trainer", {})
     config["trainer"] = {**dictionary.dictionary_config(), **config["trainer"]}
-    atomic_write(directory / "ae.pt", lambda tmp: torch.save(state, tmp))
-    atomic_write(directory / "model.safetensors",
-                 lambda tmp: save_file(state, tmp, metadata={"format": "pt", "dict_class": type(dictionary).__name__}))
-    atomic_write_json(directory / "config.json", config)
+    with atomic_folder(directory, owned=lambda name: name in DICTIONARY_FILES) as staging:
+        atomic_write(staging / "ae.pt", lambda tmp: torch.save(state, tmp))
+        atomic_write(staging / "model.safetensors",
+                     lambda tmp: save_file(state, tmp, metadata={"format": "pt", "dict_class": type(dictionary).__name__}))
+        atomic_write_json(staging / "config.json", config)
     return directory
 
 
@@ -55,11 +61,17 @@ def load_dictionary(base_path: str | Path, device: str | torch.device | None = "
     path = Path(base_path)
     if not (path / "config.json").exists():
         raise ValueError(f"expected a folder with config.json and ae.pt (or model.safetensors), got {str(path)!r}")
-    config = read_json(path / "config.json")
+    config = read_json(path / "config.json", expect=dict)
     trainer_config = config.get("trainer", config)
+    if not isinstance(trainer_config, dict):
+        raise ValueError(f"{str(path / 'config.json')!r}: 'trainer' must be a JSON object, got "
+                         f"{type(trainer_config).__name__}")
     cls = dictionary_class(trainer_config.get("dict_class"), source=str(path / "config.json"))
     # a square transcoder looks like an SAE in its weights: the config (or the file's marker) says which it is
-    dictionary = cls.from_saved_state(load_state_dict(path), transcoder=trainer_config.get("transcoder"))
+    try:
+        dictionary = cls.from_saved_state(load_state_dict(path), transcoder=trainer_config.get("transcoder"))
+    except KeyError as error:
+        raise ValueError(f"the weights in {str(path)!r} lack {error} that a {cls.__name__} needs") from error
     for key in ("activation_dim", "dict_size", "output_dim", "k"):  # config.json and the weights must agree
         if key in trainer_config and hasattr(dictionary, key):
             held = getattr(dictionary, key)

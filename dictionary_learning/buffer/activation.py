@@ -17,11 +17,13 @@ tokenizers that do not add one), and the norm filter's median is taken over the 
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any, Self
 
 import torch
 
+from ..checks import floating_dtype, integer
 from ..models import max_context, resolve_hook, torch_model
 from ..tracing import read_hook_points, token_mask, tokenize
 
@@ -80,15 +82,26 @@ class ActivationBuffer:
                 raise ValueError(f"in_batch_size={in_batch_size} and refresh_batch_size={refresh_batch_size} are one "
                                  "setting (the founding and the current name): give one of them")
             refresh_batch_size = in_batch_size
-        for name, value in (("n_ctxs", n_ctxs), ("ctx_len", ctx_len), ("refresh_batch_size", refresh_batch_size),
-                            ("out_batch_size", out_batch_size)):
-            if int(value) != value or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        n_ctxs, ctx_len, refresh_batch_size, out_batch_size = (
+            integer(name, value, integral_floats=True) for name, value in (
+                ("n_ctxs", n_ctxs), ("ctx_len", ctx_len), ("refresh_batch_size", refresh_batch_size),
+                ("out_batch_size", out_batch_size)))
         if max_activation_norm_multiple is not None and not max_activation_norm_multiple > 0:
             raise ValueError(
                 f"max_activation_norm_multiple must be positive or None, got {max_activation_norm_multiple!r}")
         if isinstance(data, (str, bytes)):
             raise TypeError("data must be an iterable of texts (e.g. a list of strings), got a single string")
+        if not isinstance(data, Iterable):
+            raise TypeError(f"data must be an iterable of texts (e.g. a list of strings), got {type(data).__name__}")
+        floating_dtype("dtype", dtype)
+        if d_submodule is not None:
+            for width in (d_submodule if isinstance(d_submodule, (tuple, list)) else (d_submodule,)):
+                integer("d_submodule", width)
+        if remove_bos and ctx_len == 1:
+            raise ValueError("ctx_len=1 with remove_bos=True keeps no token: each context's only token is dropped")
+        if n_ctxs * ctx_len < out_batch_size:
+            warnings.warn(f"the buffer holds n_ctxs * ctx_len = {n_ctxs * ctx_len} tokens, fewer than "
+                          f"out_batch_size={out_batch_size}: batches will be smaller than asked")
         limit = max_context(model)
         if limit is not None and ctx_len > limit:
             raise ValueError(f"ctx_len={ctx_len} exceeds the model's maximum context of {limit} tokens")
@@ -117,6 +130,7 @@ class ActivationBuffer:
         self._store: list[torch.Tensor] = [v[:0] for v in probe]  # one per hook point; rows before _pos are read
         self._pos = 0
         self._closed = False
+        self._served = False  # whether a batch was ever served
 
     def _hook_points(self, model: Any, submodule: Any, io: str) -> tuple:
         """One hook point for "out" / "in", (input side, output side) for "in_to_out"."""
@@ -217,7 +231,11 @@ class ActivationBuffer:
             if self.n_unread < self.capacity // 2 and not self._exhausted:
                 self.refresh()
             if self.n_unread == 0:
+                if not self._served and not self._closed:  # the texts held no usable token at all
+                    raise ValueError("the data yielded no activations: every text is empty or whitespace, or each "
+                                     "context's tokens were all dropped (padding, remove_bos)")
                 raise StopIteration
+            self._served = True
             batch = [a[self._pos : self._pos + self.out_batch_size] for a in self._store]
             self._pos += batch[0].shape[0]
         return self._serve(batch)
@@ -226,6 +244,7 @@ class ActivationBuffer:
         """Up to `n_tokens` vectors (fewer if the text runs out) as one tensor, or an `(x_in, x_out)` pair."""
         from tqdm import tqdm
 
+        n_tokens = integer("n_tokens", n_tokens)
         parts, count = [], 0
         with tqdm(total=n_tokens, desc="collecting activations", unit="tok", disable=not progress) as bar:
             while count < n_tokens:

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import integer
+
 TRANSCODER_MARKER = "is_transcoder"  # in saved transcoders' state dicts only
 OPTIONAL_BUFFERS = {"threshold"}  # buffers that older upstream saves may lack
 # ----------------------------------------------------------------------------------------------------------------
@@ -41,18 +43,17 @@ class Dictionary(ABC, nn.Module):
 
     # shared pieces --------------------------------------------------------------------------------------------
     def _init_shared(self, activation_dim: int, dict_size: int, output_dim: int | None, transcoder: bool,
-                     skip: bool) -> None:
-        for name, value in (("activation_dim", activation_dim), ("dict_size", dict_size)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        output_dim = activation_dim if output_dim is None else output_dim
-        if not isinstance(output_dim, int) or output_dim <= 0:
-            raise ValueError(f"output_dim must be a positive int, got {output_dim!r}")
+                     skip: bool) -> tuple[int, int]:
+        """Check and set the widths (integral numbers become ints) and the transcoder / skip plumbing; returns
+        (activation_dim, dict_size) as ints."""
+        activation_dim, dict_size = integer("activation_dim", activation_dim), integer("dict_size", dict_size)
+        output_dim = activation_dim if output_dim is None else integer("output_dim", output_dim)
         self.activation_dim, self.dict_size, self.output_dim = activation_dim, dict_size, output_dim
         self.transcoder = bool(transcoder or skip or output_dim != activation_dim)
         self.skip = nn.Linear(activation_dim, output_dim, bias=False) if skip else None
         if self.skip is not None:
             nn.init.zeros_(self.skip.weight)
+        return activation_dim, dict_size
 
     def check_input(self, x: torch.Tensor) -> None:
         """Clear errors for inputs of the wrong width / dtype."""
@@ -62,6 +63,11 @@ class Dictionary(ABC, nn.Module):
             raise ValueError(f"expected input width {self.activation_dim}, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point tensor, got {x.dtype}")
+        weight = self.encoder.weight if hasattr(self, "encoder") else None
+        if (isinstance(weight, torch.Tensor) and x.dtype != weight.dtype
+                and not torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(f"expected input of the dictionary's dtype {weight.dtype}, got {x.dtype}: cast one of "
+                            f"them (x.to({weight.dtype}) or dictionary.to({x.dtype}))")
 
     def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.transcoder else x - self.decoder_bias
@@ -81,6 +87,9 @@ class Dictionary(ABC, nn.Module):
     def fold_scale(self, scale_in: float, scale_out: float) -> None:
         """Make a dictionary trained on (scale_in * x, scale_out * y) work on raw (x, y): afterwards
         `new(x) == old(scale_in * x) / scale_out`, and features are `1 / scale_in` times the old ones."""
+        for name, scale in (("scale_in", scale_in), ("scale_out", scale_out)):
+            if not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+                raise ValueError(f"{name} must be a positive finite number, got {scale!r}")
         self.encoder.bias /= scale_in
         if hasattr(self, "threshold") and self.threshold >= 0:
             self.threshold /= scale_in
@@ -159,8 +168,14 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"folder {str(path)!r} holds no ae.pt or model.safetensors")
     if not path.exists():
         raise ValueError(f"no such file: {str(path)!r}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, corrupt, or a pickle that would run code (refused by weights_only)
+        raise ValueError(f"cannot read weights from {str(path)!r}: the file is corrupt or truncated, or holds objects "
+                         f"other than tensors, which are refused because unpickling them could run code "
+                         f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})"
+                         ) from error

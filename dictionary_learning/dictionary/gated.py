@@ -36,7 +36,7 @@ class GatedAutoEncoder(Dictionary):
         if initialization != "default" and not callable(initialization):
             raise ValueError(f"initialization must be 'default' or a function of the dictionary, got "
                              f"{initialization!r}")
-        self._init_shared(activation_dim, dict_size, output_dim, transcoder, skip)
+        activation_dim, dict_size = self._init_shared(activation_dim, dict_size, output_dim, transcoder, skip)
         # created in upstream's order, so that one seed gives upstream's initial weights
         self.decoder_bias = nn.Parameter(torch.empty(self.output_dim, device=device))
         self.encoder = nn.Linear(activation_dim, dict_size, bias=False, device=device)

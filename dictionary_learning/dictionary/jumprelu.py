@@ -37,7 +37,7 @@ class JumpReluAutoEncoder(Dictionary):
         """Upstream's initialisation: unit-norm random rows of W_dec (Kaiming-uniform directions), W_enc = W_dec^T
         (for a transcoder of another width: its own unit-norm random columns), zero biases, thresholds 0.001."""
         super().__init__()
-        self._init_shared(activation_dim, dict_size, output_dim, transcoder, skip)
+        activation_dim, dict_size = self._init_shared(activation_dim, dict_size, output_dim, transcoder, skip)
         # created in upstream's order, so that one seed gives upstream's initial weights
         self.W_enc = nn.Parameter(torch.empty(activation_dim, dict_size, device=device))
         self.b_enc = nn.Parameter(torch.zeros(dict_size, device=device))

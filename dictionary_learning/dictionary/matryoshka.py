@@ -69,7 +69,7 @@ class MatryoshkaBatchTopKSAE(Dictionary):
                  output_dim: int | None = None, transcoder: bool = False, skip: bool = False, *,
                  batch_topk_fallback: bool = False):
         super().__init__()
-        self._init_shared(activation_dim, dict_size, output_dim, transcoder, skip)
+        activation_dim, dict_size = self._init_shared(activation_dim, dict_size, output_dim, transcoder, skip)
         sizes = _group_sizes(group_sizes, dict_size)
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise ValueError(f"k must be a positive int, got {k!r}")

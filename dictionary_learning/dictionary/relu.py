@@ -38,7 +38,7 @@ class AutoEncoder(Dictionary):
     def __init__(self, activation_dim: int, dict_size: int, output_dim: int | None = None,
                  transcoder: bool = False, skip: bool = False):
         super().__init__()
-        self._init_shared(activation_dim, dict_size, output_dim, transcoder, skip)
+        activation_dim, dict_size = self._init_shared(activation_dim, dict_size, output_dim, transcoder, skip)
         self.bias = nn.Parameter(torch.zeros(self.output_dim))
         self.encoder = nn.Linear(activation_dim, dict_size, bias=True)
         self.decoder = nn.Linear(dict_size, self.output_dim, bias=False)
@@ -113,7 +113,7 @@ class AutoEncoderNew(Dictionary):
     def __init__(self, activation_dim: int, dict_size: int, output_dim: int | None = None,
                  transcoder: bool = False, skip: bool = False):
         super().__init__()
-        self._init_shared(activation_dim, dict_size, output_dim, transcoder, skip)
+        activation_dim, dict_size = self._init_shared(activation_dim, dict_size, output_dim, transcoder, skip)
         self.encoder = nn.Linear(activation_dim, dict_size, bias=True)
         self.decoder = nn.Linear(dict_size, self.output_dim, bias=True)
         _tied_init(self.encoder, self.decoder, activation_dim)

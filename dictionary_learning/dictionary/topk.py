@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import integer
 from ..sparse import SparseCode, gather_linear, sparse_decode
 from .base import Dictionary, load_state_dict
 
@@ -33,9 +34,8 @@ class TopKDictionary(Dictionary):
     def __init__(self, activation_dim: int, dict_size: int, k: int, output_dim: int | None = None,
                  transcoder: bool = False, skip: bool = False):
         super().__init__()
-        self._init_shared(activation_dim, dict_size, output_dim, transcoder, skip)
-        if not isinstance(k, int) or not 0 < k <= dict_size:
-            raise ValueError(f"k must be an int in [1, dict_size={dict_size}], got {k!r}")
+        activation_dim, dict_size = self._init_shared(activation_dim, dict_size, output_dim, transcoder, skip)
+        k = integer("k", k, 1, dict_size, high_name="dict_size")
         self.register_buffer("k", torch.tensor(k, dtype=torch.int))
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32))
         self.decoder = nn.Linear(dict_size, self.output_dim, bias=False)
@@ -118,6 +118,9 @@ class AutoEncoderTopK(TopKDictionary):
         """Dense codes `[batch, dict_size]`; with return_topk also (top values, top indices, post-relu codes)."""
         pre = F.relu(self.encoder(self._encoder_input(x)))
         if use_threshold:
+            if self.threshold < 0:  # it would keep every positive code
+                raise ValueError("encode(use_threshold=True) needs a learned threshold, but this dictionary's is "
+                                 f"{float(self.threshold)} (never learned): use the TopK code (use_threshold=False)")
             codes = pre * (pre > self.threshold)
             return (codes, *codes.topk(int(self.k), dim=-1), pre) if return_topk else codes
         codes, values, indices = topk_codes(pre, int(self.k))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..dictionary import AutoEncoderTopK, Dictionary, TopKDictionary
-from ..files import atomic_write, atomic_write_json, read_json
+from ..files import atomic_folder, atomic_write, atomic_write_json, read_json
 from ..models import d_model, n_layers
 from ..models.adapters import parallel_residual
 from ..utils import load_dictionary, save_dictionary
@@ -31,6 +31,12 @@ def parse_module_name(name: str) -> tuple[str, int]:
     if kind not in ("attn", "mlp") or not layer.isdigit():
         raise ValueError(f"SCAE module names are 'attn_<layer>' or 'mlp_<layer>', got {name!r}")
     return kind, int(layer)
+
+
+def _suite_entry(name: str) -> bool:
+    """Whether a folder entry belongs to a saved suite (its modules, connections and suite.json)."""
+    kind, _, layer = name.partition("_")
+    return name in ("suite.json", "connections.safetensors") or (kind in ("attn", "mlp") and layer.isdigit())
 
 
 def upstream_of(name: str, model: Any = None) -> list[str]:
@@ -70,6 +76,9 @@ class SCAESuite(nn.Module):
                 raise ValueError(f"{name}: transcoders with a skip connection are not supported in an SCAE")
             if name.startswith("attn") and module.transcoder:
                 raise ValueError(f"{name}: attention modules are SAEs (not transcoders)")
+            if name.startswith("mlp") and not module.transcoder:  # its decoder bias would count twice
+                raise ValueError(f"{name}: MLP modules are transcoders (mlp_in -> mlp_out), got an SAE "
+                                 f"(transcoder=False)")
         self.names = expected
         self.dictionaries = nn.ModuleDict({name: modules[name] for name in expected})
         self.model_name = model_name
@@ -106,14 +115,16 @@ class SCAESuite(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """One folder: a dictionary folder per module (upstream's ae.pt + config.json format), the connections
-        (connections.safetensors, if set) and suite.json, written last so a folder with it is complete."""
+        (connections.safetensors, if set) and suite.json, replaced as a whole (a reader sees the previous save or this
+        one, never a mix; entries that are not part of a suite, e.g. a checkpoint, are kept)."""
         directory = Path(directory)
-        for name, module in self.dictionaries.items():
-            save_dictionary(module, directory / name)
-        if self.connections is not None:
-            save_connections(self.connections, directory / "connections.safetensors")
-        atomic_write_json(directory / "suite.json", {"modules": self.names, "model_name": self.model_name,
-                                                     "connections": self.connections is not None})
+        with atomic_folder(directory, owned=_suite_entry) as staging:
+            for name, module in self.dictionaries.items():
+                save_dictionary(module, staging / name)
+            if self.connections is not None:
+                save_connections(self.connections, staging / "connections.safetensors")
+            atomic_write_json(staging / "suite.json", {"modules": self.names, "model_name": self.model_name,
+                                                       "connections": self.connections is not None})
         return directory
 
     @classmethod
@@ -121,10 +132,21 @@ class SCAESuite(nn.Module):
         directory = Path(directory)
         if not (directory / "suite.json").exists():
             raise ValueError(f"{str(directory)!r} is not a saved SCAESuite (no suite.json)")
-        meta = read_json(directory / "suite.json")
-        modules = {name: load_dictionary(directory / name, device=device)[0] for name in meta["modules"]}
-        connections = load_connections(directory / "connections.safetensors") if meta.get("connections") else None
-        return cls(modules, model_name=meta.get("model_name"), connections=connections)
+        meta = read_json(directory / "suite.json", expect=dict)
+        names = meta.get("modules")
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise ValueError(f"{str(directory / 'suite.json')!r}: 'modules' must list the module names, got {names!r}")
+        modules = {name: load_dictionary(directory / name, device=device)[0] for name in names}
+        connections = None
+        if meta.get("connections"):
+            if not (directory / "connections.safetensors").exists():
+                raise ValueError(f"{str(directory / 'suite.json')!r} names connections, but "
+                                 f"connections.safetensors is missing")
+            connections = load_connections(directory / "connections.safetensors")
+        try:
+            return cls(modules, model_name=meta.get("model_name"), connections=connections)
+        except (ValueError, TypeError) as error:  # suite.json, the modules and the connections disagree
+            raise ValueError(f"{str(directory)!r} is not a consistent SCAESuite: {error}") from error
 
 
 @dataclass
@@ -146,7 +168,12 @@ class Connections:
         for name in suite.names:
             if name not in self.indices:
                 raise ValueError(f"no connections for module {name}")
+            if name not in self.weights:
+                raise ValueError(f"no connection weights for module {name}")
             indices, n_up = self.indices[name], suite.n_upstream(name, model)
+            if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"{name}: connection indices must be an int64 (or int32) tensor, got "
+                                f"{getattr(indices, 'dtype', type(indices).__name__)}")
             if indices.dim() != 2 or indices.shape[0] != suite[name].dict_size:
                 raise ValueError(f"{name}: expected indices of shape [{suite[name].dict_size}, C], got "
                                  f"{tuple(indices.shape)}")
@@ -184,7 +211,13 @@ def load_connections(path: str | Path) -> Connections:
     from safetensors.torch import load_file
 
     fields: dict[str, dict[str, torch.Tensor]] = {field: {} for field in CONNECTION_FIELDS}
-    for key, tensor in load_file(str(path)).items():
-        name, field = key.rsplit(".", 1)
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:
+        raise ValueError(f"cannot read connections from {str(path)!r} (corrupt or truncated?): {error}") from error
+    for key, tensor in tensors.items():
+        name, _, field = key.rpartition(".")
+        if field not in fields:
+            raise ValueError(f"{str(path)!r} holds {key!r}; expected '<module>.<{'|'.join(CONNECTION_FIELDS)}>' keys")
         fields[field][name] = tensor
     return Connections(fields["indices"], fields["weights"], fields["scores"] or None, fields["totals"] or None)
