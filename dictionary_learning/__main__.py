@@ -20,6 +20,17 @@ from .models import DTYPES, SITES
 DATA_HELP = "text: python-docs (default, offline), a .txt/.jsonl file or folder, or a hub dataset id[:split]"
 
 
+def count(text: str) -> int:
+    """argparse type: a positive integer (a usage error names the option otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _command(commands: Any, name: str, pipeline: Callable, help: str) -> argparse.ArgumentParser:
     """A subcommand whose defaults are `pipeline`'s."""
     parser = commands.add_parser(name, help=help, description=help)
@@ -39,7 +50,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model and activation dtype; auto (default): bfloat16 where the hardware is fast at it, "
                         "else float32")
     parser.add_argument("--device", help="default %(default)s")
-    parser.add_argument("--ctx-len", type=int, help="default %(default)s")
+    parser.add_argument("--ctx-len", type=count, help="default %(default)s")
     parser.add_argument("--remove-bos", action=argparse.BooleanOptionalAction,
                         help="drop each context's first token (BOS or attention sink; default: drop)")
 
@@ -52,18 +63,18 @@ def parser() -> argparse.ArgumentParser:
     p = _command(commands, "train", reports.quickstart,
                  "the quickstart: train a TopK SAE, evaluate it, write a report")
     _add_model_arguments(p)
-    p.add_argument("--tokens", type=int, help="training activations to collect (once; default %(default)s)")
-    p.add_argument("--steps", type=int, help="training steps (epochs over the collected tokens; default %(default)s)")
-    p.add_argument("--batch", type=int, help="activations per training step (default %(default)s)")
-    p.add_argument("--dict-size", type=int, help="default %(default)s")
-    p.add_argument("--k", type=int, help="default %(default)s")
+    p.add_argument("--tokens", type=count, help="training activations to collect (once; default %(default)s)")
+    p.add_argument("--steps", type=count, help="training steps (epochs over the collected tokens; default %(default)s)")
+    p.add_argument("--batch", type=count, help="activations per training step (default %(default)s)")
+    p.add_argument("--dict-size", type=count, help="default %(default)s")
+    p.add_argument("--k", type=count, help="default %(default)s")
     p.add_argument("--lr", type=float, help="default %(default)s")
-    p.add_argument("--dead-tokens", type=int, help="tokens without firing before a latent counts as dead for AuxK "
+    p.add_argument("--dead-tokens", type=count, help="tokens without firing before a latent counts as dead for AuxK "
                    "(default %(default)s)")
-    p.add_argument("--batch-texts", type=int, help="texts per forward pass (default %(default)s)")
-    p.add_argument("--eval-texts", type=int, help="held-out texts (the first of the corpus; default %(default)s)")
-    p.add_argument("--eval-tokens", type=int, help="default %(default)s")
-    p.add_argument("--loss-batches", type=int,
+    p.add_argument("--batch-texts", type=count, help="texts per forward pass (default %(default)s)")
+    p.add_argument("--eval-texts", type=count, help="held-out texts (the first of the corpus; default %(default)s)")
+    p.add_argument("--eval-tokens", type=count, help="default %(default)s")
+    p.add_argument("--loss-batches", type=count,
                    help="batches of 16 held-out texts for loss_recovered (default %(default)s)")
     p.add_argument("--n-features", type=int, help="features shown in top_contexts.txt (default %(default)s)")
     p.add_argument("--seed", type=int, help="default %(default)s")
@@ -72,8 +83,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = _command(commands, "collect", reports.collect, "collect activations and print their statistics")
     _add_model_arguments(p)
-    p.add_argument("--tokens", type=int, help="how many token vectors to collect (default %(default)s)")
-    p.add_argument("--batch", type=int, help="texts per forward pass (default %(default)s)")
+    p.add_argument("--tokens", type=count, help="how many token vectors to collect (default %(default)s)")
+    p.add_argument("--batch", type=count, help="texts per forward pass (default %(default)s)")
     p.add_argument("--out", help="save the activations to this .safetensors file")
 
     p = _command(commands, "scae", reports.scae_report, "evaluate a saved SCAE suite: CE and FVU against C")
@@ -82,11 +93,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="default: the suite's model_name, else smollm2-135m")
     p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--Cs", help="comma-separated connections per feature (default %(default)s)")
-    p.add_argument("--selection-texts", type=int,
+    p.add_argument("--selection-texts", type=count,
                    help="texts to select connections on (the first; default %(default)s)")
-    p.add_argument("--eval-texts", type=int, help="texts to measure CE on (the next ones; default %(default)s)")
-    p.add_argument("--batch-texts", type=int, help="default %(default)s")
-    p.add_argument("--ctx-len", type=int, help="default %(default)s")
+    p.add_argument("--eval-texts", type=count, help="texts to measure CE on (the next ones; default %(default)s)")
+    p.add_argument("--batch-texts", type=count, help="default %(default)s")
+    p.add_argument("--ctx-len", type=count, help="default %(default)s")
     p.add_argument("--out", help="also write the tables and plots to this folder")
     return main_parser
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -39,3 +40,20 @@ def floating_dtype(name: str, dtype: Any, allow_none: bool = True) -> torch.dtyp
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point torch.dtype such as torch.float32, got {dtype!r}")
     return dtype
+
+
+def texts(name: str, value: Any) -> Iterator[str]:
+    """An iterator over the strings of `value` (an iterable of texts), checking each as it comes: a single string
+    (which would be read character by character), a non-iterable or a non-string item is a TypeError naming `name`."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be an iterable of texts (e.g. a list of strings), got a single string")
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be an iterable of texts (e.g. a list of strings), got {type(value).__name__}")
+
+    def checked() -> Iterator[str]:
+        for item in value:
+            if not isinstance(item, str):
+                raise TypeError(f"{name} must yield strings, got {type(item).__name__}")
+            yield item
+
+    return checked()

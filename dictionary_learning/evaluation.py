@@ -12,6 +12,8 @@ buffer drops (padding; each context's first token with remove_bos) are left unpa
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -291,6 +293,9 @@ def evaluate(
     results = {key: value / count for key, value in totals.items()}
     results["frac_alive"] = (fired > 0).float().mean().item()
     results["tokens"] = tokens
+    if with_loss and not loss_count:
+        warnings.warn("the buffer's texts ran out before any loss batch: no CE / KL metrics (give it more texts "
+                      "than its refresh_batch_size)")
     if loss_count:
         results.update({key: value / loss_count for key, value in loss_totals.items()})
         for upstream_key, key in (("loss_original", "ce_clean"), ("loss_reconstructed", "ce_patched"),

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .buffer import ActivationBuffer, epochs
+from .checks import integer
 from .data import text_source
 from .evaluation import activation_statistics, evaluate, feature_density, plot_feature_density, top_activating_contexts
 from .files import atomic_write, atomic_write_json, atomic_write_text
@@ -30,6 +31,15 @@ from .training import trainSAE
 from .utils import load_dictionary
 
 
+def _check_folder(name: str, path: Path) -> None:
+    """A clear error now, not after training, when `path` cannot become a folder (a file is in the way)."""
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{name} must be a folder path, but {str(parent)!r} is a file")
+            return
+
+
 def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str = "resid", data: str | None = None,
                dtype: str = "auto", device: str = "cpu", ctx_len: int = 128, remove_bos: bool = True,
                tokens: int = 150_000, steps: int = 600, batch: int = 2048, dict_size: int = 4608, k: int = 32,
@@ -41,6 +51,16 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
     metrics.json / metrics.md, feature_density.png, top_contexts.txt and the SAE in sae/trainer_0/."""
     started = time.perf_counter()
     out = Path(out)
+    for name, value in (("tokens", tokens), ("steps", steps), ("batch", batch), ("dict_size", dict_size), ("k", k),
+                        ("dead_tokens", dead_tokens), ("batch_texts", batch_texts), ("eval_texts", eval_texts),
+                        ("eval_tokens", eval_tokens), ("loss_batches", loss_batches), ("ctx_len", ctx_len)):
+        integer(name, value)  # before any model is loaded or token collected
+    integer("n_features", n_features, low=0)
+    integer("k", k, 1, dict_size, high_name="dict_size")
+    if batch > tokens:
+        raise ValueError(f"batch={batch} exceeds tokens={tokens}: a training step needs batch activations of the "
+                         f"{tokens} collected")
+    _check_folder("out", out)
     torch_dtype = dtype_from_name(dtype, device)
     lm = load_model(model, device=device, dtype=torch_dtype)
     layer = n_layers(lm) // 2 if layer is None else layer
@@ -75,7 +95,9 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
     held_out = eval_buffer.take(eval_tokens)
     batches = held_out.split(2048)
     metrics = evaluate(sae, iter(batches), n_batches=len(batches))
-    eval_buffer = ActivationBuffer(iter(held_out_texts), lm, point, n_ctxs=1, **buffer_kwargs)
+    # one text fills this buffer; loss_recovered reads the following ones
+    eval_buffer = ActivationBuffer(iter(held_out_texts), lm, point, n_ctxs=1, **{**buffer_kwargs,
+                                                                                 "refresh_batch_size": 1})
     loss = evaluate(sae, eval_buffer, max_len=ctx_len, batch_size=16, n_batches=1, loss_batches=loss_batches)
     metrics.update({key: value for key, value in loss.items() if key.startswith(("ce_", "kl_", "frac_recovered"))})
     density = feature_density(sae, batches)
@@ -107,7 +129,7 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
     atomic_write_text(out / "metrics.md", "| metric | value |\n|---|---|\n" + "\n".join(table) + "\n")
     keys = ("fvu", "cossim", "l0", "frac_alive", "ce_clean", "ce_patched", "ce_zero", "frac_recovered",
             "kl_patched", "seconds_total")
-    print("\n".join(f"{key:>16s}: {metrics[key]:.4g}" for key in keys))
+    print("\n".join(f"{key:>16s}: {metrics.get(key, float('nan')):.4g}" for key in keys))
     print(f"report written to {out}/ (metrics.md, metrics.json, feature_density.png, top_contexts.txt, sae/)")
     return metrics
 
@@ -119,6 +141,10 @@ def collect(model: str = DEFAULT_MODEL, layer: int | None = None, site: str = "r
     statistics as JSON and, with `out`, save them as one safetensors file (with the buffer's config)."""
     from safetensors.torch import save_file
 
+    for name, value in (("tokens", tokens), ("ctx_len", ctx_len), ("batch", batch)):
+        integer(name, value)  # before the model is loaded
+    if out is not None and Path(out).is_dir():
+        raise ValueError(f"out must be a .safetensors file path, got the folder {str(out)!r}")
     torch_dtype = dtype_from_name(dtype, device)
     start = time.perf_counter()
     lm = load_model(model, device=device, dtype=torch_dtype)
@@ -153,8 +179,16 @@ def scae_report(suite: str | Path, model: str | None = None, data: str | None = 
             Cs = [int(c) for c in Cs.split(",")]
         except ValueError:
             raise ValueError(f"--Cs must be comma-separated integers, got {Cs!r}") from None
+    for name, value in (("selection_texts", selection_texts), ("eval_texts", eval_texts),
+                        ("batch_texts", batch_texts), ("ctx_len", ctx_len)):
+        integer(name, value)
     suite = SCAESuite.load(suite)
     lm = load_model(model or suite.model_name or DEFAULT_MODEL, attn_implementation="eager")
+    try:
+        suite.check_model(lm)
+    except ValueError as error:
+        raise ValueError(f"{error}: the suite was not trained on {model or suite.model_name or DEFAULT_MODEL}; "
+                         f"name its model (--model / model=)") from error
     texts = text_source(data, repeat=True)
     selection = list(itertools.islice(texts, selection_texts))
     evaluation = list(itertools.islice(texts, eval_texts))

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import random
+import warnings
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -79,6 +80,10 @@ def load_dictionary(base_path: str | Path, device: str | torch.device | None = "
             if held is not None and trainer_config[key] != held:  # (IdentityDict's widths are not in weights)
                 raise ValueError(f"{str(path)!r}: config.json says {key}={trainer_config[key]!r} but the weights hold "
                                  f"{key}={held!r}; the folder mixes two saves")
+    bad = [name for name, tensor in dictionary.state_dict().items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        warnings.warn(f"{str(path)!r}: the weights {bad} hold NaN / inf values (a diverged run?)")
     if normalize_decoder and isinstance(dictionary, AutoEncoder):
         dictionary.normalize_decoder()
     return dictionary.to(device=device, dtype=dtype), config

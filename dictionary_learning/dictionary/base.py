@@ -59,8 +59,7 @@ class Dictionary(ABC, nn.Module):
         """Clear errors for inputs of the wrong width / dtype."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor of shape [..., {self.activation_dim}], got {type(x).__name__}")
-        if x.shape[-1] != self.activation_dim:
-            raise ValueError(f"expected input width {self.activation_dim}, got shape {tuple(x.shape)}")
+        self._check_width(x)
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point tensor, got {x.dtype}")
         weight = self.encoder.weight if hasattr(self, "encoder") else None
@@ -69,7 +68,12 @@ class Dictionary(ABC, nn.Module):
             raise TypeError(f"expected input of the dictionary's dtype {weight.dtype}, got {x.dtype}: cast one of "
                             f"them (x.to({weight.dtype}) or dictionary.to({x.dtype}))")
 
+    def _check_width(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.activation_dim:
+            raise ValueError(f"expected input width {self.activation_dim}, got shape {tuple(x.shape)}")
+
     def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_width(x)
         return x if self.transcoder else x - self.decoder_bias
 
     def _add_skip(self, out: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
@@ -177,5 +181,5 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as error:  # truncated, corrupt, or a pickle that would run code (refused by weights_only)
         raise ValueError(f"cannot read weights from {str(path)!r}: the file is corrupt or truncated, or holds objects "
                          f"other than tensors, which are refused because unpickling them could run code "
-                         f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})"
+                         f"({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]})"
                          ) from error

@@ -57,6 +57,7 @@ class JumpReluAutoEncoder(Dictionary):
 
     # encode / decode -------------------------------------------------------------------------------------------
     def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_width(x)
         return x - self.b_dec if self.apply_b_dec_to_input and not self.transcoder else x
 
     def encode(self, x: torch.Tensor, output_pre_jump: bool = False):

@@ -270,8 +270,14 @@ def load_model(
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         path = str(smollm2_path()) if name_or_path == DEFAULT_MODEL else name_or_path
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except OSError as error:  # no such local folder, and the hub id is unknown or unreachable
+            raise ValueError(f"cannot load model {name_or_path!r}: expected {DEFAULT_MODEL!r} (offline), one of "
+                             f"{sorted(TINY_MODELS)}, a local model folder, or a hub id reachable from here "
+                             f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}); "
+                             f"{str(error).splitlines()[0][:300]}") from error
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

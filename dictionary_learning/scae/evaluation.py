@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..checks import texts as check_texts
 from ..evaluation import masked_cross_entropy
 from ..files import pyplot, save_figure
 from ..tracing import tokenize
@@ -82,7 +83,7 @@ def evaluate_suite(suite: SCAESuite, model: Any, texts: list[str], connections: 
     output and MLP output replaced by its module's reconstruction) and, given connections, with the pruned suite
     patched in; and under "modules", per module, the FVU of its reconstruction against the clean model's attention /
     MLP output and its L0, for the dense and the pruned codes."""
-    texts = list(texts)
+    texts = list(check_texts("texts", texts))
     if not texts:
         raise ValueError("evaluate_suite needs at least one text, got none")
     metrics = SuiteMetrics()

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..checks import texts as check_texts
 from ..models import attention_ov, norm_params
 from .pruned import virtual_weights
 from .suite import Connections, SCAESuite, check_C, parse_module_name, upstream_of
@@ -33,7 +34,7 @@ def contribution_statistics(suite: SCAESuite, model: Any, texts: Any, batch_size
                             progress: bool = False) -> ContributionStatistics:
     """One pass of the suite over `texts` (any iterable of strings), keeping only per-upstream-feature sums: memory
     is a vector (per head) per module pair, whatever the number of texts."""
-    texts = list(texts)
+    texts = list(check_texts("texts", texts))
     if not texts:
         raise ValueError("contribution statistics need at least one text, got none")
     sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in suite.names}

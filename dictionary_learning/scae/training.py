@@ -9,6 +9,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from ..checks import texts as check_texts
 from ..evaluation import masked_cross_entropy
 from ..models import torch_model
 from ..tracing import tokenize
@@ -113,8 +114,7 @@ def train_scae_suite(suite: SCAESuite, model: Any, texts: Any, connections: Conn
     `save_dir/suite`. The scores and totals are those of the selection, before fine-tuning."""
     if isinstance(batch_texts, bool) or not isinstance(batch_texts, int) or batch_texts <= 0:
         raise ValueError(f"batch_texts must be a positive int, got {batch_texts!r}")  # 0 would train nothing
-    if isinstance(texts, (str, bytes)):
-        raise TypeError("texts must be an iterable of texts (e.g. a list of strings), got a single string")
+    texts = check_texts("texts", texts)
     trainer = SCAETrainer(suite, model, connections, steps, **trainer_kwargs)
     batches = text_batches(texts, batch_texts)
     save_dir = Path(save_dir) if save_dir is not None else None

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
+from ..checks import integer
 from ..dictionary import dictionary_class
 from ..files import atomic_write
 from ..trainers import TRAINER_CLASSES
@@ -54,10 +56,26 @@ def _save_steps(save_steps: Any) -> Any:
         if save_steps <= 0:
             raise ValueError(f"save_steps must be a positive int or a list of steps, got {save_steps}")
         return Every(save_steps)
-    return sorted(set(save_steps))
+    save_steps = sorted({integer("each of save_steps", step, low=0) for step in save_steps})
+    return save_steps
+
+
+def _check_writable(save_dir: Path) -> None:
+    """A clear error before any training when `save_dir` cannot be written (a file in the way, no permission)."""
+    for parent in (save_dir, *save_dir.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"save_dir must be a folder, but {str(parent)!r} is a file")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(f"save_dir {str(save_dir)!r} cannot be written: {str(parent)!r} is not "
+                                      f"writable")
+            return
 
 
 def _scaled(batch: Any, scale_in: float, scale_out: float) -> Any:
+    rows = (batch[0] if isinstance(batch, (tuple, list)) and batch else batch)
+    if isinstance(rows, torch.Tensor) and rows.dim() and rows.shape[0] == 0:
+        raise ValueError(f"a batch must hold at least one activation vector, got shape {tuple(rows.shape)}")
     if (scale_in, scale_out) == (1.0, 1.0):
         return batch
     if isinstance(batch, (tuple, list)):
@@ -133,14 +151,29 @@ def train_dictionaries(
     """
     if isinstance(data, (str, bytes)):
         raise TypeError("data must be an iterable of activation batches (e.g. an ActivationBuffer), got a string")
+    if isinstance(trainer_configs, dict) or not isinstance(trainer_configs, (list, tuple)):
+        raise TypeError(f"trainer_configs must be a list of trainer config dicts, got "
+                        f"{type(trainer_configs).__name__}" + (" (wrap the one config in a list)"
+                                                               if isinstance(trainer_configs, dict) else ""))
     if not trainer_configs:
         raise ValueError("trainer_configs is empty: pass at least one trainer config")
     if steps is not None:
         check_steps(steps)
+        for i, config in enumerate(trainer_configs):  # its schedules (lr decay, sparsity warmup) would end early
+            if isinstance(config, dict) and isinstance(config.get("steps"), int) and config["steps"] < steps:
+                raise ValueError(f"trainer config {i} has steps={config['steps']!r}, fewer than the steps={steps} "
+                                 f"trainSAE runs: its schedules would end before training does")
     if normalize_activations not in NORMALIZATIONS:
         raise ValueError(f"normalize_activations must be one of {NORMALIZATIONS}, got {normalize_activations!r}")
+    integer("normalization_batches", normalization_batches)
+    for name, value in (("checkpoint_steps", checkpoint_steps), ("backup_steps", backup_steps),
+                        ("log_steps", log_steps)):
+        if value is not None:
+            integer(name, value)
     trainers = [build_trainer(config) for config in trainer_configs]
     save_dir = Path(save_dir) if save_dir is not None else None
+    if save_dir is not None:
+        _check_writable(save_dir)
     directories = [save_dir / f"trainer_{i}" for i in range(len(trainers))] if save_dir else []
     save_steps = _save_steps(save_steps)
     run_config = {"buffer": data.config} if hasattr(data, "config") else {}
