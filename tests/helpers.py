@@ -1,6 +1,19 @@
 """Shared test helpers: independent reference computations and test data."""
 
+import pathlib
+
 import torch
+
+
+class RunsCode:
+    """A pickle payload: unpickling it without weights_only would create the file `marker` (the tests check that
+    it never appears)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
 
 
 WORDS = (

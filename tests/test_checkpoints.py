@@ -1,25 +1,13 @@
 """Resumable checkpoints: every trainer's state in one atomically written file (a crash or a full disk while writing
 leaves the previous complete checkpoint, from which a resume ends bit-identical), and loading never unpickles code."""
 
-import pathlib
-
 import pytest
 import torch
 
 from dictionary_learning.training import loop, trainSAE
 
-from .helpers import planted_features, planted_stream
+from .helpers import RunsCode, planted_features, planted_stream
 from .test_training import K, N_TRUE, D, topk_config
-
-
-class RunsCode:
-    """A pickle payload: unpickling it (weights_only=False) would create the file `marker`."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return pathlib.Path.touch, (self.marker,)
 
 
 def test_a_crafted_checkpoint_is_refused_without_running_code(tmp_path):

@@ -75,12 +75,16 @@ def kill_and_resume(folder: Path, mode: str, arg: str, kill_after: float | None 
         child.send_signal(signal.SIGKILL)
     code = child.wait(timeout=120)
     check_loadable(folder)
+    resume(folder)
+    return code
+
+
+def resume(folder: Path) -> None:
     threads = torch.get_num_threads()
     try:
         crash_child.run(folder, resume=True)
     finally:
         torch.set_num_threads(threads)
-    return code
 
 
 def assert_same_run(folder: Path, reference: Path) -> None:
@@ -116,9 +120,5 @@ def test_killed_at_random_moments_resumes_bit_identical(tmp_path, reference):
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=120)
     check_loadable(folder)
-    threads = torch.get_num_threads()
-    try:
-        crash_child.run(folder, resume=True)
-    finally:
-        torch.set_num_threads(threads)
+    resume(folder)
     assert_same_run(folder, reference)

@@ -6,7 +6,6 @@ cases include every one that ../shared/findings/reliability.md found confusing, 
 import json
 import math
 import os
-import pathlib
 import types
 import warnings
 
@@ -24,35 +23,28 @@ from dictionary_learning.trainers import TopKTrainer
 from dictionary_learning.training import trainSAE
 from dictionary_learning.utils import load_dictionary, save_dictionary
 
-from .helpers import CTX, make_suite, planted_features, planted_stream, random_texts
+from .helpers import CTX, RunsCode, make_suite, planted_features, planted_stream, random_texts
 
 D, DICT, K = 16, 32, 4
 TEXTS = random_texts(12, seed=3)
 
 
-class RunsCode:
-    """A pickle payload: unpickling it without weights_only would create the file `marker`."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return pathlib.Path.touch, (self.marker,)
-
-
-@pytest.fixture(scope="module")
-def env(tiny_llama, tmp_path_factory):
+def make_env(root):
     """What the cases share: the tiny model, an eager twin for SCAE, a saved dictionary and a saved suite."""
     from dictionary_learning import load_model
 
     eager = load_model("tiny-llama", attn_implementation="eager")
-    root = tmp_path_factory.mktemp("sweep")
     torch.manual_seed(0)
     save_dictionary(AutoEncoderTopK(D, DICT, K), root / "topk")
     suite = make_suite(eager, n_layer=2)
     suite.connections = all_connections(suite, eager)
     suite.save(root / "suite")
-    return types.SimpleNamespace(model=tiny_llama, eager=eager, root=root, suite=suite)
+    return types.SimpleNamespace(model=load_model("tiny-llama"), eager=eager, root=root, suite=suite)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return make_env(tmp_path_factory.mktemp("sweep"))
 
 
 def buffer(env, data=TEXTS, submodule="model.layers.1", **overrides):
@@ -291,8 +283,9 @@ CASES = [
                                                    no_training(t, save_dir=t / "afile" / "run")),
      NotADirectoryError, "is a file"),
     ("train: resume without save_dir", lambda e, t: train(resume=True), ValueError, "needs the save_dir"),
-    ("train: resume a crafted checkpoint", lambda e, t: resume_with(
-        t, lambda p: torch.save({"trainers": [RunsCode(t / "pwned")], "step": 1}, p)), ValueError, "could run code"),
+    ("train: resume a crafted checkpoint", lambda e, t: resume_with(t, lambda p: [  # (also where older runs kept it)
+        torch.save({"trainers": [RunsCode(t / "pwned")], "trainer": RunsCode(t / "pwned"), "step": 1}, path)
+        for path in (p, t / "trainer_0" / "checkpoint.pt")]), ValueError, "could run code"),
     ("train: resume a truncated checkpoint", lambda e, t: resume_with(t, truncate), ValueError,
      "cannot load checkpoint"),
     ("train: resume an empty checkpoint", lambda e, t: resume_with(t, lambda p: p.write_bytes(b"")), ValueError,
@@ -533,6 +526,19 @@ def test_a_later_save_replaces_the_folder_as_a_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["d"], "no staging folder is left behind"
 
 
+def full_disk_at(n, function):
+    """`function`, except that its n-th call fails as a full disk would."""
+    calls = [0]
+
+    def failing(*args):
+        calls[0] += 1
+        if calls[0] == n:
+            raise OSError(28, "No space left on device (simulated)")
+        return function(*args)
+
+    return failing
+
+
 @pytest.mark.parametrize("exchange", [True, False])
 def test_a_failed_save_leaves_the_old_folder_whole(tmp_path, monkeypatch, exchange):
     """The reliability sweep's worst silent case: a save over an existing folder fails half-way (here at its second
@@ -543,15 +549,8 @@ def test_a_failed_save_leaves_the_old_folder_whole(tmp_path, monkeypatch, exchan
     before = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()}
     if not exchange:
         monkeypatch.setattr(files, "_exchange", lambda a, b: False)
-    real_replace, count = os.replace, [0]
-
-    def failing(source, target):
-        count[0] += 1
-        if count[0] == 2:
-            raise OSError(28, "No space left on device (simulated)")
-        return real_replace(source, target)
-
-    monkeypatch.setattr(os, "replace", failing)
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", full_disk_at(2, real_replace))
     with pytest.raises(OSError, match="No space"):
         save_dictionary(AutoEncoderTopK(D, DICT, K), tmp_path / "d")
     monkeypatch.setattr(os, "replace", real_replace)
@@ -568,15 +567,7 @@ def test_a_failed_suite_save_leaves_the_old_suite_whole(env, tmp_path, monkeypat
 
     env.suite.save(tmp_path / "s")
     other = make_suite(env.eager, n_layer=2, seed=7)
-    real_save, count = suite_module.save_dictionary, [0]
-
-    def failing(module, directory):
-        count[0] += 1
-        if count[0] == 3:
-            raise OSError(28, "No space left on device (simulated)")
-        return real_save(module, directory)
-
-    monkeypatch.setattr(suite_module, "save_dictionary", failing)
+    monkeypatch.setattr(suite_module, "save_dictionary", full_disk_at(3, suite_module.save_dictionary))
     with pytest.raises(OSError, match="No space"):
         other.save(tmp_path / "s")
     loaded = SCAESuite.load(tmp_path / "s")
