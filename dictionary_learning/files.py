@@ -73,7 +73,12 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     _remove_stale(path, (".tmp",))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        write(str(tmp))
+        try:
+            write(str(tmp))
+        except RuntimeError as error:  # torch's zip writer reports a full or read-only disk as an "enforce fail"
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(f"writing {str(path)!r} failed ({free / 2**20:.0f} MB free on its disk; full or read-only?)"
+                          f": {str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent, directory=True)

@@ -600,3 +600,39 @@ def test_quickstart_evaluates_on_few_held_out_texts(tmp_path):
                     "--dict-size", "64", "--k", "4", "--eval-texts", "8", "--eval-tokens", "128", "--ctx-len", "32",
                     "--loss-batches", "1", "--n-features", "1", "--out", str(tmp_path / "q")])
     assert metrics["ce_clean"] > 0 and math.isfinite(metrics["ce_patched"])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs (skipped where mounting needs privileges this process lacks)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_and_a_read_only_one(small_disk):
+    """A real full disk: a clear OSError naming the file, nothing half-written; once there is room, resuming finishes
+    as an uninterrupted run does. A read-only disk: refused before any training, the earlier save intact."""
+    import subprocess
+
+    big = dict(config(20, dict_size=1024), activation_dim=64)
+    features = planted_features(64, 64, seed=0)
+    with pytest.raises(OSError, match=r"writing '.*checkpoint.pt' failed \(0 MB free on its disk; full or read-only"):
+        trainSAE(planted_stream(features, 2, 32, 20, seed=1), [big], 20, save_dir=small_disk / "run",
+                 checkpoint_steps=5, progress=False)
+    assert not [p for p in (small_disk / "run").rglob("*") if p.is_file()], "a partial file was left"
+    subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
+    [resumed] = trainSAE(planted_stream(features, 2, 32, 20, seed=1), [big], 20, save_dir=small_disk / "run",
+                         checkpoint_steps=5, resume=True, progress=False)
+    [straight] = trainSAE(planted_stream(features, 2, 32, 20, seed=1), [big], 20, progress=False)
+    for key, value in straight.ae.state_dict().items():
+        assert torch.equal(resumed.ae.state_dict()[key], value), key
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(PermissionError, match="cannot be written"):
+        no_training(small_disk, configs=[big], save_dir=small_disk / "run")
+    assert load_dictionary(small_disk / "run" / "trainer_0")[0].dict_size == 1024
