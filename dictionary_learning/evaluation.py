@@ -13,7 +13,6 @@ buffer drops (padding; each context's first token with remove_bos) are left unpa
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any

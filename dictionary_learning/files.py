@@ -87,6 +87,19 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
             tmp.unlink()
 
 
+def check_writable_folder(name: str, path: str | Path) -> None:
+    """A clear error before any work when the folder `path` (existing or to be made) cannot be written: a file in
+    the way, or a folder without write permission (a read-only file system too)."""
+    path = Path(path)
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"{name} must be a folder, but {str(parent)!r} is a file")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(f"{name} {str(path)!r} cannot be written: {str(parent)!r} is not writable")
+            return
+
+
 _RENAME_EXCHANGE, _AT_FDCWD = 2, -100
 
 

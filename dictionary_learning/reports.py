@@ -20,7 +20,7 @@ from .buffer import ActivationBuffer, epochs
 from .checks import integer
 from .data import text_source
 from .evaluation import activation_statistics, evaluate, feature_density, plot_feature_density, top_activating_contexts
-from .files import atomic_write, atomic_write_json, atomic_write_text
+from .files import atomic_write, atomic_write_json, atomic_write_text, check_writable_folder
 from .models import DEFAULT_MODEL, dtype_from_name, hook, load_model, n_layers
 from .scae import (
     SCAESuite, ce_table, ce_versus_c, evaluate_suite, module_table, plot_ce_versus_c, plot_connection_statistics,
@@ -29,15 +29,6 @@ from .scae import (
 from .trainers import TopKTrainer
 from .training import trainSAE
 from .utils import load_dictionary
-
-
-def _check_folder(name: str, path: Path) -> None:
-    """A clear error now, not after training, when `path` cannot become a folder (a file is in the way)."""
-    for parent in (path, *path.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{name} must be a folder path, but {str(parent)!r} is a file")
-            return
 
 
 def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str = "resid", data: str | None = None,
@@ -60,7 +51,7 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
     if batch > tokens:
         raise ValueError(f"batch={batch} exceeds tokens={tokens}: a training step needs batch activations of the "
                          f"{tokens} collected")
-    _check_folder("out", out)
+    check_writable_folder("out", out)
     torch_dtype = dtype_from_name(dtype, device)
     lm = load_model(model, device=device, dtype=torch_dtype)
     layer = n_layers(lm) // 2 if layer is None else layer

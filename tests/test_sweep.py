@@ -278,10 +278,10 @@ CASES = [
     ("train: device bogus", lambda e, t: train(configs=[config(device="bogus")]), RuntimeError, "Expected one of"),
     ("train: save_dir is a file", lambda e, t: (t.joinpath("afile").write_text("x"),
                                                 no_training(t, save_dir=t / "afile")),
-     NotADirectoryError, "is a file"),
+     NotADirectoryError, "save_dir must be a folder, but .*afile' is a file"),
     ("train: save_dir below a file", lambda e, t: (t.joinpath("afile").write_text("x"),
                                                    no_training(t, save_dir=t / "afile" / "run")),
-     NotADirectoryError, "is a file"),
+     NotADirectoryError, "save_dir must be a folder, but .*afile' is a file"),
     ("train: resume without save_dir", lambda e, t: train(resume=True), ValueError, "needs the save_dir"),
     ("train: resume a crafted checkpoint", lambda e, t: resume_with(t, lambda p: [  # (also where older runs kept it)
         torch.save({"trainers": [RunsCode(t / "pwned")], "trainer": RunsCode(t / "pwned"), "step": 1}, path)
@@ -446,7 +446,8 @@ CASES = [
     ("cli: train --k above --dict-size", lambda e, t: cli("train", "--k", "50", "--dict-size", "40"), ValueError,
      r"k must be an int in \[1, dict_size=40\], got 50"),
     ("cli: train --out is a file", lambda e, t: (t.joinpath("afile").write_text("x"),
-                                                 cli("train", "--out", str(t / "afile"))), ValueError, "is a file"),
+                                                 cli("train", "--out", str(t / "afile"))), NotADirectoryError,
+     "out must be a folder, but .*afile' is a file"),
     ("cli: collect --layer 99", lambda e, t: cli("collect", "--model", "tiny-llama", "--layer", "99", "--tokens",
                                                  "10"), ValueError, "layer must be an int in"),
     ("cli: collect --model unknown", lambda e, t: cli("collect", "--model", "no-such-model"), ValueError,
@@ -633,6 +634,6 @@ def test_a_full_disk_and_a_read_only_one(small_disk):
     for key, value in straight.ae.state_dict().items():
         assert torch.equal(resumed.ae.state_dict()[key], value), key
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
-    with pytest.raises(PermissionError, match="cannot be written"):
+    with pytest.raises(PermissionError, match="save_dir .* cannot be written: .* is not writable"):
         no_training(small_disk, configs=[big], save_dir=small_disk / "run")
     assert load_dictionary(small_disk / "run" / "trainer_0")[0].dict_size == 1024

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -14,7 +13,7 @@ import torch
 
 from ..checks import integer
 from ..dictionary import dictionary_class
-from ..files import atomic_write
+from ..files import atomic_write, check_writable_folder
 from ..trainers import TRAINER_CLASSES
 from ..trainers.trainer import SAETrainer, check_steps
 from ..utils import save_dictionary
@@ -58,18 +57,6 @@ def _save_steps(save_steps: Any) -> Any:
         return Every(save_steps)
     save_steps = sorted({integer("each of save_steps", step, low=0) for step in save_steps})
     return save_steps
-
-
-def _check_writable(save_dir: Path) -> None:
-    """A clear error before any training when `save_dir` cannot be written (a file in the way, no permission)."""
-    for parent in (save_dir, *save_dir.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise NotADirectoryError(f"save_dir must be a folder, but {str(parent)!r} is a file")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise PermissionError(f"save_dir {str(save_dir)!r} cannot be written: {str(parent)!r} is not "
-                                      f"writable")
-            return
 
 
 def _scaled(batch: Any, scale_in: float, scale_out: float) -> Any:
@@ -173,7 +160,7 @@ def train_dictionaries(
     trainers = [build_trainer(config) for config in trainer_configs]
     save_dir = Path(save_dir) if save_dir is not None else None
     if save_dir is not None:
-        _check_writable(save_dir)
+        check_writable_folder("save_dir", save_dir)
     directories = [save_dir / f"trainer_{i}" for i in range(len(trainers))] if save_dir else []
     save_steps = _save_steps(save_steps)
     run_config = {"buffer": data.config} if hasattr(data, "config") else {}
