@@ -637,3 +637,10 @@ def test_a_full_disk_and_a_read_only_one(small_disk):
     with pytest.raises(PermissionError, match="save_dir .* cannot be written: .* is not writable"):
         no_training(small_disk, configs=[big], save_dir=small_disk / "run")
     assert load_dictionary(small_disk / "run" / "trainer_0")[0].dict_size == 1024
+
+
+def test_training_casts_batches_of_another_dtype():
+    """Training batches in bfloat16 (a bfloat16 model's buffer) train a float32 trainer, as before: only direct calls
+    of a dictionary refuse another dtype."""
+    [trainer] = train(data=(batch.bfloat16() for batch in stream()))
+    assert next(trainer.ae.parameters()).dtype == torch.float32 and trainer.last_metrics["l0"] > 0

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..checks import integer
+from ..files import error_summary
 
 TRANSCODER_MARKER = "is_transcoder"  # in saved transcoders' state dicts only
 OPTIONAL_BUFFERS = {"threshold"}  # buffers that older upstream saves may lack
@@ -55,18 +56,19 @@ class Dictionary(ABC, nn.Module):
             nn.init.zeros_(self.skip.weight)
         return activation_dim, dict_size
 
-    def check_input(self, x: torch.Tensor) -> None:
-        """Clear errors for inputs of the wrong width / dtype."""
+    def check_input(self, x: torch.Tensor, check_dtype: bool = True) -> None:
+        """Clear errors for inputs of the wrong type, width or dtype (`check_dtype=False`: any floating dtype, for
+        callers that cast, as training does)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor of shape [..., {self.activation_dim}], got {type(x).__name__}")
         self._check_width(x)
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point tensor, got {x.dtype}")
-        weight = self.encoder.weight if hasattr(self, "encoder") else None
-        if (isinstance(weight, torch.Tensor) and x.dtype != weight.dtype
+        param = next(self.parameters(), None)
+        if (check_dtype and param is not None and x.dtype != param.dtype
                 and not torch.is_autocast_enabled(x.device.type)):
-            raise TypeError(f"expected input of the dictionary's dtype {weight.dtype}, got {x.dtype}: cast one of "
-                            f"them (x.to({weight.dtype}) or dictionary.to({x.dtype}))")
+            raise TypeError(f"expected input of the dictionary's dtype {param.dtype}, got {x.dtype}: cast one of "
+                            f"them (x.to({param.dtype}) or dictionary.to({x.dtype}))")
 
     def _check_width(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.activation_dim:
@@ -181,5 +183,4 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as error:  # truncated, corrupt, or a pickle that would run code (refused by weights_only)
         raise ValueError(f"cannot read weights from {str(path)!r}: the file is corrupt or truncated, or holds objects "
                          f"other than tensors, which are refused because unpickling them could run code "
-                         f"({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]})"
-                         ) from error
+                         f"({error_summary(error)})") from error

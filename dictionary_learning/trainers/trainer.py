@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..checks import integer
 from ..dictionary import Dictionary
 from ..files import json_safe
 
@@ -23,8 +24,7 @@ LossLog = namedtuple("LossLog", ["x", "x_hat", "f", "losses"])
 
 def check_steps(steps: Any) -> None:
     """A clear error unless `steps` is a positive int."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    integer("steps", steps)
 
 
 def lr_schedule(steps: int, warmup_steps: int = 0, decay_start: int | None = None):
@@ -220,7 +220,9 @@ def split_batch(batch: Any, dictionary: Dictionary) -> tuple[torch.Tensor, torch
         x, y = batch
     else:
         x, y = batch, None
-    dictionary.check_input(x)
+    dictionary.check_input(x, check_dtype=False)  # batch_tensors casts to the dictionary's dtype
+    if x.dim() > 1 and x.shape[0] == 0:
+        raise ValueError(f"a batch must hold at least one activation vector, got shape {tuple(x.shape)}")
     if dictionary.transcoder and y is None:
         raise ValueError("this dictionary is a transcoder: batches must be (x, y) pairs")
     if y is None:

@@ -55,14 +55,10 @@ def _save_steps(save_steps: Any) -> Any:
         if save_steps <= 0:
             raise ValueError(f"save_steps must be a positive int or a list of steps, got {save_steps}")
         return Every(save_steps)
-    save_steps = sorted({integer("each of save_steps", step, low=0) for step in save_steps})
-    return save_steps
+    return sorted({integer("each of save_steps", step, low=0) for step in save_steps})
 
 
 def _scaled(batch: Any, scale_in: float, scale_out: float) -> Any:
-    rows = (batch[0] if isinstance(batch, (tuple, list)) and batch else batch)
-    if isinstance(rows, torch.Tensor) and rows.dim() and rows.shape[0] == 0:
-        raise ValueError(f"a batch must hold at least one activation vector, got shape {tuple(rows.shape)}")
     if (scale_in, scale_out) == (1.0, 1.0):
         return batch
     if isinstance(batch, (tuple, list)):
