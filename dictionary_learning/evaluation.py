@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .buffer import ActivationBuffer, HeadActivationBuffer
+from .checks import integer
 from .dictionary import Dictionary
 from .files import pyplot, save_figure
 from .models import HookPoint, resolve_hook
@@ -241,8 +242,7 @@ def evaluate(
     name a submodule). normalize_batch: upstream's (see `loss_recovered`). device: where the dictionary runs
     (default: where it is).
     """
-    if not isinstance(n_batches, int) or n_batches <= 0:
-        raise ValueError(f"n_batches must be a positive int, got {n_batches!r}")
+    integer("n_batches", n_batches)
     if device is not None:
         dictionary = dictionary.to(device)
     loss_batches = n_batches if loss_batches is None else loss_batches

@@ -27,6 +27,12 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def error_summary(error: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message` of an error, for wrapping it in a clearer one."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:limit]}" if lines else type(error).__name__
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -78,7 +84,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         except RuntimeError as error:  # torch's zip writer reports a full or read-only disk as an "enforce fail"
             free = shutil.disk_usage(path.parent).free
             raise OSError(f"writing {str(path)!r} failed ({free / 2**20:.0f} MB free on its disk; full or read-only?)"
-                          f": {str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
+                          f": {error_summary(error)}") from error
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent, directory=True)

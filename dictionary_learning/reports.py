@@ -42,7 +42,7 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
     metrics.json / metrics.md, feature_density.png, top_contexts.txt and the SAE in sae/trainer_0/."""
     started = time.perf_counter()
     out = Path(out)
-    for name, value in (("tokens", tokens), ("steps", steps), ("batch", batch), ("dict_size", dict_size), ("k", k),
+    for name, value in (("tokens", tokens), ("steps", steps), ("batch", batch), ("dict_size", dict_size),
                         ("dead_tokens", dead_tokens), ("batch_texts", batch_texts), ("eval_texts", eval_texts),
                         ("eval_tokens", eval_tokens), ("loss_batches", loss_batches), ("ctx_len", ctx_len)):
         integer(name, value)  # before any model is loaded or token collected
@@ -87,8 +87,8 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
     batches = held_out.split(2048)
     metrics = evaluate(sae, iter(batches), n_batches=len(batches))
     # one text fills this buffer; loss_recovered reads the following ones
-    eval_buffer = ActivationBuffer(iter(held_out_texts), lm, point, n_ctxs=1, **{**buffer_kwargs,
-                                                                                 "refresh_batch_size": 1})
+    eval_buffer = ActivationBuffer(iter(held_out_texts), lm, point, n_ctxs=1, out_batch_size=ctx_len,
+                                   **{**buffer_kwargs, "refresh_batch_size": 1})
     loss = evaluate(sae, eval_buffer, max_len=ctx_len, batch_size=16, n_batches=1, loss_batches=loss_batches)
     metrics.update({key: value for key, value in loss.items() if key.startswith(("ce_", "kl_", "frac_recovered"))})
     density = feature_density(sae, batches)

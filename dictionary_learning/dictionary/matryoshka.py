@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import integer
 from ..sparse import SparseCode, gather_linear, sparse_decode
 from .base import Dictionary, load_state_dict
 
@@ -71,8 +72,7 @@ class MatryoshkaBatchTopKSAE(Dictionary):
         super().__init__()
         activation_dim, dict_size = self._init_shared(activation_dim, dict_size, output_dim, transcoder, skip)
         sizes = _group_sizes(group_sizes, dict_size)
-        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+        k = integer("k", k)
         self.register_buffer("k", torch.tensor(k, dtype=torch.int))
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32))
         self.register_buffer("group_sizes", torch.tensor(sizes))

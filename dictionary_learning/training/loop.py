@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-from ..files import atomic_write
+from ..files import atomic_write, error_summary
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -61,7 +61,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as error:
         raise ValueError(f"cannot load checkpoint {str(path)!r}: it is corrupt, or holds objects other than tensors "
                          f"and plain types, which are refused because unpickling them could run code "
-                         f"({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]})") from error
+                         f"({error_summary(error)})") from error
 
 
 def resume_from_checkpoints(trainers: Sequence[Any], path: Path | Sequence[Path] | None, batches: Iterator[Any],
