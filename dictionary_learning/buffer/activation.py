@@ -40,8 +40,12 @@ class ActivationBuffer:
       (`hook(model, 6, "mlp_out")`); for io="in_to_out" also a pair `(input_side, output_side)`, e.g.
       `(hook(model, 6, "mlp_in"), hook(model, 6, "mlp_out"))`. HookPoints carry their own input / output choice;
       modules and paths are read at their output (io="out"), input (io="in"), or input and output ("in_to_out").
-    d_submodule: expected width (an int, or `(d_in, d_out)` for "in_to_out"); checked against the model (None: found
-      by a probe). The founding README's `in_feats` / `out_feats` (input and output widths) are checked where io
+      Many hook points from one model pass: a dict `{name: hook point, module, path or (input_side, output_side)}`
+      (single values read as `io` says, pairs as in_to_out); the buffer then yields dicts `{name: batch}` (a pair
+      `(x, y)` for pairs), all rows from the same tokens in the same shuffled order, and each trace stops after the
+      last module any entry needs. `trainSAE` routes each trainer to the entry its config's `submodule_name` names.
+    d_submodule: expected width (an int, or `(d_in, d_out)` for "in_to_out"; a dict of them by name for a dict
+      submodule); checked against the model (None: found by a probe). The founding README's `in_feats` / `out_feats` (input and output widths) are checked where io
       reads that side ("out" checks out_feats and, as the founding buffer did, ignores in_feats).
     remove_bos: drop each context's first token (BOS, or the attention-sink first token of models without BOS).
     add_special_tokens: whether the tokenizer adds its special tokens (e.g. BOS) to each text.
@@ -94,8 +98,8 @@ class ActivationBuffer:
         if not isinstance(data, Iterable):
             raise TypeError(f"data must be an iterable of texts (e.g. a list of strings), got {type(data).__name__}")
         floating_dtype("dtype", dtype)
-        if d_submodule is not None:
-            for width in (d_submodule if isinstance(d_submodule, (tuple, list)) else (d_submodule,)):
+        for widths in (d_submodule.values() if isinstance(d_submodule, dict) else [d_submodule]):
+            for width in (widths if isinstance(widths, (tuple, list)) else (widths,) if widths is not None else ()):
                 integer("d_submodule", width)
         if remove_bos and ctx_len == 1:
             raise ValueError("ctx_len=1 with remove_bos=True keeps no token: each context's only token is dropped")
@@ -117,20 +121,79 @@ class ActivationBuffer:
         self.dtype = dtype or next(torch_model(model).parameters()).dtype
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
-        self.hooks = self._hook_points(model, submodule, io)
+        # self.hooks: the distinct hook points read, in the order given; self.entries: which of them each named entry
+        # serves (None for a single submodule, which serves all of them: one tensor, or an in_to_out pair)
+        self.hooks, self.entries = self._entry_points(model, submodule, io)
         self.submodule = submodule
 
         # probe the widths on a short input, and check them against d_submodule / in_feats / out_feats
         probe = self._collect(self._probe_encoding())
         widths = tuple(v.shape[-1] for v in probe)
-        self._check_widths(widths, d_submodule, in_feats, out_feats)
-        self.d_submodule: int | tuple[int, int] = widths[0] if len(widths) == 1 else widths
+        if self.entries is None:
+            self._check_widths(widths, d_submodule, in_feats, out_feats)
+            self.d_submodule: Any = widths[0] if len(widths) == 1 else widths
+        else:
+            if in_feats is not None or out_feats is not None:
+                raise ValueError("in_feats / out_feats check a single submodule; with a dict of hook points pass "
+                                 "d_submodule={name: width or (d_in, d_out)}")
+            self.d_submodule = {name: self._width(widths, indices) for name, indices in self.entries.items()}
+            self._check_entry_widths(d_submodule)
 
         self._open(data)
         self._store: list[torch.Tensor] = [v[:0] for v in probe]  # one per hook point; rows before _pos are read
         self._pos = 0
         self._closed = False
         self._served = False  # whether a batch was ever served
+
+    def _entry_points(self, model: Any, submodule: Any, io: str) -> tuple[tuple, dict[str, tuple[int, ...]] | None]:
+        """(the distinct hook points to read, which of them each named entry serves, or None for one submodule)."""
+        if not isinstance(submodule, dict):
+            return self._hook_points(model, submodule, io), None
+        if not submodule:
+            raise ValueError("submodule is an empty dict: name at least one hook point")
+        points: list = []
+        entries: dict[str, tuple[int, ...]] = {}
+        for name, spec in submodule.items():
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"the names of a dict submodule are non-empty strings, got {name!r}")
+            try:
+                sides = self._hook_points(model, spec, "in_to_out" if isinstance(spec, (tuple, list)) else io)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"submodule[{name!r}]: {error}") from error
+            indices = []
+            for point in sides:  # a hook point two entries share is read and stored once
+                keys = [(p.path, p.io) for p in points]
+                if (point.path, point.io) not in keys:
+                    points.append(point)
+                    keys.append((point.path, point.io))
+                indices.append(keys.index((point.path, point.io)))
+            entries[name] = tuple(indices)
+        return tuple(points), entries
+
+    @staticmethod
+    def _width(widths: tuple, indices: tuple[int, ...]) -> Any:
+        return widths[indices[0]] if len(indices) == 1 else tuple(widths[i] for i in indices)
+
+    def _check_entry_widths(self, d_submodule: Any) -> None:
+        if d_submodule is None:
+            return
+        if not isinstance(d_submodule, dict):
+            raise TypeError(f"with a dict of hook points, d_submodule is a dict {{name: width}} too, got "
+                            f"{d_submodule!r}")
+        unknown = sorted(set(d_submodule) - set(self.entries))
+        if unknown:
+            raise ValueError(f"d_submodule names {unknown}, which are not hook points of this buffer: "
+                             f"{sorted(self.entries)}")
+        for name, expected in d_submodule.items():
+            actual = self.d_submodule[name]
+            if (tuple(expected) if isinstance(expected, (tuple, list)) else expected) != actual:
+                raise ValueError(f"d_submodule[{name!r}]={expected!r} does not match the model: "
+                                 f"{', '.join(str(self.hooks[i]) for i in self.entries[name])} has width {actual}")
+
+    @property
+    def entry_names(self) -> list[str] | None:
+        """The names of a dict submodule's entries (the keys of each batch), None for a single submodule."""
+        return None if self.entries is None else list(self.entries)
 
     def _hook_points(self, model: Any, submodule: Any, io: str) -> tuple:
         """One hook point for "out" / "in", (input side, output side) for "in_to_out"."""
@@ -220,13 +283,21 @@ class ActivationBuffer:
         return torch.arange(self._store[0].shape[0], device=self._store[0].device) < self._pos
 
     def _serve(self, sides: list[torch.Tensor]) -> Any:
-        """The user-facing form of per-hook rows: one tensor, or an `(x_in, x_out)` pair."""
+        """The user-facing form of per-hook rows: one tensor, or an `(x_in, x_out)` pair; a dict of them by name for
+        a dict submodule."""
+        if self.entries is not None:
+            return {name: sides[indices[0]] if len(indices) == 1 else tuple(sides[i] for i in indices)
+                    for name, indices in self.entries.items()}
         return sides[0] if len(sides) == 1 else (sides[0], sides[1])
 
     def __iter__(self) -> Iterator:
         return self
 
     def __next__(self) -> Any:
+        return self._serve(self._next_rows(self.out_batch_size))
+
+    def _next_rows(self, n: int) -> list[torch.Tensor]:
+        """The next (up to) n unread rows of every hook point, refilling first when half are read."""
         with torch.no_grad():
             if self.n_unread < self.capacity // 2 and not self._exhausted:
                 self.refresh()
@@ -236,30 +307,29 @@ class ActivationBuffer:
                                      "context's tokens were all dropped (padding, remove_bos)")
                 raise StopIteration
             self._served = True
-            batch = [a[self._pos : self._pos + self.out_batch_size] for a in self._store]
-            self._pos += batch[0].shape[0]
-        return self._serve(batch)
+            rows = [a[self._pos : self._pos + n] for a in self._store]
+            self._pos += rows[0].shape[0]
+        return rows
 
     def take(self, n_tokens: int, progress: bool = False):
-        """Up to `n_tokens` vectors (fewer if the text runs out) as one tensor, or an `(x_in, x_out)` pair."""
+        """Up to `n_tokens` vectors (fewer if the text runs out) in the form batches have: one tensor, an
+        `(x_in, x_out)` pair, or a dict of them by name."""
         from tqdm import tqdm
 
         n_tokens = integer("n_tokens", n_tokens)
         parts, count = [], 0
         with tqdm(total=n_tokens, desc="collecting activations", unit="tok", disable=not progress) as bar:
             while count < n_tokens:
-                batch = next(self, None)
-                if batch is None:
+                try:
+                    rows = self._next_rows(min(self.out_batch_size, n_tokens - count))
+                except StopIteration:
                     break
-                batch = batch if isinstance(batch, tuple) else (batch,)
-                batch = tuple(side[: n_tokens - count] for side in batch)
-                parts.append(batch)
-                count += batch[0].shape[0]
-                bar.update(batch[0].shape[0])
+                parts.append(rows)
+                count += rows[0].shape[0]
+                bar.update(rows[0].shape[0])
         if not parts:
             raise ValueError("the text data is exhausted: no activations to take")
-        sides = tuple(torch.cat(side) for side in zip(*parts))
-        return sides if len(sides) > 1 else sides[0]
+        return self._serve([torch.cat(side) for side in zip(*parts)])
 
     def close(self) -> None:
         """Stop: close the data source if it can be closed (a generator, a file), and drop the held vectors; the
@@ -361,7 +431,7 @@ class ActivationBuffer:
             "refresh_batch_size": self.refresh_batch_size,
             "out_batch_size": self.out_batch_size,
             "device": str(self.device),
-            "submodule": [str(h) for h in self.hooks] if len(self.hooks) > 1 else str(self.hooks[0]),
+            "submodule": self._submodule_text(),
             "hooks": [{"path": h.path, "io": h.io, "name": h.name} for h in self.hooks],
             "dtype": str(self.dtype).removeprefix("torch."),
             "remove_bos": self.remove_bos,
@@ -369,6 +439,16 @@ class ActivationBuffer:
             "max_activation_norm_multiple": self.remove_high_norm,
             "seed": self.seed,
         }
+
+
+    def _submodule_text(self) -> Any:
+        if self.entries is not None:
+            return {name: self._submodule_text_of(indices) for name, indices in self.entries.items()}
+        return self._submodule_text_of(range(len(self.hooks)))
+
+    def _submodule_text_of(self, indices: Any) -> Any:
+        texts = [str(self.hooks[i]) for i in indices]
+        return texts[0] if len(texts) == 1 else texts
 
 
 def epochs(activations: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:

@@ -42,6 +42,9 @@ class NNsightActivationBuffer(ActivationBuffer):
     ):
         if io not in TOKEN_IO_MODES:
             raise ValueError(f"io must be one of {TOKEN_IO_MODES}, got {io!r}")
+        if io == "in_and_out" and isinstance(submodule, dict):
+            raise ValueError("io='in_and_out' stacks one module's input and output; for a dict of hook points use "
+                             "io='out' / 'in' and (input, output) pairs, which yield (x, y) pairs")
         super().__init__(data, model, submodule, d_submodule, "in_to_out" if io == "in_and_out" else io, n_ctxs,
                          ctx_len, refresh_batch_size, out_batch_size, device, dtype=dtype, seed=seed)
         self.io = io
@@ -53,7 +56,7 @@ class NNsightActivationBuffer(ActivationBuffer):
             self.d_submodule = d_in
 
     def _serve(self, sides: list[torch.Tensor]) -> Any:
-        return torch.stack(sides, dim=1) if self.io == "in_and_out" else sides[0]
+        return torch.stack(sides, dim=1) if self.io == "in_and_out" else super()._serve(sides)
 
     def _check_item(self, item: Any) -> None:
         if isinstance(item, (str, bytes)) or not isinstance(item, (Sequence, torch.Tensor)):
