@@ -5,23 +5,20 @@ print CE against C before and after.
     python demos/scae.py [--layers 2] [--dict-size 1152] [--k 16]      # ~7 minutes on a 2-core CPU
     python demos/scae.py --suite runs/demo_scae/suite                  # start from a saved suite instead
 
-Writes runs/demo_scae/: the modules, the fine-tuned suite with its connections (suite/), connections.png,
-ce_versus_c.png and ce_versus_c.md.
+Writes runs/demo_scae/: the modules (modules/suite/, trained from one activation stream), the fine-tuned suite with
+its connections (suite/), connections.png, ce_versus_c.png and ce_versus_c.md.
 """
 
 import argparse
 import itertools
 from pathlib import Path
 
-from dictionary_learning import ActivationBuffer, default_corpus, hook, load_model
+from dictionary_learning import default_corpus, load_model
+from dictionary_learning.files import atomic_write
 from dictionary_learning.scae import (
     SCAESuite, ce_table, ce_versus_c, evaluate_suite, module_table, plot_ce_versus_c, plot_connection_statistics,
-    select_connections, train_scae_suite,
+    select_connections, train_scae_suite, train_suite,
 )
-from dictionary_learning.trainers import TopKTrainer
-from dictionary_learning.training import trainSAE
-from dictionary_learning.files import atomic_write
-from dictionary_learning.utils import load_dictionary
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--layers", type=int, default=2)
@@ -39,23 +36,14 @@ texts = default_corpus(repeat=True)
 selection_texts = list(itertools.islice(texts, 24))
 eval_texts = list(itertools.islice(texts, 24))
 
-# 1. one attention SAE and one transcoder per layer, each trained with trainSAE on its own activation stream
-modules = {}
-for layer in range(0 if args.suite else args.layers):
-    for kind in ("attn", "mlp"):
-        points = hook(model, layer, "attn_out") if kind == "attn" else (hook(model, layer, "mlp_in"),
-                                                                        hook(model, layer, "mlp_out"))
-        buffer = ActivationBuffer(texts, model, points, io="in_to_out" if kind == "mlp" else "out", n_ctxs=96,
-                                  ctx_len=128, refresh_batch_size=32, out_batch_size=1024)
-        config = dict(trainer=TopKTrainer, activation_dim=576, dict_size=args.dict_size, k=args.k, lr=1e-3,
-                      steps=args.sae_steps, warmup_steps=15, seed=0, transcoder=kind == "mlp",
-                      dead_feature_threshold=100_000, layer=layer, lm_name="smollm2-135m")
-        print(f"training {kind}_{layer}")
-        trainSAE(buffer, [config], args.sae_steps, save_dir=out / "modules" / f"{kind}_{layer}",
-                 normalize_activations="d_model")
-        # the saved copy has the normalisation folded in: it works on raw activations, as the suite needs
-        modules[f"{kind}_{layer}"] = load_dictionary(out / "modules" / f"{kind}_{layer}" / "trainer_0")[0]
-suite = SCAESuite.load(args.suite) if args.suite else SCAESuite(modules, model_name="smollm2-135m")
+# 1. one attention SAE and one transcoder per layer, all trained with trainSAE from one model pass per batch of texts
+if args.suite:
+    suite = SCAESuite.load(args.suite)
+else:
+    print(f"training the {2 * args.layers} modules of layers 0-{args.layers - 1} from one activation stream")
+    suite = train_suite(model, args.layers, args.dict_size, args.k, texts, args.sae_steps, model_name="smollm2-135m",
+                        lr=1e-3, warmup_steps=15, dead_feature_threshold=100_000, n_ctxs=96, ctx_len=128,
+                        refresh_batch_size=32, out_batch_size=1024, save_dir=out / "modules")
 
 # 2. CE against C before fine-tuning; the last C is the largest upstream count, so it keeps every connection
 Cs = [1, 4, 16, 64, sum(suite[name].dict_size for name in suite.names[:-1])]

@@ -15,6 +15,8 @@ The wing's rooms, in the order they build on each other (each imports only rooms
   contribution| (`contribution_statistics` + `connections_from_statistics`, one module pair in memory at a time).
 - `evaluation.py`: `evaluate_suite` / `ce_versus_c` measure CE (clean, dense suite, pruned suite) and per-module
   FVU and L0; tables and plots.
+- `modules.py`: `train_suite` trains every module of a new suite from one model pass per batch of texts (a buffer
+  over all their hook points, or an activation cache), with `trainSAE`.
 - `training.py`: `SCAETrainer` / `train_scae_suite` fine-tune through the pruned pass on local MSE and downstream
   CE, on the package's training loop.
 
@@ -51,6 +53,7 @@ from .suite import (
     Connections, SCAESuite, load_connections, module_names, parse_module_name, save_connections, upstream_of,
 )
 from .tracing import SuiteRecord, clean_targets, patched_logits, run_suite
+from .modules import suite_hook_points, train_suite
 from .training import SCAETrainer, train_scae_suite
 
 # the public names (as before the wing was split, plus parse_module_name); the kernels stay in scae.kernels
@@ -59,6 +62,6 @@ __all__ = [
     "ce_versus_c", "clean_targets", "connections_from_statistics", "contribution_statistics", "decompose",
     "evaluate_suite", "load_connections", "module_names", "module_table", "pair_contributions", "parse_module_name",
     "patched_logits", "plot_ce_versus_c", "plot_connection_statistics", "pruned_forward", "pruned_pre_activations",
-    "run_suite", "save_connections", "select_connections", "suite_cross_entropy", "train_scae_suite", "upstream_of",
-    "virtual_weights",
+    "run_suite", "save_connections", "select_connections", "suite_cross_entropy", "suite_hook_points",
+    "train_scae_suite", "train_suite", "upstream_of", "virtual_weights",
 ]

@@ -66,6 +66,34 @@ def _scaled(batch: Any, scale_in: float, scale_out: float) -> Any:
     return batch * scale_in
 
 
+class Routing:
+    """Which entry of dict batches (many hook points from one pass: `{name: batch}`) each trainer trains on: the
+    one its config's `submodule_name` (upstream's key) names."""
+
+    def __init__(self, trainers: list[SAETrainer]):
+        self.names = [trainer.config.get("submodule_name") for trainer in trainers]
+        self.checked = False
+
+    def check(self, available: Iterable[str]) -> None:
+        available = list(available)
+        for i, name in enumerate(self.names):
+            if name is None:
+                raise ValueError(f"trainer {i}'s config has no submodule_name: with batches from many hook points "
+                                 f"({available}) each trainer config names the one it trains on, e.g. "
+                                 f"submodule_name={available[0]!r}")
+            if name not in available:
+                raise ValueError(f"trainer {i}'s submodule_name={name!r} is not one of the hook points the data "
+                                 f"yields: {available}")
+        self.checked = True
+
+    def __call__(self, i: int, batch: Any) -> Any:
+        if not isinstance(batch, dict):
+            return batch
+        if not self.checked:
+            self.check(batch)
+        return batch[self.names[i]]
+
+
 def _save(trainer: SAETrainer, directory: Path, scales: tuple[float, float], run_config: dict[str, Any]) -> None:
     """The final (or intermediate) dictionary with normalisation folded in, in upstream's format."""
     ae = trainer.ae
@@ -115,7 +143,10 @@ def train_dictionaries(
     data runs out). The parameters up to `backup_steps` are upstream's, in upstream's order.
 
     data: an iterator of `[batch, d]` tensors, or of `(x, y)` pairs for transcoders (e.g. an ActivationBuffer);
-      with `activations_split_by_head`, `[batch, n_heads, d_head]` tensors and trainer i trains on head i.
+      with `activations_split_by_head`, `[batch, n_heads, d_head]` tensors and trainer i trains on head i. Dict
+      batches `{name: tensor or (x, y)}` (a buffer over many hook points, or an activation cache) train each trainer
+      on the entry its config's `submodule_name` names (a clear error if it names none or an unknown one); each
+      entry then has its own normalisation factor.
     save_dir: each trainer saves to `save_dir/trainer_{i}/` (`ae.pt`, `model.safetensors`, `config.json`);
       `save_steps` (a list of steps, or an int: every that many steps) adds upstream's intermediate saves
       `checkpoints/ae_{n}.pt` (the state dict after n steps).
@@ -130,7 +161,8 @@ def train_dictionaries(
     use_wandb: log to one wandb run (mode from $WANDB_MODE, default "offline": no network needed).
     transcoder: accepted for upstream's signature; transcoders are recognised from their dictionaries and (x, y)
       batches. device: where autocast runs (default: the first trainer's device).
-    Returns the trainers (their dictionaries are trained on the scaled activations if normalize_activations).
+    Returns the trainers (their dictionaries are trained on the scaled activations if normalize_activations; each
+    trainer's `normalization_scales` is its (scale_in, scale_out), which `ae.fold_scale` folds in).
     """
     if isinstance(data, (str, bytes)):
         raise TypeError("data must be an iterable of activation batches (e.g. an ActivationBuffer), got a string")
@@ -163,6 +195,9 @@ def train_dictionaries(
     if run_cfg:
         run_config["run"] = dict(run_cfg)
 
+    routing = Routing(trainers)
+    if getattr(data, "entry_names", None) is not None:
+        routing.check(data.entry_names)
     data = iter(data)
     checkpoint = save_dir / CHECKPOINT if save_dir else None  # every trainer's state in one file
     older = [directory / CHECKPOINT for directory in directories]  # this toolkit's older per-trainer files
@@ -172,18 +207,45 @@ def train_dictionaries(
     if resume and state["step"] == 0 and verbose:
         print(f"no checkpoint in {save_dir}; starting from step 0")
     start, consumed = state["step"], state["batches_consumed"]
-    scales = tuple(state.get("scales", (1.0, 1.0)))
+    # (scale_in, scale_out), or one such pair per hook point name for dict batches
+    saved_scales = state.get("scales", (1.0, 1.0))
+    scales: Any = ({name: tuple(pair) for name, pair in saved_scales.items()} if isinstance(saved_scales, dict)
+                   else tuple(saved_scales))
     if normalize_activations and start == 0:
         # the normalisation batches are not trained on (as upstream); a resumed run skips them too
         sample = [batch for _, batch in zip(range(normalization_batches), data)]
         if not sample:
             raise ValueError("data yielded no batches")
-        scales = activation_scales(sample, "d_model" if normalize_activations == "d_model" else "unit")
+        target = "d_model" if normalize_activations == "d_model" else "unit"
+        if isinstance(sample[0], dict):
+            routing.check(sample[0])
+            scales = {name: activation_scales([batch[name] for batch in sample], target)
+                      for name in dict.fromkeys(routing.names)}
+        else:
+            scales = activation_scales(sample, target)
         consumed += len(sample)
 
+    def scales_of(i: int) -> tuple[float, float]:
+        return scales[routing.names[i]] if isinstance(scales, dict) else scales
+
+    def prepare(batch: Any) -> Any:
+        if isinstance(batch, dict):  # only the entries some trainer trains on, each scaled by its own factors
+            if not routing.checked:
+                routing.check(batch)
+            return {name: (_scaled(batch[name], *scales[name]) if isinstance(scales, dict) else batch[name])
+                    for name in dict.fromkeys(routing.names)}
+        if isinstance(scales, dict):
+            raise ValueError("the data yielded a single batch where the checkpoint (or the normalisation batches) "
+                             "had a dict of hook points")
+        return _scaled(batch, *scales)
+
+    def select(i: int, batch: Any) -> Any:
+        batch = routing(i, batch)
+        return batch[..., i, :] if activations_split_by_head else batch
+
     def save_all(step: int) -> None:
-        for trainer, directory in zip(trainers, directories):
-            _save_intermediate(trainer, directory / "checkpoints" / f"ae_{step}.pt", scales)
+        for i, (trainer, directory) in enumerate(zip(trainers, directories)):
+            _save_intermediate(trainer, directory / "checkpoints" / f"ae_{step}.pt", scales_of(i))
 
     if 0 in save_steps and start == 0:  # upstream saves step 0 (the initial weights) when asked
         save_all(0)
@@ -199,16 +261,18 @@ def train_dictionaries(
     device_type = torch.device(device).type if device else trainers[0].device.type
     autocast = (torch.autocast(device_type=device_type, dtype=autocast_dtype)
                 if autocast_dtype != torch.float32 else None)
-    select = (lambda i, batch: batch[..., i, :]) if activations_split_by_head else None
+    saved = ({name: list(pair) for name, pair in scales.items()} if isinstance(scales, dict) else list(scales))
     done = run_steps(trainers, data, steps, start=start, consumed=consumed, checkpoint_path=checkpoint,
-              checkpoint_steps=checkpoint_steps or backup_steps, checkpoint_extra={"scales": list(scales)},
-              save_steps=save_steps, on_save=save_all, log_steps=log_steps, log_values=logged, run=run,
-              context=autocast, prepare=lambda batch: _scaled(batch, *scales), select=select,
-              bar_keys=("loss", "l0", "fvu"), progress=progress, verbose=verbose)
+                     checkpoint_steps=checkpoint_steps or backup_steps, checkpoint_extra={"scales": saved},
+                     save_steps=save_steps, on_save=save_all, log_steps=log_steps, log_values=logged, run=run,
+                     context=autocast, prepare=prepare, select=select, bar_keys=("loss", "l0", "fvu"),
+                     progress=progress, verbose=verbose)
     if done == 0:  # nothing trained: never save an untrained dictionary as if it were one
         raise ValueError("data yielded no batches to train on (after any normalisation batches): nothing was trained")
-    for trainer, directory in zip(trainers, directories):
-        _save(trainer, directory, scales, run_config)
+    for i, trainer in enumerate(trainers):
+        trainer.normalization_scales = scales_of(i)  # what the trained weights expect inputs / targets scaled by
+    for i, (trainer, directory) in enumerate(zip(trainers, directories)):
+        _save(trainer, directory, scales_of(i), run_config)
     return trainers
 
 

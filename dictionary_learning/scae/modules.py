@@ -1,0 +1,81 @@
+"""Training a suite's modules from scratch in one call: `train_suite` reads every layer's attention output and MLP
+input / output from one model pass per batch of texts (an ActivationBuffer over a dict of hook points, or an
+activation cache holding those entries) and trains all 2L TopK modules on it with `trainSAE`."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..buffer import ActivationBuffer
+from ..checks import integer
+from ..models import d_model, hook, n_layers
+from ..trainers import TopKTrainer
+from ..training import trainSAE
+from .suite import SCAESuite, module_names, parse_module_name
+
+
+def suite_hook_points(model: Any, layers: int) -> dict[str, Any]:
+    """The hook points of a suite over the first `layers` layers, by module name: `attn_L` reads attn_out, `mlp_L`
+    the pair (mlp_in, mlp_out)."""
+    points = {}
+    for name in module_names(layers):
+        kind, layer = parse_module_name(name)
+        points[name] = (hook(model, layer, "attn_out") if kind == "attn"
+                        else (hook(model, layer, "mlp_in"), hook(model, layer, "mlp_out")))
+    return points
+
+
+def train_suite(model: Any, layers: int | None, dict_size: int, k: int, data: Any, steps: int, *,
+                model_name: str | None = None, lr: float | None = None, warmup_steps: int | None = None,
+                dead_feature_threshold: int = 1_000_000, normalize_activations: bool | str = "d_model",
+                n_ctxs: int = 256, ctx_len: int = 128, refresh_batch_size: int = 32, out_batch_size: int = 2048,
+                remove_bos: bool = False, seed: int = 0, device: str | torch.device | None = None,
+                save_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+                **train_options: Any) -> SCAESuite:
+    """Train an SCAE suite's modules (a TopK attention SAE and a TopK transcoder on each of the first `layers`
+    layers; None: every layer) for `steps` steps on one activation stream, and return them as an `SCAESuite`.
+
+    data: texts (each batch of `refresh_batch_size` texts runs through the model once, the trace stopped after the
+      last layer's MLP, and feeds every module), or an activation cache / iterator of dict batches whose entries are
+      named as the suite's modules (`attn_0`, `mlp_0`, ...).
+    The modules are trained on normalised activations (`normalize_activations`, default "d_model") with the scale
+    folded back in, so the suite works on raw activations. `save_dir`: trainSAE's folders (`trainer_{i}`, in
+    module order, and the checkpoint for `resume=True`) and the suite in `save_dir/suite`. Other keyword arguments
+    go to `trainSAE` (e.g. `checkpoint_steps`, `use_wandb`, `autocast_dtype`).
+    """
+    layers = n_layers(model) if layers is None else integer("layers", layers, 1, n_layers(model),
+                                                            high_name="the model's layers")
+    integer("dict_size", dict_size)
+    integer("k", k, 1, dict_size, high_name="dict_size")
+    names = module_names(layers)
+    if getattr(data, "entry_names", None) is None and not isinstance(data, ActivationBuffer):
+        data = ActivationBuffer(data, model, suite_hook_points(model, layers), n_ctxs=n_ctxs, ctx_len=ctx_len,
+                                refresh_batch_size=refresh_batch_size, out_batch_size=out_batch_size,
+                                remove_bos=remove_bos, seed=seed, device=device or "cpu")
+    missing = sorted(set(names) - set(data.entry_names or []))
+    if missing:
+        raise ValueError(f"the data holds no activations for the suite's modules {missing}; it holds "
+                         f"{data.entry_names}")
+    width = d_model(model)
+    configs = [dict(trainer=TopKTrainer, activation_dim=width, dict_size=dict_size, k=k, lr=lr, steps=steps,
+                    warmup_steps=max(1, steps // 10) if warmup_steps is None else warmup_steps, seed=seed + i,
+                    device=str(device) if device is not None else "cpu", transcoder=name.startswith("mlp"),
+                    dead_feature_threshold=dead_feature_threshold, layer=parse_module_name(name)[1],
+                    lm_name=model_name, submodule_name=name, wandb_name=f"SCAE/{name}")
+               for i, name in enumerate(names)]
+    trainers = trainSAE(data, configs, steps, save_dir=save_dir, normalize_activations=normalize_activations,
+                        resume=resume, progress=progress, **train_options)
+    modules = {}
+    for name, trainer in zip(names, trainers):
+        module = copy.deepcopy(trainer.ae)
+        with torch.no_grad():
+            module.fold_scale(*trainer.normalization_scales)  # works on raw activations
+        modules[name] = module
+    suite = SCAESuite(modules, model_name=model_name)
+    if save_dir is not None:
+        suite.save(Path(save_dir) / "suite")
+    return suite
