@@ -13,6 +13,7 @@ class BatchTopKTrainer(TopKTrainer):
     exponential moving average (beta `threshold_beta`, from `threshold_start_step`) of the smallest kept code."""
 
     default_dict_class = BatchTopKSAE
+    exact_data_parallel = False  # in data-parallel training the k * batch largest codes are chosen per rank
 
     def __init__(self, *args, wandb_name: str = "BatchTopKTrainer", **kwargs):
         super().__init__(*args, wandb_name=wandb_name, **kwargs)

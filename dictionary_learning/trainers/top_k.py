@@ -107,7 +107,7 @@ class TopKTrainer(SAETrainer):
         """Upstream's inference threshold: an exponential moving average (beta `threshold_beta`) of the mean over
         tokens of each token's smallest positive kept code `[batch, k]`."""
         active = top_acts_BK.float().masked_fill(top_acts_BK <= 0, float("inf"))
-        smallest = active.min(dim=1).values.mean()
+        smallest = self._global_mean(active.min(dim=1).values.mean())
         self._move_threshold(smallest)
 
     @torch.no_grad()
@@ -143,7 +143,7 @@ class TopKTrainer(SAETrainer):
             return self.loss_log(x, y)
         if step == 0 and not self._b_dec_initialised:
             with torch.no_grad():  # b_dec at the geometric median of the first targets
-                self.ae.b_dec.copy_(geometric_median(y).to(self.ae.b_dec.dtype))
+                self.ae.b_dec.copy_(geometric_median(self._global_rows(y)).to(self.ae.b_dec.dtype))
             self._b_dec_initialised = True
         pre = self.ae.pre_activations(x)  # [batch, dict_size], no grad
         code = self._code(x, pre, step)
@@ -193,7 +193,9 @@ class TopKTrainer(SAETrainer):
         residual_hat = self.ae.decode_sparse(code, bias=False)
         error = (residual - residual_hat).pow(2).sum(dim=-1).mean()
         self.pre_norm_auxk_loss = error.item()
-        scale = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
+        with torch.no_grad():  # the residual's variance over the (global) batch
+            center = self._global_mean(residual.mean(dim=0))
+            scale = self._global_mean((residual - center).pow(2).sum(dim=-1).mean()).clamp_min(1e-12)
         return (error / scale).nan_to_num(0.0)
 
     # decoder geometry ------------------------------------------------------------------------------------------

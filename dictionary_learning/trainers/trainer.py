@@ -248,6 +248,11 @@ class SAETrainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     max_grad_norm: float | None = 1.0  # gradient clipping before each step (None: none, as some upstream trainers)
+    # data-parallel training: the collectives (training.distributed.DataParallel) that make N ranks, each on its share
+    # of the global batch, train as one process on it; None in a single process
+    distributed: Any = None
+    # whether data-parallel training equals one process on the global batch (False: some statistic is per rank)
+    exact_data_parallel: bool = True
 
     def __init__(self, seed: int | None = None, *, steps: int | None = None,
                  build_dictionary: Callable[[], Dictionary] | None = None, lr: float = 1e-3, warmup_steps: int = 0,
@@ -292,8 +297,21 @@ class SAETrainer:
 
     @torch.no_grad()
     def _track(self, fired_latents: torch.Tensor, n_tokens: int) -> None:
+        if self.distributed is not None:  # tokens of the global batch; latents fired on any rank
+            fired = torch.zeros_like(self.num_tokens_since_fired, dtype=torch.bool)
+            fired[fired_latents] = True
+            fired_latents = self.distributed.any(fired).nonzero().flatten()
+            n_tokens = n_tokens * self.distributed.world_size
         self.num_tokens_since_fired += n_tokens
         self.num_tokens_since_fired[fired_latents] = 0
+
+    def _global_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """A per-batch mean as the mean over the global batch in data-parallel training (itself otherwise)."""
+        return value if self.distributed is None else self.distributed.mean(value)
+
+    def _global_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """A batch's rows as the global batch's rows in data-parallel training (themselves otherwise)."""
+        return rows if self.distributed is None else self.distributed.gather_rows(rows)
 
     def dead_mask(self, threshold_tokens: int) -> torch.Tensor:
         return self.num_tokens_since_fired >= threshold_tokens
@@ -322,6 +340,8 @@ class SAETrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(x, y=y, step=step)
         loss.backward()
+        if self.distributed is not None:  # the gradient of the global batch's mean loss
+            self.distributed.average_gradients(self.ae.parameters())
         self.before_optimizer_step()
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.ae.parameters(), self.max_grad_norm)

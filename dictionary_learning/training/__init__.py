@@ -4,15 +4,18 @@
   (`resume_from_checkpoints`), offline-capable wandb runs (`start_wandb`)
 - `train.py`: `build_trainer` (upstream-style config dicts), `train_dictionaries` (many trainers on one stream),
   `trainSAE` (dispatching the two call forms)
+- `distributed.py`: torch.distributed training (`init_distributed`, `shard`, `DataParallel`), used by `trainSAE`'s
+  `distributed="data"` / `"trainers"`
 - `upstream.py`: upstream's `get_norm_factor`, `log_stats`, `new_wandb_process`, and `train_autoencoder` (the
   founding README's call form)
 """
 
+from .distributed import DataParallel, init_distributed, shard
 from .loop import CHECKPOINT, Every, resume_from_checkpoints, run_steps, start_wandb
 from .train import build_trainer, train_dictionaries, trainSAE
 from .upstream import activation_scales, get_norm_factor, log_stats, new_wandb_process, train_autoencoder
 
 __all__ = [
-    "CHECKPOINT", "Every", "activation_scales", "build_trainer", "get_norm_factor", "log_stats", "new_wandb_process",
+    "CHECKPOINT", "DataParallel", "Every", "activation_scales", "build_trainer", "init_distributed", "shard", "get_norm_factor", "log_stats", "new_wandb_process",
     "resume_from_checkpoints", "run_steps", "start_wandb", "trainSAE", "train_autoencoder", "train_dictionaries",
 ]

@@ -138,6 +138,7 @@ def run_steps(
     desc: str = "training",
     progress: bool = True,
     verbose: bool = False,
+    all_have: Callable[[bool], bool] | None = None,
 ) -> int:
     """The one training loop: steps `start` to `steps` (None: until `batches` runs out), each feeding the next batch
     (through `prepare`, then `select(i, batch)` for trainer i when given) to every trainer's `update(step, batch)`
@@ -146,7 +147,8 @@ def run_steps(
     printed with `verbose`); at `save_steps`, `on_save(step)`. Every `checkpoint_steps` steps, at `save_steps` and
     at the end, every trainer's state is written atomically to the one file `checkpoint_path`
     (`save_checkpoint`) with the step, the batches consumed and `checkpoint_extra`. A stream that runs out ends the
-    loop with a warning. Returns the number of steps done."""
+    loop with a warning; in multi-process training `all_have(has_batch)` makes every rank stop when any runs out.
+    Returns the number of steps done."""
     if checkpoint_steps is None:
         checkpoint_steps = max(1, steps // 10) if steps is not None else 0
     written = -1
@@ -161,6 +163,8 @@ def run_steps(
     step = start
     for step in bar:
         batch = next(batches, None)
+        if all_have is not None and not all_have(batch is not None):
+            batch = None
         if batch is None:
             if steps is not None:
                 warnings.warn(f"data ran out after {step} steps (of {steps})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -17,6 +18,7 @@ from ..files import atomic_write, check_writable_folder
 from ..trainers import TRAINER_CLASSES
 from ..trainers.trainer import SAETrainer, check_steps
 from ..utils import save_dictionary
+from .distributed import DataParallel, check_mode
 from .loop import CHECKPOINT, Every, resume_from_checkpoints, run_steps, start_wandb
 from .upstream import activation_scales, train_autoencoder
 
@@ -46,6 +48,21 @@ def build_trainer(config: dict[str, Any]) -> SAETrainer:
     if unknown:
         raise ValueError(f"unknown {trainer_class.__name__} config keys {unknown}; accepted: {sorted(accepted)}")
     return trainer_class(**config)
+
+
+def prepare_data_parallel(trainers: list[SAETrainer], sync: DataParallel) -> None:
+    """Give every trainer the collectives and rank 0's initial weights; refuse what would make ranks diverge."""
+    for trainer in trainers:
+        if getattr(trainer, "resample_steps", None) is not None:
+            raise ValueError(f"{type(trainer).__name__} with resample_steps={trainer.resample_steps} cannot train "
+                             f"data-parallel: each rank would resample dead neurons from its own batch, and the ranks' "
+                             f"weights would diverge; use resample_steps=None or distributed='trainers'")
+        if not trainer.exact_data_parallel:
+            warnings.warn(f"{type(trainer).__name__} under distributed='data' computes some batch statistic per rank "
+                          f"(e.g. BatchTopK's k * batch largest codes over the rank's batch), so it does not equal one "
+                          f"process on the global batches exactly; the weights stay identical across ranks")
+        trainer.distributed = sync
+        sync.broadcast_module(trainer.ae)
 
 
 def _save_steps(save_steps: Any) -> Any:
@@ -138,6 +155,7 @@ def train_dictionaries(
     resume: bool = False,
     checkpoint_steps: int | None = None,
     progress: bool = True,
+    distributed: str | None = None,
 ) -> list[SAETrainer]:
     """Train every trainer in `trainer_configs` on the same batches from `data` for `steps` steps (None: until the
     data runs out). The parameters up to `backup_steps` are upstream's, in upstream's order.
@@ -159,6 +177,13 @@ def train_dictionaries(
       `normalization_batches` batches (not trained on) and folded into the saved weights, which work on raw
       activations; config.json records it as upstream's `norm_factor`.
     use_wandb: log to one wandb run (mode from $WANDB_MODE, default "offline": no network needed).
+    distributed: in a torch.distributed run (`torchrun`, then `training.init_distributed()`), "data": every rank
+      trains every dictionary on its own share of each global batch (`data` yields this rank's share, e.g. a
+      buffer over `training.shard(texts)` or a cache reader with rank / world_size), gradients and dead-feature
+      statistics are combined so the run equals one process on the global batches; rank 0 writes the checkpoint
+      and the dictionaries, and resume works as in one process. "trainers": rank r builds and trains trainers r,
+      r + world_size, ... on all of `data` (the same stream on every rank), saving its own `trainer_{i}` folders
+      and `checkpoint.rank{r}.pt`; it returns only its own trainers. save_dir must be a folder every rank sees.
     transcoder: accepted for upstream's signature; transcoders are recognised from their dictionaries and (x, y)
       batches. device: where autocast runs (default: the first trainer's device).
     Returns the trainers (their dictionaries are trained on the scaled activations if normalize_activations; each
@@ -185,21 +210,36 @@ def train_dictionaries(
                         ("log_steps", log_steps)):
         if value is not None:
             integer(name, value)
-    trainers = [build_trainer(config) for config in trainer_configs]
+    rank, world_size = check_mode(distributed)
+    mine = list(range(len(trainer_configs)))  # the trainers this process trains
+    if distributed == "trainers":
+        mine = mine[rank::world_size]
+        if not mine:
+            raise ValueError(f"distributed='trainers' with {world_size} ranks needs at least {world_size} trainers, "
+                             f"got {len(trainer_configs)}: rank {rank} would train none")
+    trainers = [build_trainer(trainer_configs[i]) for i in mine]
+    sync = DataParallel() if distributed == "data" else None
+    if sync is not None:
+        prepare_data_parallel(trainers, sync)
+    writes = rank == 0 or distributed == "trainers"  # whether this process writes dictionaries and checkpoints
     save_dir = Path(save_dir) if save_dir is not None else None
-    if save_dir is not None:
+    if save_dir is not None and writes:
         check_writable_folder("save_dir", save_dir)
-    directories = [save_dir / f"trainer_{i}" for i in range(len(trainers))] if save_dir else []
+    directories = [save_dir / f"trainer_{i}" for i in mine] if save_dir and writes else []
     save_steps = _save_steps(save_steps)
     run_config = {"buffer": data.config} if hasattr(data, "config") else {}
     if run_cfg:
         run_config["run"] = dict(run_cfg)
+    if distributed is not None:
+        run_config["distributed"] = {"mode": distributed, "world_size": world_size}
 
     routing = Routing(trainers)
     if getattr(data, "entry_names", None) is not None:
         routing.check(data.entry_names)
     data = iter(data)
-    checkpoint = save_dir / CHECKPOINT if save_dir else None  # every trainer's state in one file
+    # every trainer's state in one file (one per rank with distributed="trainers")
+    checkpoint = (save_dir / (f"checkpoint.rank{rank}.pt" if distributed == "trainers" and world_size > 1
+                              else CHECKPOINT) if save_dir else None)
     older = [directory / CHECKPOINT for directory in directories]  # this toolkit's older per-trainer files
     resume_from = older if resume and checkpoint and not checkpoint.exists() and all(p.exists() for p in older) \
         else checkpoint
@@ -217,12 +257,13 @@ def train_dictionaries(
         if not sample:
             raise ValueError("data yielded no batches")
         target = "d_model" if normalize_activations == "d_model" else "unit"
+        over_ranks = sync.mean if sync is not None else None  # the global batches' mean squared norm
         if isinstance(sample[0], dict):
             routing.check(sample[0])
-            scales = {name: activation_scales([batch[name] for batch in sample], target)
+            scales = {name: activation_scales([batch[name] for batch in sample], target, over_ranks)
                       for name in dict.fromkeys(routing.names)}
         else:
-            scales = activation_scales(sample, target)
+            scales = activation_scales(sample, target, over_ranks)
         consumed += len(sample)
 
     def scales_of(i: int) -> tuple[float, float]:
@@ -247,7 +288,7 @@ def train_dictionaries(
         for i, (trainer, directory) in enumerate(zip(trainers, directories)):
             _save_intermediate(trainer, directory / "checkpoints" / f"ae_{step}.pt", scales_of(i))
 
-    if 0 in save_steps and start == 0:  # upstream saves step 0 (the initial weights) when asked
+    if 0 in save_steps and start == 0 and writes:  # upstream saves step 0 (the initial weights) when asked
         save_all(0)
 
     def logged() -> dict[str, float]:
@@ -255,24 +296,28 @@ def train_dictionaries(
                 for k, v in t.get_logging_parameters().items() if isinstance(v, (int, float))}
 
     run = None
-    if use_wandb:
+    if use_wandb and rank == 0:
         run = start_wandb({f"trainer_{i}": t.config for i, t in enumerate(trainers)} | run_config, save_dir,
                           project=wandb_project or "dictionary_learning", entity=wandb_entity or None, resume=resume)
     device_type = torch.device(device).type if device else trainers[0].device.type
     autocast = (torch.autocast(device_type=device_type, dtype=autocast_dtype)
                 if autocast_dtype != torch.float32 else None)
     saved = ({name: list(pair) for name, pair in scales.items()} if isinstance(scales, dict) else list(scales))
-    done = run_steps(trainers, data, steps, start=start, consumed=consumed, checkpoint_path=checkpoint,
+    done = run_steps(trainers, data, steps, start=start, consumed=consumed,
+                     checkpoint_path=checkpoint if writes else None,
                      checkpoint_steps=checkpoint_steps or backup_steps, checkpoint_extra={"scales": saved},
-                     save_steps=save_steps, on_save=save_all, log_steps=log_steps, log_values=logged, run=run,
-                     context=autocast, prepare=prepare, select=select, bar_keys=("loss", "l0", "fvu"),
-                     progress=progress, verbose=verbose)
+                     save_steps=save_steps if writes else (), on_save=save_all, log_steps=log_steps,
+                     log_values=logged, run=run, context=autocast, prepare=prepare, select=select,
+                     bar_keys=("loss", "l0", "fvu"), progress=progress and rank == 0, verbose=verbose and rank == 0,
+                     all_have=sync.all_true if sync is not None else None)
     if done == 0:  # nothing trained: never save an untrained dictionary as if it were one
         raise ValueError("data yielded no batches to train on (after any normalisation batches): nothing was trained")
     for i, trainer in enumerate(trainers):
         trainer.normalization_scales = scales_of(i)  # what the trained weights expect inputs / targets scaled by
     for i, (trainer, directory) in enumerate(zip(trainers, directories)):
         _save(trainer, directory, scales_of(i), run_config)
+    if distributed is not None:  # every rank returns once the files are written
+        torch.distributed.barrier()
     return trainers
 
 

@@ -8,7 +8,7 @@ import math
 import os
 from pathlib import Path
 from queue import Empty
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -22,13 +22,17 @@ from .loop import Every, run_steps
 UNTIL_EXHAUSTED = 2**62  # the trainer's step budget when training runs until the data ends
 
 
-def activation_scales(batches: Sequence[Any], target: str = "unit") -> tuple[float, float]:
+def activation_scales(batches: Sequence[Any], target: str = "unit",
+                      over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
     """(scale_in, scale_out) multiplying inputs / targets so that their mean squared norm (the mean over batches of
     each batch's mean squared norm, as upstream's `get_norm_factor`) is 1 ("unit", upstream and Gao et al. 2024) or
-    their width ("d_model", Anthropic's April 2024 update)."""
+    their width ("d_model", Anthropic's April 2024 update). `over_ranks` (data-parallel training) turns a rank's
+    mean into the mean over all ranks' batches."""
     def scale(tensors: list[torch.Tensor]) -> float:
         mean_squared = sum(t.reshape(-1, t.shape[-1]).float().pow(2).sum(-1).mean().item() for t in tensors)
         mean_squared /= len(tensors)
+        if over_ranks is not None:
+            mean_squared = over_ranks(torch.tensor(mean_squared, dtype=torch.float64)).item()
         width = tensors[0].shape[-1] if target == "d_model" else 1
         return math.sqrt(width / max(mean_squared, 1e-24))
 
