@@ -1,8 +1,10 @@
 """SCAE at full depth: time and peak memory of each stage for a suite on every SmolLM2 layer (60 modules), so the
 scaling of connection selection, the pruned forward pass and a fine-tuning step can be read off at real size.
-The suite is random (training 60 modules is not the point here); the stages' costs do not depend on its quality.
+The suite is random unless `--train-steps N`: then its modules are first trained with `train_suite` (every module
+from one model pass per batch of texts, bf16 model) for N steps; the later stages' costs do not depend on its quality.
 
     python bench/bench_scae_scale.py [--layers 30 --dict-size 4608 --k 32 --C 32 --texts 4 --ctx-len 64]
+    python bench/bench_scae_scale.py --train-steps 20 --train-step      # train, select, fine-tune at full depth
 
 Peak memory is the process's peak resident set (ru_maxrss) after each stage, so it only grows; the increase over
 the previous stage is what that stage needed beyond everything before it.
@@ -31,6 +33,9 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=4)
     parser.add_argument("--ctx-len", type=int, default=64)
     parser.add_argument("--train-step", action="store_true", help="also time one fine-tuning step (MSE + CE)")
+    parser.add_argument("--train-steps", type=int, default=0,
+                        help="train the modules from one pass for this many steps first (0: a random suite)")
+    parser.add_argument("--train-batch", type=int, default=1024, help="activations per training step")
     parser.add_argument("--random-connections", action="store_true",
                         help="skip selection (its cost is known) and use C random connections per feature")
     args = parser.parse_args()
@@ -38,24 +43,36 @@ def main() -> None:
     from dictionary_learning import default_corpus, load_model
     from dictionary_learning.scae import (
         Connections, SCAESuite, SCAETrainer, connections_from_statistics, contribution_statistics, pruned_forward,
-        run_suite, upstream_of, virtual_weights,
+        run_suite, train_suite, upstream_of, virtual_weights,
     )
 
     model = load_model("smollm2-135m", attn_implementation="eager")
-    suite = SCAESuite.random(model, dict_size=args.dict_size, k=args.k, n_layer=args.layers, seed=0)
     texts = list(itertools.islice(default_corpus(), args.texts))
-    n_features = sum(m.dict_size for m in suite.dictionaries.values())
-    print(f"SCAE at scale: SmolLM2 first {args.layers} layers ({len(suite.names)} modules, {n_features:,} features), "
+    n_features = 2 * args.layers * args.dict_size
+    print(f"SCAE at scale: SmolLM2 first {args.layers} layers ({2 * args.layers} modules, {n_features:,} features), "
           f"dict {args.dict_size}, k {args.k}, C {args.C}, {args.texts} texts x {args.ctx_len} tokens, "
           f"{torch.get_num_threads()} threads")
     print(f"  {'stage':52s} {'seconds':>9s} {'peak RSS MB':>12s}")
-    print(f"  {'model and suite loaded':52s} {'':9s} {peak_mb():12.0f}")
+    print(f"  {'model loaded':52s} {'':9s} {peak_mb():12.0f}")
 
     def stage(label, function):
         start = time.perf_counter()
         result = function()
         print(f"  {label:52s} {time.perf_counter() - start:9.1f} {peak_mb():12.0f}", flush=True)
         return result
+
+    if args.train_steps:
+        reader = load_model("smollm2-135m", dtype=torch.bfloat16)  # reads the activations (a bf16 copy: faster)
+        suite = stage(f"train_suite: {args.train_steps} steps x {args.train_batch} tokens, one pass",
+                      lambda: train_suite(reader, args.layers, args.dict_size, args.k, default_corpus(repeat=True),
+                                          args.train_steps, lr=1e-3, warmup_steps=1, n_ctxs=16,
+                                          ctx_len=args.ctx_len, refresh_batch_size=16,
+                                          out_batch_size=args.train_batch, normalization_batches=2,
+                                          progress=False))
+        suite = suite.float()
+        del reader
+    else:
+        suite = SCAESuite.random(model, dict_size=args.dict_size, k=args.k, n_layer=args.layers, seed=0)
 
     record, _ = stage("run_suite (suite patched in, recorded)",
                       lambda: run_suite(suite, model, texts, ctx_len=args.ctx_len, logits=False))
