@@ -89,29 +89,45 @@ def load_dictionary(base_path: str | Path, device: str | torch.device | None = "
     return dictionary.to(device=device, dtype=dtype), config
 
 
+DICTIONARY_FILES = ["ae.pt", "model.safetensors", "config.json"]
+
+
 def push_to_hub(directory: str | Path, repo_id: str, token: str | None = None, private: bool = False,
                 path_in_repo: str | None = None, commit_message: str = "Upload dictionary") -> str:
-    """Upload a saved dictionary folder to a Hugging Face model repo (created if missing); returns the commit URL."""
+    """Upload a saved dictionary folder, or a saved SCAE suite folder (suite.json, its connections and a dictionary
+    folder per module), to a Hugging Face model repo (created if missing); returns the commit URL. Other files in
+    the folder (checkpoints, notes) are not uploaded."""
     from huggingface_hub import HfApi
 
     directory = Path(directory)
-    if not (directory / "config.json").exists():
-        raise ValueError(f"{str(directory)!r} is not a saved dictionary (no config.json)")
+    if (directory / "suite.json").exists():
+        patterns = ["suite.json", "connections.safetensors", *(f"*/{name}" for name in DICTIONARY_FILES)]
+    elif (directory / "config.json").exists():
+        patterns = DICTIONARY_FILES
+    else:
+        raise ValueError(f"{str(directory)!r} is not a saved dictionary (no config.json) or SCAE suite (no "
+                         f"suite.json)")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(folder_path=str(directory), repo_id=repo_id, path_in_repo=path_in_repo,
-                             commit_message=commit_message, allow_patterns=["ae.pt", "model.safetensors", "config.json"])
+                             commit_message=commit_message, allow_patterns=patterns)
     return str(info)
+
+
+def download_from_hub(repo_id: str, subfolder: str | None = None, revision: str | None = None,
+                      token: str | None = None) -> Path:
+    """The local path of a folder of a hub repo (downloaded, or from the local cache), `subfolder` inside it."""
+    from huggingface_hub import snapshot_download
+
+    patterns = [f"{subfolder}/*" if subfolder else "*"]
+    local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token)
+    return Path(local) / subfolder if subfolder else Path(local)
 
 
 def pull_from_hub(repo_id: str, subfolder: str | None = None, revision: str | None = None,
                   device: str = "cpu", token: str | None = None) -> tuple[Dictionary, dict[str, Any]]:
     """Download a dictionary folder from the hub (or its local cache) and load it."""
-    from huggingface_hub import snapshot_download
-
-    patterns = [f"{subfolder}/*" if subfolder else "*"]
-    local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token)
-    return load_dictionary(Path(local) / subfolder if subfolder else local, device=device)
+    return load_dictionary(download_from_hub(repo_id, subfolder, revision, token), device=device)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dictionary_learning.dictionary import AutoEncoderTopK, BatchTopKSAE
+from dictionary_learning.scae import SCAESuite, all_connections
 from dictionary_learning.utils import load_dictionary, pull_from_hub, push_to_hub, save_dictionary
 
 
@@ -14,6 +15,7 @@ from dictionary_learning.utils import load_dictionary, pull_from_hub, push_to_hu
 def local_hub(tmp_path, monkeypatch):
     """huggingface_hub's upload and download calls redirected to folders under tmp_path/hub."""
     import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
 
     root = tmp_path / "hub"
     calls = {}
@@ -23,11 +25,12 @@ def local_hub(tmp_path, monkeypatch):
         (root / repo_id).mkdir(parents=True, exist_ok=True)
 
     def upload_folder(self, folder_path, repo_id, path_in_repo=None, allow_patterns=None, **kwargs):
+        # the files huggingface_hub's own filter selects (its patterns match paths relative to the folder)
         target = root / repo_id / (path_in_repo or "")
-        target.mkdir(parents=True, exist_ok=True)
-        for pattern in allow_patterns:
-            for file in Path(folder_path).glob(pattern):
-                shutil.copy(file, target / file.name)
+        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+        for relative in filter_repo_objects(files, allow_patterns=allow_patterns):
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(Path(folder_path) / relative, target / relative)
         return f"local://{repo_id}"
 
     def snapshot_download(repo_id, revision=None, allow_patterns=None, token=None, **kwargs):
@@ -67,5 +70,33 @@ def test_push_and_pull_round_trip(tmp_path, local_hub, cls, output_dim, skip):
 def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="expected a folder with config.json"):
         load_dictionary(tmp_path)
-    with pytest.raises(ValueError, match="not a saved dictionary"):
+    with pytest.raises(ValueError, match="not a saved dictionary .* or SCAE suite"):
         push_to_hub(tmp_path, "me/x")
+
+
+def test_suite_push_and_pull_round_trip(tmp_path, local_hub, tiny_llama):
+    """An SCAE suite goes up as one folder (modules, connections, suite.json; not a checkpoint lying beside them)
+    and comes back equal, connections included."""
+    root, calls = local_hub
+    suite = SCAESuite.random(tiny_llama, dict_size=32, k=4, n_layer=2, seed=1)
+    suite.model_name = "tiny-llama"
+    suite.connections = all_connections(suite, tiny_llama).top(3)
+    suite.push_to_hub("me/suite", path_in_repo="v1")
+    uploaded = sorted(p.relative_to(root / "me/suite/v1").as_posix() for p in (root / "me/suite/v1").rglob("*")
+                      if p.is_file())
+    assert uploaded == sorted(["connections.safetensors", "suite.json", *(
+        f"{name}/{file}" for name in suite.names for file in ("ae.pt", "config.json", "model.safetensors"))])
+    pulled = SCAESuite.from_hub("me/suite", subfolder="v1")
+    assert calls["snapshot_download"] == ("me/suite", ["v1/*"])
+    assert pulled.names == suite.names and pulled.model_name == "tiny-llama"
+    for name in suite.names:
+        for key, value in suite[name].state_dict().items():
+            assert torch.equal(pulled[name].state_dict()[key], value), (name, key)
+        assert torch.equal(pulled.connections.indices[name], suite.connections.indices[name])
+        assert torch.equal(pulled.connections.weights[name], suite.connections.weights[name])
+    # a saved suite folder pushes the same way, without what is not part of the suite
+    suite.save(tmp_path / "saved")
+    (tmp_path / "saved" / "checkpoint.pt").write_bytes(b"not uploaded")
+    push_to_hub(tmp_path / "saved", "me/suite2")
+    assert (root / "me/suite2/suite.json").exists() and not (root / "me/suite2/checkpoint.pt").exists()
+    assert SCAESuite.from_hub("me/suite2").names == suite.names

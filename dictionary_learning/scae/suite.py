@@ -16,7 +16,7 @@ from ..dictionary import AutoEncoderTopK, Dictionary, TopKDictionary
 from ..files import atomic_folder, atomic_write, atomic_write_json, read_json
 from ..models import d_model, n_layers
 from ..models.adapters import parallel_residual
-from ..utils import load_dictionary, save_dictionary
+from ..utils import download_from_hub, load_dictionary, push_to_hub, save_dictionary
 
 CONNECTION_FIELDS = ("indices", "weights", "scores", "totals")
 
@@ -152,6 +152,25 @@ class SCAESuite(nn.Module):
             return cls(modules, model_name=meta.get("model_name"), connections=connections)
         except (ValueError, TypeError) as error:  # suite.json, the modules and the connections disagree
             raise ValueError(f"{str(directory)!r} is not a consistent SCAESuite: {error}") from error
+
+
+    def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = False,
+                    path_in_repo: str | None = None, commit_message: str = "Upload SCAE suite") -> str:
+        """Upload the suite (modules, connections, suite.json: the folder `save` writes) to a Hugging Face model repo
+        (created if missing); returns the commit URL."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = self.save(Path(scratch) / "suite")
+            return push_to_hub(folder, repo_id, token=token, private=private, path_in_repo=path_in_repo,
+                               commit_message=commit_message)
+
+    @classmethod
+    def from_hub(cls, repo_id: str, subfolder: str | None = None, revision: str | None = None, device: str = "cpu",
+                 token: str | None = None) -> "SCAESuite":
+        """A suite pushed with `push_to_hub` (or any folder `save` wrote, uploaded), downloaded (or from the local
+        cache) and loaded with its connections."""
+        return cls.load(download_from_hub(repo_id, subfolder, revision, token), device=device)
 
 
 @dataclass
