@@ -93,12 +93,13 @@ def logits_or_stop(model: Any, tracer: Any, logits: bool) -> Any:
 
 
 @torch.no_grad()
-def read_hook_points(model: Any, encoding: dict[str, torch.Tensor], points: Sequence[HookPoint]) -> list[torch.Tensor]:
+def read_hook_points(model: Any, encoding: dict[str, torch.Tensor], points: Sequence[HookPoint],
+                     remote: bool = False) -> list[torch.Tensor]:
     """The values `[batch, seq, d]` at `points` (in the order given) from one trace over `encoding`, which stops
-    right after the last of them."""
+    right after the last of them. `remote=True` runs the trace on NDIF through nnsight's remote execution."""
     order = sorted(range(len(points)), key=lambda i: execution_key(model, points[i]))
     saved: list[Any] = [None] * len(points)
-    with model.trace(model_inputs(encoding)) as tracer:
+    with model.trace(model_inputs(encoding), **({"remote": True} if remote else {})) as tracer:
         for i in order:  # modules must be reached in execution order within one trace
             saved[i] = hook_value(model, points[i]).save()
         logits_or_stop(model, tracer, logits=False)

@@ -90,3 +90,27 @@ def test_shared_hook_point_read_once(tiny_llama):
 def test_bad_dicts(tiny_llama, submodule, kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message.replace("[", r"\[").replace("]", r"\]")):
         ActivationBuffer(random_texts(3), tiny_llama, submodule, n_ctxs=2, ctx_len=8, **kwargs)
+
+
+def test_remote_reaches_every_trace(tiny_llama, monkeypatch):
+    """remote=True asks nnsight for remote execution in every trace the buffer runs (NDIF is out of reach here: the
+    trace runs locally once the flag is recorded), and the rows are those of a local buffer."""
+    seen = []
+    original = tiny_llama.trace
+
+    def trace(*args, **kwargs):
+        seen.append(kwargs.pop("remote", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_llama, "trace", trace)
+    texts = random_texts(6, seed=8)
+    points = suite_points(tiny_llama, [1])
+    remote = list(ActivationBuffer(texts, tiny_llama, points, n_ctxs=2, ctx_len=CTX, refresh_batch_size=3,
+                                   out_batch_size=40, remote=True))
+    assert len(seen) >= 3 and all(seen)
+    seen.clear()
+    local = list(ActivationBuffer(texts, tiny_llama, points, n_ctxs=2, ctx_len=CTX, refresh_batch_size=3,
+                                  out_batch_size=40))
+    assert seen and not any(seen)
+    for a, b in zip(remote, local):
+        assert torch.equal(a["attn_1"], b["attn_1"]) and torch.equal(a["mlp_1"][1], b["mlp_1"][1])

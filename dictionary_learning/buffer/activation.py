@@ -52,7 +52,8 @@ class ActivationBuffer:
     max_activation_norm_multiple: drop tokens whose norm exceeds this multiple of the median norm of the kept tokens
       of their refresh batch (at any hook point); None keeps all.
     dtype: storage dtype (default: the model's). seed: the shuffling seed. in_batch_size: the founding name of
-      refresh_batch_size.
+      refresh_batch_size. remote: run every trace on NDIF through nnsight's remote execution (a model too large for
+      this machine, loaded by nnsight without its weights); the activations come back to `device`.
     """
 
     io_modes = IO_MODES
@@ -78,6 +79,7 @@ class ActivationBuffer:
         in_feats: int | None = None,
         out_feats: int | None = None,
         in_batch_size: int | None = None,
+        remote: bool = False,
     ):
         if io not in self.io_modes:
             raise ValueError(f"io must be one of {self.io_modes}, got {io!r}")
@@ -120,6 +122,7 @@ class ActivationBuffer:
         self.remove_high_norm = max_activation_norm_multiple  # upstream's attribute name
         self.dtype = dtype or next(torch_model(model).parameters()).dtype
         self.seed = seed
+        self.remote = bool(remote)
         self._generator = torch.Generator().manual_seed(seed)
         # self.hooks: the distinct hook points read, in the order given; self.entries: which of them each named entry
         # serves (None for a single submodule, which serves all of them: one tensor, or an in_to_out pair)
@@ -394,7 +397,7 @@ class ActivationBuffer:
 
     def _collect(self, encoding: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Activations of the hook points on these inputs: one `[n_tokens, ...]` tensor per hook, padding dropped."""
-        values = self._transform(read_hook_points(self.model, encoding, self.hooks))
+        values = self._transform(read_hook_points(self.model, encoding, self.hooks, self.remote))
         mask = self.token_mask(encoding).to(values[0].device)
         if self.remove_high_norm is not None and mask.any():
             kept = mask
