@@ -1,0 +1,48 @@
+"""Data-parallel training on several GPUs (or CPU processes) with torch.distributed: each rank reads its own share
+of the texts through its own copy of the model, and trainSAE combines the gradients and statistics so the run equals
+one process on the global batches (rank's batch x world size).
+
+    torchrun --nproc_per_node 4 demos/train_distributed.py                      # 4 GPUs (NCCL)
+    torchrun --nproc_per_node 2 demos/train_distributed.py --model tiny-llama --steps 20 --layer 1   # CPU, gloo
+
+Rank 0 writes runs/demo_distributed/ (trainer_0/, trainer_1/ and the checkpoint); `--resume` continues an interrupted run.
+`--mode trainers` shards the trainers over the ranks instead (every rank reads all the texts).
+"""
+
+import argparse
+
+import torch
+
+from dictionary_learning import ActivationBuffer, default_corpus, hook, load_model
+from dictionary_learning.models import d_model
+from dictionary_learning.trainers import TopKTrainer
+from dictionary_learning.training import init_distributed, shard, trainSAE
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--model", default="smollm2-135m")
+parser.add_argument("--layer", type=int, default=6)
+parser.add_argument("--steps", type=int, default=200)
+parser.add_argument("--batch", type=int, default=1024, help="activations per rank per step")
+parser.add_argument("--mode", default="data", choices=["data", "trainers"])
+parser.add_argument("--resume", action="store_true")
+parser.add_argument("--out", default="runs/demo_distributed")
+args = parser.parse_args()
+
+rank, world_size = init_distributed()  # from torchrun's environment: NCCL on CUDA, gloo otherwise
+device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+model = load_model(args.model, device=device)
+texts = default_corpus(repeat=True)
+if args.mode == "data":
+    texts = shard(texts)  # every world_size-th text, from the rank-th
+buffer = ActivationBuffer(texts, model, hook(model, args.layer, "resid"), n_ctxs=64, ctx_len=128,
+                          refresh_batch_size=32, out_batch_size=args.batch, remove_bos=True, device=device,
+                          seed=rank)
+common = dict(activation_dim=d_model(model), dict_size=8 * d_model(model), k=32, lr=1e-3, steps=args.steps,
+              warmup_steps=max(1, args.steps // 10), seed=0, device=device, layer=args.layer, lm_name=args.model)
+configs = [dict(trainer=TopKTrainer, **common), dict(trainer=TopKTrainer, **dict(common, k=64))]
+trainers = trainSAE(buffer, configs, args.steps, save_dir=args.out, normalize_activations="d_model",
+                    resume=args.resume, distributed=args.mode if world_size > 1 else None, progress=rank == 0)
+print(f"rank {rank} of {world_size} ({args.mode}): trained {len(trainers)} dictionaries here, last FVU "
+      f"{trainers[0].last_metrics['fvu']:.3f}; saved to {args.out}/")
+if world_size > 1:
+    torch.distributed.destroy_process_group()
