@@ -13,12 +13,12 @@ FLOORS = {
     "dictionary": 1, "grad_pursuit": 1, "data": 1, "models.hooks": 1, "models.loading": 1, "models": 1,
     "tracing": 2, "trainers": 2, "trainers.trainer": 2, "trainers.standard": 2, "trainers.top_k": 2, "utils": 2,
     "buffer": 3, "pytorch_buffer": 3, "training": 3, "activault_s3_buffer": 3,
-    "evaluation": 4,
+    "evaluation": 4, "cache": 4,
     "scae": 5, "interp": 5,
     "reports": 6,
     "__main__": 7, "__init__": 7,
 }
-WING = ["suite", "kernels", "tracing", "pruned", "selection", "evaluation", "training"]
+WING = ["suite", "kernels", "tracing", "pruned", "selection", "evaluation", "training", "modules"]
 
 
 def modules():
