@@ -4,7 +4,8 @@
         [resume]
 
 MODE "data": this rank trains every trainer on its share of each global batch (rows rank*B .. (rank+1)*B);
-"trainers": this rank trains its share of the trainers on every global batch. The data and configs are defined here
+"trainers": this rank trains its share of the trainers on every global batch; "data-other": as "data", with the
+other trainers (`other_configs`). The data and configs are defined here
 so that the test can train one process on the same global batches."""
 
 import sys
@@ -48,6 +49,21 @@ def configs() -> list[dict]:
     ]
 
 
+def other_configs() -> list[dict]:
+    """JumpReLU (exact under data parallelism), and BatchTopK / Matryoshka (their batch top-k is per rank)."""
+    from dictionary_learning.trainers import BatchTopKTrainer, JumpReluTrainer, MatryoshkaBatchTopKTrainer
+
+    common = dict(activation_dim=D, steps=STEPS, device="cpu", submodule_name="a", warmup_steps=2)
+    return [
+        dict(common, trainer=JumpReluTrainer, dict_size=48, lr=3e-3, sparsity_warmup_steps=4, target_l0=4.0,
+             seed=4),
+        dict(common, trainer=BatchTopKTrainer, dict_size=64, k=3, seed=5, dead_feature_threshold=128,
+             threshold_start_step=2, lr=3e-3),
+        dict(common, trainer=MatryoshkaBatchTopKTrainer, dict_size=64, k=3, group_fractions=[0.25, 0.75],
+             seed=6, dead_feature_threshold=128, threshold_start_step=2, lr=3e-3),
+    ]
+
+
 def main() -> None:
     from dictionary_learning.training import init_distributed, trainSAE
 
@@ -55,12 +71,14 @@ def main() -> None:
     resume = len(sys.argv) > 4 and sys.argv[4] == "resume"
     rank, world_size = init_distributed()
     batches = global_batches()
+    trainer_configs = other_configs() if mode == "data-other" else configs()
+    mode = mode.removesuffix("-other")
     if mode == "data":
         batches = [share(batch, rank, world_size) for batch in batches]
-    trainers = trainSAE(iter(batches), configs(), steps, save_dir=save_dir, normalize_activations="unit",
+    trainers = trainSAE(iter(batches), trainer_configs, steps, save_dir=save_dir, normalize_activations="unit",
                         normalization_batches=2, checkpoint_steps=3, resume=resume, distributed=mode,
                         progress=False)
-    if mode == "data":  # every rank ends with the same weights
+    if mode == "data":  # every rank ends with the same weights (thresholds included)
         for trainer in trainers:
             for value in trainer.ae.state_dict().values():
                 reference = value.clone()

@@ -14,7 +14,7 @@ from dictionary_learning.training import shard, trainSAE
 from dictionary_learning.training.loop import load_checkpoint
 from dictionary_learning.utils import load_dictionary
 
-from .distributed_child import STEPS, configs, global_batches
+from .distributed_child import STEPS, configs, global_batches, other_configs
 
 CHILD = Path(__file__).with_name("distributed_child.py")
 
@@ -74,6 +74,24 @@ def test_trainers_sharded_over_ranks(single, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("checkpoint.rank*")) == ["checkpoint.rank0.pt", "checkpoint.rank1.pt"]
     assert len(load_checkpoint(tmp_path / "checkpoint.rank0.pt")["trainers"]) == 2  # trainers 0 and 2
     assert len(load_checkpoint(tmp_path / "checkpoint.rank1.pt")["trainers"]) == 1  # trainer 1
+
+
+def test_data_parallel_other_trainers(tmp_path):
+    """JumpReLU equals one process; BatchTopK and Matryoshka (batch top-k per rank, with a warning) keep every rank's
+    weights and thresholds identical (the child checks) and land near one process."""
+    torchrun("data-other", tmp_path, STEPS)
+    reference = tmp_path / "single"
+    trainSAE(iter(global_batches()), other_configs(), STEPS, save_dir=reference, normalize_activations="unit",
+             normalization_batches=2, checkpoint_steps=3, progress=False)
+    assert_same_dictionaries(reference, tmp_path, [0])
+    for i in (1, 2):
+        ours, _ = load_dictionary(tmp_path / f"trainer_{i}")
+        theirs, _ = load_dictionary(reference / f"trainer_{i}")
+        assert float(ours.threshold) > 0 and float(theirs.threshold) > 0
+        flat = [torch.cat([v.flatten() for v in ae.state_dict().values() if v.is_floating_point()])
+                for ae in (ours, theirs)]
+        cosine = torch.nn.functional.cosine_similarity(*flat, dim=0)
+        assert cosine > 0.9, (i, float(cosine))
 
 
 def test_shard_and_mode_errors():

@@ -29,4 +29,6 @@ class BatchTopKTrainer(TopKTrainer):
         """Upstream's inference threshold: an exponential moving average (beta `threshold_beta`) of the smallest
         positive code the batch kept (0 when none was)."""
         active = f[f > 0]
-        self._move_threshold(active.min().float() if active.numel() else torch.zeros((), device=f.device))
+        smallest = self._global_min(active.min().float() if active.numel() else torch.full((), torch.inf,
+                                                                                           device=f.device))
+        self._move_threshold(smallest if torch.isfinite(smallest) else torch.zeros((), device=f.device))

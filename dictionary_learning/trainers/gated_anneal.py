@@ -26,6 +26,8 @@ SPARSITY_FUNCTIONS = ("Lp^p", "Lp")
 class GatedAnnealTrainer(SAETrainer):
     """Trains a `GatedAutoEncoder` (or a gated transcoder) with p-annealing of its sparsity penalty."""
 
+    exact_data_parallel = False  # in data-parallel training the penalty's rescaling averages each rank's own queue
+
     def __init__(
         self,
         steps: int,

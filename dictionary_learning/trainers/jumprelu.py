@@ -182,6 +182,8 @@ class JumpReluTrainer(SAETrainer):
         else:
             y_hat, f, l0, column_sums = self._dense_forward(x, pre)
         recon = (y - y_hat).pow(2).sum(dim=-1).mean()
+        if self.distributed is not None:  # the global batch's L0, with this rank's gradient (averaged over ranks:
+            l0 = l0 - l0.detach() + self._global_mean(l0.detach())  # the gradient of the global penalty)
         sparsity = (l0 / self.target_l0 - 1).pow(2)
         loss = recon + self.sparsity_coefficient * sparsity * self.sparsity_warmup_fn(step)
         if logging:

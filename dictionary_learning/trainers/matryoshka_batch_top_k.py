@@ -59,6 +59,8 @@ class MatryoshkaBatchTopKTrainer(SAETrainer):
     this toolkit's extras are keyword-only: output_dim / transcoder / skip, dead_feature_threshold (tokens without
     firing after which a latent counts as dead), top_k_aux (default output_dim // 2)."""
 
+    exact_data_parallel = False  # in data-parallel training the k * batch largest codes are chosen per rank
+
     def __init__(
         self,
         steps: int,
@@ -190,7 +192,9 @@ class MatryoshkaBatchTopKTrainer(SAETrainer):
         residual, residual_hat = residual.to(dtype), residual_hat.to(dtype)
         error = (residual - residual_hat).pow(2).sum(dim=-1).mean()
         self.pre_norm_auxk_loss = error.item()
-        variance = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean()
+        with torch.no_grad():  # the residual's variance over the (global) batch
+            center = self._global_mean(residual.mean(dim=0))
+            variance = self._global_mean((residual - center).pow(2).sum(dim=-1).mean())
         return (error / variance).nan_to_num(0.0)
 
     def get_auxiliary_loss(self, residual_BD: torch.Tensor, post_relu_acts_BF: torch.Tensor) -> torch.Tensor:
@@ -212,7 +216,10 @@ class MatryoshkaBatchTopKTrainer(SAETrainer):
     def update_threshold(self, f: torch.Tensor) -> None:
         """Move the inference threshold towards the smallest positive code in `f` (any shape)."""
         active = f[f > 0]
-        smallest = active.min().float() if active.numel() else torch.zeros((), device=f.device)
+        smallest = self._global_min(active.min().float() if active.numel() else torch.full((), torch.inf,
+                                                                                           device=f.device))
+        if not torch.isfinite(smallest):  # no positive code in the (global) batch
+            smallest = torch.zeros((), device=f.device)
         threshold = self.ae.threshold
         if threshold < 0:
             threshold.copy_(smallest)
@@ -226,7 +233,8 @@ class MatryoshkaBatchTopKTrainer(SAETrainer):
         if step == 0 and not self._b_dec_initialised:
             _, y = split_batch(x, self.ae)
             with torch.no_grad():
-                self.ae.b_dec.copy_(_geometric_median(y.to(self.ae.b_dec.device)).to(self.ae.b_dec.dtype))
+                self.ae.b_dec.copy_(_geometric_median(self._global_rows(y.to(self.ae.b_dec.device)))
+                                    .to(self.ae.b_dec.dtype))
             self._b_dec_initialised = True
         self._step = step
         return super().update(step, x)

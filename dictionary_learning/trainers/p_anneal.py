@@ -22,6 +22,8 @@ SPARSITY_FUNCTIONS = ("Lp", "Lp^p")
 class PAnnealTrainer(ReLUTrainer):
     """Trains an `AutoEncoder` (or a transcoder of that class) with an annealed L_p penalty."""
 
+    exact_data_parallel = False  # in data-parallel training the penalty's rescaling averages each rank's own queue
+
     max_grad_norm = None  # upstream does not clip here
 
     def __init__(

@@ -309,6 +309,10 @@ class SAETrainer:
         """A per-batch mean as the mean over the global batch in data-parallel training (itself otherwise)."""
         return value if self.distributed is None else self.distributed.mean(value)
 
+    def _global_min(self, value: torch.Tensor) -> torch.Tensor:
+        """A per-batch minimum as the minimum over the global batch in data-parallel training."""
+        return value if self.distributed is None else self.distributed.min(value)
+
     def _global_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """A batch's rows as the global batch's rows in data-parallel training (themselves otherwise)."""
         return rows if self.distributed is None else self.distributed.gather_rows(rows)

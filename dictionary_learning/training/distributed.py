@@ -102,6 +102,11 @@ class DataParallel:
         return self.sum(tensor) / self.world_size
 
     @torch.no_grad()
+    def min(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The elementwise minimum over ranks (a new tensor, on the input's device)."""
+        return self._all_reduce(tensor.detach().to(self._device, copy=True), dist.ReduceOp.MIN).to(tensor.device)
+
+    @torch.no_grad()
     def any(self, mask: torch.Tensor) -> torch.Tensor:
         """Elementwise or over ranks of a bool tensor."""
         return self._all_reduce(mask.to(self._device, torch.uint8), dist.ReduceOp.MAX).bool().to(mask.device)
