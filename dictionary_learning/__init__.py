@@ -5,6 +5,7 @@ The names a researcher reaches for first; everything else lives in the rooms nam
 """
 
 from .buffer import ActivationBuffer
+from .cache import ActivationCache, write_cache
 from .data import default_corpus, hf_dataset_texts, local_texts, text_source
 from .dictionary import (AutoEncoder, AutoEncoderNew, AutoEncoderTopK, BatchTopKSAE, Dictionary, GatedAutoEncoder,
                          IdentityDict, JumpReluAutoEncoder, MatryoshkaBatchTopKSAE)
@@ -18,6 +19,7 @@ from .utils import load_dictionary, pull_from_hub, push_to_hub, save_dictionary
 
 __all__ = [
     "ActivationBuffer",
+    "ActivationCache",
     "AutoEncoder",
     "AutoEncoderNew",
     "AutoEncoderTopK",
@@ -52,4 +54,5 @@ __all__ = [
     "save_dictionary",
     "text_source",
     "trainSAE",
+    "write_cache",
 ]

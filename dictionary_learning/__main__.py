@@ -1,7 +1,7 @@
 """Command line: `python -m dictionary_learning <command> --help`.
 
 train    the quickstart: a TopK SAE on SmolLM2's middle layer on the offline corpus, then a report folder
-collect  read activations out of a model at a hook point and print their statistics
+collect  read activations out of a model at hook points, print their statistics, save them (file or cache)
 scae     evaluate a saved SCAE suite: CE and per-module FVU / L0 against C, and with its own connections
 
 Each command parses its arguments and calls one pipeline in `dictionary_learning.reports`, whose signature holds
@@ -85,7 +85,13 @@ def parser() -> argparse.ArgumentParser:
     _add_model_arguments(p)
     p.add_argument("--tokens", type=count, help="how many token vectors to collect (default %(default)s)")
     p.add_argument("--batch", type=count, help="texts per forward pass (default %(default)s)")
-    p.add_argument("--out", help="save the activations to this .safetensors file")
+    p.add_argument("--layers", help="comma-separated layers, e.g. 0,1,2 (instead of --layer): every layer at every "
+                   "site, read in one model pass; named like layers.1.mlp_out")
+    p.add_argument("--sites", help=f"comma-separated sites among {','.join(SITES)} (instead of --site)")
+    p.add_argument("--shard-tokens", type=count, help="rows per shard of a cache folder (default %(default)s)")
+    p.add_argument("--out", help="FILE.safetensors: save the activations in one file; any other path: a cache folder "
+                   "of safetensors shards and manifest.json (read it with ActivationCache; rerunning the same "
+                   "command continues an interrupted one, a larger --tokens extends it)")
 
     p = _command(commands, "scae", reports.scae_report, "evaluate a saved SCAE suite: CE and FVU against C")
     p.add_argument("--suite", required=True, help="a folder written by SCAESuite.save (train_scae_suite writes "

@@ -1,7 +1,7 @@
 """The pipelines behind the command line, as functions a notebook can call too; each returns what it measured.
 
 quickstart   a TopK SAE on a model's middle layer, evaluated on held-out text, with a report folder
-collect      activations at a hook point: statistics, optionally saved as safetensors
+collect      activations at hook points: statistics, optionally saved as safetensors or a disk cache
 scae_report  a saved SCAE suite: CE and per-module FVU / L0 against C, and with its own connections
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .buffer import ActivationBuffer, epochs
+from .cache import ActivationCache, read_manifest, write_cache
 from .checks import integer
 from .data import text_source
 from .evaluation import activation_statistics, evaluate, feature_density, plot_feature_density, top_activating_contexts
@@ -125,37 +126,88 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
     return metrics
 
 
+def _layers_and_sites(lm: Any, layer: int | None, site: str, layers: str | list[int] | None,
+                      sites: str | list[str] | None) -> dict[str, Any]:
+    """The hook points `collect` reads, by name ("layers.1.mlp_out"): every layer of `layers` (else `layer`, else the
+    middle one) at every site of `sites` (else `site`)."""
+    if layers is not None and layer is not None:
+        raise ValueError(f"give layer={layer} or layers={layers!r}, not both")
+    if isinstance(layers, str):
+        try:
+            layers = [int(part) for part in layers.split(",")]
+        except ValueError:
+            raise ValueError(f"--layers must be comma-separated integers such as 0,1,2, got {layers!r}") from None
+    if isinstance(sites, str):
+        sites = [part.strip() for part in sites.split(",")]
+    layers = layers if layers is not None else [n_layers(lm) // 2 if layer is None else layer]
+    points = {}
+    for number in layers:
+        for name in sites or [site]:
+            point = hook(lm, number, name)
+            points[str(point)] = point
+    return points
+
+
 def collect(model: str = DEFAULT_MODEL, layer: int | None = None, site: str = "resid", data: str | None = None,
             dtype: str = "auto", device: str = "cpu", ctx_len: int = 128, remove_bos: bool = True,
-            tokens: int = 20000, batch: int = 32, out: str | Path | None = None) -> dict[str, Any]:
-    """Read `tokens` activation vectors at a hook point (default: the middle layer's residual stream), print their
-    statistics as JSON and, with `out`, save them as one safetensors file (with the buffer's config)."""
+            tokens: int = 20000, batch: int = 32, out: str | Path | None = None, layers: str | list[int] | None = None,
+            sites: str | list[str] | None = None, shard_tokens: int = 65536) -> dict[str, Any]:
+    """Read `tokens` activation vectors at a hook point (default: the middle layer's residual stream), or at every
+    layer of `layers` times every site of `sites` from one model pass, and print their statistics as JSON.
+    `out` ending in .safetensors: save them there as one file (with the buffer's config; one tensor per hook point,
+    named like "layers.1.mlp_out", when there are several). Another `out` is a cache folder: the activations are
+    written there as shards of `shard_tokens` rows (see `cache.write_cache`; `tokens` counts all of the cache's
+    tokens, and running the same command again continues an interrupted or shorter collection); statistics are then
+    of a shuffled sample of up to 20000 of them."""
     from safetensors.torch import save_file
 
-    for name, value in (("tokens", tokens), ("ctx_len", ctx_len), ("batch", batch)):
+    for name, value in (("tokens", tokens), ("ctx_len", ctx_len), ("batch", batch), ("shard_tokens", shard_tokens)):
         integer(name, value)  # before the model is loaded
-    if out is not None and Path(out).is_dir():
+    to_cache = out is not None and not str(out).endswith(".safetensors")
+    if out is not None and not to_cache and Path(out).is_dir():
         raise ValueError(f"out must be a .safetensors file path, got the folder {str(out)!r}")
+    if to_cache:
+        check_writable_folder("out", out)
     torch_dtype = dtype_from_name(dtype, device)
     start = time.perf_counter()
     lm = load_model(model, device=device, dtype=torch_dtype)
-    layer = n_layers(lm) // 2 if layer is None else layer
-    point = hook(lm, layer, site)
-    print(f"model {model} loaded in {time.perf_counter() - start:.1f} s; reading {point} ({str(torch_dtype)[6:]})",
-          file=sys.stderr)
-    buffer = ActivationBuffer(text_source(data), lm, point, n_ctxs=max(1, tokens // ctx_len), ctx_len=ctx_len,
-                              refresh_batch_size=batch, out_batch_size=4096, device=device, dtype=torch_dtype,
-                              remove_bos=remove_bos)
+    points = _layers_and_sites(lm, layer, site, layers, sites)
+    submodule = next(iter(points.values())) if len(points) == 1 else points
+    print(f"model {model} loaded in {time.perf_counter() - start:.1f} s; reading {', '.join(points)} "
+          f"({str(torch_dtype)[6:]})", file=sys.stderr)
     start = time.perf_counter()
-    activations = buffer.take(tokens, progress=True)
-    seconds = time.perf_counter() - start
-    stats = {"model": model, "hook": str(point), "tokens_per_second": activations.shape[0] / seconds,
-             **activation_statistics(activations)}
+    if to_cache:
+        before = read_manifest(out)["n_tokens"] if (Path(out) / "manifest.json").exists() else 0
+        write_cache(lm, text_source(data), submodule, out, tokens, ctx_len=ctx_len, batch_texts=batch,
+                    shard_tokens=shard_tokens, remove_bos=remove_bos, dtype=torch_dtype, model_name=model,
+                    source=data or "python-docs")
+        seconds = time.perf_counter() - start
+        cache = ActivationCache(out, min(20000, read_manifest(out)["n_tokens"]), seed=0)
+        sample, added = next(cache), cache.n_tokens - before
+        stats = {"model": model, "hooks": list(points), "out": str(out), "cache_tokens": cache.n_tokens,
+                 "shards": len(cache.shards), "tokens_added": added, "tokens_per_second": added / seconds}
+    else:
+        n_ctxs = max(1, tokens // ctx_len)
+        buffer = ActivationBuffer(text_source(data), lm, submodule, n_ctxs=n_ctxs, ctx_len=ctx_len,
+                                  refresh_batch_size=batch, out_batch_size=min(4096, n_ctxs * ctx_len), device=device,
+                                  dtype=torch_dtype, remove_bos=remove_bos)
+        sample = buffer.take(tokens, progress=True)
+        seconds = time.perf_counter() - start
+        rows = next(iter(sample.values())) if isinstance(sample, dict) else sample
+        stats = {"model": model, "hook": ", ".join(points), "tokens_per_second": rows.shape[0] / seconds}
+    if isinstance(sample, dict):
+        stats["statistics"] = {name: activation_statistics(value) for name, value in sample.items()}
+    else:
+        stats.update(activation_statistics(sample))
     print(json.dumps(stats, indent=2))
-    if out:
+    if out and not to_cache:
         metadata = {"buffer_config": json.dumps(buffer.config), "model": model}
-        atomic_write(out, lambda tmp: save_file({"activations": activations.contiguous()}, tmp, metadata=metadata))
-        print(f"saved {tuple(activations.shape)} to {out}", file=sys.stderr)
+        tensors = ({name: value.contiguous() for name, value in sample.items()} if isinstance(sample, dict)
+                   else {"activations": sample.contiguous()})
+        atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        print(f"saved {tuple(rows.shape)} per hook point to {out}", file=sys.stderr)
+    elif to_cache:
+        print(f"cache {out}: {stats['cache_tokens']} tokens in {stats['shards']} shards", file=sys.stderr)
     return stats
 
 

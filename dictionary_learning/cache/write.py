@@ -1,0 +1,181 @@
+"""Writing a cache: `write_cache` (activations read out of a model, resumable) and `cache_from_tensors`."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors.torch import save_file
+
+from ..buffer.activation import PROBE_TEXT, ActivationBuffer
+from ..checks import floating_dtype, integer, texts
+from ..files import atomic_write, atomic_write_json, check_writable_folder
+from ..models import torch_model
+from .manifest import FORMAT, MANIFEST, hook_key, open_shard, resumable_manifest, shard_name
+
+
+def _model_name(model: Any) -> str:
+    config = getattr(torch_model(model), "config", None)
+    return getattr(config, "_name_or_path", "") or getattr(config, "model_type", "") or type(model).__name__
+
+
+def write_cache(model: Any, data: Iterable[str], submodule: Any, out: str | Path, n_tokens: int, io: str = "out",
+                ctx_len: int = 128, batch_texts: int = 32, shard_tokens: int = 65536, remove_bos: bool = False,
+                add_special_tokens: bool = True, max_activation_norm_multiple: float | None = None,
+                dtype: torch.dtype | None = None, progress: bool = True, model_name: str | None = None,
+                source: str | None = None) -> Path:
+    """Read up to `n_tokens` activation vectors (in total, over all calls) at `submodule` (any form ActivationBuffer
+    takes: a hook point, an (input, output) pair with io="in_to_out", or a dict of them by name) and append them to
+    the cache folder `out` in shards of `shard_tokens` rows (the last may be partial). Stops at n_tokens or when
+    `data` runs out. Called again on an existing cache with the same settings (and the same `data` from its start) it
+    skips the texts already read and continues; different settings are refused. `model_name` and `source` (a
+    description of the texts, e.g. a dataset id) are recorded and checked on resume (model_name defaults to the
+    model config's name). Returns the folder."""
+    from tqdm import tqdm
+
+    n_tokens, ctx_len, batch_texts, shard_tokens = (integer(name, value) for name, value in (
+        ("n_tokens", n_tokens), ("ctx_len", ctx_len), ("batch_texts", batch_texts), ("shard_tokens", shard_tokens)))
+    floating_dtype("dtype", dtype)
+    out = Path(out)
+    check_writable_folder("out", out)
+    items = texts("data", data)
+    buffer = ActivationBuffer([PROBE_TEXT], model, submodule, io=io, n_ctxs=1, ctx_len=ctx_len,
+                              refresh_batch_size=batch_texts, out_batch_size=1, device="cpu", remove_bos=remove_bos,
+                              add_special_tokens=add_special_tokens,
+                              max_activation_norm_multiple=max_activation_norm_multiple, dtype=dtype)
+    settings = {
+        "model": model_name or _model_name(model), "source": source, "io": io,
+        "hooks": [{"path": h.path, "io": h.io, "name": h.name} for h in buffer.hooks],
+        "entries": None if buffer.entries is None else {k: list(v) for k, v in buffer.entries.items()},
+        "widths": [v.shape[-1] for v in buffer._collect(buffer._tokenize([PROBE_TEXT]))],
+        "dtype": str(buffer.dtype).removeprefix("torch."), "ctx_len": ctx_len,
+        "remove_bos": remove_bos, "add_special_tokens": add_special_tokens,
+        "max_activation_norm_multiple": max_activation_norm_multiple, "batch_texts": batch_texts,
+        "shard_tokens": shard_tokens,
+    }
+    manifest = resumable_manifest(out, settings)
+    manifest["d_submodule"] = buffer.d_submodule
+    shards = manifest["shards"]
+    # pending rows, as segments [resume point of their first row (data items, rows into that text batch), tensors,
+    # resume point after them]; a reopened partial last shard comes first
+    segments: list[list[Any]] = []
+    resume_point = (manifest["position"], manifest["position_rows"])
+    written = sum(shard["tokens"] for shard in shards)
+    if shards and shards[-1]["tokens"] < shard_tokens and written < n_tokens:
+        last = shards.pop()
+        with open_shard(out / last["file"]) as file:
+            rows = [file.get_slice(hook_key(i))[: last["tokens"]] for i in range(len(buffer.hooks))]
+        segments.append([resume_point, rows, resume_point])
+        written -= last["tokens"]
+
+    def pending() -> int:
+        return sum(segment[1][0].shape[0] for segment in segments)
+
+    def write_shard(n: int) -> None:
+        """Cut the first n pending rows into the next shard and record it (and the new resume point)."""
+        nonlocal written
+        parts, left = [], n
+        while left:
+            first, rows, after = segments[0]
+            take = min(left, rows[0].shape[0])
+            parts.append([r[:take] for r in rows])
+            left -= take
+            if take == rows[0].shape[0]:
+                segments.pop(0)
+            else:
+                segments[0] = [(first[0], first[1] + take), [r[take:] for r in rows], after]
+        shards.append(_save_shard(out, len(shards), [torch.cat(side) for side in zip(*parts)]))
+        written += n
+        manifest["position"], manifest["position_rows"] = segments[0][0] if segments else resume_point
+        manifest["n_tokens"] = written
+        atomic_write_json(out / MANIFEST, manifest)
+
+    source_items = iter(items)
+    skipped = sum(1 for _ in itertools.islice(source_items, manifest["position"]))
+    if skipped < manifest["position"]:
+        raise ValueError(f"the cache {str(out)!r} has read {manifest['position']} items of its data, but this data "
+                         f"has only {skipped}: pass the same data, from its start, to continue it")
+    position, skip_rows = resume_point
+    exhausted = False
+    with tqdm(total=n_tokens, initial=min(written + pending(), n_tokens), desc="writing activation cache",
+              unit="tok", disable=not progress) as bar:
+        while written + pending() < n_tokens:
+            batch, used = [], 0
+            for text in source_items:
+                used += 1
+                if text.strip():
+                    batch.append(text)
+                    if len(batch) == batch_texts:
+                        break
+            if not batch:
+                exhausted = True
+                break
+            with torch.no_grad():
+                rows = buffer._collect(buffer._tokenize(batch))
+            total, start = rows[0].shape[0], skip_rows
+            end = min(total, start + n_tokens - written - pending())
+            after = (position, end) if end < total else (position + used, 0)
+            segments.append([(position, start), [r[start:end] for r in rows], after])
+            bar.update(end - start)
+            position, skip_rows, resume_point = position + used, 0, after
+            while pending() >= shard_tokens:
+                write_shard(shard_tokens)
+        if pending():
+            write_shard(pending())
+    if not pending():  # nothing left unwritten (a text batch whose tokens were all dropped leaves none either)
+        manifest["position"], manifest["position_rows"] = resume_point
+    manifest["exhausted"] = exhausted
+    manifest["n_tokens"] = written
+    atomic_write_json(out / MANIFEST, manifest)
+    listed = {shard["file"] for shard in shards}
+    for stray in out.glob("shard_*.safetensors"):  # left by a crash between a shard and its manifest
+        if stray.name not in listed:
+            stray.unlink(missing_ok=True)
+    return out
+
+
+def _save_shard(out: Path, index: int, rows: list[torch.Tensor]) -> dict[str, Any]:
+    """Write one shard atomically (one tensor per hook point) and return its manifest record."""
+    tensors = {hook_key(i): r.contiguous() for i, r in enumerate(rows)}
+    name = shard_name(index)
+    atomic_write(out / name, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    return {"file": name, "tokens": int(rows[0].shape[0])}
+
+
+def cache_from_tensors(out: str | Path, activations: Any, shard_tokens: int = 65536, model_name: str = "tensors",
+                       source: str = "in-memory tensors") -> Path:
+    """Write activations already in memory as a cache (e.g. synthetic data, or a saved safetensors file): a
+    `[n, d]` tensor, an `(x, y)` pair, or a dict of them by name, rows aligned. `out` must not hold a cache yet."""
+    shard_tokens = integer("shard_tokens", shard_tokens)
+    out = Path(out)
+    if (out / MANIFEST).exists():
+        raise ValueError(f"{str(out)!r} already holds an activation cache; pass a new folder")
+    named = activations if isinstance(activations, dict) else {"activations": activations}
+    hooks, sides, entries = [], [], {}
+    for name, value in named.items():
+        pair = isinstance(value, (tuple, list))
+        entries[name] = list(range(len(sides), len(sides) + (2 if pair else 1)))
+        for io, tensor in zip(("input", "output"), value if pair else (value,)):
+            if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2 or not tensor.is_floating_point():
+                raise TypeError(f"activations[{name!r}] must be a floating [n, d] tensor (or a pair of them), got "
+                                f"{getattr(tensor, 'shape', type(tensor).__name__)}")
+            hooks.append({"path": name, "io": io if pair else "output", "name": name})
+            sides.append(tensor.detach().cpu())
+    if len({t.shape[0] for t in sides}) != 1 or len({t.dtype for t in sides}) != 1:
+        raise ValueError(f"all activations must have the same rows and dtype, got "
+                         f"{[(tuple(t.shape), t.dtype) for t in sides]}")
+    single = not isinstance(activations, dict)
+    io = "in_to_out" if single and isinstance(activations, (tuple, list)) else "out"
+    manifest = resumable_manifest(out, {
+        "model": model_name, "source": source, "io": io, "hooks": hooks, "entries": None if single else entries,
+        "widths": [t.shape[1] for t in sides], "dtype": str(sides[0].dtype).removeprefix("torch."), "ctx_len": None,
+        "remove_bos": None, "add_special_tokens": None, "max_activation_norm_multiple": None, "batch_texts": None,
+        "shard_tokens": shard_tokens})
+    n = sides[0].shape[0]
+    manifest["shards"] = [_save_shard(out, i, [t[start : start + shard_tokens] for t in sides])
+                          for i, start in enumerate(range(0, n, shard_tokens))]
+    manifest.update(n_tokens=n, position=n, exhausted=True)
+    atomic_write_json(out / MANIFEST, manifest)
+    return out
