@@ -4,6 +4,7 @@ print CE against C before and after.
 
     python demos/scae.py [--layers 2] [--dict-size 1152] [--k 16]      # ~7 minutes on a 2-core CPU
     python demos/scae.py --suite runs/demo_scae/suite                  # start from a saved suite instead
+    python demos/scae.py --cache acts_scae/       # the modules' activations read into a disk cache once
 
 Writes runs/demo_scae/: the modules (modules/suite/, trained from one activation stream), the fine-tuned suite with
 its connections (suite/), connections.png, ce_versus_c.png and ce_versus_c.md.
@@ -13,11 +14,11 @@ import argparse
 import itertools
 from pathlib import Path
 
-from dictionary_learning import default_corpus, load_model
+from dictionary_learning import ActivationCache, default_corpus, load_model, write_cache
 from dictionary_learning.files import atomic_write
 from dictionary_learning.scae import (
     SCAESuite, ce_table, ce_versus_c, evaluate_suite, module_table, plot_ce_versus_c, plot_connection_statistics,
-    select_connections, train_scae_suite, train_suite,
+    select_connections, suite_hook_points, train_scae_suite, train_suite,
 )
 
 parser = argparse.ArgumentParser()
@@ -27,6 +28,8 @@ parser.add_argument("--k", type=int, default=16)
 parser.add_argument("--sae-steps", type=int, default=150)
 parser.add_argument("--finetune-steps", type=int, default=20)
 parser.add_argument("--suite", default=None, help="a saved SCAESuite folder to start from (skips training)")
+parser.add_argument("--cache", default=None, help="write every module's activations to this cache folder once, "
+                    "and train the modules from it")
 parser.add_argument("--out", default="runs/demo_scae")
 args = parser.parse_args()
 out = Path(args.out)
@@ -41,7 +44,13 @@ if args.suite:
     suite = SCAESuite.load(args.suite)
 else:
     print(f"training the {2 * args.layers} modules of layers 0-{args.layers - 1} from one activation stream")
-    suite = train_suite(model, args.layers, args.dict_size, args.k, texts, args.sae_steps, model_name="smollm2-135m",
+    data = texts
+    if args.cache:  # entries named as the modules: attn_0, mlp_0, ...; the normalisation batches come first
+        write_cache(model, texts, suite_hook_points(model, args.layers), args.cache,  # after the held-out texts
+                    n_tokens=(args.sae_steps + 8) * 1024, model_name="smollm2-135m",
+                    source="python-docs after the first 48 texts")
+        data = ActivationCache(args.cache, batch_size=1024, epochs=None)
+    suite = train_suite(model, args.layers, args.dict_size, args.k, data, args.sae_steps, model_name="smollm2-135m",
                         lr=1e-3, warmup_steps=15, dead_feature_threshold=100_000, n_ctxs=96, ctx_len=128,
                         refresh_batch_size=32, out_batch_size=1024, save_dir=out / "modules")
 

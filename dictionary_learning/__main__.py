@@ -80,6 +80,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="default %(default)s")
     p.add_argument("--wandb", action="store_true", help="log to wandb ($WANDB_MODE, default offline)")
     p.add_argument("--out", help="report folder (default %(default)s)")
+    p.add_argument("--cache", help="train on this activation cache folder (written by `collect --out DIR`) instead "
+                   "of collecting --tokens; held-out texts follow those the cache read")
 
     p = _command(commands, "collect", reports.collect, "collect activations and print their statistics")
     _add_model_arguments(p)

@@ -22,7 +22,7 @@ from .checks import integer
 from .data import text_source
 from .evaluation import activation_statistics, evaluate, feature_density, plot_feature_density, top_activating_contexts
 from .files import atomic_write, atomic_write_json, atomic_write_text, check_writable_folder
-from .models import DEFAULT_MODEL, dtype_from_name, hook, load_model, n_layers
+from .models import DEFAULT_MODEL, d_model, dtype_from_name, hook, load_model, n_layers
 from .scae import (
     SCAESuite, ce_table, ce_versus_c, evaluate_suite, module_table, plot_ce_versus_c, plot_connection_statistics,
     select_connections,
@@ -37,10 +37,14 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
                tokens: int = 150_000, steps: int = 600, batch: int = 2048, dict_size: int = 4608, k: int = 32,
                lr: float = 1e-3, dead_tokens: int = 200_000, batch_texts: int = 32, eval_texts: int = 150,
                eval_tokens: int = 8192, loss_batches: int = 2, n_features: int = 8, seed: int = 0,
-               wandb: bool = False, out: str | Path = "reports/quickstart") -> dict[str, Any]:
+               wandb: bool = False, out: str | Path = "reports/quickstart", cache: str | Path | None = None
+               ) -> dict[str, Any]:
     """Collect activations once, train a TopK SAE on them for several epochs (normalised, scale folded into the saved
     weights), evaluate it on held-out text (the first `eval_texts` texts, never trained on) and write `out/`:
-    metrics.json / metrics.md, feature_density.png, top_contexts.txt and the SAE in sae/trainer_0/."""
+    metrics.json / metrics.md, feature_density.png, top_contexts.txt and the SAE in sae/trainer_0/.
+    `cache`: train on an activation cache folder (`collect --out DIR`, the same model, holding the layer / site
+    asked for) instead of collecting `tokens`; the held-out texts are then the first ones after those the cache
+    read, when it read the same text source."""
     started = time.perf_counter()
     out = Path(out)
     for name, value in (("tokens", tokens), ("steps", steps), ("batch", batch), ("dict_size", dict_size),
@@ -49,37 +53,45 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
         integer(name, value)  # before any model is loaded or token collected
     integer("n_features", n_features, low=0)
     integer("k", k, 1, dict_size, high_name="dict_size")
-    if batch > tokens:
+    if batch > tokens and cache is None:
         raise ValueError(f"batch={batch} exceeds tokens={tokens}: a training step needs batch activations of the "
                          f"{tokens} collected")
+    manifest = read_manifest(cache) if cache is not None else None
+    if manifest is not None and manifest["model"] != model:
+        raise ValueError(f"the cache {str(cache)!r} holds activations of {manifest['model']!r}, not of {model!r}: "
+                         f"pass model={manifest['model']!r} (--model)")
     check_writable_folder("out", out)
     torch_dtype = dtype_from_name(dtype, device)
     lm = load_model(model, device=device, dtype=torch_dtype)
     layer = n_layers(lm) // 2 if layer is None else layer
     point = hook(lm, layer, site)
-    print(f"{model} {point} ({str(torch_dtype)[6:]}): collecting {tokens} training tokens", file=sys.stderr)
-
-    # held-out text for evaluation first, the rest for training
-    texts = text_source(data, repeat=True)
-    held_out_texts = list(itertools.islice(texts, eval_texts))
     buffer_kwargs = dict(ctx_len=ctx_len, refresh_batch_size=batch_texts, device=device, dtype=torch.float32,
                          remove_bos=remove_bos, seed=seed)
-    train_buffer = ActivationBuffer(texts, lm, point, n_ctxs=max(1, min(tokens, 32768) // ctx_len),
-                                    out_batch_size=4096, **buffer_kwargs)
-    activations = train_buffer.take(tokens, progress=True)
+    if manifest is not None:
+        held_out_texts, training = _from_cache(cache, manifest, point, data, eval_texts, batch, seed)
+        source_config, n_collected = training.config, training.n_tokens
+        print(f"{model} {point}: training on the cache {cache} ({n_collected} tokens)", file=sys.stderr)
+    else:  # held-out text for evaluation first, the rest for training
+        print(f"{model} {point} ({str(torch_dtype)[6:]}): collecting {tokens} training tokens", file=sys.stderr)
+        texts = text_source(data, repeat=True)
+        held_out_texts = list(itertools.islice(texts, eval_texts))
+        train_buffer = ActivationBuffer(texts, lm, point, n_ctxs=max(1, min(tokens, 32768) // ctx_len),
+                                        out_batch_size=4096, **buffer_kwargs)
+        activations = train_buffer.take(tokens, progress=True)
+        source_config, n_collected = train_buffer.config, int(activations.shape[0])
+        training = epochs(activations, batch, seed)
+        del activations  # the epochs iterator holds them
     collected = time.perf_counter()
 
-    config = dict(trainer=TopKTrainer, activation_dim=activations.shape[1], dict_size=dict_size, k=k, lr=lr,
+    config = dict(trainer=TopKTrainer, activation_dim=d_model(lm), dict_size=dict_size, k=k, lr=lr,
                   steps=steps, warmup_steps=min(100, steps // 10), decay_start=int(steps * 0.8),
                   dead_feature_threshold=dead_tokens, seed=seed, device=device, layer=layer, lm_name=model,
                   submodule_name=str(point), wandb_name="quickstart")
     # scaled to mean squared norm = width (the April 2024 update's target), which the quickstart's lr was tuned on
-    trainSAE(epochs(activations, batch, seed), [config], steps, save_dir=out / "sae",
-             normalize_activations="d_model", use_wandb=wandb, log_steps=max(1, steps // 50),
-             run_cfg={"buffer": train_buffer.config})
+    trainSAE(training, [config], steps, save_dir=out / "sae", normalize_activations="d_model", use_wandb=wandb,
+             log_steps=max(1, steps // 50), run_cfg={"buffer": source_config})
     trained = time.perf_counter()
-    n_collected = int(activations.shape[0])
-    del activations
+    del training
 
     sae, _ = load_dictionary(out / "sae" / "trainer_0")  # the saved one: works on raw activations
     eval_buffer = ActivationBuffer(iter(held_out_texts), lm, point, n_ctxs=max(1, eval_tokens // ctx_len),
@@ -124,6 +136,34 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
     print("\n".join(f"{key:>16s}: {metrics.get(key, float('nan')):.4g}" for key in keys))
     print(f"report written to {out}/ (metrics.md, metrics.json, feature_density.png, top_contexts.txt, sae/)")
     return metrics
+
+
+def _from_cache(cache: str | Path, manifest: dict[str, Any], point: Any, data: str | None, eval_texts: int,
+                batch: int, seed: int) -> tuple[list[str], ActivationCache]:
+    """(held-out texts, endless shuffled batches of `point` from the cache): the held-out texts follow the last text
+    the cache read when it read this text source (so none was trained on), else they are the source's first."""
+    entries = manifest["entries"]
+    if entries is not None:
+        if str(point) not in entries:
+            raise ValueError(f"the cache {str(cache)!r} holds {sorted(entries)}, not {point}: pass the layer and site "
+                             f"of one of them")
+        training = ActivationCache(cache, batch, seed=seed, entries=str(point), epochs=None, dtype=torch.float32)
+    else:
+        hooks = manifest["hooks"]
+        if len(hooks) != 1 or (hooks[0]["path"], hooks[0]["io"]) != (point.path, point.io):
+            raise ValueError(f"the cache {str(cache)!r} holds {[h['name'] or h['path'] for h in hooks]}, not "
+                             f"{point}: pass the layer and site it was collected at")
+        training = ActivationCache(cache, batch, seed=seed, epochs=None, dtype=torch.float32)
+    texts = text_source(data)
+    if manifest["source"] == (data or "python-docs"):  # skip what the cache read (a partly read batch whole)
+        read = manifest["position"] + (manifest["batch_texts"] if manifest["position_rows"] else 0)
+        texts = itertools.islice(texts, read, None)
+    held_out = list(itertools.islice(texts, eval_texts))
+    if len(held_out) < eval_texts:
+        raise ValueError(f"only {len(held_out)} texts of {data or 'python-docs'} are left after those the cache "
+                         f"{str(cache)!r} read, {eval_texts} asked for (eval_texts): collect fewer tokens, or "
+                         f"evaluate on other text (data=...)")
+    return held_out, training
 
 
 def _layers_and_sites(lm: Any, layer: int | None, site: str, layers: str | list[int] | None,

@@ -5,6 +5,7 @@ shuffling (seeded, every row once per epoch), resume, rank split, memory bound a
 
 import gc
 import json
+import math
 import shutil
 import weakref
 
@@ -323,3 +324,23 @@ def test_collect_command_writes_and_continues_a_cache(tmp_path):
     assert saved["layers.1.resid"].shape == (40, 64)
     with pytest.raises(ValueError, match="give layer=1 or layers='0,1', not both"):
         main(["collect", "--model", "tiny-llama", "--layer", "1", "--layers", "0,1"])
+
+
+def test_quickstart_trains_from_a_cache(tmp_path):
+    """`train --cache DIR` trains on the cache's activations (nothing collected) and holds out the texts after those
+    the cache read; a cache of another model or hook point is refused before training."""
+    main(["collect", "--model", "tiny-llama", "--dtype", "float32", "--ctx-len", "32", "--layer", "1", "--tokens",
+          "600", "--batch", "8", "--out", str(tmp_path / "c")])
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    common = ["train", "--model", "tiny-llama", "--dtype", "float32", "--layer", "1", "--steps", "3", "--batch", "64",
+              "--dict-size", "64", "--k", "4", "--eval-texts", "8", "--eval-tokens", "128", "--ctx-len", "32",
+              "--loss-batches", "1", "--n-features", "1"]
+    metrics = main([*common, "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "q")])
+    assert metrics["training_tokens_collected"] == manifest["n_tokens"] == 600
+    assert metrics["ce_clean"] > 0 and math.isfinite(metrics["ce_patched"])
+    config = json.loads((tmp_path / "q" / "sae" / "trainer_0" / "config.json").read_text())
+    assert config["run"]["buffer"]["cache"] == str(tmp_path / "c")
+    with pytest.raises(ValueError, match="not layers.2.resid"):
+        main([*common[:5], "--layer", "2", *common[7:], "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r")])
+    with pytest.raises(ValueError, match="holds activations of 'tiny-llama', not of 'tiny-gpt2'"):
+        main(["train", "--model", "tiny-gpt2", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r")])
