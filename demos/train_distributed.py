@@ -5,8 +5,8 @@ one process on the global batches (rank's batch x world size).
     torchrun --nproc_per_node 4 demos/train_distributed.py                      # 4 GPUs (NCCL)
     torchrun --nproc_per_node 2 demos/train_distributed.py --model tiny-llama --steps 20 --layer 1   # CPU, gloo
 
-Rank 0 writes runs/demo_distributed/ (trainer_0/, trainer_1/ and the checkpoint); `--resume` continues an interrupted run.
-`--mode trainers` shards the trainers over the ranks instead (every rank reads all the texts).
+Rank 0 writes runs/demo_distributed/ (trainer_0/, trainer_1/ and the checkpoint); `--resume` continues an
+interrupted run. `--mode trainers` shards the trainers over the ranks instead (every rank reads all the texts).
 """
 
 import argparse

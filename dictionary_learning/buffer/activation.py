@@ -24,8 +24,9 @@ from typing import Any, Self
 import torch
 
 from ..checks import floating_dtype, integer
-from ..models import max_context, resolve_hook, torch_model
+from ..models import max_context, torch_model
 from ..tracing import read_hook_points, token_mask, tokenize
+from .points import check_entry_widths, describe, entry_points, entry_width
 
 IO_MODES = ("out", "in", "in_to_out")
 PROBE_TEXT = "The quick brown fox."
@@ -45,8 +46,9 @@ class ActivationBuffer:
       `(x, y)` for pairs), all rows from the same tokens in the same shuffled order, and each trace stops after the
       last module any entry needs. `trainSAE` routes each trainer to the entry its config's `submodule_name` names.
     d_submodule: expected width (an int, or `(d_in, d_out)` for "in_to_out"; a dict of them by name for a dict
-      submodule); checked against the model (None: found by a probe). The founding README's `in_feats` / `out_feats` (input and output widths) are checked where io
-      reads that side ("out" checks out_feats and, as the founding buffer did, ignores in_feats).
+      submodule); checked against the model (None: found by a probe). The founding README's `in_feats` /
+      `out_feats` (input and output widths) are checked where io reads that side ("out" checks out_feats and, as
+      the founding buffer did, ignores in_feats).
     remove_bos: drop each context's first token (BOS, or the attention-sink first token of models without BOS).
     add_special_tokens: whether the tokenizer adds its special tokens (e.g. BOS) to each text.
     max_activation_norm_multiple: drop tokens whose norm exceeds this multiple of the median norm of the kept tokens
@@ -126,7 +128,7 @@ class ActivationBuffer:
         self._generator = torch.Generator().manual_seed(seed)
         # self.hooks: the distinct hook points read, in the order given; self.entries: which of them each named entry
         # serves (None for a single submodule, which serves all of them: one tensor, or an in_to_out pair)
-        self.hooks, self.entries = self._entry_points(model, submodule, io)
+        self.hooks, self.entries = entry_points(model, submodule, io)
         self.submodule = submodule
 
         # probe the widths on a short input, and check them against d_submodule / in_feats / out_feats
@@ -139,8 +141,8 @@ class ActivationBuffer:
             if in_feats is not None or out_feats is not None:
                 raise ValueError("in_feats / out_feats check a single submodule; with a dict of hook points pass "
                                  "d_submodule={name: width or (d_in, d_out)}")
-            self.d_submodule = {name: self._width(widths, indices) for name, indices in self.entries.items()}
-            self._check_entry_widths(d_submodule)
+            self.d_submodule = {name: entry_width(widths, indices) for name, indices in self.entries.items()}
+            check_entry_widths(d_submodule, self.d_submodule, self.entries, self.hooks)
 
         self._open(data)
         self._store: list[torch.Tensor] = [v[:0] for v in probe]  # one per hook point; rows before _pos are read
@@ -148,73 +150,10 @@ class ActivationBuffer:
         self._closed = False
         self._served = False  # whether a batch was ever served
 
-    def _entry_points(self, model: Any, submodule: Any, io: str) -> tuple[tuple, dict[str, tuple[int, ...]] | None]:
-        """(the distinct hook points to read, which of them each named entry serves, or None for one submodule)."""
-        if not isinstance(submodule, dict):
-            return self._hook_points(model, submodule, io), None
-        if not submodule:
-            raise ValueError("submodule is an empty dict: name at least one hook point")
-        points: list = []
-        entries: dict[str, tuple[int, ...]] = {}
-        for name, spec in submodule.items():
-            if not isinstance(name, str) or not name:
-                raise TypeError(f"the names of a dict submodule are non-empty strings, got {name!r}")
-            try:
-                sides = self._hook_points(model, spec, "in_to_out" if isinstance(spec, (tuple, list)) else io)
-            except (TypeError, ValueError) as error:
-                raise type(error)(f"submodule[{name!r}]: {error}") from error
-            indices = []
-            for point in sides:  # a hook point two entries share is read and stored once
-                keys = [(p.path, p.io) for p in points]
-                if (point.path, point.io) not in keys:
-                    points.append(point)
-                    keys.append((point.path, point.io))
-                indices.append(keys.index((point.path, point.io)))
-            entries[name] = tuple(indices)
-        return tuple(points), entries
-
-    @staticmethod
-    def _width(widths: tuple, indices: tuple[int, ...]) -> Any:
-        return widths[indices[0]] if len(indices) == 1 else tuple(widths[i] for i in indices)
-
-    def _check_entry_widths(self, d_submodule: Any) -> None:
-        if d_submodule is None:
-            return
-        if not isinstance(d_submodule, dict):
-            raise TypeError(f"with a dict of hook points, d_submodule is a dict {{name: width}} too, got "
-                            f"{d_submodule!r}")
-        unknown = sorted(set(d_submodule) - set(self.entries))
-        if unknown:
-            raise ValueError(f"d_submodule names {unknown}, which are not hook points of this buffer: "
-                             f"{sorted(self.entries)}")
-        for name, expected in d_submodule.items():
-            actual = self.d_submodule[name]
-            if (tuple(expected) if isinstance(expected, (tuple, list)) else expected) != actual:
-                raise ValueError(f"d_submodule[{name!r}]={expected!r} does not match the model: "
-                                 f"{', '.join(str(self.hooks[i]) for i in self.entries[name])} has width {actual}")
-
     @property
     def entry_names(self) -> list[str] | None:
         """The names of a dict submodule's entries (the keys of each batch), None for a single submodule."""
         return None if self.entries is None else list(self.entries)
-
-    def _hook_points(self, model: Any, submodule: Any, io: str) -> tuple:
-        """One hook point for "out" / "in", (input side, output side) for "in_to_out"."""
-        if io == "in_to_out":
-            if isinstance(submodule, (tuple, list)):
-                if len(submodule) != 2:
-                    raise ValueError(f"io='in_to_out' takes one submodule or a pair, got {len(submodule)} items")
-                sides = resolve_hook(model, submodule[0], "input"), resolve_hook(model, submodule[1], "output")
-            else:
-                sides = resolve_hook(model, submodule, "input"), resolve_hook(model, submodule, "output")
-            if (sides[0].path, sides[0].io) == (sides[1].path, sides[1].io):  # x would equal y: an identity to learn
-                raise ValueError(f"io='in_to_out' needs two different hook points, but {submodule!r} names one, "
-                                 f"{sides[0]}: pass a module or path (its input and output are read) or a pair "
-                                 f"(input point, output point)")
-            return sides
-        if isinstance(submodule, (tuple, list)):
-            raise ValueError(f"a pair of submodules needs io='in_to_out', got io={io!r}")
-        return (resolve_hook(model, submodule, "input" if io == "in" else "output"),)
 
     def _check_widths(self, widths: tuple, d_submodule: Any, in_feats: int | None, out_feats: int | None) -> None:
         given = []
@@ -434,7 +373,7 @@ class ActivationBuffer:
             "refresh_batch_size": self.refresh_batch_size,
             "out_batch_size": self.out_batch_size,
             "device": str(self.device),
-            "submodule": self._submodule_text(),
+            "submodule": describe(self.hooks, self.entries),
             "hooks": [{"path": h.path, "io": h.io, "name": h.name} for h in self.hooks],
             "dtype": str(self.dtype).removeprefix("torch."),
             "remove_bos": self.remove_bos,
@@ -442,16 +381,6 @@ class ActivationBuffer:
             "max_activation_norm_multiple": self.remove_high_norm,
             "seed": self.seed,
         }
-
-
-    def _submodule_text(self) -> Any:
-        if self.entries is not None:
-            return {name: self._submodule_text_of(indices) for name, indices in self.entries.items()}
-        return self._submodule_text_of(range(len(self.hooks)))
-
-    def _submodule_text_of(self, indices: Any) -> Any:
-        texts = [str(self.hooks[i]) for i in indices]
-        return texts[0] if len(texts) == 1 else texts
 
 
 def epochs(activations: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:

@@ -16,6 +16,7 @@ from .train import build_trainer, train_dictionaries, trainSAE
 from .upstream import activation_scales, get_norm_factor, log_stats, new_wandb_process, train_autoencoder
 
 __all__ = [
-    "CHECKPOINT", "DataParallel", "Every", "activation_scales", "build_trainer", "init_distributed", "shard", "get_norm_factor", "log_stats", "new_wandb_process",
-    "resume_from_checkpoints", "run_steps", "start_wandb", "trainSAE", "train_autoencoder", "train_dictionaries",
+    "CHECKPOINT", "DataParallel", "Every", "activation_scales", "build_trainer", "get_norm_factor", "init_distributed",
+    "log_stats", "new_wandb_process", "resume_from_checkpoints", "run_steps", "shard", "start_wandb", "trainSAE",
+    "train_autoencoder", "train_dictionaries",
 ]

@@ -291,13 +291,13 @@ def train_dictionaries(
     if 0 in save_steps and start == 0 and writes:  # upstream saves step 0 (the initial weights) when asked
         save_all(0)
 
-    def logged() -> dict[str, float]:
-        return {f"trainer_{i}/{k}": v for i, t in enumerate(trainers)
+    def logged() -> dict[str, float]:  # named by each trainer's index in trainer_configs
+        return {f"trainer_{i}/{k}": v for i, t in zip(mine, trainers)
                 for k, v in t.get_logging_parameters().items() if isinstance(v, (int, float))}
 
     run = None
-    if use_wandb and rank == 0:
-        run = start_wandb({f"trainer_{i}": t.config for i, t in enumerate(trainers)} | run_config, save_dir,
+    if use_wandb and rank == 0:  # distributed="trainers": rank 0's trainers only
+        run = start_wandb({f"trainer_{i}": t.config for i, t in zip(mine, trainers)} | run_config, save_dir,
                           project=wandb_project or "dictionary_learning", entity=wandb_entity or None, resume=resume)
     device_type = torch.device(device).type if device else trainers[0].device.type
     autocast = (torch.autocast(device_type=device_type, dtype=autocast_dtype)

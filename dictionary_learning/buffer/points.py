@@ -1,0 +1,87 @@
+"""Which hook points a buffer reads: one submodule (a hook point, module, Envoy or path, read as `io` says; with
+io="in_to_out" a module's input and output, or an (input side, output side) pair), or a dict of them by name, all
+read from one model pass (`entry_points`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..models import HookPoint, resolve_hook
+
+
+def submodule_points(model: Any, submodule: Any, io: str) -> tuple[HookPoint, ...]:
+    """One hook point for "out" / "in", (input side, output side) for "in_to_out"."""
+    if io == "in_to_out":
+        if isinstance(submodule, (tuple, list)):
+            if len(submodule) != 2:
+                raise ValueError(f"io='in_to_out' takes one submodule or a pair, got {len(submodule)} items")
+            sides = resolve_hook(model, submodule[0], "input"), resolve_hook(model, submodule[1], "output")
+        else:
+            sides = resolve_hook(model, submodule, "input"), resolve_hook(model, submodule, "output")
+        if (sides[0].path, sides[0].io) == (sides[1].path, sides[1].io):  # x would equal y: an identity to learn
+            raise ValueError(f"io='in_to_out' needs two different hook points, but {submodule!r} names one, "
+                             f"{sides[0]}: pass a module or path (its input and output are read) or a pair "
+                             f"(input point, output point)")
+        return sides
+    if isinstance(submodule, (tuple, list)):
+        raise ValueError(f"a pair of submodules needs io='in_to_out', got io={io!r}")
+    return (resolve_hook(model, submodule, "input" if io == "in" else "output"),)
+
+
+def entry_points(model: Any, submodule: Any, io: str
+                 ) -> tuple[tuple[HookPoint, ...], dict[str, tuple[int, ...]] | None]:
+    """(the distinct hook points to read, in the order given; which of them each named entry serves, or None for a
+    single submodule, which serves all of them). In a dict, single values are read as `io` says and pairs as
+    in_to_out; a hook point two entries share is read and stored once."""
+    if not isinstance(submodule, dict):
+        return submodule_points(model, submodule, io), None
+    if not submodule:
+        raise ValueError("submodule is an empty dict: name at least one hook point")
+    points: list[HookPoint] = []
+    keys: list[tuple[str, str]] = []
+    entries: dict[str, tuple[int, ...]] = {}
+    for name, spec in submodule.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"the names of a dict submodule are non-empty strings, got {name!r}")
+        try:
+            sides = submodule_points(model, spec, "in_to_out" if isinstance(spec, (tuple, list)) else io)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"submodule[{name!r}]: {error}") from error
+        for point in sides:
+            if (point.path, point.io) not in keys:
+                points.append(point)
+                keys.append((point.path, point.io))
+        entries[name] = tuple(keys.index((point.path, point.io)) for point in sides)
+    return tuple(points), entries
+
+
+def entry_width(widths: tuple[int, ...], indices: tuple[int, ...]) -> Any:
+    """An entry's width: one int, or (d_in, d_out) for a pair."""
+    return widths[indices[0]] if len(indices) == 1 else tuple(widths[i] for i in indices)
+
+
+def check_entry_widths(d_submodule: Any, actual: dict[str, Any], entries: dict[str, tuple[int, ...]],
+                       hooks: tuple[HookPoint, ...]) -> None:
+    """A clear error unless the expected widths `d_submodule` (a dict by name, or None) match the `actual` ones."""
+    if d_submodule is None:
+        return
+    if not isinstance(d_submodule, dict):
+        raise TypeError(f"with a dict of hook points, d_submodule is a dict {{name: width}} too, got {d_submodule!r}")
+    unknown = sorted(set(d_submodule) - set(entries))
+    if unknown:
+        raise ValueError(f"d_submodule names {unknown}, which are not hook points of this buffer: {sorted(entries)}")
+    for name, expected in d_submodule.items():
+        if (tuple(expected) if isinstance(expected, (tuple, list)) else expected) != actual[name]:
+            raise ValueError(f"d_submodule[{name!r}]={expected!r} does not match the model: "
+                             f"{', '.join(str(hooks[i]) for i in entries[name])} has width {actual[name]}")
+
+
+def describe(hooks: tuple[HookPoint, ...], entries: dict[str, tuple[int, ...]] | None) -> Any:
+    """The hook points as text for a config: one name, a list of two, or a dict of them by entry."""
+    def text(indices: Any) -> Any:
+        names = [str(hooks[i]) for i in indices]
+        return names[0] if len(names) == 1 else names
+
+    if entries is not None:
+        return {name: text(indices) for name, indices in entries.items()}
+    return text(range(len(hooks)))
