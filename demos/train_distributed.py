@@ -16,7 +16,7 @@ import torch
 from dictionary_learning import ActivationBuffer, default_corpus, hook, load_model
 from dictionary_learning.models import d_model
 from dictionary_learning.trainers import TopKTrainer
-from dictionary_learning.training import init_distributed, shard, trainSAE
+from dictionary_learning.training import exit_distributed, init_distributed, shard, trainSAE
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="smollm2-135m")
@@ -44,5 +44,4 @@ trainers = trainSAE(buffer, configs, args.steps, save_dir=args.out, normalize_ac
                     resume=args.resume, distributed=args.mode if world_size > 1 else None, progress=rank == 0)
 print(f"rank {rank} of {world_size} ({args.mode}): trained {len(trainers)} dictionaries here, last FVU "
       f"{trainers[0].last_metrics['fvu']:.3f}; saved to {args.out}/")
-if world_size > 1:
-    torch.distributed.destroy_process_group()
+exit_distributed()  # destroys the process group and ends the process (gloo may abort at interpreter exit)

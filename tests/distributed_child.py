@@ -65,7 +65,7 @@ def other_configs() -> list[dict]:
 
 
 def main() -> None:
-    from dictionary_learning.training import init_distributed, trainSAE
+    from dictionary_learning.training import exit_distributed, init_distributed, trainSAE
 
     mode, save_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
     resume = len(sys.argv) > 4 and sys.argv[4] == "resume"
@@ -84,7 +84,7 @@ def main() -> None:
                 reference = value.clone()
                 torch.distributed.broadcast(reference, src=0)
                 assert torch.equal(reference, value), "ranks diverged"
-    torch.distributed.destroy_process_group()
+    exit_distributed()  # not a plain return: gloo sometimes aborts a finished process at interpreter exit
 
 
 if __name__ == "__main__":

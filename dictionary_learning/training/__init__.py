@@ -10,13 +10,13 @@
   founding README's call form)
 """
 
-from .distributed import DataParallel, init_distributed, shard
+from .distributed import DataParallel, exit_distributed, init_distributed, shard
 from .loop import CHECKPOINT, Every, resume_from_checkpoints, run_steps, start_wandb
 from .train import build_trainer, train_dictionaries, trainSAE
 from .upstream import activation_scales, get_norm_factor, log_stats, new_wandb_process, train_autoencoder
 
 __all__ = [
-    "CHECKPOINT", "DataParallel", "Every", "activation_scales", "build_trainer", "get_norm_factor", "init_distributed",
-    "log_stats", "new_wandb_process", "resume_from_checkpoints", "run_steps", "shard", "start_wandb", "trainSAE",
-    "train_autoencoder", "train_dictionaries",
+    "CHECKPOINT", "DataParallel", "Every", "activation_scales", "build_trainer", "exit_distributed", "get_norm_factor",
+    "init_distributed", "log_stats", "new_wandb_process", "resume_from_checkpoints", "run_steps", "shard",
+    "start_wandb", "trainSAE", "train_autoencoder", "train_dictionaries",
 ]

@@ -2,7 +2,8 @@
 per GPU, or per CPU share with the gloo backend).
 
 - `init_distributed()` starts the process group from torchrun's environment (NCCL on CUDA, gloo otherwise) and
-  returns (rank, world_size); `shard(texts)` is this rank's share of a text stream (every world_size-th text).
+  returns (rank, world_size); `shard(texts)` is this rank's share of a text stream (every world_size-th text);
+  `exit_distributed()` ends a rank's process cleanly.
 - `DataParallel` holds the collectives a trainer needs so that N ranks, each on its own share of every global batch,
   train exactly as one process on the global batch: gradients averaged, dead-feature statistics (tokens seen, which
   latents fired) summed / or-ed, batch statistics (the TopK inference threshold, AuxK's residual variance, the
@@ -41,6 +42,20 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
     return world()
+
+
+def exit_distributed(code: int = 0) -> None:
+    """End a torch.distributed process: wait for every rank, destroy the process group, flush the output and exit
+    without interpreter finalization, where gloo's worker threads sometimes abort a finished process with SIGABRT
+    ("terminate called without an active exception"; about 1 exit in 15 on this project's CPUs, torch 2.13)."""
+    import sys
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def shard(items: Iterable[Any], rank: int | None = None, world_size: int | None = None) -> Iterator[Any]:
