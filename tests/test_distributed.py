@@ -77,21 +77,15 @@ def test_trainers_sharded_over_ranks(single, tmp_path):
 
 
 def test_data_parallel_other_trainers(tmp_path):
-    """JumpReLU equals one process; BatchTopK and Matryoshka (batch top-k per rank, with a warning) keep every rank's
-    weights and thresholds identical (the child checks) and land near one process."""
+    """JumpReLU (its L0 penalty on the global batch's L0), BatchTopK and Matryoshka (the global batch's top k * batch
+    codes, gathered over ranks) equal one process on the global batches too."""
     torchrun("data-other", tmp_path, STEPS)
     reference = tmp_path / "single"
     trainSAE(iter(global_batches()), other_configs(), STEPS, save_dir=reference, normalize_activations="unit",
              normalization_batches=2, checkpoint_steps=3, progress=False)
-    assert_same_dictionaries(reference, tmp_path, [0])
+    assert_same_dictionaries(reference, tmp_path, range(3))
     for i in (1, 2):
-        ours, _ = load_dictionary(tmp_path / f"trainer_{i}")
-        theirs, _ = load_dictionary(reference / f"trainer_{i}")
-        assert float(ours.threshold) > 0 and float(theirs.threshold) > 0
-        flat = [torch.cat([v.flatten() for v in ae.state_dict().values() if v.is_floating_point()])
-                for ae in (ours, theirs)]
-        cosine = torch.nn.functional.cosine_similarity(*flat, dim=0)
-        assert cosine > 0.9, (i, float(cosine))
+        assert float(load_dictionary(tmp_path / f"trainer_{i}")[0].threshold) > 0  # the thresholds were learned
 
 
 def test_shard_and_mode_errors():

@@ -13,13 +13,15 @@ class BatchTopKTrainer(TopKTrainer):
     exponential moving average (beta `threshold_beta`, from `threshold_start_step`) of the smallest kept code."""
 
     default_dict_class = BatchTopKSAE
-    exact_data_parallel = False  # in data-parallel training the k * batch largest codes are chosen per rank
 
     def __init__(self, *args, wandb_name: str = "BatchTopKTrainer", **kwargs):
         super().__init__(*args, wandb_name=wandb_name, **kwargs)
 
     def _code(self, x: torch.Tensor, pre: torch.Tensor, step: int) -> SparseCode:
-        code = self.ae.sparse_code(x, pre)
+        if self.distributed is None:
+            code = self.ae.sparse_code(x, pre)
+        else:  # the global batch's k * batch largest codes
+            code = self.ae.gather_code(x, *self._global_batch_topk(pre, int(self.ae.k) * x.shape[0]), x.shape[0])
         if step >= self.threshold_start_step:
             self.update_threshold(code.values.detach())
         return code

@@ -59,8 +59,6 @@ class MatryoshkaBatchTopKTrainer(SAETrainer):
     this toolkit's extras are keyword-only: output_dim / transcoder / skip, dead_feature_threshold (tokens without
     firing after which a latent counts as dead), top_k_aux (default output_dim // 2)."""
 
-    exact_data_parallel = False  # in data-parallel training the k * batch largest codes are chosen per rank
-
     def __init__(
         self,
         steps: int,
@@ -142,7 +140,12 @@ class MatryoshkaBatchTopKTrainer(SAETrainer):
         y, step, logging = upstream_loss_call(x, step, logging, y)
         ae = self.ae
         pre = ae.pre_activations(x)  # [batch, dict_size], no grad
-        code = ae.sparse_code(x, pre)
+        if self.distributed is None:
+            code = ae.sparse_code(x, pre)
+        else:  # the global batch's k * batch largest codes, then the inactive groups dropped (as ae.batch_topk)
+            rows, cols, values = self._global_batch_topk(pre, int(ae.k) * x.shape[0])
+            keep = cols < ae.active_end
+            code = ae.gather_code(x, rows[keep], cols[keep], values[keep], x.shape[0])
         if step > self.threshold_start_step:
             self.update_threshold(code.values)
         prefixes = ae.decode_prefixes(code, x)  # one [batch, output_dim] reconstruction per active group

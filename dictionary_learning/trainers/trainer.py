@@ -313,6 +313,17 @@ class SAETrainer:
         """A per-batch minimum as the minimum over the global batch in data-parallel training."""
         return value if self.distributed is None else self.distributed.min(value)
 
+    @torch.no_grad()
+    def _global_batch_topk(self, pre: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Data-parallel batch top-k: (rows, cols, values) of this rank's pre-activations `[batch, dict_size]` among
+        the global batch's `n * world_size` largest positive ones (n: this rank's share), sorted by row and latent,
+        as one process selects them on the global batch."""
+        n_global = n * self.distributed.world_size
+        candidates = self.distributed.gather_rows(pre.flatten().topk(min(n_global, pre.numel()), sorted=False).values)
+        smallest_kept = candidates.topk(min(n_global, candidates.numel()), sorted=False).values.min()
+        rows, cols = ((pre >= smallest_kept) & (pre > 0)).nonzero(as_tuple=True)
+        return rows, cols, pre[rows, cols]
+
     def _global_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """A batch's rows as the global batch's rows in data-parallel training (themselves otherwise)."""
         return rows if self.distributed is None else self.distributed.gather_rows(rows)

@@ -58,8 +58,8 @@ def prepare_data_parallel(trainers: list[SAETrainer], sync: DataParallel) -> Non
                              f"data-parallel: each rank would resample dead neurons from its own batch, and the ranks' "
                              f"weights would diverge; use resample_steps=None or distributed='trainers'")
         if not trainer.exact_data_parallel:
-            warnings.warn(f"{type(trainer).__name__} under distributed='data' computes some batch statistic per rank "
-                          f"(e.g. BatchTopK's k * batch largest codes over the rank's batch), so it does not equal one "
+            warnings.warn(f"{type(trainer).__name__} under distributed='data' computes some statistic per rank (the "
+                          f"annealed penalty's rescaling, from each rank's own losses), so it does not equal one "
                           f"process on the global batches exactly; the weights stay identical across ranks")
         trainer.distributed = sync
         sync.broadcast_module(trainer.ae)
