@@ -2,7 +2,7 @@
 transcoder per layer) on the first layers, select connections, fine-tune through the pruned forward pass, and
 print CE against C before and after.
 
-    python demos/scae.py [--layers 2] [--dict-size 1152] [--k 16]      # ~7 minutes on a 2-core CPU
+    python demos/scae.py [--layers 2] [--dict-size 1152] [--k 16]      # ~6 minutes on a 2-core CPU
     python demos/scae.py --suite runs/demo_scae/suite                  # start from a saved suite instead
     python demos/scae.py --cache acts_scae/       # the modules' activations read into a disk cache once
 
