@@ -21,6 +21,11 @@ Peers:
   decoder un-normalised and rescales activations by the decoder norms (`rescale_acts_by_decoder_norm=True`,
   its default); it does no per-step decoder re-normalisation. `--sparse-activations` turns on its
   `use_sparse_activations` option, which crashes in a CPU training step (see the JSON "error").
+- `eai-sparsify` (EleutherAI, 1.x): `SparseCoder` (fused TopK encoder, `embedding_bag` decode off CUDA, Triton on
+  CUDA), one step = the body of sparsify's `Trainer.fit()` for one hook point: decoder re-normalisation, forward with
+  the dead mask (FVU + `auxk_alpha` * AuxK, its defaults), backward, removal of the gradient parallel to the decoder
+  directions, Adam at its default lr (2e-4 / sqrt(dict_size / 2^14)), the fired-latent bookkeeping. Its forward
+  autocasts to bfloat16 on CUDA only, so on the CPU it runs in float32.
 
 Besides the requested keys the JSON line carries step_ms_median / step_ms_min, cpu_ms_per_step, the median of
 the steps that had all their threads (`uncontended_*`: the figure to trust on a shared machine),
@@ -49,7 +54,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-PEERS = ("dictionary-learning", "sae-lens")
+PEERS = ("dictionary-learning", "sae-lens", "eai-sparsify")
 POOL_BATCHES = 4  # distinct batches generated up front and cycled through
 
 
@@ -190,6 +195,49 @@ def build_sae_lens(torch, args, pool, dead_ids):
     return step, dead_count, auxk_loss
 
 
+def build_sparsify(torch, args, pool, dead_ids):
+    from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify.config import TrainConfig
+
+    torch.manual_seed(args.seed)
+    sae = SparseCoder(args.d_in, SparseCoderConfig(num_latents=args.dict_size, k=args.k), device="cpu",
+                      dtype=torch.float32)
+    train_cfg = TrainConfig(SparseCoderConfig(num_latents=args.dict_size, k=args.k))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4 / (sae.num_latents / 2**14) ** 0.5)
+    tokens_since_fired = torch.zeros(args.dict_size, dtype=torch.long)
+    if len(dead_ids):
+        bias = killing_bias(torch, pool, sae.b_dec.detach(), sae.encoder.weight.detach().T)
+        with torch.no_grad():
+            sae.encoder.bias[dead_ids] = bias
+        tokens_since_fired[dead_ids] = train_cfg.dead_feature_threshold + 1
+    last = {}
+
+    def step(index: int, x) -> None:
+        # sparsify/trainer.py's per-step work for one autoencoding hook point (no grad accumulation)
+        sae.set_decoder_norm_to_unit_norm()
+        dead_mask = tokens_since_fired > train_cfg.dead_feature_threshold
+        out = sae(x, dead_mask=dead_mask)
+        loss = out.fvu + train_cfg.auxk_alpha * out.auxk_loss
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            fired = torch.zeros(args.dict_size, dtype=torch.bool)
+            fired[out.latent_indices.flatten()] = True
+            tokens_since_fired.add_(x.shape[0])
+            tokens_since_fired[fired] = 0
+        last["auxk"] = float(out.auxk_loss)
+
+    def dead_count() -> int:
+        return int((tokens_since_fired > train_cfg.dead_feature_threshold).sum())
+
+    def auxk_loss() -> float:
+        return last.get("auxk", -1.0)
+
+    return step, dead_count, auxk_loss
+
+
 def reference_gemm_ms(torch, args: argparse.Namespace, repeats: int = 5) -> float:
     """Median time of one dense [batch, d_in] x [d_in, dict_size] float32 GEMM: this machine's speed right now."""
     generator = torch.Generator().manual_seed(args.seed + 2)
@@ -254,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         result["reference_gemm_ms"] = reference_gemm_ms(torch, args)
         pool = make_pool(torch, args)
         dead_ids = dead_latent_ids(torch, args)
-        build = build_dictionary_learning if args.peer == "dictionary-learning" else build_sae_lens
+        build = {"dictionary-learning": build_dictionary_learning, "sae-lens": build_sae_lens,
+                 "eai-sparsify": build_sparsify}[args.peer]
         step, dead_count, auxk_loss = build(torch, args, pool, dead_ids)
 
         for index in range(args.warmup):

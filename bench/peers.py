@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-PEERS = ("dictionary-learning", "sae-lens")
+PEERS = ("dictionary-learning", "sae-lens", "eai-sparsify")
 PEER_STEP_SCRIPT = Path(__file__).resolve().with_name("peer_step.py")
 
 

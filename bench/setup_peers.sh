@@ -2,11 +2,13 @@
 # Build one virtual environment per peer package, for the training-throughput benchmarks (bench/peer_step.py runs
 # inside them; bench/peers.py finds them) and for tests/test_upstream_files.py (upstream's own trainSAE and loaders).
 #
-#   bash bench/setup_peers.sh                        both peers
+#   bash bench/setup_peers.sh                        every peer
 #   bash bench/setup_peers.sh dictionary-learning    one of them
 #
 #   ${PEERS_DIR:-$HOME/.cache/dictionary_learning/peers}/dictionary-learning   Sam Marks' dictionary-learning 0.1.0
 #   ${PEERS_DIR:-$HOME/.cache/dictionary_learning/peers}/sae-lens              sae-lens (6.54.12 unless SAE_LENS_VERSION)
+#   ${PEERS_DIR:-$HOME/.cache/dictionary_learning/peers}/eai-sparsify          EleutherAI's sparsify (1.3.3 unless
+#                                                                              SPARSIFY_VERSION)
 #
 # Each venv gets torch==2.13.0 first (this machine's local CPU wheel) and every later pip call is constrained to
 # it, so no peer can swap in a multi-GB CUDA torch. dictionary-learning 0.1.0 pins nnsight<0.4 whose deps pull
@@ -21,6 +23,7 @@ TORCH_VERSION="2.13.0"
 DICTIONARY_LEARNING_VERSION="0.1.0"
 NNSIGHT_VERSION="0.3.7"
 SAE_LENS_VERSION="${SAE_LENS_VERSION:-6.54.12}"
+SPARSIFY_VERSION="${SPARSIFY_VERSION:-1.3.3}"
 export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 mkdir -p "$PEERS_DIR"
@@ -34,6 +37,8 @@ check_code() {
 from dictionary_learning.training import trainSAE
 from dictionary_learning.utils import load_dictionary";;
         sae-lens) echo "from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig";;
+        eai-sparsify) echo "from sparsify import SparseCoder, SparseCoderConfig
+from sparsify.config import TrainConfig";;
     esac
 }
 
@@ -76,9 +81,17 @@ install_sae_lens() {
     pip_in "$name" -c "$CONSTRAINTS" "sae-lens==$SAE_LENS_VERSION"
 }
 
+install_sparsify() {
+    local name=eai-sparsify
+    pip_in "$name" "torch==$TORCH_VERSION"
+    # Its declared deps (accelerate, datasets, transformers, schedulefree, ...) accept torch==2.13.0; no Triton on
+    # the CPU, where it decodes with embedding_bag.
+    pip_in "$name" -c "$CONSTRAINTS" "eai-sparsify==$SPARSIFY_VERSION"
+}
+
 status=0
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(dictionary-learning sae-lens)
+[ ${#names[@]} -gt 0 ] || names=(dictionary-learning sae-lens eai-sparsify)
 for name in "${names[@]}"; do
     if [ "${FORCE:-0}" != 1 ] && venv_works "$name"; then
         echo "[setup_peers] $name: $PEERS_DIR/$name already works, skipping"
@@ -87,7 +100,12 @@ for name in "${names[@]}"; do
     echo "[setup_peers] $name: building $PEERS_DIR/$name"
     rm -rf "${PEERS_DIR:?}/$name"
     "$PYTHON" -m venv "$PEERS_DIR/$name"
-    if [ "$name" = dictionary-learning ]; then install_dictionary_learning; else install_sae_lens; fi
+    case "$name" in
+        dictionary-learning) install_dictionary_learning;;
+        sae-lens) install_sae_lens;;
+        eai-sparsify) install_sparsify;;
+        *) echo "[setup_peers] unknown peer $name (dictionary-learning, sae-lens, eai-sparsify)" >&2; exit 2;;
+    esac
     if venv_works "$name"; then
         version=$("$PEERS_DIR/$name/bin/python" -c "import importlib.metadata as m; print(m.version('$name'))")
         echo "[setup_peers] $name $version ready (torch $TORCH_VERSION)"

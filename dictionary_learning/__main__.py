@@ -78,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
                    help="batches of 16 held-out texts for loss_recovered (default %(default)s)")
     p.add_argument("--n-features", type=int, help="features shown in top_contexts.txt (default %(default)s)")
     p.add_argument("--seed", type=int, help="default %(default)s")
+    p.add_argument("--encoder-dtype", choices=["auto", "float32", "bfloat16"],
+                   help="the SAE's encoder GEMM while training; auto (default): bfloat16 where the hardware is fast at "
+                   "it (weights and Adam stay float32)")
     p.add_argument("--wandb", action="store_true", help="log to wandb ($WANDB_MODE, default offline)")
     p.add_argument("--out", help="report folder (default %(default)s)")
     p.add_argument("--cache", help="train on this activation cache folder (written by `collect --out DIR`) instead "

@@ -37,14 +37,15 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
                tokens: int = 150_000, steps: int = 600, batch: int = 2048, dict_size: int = 4608, k: int = 32,
                lr: float = 1e-3, dead_tokens: int = 200_000, batch_texts: int = 32, eval_texts: int = 150,
                eval_tokens: int = 8192, loss_batches: int = 2, n_features: int = 8, seed: int = 0,
-               wandb: bool = False, out: str | Path = "reports/quickstart", cache: str | Path | None = None
-               ) -> dict[str, Any]:
+               wandb: bool = False, out: str | Path = "reports/quickstart", cache: str | Path | None = None,
+               encoder_dtype: str = "auto") -> dict[str, Any]:
     """Collect activations once, train a TopK SAE on them for several epochs (normalised, scale folded into the saved
     weights), evaluate it on held-out text (the first `eval_texts` texts, never trained on) and write `out/`:
     metrics.json / metrics.md, feature_density.png, top_contexts.txt and the SAE in sae/trainer_0/.
     `cache`: train on an activation cache folder (`collect --out DIR`, the same model, holding the layer / site
     asked for) instead of collecting `tokens`; the held-out texts are then the first ones after those the cache
-    read, when it read the same text source."""
+    read, when it read the same text source. `encoder_dtype`: the dtype of the SAE's dense encoder GEMM while
+    training ("auto": bfloat16 where the hardware is fast at it; weights and Adam stay float32)."""
     started = time.perf_counter()
     out = Path(out)
     for name, value in (("tokens", tokens), ("steps", steps), ("batch", batch), ("dict_size", dict_size),
@@ -86,7 +87,8 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
     config = dict(trainer=TopKTrainer, activation_dim=d_model(lm), dict_size=dict_size, k=k, lr=lr,
                   steps=steps, warmup_steps=min(100, steps // 10), decay_start=int(steps * 0.8),
                   dead_feature_threshold=dead_tokens, seed=seed, device=device, layer=layer, lm_name=model,
-                  submodule_name=str(point), wandb_name="quickstart")
+                  submodule_name=str(point), wandb_name="quickstart",
+                  encoder_dtype=None if encoder_dtype == "float32" else encoder_dtype)
     # scaled to mean squared norm = width (the April 2024 update's target), which the quickstart's lr was tuned on
     trainSAE(training, [config], steps, save_dir=out / "sae", normalize_activations="d_model", use_wandb=wandb,
              log_steps=max(1, steps // 50), run_cfg={"buffer": source_config})
@@ -106,7 +108,8 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
     metrics.update({key: value for key, value in loss.items() if key.startswith(("ce_", "kl_", "frac_recovered"))})
     density = feature_density(sae, batches)
     metrics.update(
-        model=model, hook=str(point), dict_size=dict_size, k=k, steps=steps, training_tokens_collected=n_collected,
+        model=model, hook=str(point), dict_size=dict_size, k=k, steps=steps, encoder_dtype=encoder_dtype,
+        training_tokens_collected=n_collected,
         batch_size=batch, tokens_trained=steps * batch, held_out_tokens=int(held_out.shape[0]),
         dead_features=int((density == 0).sum()), seconds_collect=collected - started,
         seconds_train=trained - collected,

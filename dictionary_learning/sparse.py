@@ -52,9 +52,39 @@ def sparse_transpose_matmul(out_rows: torch.Tensor, in_rows: torch.Tensor, value
     return torch.sparse.mm(sparse, x)
 
 
+def fast_matmul_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """bfloat16 where the hardware multiplies it fast (GPUs; CPUs with AVX-512 BF16 or AMX), else float32 (on other
+    CPUs bfloat16 is emulated and slower than float32)."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    cpu = getattr(torch, "cpu", None)
+    fast = any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return torch.bfloat16 if fast else torch.float32
+
+
+@torch.no_grad()
+def sampled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
+                   cols: torch.Tensor) -> torch.Tensor:
+    """`(x @ weight.T + bias)[rows, cols]`, `[n]`, in x's dtype, without the dense product: a sampled dense-dense
+    product over the (row, col) pairs (`torch.sparse.sampled_addmm`, work n * d_in)."""
+    n_rows, n_cols = x.shape[0], weight.shape[0]
+    order = (rows * n_cols + cols).argsort()  # CSR: rows ascending, columns ascending within a row
+    counts = torch.bincount(rows, minlength=n_rows)
+    row_starts = torch.zeros(n_rows + 1, dtype=torch.long, device=x.device)
+    row_starts[1:] = counts.cumsum(0)
+    pattern = torch.sparse_csr_tensor(row_starts, cols[order], torch.zeros(len(cols), dtype=x.dtype, device=x.device),
+                                      size=(n_rows, n_cols), check_invariants=False)
+    values = torch.empty(len(cols), dtype=x.dtype, device=x.device)
+    values[order] = torch.sparse.sampled_addmm(pattern, x, weight.t()).values()
+    return values + bias[cols].to(x.dtype) if bias is not None else values
+
+
 def gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
                   cols: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
-    """`(x @ weight.T + bias)[rows, cols]` with a sparse backward. Pass `values` if already computed (no grad)."""
+    """`(x @ weight.T + bias)[rows, cols]` with a sparse backward. Pass `values` if already computed (no grad);
+    values of a lower precision than x (a bfloat16 encoder GEMM's) are recomputed exactly in x's dtype."""
+    if values is not None and values.dtype != x.dtype:
+        values = sampled_linear(x, weight, bias, rows, cols)
     if values is None:
         with torch.no_grad():
             values = (x[rows] * weight[cols]).sum(-1) + (bias[cols] if bias is not None else 0)

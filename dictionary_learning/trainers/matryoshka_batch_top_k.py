@@ -27,13 +27,14 @@ from .trainer import (
     SAETrainer,
     remove_gradient_parallel_to_decoder_directions,
     set_decoder_norm_to_unit_norm,
+    resolve_encoder_dtype,
     split_batch,
     trainer_lr_schedule,
     upstream_loss_call,
 )
+from .top_k import DENSE_AUXK_SHARE
 from .trainer import geometric_median as _geometric_median
 
-DENSE_AUXK_SHARE = 0.1  # AuxK codes dense over the dead columns when top_k_aux >= this share of the dead latents
 
 
 def apply_temperature(probabilities: list[float], temperature: float) -> list[float]:
@@ -57,7 +58,8 @@ def group_sizes_from_fractions(group_fractions: Sequence[float], dict_size: int)
 class MatryoshkaBatchTopKTrainer(SAETrainer):
     """Trains a `MatryoshkaBatchTopKSAE` (or a transcoder of that class). Upstream's parameters in upstream's order;
     this toolkit's extras are keyword-only: output_dim / transcoder / skip, dead_feature_threshold (tokens without
-    firing after which a latent counts as dead), top_k_aux (default output_dim // 2)."""
+    firing after which a latent counts as dead), top_k_aux (default output_dim // 2), encoder_dtype (as
+    TopKTrainer's: the dense encoder GEMM that chooses the latents in bfloat16, "auto" where that is fast)."""
 
     def __init__(
         self,
@@ -87,6 +89,7 @@ class MatryoshkaBatchTopKTrainer(SAETrainer):
         skip: bool = False,
         dead_feature_threshold: int = 10_000_000,
         top_k_aux: int | None = None,
+        encoder_dtype: torch.dtype | str | None = None,
     ):
         if group_fractions is None:
             raise ValueError("group_fractions is required: the fraction of dict_size in each nested group, e.g. "
@@ -126,6 +129,8 @@ class MatryoshkaBatchTopKTrainer(SAETrainer):
         self.dead_feature_threshold = dead_feature_threshold
         self.top_k_aux = top_k_aux if top_k_aux is not None else self.ae.output_dim // 2
         self._config["top_k_aux"] = self.top_k_aux
+        self.encoder_dtype = resolve_encoder_dtype(encoder_dtype, self.device)  # as TopKTrainer's
+        self._config["encoder_dtype"] = str(self.encoder_dtype).removeprefix("torch.") if self.encoder_dtype else None
         self._b_dec_initialised = False
         self._step = 0
         self.logging_parameters = ["effective_l0", "dead_features", "pre_norm_auxk_loss"]
@@ -139,7 +144,7 @@ class MatryoshkaBatchTopKTrainer(SAETrainer):
         tracking and, after threshold_start_step, the threshold."""
         y, step, logging = upstream_loss_call(x, step, logging, y)
         ae = self.ae
-        pre = ae.pre_activations(x)  # [batch, dict_size], no grad
+        pre = ae.pre_activations(x, self.encoder_dtype)  # [batch, dict_size], no grad
         if self.distributed is None:
             code = ae.sparse_code(x, pre)
         else:  # the global batch's k * batch largest codes, then the inactive groups dropped (as ae.batch_topk)

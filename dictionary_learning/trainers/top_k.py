@@ -13,15 +13,20 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..dictionary import AutoEncoderTopK, Dictionary, SparseCode
 from .trainer import (
     SAETrainer,
+    resolve_encoder_dtype,
     geometric_median,
     upstream_loss_call,
     remove_gradient_parallel_to_decoder_directions,
     set_decoder_norm_to_unit_norm,
 )
+
+
+DENSE_AUXK_SHARE = 0.1  # AuxK codes dense over the dead columns when k_aux >= this share of the dead latents
 
 
 def default_topk_lr(dict_size: int) -> float:
@@ -60,11 +65,15 @@ class TopKTrainer(SAETrainer):
         output_dim: int | None = None,
         transcoder: bool = False,
         skip: bool = False,
+        encoder_dtype: torch.dtype | str | None = None,
     ):
         """Upstream's parameters in upstream's (HEAD's) order, then this toolkit's: `k_aux` (AuxK's k, default half
         the output width), `dead_feature_threshold` (tokens without firing before a latent counts as dead), and the
-        transcoder options. `threshold_start_step` defaults to min(1000, steps // 10) (upstream: 1000), so short runs
-        learn an inference threshold too; `k_anneal_steps` anneals k linearly from the input width down to `k`."""
+        transcoder options; `encoder_dtype` ("auto", torch.bfloat16, ...) runs the dense encoder GEMM that chooses
+        the active latents in that dtype (weights, Adam state and the chosen codes' values and gradients stay in
+        the activations' dtype; "auto": bfloat16 where the hardware is fast at it). `threshold_start_step` defaults
+        to min(1000, steps // 10) (upstream: 1000), so short runs learn an inference threshold too; `k_anneal_steps`
+        anneals k linearly from the input width down to `k`."""
         dict_class = dict_class or self.default_dict_class
         if k_anneal_steps is not None and not 0 <= k_anneal_steps < steps:
             raise ValueError(f"k_anneal_steps must be in [0, steps={steps}), got {k_anneal_steps}")
@@ -89,8 +98,11 @@ class TopKTrainer(SAETrainer):
         self._b_dec_initialised = False  # b_dec goes to the geometric median of the first batch, once
         self.logging_parameters = ["effective_l0", "dead_features", "pre_norm_auxk_loss"]
         self.effective_l0 = self.dead_features = self.pre_norm_auxk_loss = -1.0
+        self.encoder_dtype = resolve_encoder_dtype(encoder_dtype, self.device)
         self._config.update(auxk_alpha=auxk_alpha, k_aux=self.k_aux, threshold_beta=threshold_beta,
-                            threshold_start_step=threshold_start_step, k_anneal_steps=k_anneal_steps)
+                            threshold_start_step=threshold_start_step, k_anneal_steps=k_anneal_steps,
+                            encoder_dtype=str(self.encoder_dtype).removeprefix("torch.") if self.encoder_dtype
+                            else None)
         self.update_annealed_k(0, activation_dim, k_anneal_steps)
 
     geometric_median = staticmethod(geometric_median)  # upstream's BatchTopKTrainer.geometric_median
@@ -145,7 +157,7 @@ class TopKTrainer(SAETrainer):
             with torch.no_grad():  # b_dec at the geometric median of the first targets
                 self.ae.b_dec.copy_(geometric_median(self._global_rows(y)).to(self.ae.b_dec.dtype))
             self._b_dec_initialised = True
-        pre = self.ae.pre_activations(x)  # [batch, dict_size], no grad
+        pre = self.ae.pre_activations(x, self.encoder_dtype)  # [batch, dict_size], no grad
         code = self._code(x, pre, step)
         y_hat = self.ae.decode_sparse(code, x)
         mse = (y - y_hat).pow(2).sum(dim=-1).mean()
@@ -184,13 +196,20 @@ class TopKTrainer(SAETrainer):
             self.pre_norm_auxk_loss = 0.0
             return torch.zeros((), device=x.device, dtype=x.dtype)
         k_aux = min(self.k_aux, n_dead)
-        with torch.no_grad():  # top-k over the dead columns only
-            dead_ids = dead.nonzero().flatten()
-            values, local = pre.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
-            cols = dead_ids[local]
-        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k_aux)
-        code = self.ae.gather_code(x, rows, cols.reshape(-1), values.reshape(-1), x.shape[0])
-        residual_hat = self.ae.decode_sparse(code, bias=False)
+        dead_ids = dead.nonzero().flatten()
+        if DENSE_AUXK_SHARE * n_dead <= k_aux:  # the codes fill a large share of the dead columns: two small GEMMs
+            weight, bias = self.ae._encoder_affine()
+            post = F.linear(x, weight[dead_ids], bias[dead_ids]).relu()  # [batch, n_dead]
+            with torch.no_grad():
+                keep = torch.zeros_like(post, dtype=torch.bool).scatter_(1, post.topk(k_aux, dim=-1).indices, True)
+            residual_hat = (post * keep) @ self.ae.decoder.weight[:, dead_ids].t()
+        else:  # top-k over the dead columns only, gathered and decoded sparsely
+            with torch.no_grad():
+                values, local = pre.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
+                cols = dead_ids[local]
+            rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k_aux)
+            code = self.ae.gather_code(x, rows, cols.reshape(-1), values.reshape(-1), x.shape[0])
+            residual_hat = self.ae.decode_sparse(code, bias=False)
         error = (residual - residual_hat).pow(2).sum(dim=-1).mean()
         self.pre_norm_auxk_loss = error.item()
         with torch.no_grad():  # the residual's variance over the (global) batch

@@ -17,6 +17,7 @@ import torch
 from ..checks import integer
 from ..dictionary import Dictionary
 from ..files import json_safe
+from ..sparse import fast_matmul_dtype
 
 # what upstream's `trainer.loss(x, step=..., logging=True)` returns
 LossLog = namedtuple("LossLog", ["x", "x_hat", "f", "losses"])
@@ -176,6 +177,21 @@ class ConstrainedAdam(torch.optim.Adam):
             for p in self.constrained_params:
                 p /= p.norm(dim=0, keepdim=True)
         return loss
+
+
+def resolve_encoder_dtype(encoder_dtype: Any, device: torch.device) -> torch.dtype | None:
+    """The dtype a TopK-style trainer runs its dense encoder GEMM in: None (the activations' own), a dtype or its
+    name, or "auto": bfloat16 where the hardware multiplies it fast (`sparse.fast_matmul_dtype`), else None."""
+    if encoder_dtype is None:
+        return None
+    if encoder_dtype == "auto":
+        fast = fast_matmul_dtype(device)
+        return fast if fast != torch.float32 else None
+    dtype = getattr(torch, encoder_dtype, None) if isinstance(encoder_dtype, str) else encoder_dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"encoder_dtype must be None, 'auto' or a floating dtype such as torch.bfloat16, got "
+                         f"{encoder_dtype!r}")
+    return dtype
 
 
 def loss_arguments(x: torch.Tensor, y: Any, step: Any) -> tuple[torch.Tensor, int]:
