@@ -354,8 +354,10 @@ def top_activating_contexts(
         encodings.append(encoding)
         [x] = read_hook_points(model, encoding, [point])
         mask = token_mask(encoding, remove_bos)
-        codes = dictionary.encode(x.reshape(-1, x.shape[-1]).to(next(dictionary.parameters()).dtype))
-        codes = codes[:, features_tensor].reshape(*mask.shape, len(features)).masked_fill(~mask[..., None], -torch.inf)
+        parameter = next(dictionary.parameters())
+        codes = dictionary.encode(x.reshape(-1, x.shape[-1]).to(device=parameter.device, dtype=parameter.dtype))
+        codes = codes[:, features_tensor.to(codes.device)].float().cpu()  # the running best are kept on the CPU
+        codes = codes.reshape(*mask.shape, len(features)).masked_fill(~mask[..., None], -torch.inf)
         for j in range(len(features)):
             values, flat = codes[..., j].flatten().topk(min(n_top, codes[..., j].numel()))
             merged = torch.cat([best_values[j], values])

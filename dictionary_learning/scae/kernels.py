@@ -58,13 +58,15 @@ def connect(upstream: list[torch.Tensor], indices: torch.Tensor, weights: torch.
     connected and active somewhere in the batch: work tokens x dict_size x C, memory tokens x those columns; no
     dict_size x n_upstream matrix. Differentiable in the upstream codes and the weights."""
     n_features, C = indices.shape
-    connected = torch.zeros(sum(x.shape[1] for x in upstream), dtype=torch.bool)
+    device = upstream[0].device  # every tensor made here lives where the codes do
+    indices = indices.to(device)
+    connected = torch.zeros(sum(x.shape[1] for x in upstream), dtype=torch.bool, device=device)
     connected[indices.flatten()] = True
     columns, lookup_parts, n_columns, offset = [], [], 0, 0
     for x in upstream:
         used = ((x.detach() != 0).any(dim=0) & connected[offset : offset + x.shape[1]]).nonzero().flatten()
-        lookup = torch.full((x.shape[1],), -1, dtype=torch.long)
-        lookup[used] = torch.arange(n_columns, n_columns + len(used))
+        lookup = torch.full((x.shape[1],), -1, dtype=torch.long, device=device)
+        lookup[used] = torch.arange(n_columns, n_columns + len(used), device=device)
         columns.append(x.index_select(1, used))
         lookup_parts.append(lookup)
         n_columns += len(used)
@@ -100,7 +102,7 @@ class CSRProduct(torch.autograd.Function):
     def backward(ctx, grad_out):
         values, codes, row_starts, columns = ctx.saved_tensors
         grad_rows = grad_out.permute(1, 2, 0).contiguous()  # [rows, heads, tokens]
-        rows = torch.repeat_interleave(torch.arange(ctx.n_rows), row_starts.diff())  # row of each non-zero
+        rows = torch.repeat_interleave(torch.arange(ctx.n_rows, device=row_starts.device), row_starts.diff())
         grad_values = grad_codes = None
         if ctx.needs_input_grad[0]:
             chunk = max(1, (1 << 24) // max(1, grad_rows.shape[1] * grad_rows.shape[2]))

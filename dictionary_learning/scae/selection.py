@@ -82,12 +82,13 @@ def connections_from_statistics(suite: SCAESuite, model: Any, statistics: Contri
     indices, weights, scores, totals = {}, {}, {}, {}
     for name in suite.names:
         n_features = suite[name].dict_size
-        best_values = torch.empty(n_features, 0)
-        best_indices = torch.empty(n_features, 0, dtype=torch.long)
-        totals[name] = torch.zeros(n_features)
+        device = next(suite[name].parameters()).device  # where the statistics' products are computed
+        best_values = torch.empty(n_features, 0, device=device)
+        best_indices = torch.empty(n_features, 0, dtype=torch.long, device=device)
+        totals[name] = torch.zeros(n_features, device=device)
         offset = 0
         for up in upstream_of(name, model):
-            strength = pair_contributions(suite, model, statistics, name, up).abs()
+            strength = pair_contributions(suite, model, statistics, name, up).abs().to(device)
             totals[name] += strength.sum(dim=1)
             values, local = strength.topk(min(C, strength.shape[1]), dim=1)
             merged_values = torch.cat([best_values, values], dim=1)
@@ -120,6 +121,7 @@ def all_connections(suite: SCAESuite, model: Any) -> Connections:
     indices, weights = {}, {}
     for name in suite.names:
         n_up = suite.n_upstream(name, model)
-        indices[name] = torch.arange(n_up).expand(suite[name].dict_size, n_up).contiguous()
+        device = next(suite[name].parameters()).device
+        indices[name] = torch.arange(n_up, device=device).expand(suite[name].dict_size, n_up).contiguous()
         weights[name] = virtual_weights(suite, model, name, indices[name])
     return Connections(indices, weights)

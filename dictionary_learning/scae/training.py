@@ -55,7 +55,7 @@ class SCAETrainer:
         targets = clean_targets(suite, model, encoding)
         codes = pruned_forward(suite, model, record, self.connections, recompute_weights=True)
         mask = record.mask
-        mse = torch.zeros(())
+        mse = torch.zeros((), device=record.mask.device)
         for name in suite.names:
             target = targets[name][mask]
             error = (suite[name].decode(codes[name][mask]) - target).pow(2).sum()
