@@ -29,10 +29,16 @@ def torchrun(*args, world_size=2):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    """One process on the global batches: the reference."""
+    """One process on the global batches: the reference, with one thread as each rank has (a GEMM's summation
+    order, hence its last bits, depends on the thread count)."""
     save_dir = tmp_path_factory.mktemp("single")
-    trainSAE(iter(global_batches()), configs(), STEPS, save_dir=save_dir, normalize_activations="unit",
-             normalization_batches=2, checkpoint_steps=3, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainSAE(iter(global_batches()), configs(), STEPS, save_dir=save_dir, normalize_activations="unit",
+                 normalization_batches=2, checkpoint_steps=3, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return save_dir
 
 
