@@ -7,6 +7,8 @@ autograd function with a hand-written backward, tested against float64 autograd 
 
 from __future__ import annotations
 
+import warnings
+
 from typing import NamedTuple
 
 import torch
@@ -72,10 +74,12 @@ def sampled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     counts = torch.bincount(rows, minlength=n_rows)
     row_starts = torch.zeros(n_rows + 1, dtype=torch.long, device=x.device)
     row_starts[1:] = counts.cumsum(0)
-    pattern = torch.sparse_csr_tensor(row_starts, cols[order], torch.zeros(len(cols), dtype=x.dtype, device=x.device),
-                                      size=(n_rows, n_cols), check_invariants=False)
     values = torch.empty(len(cols), dtype=x.dtype, device=x.device)
-    values[order] = torch.sparse.sampled_addmm(pattern, x, weight.t()).values()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(row_starts, cols[order], torch.zeros_like(values), size=(n_rows, n_cols),
+                                          check_invariants=False)
+        values[order] = torch.sparse.sampled_addmm(pattern, x, weight.t()).values()
     return values + bias[cols].to(x.dtype) if bias is not None else values
 
 
