@@ -133,7 +133,7 @@ class ActivationBuffer:
 
         # probe the widths on a short input, and check them against d_submodule / in_feats / out_feats
         probe = self._collect(self._probe_encoding())
-        widths = tuple(v.shape[-1] for v in probe)
+        self.widths = widths = tuple(v.shape[-1] for v in probe)  # one per hook point in self.hooks
         if self.entries is None:
             self._check_widths(widths, d_submodule, in_feats, out_feats)
             self.d_submodule: Any = widths[0] if len(widths) == 1 else widths

@@ -49,7 +49,7 @@ def write_cache(model: Any, data: Iterable[str], submodule: Any, out: str | Path
         "model": model_name or _model_name(model), "source": source, "io": io,
         "hooks": [{"path": h.path, "io": h.io, "name": h.name} for h in buffer.hooks],
         "entries": None if buffer.entries is None else {k: list(v) for k, v in buffer.entries.items()},
-        "widths": [v.shape[-1] for v in buffer._collect(buffer._tokenize([PROBE_TEXT]))],
+        "widths": list(buffer.widths),
         "dtype": str(buffer.dtype).removeprefix("torch."), "ctx_len": ctx_len,
         "remove_bos": remove_bos, "add_special_tokens": add_special_tokens,
         "max_activation_norm_multiple": max_activation_norm_multiple, "batch_texts": batch_texts,

@@ -27,7 +27,6 @@ from .trainer import (
     SAETrainer,
     remove_gradient_parallel_to_decoder_directions,
     set_decoder_norm_to_unit_norm,
-    resolve_encoder_dtype,
     split_batch,
     trainer_lr_schedule,
     upstream_loss_call,
@@ -129,8 +128,7 @@ class MatryoshkaBatchTopKTrainer(SAETrainer):
         self.dead_feature_threshold = dead_feature_threshold
         self.top_k_aux = top_k_aux if top_k_aux is not None else self.ae.output_dim // 2
         self._config["top_k_aux"] = self.top_k_aux
-        self.encoder_dtype = resolve_encoder_dtype(encoder_dtype, self.device)  # as TopKTrainer's
-        self._config["encoder_dtype"] = str(self.encoder_dtype).removeprefix("torch.") if self.encoder_dtype else None
+        self._set_encoder_dtype(encoder_dtype)
         self._b_dec_initialised = False
         self._step = 0
         self.logging_parameters = ["effective_l0", "dead_features", "pre_norm_auxk_loss"]

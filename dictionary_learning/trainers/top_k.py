@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from ..dictionary import AutoEncoderTopK, Dictionary, SparseCode
 from .trainer import (
     SAETrainer,
-    resolve_encoder_dtype,
     geometric_median,
     upstream_loss_call,
     remove_gradient_parallel_to_decoder_directions,
@@ -98,11 +97,9 @@ class TopKTrainer(SAETrainer):
         self._b_dec_initialised = False  # b_dec goes to the geometric median of the first batch, once
         self.logging_parameters = ["effective_l0", "dead_features", "pre_norm_auxk_loss"]
         self.effective_l0 = self.dead_features = self.pre_norm_auxk_loss = -1.0
-        self.encoder_dtype = resolve_encoder_dtype(encoder_dtype, self.device)
         self._config.update(auxk_alpha=auxk_alpha, k_aux=self.k_aux, threshold_beta=threshold_beta,
-                            threshold_start_step=threshold_start_step, k_anneal_steps=k_anneal_steps,
-                            encoder_dtype=str(self.encoder_dtype).removeprefix("torch.") if self.encoder_dtype
-                            else None)
+                            threshold_start_step=threshold_start_step, k_anneal_steps=k_anneal_steps)
+        self._set_encoder_dtype(encoder_dtype)
         self.update_annealed_k(0, activation_dim, k_anneal_steps)
 
     geometric_median = staticmethod(geometric_median)  # upstream's BatchTopKTrainer.geometric_median

@@ -321,6 +321,11 @@ class SAETrainer:
         self.num_tokens_since_fired += n_tokens
         self.num_tokens_since_fired[fired_latents] = 0
 
+    def _set_encoder_dtype(self, encoder_dtype: Any) -> None:
+        """`self.encoder_dtype` (`resolve_encoder_dtype`) and its name in the config, for TopK-style trainers."""
+        self.encoder_dtype = resolve_encoder_dtype(encoder_dtype, self.device)
+        self._config["encoder_dtype"] = str(self.encoder_dtype).removeprefix("torch.") if self.encoder_dtype else None
+
     def _global_mean(self, value: torch.Tensor) -> torch.Tensor:
         """A per-batch mean as the mean over the global batch in data-parallel training (itself otherwise)."""
         return value if self.distributed is None else self.distributed.mean(value)

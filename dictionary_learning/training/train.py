@@ -104,11 +104,8 @@ class Routing:
         self.checked = True
 
     def __call__(self, i: int, batch: Any) -> Any:
-        if not isinstance(batch, dict):
-            return batch
-        if not self.checked:
-            self.check(batch)
-        return batch[self.names[i]]
+        """Trainer i's part of a batch (`prepare` has checked dict batches' names)."""
+        return batch[self.names[i]] if isinstance(batch, dict) else batch
 
 
 def _save(trainer: SAETrainer, directory: Path, scales: tuple[float, float], run_config: dict[str, Any]) -> None:
