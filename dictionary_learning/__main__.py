@@ -1,6 +1,7 @@
 """Command line: `python -m dictionary_learning <command> --help`.
 
 train    the quickstart: a TopK SAE on SmolLM2's middle layer on the offline corpus, then a report folder
+         with a feature dashboard
 collect  read activations out of a model at hook points, print their statistics, save them (file or cache)
 scae     evaluate a saved SCAE suite: CE and per-module FVU / L0 against C, and with its own connections
 
@@ -14,7 +15,7 @@ import argparse
 import inspect
 from typing import Any, Callable
 
-from . import reports
+from . import dashboard, reports
 from .models import DTYPES, SITES
 
 DATA_HELP = "text: python-docs (default, offline), a .txt/.jsonl file or folder, or a hub dataset id[:split]"
@@ -82,6 +83,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the SAE's encoder GEMM while training; auto (default): bfloat16 where the hardware is fast at "
                    "it (weights and Adam stay float32)")
     p.add_argument("--wandb", action="store_true", help="log to wandb ($WANDB_MODE, default offline)")
+    p.add_argument("--dashboard-features", type=int, help="features in the report's dashboard/index.html (the first "
+                   "N; 0: no dashboard; default %(default)s)")
+    p.add_argument("--dashboard-tokens", type=count, help="held-out tokens the dashboard reads (default %(default)s)")
     p.add_argument("--out", help="report folder (default %(default)s)")
     p.add_argument("--cache", help="train on this activation cache folder (written by `collect --out DIR`) instead "
                    "of collecting --tokens; held-out texts follow those the cache read")
@@ -110,6 +114,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-texts", type=count, help="default %(default)s")
     p.add_argument("--ctx-len", type=count, help="default %(default)s")
     p.add_argument("--out", help="also write the tables and plots to this folder")
+
+    p = _command(commands, "dashboard", dashboard.dashboard,
+                 "write an offline HTML feature dashboard of a saved dictionary (one self-contained index.html) and "
+                 "circuit-tracer feature files")
+    p.add_argument("--dictionary", required=True, help="a saved dictionary folder (ae.pt + config.json), or a "
+                   "module folder of a saved SCAE suite (SUITE/mlp_3)")
+    p.add_argument("--model", help="default: the one config.json names, else smollm2-135m")
+    p.add_argument("--layer", type=int, help="the layer the dictionary reads (default: as config.json says)")
+    p.add_argument("--site", choices=SITES, help="the site it reads (default: as config.json says; a transcoder's "
+                   "input side, e.g. mlp_in)")
+    p.add_argument("--data", help=DATA_HELP)
+    p.add_argument("--dtype", choices=["auto", *DTYPES], help="model dtype (default %(default)s)")
+    p.add_argument("--device", help="default %(default)s")
+    p.add_argument("--ctx-len", type=count, help="tokens per text (default: the training buffer's, else 128)")
+    p.add_argument("--remove-bos", action=argparse.BooleanOptionalAction,
+                   help="leave each context's first token out (default: as the training buffer did)")
+    p.add_argument("--features", help="a count (the first N), 'all', or indices and ranges such as 0-99,512 "
+                   "(default %(default)s)")
+    p.add_argument("--tokens", type=count, help="tokens to read (default %(default)s)")
+    p.add_argument("--texts", type=count, help="at most this many texts (default: as many as --tokens needs)")
+    p.add_argument("--batch-texts", type=count, help="texts per forward pass (default %(default)s)")
+    p.add_argument("--top-examples", type=count, help="top activating contexts per feature (default %(default)s)")
+    p.add_argument("--upstream", help="an earlier dictionary whose decoder writes what this one reads: show each "
+                   "feature's strongest virtual weights W_enc . W_dec(upstream)^T")
+    p.add_argument("--seed", type=int, help="default %(default)s")
+    p.add_argument("--out", help="output folder (default %(default)s)")
     return main_parser
 
 

@@ -1,6 +1,7 @@
 """The pipelines behind the command line, as functions a notebook can call too; each returns what it measured.
 
-quickstart   a TopK SAE on a model's middle layer, evaluated on held-out text, with a report folder
+quickstart   a TopK SAE on a model's middle layer, evaluated on held-out text, with a report folder and a
+             feature dashboard
 collect      activations at hook points: statistics, optionally saved as safetensors or a disk cache
 scae_report  a saved SCAE suite: CE and per-module FVU / L0 against C, and with its own connections
 """
@@ -19,6 +20,7 @@ import torch
 from .buffer import ActivationBuffer, epochs
 from .cache import ActivationCache, read_manifest, write_cache
 from .checks import integer
+from .dashboard import build_dashboard
 from .data import text_source
 from .evaluation import activation_statistics, evaluate, feature_density, plot_feature_density, top_activating_contexts
 from .files import atomic_write, atomic_write_json, atomic_write_text, check_writable_folder
@@ -38,10 +40,13 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
                lr: float = 1e-3, dead_tokens: int = 200_000, batch_texts: int = 32, eval_texts: int = 150,
                eval_tokens: int = 8192, loss_batches: int = 2, n_features: int = 8, seed: int = 0,
                wandb: bool = False, out: str | Path = "reports/quickstart", cache: str | Path | None = None,
-               encoder_dtype: str = "auto") -> dict[str, Any]:
+               encoder_dtype: str = "auto", dashboard_features: int = 300, dashboard_tokens: int = 8192
+               ) -> dict[str, Any]:
     """Collect activations once, train a TopK SAE on them for several epochs (normalised, scale folded into the saved
     weights), evaluate it on held-out text (the first `eval_texts` texts, never trained on) and write `out/`:
-    metrics.json / metrics.md, feature_density.png, top_contexts.txt and the SAE in sae/trainer_0/.
+    metrics.json / metrics.md, feature_density.png, top_contexts.txt, the SAE in sae/trainer_0/ and a feature
+    dashboard in dashboard/ (index.html: open it from disk; features/: circuit-tracer feature files) of the first
+    `dashboard_features` features (0: none) on up to `dashboard_tokens` held-out tokens.
     `cache`: train on an activation cache folder (`collect --out DIR`, the same model, holding the layer / site
     asked for) instead of collecting `tokens`; the held-out texts are then the first ones after those the cache
     read, when it read the same text source. `encoder_dtype`: the dtype of the SAE's dense encoder GEMM while
@@ -53,6 +58,8 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
                         ("eval_tokens", eval_tokens), ("loss_batches", loss_batches), ("ctx_len", ctx_len)):
         integer(name, value)  # before any model is loaded or token collected
     integer("n_features", n_features, low=0)
+    integer("dashboard_features", dashboard_features, low=0)
+    integer("dashboard_tokens", dashboard_tokens)
     integer("k", k, 1, dict_size, high_name="dict_size")
     if batch > tokens and cache is None:
         raise ValueError(f"batch={batch} exceeds tokens={tokens}: a training step needs batch activations of the "
@@ -129,15 +136,23 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
         lines += [f"  {value:8.2f}  {text}" for value, text in contexts[feature]]
         lines.append("")
     atomic_write_text(out / "top_contexts.txt", "\n".join(lines))
+    if dashboard_features:
+        dashboard_started = time.perf_counter()
+        build_dashboard(sae, lm, point, held_out_texts, out / "dashboard", features=dashboard_features,
+                        tokens=dashboard_tokens, ctx_len=ctx_len, remove_bos=remove_bos, seed=seed,
+                        meta={"dictionary": "quickstart SAE", "model": model, "data": f"{data or 'python-docs'}, "
+                              "held-out texts"})
+        metrics["seconds_dashboard"] = time.perf_counter() - dashboard_started
     metrics["seconds_total"] = time.perf_counter() - started
     atomic_write_json(out / "metrics.json", metrics)
     table = [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
              for key, value in metrics.items()]
     atomic_write_text(out / "metrics.md", "| metric | value |\n|---|---|\n" + "\n".join(table) + "\n")
     keys = ("fvu", "cossim", "l0", "frac_alive", "ce_clean", "ce_patched", "ce_zero", "frac_recovered",
-            "kl_patched", "seconds_total")
+            "kl_patched", "seconds_dashboard", "seconds_total")
     print("\n".join(f"{key:>16s}: {metrics.get(key, float('nan')):.4g}" for key in keys))
-    print(f"report written to {out}/ (metrics.md, metrics.json, feature_density.png, top_contexts.txt, sae/)")
+    print(f"report written to {out}/ (metrics.md, metrics.json, feature_density.png, top_contexts.txt, sae/"
+          + (", dashboard/index.html: open it in a browser" if dashboard_features else "") + ")")
     return metrics
 
 

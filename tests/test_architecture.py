@@ -15,8 +15,9 @@ FLOORS = {
     "buffer": 3, "pytorch_buffer": 3, "training": 3, "activault_s3_buffer": 3,
     "evaluation": 4, "cache": 4,
     "scae": 5, "interp": 5,
-    "reports": 6,
-    "__main__": 7, "__init__": 7,
+    "dashboard": 6,
+    "reports": 7,
+    "__main__": 8, "__init__": 8,
 }
 WING = ["suite", "kernels", "tracing", "pruned", "selection", "evaluation", "training", "modules"]
 

@@ -1,0 +1,164 @@
+"""One streaming pass over texts for the dashboard: per feature, exact firing counts and maxima, the running top-N
+activating tokens and a uniform random sample of its activations (a reservoir), each kept example with the window of
+tokens around it and the feature's activations there. Memory is bounded by the number of features times
+(top_examples + sample_examples) windows plus `reservoir` values, whatever the number of tokens read; everything is
+kept on the CPU.
+
+Sampling: every non-zero activation gets a random key in [0, 1); per feature the rows with the smallest keys are
+kept, which is a uniform sample without replacement of its activations (the examples are the first
+`sample_examples` of the `reservoir` values, so a subset of them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..checks import integer
+from ..dictionary import Dictionary
+from ..models import HookPoint
+from ..tracing import read_hook_points, token_mask, tokenize
+
+BEFORE, AFTER = 24, 8  # tokens shown before and after an example's activating token
+
+
+@dataclass
+class FeatureStatistics:
+    """What one pass over texts measured for `features` (indices into the dictionary), on `tokens` tokens.
+
+    `fired`, `max_value`: `[n]` exact over all tokens. `top` and `sample`: example tables (dicts of tensors, one row per
+    example: feature (position in `features`), key, value, text, position, ids `[W]`, acts `[W]`; ids are -1 outside
+    the text). `values`: the reservoir (feature, key, value) of at most `reservoir` activations per feature."""
+
+    features: list[int]
+    tokens: int
+    texts: int
+    fired: torch.Tensor
+    max_value: torch.Tensor
+    top: dict[str, torch.Tensor]
+    sample: dict[str, torch.Tensor]
+    values: dict[str, torch.Tensor]
+
+    @property
+    def density(self) -> torch.Tensor:
+        """Fraction of the tokens read on which each feature fired (non-zero activation): `[n]`."""
+        return self.fired.double() / max(self.tokens, 1)
+
+
+def keep_smallest(table: dict[str, torch.Tensor], keep: int) -> dict[str, torch.Tensor]:
+    """Per feature (`table["feature"]`), the `keep` rows with the smallest `table["key"]` (ties: the earlier row)."""
+    feature, key = table["feature"], table["key"]
+    order = torch.argsort(key, stable=True)
+    order = order[torch.argsort(feature[order], stable=True)]
+    grouped = feature[order]
+    rank = torch.arange(len(order)) - torch.searchsorted(grouped, grouped)  # position inside the feature's group
+    chosen = order[rank < keep]
+    return {name: value[chosen] for name, value in table.items()}
+
+
+def _concat(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: torch.cat([a[name], b[name]]) for name in a}
+
+
+def _empty(window: int, with_windows: bool) -> dict[str, torch.Tensor]:
+    table = {"feature": torch.empty(0, dtype=torch.long), "key": torch.empty(0), "value": torch.empty(0)}
+    if with_windows:
+        table.update(text=torch.empty(0, dtype=torch.long), position=torch.empty(0, dtype=torch.long),
+                     ids=torch.empty(0, window, dtype=torch.int32), acts=torch.empty(0, window))
+    return table
+
+
+def _windows(table: dict[str, torch.Tensor], codes: torch.Tensor, input_ids: torch.Tensor, real: torch.Tensor,
+             row: torch.Tensor, text_offset: int) -> dict[str, torch.Tensor]:
+    """The rows of `table` (of one batch: `row` its batch row) with their windows of token ids and activations."""
+    offsets = torch.arange(-BEFORE, AFTER + 1)
+    where = table["position"][:, None] + offsets  # [n, W]
+    inside = (where >= 0) & (where < codes.shape[1])
+    where = where.clamp(0, codes.shape[1] - 1)
+    rows = row[:, None].expand_as(where)
+    inside &= real[rows, where]
+    ids = torch.where(inside, input_ids[rows, where], -1).to(torch.int32)
+    acts = torch.where(inside, codes[rows, where, table["feature"][:, None]], 0.0)
+    return {**table, "text": row + text_offset, "ids": ids, "acts": acts}
+
+
+def _batches(texts: Iterable[str], batch_texts: int, max_texts: int | None) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for count, text in enumerate(texts):
+        if max_texts is not None and count >= max_texts:
+            break
+        batch.append(text)
+        if len(batch) == batch_texts:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def feature_statistics(dictionary: Dictionary, model: Any, point: HookPoint, texts: Iterable[str],
+                       features: list[int], tokens: int = 32768, max_texts: int | None = None, ctx_len: int = 128,
+                       batch_texts: int = 16, remove_bos: bool = True, top_examples: int = 10,
+                       sample_examples: int = 48, reservoir: int = 1024, seed: int = 0,
+                       progress: bool = True) -> FeatureStatistics:
+    """Read `point` (what the dictionary encodes: a transcoder's input side) on `texts` until `tokens` tokens (or
+    `max_texts` texts) are read, `batch_texts` texts (truncated to `ctx_len` tokens) per trace, and keep per feature
+    of `features` what `FeatureStatistics` holds. Positions the buffer drops (padding; each text's first token with
+    `remove_bos`) are not counted; their tokens are still shown in windows, with activation 0."""
+    integer("tokens", tokens)
+    for name, value in (("ctx_len", ctx_len), ("batch_texts", batch_texts), ("top_examples", top_examples),
+                        ("sample_examples", sample_examples), ("reservoir", reservoir)):
+        integer(name, value)
+    if sample_examples > reservoir:
+        raise ValueError(f"sample_examples={sample_examples} must not exceed reservoir={reservoir}")
+    if not features:
+        raise ValueError("no features to show: pass at least one feature index")
+    parameter = next(dictionary.parameters())
+    chosen = torch.tensor(features, device=parameter.device)
+    generator = torch.Generator().manual_seed(seed)
+    window = BEFORE + AFTER + 1
+    fired = torch.zeros(len(features), dtype=torch.long)
+    max_value = torch.full((len(features),), -torch.inf)
+    top, sample, values = _empty(window, True), _empty(window, True), _empty(window, False)
+    n_tokens = n_texts = 0
+    bar = tqdm(total=tokens, desc="dashboard: reading activations", unit="tok", disable=not progress)
+    for batch in _batches(texts, batch_texts, max_texts):
+        encoding = tokenize(model.tokenizer, batch, ctx_len)
+        [x] = read_hook_points(model, encoding, [point])
+        if x.shape[-1] != dictionary.activation_dim:
+            raise ValueError(f"{point} has width {x.shape[-1]}, but the dictionary reads width "
+                             f"{dictionary.activation_dim}: pass the layer and site it was trained on (--layer, --site)")
+        real = token_mask(encoding, remove_bos)  # [batch, seq]
+        flat = x.reshape(-1, x.shape[-1]).to(device=parameter.device, dtype=parameter.dtype)
+        codes = dictionary.encode(flat)[:, chosen].float().cpu().reshape(*real.shape, len(features))
+        codes = codes.masked_fill(~real[..., None], 0.0)  # [batch, seq, n]
+        fired += (codes != 0).sum(dim=(0, 1))
+        max_value = torch.maximum(max_value, codes.masked_fill(~real[..., None], -torch.inf).amax(dim=(0, 1)))
+        row, position, feature = (codes != 0).nonzero(as_tuple=True)
+        value = codes[row, position, feature]
+        key = torch.rand(len(value), generator=generator)
+        new = {"feature": feature, "key": key, "value": value}
+        values = keep_smallest(_concat(values, new), reservoir)
+        with_place = {**new, "position": position, "row": row}
+        for name, keep, table_key in (("top", top_examples, -value), ("sample", sample_examples, key)):
+            candidates = keep_smallest({**with_place, "key": table_key}, keep)  # this batch's best, then windows
+            candidates = _windows({k: v for k, v in candidates.items() if k != "row"}, codes, encoding["input_ids"],
+                                  encoding["attention_mask"].bool(), candidates["row"], n_texts)
+            if name == "top":
+                top = keep_smallest(_concat(top, candidates), keep)
+            else:
+                sample = keep_smallest(_concat(sample, candidates), keep)
+        read = int(real.sum())
+        n_tokens, n_texts = n_tokens + read, n_texts + len(batch)
+        bar.update(min(read, max(tokens - bar.n, 0)))
+        if n_tokens >= tokens:
+            break
+    bar.close()
+    if n_tokens == 0:
+        raise ValueError("the texts gave no tokens to read (an empty text source?)")
+    max_value = torch.where(fired > 0, max_value, torch.zeros_like(max_value))
+    return FeatureStatistics(list(features), n_tokens, n_texts, fired, max_value, top, sample, values)

@@ -1,0 +1,204 @@
+"""The dashboard pipeline: which model, hook point and features a saved dictionary needs, then one pass over text
+(`collect.py`), the weights' readings (`directions.py`) and the files (`render.py`).
+
+`dashboard(dictionary=DIR)` is what `python -m dictionary_learning dashboard` runs; `build_dashboard` is the part
+that takes a loaded dictionary and model (the quickstart calls it with the ones it has)."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checks import integer
+from ..data import text_source
+from ..dictionary import Dictionary
+from ..files import check_writable_folder, read_json
+from ..models import DEFAULT_MODEL, HookPoint, d_model, dtype_from_name, hook, load_model, n_layers, resolve_hook
+from ..scae import SCAESuite, parse_module_name, upstream_of
+from ..utils import load_dictionary
+from .collect import feature_statistics
+from .directions import Upstream, decoder_directions, logit_lens, suite_connections, virtual_weight_connections
+from .render import feature_records, write_dashboard
+
+LOGIT_LENS = ("promoted / suppressed tokens: the unembedding applied to the decoder direction through the final "
+              "norm's weight (a logit lens; the per-token 1/rms scale and the norm's bias do not change the ranking)")
+
+
+def parse_features(spec: str | int | Sequence[int], dict_size: int) -> list[int]:
+    """Feature indices from a count (the first N; more than dict_size means all), "all", or a comma-separated list
+    of indices and inclusive ranges ("0-99", "3,17,200-210"), in the order given, without repeats."""
+    if isinstance(spec, str) and spec.strip().isdigit():
+        spec = int(spec)
+    if isinstance(spec, str) and spec.strip() == "all":
+        return list(range(dict_size))
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return list(range(min(integer("features", spec), dict_size)))
+    if isinstance(spec, str):
+        indices: list[int] = []
+        for part in spec.split(","):
+            match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+            if not match:
+                raise ValueError(f"features must be a count, 'all', or indices and ranges such as '0-99' or "
+                                 f"'3,17,200-210', got {spec!r}")
+            first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+            if last < first:
+                raise ValueError(f"features: the range {part.strip()!r} runs backwards")
+            indices.extend(range(first, last + 1))
+    else:
+        indices = [integer("features[]", i, low=0) for i in spec]
+    bad = [i for i in indices if i >= dict_size]
+    if bad:
+        raise ValueError(f"features must lie in [0, {dict_size - 1}] (the dictionary has {dict_size}), got {bad[:5]}")
+    if not indices:
+        raise ValueError("features: no feature indices given")
+    return list(dict.fromkeys(indices))
+
+
+def _sections(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainer config, buffer config) of a saved config.json (this toolkit's run.buffer or upstream's buffer)."""
+    trainer = config.get("trainer", config)
+    run = config.get("run")
+    buffer = (run.get("buffer") if isinstance(run, dict) else None) or config.get("buffer") or {}
+    return (trainer if isinstance(trainer, dict) else {}), (buffer if isinstance(buffer, dict) else {})
+
+
+def hook_from_config(model: Any, config: dict[str, Any]) -> HookPoint | None:
+    """The hook point a saved dictionary reads (a transcoder's input side), as its config.json names it: the
+    buffer's hook points (the trainer's entry of a buffer over many), else the trainer's `submodule_name` when it
+    is a named site ("layers.6.resid"), else upstream's `layer` at the residual stream for io="out"; else None."""
+    trainer, buffer = _sections(config)
+    hooks = {}
+    for spec in buffer.get("hooks") or []:
+        if isinstance(spec, dict) and "path" in spec:
+            point = HookPoint(spec["path"], spec.get("io", "output"), spec.get("name"))
+            hooks[str(point)] = point
+    submodule = buffer.get("submodule")
+    if isinstance(submodule, dict):
+        submodule = submodule.get(trainer.get("submodule_name"))
+    if isinstance(submodule, list) and submodule:
+        submodule = submodule[0]  # an in_to_out pair: the input side
+    if isinstance(submodule, str) and submodule in hooks:
+        return resolve_hook(model, hooks[submodule])
+    name = trainer.get("submodule_name")
+    if isinstance(name, str) and re.fullmatch(r"layers\.\d+\.\w+", name):
+        return resolve_hook(model, name)
+    layer = trainer.get("layer")
+    if isinstance(layer, int) and buffer.get("io", "out") == "out" and not trainer.get("transcoder"):
+        print(f"config.json names layer {layer} but no hook point: reading layers.{layer}.resid (pass --site "
+              f"otherwise)", file=sys.stderr)
+        return hook(model, layer, "resid")
+    return None
+
+
+def _layer_of(point: HookPoint) -> int | None:
+    match = re.fullmatch(r"layers\.(\d+)\.\w+", point.name or "")
+    return int(match.group(1)) if match else None
+
+
+def build_dashboard(dictionary: Dictionary, model: Any, point: HookPoint, texts: Iterable[str], out: str | Path,
+                    features: str | int | Sequence[int] = 300, tokens: int = 32768, max_texts: int | None = None,
+                    ctx_len: int = 128, batch_texts: int = 16, remove_bos: bool = True, top_examples: int = 10,
+                    upstream: Upstream | None = None, meta: dict[str, Any] | None = None, seed: int = 0,
+                    progress: bool = True) -> dict[str, Any]:
+    """Measure `features` of a loaded dictionary on `texts` at `point` and write the dashboard folder `out`
+    (index.html, features/{index}.json, ...: see `render.py`); returns what dashboard.json records."""
+    started = time.perf_counter()
+    chosen = parse_features(features, dictionary.dict_size)
+    stats = feature_statistics(dictionary, model, point, texts, chosen, tokens=tokens, max_texts=max_texts,
+                               ctx_len=ctx_len, batch_texts=batch_texts, remove_bos=remove_bos,
+                               top_examples=top_examples, seed=seed, progress=progress)
+    meta = dict(meta or {})
+    if dictionary.output_dim == d_model(model):
+        logits = logit_lens(model, decoder_directions(dictionary, chosen))
+        meta["logit_lens"] = LOGIT_LENS
+    else:  # e.g. per-head activations: no direction in the residual stream to unembed
+        logits = tuple(torch.empty(len(chosen), 0, dtype=dtype) for dtype in (torch.long, torch.float) * 2)
+        meta["logit_lens"] = (f"no promoted / suppressed tokens: the dictionary writes width {dictionary.output_dim}, "
+                              f"not the residual stream's {d_model(model)}")
+    layer = _layer_of(point)
+    transcoder_id = f"{meta.get('model', 'model')}/{point}"
+    records = feature_records(stats, transcoder_id, logits, upstream)
+    meta.update(hook=str(point), kind=f"{type(dictionary).__name__}{' transcoder' if dictionary.transcoder else ''}",
+                dict_size=dictionary.dict_size, features=len(chosen), tokens=stats.tokens, texts=stats.texts,
+                dead=int((stats.fired == 0).sum()),
+                upstream=upstream.description if upstream is not None else None, transcoder_id=transcoder_id)
+    meta.setdefault("data", "python-docs")
+    meta["seconds"] = round(time.perf_counter() - started, 2)
+    write_dashboard(out, records, model.tokenizer, meta, layer=layer or 0)
+    return meta
+
+
+def dashboard(dictionary: str | Path, out: str | Path = "reports/dashboard", model: str | None = None,
+              layer: int | None = None, site: str | None = None, data: str | None = None, dtype: str = "auto",
+              device: str = "cpu", ctx_len: int | None = None, remove_bos: bool | None = None,
+              features: str | int = 300, tokens: int = 32768, texts: int | None = None, batch_texts: int = 16,
+              top_examples: int = 10, upstream: str | Path | None = None, seed: int = 0) -> dict[str, Any]:
+    """Write an offline feature dashboard of a saved dictionary (a folder with ae.pt + config.json, or a module
+    folder of a saved SCAE suite) to `out/index.html`, with circuit-tracer feature files in `out/features/`.
+
+    The model defaults to the one config.json (or suite.json) names, else smollm2-135m; the hook point to the one
+    the config names (`layer` / `site` override it); ctx_len and remove_bos to the training buffer's. Text: `data`
+    (default: the offline python-docs corpus), read until `tokens` tokens or `texts` texts. `features`: a count (the
+    first N), "all", or indices and ranges ("0-99,512"). `upstream`: an earlier dictionary whose decoder writes
+    what this one reads: its strongest virtual weights per feature (an SCAE module shows its suite's selected
+    connections instead)."""
+    started = time.perf_counter()
+    for name, value in (("tokens", tokens), ("batch_texts", batch_texts), ("top_examples", top_examples)):
+        integer(name, value)
+    if texts is not None:
+        integer("texts", texts)
+    folder = Path(dictionary)
+    if (folder / "suite.json").exists():
+        modules = read_json(folder / "suite.json", expect=dict).get("modules")
+        raise ValueError(f"{str(folder)!r} is a whole SCAE suite: pass one of its modules, e.g. "
+                         f"{str(folder / (modules or ['mlp_0'])[-1])!r}")
+    check_writable_folder("out", out)
+    suite, module = None, None
+    if (folder.parent / "suite.json").exists():
+        suite, module = SCAESuite.load(folder.parent), folder.name
+        loaded, config = suite[module], {}
+    else:
+        loaded, config = load_dictionary(folder)
+    trainer, buffer = _sections(config)
+    model_name = model or trainer.get("lm_name") or (suite.model_name if suite else None) or DEFAULT_MODEL
+    lm = load_model(model_name, device=device, dtype=dtype_from_name(dtype, device))
+    if suite is not None and layer is None and site is None:
+        kind, module_layer = parse_module_name(module)
+        point = hook(lm, module_layer, "attn_out" if kind == "attn" else "mlp_in")
+    elif layer is not None or site is not None:
+        default_layer = trainer.get("layer") if isinstance(trainer.get("layer"), int) else n_layers(lm) // 2
+        point = hook(lm, default_layer if layer is None else layer, site or "resid")
+    else:
+        point = hook_from_config(lm, config)
+        if point is None:
+            raise ValueError(f"{str(folder / 'config.json')!r} does not say which hook point the dictionary reads: "
+                             f"pass --layer and --site")
+    loaded = loaded.to(device)
+    connections = None
+    chosen = parse_features(features, loaded.dict_size)
+    if suite is not None:
+        connections = suite_connections(suite, lm, module, chosen, upstream_names=upstream_of(module, lm))
+    elif upstream is not None:
+        earlier, _ = load_dictionary(upstream, device=device)
+        reads_mlp = (point.name or "").endswith(".mlp_in")
+        connections = virtual_weight_connections(loaded, earlier, chosen, Path(upstream).name, model=lm,
+                                                 layer=_layer_of(point) if reads_mlp else None)
+    meta = {"dictionary": folder.resolve().name if folder.name in ("", ".") else folder.name, "model": model_name,
+            "data": data or "python-docs"}
+    print(f"{model_name} {point}: dashboard of {len(chosen)} of {loaded.dict_size} features on up to {tokens} tokens",
+          file=sys.stderr)
+    meta = build_dashboard(
+        loaded, lm, point, text_source(data), out, features=chosen, tokens=tokens, max_texts=texts,
+        ctx_len=ctx_len or int(buffer.get("ctx_len") or 128), batch_texts=batch_texts,
+        remove_bos=remove_bos if remove_bos is not None else bool(buffer.get("remove_bos", True)),
+        top_examples=top_examples, upstream=connections, meta=meta, seed=seed)
+    meta["seconds_total"] = round(time.perf_counter() - started, 2)
+    print(f"dashboard of {meta['features']} features ({meta['dead']} dead on {meta['tokens']} tokens) written to "
+          f"{out}/index.html (open it in a browser) and {out}/features/ in {meta['seconds_total']:.0f} s")
+    return meta
