@@ -1,0 +1,117 @@
+"""EleutherAI sparsify's format: `<run>/<hookpoint>/cfg.json` + `sae.safetensors`, one folder per hookpoint named
+by the module path inside the base model (`layers.6`, `layers.6.mlp`), as `SparseCoder.save_to_disk` writes and
+`SparseCoder.load_from_disk` reads (and delphi consumes). Weights: encoder.weight [d_sae, d_in], encoder.bias,
+W_dec [d_sae, d_in], b_dec [d_in], W_skip [d_in, d_in] (out = ... + x @ W_skip.T).
+
+sparsify has TopK dictionaries only; an SAE encodes x - b_dec, a transcoder (`transcode: true`) maps its hookpoint
+module's input to that module's output, of the same width.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..files import atomic_folder, atomic_write, atomic_write_json, read_json
+from .hooks import base_prefix, full_path, mlp_layer, output_path
+from .weights import Weights
+
+CONFIG, WEIGHTS = "cfg.json", "sae.safetensors"
+
+
+def hookpoint_of(weights: Weights) -> str:
+    """sparsify's hookpoint for a dictionary's hook points: an SAE's module (whose output it reads), a transcoder's
+    module (whose input it reads and output it writes), named inside the base model."""
+    if not weights.hooks:
+        raise ValueError("the dictionary's config names no hook points: pass hookpoint= (e.g. 'layers.6')")
+    if weights.transcoder:
+        source, target = weights.hooks
+        same = source["path"] == target["path"] and (source.get("io"), target.get("io")) == ("input", "output")
+        if not same and mlp_layer(weights.hooks, weights.model_name) is None:
+            raise ValueError(f"a sparsify transcoder maps one module's input to its output; this one reads "
+                             f"{source} and writes {target}")
+        path = target["path"]
+    else:
+        path = output_path(weights.hooks[0], weights.model_name)
+    return path.removeprefix(base_prefix(path, weights.model_name))
+
+
+def export_sparsify(weights: Weights, out: str | Path, hookpoint: str | None = None) -> Path:
+    """Write `weights` as `out/<hookpoint>/{cfg.json, sae.safetensors}` (that folder replaced whole); returns it."""
+    from safetensors.torch import save_file
+
+    if weights.activation != "topk":
+        raise ValueError(f"sparsify has TopK dictionaries only, this one is {weights.activation!r}")
+    if weights.d_in != weights.d_out:
+        raise ValueError(f"sparsify dictionaries map width d_in to the same width; this one maps {weights.d_in} to "
+                         f"{weights.d_out}")
+    hookpoint = hookpoint or hookpoint_of(weights)
+    weights = weights.with_centring(not weights.transcoder)  # sparsify centres every SAE, no transcoder
+    state = {"encoder.weight": weights.W_enc, "encoder.bias": weights.b_enc, "W_dec": weights.W_dec,
+             "b_dec": weights.b_dec}
+    if weights.W_skip is not None:
+        state["W_skip"] = weights.W_skip
+    config = {"activation": "topk", "expansion_factor": max(weights.d_sae // weights.d_in, 1),
+              "normalize_decoder": True, "num_latents": weights.d_sae, "k": weights.k, "multi_topk": False,
+              "skip_connection": weights.W_skip is not None, "transcode": weights.transcoder, "d_in": weights.d_in}
+    state = {name: tensor.float().contiguous() for name, tensor in state.items()}
+    target = Path(out) / hookpoint
+    with atomic_folder(target, owned=lambda name: name in (CONFIG, WEIGHTS)) as staging:
+        atomic_write(staging / WEIGHTS, lambda tmp: save_file(state, tmp))
+        atomic_write_json(staging / CONFIG, config)
+    return target
+
+
+def _hookpoint_folder(path: Path, hookpoint: str | None) -> Path:
+    if hookpoint:
+        path = path / hookpoint
+    if (path / CONFIG).is_file():
+        return path
+    found = sorted(p.parent.relative_to(path).as_posix() for p in path.glob(f"*/{CONFIG}"))
+    if len(found) == 1:
+        return path / found[0]
+    listed = f"it holds the hookpoints {found}: pass hookpoint=" if found else f"it holds no */{CONFIG}"
+    raise ValueError(f"expected a sparsify hookpoint folder ({CONFIG} + {WEIGHTS}) or a run folder holding one; "
+                     f"{str(path)!r}: {listed}")
+
+
+def load_sparsify(path: str | Path, hookpoint: str | None = None, model_name: str | None = None) -> Weights:
+    """The library-neutral weights of a sparsify hookpoint folder (or of a run folder's only / named hookpoint).
+    model_name (default: the run's config.json `model`) places the hookpoint in the causal LM's module tree."""
+    from safetensors.torch import load_file
+
+    folder = _hookpoint_folder(Path(path), hookpoint)
+    config: dict[str, Any] = json.loads((folder / CONFIG).read_text())
+    if config.get("activation", "topk") != "topk":
+        raise ValueError(f"{str(folder)!r}: sparsify activation {config.get('activation')!r} has no equivalent here "
+                         "(only topk)")
+    if not (folder / WEIGHTS).is_file():
+        raise ValueError(f"{str(folder)!r} has {CONFIG} but no {WEIGHTS}")
+    state = {name: tensor.float() for name, tensor in load_file(str(folder / WEIGHTS)).items()}
+    missing = [name for name in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if name not in state]
+    if missing:
+        raise ValueError(f"{str(folder / WEIGHTS)!r} lacks {missing}")
+    if tuple(state["encoder.weight"].shape)[1] != config.get("d_in"):
+        raise ValueError(f"{str(folder)!r}: encoder.weight has shape {tuple(state['encoder.weight'].shape)}, but "
+                         f"{CONFIG} says d_in={config.get('d_in')}")
+    run_config = folder.parent / "config.json"
+    if model_name is None and run_config.is_file():
+        run = read_json(run_config)
+        model_name = run.get("model") if isinstance(run, dict) else None
+    inner = folder.name if hookpoint is None else hookpoint
+    path_in_model = full_path(inner, model_name)
+    transcoder = bool(config.get("transcode"))
+    hooks: list[dict[str, str]] = []
+    if path_in_model:
+        hooks = ([{"path": path_in_model, "io": "input"}, {"path": path_in_model, "io": "output"}] if transcoder
+                 else [{"path": path_in_model, "io": "output"}])
+    layer = next((int(part) for part in inner.split(".") if part.isdigit()), None)
+    weights = Weights(W_enc=state["encoder.weight"], b_enc=state["encoder.bias"], W_dec=state["W_dec"],
+                      b_dec=state["b_dec"], activation="topk", k=int(config["k"]), W_skip=state.get("W_skip"),
+                      centred=not transcoder, transcoder=transcoder, model_name=model_name, layer=layer,
+                      hooks=hooks)
+    if "W_skip" in state and not transcoder:  # an SAE with a skip: here a (square) transcoder, which never centres
+        weights = replace(weights.with_centring(False), transcoder=True)
+    return weights
