@@ -4,9 +4,12 @@ train    the quickstart: a TopK SAE on SmolLM2's middle layer on the offline cor
          with a feature dashboard
 collect  read activations out of a model at hook points, print their statistics, save them (file or cache)
 scae     evaluate a saved SCAE suite: CE and per-module FVU / L0 against C, and with its own connections
+dashboard  an offline HTML feature dashboard of a saved dictionary, and circuit-tracer feature files
+export   a saved dictionary in SAELens', sparsify's or circuit-tracer's format
+import   a SAELens, sparsify or circuit-tracer folder as this toolkit's ae.pt + config.json folder(s)
 
-Each command parses its arguments and calls one pipeline in `dictionary_learning.reports`, whose signature holds
-the defaults.
+Each command parses its arguments and calls one pipeline (in `reports`, `dashboard` or `formats`), whose signature
+holds the defaults.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import argparse
 import inspect
 from typing import Any, Callable
 
-from . import dashboard, reports
+from . import dashboard, formats, reports
 from .models import DTYPES, SITES
 
 DATA_HELP = "text: python-docs (default, offline), a .txt/.jsonl file or folder, or a hub dataset id[:split]"
@@ -114,6 +117,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-texts", type=count, help="default %(default)s")
     p.add_argument("--ctx-len", type=count, help="default %(default)s")
     p.add_argument("--out", help="also write the tables and plots to this folder")
+
+    p = _command(commands, "export", formats.export_command,
+                 "write a saved dictionary in another library's format (SAELens, sparsify, circuit-tracer)")
+    p.add_argument("--to", required=True, choices=formats.FORMATS)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="SRC [SRC ...] DST: the saved dictionary folder, then "
+                   "where to write; circuit-tracer: one transcoder folder per layer in layer order, or one folder "
+                   "holding them")
+    p.add_argument("--hook-name", help="SAELens: the module whose output the dictionary reads (default: from the "
+                   "saved hook points)")
+    p.add_argument("--hook-name-out", help="SAELens transcoders: the module whose output it writes")
+    p.add_argument("--hookpoint", help="sparsify: the hookpoint folder name (default: from the saved hook points)")
+    p.add_argument("--model-name", help="circuit-tracer: the model's hub id (default: from the saved config)")
+    p.add_argument("--topk", action="store_true", help="circuit-tracer: write TopK transcoders as `activation: topk` "
+                   "(read by circuit-tracer builds newer than 0.5.0, refused otherwise)")
+
+    p = _command(commands, "import", formats.import_command,
+                 "save a SAELens, sparsify or circuit-tracer folder as this toolkit's dictionary folder(s)")
+    p.add_argument("source", metavar="SRC")
+    p.add_argument("out", metavar="DST")
+    p.add_argument("--from", dest="format", choices=formats.FORMATS, help="default: detected from the files")
+    p.add_argument("--hookpoint", help="sparsify: which hookpoint of a run folder holding several")
+    p.add_argument("--model-name", help="the model (places sparsify hookpoints and circuit-tracer layers in its "
+                   "module tree; default: from the folder)")
 
     p = _command(commands, "dashboard", dashboard.dashboard,
                  "write an offline HTML feature dashboard of a saved dictionary (one self-contained index.html) and "

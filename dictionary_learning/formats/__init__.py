@@ -116,6 +116,32 @@ def import_dictionary(path: str | Path, out: str | Path, format: str | None = No
     return [save_dictionary(loaded[0], out, loaded[1])]
 
 
-__all__ = ["FORMATS", "Weights", "detect", "dictionary_from", "export", "export_circuit_tracer", "export_saelens",
-           "export_sparsify", "import_dictionary", "load", "load_circuit_tracer", "load_saelens", "load_sparsify",
-           "load_weights", "weights_of"]
+def export_command(paths: list[str], to: str, hook_name: str | None = None, hook_name_out: str | None = None,
+                   hookpoint: str | None = None, model_name: str | None = None, topk: bool = False) -> Path:
+    """`python -m dictionary_learning export --to FORMAT SRC [SRC ...] DST`: the last path is where to write."""
+    if len(paths) < 2:
+        raise ValueError(f"expected SRC [SRC ...] DST, got {paths}")
+    *sources, out = paths
+    options = {"saelens": {"hook_name": hook_name, "hook_name_out": hook_name_out},
+               "sparsify": {"hookpoint": hookpoint},
+               "circuit-tracer": {"model_name": model_name, "topk": topk}}.get(to, {})
+    if to != "circuit-tracer" and len(sources) != 1:
+        raise ValueError(f"--to {to} exports one dictionary, got {len(sources)} sources")
+    source = sources if to == "circuit-tracer" and len(sources) > 1 else sources[0]
+    written = export(source, out, to, **{key: value for key, value in options.items() if value})
+    print(f"wrote {to} format to {written}")
+    return written
+
+
+def import_command(source: str, out: str, format: str | None = None, hookpoint: str | None = None,
+                   model_name: str | None = None) -> list[Path]:
+    """`python -m dictionary_learning import SRC DST [--from FORMAT]`."""
+    options = {key: value for key, value in (("hookpoint", hookpoint), ("model_name", model_name)) if value}
+    written = import_dictionary(source, out, format, **options)
+    print(f"wrote {len(written)} dictionary folder(s): {', '.join(map(str, written))}")
+    return written
+
+
+__all__ = ["FORMATS", "Weights", "detect", "dictionary_from", "export", "export_circuit_tracer", "export_command",
+           "export_saelens", "export_sparsify", "import_command", "import_dictionary", "load", "load_circuit_tracer",
+           "load_saelens", "load_sparsify", "load_weights", "weights_of"]

@@ -56,6 +56,8 @@ def export_sparsify(weights: Weights, out: str | Path, hookpoint: str | None = N
     config = {"activation": "topk", "expansion_factor": max(weights.d_sae // weights.d_in, 1),
               "normalize_decoder": True, "num_latents": weights.d_sae, "k": weights.k, "multi_topk": False,
               "skip_connection": weights.W_skip is not None, "transcode": weights.transcoder, "d_in": weights.d_in}
+    if weights.model_name:  # an extra key, which sparsify's loader drops (drop_extra_fields) and `load_sparsify` reads
+        config["model_name"] = weights.model_name
     state = {name: tensor.float().contiguous() for name, tensor in state.items()}
     target = Path(out) / hookpoint
     with atomic_folder(target, owned=lambda name: name in (CONFIG, WEIGHTS)) as staging:
@@ -79,7 +81,8 @@ def _hookpoint_folder(path: Path, hookpoint: str | None) -> Path:
 
 def load_sparsify(path: str | Path, hookpoint: str | None = None, model_name: str | None = None) -> Weights:
     """The library-neutral weights of a sparsify hookpoint folder (or of a run folder's only / named hookpoint).
-    model_name (default: the run's config.json `model`) places the hookpoint in the causal LM's module tree."""
+    model_name (default: the cfg.json's `model_name` that `export_sparsify` adds, else the run's config.json
+    `model`) places the hookpoint in the causal LM's module tree."""
     from safetensors.torch import load_file
 
     folder = _hookpoint_folder(Path(path), hookpoint)
@@ -97,6 +100,7 @@ def load_sparsify(path: str | Path, hookpoint: str | None = None, model_name: st
         raise ValueError(f"{str(folder)!r}: encoder.weight has shape {tuple(state['encoder.weight'].shape)}, but "
                          f"{CONFIG} says d_in={config.get('d_in')}")
     run_config = folder.parent / "config.json"
+    model_name = model_name or config.get("model_name")
     if model_name is None and run_config.is_file():
         run = read_json(run_config)
         model_name = run.get("model") if isinstance(run, dict) else None

@@ -157,7 +157,7 @@ def dictionary_from(weights: Weights) -> Dictionary:
         state = {"W_enc": weights.W_enc.T, "b_enc": weights.b_enc, "W_dec": weights.W_dec, "b_dec": weights.b_dec,
                  "threshold": weights.threshold}
     else:
-        weights = weights.with_centring(sae)  # AutoEncoder and AutoEncoderTopK centre an SAE's input, never a transcoder's
+        weights = weights.with_centring(sae)  # AutoEncoder / AutoEncoderTopK centre an SAE's input, not a transcoder's
         if weights.activation == "topk":
             dictionary = AutoEncoderTopK(k=weights.k, **shape)
             state = {"decoder.weight": weights.W_dec.T, "b_dec": weights.b_dec}
