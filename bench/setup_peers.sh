@@ -9,6 +9,9 @@
 #   ${PEERS_DIR:-$HOME/.cache/dictionary_learning/peers}/sae-lens              sae-lens (6.54.12 unless SAE_LENS_VERSION)
 #   ${PEERS_DIR:-$HOME/.cache/dictionary_learning/peers}/eai-sparsify          EleutherAI's sparsify (1.3.3 unless
 #                                                                              SPARSIFY_VERSION)
+#   ${PEERS_DIR:-$HOME/.cache/dictionary_learning/peers}/circuit-tracer        circuit-tracer (0.5.0 unless
+#                                                                              CIRCUIT_TRACER_VERSION), for
+#                                                                              demos/circuit_tracer_peer.py
 #
 # Each venv gets torch==2.13.0 first (this machine's local CPU wheel) and every later pip call is constrained to
 # it, so no peer can swap in a multi-GB CUDA torch. dictionary-learning 0.1.0 pins nnsight<0.4 whose deps pull
@@ -24,6 +27,7 @@ DICTIONARY_LEARNING_VERSION="0.1.0"
 NNSIGHT_VERSION="0.3.7"
 SAE_LENS_VERSION="${SAE_LENS_VERSION:-6.54.12}"
 SPARSIFY_VERSION="${SPARSIFY_VERSION:-1.3.3}"
+CIRCUIT_TRACER_VERSION="${CIRCUIT_TRACER_VERSION:-0.5.0}"
 export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 mkdir -p "$PEERS_DIR"
@@ -39,6 +43,9 @@ from dictionary_learning.utils import load_dictionary";;
         sae-lens) echo "from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig";;
         eai-sparsify) echo "from sparsify import SparseCoder, SparseCoderConfig
 from sparsify.config import TrainConfig";;
+        circuit-tracer) echo "from circuit_tracer import ReplacementModel, attribute
+from circuit_tracer.graph import compute_graph_scores
+from circuit_tracer.replacement_model.replacement_model_nnsight import NNSightReplacementModel";;
     esac
 }
 
@@ -89,9 +96,19 @@ install_sparsify() {
     pip_in "$name" -c "$CONSTRAINTS" "eai-sparsify==$SPARSIFY_VERSION"
 }
 
+install_circuit_tracer() {
+    local name=circuit-tracer
+    pip_in "$name" "torch==$TORCH_VERSION"
+    # Its declared deps (transformers<=4.57.3, huggingface-hub<1, nnsight>=0.6, transformer-lens, ...) accept
+    # torch==2.13.0, so a plain install under the constraint keeps the CPU torch. nnsight must stay below 0.8:
+    # 0.8 moved nnsight.intervention.tracing.tracer (circuit-tracer 0.5.0 imports Barrier from it), so its
+    # nnsight backend fails to import against the nnsight>=0.6 that it declares.
+    pip_in "$name" -c "$CONSTRAINTS" "circuit-tracer==$CIRCUIT_TRACER_VERSION" "nnsight>=0.6,<0.8"
+}
+
 status=0
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(dictionary-learning sae-lens eai-sparsify)
+[ ${#names[@]} -gt 0 ] || names=(dictionary-learning sae-lens eai-sparsify circuit-tracer)
 for name in "${names[@]}"; do
     if [ "${FORCE:-0}" != 1 ] && venv_works "$name"; then
         echo "[setup_peers] $name: $PEERS_DIR/$name already works, skipping"
@@ -104,7 +121,9 @@ for name in "${names[@]}"; do
         dictionary-learning) install_dictionary_learning;;
         sae-lens) install_sae_lens;;
         eai-sparsify) install_sparsify;;
-        *) echo "[setup_peers] unknown peer $name (dictionary-learning, sae-lens, eai-sparsify)" >&2; exit 2;;
+        circuit-tracer) install_circuit_tracer;;
+        *) echo "[setup_peers] unknown peer $name (dictionary-learning, sae-lens, eai-sparsify, circuit-tracer)" >&2
+           exit 2;;
     esac
     if venv_works "$name"; then
         version=$("$PEERS_DIR/$name/bin/python" -c "import importlib.metadata as m; print(m.version('$name'))")
