@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .buffer import ActivationBuffer, HeadActivationBuffer
 from .checks import integer
+from .core_metrics import density_metrics, saebench_names, weight_metrics
 from .dictionary import Dictionary
 from .files import pyplot, save_figure
 from .models import HookPoint, resolve_hook
@@ -37,8 +38,9 @@ def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]
     """Metrics of one batch `[n, d]` (or an `(x, y)` pair for transcoders): this toolkit's mse (mean squared error
     norm), fvu (error energy / total variance) and upstream's l2_loss (mean error norm), l1_loss, l0, cossim,
     l2_ratio, frac_variance_explained (1 - summed variance of the error / summed variance of y) and
-    relative_reconstruction_bias (E||y_hat||^2 / E<y, y_hat>, eq. 10 of arXiv:2404.16014); per-feature firing
-    counts in `_fired`."""
+    relative_reconstruction_bias (E||y_hat||^2 / E<y, y_hat>, eq. 10 of arXiv:2404.16014), and SAEBench's
+    explained_variance_legacy, l2_norm_in / l2_norm_out (of y and y_hat) and l1 (summed features); per-feature firing
+    counts in `_fired`, sums for a global explained variance in `_sums`."""
     if isinstance(batch, (tuple, list)):
         x, y = batch
     else:
@@ -60,8 +62,13 @@ def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]
         "l2_loss": error.norm(dim=-1).mean().item(),
         "l1_loss": f.abs().sum(dim=-1).mean().item(),
         "l0": active.sum(dim=-1).float().mean().item(),
+        "l1": f.sum(dim=-1).mean().item(),
+        "l2_norm_in": y.norm(dim=-1).mean().item(),
+        "l2_norm_out": y_hat.norm(dim=-1).mean().item(),
+        "explained_variance_legacy": (1 - error.pow(2).sum(-1) / (y - y.mean(dim=0)).pow(2).sum(-1)).mean().item(),
         "_fired": active.sum(dim=0),
         "_tokens": x.shape[0],
+        "_sums": (error.double().pow(2).sum(), y.double().pow(2).sum(), y.double().sum(dim=0)),
     }
 
 
@@ -115,9 +122,11 @@ def hook_points_for(model: Any, submodule: Any, io: str) -> tuple[HookPoint, ...
     return (resolve_hook(model, submodule, "input" if io == "in" else "output"),)
 
 
-def _three_runs(model: Any, encoding: dict[str, torch.Tensor], dictionary: Dictionary, hooks: tuple[HookPoint, ...],
-                patch_mask: torch.Tensor, normalize_batch: bool, tracer_args: Mapping[str, Any]) -> list[torch.Tensor]:
-    """Logits of the clean, patched and zero-ablated runs."""
+def _runs(model: Any, encoding: dict[str, torch.Tensor], dictionary: Dictionary, hooks: tuple[HookPoint, ...],
+          patch_mask: torch.Tensor, normalize_batch: bool, tracer_args: Mapping[str, Any],
+          modes: tuple[str, ...] = ("clean", "patch", "zero")) -> list[torch.Tensor]:
+    """Logits of the clean run, the patched one, the zero-ablated one and (mode "mean") the one with the hook point's
+    value replaced by its mean over the patched positions of this batch."""
     inputs = model_inputs(encoding)
     patch_mask = patch_mask[..., None]
 
@@ -130,6 +139,8 @@ def _three_runs(model: Any, encoding: dict[str, torch.Tensor], dictionary: Dicti
                 mask = patch_mask.to(target.device)
                 if mode == "zero":
                     replacement = torch.zeros_like(target)
+                elif mode == "mean":
+                    replacement = target[mask[..., 0]].mean(dim=0).expand_as(target)
                 elif normalize_batch:  # as upstream: the source scaled to mean norm sqrt(d) and the output back
                     scale = dictionary.activation_dim ** 0.5 / source[mask[..., 0]].float().norm(dim=-1).mean()
                     replacement = _apply(dictionary, source * scale) / scale
@@ -139,7 +150,13 @@ def _three_runs(model: Any, encoding: dict[str, torch.Tensor], dictionary: Dicti
             logits = logits_or_stop(model, tracer, logits=True)
         return logits
 
-    return [run(mode) for mode in ("clean", "patch", "zero")]
+    return [run(mode) for mode in modes]
+
+
+def _kl(clean: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over real tokens of KL(clean || other) of the next-token distributions."""
+    clean_logp, other_logp = clean.float().log_softmax(-1), other.float().log_softmax(-1)
+    return (clean_logp.exp() * (clean_logp - other_logp)).sum(-1)[mask].mean().item()
 
 
 @torch.no_grad()
@@ -156,6 +173,7 @@ def loss_recovered(
     hooks: tuple[HookPoint, ...] | None = None,
     ctx_len: int | None = None,
     patch_mask_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    mean_ablation: bool = False,
 ) -> Any:
     """CE of the model clean, with a hook point's value replaced by the dictionary's reconstruction, and with it
     zeroed. Two call forms, told apart by the fourth argument:
@@ -166,7 +184,9 @@ def loss_recovered(
       zeroed) or "in_and_out" / "in_to_out" (a transcoder: output replaced by dictionary(input), or zeroed).
     - this toolkit's `loss_recovered(texts, model, dictionary, hooks, ctx_len=128, patch_mask_fn=None)` (hooks: a
       HookPoint tuple, `(point,)` for SAEs, `(input_side, output_side)` for transcoders; also as `hooks=`) returns
-      a dict: ce_clean, ce_patched, ce_zero, frac_recovered and kl_patched (KL(clean || patched)).
+      a dict: ce_clean, ce_patched, ce_zero, frac_recovered, kl_patched (KL(clean || patched)), kl_zero and tokens
+      (the (context, target) pairs scored); with `mean_ablation=True` also ce_mean, kl_mean and frac_recovered_mean,
+      from a fourth run with the hook point's value replaced by its mean over the batch's patched positions.
 
     text: texts (tokenized left padded, truncated to max_len / ctx_len) or token ids `[batch, seq]`.
     normalize_batch: the dictionary sees its input scaled to mean norm sqrt(activation_dim), and its output is
@@ -190,7 +210,8 @@ def loss_recovered(
         raise ValueError(f"expected one hook point, or an (input_side, output_side) pair, got {len(hooks)}")
     encoding = encode_inputs(model, text, length)
     patch_mask = patch_mask_fn(encoding) if patch_mask_fn else encoding["attention_mask"].bool()
-    logits = _three_runs(model, encoding, dictionary, hooks, patch_mask, normalize_batch, dict(tracer_args or {}))
+    modes = ("clean", "patch", "zero", "mean") if toolkit_form and mean_ablation else ("clean", "patch", "zero")
+    logits = _runs(model, encoding, dictionary, hooks, patch_mask, normalize_batch, dict(tracer_args or {}), modes)
     ids, attention = encoding["input_ids"].to(logits[0].device), encoding["attention_mask"].to(logits[0].device)
     losses = []
     for run_logits in logits:
@@ -198,14 +219,16 @@ def loss_recovered(
         losses.append(ce[mask].mean())
     if not toolkit_form:
         return tuple(losses)
-    clean, patched, _ = logits
-    results = {f"ce_{name}": loss.item() for name, loss in zip(("clean", "patched", "zero"), losses)}
-    clean_logp, patched_logp = clean.float().log_softmax(-1), patched.float().log_softmax(-1)
-    kl = (clean_logp.exp() * (clean_logp - patched_logp)).sum(-1)  # [batch, seq]
-    results["kl_patched"] = kl[attention.bool()].mean().item()
-    denominator = results["ce_zero"] - results["ce_clean"]
-    recovered = results["ce_zero"] - results["ce_patched"]
-    results["frac_recovered"] = recovered / denominator if denominator else float("nan")
+    names = ("clean", "patched", "zero", "mean")[:len(modes)]
+    results = {f"ce_{name}": loss.item() for name, loss in zip(names, losses)}
+    results["tokens"] = int(mask.sum())  # the (context, target) pairs scored
+    for name, run_logits in zip(names[1:], logits[1:]):
+        results[f"kl_{name}"] = _kl(logits[0], run_logits, attention.bool())
+    for baseline, suffix in (("zero", ""), ("mean", "_mean")):
+        if f"ce_{baseline}" in results:
+            denominator = results[f"ce_{baseline}"] - results["ce_clean"]
+            recovered = results[f"ce_{baseline}"] - results["ce_patched"]
+            results[f"frac_recovered{suffix}"] = recovered / denominator if denominator else float("nan")
     return results
 
 
@@ -236,8 +259,11 @@ def evaluate(
 
     Keys: upstream's l2_loss, l1_loss, l0, frac_variance_explained, cossim, l2_ratio, relative_reconstruction_bias,
     frac_alive (features that fired at least once) and, with a buffer, loss_original, loss_reconstructed, loss_zero,
-    frac_recovered; this toolkit's mse, fvu, tokens and, with a buffer, ce_clean, ce_patched, ce_zero (the same CEs)
-    and kl_patched (see `reconstruction_metrics`, `loss_recovered`).
+    frac_recovered; this toolkit's mse, fvu, tokens and, with a buffer, ce_clean, ce_patched, ce_zero (the same CEs),
+    ce_mean (mean ablation), kl_patched, kl_zero, kl_mean, frac_recovered_mean (see `reconstruction_metrics`,
+    `loss_recovered`); and SAEBench's core names (`core_metrics`: kl_div_score, ce_loss_score, each also against
+    mean ablation, explained_variance, l2_norm_in, freq_over_1_percent, dead_fraction, ...; `core_metrics.core_groups`
+    groups them as SAEBench does).
     The buffer's own hook points are patched (this toolkit's buffer knows what it read; `io` serves buffers that only
     name a submodule). normalize_batch: upstream's (see `loss_recovered`). device: where the dictionary runs
     (default: where it is).
@@ -253,10 +279,10 @@ def evaluate(
     iterator = iter(activations)
     totals: dict[str, float] = {}
     loss_totals: dict[str, float] = {}
-    fired, count, tokens, loss_count = None, 0, 0, 0
+    fired, count, tokens, loss_count, loss_tokens, sums = None, 0, 0, 0, 0, None
 
     def add_loss_batch() -> None:
-        nonlocal hooks, loss_count
+        nonlocal hooks, loss_count, loss_tokens
         try:
             texts = activations.text_batch(batch_size)
         except StopIteration:
@@ -265,7 +291,8 @@ def evaluate(
             hooks = hook_points_for(activations.model, activations.submodule, io)
         losses = loss_recovered(texts, activations.model, dictionary, hooks=tuple(hooks), ctx_len=max_len,
                                 patch_mask_fn=getattr(activations, "token_mask", None),
-                                normalize_batch=normalize_batch, tracer_args=tracer_args)
+                                normalize_batch=normalize_batch, tracer_args=tracer_args, mean_ablation=True)
+        loss_tokens += losses.pop("tokens")
         for key, value in losses.items():
             loss_totals[key] = loss_totals.get(key, 0.0) + value
         loss_count += 1
@@ -278,6 +305,7 @@ def evaluate(
             batch = _normalized(batch, dictionary.activation_dim)
         metrics = reconstruction_metrics(dictionary, batch)
         fired = metrics["_fired"] if fired is None else fired + metrics["_fired"]
+        sums = metrics["_sums"] if sums is None else tuple(a + b for a, b in zip(sums, metrics["_sums"]))
         tokens += metrics["_tokens"]
         for key, value in metrics.items():
             if not key.startswith("_"):
@@ -292,6 +320,11 @@ def evaluate(
     results = {key: value / count for key, value in totals.items()}
     results["frac_alive"] = (fired > 0).float().mean().item()
     results["tokens"] = tokens
+    error_sum, square_sum, vector_sum = sums  # 1 - FVU over all tokens, about their global mean
+    variance = square_sum / tokens - (vector_sum / tokens).pow(2).sum()
+    results["explained_variance"] = (1 - error_sum / tokens / variance.clamp_min(1e-30)).item()
+    results.update(density_metrics(fired.float() / tokens), **weight_metrics(dictionary),
+                   total_tokens_eval_sparsity_variance=tokens)
     if with_loss and not loss_count:
         warnings.warn("the buffer's texts ran out before any loss batch: no CE / KL metrics (give it more texts "
                       "than its refresh_batch_size)")
@@ -300,6 +333,7 @@ def evaluate(
         for upstream_key, key in (("loss_original", "ce_clean"), ("loss_reconstructed", "ce_patched"),
                                   ("loss_zero", "ce_zero")):
             results[upstream_key] = results[key]
+        results.update(saebench_names(results), total_tokens_eval_reconstruction=loss_tokens)
     return results
 
 

@@ -20,6 +20,7 @@ import torch
 from .buffer import ActivationBuffer, epochs
 from .cache import ActivationCache, read_manifest, write_cache
 from .checks import integer
+from .core_metrics import core_groups
 from .dashboard import build_dashboard
 from .data import text_source
 from .evaluation import activation_statistics, evaluate, feature_density, plot_feature_density, top_activating_contexts
@@ -44,8 +45,9 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
                ) -> dict[str, Any]:
     """Collect activations once, train a TopK SAE on them for several epochs (normalised, scale folded into the saved
     weights), evaluate it on held-out text (the first `eval_texts` texts, never trained on) and write `out/`:
-    metrics.json / metrics.md, feature_density.png, top_contexts.txt, the SAE in sae/trainer_0/ and a feature
-    dashboard in dashboard/ (index.html: open it from disk; features/: circuit-tracer feature files) of the first
+    metrics.json / metrics.md, saebench_core.json (SAEBench core groups), feature_density.png, top_contexts.txt,
+    the SAE in sae/trainer_0/ and a feature dashboard in dashboard/ (index.html: open it from disk; features/:
+    circuit-tracer feature files) of the first
     `dashboard_features` features (0: none) on up to `dashboard_tokens` held-out tokens.
     `cache`: train on an activation cache folder (`collect --out DIR`, the same model, holding the layer / site
     asked for) instead of collecting `tokens`; the held-out texts are then the first ones after those the cache
@@ -145,13 +147,15 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
         metrics["seconds_dashboard"] = time.perf_counter() - dashboard_started
     metrics["seconds_total"] = time.perf_counter() - started
     atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "saebench_core.json", core_groups(metrics))
     table = [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
              for key, value in metrics.items()]
     atomic_write_text(out / "metrics.md", "| metric | value |\n|---|---|\n" + "\n".join(table) + "\n")
     keys = ("fvu", "cossim", "l0", "frac_alive", "ce_clean", "ce_patched", "ce_zero", "frac_recovered",
-            "kl_patched", "seconds_dashboard", "seconds_total")
+            "kl_patched", "ce_loss_score", "kl_div_score", "seconds_dashboard", "seconds_total")
     print("\n".join(f"{key:>16s}: {metrics.get(key, float('nan')):.4g}" for key in keys))
-    print(f"report written to {out}/ (metrics.md, metrics.json, feature_density.png, top_contexts.txt, sae/"
+    print(f"report written to {out}/ (metrics.md, metrics.json, saebench_core.json, feature_density.png, "
+          "top_contexts.txt, sae/"
           + (", dashboard/index.html: open it in a browser" if dashboard_features else "") + ")")
     return metrics
 

@@ -15,6 +15,7 @@ import torch
 
 from dictionary_learning import AutoEncoder, AutoEncoderTopK, load_model, save_dictionary
 from dictionary_learning.__main__ import main
+from dictionary_learning.core_metrics import CORE_GROUPS
 from dictionary_learning.dashboard import (
     feature_statistics, keep_smallest, logit_lens, parse_features, virtual_weight_connections,
 )
@@ -185,6 +186,9 @@ def test_quickstart_and_the_dashboard_command(tmp_path):
                     "--out", str(tmp_path / "q")])
     assert (tmp_path / "q" / "dashboard" / "index.html").exists() and metrics["seconds_dashboard"] > 0
     assert len(list((tmp_path / "q" / "dashboard" / "features").glob("*.json"))) == 10
+    core = json.loads((tmp_path / "q" / "saebench_core.json").read_text())  # SAEBench's core groups and names
+    assert set(core) == set(CORE_GROUPS) and core["model_performance_preservation"]["ce_loss_score"] == \
+        metrics["ce_loss_score"]
     out = tmp_path / "dash"
     meta = main(["dashboard", "--dictionary", str(tmp_path / "q" / "sae" / "trainer_0"), "--features", "0-11,40",
                  "--tokens", "500", "--batch-texts", "5", "--dtype", "float32", "--out", str(out)])
