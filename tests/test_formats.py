@@ -164,3 +164,34 @@ def test_what_a_format_cannot_hold_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown format"):
         export(relu, tmp_path / "out", to="neuronpedia")
     assert not (tmp_path / "out").exists()  # nothing half-written by the refused exports
+
+
+def test_transcoders_trained_from_one_pass_export_as_a_set(tmp_path, tiny_llama):
+    """Every layer's MLP transcoder trained from one buffer over all layers (each trainer's saved config names its
+    own entry's hook points among the buffer's) exports as a circuit-tracer set that loads back unchanged."""
+    from dictionary_learning import ActivationBuffer, hook
+    from dictionary_learning.models import n_layers
+    from dictionary_learning.trainers import BatchTopKTrainer
+    from dictionary_learning.training import trainSAE
+
+    from .helpers import random_texts
+
+    layers = n_layers(tiny_llama)
+    points = {f"mlp_{i}": (hook(tiny_llama, i, "mlp_in"), hook(tiny_llama, i, "mlp_out")) for i in range(layers)}
+    buffer = ActivationBuffer(iter(random_texts(60, seed=3)), tiny_llama, points, n_ctxs=8, ctx_len=32,
+                              refresh_batch_size=4, out_batch_size=32)
+    configs = [dict(trainer=BatchTopKTrainer, activation_dim=64, dict_size=128, k=4, transcoder=True, steps=6,
+                    warmup_steps=1, threshold_start_step=1, layer=i, lm_name="tiny-llama", submodule_name=f"mlp_{i}",
+                    seed=i) for i in range(layers)]
+    trainSAE(buffer, configs, 6, save_dir=tmp_path / "runs")
+    exported = export(tmp_path / "runs", tmp_path / "set", to="circuit-tracer")
+    loaded = load(exported)
+    assert len(loaded) == layers
+    x = torch.randn(20, 64)
+    for layer, (dictionary, config) in enumerate(loaded):
+        saved, saved_config = load_dictionary(tmp_path / "runs" / f"trainer_{layer}")
+        assert saved_config["trainer"]["layer"] == layer
+        with torch.no_grad():
+            torch.testing.assert_close(dictionary(x), saved(x), rtol=1e-5, atol=1e-5)
+        assert config["buffer"]["hooks"] == [{"path": f"model.layers.{layer}.mlp", "io": "input"},
+                                             {"path": f"model.layers.{layer}.mlp", "io": "output"}]

@@ -137,12 +137,26 @@ def weights_of(dictionary: Dictionary, config: dict[str, Any] | None = None) -> 
         common.update(activation="jumprelu", threshold=threshold, k=int(dictionary.k))
     weights = Weights(**common)
     if config:
-        trainer, buffer = config.get("trainer", {}), config.get("buffer", {})
+        trainer = config.get("trainer", {})
         weights.model_name = trainer.get("lm_name")
         weights.layer = trainer.get("layer")
-        weights.hooks = [{"path": h["path"], "io": h.get("io", "output")} for h in buffer.get("hooks", [])
-                         if isinstance(h, dict) and h.get("path")]
+        weights.hooks = saved_hooks(config)
     return weights
+
+
+def saved_hooks(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The hook points a saved dictionary read (and wrote), from its config.json: the buffer's hooks, or, when one
+    buffer fed many trainers (its `submodule` a dict by entry name), those of the entry named by the trainer's
+    `submodule_name` ([] when it names none)."""
+    buffer = config.get("buffer", {})
+    hooks = [h for h in buffer.get("hooks", []) if isinstance(h, dict) and h.get("path")]
+    entries = buffer.get("submodule")
+    if isinstance(entries, dict):
+        wanted = entries.get(config.get("trainer", {}).get("submodule_name"), [])
+        wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+        by_name = {h.get("name") or f"{h['path']}.{h.get('io', 'output')}": h for h in hooks}
+        hooks = [by_name[name] for name in wanted if name in by_name]
+    return [{"path": h["path"], "io": h.get("io", "output")} for h in hooks]
 
 
 def dictionary_from(weights: Weights) -> Dictionary:
