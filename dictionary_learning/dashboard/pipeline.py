@@ -189,7 +189,8 @@ def dashboard(dictionary: str | Path, out: str | Path = "reports/dashboard", mod
         reads_mlp = (point.name or "").endswith(".mlp_in")
         connections = virtual_weight_connections(loaded, earlier, chosen, Path(upstream).name, model=lm,
                                                  layer=_layer_of(point) if reads_mlp else None)
-    meta = {"dictionary": folder.resolve().name if folder.name in ("", ".") else folder.name, "model": model_name,
+    named = folder.resolve()
+    meta = {"dictionary": f"{named.parent.name}/{named.name}" if named.parent.name else named.name, "model": model_name,
             "data": data or "python-docs"}
     print(f"{model_name} {point}: dashboard of {len(chosen)} of {loaded.dict_size} features on up to {tokens} tokens",
           file=sys.stderr)
