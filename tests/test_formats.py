@@ -20,6 +20,7 @@ D = 12
 
 
 def randomized(dictionary, seed: int = 0):
+    """The dictionary with random weights (thresholds positive; BatchTopK / Matryoshka with a learned one)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in dictionary.named_parameters():

@@ -19,6 +19,8 @@ from dictionary_learning.dictionary import (AutoEncoder, AutoEncoderTopK, BatchT
 from dictionary_learning.formats import export, load
 from dictionary_learning.utils import save_dictionary
 
+from .test_formats import randomized
+
 PEER_SCRIPT = Path(__file__).with_name("peer_formats.py")
 VENVS = {"saelens": "sae-lens", "sparsify": "eai-sparsify", "circuit-tracer": "circuit-tracer"}
 D = 16
@@ -58,17 +60,6 @@ class PeerRun:
 
     def outputs(self, name: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.root / f"{name}.io.out.safetensors"))
-
-
-def randomized(dictionary, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in dictionary.named_parameters():
-            values = torch.randn(parameter.shape, generator=generator) * 0.3
-            parameter.copy_(values.abs() if "threshold" in name else values)
-        if isinstance(getattr(dictionary, "threshold", None), torch.Tensor) and dictionary.threshold.dim() == 0:
-            dictionary.threshold.fill_(0.15)  # BatchTopK / Matryoshka: a learned inference threshold
-    return dictionary
 
 
 def close(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> float:
