@@ -26,7 +26,8 @@ from .core_metrics import density_metrics, saebench_names, weight_metrics
 from .dictionary import Dictionary
 from .files import pyplot, save_figure
 from .models import HookPoint, resolve_hook
-from .tracing import hook_value, logits_or_stop, model_inputs, read_hook_points, read_value, token_mask, tokenize, write
+from .tracing import (hook_value, logits_or_stop, model_inputs, read_hook_points, read_value, release_traces,
+                      token_mask, tokenize, write)
 
 # upstream's default model keywords for evaluation traces (no KV cache, no attention weights)
 TRACER_ARGS: Mapping[str, Any] = MappingProxyType({"use_cache": False, "output_attentions": False})
@@ -150,7 +151,9 @@ def _runs(model: Any, encoding: dict[str, torch.Tensor], dictionary: Dictionary,
             logits = logits_or_stop(model, tracer, logits=True)
         return logits
 
-    return [run(mode) for mode in modes]
+    logits = [run(mode) for mode in modes]
+    release_traces()
+    return logits
 
 
 def _kl(clean: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> float:

@@ -15,6 +15,8 @@ nnsight runs a trace's body against the model's execution: modules must be reach
 
 from __future__ import annotations
 
+import gc
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,4 +105,16 @@ def read_hook_points(model: Any, encoding: dict[str, torch.Tensor], points: Sequ
         for i in order:  # modules must be reached in execution order within one trace
             saved[i] = hook_value(model, points[i]).save()
         logits_or_stop(model, tracer, logits=False)
-    return [read_value(value) for value in saved]
+    values = [read_value(value) for value in saved]
+    del tracer
+    release_traces()
+    return values
+
+
+def release_traces() -> None:
+    """Free finished traces now. A finished nnsight trace is garbage in reference cycles that still hold every value
+    it saved; Python's cycle collector runs by object counts, not bytes, so a buffer over many hook points grew by
+    gigabytes per refill until it ran out of memory (30 SmolLM2 MLP pairs: 24 GB in 300 steps). The traces' objects
+    are young: collecting the young generations frees them in ~0.1 ms (a full collection takes ~200 ms with
+    transformers loaded)."""
+    gc.collect(1)

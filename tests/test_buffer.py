@@ -168,3 +168,17 @@ def test_smollm2_buffer_matches_forward_hooks(smollm2):
                                  refresh_batch_size=3, out_batch_size=100))
     expected = hook_reference(smollm2, texts, points, 64)
     assert_same_rows(torch.cat(got, -1), torch.cat(expected, -1))
+
+
+def test_read_values_are_freed_when_dropped(tiny_llama):
+    """Nothing but the caller holds what read_hook_points returns: once dropped, the tensors are freed at once, not
+    left to reference cycles of the finished trace (which let a many-hook buffer grow by gigabytes per refill)."""
+    import weakref
+
+    from dictionary_learning.tracing import read_hook_points, tokenize
+
+    encoding = tokenize(tiny_llama.tokenizer, random_texts(4, seed=5), 16)
+    values = read_hook_points(tiny_llama, encoding, [hook(tiny_llama, 1, "resid"), hook(tiny_llama, 2, "mlp_in")])
+    references = [weakref.ref(v) for v in values]
+    del values
+    assert all(reference() is None for reference in references)
