@@ -13,12 +13,13 @@ from typing import Any, Iterable
 import torch
 
 from ..checks import integer
-from ..dictionary import dictionary_class
+from ..dictionary import dictionary_class, load_state_dict
 from ..files import atomic_write, check_writable_folder
 from ..trainers import TRAINER_CLASSES
 from ..trainers.trainer import SAETrainer, check_steps
 from ..utils import save_dictionary
 from .distributed import DataParallel, check_mode
+from .end_to_end import EndToEnd
 from .loop import CHECKPOINT, Every, resume_from_checkpoints, run_steps, start_wandb
 from .upstream import activation_scales, train_autoencoder
 
@@ -31,6 +32,7 @@ def build_trainer(config: dict[str, Any]) -> SAETrainer:
         raise TypeError(f"a trainer config is a dict, got {type(config).__name__}")
     config = dict(config)
     trainer_class = config.pop("trainer", None)
+    initial_weights = config.pop("initial_weights", None)
     if isinstance(trainer_class, str):
         if trainer_class not in TRAINER_CLASSES:
             raise ValueError(f"unknown trainer {trainer_class!r}; known: {sorted(TRAINER_CLASSES)}")
@@ -47,7 +49,25 @@ def build_trainer(config: dict[str, Any]) -> SAETrainer:
     unknown = sorted(set(config) - accepted)
     if unknown:
         raise ValueError(f"unknown {trainer_class.__name__} config keys {unknown}; accepted: {sorted(accepted)}")
-    return trainer_class(**config)
+    trainer = trainer_class(**config)
+    if initial_weights is not None:
+        start_from(trainer, initial_weights)
+    return trainer
+
+
+def start_from(trainer: SAETrainer, path: str | Path) -> None:
+    """Start a trainer from a saved dictionary's weights (a folder or file `load_state_dict` reads), which must be
+    of the trainer's dictionary class and shape; recorded in its config as `initial_weights`."""
+    state = type(trainer.ae).from_saved_state(load_state_dict(path)).state_dict()
+    own = trainer.ae.state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        raise ValueError(f"initial_weights {str(path)!r} hold a {type(trainer.ae).__name__} of other shapes than the "
+                         f"trainer's ({trainer.ae.dictionary_config()})")
+    with torch.no_grad():
+        trainer.ae.load_state_dict(state)
+    if hasattr(trainer, "_b_dec_initialised"):  # keep the given b_dec (TopK trainers set it at step 0 otherwise)
+        trainer._b_dec_initialised = True
+    trainer._config["initial_weights"] = str(path)
 
 
 def prepare_data_parallel(trainers: list[SAETrainer], sync: DataParallel) -> None:
@@ -153,6 +173,7 @@ def train_dictionaries(
     checkpoint_steps: int | None = None,
     progress: bool = True,
     distributed: str | None = None,
+    end_to_end: dict[str, Any] | None = None,
 ) -> list[SAETrainer]:
     """Train every trainer in `trainer_configs` on the same batches from `data` for `steps` steps (None: until the
     data runs out). The parameters up to `backup_steps` are upstream's, in upstream's order.
@@ -181,6 +202,11 @@ def train_dictionaries(
       and the dictionaries, and resume works as in one process. "trainers": rank r builds and trains trainers r,
       r + world_size, ... on all of `data` (the same stream on every rank), saving its own `trainer_{i}` folders
       and `checkpoint.rank{r}.pt`; it returns only its own trainers. save_dir must be a folder every rank sees.
+    end_to_end: train every dictionary on the model's downstream loss (`training.EndToEnd`): a dict of its
+      arguments, `{"model": lm, "hooks": (point,) or (input_side, output_side), "kl_weight": 1.0, "ce_weight": 0.0,
+      "local_weight": 0.0, "ctx_len": 128, "remove_bos": True}`; `data` then yields batches of texts (lists of
+      strings), and the dictionaries see raw activations (normalize_activations must be off). A config's
+      `initial_weights` (a saved dictionary folder) starts it from a trained dictionary (fine-tuning).
     transcoder: accepted for upstream's signature; transcoders are recognised from their dictionaries and (x, y)
       batches. device: where autocast runs (default: the first trainer's device).
     Returns the trainers (their dictionaries are trained on the scaled activations if normalize_activations; each
@@ -215,6 +241,11 @@ def train_dictionaries(
             raise ValueError(f"distributed='trainers' with {world_size} ranks needs at least {world_size} trainers, "
                              f"got {len(trainer_configs)}: rank {rank} would train none")
     trainers = [build_trainer(trainer_configs[i]) for i in mine]
+    if end_to_end is not None:
+        if normalize_activations:
+            raise ValueError("end_to_end trains on raw activations (the model's own values are patched): set "
+                             "normalize_activations=False")
+        trainers = [EndToEnd(trainer, **end_to_end) for trainer in trainers]
     sync = DataParallel() if distributed == "data" else None
     if sync is not None:
         prepare_data_parallel(trainers, sync)

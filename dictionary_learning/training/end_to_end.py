@@ -1,0 +1,129 @@
+"""End-to-end training: a dictionary trained (or fine-tuned) on what the model does with its reconstruction, the KL
+divergence of the patched next-token distribution from the clean one and / or the patched CE, optionally mixed with
+the trainer's own local loss (Braun et al. 2024, e2e_sae's "e2e + downstream"; sparsify's `loss_fn = kl | ce`).
+
+Each step takes a batch of texts: one trace of the clean model (no grad) gives its logits and the hook point's values;
+one trace with the dictionary's reconstruction written into the hook point (as `evaluation.loss_recovered` patches
+it) gives the patched logits, differentiable in the dictionary's parameters only (the model's are frozen). The
+trainer then makes its usual step on the clean values at the patched positions, with the loss
+
+    kl_weight * KL(clean || patched) + ce_weight * CE(patched) + local_weight * (the trainer's own loss)
+
+so its optimizer, schedules, dead-feature tracking, thresholds, checkpoints and resume are the trainer's own. With
+local_weight 0 only structurally sparse dictionaries (TopK, BatchTopK, Matryoshka) stay sparse: a penalty-based
+trainer's sparsity penalty is part of its local loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..checks import texts as check_texts
+from ..models import HookPoint, torch_model
+from ..tracing import hook_value, logits_or_stop, model_inputs, read_value, release_traces, token_mask, tokenize, write
+
+
+def _apply(dictionary: Any, x: torch.Tensor) -> torch.Tensor:
+    """The dictionary on `[batch, seq, d]` values in its own dtype, returned in theirs."""
+    param = next(dictionary.parameters())
+    flat = x.reshape(-1, x.shape[-1]).to(param.dtype)
+    return dictionary(flat).reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+class EndToEnd:
+    """Wraps a trainer so that `update(step, texts)` trains its dictionary end to end on `model` at `hooks`
+    (`(point,)` for an SAE, `(input_side, output_side)` for a transcoder). Everything else (`ae`, `config`,
+    `state_dict`, ...) is the trainer's."""
+
+    def __init__(self, trainer: Any, model: Any, hooks: tuple[HookPoint, ...] | HookPoint, kl_weight: float = 1.0,
+                 ce_weight: float = 0.0, local_weight: float = 0.0, ctx_len: int = 128, remove_bos: bool = True):
+        hooks = (hooks,) if isinstance(hooks, HookPoint) else tuple(hooks)
+        if not 1 <= len(hooks) <= 2 or not all(isinstance(h, HookPoint) for h in hooks):
+            raise TypeError("hooks must be a HookPoint, (point,) or (input_side, output_side)")
+        if trainer.ae.transcoder != (len(hooks) == 2):
+            raise ValueError(f"a {'transcoder' if trainer.ae.transcoder else 'SAE'} needs "
+                             f"{'an (input_side, output_side) pair' if trainer.ae.transcoder else 'one hook point'}, "
+                             f"got {len(hooks)}")
+        weights = {"kl_weight": kl_weight, "ce_weight": ce_weight, "local_weight": local_weight}
+        for name, value in weights.items():
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if kl_weight + ce_weight == 0:
+            raise ValueError("an end-to-end run needs kl_weight > 0 or ce_weight > 0 (else it is a local run)")
+        self.trainer, self.model, self.hooks = trainer, model, hooks
+        self.kl_weight, self.ce_weight, self.local_weight = float(kl_weight), float(ce_weight), float(local_weight)
+        self.ctx_len, self.remove_bos = ctx_len, remove_bos
+        self.settings = {**weights, "ctx_len": ctx_len, "remove_bos": remove_bos,
+                         "hooks": [{"path": h.path, "io": h.io, "name": h.name} for h in hooks]}
+        for parameter in torch_model(model).parameters():
+            parameter.requires_grad_(False)  # only the dictionary trains
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["trainer"], name)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {**self.trainer.config, "end_to_end": self.settings}
+
+    def clean(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """One batch of texts through the clean model (no grad): its logits and the hook points' values."""
+        model, hooks = self.model, self.hooks
+        encoding = tokenize(model.tokenizer, list(check_texts("texts", texts)), self.ctx_len)
+        saved: list[Any] = []
+        with torch.no_grad():
+            with model.trace(model_inputs(encoding)) as tracer:
+                for hook in hooks:  # in execution order: input side first
+                    saved.append(hook_value(model, hook).save())
+                logits = logits_or_stop(model, tracer, logits=True)
+        release_traces()
+        source, target = read_value(saved[0]), read_value(saved[-1])
+        return {"encoding": encoding, "logits": logits, "source": source, "target": target,
+                "mask": token_mask(encoding, self.remove_bos).to(source.device)}
+
+    def downstream_loss(self, batch: list[str] | dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """kl_weight * KL + ce_weight * CE of the run with the dictionary's reconstruction patched in, differentiable
+        in the dictionary (batch: texts, or `clean(texts)`); and the batch's values with its kl and ce."""
+        values = batch if isinstance(batch, dict) else self.clean(batch)
+        model, hooks, encoding, mask = self.model, self.hooks, values["encoding"], values["mask"]
+        with model.trace(model_inputs(encoding)) as tracer:
+            source_raw = hook_value(model, hooks[0])
+            target_raw = hook_value(model, hooks[1]) if len(hooks) == 2 else source_raw
+            value = read_value(target_raw)
+            replacement = _apply(self.trainer.ae, read_value(source_raw))
+            write(model, hooks[-1], target_raw, torch.where(mask[..., None].to(value.device), replacement, value))
+            patched = logits_or_stop(model, tracer, logits=True)
+        release_traces()
+        clean, patched = values["logits"].float(), patched.float()
+        attention = encoding["attention_mask"].to(clean.device).bool()
+        clean_logp, patched_logp = clean.log_softmax(-1), patched.log_softmax(-1)
+        kl = (clean_logp.exp() * (clean_logp - patched_logp)).sum(-1)[attention].mean()
+        ids = encoding["input_ids"].to(clean.device)
+        ce = F.cross_entropy(patched[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        ce = ce[(attention[:, 1:] & attention[:, :-1]).flatten()].mean()
+        return self.kl_weight * kl + self.ce_weight * ce, {**values, "kl": kl.item(), "ce": ce.item()}
+
+    def update(self, step: int, texts: list[str]) -> float:
+        """One step on a batch of texts; returns the total loss."""
+        values = self.clean(texts)
+        mask = values["mask"]
+        x = values["source"][mask]
+        batch = (x, values["target"][mask]) if len(self.hooks) == 2 else x
+        trainer, local_weight, measured = self.trainer, self.local_weight, {}
+        local_loss = trainer.loss
+
+        def loss(*args: Any, **kwargs: Any) -> torch.Tensor:
+            local = local_loss(*args, **kwargs)  # first: it may initialise parameters in place (b_dec at step 0)
+            downstream, result = self.downstream_loss(values)
+            measured.update(kl=result["kl"], ce=result["ce"])
+            return local_weight * local + downstream
+
+        trainer.loss = loss  # the trainer's own step (optimizer, schedules, tracking) on the combined loss
+        try:
+            total = trainer.update(step, batch)
+        finally:
+            del trainer.loss
+        trainer.last_metrics = {**trainer.last_metrics, **measured, "loss": total}
+        return total
