@@ -88,3 +88,76 @@ def test_fine_tuning_refuses_what_would_train_nothing(tmp_path, eager_model):
         train_scae_suite(suite, eager_model, iter([]), connections, steps=2, save_dir=tmp_path, ctx_len=CTX,
                          progress=False)
     assert not (tmp_path / "suite").exists()
+
+
+def test_reference_schedule_lrs_stagger_and_auxk(eager_model):
+    """The reference fork's recipe: one lr per module scaled by its size, warmup then linear decay to 0 from
+    decay_start, module p's MSE switched on after p * stagger_steps, AuxK on dead features, KL beside CE."""
+    from dictionary_learning.scae import SCAETrainer, select_connections
+
+    suite = make_suite(eager_model, n_layer=2)
+    texts = random_texts(4, seed=29, max_words=6)
+    connections = select_connections(suite, eager_model, texts, 8, ctx_len=CTX)
+    trainer = SCAETrainer(suite, eager_model, connections, steps=10, ctx_len=CTX, warmup_steps=2, decay_start=0.5)
+    assert [group["initial_lr"] for group in trainer.optimizer.param_groups] == \
+        [2e-4 / (96 / 2 ** 14) ** 0.5] * len(suite.names)
+    factors = [trainer.scheduler.lr_lambdas[0](step) for step in range(10)]
+    assert factors == pytest.approx([0.5, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2])
+
+    # stagger: at step 0 only the first module's MSE counts, so no MSE gradient reaches the last module's decoder
+    staggered = SCAETrainer(suite, eager_model, connections, steps=10, ctx_len=CTX, mse_weight=1.0, ce_weight=0.0,
+                            auxk_alpha=0.0, stagger_steps=5)
+    staggered.loss(texts, step=0).backward()
+    last = suite[suite.names[-1]].decoder.weight
+    assert last.grad is None or last.grad.abs().sum() == 0
+    suite.zero_grad(set_to_none=True)
+    staggered.loss(texts, step=5 * (len(suite.names) - 1)).backward()
+    assert last.grad.abs().sum() > 0
+    suite.zero_grad(set_to_none=True)
+
+    # AuxK: with a threshold of one token, features that did not fire are dead at once and are fitted to the residual
+    auxk = SCAETrainer(suite, eager_model, connections, steps=10, ctx_len=CTX, mse_weight=1.0, ce_weight=0.0,
+                       auxk_alpha=1.0, dead_feature_threshold=1)
+    auxk.loss(texts)  # counts the tokens
+    dead = (auxk.num_tokens_since_fired["mlp_0"] >= 1).nonzero().flatten()
+    assert dead.numel() > 0
+    auxk.loss(texts).backward()
+    assert auxk.last_metrics["auxk"] > 0 and auxk.last_metrics["dead"] >= dead.numel()
+    assert suite["mlp_0"].decoder.weight.grad[:, dead].abs().sum() > 0
+    suite.zero_grad(set_to_none=True)
+
+    # KL beside CE: the gradient reaches the suite, never the model
+    kl = SCAETrainer(suite, eager_model, connections, steps=10, ctx_len=CTX, mse_weight=0.0, ce_weight=0.0,
+                     kl_weight=1.0, auxk_alpha=0.0)
+    kl.loss(texts).backward()
+    assert kl.last_metrics["kl"] > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in suite.named_parameters()
+               if n.endswith("encoder.weight"))
+    assert all(p.grad is None for p in eager_model._module.parameters())
+    with pytest.raises(ValueError, match="must not all be 0"):
+        SCAETrainer(suite, eager_model, connections, steps=10, mse_weight=0.0, ce_weight=0.0)
+    with pytest.raises(ValueError, match="decay_start"):
+        SCAETrainer(suite, eager_model, connections, steps=10, decay_start=1.5)
+
+
+def test_random_connections_are_valid_distinct_and_not_the_selected_ones(eager_model):
+    from dictionary_learning.scae import ce_versus_c, random_connections, select_connections
+
+    suite = make_suite(eager_model, n_layer=3)
+    texts = random_texts(8, seed=30, max_words=6)
+    selected = select_connections(suite, eager_model, texts[:4], 6, ctx_len=CTX)
+    drawn = random_connections(suite, 6, seed=1, model=eager_model)
+    drawn.validate(suite, eager_model)  # in range, no feature lists an upstream feature twice
+    again = random_connections(suite, 6, seed=1, model=eager_model)
+    other = random_connections(suite, 6, seed=2, model=eager_model)
+    overlap, total = 0, 0
+    for name in suite.names:
+        assert torch.equal(drawn.indices[name], again.indices[name])  # seeded
+        if drawn.indices[name].shape[1] < suite.n_upstream(name, eager_model):
+            assert not torch.equal(drawn.indices[name], other.indices[name])
+            rows = zip(drawn.indices[name].tolist(), selected.indices[name].tolist())
+            overlap += sum(len(set(a) & set(b)) for a, b in rows)
+            total += drawn.indices[name].numel()
+    assert total and overlap / total < 0.5  # random draws rarely hit the selected connections
+    rows = ce_versus_c(suite, eager_model, None, texts[4:], [2, 6], ctx_len=CTX, connections=drawn)
+    assert [r["C"] for r in rows] == [2, 6] and all(r["ce_pruned"] > 0 for r in rows)

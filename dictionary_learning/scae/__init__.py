@@ -12,13 +12,15 @@ The wing's rooms, in the order they build on each other (each imports only rooms
   an embedding term and a bias term; `virtual_weights`; `pruned_forward` recomputes every module, in layer order,
   from its connected upstream features' pruned codes only.
 - `selection.py`: `select_connections` keeps, per feature, the C upstream features with the largest |mean
-  contribution| (`contribution_statistics` + `connections_from_statistics`, one module pair in memory at a time).
+  contribution| (`contribution_statistics` + `connections_from_statistics`, one module pair in memory at a time);
+  `random_connections` draws C at random, the control.
 - `evaluation.py`: `evaluate_suite` / `ce_versus_c` measure CE (clean, dense suite, pruned suite) and per-module
   FVU and L0; tables and plots.
 - `modules.py`: `train_suite` trains every module of a new suite from one model pass per batch of texts (a buffer
   over all their hook points, or an activation cache), with `trainSAE`.
-- `training.py`: `SCAETrainer` / `train_scae_suite` fine-tune through the pruned pass on local MSE and downstream
-  CE, on the package's training loop.
+- `training.py`: `SCAETrainer` / `train_scae_suite` fine-tune through the pruned pass (the reference fork's
+  size-scaled lr, linear decay, staggered module losses, dead features with AuxK) on local MSE and downstream
+  CE and / or KL, on the package's training loop.
 
 Linearisation. With the norm scales s(t) (1 / rms, after centring for LayerNorm) and the attention patterns
 P_h[q, k] held fixed, a downstream encoder row e_F receives from upstream feature j (decoder column d_j,
@@ -47,7 +49,7 @@ from .evaluation import (
 from .pruned import decompose, pruned_forward, pruned_pre_activations, virtual_weights
 from .selection import (
     ContributionStatistics, all_connections, connections_from_statistics, contribution_statistics, pair_contributions,
-    select_connections,
+    random_connections, select_connections,
 )
 from .suite import (
     Connections, SCAESuite, load_connections, module_names, parse_module_name, save_connections, upstream_of,
@@ -62,6 +64,6 @@ __all__ = [
     "ce_versus_c", "clean_targets", "connections_from_statistics", "contribution_statistics", "decompose",
     "evaluate_suite", "load_connections", "module_names", "module_table", "pair_contributions", "parse_module_name",
     "patched_logits", "plot_ce_versus_c", "plot_connection_statistics", "pruned_forward", "pruned_pre_activations",
-    "run_suite", "save_connections", "select_connections", "suite_cross_entropy", "suite_hook_points",
+    "random_connections", "run_suite", "save_connections", "select_connections", "suite_cross_entropy", "suite_hook_points",
     "train_scae_suite", "train_suite", "upstream_of", "virtual_weights",
 ]

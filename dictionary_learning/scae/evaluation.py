@@ -105,10 +105,10 @@ def suite_cross_entropy(suite: SCAESuite, model: Any, texts: list[str], connecti
 def ce_versus_c(suite: SCAESuite, model: Any, selection_texts: list[str] | None, eval_texts: list[str],
                 Cs: list[int], batch_size: int = 8, ctx_len: int = 128, progress: bool = False,
                 connections: Connections | None = None) -> list[dict[str, Any]]:
-    """Select connections on `selection_texts` (once, at the largest C: the top C for a smaller C are its first
-    C; or pass `connections` already selected at the largest C or more) and measure, on `eval_texts`, CE of the
-    clean model, the dense suite and the suite pruned to each C (C larger than a module's upstream count keeps them
-    all, which is the dense suite), with per-module FVU and L0. One row per C."""
+    """Select connections on `selection_texts` (once, at the largest C: the top C for a smaller C are its first C;
+    or pass `connections` already selected, or drawn by `random_connections`, at the largest C or more) and measure,
+    on `eval_texts`, CE of the clean model, the dense suite and the suite pruned to each C (C larger than a module's
+    upstream count keeps them all, which is the dense suite), with per-module FVU and L0. One row per C."""
     if not Cs:
         raise ValueError("Cs must list at least one C")
     for C in Cs:
@@ -117,9 +117,9 @@ def ce_versus_c(suite: SCAESuite, model: Any, selection_texts: list[str] | None,
         statistics = contribution_statistics(suite, model, selection_texts, batch_size=batch_size, ctx_len=ctx_len,
                                              progress=progress)
         connections = connections_from_statistics(suite, model, statistics, max(Cs))
-    elif connections.scores is None:
-        raise ValueError("ce_versus_c needs selected connections (strongest first, with scores): make them with "
-                         "select_connections")
+    elif connections.scores is None and not connections.random:
+        raise ValueError("ce_versus_c needs selected connections (strongest first, with scores: select_connections) "
+                         "or random ones (random_connections)")
     for name in suite.names:
         needed = min(max(Cs), suite.n_upstream(name, model))
         if connections.indices[name].shape[1] < needed:

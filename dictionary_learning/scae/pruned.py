@@ -136,12 +136,16 @@ def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord, co
 
 
 def pruned_forward(suite: SCAESuite, model: Any, record: SuiteRecord, connections: Connections,
-                   recompute_weights: bool = False) -> dict[str, torch.Tensor]:
+                   recompute_weights: bool = False, pre_activations: dict[str, torch.Tensor] | None = None
+                   ) -> dict[str, torch.Tensor]:
     """Every module's TopK codes `[batch, seq, dict_size]`, computed in layer order from the pruned codes of its
-    connected upstream features (never the clean ones), plus the embedding and bias terms."""
+    connected upstream features (never the clean ones), plus the embedding and bias terms. A dict passed as
+    `pre_activations` receives each module's pruned pre-activations (for AuxK)."""
     connections.validate(suite, model)
     codes: dict[str, torch.Tensor] = {}
     for name in suite.names:
         pre = pruned_pre_activations(suite, model, record, connections, name, codes, recompute_weights)
+        if pre_activations is not None:
+            pre_activations[name] = pre
         codes[name] = topk_codes(pre.relu(), int(suite[name].k))[0]
     return codes

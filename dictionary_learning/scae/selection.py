@@ -125,3 +125,31 @@ def all_connections(suite: SCAESuite, model: Any) -> Connections:
         indices[name] = torch.arange(n_up, device=device).expand(suite[name].dict_size, n_up).contiguous()
         weights[name] = virtual_weights(suite, model, name, indices[name])
     return Connections(indices, weights)
+
+
+@torch.no_grad()
+def random_connections(suite: SCAESuite, C: int, seed: int = 0, model: Any = None) -> Connections:
+    """The control for selected connections: for every feature, C distinct upstream features drawn uniformly at
+    random (all of them where fewer exist), with their virtual weights. Marked `random`, so `ce_versus_c` takes its
+    first C per row as a random C-subset too."""
+    check_C(C)
+    generator = torch.Generator().manual_seed(seed)
+    indices, weights = {}, {}
+    for name in suite.names:
+        n_up, rows = suite.n_upstream(name, model), suite[name].dict_size
+        count = min(C, n_up)
+        if count == 0:  # nothing upstream (the first module)
+            drawn = torch.zeros(rows, 0, dtype=torch.long)
+        elif count * 2 > n_up:  # dense draw: a random permutation per row
+            drawn = torch.rand(rows, n_up, generator=generator).argsort(dim=1)[:, :count]
+        else:  # sparse draw: redraw rows holding a repeat until none does
+            drawn = torch.randint(n_up, (rows, count), generator=generator)
+            while True:
+                repeated = (drawn.sort(dim=1).values.diff(dim=1) == 0).any(dim=1).nonzero().flatten()
+                if repeated.numel() == 0:
+                    break
+                drawn[repeated] = torch.randint(n_up, (repeated.numel(), count), generator=generator)
+        device = next(suite[name].parameters()).device
+        indices[name] = drawn.to(device)
+        weights[name] = virtual_weights(suite, model, name, indices[name])
+    return Connections(indices, weights, random=True)

@@ -186,6 +186,7 @@ class Connections:
     weights: dict[str, torch.Tensor]
     scores: dict[str, torch.Tensor] | None = None
     totals: dict[str, torch.Tensor] | None = None
+    random: bool = False  # drawn at random (`random_connections`), in random order, not strongest first
 
     def validate(self, suite: SCAESuite, model: Any = None) -> None:
         """Clear errors for connections that do not fit the suite (upstream counts for `model`, when given)."""
@@ -211,13 +212,14 @@ class Connections:
                                  f"{tuple(indices.shape)}")
 
     def top(self, C: int) -> "Connections":
-        """The first C connections of every feature: the C strongest, for selected connections."""
+        """The first C connections of every feature: the C strongest, for selected connections (a random C of
+        them, for random ones)."""
         check_C(C)
 
         def first(tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
             return None if tensors is None else {name: t[:, :C] for name, t in tensors.items()}
 
-        return Connections(first(self.indices), first(self.weights), first(self.scores), self.totals)
+        return Connections(first(self.indices), first(self.weights), first(self.scores), self.totals, self.random)
 
 
 def save_connections(connections: Connections, path: str | Path) -> None:

@@ -20,61 +20,123 @@ from .suite import Connections, SCAESuite
 from .tracing import clean_targets, patched_logits, run_suite
 
 
+def default_lr(dict_size: int) -> float:
+    """The reference fork's size-scaled learning rate: 2e-4 / sqrt(dict_size / 2^14)."""
+    return 2e-4 / (dict_size / 2 ** 14) ** 0.5
+
+
 class SCAETrainer:
     """Fine-tunes a suite through the pruned forward pass on local MSE (each module's pruned reconstruction against
-    the clean model's attention / MLP output, as a fraction of its variance, summed over modules) and downstream CE
-    (every pruned reconstruction patched into the model in one nnsight trace, CE backpropagated into the suite).
-    The linearisation (norm scales, attention patterns) is that of the run with the dense suite patched in, taken
-    without gradient each step; the virtual weights are recomputed from the current parameters."""
+    the clean model's attention / MLP output, as a fraction of its variance, summed over modules), downstream CE and
+    / or KL(clean || patched) (every pruned reconstruction patched into the model in one nnsight trace,
+    backpropagated into the suite), and AuxK on each module's dead features. The linearisation (norm scales,
+    attention patterns) is that of the run with the dense suite patched in, taken without gradient each step; the
+    virtual weights are recomputed from the current parameters.
 
-    def __init__(self, suite: SCAESuite, model: Any, connections: Connections, steps: int, lr: float = 1e-4,
+    As the reference SCAE fork: Adam with one learning rate per module (`lr=None`: 2e-4 / sqrt(dict_size / 2^14)),
+    linear warmup over `warmup_steps` and linear decay to 0 from `decay_start` (a fraction of the steps; None: no
+    decay), module p's (in suite order) MSE term switched on after p * `stagger_steps` steps, and dead features
+    (not fired for `dead_feature_threshold` tokens) fitted to each module's residual through AuxK (`auxk_alpha`,
+    the top `k_aux` dead pre-activations, k_aux = d_model / 2 as for TopK SAEs)."""
+
+    def __init__(self, suite: SCAESuite, model: Any, connections: Connections, steps: int, lr: float | None = None,
                  mse_weight: float = 1.0, ce_weight: float = 1.0, warmup_steps: int = 0, ctx_len: int = 128,
-                 seed: int = 0):
+                 seed: int = 0, *, kl_weight: float = 0.0, decay_start: float | None = 0.8, stagger_steps: int = 0,
+                 auxk_alpha: float = 1 / 32, dead_feature_threshold: int = 1_000_000):
         check_steps(steps)
-        if mse_weight < 0 or ce_weight < 0 or mse_weight + ce_weight == 0:
-            raise ValueError(f"mse_weight and ce_weight must be >= 0 and not both 0, got {mse_weight}, {ce_weight}")
+        weights = {"mse_weight": mse_weight, "ce_weight": ce_weight, "kl_weight": kl_weight, "auxk_alpha": auxk_alpha}
+        for name, value in weights.items():
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if mse_weight + ce_weight + kl_weight == 0:
+            raise ValueError(f"mse_weight, ce_weight and kl_weight must not all be 0, got {mse_weight}, {ce_weight}, "
+                             f"{kl_weight}")
+        if decay_start is not None and not (isinstance(decay_start, (int, float)) and 0 <= decay_start <= 1):
+            raise ValueError(f"decay_start must be a fraction of the steps in [0, 1] or None, got {decay_start!r}")
+        integer("stagger_steps", stagger_steps, 0)
+        integer("dead_feature_threshold", dead_feature_threshold)
         suite.check_model(model)
         connections.validate(suite, model)
         torch.manual_seed(seed)
         self.suite, self.model, self.connections = suite, model, connections
-        self.mse_weight, self.ce_weight, self.ctx_len = mse_weight, ce_weight, ctx_len
+        self.mse_weight, self.ce_weight, self.kl_weight, self.ctx_len = mse_weight, ce_weight, kl_weight, ctx_len
+        self.stagger_steps, self.auxk_alpha, self.dead_feature_threshold = stagger_steps, auxk_alpha, \
+            dead_feature_threshold
         for parameter in torch_model(model).parameters():
             parameter.requires_grad_(False)  # only the suite trains
-        self.optimizer = torch.optim.Adam(suite.parameters(), lr=lr)
+        self.lrs = {name: default_lr(suite[name].dict_size) if lr is None else lr for name in suite.names}
+        self.optimizer = torch.optim.Adam([{"params": list(suite[name].parameters()), "lr": self.lrs[name]}
+                                           for name in suite.names])
         self.decoder_norms = {name: module.decoder.weight.detach().norm(dim=0, keepdim=True).clone()
                               for name, module in suite.dictionaries.items()}
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(steps, warmup_steps))
-        self.config = {"steps": steps, "lr": lr, "mse_weight": mse_weight, "ce_weight": ce_weight,
-                       "warmup_steps": warmup_steps, "ctx_len": ctx_len, "seed": seed}
+        decay_step = None if decay_start is None else int(decay_start * steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lr_schedule(steps, warmup_steps, decay_step))
+        self.num_tokens_since_fired = {name: torch.zeros(suite[name].dict_size, dtype=torch.long,
+                                                         device=next(suite[name].parameters()).device)
+                                       for name in suite.names}
+        self.config = {"steps": steps, "lr": lr, "lrs": self.lrs, "mse_weight": mse_weight, "ce_weight": ce_weight,
+                       "kl_weight": kl_weight, "warmup_steps": warmup_steps, "decay_start": decay_start,
+                       "stagger_steps": stagger_steps, "auxk_alpha": auxk_alpha,
+                       "dead_feature_threshold": dead_feature_threshold, "ctx_len": ctx_len, "seed": seed}
         self.last_metrics: dict[str, float] = {}
 
-    def loss(self, texts: list[str]) -> torch.Tensor:
+    def _auxk(self, name: str, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """AuxK of one module: its dead features' top pre-activations fitted to the residual, as a fraction of the
+        residual's variance (0 when none is dead)."""
+        dead = (self.num_tokens_since_fired[name] >= self.dead_feature_threshold).nonzero().flatten()
+        if dead.numel() == 0 or self.auxk_alpha == 0:
+            return pre.new_zeros(())
+        k_aux = min(int(dead.numel()), max(1, residual.shape[-1] // 2))
+        candidates = pre[:, dead].relu()  # [tokens, n_dead]
+        values, chosen = candidates.topk(k_aux, dim=-1)
+        codes = torch.zeros_like(candidates).scatter(-1, chosen, values)
+        fitted = codes @ self.suite[name].decoder.weight[:, dead].T  # W_dec f without bias
+        return (fitted - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+    def loss(self, texts: list[str], step: int | None = None) -> torch.Tensor:
+        """The training loss on a batch of texts (at `step`, for the staggered MSE terms; None: all on)."""
         suite, model = self.suite, self.model
         encoding = tokenize(model.tokenizer, texts, self.ctx_len)
         record, _ = run_suite(suite, model, encoding, logits=False)
-        targets = clean_targets(suite, model, encoding)
-        codes = pruned_forward(suite, model, record, self.connections, recompute_weights=True)
+        targets = clean_targets(suite, model, encoding, logits=self.kl_weight > 0)
+        pre: dict[str, torch.Tensor] = {}
+        codes = pruned_forward(suite, model, record, self.connections, recompute_weights=True, pre_activations=pre)
         mask = record.mask
-        mse = torch.zeros((), device=record.mask.device)
-        for name in suite.names:
+        mse, auxk = torch.zeros((), device=mask.device), torch.zeros((), device=mask.device)
+        for position, name in enumerate(suite.names):
             target = targets[name][mask]
-            error = (suite[name].decode(codes[name][mask]) - target).pow(2).sum()
-            mse = mse + error / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
-        loss = self.mse_weight * mse
-        metrics = {"fvu_sum": mse.item(), "l0": sum((codes[n][mask] > 0).sum(-1).float().mean().item()
-                                                     for n in suite.names) / len(suite.names)}
-        if self.ce_weight:
-            ce, ce_mask = masked_cross_entropy(patched_logits(suite, model, encoding, codes),
-                                               encoding["input_ids"], encoding["attention_mask"])
+            reconstruction = suite[name].decode(codes[name][mask])
+            error = (reconstruction - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+            if step is None or step >= position * self.stagger_steps:
+                mse = mse + error
+            auxk = auxk + self._auxk(name, pre[name][mask], (target - reconstruction).detach())
+            with torch.no_grad():  # dead-feature tracking over the batch's real tokens
+                fired = (codes[name][mask] > 0).any(dim=0)
+                self.num_tokens_since_fired[name] += int(mask.sum())
+                self.num_tokens_since_fired[name][fired] = 0
+        loss = self.mse_weight * mse + self.auxk_alpha * auxk
+        dead = sum(int((c >= self.dead_feature_threshold).sum()) for c in self.num_tokens_since_fired.values())
+        metrics = {"fvu_sum": mse.item(), "auxk": auxk.item(), "dead": dead,
+                   "l0": sum((codes[n][mask] > 0).sum(-1).float().mean().item() for n in suite.names) / len(suite.names)}
+        if self.ce_weight or self.kl_weight:
+            patched = patched_logits(suite, model, encoding, codes)
+            ce, ce_mask = masked_cross_entropy(patched, encoding["input_ids"], encoding["attention_mask"])
             ce = ce[ce_mask].mean()
             loss = loss + self.ce_weight * ce
             metrics["ce"] = ce.item()
+            if self.kl_weight:
+                clean_logp = targets["logits"].float().log_softmax(-1)
+                kl = (clean_logp.exp() * (clean_logp - patched.float().log_softmax(-1))).sum(-1)
+                kl = kl[encoding["attention_mask"].bool().to(kl.device)].mean()
+                loss = loss + self.kl_weight * kl
+                metrics["kl"] = kl.item()
         self.last_metrics = {"loss": loss.item(), **metrics}
         return loss
 
     def update(self, step: int, texts: list[str]) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(texts)
+        loss = self.loss(texts, step)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.suite.parameters(), 1.0)
         self.optimizer.step()
@@ -88,12 +150,14 @@ class SCAETrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"suite": self.suite.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+                "scheduler": self.scheduler.state_dict(), "num_tokens_since_fired": dict(self.num_tokens_since_fired)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.suite.load_state_dict(state["suite"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        for name, counts in state.get("num_tokens_since_fired", {}).items():
+            self.num_tokens_since_fired[name].copy_(counts)
 
 
 def text_batches(texts: Iterable[str], batch_texts: int) -> Iterator[list[str]]:
