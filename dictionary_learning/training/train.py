@@ -57,7 +57,8 @@ def build_trainer(config: dict[str, Any]) -> SAETrainer:
 
 def start_from(trainer: SAETrainer, path: str | Path) -> None:
     """Start a trainer from a saved dictionary's weights (a folder or file `load_state_dict` reads), which must be
-    of the trainer's dictionary class and shape; recorded in its config as `initial_weights`."""
+    of the trainer's dictionary class and shape; recorded in its config as `initial_weights`. Saved dictionaries work
+    on raw activations (any training normalisation folded in): continue them without `normalize_activations`."""
     state = type(trainer.ae).from_saved_state(load_state_dict(path)).state_dict()
     own = trainer.ae.state_dict()
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
