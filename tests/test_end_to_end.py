@@ -38,10 +38,12 @@ def test_downstream_gradient_matches_a_forward_hook_reference(tiny_llama, site):
         hooks = (hook(tiny_llama, 1, "resid"),)
         trainer = build_trainer(topk_config(10))
     end_to_end = EndToEnd(trainer, tiny_llama, hooks, kl_weight=1.0, ce_weight=0.5, remove_bos=False, ctx_len=CTX)
+    torch_model(tiny_llama).zero_grad(set_to_none=True)
     loss, _ = end_to_end.downstream_loss(texts)
     loss.backward()
     ours = {name: p.grad.clone() for name, p in trainer.ae.named_parameters() if p.grad is not None}
     assert all(p.grad is None for p in torch_model(tiny_llama).parameters())  # nothing reaches the model
+    assert all(p.requires_grad for p in torch_model(tiny_llama).parameters())  # and it is left as it was
 
     # reference: the same batch through the plain torch model, the dictionary applied by a forward hook
     reference = build_trainer(topk_config(10, transcoder=site == "transcoder")).ae
@@ -78,6 +80,7 @@ def test_downstream_gradient_matches_a_forward_hook_reference(tiny_llama, site):
     pairs = (mask[:, 1:] & mask[:, :-1]).flatten()
     ce = F.cross_entropy(patched[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")[pairs].mean()
     (kl + 0.5 * ce).backward()
+    model.zero_grad(set_to_none=True)  # the reference's gradients reached the model: leave the shared model clean
     assert loss.item() == pytest.approx((kl + 0.5 * ce).item(), rel=1e-4)
     for name, parameter in reference.named_parameters():
         if parameter.grad is not None:

@@ -4,8 +4,9 @@ the trainer's own local loss (Braun et al. 2024, e2e_sae's "e2e + downstream"; s
 
 Each step takes a batch of texts: one trace of the clean model (no grad) gives its logits and the hook point's values;
 one trace with the dictionary's reconstruction written into the hook point (as `evaluation.loss_recovered` patches
-it) gives the patched logits, differentiable in the dictionary's parameters only (the model's are frozen). The
-trainer then makes its usual step on the clean values at the patched positions, with the loss
+it) gives the patched logits, differentiable in the dictionary's parameters only (the model's are left out of that
+pass's graph, and their requires_grad flags restored after it). The trainer then makes its usual step on the clean
+values at the patched positions, with the loss
 
     kl_weight * KL(clean || patched) + ce_weight * CE(patched) + local_weight * (the trainer's own loss)
 
@@ -16,7 +17,8 @@ trainer's sparsity penalty is part of its local loss.
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,20 @@ def _apply(dictionary: Any, x: torch.Tensor) -> torch.Tensor:
     param = next(dictionary.parameters())
     flat = x.reshape(-1, x.shape[-1]).to(param.dtype)
     return dictionary(flat).reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+@contextmanager
+def frozen(model: Any) -> Iterator[None]:
+    """The model's parameters out of autograd while the patched pass builds its graph (so no gradient reaches them,
+    and none is computed), restored afterwards: the user's model is left as it was."""
+    parameters = [p for p in torch_model(model).parameters() if p.requires_grad]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
 
 
 class EndToEnd:
@@ -58,8 +74,6 @@ class EndToEnd:
         self.ctx_len, self.remove_bos = ctx_len, remove_bos
         self.settings = {**weights, "ctx_len": ctx_len, "remove_bos": remove_bos,
                          "hooks": [{"path": h.path, "io": h.io, "name": h.name} for h in hooks]}
-        for parameter in torch_model(model).parameters():
-            parameter.requires_grad_(False)  # only the dictionary trains
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["trainer"], name)
@@ -88,13 +102,14 @@ class EndToEnd:
         in the dictionary (batch: texts, or `clean(texts)`); and the batch's values with its kl and ce."""
         values = batch if isinstance(batch, dict) else self.clean(batch)
         model, hooks, encoding, mask = self.model, self.hooks, values["encoding"], values["mask"]
-        with model.trace(model_inputs(encoding)) as tracer:
-            source_raw = hook_value(model, hooks[0])
-            target_raw = hook_value(model, hooks[1]) if len(hooks) == 2 else source_raw
-            value = read_value(target_raw)
-            replacement = _apply(self.trainer.ae, read_value(source_raw))
-            write(model, hooks[-1], target_raw, torch.where(mask[..., None].to(value.device), replacement, value))
-            patched = logits_or_stop(model, tracer, logits=True)
+        with frozen(model):
+            with model.trace(model_inputs(encoding)) as tracer:
+                source_raw = hook_value(model, hooks[0])
+                target_raw = hook_value(model, hooks[1]) if len(hooks) == 2 else source_raw
+                value = read_value(target_raw)
+                replacement = _apply(self.trainer.ae, read_value(source_raw))
+                write(model, hooks[-1], target_raw, torch.where(mask[..., None].to(value.device), replacement, value))
+                patched = logits_or_stop(model, tracer, logits=True)
         release_traces()
         clean, patched = values["logits"].float(), patched.float()
         attention = encoding["attention_mask"].to(clean.device).bool()
