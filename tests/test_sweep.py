@@ -392,7 +392,7 @@ CASES = [
      "steps must be a positive int"),
     ("scae: train both weights 0", lambda e, t: train_scae_suite(
         make_suite(e.eager, 2), e.eager, TEXTS, all_connections(e.suite, e.eager), 2, mse_weight=0, ce_weight=0),
-     ValueError, "not both 0"),
+     ValueError, "must not all be 0"),
     ("scae: train batch_texts 0", lambda e, t: train_scae_suite(
         make_suite(e.eager, 2), e.eager, TEXTS, all_connections(e.suite, e.eager), 2, batch_texts=0), ValueError,
      "batch_texts must be a positive int, got 0"),
