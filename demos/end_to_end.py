@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dictionary_learning import ActivationBuffer, default_corpus, hook, load_model
 from dictionary_learning.evaluation import loss_recovered
+from dictionary_learning.tracing import token_mask
 from dictionary_learning.trainers import TopKTrainer
 from dictionary_learning.training import trainSAE
 from dictionary_learning.utils import load_dictionary
@@ -41,10 +42,15 @@ for _ in range(args.eval_texts):
     next(corpus)
 
 
+def first_token_kept(encoding):
+    return token_mask(encoding, remove_bos=True)
+
+
 def measure(dictionary) -> dict:
     totals = {}
     for start in range(0, len(held_out), 16):
-        result = loss_recovered(held_out[start:start + 16], model, dictionary, (point,), ctx_len=args.ctx_len)
+        result = loss_recovered(held_out[start:start + 16], model, dictionary, (point,), ctx_len=args.ctx_len,
+                                patch_mask_fn=first_token_kept)  # as trained: each context's first token unpatched
         for key in ("ce_clean", "ce_patched", "kl_patched"):
             totals[key] = totals.get(key, 0.0) + result[key] * result["tokens"]
         totals["tokens"] = totals.get("tokens", 0) + result["tokens"]
