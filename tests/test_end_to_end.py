@@ -14,6 +14,7 @@ from dictionary_learning.training import EndToEnd, build_trainer, trainSAE
 from dictionary_learning.utils import load_dictionary
 
 from .helpers import random_texts
+from .test_training import Crash, crashing
 
 CTX = 24
 
@@ -106,17 +107,6 @@ def test_end_to_end_lowers_kl_against_its_local_start(tmp_path, tiny_llama):
     assert config["trainer"]["end_to_end"]["kl_weight"] == 1.0
     assert config["trainer"]["initial_weights"].endswith("trainer_0")
     assert "kl" in trainers[0].last_metrics
-
-
-class Crash(Exception):
-    pass
-
-
-def crashing(batches, after):
-    for i, batch in enumerate(batches):
-        if i == after:
-            raise Crash
-        yield batch
 
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_llama):
