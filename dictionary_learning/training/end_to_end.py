@@ -75,8 +75,11 @@ class EndToEnd:
         self.settings = {**weights, "ctx_len": ctx_len, "remove_bos": remove_bos,
                          "hooks": [{"path": h.path, "io": h.io, "name": h.name} for h in hooks]}
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["trainer"], name)
+    def __getattr__(self, name: str) -> Any:  # only for names the wrapper itself lacks
+        trainer = self.__dict__.get("trainer")
+        if trainer is None:  # half-built (copy, unpickling)
+            raise AttributeError(name)
+        return getattr(trainer, name)
 
     @property
     def config(self) -> dict[str, Any]:
