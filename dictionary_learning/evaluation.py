@@ -26,8 +26,8 @@ from .core_metrics import density_metrics, saebench_names, weight_metrics
 from .dictionary import Dictionary
 from .files import pyplot, save_figure
 from .models import HookPoint, resolve_hook
-from .tracing import (hook_value, logits_or_stop, model_inputs, read_hook_points, read_value, release_traces,
-                      token_mask, tokenize, write)
+from .tracing import (hook_value, logits_or_stop, masked_cross_entropy, model_inputs, next_token_kl,
+                      read_hook_points, read_value, release_traces, token_mask, tokenize, write)
 
 # upstream's default model keywords for evaluation traces (no KV cache, no attention weights)
 TRACER_ARGS: Mapping[str, Any] = MappingProxyType({"use_cache": False, "output_attentions": False})
@@ -71,12 +71,6 @@ def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]
         "_tokens": x.shape[0],
         "_sums": (error.double().pow(2).sum(), y.double().pow(2).sum(), y.double().sum(dim=0)),
     }
-
-
-def masked_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Per-token next-token CE `[batch, seq-1]` and the mask of real (context, target) pairs."""
-    ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none")
-    return ce.view(input_ids.shape[0], -1), attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
 
 
 def _apply(dictionary: Dictionary, x: torch.Tensor) -> torch.Tensor:
@@ -156,12 +150,6 @@ def _runs(model: Any, encoding: dict[str, torch.Tensor], dictionary: Dictionary,
     return logits
 
 
-def _kl(clean: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean over real tokens of KL(clean || other) of the next-token distributions."""
-    clean_logp, other_logp = clean.float().log_softmax(-1), other.float().log_softmax(-1)
-    return (clean_logp.exp() * (clean_logp - other_logp)).sum(-1)[mask].mean().item()
-
-
 @torch.no_grad()
 def loss_recovered(
     text: Any,
@@ -226,7 +214,7 @@ def loss_recovered(
     results = {f"ce_{name}": loss.item() for name, loss in zip(names, losses)}
     results["tokens"] = int(mask.sum())  # the (context, target) pairs scored
     for name, run_logits in zip(names[1:], logits[1:]):
-        results[f"kl_{name}"] = _kl(logits[0], run_logits, attention.bool())
+        results[f"kl_{name}"] = next_token_kl(logits[0], run_logits)[attention.bool()].mean().item()
     for baseline, suffix in (("zero", ""), ("mean", "_mean")):
         if f"ce_{baseline}" in results:
             denominator = results[f"ce_{baseline}"] - results["ce_clean"]

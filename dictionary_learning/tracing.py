@@ -11,6 +11,8 @@ trace. `buffer.py` and `evaluation.py` run their traces through these functions;
         logits = logits_or_stop(model, tracer, logits=True)       # the logits, or stop after the last read
 
 nnsight runs a trace's body against the model's execution: modules must be reached in execution order.
+`masked_cross_entropy` and `next_token_kl` turn a trace's logits into the per-token losses that evaluation,
+end-to-end training and SCAE fine-tuning share; `release_traces` frees finished traces at once.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .models import HookPoint, execution_key
 
@@ -54,6 +57,20 @@ def token_mask(encoding: dict[str, torch.Tensor], remove_bos: bool = False) -> t
     tokenizer adds one; otherwise the first token, which models without BOS treat as an attention sink)."""
     mask = encoding["attention_mask"].bool()
     return drop_first_tokens(mask) if remove_bos else mask
+
+
+def masked_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token next-token CE `[batch, seq-1]` and the mask of real (context, target) pairs."""
+    ids, attention = input_ids.to(logits.device), attention_mask.to(logits.device)
+    ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    return ce.view(ids.shape[0], -1), attention[:, 1:].bool() & attention[:, :-1].bool()
+
+
+def next_token_kl(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(clean || other) of the next-token distributions `[batch, seq]` (differentiable in `other`)."""
+    clean_logp, other_logp = clean_logits.float().log_softmax(-1), other_logits.float().log_softmax(-1)
+    return (clean_logp.exp() * (clean_logp - other_logp)).sum(-1)
 
 
 def read_value(value: Any) -> torch.Tensor:

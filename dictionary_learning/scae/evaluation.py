@@ -10,9 +10,8 @@ import torch
 from tqdm import tqdm
 
 from ..checks import texts as check_texts
-from ..evaluation import masked_cross_entropy
 from ..files import pyplot, save_figure
-from ..tracing import tokenize
+from ..tracing import masked_cross_entropy, tokenize
 from .pruned import pruned_forward
 from .selection import connections_from_statistics, contribution_statistics
 from .suite import Connections, SCAESuite, check_C

@@ -10,9 +10,8 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from ..checks import integer, texts as check_texts
-from ..evaluation import masked_cross_entropy
 from ..models import torch_model
-from ..tracing import tokenize
+from ..tracing import masked_cross_entropy, next_token_kl, tokenize
 from ..trainers.trainer import check_steps, lr_schedule
 from ..training import CHECKPOINT, resume_from_checkpoints, run_steps, start_wandb
 from .pruned import pruned_forward, virtual_weights
@@ -126,8 +125,7 @@ class SCAETrainer:
             loss = loss + self.ce_weight * ce
             metrics["ce"] = ce.item()
             if self.kl_weight:
-                clean_logp = targets["logits"].float().log_softmax(-1)
-                kl = (clean_logp.exp() * (clean_logp - patched.float().log_softmax(-1))).sum(-1)
+                kl = next_token_kl(targets["logits"], patched)
                 kl = kl[encoding["attention_mask"].bool().to(kl.device)].mean()
                 loss = loss + self.kl_weight * kl
                 metrics["kl"] = kl.item()

@@ -21,11 +21,11 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from ..checks import texts as check_texts
 from ..models import HookPoint, torch_model
-from ..tracing import hook_value, logits_or_stop, model_inputs, read_value, release_traces, token_mask, tokenize, write
+from ..tracing import (hook_value, logits_or_stop, masked_cross_entropy, model_inputs, next_token_kl, read_value,
+                       release_traces, token_mask, tokenize, write)
 
 
 def _apply(dictionary: Any, x: torch.Tensor) -> torch.Tensor:
@@ -114,13 +114,10 @@ class EndToEnd:
                 write(model, hooks[-1], target_raw, torch.where(mask[..., None].to(value.device), replacement, value))
                 patched = logits_or_stop(model, tracer, logits=True)
         release_traces()
-        clean, patched = values["logits"].float(), patched.float()
-        attention = encoding["attention_mask"].to(clean.device).bool()
-        clean_logp, patched_logp = clean.log_softmax(-1), patched.log_softmax(-1)
-        kl = (clean_logp.exp() * (clean_logp - patched_logp)).sum(-1)[attention].mean()
-        ids = encoding["input_ids"].to(clean.device)
-        ce = F.cross_entropy(patched[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-        ce = ce[(attention[:, 1:] & attention[:, :-1]).flatten()].mean()
+        attention = encoding["attention_mask"].to(patched.device).bool()
+        kl = next_token_kl(values["logits"], patched)[attention].mean()
+        ce, pairs = masked_cross_entropy(patched, encoding["input_ids"], encoding["attention_mask"])
+        ce = ce[pairs].mean()
         return self.kl_weight * kl + self.ce_weight * ce, {**values, "kl": kl.item(), "ce": ce.item()}
 
     def update(self, step: int, texts: list[str]) -> float:
