@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .buffer import ActivationBuffer, HeadActivationBuffer
 from .checks import integer
 from .core_metrics import density_metrics, saebench_names, weight_metrics
-from .dictionary import Dictionary
+from .dictionary import Dictionary, apply_to_values
 from .files import pyplot, save_figure
 from .models import HookPoint, resolve_hook
 from .tracing import (hook_value, logits_or_stop, masked_cross_entropy, model_inputs, next_token_kl,
@@ -71,12 +71,6 @@ def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]
         "_tokens": x.shape[0],
         "_sums": (error.double().pow(2).sum(), y.double().pow(2).sum(), y.double().sum(dim=0)),
     }
-
-
-def _apply(dictionary: Dictionary, x: torch.Tensor) -> torch.Tensor:
-    param = next(dictionary.parameters(), x)  # a dictionary without parameters (IdentityDict) keeps x's dtype
-    flat = x.reshape(-1, x.shape[-1]).to(param.dtype)
-    return dictionary(flat).reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
 def encode_inputs(model: Any, inputs: Any, max_len: int | None) -> dict[str, torch.Tensor]:
@@ -138,9 +132,9 @@ def _runs(model: Any, encoding: dict[str, torch.Tensor], dictionary: Dictionary,
                     replacement = target[mask[..., 0]].mean(dim=0).expand_as(target)
                 elif normalize_batch:  # as upstream: the source scaled to mean norm sqrt(d) and the output back
                     scale = dictionary.activation_dim ** 0.5 / source[mask[..., 0]].float().norm(dim=-1).mean()
-                    replacement = _apply(dictionary, source * scale) / scale
+                    replacement = apply_to_values(dictionary, source * scale) / scale
                 else:
-                    replacement = _apply(dictionary, source)
+                    replacement = apply_to_values(dictionary, source)
                 write(model, hooks[-1], target_raw, torch.where(mask, replacement, target))
             logits = logits_or_stop(model, tracer, logits=True)
         return logits

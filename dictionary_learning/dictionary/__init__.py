@@ -17,7 +17,7 @@ import inspect
 from typing import Any
 
 from ..sparse import SparseCode
-from .base import Dictionary, load_state_dict
+from .base import Dictionary, apply_to_values, load_state_dict
 from .gated import GatedAutoEncoder
 from .jumprelu import JumpReluAutoEncoder
 from .matryoshka import MatryoshkaBatchTopKSAE
@@ -61,6 +61,7 @@ __all__ = [
     "MatryoshkaBatchTopKSAE",
     "SparseCode",
     "TopKDictionary",
+    "apply_to_values",
     "dictionary_class",
     "dictionary_from_config",
     "load_state_dict",

@@ -162,6 +162,14 @@ class Dictionary(ABC, nn.Module):
         return {}
 
 
+def apply_to_values(dictionary: Dictionary, x: torch.Tensor) -> torch.Tensor:
+    """The dictionary's output on model values `[..., d]`, computed in its own dtype and returned in theirs (a
+    dictionary without parameters, IdentityDict, keeps x's dtype)."""
+    param = next(dictionary.parameters(), x)
+    flat = x.reshape(-1, x.shape[-1]).to(param.dtype)
+    return dictionary(flat).reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A dictionary's state dict from `ae.pt`, a `.safetensors` file, or a folder holding either."""
     path = Path(path)

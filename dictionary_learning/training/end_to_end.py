@@ -23,16 +23,10 @@ from typing import Any, Iterator
 import torch
 
 from ..checks import texts as check_texts
+from ..dictionary import apply_to_values
 from ..models import HookPoint, torch_model
 from ..tracing import (hook_value, logits_or_stop, masked_cross_entropy, model_inputs, next_token_kl, read_value,
                        release_traces, token_mask, tokenize, write)
-
-
-def _apply(dictionary: Any, x: torch.Tensor) -> torch.Tensor:
-    """The dictionary on `[batch, seq, d]` values in its own dtype, returned in theirs."""
-    param = next(dictionary.parameters())
-    flat = x.reshape(-1, x.shape[-1]).to(param.dtype)
-    return dictionary(flat).reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
 @contextmanager
@@ -110,7 +104,7 @@ class EndToEnd:
                 source_raw = hook_value(model, hooks[0])
                 target_raw = hook_value(model, hooks[1]) if len(hooks) == 2 else source_raw
                 value = read_value(target_raw)
-                replacement = _apply(self.trainer.ae, read_value(source_raw))
+                replacement = apply_to_values(self.trainer.ae, read_value(source_raw))
                 write(model, hooks[-1], target_raw, torch.where(mask[..., None].to(value.device), replacement, value))
                 patched = logits_or_stop(model, tracer, logits=True)
         release_traces()
