@@ -109,6 +109,28 @@ def test_end_to_end_lowers_kl_against_its_local_start(tmp_path, tiny_llama):
     assert "kl" in trainers[0].last_metrics
 
 
+@pytest.mark.parametrize("normalize_local", [True, False])
+def test_local_term_is_the_fvu_when_normalised(tiny_llama, normalize_local):
+    """The local term reported (and weighted) is the fraction of variance unexplained of the batch, from its
+    definition in float64; unnormalised, the raw squared error per token."""
+    point = hook(tiny_llama, 1, "resid")
+    trainer = build_trainer(topk_config(10))
+    end_to_end = EndToEnd(trainer, tiny_llama, point, local_weight=1.0, ctx_len=CTX, normalize_local=normalize_local)
+    texts = random_texts(6, seed=36)
+    end_to_end.update(0, texts)  # step 0 initialises b_dec
+    before = {name: value.clone() for name, value in trainer.ae.state_dict().items()}
+    values = end_to_end.clean(texts)
+    end_to_end.update(1, texts)
+    reference = build_trainer(topk_config(10)).ae
+    reference.load_state_dict(before)
+    x = values["source"][values["mask"]].double()
+    with torch.no_grad():
+        error = (reference.double()(x) - x).pow(2).sum(-1).mean()
+    expected = error / (x - x.mean(0)).pow(2).sum(-1).mean() if normalize_local else error
+    assert trainer.last_metrics["local"] == pytest.approx(expected.item(), rel=1e-4)
+    assert end_to_end.config["end_to_end"]["normalize_local"] is normalize_local
+
+
 def test_resume_equals_uninterrupted(tmp_path, tiny_llama):
     point = hook(tiny_llama, 1, "resid")
     texts = random_texts(80, seed=35)
@@ -131,6 +153,8 @@ def test_bad_end_to_end_arguments(tiny_llama):
         EndToEnd(trainer, tiny_llama, point, kl_weight=0.0)
     with pytest.raises(ValueError, match="must be a number >= 0"):
         EndToEnd(trainer, tiny_llama, point, local_weight=-1)
+    with pytest.raises(TypeError, match="normalize_local must be True or False"):
+        EndToEnd(trainer, tiny_llama, point, normalize_local="yes")
     with pytest.raises(ValueError, match="needs one hook point"):
         EndToEnd(trainer, tiny_llama, (point, point))
     with pytest.raises(ValueError, match="normalize_activations=False"):

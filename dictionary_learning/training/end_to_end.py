@@ -8,9 +8,12 @@ it) gives the patched logits, differentiable in the dictionary's parameters only
 pass's graph, and their requires_grad flags restored after it). The trainer then makes its usual step on the clean
 values at the patched positions, with the loss
 
-    kl_weight * KL(clean || patched) + ce_weight * CE(patched) + local_weight * (the trainer's own loss)
+    kl_weight * KL(clean || patched) + ce_weight * CE(patched) + local_weight * (the trainer's own loss) / V
 
-so its optimizer, schedules, dead-feature tracking, thresholds, checkpoints and resume are the trainer's own. With
+where V is the batch's total variance of the reconstruction's target (the mean squared distance of its values from
+their mean; `normalize_local=False`: V = 1, raw activation units). With V, an MSE local loss is the fraction of
+variance unexplained, so `local_weight` means the same at every hook point and in every model, next to a KL of
+order 0.1-1 nats; in raw units a residual stream's MSE is in the hundreds. The trainer's optimizer, schedules, dead-feature tracking, thresholds, checkpoints and resume are the trainer's own. With
 local_weight 0 only structurally sparse dictionaries (TopK, BatchTopK, Matryoshka) stay sparse: a penalty-based
 trainer's sparsity penalty is part of its local loss.
 """
@@ -49,7 +52,8 @@ class EndToEnd:
     `state_dict`, ...) is the trainer's."""
 
     def __init__(self, trainer: Any, model: Any, hooks: tuple[HookPoint, ...] | HookPoint, kl_weight: float = 1.0,
-                 ce_weight: float = 0.0, local_weight: float = 0.0, ctx_len: int = 128, remove_bos: bool = True):
+                 ce_weight: float = 0.0, local_weight: float = 0.0, ctx_len: int = 128, remove_bos: bool = True,
+                 normalize_local: bool = True):
         hooks = (hooks,) if isinstance(hooks, HookPoint) else tuple(hooks)
         if not 1 <= len(hooks) <= 2 or not all(isinstance(h, HookPoint) for h in hooks):
             raise TypeError("hooks must be a HookPoint, (point,) or (input_side, output_side)")
@@ -65,8 +69,10 @@ class EndToEnd:
             raise ValueError("an end-to-end run needs kl_weight > 0 or ce_weight > 0 (else it is a local run)")
         self.trainer, self.model, self.hooks = trainer, model, hooks
         self.kl_weight, self.ce_weight, self.local_weight = float(kl_weight), float(ce_weight), float(local_weight)
-        self.ctx_len, self.remove_bos = ctx_len, remove_bos
-        self.settings = {**weights, "ctx_len": ctx_len, "remove_bos": remove_bos,
+        if not isinstance(normalize_local, bool):
+            raise TypeError(f"normalize_local must be True or False, got {normalize_local!r}")
+        self.ctx_len, self.remove_bos, self.normalize_local = ctx_len, remove_bos, normalize_local
+        self.settings = {**weights, "ctx_len": ctx_len, "remove_bos": remove_bos, "normalize_local": normalize_local,
                          "hooks": [{"path": h.path, "io": h.io, "name": h.name} for h in hooks]}
 
     def __getattr__(self, name: str) -> Any:  # only for names the wrapper itself lacks
@@ -118,15 +124,19 @@ class EndToEnd:
         """One step on a batch of texts; returns the total loss."""
         values = self.clean(texts)
         mask = values["mask"]
-        x = values["source"][mask]
-        batch = (x, values["target"][mask]) if len(self.hooks) == 2 else x
+        x, target = values["source"][mask], values["target"][mask]
+        batch = (x, target) if len(self.hooks) == 2 else x
+        variance = 1.0
+        if self.normalize_local:
+            target = target.double()
+            variance = (target - target.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12).item()
         trainer, local_weight, measured = self.trainer, self.local_weight, {}
         local_loss = trainer.loss
 
         def loss(*args: Any, **kwargs: Any) -> torch.Tensor:
-            local = local_loss(*args, **kwargs)  # first: it may initialise parameters in place (b_dec at step 0)
+            local = local_loss(*args, **kwargs) / variance  # first: it may initialise parameters (b_dec at step 0)
             downstream, result = self.downstream_loss(values)
-            measured.update(kl=result["kl"], ce=result["ce"])
+            measured.update(kl=result["kl"], ce=result["ce"], local=local.item())
             return local_weight * local + downstream
 
         trainer.loss = loss  # the trainer's own step (optimizer, schedules, tracking) on the combined loss

@@ -205,7 +205,8 @@ def train_dictionaries(
       and `checkpoint.rank{r}.pt`; it returns only its own trainers. save_dir must be a folder every rank sees.
     end_to_end: train every dictionary on the model's downstream loss (`training.EndToEnd`): a dict of its
       arguments, `{"model": lm, "hooks": (point,) or (input_side, output_side), "kl_weight": 1.0, "ce_weight": 0.0,
-      "local_weight": 0.0, "ctx_len": 128, "remove_bos": True}`; `data` then yields batches of texts (lists of
+      "local_weight": 0.0, "ctx_len": 128, "remove_bos": True, "normalize_local": True}` (the local loss over the
+      batch's variance of the target, an FVU for MSE); `data` then yields batches of texts (lists of
       strings), and the dictionaries see raw activations (normalize_activations must be off). A config's
       `initial_weights` (a saved dictionary folder) starts it from a trained dictionary (fine-tuning).
     transcoder: accepted for upstream's signature; transcoders are recognised from their dictionaries and (x, y)
