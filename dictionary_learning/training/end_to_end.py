@@ -13,8 +13,9 @@ values at the patched positions, with the loss
 where V is the batch's total variance of the reconstruction's target (the mean squared distance of its values from
 their mean; `normalize_local=False`: V = 1, raw activation units). With V, an MSE local loss is the fraction of
 variance unexplained, so `local_weight` means the same at every hook point and in every model, next to a KL of
-order 0.1-1 nats; in raw units a residual stream's MSE is in the hundreds. The trainer's optimizer, schedules, dead-feature tracking, thresholds, checkpoints and resume are the trainer's own. With
-local_weight 0 only structurally sparse dictionaries (TopK, BatchTopK, Matryoshka) stay sparse: a penalty-based
+order 0.1-1 nats; in raw units a residual stream's MSE is in the hundreds. (A term the trainer already
+normalises, such as TopK's AuxK, is divided by V too.) The trainer's optimizer, schedules, dead-feature tracking,
+thresholds, checkpoints and resume are the trainer's own. With local_weight 0 only structurally sparse dictionaries (TopK, BatchTopK, Matryoshka) stay sparse: a penalty-based
 trainer's sparsity penalty is part of its local loss.
 """
 
