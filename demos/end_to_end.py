@@ -1,7 +1,9 @@
 """End-to-end against local SAEs on SmolLM2: for each k, a TopK SAE trained on local MSE, and the same SAE then
 fine-tuned end to end (KL to the clean next-token distribution, plus a little local MSE as e2e_sae's "e2e +
-downstream"), both measured on held-out text by patching them into the model: CE increase over the clean model and
-KL(clean || patched) at the same L0 (= k). Prints a markdown table; `--out` also writes it with the figures as JSON.
+downstream"), both measured on held-out text by patching them into the model: CE increase over the clean model,
+KL(clean || patched) and the local FVU at the same L0 (= k). `--scratch-steps N` adds, at each k, an SAE trained end
+to end from its random initialisation for N steps. Prints a markdown table; `--out` also writes it with the figures
+as JSON.
 
     python demos/end_to_end.py                          # layer 3 residual, k in 8,16,32; about 40 minutes on 2 cores
     python demos/end_to_end.py --ks 16 --local-steps 100 --e2e-steps 40   # quicker, rougher
@@ -13,9 +15,11 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from dictionary_learning import ActivationBuffer, default_corpus, hook, load_model
 from dictionary_learning.evaluation import loss_recovered
-from dictionary_learning.tracing import token_mask
+from dictionary_learning.tracing import read_hook_points, token_mask, tokenize
 from dictionary_learning.trainers import TopKTrainer
 from dictionary_learning.training import trainSAE
 from dictionary_learning.utils import load_dictionary
@@ -28,7 +32,9 @@ parser.add_argument("--local-steps", type=int, default=300)
 parser.add_argument("--e2e-steps", type=int, default=100)
 parser.add_argument("--batch-texts", type=int, default=8)
 parser.add_argument("--ctx-len", type=int, default=64)
-parser.add_argument("--local-weight", type=float, default=0.1, help="weight of the local loss in the e2e run")
+parser.add_argument("--local-weight", type=float, default=1.0,
+                    help="weight of the local loss (its FVU: normalize_local) in the e2e runs")
+parser.add_argument("--scratch-steps", type=int, default=0, help="also train end to end from scratch (0: not)")
 parser.add_argument("--eval-texts", type=int, default=64)
 parser.add_argument("--out", default="runs/end_to_end")
 args = parser.parse_args()
@@ -46,6 +52,11 @@ def first_token_kept(encoding):
     return token_mask(encoding, remove_bos=True)
 
 
+encoding = tokenize(model.tokenizer, held_out, args.ctx_len)
+held_out_values = read_hook_points(model, encoding, [point])[0][token_mask(encoding, remove_bos=True)].double()
+held_out_variance = (held_out_values - held_out_values.mean(0)).pow(2).sum()
+
+
 def measure(dictionary) -> dict:
     totals = {}
     for start in range(0, len(held_out), 16):
@@ -56,7 +67,18 @@ def measure(dictionary) -> dict:
         totals["tokens"] = totals.get("tokens", 0) + result["tokens"]
     figures = {key: totals[key] / totals["tokens"] for key in ("ce_clean", "ce_patched", "kl_patched")}
     figures["ce_increase"] = figures["ce_patched"] - figures["ce_clean"]
+    with torch.no_grad():
+        x = held_out_values.to(next(dictionary.parameters()).dtype)
+        figures["fvu"] = ((dictionary(x).double() - held_out_values).pow(2).sum() / held_out_variance).item()
     return figures
+
+
+def train_end_to_end(config: dict, steps: int, name: str):
+    texts = ([next(corpus) for _ in range(args.batch_texts)] for _ in range(steps))
+    trainSAE(texts, [{**config, "steps": steps}], steps, save_dir=out / name, progress=True,
+             end_to_end={"model": model, "hooks": (point,), "kl_weight": 1.0, "local_weight": args.local_weight,
+                         "ctx_len": args.ctx_len})
+    return load_dictionary(out / name / "trainer_0")[0]
 
 
 rows = []
@@ -70,21 +92,24 @@ for k in [int(k) for k in args.ks.split(",")]:
              progress=False)
     local, _ = load_dictionary(out / f"local_k{k}" / "trainer_0")
     local_seconds = time.perf_counter() - started
-    texts = ([next(corpus) for _ in range(args.batch_texts)] for _ in range(args.e2e_steps))
-    e2e_config = {**config, "steps": args.e2e_steps, "warmup_steps": 1, "lr": 1e-4,
-                  "initial_weights": str(out / f"local_k{k}" / "trainer_0")}
-    trainSAE(texts, [e2e_config], args.e2e_steps, save_dir=out / f"e2e_k{k}", progress=True,
-             end_to_end={"model": model, "hooks": (point,), "kl_weight": 1.0, "local_weight": args.local_weight,
-                         "ctx_len": args.ctx_len})
-    e2e, _ = load_dictionary(out / f"e2e_k{k}" / "trainer_0")
-    rows.append({"k": k, "local": measure(local), "e2e": measure(e2e), "local_seconds": local_seconds,
-                 "e2e_seconds": time.perf_counter() - started - local_seconds})
+    e2e = train_end_to_end({**config, "warmup_steps": 1, "lr": 1e-4,
+                            "initial_weights": str(out / f"local_k{k}" / "trainer_0")}, args.e2e_steps, f"e2e_k{k}")
+    row = {"k": k, "local": measure(local), "e2e": measure(e2e), "local_seconds": local_seconds,
+           "e2e_seconds": time.perf_counter() - started - local_seconds}
+    if args.scratch_steps:
+        started = time.perf_counter()
+        scratch = train_end_to_end({**config, "warmup_steps": max(1, args.scratch_steps // 10), "lr": 5e-4},
+                                   args.scratch_steps, f"scratch_k{k}")
+        row.update(scratch=measure(scratch), scratch_seconds=time.perf_counter() - started)
+    rows.append(row)
     print(json.dumps(rows[-1]), flush=True)
 
-table = ["| L0 (k) | CE increase, local | CE increase, e2e | KL, local | KL, e2e |", "|---|---|---|---|---|"]
+kinds = ["local", "e2e"] + (["scratch"] if args.scratch_steps else [])
+table = ["| L0 (k) | " + " | ".join(f"{figure}, {kind}" for figure in ("CE increase", "KL", "FVU") for kind in kinds)
+         + " |", "|---" * (1 + 3 * len(kinds)) + "|"]
 for row in rows:
-    table.append(f"| {row['k']} | {row['local']['ce_increase']:.4f} | {row['e2e']['ce_increase']:.4f} | "
-                 f"{row['local']['kl_patched']:.4f} | {row['e2e']['kl_patched']:.4f} |")
+    table.append(f"| {row['k']} | " + " | ".join(f"{row[kind][key]:.4f}" for key in ("ce_increase", "kl_patched", "fvu")
+                                                  for kind in kinds) + " |")
 print("\n".join(table))
 out.mkdir(parents=True, exist_ok=True)
 (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
