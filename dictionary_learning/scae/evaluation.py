@@ -152,13 +152,15 @@ def module_table(result: dict[str, Any], label: str = "") -> str:
 
 
 def plot_ce_versus_c(curves: dict[str, list[dict[str, float]]], path: str | Path) -> None:
-    """CE of the pruned suite against C (log scale) for each labelled curve, with the clean and dense CEs."""
+    """CE of the pruned suite against C (log scale) for each labelled curve, with the clean CE and, for a curve
+    measured on one suite (one dense CE over its rows; not one fine-tuned per C), the dense suite's CE."""
     plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(7, 4))
     for label, rows in curves.items():
         line, = axis.plot([r["C"] for r in rows], [r["ce_pruned"] for r in rows], marker="o", label=f"pruned, {label}")
-        axis.axhline(rows[0]["ce_dense"], color=line.get_color(), linestyle=":", label=f"dense suite, {label}")
+        if len({r["ce_dense"] for r in rows}) == 1:
+            axis.axhline(rows[0]["ce_dense"], color=line.get_color(), linestyle=":", label=f"dense suite, {label}")
     first = next(iter(curves.values()))
     axis.axhline(first[0]["ce_clean"], color="black", linestyle="--", label="clean model")
     axis.set_xscale("log")
