@@ -161,6 +161,12 @@ def test_topk_trainer_upstream_methods():
     top = torch.tensor([[3.0, 1.0, 0.0], [2.0, 5.0, 4.0]])
     trainer.update_threshold(top)
     assert float(trainer.ae.threshold) == pytest.approx((1.0 + 2.0) / 2)
+    # a token that kept no positive code is left out (upstream's +inf would set the threshold to inf for good)
+    trainer.ae.threshold.fill_(-1.0)
+    trainer.update_threshold(torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.0, 0.0], [2.0, 5.0, 4.0]]))
+    assert float(trainer.ae.threshold) == pytest.approx((1.0 + 2.0) / 2)
+    trainer.update_threshold(torch.zeros(2, 3))  # nothing positive: unchanged
+    assert float(trainer.ae.threshold) == pytest.approx((1.0 + 2.0) / 2)
     # logging=True returns upstream's LossLog and leaves the dead-feature counts alone
     before = trainer.num_tokens_since_fired.clone()
     x_in, x_hat, f, losses = trainer.loss(x, step=12, logging=True)

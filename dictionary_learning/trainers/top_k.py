@@ -114,10 +114,16 @@ class TopKTrainer(SAETrainer):
     @torch.no_grad()
     def update_threshold(self, top_acts_BK: torch.Tensor) -> None:
         """Upstream's inference threshold: an exponential moving average (beta `threshold_beta`) of the mean over
-        tokens of each token's smallest positive kept code `[batch, k]`."""
+        tokens of each token's smallest positive kept code `[batch, k]`. Tokens with no positive kept code are left
+        out of the mean (upstream counts them as +inf, which sets the threshold to inf for good: every later code
+        would be zero), and a batch without any positive code leaves the threshold as it was."""
         active = top_acts_BK.float().masked_fill(top_acts_BK <= 0, float("inf"))
-        smallest = self._global_mean(active.min(dim=1).values.mean())
-        self._move_threshold(smallest)
+        smallest = active.min(dim=1).values
+        finite = torch.isfinite(smallest)
+        total = self._global_mean(torch.where(finite, smallest, 0.0).sum())  # sums and counts over the global batch
+        count = self._global_mean(finite.sum().float())
+        if count > 0:
+            self._move_threshold(total / count)
 
     @torch.no_grad()
     def _move_threshold(self, value: torch.Tensor) -> None:
