@@ -35,6 +35,8 @@ parser.add_argument("--ctx-len", type=int, default=64)
 parser.add_argument("--local-weight", type=float, default=1.0,
                     help="weight of the local loss (its FVU: normalize_local) in the e2e runs")
 parser.add_argument("--scratch-steps", type=int, default=0, help="also train end to end from scratch (0: not)")
+parser.add_argument("--reuse", action="store_true", help="load the local and e2e SAEs an earlier run saved in --out "
+                    "instead of training them again")
 parser.add_argument("--eval-texts", type=int, default=64)
 parser.add_argument("--out", default="runs/end_to_end")
 args = parser.parse_args()
@@ -74,6 +76,8 @@ def measure(dictionary) -> dict:
 
 
 def train_end_to_end(config: dict, steps: int, name: str):
+    if args.reuse and (out / name / "trainer_0" / "config.json").exists():
+        return load_dictionary(out / name / "trainer_0")[0]
     texts = ([next(corpus) for _ in range(args.batch_texts)] for _ in range(steps))
     trainSAE(texts, [{**config, "steps": steps}], steps, save_dir=out / name, progress=True,
              end_to_end={"model": model, "hooks": (point,), "kl_weight": 1.0, "local_weight": args.local_weight,
@@ -88,8 +92,9 @@ for k in [int(k) for k in args.ks.split(",")]:
                   warmup_steps=max(1, args.local_steps // 10), seed=0, layer=args.layer, lm_name="smollm2-135m")
     buffer = ActivationBuffer(corpus, model, point, n_ctxs=128, ctx_len=args.ctx_len, refresh_batch_size=32,
                               out_batch_size=1024, remove_bos=True)
-    trainSAE(buffer, [config], args.local_steps, save_dir=out / f"local_k{k}", normalize_activations="d_model",
-             progress=False)
+    if not (args.reuse and (out / f"local_k{k}" / "trainer_0" / "config.json").exists()):
+        trainSAE(buffer, [config], args.local_steps, save_dir=out / f"local_k{k}", normalize_activations="d_model",
+                 progress=False)
     local, _ = load_dictionary(out / f"local_k{k}" / "trainer_0")
     local_seconds = time.perf_counter() - started
     e2e = train_end_to_end({**config, "warmup_steps": 1, "lr": 1e-4,
