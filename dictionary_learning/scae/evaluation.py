@@ -156,17 +156,23 @@ def plot_ce_versus_c(curves: dict[str, list[dict[str, float]]], path: str | Path
     measured on one suite (one dense CE over its rows; not one fine-tuned per C), the dense suite's CE."""
     plt = pyplot()
 
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = plt.subplots(figsize=(9, 4))
+    dense_drawn: set[float] = set()  # curves on the same suite share one dense line
     for label, rows in curves.items():
         line, = axis.plot([r["C"] for r in rows], [r["ce_pruned"] for r in rows], marker="o", label=f"pruned, {label}")
-        if len({r["ce_dense"] for r in rows}) == 1:
+        dense = {r["ce_dense"] for r in rows}
+        if len(dense) == 1 and rows[0]["ce_dense"] not in dense_drawn:
+            dense_drawn.add(rows[0]["ce_dense"])
             axis.axhline(rows[0]["ce_dense"], color=line.get_color(), linestyle=":", label=f"dense suite, {label}")
     first = next(iter(curves.values()))
     axis.axhline(first[0]["ce_clean"], color="black", linestyle="--", label="clean model")
     axis.set_xscale("log")
+    Cs = sorted({r["C"] for rows in curves.values() for r in rows})
+    axis.set_xticks(Cs, [f"{C:,}" for C in Cs])
+    axis.minorticks_off()
     axis.set_xlabel("C (upstream connections per feature)")
     axis.set_ylabel("next-token CE (nats)")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     figure.tight_layout()
     save_figure(figure, path)
 
