@@ -5,7 +5,7 @@ KL(clean || patched) and the local FVU at the same L0 (= k). `--scratch-steps N`
 to end from its random initialisation for N steps. Prints a markdown table; `--out` also writes it with the figures
 as JSON.
 
-    python demos/end_to_end.py                          # layer 3 residual, k in 8,16,32; about 40 minutes on 2 cores
+    python demos/end_to_end.py                          # layer 3 residual, k in 8,16,32; about an hour on 2 cores
     python demos/end_to_end.py --ks 16 --local-steps 100 --e2e-steps 40   # quicker, rougher
 """
 
@@ -28,8 +28,8 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--layer", type=int, default=3)
 parser.add_argument("--ks", default="8,16,32")
 parser.add_argument("--dict-size", type=int, default=2304)
-parser.add_argument("--local-steps", type=int, default=300)
-parser.add_argument("--e2e-steps", type=int, default=100)
+parser.add_argument("--local-steps", type=int, default=200)
+parser.add_argument("--e2e-steps", type=int, default=60)
 parser.add_argument("--batch-texts", type=int, default=8)
 parser.add_argument("--ctx-len", type=int, default=64)
 parser.add_argument("--local-weight", type=float, default=1.0,

@@ -8,8 +8,8 @@ For each C, from the same trained modules (the suite demos/scae.py writes):
   lr (decay_start=None), and random connections with decay.
 
     python demos/scae.py                                   # trains the modules into runs/demo_scae/modules/suite
-    python demos/scae_controls.py                          # then this; about 30 minutes on a 2-core CPU
-    python demos/scae_controls.py --Cs 4,16 --finetune-steps 20   # quicker
+    python demos/scae_controls.py                          # then this; about an hour on a shared 2-core CPU
+    python demos/scae_controls.py --Cs 16 --finetune-steps 120 --variants decay,flat   # decay in a longer run
 
 Writes runs/scae_controls/: ce_versus_c.png, ce_versus_c.md and results.json.
 """
@@ -27,8 +27,8 @@ from dictionary_learning.scae import (SCAESuite, ce_versus_c, evaluate_suite, pl
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--suite", default="runs/demo_scae/modules/suite", help="the trained modules (an SCAESuite folder)")
-parser.add_argument("--Cs", default="1,4,16,64")
-parser.add_argument("--finetune-steps", type=int, default=40)
+parser.add_argument("--Cs", default="4,16,64")
+parser.add_argument("--finetune-steps", type=int, default=30)
 parser.add_argument("--batch-texts", type=int, default=4)
 parser.add_argument("--lr", type=float, default=None, help="default: 2e-4 / sqrt(dict_size / 2^14) per module")
 parser.add_argument("--seed", type=int, default=0, help="of the random connections")

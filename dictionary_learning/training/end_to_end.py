@@ -15,8 +15,8 @@ their mean; `normalize_local=False`: V = 1, raw activation units). With V, an MS
 variance unexplained, so `local_weight` means the same at every hook point and in every model, next to a KL of
 order 0.1-1 nats; in raw units a residual stream's MSE is in the hundreds. (A term the trainer already
 normalises, such as TopK's AuxK, is divided by V too.) The trainer's optimizer, schedules, dead-feature tracking,
-thresholds, checkpoints and resume are the trainer's own. With local_weight 0 only structurally sparse dictionaries (TopK, BatchTopK, Matryoshka) stay sparse: a penalty-based
-trainer's sparsity penalty is part of its local loss.
+thresholds, checkpoints and resume are the trainer's own. With local_weight 0 only structurally sparse dictionaries
+(TopK, BatchTopK, Matryoshka) stay sparse: a penalty-based trainer's sparsity penalty is part of its local loss.
 """
 
 from __future__ import annotations
