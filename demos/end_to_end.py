@@ -15,10 +15,8 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from dictionary_learning import ActivationBuffer, default_corpus, hook, load_model
-from dictionary_learning.evaluation import loss_recovered
+from dictionary_learning.evaluation import loss_recovered, reconstruction_metrics
 from dictionary_learning.tracing import read_hook_points, token_mask, tokenize
 from dictionary_learning.trainers import TopKTrainer
 from dictionary_learning.training import trainSAE
@@ -55,8 +53,7 @@ def first_token_kept(encoding):
 
 
 encoding = tokenize(model.tokenizer, held_out, args.ctx_len)
-held_out_values = read_hook_points(model, encoding, [point])[0][token_mask(encoding, remove_bos=True)].double()
-held_out_variance = (held_out_values - held_out_values.mean(0)).pow(2).sum()
+held_out_values = read_hook_points(model, encoding, [point])[0][token_mask(encoding, remove_bos=True)]
 
 
 def measure(dictionary) -> dict:
@@ -69,9 +66,7 @@ def measure(dictionary) -> dict:
         totals["tokens"] = totals.get("tokens", 0) + result["tokens"]
     figures = {key: totals[key] / totals["tokens"] for key in ("ce_clean", "ce_patched", "kl_patched")}
     figures["ce_increase"] = figures["ce_patched"] - figures["ce_clean"]
-    with torch.no_grad():
-        x = held_out_values.to(next(dictionary.parameters()).dtype)
-        figures["fvu"] = ((dictionary(x).double() - held_out_values).pow(2).sum() / held_out_variance).item()
+    figures["fvu"] = reconstruction_metrics(dictionary, held_out_values)["fvu"]
     return figures
 
 
