@@ -26,6 +26,7 @@ from .core_metrics import density_metrics, saebench_names, weight_metrics
 from .dictionary import Dictionary, apply_to_values
 from .files import pyplot, save_figure
 from .models import HookPoint, resolve_hook
+from .progress import progress_bar
 from .tracing import (hook_value, logits_or_stop, masked_cross_entropy, model_inputs, next_token_kl,
                       read_hook_points, read_value, release_traces, token_mask, tokenize, write)
 
@@ -113,7 +114,8 @@ def hook_points_for(model: Any, submodule: Any, io: str) -> tuple[HookPoint, ...
 
 def _runs(model: Any, encoding: dict[str, torch.Tensor], dictionary: Dictionary, hooks: tuple[HookPoint, ...],
           patch_mask: torch.Tensor, normalize_batch: bool, tracer_args: Mapping[str, Any],
-          modes: tuple[str, ...] = ("clean", "patch", "zero")) -> list[torch.Tensor]:
+          modes: tuple[str, ...] = ("clean", "patch", "zero"), progress: bool = False
+          ) -> list[torch.Tensor]:
     """Logits of the clean run, the patched one, the zero-ablated one and (mode "mean") the one with the hook point's
     value replaced by its mean over the patched positions of this batch."""
     inputs = model_inputs(encoding)
@@ -139,7 +141,8 @@ def _runs(model: Any, encoding: dict[str, torch.Tensor], dictionary: Dictionary,
             logits = logits_or_stop(model, tracer, logits=True)
         return logits
 
-    logits = [run(mode) for mode in modes]
+    desc = f"loss recovered ({', '.join(modes)} runs on {encoding['input_ids'].shape[0]} texts)"
+    logits = [run(mode) for mode in progress_bar(modes, desc=desc, enabled=progress, unit="run")]
     release_traces()
     return logits
 
@@ -159,6 +162,7 @@ def loss_recovered(
     ctx_len: int | None = None,
     patch_mask_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
     mean_ablation: bool = False,
+    progress: bool = True,
 ) -> Any:
     """CE of the model clean, with a hook point's value replaced by the dictionary's reconstruction, and with it
     zeroed. Two call forms, told apart by the fourth argument:
@@ -177,6 +181,7 @@ def loss_recovered(
     normalize_batch: the dictionary sees its input scaled to mean norm sqrt(activation_dim), and its output is
     scaled back. patch_mask_fn(encoding) -> [batch, seq] bool picks the positions to patch (default: real tokens).
     tracer_args: keywords for the model's forward (upstream's default: no cache, no attention weights).
+    progress: a bar over the runs on stderr when they take more than a few seconds (progress.DELAY).
     """
     hook_tuple = isinstance(dictionary, (tuple, list)) and bool(dictionary) and all(
         isinstance(h, HookPoint) for h in dictionary)
@@ -196,7 +201,8 @@ def loss_recovered(
     encoding = encode_inputs(model, text, length)
     patch_mask = patch_mask_fn(encoding) if patch_mask_fn else encoding["attention_mask"].bool()
     modes = ("clean", "patch", "zero", "mean") if toolkit_form and mean_ablation else ("clean", "patch", "zero")
-    logits = _runs(model, encoding, dictionary, hooks, patch_mask, normalize_batch, dict(tracer_args or {}), modes)
+    logits = _runs(model, encoding, dictionary, hooks, patch_mask, normalize_batch,
+                   dict(tracer_args or {}), modes, progress)
     ids, attention = encoding["input_ids"].to(logits[0].device), encoding["attention_mask"].to(logits[0].device)
     losses = []
     for run_logits in logits:
@@ -237,6 +243,7 @@ def evaluate(
     n_batches: int = 1,
     *,
     loss_batches: int | None = None,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Metrics averaged over `n_batches` activation batches (fewer if `activations` runs out first) and, when
     `activations` is an ActivationBuffer, loss_recovered averaged over `loss_batches` batches of `batch_size` of its
@@ -252,6 +259,8 @@ def evaluate(
     The buffer's own hook points are patched (this toolkit's buffer knows what it read; `io` serves buffers that only
     name a submodule). normalize_batch: upstream's (see `loss_recovered`). device: where the dictionary runs
     (default: where it is).
+    progress: a bar over the batches on stderr once they take more than a few seconds
+    (`progress.DELAY`), so a sweep's short calls stay quiet.
     """
     integer("n_batches", n_batches)
     if device is not None:
@@ -276,12 +285,16 @@ def evaluate(
             hooks = hook_points_for(activations.model, activations.submodule, io)
         losses = loss_recovered(texts, activations.model, dictionary, hooks=tuple(hooks), ctx_len=max_len,
                                 patch_mask_fn=getattr(activations, "token_mask", None),
-                                normalize_batch=normalize_batch, tracer_args=tracer_args, mean_ablation=True)
+                                normalize_batch=normalize_batch, tracer_args=tracer_args,
+                                mean_ablation=True, progress=False)
+        bar.update()
         loss_tokens += losses.pop("tokens")
         for key, value in losses.items():
             loss_totals[key] = loss_totals.get(key, 0.0) + value
         loss_count += 1
 
+    bar = progress_bar(desc=f"evaluating {type(dictionary).__name__}", enabled=progress,
+                       unit="batch", total=n_batches + (loss_batches if with_loss else 0))
     for index in range(n_batches):
         batch = next(iterator, None)
         if batch is None:
@@ -296,10 +309,12 @@ def evaluate(
             if not key.startswith("_"):
                 totals[key] = totals.get(key, 0.0) + value
         count += 1
+        bar.update()
         if with_loss and index < loss_batches:  # interleaved as upstream, so the same texts are used
             add_loss_batch()
     for _ in range(loss_batches - min(count, loss_batches) if with_loss else 0):  # more loss batches than batches
         add_loss_batch()
+    bar.close()
     if count == 0:
         raise ValueError("activations yielded no batches")
     results = {key: value / count for key, value in totals.items()}
@@ -323,10 +338,12 @@ def evaluate(
 
 
 @torch.no_grad()
-def feature_density(dictionary: Dictionary, batches: Iterable[Any]) -> torch.Tensor:
-    """Fraction of tokens on which each feature fires, over the given activation batches: `[dict_size]`."""
+def feature_density(dictionary: Dictionary, batches: Iterable[Any], progress: bool = True
+                    ) -> torch.Tensor:
+    """Fraction of tokens on which each feature fires, over the given activation batches:
+    `[dict_size]` (with a bar on stderr when that takes more than a few seconds)."""
     fired, tokens = None, 0
-    for batch in batches:
+    for batch in progress_bar(batches, desc="feature density", enabled=progress, unit="batch"):
         metrics = reconstruction_metrics(dictionary, batch)
         fired = metrics["_fired"] if fired is None else fired + metrics["_fired"]
         tokens += metrics["_tokens"]
@@ -361,14 +378,18 @@ def top_activating_contexts(
     batch_size: int = 16,
     window: int = 16,
     remove_bos: bool = True,
+    progress: bool = True,
 ) -> dict[int, list[tuple[float, str]]]:
     """For each feature, its `n_top` strongest activations on `texts` with the preceding `window` tokens as text;
-    the activating token is marked «like this». `point` is what the dictionary reads (a transcoder's input side)."""
-    features_tensor = torch.tensor(features)
+    the activating token is marked «like this». `point` is what the dictionary reads (a transcoder's
+    input side). progress: a bar over the text batches on stderr when they take a few seconds."""
+    features_tensor = torch.tensor(features, dtype=torch.long)  # long even when empty
     best_values = torch.full((len(features), n_top), -torch.inf)
     best_where: list[list[tuple[int, int, int] | None]] = [[None] * n_top for _ in features]
     encodings = []
-    for start in range(0, len(texts), batch_size):
+    desc = f"top contexts of {len(features)} features on {len(texts)} texts"
+    starts = range(0, len(texts), batch_size)
+    for start in progress_bar(starts, desc=desc, enabled=progress, unit="batch"):
         encoding = tokenize(model.tokenizer, texts[start : start + batch_size], ctx_len)
         encodings.append(encoding)
         [x] = read_hook_points(model, encoding, [point])

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .models import get_module, max_context, torch_model
+from .progress import progress_bar
 from .tracing import model_inputs, read_value, token_mask
 
 PROBE_TEXT = "The quick brown fox."
@@ -71,6 +72,7 @@ class ActivationBuffer:
 
     tokenizer: by default the model's own (an nnsight-wrapped model's `tokenizer`), else loaded from
     `model.name_or_path` as upstream does. dtype: storage dtype (default: the model's). seed: the shuffling seed.
+    progress: a bar on stderr over the tokens of a fill that runs longer than a few seconds.
     See `dictionary_learning.buffer.ActivationBuffer` for the other arguments.
     """
 
@@ -93,6 +95,7 @@ class ActivationBuffer:
         tokenizer: Any = None,
         dtype: torch.dtype | None = None,
         seed: int = 0,
+        progress: bool = True,
     ):
         if io not in ("in", "out"):
             raise ValueError(f"io must be 'in' or 'out', got {io!r}")
@@ -120,13 +123,15 @@ class ActivationBuffer:
         if not isinstance(self.submodule, nn.Module):
             raise TypeError(f"submodule must be a torch module or dotted path, got {type(submodule).__name__}")
         self.io = io
+        named = submodule if isinstance(submodule, str) else type(self.submodule).__name__
+        self._name = f"{named} {io}put"
         self.n_ctxs, self.ctx_len = int(n_ctxs), int(ctx_len)
         self.refresh_batch_size, self.out_batch_size = int(refresh_batch_size), int(out_batch_size)
         self.device = torch.device(device)
         self.remove_bos, self.add_special_tokens = remove_bos, add_special_tokens
         self.remove_high_norm = max_activation_norm_multiple
         self.dtype = dtype or next(self.model.parameters()).dtype
-        self.seed = seed
+        self.seed, self.progress = seed, bool(progress)
         self._generator = torch.Generator().manual_seed(seed)
 
         width = self._collect([PROBE_TEXT]).shape[-1]
@@ -217,13 +222,16 @@ class ActivationBuffer:
         """Keep the unread vectors, refill to capacity from new texts, and shuffle everything."""
         parts = [self._store[self._pos:]]
         count = parts[0].shape[0]
-        while count < self.capacity:
-            try:
-                parts.append(self._collect(self.text_batch()))
-            except StopIteration:
-                self._exhausted = True
-                break
-            count += parts[-1].shape[0]
+        with progress_bar(desc=f"filling ActivationBuffer ({self._name})", total=self.capacity,
+                          enabled=self.progress, unit="tok", initial=count) as bar:
+            while count < self.capacity:
+                try:
+                    parts.append(self._collect(self.text_batch()))
+                except StopIteration:
+                    self._exhausted = True
+                    break
+                count += parts[-1].shape[0]
+                bar.update(min(count, self.capacity) - bar.n)
         permutation = torch.randperm(count, generator=self._generator).to(self.device)
         self._store, self._pos = torch.cat(parts)[permutation], 0
 

@@ -39,6 +39,7 @@ class NNsightActivationBuffer(ActivationBuffer):
         *,
         dtype: torch.dtype | None = None,
         seed: int = 0,
+        progress: bool = True,
     ):
         if io not in TOKEN_IO_MODES:
             raise ValueError(f"io must be one of {TOKEN_IO_MODES}, got {io!r}")
@@ -46,7 +47,8 @@ class NNsightActivationBuffer(ActivationBuffer):
             raise ValueError("io='in_and_out' stacks one module's input and output; for a dict of hook points use "
                              "io='out' / 'in' and (input, output) pairs, which yield (x, y) pairs")
         super().__init__(data, model, submodule, d_submodule, "in_to_out" if io == "in_and_out" else io, n_ctxs,
-                         ctx_len, refresh_batch_size, out_batch_size, device, dtype=dtype, seed=seed)
+                         ctx_len, refresh_batch_size, out_batch_size, device, dtype=dtype,
+                         seed=seed, progress=progress)
         self.io = io
         if io == "in_and_out":
             d_in, d_out = self.d_submodule

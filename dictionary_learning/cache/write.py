@@ -13,6 +13,7 @@ from ..buffer.activation import PROBE_TEXT, ActivationBuffer
 from ..checks import floating_dtype, integer, texts
 from ..files import atomic_write, atomic_write_json, check_writable_folder
 from ..models import torch_model
+from ..progress import progress_bar
 from .manifest import FORMAT, MANIFEST, hook_key, open_shard, resumable_manifest, shard_name
 
 
@@ -32,9 +33,8 @@ def write_cache(model: Any, data: Iterable[str], submodule: Any, out: str | Path
     `data` runs out. Called again on an existing cache with the same settings (and the same `data` from its start) it
     skips the texts already read and continues; different settings are refused. `model_name` and `source` (a
     description of the texts, e.g. a dataset id) are recorded and checked on resume (model_name defaults to the
-    model config's name). Returns the folder."""
-    from tqdm import tqdm
-
+    model config's name). Returns the folder.
+    progress: a bar on stderr over the tokens once writing takes some seconds (`progress.DELAY`)."""
     n_tokens, ctx_len, batch_texts, shard_tokens = (integer(name, value) for name, value in (
         ("n_tokens", n_tokens), ("ctx_len", ctx_len), ("batch_texts", batch_texts), ("shard_tokens", shard_tokens)))
     floating_dtype("dtype", dtype)
@@ -44,7 +44,8 @@ def write_cache(model: Any, data: Iterable[str], submodule: Any, out: str | Path
     buffer = ActivationBuffer([PROBE_TEXT], model, submodule, io=io, n_ctxs=1, ctx_len=ctx_len,
                               refresh_batch_size=batch_texts, out_batch_size=1, device="cpu", remove_bos=remove_bos,
                               add_special_tokens=add_special_tokens,
-                              max_activation_norm_multiple=max_activation_norm_multiple, dtype=dtype)
+                              max_activation_norm_multiple=max_activation_norm_multiple,
+                              dtype=dtype, progress=False)
     settings = {
         "model": model_name or _model_name(model), "source": source, "io": io,
         "hooks": [{"path": h.path, "io": h.io, "name": h.name} for h in buffer.hooks],
@@ -99,8 +100,9 @@ def write_cache(model: Any, data: Iterable[str], submodule: Any, out: str | Path
                          f"has only {skipped}: pass the same data, from its start, to continue it")
     position, skip_rows = resume_point
     exhausted = False
-    with tqdm(total=n_tokens, initial=min(written + pending(), n_tokens), desc="writing activation cache",
-              unit="tok", disable=not progress) as bar:
+    done = min(written + pending(), n_tokens)
+    with progress_bar(desc=f"writing activation cache ({out.name})", total=n_tokens, initial=done,
+                      enabled=progress, unit="tok") as bar:
         while written + pending() < n_tokens:
             batch, used = [], 0
             for text in source_items:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from ..checks import integer
 from ..dictionary import Dictionary
 from ..models import HookPoint
+from ..progress import progress_bar
 from ..tracing import read_hook_points, token_mask, tokenize
 
 BEFORE, AFTER = 24, 8  # tokens shown before and after an example's activating token
@@ -125,7 +125,8 @@ def feature_statistics(dictionary: Dictionary, model: Any, point: HookPoint, tex
     max_value = torch.full((len(features),), -torch.inf)
     top, sample, values = _empty(window, True), _empty(window, True), _empty(window, False)
     n_tokens = n_texts = 0
-    bar = tqdm(total=tokens, desc="dashboard: reading activations", unit="tok", disable=not progress)
+    desc = f"dashboard: reading activations of {len(features)} features"
+    bar = progress_bar(desc=desc, total=tokens, enabled=progress, unit="tok")
     for batch in _batches(texts, batch_texts, max_texts):
         encoding = tokenize(model.tokenizer, batch, ctx_len)
         [x] = read_hook_points(model, encoding, [point])

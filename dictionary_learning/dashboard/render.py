@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..files import atomic_folder
+from ..progress import progress_bar
 from .collect import BEFORE, FeatureStatistics
 from .directions import Upstream
 
@@ -57,17 +58,20 @@ def _example(row: dict[str, Any], seen: set[Any]) -> dict[str, Any]:
 
 
 def feature_records(stats: FeatureStatistics, transcoder_id: str, logits: tuple[torch.Tensor, ...],
-                    upstream: Upstream | None = None, n_bands: int = 4, per_band: int = 5, bins: int = 40
-                    ) -> list[dict[str, Any]]:
+                    upstream: Upstream | None = None, n_bands: int = 4, per_band: int = 5,
+                    bins: int = 40, progress: bool = True) -> list[dict[str, Any]]:
     """One record per feature of `stats`: circuit-tracer's fields (examples with token ids in `ids`, logits as ids
     in `top_ids` / `bottom_ids`; `with_strings` turns them into its strings) and the page's extras (density counts,
     logit values, upstream connections). Examples: the top activations, then `n_bands` bands of equal probability
     of the feature's non-zero activations (from the sample), `per_band` each, highest band first. `histogram`:
     `bins` bins from act_min to act_max of the non-zero activations, counts estimated from the reservoir sample
-    (exact while a feature fired no more often than the reservoir holds)."""
+    (exact while a feature fired no more often than the reservoir holds).
+    progress: a bar on stderr when this takes more than a few seconds."""
     top_ids, top_values, bottom_ids, bottom_values = logits
     records = []
-    for j, index in enumerate(stats.features):
+    features = progress_bar(stats.features, desc="dashboard: feature records", enabled=progress,
+                            unit="feature")
+    for j, index in enumerate(features):
         fired = int(stats.fired[j])
         values = stats.values["value"][stats.values["feature"] == j].double()
         act_max = float(stats.max_value[j])
@@ -184,8 +188,9 @@ def _binary_form(folder: Path, files: dict[int, bytes], layer: int) -> None:
 
 
 def write_dashboard(out: str | Path, records: list[dict[str, Any]], tokenizer: Any, meta: dict[str, Any],
-                    layer: int = 0) -> Path:
-    """Write the dashboard folder (see the module's docstring), replacing its earlier dashboard files as a whole."""
+                    layer: int = 0, progress: bool = True) -> Path:
+    """Write the dashboard folder (see the module's docstring), replacing its earlier dashboard
+    files as a whole (with a bar over the feature files on stderr when that takes a few seconds)."""
     strings = token_strings(tokenizer, _used_ids(records))
     html = render_html(page_data(records, strings, meta))
     with atomic_folder(out, owned=lambda name: name in OWNED) as staging:
@@ -193,7 +198,9 @@ def write_dashboard(out: str | Path, records: list[dict[str, Any]], tokenizer: A
         features = staging / "features"
         features.mkdir()
         files = {}
-        for record in records:
+        bar = progress_bar(records, desc="dashboard: writing feature files", enabled=progress,
+                           unit="feature")
+        for record in bar:
             files[record["index"]] = json.dumps(circuit_tracer_feature(record, strings), ensure_ascii=False).encode()
             (features / f"{record['index']}.json").write_bytes(files[record["index"]])
         _binary_form(features, files, layer)

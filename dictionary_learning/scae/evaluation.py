@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from ..checks import texts as check_texts
 from ..files import pyplot, save_figure
+from ..progress import progress_bar
 from ..tracing import masked_cross_entropy, tokenize
 from .pruned import pruned_forward
 from .selection import connections_from_statistics, contribution_statistics
@@ -77,37 +77,44 @@ class SuiteMetrics:
 
 @torch.no_grad()
 def evaluate_suite(suite: SCAESuite, model: Any, texts: list[str], connections: Connections | None = None,
-                   batch_size: int = 8, ctx_len: int = 128, progress: bool = False) -> dict[str, Any]:
+                   batch_size: int = 8, ctx_len: int = 128, progress: bool = True
+                   ) -> dict[str, Any]:
     """Next-token CE (mean over real tokens) of the clean model, with the dense suite patched in (every attention
     output and MLP output replaced by its module's reconstruction) and, given connections, with the pruned suite
     patched in; and under "modules", per module, the FVU of its reconstruction against the clean model's attention /
-    MLP output and its L0, for the dense and the pruned codes."""
+    MLP output and its L0, for the dense and the pruned codes.
+    progress: a bar on stderr when this takes more than a few seconds (`progress.DELAY`)."""
     texts = list(check_texts("texts", texts))
     if not texts:
         raise ValueError("evaluate_suite needs at least one text, got none")
     metrics = SuiteMetrics()
     sets = {"pruned": connections} if connections is not None else {}
-    for start in tqdm(range(0, len(texts), batch_size), desc="evaluating suite", disable=not progress):
+    desc = f"evaluating suite on {len(texts)} texts"
+    starts = range(0, len(texts), batch_size)
+    for start in progress_bar(starts, desc=desc, enabled=progress, unit="batch"):
         metrics.add(suite, model, texts[start : start + batch_size], sets, ctx_len)
     return metrics.result("pruned")
 
 
 def suite_cross_entropy(suite: SCAESuite, model: Any, texts: list[str], connections: Connections | None = None,
-                        ctx_len: int = 128, batch_size: int = 8) -> dict[str, float]:
+                        ctx_len: int = 128, batch_size: int = 8, progress: bool = True
+                        ) -> dict[str, float]:
     """`ce_clean`, `ce_dense` and (given connections) `ce_pruned` of `evaluate_suite`."""
-    result = evaluate_suite(suite, model, texts, connections, batch_size=batch_size, ctx_len=ctx_len)
+    result = evaluate_suite(suite, model, texts, connections, batch_size=batch_size,
+                            ctx_len=ctx_len, progress=progress)
     return {key: value for key, value in result.items() if key.startswith("ce_")}
 
 
 
 @torch.no_grad()
 def ce_versus_c(suite: SCAESuite, model: Any, selection_texts: list[str] | None, eval_texts: list[str],
-                Cs: list[int], batch_size: int = 8, ctx_len: int = 128, progress: bool = False,
+                Cs: list[int], batch_size: int = 8, ctx_len: int = 128, progress: bool = True,
                 connections: Connections | None = None) -> list[dict[str, Any]]:
     """Select connections on `selection_texts` (once, at the largest C: the top C for a smaller C are its first C;
     or pass `connections` already selected, or drawn by `random_connections`, at the largest C or more) and measure,
     on `eval_texts`, CE of the clean model, the dense suite and the suite pruned to each C (C larger than a module's
-    upstream count keeps them all, which is the dense suite), with per-module FVU and L0. One row per C."""
+    upstream count keeps them all, which is the dense suite), with per-module FVU and L0. One row per C.
+    progress: bars on stderr over the phases that take more than a few seconds (progress.DELAY)."""
     if not Cs:
         raise ValueError("Cs must list at least one C")
     for C in Cs:
@@ -115,7 +122,8 @@ def ce_versus_c(suite: SCAESuite, model: Any, selection_texts: list[str] | None,
     if connections is None:
         statistics = contribution_statistics(suite, model, selection_texts, batch_size=batch_size, ctx_len=ctx_len,
                                              progress=progress)
-        connections = connections_from_statistics(suite, model, statistics, max(Cs))
+        connections = connections_from_statistics(suite, model, statistics, max(Cs),
+                                                  progress=progress)
     elif connections.scores is None and not connections.random:
         raise ValueError("ce_versus_c needs selected connections (strongest first, with scores: select_connections) "
                          "or random ones (random_connections)")
@@ -126,7 +134,9 @@ def ce_versus_c(suite: SCAESuite, model: Any, selection_texts: list[str] | None,
                              f"have {connections.indices[name].shape[1]}")
     sets = {str(C): connections.top(C) for C in Cs}
     metrics = SuiteMetrics()
-    for start in tqdm(range(0, len(eval_texts), batch_size), desc="CE against C", disable=not progress):
+    desc = f"CE against C ({len(Cs)} values) on {len(eval_texts)} texts"
+    starts = range(0, len(eval_texts), batch_size)
+    for start in progress_bar(starts, desc=desc, enabled=progress, unit="batch"):
         metrics.add(suite, model, eval_texts[start : start + batch_size], sets, ctx_len)
     return [{"C": C, **metrics.result(str(C))} for C in Cs]
 

@@ -46,6 +46,7 @@ def train_suite(model: Any, layers: int | None, dict_size: int, k: int, data: An
     folded back in, so the suite works on raw activations. `save_dir`: trainSAE's folders (`trainer_{i}`, in
     module order, and the checkpoint for `resume=True`) and the suite in `save_dir/suite`. Other keyword arguments
     go to `trainSAE` (e.g. `checkpoint_steps`, `use_wandb`, `autocast_dtype`).
+    progress: the training bar and the buffer's fill bars on stderr.
     """
     layers = n_layers(model) if layers is None else integer("layers", layers, 1, n_layers(model),
                                                             high_name="the model's layers")
@@ -55,7 +56,8 @@ def train_suite(model: Any, layers: int | None, dict_size: int, k: int, data: An
     if getattr(data, "entry_names", None) is None and not isinstance(data, ActivationBuffer):
         data = ActivationBuffer(data, model, suite_hook_points(model, layers), n_ctxs=n_ctxs, ctx_len=ctx_len,
                                 refresh_batch_size=refresh_batch_size, out_batch_size=out_batch_size,
-                                remove_bos=remove_bos, seed=seed, device=device or "cpu")
+                                remove_bos=remove_bos, seed=seed, device=device or "cpu",
+                                progress=progress)
     missing = sorted(set(names) - set(data.entry_names or []))
     if missing:
         raise ValueError(f"the data holds no activations for the suite's modules {missing}; it holds "

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from ..checks import texts as check_texts
 from ..models import attention_ov, norm_params
+from ..progress import progress_bar
 from .pruned import virtual_weights
 from .suite import Connections, SCAESuite, check_C, parse_module_name, upstream_of
 from .tracing import run_suite
@@ -31,15 +31,18 @@ class ContributionStatistics:
 
 @torch.no_grad()
 def contribution_statistics(suite: SCAESuite, model: Any, texts: Any, batch_size: int = 8, ctx_len: int = 128,
-                            progress: bool = False) -> ContributionStatistics:
+                            progress: bool = True) -> ContributionStatistics:
     """One pass of the suite over `texts` (any iterable of strings), keeping only per-upstream-feature sums: memory
-    is a vector (per head) per module pair, whatever the number of texts."""
+    is a vector (per head) per module pair, whatever the number of texts.
+    progress: a bar on stderr when this takes more than a few seconds (`progress.DELAY`)."""
     texts = list(check_texts("texts", texts))
     if not texts:
         raise ValueError("contribution statistics need at least one text, got none")
     sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in suite.names}
     tokens = 0
-    for start in tqdm(range(0, len(texts), batch_size), desc="contribution statistics", disable=not progress):
+    desc = f"contribution statistics on {len(texts)} texts"
+    starts = range(0, len(texts), batch_size)
+    for start in progress_bar(starts, desc=desc, enabled=progress, unit="batch"):
         record, _ = run_suite(suite, model, texts[start : start + batch_size], ctx_len=ctx_len, logits=False)
         mask = record.mask.to(torch.float32)
         tokens += int(mask.sum())
@@ -74,13 +77,15 @@ def pair_contributions(suite: SCAESuite, model: Any, statistics: ContributionSta
 
 
 @torch.no_grad()
-def connections_from_statistics(suite: SCAESuite, model: Any, statistics: ContributionStatistics, C: int
-                                ) -> Connections:
+def connections_from_statistics(suite: SCAESuite, model: Any, statistics: ContributionStatistics,
+                                C: int, progress: bool = True) -> Connections:
     """The top-C connections per feature by |mean contribution|, strongest first, with a running top-C across
-    upstream modules (one `[dict_size, n_upstream_module]` matrix at a time)."""
+    upstream modules (one `[dict_size, n_upstream_module]` matrix at a time).
+    progress: a bar over the modules on stderr when this takes more than a few seconds."""
     check_C(C)
     indices, weights, scores, totals = {}, {}, {}, {}
-    for name in suite.names:
+    desc = f"selecting the top {C} connections per feature"
+    for name in progress_bar(suite.names, desc=desc, enabled=progress, unit="module"):
         n_features = suite[name].dict_size
         device = next(suite[name].parameters()).device  # where the statistics' products are computed
         best_values = torch.empty(n_features, 0, device=device)
@@ -103,14 +108,15 @@ def connections_from_statistics(suite: SCAESuite, model: Any, statistics: Contri
 
 @torch.no_grad()
 def select_connections(suite: SCAESuite, model: Any, texts: Any, C: int, batch_size: int = 8, ctx_len: int = 128,
-                       progress: bool = False) -> Connections:
+                       progress: bool = True) -> Connections:
     """For every feature, the C upstream features (across all upstream modules) with the largest |mean
     contribution| over `texts`, stored as `[dict_size, C]` indices, strongest first (fewer where fewer exist), and
-    their virtual weights. The embedding and bias terms are always kept, densely."""
+    their virtual weights. The embedding and bias terms are always kept, densely.
+    progress: bars on stderr over the phases that take more than a few seconds (progress.DELAY)."""
     check_C(C)
     statistics = contribution_statistics(suite, model, texts, batch_size=batch_size, ctx_len=ctx_len,
                                          progress=progress)
-    return connections_from_statistics(suite, model, statistics, C)
+    return connections_from_statistics(suite, model, statistics, C, progress=progress)
 
 
 

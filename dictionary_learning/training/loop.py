@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from tqdm import tqdm
 
 from ..files import atomic_write, error_summary
+from ..progress import progress_bar
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -159,7 +159,9 @@ def run_steps(
         written = step
 
     indices = range(start, steps) if steps is not None else itertools.count(start)
-    bar = tqdm(indices, initial=start, total=steps, desc=desc, disable=not progress)
+    # shown at once (no delay): training is the phase a user waits for
+    bar = progress_bar(indices, desc=desc, total=steps, enabled=progress, initial=start, delay=0,
+                       leave=True)
     step = start
     for step in bar:
         batch = next(batches, None)
@@ -182,7 +184,7 @@ def run_steps(
             if run is not None:
                 run.log(logged, step=step)
             if verbose:
-                tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in logged.items()))
+                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in logged.items()))
         if step + 1 in save_steps and on_save is not None:
             on_save(step + 1)
         if checkpoint_path and ((checkpoint_steps and (step + 1) % checkpoint_steps == 0) or step + 1 in save_steps):

@@ -11,10 +11,10 @@ from queue import Empty
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from tqdm import tqdm
 
 from ..dictionary import AutoEncoder
 from ..files import atomic_write
+from ..progress import progress_bar
 from ..trainers import StandardTrainer
 from ..utils import save_dictionary
 from .loop import Every, run_steps
@@ -45,8 +45,8 @@ def activation_scales(batches: Sequence[Any], target: str = "unit",
 def get_norm_factor(data: Iterable[Any], steps: int) -> float:
     """Upstream's norm factor: the square root of the mean squared norm of the activations (averaged over the
     first `steps` + 1 batches drawn from `data`); dividing by it gives unit mean squared norm (Gao et al. 2024)."""
-    batches = [batch for batch in tqdm(itertools.islice(data, steps + 1), total=steps + 1,
-                                       desc="Calculating norm factor")]
+    batches = list(progress_bar(itertools.islice(data, steps + 1), desc="Calculating norm factor",
+                                total=steps + 1, delay=0, leave=True))
     if not batches:
         raise ValueError("get_norm_factor: data yielded no batches")
     batches = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
