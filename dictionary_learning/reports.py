@@ -26,6 +26,7 @@ from .data import text_source
 from .evaluation import activation_statistics, evaluate, feature_density, plot_feature_density, top_activating_contexts
 from .files import atomic_write, atomic_write_json, atomic_write_text, check_writable_folder
 from .models import DEFAULT_MODEL, d_model, dtype_from_name, hook, load_model, n_layers
+from .progress import phase
 from .scae import (
     SCAESuite, ce_table, ce_versus_c, evaluate_suite, module_table, plot_ce_versus_c, plot_connection_statistics,
     select_connections,
@@ -41,8 +42,8 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
                lr: float = 1e-3, dead_tokens: int = 200_000, batch_texts: int = 32, eval_texts: int = 150,
                eval_tokens: int = 8192, loss_batches: int = 2, n_features: int = 8, seed: int = 0,
                wandb: bool = False, out: str | Path = "reports/quickstart", cache: str | Path | None = None,
-               encoder_dtype: str = "auto", dashboard_features: int = 300, dashboard_tokens: int = 8192
-               ) -> dict[str, Any]:
+               encoder_dtype: str = "auto", dashboard_features: int = 300,
+               dashboard_tokens: int = 8192, progress: bool = True) -> dict[str, Any]:
     """Collect activations once, train a TopK SAE on them for several epochs (normalised, scale folded into the saved
     weights), evaluate it on held-out text (the first `eval_texts` texts, never trained on) and write `out/`:
     metrics.json / metrics.md, saebench_core.json (SAEBench core groups), feature_density.png, top_contexts.txt,
@@ -52,7 +53,10 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
     `cache`: train on an activation cache folder (`collect --out DIR`, the same model, holding the layer / site
     asked for) instead of collecting `tokens`; the held-out texts are then the first ones after those the cache
     read, when it read the same text source. `encoder_dtype`: the dtype of the SAE's dense encoder GEMM while
-    training ("auto": bfloat16 where the hardware is fast at it; weights and Adam stay float32)."""
+    training ("auto": bfloat16 where the hardware is fast at it; weights and Adam stay float32).
+    `progress`: a line on stderr as each phase starts, bars over the long ones (False: quiet); the
+    metrics hold each phase's seconds (seconds_collect, seconds_train, seconds_evaluate,
+    seconds_loss_recovered, seconds_feature_density, seconds_top_contexts, seconds_dashboard)."""
     started = time.perf_counter()
     out = Path(out)
     for name, value in (("tokens", tokens), ("steps", steps), ("batch", batch), ("dict_size", dict_size),
@@ -72,24 +76,30 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
                          f"pass model={manifest['model']!r} (--model)")
     check_writable_folder("out", out)
     torch_dtype = dtype_from_name(dtype, device)
-    lm = load_model(model, device=device, dtype=torch_dtype)
+    with phase(f"loading {model} ...", progress):
+        lm = load_model(model, device=device, dtype=torch_dtype)
     layer = n_layers(lm) // 2 if layer is None else layer
     point = hook(lm, layer, site)
     buffer_kwargs = dict(ctx_len=ctx_len, refresh_batch_size=batch_texts, device=device, dtype=torch.float32,
-                         remove_bos=remove_bos, seed=seed)
+                         remove_bos=remove_bos, seed=seed, progress=progress)
     if manifest is not None:
         held_out_texts, training = _from_cache(cache, manifest, point, data, eval_texts, batch, seed)
-        source_config, n_collected = training.config, training.n_tokens
-        print(f"{model} {point}: training on the cache {cache} ({n_collected} tokens)", file=sys.stderr)
+        n_collected = training.n_tokens
+        if progress:
+            print(f"{model} {point}: training on the cache {cache} ({n_collected:,} tokens)",
+                  file=sys.stderr)
     else:  # held-out text for evaluation first, the rest for training
-        print(f"{model} {point} ({str(torch_dtype)[6:]}): collecting {tokens} training tokens", file=sys.stderr)
+        if progress:
+            print(f"{model} {point} ({str(torch_dtype)[6:]}): collecting {tokens:,} training "
+                  "tokens ...", file=sys.stderr)
         texts = text_source(data, repeat=True)
         held_out_texts = list(itertools.islice(texts, eval_texts))
         train_buffer = ActivationBuffer(texts, lm, point, n_ctxs=max(1, min(tokens, 32768) // ctx_len),
                                         out_batch_size=4096, **buffer_kwargs)
-        activations = train_buffer.take(tokens, progress=True)
-        source_config, n_collected = train_buffer.config, int(activations.shape[0])
-        training = epochs(activations, batch, seed)
+        activations = train_buffer.take(tokens, progress=progress)
+        n_collected = int(activations.shape[0])
+        # the buffer's config (its hook point among it) is saved with the SAE
+        training = epochs(activations, batch, seed, config=train_buffer.config)
         del activations  # the epochs iterator holds them
     collected = time.perf_counter()
 
@@ -100,28 +110,36 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
                   encoder_dtype=None if encoder_dtype == "float32" else encoder_dtype)
     # scaled to mean squared norm = width (the April 2024 update's target), which the quickstart's lr was tuned on
     trainSAE(training, [config], steps, save_dir=out / "sae", normalize_activations="d_model", use_wandb=wandb,
-             log_steps=max(1, steps // 50), run_cfg={"buffer": source_config})
+             log_steps=max(1, steps // 50), progress=progress)
     trained = time.perf_counter()
     del training
 
     sae, _ = load_dictionary(out / "sae" / "trainer_0")  # the saved one: works on raw activations
-    eval_buffer = ActivationBuffer(iter(held_out_texts), lm, point, n_ctxs=max(1, eval_tokens // ctx_len),
-                                   out_batch_size=2048, **buffer_kwargs)
-    held_out = eval_buffer.take(eval_tokens)
-    batches = held_out.split(2048)
-    metrics = evaluate(sae, iter(batches), n_batches=len(batches))
-    # one text fills this buffer; loss_recovered reads the following ones
-    eval_buffer = ActivationBuffer(iter(held_out_texts), lm, point, n_ctxs=1, out_batch_size=ctx_len,
-                                   **{**buffer_kwargs, "refresh_batch_size": 1})
-    loss = evaluate(sae, eval_buffer, max_len=ctx_len, batch_size=16, n_batches=1, loss_batches=loss_batches)
+    with phase(f"evaluating on {eval_tokens:,} held-out tokens ...", progress) as evaluating:
+        eval_buffer = ActivationBuffer(iter(held_out_texts), lm, point, out_batch_size=2048,
+                                       n_ctxs=max(1, eval_tokens // ctx_len), **buffer_kwargs)
+        held_out = eval_buffer.take(eval_tokens, progress=progress)
+        batches = held_out.split(2048)
+        metrics = evaluate(sae, iter(batches), n_batches=len(batches), progress=progress)
+    line = f"loss recovered over {loss_batches} batches of 16 held-out texts ..."
+    with phase(line, progress) as recovering:
+        # one text fills this buffer; loss_recovered reads the following ones
+        eval_buffer = ActivationBuffer(iter(held_out_texts), lm, point, n_ctxs=1,
+                                       out_batch_size=ctx_len,
+                                       **{**buffer_kwargs, "refresh_batch_size": 1})
+        loss = evaluate(sae, eval_buffer, max_len=ctx_len, batch_size=16, n_batches=1,
+                        loss_batches=loss_batches, progress=progress)
     metrics.update({key: value for key, value in loss.items() if key.startswith(("ce_", "kl_", "frac_recovered"))})
-    density = feature_density(sae, batches)
+    line = f"feature density on {held_out.shape[0]:,} held-out tokens ..."
+    with phase(line, progress) as measuring:
+        density = feature_density(sae, batches, progress=progress)
     metrics.update(
         model=model, hook=str(point), dict_size=dict_size, k=k, steps=steps, encoder_dtype=encoder_dtype,
         training_tokens_collected=n_collected,
         batch_size=batch, tokens_trained=steps * batch, held_out_tokens=int(held_out.shape[0]),
         dead_features=int((density == 0).sum()), seconds_collect=collected - started,
-        seconds_train=trained - collected,
+        seconds_train=trained - collected, seconds_evaluate=evaluating.seconds,
+        seconds_loss_recovered=recovering.seconds, seconds_feature_density=measuring.seconds,
     )
     out.mkdir(parents=True, exist_ok=True)
     plot_feature_density(density, str(out / "feature_density.png"), title=f"{point}, {dict_size} features")
@@ -130,7 +148,11 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
     generator = torch.Generator().manual_seed(seed)
     candidates = ((density > 1e-3) & (density < 5e-2)).nonzero().flatten()
     chosen = candidates[torch.randperm(len(candidates), generator=generator)[:n_features]].tolist()
-    contexts = top_activating_contexts(sae, lm, point, held_out_texts, chosen, ctx_len=ctx_len)
+    line = f"top contexts of {len(chosen)} features on {len(held_out_texts)} held-out texts ..."
+    with phase(line, progress) as searching:
+        contexts = top_activating_contexts(sae, lm, point, held_out_texts, chosen, ctx_len=ctx_len,
+                                           progress=progress)
+    metrics["seconds_top_contexts"] = searching.seconds
     lines = [f"Top-activating held-out contexts of {len(chosen)} random features with density in (0.1%, 5%)",
              f"{model} {point}, TopK SAE with {dict_size} features, k={k}", ""]
     for feature in chosen:
@@ -139,12 +161,15 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
         lines.append("")
     atomic_write_text(out / "top_contexts.txt", "\n".join(lines))
     if dashboard_features:
-        dashboard_started = time.perf_counter()
-        build_dashboard(sae, lm, point, held_out_texts, out / "dashboard", features=dashboard_features,
-                        tokens=dashboard_tokens, ctx_len=ctx_len, remove_bos=remove_bos, seed=seed,
-                        meta={"dictionary": "quickstart SAE", "model": model, "data": f"{data or 'python-docs'}, "
-                              "held-out texts"})
-        metrics["seconds_dashboard"] = time.perf_counter() - dashboard_started
+        shown = min(dashboard_features, dict_size)
+        with phase(f"dashboard: {shown} features on up to {dashboard_tokens:,} held-out tokens ...",
+                   progress) as drawing:
+            meta = {"dictionary": "quickstart SAE", "model": model,
+                    "data": f"{data or 'python-docs'}, held-out texts"}
+            build_dashboard(sae, lm, point, held_out_texts, out / "dashboard",
+                            features=dashboard_features, tokens=dashboard_tokens, ctx_len=ctx_len,
+                            remove_bos=remove_bos, seed=seed, meta=meta, progress=progress)
+        metrics["seconds_dashboard"] = drawing.seconds
     metrics["seconds_total"] = time.perf_counter() - started
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "saebench_core.json", core_groups(metrics))
@@ -213,14 +238,16 @@ def _layers_and_sites(lm: Any, layer: int | None, site: str, layers: str | list[
 def collect(model: str = DEFAULT_MODEL, layer: int | None = None, site: str = "resid", data: str | None = None,
             dtype: str = "auto", device: str = "cpu", ctx_len: int = 128, remove_bos: bool = True,
             tokens: int = 20000, batch: int = 32, out: str | Path | None = None, layers: str | list[int] | None = None,
-            sites: str | list[str] | None = None, shard_tokens: int = 65536) -> dict[str, Any]:
+            sites: str | list[str] | None = None, shard_tokens: int = 65536, progress: bool = True
+            ) -> dict[str, Any]:
     """Read `tokens` activation vectors at a hook point (default: the middle layer's residual stream), or at every
     layer of `layers` times every site of `sites` from one model pass, and print their statistics as JSON.
     `out` ending in .safetensors: save them there as one file (with the buffer's config; one tensor per hook point,
     named like "layers.1.mlp_out", when there are several). Another `out` is a cache folder: the activations are
     written there as shards of `shard_tokens` rows (see `cache.write_cache`; `tokens` counts all of the cache's
     tokens, and running the same command again continues an interrupted or shorter collection); statistics are then
-    of a shuffled sample of up to 20000 of them."""
+    of a shuffled sample of up to 20000 of them.
+    `progress`: a line on stderr as each phase starts, bars over the long ones (False: quiet)."""
     from safetensors.torch import save_file
 
     for name, value in (("tokens", tokens), ("ctx_len", ctx_len), ("batch", batch), ("shard_tokens", shard_tokens)):
@@ -232,17 +259,21 @@ def collect(model: str = DEFAULT_MODEL, layer: int | None = None, site: str = "r
         check_writable_folder("out", out)
     torch_dtype = dtype_from_name(dtype, device)
     start = time.perf_counter()
-    lm = load_model(model, device=device, dtype=torch_dtype)
+    with phase(f"loading {model} ...", progress):
+        lm = load_model(model, device=device, dtype=torch_dtype)
     points = _layers_and_sites(lm, layer, site, layers, sites)
     submodule = next(iter(points.values())) if len(points) == 1 else points
-    print(f"model {model} loaded in {time.perf_counter() - start:.1f} s; reading {', '.join(points)} "
-          f"({str(torch_dtype)[6:]})", file=sys.stderr)
+    if progress:
+        print(f"model {model} loaded in {time.perf_counter() - start:.1f} s; reading "
+              f"{', '.join(points)} ({str(torch_dtype)[6:]})", file=sys.stderr)
     start = time.perf_counter()
     if to_cache:
         before = read_manifest(out)["n_tokens"] if (Path(out) / "manifest.json").exists() else 0
-        write_cache(lm, text_source(data), submodule, out, tokens, ctx_len=ctx_len, batch_texts=batch,
-                    shard_tokens=shard_tokens, remove_bos=remove_bos, dtype=torch_dtype, model_name=model,
-                    source=data or "python-docs")
+        with phase(f"writing up to {tokens:,} tokens to the cache {out} ...", progress):
+            write_cache(lm, text_source(data), submodule, out, tokens, ctx_len=ctx_len,
+                        batch_texts=batch, shard_tokens=shard_tokens, remove_bos=remove_bos,
+                        dtype=torch_dtype, model_name=model, source=data or "python-docs",
+                        progress=progress)
         seconds = time.perf_counter() - start
         cache = ActivationCache(out, min(20000, read_manifest(out)["n_tokens"]), seed=0)
         sample, added = next(cache), cache.n_tokens - before
@@ -252,15 +283,19 @@ def collect(model: str = DEFAULT_MODEL, layer: int | None = None, site: str = "r
         n_ctxs = max(1, tokens // ctx_len)
         buffer = ActivationBuffer(text_source(data), lm, submodule, n_ctxs=n_ctxs, ctx_len=ctx_len,
                                   refresh_batch_size=batch, out_batch_size=min(4096, n_ctxs * ctx_len), device=device,
-                                  dtype=torch_dtype, remove_bos=remove_bos)
-        sample = buffer.take(tokens, progress=True)
+                                  dtype=torch_dtype, remove_bos=remove_bos, progress=progress)
+        with phase(f"collecting {tokens:,} tokens ...", progress):
+            sample = buffer.take(tokens, progress=progress)
         seconds = time.perf_counter() - start
         rows = next(iter(sample.values())) if isinstance(sample, dict) else sample
         stats = {"model": model, "hook": ", ".join(points), "tokens_per_second": rows.shape[0] / seconds}
-    if isinstance(sample, dict):
-        stats["statistics"] = {name: activation_statistics(value) for name, value in sample.items()}
-    else:
-        stats.update(activation_statistics(sample))
+    rows = next(iter(sample.values())) if isinstance(sample, dict) else sample
+    with phase(f"statistics of {rows.shape[0]:,} activation vectors ...", progress):
+        if isinstance(sample, dict):
+            stats["statistics"] = {name: activation_statistics(value)
+                                   for name, value in sample.items()}
+        else:
+            stats.update(activation_statistics(sample))
     print(json.dumps(stats, indent=2))
     if out and not to_cache:
         metadata = {"buffer_config": json.dumps(buffer.config), "model": model}
@@ -275,10 +310,11 @@ def collect(model: str = DEFAULT_MODEL, layer: int | None = None, site: str = "r
 
 def scae_report(suite: str | Path, model: str | None = None, data: str | None = None, Cs: str | list[int] = "1,4,16,64",
                 selection_texts: int = 24, eval_texts: int = 24, batch_texts: int = 8, ctx_len: int = 128,
-                out: str | Path | None = None) -> list[dict[str, Any]]:
+                out: str | Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Select connections on held-out text and print CE (clean, dense suite, pruned suite) against C, per-module
     FVU and L0 at the largest C, and, for a suite saved with connections (fine-tuned), the same with those.
-    `Cs`: a list or comma-separated string. With `out`, also writes the tables (.md, .json) and plots there."""
+    `Cs`: a list or comma-separated string. With `out`, also writes the tables (.md, .json) and plots there.
+    `progress`: a line on stderr as each phase starts, bars over the long ones (False: quiet)."""
     if isinstance(Cs, str):
         try:
             Cs = [int(c) for c in Cs.split(",")]
@@ -288,7 +324,8 @@ def scae_report(suite: str | Path, model: str | None = None, data: str | None = 
                         ("batch_texts", batch_texts), ("ctx_len", ctx_len)):
         integer(name, value)
     suite = SCAESuite.load(suite)
-    lm = load_model(model or suite.model_name or DEFAULT_MODEL, attn_implementation="eager")
+    with phase(f"loading {model or suite.model_name or DEFAULT_MODEL} ...", progress):
+        lm = load_model(model or suite.model_name or DEFAULT_MODEL, attn_implementation="eager")
     try:
         suite.check_model(lm)
     except ValueError as error:
@@ -298,11 +335,18 @@ def scae_report(suite: str | Path, model: str | None = None, data: str | None = 
     selection = list(itertools.islice(texts, selection_texts))
     evaluation = list(itertools.islice(texts, eval_texts))
     kwargs = dict(batch_size=batch_texts, ctx_len=ctx_len)
-    selected = select_connections(suite, lm, selection, max(Cs), progress=True, **kwargs)
-    rows = ce_versus_c(suite, lm, None, evaluation, Cs, progress=True, connections=selected, **kwargs)
+    with phase(f"selecting connections (C = {max(Cs)}) on {len(selection)} texts ...", progress):
+        selected = select_connections(suite, lm, selection, max(Cs), progress=progress, **kwargs)
+    with phase(f"CE against C = {', '.join(map(str, Cs))} on {len(evaluation)} texts ...",
+               progress):
+        rows = ce_versus_c(suite, lm, None, evaluation, Cs, progress=progress,
+                           connections=selected, **kwargs)
     report = [ce_table(rows), module_table(rows[-1], f"C = {rows[-1]['C']}")]
     if suite.connections is not None:
-        own = evaluate_suite(suite, lm, evaluation, suite.connections, **kwargs)
+        line = f"evaluating the suite's own connections on {len(evaluation)} texts ..."
+        with phase(line, progress):
+            own = evaluate_suite(suite, lm, evaluation, suite.connections, progress=progress,
+                                 **kwargs)
         C = max(i.shape[1] for i in suite.connections.indices.values())
         report.append(f"with the suite's own connections (C = {C}): CE clean {own['ce_clean']:.4f}, dense "
                       f"{own['ce_dense']:.4f}, pruned {own['ce_pruned']:.4f}\n\n" + module_table(own))

@@ -9,10 +9,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dictionary_learning"
 
 # ARCHITECTURE.md's floors; inside the SCAE wing, the order of its rooms
 FLOORS = {
-    "files": 0, "checks": 0, "sparse": 0, "models.adapters": 0, "config": 0,
+    "files": 0, "checks": 0, "sparse": 0, "models.adapters": 0, "config": 0, "progress": 0,
     "dictionary": 1, "grad_pursuit": 1, "data": 1, "models.hooks": 1, "models.loading": 1, "models": 1,
     "tracing": 2, "trainers": 2, "trainers.trainer": 2, "trainers.standard": 2, "trainers.top_k": 2, "utils": 2,
-    "formats.weights": 2,
+    "formats.weights": 2, "formats.hooks": 2,
     "buffer": 3, "pytorch_buffer": 3, "training": 3, "activault_s3_buffer": 3, "formats": 3, "core_metrics": 3,
     "evaluation": 4, "cache": 4,
     "scae": 5, "interp": 5,

@@ -339,7 +339,7 @@ def test_quickstart_trains_from_a_cache(tmp_path):
     assert metrics["training_tokens_collected"] == manifest["n_tokens"] == 600
     assert metrics["ce_clean"] > 0 and math.isfinite(metrics["ce_patched"])
     config = json.loads((tmp_path / "q" / "sae" / "trainer_0" / "config.json").read_text())
-    assert config["run"]["buffer"]["cache"] == str(tmp_path / "c")
+    assert config["buffer"]["cache"] == str(tmp_path / "c")
     with pytest.raises(ValueError, match="not layers.2.resid"):
         main([*common[:5], "--layer", "2", *common[7:], "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r")])
     with pytest.raises(ValueError, match="holds activations of 'tiny-llama', not of 'tiny-gpt2'"):

@@ -105,7 +105,12 @@ def test_command_line_export_and_import_round_trip(tmp_path, to, capsys):
     x = torch.randn(40, D)
     with torch.no_grad():
         torch.testing.assert_close(back(x), dictionary(x), rtol=1e-5, atol=1e-5)
-    assert config["buffer"]["hooks"] == transcoder_config()["buffer"]["hooks"]
+    # the tiny model's adapter names both hook points by site (the saved config gave only paths)
+    named = [{**hook, "name": f"layers.1.{site}"}
+             for hook, site in zip(transcoder_config()["buffer"]["hooks"], ("mlp_in", "mlp_out"))]
+    assert config["buffer"]["hooks"] == named
+    assert config["buffer"]["submodule"] == ["layers.1.mlp_in", "layers.1.mlp_out"]
+    assert (config["trainer"]["lm_name"], config["trainer"]["layer"]) == ("tiny-llama", 1)
     assert config["trainer"]["imported_from"] == to
 
 
@@ -194,5 +199,7 @@ def test_transcoders_trained_from_one_pass_export_as_a_set(tmp_path, tiny_llama)
         assert saved_config["trainer"]["layer"] == layer
         with torch.no_grad():
             torch.testing.assert_close(dictionary(x), saved(x), rtol=1e-5, atol=1e-5)
-        assert config["buffer"]["hooks"] == [{"path": f"model.layers.{layer}.mlp", "io": "input"},
-                                             {"path": f"model.layers.{layer}.mlp", "io": "output"}]
+        path = f"model.layers.{layer}.mlp"
+        assert config["buffer"]["hooks"] == [{"path": path, "io": "input", "name": f"layers.{layer}.mlp_in"},
+                                             {"path": path, "io": "output", "name": f"layers.{layer}.mlp_out"}]
+        assert config["trainer"]["lm_name"] == "tiny-llama"

@@ -25,6 +25,7 @@ import torch
 
 from ..checks import floating_dtype, integer
 from ..models import max_context, torch_model
+from ..progress import progress_bar
 from ..tracing import read_hook_points, token_mask, tokenize
 from .points import check_entry_widths, describe, entry_points, entry_width
 
@@ -56,6 +57,8 @@ class ActivationBuffer:
     dtype: storage dtype (default: the model's). seed: the shuffling seed. in_batch_size: the founding name of
       refresh_batch_size. remote: run every trace on NDIF through nnsight's remote execution (a model too large for
       this machine, loaded by nnsight without its weights); the activations come back to `device`.
+    progress: a bar on stderr over the tokens of a fill that runs longer than a few seconds
+      (`progress.DELAY`).
     """
 
     io_modes = IO_MODES
@@ -82,6 +85,7 @@ class ActivationBuffer:
         out_feats: int | None = None,
         in_batch_size: int | None = None,
         remote: bool = False,
+        progress: bool = True,
     ):
         if io not in self.io_modes:
             raise ValueError(f"io must be one of {self.io_modes}, got {io!r}")
@@ -124,7 +128,7 @@ class ActivationBuffer:
         self.remove_high_norm = max_activation_norm_multiple  # upstream's attribute name
         self.dtype = dtype or next(torch_model(model).parameters()).dtype
         self.seed = seed
-        self.remote = bool(remote)
+        self.remote, self.progress = bool(remote), bool(progress)
         self._generator = torch.Generator().manual_seed(seed)
         # self.hooks: the distinct hook points read, in the order given; self.entries: which of them each named entry
         # serves (None for a single submodule, which serves all of them: one tensor, or an in_to_out pair)
@@ -256,11 +260,10 @@ class ActivationBuffer:
     def take(self, n_tokens: int, progress: bool = False):
         """Up to `n_tokens` vectors (fewer if the text runs out) in the form batches have: one tensor, an
         `(x_in, x_out)` pair, or a dict of them by name."""
-        from tqdm import tqdm
-
         n_tokens = integer("n_tokens", n_tokens)
         parts, count = [], 0
-        with tqdm(total=n_tokens, desc="collecting activations", unit="tok", disable=not progress) as bar:
+        with progress_bar(desc="collecting activations", total=n_tokens, enabled=progress,
+                          unit="tok") as bar:
             while count < n_tokens:
                 try:
                     rows = self._next_rows(min(self.out_batch_size, n_tokens - count))
@@ -350,17 +353,26 @@ class ActivationBuffer:
         """Keep the unread vectors, refill to capacity from new data, and shuffle everything."""
         parts = [[a[self._pos:]] for a in self._store]
         count = parts[0][0].shape[0]
-        while count < self.capacity and not self._closed:
-            encoding = self._next_encoding()
-            if encoding is None:
-                self._exhausted = True
-                break
-            for part, values in zip(parts, self._collect(encoding)):
-                part.append(values)
-            count += parts[0][-1].shape[0]
+        with progress_bar(desc=self._fill_description(), total=self.capacity, enabled=self.progress,
+                          unit="tok", initial=count) as bar:
+            while count < self.capacity and not self._closed:
+                encoding = self._next_encoding()
+                if encoding is None:
+                    self._exhausted = True
+                    break
+                for part, values in zip(parts, self._collect(encoding)):
+                    part.append(values)
+                count += parts[0][-1].shape[0]
+                bar.update(min(count, self.capacity) - bar.n)
         permutation = torch.randperm(count, generator=self._generator).to(self.device)
         self._store = [torch.cat(part)[permutation] for part in parts]
         self._pos = 0
+
+    def _fill_description(self) -> str:
+        """The fill's bar title, e.g. "filling ActivationBuffer (layers.6.resid)"."""
+        names = [str(h) for h in self.hooks]
+        where = ", ".join(names) if len(names) <= 2 else f"{names[0]}, ... ({len(names)} points)"
+        return f"{'refilling' if self._served else 'filling'} {type(self).__name__} ({where})"
 
     @property
     def config(self) -> dict[str, Any]:
@@ -383,14 +395,35 @@ class ActivationBuffer:
         }
 
 
-def epochs(activations: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
+class Epochs:
     """Endless shuffled batches over collected activations `[n, d]`, a new permutation each epoch (the last partial
-    batch of each epoch is dropped)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 0 < batch_size <= activations.shape[0]:
-        raise ValueError(f"batch_size must be an int in [1, {activations.shape[0]}] (the number of collected "
-                         f"activations), got {batch_size!r}")  # more would never yield: an endless loop
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        permutation = torch.randperm(activations.shape[0], generator=generator)
-        for start in range(0, activations.shape[0] - batch_size + 1, batch_size):
-            yield activations[permutation[start : start + batch_size]]
+    batch of each epoch is dropped). `config` describes where the activations came from (e.g. the collecting
+    buffer's config): trainSAE saves it with the dictionaries trained on them, hook points included."""
+
+    def __init__(self, activations: torch.Tensor, batch_size: int, seed: int = 0,
+                 config: dict[str, Any] | None = None):
+        n = activations.shape[0]
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 0 < batch_size <= n:
+            raise ValueError(f"batch_size must be an int in [1, {n}] (the number of collected activations), got "
+                             f"{batch_size!r}")  # more would never yield: an endless loop
+        self.activations, self.batch_size = activations, batch_size
+        self.config = {**(config or {}), "epochs": {"n_tokens": n, "batch_size": batch_size, "seed": seed}}
+        self._generator = torch.Generator().manual_seed(seed)
+        self._permutation, self._start = torch.empty(0, dtype=torch.long), n  # a new epoch at the first batch
+
+    def __iter__(self) -> Epochs:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        n = self.activations.shape[0]
+        if self._start + self.batch_size > n:
+            self._permutation, self._start = torch.randperm(n, generator=self._generator), 0
+        rows = self._permutation[self._start : self._start + self.batch_size]
+        self._start += self.batch_size
+        return self.activations[rows]
+
+
+def epochs(activations: torch.Tensor, batch_size: int, seed: int = 0,
+           config: dict[str, Any] | None = None) -> Epochs:
+    """`Epochs(activations, batch_size, seed, config)`: endless shuffled batches over collected activations."""
+    return Epochs(activations, batch_size, seed, config)

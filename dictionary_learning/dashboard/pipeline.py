@@ -61,10 +61,11 @@ def parse_features(spec: str | int | Sequence[int], dict_size: int) -> list[int]
 
 
 def _sections(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(trainer config, buffer config) of a saved config.json (this toolkit's run.buffer or upstream's buffer)."""
+    """(trainer config, buffer config) of a saved config.json (its buffer, or run.buffer in quickstart saves before
+    2026-12-07)."""
     trainer = config.get("trainer", config)
     run = config.get("run")
-    buffer = (run.get("buffer") if isinstance(run, dict) else None) or config.get("buffer") or {}
+    buffer = config.get("buffer") or (run.get("buffer") if isinstance(run, dict) else None) or {}
     return (trainer if isinstance(trainer, dict) else {}), (buffer if isinstance(buffer, dict) else {})
 
 
@@ -107,7 +108,8 @@ def build_dashboard(dictionary: Dictionary, model: Any, point: HookPoint, texts:
                     upstream: Upstream | None = None, meta: dict[str, Any] | None = None, seed: int = 0,
                     progress: bool = True) -> dict[str, Any]:
     """Measure `features` of a loaded dictionary on `texts` at `point` and write the dashboard folder `out`
-    (index.html, features/{index}.json, ...: see `render.py`); returns what dashboard.json records."""
+    (index.html, features/{index}.json, ...: see `render.py`); returns what dashboard.json records.
+    progress: bars on stderr over its phases that take more than a few seconds (progress.DELAY)."""
     started = time.perf_counter()
     chosen = parse_features(features, dictionary.dict_size)
     stats = feature_statistics(dictionary, model, point, texts, chosen, tokens=tokens, max_texts=max_texts,
@@ -123,14 +125,14 @@ def build_dashboard(dictionary: Dictionary, model: Any, point: HookPoint, texts:
                               f"not the residual stream's {d_model(model)}")
     layer = _layer_of(point)
     transcoder_id = f"{meta.get('model', 'model')}/{point}"
-    records = feature_records(stats, transcoder_id, logits, upstream)
+    records = feature_records(stats, transcoder_id, logits, upstream, progress=progress)
     meta.update(hook=str(point), kind=f"{type(dictionary).__name__}{' transcoder' if dictionary.transcoder else ''}",
                 dict_size=dictionary.dict_size, features=len(chosen), tokens=stats.tokens, texts=stats.texts,
                 dead=int((stats.fired == 0).sum()),
                 upstream=upstream.description if upstream is not None else None, transcoder_id=transcoder_id)
     meta.setdefault("data", "python-docs")
     meta["seconds"] = round(time.perf_counter() - started, 2)
-    write_dashboard(out, records, model.tokenizer, meta, layer=layer or 0)
+    write_dashboard(out, records, model.tokenizer, meta, layer=layer or 0, progress=progress)
     return meta
 
 
@@ -138,7 +140,8 @@ def dashboard(dictionary: str | Path, out: str | Path = "reports/dashboard", mod
               layer: int | None = None, site: str | None = None, data: str | None = None, dtype: str = "auto",
               device: str = "cpu", ctx_len: int | None = None, remove_bos: bool | None = None,
               features: str | int = 300, tokens: int = 32768, texts: int | None = None, batch_texts: int = 16,
-              top_examples: int = 10, upstream: str | Path | None = None, seed: int = 0) -> dict[str, Any]:
+              top_examples: int = 10, upstream: str | Path | None = None, seed: int = 0,
+              progress: bool = True) -> dict[str, Any]:
     """Write an offline feature dashboard of a saved dictionary (a folder with ae.pt + config.json, or a module
     folder of a saved SCAE suite) to `out/index.html`, with circuit-tracer feature files in `out/features/`.
 
@@ -147,7 +150,7 @@ def dashboard(dictionary: str | Path, out: str | Path = "reports/dashboard", mod
     (default: the offline python-docs corpus), read until `tokens` tokens or `texts` texts. `features`: a count (the
     first N), "all", or indices and ranges ("0-99,512"). `upstream`: an earlier dictionary whose decoder writes
     what this one reads: its strongest virtual weights per feature (an SCAE module shows its suite's selected
-    connections instead)."""
+    connections instead). progress: bars on stderr over its long phases (False: quiet)."""
     started = time.perf_counter()
     for name, value in (("tokens", tokens), ("batch_texts", batch_texts), ("top_examples", top_examples)):
         integer(name, value)
@@ -198,7 +201,7 @@ def dashboard(dictionary: str | Path, out: str | Path = "reports/dashboard", mod
         loaded, lm, point, text_source(data), out, features=chosen, tokens=tokens, max_texts=texts,
         ctx_len=ctx_len or int(buffer.get("ctx_len") or 128), batch_texts=batch_texts,
         remove_bos=remove_bos if remove_bos is not None else bool(buffer.get("remove_bos", True)),
-        top_examples=top_examples, upstream=connections, meta=meta, seed=seed)
+        top_examples=top_examples, upstream=connections, meta=meta, seed=seed, progress=progress)
     meta["seconds_total"] = round(time.perf_counter() - started, 2)
     print(f"dashboard of {meta['features']} features ({meta['dead']} dead on {meta['tokens']} tokens) written to "
           f"{out}/index.html (open it in a browser) and {out}/features/ in {meta['seconds_total']:.0f} s")

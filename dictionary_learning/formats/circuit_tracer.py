@@ -34,6 +34,7 @@ def export_circuit_tracer(layers: list[Weights], out: str | Path, model_name: st
                           topk: bool = False) -> Path:
     """Write one transcoder per layer (`layers[i]` is layer i's, reading its MLP's input and writing its output) as a
     circuit-tracer transcoder set at `out` (the folder replaced whole)."""
+    import yaml
     from safetensors.torch import save_file
 
     if not layers:
@@ -66,18 +67,24 @@ def export_circuit_tracer(layers: list[Weights], out: str | Path, model_name: st
         raise ValueError(f"a TopK set must use one k on every layer, got {sorted(activations, key=str)}")
     if len({"W_skip" in state for state in states}) > 1:
         raise ValueError("circuit-tracer needs a skip connection on every layer or on none")
-    lines = ["model_kind: transcoder_set", f"model_name: {model_name}", f"feature_input_hook: {INPUT_HOOK}",
-             f"feature_output_hook: {OUTPUT_HOOK}", "exported_by: dictionary_learning"]
+    config: dict[str, Any] = {"model_kind": "transcoder_set", "model_name": model_name,
+                              "feature_input_hook": INPUT_HOOK, "feature_output_hook": OUTPUT_HOOK,
+                              "exported_by": "dictionary_learning"}
+    own_name = layers[0].model_name
+    if own_name and own_name != model_name and hf_model_name(own_name) == model_name:
+        config["lm_name"] = own_name  # this toolkit's offline name, which the import restores
     kinds = {a for a, _ in activations}
     if kinds == {"topk"}:
-        lines += ["activation: topk", f"k: {next(iter(activations))[1]}"]
+        config.update(activation="topk", k=next(iter(activations))[1])
     elif kinds == {"relu"}:
-        lines.append("activation: relu")
+        config["activation"] = "relu"
     names = [layer_file(i) for i in range(len(layers))]
     with atomic_folder(out, owned=lambda name: name == CONFIG or name.startswith("layer_")) as staging:
         for name, state in zip(names, states):
             atomic_write(staging / name, lambda tmp, state=state: save_file(state, tmp))
-        atomic_write_text(staging / CONFIG, "\n".join(lines) + "\n")  # last: circuit-tracer's "complete" marker
+        # safe_dump quotes any value that YAML would otherwise read as more keys (a name holding a newline)
+        text = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+        atomic_write_text(staging / CONFIG, text)  # last: circuit-tracer's "complete" marker
     return Path(out)
 
 
@@ -107,6 +114,9 @@ def load_circuit_tracer(folder: str | Path) -> list[Weights]:
     if hooks != (INPUT_HOOK, OUTPUT_HOOK):
         raise ValueError(f"{str(folder)!r}: only {INPUT_HOOK} -> {OUTPUT_HOOK} transcoders are convertible, got "
                          f"{hooks[0]} -> {hooks[1]}")
+    model_name = config.get("model_name")
+    if config.get("exported_by") == "dictionary_learning" and config.get("lm_name"):
+        model_name = config["lm_name"]  # the offline name this toolkit exported it from (smollm2-135m)
     paths = config.get("transcoders") or [layer_file(i) for i in range(len(list(folder.glob("layer_*.safetensors"))))]
     layers = []
     for index, path in enumerate(paths):
@@ -124,6 +134,6 @@ def load_circuit_tracer(folder: str | Path) -> list[Weights]:
         layers.append(Weights(W_enc=state["W_enc"], b_enc=state["b_enc"], W_dec=state["W_dec"], b_dec=state["b_dec"],
                               activation=activation, k=config.get("k"),
                               threshold=threshold if activation == "jumprelu" else None, W_skip=state.get("W_skip"),
-                              transcoder=True, model_name=config.get("model_name"), layer=index,
-                              hooks=mlp_hooks(index, config.get("model_name"))))
+                              transcoder=True, model_name=model_name, layer=index,
+                              hooks=mlp_hooks(index, model_name)))
     return layers

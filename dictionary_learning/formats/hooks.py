@@ -9,7 +9,7 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from ..models.adapters import ADAPTERS, FamilyAdapter
+from ..models.adapters import ADAPTERS, SITES, FamilyAdapter
 
 HUB_NAMES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # this toolkit's offline aliases -> hub ids
 
@@ -63,6 +63,38 @@ def output_path(hook: dict[str, Any], model_name: str | None) -> str:
     why = "families disagree on which norm feeds it" if found else "it is not an MLP's input"
     raise ValueError(f"the input of {hook['path']!r} is not any module's output that can be named ({why}); pass the "
                      f"hook name explicitly (hook_name= / --hook-name)")
+
+
+def site_name(hook: dict[str, Any], model_name: str | None) -> str | None:
+    """This toolkit's name of a hook point (`layers.6.mlp_out`) when it is one of a family's named sites, else
+    None (or when families that could own the path disagree)."""
+    names = set()
+    for adapter in _adapters(hook["path"], model_name):
+        place = _block_and_rest(adapter, hook["path"])
+        for site in SITES if place else ():
+            if adapter.site_path(place[0], site) == (hook["path"], hook.get("io", "output")):
+                names.add(f"layers.{place[0]}.{site}")
+    return names.pop() if len(names) == 1 else None
+
+
+def site_hooks(model_name: str | None, layer: int, sites: tuple[str, ...]) -> list[dict[str, Any]]:
+    """`{"path", "io", "name"}` of named sites at a layer of a model this toolkit can place offline (its family
+    known), else []."""
+    adapters = _adapters("", model_name) if model_type(model_name) in ADAPTERS else []
+    if len(adapters) != 1:
+        return []
+    paths = [adapters[0].site_path(layer, site) for site in sites]
+    return [{"path": path, "io": io, "name": f"layers.{layer}.{site}"} for (path, io), site in zip(paths, sites)]
+
+
+def named_hooks(hooks: list[dict[str, Any]], model_name: str | None) -> list[dict[str, Any]]:
+    """`{"path", "io", "name"}` for each hook: its saved name, else its site name, else none."""
+    named = []
+    for hook in hooks:
+        entry = {"path": hook["path"], "io": hook.get("io", "output")}
+        name = hook.get("name") or site_name(entry, model_name)
+        named.append({**entry, "name": name} if name else entry)
+    return named
 
 
 def input_hook(path: str, model_name: str | None) -> dict[str, str]:

@@ -62,6 +62,10 @@ def export_saelens(weights: Weights, out: str | Path, hook_name: str | None = No
                                 "model_name": hf_model_name(weights.model_name),
                                 "model_class_name": "AutoModelForCausalLM", "hook_head_index": None,
                                 "prepend_bos": True, "exported_by": "dictionary_learning"}
+    if weights.model_name and hf_model_name(weights.model_name) != weights.model_name:
+        metadata["lm_name"] = weights.model_name  # this toolkit's offline name, which the import restores
+    if weights.layer is not None:
+        metadata["layer"] = weights.layer
     if weights.hooks or hook_name:
         metadata["hook_name"] = hook_name or output_path(weights.hooks[0], weights.model_name)
     if transcoder and (len(weights.hooks) == 2 or hook_name_out):
@@ -137,6 +141,8 @@ def load_saelens(folder: str | Path) -> Weights:
     metadata = config.get("metadata") or {}
     transcoder = "transcoder" in architecture
     model_name = metadata.get("model_name")
+    if metadata.get("exported_by") == "dictionary_learning" and metadata.get("lm_name"):
+        model_name = metadata["lm_name"]  # the offline name this toolkit exported it from (smollm2-135m)
     hook_name, layer = metadata.get("hook_name"), metadata.get("layer")
     hooks = [input_hook(hook_name, model_name)] if hook_name else []
     if hooks and transcoder and metadata.get("hook_name_out"):

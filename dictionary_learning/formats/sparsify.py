@@ -10,6 +10,7 @@ module's input to that module's output, of the same width.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,15 @@ def hookpoint_of(weights: Weights) -> str:
     return path.removeprefix(base_prefix(path, weights.model_name))
 
 
+def check_hookpoint(hookpoint: Any) -> str:
+    """A hookpoint is a module name (`layers.6.mlp`), used as a folder name inside the run folder: never a path
+    that could lead outside it (absolute, `..`, separators)."""
+    if not isinstance(hookpoint, str) or not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", hookpoint):
+        raise ValueError(f"a sparsify hookpoint is a dotted module name such as 'layers.6' or 'layers.6.mlp', got "
+                         f"{hookpoint!r}")
+    return hookpoint
+
+
 def export_sparsify(weights: Weights, out: str | Path, hookpoint: str | None = None) -> Path:
     """Write `weights` as `out/<hookpoint>/{cfg.json, sae.safetensors}` (that folder replaced whole); returns it."""
     from safetensors.torch import save_file
@@ -47,7 +57,7 @@ def export_sparsify(weights: Weights, out: str | Path, hookpoint: str | None = N
     if weights.d_in != weights.d_out:
         raise ValueError(f"sparsify dictionaries map width d_in to the same width; this one maps {weights.d_in} to "
                          f"{weights.d_out}")
-    hookpoint = hookpoint or hookpoint_of(weights)
+    hookpoint = check_hookpoint(hookpoint or hookpoint_of(weights))
     weights = weights.with_centring(not weights.transcoder)  # sparsify centres every SAE, no transcoder
     state = {"encoder.weight": weights.W_enc, "encoder.bias": weights.b_enc, "W_dec": weights.W_dec,
              "b_dec": weights.b_dec}
@@ -68,7 +78,7 @@ def export_sparsify(weights: Weights, out: str | Path, hookpoint: str | None = N
 
 def _hookpoint_folder(path: Path, hookpoint: str | None) -> Path:
     if hookpoint:
-        path = path / hookpoint
+        path = path / check_hookpoint(hookpoint)
     if (path / CONFIG).is_file():
         return path
     found = sorted(p.parent.relative_to(path).as_posix() for p in path.glob(f"*/{CONFIG}"))

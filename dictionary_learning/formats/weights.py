@@ -14,6 +14,7 @@ transposes here, nowhere else.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 
 from ..dictionary import (AutoEncoder, AutoEncoderNew, AutoEncoderTopK, BatchTopKSAE, Dictionary, JumpReluAutoEncoder,
                           MatryoshkaBatchTopKSAE)
+from .hooks import named_hooks
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")
 NEVER = torch.finfo(torch.float32).max  # a threshold no finite pre-activation exceeds (Matryoshka's inactive groups)
@@ -139,16 +141,23 @@ def weights_of(dictionary: Dictionary, config: dict[str, Any] | None = None) -> 
     if config:
         trainer = config.get("trainer", {})
         weights.model_name = trainer.get("lm_name")
-        weights.layer = trainer.get("layer")
-        weights.hooks = saved_hooks(config)
+        weights.hooks = named_hooks(saved_hooks(config), weights.model_name)
+        weights.layer = trainer.get("layer", hook_layer(weights.hooks))
     return weights
+
+
+def hook_layer(hooks: list[dict[str, Any]]) -> int | None:
+    """The layer that named hook points (`layers.6.mlp_in`) share, else None."""
+    layers = {re.match(r"layers\.(\d+)\.", hook.get("name") or "") for hook in hooks}
+    return int(layers.pop().group(1)) if len(layers) == 1 and None not in layers else None
 
 
 def saved_hooks(config: dict[str, Any]) -> list[dict[str, Any]]:
     """The hook points a saved dictionary read (and wrote), from its config.json: the buffer's hooks, or, when one
     buffer fed many trainers (its `submodule` a dict by entry name), those of the entry named by the trainer's
-    `submodule_name` ([] when it names none)."""
-    buffer = config.get("buffer", {})
+    `submodule_name` ([] when it names none). Each is `{"path", "io"}` plus its `name` where the buffer gave one."""
+    run = config.get("run")  # quickstart saves before 2026-12-07 kept the buffer there
+    buffer = config.get("buffer") or (run.get("buffer") if isinstance(run, dict) else None) or {}
     hooks = [h for h in buffer.get("hooks", []) if isinstance(h, dict) and h.get("path")]
     entries = buffer.get("submodule")
     if isinstance(entries, dict):
@@ -156,7 +165,8 @@ def saved_hooks(config: dict[str, Any]) -> list[dict[str, Any]]:
         wanted = [wanted] if isinstance(wanted, str) else list(wanted)
         by_name = {h.get("name") or f"{h['path']}.{h.get('io', 'output')}": h for h in hooks}
         hooks = [by_name[name] for name in wanted if name in by_name]
-    return [{"path": h["path"], "io": h.get("io", "output")} for h in hooks]
+    return [{"path": h["path"], "io": h.get("io", "output"), **({"name": h["name"]} if h.get("name") else {})}
+            for h in hooks]
 
 
 def dictionary_from(weights: Weights) -> Dictionary:
@@ -189,15 +199,19 @@ def dictionary_from(weights: Weights) -> Dictionary:
 
 
 def toolkit_config(dictionary: Dictionary, weights: Weights, source: str) -> dict[str, Any]:
-    """A config.json for an imported dictionary: the trainer block this toolkit's loaders read, and the hook points
-    in the buffer block (as a trained dictionary's)."""
+    """A config.json for an imported dictionary: the trainer block this toolkit's loaders read (model, layer), and
+    the hook points, named by site where a family adapter knows them, in the buffer block (as a trained
+    dictionary's)."""
     trainer: dict[str, Any] = {**dictionary.dictionary_config(), "imported_from": source}
+    hooks = named_hooks(weights.hooks, weights.model_name)
+    layer = weights.layer if weights.layer is not None else hook_layer(hooks)
     if weights.model_name:
         trainer["lm_name"] = weights.model_name
-    if weights.layer is not None:
-        trainer["layer"] = weights.layer
+    if layer is not None:
+        trainer["layer"] = layer
     config: dict[str, Any] = {"trainer": trainer}
-    if weights.hooks:
-        config["buffer"] = {"hooks": [dict(h) for h in weights.hooks],
-                            "io": "in_to_out" if len(weights.hooks) == 2 else weights.hooks[0].get("io", "output")}
+    if hooks:
+        names = [hook.get("name") or f"{hook['path']}.{hook['io']}" for hook in hooks]
+        config["buffer"] = {"hooks": hooks, "submodule": names if len(hooks) == 2 else names[0],
+                            "io": "in_to_out" if len(hooks) == 2 else {"input": "in"}.get(hooks[0]["io"], "out")}
     return config

@@ -14,6 +14,7 @@ from torch import nn
 from ..checks import integer
 from ..dictionary import AutoEncoderTopK, Dictionary, TopKDictionary
 from ..files import atomic_folder, atomic_write, atomic_write_json, read_json
+from ..formats.hooks import site_hooks
 from ..models import d_model, n_layers
 from ..models.adapters import parallel_residual
 from ..utils import download_from_hub, load_dictionary, push_to_hub, save_dictionary
@@ -59,6 +60,22 @@ def upstream_of(name: str, model: Any = None) -> list[str]:
 
 def check_C(C: Any) -> None:
     integer("C", C)
+
+
+def module_config(name: str, model_name: str | None) -> dict[str, Any]:
+    """A module's config.json beyond its dictionary's own: the model, layer and hook points it reads and writes
+    (attn_L: layers.L.attn_out; mlp_L: layers.L.mlp_in -> layers.L.mlp_out), so its folder exports and opens in the
+    dashboard like any trained dictionary's (hook paths only where the model's family is known offline)."""
+    kind, layer = parse_module_name(name)
+    trainer: dict[str, Any] = {"layer": layer, "submodule_name": name, **({"lm_name": model_name} if model_name
+                                                                         else {})}
+    sites = ("attn_out",) if kind == "attn" else ("mlp_in", "mlp_out")
+    hooks = site_hooks(model_name, layer, sites)
+    if not hooks:
+        return {"trainer": trainer}
+    names = [hook["name"] for hook in hooks]
+    return {"trainer": trainer, "buffer": {"hooks": hooks, "submodule": names[0] if len(names) == 1 else names,
+                                           "io": "out" if len(names) == 1 else "in_to_out"}}
 
 
 class SCAESuite(nn.Module):
@@ -125,7 +142,7 @@ class SCAESuite(nn.Module):
         directory = Path(directory)
         with atomic_folder(directory, owned=_suite_entry) as staging:
             for name, module in self.dictionaries.items():
-                save_dictionary(module, staging / name)
+                save_dictionary(module, staging / name, module_config(name, self.model_name))
             if self.connections is not None:
                 save_connections(self.connections, staging / "connections.safetensors")
             atomic_write_json(staging / "suite.json", {"modules": self.names, "model_name": self.model_name,

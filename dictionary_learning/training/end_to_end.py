@@ -86,6 +86,15 @@ class EndToEnd:
     def config(self) -> dict[str, Any]:
         return {**self.trainer.config, "end_to_end": self.settings}
 
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """Where the dictionary reads and writes, in a buffer config's keys (saved as config.json's `buffer`, as a
+        dictionary trained on a buffer's activations would be, so exports and dashboards find its hook points)."""
+        names = [str(hook) for hook in self.hooks]
+        return {"io": "in_to_out" if len(self.hooks) == 2 else {"input": "in"}.get(self.hooks[0].io, "out"),
+                "submodule": names if len(names) == 2 else names[0], "hooks": self.settings["hooks"],
+                "ctx_len": self.ctx_len, "remove_bos": self.remove_bos, "texts": "end_to_end"}
+
     def clean(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """One batch of texts through the clean model (no grad): its logits and the hook points' values."""
         model, hooks = self.model, self.hooks
