@@ -71,9 +71,20 @@ def _fsync(path: str | Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _file_mode(path: Path) -> int:
+    """The permissions a new file at `path` gets: an existing file's own, else those of a plain `open` under the
+    process's umask (writers such as safetensors create files readable by their owner only)."""
+    if path.exists():
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)`, flush the file to disk, then rename it onto `path` (same folder, so the rename is
-    atomic). Leftover temporary files of killed processes are removed first."""
+    atomic), with the permissions of a plain new file (or of the file it replaces). Leftover temporary files of
+    killed processes are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(path, (".tmp",))
@@ -86,6 +97,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
             raise OSError(f"writing {str(path)!r} failed ({free / 2**20:.0f} MB free on its disk; full or read-only?)"
                           f": {error_summary(error)}") from error
         _fsync(tmp)
+        os.chmod(tmp, _file_mode(path))
         os.replace(tmp, path)
         _fsync(path.parent, directory=True)
     finally:

@@ -41,7 +41,7 @@ def run(save_dir, resume=False, delay=0.0):
 
     torch.set_num_threads(1)  # bit-identical results need the same thread count in every run
     return trainSAE(stream(), configs(), STEPS, save_dir=save_dir, checkpoint_steps=5, save_steps=[12, 30],
-                    normalize_activations=True, resume=resume, progress=False)
+                    normalize_activations=True, resume=resume, progress=False, keep_checkpoint=True)
 
 
 if __name__ == "__main__":

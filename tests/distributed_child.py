@@ -77,7 +77,7 @@ def main() -> None:
         batches = [share(batch, rank, world_size) for batch in batches]
     trainers = trainSAE(iter(batches), trainer_configs, steps, save_dir=save_dir, normalize_activations="unit",
                         normalization_batches=2, checkpoint_steps=3, resume=resume, distributed=mode,
-                        progress=False)
+                        progress=False, keep_checkpoint=True)
     if mode == "data":  # every rank ends with the same weights (thresholds included)
         for trainer in trainers:
             for value in trainer.ae.state_dict().values():

@@ -54,7 +54,23 @@ def test_resuming_with_another_configuration_is_refused(tmp_path):
     """The checkpoint's optimizer would keep the old lr while config.json recorded the new one."""
     features = planted_features(N_TRUE, D, seed=0)
     trainSAE(planted_stream(features, K, 32, 10, seed=1), [topk_config(10)], 10, save_dir=tmp_path,
-             checkpoint_steps=5, progress=False)
+             checkpoint_steps=5, progress=False, keep_checkpoint=True)
     with pytest.raises(ValueError, match=r"lr: 0.002 in the checkpoint, 0.001 now"):
         trainSAE(planted_stream(features, K, 32, 10, seed=1), [topk_config(10, lr=1e-3)], 10, save_dir=tmp_path,
                  resume=True, progress=False)
+
+
+def test_a_finished_run_leaves_no_checkpoint_unless_asked(tmp_path):
+    """The checkpoint (every trainer's optimizer state) is deleted once the dictionaries are saved; keep_checkpoint
+    keeps it, and resuming a finished run from it trains nothing more."""
+    features = planted_features(N_TRUE, D, seed=0)
+    trainSAE(planted_stream(features, K, 32, 6, seed=1), [topk_config(6)], 6, save_dir=tmp_path / "a",
+             checkpoint_steps=2, progress=False)
+    assert not (tmp_path / "a" / "checkpoint.pt").exists() and (tmp_path / "a" / "trainer_0" / "ae.pt").exists()
+    kept = trainSAE(planted_stream(features, K, 32, 6, seed=1), [topk_config(6)], 6, save_dir=tmp_path / "b",
+                    checkpoint_steps=2, progress=False, keep_checkpoint=True)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 6
+    again = trainSAE(planted_stream(features, K, 32, 6, seed=1), [topk_config(6)], 6, save_dir=tmp_path / "b",
+                     resume=True, progress=False, keep_checkpoint=True)
+    for (name, x), y in zip(kept[0].ae.state_dict().items(), again[0].ae.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)

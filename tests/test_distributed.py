@@ -36,7 +36,7 @@ def single(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         trainSAE(iter(global_batches()), configs(), STEPS, save_dir=save_dir, normalize_activations="unit",
-                 normalization_batches=2, checkpoint_steps=3, progress=False)
+                 normalization_batches=2, checkpoint_steps=3, progress=False, keep_checkpoint=True)
     finally:
         torch.set_num_threads(threads)
     return save_dir
@@ -88,7 +88,7 @@ def test_data_parallel_other_trainers(tmp_path):
     torchrun("data-other", tmp_path, STEPS)
     reference = tmp_path / "single"
     trainSAE(iter(global_batches()), other_configs(), STEPS, save_dir=reference, normalize_activations="unit",
-             normalization_batches=2, checkpoint_steps=3, progress=False)
+             normalization_batches=2, checkpoint_steps=3, progress=False, keep_checkpoint=True)
     assert_same_dictionaries(reference, tmp_path, range(3))
     for i in (1, 2):
         assert float(load_dictionary(tmp_path / f"trainer_{i}")[0].threshold) > 0  # the thresholds were learned

@@ -107,7 +107,7 @@ def mlp1_indices(env):
 
 
 def trained_checkpoint(tmp, **kwargs):
-    train(save_dir=tmp, checkpoint_steps=2, **kwargs)
+    train(save_dir=tmp, checkpoint_steps=2, keep_checkpoint=True, **kwargs)
     return tmp / "checkpoint.pt"
 
 

@@ -100,3 +100,22 @@ def test_suite_push_and_pull_round_trip(tmp_path, local_hub, tiny_llama):
     push_to_hub(tmp_path / "saved", "me/suite2")
     assert (root / "me/suite2/suite.json").exists() and not (root / "me/suite2/checkpoint.pt").exists()
     assert SCAESuite.from_hub("me/suite2").names == suite.names
+
+
+def test_saved_files_get_the_permissions_of_a_plain_new_file(tmp_path):
+    """Every file of a save has the mode `open` gives under the umask (safetensors alone would write 0600), and a
+    file that is replaced keeps its own mode."""
+    import os
+    import stat
+
+    from dictionary_learning.files import atomic_write_text
+
+    (tmp_path / "plain").write_text("")  # what this process's umask gives a new file
+    plain = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    folder = save_dictionary(AutoEncoderTopK(8, 16, 2), tmp_path / "sae")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert set(modes) >= {"ae.pt", "model.safetensors", "config.json"}
+    assert set(modes.values()) == {plain}, modes
+    os.chmod(tmp_path / "plain", 0o600)
+    atomic_write_text(tmp_path / "plain", "replaced")
+    assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o600

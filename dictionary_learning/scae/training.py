@@ -167,13 +167,14 @@ def text_batches(texts: Iterable[str], batch_texts: int) -> Iterator[list[str]]:
 def train_scae_suite(suite: SCAESuite, model: Any, texts: Any, connections: Connections, steps: int,
                      batch_texts: int = 8, save_dir: str | Path | None = None, checkpoint_steps: int | None = None,
                      resume: bool = False, log_steps: int | None = None, use_wandb: bool = False,
-                     wandb_project: str = "dictionary_learning", progress: bool = True, **trainer_kwargs
-                     ) -> SCAETrainer:
+                     wandb_project: str = "dictionary_learning", progress: bool = True,
+                     keep_checkpoint: bool = False, **trainer_kwargs) -> SCAETrainer:
     """Fine-tune `suite` for `steps` steps on batches of `batch_texts` texts from the iterator `texts`, with a tqdm
     bar, optional wandb logging ($WANDB_MODE, offline by default), atomic checkpoints in `save_dir` and
     `resume=True` continuing from the last one (the consumed text batches are skipped). At the end the suite's
     `connections` hold the tuned connections' virtual weights, and the suite (with them) is saved to
-    `save_dir/suite`. The scores and totals are those of the selection, before fine-tuning."""
+    `save_dir/suite`, and the checkpoint is deleted unless `keep_checkpoint`. The scores and totals are those of
+    the selection, before fine-tuning."""
     integer("batch_texts", batch_texts)  # 0 would train nothing
     texts = check_texts("texts", texts)
     trainer = SCAETrainer(suite, model, connections, steps, **trainer_kwargs)
@@ -193,4 +194,6 @@ def train_scae_suite(suite: SCAESuite, model: Any, texts: Any, connections: Conn
                                         connections.scores, connections.totals)
     if save_dir is not None:
         suite.save(save_dir / "suite")
+        if not keep_checkpoint:
+            checkpoint.unlink(missing_ok=True)  # the run is complete in the saved suite
     return trainer

@@ -175,6 +175,7 @@ def train_dictionaries(
     progress: bool = True,
     distributed: str | None = None,
     end_to_end: dict[str, Any] | None = None,
+    keep_checkpoint: bool = False,
 ) -> list[SAETrainer]:
     """Train every trainer in `trainer_configs` on the same batches from `data` for `steps` steps (None: until the
     data runs out). The parameters up to `backup_steps` are upstream's, in upstream's order.
@@ -190,7 +191,9 @@ def train_dictionaries(
     checkpoint_steps (upstream: backup_steps): write a resumable `save_dir/checkpoint.pt` (every trainer's state in
       one file, written atomically) every this many steps (default: at
       save_steps and every max(1, steps // 10) steps when save_dir is given). `resume=True` continues from it,
-      skipping the batches the interrupted run consumed, so the result equals an uninterrupted run.
+      skipping the batches the interrupted run consumed, so the result equals an uninterrupted run. Once the
+      dictionaries are saved at the end, the checkpoint is deleted unless `keep_checkpoint` (it holds every
+      trainer's optimizer state: several times the dictionaries' size).
     normalize_activations: True or "unit" (upstream): scale inputs (and targets) by one factor each so their mean
       squared norm is 1 while training; "d_model": to their width instead. The factor is estimated on the first
       `normalization_batches` batches (not trained on) and folded into the saved weights, which work on raw
@@ -258,6 +261,8 @@ def train_dictionaries(
     directories = [save_dir / f"trainer_{i}" for i in mine] if save_dir and writes else []
     save_steps = _save_steps(save_steps)
     run_config = {"buffer": data.config} if hasattr(data, "config") else {}
+    if end_to_end is not None and not run_config:  # batches of texts: the hook points are the end-to-end ones
+        run_config["buffer"] = trainers[0].data_config
     if run_cfg:
         run_config["run"] = dict(run_cfg)
     if distributed is not None:
@@ -348,6 +353,8 @@ def train_dictionaries(
         _save(trainer, directory, scales_of(i), run_config)
     if distributed is not None:  # every rank returns once the files are written
         torch.distributed.barrier()
+    if checkpoint is not None and writes and not keep_checkpoint:
+        checkpoint.unlink(missing_ok=True)  # the run is complete in its saved dictionaries
     return trainers
 
 
