@@ -47,11 +47,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import yaml
-from safetensors import safe_open
-from safetensors.torch import save_file
+if TYPE_CHECKING:  # the peer venv's packages are imported where used, so --help needs none of them
+    import torch
 
 LAYER_KEYS = {"W_enc", "b_enc", "W_dec", "b_dec", "W_skip", "activation_function.threshold"}
 
@@ -105,6 +104,8 @@ def transformers4_view(model_dir: Path) -> Path:
 # Loading the transcoder set
 # ----------------------------------------------------------------------------------------------------------------
 def read_config(transcoder_dir: Path) -> dict:
+    import yaml
+
     config = yaml.safe_load((transcoder_dir / "config.yaml").read_text())
     if config.get("model_kind") != "transcoder_set":
         raise ValueError(f"{transcoder_dir}/config.yaml: model_kind must be transcoder_set, "
@@ -121,6 +122,8 @@ def read_config(transcoder_dir: Path) -> dict:
 
 
 def layer_paths(transcoder_dir: Path) -> dict[int, str]:
+    from safetensors import safe_open
+
     paths = {int(p.stem.split("_")[1]): str(p) for p in transcoder_dir.glob("layer_*.safetensors")}
     if not paths or set(paths) != set(range(len(paths))):
         raise ValueError(f"{transcoder_dir}: need layer_0 .. layer_(n-1).safetensors, found layers {sorted(paths)}")
@@ -189,6 +192,7 @@ CALIBRATION_TEXT = (
 def mlp_activations(model_dir: Path, text: str | torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer, the MLP's input (post_attention_layernorm output) and output on text or token ids [n_pos], by
     plain forward hooks on the Hugging Face model."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     view = transformers4_view(model_dir)
@@ -209,6 +213,10 @@ def mlp_activations(model_dir: Path, text: str | torch.Tensor) -> tuple[list[tor
 def write_random(args) -> None:
     """One layer_{i}.safetensors per layer with unit-norm random encoder rows and thresholds set so that about
     --l0 features fire per token on a calibration sentence; decoder rows random, scaled to the MLP output norm."""
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
     generator = torch.Generator().manual_seed(args.seed)
     inputs, outputs = mlp_activations(args.model, CALIBRATION_TEXT)
     out_dir = args.out
@@ -253,6 +261,9 @@ def write_random(args) -> None:
 def check(args) -> None:
     """The activations circuit-tracer computes (get_activations) against the documented rule applied by hand to
     the MLP input read by a plain forward hook; and decode against acts @ W_dec + b_dec (+ x @ W_skip.T)."""
+    import torch
+    from safetensors import safe_open
+
     device, dtype = torch.device("cpu"), torch.float32
     model, transcoders, config = load_replacement_model(args.transcoders, args.model, device, dtype)
     prompt = args.prompt
@@ -286,6 +297,7 @@ def check(args) -> None:
 # attribute: the graph and its scores
 # ----------------------------------------------------------------------------------------------------------------
 def attribute_prompt(args) -> None:
+    import torch
     from circuit_tracer import attribute
     from circuit_tracer.graph import compute_graph_scores, compute_node_influence, prune_graph
 
@@ -368,43 +380,72 @@ def attribute_prompt(args) -> None:
     print(json.dumps(report, indent=2))
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    """The three commands and their options; parsing imports nothing from the peer venv."""
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True)
 
-    random_parser = commands.add_parser("random", help="write a throwaway random transcoder set")
+    random_parser = commands.add_parser(
+        "random", help="write a throwaway random transcoder set",
+        description="write a throwaway random transcoder set (thresholds calibrated on one "
+        "sentence)")
     random_parser.add_argument("--model", type=Path, required=True, help="local HF model folder")
-    random_parser.add_argument("--out", type=Path, required=True)
-    random_parser.add_argument("--d-tc", type=int, default=256)
-    random_parser.add_argument("--l0", type=int, default=16, help="features firing per token (k for topk)")
-    random_parser.add_argument("--activation", choices=("relu", "jumprelu", "topk"), default="relu")
+    random_parser.add_argument("--out", type=Path, required=True,
+                               help="the transcoder folder to write")
+    random_parser.add_argument("--d-tc", type=int, default=256,
+                               help="features per layer (default %(default)s)")
+    random_parser.add_argument("--l0", type=int, default=16,
+                               help="features firing per token (k for topk; default %(default)s)")
+    random_parser.add_argument("--activation", choices=("relu", "jumprelu", "topk"), default="relu",
+                               help="default %(default)s")
     random_parser.add_argument("--skip", action="store_true", help="add a W_skip")
-    random_parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    random_parser.add_argument("--seed", type=int, default=0)
+    random_parser.add_argument("--dtype", default="float32",
+                               choices=("float32", "bfloat16", "float16"),
+                               help="of the saved weights (default %(default)s)")
+    random_parser.add_argument("--seed", type=int, default=0, help="default %(default)s")
 
-    for name in ("check", "attribute"):
-        sub = commands.add_parser(name)
+    helps = {"check": "compare circuit-tracer's encode / decode of a set with a plain forward hook",
+             "attribute": "attribution graph, replacement / completeness scores, top features"}
+    for name, text in helps.items():
+        sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("--transcoders", type=Path, required=True,
                          help="folder with config.yaml + layer_{i}.safetensors")
         sub.add_argument("--model", type=Path, required=True,
                          help="local HF model folder (config.json, model.safetensors, tokenizer files)")
-        sub.add_argument("--prompt", default="The capital of France is the city of")
-    attribute_parser = commands.choices["attribute"]
-    attribute_parser.add_argument("--max-n-logits", type=int, default=5)
-    attribute_parser.add_argument("--desired-logit-prob", type=float, default=0.9)
-    attribute_parser.add_argument("--batch-size", type=int, default=64, help="source nodes per backward pass")
-    attribute_parser.add_argument("--max-feature-nodes", type=int, default=512)
-    attribute_parser.add_argument("--offload", choices=("none", "cpu", "disk"), default="none")
-    attribute_parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    attribute_parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    attribute_parser.add_argument("--top", type=int, default=10, help="how many top features to print")
-    attribute_parser.add_argument("--node-threshold", type=float, default=0.8)
-    attribute_parser.add_argument("--edge-threshold", type=float, default=0.98)
-    attribute_parser.add_argument("--graph-dir", type=Path, help="write <slug>.pt, <slug>.json, graph-metadata.json")
-    attribute_parser.add_argument("--slug", default="circuit-tracer-peer")
-    attribute_parser.add_argument("--verbose", action="store_true")
+        sub.add_argument("--prompt", default="The capital of France is the city of",
+                         help="default %(default)r")
+    a = commands.choices["attribute"]
+    a.add_argument("--max-n-logits", type=int, default=5,
+                   help="most logit nodes to attribute from (default %(default)s)")
+    a.add_argument("--desired-logit-prob", type=float, default=0.9,
+                   help="cumulative probability the logit nodes should cover (default %(default)s)")
+    a.add_argument("--batch-size", type=int, default=64,
+                   help="source nodes per backward pass (default %(default)s)")
+    a.add_argument("--max-feature-nodes", type=int, default=512,
+                   help="cap on feature nodes in the graph (default %(default)s)")
+    a.add_argument("--offload", choices=("none", "cpu", "disk"), default="none",
+                   help="where circuit-tracer offloads model parts during attribution "
+                   "(default %(default)s)")
+    a.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="model and transcoder dtype (default %(default)s)")
+    a.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    a.add_argument("--top", type=int, default=10,
+                   help="how many top features to print (default %(default)s)")
+    a.add_argument("--node-threshold", type=float, default=0.8,
+                   help="prune_graph's node threshold (default %(default)s)")
+    a.add_argument("--edge-threshold", type=float, default=0.98,
+                   help="prune_graph's edge threshold (default %(default)s)")
+    a.add_argument("--graph-dir", type=Path,
+                   help="write <slug>.pt, <slug>.json, graph-metadata.json for the frontend")
+    a.add_argument("--slug", default="circuit-tracer-peer",
+                   help="name of the graph files (default %(default)s)")
+    a.add_argument("--verbose", action="store_true", help="circuit-tracer's progress output")
+    return p
 
-    args = parser.parse_args(argv)
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     {"random": write_random, "check": check, "attribute": attribute_prompt}[args.command](args)
 
 

@@ -10,16 +10,25 @@ import   a SAELens, sparsify or circuit-tracer folder as this toolkit's ae.pt + 
 
 Each command parses its arguments and calls one pipeline (in `reports`, `dashboard` or `formats`), whose signature
 holds the defaults.
+
+A refused input (a missing folder, a layer the model lacks, a folder in no known format) ends with
+one `... error: <why>` line and exit status 2; DICTIONARY_LEARNING_TRACEBACK=1 shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import os
+import re
 from typing import Any, Callable
 
 from . import dashboard, formats, reports
 from .models import DTYPES, SITES
+
+# what a pipeline raises when it refuses its input: reported as a usage error (others are bugs)
+REFUSALS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)
+TRACEBACK_VARIABLE = "DICTIONARY_LEARNING_TRACEBACK"
 
 DATA_HELP = "text: python-docs (default, offline), a .txt/.jsonl file or folder, or a hub dataset id[:split]"
 
@@ -40,7 +49,7 @@ def _command(commands: Any, name: str, pipeline: Callable, help: str) -> argpars
     parser = commands.add_parser(name, help=help, description=help)
     defaults = {key: p.default for key, p in inspect.signature(pipeline).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    parser.set_defaults(run=pipeline, **defaults)
+    parser.set_defaults(run=pipeline, command_parser=parser, **defaults)
     return parser
 
 
@@ -169,11 +178,41 @@ def parser() -> argparse.ArgumentParser:
     return main_parser
 
 
-def main(argv: list[str] | None = None) -> Any:
+def flag_names(message: str, command_parser: argparse.ArgumentParser) -> str:
+    """The message on one line, a keyword such as `hookpoint=` named as its flag (`--hookpoint`).
+
+    Pipelines word their refusals for Python callers; the map comes from the command's own options,
+    so it holds for every command. A keyword whose flag the message names already is left alone.
+    """
+    message = " ".join(message.split())
+    for action in command_parser._actions:
+        flags = [flag for flag in action.option_strings if flag.startswith("--")]
+        if flags and flags[0] not in message:
+            keyword = re.compile(rf"(?<![\w-]){re.escape(action.dest)}=(?=\s|$|[),;/])")
+            message = keyword.sub(flags[0], message)
+    return message
+
+
+def main(argv: list[str] | None = None, *, exit_on_error: bool | None = None) -> Any:
+    """Parse the command line and run its pipeline.
+
+    exit_on_error: report a refused input (REFUSALS) as `prog: error: message` and exit 2, as
+    argparse does with its own checks, instead of raising it. Default: on the real command line
+    (argv None), not for a caller that passes argv. DICTIONARY_LEARNING_TRACEBACK=1 always raises.
+    """
     args = vars(parser().parse_args(argv))
     pipeline = args.pop("run")
+    command_parser = args.pop("command_parser")
     args.pop("command")
-    return pipeline(**args)
+    if exit_on_error is None:
+        exit_on_error = argv is None
+    try:
+        return pipeline(**args)
+    except REFUSALS as error:
+        if not exit_on_error or os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
+            raise
+        message = flag_names(str(error) or type(error).__name__, command_parser)
+        command_parser.exit(2, f"{command_parser.prog}: error: {message}\n")
 
 
 if __name__ == "__main__":
