@@ -309,6 +309,7 @@ torch.save(out, folder / "upstream_activations.pt")
 """
 
 
+@pytest.mark.peers
 def test_upstream_buffer_reads_the_same_vectors(gptneox, tmp_path):
     """Upstream 0.1.0's own ActivationBuffer (nnsight 0.3.7, in its own venv; skipped when absent) and this one
     serve the same vectors of `gpt_neox.layers[1].mlp` on the same model and texts, at its output and input."""

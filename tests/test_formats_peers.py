@@ -19,7 +19,10 @@ from dictionary_learning.dictionary import (AutoEncoder, AutoEncoderTopK, BatchT
 from dictionary_learning.formats import export, load
 from dictionary_learning.utils import save_dictionary
 
+from .helpers import missing_peer
 from .test_formats import randomized
+
+pytestmark = pytest.mark.peers
 
 PEER_SCRIPT = Path(__file__).with_name("peer_formats.py")
 VENVS = {"saelens": "sae-lens", "sparsify": "eai-sparsify", "circuit-tracer": "circuit-tracer"}
@@ -31,7 +34,7 @@ def peer_python(peer: str) -> Path:
 
     python = peers_dir() / VENVS[peer] / "bin" / "python"
     if not python.exists():
-        pytest.skip(f"{VENVS[peer]} venv not built (bash bench/setup_peers.sh {VENVS[peer]})")
+        missing_peer(VENVS[peer])
     return python
 
 

@@ -62,7 +62,7 @@ def test_save_steps_write_upstream_checkpoints(tmp_path, save_steps):
 def test_backup_steps_write_a_resumable_checkpoint(tmp_path):
     features = planted_features(N_TRUE, D, seed=0)
     trainSAE(planted_stream(features, K, 64, 12, seed=2), [topk_config(12)], 12, save_dir=tmp_path, backup_steps=3,
-             progress=False)
+             progress=False, keep_checkpoint=True)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 12
 

@@ -21,6 +21,10 @@ from dictionary_learning.trainers import TRAINER_CLASSES
 from dictionary_learning.training import trainSAE
 from dictionary_learning.utils import load_dictionary, save_dictionary
 
+from .helpers import missing_peer
+
+pytestmark = pytest.mark.peers
+
 UPSTREAM_PYTHON = Path(os.environ.get(
     "DICTIONARY_LEARNING_UPSTREAM_PYTHON",
     Path.home() / ".cache" / "dictionary_learning" / "peers" / "dictionary-learning" / "bin" / "python"))
@@ -111,15 +115,14 @@ UPSTREAM_LOADS = COMMON + textwrap.dedent("""
 
 def upstream(script: str, directory: Path) -> None:
     if not UPSTREAM_PYTHON.exists():
-        pytest.skip(f"upstream dictionary_learning venv not found at {UPSTREAM_PYTHON} "
-                    "(bash bench/setup_peers.sh dictionary-learning)")
+        missing_peer("dictionary-learning", f"not at {UPSTREAM_PYTHON}")
     path = directory / "upstream_script.py"
     path.write_text(script)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": ""}
     result = subprocess.run([str(UPSTREAM_PYTHON), str(path), str(directory)], capture_output=True, text=True,
                             cwd=directory, env=env, timeout=600)
     if result.returncode != 0 and "ModuleNotFoundError" in result.stderr and "dictionary_learning" in result.stderr:
-        pytest.skip("upstream venv lacks dictionary_learning")
+        missing_peer("dictionary-learning", "there but lacks dictionary_learning")
     assert result.returncode == 0, result.stderr[-3000:]
 
 
