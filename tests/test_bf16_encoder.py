@@ -71,6 +71,7 @@ def test_bfloat16_step_is_float32_step_up_to_near_ties(trainer_class):
             assert (b - a).abs().max() <= 2 * 2 * lr, name
 
 
+@pytest.mark.slow
 def test_bfloat16_encoder_recovers_planted_features():
     features = planted_features(N_TRUE, D, seed=0)
     steps = 1000

@@ -105,6 +105,7 @@ def same_cache(a, b):
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
 
 
+@pytest.mark.slow
 def test_interrupted_and_extended_writes_resume_to_the_uninterrupted_cache(tiny_llama, tmp_path):
     texts = random_texts(30, seed=5)
     texts[7] = "   "  # an empty item is consumed and skipped

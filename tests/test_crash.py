@@ -19,6 +19,9 @@ from . import crash_child
 CHILD = Path(__file__).with_name("crash_child.py")
 
 
+pytestmark = pytest.mark.slow  # each case runs and kills training processes
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run's folder."""

@@ -55,6 +55,7 @@ def assert_same_dictionaries(a: Path, b: Path, indices, exact=False):
                 torch.testing.assert_close(ae_b.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=f"{i} {key}")
 
 
+@pytest.mark.slow
 def test_data_parallel_equals_one_process(single, tmp_path):
     torchrun("data", tmp_path, STEPS)
     assert_same_dictionaries(single, tmp_path, range(3))
@@ -67,6 +68,7 @@ def test_data_parallel_equals_one_process(single, tmp_path):
     assert not list(tmp_path.glob("checkpoint.rank*")), "data-parallel training writes one checkpoint"
 
 
+@pytest.mark.slow
 def test_data_parallel_resume(single, tmp_path):
     torchrun("data", tmp_path, 7)  # stopped at step 7 (configs still say 16 steps)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 7
@@ -74,6 +76,7 @@ def test_data_parallel_resume(single, tmp_path):
     assert_same_dictionaries(single, tmp_path, range(3))
 
 
+@pytest.mark.slow
 def test_trainers_sharded_over_ranks(single, tmp_path):
     torchrun("trainers", tmp_path, STEPS)
     assert_same_dictionaries(single, tmp_path, range(3), exact=True)
@@ -82,6 +85,7 @@ def test_trainers_sharded_over_ranks(single, tmp_path):
     assert len(load_checkpoint(tmp_path / "checkpoint.rank1.pt")["trainers"]) == 1  # trainer 1
 
 
+@pytest.mark.slow
 def test_data_parallel_other_trainers(tmp_path):
     """JumpReLU (its L0 penalty on the global batch's L0), BatchTopK and Matryoshka (the global batch's top k * batch
     codes, gathered over ranks) equal one process on the global batches too."""

@@ -312,6 +312,7 @@ def fvu(x, x_hat):
     return ((x - x_hat).pow(2).sum(-1).mean() / (x - x.mean(0)).pow(2).sum(-1).mean()).item()
 
 
+@pytest.mark.slow
 def test_recovers_planted_features_and_orders_them():
     """64 planted directions in 64 dimensions, 3 active per token: the whole dictionary recovers >= 90% of them at
     cosine >= 0.9, and the first group alone reconstructs far better than as many latents of the last group (the

@@ -22,6 +22,7 @@ def topk_config(steps, **overrides):
     return config
 
 
+@pytest.mark.slow
 def test_topk_sae_recovers_planted_features():
     features = planted_features(N_TRUE, D, seed=0)
     steps = 1000
@@ -31,6 +32,7 @@ def test_topk_sae_recovers_planted_features():
     assert trainer.last_metrics["l0"] == K and trainer.last_metrics["fvu"] < 0.2
 
 
+@pytest.mark.slow
 def test_topk_transcoder_recovers_planted_map():
     """x = codes @ F_in, y = codes @ F_out: the transcoder's decoder must find F_out's directions."""
     features_in, features_out = planted_features(N_TRUE, D, seed=0), planted_features(N_TRUE, 24, seed=5)
@@ -42,6 +44,7 @@ def test_topk_transcoder_recovers_planted_map():
     assert recovered >= 0.9, f"only {recovered:.0%} of planted output features recovered at cosine >= 0.9"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer_class", [BatchTopKTrainer, StandardTrainerAprilUpdate])
 def test_other_trainers_learn(trainer_class):
     features = planted_features(N_TRUE, D, seed=0)
