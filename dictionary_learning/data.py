@@ -22,8 +22,9 @@ import re
 import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-from .files import atomic_write_text, cache_dir
+from .files import atomic_write_text, cache_dir, error_summary
 
 DEFAULT_CORPUS = "python-docs"
 PASSAGE_CHARS = 600  # ~140 SmolLM2 tokens: one passage fills a 128-token context with little waste
@@ -114,10 +115,14 @@ def local_texts(
     path: str | os.PathLike, text_field: str = "text", max_chars: int | None = PASSAGE_CHARS
 ) -> Iterator[str]:
     """Texts from local `.txt` files (split into passages at blank lines) and `.jsonl` files (field `text_field`)
-    or folders of them, streamed through `datasets`. `max_chars=None` yields documents / paragraphs whole."""
+    or folders of them, streamed through `datasets`. `max_chars=None` yields documents / paragraphs whole. A missing
+    path, or a folder with no such files, is refused at the call, not at the first text."""
+    return _local_texts(_files(Path(path)), text_field, max_chars)
+
+
+def _local_texts(files: list[Path], text_field: str, max_chars: int | None) -> Iterator[str]:
     from datasets import load_dataset
 
-    files = _files(Path(path))
     for file in files:
         if file.suffix == ".txt":
             dataset = load_dataset("text", data_files=str(file), sample_by="document", split="train", streaming=True)
@@ -140,10 +145,19 @@ def local_texts(
 def hf_dataset_texts(
     name: str, split: str = "train", text_field: str = "text", streaming: bool = True, **kwargs
 ) -> Iterator[str]:
-    """Texts of a Hugging Face dataset, streamed by default (needs the hub, or a local dataset cache)."""
+    """Texts of a Hugging Face dataset, streamed by default (needs the hub, or a local dataset cache). The dataset is
+    opened at the call, so an unknown or unreachable one is refused there."""
     from datasets import load_dataset
 
-    dataset = load_dataset(name, split=split, streaming=streaming, **kwargs)
+    try:
+        dataset = load_dataset(name, split=split, streaming=streaming, **kwargs)
+    except Exception as error:  # datasets raises many types (ConnectionError, HFValidationError, FileNotFoundError)
+        raise ValueError(f"cannot open the text source {name!r}: it is no local file or folder, and as a Hugging "
+                         f"Face dataset: {error_summary(error)}") from error
+    return _dataset_texts(dataset, text_field)
+
+
+def _dataset_texts(dataset: Any, text_field: str) -> Iterator[str]:
     for row in dataset:
         text = row[text_field]
         if isinstance(text, str) and text.strip():
@@ -157,7 +171,7 @@ def text_source(spec: str | Iterable[str] | None = None, repeat: bool = False) -
         return default_corpus(repeat=repeat)
     if not isinstance(spec, str):
         return iter(spec)
-    if Path(spec).exists():
-        return local_texts(spec)
+    if Path(spec).exists() or spec.endswith(("/", ".txt", ".jsonl", ".json")) or spec.startswith((".", "/", "~")):
+        return local_texts(Path(spec).expanduser())  # a path (a missing one is refused, not looked up on the hub)
     name, _, split = spec.partition(":")
     return hf_dataset_texts(name, split=split or "train")

@@ -28,12 +28,18 @@ def test_local_txt_jsonl_and_folder(tmp_path):
     assert list(text_source(str(tmp_path))) == everything
 
 
-def test_local_errors(tmp_path):
+def test_local_errors(tmp_path, monkeypatch):
+    """A missing path or an empty folder is refused at the call (not at the first text), and text_source never
+    looks a path up on the hub."""
     with pytest.raises(ValueError, match="no such file"):
-        list(local_texts(tmp_path / "missing.txt"))
+        local_texts(tmp_path / "missing.txt")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .txt or .jsonl"):
-        list(local_texts(tmp_path / "empty"))
+        local_texts(tmp_path / "empty")
+    monkeypatch.chdir(tmp_path)
+    for path in ("my_corpus/", "./corpus", "notes.txt", str(tmp_path / "absent")):
+        with pytest.raises(ValueError, match="no such file or folder"):
+            text_source(path)
     (tmp_path / "c.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(ValueError, match="expected a field 'text'"):
         list(local_texts(tmp_path / "c.jsonl"))
