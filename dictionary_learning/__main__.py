@@ -63,7 +63,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model and activation dtype; auto (default): bfloat16 where the hardware is fast at it, "
                         "else float32")
     parser.add_argument("--device", help="default %(default)s")
-    parser.add_argument("--ctx-len", type=count, help="default %(default)s")
+    parser.add_argument("--ctx-len", type=count, help="tokens per context (default 128; train --cache: the "
+                        "cache's)")
     parser.add_argument("--remove-bos", action=argparse.BooleanOptionalAction,
                         help="drop each context's first token (BOS or attention sink; default: drop)")
 

@@ -37,7 +37,7 @@ from .utils import load_dictionary
 
 
 def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str = "resid", data: str | None = None,
-               dtype: str = "auto", device: str = "cpu", ctx_len: int = 128, remove_bos: bool = True,
+               dtype: str = "auto", device: str = "cpu", ctx_len: int | None = None, remove_bos: bool = True,
                tokens: int = 150_000, steps: int = 600, batch: int = 2048, dict_size: int = 4608, k: int = 32,
                lr: float = 1e-3, dead_tokens: int = 200_000, batch_texts: int = 32, eval_texts: int = 150,
                eval_tokens: int = 8192, loss_batches: int = 2, n_features: int = 8, seed: int = 0,
@@ -53,7 +53,8 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
     `cache`: train on an activation cache folder (`collect --out DIR`, the same model, holding the layer / site
     asked for) instead of collecting `tokens`; the held-out texts are then the first ones after those the cache
     read, when it read the same text source. `encoder_dtype`: the dtype of the SAE's dense encoder GEMM while
-    training ("auto": bfloat16 where the hardware is fast at it; weights and Adam stay float32).
+    training ("auto": bfloat16 where the hardware is fast at it; weights and Adam stay float32). `ctx_len`: tokens
+    per context (default 128, or with `cache` the cache's own; another than the cache's is refused).
     `progress`: a line on stderr as each phase starts, bars over the long ones (False: quiet); the
     metrics hold each phase's seconds (seconds_collect, seconds_train, seconds_evaluate,
     seconds_loss_recovered, seconds_feature_density, seconds_top_contexts, seconds_dashboard)."""
@@ -61,7 +62,7 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
     out = Path(out)
     for name, value in (("tokens", tokens), ("steps", steps), ("batch", batch), ("dict_size", dict_size),
                         ("dead_tokens", dead_tokens), ("batch_texts", batch_texts), ("eval_texts", eval_texts),
-                        ("eval_tokens", eval_tokens), ("loss_batches", loss_batches), ("ctx_len", ctx_len)):
+                        ("eval_tokens", eval_tokens), ("loss_batches", loss_batches)):
         integer(name, value)  # before any model is loaded or token collected
     integer("n_features", n_features, low=0)
     integer("dashboard_features", dashboard_features, low=0)
@@ -74,6 +75,12 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
     if manifest is not None and manifest["model"] != model:
         raise ValueError(f"the cache {str(cache)!r} holds activations of {manifest['model']!r}, not of {model!r}: "
                          f"pass model={manifest['model']!r} (--model)")
+    if manifest is not None:  # evaluate on contexts as long as those trained on
+        if ctx_len is not None and ctx_len != manifest["ctx_len"]:
+            raise ValueError(f"the cache {str(cache)!r} was collected with ctx_len={manifest['ctx_len']}, not "
+                             f"ctx_len={ctx_len}: leave ctx_len (--ctx-len) out, or collect again")
+        ctx_len = manifest["ctx_len"]
+    ctx_len = integer("ctx_len", 128 if ctx_len is None else ctx_len)
     check_writable_folder("out", out)
     torch_dtype = dtype_from_name(dtype, device)
     with phase(f"loading {model} ...", progress):
@@ -94,8 +101,9 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
                   "tokens ...", file=sys.stderr)
         texts = text_source(data, repeat=True)
         held_out_texts = list(itertools.islice(texts, eval_texts))
-        train_buffer = ActivationBuffer(texts, lm, point, n_ctxs=max(1, min(tokens, 32768) // ctx_len),
-                                        out_batch_size=4096, **buffer_kwargs)
+        n_ctxs = max(1, min(tokens, 32768) // ctx_len)  # take() reads in chunks of out_batch_size: no larger
+        train_buffer = ActivationBuffer(texts, lm, point, n_ctxs=n_ctxs,
+                                        out_batch_size=min(4096, n_ctxs * ctx_len), **buffer_kwargs)
         activations = train_buffer.take(tokens, progress=progress)
         n_collected = int(activations.shape[0])
         # the buffer's config (its hook point among it) is saved with the SAE
@@ -116,8 +124,9 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
 
     sae, _ = load_dictionary(out / "sae" / "trainer_0")  # the saved one: works on raw activations
     with phase(f"evaluating on {eval_tokens:,} held-out tokens ...", progress) as evaluating:
-        eval_buffer = ActivationBuffer(iter(held_out_texts), lm, point, out_batch_size=2048,
-                                       n_ctxs=max(1, eval_tokens // ctx_len), **buffer_kwargs)
+        n_ctxs = max(1, eval_tokens // ctx_len)
+        eval_buffer = ActivationBuffer(iter(held_out_texts), lm, point, out_batch_size=min(2048, n_ctxs * ctx_len),
+                                       n_ctxs=n_ctxs, **buffer_kwargs)
         held_out = eval_buffer.take(eval_tokens, progress=progress)
         batches = held_out.split(2048)
         metrics = evaluate(sae, iter(batches), n_batches=len(batches), progress=progress)
@@ -134,7 +143,7 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
     with phase(line, progress) as measuring:
         density = feature_density(sae, batches, progress=progress)
     metrics.update(
-        model=model, hook=str(point), dict_size=dict_size, k=k, steps=steps, encoder_dtype=encoder_dtype,
+        model=model, hook=str(point), ctx_len=ctx_len, dict_size=dict_size, k=k, steps=steps, encoder_dtype=encoder_dtype,
         training_tokens_collected=n_collected,
         batch_size=batch, tokens_trained=steps * batch, held_out_tokens=int(held_out.shape[0]),
         dead_features=int((density == 0).sum()), seconds_collect=collected - started,

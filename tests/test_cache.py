@@ -345,3 +345,9 @@ def test_quickstart_trains_from_a_cache(tmp_path):
         main([*common[:5], "--layer", "2", *common[7:], "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r")])
     with pytest.raises(ValueError, match="holds activations of 'tiny-llama', not of 'tiny-gpt2'"):
         main(["train", "--model", "tiny-gpt2", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r")])
+    # evaluation runs on contexts as long as the cache's: its ctx_len unless told, another one refused
+    without = [arg for i, arg in enumerate(common) if arg != "--ctx-len" and common[i - 1] != "--ctx-len"]
+    metrics = main([*without, "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "s")])
+    assert metrics["ctx_len"] == 32
+    with pytest.raises(ValueError, match="collected with ctx_len=32, not ctx_len=64"):
+        main([*without, "--ctx-len", "64", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r")])
