@@ -159,10 +159,10 @@ def test_saelens_saves_load_here(saelens, kind):
     with torch.no_grad():
         close(f"saelens import {kind} features", dictionary.encode(x), theirs["features"])
         close(f"saelens import {kind} output", dictionary(x), theirs["out"])
-    hooks = config["buffer"]["hooks"]
-    assert hooks[0] == {"path": "model.layers.1.mlp", "io": "input"}  # the norm feeding the MLP is the MLP's input
+    hooks = config["buffer"]["hooks"]  # the norm feeding the MLP is the MLP's input, named by its site
+    assert hooks[0] == {"path": "model.layers.1.mlp", "io": "input", "name": "layers.1.mlp_in"}
     if "transcoder" in kind:
-        assert hooks[1] == {"path": "model.layers.1.mlp", "io": "output"}
+        assert hooks[1] == {"path": "model.layers.1.mlp", "io": "output", "name": "layers.1.mlp_out"}
 
 
 @pytest.fixture(scope="module")
@@ -246,4 +246,5 @@ def test_circuit_tracer_saves_load_here(circuit_tracer, kind):
             close(f"circuit-tracer import {kind} layer {layer} features", dictionary.encode(x),
                   theirs[f"features_{layer}"])
             close(f"circuit-tracer import {kind} layer {layer} output", dictionary(x), theirs[f"out_{layer}"])
-            assert config["buffer"]["hooks"][1] == {"path": f"model.layers.{layer}.mlp", "io": "output"}
+            assert config["buffer"]["hooks"][1] == {"path": f"model.layers.{layer}.mlp", "io": "output",
+                                                    "name": f"layers.{layer}.mlp_out"}
