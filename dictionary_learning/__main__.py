@@ -24,10 +24,12 @@ import re
 from typing import Any, Callable
 
 from . import dashboard, formats, reports
+from .files import FolderInUse
 from .models import DTYPES, SITES
 
 # what a pipeline raises when it refuses its input: reported as a usage error (others are bugs)
-REFUSALS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)
+REFUSALS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, FolderInUse,
+            FloatingPointError)
 TRACEBACK_VARIABLE = "DICTIONARY_LEARNING_TRACEBACK"
 
 DATA_HELP = "text: python-docs (default, offline), a .txt/.jsonl file or folder, or a hub dataset id[:split]"
@@ -176,6 +178,8 @@ def parser() -> argparse.ArgumentParser:
                    "feature's strongest virtual weights W_enc . W_dec(upstream)^T")
     p.add_argument("--seed", type=int, help="default %(default)s")
     p.add_argument("--out", help="output folder (default %(default)s)")
+    p.add_argument("--other-model", action="store_true", help="read the dictionary on --model even though its config "
+                   "records another model (by its weights' fingerprint)")
     return main_parser
 
 

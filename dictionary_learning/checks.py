@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -57,3 +58,58 @@ def texts(name: str, value: Any) -> Iterator[str]:
             yield item
 
     return checked()
+
+
+def _size(n_bytes: float) -> str:
+    for unit, scale in (("PB", 2 ** 50), ("TB", 2 ** 40), ("GB", 2 ** 30), ("MB", 2 ** 20)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:,.1f} {unit}"
+    return f"{n_bytes:,.0f} bytes"
+
+
+def memory_size(device: Any = "cpu") -> int | None:
+    """The memory of `device`: a GPU's, or this machine's physical memory (None where it cannot be told)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(name: str, value: Any, n_bytes: float, device: Any = "cpu", what: str = "") -> None:
+    """Refuse before any work a size whose memory alone (`n_bytes`, an estimate) exceeds the device's memory, with
+    the estimate in the message: such a run could only fill memory and die."""
+    total = memory_size(device)
+    if total is not None and n_bytes > total:
+        where = "this machine's memory" if torch.device(device).type == "cpu" else f"{device}'s memory"
+        raise ValueError(f"{name}={value!r} needs about {_size(n_bytes)} of memory{what}, more than the "
+                         f"{_size(total)} of {where}: ask for less")
+
+
+def check_disk(folder: Any, n_bytes: float, name: str) -> None:
+    """Refuse before any work a write of about `n_bytes` into `folder` that the free disk space cannot hold."""
+    import shutil
+    from pathlib import Path
+
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if n_bytes > free:
+        raise ValueError(f"{name} asks for about {_size(n_bytes)} on disk in {str(folder)!r}, more than the "
+                         f"{_size(free)} free there: ask for less, or write elsewhere")
+
+
+def finite_hyperparameters(owner: str, values: dict[str, Any]) -> None:
+    """Refuse NaN / inf hyperparameters (floats, or lists of them) and a learning rate that is not a finite number
+    >= 0, naming the key: a run given one trains on and saves NaN weights."""
+    for key, value in values.items():
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ValueError(f"{owner}: {key} must be a finite number{'s' if numbers is value else ''}, got {value!r}")
+    lr = values.get("lr")
+    if lr is not None and not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr)
+                               and lr >= 0):
+        raise ValueError(f"{owner}: lr must be a finite number >= 0, got {lr!r}")

@@ -118,6 +118,96 @@ def check_writable_folder(name: str, path: str | Path) -> None:
             return
 
 
+def inside(root: str | Path, name: Any, what: str = "a name") -> Path:
+    """`root / name`, refused unless it stays inside `root`: a name read from a file (a hook path, a module name, a
+    shard file, a layer file) must never lead out of the folder it names something in (absolute, `..`, a link)."""
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        raise ValueError(f"{what} must be a non-empty relative name, got {name!r}")
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or name.startswith("~"):
+        raise ValueError(f"{what} {name!r} leads out of {str(root)!r}: only names inside it are accepted")
+    root = Path(root)
+    target = root / relative
+    resolved, base = target.resolve(), root.resolve()
+    if resolved != base and base not in resolved.parents:  # a link inside pointing out
+        raise ValueError(f"{what} {name!r} resolves to {str(resolved)!r}, outside {str(root)!r}")
+    return target
+
+
+class FolderInUse(RuntimeError):
+    """Another writer holds the folder: refused at once rather than mixing two writers' files."""
+
+
+_HELD: dict[str, int] = {}  # lock files this process holds, with how many nested holders
+
+
+@contextmanager
+def writer_lock(path: str | Path, what: str = "folder", key: str | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `path` while writing it: a second writer (another process, or another open of the
+    lock in this one) gets `FolderInUse` at once. The lock is the file `.{name}.lock` beside `path` (`key` names
+    another one there), removed when released; the system releases the lock when its holder exits or dies, so a
+    killed writer blocks no one (its empty lock file is reused). Nested holds in one call stack are allowed."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f".{key or path.name}.lock"
+    token = str(lock.resolve())
+    if _HELD.get(token):
+        _HELD[token] += 1
+        try:
+            yield
+        finally:
+            _HELD[token] -= 1
+        return
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FolderInUse(f"the {what} {str(path)!r} is being written by another writer (it holds "
+                              f"{str(lock)!r}); wait for it to finish, or write elsewhere") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:  # its holder removed it between our open and our lock: take a fresh one
+            same = False
+        if same:
+            break
+        os.close(fd)
+    _HELD[token] = 1
+    try:
+        yield
+    finally:
+        del _HELD[token]
+        lock.unlink(missing_ok=True)  # while still held, so no one locks the removed file
+        os.close(fd)
+
+
+def locks_folder(argument: str, what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: the function holds `writer_lock` on the folder its `argument` names (none when that is None)
+    while it runs, so two calls writing one folder never mix their files. The signature is kept."""
+    import functools
+    import inspect
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            folder = bound.arguments[argument]
+            if folder is None:
+                return function(*args, **kwargs)
+            with writer_lock(folder, what):
+                return function(*args, **kwargs)
+
+        return locked
+
+    return decorate
+
+
 _RENAME_EXCHANGE, _AT_FDCWD = 2, -100
 
 
@@ -162,6 +252,13 @@ def atomic_folder(path: str | Path, owned: Callable[[str], bool] = lambda name: 
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"cannot save a folder to {str(path)!r}: a file of that name exists")
     path.parent.mkdir(parents=True, exist_ok=True)
+    with writer_lock(path):
+        with _atomic_folder(path, owned) as staging:
+            yield staging
+
+
+@contextmanager
+def _atomic_folder(path: Path, owned: Callable[[str], bool]) -> Iterator[Path]:
     _remove_stale(path, (".new", ".old"))
     staging = path.with_name(f".{path.name}.{os.getpid()}.new")
     if staging.exists():
@@ -224,6 +321,20 @@ def read_json(path: str | Path, expect: type | None = None) -> Any:
         raise ValueError(f"{str(path)!r} must hold a JSON {'object' if expect is dict else expect.__name__}, "
                          f"got a {type(value).__name__}")
     return value
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a ValueError naming the file when it is missing, truncated or not one."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is missing")
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types, OSError and others for a corrupt file
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file (corrupt or truncated?): "
+                         f"{error_summary(error)}") from error
 
 
 def pyplot():

@@ -72,7 +72,9 @@ def main() -> None:
     rank, world_size = init_distributed()
     batches = global_batches()
     trainer_configs = other_configs() if mode == "data-other" else configs()
-    mode = mode.removesuffix("-other")
+    if mode == "data-mismatch" and rank == 1:  # this rank was given another lr: the run must refuse to start
+        trainer_configs[0]["lr"] = 1e-2
+    mode = mode.removesuffix("-other").removesuffix("-mismatch")
     if mode == "data":
         batches = [share(batch, rank, world_size) for batch in batches]
     trainers = trainSAE(iter(batches), trainer_configs, steps, save_dir=save_dir, normalize_activations="unit",

@@ -19,11 +19,14 @@ from .distributed_child import STEPS, configs, global_batches, other_configs
 CHILD = Path(__file__).with_name("distributed_child.py")
 
 
-def torchrun(*args, world_size=2):
+def torchrun(*args, world_size=2, expect_failure=False):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(CHILD.parent.parent)}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              f"--nproc_per_node={world_size}", str(CHILD), *map(str, args)],
                             env=env, capture_output=True, text=True, timeout=300)
+    if expect_failure:
+        assert result.returncode != 0
+        return result.stdout + result.stderr
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
@@ -106,3 +109,11 @@ def test_shard_and_mode_errors():
         trainSAE(iter(global_batches()), configs(), 2, distributed="data", progress=False)
     with pytest.raises(ValueError, match="distributed must be None, 'data' or 'trainers'"):
         trainSAE(iter(global_batches()), configs(), 2, distributed="model", progress=False)
+
+
+@pytest.mark.slow
+def test_ranks_given_different_configs_refuse_to_start(tmp_path):
+    """Rank 1 was given another lr: the data-parallel run stops before any step, naming why, and writes nothing."""
+    output = torchrun("data-mismatch", tmp_path, STEPS, expect_failure=True)
+    assert "the trainer configs differ between ranks" in output
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.safetensors"))

@@ -151,7 +151,7 @@ def test_bad_end_to_end_arguments(tiny_llama):
     trainer = build_trainer(topk_config(5))
     with pytest.raises(ValueError, match="kl_weight > 0 or ce_weight > 0"):
         EndToEnd(trainer, tiny_llama, point, kl_weight=0.0)
-    with pytest.raises(ValueError, match="must be a number >= 0"):
+    with pytest.raises(ValueError, match="must be a finite number >= 0"):
         EndToEnd(trainer, tiny_llama, point, local_weight=-1)
     with pytest.raises(TypeError, match="normalize_local must be True or False"):
         EndToEnd(trainer, tiny_llama, point, normalize_local="yes")

@@ -256,7 +256,7 @@ CASES = [
      ValueError, "normalization_batches must be a positive int, got 0"),
     ("train: batches of 0 rows", lambda e, t: train(data=iter([torch.zeros(0, D)] * 6)), ValueError,
      "at least one activation vector"),
-    ("train: lr -1", lambda e, t: train(configs=[config(lr=-1)]), ValueError, "Invalid learning rate"),
+    ("train: lr -1", lambda e, t: train(configs=[config(lr=-1)]), ValueError, "lr must be a finite number >= 0"),
     ("train: numpy batches", lambda e, t: train(data=(b.numpy() for b in stream())), TypeError,
      "expected a torch.Tensor"),
     ("train: transcoder fed single tensors", lambda e, t: train(configs=[config(output_dim=8, transcoder=True)]),
@@ -368,7 +368,7 @@ CASES = [
     ("scae: module name mlp0", lambda e, t: SCAESuite({"mlp0": AutoEncoderTopK(64, 96, 8)}), ValueError,
      "SCAE module names are"),
     ("scae: a ReLU autoencoder", lambda e, t: SCAESuite(suite_with(e, attn_0=AutoEncoder(64, 96))), TypeError,
-     "SCAE modules are TopK dictionaries, got AutoEncoder"),
+     "SCAE modules are AutoEncoderTopK dictionaries .*got AutoEncoder"),
     ("scae: attention transcoder", lambda e, t: SCAESuite(suite_with(
         e, attn_0=AutoEncoderTopK(64, 96, 8, transcoder=True))), ValueError, "attention modules are SAEs"),
     ("scae: empty suite", lambda e, t: SCAESuite({}), ValueError, "at least one module"),

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..checks import integer
+from ..checks import finite_hyperparameters, integer
 from ..dictionary import Dictionary
 from ..files import json_safe
 from ..sparse import fast_matmul_dtype
@@ -289,6 +289,7 @@ class SAETrainer:
         if steps is None and build_dictionary is None:
             return
         check_steps(steps)
+        finite_hyperparameters(type(self).__name__, {"lr": lr, **(config or {})})
         if lr_lambda is None:
             warmup_steps = min(warmup_steps, steps)
             lr_lambda = lr_schedule(steps, warmup_steps, decay_start)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+from datetime import timedelta
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -33,16 +34,38 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed(backend: str | None = None) -> tuple[int, int]:
+def init_distributed(backend: str | None = None, timeout: float = 600) -> tuple[int, int]:
     """Initialise the default process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) unless
     it is initialised already; on CUDA also select this rank's GPU (LOCAL_RANK). Outside torchrun (no WORLD_SIZE):
-    nothing, (0, 1). Returns (rank, world_size)."""
+    nothing, (0, 1). Returns (rank, world_size). `timeout` (seconds) bounds the wait for every rank to join and every
+    later collective: a rank that never starts, or dies, ends the others with an error instead of a hang."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if not (dist.is_available() and dist.is_initialized()) and "WORLD_SIZE" in os.environ:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        try:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+        except Exception as error:  # torch raises DistStoreError / RuntimeError, by version
+            raise RuntimeError(f"rank {os.environ.get('RANK')} of {os.environ['WORLD_SIZE']}: the process group did "
+                               f"not form within the timeout of {timeout:g} s (did every rank start, with the same "
+                               f"MASTER_ADDR / MASTER_PORT?): {type(error).__name__}: "
+                               f"{str(error).splitlines()[0] if str(error) else ''}") from error
     return world()
+
+
+def check_same_on_every_rank(sync: Any, value: Any, what: str) -> None:
+    """Refuse to start a data-parallel run whose ranks were given different `what` (e.g. trainer configs): their
+    weights would silently diverge. `value` must be JSON-serialisable (with `default=str`)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+    gathered = sync.gather_objects(digest)
+    if len(set(map(str, gathered))) > 1:
+        raise ValueError(f"the {what} differ between ranks (each rank's hash: {gathered}): every rank must be given "
+                         f"the same {what} in a data-parallel run")
 
 
 def exit_distributed(code: int = 0) -> None:
@@ -143,6 +166,12 @@ class DataParallel:
         for tensor in itertools.chain(module.parameters(), module.buffers()):
             dist.broadcast(tensor.data, src=dist.get_global_rank(self.group, 0) if self.group else 0,
                            group=self.group)
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's `value` (any picklable object), in rank order."""
+        gathered: list[Any] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(gathered, value, group=self.group)
+        return gathered
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)

@@ -21,6 +21,7 @@ thresholds, checkpoints and resume are the trainer's own. With local_weight 0 on
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -64,8 +65,8 @@ class EndToEnd:
                              f"got {len(hooks)}")
         weights = {"kl_weight": kl_weight, "ce_weight": ce_weight, "local_weight": local_weight}
         for name, value in weights.items():
-            if not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            if not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if kl_weight + ce_weight == 0:
             raise ValueError("an end-to-end run needs kl_weight > 0 or ce_weight > 0 (else it is a local run)")
         self.trainer, self.model, self.hooks = trainer, model, hooks

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import warnings
 from contextlib import AbstractContextManager, nullcontext
@@ -117,6 +118,46 @@ def start_wandb(config: dict[str, Any], directory: Path | None, project: str = "
                       dir=str(directory) if directory else None, resume="allow" if resume else None)
 
 
+def _largest_norm(batch: Any) -> float | None:
+    """The largest vector norm in a batch (a tensor, a pair or a dict of them), for a divergence message."""
+    tensors = [batch] if isinstance(batch, torch.Tensor) else list(batch.values()) if isinstance(batch, dict) \
+        else list(batch) if isinstance(batch, (tuple, list)) else []
+    norms = [t.double().norm(dim=-1).max().item() for t in tensors if isinstance(t, torch.Tensor) and t.numel()]
+    return max(norms) if norms else None
+
+
+def check_finite(trainers: Sequence[Any], step: int, batch: Any, checkpoint: Path | None, checkpointed: int,
+                 weights: bool = False) -> None:
+    """Stop a run whose loss (or, with `weights`, a parameter) stopped being finite, naming the step, the trainer
+    and the likely causes, before anything of it is saved: the last checkpoint and earlier saves stay as they
+    were, and `resume=True` continues from that checkpoint once the cause is fixed."""
+    for i, trainer in enumerate(trainers):
+        loss = (getattr(trainer, "last_metrics", None) or {}).get("loss")
+        loss = float(loss) if isinstance(loss, (int, float, torch.Tensor)) and not isinstance(loss, bool) else None
+        bad = f"its loss is {loss}" if loss is not None and not math.isfinite(loss) else None
+        if bad is None and weights:
+            module = getattr(trainer, "ae", None) or getattr(trainer, "suite", None)
+            for name, parameter in (module.named_parameters() if module is not None else ()):
+                if not torch.isfinite(parameter).all():
+                    bad = f"its parameter {name} holds NaN / inf"
+                    break
+        if bad is None:
+            continue
+        config = getattr(trainer, "config", None) or {}
+        norm = _largest_norm(batch) if batch is not None else None
+        lr = config.get("lr")
+        causes = [f"a learning rate too large (lr={lr:.3g})" if isinstance(lr, (int, float)) else
+                  "a learning rate too large",
+                  "activations too large" + (f" (this batch's largest norm is {norm:.3g})" if norm else ""),
+                  "float16 autocast overflowing (use bfloat16)", "a NaN hyperparameter"]
+        kept = (f"the checkpoint of step {checkpointed} in {str(checkpoint.parent)!r} is intact: fix the cause and "
+                f"resume=True continues from it" if checkpoint is not None and checkpointed > 0
+                else "no checkpoint of this run was written")
+        raise FloatingPointError(f"training diverged at step {step}: trainer {i} ({type(trainer).__name__}) stopped "
+                                 f"being finite ({bad}). Likely causes: {'; '.join(causes)}. Nothing of this step "
+                                 f"was saved; {kept}.")
+
+
 def run_steps(
     trainers: Sequence[Any],
     batches: Iterator[Any],
@@ -155,6 +196,8 @@ def run_steps(
 
     def checkpoint(step: int) -> None:
         nonlocal written
+        # never a NaN checkpoint: the last good one stays
+        check_finite(trainers, step - 1, None, checkpoint_path, written if written >= 0 else start, weights=True)
         save_checkpoint(checkpoint_path, trainers, step, consumed, checkpoint_extra)
         written = step
 
@@ -176,6 +219,7 @@ def run_steps(
         with context or nullcontext():
             for i, trainer in enumerate(trainers):
                 trainer.update(step, batch if select is None else select(i, batch))
+        check_finite(trainers, step, batch, checkpoint_path, written if written >= 0 else start)
         metrics = trainers[0].last_metrics
         shown = metrics if bar_keys is None else {key: metrics.get(key, 0.0) for key in bar_keys}
         bar.set_postfix({key: f"{value:.4g}" for key, value in shown.items()}, refresh=False)

@@ -7,18 +7,19 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
-from ..checks import integer
+from ..checks import finite_hyperparameters, integer
 from ..dictionary import dictionary_class, load_state_dict
-from ..files import atomic_write, check_writable_folder
+from ..files import atomic_write, check_writable_folder, writer_lock
 from ..trainers import TRAINER_CLASSES
 from ..trainers.trainer import SAETrainer, check_steps
 from ..utils import save_dictionary
-from .distributed import DataParallel, check_mode
+from .distributed import DataParallel, check_mode, check_same_on_every_rank
 from .end_to_end import EndToEnd
 from .loop import CHECKPOINT, Every, resume_from_checkpoints, run_steps, start_wandb
 from .upstream import activation_scales, train_autoencoder
@@ -49,6 +50,7 @@ def build_trainer(config: dict[str, Any]) -> SAETrainer:
     unknown = sorted(set(config) - accepted)
     if unknown:
         raise ValueError(f"unknown {trainer_class.__name__} config keys {unknown}; accepted: {sorted(accepted)}")
+    finite_hyperparameters(trainer_class.__name__, config)
     trainer = trainer_class(**config)
     if initial_weights is not None:
         start_from(trainer, initial_weights)
@@ -60,6 +62,9 @@ def start_from(trainer: SAETrainer, path: str | Path) -> None:
     of the trainer's dictionary class and shape; recorded in its config as `initial_weights`. Saved dictionaries work
     on raw activations (any training normalisation folded in): continue them without `normalize_activations`."""
     state = type(trainer.ae).from_saved_state(load_state_dict(path)).state_dict()
+    if not all(torch.isfinite(tensor).all() for tensor in state.values() if tensor.is_floating_point()):
+        raise ValueError(f"initial_weights {str(path)!r} hold NaN / inf values: a run started from them could only "
+                         f"train on NaN")
     own = trainer.ae.state_dict()
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
         raise ValueError(f"initial_weights {str(path)!r} hold a {type(trainer.ae).__name__} of other shapes than the "
@@ -73,6 +78,8 @@ def start_from(trainer: SAETrainer, path: str | Path) -> None:
 
 def prepare_data_parallel(trainers: list[SAETrainer], sync: DataParallel) -> None:
     """Give every trainer the collectives and rank 0's initial weights; refuse what would make ranks diverge."""
+    configs = [{key: value for key, value in trainer.config.items() if key != "device"} for trainer in trainers]
+    check_same_on_every_rank(sync, configs, "trainer configs")  # (each rank has its own GPU)
     for trainer in trainers:
         if getattr(trainer, "resample_steps", None) is not None:
             raise ValueError(f"{type(trainer).__name__} with resample_steps={trainer.resample_steps} cannot train "
@@ -260,102 +267,108 @@ def train_dictionaries(
         check_writable_folder("save_dir", save_dir)
     directories = [save_dir / f"trainer_{i}" for i in mine] if save_dir and writes else []
     save_steps = _save_steps(save_steps)
-    run_config = {"buffer": data.config} if hasattr(data, "config") else {}
-    if end_to_end is not None and not run_config:  # batches of texts: the hook points are the end-to-end ones
-        run_config["buffer"] = trainers[0].data_config
-    if run_cfg:
-        run_config["run"] = dict(run_cfg)
-    if distributed is not None:
-        run_config["distributed"] = {"mode": distributed, "world_size": world_size}
+    # one writer per run folder (per rank's own files with distributed="trainers"): a second run there is refused
+    key = f"{save_dir.name}.rank{rank}" if distributed == "trainers" and save_dir is not None else None
+    with (writer_lock(save_dir, "training run folder", key=key) if save_dir is not None and writes
+          else nullcontext()):
+        run_config = {"buffer": data.config} if hasattr(data, "config") else {}
+        if end_to_end is not None and not run_config:  # batches of texts: the hook points are the end-to-end ones
+            run_config["buffer"] = trainers[0].data_config
+        if run_cfg:
+            run_config["run"] = dict(run_cfg)
+        if distributed is not None:
+            run_config["distributed"] = {"mode": distributed, "world_size": world_size}
 
-    routing = Routing(trainers)
-    if getattr(data, "entry_names", None) is not None:
-        routing.check(data.entry_names)
-    data = iter(data)
-    # every trainer's state in one file (one per rank with distributed="trainers")
-    checkpoint = (save_dir / (f"checkpoint.rank{rank}.pt" if distributed == "trainers" and world_size > 1
-                              else CHECKPOINT) if save_dir else None)
-    older = [directory / CHECKPOINT for directory in directories]  # this toolkit's older per-trainer files
-    resume_from = older if resume and checkpoint and not checkpoint.exists() and all(p.exists() for p in older) \
-        else checkpoint
-    state = resume_from_checkpoints(trainers, resume_from, data, resume)
-    if resume and state["step"] == 0 and verbose:
-        print(f"no checkpoint in {save_dir}; starting from step 0")
-    start, consumed = state["step"], state["batches_consumed"]
-    # (scale_in, scale_out), or one such pair per hook point name for dict batches
-    saved_scales = state.get("scales", (1.0, 1.0))
-    scales: Any = ({name: tuple(pair) for name, pair in saved_scales.items()} if isinstance(saved_scales, dict)
-                   else tuple(saved_scales))
-    if normalize_activations and start == 0:
-        # the normalisation batches are not trained on (as upstream); a resumed run skips them too
-        sample = [batch for _, batch in zip(range(normalization_batches), data)]
-        if not sample:
-            raise ValueError("data yielded no batches")
-        target = "d_model" if normalize_activations == "d_model" else "unit"
-        over_ranks = sync.mean if sync is not None else None  # the global batches' mean squared norm
-        if isinstance(sample[0], dict):
-            routing.check(sample[0])
-            scales = {name: activation_scales([batch[name] for batch in sample], target, over_ranks)
-                      for name in dict.fromkeys(routing.names)}
-        else:
-            scales = activation_scales(sample, target, over_ranks)
-        consumed += len(sample)
+        routing = Routing(trainers)
+        if getattr(data, "entry_names", None) is not None:
+            routing.check(data.entry_names)
+        data = iter(data)
+        # every trainer's state in one file (one per rank with distributed="trainers")
+        checkpoint = (save_dir / (f"checkpoint.rank{rank}.pt" if distributed == "trainers" and world_size > 1
+                                  else CHECKPOINT) if save_dir else None)
+        older = [directory / CHECKPOINT for directory in directories]  # this toolkit's older per-trainer files
+        resume_from = older if resume and checkpoint and not checkpoint.exists() and all(p.exists() for p in older) \
+            else checkpoint
+        state = resume_from_checkpoints(trainers, resume_from, data, resume)
+        if resume and state["step"] == 0 and verbose:
+            print(f"no checkpoint in {save_dir}; starting from step 0")
+        start, consumed = state["step"], state["batches_consumed"]
+        # (scale_in, scale_out), or one such pair per hook point name for dict batches
+        saved_scales = state.get("scales", (1.0, 1.0))
+        scales: Any = ({name: tuple(pair) for name, pair in saved_scales.items()} if isinstance(saved_scales, dict)
+                       else tuple(saved_scales))
+        if normalize_activations and start == 0:
+            # the normalisation batches are not trained on (as upstream); a resumed run skips them too
+            sample = [batch for _, batch in zip(range(normalization_batches), data)]
+            if not sample:
+                raise ValueError("data yielded no batches")
+            target = "d_model" if normalize_activations == "d_model" else "unit"
+            over_ranks = sync.mean if sync is not None else None  # the global batches' mean squared norm
+            if isinstance(sample[0], dict):
+                routing.check(sample[0])
+                scales = {name: activation_scales([batch[name] for batch in sample], target, over_ranks)
+                          for name in dict.fromkeys(routing.names)}
+            else:
+                scales = activation_scales(sample, target, over_ranks)
+            consumed += len(sample)
 
-    def scales_of(i: int) -> tuple[float, float]:
-        return scales[routing.names[i]] if isinstance(scales, dict) else scales
+        def scales_of(i: int) -> tuple[float, float]:
+            return scales[routing.names[i]] if isinstance(scales, dict) else scales
 
-    def prepare(batch: Any) -> Any:
-        if isinstance(batch, dict):  # only the entries some trainer trains on, each scaled by its own factors
-            if not routing.checked:
-                routing.check(batch)
-            return {name: (_scaled(batch[name], *scales[name]) if isinstance(scales, dict) else batch[name])
-                    for name in dict.fromkeys(routing.names)}
-        if isinstance(scales, dict):
-            raise ValueError("the data yielded a single batch where the checkpoint (or the normalisation batches) "
-                             "had a dict of hook points")
-        return _scaled(batch, *scales)
+        def prepare(batch: Any) -> Any:
+            if isinstance(batch, dict):  # only the entries some trainer trains on, each scaled by its own factors
+                if not routing.checked:
+                    routing.check(batch)
+                return {name: (_scaled(batch[name], *scales[name]) if isinstance(scales, dict) else batch[name])
+                        for name in dict.fromkeys(routing.names)}
+            if isinstance(scales, dict):
+                raise ValueError("the data yielded a single batch where the checkpoint (or the normalisation batches) "
+                                 "had a dict of hook points")
+            return _scaled(batch, *scales)
 
-    def select(i: int, batch: Any) -> Any:
-        batch = routing(i, batch)
-        return batch[..., i, :] if activations_split_by_head else batch
+        def select(i: int, batch: Any) -> Any:
+            batch = routing(i, batch)
+            return batch[..., i, :] if activations_split_by_head else batch
 
-    def save_all(step: int) -> None:
+        def save_all(step: int) -> None:
+            for i, (trainer, directory) in enumerate(zip(trainers, directories)):
+                _save_intermediate(trainer, directory / "checkpoints" / f"ae_{step}.pt", scales_of(i))
+
+        if 0 in save_steps and start == 0 and writes:  # upstream saves step 0 (the initial weights) when asked
+            save_all(0)
+
+        def logged() -> dict[str, float]:  # named by each trainer's index in trainer_configs
+            return {f"trainer_{i}/{k}": v for i, t in zip(mine, trainers)
+                    for k, v in t.get_logging_parameters().items() if isinstance(v, (int, float))}
+
+        run = None
+        if use_wandb and rank == 0:  # distributed="trainers": rank 0's trainers only
+            run = start_wandb({f"trainer_{i}": t.config for i, t in zip(mine, trainers)} | run_config, save_dir,
+                              project=wandb_project or "dictionary_learning", entity=wandb_entity or None,
+                              resume=resume)
+        device_type = torch.device(device).type if device else trainers[0].device.type
+        autocast = (torch.autocast(device_type=device_type, dtype=autocast_dtype)
+                    if autocast_dtype != torch.float32 else None)
+        saved = ({name: list(pair) for name, pair in scales.items()} if isinstance(scales, dict) else list(scales))
+        done = run_steps(trainers, data, steps, start=start, consumed=consumed,
+                         checkpoint_path=checkpoint if writes else None,
+                         checkpoint_steps=checkpoint_steps or backup_steps, checkpoint_extra={"scales": saved},
+                         save_steps=save_steps if writes else (), on_save=save_all, log_steps=log_steps,
+                         log_values=logged, run=run, context=autocast, prepare=prepare, select=select,
+                         bar_keys=("loss", "l0", "fvu"), progress=progress and rank == 0, verbose=verbose and rank == 0,
+                         all_have=sync.all_true if sync is not None else None)
+        if done == 0:  # nothing trained: never save an untrained dictionary as if it were one
+            raise ValueError("data yielded no batches to train on (after any normalisation batches): nothing was "
+                             "trained")
+        for i, trainer in enumerate(trainers):
+            trainer.normalization_scales = scales_of(i)  # what the trained weights expect inputs / targets scaled by
         for i, (trainer, directory) in enumerate(zip(trainers, directories)):
-            _save_intermediate(trainer, directory / "checkpoints" / f"ae_{step}.pt", scales_of(i))
-
-    if 0 in save_steps and start == 0 and writes:  # upstream saves step 0 (the initial weights) when asked
-        save_all(0)
-
-    def logged() -> dict[str, float]:  # named by each trainer's index in trainer_configs
-        return {f"trainer_{i}/{k}": v for i, t in zip(mine, trainers)
-                for k, v in t.get_logging_parameters().items() if isinstance(v, (int, float))}
-
-    run = None
-    if use_wandb and rank == 0:  # distributed="trainers": rank 0's trainers only
-        run = start_wandb({f"trainer_{i}": t.config for i, t in zip(mine, trainers)} | run_config, save_dir,
-                          project=wandb_project or "dictionary_learning", entity=wandb_entity or None, resume=resume)
-    device_type = torch.device(device).type if device else trainers[0].device.type
-    autocast = (torch.autocast(device_type=device_type, dtype=autocast_dtype)
-                if autocast_dtype != torch.float32 else None)
-    saved = ({name: list(pair) for name, pair in scales.items()} if isinstance(scales, dict) else list(scales))
-    done = run_steps(trainers, data, steps, start=start, consumed=consumed,
-                     checkpoint_path=checkpoint if writes else None,
-                     checkpoint_steps=checkpoint_steps or backup_steps, checkpoint_extra={"scales": saved},
-                     save_steps=save_steps if writes else (), on_save=save_all, log_steps=log_steps,
-                     log_values=logged, run=run, context=autocast, prepare=prepare, select=select,
-                     bar_keys=("loss", "l0", "fvu"), progress=progress and rank == 0, verbose=verbose and rank == 0,
-                     all_have=sync.all_true if sync is not None else None)
-    if done == 0:  # nothing trained: never save an untrained dictionary as if it were one
-        raise ValueError("data yielded no batches to train on (after any normalisation batches): nothing was trained")
-    for i, trainer in enumerate(trainers):
-        trainer.normalization_scales = scales_of(i)  # what the trained weights expect inputs / targets scaled by
-    for i, (trainer, directory) in enumerate(zip(trainers, directories)):
-        _save(trainer, directory, scales_of(i), run_config)
-    if distributed is not None:  # every rank returns once the files are written
-        torch.distributed.barrier()
-    if checkpoint is not None and writes and not keep_checkpoint:
-        checkpoint.unlink(missing_ok=True)  # the run is complete in its saved dictionaries
-    return trainers
+            _save(trainer, directory, scales_of(i), run_config)
+        if distributed is not None:  # every rank returns once the files are written
+            torch.distributed.barrier()
+        if checkpoint is not None and writes and not keep_checkpoint:
+            checkpoint.unlink(missing_ok=True)  # the run is complete in its saved dictionaries
+        return trainers
 
 
 FOUNDING_KEYWORDS = {"activation_dim", "dictionary_size", "dict_size", "lr", "sparsity_penalty", "entropy",
