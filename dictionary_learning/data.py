@@ -38,14 +38,16 @@ def passages(text: str, max_chars: int = PASSAGE_CHARS) -> Iterator[str]:
     current = ""
     for paragraph in re.split(r"\n\s*\n", text):
         paragraph = " ".join(paragraph.split())
-        while len(paragraph) > max_chars:
-            cut = paragraph.rfind(" ", 0, max_chars)
-            cut = cut if cut > max_chars // 2 else max_chars
-            head, paragraph = paragraph[:cut], paragraph[cut:].lstrip()
+        start = 0  # cut by moving a start index: re-slicing the rest at every cut is quadratic in a long paragraph
+        while len(paragraph) - start > max_chars:
+            cut = paragraph.rfind(" ", start, start + max_chars)
+            cut = cut if cut > start + max_chars // 2 else start + max_chars
             if current:
                 yield current
                 current = ""
-            yield head
+            yield paragraph[start:cut]
+            start = cut + 1 if cut < len(paragraph) and paragraph[cut] == " " else cut
+        paragraph = paragraph[start:]
         if not paragraph:
             continue
         if current and len(current) + 1 + len(paragraph) > max_chars:

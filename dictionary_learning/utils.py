@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from .dictionary import AutoEncoder, Dictionary, dictionary_class, load_state_dict
-from .files import atomic_folder, atomic_write, atomic_write_json, pyplot, read_json, save_figure  # noqa: F401 (also importable here)
+from .files import (atomic_folder, atomic_write, atomic_write_json, inside, pyplot, read_json,  # noqa: F401
+                    save_figure)
 from .models import get_adapter, n_layers, torch_model
 
 
@@ -99,6 +100,8 @@ def push_to_hub(directory: str | Path, repo_id: str, token: str | None = None, p
     the folder (checkpoints, notes) are not uploaded."""
     from huggingface_hub import HfApi
 
+    if path_in_repo is not None:
+        _relative_name("path_in_repo", path_in_repo)
     directory = Path(directory)
     if (directory / "suite.json").exists():
         patterns = ["suite.json", "connections.safetensors", *(f"*/{name}" for name in DICTIONARY_FILES)]
@@ -116,12 +119,21 @@ def push_to_hub(directory: str | Path, repo_id: str, token: str | None = None, p
 
 def download_from_hub(repo_id: str, subfolder: str | None = None, revision: str | None = None,
                       token: str | None = None) -> Path:
-    """The local path of a folder of a hub repo (downloaded, or from the local cache), `subfolder` inside it."""
+    """The local path of a folder of a hub repo (downloaded, or from the local cache), `subfolder` inside it (a
+    relative path: never one that leads out of the downloaded snapshot)."""
     from huggingface_hub import snapshot_download
 
+    if subfolder:
+        _relative_name("subfolder", subfolder)
     patterns = [f"{subfolder}/*" if subfolder else "*"]
     local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token)
-    return Path(local) / subfolder if subfolder else Path(local)
+    return inside(local, subfolder, "subfolder") if subfolder else Path(local)
+
+
+def _relative_name(name: str, value: Any) -> None:
+    """A folder inside a repo: a relative path with no `..` (checked before any network call)."""
+    if not isinstance(value, str) or not value.strip() or value.startswith(("/", "~")) or ".." in Path(value).parts:
+        raise ValueError(f"{name} must be a relative folder inside the repo such as 'layer_6', got {value!r}")
 
 
 def pull_from_hub(repo_id: str, subfolder: str | None = None, revision: str | None = None,

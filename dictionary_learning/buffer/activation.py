@@ -23,8 +23,8 @@ from typing import Any, Self
 
 import torch
 
-from ..checks import floating_dtype, integer
-from ..models import max_context, torch_model
+from ..checks import check_memory, floating_dtype, integer
+from ..models import max_context, model_fingerprint, torch_model
 from ..progress import progress_bar
 from ..tracing import read_hook_points, token_mask, tokenize
 from .points import check_entry_widths, describe, entry_points, entry_width
@@ -138,6 +138,8 @@ class ActivationBuffer:
         # probe the widths on a short input, and check them against d_submodule / in_feats / out_feats
         probe = self._collect(self._probe_encoding())
         self.widths = widths = tuple(v.shape[-1] for v in probe)  # one per hook point in self.hooks
+        check_memory("n_ctxs", n_ctxs, self.capacity * sum(widths) * self.dtype.itemsize, self.device,
+                     what=f" to hold n_ctxs * ctx_len = {self.capacity:,} token vectors of width {sum(widths)}")
         if self.entries is None:
             self._check_widths(widths, d_submodule, in_feats, out_feats)
             self.d_submodule: Any = widths[0] if len(widths) == 1 else widths
@@ -261,6 +263,8 @@ class ActivationBuffer:
         """Up to `n_tokens` vectors (fewer if the text runs out) in the form batches have: one tensor, an
         `(x_in, x_out)` pair, or a dict of them by name."""
         n_tokens = integer("n_tokens", n_tokens)
+        check_memory("n_tokens", n_tokens, n_tokens * sum(self.widths) * self.dtype.itemsize, self.device,
+                     what=f" for {n_tokens:,} token vectors of width {sum(self.widths)}")
         parts, count = [], 0
         with progress_bar(desc="collecting activations", total=n_tokens, enabled=progress,
                           unit="tok") as bar:
@@ -392,6 +396,7 @@ class ActivationBuffer:
             "add_special_tokens": self.add_special_tokens,
             "max_activation_norm_multiple": self.remove_high_norm,
             "seed": self.seed,
+            "model_fingerprint": model_fingerprint(self.model),
         }
 
 

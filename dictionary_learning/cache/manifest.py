@@ -13,7 +13,8 @@ from ..files import atomic_write_json, error_summary, read_json
 FORMAT, VERSION, MANIFEST = "dictionary_learning.activation_cache", 1, "manifest.json"
 # settings a resumed write_cache must share with the cache it continues
 SETTINGS = ("model", "source", "io", "hooks", "entries", "widths", "dtype", "ctx_len", "remove_bos",
-            "add_special_tokens", "max_activation_norm_multiple", "batch_texts", "shard_tokens")
+            "add_special_tokens", "max_activation_norm_multiple", "batch_texts", "shard_tokens", "model_fingerprint")
+OPTIONAL = ("model_fingerprint",)  # settings caches written before them lack (unknown, so not compared)
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
@@ -32,7 +33,8 @@ def resumable_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
         manifest = read_manifest(out)
         saved = {key: manifest.get(key) for key in SETTINGS}
         now = json.loads(json.dumps(settings))  # as it reads back (tuples become lists)
-        changed = [key for key in SETTINGS if saved[key] != now[key]]
+        changed = [key for key in SETTINGS if saved[key] != now[key]
+                   and not (key in OPTIONAL and None in (saved[key], now[key]))]
         if changed:
             raise ValueError(f"the cache {str(out)!r} was written with other settings; refusing to mix them: "
                              + "; ".join(f"{key}: {saved[key]!r} in the cache, {now[key]!r} now" for key in changed)
@@ -59,7 +61,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"{str(file)!r} is not an activation cache manifest of version {VERSION}: format "
                          f"{manifest.get('format')!r}, version {manifest.get('version')!r}")
-    missing = [key for key in (*SETTINGS, "shards", "n_tokens", "position", "position_rows") if key not in manifest]
+    missing = [key for key in (*SETTINGS, "shards", "n_tokens", "position", "position_rows")
+               if key not in manifest and key not in OPTIONAL]
     if missing:
         raise ValueError(f"{str(file)!r} is corrupt: it lacks the keys {missing}")
     shards, widths = manifest["shards"], manifest["widths"]

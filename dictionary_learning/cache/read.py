@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import torch
 
 from ..checks import floating_dtype, integer
+from ..files import inside
 from .manifest import SAFETENSORS_DTYPES, hook_key, open_shard, read_manifest
 
 
@@ -45,7 +46,8 @@ class ActivationCache:
         self.seed, self.device = int(seed), torch.device(device)
         self.stored_dtype = getattr(torch, manifest["dtype"])
         self.dtype = floating_dtype("dtype", dtype) or self.stored_dtype
-        self.shards = [(self.path / shard["file"], int(shard["tokens"])) for shard in manifest["shards"]]
+        self.shards = [(inside(self.path, shard["file"], "a shard file of the manifest"), int(shard["tokens"]))
+                       for shard in manifest["shards"]]
         self.n_tokens = sum(tokens for _, tokens in self.shards)
         all_entries = manifest["entries"]
         if all_entries is None:
@@ -115,7 +117,8 @@ class ActivationCache:
             "device": str(self.device), "hooks": m["hooks"], "dtype": str(self.dtype).removeprefix("torch."),
             "remove_bos": m["remove_bos"], "add_special_tokens": m["add_special_tokens"],
             "max_activation_norm_multiple": m["max_activation_norm_multiple"], "seed": self.seed,
-            "cache": str(self.path), "model": m["model"], "source": m["source"], "cache_dtype": m["dtype"],
+            "cache": str(self.path), "model": m["model"], "model_fingerprint": m.get("model_fingerprint"),
+            "source": m["source"], "cache_dtype": m["dtype"],
             "n_tokens": self.n_tokens, "n_shards": len(self.shards), "shard_tokens": m["shard_tokens"],
             "entries": self.selection, "window_shards": self.window_shards, "epochs": self.epochs,
             "start_batch": self.start_batch, "rank": self.rank, "world_size": self.world_size,

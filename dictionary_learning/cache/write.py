@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -10,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from ..buffer.activation import PROBE_TEXT, ActivationBuffer
-from ..checks import floating_dtype, integer, texts
-from ..files import atomic_write, atomic_write_json, check_writable_folder
-from ..models import torch_model
+from ..checks import check_disk, floating_dtype, integer, texts
+from ..files import atomic_write, atomic_write_json, check_writable_folder, inside, writer_lock
+from ..models import model_fingerprint, torch_model
 from ..progress import progress_bar
 from .manifest import FORMAT, MANIFEST, hook_key, open_shard, resumable_manifest, shard_name
 
@@ -20,6 +21,14 @@ from .manifest import FORMAT, MANIFEST, hook_key, open_shard, resumable_manifest
 def _model_name(model: Any) -> str:
     config = getattr(torch_model(model), "config", None)
     return getattr(config, "_name_or_path", "") or getattr(config, "model_type", "") or type(model).__name__
+
+
+def _written(out: Path) -> int:
+    """Tokens a cache folder holds already (0 for a new one)."""
+    try:
+        return int(json.loads((out / MANIFEST).read_text())["n_tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def write_cache(model: Any, data: Iterable[str], submodule: Any, out: str | Path, n_tokens: int, io: str = "out",
@@ -41,6 +50,16 @@ def write_cache(model: Any, data: Iterable[str], submodule: Any, out: str | Path
     out = Path(out)
     check_writable_folder("out", out)
     items = texts("data", data)
+    with writer_lock(out, "activation cache"):
+        return _append(model, items, submodule, out, n_tokens, io, ctx_len, batch_texts, shard_tokens, remove_bos,
+                       add_special_tokens, max_activation_norm_multiple, dtype, progress, model_name, source)
+
+
+def _append(model: Any, items: Iterable[str], submodule: Any, out: Path, n_tokens: int, io: str, ctx_len: int,
+            batch_texts: int, shard_tokens: int, remove_bos: bool, add_special_tokens: bool,
+            max_activation_norm_multiple: float | None, dtype: torch.dtype | None, progress: bool,
+            model_name: str | None, source: str | None) -> Path:
+    """write_cache's work, under the folder's writer lock."""
     buffer = ActivationBuffer([PROBE_TEXT], model, submodule, io=io, n_ctxs=1, ctx_len=ctx_len,
                               refresh_batch_size=batch_texts, out_batch_size=1, device="cpu", remove_bos=remove_bos,
                               add_special_tokens=add_special_tokens,
@@ -54,8 +73,9 @@ def write_cache(model: Any, data: Iterable[str], submodule: Any, out: str | Path
         "dtype": str(buffer.dtype).removeprefix("torch."), "ctx_len": ctx_len,
         "remove_bos": remove_bos, "add_special_tokens": add_special_tokens,
         "max_activation_norm_multiple": max_activation_norm_multiple, "batch_texts": batch_texts,
-        "shard_tokens": shard_tokens,
+        "shard_tokens": shard_tokens, "model_fingerprint": model_fingerprint(model),
     }
+    check_disk(out, (n_tokens - _written(out)) * sum(buffer.widths) * buffer.dtype.itemsize, "n_tokens")
     manifest = resumable_manifest(out, settings)
     manifest["d_submodule"] = buffer.d_submodule
     shards = manifest["shards"]
@@ -66,7 +86,7 @@ def write_cache(model: Any, data: Iterable[str], submodule: Any, out: str | Path
     written = sum(shard["tokens"] for shard in shards)
     if shards and shards[-1]["tokens"] < shard_tokens and written < n_tokens:
         last = shards.pop()
-        with open_shard(out / last["file"]) as file:
+        with open_shard(inside(out, last["file"], "a shard file")) as file:
             rows = [file.get_slice(hook_key(i))[: last["tokens"]] for i in range(len(buffer.hooks))]
         segments.append([resume_point, rows, resume_point])
         written -= last["tokens"]
@@ -174,7 +194,7 @@ def cache_from_tensors(out: str | Path, activations: Any, shard_tokens: int = 65
         "model": model_name, "source": source, "io": io, "hooks": hooks, "entries": None if single else entries,
         "widths": [t.shape[1] for t in sides], "dtype": str(sides[0].dtype).removeprefix("torch."), "ctx_len": None,
         "remove_bos": None, "add_special_tokens": None, "max_activation_norm_multiple": None, "batch_texts": None,
-        "shard_tokens": shard_tokens})
+        "shard_tokens": shard_tokens, "model_fingerprint": None})
     n = sides[0].shape[0]
     manifest["shards"] = [_save_shard(out, i, [t[start : start + shard_tokens] for t in sides])
                           for i, start in enumerate(range(0, n, shard_tokens))]

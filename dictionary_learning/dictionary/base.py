@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks import integer
+from ..checks import check_memory, integer
 from ..files import error_summary
 
 TRANSCODER_MARKER = "is_transcoder"  # in saved transcoders' state dicts only
@@ -49,6 +49,9 @@ class Dictionary(ABC, nn.Module):
         (activation_dim, dict_size) as ints."""
         activation_dim, dict_size = integer("activation_dim", activation_dim), integer("dict_size", dict_size)
         output_dim = activation_dim if output_dim is None else integer("output_dim", output_dim)
+        # the encoder and decoder in float32 (an estimate: training adds gradients and Adam's two moments)
+        check_memory("dict_size", dict_size, 4 * dict_size * (activation_dim + output_dim),
+                     what=f" for the weights alone ({activation_dim} -> {dict_size} -> {output_dim}, float32)")
         self.activation_dim, self.dict_size, self.output_dim = activation_dim, dict_size, output_dim
         self.transcoder = bool(transcoder or skip or output_dim != activation_dim)
         self.skip = nn.Linear(activation_dim, output_dim, bias=False) if skip else None

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_folder, atomic_write, atomic_write_text
+from ..files import atomic_folder, atomic_write, atomic_write_text, error_summary, inside, read_safetensors
 from .hooks import mlp_hooks, mlp_layer
 from .saelens import hf_model_name
 from .weights import Weights
@@ -92,7 +92,11 @@ def _read_config(folder: Path) -> dict[str, Any]:
     """The flat `key: value` lines of a transcoder set's config.yaml (as this format uses them)."""
     import yaml
 
-    config = yaml.safe_load((folder / CONFIG).read_text())
+    try:
+        config = yaml.safe_load((folder / CONFIG).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ValueError(f"{str(folder / CONFIG)!r} is not a valid YAML file (corrupt or truncated?): "
+                         f"{error_summary(error)}") from error
     if not isinstance(config, dict):
         raise ValueError(f"{str(folder / CONFIG)!r} is not a YAML mapping")
     return config
@@ -101,8 +105,6 @@ def _read_config(folder: Path) -> dict[str, Any]:
 def load_circuit_tracer(folder: str | Path) -> list[Weights]:
     """The library-neutral weights of every layer of a circuit-tracer transcoder set folder (local files: a hub set
     is fetched first with huggingface_hub, e.g. `snapshot_download`)."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not (folder / CONFIG).is_file():
         raise ValueError(f"expected a circuit-tracer transcoder set folder with {CONFIG}, got {str(folder)!r}")
@@ -118,12 +120,25 @@ def load_circuit_tracer(folder: str | Path) -> list[Weights]:
     if config.get("exported_by") == "dictionary_learning" and config.get("lm_name"):
         model_name = config["lm_name"]  # the offline name this toolkit exported it from (smollm2-135m)
     paths = config.get("transcoders") or [layer_file(i) for i in range(len(list(folder.glob("layer_*.safetensors"))))]
+    if not isinstance(paths, list):
+        raise ValueError(f"{str(folder / CONFIG)!r}: 'transcoders' must list the layer files, got {paths!r:.100}")
     layers = []
     for index, path in enumerate(paths):
-        path = Path(path) if Path(path).is_absolute() else folder / path
+        path = inside(folder, path, f"layer {index}'s file")
         if not path.is_file():
             raise ValueError(f"{str(folder)!r}: layer {index}'s file {str(path)!r} is missing")
-        state = {name: tensor.float() for name, tensor in load_file(str(path)).items()}
+        state = {name: tensor.float() for name, tensor in read_safetensors(path).items()}
+        missing = sorted({"W_enc", "b_enc", "W_dec", "b_dec"} - set(state))
+        unused = sorted(set(state) - {"W_enc", "b_enc", "W_dec", "b_dec", "W_skip", "activation_function.threshold"})
+        if missing or unused:
+            raise ValueError(f"{str(path)!r} " + (f"lacks {missing}" if missing else f"holds {unused}, which a "
+                                                  f"circuit-tracer transcoder does not use"))
+        if layers and (state["W_enc"].shape != layers[0].W_enc.shape or ("W_skip" in state) != (
+                layers[0].W_skip is not None)):
+            raise ValueError(f"{str(path)!r}: layer {index} has W_enc {tuple(state['W_enc'].shape)} and "
+                             f"{'a' if 'W_skip' in state else 'no'} W_skip, unlike layer 0 (W_enc "
+                             f"{tuple(layers[0].W_enc.shape)}, {'a' if layers[0].W_skip is not None else 'no'} "
+                             f"W_skip): a transcoder set has one shape on every layer")
         threshold = state.get("activation_function.threshold")
         activation = config.get("activation") or ("jumprelu" if threshold is not None else "relu")
         if threshold is not None and bool((threshold < 0).any()):

@@ -10,14 +10,13 @@ threshold, as SAELens itself saves them); transcoders `transcoder`, `skip_transc
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..files import atomic_folder, atomic_write, atomic_write_json
+from ..files import atomic_folder, atomic_write, atomic_write_json, read_json, read_safetensors
 from .hooks import HUB_NAMES, input_hook, output_path
 from .weights import Weights
 
@@ -108,12 +107,10 @@ def _v6_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def load_saelens(folder: str | Path) -> Weights:
     """The library-neutral weights of a SAELens folder (`cfg.json` + `sae_weights.safetensors`)."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise ValueError(f"expected a SAELens folder with {CONFIG} and {WEIGHTS}, got {str(folder)!r}")
-    config = _v6_config(json.loads((folder / CONFIG).read_text()))
+    config = _v6_config(read_json(folder / CONFIG, expect=dict))
     architecture = config.get("architecture")
     if architecture not in ACTIVATION_OF:
         raise ValueError(f"{str(folder)!r}: SAELens architecture {architecture!r} is not convertible; supported: "
@@ -126,7 +123,7 @@ def load_saelens(folder: str | Path) -> Weights:
     if architecture == "topk" and config.get("rescale_acts_by_decoder_norm"):
         raise ValueError(f"{str(folder)!r}: rescale_acts_by_decoder_norm=True selects latents by decoder-scaled "
                          "pre-activations, which this toolkit's TopK does not; fold the decoder norms in SAELens first")
-    state = {name: tensor.float() for name, tensor in load_file(str(folder / WEIGHTS)).items()}
+    state = {name: tensor.float() for name, tensor in read_safetensors(folder / WEIGHTS).items()}
     scaling = state.pop("scaling_factor", None)
     if scaling is not None and not torch.allclose(scaling, torch.ones_like(scaling)):
         raise ValueError(f"{str(folder)!r}: a scaling_factor other than 1 is not supported")
@@ -135,9 +132,20 @@ def load_saelens(folder: str | Path) -> Weights:
     missing = [name for name in ("W_enc", "b_enc", "W_dec", "b_dec") if name not in state]
     if missing:
         raise ValueError(f"{str(folder / WEIGHTS)!r} lacks {missing}")
+    uses = {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if ACTIVATION_OF[architecture] == "jumprelu" else
+                                                   set()) | ({"W_skip"} if "skip" in architecture else set())
+    unused = sorted(set(state) - uses)
+    if unused:  # a tensor the architecture would silently drop: the label and the weights disagree
+        raise ValueError(f"{str(folder / WEIGHTS)!r} holds {unused}, which a {architecture!r} SAE (as {CONFIG} "
+                         f"says) does not use: the architecture and the weights disagree")
     if (config.get("d_in"), config.get("d_sae")) != tuple(state["W_enc"].shape):
         raise ValueError(f"{str(folder)!r}: W_enc has shape {tuple(state['W_enc'].shape)}, but {CONFIG} says "
                          f"d_in={config.get('d_in')}, d_sae={config.get('d_sae')}")
+    d_out = config.get("d_out", config.get("d_in"))
+    if tuple(state["W_dec"].shape) != (config["d_sae"], d_out) or tuple(state["b_dec"].shape) != (d_out,):
+        raise ValueError(f"{str(folder)!r}: W_dec {tuple(state['W_dec'].shape)} and b_dec "
+                         f"{tuple(state['b_dec'].shape)} do not match {CONFIG}'s d_sae={config['d_sae']}, "
+                         f"d_out={d_out}")
     metadata = config.get("metadata") or {}
     transcoder = "transcoder" in architecture
     model_name = metadata.get("model_name")

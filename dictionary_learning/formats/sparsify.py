@@ -9,13 +9,12 @@ module's input to that module's output, of the same width.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_folder, atomic_write, atomic_write_json, read_json
+from ..files import atomic_folder, atomic_write, atomic_write_json, read_json, read_safetensors
 from .hooks import base_prefix, full_path, mlp_layer, output_path
 from .weights import Weights
 
@@ -93,22 +92,33 @@ def load_sparsify(path: str | Path, hookpoint: str | None = None, model_name: st
     """The library-neutral weights of a sparsify hookpoint folder (or of a run folder's only / named hookpoint).
     model_name (default: the cfg.json's `model_name` that `export_sparsify` adds, else the run's config.json
     `model`) places the hookpoint in the causal LM's module tree."""
-    from safetensors.torch import load_file
-
     folder = _hookpoint_folder(Path(path), hookpoint)
-    config: dict[str, Any] = json.loads((folder / CONFIG).read_text())
+    config: dict[str, Any] = read_json(folder / CONFIG, expect=dict)
     if config.get("activation", "topk") != "topk":
         raise ValueError(f"{str(folder)!r}: sparsify activation {config.get('activation')!r} has no equivalent here "
                          "(only topk)")
     if not (folder / WEIGHTS).is_file():
         raise ValueError(f"{str(folder)!r} has {CONFIG} but no {WEIGHTS}")
-    state = {name: tensor.float() for name, tensor in load_file(str(folder / WEIGHTS)).items()}
+    state = {name: tensor.float() for name, tensor in read_safetensors(folder / WEIGHTS).items()}
     missing = [name for name in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if name not in state]
     if missing:
         raise ValueError(f"{str(folder / WEIGHTS)!r} lacks {missing}")
-    if tuple(state["encoder.weight"].shape)[1] != config.get("d_in"):
-        raise ValueError(f"{str(folder)!r}: encoder.weight has shape {tuple(state['encoder.weight'].shape)}, but "
-                         f"{CONFIG} says d_in={config.get('d_in')}")
+    unused = sorted(set(state) - {"encoder.weight", "encoder.bias", "W_dec", "b_dec", "W_skip"})
+    if unused:
+        raise ValueError(f"{str(folder / WEIGHTS)!r} holds {unused}, which a sparsify SparseCoder does not use")
+    shape = tuple(state["encoder.weight"].shape)
+    if shape[1] != config.get("d_in"):
+        raise ValueError(f"{str(folder)!r}: encoder.weight has shape {shape}, but {CONFIG} says "
+                         f"d_in={config.get('d_in')}")
+    if config.get("num_latents") not in (None, 0, shape[0]):
+        raise ValueError(f"{str(folder)!r}: encoder.weight has {shape[0]} latents, but {CONFIG} says "
+                         f"num_latents={config['num_latents']}")
+    if not (isinstance(config.get("k"), int) and 0 < config["k"] <= shape[0]):
+        raise ValueError(f"{str(folder)!r}: {CONFIG} says k={config.get('k')!r}; expected an int in [1, {shape[0]}] "
+                         f"(the latents)")
+    if "skip_connection" in config and bool(config["skip_connection"]) != ("W_skip" in state):
+        raise ValueError(f"{str(folder)!r}: {CONFIG} says skip_connection={config['skip_connection']}, but the "
+                         f"weights {'hold' if 'W_skip' in state else 'lack'} W_skip")
     run_config = folder.parent / "config.json"
     model_name = model_name or config.get("model_name")
     if model_name is None and run_config.is_file():

@@ -6,7 +6,8 @@ attention weight layouts) lives in `adapters.py` only. Every name stays importab
 from ..files import cache_dir
 from .adapters import (
     ADAPTERS, GPT2, GPT_NEOX, LLAMA, SITES, AttentionOV, FamilyAdapter, NormParams, attention_ov, d_model, get_adapter,
-    get_module, max_context, module_paths, n_layers, norm_params, parallel_residual, torch_model,
+    get_module, max_context, model_fingerprint, module_paths, n_layers, norm_params, parallel_residual,
+    torch_model,
 )
 from .hooks import HookPoint, execution_key, execution_order, hook, resolve_hook
 from .loading import (
@@ -18,6 +19,7 @@ __all__ = [
     "ADAPTERS", "DEFAULT_MODEL", "DTYPES", "GPT2", "GPT_NEOX", "LLAMA", "SITES", "SMOLLM2_GGUF", "SMOLLM2_WHEEL",
     "TINY_VOCAB", "AttentionOV", "FamilyAdapter", "HookPoint", "NormParams", "attention_ov", "byte_tokenizer",
     "cache_dir", "d_model", "default_dtype", "dtype_from_name", "execution_key", "get_adapter", "get_module", "hook",
-    "execution_order", "load_model", "max_context", "module_paths", "n_layers", "norm_params", "parallel_residual",
+    "execution_order", "load_model", "max_context", "model_fingerprint", "module_paths", "n_layers", "norm_params",
+    "parallel_residual",
     "resolve_hook", "smollm2_path", "tiny_hf_model", "torch_model",
 ]

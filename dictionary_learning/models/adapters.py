@@ -156,6 +156,27 @@ def d_model(model: Any) -> int:
     return int(getattr(config, "hidden_size", None) or config.n_embd)
 
 
+def model_fingerprint(model: Any) -> str | None:
+    """A short hash of what makes a model this model: its family, depth, width and vocabulary, and a sample of its
+    token embedding's values (rounded to bfloat16, so the same weights loaded in float32 or bfloat16 agree). Saved
+    with caches and suites, so that using them with another model of the same shape is refused. None where the
+    weights are not on this machine (a model loaded for remote execution)."""
+    import hashlib
+
+    module = torch_model(model)
+    config = getattr(module, "config", None)
+    try:
+        weight = module.get_input_embeddings().weight
+    except (AttributeError, NotImplementedError):
+        return None
+    if weight.device.type == "meta":
+        return None
+    rows = weight.detach()[:: max(1, weight.shape[0] // 64), :64]
+    sample = rows.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes()
+    shape = f"{getattr(config, 'model_type', '')}:{n_layers(model)}:{d_model(model)}:{weight.shape[0]}"
+    return hashlib.sha256(shape.encode() + sample).hexdigest()[:16]
+
+
 def max_context(model: Any) -> int | None:
     """Longest context the model accepts (None if the config does not say)."""
     config = torch_model(model).config
