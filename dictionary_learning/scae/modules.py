@@ -12,7 +12,7 @@ import torch
 
 from ..buffer import ActivationBuffer
 from ..checks import integer
-from ..models import d_model, hook, n_layers
+from ..models import d_model, hook, model_fingerprint, n_layers
 from ..trainers import TopKTrainer
 from ..training import trainSAE
 from .suite import SCAESuite, module_names, parse_module_name
@@ -77,7 +77,7 @@ def train_suite(model: Any, layers: int | None, dict_size: int, k: int, data: An
         with torch.no_grad():
             module.fold_scale(*trainer.normalization_scales)  # works on raw activations
         modules[name] = module
-    suite = SCAESuite(modules, model_name=model_name)
+    suite = SCAESuite(modules, model_name=model_name, model_fingerprint=model_fingerprint(model))
     if save_dir is not None:
         suite.save(Path(save_dir) / "suite")
     return suite

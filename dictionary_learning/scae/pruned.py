@@ -141,7 +141,7 @@ def pruned_forward(suite: SCAESuite, model: Any, record: SuiteRecord, connection
     """Every module's TopK codes `[batch, seq, dict_size]`, computed in layer order from the pruned codes of its
     connected upstream features (never the clean ones), plus the embedding and bias terms. A dict passed as
     `pre_activations` receives each module's pruned pre-activations (for AuxK)."""
-    connections.validate(suite, model)
+    connections.validate(suite, model, weights=not recompute_weights)
     codes: dict[str, torch.Tensor] = {}
     for name in suite.names:
         pre = pruned_pre_activations(suite, model, record, connections, name, codes, recompute_weights)

@@ -14,7 +14,7 @@ from ..checks import texts as check_texts
 from ..models import attention_ov, norm_params
 from ..progress import progress_bar
 from .pruned import virtual_weights
-from .suite import Connections, SCAESuite, check_C, parse_module_name, upstream_of
+from .suite import Connections, SCAESuite, check_C, parameter_fingerprint, parse_module_name, upstream_of
 from .tracing import run_suite
 
 
@@ -103,7 +103,7 @@ def connections_from_statistics(suite: SCAESuite, model: Any, statistics: Contri
             offset += suite[up].dict_size
         indices[name], scores[name] = best_indices, best_values
         weights[name] = virtual_weights(suite, model, name, best_indices)
-    return Connections(indices, weights, scores, totals)
+    return Connections(indices, weights, scores, totals, fingerprint=parameter_fingerprint(suite))
 
 
 @torch.no_grad()
@@ -130,7 +130,7 @@ def all_connections(suite: SCAESuite, model: Any) -> Connections:
         device = next(suite[name].parameters()).device
         indices[name] = torch.arange(n_up, device=device).expand(suite[name].dict_size, n_up).contiguous()
         weights[name] = virtual_weights(suite, model, name, indices[name])
-    return Connections(indices, weights)
+    return Connections(indices, weights, fingerprint=parameter_fingerprint(suite))
 
 
 @torch.no_grad()
@@ -148,14 +148,17 @@ def random_connections(suite: SCAESuite, C: int, seed: int = 0, model: Any = Non
             drawn = torch.zeros(rows, 0, dtype=torch.long)
         elif count * 2 > n_up:  # dense draw: a random permutation per row
             drawn = torch.rand(rows, n_up, generator=generator).argsort(dim=1)[:, :count]
-        else:  # sparse draw: redraw rows holding a repeat until none does
+        else:  # sparse draw: redraw only the repeated entries (each collides with probability < 1/2), shuffle
             drawn = torch.randint(n_up, (rows, count), generator=generator)
             while True:
-                repeated = (drawn.sort(dim=1).values.diff(dim=1) == 0).any(dim=1).nonzero().flatten()
-                if repeated.numel() == 0:
+                ordered, order = drawn.sort(dim=1)
+                repeat = torch.zeros_like(drawn, dtype=torch.bool)
+                repeat.scatter_(1, order[:, 1:], ordered[:, 1:] == ordered[:, :-1])
+                if not repeat.any():
                     break
-                drawn[repeated] = torch.randint(n_up, (repeated.numel(), count), generator=generator)
+                drawn[repeat] = torch.randint(n_up, (int(repeat.sum()),), generator=generator)
+            drawn = drawn.gather(1, torch.rand(rows, count, generator=generator).argsort(dim=1))
         device = next(suite[name].parameters()).device
         indices[name] = drawn.to(device)
         weights[name] = virtual_weights(suite, model, name, indices[name])
-    return Connections(indices, weights, random=True)
+    return Connections(indices, weights, random=True, fingerprint=parameter_fingerprint(suite))

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from ..checks import integer
-from ..dictionary import AutoEncoderTopK, Dictionary, TopKDictionary
+from ..dictionary import AutoEncoderTopK, Dictionary
 from ..files import atomic_folder, atomic_write, atomic_write_json, read_json
 from ..formats.hooks import site_hooks
-from ..models import d_model, n_layers
+from ..models import d_model, model_fingerprint, n_layers
 from ..models.adapters import parallel_residual
 from ..utils import download_from_hub, load_dictionary, push_to_hub, save_dictionary
 
@@ -82,7 +82,7 @@ class SCAESuite(nn.Module):
     """Per-layer TopK attention SAEs (attn_out -> attn_out) and TopK transcoders (mlp_in -> mlp_out)."""
 
     def __init__(self, modules: dict[str, Dictionary], model_name: str | None = None,
-                 connections: "Connections | None" = None):
+                 connections: "Connections | None" = None, model_fingerprint: str | None = None):
         super().__init__()
         if not modules:
             raise ValueError("an SCAESuite needs at least one module")
@@ -92,8 +92,10 @@ class SCAESuite(nn.Module):
             raise ValueError(f"an SCAESuite needs an attention SAE and a transcoder on every layer: expected "
                              f"{expected}, got {sorted(modules)}")
         for name, module in modules.items():
-            if not isinstance(module, TopKDictionary):
-                raise TypeError(f"{name}: SCAE modules are TopK dictionaries, got {type(module).__name__}")
+            if not isinstance(module, AutoEncoderTopK):  # BatchTopK / Matryoshka select over the batch or by groups
+                raise TypeError(f"{name}: SCAE modules are AutoEncoderTopK dictionaries (per-token TopK, whose "
+                                f"pruned pass with every connection kept is exactly the dense suite), got "
+                                f"{type(module).__name__}")
             if module.skip is not None:
                 raise ValueError(f"{name}: transcoders with a skip connection are not supported in an SCAE")
             if name.startswith("attn") and module.transcoder:
@@ -104,6 +106,8 @@ class SCAESuite(nn.Module):
         self.names = expected
         self.dictionaries = nn.ModuleDict({name: modules[name] for name in expected})
         self.model_name = model_name
+        # the model the suite was trained or connected on (models.model_fingerprint): another one is refused
+        self.model_fingerprint = model_fingerprint
         self.n_layers = layers
         self.connections = connections  # the suite's selected connections, saved and loaded with it
         if connections is not None:
@@ -117,7 +121,9 @@ class SCAESuite(nn.Module):
         return sum(self[up].dict_size for up in upstream_of(name, model))
 
     def check_model(self, model: Any) -> None:
-        """Clear errors for a suite whose widths or depth do not match the model."""
+        """Clear errors for a suite whose widths or depth do not match the model, or that was trained or connected
+        on another model (of the same shape: its `model_fingerprint` differs). The first model a suite meets is
+        recorded."""
         width = d_model(model)
         if self.n_layers > n_layers(model):
             raise ValueError(f"the suite has {self.n_layers} layers, the model {n_layers(model)}")
@@ -125,6 +131,12 @@ class SCAESuite(nn.Module):
             if module.activation_dim != width or module.output_dim != width:
                 raise ValueError(f"{name} maps {module.activation_dim} -> {module.output_dim}, but the model's "
                                  f"width is {width}")
+        fingerprint = model_fingerprint(model)
+        if None not in (self.model_fingerprint, fingerprint) and fingerprint != self.model_fingerprint:
+            raise ValueError(f"the suite was trained or connected on another model than this one"
+                             f"{f' ({self.model_name})' if self.model_name else ''}: their weights differ (model "
+                             f"fingerprint {fingerprint}, the suite's {self.model_fingerprint}); load that model")
+        self.model_fingerprint = self.model_fingerprint or fingerprint
 
     @classmethod
     def random(cls, model: Any, dict_size: int, k: int, n_layer: int | None = None, seed: int = 0) -> "SCAESuite":
@@ -133,7 +145,7 @@ class SCAESuite(nn.Module):
         torch.manual_seed(seed)
         modules = {name: AutoEncoderTopK(width, dict_size, k, transcoder=name.startswith("mlp"))
                    for name in module_names(n_layer or n_layers(model))}
-        return cls(modules)
+        return cls(modules, model_fingerprint=model_fingerprint(model))
 
     def save(self, directory: str | Path) -> Path:
         """One folder: a dictionary folder per module (upstream's ae.pt + config.json format), the connections
@@ -146,6 +158,7 @@ class SCAESuite(nn.Module):
             if self.connections is not None:
                 save_connections(self.connections, staging / "connections.safetensors")
             atomic_write_json(staging / "suite.json", {"modules": self.names, "model_name": self.model_name,
+                                                       "model_fingerprint": self.model_fingerprint,
                                                        "connections": self.connections is not None})
         return directory
 
@@ -158,6 +171,8 @@ class SCAESuite(nn.Module):
         names = meta.get("modules")
         if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
             raise ValueError(f"{str(directory / 'suite.json')!r}: 'modules' must list the module names, got {names!r}")
+        for name in names:  # before any is read: a name is a folder inside the suite's, never a path out of it
+            parse_module_name(name)
         modules = {name: load_dictionary(directory / name, device=device)[0] for name in names}
         connections = None
         if meta.get("connections"):
@@ -166,7 +181,8 @@ class SCAESuite(nn.Module):
                                  f"connections.safetensors is missing")
             connections = load_connections(directory / "connections.safetensors")
         try:
-            return cls(modules, model_name=meta.get("model_name"), connections=connections)
+            return cls(modules, model_name=meta.get("model_name"), connections=connections,
+                       model_fingerprint=meta.get("model_fingerprint"))
         except (ValueError, TypeError) as error:  # suite.json, the modules and the connections disagree
             raise ValueError(f"{str(directory)!r} is not a consistent SCAESuite: {error}") from error
 
@@ -204,9 +220,13 @@ class Connections:
     scores: dict[str, torch.Tensor] | None = None
     totals: dict[str, torch.Tensor] | None = None
     random: bool = False  # drawn at random (`random_connections`), in random order, not strongest first
+    # `parameter_fingerprint` of the suite whose parameters the weights were computed from (None: unknown)
+    fingerprint: str | None = None
 
-    def validate(self, suite: SCAESuite, model: Any = None) -> None:
-        """Clear errors for connections that do not fit the suite (upstream counts for `model`, when given)."""
+    def validate(self, suite: SCAESuite, model: Any = None, weights: bool = True) -> None:
+        """Clear errors for connections that do not fit the suite (upstream counts for `model`, when given); with
+        `weights`, also for virtual weights that are not finite or were computed from other parameters (skip it
+        where they are recomputed from the suite's current parameters, as fine-tuning does)."""
         for name in suite.names:
             if name not in self.indices:
                 raise ValueError(f"no connections for module {name}")
@@ -227,6 +247,12 @@ class Connections:
             if self.weights[name].shape[:2] != indices.shape:
                 raise ValueError(f"{name}: weights of shape {tuple(self.weights[name].shape)} do not match indices "
                                  f"{tuple(indices.shape)}")
+            if weights and not torch.isfinite(self.weights[name]).all():
+                raise ValueError(f"{name}: the connections' virtual weights hold NaN / inf")
+        if weights and self.fingerprint is not None and self.fingerprint != parameter_fingerprint(suite):
+            raise ValueError("the connections' virtual weights were computed from other parameters than the "
+                             "suite's (it was trained or changed since): select them again (select_connections, "
+                             "random_connections) or fine-tune with train_scae_suite, which recomputes them")
 
     def top(self, C: int) -> "Connections":
         """The first C connections of every feature: the C strongest, for selected connections (a random C of
@@ -236,7 +262,24 @@ class Connections:
         def first(tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
             return None if tensors is None else {name: t[:, :C] for name, t in tensors.items()}
 
-        return Connections(first(self.indices), first(self.weights), first(self.scores), self.totals, self.random)
+        return Connections(first(self.indices), first(self.weights), first(self.scores), self.totals, self.random,
+                           self.fingerprint)
+
+
+def parameter_fingerprint(suite: SCAESuite) -> str:
+    """A short hash of every module's parameters (their shapes, sums, sums of squares and a strided sample of their
+    values): what connections' virtual weights were computed from, so stale ones are refused."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name in suite.names:
+            for key, parameter in suite[name].named_parameters():
+                values = parameter.detach().double().flatten()
+                sample = values[:: max(1, values.numel() // 4096)].float().cpu().numpy().tobytes()
+                digest.update(f"{name}.{key}:{tuple(parameter.shape)}:{values.sum().item():.17g}:"
+                              f"{values.square().sum().item():.17g}".encode() + sample)
+    return digest.hexdigest()[:16]
 
 
 def save_connections(connections: Connections, path: str | Path) -> None:
@@ -247,15 +290,19 @@ def save_connections(connections: Connections, path: str | Path) -> None:
     for field in CONNECTION_FIELDS:
         for name, tensor in (getattr(connections, field) or {}).items():
             tensors[f"{name}.{field}"] = tensor.detach().contiguous()
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    metadata = {"fingerprint": connections.fingerprint} if connections.fingerprint else None
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_connections(path: str | Path) -> Connections:
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     fields: dict[str, dict[str, torch.Tensor]] = {field: {} for field in CONNECTION_FIELDS}
     try:
         tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            fingerprint = (handle.metadata() or {}).get("fingerprint")
     except Exception as error:
         raise ValueError(f"cannot read connections from {str(path)!r} (corrupt or truncated?): {error}") from error
     for key, tensor in tensors.items():
@@ -263,4 +310,5 @@ def load_connections(path: str | Path) -> Connections:
         if field not in fields:
             raise ValueError(f"{str(path)!r} holds {key!r}; expected '<module>.<{'|'.join(CONNECTION_FIELDS)}>' keys")
         fields[field][name] = tensor
-    return Connections(fields["indices"], fields["weights"], fields["scores"] or None, fields["totals"] or None)
+    return Connections(fields["indices"], fields["weights"], fields["scores"] or None, fields["totals"] or None,
+                       fingerprint=fingerprint)

@@ -4,18 +4,21 @@
 from __future__ import annotations
 
 import itertools
+import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
 
-from ..checks import integer, texts as check_texts
+from ..checks import finite_hyperparameters, integer, texts as check_texts
+from ..files import writer_lock
 from ..models import torch_model
 from ..tracing import masked_cross_entropy, next_token_kl, tokenize
 from ..trainers.trainer import check_steps, lr_schedule
 from ..training import CHECKPOINT, resume_from_checkpoints, run_steps, start_wandb
 from .pruned import pruned_forward, virtual_weights
-from .suite import Connections, SCAESuite
+from .suite import Connections, SCAESuite, parameter_fingerprint
 from .tracing import clean_targets, patched_logits, run_suite
 
 
@@ -45,8 +48,9 @@ class SCAETrainer:
         check_steps(steps)
         weights = {"mse_weight": mse_weight, "ce_weight": ce_weight, "kl_weight": kl_weight, "auxk_alpha": auxk_alpha}
         for name, value in weights.items():
-            if not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            if not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        finite_hyperparameters("SCAETrainer", {"lr": lr})
         if mse_weight + ce_weight + kl_weight == 0:
             raise ValueError(f"mse_weight, ce_weight and kl_weight must not all be 0, got {mse_weight}, {ce_weight}, "
                              f"{kl_weight}")
@@ -55,7 +59,7 @@ class SCAETrainer:
         integer("stagger_steps", stagger_steps, 0)
         integer("dead_feature_threshold", dead_feature_threshold)
         suite.check_model(model)
-        connections.validate(suite, model)
+        connections.validate(suite, model, weights=False)  # fine-tuning recomputes the weights from the indices
         torch.manual_seed(seed)
         self.suite, self.model, self.connections = suite, model, connections
         self.mse_weight, self.ce_weight, self.kl_weight, self.ctx_len = mse_weight, ce_weight, kl_weight, ctx_len
@@ -180,20 +184,22 @@ def train_scae_suite(suite: SCAESuite, model: Any, texts: Any, connections: Conn
     trainer = SCAETrainer(suite, model, connections, steps, **trainer_kwargs)
     batches = text_batches(texts, batch_texts)
     save_dir = Path(save_dir) if save_dir is not None else None
-    checkpoint = save_dir / CHECKPOINT if save_dir is not None else None
-    state = resume_from_checkpoints([trainer], checkpoint, batches, resume)
-    run = start_wandb(trainer.config, save_dir, project=wandb_project) if use_wandb else None
-    done = run_steps([trainer], batches, steps, start=state["step"], consumed=state["batches_consumed"],
-                     checkpoint_path=checkpoint, checkpoint_steps=checkpoint_steps, log_steps=log_steps,
-                     log_values=lambda: trainer.last_metrics, run=run, desc="fine-tuning suite", progress=progress)
-    if done == 0:  # never save an untuned suite as tuned
-        raise ValueError("texts yielded no batches: the suite was not fine-tuned")
-    with torch.no_grad():  # the virtual weights of the fine-tuned parameters
-        suite.connections = Connections(connections.indices, {name: virtual_weights(suite, model, name, idx)
-                                                              for name, idx in connections.indices.items()},
-                                        connections.scores, connections.totals)
-    if save_dir is not None:
-        suite.save(save_dir / "suite")
-        if not keep_checkpoint:
-            checkpoint.unlink(missing_ok=True)  # the run is complete in the saved suite
+    with writer_lock(save_dir, "training run folder") if save_dir is not None else nullcontext():
+        checkpoint = save_dir / CHECKPOINT if save_dir is not None else None
+        state = resume_from_checkpoints([trainer], checkpoint, batches, resume)
+        run = start_wandb(trainer.config, save_dir, project=wandb_project) if use_wandb else None
+        done = run_steps([trainer], batches, steps, start=state["step"], consumed=state["batches_consumed"],
+                         checkpoint_path=checkpoint, checkpoint_steps=checkpoint_steps, log_steps=log_steps,
+                         log_values=lambda: trainer.last_metrics, run=run, desc="fine-tuning suite",
+                         progress=progress)
+        if done == 0:  # never save an untuned suite as tuned
+            raise ValueError("texts yielded no batches: the suite was not fine-tuned")
+        with torch.no_grad():  # the virtual weights of the fine-tuned parameters
+            tuned = {name: virtual_weights(suite, model, name, idx) for name, idx in connections.indices.items()}
+            suite.connections = Connections(connections.indices, tuned, connections.scores, connections.totals,
+                                            fingerprint=parameter_fingerprint(suite))
+        if save_dir is not None:
+            suite.save(save_dir / "suite")
+            if not keep_checkpoint:
+                checkpoint.unlink(missing_ok=True)  # the run is complete in the saved suite
     return trainer
