@@ -23,6 +23,8 @@ over the evaluated tokens; dense_fraction: features firing on more than 10% of t
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any
 
 import torch
@@ -44,6 +46,17 @@ CORE_GROUPS: dict[str, tuple[str, ...]] = {
     "token_stats": ("total_tokens_eval_reconstruction", "total_tokens_eval_sparsity_variance"),
 }
 
+
+def recovered_fraction(baseline: Any, patched: Any, clean: Any, what: str = "the recovered fraction") -> float:
+    """(baseline - patched) / (baseline - clean), e.g. CE recovered against zero-ablation: undefined (NaN, with a
+    warning) where the baseline equals the clean run to rounding, instead of a huge or infinite score."""
+    baseline, patched, clean = (float(v) for v in (baseline, patched, clean))
+    gap = baseline - clean
+    if not math.isfinite(gap) or abs(gap) <= 1e-6 * max(abs(baseline), abs(clean), 1e-12):
+        warnings.warn(f"{what} is undefined: the ablated run's loss equals the clean run's ({baseline:.6g} vs "
+                      f"{clean:.6g}), so there is nothing to recover; reported as NaN")
+        return float("nan")
+    return (baseline - patched) / gap
 
 def density_metrics(density: torch.Tensor) -> dict[str, float]:
     """SAEBench's frequency metrics of per-feature firing frequencies `[d_sae]`."""
@@ -94,11 +107,12 @@ def saebench_names(results: dict[str, Any]) -> dict[str, float]:
         ce, kl = results.get(f"ce_{baseline}"), results.get(f"kl_{baseline}")
         if ce is not None and "ce_patched" in results:
             named[f"ce_loss_with{'_mean' if suffix else ''}_ablation"] = ce
-            gap = ce - results["ce_clean"]
-            named[f"ce_loss_score{suffix}"] = (ce - results["ce_patched"]) / gap if gap else float("nan")
+            named[f"ce_loss_score{suffix}"] = recovered_fraction(ce, results["ce_patched"], results["ce_clean"],
+                                                                  f"ce_loss_score{suffix}")
         if kl is not None and "kl_patched" in results:
             named[f"kl_div_with{'_mean' if suffix else ''}_ablation"] = kl
-            named[f"kl_div_score{suffix}"] = (kl - results["kl_patched"]) / kl if kl else float("nan")
+            named[f"kl_div_score{suffix}"] = recovered_fraction(kl, results["kl_patched"], 0.0,
+                                                                 f"kl_div_score{suffix}")
     if "kl_patched" in results:
         named["kl_div_with_sae"] = results["kl_patched"]
     return named

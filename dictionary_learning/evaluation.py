@@ -12,6 +12,7 @@ buffer drops (padding; each context's first token with remove_bos) are left unpa
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from .buffer import ActivationBuffer, HeadActivationBuffer
 from .checks import integer
-from .core_metrics import density_metrics, saebench_names, weight_metrics
+from .core_metrics import density_metrics, recovered_fraction, saebench_names, weight_metrics
 from .dictionary import Dictionary, apply_to_values
 from .files import pyplot, save_figure
 from .models import HookPoint, resolve_hook
@@ -36,6 +37,19 @@ IO_MODES = {"out": "out", "in": "in", "in_to_out": "in_to_out", "in_and_out": "i
 
 
 @torch.no_grad()
+def _without_variance(variance: torch.Tensor, squares: torch.Tensor) -> bool:
+    """Whether targets have (almost) no variance about their mean, where FVU and explained variance mean nothing."""
+    return bool(variance <= 1e-10 * squares.clamp_min(1e-30))
+
+
+def check_finite(name: str, *tensors: torch.Tensor) -> None:
+    """A clear error for NaN / inf values, which would make every metric NaN or, worse, a plausible number."""
+    for tensor in tensors:
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{name} hold NaN / inf values ({int((~torch.isfinite(tensor)).sum())} of "
+                             f"{tensor.numel()}): clean them (or find where they came from) before evaluating")
+
+
 def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]:
     """Metrics of one batch `[n, d]` (or an `(x, y)` pair for transcoders): this toolkit's mse (mean squared error
     norm), fvu (error energy / total variance) and upstream's l2_loss (mean error norm), l1_loss, l0, cossim,
@@ -50,14 +64,20 @@ def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]
     param = next(dictionary.parameters())
     x = x.reshape(-1, x.shape[-1]).to(param.device, param.dtype)
     y = y.reshape(-1, y.shape[-1]).to(param.device, param.dtype)
+    check_finite("the activations", x, y)
     y_hat, f = dictionary(x, output_features=True)
     error = y - y_hat
     total_variance = (y - y.mean(dim=0)).pow(2).sum()
     active = f != 0
+    undefined = _without_variance(total_variance.double(), y.double().pow(2).sum())
+    if undefined:
+        warnings.warn("FVU and explained variance are undefined on this batch: its targets have no variance (every "
+                      "token is the same vector); reported as NaN")
+    nan = float("nan")
     return {
         "mse": error.pow(2).sum(dim=-1).mean().item(),
-        "fvu": (error.pow(2).sum() / total_variance.clamp_min(1e-12)).item(),
-        "frac_variance_explained": (1 - error.var(dim=0).sum() / y.var(dim=0).sum().clamp_min(1e-12)).item(),
+        "fvu": nan if undefined else (error.pow(2).sum() / total_variance).item(),
+        "frac_variance_explained": nan if undefined else (1 - error.var(dim=0).sum() / y.var(dim=0).sum()).item(),
         "cossim": F.cosine_similarity(y_hat, y, dim=-1).mean().item(),
         "l2_ratio": (y_hat.norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12)).mean().item(),
         "relative_reconstruction_bias": (y_hat.pow(2).sum(-1).mean() / (y * y_hat).sum(-1).mean()).item(),
@@ -67,7 +87,8 @@ def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]
         "l1": f.sum(dim=-1).mean().item(),
         "l2_norm_in": y.norm(dim=-1).mean().item(),
         "l2_norm_out": y_hat.norm(dim=-1).mean().item(),
-        "explained_variance_legacy": (1 - error.pow(2).sum(-1) / (y - y.mean(dim=0)).pow(2).sum(-1)).mean().item(),
+        "explained_variance_legacy": nan if undefined else (
+            1 - error.pow(2).sum(-1) / (y - y.mean(dim=0)).pow(2).sum(-1)).mean().item(),
         "_fired": active.sum(dim=0),
         "_tokens": x.shape[0],
         "_sums": (error.double().pow(2).sum(), y.double().pow(2).sum(), y.double().sum(dim=0)),
@@ -217,9 +238,9 @@ def loss_recovered(
         results[f"kl_{name}"] = next_token_kl(logits[0], run_logits)[attention.bool()].mean().item()
     for baseline, suffix in (("zero", ""), ("mean", "_mean")):
         if f"ce_{baseline}" in results:
-            denominator = results[f"ce_{baseline}"] - results["ce_clean"]
-            recovered = results[f"ce_{baseline}"] - results["ce_patched"]
-            results[f"frac_recovered{suffix}"] = recovered / denominator if denominator else float("nan")
+            results[f"frac_recovered{suffix}"] = recovered_fraction(
+                results[f"ce_{baseline}"], results["ce_patched"], results["ce_clean"],
+                f"frac_recovered{suffix} (against {baseline} ablation)")
     return results
 
 
@@ -263,6 +284,7 @@ def evaluate(
     (`progress.DELAY`), so a sweep's short calls stay quiet.
     """
     integer("n_batches", n_batches)
+    check_finite("the dictionary's parameters", *dictionary.parameters())
     if device is not None:
         dictionary = dictionary.to(device)
     loss_batches = n_batches if loss_batches is None else loss_batches
@@ -322,7 +344,8 @@ def evaluate(
     results["tokens"] = tokens
     error_sum, square_sum, vector_sum = sums  # 1 - FVU over all tokens, about their global mean
     variance = square_sum / tokens - (vector_sum / tokens).pow(2).sum()
-    results["explained_variance"] = (1 - error_sum / tokens / variance.clamp_min(1e-30)).item()
+    results["explained_variance"] = (float("nan") if _without_variance(variance, square_sum / tokens)
+                                     else (1 - error_sum / tokens / variance).item())
     results.update(density_metrics(fired.float() / tokens), **weight_metrics(dictionary),
                    total_tokens_eval_sparsity_variance=tokens)
     if with_loss and not loss_count:

@@ -12,20 +12,22 @@ import itertools
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .buffer import ActivationBuffer, epochs
 from .cache import ActivationCache, read_manifest, write_cache
-from .checks import integer
+from .checks import check_memory, integer
 from .core_metrics import core_groups
 from .dashboard import build_dashboard
 from .data import text_source
 from .evaluation import activation_statistics, evaluate, feature_density, plot_feature_density, top_activating_contexts
-from .files import atomic_write, atomic_write_json, atomic_write_text, check_writable_folder
-from .models import DEFAULT_MODEL, d_model, dtype_from_name, hook, load_model, n_layers
+from .files import (atomic_write, atomic_write_json, atomic_write_text, check_writable_folder, error_summary,
+                    locks_folder)
+from .models import DEFAULT_MODEL, d_model, dtype_from_name, hook, load_model, model_fingerprint, n_layers
 from .progress import phase
 from .scae import (
     SCAESuite, ce_table, ce_versus_c, evaluate_suite, module_table, plot_ce_versus_c, plot_connection_statistics,
@@ -36,6 +38,7 @@ from .training import trainSAE
 from .utils import load_dictionary
 
 
+@locks_folder("out", "report folder")
 def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str = "resid", data: str | None = None,
                dtype: str = "auto", device: str = "cpu", ctx_len: int | None = None, remove_bos: bool = True,
                tokens: int = 150_000, steps: int = 600, batch: int = 2048, dict_size: int = 4608, k: int = 32,
@@ -87,6 +90,11 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
         lm = load_model(model, device=device, dtype=torch_dtype)
     layer = n_layers(lm) // 2 if layer is None else layer
     point = hook(lm, layer, site)
+    if manifest is None:  # the collected activations stay in memory (float32) while training
+        check_memory("tokens", tokens, tokens * d_model(lm) * 4, what=" to hold the collected activations")
+    elif manifest.get("model_fingerprint") not in (None, model_fingerprint(lm)):
+        raise ValueError(f"the cache {str(cache)!r} was collected from another model than this {model!r} (their "
+                         f"weights differ, though the name is the same): collect again with this model")
     buffer_kwargs = dict(ctx_len=ctx_len, refresh_batch_size=batch_texts, device=device, dtype=torch.float32,
                          remove_bos=remove_bos, seed=seed, progress=progress)
     if manifest is not None:
@@ -143,48 +151,44 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
     with phase(line, progress) as measuring:
         density = feature_density(sae, batches, progress=progress)
     metrics.update(
-        model=model, hook=str(point), ctx_len=ctx_len, dict_size=dict_size, k=k, steps=steps, encoder_dtype=encoder_dtype,
+        model=model, hook=str(point), ctx_len=ctx_len, dict_size=dict_size, k=k, steps=steps,
+        encoder_dtype=encoder_dtype,
         training_tokens_collected=n_collected,
         batch_size=batch, tokens_trained=steps * batch, held_out_tokens=int(held_out.shape[0]),
         dead_features=int((density == 0).sum()), seconds_collect=collected - started,
         seconds_train=trained - collected, seconds_evaluate=evaluating.seconds,
         seconds_loss_recovered=recovering.seconds, seconds_feature_density=measuring.seconds,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    plot_feature_density(density, str(out / "feature_density.png"), title=f"{point}, {dict_size} features")
+    _write_metrics(out, metrics)  # the figures first: the extras below may fail, the figures stay
 
-    # a handful of features spread over densities, with their top-activating contexts on held-out text
-    generator = torch.Generator().manual_seed(seed)
-    candidates = ((density > 1e-3) & (density < 5e-2)).nonzero().flatten()
-    chosen = candidates[torch.randperm(len(candidates), generator=generator)[:n_features]].tolist()
-    line = f"top contexts of {len(chosen)} features on {len(held_out_texts)} held-out texts ..."
-    with phase(line, progress) as searching:
-        contexts = top_activating_contexts(sae, lm, point, held_out_texts, chosen, ctx_len=ctx_len,
-                                           progress=progress)
-    metrics["seconds_top_contexts"] = searching.seconds
-    lines = [f"Top-activating held-out contexts of {len(chosen)} random features with density in (0.1%, 5%)",
-             f"{model} {point}, TopK SAE with {dict_size} features, k={k}", ""]
-    for feature in chosen:
-        lines.append(f"feature {feature}  (fires on {density[feature]:.2%} of held-out tokens)")
-        lines += [f"  {value:8.2f}  {text}" for value, text in contexts[feature]]
-        lines.append("")
-    atomic_write_text(out / "top_contexts.txt", "\n".join(lines))
+    def extra(name: str, make: Callable[[], Any]) -> None:
+        """An optional part of the report: skipped with a warning and a note in metrics.json if it fails."""
+        try:
+            make()
+        except Exception as error:  # the figures are written; an extra that cannot run never loses them
+            warnings.warn(f"the report's {name} was skipped: {error_summary(error)}")
+            metrics.setdefault("skipped", {})[name] = error_summary(error)
+
+    extra("feature density plot", lambda: plot_feature_density(density, str(out / "feature_density.png"),
+                                                              title=f"{point}, {dict_size} features"))
+    extra("top contexts", lambda: _top_contexts(sae, lm, point, held_out_texts, density, n_features, ctx_len, seed,
+                                                 model, dict_size, k, out, metrics, progress))
     if dashboard_features:
         shown = min(dashboard_features, dict_size)
-        with phase(f"dashboard: {shown} features on up to {dashboard_tokens:,} held-out tokens ...",
-                   progress) as drawing:
-            meta = {"dictionary": "quickstart SAE", "model": model,
-                    "data": f"{data or 'python-docs'}, held-out texts"}
-            build_dashboard(sae, lm, point, held_out_texts, out / "dashboard",
-                            features=dashboard_features, tokens=dashboard_tokens, ctx_len=ctx_len,
-                            remove_bos=remove_bos, seed=seed, meta=meta, progress=progress)
-        metrics["seconds_dashboard"] = drawing.seconds
+
+        def draw() -> None:
+            with phase(f"dashboard: {shown} features on up to {dashboard_tokens:,} held-out tokens ...",
+                       progress) as drawing:
+                meta = {"dictionary": "quickstart SAE", "model": model,
+                        "data": f"{data or 'python-docs'}, held-out texts"}
+                build_dashboard(sae, lm, point, held_out_texts, out / "dashboard",
+                                features=dashboard_features, tokens=dashboard_tokens, ctx_len=ctx_len,
+                                remove_bos=remove_bos, seed=seed, meta=meta, progress=progress)
+            metrics["seconds_dashboard"] = drawing.seconds
+
+        extra("dashboard", draw)
     metrics["seconds_total"] = time.perf_counter() - started
-    atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_json(out / "saebench_core.json", core_groups(metrics))
-    table = [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
-             for key, value in metrics.items()]
-    atomic_write_text(out / "metrics.md", "| metric | value |\n|---|---|\n" + "\n".join(table) + "\n")
+    _write_metrics(out, metrics)
     keys = ("fvu", "cossim", "l0", "frac_alive", "ce_clean", "ce_patched", "ce_zero", "frac_recovered",
             "kl_patched", "ce_loss_score", "kl_div_score", "seconds_dashboard", "seconds_total")
     print("\n".join(f"{key:>16s}: {metrics.get(key, float('nan')):.4g}" for key in keys))
@@ -192,6 +196,38 @@ def quickstart(model: str = DEFAULT_MODEL, layer: int | None = None, site: str =
           "top_contexts.txt, sae/"
           + (", dashboard/index.html: open it in a browser" if dashboard_features else "") + ")")
     return metrics
+
+
+def _write_metrics(out: Path, metrics: dict[str, Any]) -> None:
+    """metrics.json, saebench_core.json and metrics.md."""
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "saebench_core.json", core_groups(metrics))
+    table = [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
+             for key, value in metrics.items()]
+    atomic_write_text(out / "metrics.md", "| metric | value |\n|---|---|\n" + "\n".join(table) + "\n")
+
+
+def _top_contexts(sae: Any, lm: Any, point: Any, texts: list[str], density: torch.Tensor, n_features: int,
+                  ctx_len: int, seed: int, model: str, dict_size: int, k: int, out: Path, metrics: dict[str, Any],
+                  progress: bool) -> None:
+    """top_contexts.txt: the strongest held-out contexts of a few random features of density in (0.1%, 5%)."""
+    generator = torch.Generator().manual_seed(seed)
+    candidates = ((density > 1e-3) & (density < 5e-2)).nonzero().flatten()
+    chosen = candidates[torch.randperm(len(candidates), generator=generator)[:n_features]].tolist()
+    line = f"top contexts of {len(chosen)} features on {len(texts)} held-out texts ..."
+    with phase(line, progress) as searching:
+        contexts = top_activating_contexts(sae, lm, point, texts, chosen, ctx_len=ctx_len, progress=progress)
+    metrics["seconds_top_contexts"] = searching.seconds
+    lines = [f"Top-activating held-out contexts of {len(chosen)} random features with density in (0.1%, 5%)",
+             f"{model} {point}, TopK SAE with {dict_size} features, k={k}", ""]
+    if not chosen:
+        lines.append("(no feature fires on between 0.1% and 5% of the held-out tokens: none shown)" if n_features
+                     else "(n_features=0: none shown)")
+    for feature in chosen:
+        lines.append(f"feature {feature}  (fires on {density[feature]:.2%} of held-out tokens)")
+        lines += [f"  {value:8.2f}  {text}" for value, text in contexts[feature]]
+        lines.append("")
+    atomic_write_text(out / "top_contexts.txt", "\n".join(lines))
 
 
 def _from_cache(cache: str | Path, manifest: dict[str, Any], point: Any, data: str | None, eval_texts: int,
@@ -271,6 +307,9 @@ def collect(model: str = DEFAULT_MODEL, layer: int | None = None, site: str = "r
     with phase(f"loading {model} ...", progress):
         lm = load_model(model, device=device, dtype=torch_dtype)
     points = _layers_and_sites(lm, layer, site, layers, sites)
+    if not to_cache:  # held in memory, one row per token at every hook point
+        check_memory("tokens", tokens, tokens * d_model(lm) * len(points) * torch_dtype.itemsize,
+                     what=f" to hold {len(points)} hook point(s) in {str(torch_dtype)[6:]}")
     submodule = next(iter(points.values())) if len(points) == 1 else points
     if progress:
         print(f"model {model} loaded in {time.perf_counter() - start:.1f} s; reading "

@@ -19,7 +19,8 @@ from ..checks import integer
 from ..data import text_source
 from ..dictionary import Dictionary
 from ..files import check_writable_folder, read_json
-from ..models import DEFAULT_MODEL, HookPoint, d_model, dtype_from_name, hook, load_model, n_layers, resolve_hook
+from ..models import (DEFAULT_MODEL, HookPoint, d_model, dtype_from_name, hook, load_model, model_fingerprint,
+                      n_layers, resolve_hook)
 from ..scae import SCAESuite, parse_module_name, upstream_of
 from ..utils import load_dictionary
 from .collect import feature_statistics
@@ -141,7 +142,7 @@ def dashboard(dictionary: str | Path, out: str | Path = "reports/dashboard", mod
               device: str = "cpu", ctx_len: int | None = None, remove_bos: bool | None = None,
               features: str | int = 300, tokens: int = 32768, texts: int | None = None, batch_texts: int = 16,
               top_examples: int = 10, upstream: str | Path | None = None, seed: int = 0,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, other_model: bool = False) -> dict[str, Any]:
     """Write an offline feature dashboard of a saved dictionary (a folder with ae.pt + config.json, or a module
     folder of a saved SCAE suite) to `out/index.html`, with circuit-tracer feature files in `out/features/`.
 
@@ -150,7 +151,8 @@ def dashboard(dictionary: str | Path, out: str | Path = "reports/dashboard", mod
     (default: the offline python-docs corpus), read until `tokens` tokens or `texts` texts. `features`: a count (the
     first N), "all", or indices and ranges ("0-99,512"). `upstream`: an earlier dictionary whose decoder writes
     what this one reads: its strongest virtual weights per feature (an SCAE module shows its suite's selected
-    connections instead). progress: bars on stderr over its long phases (False: quiet)."""
+    connections instead). progress: bars on stderr over its long phases (False: quiet). A dictionary whose config
+    records the model it was trained on (its fingerprint) is refused on another model, unless `other_model`."""
     started = time.perf_counter()
     for name, value in (("tokens", tokens), ("batch_texts", batch_texts), ("top_examples", top_examples)):
         integer(name, value)
@@ -171,6 +173,14 @@ def dashboard(dictionary: str | Path, out: str | Path = "reports/dashboard", mod
     trainer, buffer = _sections(config)
     model_name = model or trainer.get("lm_name") or (suite.model_name if suite else None) or DEFAULT_MODEL
     lm = load_model(model_name, device=device, dtype=dtype_from_name(dtype, device))
+    if loaded.activation_dim != d_model(lm):
+        raise ValueError(f"the dictionary reads vectors of width {loaded.activation_dim}, but {model_name!r} has "
+                         f"width {d_model(lm)}: pass the model it was trained on (--model)")
+    recorded = buffer.get("model_fingerprint") or (suite.model_fingerprint if suite is not None else None)
+    if recorded and model_fingerprint(lm) not in (None, recorded) and not other_model:
+        raise ValueError(f"the dictionary was trained on another model than this {model_name!r} (their weights "
+                         f"differ): pass the model it was trained on (--model), or other_model=True "
+                         f"(--other-model) to read it on this one anyway")
     if suite is not None and layer is None and site is None:
         kind, module_layer = parse_module_name(module)
         point = hook(lm, module_layer, "attn_out" if kind == "attn" else "mlp_in")
