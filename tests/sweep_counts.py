@@ -1,11 +1,13 @@
-"""Count the outcomes of tests/test_sweep.py's cases against whichever `dictionary_learning` is importable:
+"""Count the outcomes of a sweep's cases against whichever `dictionary_learning` is importable:
 
-    python tests/sweep_counts.py [--verbose]
+    python tests/sweep_counts.py [--sweep inputs|surfaces] [--verbose]
 
-Each case is classified as clear (the expected error type with a message naming what was expected and what came, or
-the expected warning), confusing (another error, or a message that does not say it), silent (no error or warning),
-hang (over 60 s) or unsafe (a crafted file ran code). Run it against an older checkout (PYTHONPATH pointing at it)
-to measure what changed: the issue's before / after counts.
+`inputs` is tests/test_sweep.py (bad input to every entry point), `surfaces` tests/test_sweep_surfaces.py (formats,
+cache, SCAE, numerics, locks, bounds). Each case is classified as clear (the expected error type with a message
+naming what was expected and what came, or the expected warning), correct (a case expecting a correct result got
+it), confusing (another error, or a message that does not say it), silent (no error or warning, or a wrong result),
+hang (over 60 s) or unsafe (a crafted file ran code, or a file appeared outside the case's folder). Run it against
+an older checkout (PYTHONPATH pointing at it) to measure what changed: the issue's before / after counts.
 """
 
 import argparse
@@ -33,6 +35,7 @@ def classify(case, env, tmp):
     signal.signal(signal.SIGALRM, alarm)
     signal.alarm(60)
     caught = []
+    beside = set(p.name for p in tmp.parent.iterdir())
     try:
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
@@ -45,6 +48,15 @@ def classify(case, env, tmp):
         signal.alarm(0)
         if (tmp / "pwned").exists():
             return "unsafe", "a crafted file ran code"
+        escaped = sorted(set(p.name for p in tmp.parent.iterdir()) - beside)
+        if escaped:
+            return "unsafe", f"wrote outside its folder: {escaped}"
+        if error is None:  # a correct result was expected
+            if not caught:
+                return "correct", "as expected"
+            if isinstance(caught[0], AssertionError):
+                return "silent", f"wrong result: {str(caught[0])[:160]}"
+            return "confusing", f"{type(caught[0]).__name__}: {str(caught[0])[:160]}"
         if isinstance(error, type) and issubclass(error, Warning):
             if any(issubclass(w.category, error) and re.search(message, str(w.message)) for w in seen):
                 return "clear", "warned"
@@ -62,18 +74,21 @@ def classify(case, env, tmp):
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", choices=["inputs", "surfaces"], default="inputs")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
-    import dictionary_learning
-    from tests import test_sweep
+    import importlib
 
+    import dictionary_learning
+
+    sweep = importlib.import_module({"inputs": "tests.test_sweep", "surfaces": "tests.test_sweep_surfaces"}[args.sweep])
     print(f"dictionary_learning from {Path(dictionary_learning.__file__).parent}")
     counts = collections.Counter()
     with tempfile.TemporaryDirectory() as root:
-        env = test_sweep.make_env(Path(root))
-        for i, case in enumerate(test_sweep.CASES):
-            tmp = Path(root) / f"case{i}"
-            tmp.mkdir()
+        env = sweep.make_env(Path(root) / "env")
+        for i, case in enumerate(sweep.CASES):
+            tmp = Path(root) / "cases" / f"case{i}" / "work"  # a file beside `work` escaped it
+            tmp.mkdir(parents=True)
             try:
                 verdict, detail = classify(case, env, tmp)
             except Exception as error:  # the case itself could not run here (a missing name in an older checkout)
@@ -81,8 +96,8 @@ def main():
             counts[verdict] += 1
             if args.verbose or verdict != "clear":
                 print(f"{verdict:>9s}  {case[0]}: {detail}")
-    print(f"\n{len(test_sweep.CASES)} cases: " + ", ".join(f"{counts[k]} {k}" for k in
-                                                          ("clear", "confusing", "silent", "hang", "unsafe")))
+    print(f"\n{len(sweep.CASES)} cases: " + ", ".join(f"{counts[k]} {k}" for k in
+                                                     ("clear", "correct", "confusing", "silent", "hang", "unsafe")))
 
 
 if __name__ == "__main__":
