@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import PEERS, run_peer  # noqa: E402
 
 from dictionary_learning.trainers import TopKTrainer  # noqa: E402
-from dictionary_learning.trainers.trainer import resolve_encoder_dtype  # noqa: E402
+from dictionary_learning.trainers.top_k import resolve_encoder_dtype  # noqa: E402
 
 
 def ours(d_in, dict_size, k, batch, steps, warmup, dead_fraction, seed=0, encoder_dtype=None) -> dict:
@@ -37,7 +37,7 @@ def ours(d_in, dict_size, k, batch, steps, warmup, dead_fraction, seed=0, encode
         dead = torch.randperm(dict_size, generator=generator)[:n_dead]
         with torch.no_grad():  # really dead: a bias far below any pre-activation; and counted as dead
             trainer.ae.encoder.bias[dead] = -1e4
-        trainer.num_tokens_since_fired[dead] = trainer.dead_threshold_tokens
+        trainer.num_tokens_since_fired[dead] = trainer.dead_feature_threshold
     for step in range(1, warmup + 1):
         trainer.update(step, pool[step % len(pool)])
     start = time.perf_counter()

@@ -12,7 +12,6 @@ buffer drops (padding; each context's first token with remove_bos) are left unpa
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
@@ -28,8 +27,8 @@ from .dictionary import Dictionary, apply_to_values
 from .files import pyplot, save_figure
 from .models import HookPoint, resolve_hook
 from .progress import progress_bar
-from .tracing import (hook_value, logits_or_stop, masked_cross_entropy, model_inputs, next_token_kl,
-                      read_hook_points, read_value, release_traces, token_mask, tokenize, write)
+from .tracing import (masked_cross_entropy, next_token_kl, read_hook_points, run, token_mask,
+                      tokenize)
 
 # upstream's default model keywords for evaluation traces (no KV cache, no attention weights)
 TRACER_ARGS: Mapping[str, Any] = MappingProxyType({"use_cache": False, "output_attentions": False})
@@ -139,33 +138,23 @@ def _runs(model: Any, encoding: dict[str, torch.Tensor], dictionary: Dictionary,
           ) -> list[torch.Tensor]:
     """Logits of the clean run, the patched one, the zero-ablated one and (mode "mean") the one with the hook point's
     value replaced by its mean over the patched positions of this batch."""
-    inputs = model_inputs(encoding)
-    patch_mask = patch_mask[..., None]
 
-    def run(mode: str) -> torch.Tensor:
-        with model.trace(inputs, **tracer_args) as tracer:
-            if mode != "clean":
-                source_raw = hook_value(model, hooks[0])
-                target_raw = hook_value(model, hooks[1]) if len(hooks) == 2 else source_raw
-                source, target = read_value(source_raw), read_value(target_raw)
-                mask = patch_mask.to(target.device)
-                if mode == "zero":
-                    replacement = torch.zeros_like(target)
-                elif mode == "mean":
-                    replacement = target[mask[..., 0]].mean(dim=0).expand_as(target)
-                elif normalize_batch:  # as upstream: the source scaled to mean norm sqrt(d) and the output back
-                    scale = dictionary.activation_dim ** 0.5 / source[mask[..., 0]].float().norm(dim=-1).mean()
-                    replacement = apply_to_values(dictionary, source * scale) / scale
-                else:
-                    replacement = apply_to_values(dictionary, source)
-                write(model, hooks[-1], target_raw, torch.where(mask, replacement, target))
-            logits = logits_or_stop(model, tracer, logits=True)
-        return logits
+    def reconstruct(source: torch.Tensor) -> torch.Tensor:
+        if normalize_batch:  # as upstream: the source scaled to mean norm sqrt(d), the output back
+            kept = source[patch_mask.to(source.device)]
+            scale = dictionary.activation_dim ** 0.5 / kept.float().norm(dim=-1).mean()
+            return apply_to_values(dictionary, source * scale) / scale
+        return apply_to_values(dictionary, source)
 
+    def mean(target: torch.Tensor) -> torch.Tensor:
+        return target[patch_mask.to(target.device)].mean(dim=0).expand_as(target)
+
+    patches = {"clean": {}, "patch": {hooks: reconstruct}, "zero": {hooks[-1]: torch.zeros_like},
+               "mean": {hooks[-1]: mean}}
     desc = f"loss recovered ({', '.join(modes)} runs on {encoding['input_ids'].shape[0]} texts)"
-    logits = [run(mode) for mode in progress_bar(modes, desc=desc, enabled=progress, unit="run")]
-    release_traces()
-    return logits
+    runs = progress_bar(modes, desc=desc, enabled=progress, unit="run")
+    return [run(model, encoding, patch=patches[mode], mask=patch_mask,
+                model_args=tracer_args).logits for mode in runs]
 
 
 @torch.no_grad()
@@ -267,8 +256,9 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, float]:
     """Metrics averaged over `n_batches` activation batches (fewer if `activations` runs out first) and, when
-    `activations` is an ActivationBuffer, loss_recovered averaged over `loss_batches` batches of `batch_size` of its
-    texts (default: one after each activation batch, as upstream; more than n_batches follow the last one).
+    `activations` is an ActivationBuffer over an nnsight model (`pytorch_buffer`'s has no
+    traces), loss_recovered averaged over `loss_batches` batches of `batch_size` of its texts
+    (default: one after each activation batch, as upstream; more than n_batches follow the last).
 
     Keys: upstream's l2_loss, l1_loss, l0, frac_variance_explained, cossim, l2_ratio, relative_reconstruction_bias,
     frac_alive (features that fired at least once) and, with a buffer, loss_original, loss_reconstructed, loss_zero,
@@ -289,9 +279,10 @@ def evaluate(
         dictionary = dictionary.to(device)
     loss_batches = n_batches if loss_batches is None else loss_batches
     hooks = getattr(activations, "hooks", None)
-    with_loss = loss_batches > 0 and not isinstance(activations, HeadActivationBuffer) and (  # per-head: no CE
-        isinstance(activations, ActivationBuffer) or (
-            hasattr(activations, "text_batch") and hasattr(getattr(activations, "model", None), "trace")))
+    # CE needs a buffer over an nnsight model (not PyTorch hooks, not single heads)
+    with_loss = (loss_batches > 0 and not isinstance(activations, HeadActivationBuffer)
+                 and hasattr(activations, "text_batch")
+                 and hasattr(getattr(activations, "model", None), "trace"))
     iterator = iter(activations)
     totals: dict[str, float] = {}
     loss_totals: dict[str, float] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections import namedtuple
+from functools import partial
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from .dictionary import Dictionary
 from .evaluation import encode_inputs
 from .grad_pursuit import dictionary_atoms
 from .models import resolve_hook
-from .tracing import hook_value, logits_or_stop, model_inputs, read_hook_points, read_value, write
+from .tracing import read_hook_points, run
 
 FeatureProfile = namedtuple("featureProfile", ["top_contexts", "top_tokens", "top_affected"])
 
@@ -63,18 +64,19 @@ def feature_effect(
         raise ValueError(f"feature must be in [0, {width - 1}], got {feature!r}")
     encoding = encode_inputs(model, inputs, max_length)
 
+    def ablated(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[:, -1, feature] = 0
+        return x
+
     def last_logprobs(ablate: bool) -> torch.Tensor:
-        with model.trace(model_inputs(encoding)) as tracer:
-            if dictionary is not None and (ablate or not add_residual):
-                raw = hook_value(model, point)
-                write(model, point, raw, _through(dictionary, read_value(raw), feature if ablate else None,
-                                                  add_residual))
-            elif ablate:
-                raw = hook_value(model, point)
-                x = read_value(raw).clone()
-                x[:, -1, feature] = 0
-                write(model, point, raw, x)
-            logits = logits_or_stop(model, tracer, logits=True)
+        patch = {}
+        if dictionary is not None and (ablate or not add_residual):
+            patch = {point: partial(_through, dictionary, feature=feature if ablate else None,
+                                    add_residual=add_residual)}
+        elif ablate:
+            patch = {point: ablated}
+        logits = run(model, encoding, patch=patch).logits
         return logits[:, -1].float().log_softmax(dim=-1)  # [batch, vocab]
 
     difference = last_logprobs(False) - last_logprobs(True)

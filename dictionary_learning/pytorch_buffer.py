@@ -1,33 +1,84 @@
-"""An ActivationBuffer over a plain Hugging Face model with PyTorch forward hooks: upstream's `pytorch_buffer`.
+"""The collector's PyTorch-hooks reader, and upstream's `pytorch_buffer`: the ActivationBuffer over
+a plain Hugging Face model, without nnsight.
 
-No nnsight: `collect_activations` hooks one module, runs the model, and ends the forward pass with
-`EarlyStopException` as soon as the module has run. `ActivationBuffer` takes upstream's arguments in upstream's order
-and keeps the same vectors as `dictionary_learning.buffer.ActivationBuffer` on the same texts (left-padded batches
-get the positions of their unpadded texts; padding, and with remove_bos each context's first token, are dropped).
-Differences from upstream, on purpose: io="in" reads the module's input (upstream reads the output for either io),
-inputs go to the model's device (upstream sends them to the storage device), the texts are used to the last one,
-and `remove_bos` / the norm filter mean what they mean in `dictionary_learning.buffer`.
+`collect` has `tracing.collect`'s signature: forward hooks record the hook points' values, and the
+forward pass ends with `EarlyStopException` once the last of them is reached. `ActivationBuffer`
+is `dictionary_learning.buffer.ActivationBuffer` with this reader and upstream's constructor: on
+the same texts it serves the same vectors in the same order (left-padded batches get the positions
+of their unpadded texts; padding, and with remove_bos each context's first token, are dropped).
+Differences from upstream, on purpose: io="in" reads the module's input (upstream reads the output
+for either io), inputs go to the model's device (upstream sends them to the storage device), the
+texts are used to the last one, and `remove_bos` / the norm filter mean what they mean in
+`dictionary_learning.buffer`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .models import get_module, max_context, torch_model
-from .progress import progress_bar
-from .tracing import model_inputs, read_value, token_mask
-
-PROBE_TEXT = "The quick brown fox."
+from .buffer import ActivationBuffer as NNsightBuffer
+from .models import HookPoint, get_module, resolve_hook, torch_model
+from .tracing import Keep, model_inputs, read_value
 
 
 class EarlyStopException(Exception):
-    """Raised by a forward hook to end a forward pass once the activations it needs have been read."""
+    """Raised by a forward hook to end a forward pass once the activations it needs are read."""
+
+
+def read_with_hooks(model: nn.Module, points: Sequence[HookPoint], inputs: dict[str, torch.Tensor],
+                    grad: bool = False) -> list[torch.Tensor]:
+    """The values at `points` (element 0 of tuples; each module's first call) when
+    `model(**inputs)` runs, in the order given; the pass stops once the last of them is reached.
+    grad=True keeps the autograd graph."""
+    module = torch_model(model)
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(index: int, value: Any) -> None:
+        captured.setdefault(index, read_value(value))
+        if len(captured) == len(points):  # the last of them: nothing after it is needed
+            raise EarlyStopException(f"stopped after reading {points[index]}")
+
+    def first_input(args: tuple, kwargs: dict) -> Any:
+        return args if args else next(iter(kwargs.values()), None)
+
+    handles = []
+    for index, point in enumerate(points):
+        target = get_module(module, point.path)
+        if point.io == "output":
+            handles.append(target.register_forward_hook(lambda m, a, out, i=index: keep(i, out)))
+        else:
+            handles.append(target.register_forward_pre_hook(
+                lambda m, a, kw, i=index: keep(i, first_input(a, kw)), with_kwargs=True))
+    try:
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            module(**inputs)
+    except EarlyStopException:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [str(point) for i, point in enumerate(points) if captured.get(i) is None]
+    if missing:
+        raise RuntimeError(f"the forward pass never reached {', '.join(missing)}: is it part of "
+                           "the model?")
+    return [captured[i] for i in range(len(points))]
+
+
+def collect(model: Any, encoding: dict[str, torch.Tensor], points: Sequence[HookPoint],
+            keep: Keep, remote: bool = False) -> list[torch.Tensor]:
+    """`tracing.collect` with PyTorch hooks: the kept token rows `[n_kept, ...]` of each hook
+    point on `encoding` (sent to the model's device), the pass stopped after the last of them."""
+    if remote:
+        raise ValueError("PyTorch hooks read a model on this machine: remote=True needs nnsight "
+                         "(tracing.collect)")
+    device = next(torch_model(model).parameters()).device
+    inputs = {name: value.to(device) for name, value in model_inputs(encoding).items()}
+    return keep(encoding, read_with_hooks(model, points, inputs))
 
 
 def collect_activations(
@@ -38,43 +89,31 @@ def collect_activations(
     *,
     io: str = "out",
 ) -> torch.Tensor:
-    """The output (io="out") or input (io="in") of `submodule` when `model(**inputs_BL)` runs, `[batch, seq, d]`
-    (element 0 where the module gives a tuple); the forward pass stops right after `submodule` is reached.
-    use_no_grad=False keeps the autograd graph, so gradients can flow back to the model."""
+    """The output (io="out") or input (io="in") of `submodule` when `model(**inputs_BL)` runs,
+    `[batch, seq, d]` (element 0 of a tuple); the forward pass stops right after `submodule` is
+    reached. use_no_grad=False keeps the autograd graph, so gradients can flow back to the model."""
     if io not in ("in", "out"):
         raise ValueError(f"io must be 'in' or 'out', got {io!r}")
-    captured: list[torch.Tensor] = []
-
-    def keep(value: Any) -> None:
-        captured.append(read_value(value))
-        raise EarlyStopException(f"stopped after reading {type(submodule).__name__}")
-
-    if io == "out":
-        handle = submodule.register_forward_hook(lambda module, args, output: keep(output))
-    else:
-        handle = submodule.register_forward_pre_hook(
-            lambda module, args, kwargs: keep(args if args else next(iter(kwargs.values()), None)), with_kwargs=True)
-    try:
-        with torch.no_grad() if use_no_grad else contextlib.nullcontext():
-            model(**inputs_BL)
-    except EarlyStopException:
-        pass
-    finally:
-        handle.remove()
-    if not captured or captured[0] is None:
-        raise RuntimeError(f"the forward pass never reached {type(submodule).__name__}: is it part of the model?")
-    return captured[0]
+    path = next((name for name, child in model.named_modules() if child is submodule), None)
+    if path is None:
+        raise RuntimeError(f"the forward pass never reached {type(submodule).__name__}: is it part "
+                           "of the model?")
+    point = HookPoint(path, "input" if io == "in" else "output")
+    return read_with_hooks(model, [point], inputs_BL, grad=not use_no_grad)[0]
 
 
-class ActivationBuffer:
-    """Iterator over `[out_batch_size, d]` batches of a Hugging Face model's activations at `submodule` (a torch
-    module or dotted path), read with PyTorch hooks.
+class ActivationBuffer(NNsightBuffer):
+    """Iterator over `[out_batch_size, d]` batches of a Hugging Face model's activations at
+    `submodule` (a torch module or dotted path), read with PyTorch hooks.
 
-    tokenizer: by default the model's own (an nnsight-wrapped model's `tokenizer`), else loaded from
-    `model.name_or_path` as upstream does. dtype: storage dtype (default: the model's). seed: the shuffling seed.
-    progress: a bar on stderr over the tokens of a fill that runs longer than a few seconds.
-    See `dictionary_learning.buffer.ActivationBuffer` for the other arguments.
+    tokenizer: by default the model's own (an nnsight-wrapped model's `tokenizer`), else loaded
+    from `model.name_or_path` as upstream does. dtype: storage dtype (default: the model's). seed:
+    the shuffling seed. progress: a bar on stderr over the tokens of a fill that runs longer than a
+    few seconds. See `dictionary_learning.buffer.ActivationBuffer` for the other arguments.
     """
+
+    io_modes = ("in", "out")
+    reader = staticmethod(collect)
 
     def __init__(
         self,
@@ -97,159 +136,36 @@ class ActivationBuffer:
         seed: int = 0,
         progress: bool = True,
     ):
-        if io not in ("in", "out"):
+        if io not in self.io_modes:
             raise ValueError(f"io must be 'in' or 'out', got {io!r}")
-        for name, value in (("n_ctxs", n_ctxs), ("ctx_len", ctx_len), ("refresh_batch_size", refresh_batch_size),
-                            ("out_batch_size", out_batch_size)):
-            if int(value) != value or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if max_activation_norm_multiple is not None and not max_activation_norm_multiple > 0:
-            raise ValueError(
-                f"max_activation_norm_multiple must be positive or None, got {max_activation_norm_multiple!r}")
-        limit = max_context(model)
-        if limit is not None and ctx_len > limit:
-            raise ValueError(f"ctx_len={ctx_len} exceeds the model's maximum context of {limit} tokens")
+        module = get_module(model, submodule) if isinstance(submodule, str) else submodule
+        if not isinstance(module, nn.Module):
+            raise TypeError("submodule must be a torch module or dotted path, got "
+                            f"{type(submodule).__name__}")
         if tokenizer is None:
             tokenizer = getattr(model, "tokenizer", None)
-        self.model = torch_model(model)
+        model = torch_model(model)
         if tokenizer is None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(self.model.name_or_path)
+            tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self.tokenizer = tokenizer
-        self.submodule = get_module(model, submodule) if isinstance(submodule, str) else submodule
-        if not isinstance(self.submodule, nn.Module):
-            raise TypeError(f"submodule must be a torch module or dotted path, got {type(submodule).__name__}")
-        self.io = io
-        named = submodule if isinstance(submodule, str) else type(self.submodule).__name__
+        named = submodule if isinstance(submodule, str) else type(module).__name__
         self._name = f"{named} {io}put"
-        self.n_ctxs, self.ctx_len = int(n_ctxs), int(ctx_len)
-        self.refresh_batch_size, self.out_batch_size = int(refresh_batch_size), int(out_batch_size)
-        self.device = torch.device(device)
-        self.remove_bos, self.add_special_tokens = remove_bos, add_special_tokens
-        self.remove_high_norm = max_activation_norm_multiple
-        self.dtype = dtype or next(self.model.parameters()).dtype
-        self.seed, self.progress = seed, bool(progress)
-        self._generator = torch.Generator().manual_seed(seed)
-
-        width = self._collect([PROBE_TEXT]).shape[-1]
-        if d_submodule is not None and d_submodule != width:
-            raise ValueError(f"d_submodule={d_submodule!r} does not match the model: the {io}put of "
-                             f"{type(self.submodule).__name__} has width {width}")
-        self.d_submodule = width
-
-        self._source = iter(data)
-        first = next(self._source, None)
-        if not isinstance(first, str):
-            raise (ValueError("data yielded no text: pass an iterable of non-empty strings") if first is None else
-                   TypeError(f"data must yield strings, got {type(first).__name__}"))
-        self.data: Iterator[str] = itertools.chain([first], self._source)
-        self._exhausted = False
-        self._store = torch.empty(0, width, dtype=self.dtype, device=self.device)
-        self._pos = 0  # rows before _pos have been served
-
-    @property
-    def capacity(self) -> int:
-        return self.n_ctxs * self.ctx_len
-
-    @property
-    def activation_buffer_size(self) -> int:
-        """Upstream's name for `capacity`: token vectors held after a refresh."""
-        return self.capacity
-
-    @property
-    def activations(self) -> torch.Tensor:
-        """Every vector held since the last refresh, read or not (`read` marks the served ones)."""
-        return self._store
-
-    @property
-    def read(self) -> torch.Tensor:
-        """[len(activations)] bool: which held vectors have been served (a fresh tensor each time)."""
-        return torch.arange(self._store.shape[0], device=self._store.device) < self._pos
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        with torch.no_grad():
-            if self._store.shape[0] - self._pos < self.capacity // 2 and not self._exhausted:
-                self.refresh()
-            if self._pos == self._store.shape[0]:
-                raise StopIteration
-            batch = self._store[self._pos : self._pos + self.out_batch_size]
-            self._pos += batch.shape[0]
-        return batch
-
-    def text_batch(self, batch_size: int | None = None) -> list[str]:
-        """The next `batch_size` non-empty texts (fewer at the end of the data; raises StopIteration when none)."""
-        batch_size = batch_size or self.refresh_batch_size
-        texts = []
-        for text in self.data:
-            if not isinstance(text, str):
-                raise TypeError(f"data must yield strings, got {type(text).__name__}")
-            if text.strip():
-                texts.append(text)
-                if len(texts) == batch_size:
-                    break
-        if not texts:
-            raise StopIteration("End of data stream reached")
-        return texts
-
-    def tokenized_batch(self, batch_size: int | None = None) -> dict[str, torch.Tensor]:
-        """The next texts tokenized (padded, truncated to ctx_len), on the model's device."""
-        return self._tokenize(self.text_batch(batch_size))
+        side = "input" if io == "in" else "output"
+        point = HookPoint(submodule, side) if isinstance(submodule, str) else resolve_hook(
+            model, module, side)
+        super().__init__(data, model, point, d_submodule, io, n_ctxs, ctx_len, refresh_batch_size,
+                         out_batch_size, device, remove_bos, add_special_tokens,
+                         max_activation_norm_multiple, dtype, seed, progress=progress,
+                         tokenizer=tokenizer)
+        self.submodule = module
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        encoding = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.ctx_len,
-                                  add_special_tokens=self.add_special_tokens)
-        model_device = next(self.model.parameters()).device
-        return {"input_ids": encoding["input_ids"].to(model_device),
-                "attention_mask": encoding["attention_mask"].to(model_device)}
+        """The texts tokenized (padded, truncated to ctx_len), on the model's device."""
+        device = next(self.model.parameters()).device
+        return {name: value.to(device) for name, value in super()._tokenize(texts).items()}
 
-    def _collect(self, texts: list[str]) -> torch.Tensor:
-        """`[n_tokens, d]`: the kept tokens' activations on these texts."""
-        encoding = self._tokenize(texts)
-        values = collect_activations(self.model, self.submodule, model_inputs(encoding), io=self.io)
-        mask = token_mask(encoding, self.remove_bos).to(values.device)
-        if self.remove_high_norm is not None and mask.any():
-            norms = values.float().norm(dim=-1)  # [batch, seq]
-            mask = mask & (norms <= norms[mask].median() * self.remove_high_norm)
-        return values[mask].to(device=self.device, dtype=self.dtype)
-
-    def refresh(self) -> None:
-        """Keep the unread vectors, refill to capacity from new texts, and shuffle everything."""
-        parts = [self._store[self._pos:]]
-        count = parts[0].shape[0]
-        with progress_bar(desc=f"filling ActivationBuffer ({self._name})", total=self.capacity,
-                          enabled=self.progress, unit="tok", initial=count) as bar:
-            while count < self.capacity:
-                try:
-                    parts.append(self._collect(self.text_batch()))
-                except StopIteration:
-                    self._exhausted = True
-                    break
-                count += parts[-1].shape[0]
-                bar.update(min(count, self.capacity) - bar.n)
-        permutation = torch.randperm(count, generator=self._generator).to(self.device)
-        self._store, self._pos = torch.cat(parts)[permutation], 0
-
-    def close(self) -> None:
-        """Stop: close the text source if it can be closed and drop the held vectors."""
-        close = getattr(self._source, "close", None)
-        if callable(close):
-            close()
-        self.data, self._exhausted = iter(()), True
-        self._store, self._pos = self._store[:0], 0
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """JSON-serialisable description of the buffer (upstream's keys first)."""
-        return {
-            "d_submodule": self.d_submodule, "io": self.io, "n_ctxs": self.n_ctxs, "ctx_len": self.ctx_len,
-            "refresh_batch_size": self.refresh_batch_size, "out_batch_size": self.out_batch_size,
-            "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "remove_bos": self.remove_bos,
-            "add_special_tokens": self.add_special_tokens, "max_activation_norm_multiple": self.remove_high_norm,
-            "seed": self.seed,
-        }
+    def _where(self) -> str:
+        return self._name

@@ -1,26 +1,27 @@
-"""The door to nnsight traces: how texts become a model's inputs, and how a hook point is read or written inside a
-trace. `buffer.py` and `evaluation.py` run their traces through these functions; the SCAE wing's own traces
-(`scae/tracing.py`) use them too.
+"""The door to nnsight traces: how texts become a model's inputs, and every trace the package
+runs.
 
-    encoding = tokenize(model.tokenizer, texts, ctx_len)          # left padded, truncated to ctx_len
-    [x] = read_hook_points(model, encoding, [point])              # [batch, seq, d], the trace stopped after it
-    with model.trace(model_inputs(encoding)) as tracer:           # or by hand, inside a trace:
-        x = read(model, point)                                    # read (element 0 of a tuple value)
-        old = hook_value(model, point)                            # or the value as it comes, tuples included,
-        write(model, point, old, new)                             # to write it (other tuple elements kept)
-        logits = logits_or_stop(model, tracer, logits=True)       # the logits, or stop after the last read
+    encoding = tokenize(model.tokenizer, texts, ctx_len)  # left padded, truncated to ctx_len
+    [x] = read_hook_points(model, encoding, [point])      # [batch, seq, d], stopped after it
+    rows = collect(model, encoding, points, TokenFilter(remove_bos=True))  # kept rows [n, d]
+    values, logits = run(model, encoding, read=[point], patch={point: fn}, mask=mask)
 
-nnsight runs a trace's body against the model's execution: modules must be reached in execution order.
-`masked_cross_entropy` and `next_token_kl` turn a trace's logits into the per-token losses that evaluation,
-end-to-end training and SCAE fine-tuning share; `release_traces` frees finished traces at once.
+`run` is the one door for patched runs: a patch function gets a hook point's value and returns
+its replacement; tuples, the position mask, execution order and freeing the finished trace are
+handled there. Inside a trace written by hand (the SCAE wing's record pass): `read`, `hook_value`
+and `write` a hook point, `logits_or_stop` at the end; nnsight runs a trace's body against the
+model's execution, so modules must be reached in execution order. `masked_cross_entropy` and
+`next_token_kl` turn logits into the per-token losses that evaluation, end-to-end training and
+SCAE fine-tuning share; `release_traces` frees finished traces at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
-
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +29,12 @@ import torch.nn.functional as F
 from .models import HookPoint, execution_key
 
 
-def tokenize(tokenizer: Any, texts: list[str], ctx_len: int) -> dict[str, torch.Tensor]:
-    """Texts as the toolkit feeds them to models: left padded (nnsight's tokenizer setting), truncated to ctx_len."""
-    encoding = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=ctx_len)
+def tokenize(tokenizer: Any, texts: list[str], ctx_len: int, add_special_tokens: bool = True
+             ) -> dict[str, torch.Tensor]:
+    """Texts as the toolkit feeds them to models: left padded (nnsight's tokenizer setting),
+    truncated to ctx_len; add_special_tokens=False leaves out the ones the tokenizer adds (BOS)."""
+    encoding = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                         max_length=ctx_len, add_special_tokens=add_special_tokens)
     return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
 
 
@@ -57,6 +61,42 @@ def token_mask(encoding: dict[str, torch.Tensor], remove_bos: bool = False) -> t
     tokenizer adds one; otherwise the first token, which models without BOS treat as an attention sink)."""
     mask = encoding["attention_mask"].bool()
     return drop_first_tokens(mask) if remove_bos else mask
+
+
+@dataclass(frozen=True)
+class TokenFilter:
+    """Which tokens of a batch a collector keeps: the real ones (not padding), without each
+    context's first token with `remove_bos`, and (with `max_norm_multiple`) without the tokens whose
+    norm at any hook point exceeds that multiple of the median norm there over the batch's real kept
+    tokens. A token dropped at one hook point is dropped at all of them, so the rows of every hook
+    point (both sides of an in_to_out pair) stay aligned. `keep(encoding, values)`, with values
+    `[batch, seq, ...]` per hook point, returns the kept rows `[n_kept, ...]` of each."""
+
+    remove_bos: bool = False
+    max_norm_multiple: float | None = None
+
+    def mask(self, encoding: dict[str, torch.Tensor],
+             values: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """`[batch, seq]` bool: the kept tokens (without values, the norm filter is left out)."""
+        mask = token_mask(encoding, self.remove_bos)
+        if not values:
+            return mask
+        mask = mask.to(values[0].device)
+        if self.max_norm_multiple is None or not mask.any():
+            return mask
+        kept = mask
+        for value in values:  # each hook point's median over the same tokens
+            norms = value.float().flatten(2).norm(dim=-1)  # [batch, seq]
+            kept = kept & (norms <= norms[mask].median() * self.max_norm_multiple)
+        return kept
+
+    def __call__(self, encoding: dict[str, torch.Tensor],
+                 values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        mask = self.mask(encoding, values)
+        return [value[mask] for value in values]
+
+
+Keep = Callable[[dict[str, torch.Tensor], Sequence[torch.Tensor]], list[torch.Tensor]]
 
 
 def masked_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -111,21 +151,101 @@ def logits_or_stop(model: Any, tracer: Any, logits: bool) -> Any:
     return None
 
 
-@torch.no_grad()
+class TraceResult(NamedTuple):
+    """What `run` returns: the values read at its `read` points (element 0 of tuples), in the
+    order asked, and the logits (None where the pass stopped after its last hook point)."""
+
+    values: list[torch.Tensor]
+    logits: torch.Tensor | None
+
+
+PatchKey = HookPoint | tuple[HookPoint, ...]
+Patch = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _patch_sides(key: PatchKey) -> tuple[HookPoint, HookPoint]:
+    """A patch key as (source, target): a hook point patches itself from its own value; a pair
+    `(input_side, output_side)` (a transcoder's) patches its output side from its input side."""
+    sides = (key,) if isinstance(key, HookPoint) else tuple(key)
+    if not 1 <= len(sides) <= 2 or not all(isinstance(side, HookPoint) for side in sides):
+        raise TypeError(f"a patch key is a HookPoint or a (source, target) pair, got {key!r}")
+    return sides[0], sides[-1]
+
+
+def run(model: Any, encoding: dict[str, torch.Tensor], read: Sequence[HookPoint] = (),
+        patch: Mapping[PatchKey, Patch] | None = None, logits: bool = True, grad: bool = False,
+        remote: bool = False, *, mask: torch.Tensor | None = None,
+        model_args: Mapping[str, Any] | None = None) -> TraceResult:
+    """One pass of the model over `encoding`, in one nnsight trace: the values at `read` with
+    `patch` applied, and the logits (logits=False: the pass stops after its last hook point).
+
+    patch: `{point: fn}` replaces the point's value by `fn(value)`; `{(source, target): fn}`
+    replaces the target's value by `fn(source's value)` (a transcoder's output side from its input
+    side). `fn` takes and returns a tensor `[batch, seq, d]`, element 0 of a tuple value (the
+    tuple's other elements are kept). mask: `[batch, seq]` bool, the positions patched; elsewhere
+    a patched point keeps its value. A value read is the model's at that point, before any patch
+    there. grad=False runs without autograd; grad=True leaves autograd as the caller has it, so the
+    logits are differentiable in whatever the patch functions use. remote=True runs the trace on
+    NDIF (nnsight's remote execution); model_args go to the model's forward (`use_cache=False`).
+    The points are reached in execution order, as nnsight needs, and the trace is freed at once."""
+    read = list(read)
+    patches: dict[tuple[str, str], tuple[HookPoint, Patch]] = {}
+    points = {(point.path, point.io): point for point in read}
+    for key, function in (patch or {}).items():
+        source, target = _patch_sides(key)
+        if (target.path, target.io) in patches:
+            raise ValueError(f"{target} is patched twice: give one function per hook point")
+        patches[(target.path, target.io)] = (source, function)
+        points.setdefault((source.path, source.io), source)
+        points.setdefault((target.path, target.io), target)
+    order = sorted(points.items(), key=lambda item: execution_key(model, item[1]))
+    steps = [(key, point, [i for i, r in enumerate(read) if (r.path, r.io) == key],
+              patches.get(key)) for key, point in order]
+    options = {**(model_args or {}), **({"remote": True} if remote else {})}
+    saved: list[Any] = [None] * len(read)
+    seen: dict[tuple[str, str], torch.Tensor] = {}
+    output = None  # stays None where the trace stops after its last hook point
+    with contextlib.nullcontext() if grad else torch.no_grad():
+        with model.trace(model_inputs(encoding), **options) as tracer:
+            for step in steps:  # modules must be reached in execution order
+                _visit(model, step, seen, saved, mask)
+            output = logits_or_stop(model, tracer, logits)
+    values = [read_value(value) for value in saved]
+    seen.clear()
+    del tracer
+    release_traces()
+    return TraceResult(values, output)
+
+
+def _visit(model: Any, step: tuple, seen: dict[tuple[str, str], torch.Tensor], saved: list[Any],
+           mask: torch.Tensor | None) -> None:
+    """Inside `run`'s trace, at one hook point: save its value where it is read, write its patch."""
+    key, point, reads, patched = step
+    raw = hook_value(model, point)
+    seen[key] = read_value(raw)
+    for i in reads:
+        saved[i] = raw.save()
+    if patched is not None:
+        source, function = patched
+        new, old = function(seen[(source.path, source.io)]), seen[key]
+        if mask is not None:
+            new = torch.where(mask[..., None].to(old.device), new, old)
+        write(model, point, raw, new)
+
+
 def read_hook_points(model: Any, encoding: dict[str, torch.Tensor], points: Sequence[HookPoint],
                      remote: bool = False) -> list[torch.Tensor]:
     """The values `[batch, seq, d]` at `points` (in the order given) from one trace over `encoding`, which stops
     right after the last of them. `remote=True` runs the trace on NDIF through nnsight's remote execution."""
-    order = sorted(range(len(points)), key=lambda i: execution_key(model, points[i]))
-    saved: list[Any] = [None] * len(points)
-    with model.trace(model_inputs(encoding), **({"remote": True} if remote else {})) as tracer:
-        for i in order:  # modules must be reached in execution order within one trace
-            saved[i] = hook_value(model, points[i]).save()
-        logits_or_stop(model, tracer, logits=False)
-    values = [read_value(value) for value in saved]
-    del tracer
-    release_traces()
-    return values
+    return run(model, encoding, read=points, logits=False, remote=remote).values
+
+
+def collect(model: Any, encoding: dict[str, torch.Tensor], points: Sequence[HookPoint],
+            keep: Keep, remote: bool = False) -> list[torch.Tensor]:
+    """The collector's nnsight reader: the kept token rows `[n_kept, ...]` of each hook point on
+    `encoding`, from one trace stopped after the last of them; `keep(encoding, values)` (a
+    `TokenFilter`) chooses them. `pytorch_buffer.collect` reads the same rows with PyTorch hooks."""
+    return keep(encoding, run(model, encoding, read=points, logits=False, remote=remote).values)
 
 
 def release_traces() -> None:

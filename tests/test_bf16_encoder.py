@@ -8,7 +8,7 @@ import torch
 
 from dictionary_learning.sparse import gather_linear, sampled_linear
 from dictionary_learning.trainers import BatchTopKTrainer, MatryoshkaBatchTopKTrainer, TopKTrainer
-from dictionary_learning.trainers.trainer import resolve_encoder_dtype
+from dictionary_learning.trainers.top_k import resolve_encoder_dtype
 from dictionary_learning.training import trainSAE
 
 from .helpers import fraction_recovered, planted_features, planted_stream
@@ -84,13 +84,13 @@ def test_bfloat16_encoder_recovers_planted_features():
 
 def test_dense_and_sparse_auxk_agree(monkeypatch):
     """AuxK over the dead columns densely (k_aux a large share of them) or sparsely: the same loss and gradients."""
-    import dictionary_learning.trainers.top_k as top_k
+    import dictionary_learning.trainers.parts as parts
 
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(64, D, generator=generator)
     results = []
     for share in (0.1, 1e9):  # dense here (k_aux = 16 of 40 dead), then forced sparse
-        monkeypatch.setattr(top_k, "DENSE_AUXK_SHARE", share)
+        monkeypatch.setattr(parts, "DENSE_AUXK_SHARE", share)
         trainer = TopKTrainer(steps=10, activation_dim=D, dict_size=80, k=K, warmup_steps=0, seed=0, device="cpu",
                               dead_feature_threshold=1)
         trainer.num_tokens_since_fired[:40] = 10  # latents 0-39 count as dead

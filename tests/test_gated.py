@@ -203,7 +203,9 @@ def test_constrained_adam_step_matches_projected_adam():
         grad = weight.grad.clone()
         unit = weight.detach() / weight.detach().norm(dim=0)
         reference_weight.grad = grad - (grad * unit).sum(0) * unit  # the component along each column removed
+        trainer.before_optimizer_step()
         trainer.optimizer.step()
+        trainer.after_optimizer_step()
         reference_adam.step()
         with torch.no_grad():
             reference_weight /= reference_weight.norm(dim=0)

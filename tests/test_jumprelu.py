@@ -135,7 +135,8 @@ def test_loss_and_every_gradient_match_reference(sparse, penalty, kind):
     x = torch.randn(40, 8, dtype=torch.float64)
     y = torch.randn(40, 5, dtype=torch.float64) if extra else x
     step = 4  # inside the sparsity warmup: the penalty is ramped to 4/10
-    loss = trainer.loss(x, y, step)
+    out = trainer.step_loss(x, y, step)
+    loss = out.loss
     loss.backward()
     params = {name: p.detach().clone().requires_grad_() for name, p in trainer.ae.named_parameters()}
     expected = reference_loss(params, x, y, BANDWIDTH, 6.0, penalty, step / 10)
@@ -144,7 +145,7 @@ def test_loss_and_every_gradient_match_reference(sparse, penalty, kind):
     for name, p in trainer.ae.named_parameters():
         assert params[name].grad.abs().max() > 0, name
         torch.testing.assert_close(p.grad, params[name].grad, msg=name)
-    assert trainer.last_metrics["sparse_step"] == float(sparse)
+    assert out.metrics["sparse_step"] == float(sparse)
 
 
 def test_update_matches_reference_step():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from dictionary_learning.dictionary import MatryoshkaBatchTopKSAE, dictionary_from_config
 from dictionary_learning.dictionary.matryoshka import largest
-from dictionary_learning.trainers import TopKTrainer, matryoshka_batch_top_k
+from dictionary_learning.trainers import TopKTrainer, parts
 from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer, apply_temperature
 from dictionary_learning.training import build_trainer, trainSAE
 from dictionary_learning.utils import load_dictionary, save_dictionary
@@ -101,19 +101,20 @@ def batch(trainer, n=16, seed=2):
 @pytest.mark.parametrize("auxk_path", ["dense_over_dead", "sparse"])
 @pytest.mark.parametrize("case", ["sae", "transcoder_skip", "two_active_groups"])
 def test_nested_loss_and_every_gradient_match_float64_reference(case, auxk_path, monkeypatch):
-    monkeypatch.setattr(matryoshka_batch_top_k, "DENSE_AUXK_SHARE", 0.0 if auxk_path == "dense_over_dead" else 1e9)
+    monkeypatch.setattr(parts, "DENSE_AUXK_SHARE", 0.0 if auxk_path == "dense_over_dead" else 1e9)
     trainer, dead_before = make_trainer(**({"output_dim": 10, "skip": True} if case == "transcoder_skip" else {}))
     ae = trainer.ae
     if case == "two_active_groups":
         ae.active_groups = 2
     x, y = batch(trainer)
-    loss = trainer.loss(x, y=y if ae.transcoder else None, step=5)
+    out = trainer.step_loss(x, y, 5)  # the step's loss; its state changes come after the optimizer step
+    loss = out.loss
     loss.backward()
     ours = {name: p.grad.clone() for name, p in ae.named_parameters()}
     ae.zero_grad()
     expected, f, fired, auxk = reference_loss(ae, x, y, trainer.group_weights, dead_before, trainer.top_k_aux, 0.5)
     expected.backward(retain_graph=True)
-    assert auxk.item() > 0 and trainer.dead_features == int((dead_before & ~fired).sum()) > 0
+    assert auxk.item() > 0 and out.state["dead_features"] == int((dead_before & ~fired).sum()) > 0
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
     for name, p in ae.named_parameters():
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
@@ -122,6 +123,7 @@ def test_nested_loss_and_every_gradient_match_float64_reference(case, auxk_path,
     (0.5 * auxk).backward()
     assert ae.W_enc.grad.norm() > 0.05 * ours["W_enc"].norm()
     # threshold: the smallest kept code; tracking: exactly the fired latents are reset
+    trainer.after_step(5, x, y, out)
     assert ae.threshold.item() == pytest.approx(f[f > 0].min().item(), rel=1e-6)
     assert torch.equal(trainer.num_tokens_since_fired == 0, fired)
     if case == "two_active_groups":
@@ -132,10 +134,10 @@ def test_nested_loss_and_every_gradient_match_float64_reference(case, auxk_path,
 def test_loss_gradcheck(auxk_path, monkeypatch):
     """torch.autograd.gradcheck in every parameter, tiny shapes: the nested loss, and AuxK for a fixed residual (the
     loss detaches AuxK's residual, as upstream, so finite differences of the sum would not match by design)."""
-    monkeypatch.setattr(matryoshka_batch_top_k, "DENSE_AUXK_SHARE", 0.0 if auxk_path == "dense_over_dead" else 1e9)
+    monkeypatch.setattr(parts, "DENSE_AUXK_SHARE", 0.0 if auxk_path == "dense_over_dead" else 1e9)
     trainer, _ = make_trainer(d=5, dict_size=16, k=2, output_dim=4, skip=True)
     x, y = batch(trainer, n=6)
-    counts = trainer.num_tokens_since_fired.clone()
+    dead = trainer.dead.mask(trainer.cfg.dead_feature_threshold)
     residual = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
     class Terms(torch.nn.Module):
@@ -144,17 +146,18 @@ def test_loss_gradcheck(auxk_path, monkeypatch):
             self.ae = trainer.ae
 
         def forward(self, x, y):
-            trainer.num_tokens_since_fired.copy_(counts)  # the same dead latents at every evaluation
             trainer.auxk_alpha = 0.0
             nested = trainer.loss(x, y=y, step=5)
             trainer.auxk_alpha = 0.5
-            return nested, trainer._auxk_loss(x, residual, self.ae.pre_activations(x))
+            auxk = parts.auxk_loss(self.ae, x, residual, self.ae.pre_activations(x), dead, trainer.top_k_aux,
+                                   lambda value: value)
+            return nested, auxk[0]
 
     module = Terms()
     names = [f"ae.{name}" for name, _ in trainer.ae.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for p in trainer.ae.parameters())
     nested, auxk = module(x, y)
-    assert nested.item() > 0 and auxk.item() > 0 and trainer.dead_features > 0
+    assert nested.item() > 0 and auxk.item() > 0 and dead.any()
     assert torch.autograd.gradcheck(
         lambda *p: torch.func.functional_call(module, dict(zip(names, p)), (x, y)), params)
 
@@ -171,7 +174,7 @@ def test_upstream_loss_call_form_and_dense_auxiliary_loss():
     torch.testing.assert_close(log.f, f.detach())
     # upstream's dense get_auxiliary_loss, fed the post-relu codes, gives the same AuxK and gradients
     trainer.num_tokens_since_fired.copy_(state)
-    trainer._track(fired.nonzero().flatten(), x.shape[0])
+    trainer.dead.update(fired, x.shape[0])
     _, post = reference_codes(trainer.ae, x, use_threshold=False)
     residual = (x - log.x_hat).detach()
     dense = trainer.get_auxiliary_loss(residual, post)
@@ -238,7 +241,7 @@ def test_one_update_step_matches_upstream_recipe():
     """Projection of the decoder gradient, clipping to norm 1, Adam, renormalised decoder rows, k annealing."""
     trainer, dead_before = make_trainer(k_anneal_steps=8, lr=1e-2)
     x, _ = batch(trainer)
-    trainer._b_dec_initialised = True
+    trainer.b_dec_initialised = True
     params = {name: p.detach().clone().requires_grad_() for name, p in trainer.ae.named_parameters()}
     reference = MatryoshkaBatchTopKSAE(12, 48, 3, [12, 12, 24]).double()
     reference.load_state_dict(trainer.ae.state_dict())
@@ -257,7 +260,7 @@ def test_one_update_step_matches_upstream_recipe():
     for name, p in trainer.ae.named_parameters():
         assert not torch.equal(p, params[name]), name
         torch.testing.assert_close(p, dict(reference.named_parameters())[name], rtol=1e-9, atol=1e-12, msg=name)
-    assert int(trainer.ae.k) == int(12 * (1 - 2 / 8) + 3 * 2 / 8)
+    assert int(trainer.ae.k) == int(12 * (1 - 2 / 8) + 3 * 2 / 8)  # upstream's: step 3 uses k(2)
 
 
 def test_first_update_puts_b_dec_at_geometric_median():
@@ -440,4 +443,4 @@ def test_build_trainer_from_upstream_style_config():
     assert trainer.ae.group_sizes.tolist() == [16, 16] and trainer.config["group_weights"] == [0.7, 0.3]
     with pytest.raises(ValueError, match="unknown MatryoshkaBatchTopKTrainer config keys"):
         build_trainer({"trainer": MatryoshkaBatchTopKTrainer, "activation_dim": 8, "dict_size": 32, "k": 2,
-                       "steps": 10, "group_fractions": [1.0], "k_aux": 4})
+                       "steps": 10, "group_fractions": [1.0], "l1_penalty": 4})

@@ -92,7 +92,9 @@ def test_fine_tuning_refuses_what_would_train_nothing(tmp_path, eager_model):
 
 def test_reference_schedule_lrs_stagger_and_auxk(eager_model):
     """The reference fork's recipe: one lr per module scaled by its size, warmup then linear decay to 0 from
-    decay_start, module p's MSE switched on after p * stagger_steps, AuxK on dead features, KL beside CE."""
+    decay_start, module p's MSE switched on after p * stagger_steps, AuxK on dead features, KL beside CE. The warmup
+    is the toolkit's one lr schedule (upstream dictionary_learning's step / warmup_steps; the fork's is one step
+    ahead, (step + 1) / warmup_steps)."""
     from dictionary_learning.scae import SCAETrainer, select_connections
 
     suite = make_suite(eager_model, n_layer=2)
@@ -102,7 +104,7 @@ def test_reference_schedule_lrs_stagger_and_auxk(eager_model):
     assert [group["initial_lr"] for group in trainer.optimizer.param_groups] == \
         [2e-4 / (96 / 2 ** 14) ** 0.5] * len(suite.names)
     factors = [trainer.scheduler.lr_lambdas[0](step) for step in range(10)]
-    assert factors == pytest.approx([0.5, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2])
+    assert factors == pytest.approx([0, 0.5, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2])
 
     # stagger: at step 0 only the first module's MSE counts, so no MSE gradient reaches the last module's decoder
     staggered = SCAETrainer(suite, eager_model, connections, steps=10, ctx_len=CTX, mse_weight=1.0, ce_weight=0.0,
@@ -118,19 +120,23 @@ def test_reference_schedule_lrs_stagger_and_auxk(eager_model):
     # AuxK: with a threshold of one token, features that did not fire are dead at once and are fitted to the residual
     auxk = SCAETrainer(suite, eager_model, connections, steps=10, ctx_len=CTX, mse_weight=1.0, ce_weight=0.0,
                        auxk_alpha=1.0, dead_feature_threshold=1)
-    auxk.loss(texts)  # counts the tokens
+    _, _, fired, n_tokens = auxk.step_loss(texts)  # a step's loss changes nothing; update counts the tokens after it
+    for name, counts in auxk.dead.items():
+        counts.update(fired[name], n_tokens)
     dead = (auxk.num_tokens_since_fired["mlp_0"] >= 1).nonzero().flatten()
     assert dead.numel() > 0
-    auxk.loss(texts).backward()
-    assert auxk.last_metrics["auxk"] > 0 and auxk.last_metrics["dead"] >= dead.numel()
+    loss, metrics, _, _ = auxk.step_loss(texts)
+    loss.backward()
+    assert metrics["auxk"] > 0
     assert suite["mlp_0"].decoder.weight.grad[:, dead].abs().sum() > 0
     suite.zero_grad(set_to_none=True)
 
     # KL beside CE: the gradient reaches the suite, never the model
     kl = SCAETrainer(suite, eager_model, connections, steps=10, ctx_len=CTX, mse_weight=0.0, ce_weight=0.0,
                      kl_weight=1.0, auxk_alpha=0.0)
-    kl.loss(texts).backward()
-    assert kl.last_metrics["kl"] > 0
+    loss, metrics, _, _ = kl.step_loss(texts)
+    loss.backward()
+    assert metrics["kl"] > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in suite.named_parameters()
                if n.endswith("encoder.weight"))
     assert all(p.grad is None for p in eager_model._module.parameters())

@@ -224,7 +224,7 @@ CASES = [
     ("train: unknown config key", lambda e, t: train(configs=[config(learning_rate=1)]), ValueError,
      r"unknown TopKTrainer config keys \['learning_rate'\]"),
     ("train: missing k", lambda e, t: train(configs=[{k: v for k, v in config().items() if k != "k"}]), TypeError,
-     "missing 1 required positional argument: 'k'"),
+     "TopKTrainer is missing 1 required argument.*'k'"),
     ("train: one config not in a list", lambda e, t: trainSAE(stream(), config(), 5, progress=False), TypeError,
      "list of trainer config dicts, got dict"),
     ("train: no configs", lambda e, t: trainSAE(stream(), [], 5, progress=False), ValueError,

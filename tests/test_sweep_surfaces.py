@@ -25,7 +25,6 @@ import shutil
 import time
 import types
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,10 +35,10 @@ from dictionary_learning.dashboard import dashboard
 from dictionary_learning.data import passages
 from dictionary_learning.dictionary import (AutoEncoder, AutoEncoderTopK, BatchTopKSAE, JumpReluAutoEncoder,
                                             MatryoshkaBatchTopKSAE)
-from dictionary_learning.evaluation import evaluate, feature_density, loss_recovered, reconstruction_metrics
+from dictionary_learning.evaluation import evaluate, feature_density, reconstruction_metrics
 import dictionary_learning.files as files
 from dictionary_learning.formats import export, import_dictionary, load
-from dictionary_learning.scae import (Connections, SCAESuite, all_connections, random_connections,
+from dictionary_learning.scae import (SCAESuite, all_connections, random_connections,
                                       select_connections, train_scae_suite)
 from dictionary_learning.trainers import (BatchTopKTrainer, JumpReluTrainer, MatryoshkaBatchTopKTrainer,
                                           StandardTrainer, TopKTrainer)

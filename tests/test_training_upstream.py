@@ -152,7 +152,7 @@ def test_topk_trainer_upstream_methods():
     x = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
     for step in range(5):
         trainer.update(step, x)
-    assert int(trainer.ae.k) == int(16 * 0.5 + 4 * 0.5)  # ... linearly ...
+    assert int(trainer.ae.k) == int(16 * 0.6 + 4 * 0.4)  # ... linearly (step 5 uses k(4), as upstream) ...
     for step in range(5, 12):
         trainer.update(step, x)
     assert int(trainer.ae.k) == 4  # ... to k at k_anneal_steps
@@ -175,9 +175,10 @@ def test_topk_trainer_upstream_methods():
     assert "l2_loss" in losses and f.shape == (32, 64)
     # upstream's dense AuxK equals the sparse one the step computes
     trainer.num_tokens_since_fired[:20] = 1000
-    trainer.loss(x, step=13)
+    out = trainer.step_loss(x, x, 13)
+    trainer.dead.update(out.fired, x.shape[0])  # upstream counts the batch before its AuxK
     with torch.no_grad():
         post_relu = torch.relu(trainer.ae.pre_activations(x))
         residual = x - trainer.ae(x)
     dense = trainer.get_auxiliary_loss(residual, post_relu)
-    assert float(dense.detach()) == pytest.approx(trainer.last_metrics["auxk_loss"], rel=1e-4)
+    assert float(dense.detach()) == pytest.approx(out.metrics["auxk_loss"], rel=1e-4)

@@ -1,9 +1,11 @@
 """ActivationBuffer: a shuffled stream of activation vectors read out of a language model with nnsight.
 
-It holds about `n_ctxs * ctx_len` token vectors, serves random batches of `out_batch_size` from the unread ones, and
-refills when fewer than half are unread: refilling runs the model on `refresh_batch_size` texts at a time inside an
-nnsight trace that saves the needed module inputs / outputs and stops right after the last of them. Padding (and,
-when asked, BOS and outlier-norm) positions are dropped.
+The buffer is text batches + the collector + a `ShuffledStore`: it holds about `n_ctxs * ctx_len`
+token vectors, serves random batches of `out_batch_size` from the unread ones, and refills when
+fewer than half are unread. A refill tokenizes `refresh_batch_size` texts at a time for its reader
+(`tracing.collect`: one nnsight trace, stopped right after the last hook point; `pytorch_buffer`
+reads with PyTorch hooks), which keeps the tokens a `TokenFilter` chooses: no padding and, when
+asked, no BOS and no outlier-norm tokens.
 
 Upstream compatibility: the constructor takes upstream's arguments in upstream's order (0.1.0 and GitHub HEAD: ...,
 `device`, `remove_bos`, `add_special_tokens`, `max_activation_norm_multiple`), the founding README's `in_feats=`,
@@ -18,19 +20,18 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Self
 
 import torch
 
 from ..checks import check_memory, floating_dtype, integer
-from ..models import max_context, model_fingerprint, torch_model
+from ..models import model_fingerprint, torch_model
 from ..progress import progress_bar
-from ..tracing import read_hook_points, token_mask, tokenize
-from .points import check_entry_widths, describe, entry_points, entry_width
-
-IO_MODES = ("out", "in", "in_to_out")
-PROBE_TEXT = "The quick brown fox."
+from ..tracing import TokenFilter, collect, tokenize
+from .points import (IO_MODES, PROBE_TEXT, check_collection, check_entry_widths, describe,
+                     entry_points, entry_widths)
+from .store import ShuffledStore
 
 
 class ActivationBuffer:
@@ -57,11 +58,13 @@ class ActivationBuffer:
     dtype: storage dtype (default: the model's). seed: the shuffling seed. in_batch_size: the founding name of
       refresh_batch_size. remote: run every trace on NDIF through nnsight's remote execution (a model too large for
       this machine, loaded by nnsight without its weights); the activations come back to `device`.
+    tokenizer: the tokenizer of the texts (default: the model's).
     progress: a bar on stderr over the tokens of a fill that runs longer than a few seconds
       (`progress.DELAY`).
     """
 
     io_modes = IO_MODES
+    reader = staticmethod(collect)  # (model, encoding, points, keep, remote) -> rows per hook point
 
     def __init__(
         self,
@@ -86,9 +89,8 @@ class ActivationBuffer:
         in_batch_size: int | None = None,
         remote: bool = False,
         progress: bool = True,
+        tokenizer: Any = None,
     ):
-        if io not in self.io_modes:
-            raise ValueError(f"io must be one of {self.io_modes}, got {io!r}")
         if in_batch_size is not None:
             if refresh_batch_size not in (512, in_batch_size):
                 raise ValueError(f"in_batch_size={in_batch_size} and refresh_batch_size={refresh_batch_size} are one "
@@ -98,9 +100,8 @@ class ActivationBuffer:
             integer(name, value, integral_floats=True) for name, value in (
                 ("n_ctxs", n_ctxs), ("ctx_len", ctx_len), ("refresh_batch_size", refresh_batch_size),
                 ("out_batch_size", out_batch_size)))
-        if max_activation_norm_multiple is not None and not max_activation_norm_multiple > 0:
-            raise ValueError(
-                f"max_activation_norm_multiple must be positive or None, got {max_activation_norm_multiple!r}")
+        check_collection(model, io, ctx_len, remove_bos, max_activation_norm_multiple,
+                         self.io_modes)
         if isinstance(data, (str, bytes)):
             raise TypeError("data must be an iterable of texts (e.g. a list of strings), got a single string")
         if not isinstance(data, Iterable):
@@ -109,16 +110,11 @@ class ActivationBuffer:
         for widths in (d_submodule.values() if isinstance(d_submodule, dict) else [d_submodule]):
             for width in (widths if isinstance(widths, (tuple, list)) else (widths,) if widths is not None else ()):
                 integer("d_submodule", width)
-        if remove_bos and ctx_len == 1:
-            raise ValueError("ctx_len=1 with remove_bos=True keeps no token: each context's only token is dropped")
         if n_ctxs * ctx_len < out_batch_size:
             warnings.warn(f"the buffer holds n_ctxs * ctx_len = {n_ctxs * ctx_len} tokens, fewer than "
                           f"out_batch_size={out_batch_size}: batches will be smaller than asked")
-        limit = max_context(model)
-        if limit is not None and ctx_len > limit:
-            raise ValueError(f"ctx_len={ctx_len} exceeds the model's maximum context of {limit} tokens")
         self.model = model
-        self.tokenizer = getattr(model, "tokenizer", None)
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.io = io
         self.n_ctxs, self.ctx_len = int(n_ctxs), int(ctx_len)
         self.refresh_batch_size, self.out_batch_size = int(refresh_batch_size), int(out_batch_size)
@@ -126,10 +122,10 @@ class ActivationBuffer:
         self.remove_bos = remove_bos
         self.add_special_tokens = add_special_tokens
         self.remove_high_norm = max_activation_norm_multiple  # upstream's attribute name
+        self.token_filter = TokenFilter(remove_bos, max_activation_norm_multiple)
         self.dtype = dtype or next(torch_model(model).parameters()).dtype
         self.seed = seed
         self.remote, self.progress = bool(remote), bool(progress)
-        self._generator = torch.Generator().manual_seed(seed)
         # self.hooks: the distinct hook points read, in the order given; self.entries: which of them each named entry
         # serves (None for a single submodule, which serves all of them: one tensor, or an in_to_out pair)
         self.hooks, self.entries = entry_points(model, submodule, io)
@@ -140,19 +136,17 @@ class ActivationBuffer:
         self.widths = widths = tuple(v.shape[-1] for v in probe)  # one per hook point in self.hooks
         check_memory("n_ctxs", n_ctxs, self.capacity * sum(widths) * self.dtype.itemsize, self.device,
                      what=f" to hold n_ctxs * ctx_len = {self.capacity:,} token vectors of width {sum(widths)}")
+        self.d_submodule: Any = entry_widths(widths, self.entries)
         if self.entries is None:
             self._check_widths(widths, d_submodule, in_feats, out_feats)
-            self.d_submodule: Any = widths[0] if len(widths) == 1 else widths
         else:
             if in_feats is not None or out_feats is not None:
                 raise ValueError("in_feats / out_feats check a single submodule; with a dict of hook points pass "
                                  "d_submodule={name: width or (d_in, d_out)}")
-            self.d_submodule = {name: entry_width(widths, indices) for name, indices in self.entries.items()}
             check_entry_widths(d_submodule, self.d_submodule, self.entries, self.hooks)
 
         self._open(data)
-        self._store: list[torch.Tensor] = [v[:0] for v in probe]  # one per hook point; rows before _pos are read
-        self._pos = 0
+        self._store = ShuffledStore([v[:0] for v in probe], self.capacity, seed)  # one per hook
         self._closed = False
         self._served = False  # whether a batch was ever served
 
@@ -208,27 +202,27 @@ class ActivationBuffer:
 
     @property
     def n_unread(self) -> int:
-        return self._store[0].shape[0] - self._pos
+        return self._store.unread
 
     @property
     def activations(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Every vector held since the last refresh, read or not (`read` marks the served ones), as upstream."""
-        return self._serve(self._store)
+        return self._serve(self._store.rows)
 
     @property
     def activations_in(self) -> torch.Tensor:
         """io="in_to_out": the input side of `activations` (the founding buffer's attribute)."""
-        return self._store[0]
+        return self._store.rows[0]
 
     @property
     def activations_out(self) -> torch.Tensor:
         """io="in_to_out": the output side of `activations`."""
-        return self._store[-1]
+        return self._store.rows[-1]
 
     @property
     def read(self) -> torch.Tensor:
         """[len(activations)] bool: which held vectors have been served (read-only: a fresh tensor each time)."""
-        return torch.arange(self._store[0].shape[0], device=self._store[0].device) < self._pos
+        return self._store.read
 
     def _serve(self, sides: list[torch.Tensor]) -> Any:
         """The user-facing form of per-hook rows: one tensor, or an `(x_in, x_out)` pair; a dict of them by name for
@@ -247,17 +241,15 @@ class ActivationBuffer:
     def _next_rows(self, n: int) -> list[torch.Tensor]:
         """The next (up to) n unread rows of every hook point, refilling first when half are read."""
         with torch.no_grad():
-            if self.n_unread < self.capacity // 2 and not self._exhausted:
+            if self._store.wants_refill and not self._exhausted:
                 self.refresh()
-            if self.n_unread == 0:
+            if self._store.unread == 0:
                 if not self._served and not self._closed:  # the texts held no usable token at all
                     raise ValueError("the data yielded no activations: every text is empty or whitespace, or each "
                                      "context's tokens were all dropped (padding, remove_bos)")
                 raise StopIteration
             self._served = True
-            rows = [a[self._pos : self._pos + n] for a in self._store]
-            self._pos += rows[0].shape[0]
-        return rows
+            return self._store.take(n)
 
     def take(self, n_tokens: int, progress: bool = False):
         """Up to `n_tokens` vectors (fewer if the text runs out) in the form batches have: one tensor, an
@@ -287,7 +279,7 @@ class ActivationBuffer:
         if callable(close):
             close()
         self.data, self._exhausted, self._closed = iter(()), True, True
-        self._store, self._pos = [a[:0] for a in self._store], 0
+        self._store.clear()
 
     def __enter__(self) -> Self:
         return self
@@ -315,11 +307,7 @@ class ActivationBuffer:
         return self._tokenize(self.text_batch(batch_size))
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        if self.add_special_tokens:
-            return tokenize(self.tokenizer, texts, self.ctx_len)
-        encoding = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.ctx_len,
-                                  add_special_tokens=False)
-        return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+        return tokenize(self.tokenizer, texts, self.ctx_len, self.add_special_tokens)
 
     def _probe_encoding(self) -> dict[str, torch.Tensor]:
         return self._tokenize([PROBE_TEXT])
@@ -332,51 +320,49 @@ class ActivationBuffer:
             return None
 
     def token_mask(self, encoding: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[batch, seq] bool: the positions whose activations are kept: real tokens, minus each context's first
-        token if remove_bos (the BOS where the tokenizer adds one; otherwise the first token, which models without
-        BOS treat as an attention sink of outlier norm)."""
-        return token_mask(encoding, self.remove_bos)
+        """[batch, seq] bool: the positions whose activations are kept, before the norm filter: real
+        tokens, minus each context's first token if remove_bos (the BOS where the tokenizer adds
+        one; otherwise the first token, which models without BOS treat as an attention sink)."""
+        return self.token_filter.mask(encoding)
 
     def _transform(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-hook values `[batch, seq, ...]` as stored (subclasses reshape them); here unchanged."""
         return values
 
+    def _keep(self, encoding: dict[str, torch.Tensor],
+              values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The kept rows of the values as stored (the token filter sees them after `_transform`)."""
+        return self.token_filter(encoding, self._transform(list(values)))
+
     def _collect(self, encoding: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Activations of the hook points on these inputs: one `[n_tokens, ...]` tensor per hook, padding dropped."""
-        values = self._transform(read_hook_points(self.model, encoding, self.hooks, self.remote))
-        mask = self.token_mask(encoding).to(values[0].device)
-        if self.remove_high_norm is not None and mask.any():
-            kept = mask
-            for value in values:  # each hook point's median over the same tokens
-                norms = value.float().flatten(2).norm(dim=-1)  # [batch, seq]
-                kept = kept & (norms <= norms[mask].median() * self.remove_high_norm)
-            mask = kept
-        return [value[mask].to(device=self.device, dtype=self.dtype) for value in values]
+        rows = self.reader(self.model, encoding, self.hooks, self._keep, remote=self.remote)
+        return [side.to(device=self.device, dtype=self.dtype) for side in rows]
+
+    def _batches(self) -> Iterator[list[torch.Tensor]]:
+        """The collected rows of each next refresh batch, until the data runs out."""
+        while not self._closed:
+            encoding = self._next_encoding()
+            if encoding is None:
+                return
+            yield self._collect(encoding)
 
     def refresh(self) -> None:
         """Keep the unread vectors, refill to capacity from new data, and shuffle everything."""
-        parts = [[a[self._pos:]] for a in self._store]
-        count = parts[0][0].shape[0]
         with progress_bar(desc=self._fill_description(), total=self.capacity, enabled=self.progress,
-                          unit="tok", initial=count) as bar:
-            while count < self.capacity and not self._closed:
-                encoding = self._next_encoding()
-                if encoding is None:
-                    self._exhausted = True
-                    break
-                for part, values in zip(parts, self._collect(encoding)):
-                    part.append(values)
-                count += parts[0][-1].shape[0]
-                bar.update(min(count, self.capacity) - bar.n)
-        permutation = torch.randperm(count, generator=self._generator).to(self.device)
-        self._store = [torch.cat(part)[permutation] for part in parts]
-        self._pos = 0
+                          unit="tok", initial=self._store.unread) as bar:
+            if self._store.refill(self._batches(), bar):
+                self._exhausted = True
+
+    def _where(self) -> str:
+        """The hook points read, as the fill's bar names them."""
+        names = [str(h) for h in self.hooks]
+        return ", ".join(names) if len(names) <= 2 else f"{names[0]}, ... ({len(names)} points)"
 
     def _fill_description(self) -> str:
         """The fill's bar title, e.g. "filling ActivationBuffer (layers.6.resid)"."""
-        names = [str(h) for h in self.hooks]
-        where = ", ".join(names) if len(names) <= 2 else f"{names[0]}, ... ({len(names)} points)"
-        return f"{'refilling' if self._served else 'filling'} {type(self).__name__} ({where})"
+        fill = "refilling" if self._served else "filling"
+        return f"{fill} {type(self).__name__} ({self._where()})"
 
     @property
     def config(self) -> dict[str, Any]:
@@ -398,37 +384,3 @@ class ActivationBuffer:
             "seed": self.seed,
             "model_fingerprint": model_fingerprint(self.model),
         }
-
-
-class Epochs:
-    """Endless shuffled batches over collected activations `[n, d]`, a new permutation each epoch (the last partial
-    batch of each epoch is dropped). `config` describes where the activations came from (e.g. the collecting
-    buffer's config): trainSAE saves it with the dictionaries trained on them, hook points included."""
-
-    def __init__(self, activations: torch.Tensor, batch_size: int, seed: int = 0,
-                 config: dict[str, Any] | None = None):
-        n = activations.shape[0]
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 0 < batch_size <= n:
-            raise ValueError(f"batch_size must be an int in [1, {n}] (the number of collected activations), got "
-                             f"{batch_size!r}")  # more would never yield: an endless loop
-        self.activations, self.batch_size = activations, batch_size
-        self.config = {**(config or {}), "epochs": {"n_tokens": n, "batch_size": batch_size, "seed": seed}}
-        self._generator = torch.Generator().manual_seed(seed)
-        self._permutation, self._start = torch.empty(0, dtype=torch.long), n  # a new epoch at the first batch
-
-    def __iter__(self) -> Epochs:
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        n = self.activations.shape[0]
-        if self._start + self.batch_size > n:
-            self._permutation, self._start = torch.randperm(n, generator=self._generator), 0
-        rows = self._permutation[self._start : self._start + self.batch_size]
-        self._start += self.batch_size
-        return self.activations[rows]
-
-
-def epochs(activations: torch.Tensor, batch_size: int, seed: int = 0,
-           config: dict[str, Any] | None = None) -> Epochs:
-    """`Epochs(activations, batch_size, seed, config)`: endless shuffled batches over collected activations."""
-    return Epochs(activations, batch_size, seed, config)

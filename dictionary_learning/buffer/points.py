@@ -1,12 +1,32 @@
-"""Which hook points a buffer reads: one submodule (a hook point, module, Envoy or path, read as `io` says; with
-io="in_to_out" a module's input and output, or an (input side, output side) pair), or a dict of them by name, all
-read from one model pass (`entry_points`)."""
+"""Which hook points a buffer or a cache reads: one submodule (a hook point, module, Envoy or path,
+read as `io` says; with io="in_to_out" a module's input and output, or an (input side, output side)
+pair), or a dict of them by name, all read from one model pass (`entry_points`); and the settings
+every collection checks before it reads (`check_collection`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..models import HookPoint, resolve_hook
+from ..models import HookPoint, max_context, resolve_hook
+
+IO_MODES = ("out", "in", "in_to_out")
+PROBE_TEXT = "The quick brown fox."  # read once to learn the hook points' widths
+
+
+def check_collection(model: Any, io: str, ctx_len: int, remove_bos: bool,
+                     max_norm_multiple: float | None, io_modes: tuple[str, ...] = IO_MODES) -> None:
+    """Clear errors for collection settings that cannot work, before any trace runs."""
+    if io not in io_modes:
+        raise ValueError(f"io must be one of {io_modes}, got {io!r}")
+    if max_norm_multiple is not None and not max_norm_multiple > 0:
+        raise ValueError("max_activation_norm_multiple must be positive or None, got "
+                         f"{max_norm_multiple!r}")
+    if remove_bos and ctx_len == 1:
+        raise ValueError("ctx_len=1 with remove_bos=True keeps no token: each context's only token "
+                         "is dropped")
+    limit = max_context(model)
+    if limit is not None and ctx_len > limit:
+        raise ValueError(f"ctx_len={ctx_len} exceeds the model's maximum context of {limit} tokens")
 
 
 def submodule_points(model: Any, submodule: Any, io: str) -> tuple[HookPoint, ...]:
@@ -58,6 +78,13 @@ def entry_points(model: Any, submodule: Any, io: str
 def entry_width(widths: tuple[int, ...], indices: tuple[int, ...]) -> Any:
     """An entry's width: one int, or (d_in, d_out) for a pair."""
     return widths[indices[0]] if len(indices) == 1 else tuple(widths[i] for i in indices)
+
+
+def entry_widths(widths: tuple[int, ...], entries: dict[str, tuple[int, ...]] | None) -> Any:
+    """`d_submodule` from the hook points' widths: an int, (d_in, d_out), or a dict by name."""
+    if entries is None:
+        return entry_width(widths, tuple(range(len(widths))))
+    return {name: entry_width(widths, indices) for name, indices in entries.items()}
 
 
 def check_entry_widths(d_submodule: Any, actual: dict[str, Any], entries: dict[str, tuple[int, ...]],

@@ -10,11 +10,12 @@ from typing import Any, Iterable
 import torch
 from safetensors.torch import save_file
 
-from ..buffer.activation import PROBE_TEXT, ActivationBuffer
+from ..buffer.points import PROBE_TEXT, check_collection, entry_points, entry_widths
 from ..checks import check_disk, floating_dtype, integer, texts
 from ..files import atomic_write, atomic_write_json, check_writable_folder, inside, writer_lock
 from ..models import model_fingerprint, torch_model
 from ..progress import progress_bar
+from ..tracing import TokenFilter, collect, tokenize
 from .manifest import FORMAT, MANIFEST, hook_key, open_shard, resumable_manifest, shard_name
 
 
@@ -60,24 +61,31 @@ def _append(model: Any, items: Iterable[str], submodule: Any, out: Path, n_token
             max_activation_norm_multiple: float | None, dtype: torch.dtype | None, progress: bool,
             model_name: str | None, source: str | None) -> Path:
     """write_cache's work, under the folder's writer lock."""
-    buffer = ActivationBuffer([PROBE_TEXT], model, submodule, io=io, n_ctxs=1, ctx_len=ctx_len,
-                              refresh_batch_size=batch_texts, out_batch_size=1, device="cpu", remove_bos=remove_bos,
-                              add_special_tokens=add_special_tokens,
-                              max_activation_norm_multiple=max_activation_norm_multiple,
-                              dtype=dtype, progress=False)
+    check_collection(model, io, ctx_len, remove_bos, max_activation_norm_multiple)
+    hooks, entries = entry_points(model, submodule, io)
+    keep = TokenFilter(remove_bos, max_activation_norm_multiple)
+    dtype = dtype or next(torch_model(model).parameters()).dtype
+
+    def collect_rows(batch: list[str]) -> list[torch.Tensor]:
+        """The kept rows of each hook point on these texts, on the CPU in the cache's dtype."""
+        encoding = tokenize(model.tokenizer, batch, ctx_len, add_special_tokens)
+        rows = collect(model, encoding, hooks, keep)
+        return [side.to(device="cpu", dtype=dtype) for side in rows]
+
+    widths = tuple(rows.shape[-1] for rows in collect_rows([PROBE_TEXT]))
     settings = {
         "model": model_name or _model_name(model), "source": source, "io": io,
-        "hooks": [{"path": h.path, "io": h.io, "name": h.name} for h in buffer.hooks],
-        "entries": None if buffer.entries is None else {k: list(v) for k, v in buffer.entries.items()},
-        "widths": list(buffer.widths),
-        "dtype": str(buffer.dtype).removeprefix("torch."), "ctx_len": ctx_len,
+        "hooks": [{"path": h.path, "io": h.io, "name": h.name} for h in hooks],
+        "entries": None if entries is None else {k: list(v) for k, v in entries.items()},
+        "widths": list(widths),
+        "dtype": str(dtype).removeprefix("torch."), "ctx_len": ctx_len,
         "remove_bos": remove_bos, "add_special_tokens": add_special_tokens,
         "max_activation_norm_multiple": max_activation_norm_multiple, "batch_texts": batch_texts,
         "shard_tokens": shard_tokens, "model_fingerprint": model_fingerprint(model),
     }
-    check_disk(out, (n_tokens - _written(out)) * sum(buffer.widths) * buffer.dtype.itemsize, "n_tokens")
+    check_disk(out, (n_tokens - _written(out)) * sum(widths) * dtype.itemsize, "n_tokens")
     manifest = resumable_manifest(out, settings)
-    manifest["d_submodule"] = buffer.d_submodule
+    manifest["d_submodule"] = entry_widths(widths, entries)
     shards = manifest["shards"]
     # pending rows, as segments [resume point of their first row (data items, rows into that text batch), tensors,
     # resume point after them]; a reopened partial last shard comes first
@@ -87,7 +95,7 @@ def _append(model: Any, items: Iterable[str], submodule: Any, out: Path, n_token
     if shards and shards[-1]["tokens"] < shard_tokens and written < n_tokens:
         last = shards.pop()
         with open_shard(inside(out, last["file"], "a shard file")) as file:
-            rows = [file.get_slice(hook_key(i))[: last["tokens"]] for i in range(len(buffer.hooks))]
+            rows = [file.get_slice(hook_key(i))[: last["tokens"]] for i in range(len(hooks))]
         segments.append([resume_point, rows, resume_point])
         written -= last["tokens"]
 
@@ -135,7 +143,7 @@ def _append(model: Any, items: Iterable[str], submodule: Any, out: Path, n_token
                 exhausted = True
                 break
             with torch.no_grad():
-                rows = buffer._collect(buffer._tokenize(batch))
+                rows = collect_rows(batch)
             total, start = rows[0].shape[0], skip_rows
             end = min(total, start + n_tokens - written - pending())
             after = (position, end) if end < total else (position + used, 0)

@@ -21,7 +21,7 @@ from ..checks import integer
 from ..dictionary import Dictionary
 from ..models import HookPoint
 from ..progress import progress_bar
-from ..tracing import read_hook_points, token_mask, tokenize
+from ..tracing import TokenFilter, collect, tokenize
 
 BEFORE, AFTER = 24, 8  # tokens shown before and after an example's activating token
 
@@ -121,6 +121,7 @@ def feature_statistics(dictionary: Dictionary, model: Any, point: HookPoint, tex
     chosen = torch.tensor(features, device=parameter.device)
     generator = torch.Generator().manual_seed(seed)
     window = BEFORE + AFTER + 1
+    token_filter = TokenFilter(remove_bos=remove_bos)
     fired = torch.zeros(len(features), dtype=torch.long)
     max_value = torch.full((len(features),), -torch.inf)
     top, sample, values = _empty(window, True), _empty(window, True), _empty(window, False)
@@ -129,14 +130,15 @@ def feature_statistics(dictionary: Dictionary, model: Any, point: HookPoint, tex
     bar = progress_bar(desc=desc, total=tokens, enabled=progress, unit="tok")
     for batch in _batches(texts, batch_texts, max_texts):
         encoding = tokenize(model.tokenizer, batch, ctx_len)
-        [x] = read_hook_points(model, encoding, [point])
-        if x.shape[-1] != dictionary.activation_dim:
-            raise ValueError(f"{point} has width {x.shape[-1]}, but the dictionary reads width "
+        [rows] = collect(model, encoding, [point], token_filter)  # [n_kept, d]
+        if rows.shape[-1] != dictionary.activation_dim:
+            raise ValueError(f"{point} has width {rows.shape[-1]}, but the dictionary reads width "
                              f"{dictionary.activation_dim}: pass the layer and site it was trained on (--layer, --site)")
-        real = token_mask(encoding, remove_bos)  # [batch, seq]
-        flat = x.reshape(-1, x.shape[-1]).to(device=parameter.device, dtype=parameter.dtype)
-        codes = dictionary.encode(flat)[:, chosen].float().cpu().reshape(*real.shape, len(features))
-        codes = codes.masked_fill(~real[..., None], 0.0)  # [batch, seq, n]
+        real = token_filter.mask(encoding)  # [batch, seq]
+        codes = torch.zeros(*real.shape, len(features))  # [batch, seq, n]: 0 where not kept
+        if rows.shape[0]:
+            kept = dictionary.encode(rows.to(device=parameter.device, dtype=parameter.dtype))
+            codes[real] = kept[:, chosen].float().cpu()
         fired += (codes != 0).sum(dim=(0, 1))
         max_value = torch.maximum(max_value, codes.masked_fill(~real[..., None], -torch.inf).amax(dim=(0, 1)))
         row, position, feature = (codes != 0).nonzero(as_tuple=True)

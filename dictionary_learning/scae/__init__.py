@@ -6,8 +6,9 @@ The wing's rooms, in the order they build on each other (each imports only rooms
   `Connections`; module names and `upstream_of`.
 - `kernels.py`: the hand-written autograd functions (`GatherDot` for virtual weights, `connect` / `CSRProduct` for
   the pruned pass).
-- `tracing.py`: the wing's only nnsight traces: `run_suite` patches every module's reconstruction into the model
-  in one trace and records what the linearisation needs; `clean_targets`; `patched_logits`.
+- `tracing.py`: the wing's model runs: `run_suite` patches every module's reconstruction into the model
+  in one trace and records what the linearisation needs; `clean_targets` and `patched_logits` (through
+  `tracing.run`).
 - `pruned.py`: `decompose` splits each module's encoder pre-activation exactly into per-upstream-module terms plus
   an embedding term and a bias term; `virtual_weights`; `pruned_forward` recomputes every module, in layer order,
   from its connected upstream features' pruned codes only.

@@ -1,16 +1,19 @@
-"""The SCAE wing's nnsight traces (its only ones), through the package's tracing door: `run_suite` (the model with
-every module's reconstruction patched in, recording what the linearisation needs), `clean_targets` (what each
-module should reconstruct) and `patched_logits` (the logits with given codes' reconstructions patched in)."""
+"""The SCAE wing's nnsight runs: `clean_targets` (what each module should reconstruct) and
+`patched_logits` (the logits with given codes' reconstructions patched in) go through the package's
+door, `tracing.run`; `run_suite` (the model with every module's reconstruction patched in,
+recording what the linearisation needs) is the one trace written by hand (its docstring says
+why)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
 from ..models import HookPoint, get_adapter, norm_params
-from ..tracing import hook_value, logits_or_stop, model_inputs, read, tokenize, write
+from ..tracing import hook_value, logits_or_stop, model_inputs, read, run, tokenize, write
 from .suite import SCAESuite
 
 Encoding = dict[str, torch.Tensor]
@@ -63,7 +66,12 @@ def run_suite(suite: SCAESuite, model: Any, texts: list[str] | Encoding, ctx_len
     (attention outputs replaced by the attention SAEs' reconstructions, MLP outputs by the transcoders'),
     recording codes, norm scales and attention patterns. Returns the record and the logits (None with
     `logits=False`, which stops the pass after the suite's last layer). The model must run eager attention
-    (`load_model(..., attn_implementation="eager")`) so that attention modules return their patterns."""
+    (`load_model(..., attn_implementation="eager")`) so that attention modules return their patterns.
+
+    The one trace outside `tracing.run`, on purpose: it records what that door hides (element 1
+    of the attention output's tuple, the pattern) and what is computed inside the pass (each
+    module's codes, both saved and decoded into the patch); through the door, patch functions
+    would have to smuggle those values out."""
     suite.check_model(model)
     encoding = encode_texts(model, texts, ctx_len)
     saved: dict[str, Any] = {}
@@ -104,30 +112,32 @@ def run_suite(suite: SCAESuite, model: Any, texts: list[str] | Encoding, ctx_len
     return record, saved.get("logits")  # none when the trace stopped early
 
 
-@torch.no_grad()
+def _module_outputs(model: Any, suite: SCAESuite) -> dict[str, HookPoint]:
+    """The hook point each module of the suite reconstructs, by name: attention and MLP outputs."""
+    points = [layer_points(model, layer) for layer in range(suite.n_layers)]
+    return {name: point for layer, p in enumerate(points)
+            for name, point in ((f"attn_{layer}", p.attn_out), (f"mlp_{layer}", p.mlp_out))}
+
+
 def clean_targets(suite: SCAESuite, model: Any, encoding: Encoding, logits: bool = False) -> dict[str, torch.Tensor]:
     """What each module should reconstruct, from the clean model: attention outputs and MLP outputs (and, with
     `logits=True`, the clean logits under "logits"; otherwise the pass stops after the suite's last layer)."""
-    saved = {}
-    with model.trace(model_inputs(encoding)) as tracer:
-        for layer in range(suite.n_layers):
-            points = layer_points(model, layer)
-            saved[f"attn_{layer}"] = read(model, points.attn_out).save()
-            saved[f"mlp_{layer}"] = read(model, points.mlp_out).save()
-        clean_logits = logits_or_stop(model, tracer, logits)
+    outputs = _module_outputs(model, suite)
+    values, clean_logits = run(model, encoding, read=list(outputs.values()), logits=logits)
+    saved = dict(zip(outputs, values))
     if logits:
         saved["logits"] = clean_logits
     return saved
 
 
+def _decoded(module: Any, codes: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A patch that replaces a module's output by the module's reconstruction from `codes`."""
+    return module.decode(codes)
+
+
 def patched_logits(suite: SCAESuite, model: Any, encoding: Encoding, codes: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits with every attention output and MLP output replaced by the suite's reconstruction from `codes`, in
     one nnsight trace (differentiable in the codes and the decoders)."""
-    with model.trace(model_inputs(encoding)) as tracer:
-        for layer in range(suite.n_layers):
-            points = layer_points(model, layer)
-            attn_output = hook_value(model, points.attn_out)
-            write(model, points.attn_out, attn_output, suite[f"attn_{layer}"].decode(codes[f"attn_{layer}"]))
-            write(model, points.mlp_out, None, suite[f"mlp_{layer}"].decode(codes[f"mlp_{layer}"]))
-        logits = logits_or_stop(model, tracer, logits=True)
-    return logits
+    patch = {point: partial(_decoded, suite[name], codes[name])
+             for name, point in _module_outputs(model, suite).items()}
+    return run(model, encoding, patch=patch, grad=True).logits

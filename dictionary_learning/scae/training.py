@@ -15,16 +15,14 @@ from ..checks import finite_hyperparameters, integer, texts as check_texts
 from ..files import writer_lock
 from ..models import torch_model
 from ..tracing import masked_cross_entropy, next_token_kl, tokenize
-from ..trainers.trainer import check_steps, lr_schedule
+from ..trainers.parts import DeadFeatures, decoder_rows, default_topk_lr, lr_schedule, normalised_error
 from ..training import CHECKPOINT, resume_from_checkpoints, run_steps, start_wandb
 from .pruned import pruned_forward, virtual_weights
 from .suite import Connections, SCAESuite, parameter_fingerprint
 from .tracing import clean_targets, patched_logits, run_suite
 
 
-def default_lr(dict_size: int) -> float:
-    """The reference fork's size-scaled learning rate: 2e-4 / sqrt(dict_size / 2^14)."""
-    return 2e-4 / (dict_size / 2 ** 14) ** 0.5
+default_lr = default_topk_lr  # the reference fork's size-scaled learning rate, as TopK's
 
 
 class SCAETrainer:
@@ -45,7 +43,7 @@ class SCAETrainer:
                  mse_weight: float = 1.0, ce_weight: float = 1.0, warmup_steps: int = 0, ctx_len: int = 128,
                  seed: int = 0, *, kl_weight: float = 0.0, decay_start: float | None = 0.8, stagger_steps: int = 0,
                  auxk_alpha: float = 1 / 32, dead_feature_threshold: int = 1_000_000):
-        check_steps(steps)
+        integer("steps", steps)
         weights = {"mse_weight": mse_weight, "ce_weight": ce_weight, "kl_weight": kl_weight, "auxk_alpha": auxk_alpha}
         for name, value in weights.items():
             if not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
@@ -75,30 +73,35 @@ class SCAETrainer:
         decay_step = None if decay_start is None else int(decay_start * steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lr_schedule(steps, warmup_steps, decay_step))
-        self.num_tokens_since_fired = {name: torch.zeros(suite[name].dict_size, dtype=torch.long,
-                                                         device=next(suite[name].parameters()).device)
-                                       for name in suite.names}
+        self.dead = {name: DeadFeatures(suite[name].dict_size, next(suite[name].parameters()).device)
+                     for name in suite.names}
         self.config = {"steps": steps, "lr": lr, "lrs": self.lrs, "mse_weight": mse_weight, "ce_weight": ce_weight,
                        "kl_weight": kl_weight, "warmup_steps": warmup_steps, "decay_start": decay_start,
                        "stagger_steps": stagger_steps, "auxk_alpha": auxk_alpha,
                        "dead_feature_threshold": dead_feature_threshold, "ctx_len": ctx_len, "seed": seed}
         self.last_metrics: dict[str, float] = {}
 
+    @property
+    def num_tokens_since_fired(self) -> dict[str, torch.Tensor]:
+        return {name: dead.counts for name, dead in self.dead.items()}
+
     def _auxk(self, name: str, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """AuxK of one module: its dead features' top pre-activations fitted to the residual, as a fraction of the
         residual's variance (0 when none is dead)."""
-        dead = (self.num_tokens_since_fired[name] >= self.dead_feature_threshold).nonzero().flatten()
+        dead = self.dead[name].mask(self.dead_feature_threshold).nonzero().flatten()
         if dead.numel() == 0 or self.auxk_alpha == 0:
             return pre.new_zeros(())
         k_aux = min(int(dead.numel()), max(1, residual.shape[-1] // 2))
         candidates = pre[:, dead].relu()  # [tokens, n_dead]
         values, chosen = candidates.topk(k_aux, dim=-1)
         codes = torch.zeros_like(candidates).scatter(-1, chosen, values)
-        fitted = codes @ self.suite[name].decoder.weight[:, dead].T  # W_dec f without bias
-        return (fitted - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+        fitted = codes @ decoder_rows(self.suite[name], dead)  # W_dec f without bias
+        return normalised_error(residual, fitted, lambda value: value)[0]
 
-    def loss(self, texts: list[str], step: int | None = None) -> torch.Tensor:
-        """The training loss on a batch of texts (at `step`, for the staggered MSE terms; None: all on)."""
+    def step_loss(self, texts: list[str], step: int | None = None
+                  ) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor], int]:
+        """(loss, metrics, the latents each module fired, the batch's real tokens) of a batch of texts, changing no
+        state (at `step`, for the staggered MSE terms; None: all on)."""
         suite, model = self.suite, self.model
         encoding = tokenize(model.tokenizer, texts, self.ctx_len)
         record, _ = run_suite(suite, model, encoding, logits=False)
@@ -107,6 +110,7 @@ class SCAETrainer:
         codes = pruned_forward(suite, model, record, self.connections, recompute_weights=True, pre_activations=pre)
         mask = record.mask
         mse, auxk = torch.zeros((), device=mask.device), torch.zeros((), device=mask.device)
+        fired = {}
         for position, name in enumerate(suite.names):
             target = targets[name][mask]
             reconstruction = suite[name].decode(codes[name][mask])
@@ -114,13 +118,9 @@ class SCAETrainer:
             if step is None or step >= position * self.stagger_steps:
                 mse = mse + error
             auxk = auxk + self._auxk(name, pre[name][mask], (target - reconstruction).detach())
-            with torch.no_grad():  # dead-feature tracking over the batch's real tokens
-                fired = (codes[name][mask] > 0).any(dim=0)
-                self.num_tokens_since_fired[name] += int(mask.sum())
-                self.num_tokens_since_fired[name][fired] = 0
+            fired[name] = (codes[name][mask] > 0).any(dim=0).detach()
         loss = self.mse_weight * mse + self.auxk_alpha * auxk
-        dead = sum(int((c >= self.dead_feature_threshold).sum()) for c in self.num_tokens_since_fired.values())
-        metrics = {"fvu_sum": mse.item(), "auxk": auxk.item(), "dead": dead,
+        metrics = {"fvu_sum": mse.item(), "auxk": auxk.item(),
                    "l0": sum((codes[n][mask] > 0).sum(-1).float().mean().item() for n in suite.names) / len(suite.names)}
         if self.ce_weight or self.kl_weight:
             patched = patched_logits(suite, model, encoding, codes)
@@ -133,12 +133,15 @@ class SCAETrainer:
                 kl = kl[encoding["attention_mask"].bool().to(kl.device)].mean()
                 loss = loss + self.kl_weight * kl
                 metrics["kl"] = kl.item()
-        self.last_metrics = {"loss": loss.item(), **metrics}
-        return loss
+        return loss, metrics, fired, int(mask.sum())
+
+    def loss(self, texts: list[str], step: int | None = None) -> torch.Tensor:
+        """The training loss on a batch of texts (at `step`, for the staggered MSE terms; None: all on)."""
+        return self.step_loss(texts, step)[0]
 
     def update(self, step: int, texts: list[str]) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(texts, step)
+        loss, metrics, fired, n_tokens = self.step_loss(texts, step)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.suite.parameters(), 1.0)
         self.optimizer.step()
@@ -148,18 +151,22 @@ class SCAETrainer:
             for name, module in self.suite.dictionaries.items():
                 weight = module.decoder.weight
                 weight *= self.decoder_norms[name] / weight.norm(dim=0, keepdim=True).clamp_min(1e-8)
+        for name, dead in self.dead.items():  # dead-feature tracking over the batch's real tokens
+            dead.update(fired[name], n_tokens)
+        n_dead = sum(int(dead.mask(self.dead_feature_threshold).sum()) for dead in self.dead.values())
+        self.last_metrics = {"loss": loss.item(), **metrics, "dead": n_dead}
         return loss.item()
 
     def state_dict(self) -> dict[str, Any]:
         return {"suite": self.suite.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "num_tokens_since_fired": dict(self.num_tokens_since_fired)}
+                "scheduler": self.scheduler.state_dict(), "num_tokens_since_fired": self.num_tokens_since_fired}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.suite.load_state_dict(state["suite"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        for name, counts in state.get("num_tokens_since_fired", {}).items():
-            self.num_tokens_since_fired[name].copy_(counts)
+        for name, counts in state["num_tokens_since_fired"].items():
+            self.dead[name].counts.copy_(counts)
 
 
 def text_batches(texts: Iterable[str], batch_texts: int) -> Iterator[list[str]]:

@@ -5,8 +5,7 @@ Loss: squared error summed over the output and averaged over the batch, plus
 count are step functions of the threshold; their threshold gradients are straight-through estimates with a
 rectangle kernel of width `bandwidth` (`JumpReLUFunction`, `StepFunction`), the L0 count passing no gradient to the
 pre-activations. As upstream, the L0 count is taken of the codes f (not of the pre-activations), Adam runs with
-betas (0, 0.999), decoder rows are kept at unit norm (the gradient component along each row removed before the
-step) and gradients are clipped to norm 1.
+betas (0, 0.999), decoder rows are kept at unit norm (`parts.UnitNormDecoder`) and gradients are clipped to norm 1.
 
 The step is sparse where the codes are: only pre-activations above `threshold - bandwidth / 2` can carry a code or a
 gradient, so the encoder's backward and the decoder run over those (row, latent) pairs alone (`sparse.py` kernels).
@@ -16,15 +15,17 @@ give the same loss and gradients.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import namedtuple
 from typing import Any
 
 import torch
 from torch import autograd
 
-from ..dictionary import Dictionary, JumpReluAutoEncoder, SparseCode
-from .trainer import (SAETrainer, loss_arguments, remove_gradient_parallel_to_decoder_directions,
-                      set_decoder_norm_to_unit_norm, sparsity_schedule, trainer_lr_schedule)
+from ..dictionary import JumpReluAutoEncoder, SparseCode
+from . import parts
+from .base import PenaltyConfig, StepOutput, Trainer
+from .upstream_api import UpdateX, UpstreamTrainerAPI
 
 # what upstream's `JumpReluTrainer.loss(x, step=..., logging=True)` returns (its own field names)
 LossLog = namedtuple("LossLog", ["x", "recon", "f", "losses"])
@@ -95,86 +96,66 @@ class StepFunction(autograd.Function):
         return grad_x, grad_threshold, None
 
 
-class JumpReluTrainer(SAETrainer):
-    """Upstream's JumpReluTrainer: trains a `JumpReluAutoEncoder` (or a transcoder of that class) toward an average
-    of `target_l0` active latents per token. Arguments up to `submodule_name` are upstream's, in its order."""
+@dataclasses.dataclass(kw_only=True)
+class JumpReluConfig(PenaltyConfig):
+    """Beyond upstream: `output_dim`, `transcoder`, `skip` (a transcoder: batches are (x, y) pairs),
+    `dead_feature_threshold` (tokens without firing before a latent counts as dead, for logging), and `sparse`
+    (True / False forces the sparse / dense step; None picks by the batch's share of candidate pairs)."""
 
-    def __init__(
-        self,
-        steps: int,
-        activation_dim: int,
-        dict_size: int,
-        layer: int | None = None,
-        lm_name: str | None = None,
-        dict_class: type[Dictionary] = JumpReluAutoEncoder,
-        seed: int | None = None,
-        lr: float = 7e-5,
-        bandwidth: float = 0.001,
-        sparsity_penalty: float = 1.0,
-        warmup_steps: int = 1000,
-        sparsity_warmup_steps: int | None = 2000,
-        decay_start: int | None = None,
-        target_l0: float = 20.0,
-        device: str | None = "cpu",
-        wandb_name: str = "JumpRelu",
-        submodule_name: str | None = None,
-        *,
-        output_dim: int | None = None,
-        transcoder: bool = False,
-        skip: bool = False,
-        dead_feature_threshold: int = 10_000_000,
-        sparse: bool | None = None,
-    ):
-        """Beyond upstream: `output_dim`, `transcoder`, `skip` (a transcoder: batches are (x, y) pairs),
-        `dead_feature_threshold` (tokens without firing before a latent counts as dead, for logging), and `sparse`
-        (True / False forces the sparse / dense step; None picks by the batch's share of candidate pairs)."""
-        for name, value in (("bandwidth", bandwidth), ("target_l0", target_l0)):
+    lr: float | None = 7e-5
+    bandwidth: float = 0.001
+    sparsity_penalty: float = 1.0
+    target_l0: float = 20.0
+    device: str | None = "cpu"  # upstream's default
+    sparse: bool | None = None
+    wandb_name: str | None = "JumpRelu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("bandwidth", "target_l0"):
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if sparsity_warmup_steps is not None and (not isinstance(sparsity_warmup_steps, int)
-                                                  or sparsity_warmup_steps < 0):
-            raise ValueError(f"sparsity_warmup_steps must be None or an int >= 0, got {sparsity_warmup_steps!r}")
-        if sparse not in (None, True, False):
-            raise ValueError(f"sparse must be None, True or False, got {sparse!r}")
-        extra = {key: value for key, value in (("output_dim", output_dim), ("transcoder", transcoder),
-                                               ("skip", skip)) if value}  # upstream-style classes take none
-        super().__init__(
-            seed, steps=steps, lr=lr, warmup_steps=warmup_steps, decay_start=decay_start,
-            dead_feature_threshold=dead_feature_threshold, device=device,
-            build_dictionary=lambda: dict_class(activation_dim=activation_dim, dict_size=dict_size, device=device,
-                                                **extra),
-            build_optimizer=lambda ae: torch.optim.Adam(ae.parameters(), lr=lr, betas=(0.0, 0.999), eps=1e-8),
-            lr_lambda=trainer_lr_schedule(steps, warmup_steps, decay_start, None, sparsity_warmup_steps),
-            config={"layer": layer, "lm_name": lm_name, "wandb_name": wandb_name, "submodule_name": submodule_name,
-                    "bandwidth": bandwidth, "sparsity_penalty": sparsity_penalty,
-                    "sparsity_warmup_steps": sparsity_warmup_steps, "target_l0": target_l0},
-        )
-        # upstream's attributes
-        self.layer, self.lm_name, self.submodule_name, self.wandb_name = layer, lm_name, submodule_name, wandb_name
-        self.bandwidth, self.sparsity_coefficient, self.target_l0 = float(bandwidth), sparsity_penalty, target_l0
-        self.warmup_steps, self.decay_start = warmup_steps, decay_start
-        self.sparsity_warmup_steps = sparsity_warmup_steps
-        self.sparsity_warmup_fn = sparsity_schedule(sparsity_warmup_steps)
-        self.dead_feature_threshold = dead_feature_threshold
-        self.dead_features = -1
-        self.logging_parameters = ["dead_features"]
-        self.sparse = sparse
+        self.bandwidth = float(self.bandwidth)
+        if self.sparse not in (None, True, False):
+            raise ValueError(f"sparse must be None, True or False, got {self.sparse!r}")
 
-    # the loss --------------------------------------------------------------------------------------------------
-    def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False, y: torch.Tensor | None = None,
-             **kwargs: Any):
-        """Reconstruction + sparsity_penalty * (L0 / target_l0 - 1)^2 (ramped), as upstream's `loss(x, step,
-        logging)`: with `logging`, returns upstream's LossLog(x, recon, f, losses) and changes no training state.
-        Transcoders pass their target as `y`; this toolkit's positional form `loss(x, y, step)` works too."""
-        if isinstance(step, torch.Tensor):  # loss(x, y, step)
-            y, step, logging = step, logging, False
-        y, step = loss_arguments(x, y, step)
-        x = x.to(self.ae.W_enc.dtype)
-        y = y.to(self.ae.W_enc.dtype)
+
+class JumpReluTrainer(UpdateX, UpstreamTrainerAPI, Trainer):
+    """Upstream's JumpReluTrainer: trains a `JumpReluAutoEncoder` (or a transcoder of that class) toward an average
+    of `target_l0` active latents per token."""
+
+    Config = JumpReluConfig
+    positions = ("steps", "activation_dim", "dict_size", "layer", "lm_name", "dict_class", "seed", "lr", "bandwidth",
+                 "sparsity_penalty", "warmup_steps", "sparsity_warmup_steps", "decay_start", "target_l0", "device",
+                 "wandb_name", "submodule_name")
+    default_dict_class = JumpReluAutoEncoder
+    logging_parameters = ["dead_features"]
+    loss_log_type = LossLog
+
+    def build_dictionary(self):
+        cls = self.cfg.dict_class or self.default_dict_class
+        return cls(activation_dim=self.cfg.activation_dim, dict_size=self.cfg.dict_size, device=self.cfg.device,
+                   **self.dictionary_arguments())
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.ae.parameters(), lr=self.cfg.lr, betas=(0.0, 0.999), eps=1e-8)
+
+    def setup(self) -> None:
+        self.decoder_norm = parts.UnitNormDecoder(self.ae)
+        self.dead_features = -1
+
+    @property
+    def sparsity_coefficient(self) -> float:  # upstream's name
+        return self.cfg.sparsity_penalty
+
+    def step_loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> StepOutput:
+        """Reconstruction + sparsity_penalty * (L0 / target_l0 - 1)^2 (ramped)."""
+        bandwidth = self.cfg.bandwidth
         pre = torch.addmm(self.ae.b_enc, self.ae._encoder_input(x), self.ae.W_enc)  # [batch, dict_size]
-        sparse, candidates = self.sparse, None
+        sparse, candidates = self.cfg.sparse, None
         if sparse is not False:  # the (row, latent) pairs that can carry a code or a gradient, grouped by row
-            candidates = (pre.detach() > self.ae.threshold.detach() - self.bandwidth / 2).nonzero(as_tuple=True)
+            candidates = (pre.detach() > self.ae.threshold.detach() - bandwidth / 2).nonzero(as_tuple=True)
             if sparse is None:
                 sparse = candidates[0].numel() <= SPARSE_MAX_DENSITY * pre.numel()
         if sparse:
@@ -183,59 +164,52 @@ class JumpReluTrainer(SAETrainer):
             y_hat, f, l0, column_sums = self._dense_forward(x, pre)
         recon = (y - y_hat).pow(2).sum(dim=-1).mean()
         if self.distributed is not None:  # the global batch's L0, with this rank's gradient (averaged over ranks:
-            l0 = l0 - l0.detach() + self._global_mean(l0.detach())  # the gradient of the global penalty)
-        sparsity = (l0 / self.target_l0 - 1).pow(2)
-        loss = recon + self.sparsity_coefficient * sparsity * self.sparsity_warmup_fn(step)
-        if logging:
-            f = f if not sparse else f.to_dense(self.ae.dict_size)
-            return LossLog(x, y_hat, f, {"l2_loss": recon.item(), "loss": loss.item(), "l0": l0.item(),
-                                         "sparsity_loss": sparsity.item()})
+            l0 = l0 - l0.detach() + self.global_mean(l0.detach())  # the gradient of the global penalty)
+        sparsity = (l0 / self.cfg.target_l0 - 1).pow(2)
+        loss = recon + self.cfg.sparsity_penalty * sparsity * self.sparsity_warmup_fn(step)
         with torch.no_grad():
-            self._track((column_sums > 0).nonzero().flatten(), x.shape[0])  # upstream: fired if f.sum(0) > 0
-            self.dead_features = int((self.num_tokens_since_fired > self.dead_feature_threshold).sum())
+            fired = self.global_fired(column_sums > 0)  # upstream: fired if f.sum(0) > 0
             active = int((f.values != 0).sum()) if sparse else int((f != 0).sum())
-        self._record(y, y_hat.detach(), active / x.shape[0], loss, mse_loss=recon.item(), l0_estimate=l0.item(),
-                     sparsity_loss=sparsity.item(), sparse_step=float(sparse), dead_features=self.dead_features)
-        return loss
+        return StepOutput(loss, y_hat, fired, active / x.shape[0],
+                          {"mse_loss": recon.item(), "l0_estimate": l0.item(), "sparsity_loss": sparsity.item(),
+                           "sparse_step": float(sparse)}, {"code": f})
 
-    def update(self, step: int, x: Any) -> float:
-        """One training step (upstream's `update(step, x)`): x a batch `[batch, activation_dim]`, or an (x, y) pair
-        for transcoders; returns the loss."""
-        return super().update(step, x)
+    def after_step(self, step: int, x: torch.Tensor, y: torch.Tensor, out: StepOutput) -> None:
+        super().after_step(step, x, y, out)
+        self.dead_features = int(self.dead.mask(self.cfg.dead_feature_threshold).sum())
+
+    def logged_losses(self, y: torch.Tensor, out: StepOutput) -> dict[str, Any]:  # upstream's keys
+        return {"l2_loss": out.metrics["mse_loss"], "loss": out.loss.item(), "l0": out.metrics["l0_estimate"],
+                "sparsity_loss": out.metrics["sparsity_loss"]}
 
     def _dense_forward(self, x: torch.Tensor, pre: torch.Tensor):
         """Upstream's step: dense codes and decoding, all through autograd."""
-        f = JumpReLUFunction.apply(pre, self.ae.threshold, self.bandwidth)
+        bandwidth = self.cfg.bandwidth
+        f = JumpReLUFunction.apply(pre, self.ae.threshold, bandwidth)
         y_hat = self.ae.decode(f, x)
-        l0 = StepFunction.apply(f, self.ae.threshold, self.bandwidth).sum(dim=-1).mean()
+        l0 = StepFunction.apply(f, self.ae.threshold, bandwidth).sum(dim=-1).mean()
         return y_hat, f, l0, f.detach().sum(dim=0)
 
     def _sparse_forward(self, x: torch.Tensor, pre: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
         """The same step over the candidate pairs only. Every other pair has f = 0 and a zero kernel in both
         straight-through estimates except the L0 count's at f = 0, which depends only on the threshold: it is
         added once per latent, weighted by how many of the batch's rows it covers."""
+        bandwidth = self.cfg.bandwidth
         n_rows, dict_size = pre.shape
         values = self.ae.gather_pre_activations(x, rows, cols, pre[rows, cols])
         threshold = self.ae.threshold[cols]  # [n_candidates]: gradients gather back per latent
-        f = JumpReLUFunction.apply(values, threshold, self.bandwidth)
+        f = JumpReLUFunction.apply(values, threshold, bandwidth)
         code = SparseCode(f, rows, cols, n_rows)
         y_hat = self.ae.decode_sparse(code, x)
-        counted = StepFunction.apply(f.detach(), threshold, self.bandwidth).sum()
+        counted = StepFunction.apply(f.detach(), threshold, bandwidth).sum()
         outside = n_rows - torch.bincount(cols, minlength=dict_size).to(pre.dtype)  # [dict_size] pairs with f = 0
         zeros = torch.zeros_like(self.ae.threshold.detach())
-        counted = counted + (StepFunction.apply(zeros, self.ae.threshold, self.bandwidth) * outside).sum()
+        counted = counted + (StepFunction.apply(zeros, self.ae.threshold, bandwidth) * outside).sum()
         column_sums = torch.zeros(dict_size, dtype=f.dtype, device=f.device).index_add_(0, cols, f.detach())
         return y_hat, code, counted / n_rows, column_sums
 
-    # decoder geometry ------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def before_optimizer_step(self) -> None:
-        """Remove the gradient component along each (unit) decoder row."""
-        weight = self.ae.W_dec
-        if weight.grad is not None:
-            remove_gradient_parallel_to_decoder_directions(weight.t(), weight.grad.t(), self.ae.output_dim,
-                                                           self.ae.dict_size)
+        self.decoder_norm.before_step()
 
-    @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        set_decoder_norm_to_unit_norm(self.ae.W_dec.t(), self.ae.output_dim, self.ae.dict_size)
+        self.decoder_norm.after_step()

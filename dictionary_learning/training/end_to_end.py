@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Iterator
 
 import torch
@@ -30,8 +31,7 @@ import torch
 from ..checks import texts as check_texts
 from ..dictionary import apply_to_values
 from ..models import HookPoint, torch_model
-from ..tracing import (hook_value, logits_or_stop, masked_cross_entropy, model_inputs, next_token_kl, read_value,
-                       release_traces, token_mask, tokenize, write)
+from ..tracing import masked_cross_entropy, next_token_kl, run, token_mask, tokenize
 
 
 @contextmanager
@@ -59,6 +59,9 @@ class EndToEnd:
         hooks = (hooks,) if isinstance(hooks, HookPoint) else tuple(hooks)
         if not 1 <= len(hooks) <= 2 or not all(isinstance(h, HookPoint) for h in hooks):
             raise TypeError("hooks must be a HookPoint, (point,) or (input_side, output_side)")
+        if not callable(getattr(trainer, "step_loss", None)):
+            raise TypeError(f"end-to-end training needs one of this toolkit's trainers (a trainers.Trainer, whose "
+                            f"update takes an extra_loss), got {type(trainer).__name__}")
         if trainer.ae.transcoder != (len(hooks) == 2):
             raise ValueError(f"a {'transcoder' if trainer.ae.transcoder else 'SAE'} needs "
                              f"{'an (input_side, output_side) pair' if trainer.ae.transcoder else 'one hook point'}, "
@@ -98,16 +101,9 @@ class EndToEnd:
 
     def clean(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """One batch of texts through the clean model (no grad): its logits and the hook points' values."""
-        model, hooks = self.model, self.hooks
-        encoding = tokenize(model.tokenizer, list(check_texts("texts", texts)), self.ctx_len)
-        saved: list[Any] = []
-        with torch.no_grad():
-            with model.trace(model_inputs(encoding)) as tracer:
-                for hook in hooks:  # in execution order: input side first
-                    saved.append(hook_value(model, hook).save())
-                logits = logits_or_stop(model, tracer, logits=True)
-        release_traces()
-        source, target = read_value(saved[0]), read_value(saved[-1])
+        encoding = tokenize(self.model.tokenizer, list(check_texts("texts", texts)), self.ctx_len)
+        values, logits = run(self.model, encoding, read=self.hooks)
+        source, target = values[0], values[-1]
         return {"encoding": encoding, "logits": logits, "source": source, "target": target,
                 "mask": token_mask(encoding, self.remove_bos).to(source.device)}
 
@@ -115,16 +111,11 @@ class EndToEnd:
         """kl_weight * KL + ce_weight * CE of the run with the dictionary's reconstruction patched in, differentiable
         in the dictionary (batch: texts, or `clean(texts)`); and the batch's values with its kl and ce."""
         values = batch if isinstance(batch, dict) else self.clean(batch)
-        model, hooks, encoding, mask = self.model, self.hooks, values["encoding"], values["mask"]
-        with frozen(model):
-            with model.trace(model_inputs(encoding)) as tracer:
-                source_raw = hook_value(model, hooks[0])
-                target_raw = hook_value(model, hooks[1]) if len(hooks) == 2 else source_raw
-                value = read_value(target_raw)
-                replacement = apply_to_values(self.trainer.ae, read_value(source_raw))
-                write(model, hooks[-1], target_raw, torch.where(mask[..., None].to(value.device), replacement, value))
-                patched = logits_or_stop(model, tracer, logits=True)
-        release_traces()
+        encoding = values["encoding"]
+        with frozen(self.model):
+            reconstruct = partial(apply_to_values, self.trainer.ae)
+            patched = run(self.model, encoding, patch={self.hooks: reconstruct}, grad=True,
+                          mask=values["mask"]).logits
         attention = encoding["attention_mask"].to(patched.device).bool()
         kl = next_token_kl(values["logits"], patched)[attention].mean()
         ce, pairs = masked_cross_entropy(patched, encoding["input_ids"], encoding["attention_mask"])
@@ -141,19 +132,15 @@ class EndToEnd:
         if self.normalize_local:
             target = target.double()
             variance = (target - target.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12).item()
-        trainer, local_weight, measured = self.trainer, self.local_weight, {}
-        local_loss = trainer.loss
+        trainer, measured = self.trainer, {}
 
-        def loss(*args: Any, **kwargs: Any) -> torch.Tensor:
-            local = local_loss(*args, **kwargs) / variance  # first: it may initialise parameters (b_dec at step 0)
+        def combined(out: Any) -> torch.Tensor:  # the trainer's StepOutput -> the loss to backpropagate
+            local = out.loss / variance
             downstream, result = self.downstream_loss(values)
             measured.update(kl=result["kl"], ce=result["ce"], local=local.item())
-            return local_weight * local + downstream
+            return self.local_weight * local + downstream
 
-        trainer.loss = loss  # the trainer's own step (optimizer, schedules, tracking) on the combined loss
-        try:
-            total = trainer.update(step, batch)
-        finally:
-            del trainer.loss
+        # the trainer's own step (optimizer, schedules, tracking) on the combined loss
+        total = trainer.update(step, batch, extra_loss=combined)
         trainer.last_metrics = {**trainer.last_metrics, **measured, "loss": total}
         return total

@@ -41,17 +41,13 @@ def save_checkpoint(path: Path, trainers: Sequence[Any], step: int, batches_cons
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-# hyperparameters a resumed run must share with its checkpoint (fixed at construction in every trainer; other config
-# keys may evolve during training, e.g. the annealed sparsity_penalty of the p-annealing trainers)
-RESUME_MUST_MATCH = ("trainer_class", "dict_class", "activation_dim", "dict_size", "output_dim", "k", "lr", "steps",
-                     "warmup_steps", "decay_start", "seed", "auxk_alpha", "bandwidth", "target_l0", "group_fractions",
-                     "group_weights")
-
-
 def _config(trainer: Any) -> dict[str, Any]:
-    """A trainer's fixed hyperparameters (`RESUME_MUST_MATCH`) as JSON text values."""
-    config = getattr(trainer, "config", None) or {}
-    return {key: json.dumps(config[key], sort_keys=True, default=str) for key in RESUME_MUST_MATCH if key in config}
+    """What a resumed run must share with its checkpoint, as JSON text values: a `trainers.Trainer`'s
+    `cfg.compared_on_resume()` (every hyperparameter), else the trainer's whole `config` (SCAE fine-tuning and
+    upstream-style trainers)."""
+    cfg = getattr(trainer, "cfg", None)
+    config = cfg.compared_on_resume() if hasattr(cfg, "compared_on_resume") else getattr(trainer, "config", None)
+    return {key: json.dumps(value, sort_keys=True, default=str) for key, value in (config or {}).items()}
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -65,45 +61,33 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                          f"({error_summary(error)})") from error
 
 
-def resume_from_checkpoints(trainers: Sequence[Any], path: Path | Sequence[Path] | None, batches: Iterator[Any],
+def resume_from_checkpoints(trainers: Sequence[Any], path: Path | None, batches: Iterator[Any],
                             resume: bool = True) -> dict[str, Any]:
-    """With `resume`, restore every trainer from the checkpoint file `path` (`save_checkpoint`'s; a list of
-    per-trainer files is read as this toolkit's older layout) and replay `batches` to where the interrupted run
-    stood. Returns the checkpoint's step, batches_consumed and extra keys; `{"step": 0, "batches_consumed": 0}`
-    without `resume` or when there is no checkpoint."""
+    """With `resume`, restore every trainer from the checkpoint file `path` (`save_checkpoint`'s) and replay
+    `batches` to where the interrupted run stood. Returns the checkpoint's step, batches_consumed and extra keys;
+    `{"step": 0, "batches_consumed": 0}` without `resume` or when there is no checkpoint."""
     if not resume:
         return {"step": 0, "batches_consumed": 0}
     if not path:
         raise ValueError("resume=True needs the save_dir of the interrupted run")
-    if isinstance(path, (str, Path)):
-        if not Path(path).exists():
-            return {"step": 0, "batches_consumed": 0}
-        state = load_checkpoint(Path(path))
-        states = state.pop("trainers") if "trainers" in state else [state.pop("trainer")]  # older: one trainer
-        if len(states) != len(trainers):
-            raise ValueError(f"checkpoint {str(path)!r} holds {len(states)} trainers, this run has {len(trainers)}")
-        resumed = state
-    else:  # older layout: one file per trainer
-        if not all(Path(p).exists() for p in path):
-            return {"step": 0, "batches_consumed": 0}
-        loaded = [load_checkpoint(Path(p)) for p in path]
-        if len({state["step"] for state in loaded}) != 1:
-            folder = Path(os.path.commonpath([str(Path(p).parent) for p in path]))
-            raise ValueError(f"checkpoints in {folder} are at different steps: {[s['step'] for s in loaded]}")
-        states = [state["trainer"] for state in loaded]
-        resumed = {key: value for key, value in loaded[0].items() if key != "trainer"}
-    saved_configs = resumed.pop("configs", None) or [None] * len(trainers)  # older checkpoints have none
-    for i, (trainer, saved) in enumerate(zip(trainers, saved_configs)):
+    if not Path(path).exists():
+        return {"step": 0, "batches_consumed": 0}
+    resumed = load_checkpoint(Path(path))
+    states = resumed.pop("trainers", None)
+    if not isinstance(states, list) or "configs" not in resumed:
+        raise ValueError(f"{str(path)!r} is not a checkpoint of this version of the toolkit (no trainers and configs "
+                         f"in it): start the run afresh, without resume")
+    if len(states) != len(trainers):
+        raise ValueError(f"checkpoint {str(path)!r} holds {len(states)} trainers, this run has {len(trainers)}")
+    for i, (trainer, saved) in enumerate(zip(trainers, resumed.pop("configs"))):
         now = _config(trainer)
-        changed = sorted(key for key in set(saved or {}) | set(now)
-                         if saved is not None and saved.get(key) != now.get(key))
+        changed = sorted(key for key in set(saved) | set(now) if saved.get(key) != now.get(key))
         if changed:  # the checkpoint's optimizer and schedule would silently keep the old values
             raise ValueError(f"trainer {i} is configured differently from the checkpoint it would resume: "
                              + "; ".join(f"{key}: {saved.get(key)} in the checkpoint, {now.get(key)} now"
                                          for key in changed))
     for trainer, state in zip(trainers, states):
         trainer.load_state_dict(state)
-    resumed.setdefault("batches_consumed", resumed["step"])  # one batch a step (older SCAE checkpoints)
     for _ in range(resumed["batches_consumed"]):
         next(batches)
     return resumed

@@ -5,6 +5,7 @@ network), atomic checkpoints and exact resume. The founding README's call form i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import warnings
 from contextlib import nullcontext
@@ -14,10 +15,10 @@ from typing import Any, Iterable
 import torch
 
 from ..checks import finite_hyperparameters, integer
-from ..dictionary import dictionary_class, load_state_dict
 from ..files import atomic_write, check_writable_folder, writer_lock
 from ..trainers import TRAINER_CLASSES
-from ..trainers.trainer import SAETrainer, check_steps
+from ..trainers.base import Trainer
+from ..trainers.trainer import SAETrainer
 from ..utils import save_dictionary
 from .distributed import DataParallel, check_mode, check_same_on_every_rank
 from .end_to_end import EndToEnd
@@ -28,52 +29,27 @@ NORMALIZATIONS = (False, True, "unit", "d_model")
 
 
 def build_trainer(config: dict[str, Any]) -> SAETrainer:
-    """A trainer from an upstream-style config dict: {"trainer": TopKTrainer, "dict_class": ..., ...}."""
+    """A trainer from an upstream-style config dict: {"trainer": TopKTrainer, "dict_class": ..., ...} (the other
+    keys are the trainer's config fields; `initial_weights`, a saved dictionary, starts it from those weights)."""
     if not isinstance(config, dict):
         raise TypeError(f"a trainer config is a dict, got {type(config).__name__}")
     config = dict(config)
     trainer_class = config.pop("trainer", None)
-    initial_weights = config.pop("initial_weights", None)
     if isinstance(trainer_class, str):
         if trainer_class not in TRAINER_CLASSES:
             raise ValueError(f"unknown trainer {trainer_class!r}; known: {sorted(TRAINER_CLASSES)}")
         trainer_class = TRAINER_CLASSES[trainer_class]
     if not (isinstance(trainer_class, type) and issubclass(trainer_class, SAETrainer)):
         raise ValueError(f"config['trainer'] must be a trainer class such as TopKTrainer, got {trainer_class!r}")
-    if isinstance(config.get("dict_class"), str):
-        config["dict_class"] = dictionary_class(config["dict_class"])
-    accepted = set(inspect.signature(trainer_class.__init__).parameters) - {"self", "args", "kwargs"}
-    if trainer_class.__init__ is not SAETrainer.__init__:  # subclasses forwarding **kwargs: include the parent's
-        for base in trainer_class.__mro__[1:]:
-            if issubclass(base, SAETrainer) and base is not SAETrainer:
-                accepted |= set(inspect.signature(base.__init__).parameters) - {"self", "args", "kwargs"}
+    if issubclass(trainer_class, Trainer):
+        accepted = {field.name for field in dataclasses.fields(trainer_class.Config)}
+    else:  # a subclass of upstream's SAETrainer: its constructor's parameters
+        accepted = set(inspect.signature(trainer_class.__init__).parameters) - {"self", "args", "kwargs"}
     unknown = sorted(set(config) - accepted)
     if unknown:
         raise ValueError(f"unknown {trainer_class.__name__} config keys {unknown}; accepted: {sorted(accepted)}")
     finite_hyperparameters(trainer_class.__name__, config)
-    trainer = trainer_class(**config)
-    if initial_weights is not None:
-        start_from(trainer, initial_weights)
-    return trainer
-
-
-def start_from(trainer: SAETrainer, path: str | Path) -> None:
-    """Start a trainer from a saved dictionary's weights (a folder or file `load_state_dict` reads), which must be
-    of the trainer's dictionary class and shape; recorded in its config as `initial_weights`. Saved dictionaries work
-    on raw activations (any training normalisation folded in): continue them without `normalize_activations`."""
-    state = type(trainer.ae).from_saved_state(load_state_dict(path)).state_dict()
-    if not all(torch.isfinite(tensor).all() for tensor in state.values() if tensor.is_floating_point()):
-        raise ValueError(f"initial_weights {str(path)!r} hold NaN / inf values: a run started from them could only "
-                         f"train on NaN")
-    own = trainer.ae.state_dict()
-    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-        raise ValueError(f"initial_weights {str(path)!r} hold a {type(trainer.ae).__name__} of other shapes than the "
-                         f"trainer's ({trainer.ae.dictionary_config()})")
-    with torch.no_grad():
-        trainer.ae.load_state_dict(state)
-    if hasattr(trainer, "_b_dec_initialised"):  # keep the given b_dec (TopK trainers set it at step 0 otherwise)
-        trainer._b_dec_initialised = True
-    trainer._config["initial_weights"] = str(path)
+    return trainer_class(**config)
 
 
 def prepare_data_parallel(trainers: list[SAETrainer], sync: DataParallel) -> None:
@@ -233,7 +209,7 @@ def train_dictionaries(
     if not trainer_configs:
         raise ValueError("trainer_configs is empty: pass at least one trainer config")
     if steps is not None:
-        check_steps(steps)
+        integer("steps", steps)
         for i, config in enumerate(trainer_configs):  # its schedules (lr decay, sparsity warmup) would end early
             if isinstance(config, dict) and isinstance(config.get("steps"), int) and config["steps"] < steps:
                 raise ValueError(f"trainer config {i} has steps={config['steps']!r}, fewer than the steps={steps} "
@@ -286,10 +262,7 @@ def train_dictionaries(
         # every trainer's state in one file (one per rank with distributed="trainers")
         checkpoint = (save_dir / (f"checkpoint.rank{rank}.pt" if distributed == "trainers" and world_size > 1
                                   else CHECKPOINT) if save_dir else None)
-        older = [directory / CHECKPOINT for directory in directories]  # this toolkit's older per-trainer files
-        resume_from = older if resume and checkpoint and not checkpoint.exists() and all(p.exists() for p in older) \
-            else checkpoint
-        state = resume_from_checkpoints(trainers, resume_from, data, resume)
+        state = resume_from_checkpoints(trainers, checkpoint, data, resume)
         if resume and state["step"] == 0 and verbose:
             print(f"no checkpoint in {save_dir}; starting from step 0")
         start, consumed = state["step"], state["batches_consumed"]
