@@ -45,8 +45,8 @@ def random_connections(suite, C, seed=0):
 @torch.no_grad()
 def dense_masked_forward(suite, model, record, indices):
     """Dense virtual weights [n_features, n_upstream] (x heads for attention) masked to the connections."""
-    from dictionary_learning.models import attention_ov, norm_params
     from dictionary_learning.dictionary import topk_codes
+    from dictionary_learning.models import attention_ov, norm_params
     from dictionary_learning.scae import decompose, parse_module_name, upstream_of
 
     codes = {}

@@ -42,8 +42,16 @@ def main() -> None:
 
     from dictionary_learning import default_corpus, load_model
     from dictionary_learning.scae import (
-        Connections, SCAESuite, SCAETrainer, connections_from_statistics, contribution_statistics, pruned_forward,
-        run_suite, train_suite, upstream_of, virtual_weights,
+        Connections,
+        SCAESuite,
+        SCAETrainer,
+        connections_from_statistics,
+        contribution_statistics,
+        pruned_forward,
+        run_suite,
+        train_suite,
+        upstream_of,
+        virtual_weights,
     )
 
     model = load_model("smollm2-135m", attn_implementation="eager")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build one virtual environment per peer package, for the training-throughput benchmarks (bench/peer_step.py runs
-# inside them; bench/peers.py finds them) and for tests/test_upstream_files.py (upstream's own trainSAE and loaders).
+# inside them; bench/peers.py finds them) and for the `peers` tests (tests/compat/test_upstream_files.py, upstream's
+# own trainSAE and loaders; tests/formats/test_formats_peers.py, the other libraries' loaders).
 #
 #   bash bench/setup_peers.sh                        every peer
 #   bash bench/setup_peers.sh dictionary-learning    one of them

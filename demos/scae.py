@@ -21,8 +21,16 @@ from pathlib import Path
 from dictionary_learning import ActivationCache, default_corpus, load_model, write_cache
 from dictionary_learning.files import atomic_write
 from dictionary_learning.scae import (
-    SCAESuite, ce_table, ce_versus_c, evaluate_suite, module_table, plot_ce_versus_c,
-    plot_connection_statistics, select_connections, suite_hook_points, train_scae_suite,
+    SCAESuite,
+    ce_table,
+    ce_versus_c,
+    evaluate_suite,
+    module_table,
+    plot_ce_versus_c,
+    plot_connection_statistics,
+    select_connections,
+    suite_hook_points,
+    train_scae_suite,
     train_suite,
 )
 

@@ -25,8 +25,15 @@ from pathlib import Path
 
 from dictionary_learning import default_corpus, load_model
 from dictionary_learning.files import atomic_write
-from dictionary_learning.scae import (SCAESuite, ce_versus_c, evaluate_suite, plot_ce_versus_c,
-                                      random_connections, select_connections, train_scae_suite)
+from dictionary_learning.scae import (
+    SCAESuite,
+    ce_versus_c,
+    evaluate_suite,
+    plot_ce_versus_c,
+    random_connections,
+    select_connections,
+    train_scae_suite,
+)
 
 VARIANTS = ("decay", "flat", "random")
 

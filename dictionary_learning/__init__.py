@@ -7,13 +7,31 @@ The names a researcher reaches for first; everything else lives in the rooms nam
 from .buffer import ActivationBuffer
 from .cache import ActivationCache, write_cache
 from .data import default_corpus, hf_dataset_texts, local_texts, text_source
-from .dictionary import (AutoEncoder, AutoEncoderNew, AutoEncoderTopK, BatchTopKSAE, Dictionary, GatedAutoEncoder,
-                         IdentityDict, JumpReluAutoEncoder, MatryoshkaBatchTopKSAE)
+from .dictionary import (
+                         AutoEncoder,
+                         AutoEncoderNew,
+                         AutoEncoderTopK,
+                         BatchTopKSAE,
+                         Dictionary,
+                         GatedAutoEncoder,
+                         IdentityDict,
+                         JumpReluAutoEncoder,
+                         MatryoshkaBatchTopKSAE,
+)
 from .evaluation import evaluate, loss_recovered
 from .models import HookPoint, get_adapter, hook, load_model
-from .trainers import (BatchTopKTrainer, GatedAnnealTrainer, GatedSAETrainer, JumpReluTrainer,
-                       MatryoshkaBatchTopKTrainer, PAnnealTrainer, SAETrainer, StandardTrainer,
-                       StandardTrainerAprilUpdate, TopKTrainer)
+from .trainers import (
+                         BatchTopKTrainer,
+                         GatedAnnealTrainer,
+                         GatedSAETrainer,
+                         JumpReluTrainer,
+                         MatryoshkaBatchTopKTrainer,
+                         PAnnealTrainer,
+                         SAETrainer,
+                         StandardTrainer,
+                         StandardTrainerAprilUpdate,
+                         TopKTrainer,
+)
 from .training import trainSAE
 from .utils import load_dictionary, pull_from_hub, push_to_hub, save_dictionary
 

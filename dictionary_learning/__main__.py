@@ -8,8 +8,9 @@ dashboard  an offline HTML feature dashboard of a saved dictionary, and circuit-
 export   a saved dictionary in SAELens', sparsify's or circuit-tracer's format
 import   a SAELens, sparsify or circuit-tracer folder as this toolkit's ae.pt + config.json folder(s)
 
-Each command parses its arguments and calls one pipeline (in `reports`, `dashboard` or `formats`), whose signature
-holds the defaults.
+Each command parses its arguments and calls one pipeline (in `reports`, `dashboard` or `formats`), whose options
+dataclass (`reports.QuickstartConfig`, `reports.CollectConfig`, `dashboard.DashboardCommandConfig`), or else whose
+signature, holds the defaults.
 
 A refused input (a missing folder, a layer the model lacks, a folder in no known format) ends with
 one `... error: <why>` line and exit status 2; DICTIONARY_LEARNING_TRACEBACK=1 shows the traceback.
@@ -18,6 +19,7 @@ one `... error: <why>` line and exit status 2; DICTIONARY_LEARNING_TRACEBACK=1 s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import os
 import re
@@ -46,11 +48,15 @@ def count(text: str) -> int:
     return value
 
 
-def _command(commands: Any, name: str, pipeline: Callable, help: str) -> argparse.ArgumentParser:
-    """A subcommand whose defaults are `pipeline`'s."""
+def _command(commands: Any, name: str, pipeline: Callable, help: str, config: type | None = None
+             ) -> argparse.ArgumentParser:
+    """A subcommand whose defaults are those of `pipeline`'s options dataclass `config` (else of its signature)."""
     parser = commands.add_parser(name, help=help, description=help)
-    defaults = {key: p.default for key, p in inspect.signature(pipeline).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+    if config is not None:
+        defaults = {field.name: field.default for field in dataclasses.fields(config)}
+    else:
+        defaults = {key: p.default for key, p in inspect.signature(pipeline).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
     parser.set_defaults(run=pipeline, command_parser=parser, **defaults)
     return parser
 
@@ -77,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
     commands = main_parser.add_subparsers(dest="command", required=True)
 
     p = _command(commands, "train", reports.quickstart,
-                 "the quickstart: train a TopK SAE, evaluate it, write a report")
+                 "the quickstart: train a TopK SAE, evaluate it, write a report", reports.QuickstartConfig)
     _add_model_arguments(p)
     p.add_argument("--tokens", type=count, help="training activations to collect (once; default %(default)s)")
     p.add_argument("--steps", type=count, help="training steps (epochs over the collected tokens; default %(default)s)")
@@ -105,7 +111,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="train on this activation cache folder (written by `collect --out DIR`) instead "
                    "of collecting --tokens; held-out texts follow those the cache read")
 
-    p = _command(commands, "collect", reports.collect, "collect activations and print their statistics")
+    p = _command(commands, "collect", reports.collect, "collect activations and print their statistics",
+                 reports.CollectConfig)
     _add_model_arguments(p)
     p.add_argument("--tokens", type=count, help="how many token vectors to collect (default %(default)s)")
     p.add_argument("--batch", type=count, help="texts per forward pass (default %(default)s)")
@@ -155,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = _command(commands, "dashboard", dashboard.dashboard,
                  "write an offline HTML feature dashboard of a saved dictionary (one self-contained index.html) and "
-                 "circuit-tracer feature files")
+                 "circuit-tracer feature files", dashboard.DashboardCommandConfig)
     p.add_argument("--dictionary", required=True, help="a saved dictionary folder (ae.pt + config.json), or a "
                    "module folder of a saved SCAE suite (SUITE/mlp_3)")
     p.add_argument("--model", help="default: the one config.json names, else smollm2-135m")

@@ -113,3 +113,26 @@ def finite_hyperparameters(owner: str, values: dict[str, Any]) -> None:
     if lr is not None and not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr)
                                and lr >= 0):
         raise ValueError(f"{owner}: lr must be a finite number >= 0, got {lr!r}")
+
+
+def options(config_class: type, config: Any, given: dict[str, Any], owner: str) -> Any:
+    """The options of a call that takes `config: config_class | None = None, **options`: `config` with the keyword
+    `given` fields replaced, or a new `config_class(**given)`. An unknown name is a TypeError naming `owner` and
+    the accepted names, a missing required one names it; a config of another class is refused."""
+    import dataclasses
+
+    fields = dataclasses.fields(config_class)
+    accepted = [field.name for field in fields]
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        raise TypeError(f"{owner} got unexpected keyword argument(s) {unknown}; accepted: {accepted}")
+    if config is None:
+        missing = [field.name for field in fields if field.name not in given and field.default is dataclasses.MISSING
+                   and field.default_factory is dataclasses.MISSING]
+        if missing:
+            raise TypeError(f"{owner} is missing {len(missing)} required argument(s): "
+                            f"{', '.join(repr(name) for name in missing)}")
+        return config_class(**given)
+    if not isinstance(config, config_class):
+        raise TypeError(f"{owner}'s config must be a {config_class.__name__}, got {type(config).__name__}")
+    return dataclasses.replace(config, **given) if given else config

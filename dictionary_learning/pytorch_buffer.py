@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .buffer import ActivationBuffer as NNsightBuffer
+from .buffer.settings import UPSTREAM_FILTERS, UPSTREAM_SIZES, BufferSettings, takes_settings
 from .models import HookPoint, get_module, resolve_hook, torch_model
 from .tracing import Keep, model_inputs, read_value
 
@@ -107,43 +108,23 @@ class ActivationBuffer(NNsightBuffer):
     `submodule` (a torch module or dotted path), read with PyTorch hooks.
 
     tokenizer: by default the model's own (an nnsight-wrapped model's `tokenizer`), else loaded
-    from `model.name_or_path` as upstream does. dtype: storage dtype (default: the model's). seed:
-    the shuffling seed. progress: a bar on stderr over the tokens of a fill that runs longer than a
-    few seconds. See `dictionary_learning.buffer.ActivationBuffer` for the other arguments.
+    from `model.name_or_path` as upstream does. See `dictionary_learning.buffer.ActivationBuffer`
+    for the other arguments, and `BufferSettings` for the settings (dtype, seed, progress, ...).
     """
 
     io_modes = ("in", "out")
     reader = staticmethod(collect)
 
-    def __init__(
-        self,
-        data: Iterable[str],
-        model: nn.Module,
-        submodule: nn.Module | str,
-        d_submodule: int | None = None,
-        io: str = "out",
-        n_ctxs: int = 30000,
-        ctx_len: int = 128,
-        refresh_batch_size: int = 512,
-        out_batch_size: int = 8192,
-        device: str | torch.device = "cpu",
-        remove_bos: bool = False,
-        add_special_tokens: bool = True,
-        max_activation_norm_multiple: float | None = None,
-        *,
-        tokenizer: Any = None,
-        dtype: torch.dtype | None = None,
-        seed: int = 0,
-        progress: bool = True,
-    ):
+    @takes_settings((*UPSTREAM_SIZES, *UPSTREAM_FILTERS), ("tokenizer", "dtype", "seed", "progress"))
+    def __init__(self, data: Iterable[str], model: nn.Module, submodule: nn.Module | str,
+                 d_submodule: int | None = None, io: str = "out", *, settings: BufferSettings):
         if io not in self.io_modes:
             raise ValueError(f"io must be 'in' or 'out', got {io!r}")
         module = get_module(model, submodule) if isinstance(submodule, str) else submodule
         if not isinstance(module, nn.Module):
             raise TypeError("submodule must be a torch module or dotted path, got "
                             f"{type(submodule).__name__}")
-        if tokenizer is None:
-            tokenizer = getattr(model, "tokenizer", None)
+        tokenizer = settings.tokenizer if settings.tokenizer is not None else getattr(model, "tokenizer", None)
         model = torch_model(model)
         if tokenizer is None:
             from transformers import AutoTokenizer
@@ -151,15 +132,13 @@ class ActivationBuffer(NNsightBuffer):
             tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        settings.tokenizer = tokenizer
         named = submodule if isinstance(submodule, str) else type(module).__name__
         self._name = f"{named} {io}put"
         side = "input" if io == "in" else "output"
         point = HookPoint(submodule, side) if isinstance(submodule, str) else resolve_hook(
             model, module, side)
-        super().__init__(data, model, point, d_submodule, io, n_ctxs, ctx_len, refresh_batch_size,
-                         out_batch_size, device, remove_bos, add_special_tokens,
-                         max_activation_norm_multiple, dtype, seed, progress=progress,
-                         tokenizer=tokenizer)
+        super().__init__(data, model, point, d_submodule, io, **settings.arguments())
         self.submodule = module
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:

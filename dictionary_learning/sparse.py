@@ -8,7 +8,6 @@ autograd function with a hand-written backward, tested against float64 autograd 
 from __future__ import annotations
 
 import warnings
-
 from typing import NamedTuple
 
 import torch

@@ -26,10 +26,16 @@ from typing import Any
 import torch
 
 from .dictionary import AutoEncoder, Dictionary, dictionary_class, load_state_dict
-from .files import (atomic_folder, atomic_write, atomic_write_json, inside, pyplot, read_json,  # noqa: F401
-                    save_figure)
+from .files import (  # noqa: F401
+    atomic_folder,
+    atomic_write,
+    atomic_write_json,
+    inside,
+    pyplot,
+    read_json,
+    save_figure,
+)
 from .models import get_adapter, n_layers, torch_model
-
 
 DICTIONARY_FILES = ("ae.pt", "model.safetensors", "config.json")
 

@@ -1,4 +1,4 @@
-"""A two-trainer trainSAE run that test_crash.py kills: `python tests/crash_child.py SAVE_DIR MODE ARG`.
+"""A two-trainer trainSAE run that training/test_crash.py kills: `python tests/crash_child.py SAVE_DIR MODE ARG`.
 
 MODE "sleep": each batch takes ARG extra seconds (the parent sends SIGKILL at a random moment);
 MODE "rename": the process kills itself with SIGKILL at its ARG-th file rename, after the temporary file is complete

@@ -1,4 +1,4 @@
-"""One rank of the torch.distributed tests (tests/test_distributed.py), launched by torchrun:
+"""One rank of the torch.distributed tests (tests/training/test_distributed.py), launched by torchrun:
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_child.py MODE SAVE_DIR STEPS \
         [resume]
@@ -51,7 +51,11 @@ def configs() -> list[dict]:
 
 def other_configs() -> list[dict]:
     """JumpReLU (exact under data parallelism), and BatchTopK / Matryoshka (their batch top-k is per rank)."""
-    from dictionary_learning.trainers import BatchTopKTrainer, JumpReluTrainer, MatryoshkaBatchTopKTrainer
+    from dictionary_learning.trainers import (
+        BatchTopKTrainer,
+        JumpReluTrainer,
+        MatryoshkaBatchTopKTrainer,
+    )
 
     common = dict(activation_dim=D, steps=STEPS, device="cpu", submodule_name="a", warmup_steps=2)
     return [

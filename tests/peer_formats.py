@@ -1,4 +1,5 @@
-"""Run inside a peer's venv (built by bench/setup_peers.sh) by tests/test_formats_peers.py; imports only the peer.
+"""Run inside a peer's venv (built by bench/setup_peers.sh) by tests/formats/test_formats_peers.py; imports only
+the peer.
 
     python peer_formats.py JOBS.json
 
@@ -113,7 +114,10 @@ def circuit_tracer_load(folder: str, inputs: dict[str, torch.Tensor]) -> dict[st
 def circuit_tracer_write(folder: str, kind: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     import torch.nn.functional as F
     from circuit_tracer.transcoder.activation_functions import JumpReLU
-    from circuit_tracer.transcoder.single_layer_transcoder import SingleLayerTranscoder, TranscoderSet
+    from circuit_tracer.transcoder.single_layer_transcoder import (
+        SingleLayerTranscoder,
+        TranscoderSet,
+    )
 
     d_model, layers = inputs["x_0"].shape[1], len(inputs)
     transcoders = {}

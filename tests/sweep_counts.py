@@ -2,12 +2,13 @@
 
     python tests/sweep_counts.py [--sweep inputs|surfaces] [--verbose]
 
-`inputs` is tests/test_sweep.py (bad input to every entry point), `surfaces` tests/test_sweep_surfaces.py (formats,
-cache, SCAE, numerics, locks, bounds). Each case is classified as clear (the expected error type with a message
-naming what was expected and what came, or the expected warning), correct (a case expecting a correct result got
-it), confusing (another error, or a message that does not say it), silent (no error or warning, or a wrong result),
-hang (over 60 s) or unsafe (a crafted file ran code, or a file appeared outside the case's folder). Run it against
-an older checkout (PYTHONPATH pointing at it) to measure what changed: the issue's before / after counts.
+`inputs` is tests/reliability/test_sweep.py (bad input to every entry point), `surfaces` its neighbour
+test_sweep_surfaces.py (formats, cache, SCAE, numerics, locks, bounds). Each case is classified as clear (the
+expected error type with a message naming what was expected and what came, or the expected warning), correct (a case
+expecting a correct result got it), confusing (another error, or a message that does not say it), silent (no error
+or warning, or a wrong result), hang (over 60 s) or unsafe (a crafted file ran code, or a file appeared outside the
+case's folder). Run it against an older checkout (PYTHONPATH pointing at it) to measure what changed: the issue's
+before / after counts.
 """
 
 import argparse
@@ -81,7 +82,8 @@ def main():
 
     import dictionary_learning
 
-    sweep = importlib.import_module({"inputs": "tests.test_sweep", "surfaces": "tests.test_sweep_surfaces"}[args.sweep])
+    module = {"inputs": "test_sweep", "surfaces": "test_sweep_surfaces"}[args.sweep]
+    sweep = importlib.import_module(f"tests.reliability.{module}")
     print(f"dictionary_learning from {Path(dictionary_learning.__file__).parent}")
     counts = collections.Counter()
     with tempfile.TemporaryDirectory() as root:

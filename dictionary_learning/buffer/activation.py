@@ -18,6 +18,7 @@ tokenizers that do not add one), and the norm filter's median is taken over the 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,12 +26,20 @@ from typing import Any, Self
 
 import torch
 
-from ..checks import check_memory, floating_dtype, integer
+from ..checks import check_memory, integer
 from ..models import model_fingerprint, torch_model
 from ..progress import progress_bar
 from ..tracing import TokenFilter, collect, tokenize
-from .points import (IO_MODES, PROBE_TEXT, check_collection, check_entry_widths, describe,
-                     entry_points, entry_widths)
+from .points import (
+    IO_MODES,
+    PROBE_TEXT,
+    check_collection,
+    check_entry_widths,
+    describe,
+    entry_points,
+    entry_widths,
+)
+from .settings import UPSTREAM_FILTERS, UPSTREAM_SIZES, BufferSettings, takes_settings
 from .store import ShuffledStore
 
 
@@ -51,81 +60,47 @@ class ActivationBuffer:
       submodule); checked against the model (None: found by a probe). The founding README's `in_feats` /
       `out_feats` (input and output widths) are checked where io reads that side ("out" checks out_feats and, as
       the founding buffer did, ignores in_feats).
-    remove_bos: drop each context's first token (BOS, or the attention-sink first token of models without BOS).
-    add_special_tokens: whether the tokenizer adds its special tokens (e.g. BOS) to each text.
-    max_activation_norm_multiple: drop tokens whose norm exceeds this multiple of the median norm of the kept tokens
-      of their refresh batch (at any hook point); None keeps all.
-    dtype: storage dtype (default: the model's). seed: the shuffling seed. in_batch_size: the founding name of
-      refresh_batch_size. remote: run every trace on NDIF through nnsight's remote execution (a model too large for
-      this machine, loaded by nnsight without its weights); the activations come back to `device`.
-    tokenizer: the tokenizer of the texts (default: the model's).
-    progress: a bar on stderr over the tokens of a fill that runs longer than a few seconds
-      (`progress.DELAY`).
+    in_batch_size: the founding name of refresh_batch_size. remote: run every trace on NDIF through nnsight's remote
+      execution (a model too large for this machine, loaded by nnsight without its weights); the activations come
+      back to `device`. The other settings (n_ctxs, ctx_len, ..., dtype, seed, progress, tokenizer): `BufferSettings`.
     """
 
     io_modes = IO_MODES
     reader = staticmethod(collect)  # (model, encoding, points, keep, remote) -> rows per hook point
 
-    def __init__(
-        self,
-        data: Iterable[str],
-        model: Any,
-        submodule: Any,
-        d_submodule: int | tuple[int, int] | None = None,
-        io: str = "out",
-        n_ctxs: int = 30000,
-        ctx_len: int = 128,
-        refresh_batch_size: int = 512,
-        out_batch_size: int = 8192,
-        device: str | torch.device = "cpu",
-        remove_bos: bool = False,
-        add_special_tokens: bool = True,
-        max_activation_norm_multiple: float | None = None,
-        dtype: torch.dtype | None = None,
-        seed: int = 0,
-        *,
-        in_feats: int | None = None,
-        out_feats: int | None = None,
-        in_batch_size: int | None = None,
-        remote: bool = False,
-        progress: bool = True,
-        tokenizer: Any = None,
-    ):
+    @takes_settings((*UPSTREAM_SIZES, *UPSTREAM_FILTERS, "dtype", "seed"),
+                    ("in_feats", "out_feats", "in_batch_size", "remote", "progress", "tokenizer"))
+    def __init__(self, data: Iterable[str], model: Any, submodule: Any,
+                 d_submodule: int | tuple[int, int] | None = None, io: str = "out", *, settings: BufferSettings,
+                 in_feats: int | None = None, out_feats: int | None = None, in_batch_size: int | None = None):
         if in_batch_size is not None:
-            if refresh_batch_size not in (512, in_batch_size):
-                raise ValueError(f"in_batch_size={in_batch_size} and refresh_batch_size={refresh_batch_size} are one "
-                                 "setting (the founding and the current name): give one of them")
-            refresh_batch_size = in_batch_size
-        n_ctxs, ctx_len, refresh_batch_size, out_batch_size = (
-            integer(name, value, integral_floats=True) for name, value in (
-                ("n_ctxs", n_ctxs), ("ctx_len", ctx_len), ("refresh_batch_size", refresh_batch_size),
-                ("out_batch_size", out_batch_size)))
-        check_collection(model, io, ctx_len, remove_bos, max_activation_norm_multiple,
+            if settings.refresh_batch_size not in (512, in_batch_size):
+                raise ValueError(f"in_batch_size={in_batch_size} and refresh_batch_size={settings.refresh_batch_size} "
+                                 "are one setting (the founding and the current name): give one of them")
+            settings = dataclasses.replace(settings, refresh_batch_size=in_batch_size)
+        check_collection(model, io, settings.ctx_len, settings.remove_bos, settings.max_activation_norm_multiple,
                          self.io_modes)
         if isinstance(data, (str, bytes)):
             raise TypeError("data must be an iterable of texts (e.g. a list of strings), got a single string")
         if not isinstance(data, Iterable):
             raise TypeError(f"data must be an iterable of texts (e.g. a list of strings), got {type(data).__name__}")
-        floating_dtype("dtype", dtype)
         for widths in (d_submodule.values() if isinstance(d_submodule, dict) else [d_submodule]):
             for width in (widths if isinstance(widths, (tuple, list)) else (widths,) if widths is not None else ()):
                 integer("d_submodule", width)
-        if n_ctxs * ctx_len < out_batch_size:
-            warnings.warn(f"the buffer holds n_ctxs * ctx_len = {n_ctxs * ctx_len} tokens, fewer than "
-                          f"out_batch_size={out_batch_size}: batches will be smaller than asked")
-        self.model = model
-        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-        self.io = io
-        self.n_ctxs, self.ctx_len = int(n_ctxs), int(ctx_len)
-        self.refresh_batch_size, self.out_batch_size = int(refresh_batch_size), int(out_batch_size)
-        self.device = torch.device(device)
-        self.remove_bos = remove_bos
-        self.add_special_tokens = add_special_tokens
-        self.remove_high_norm = max_activation_norm_multiple  # upstream's attribute name
-        self.token_filter = TokenFilter(remove_bos, max_activation_norm_multiple)
-        self.dtype = dtype or next(torch_model(model).parameters()).dtype
-        self.seed = seed
-        self.remote, self.progress = bool(remote), bool(progress)
+        self.model, self.io = model, io
+        self.n_ctxs, self.ctx_len = settings.n_ctxs, settings.ctx_len
+        self.refresh_batch_size, self.out_batch_size = settings.refresh_batch_size, settings.out_batch_size
+        if self.capacity < self.out_batch_size:
+            warnings.warn(f"the buffer holds n_ctxs * ctx_len = {self.capacity} tokens, fewer than "
+                          f"out_batch_size={self.out_batch_size}: batches will be smaller than asked")
+        self.tokenizer = settings.tokenizer if settings.tokenizer is not None else getattr(model, "tokenizer", None)
+        self.device = torch.device(settings.device)
+        self.remove_bos, self.add_special_tokens = settings.remove_bos, settings.add_special_tokens
+        self.remove_high_norm = settings.max_activation_norm_multiple  # upstream's attribute name
+        self.token_filter = TokenFilter(settings.remove_bos, settings.max_activation_norm_multiple)
+        self.dtype = settings.dtype or next(torch_model(model).parameters()).dtype
+        self.seed = settings.seed
+        self.remote, self.progress = bool(settings.remote), bool(settings.progress)
         # self.hooks: the distinct hook points read, in the order given; self.entries: which of them each named entry
         # serves (None for a single submodule, which serves all of them: one tensor, or an in_to_out pair)
         self.hooks, self.entries = entry_points(model, submodule, io)
@@ -134,7 +109,7 @@ class ActivationBuffer:
         # probe the widths on a short input, and check them against d_submodule / in_feats / out_feats
         probe = self._collect(self._probe_encoding())
         self.widths = widths = tuple(v.shape[-1] for v in probe)  # one per hook point in self.hooks
-        check_memory("n_ctxs", n_ctxs, self.capacity * sum(widths) * self.dtype.itemsize, self.device,
+        check_memory("n_ctxs", self.n_ctxs, self.capacity * sum(widths) * self.dtype.itemsize, self.device,
                      what=f" to hold n_ctxs * ctx_len = {self.capacity:,} token vectors of width {sum(widths)}")
         self.d_submodule: Any = entry_widths(widths, self.entries)
         if self.entries is None:
@@ -146,7 +121,7 @@ class ActivationBuffer:
             check_entry_widths(d_submodule, self.d_submodule, self.entries, self.hooks)
 
         self._open(data)
-        self._store = ShuffledStore([v[:0] for v in probe], self.capacity, seed)  # one per hook
+        self._store = ShuffledStore([v[:0] for v in probe], self.capacity, self.seed)  # one per hook
         self._closed = False
         self._served = False  # whether a batch was ever served
 
@@ -290,17 +265,27 @@ class ActivationBuffer:
     # ------------------------------------------------------------------------------------------------------------
     def text_batch(self, batch_size: int | None = None) -> list[str]:
         """The next `batch_size` non-empty texts (fewer at the end of the data; raises StopIteration when none)."""
+        return self._next_items(batch_size)
+
+    def _next_items(self, batch_size: int | None = None) -> list[Any]:
+        """The next `batch_size` (default: refresh_batch_size) usable items of the data, as `_usable` gives them
+        (fewer at the end of the data; raises StopIteration when none are left)."""
         batch_size = batch_size or self.refresh_batch_size
-        texts = []
-        for text in self.data:
-            self._check_item(text)
-            if text.strip():
-                texts.append(text)
-                if len(texts) == batch_size:
+        items = []
+        for item in self.data:
+            self._check_item(item)
+            usable = self._usable(item)
+            if usable is not None:
+                items.append(usable)
+                if len(items) == batch_size:
                     break
-        if not texts:
+        if not items:
             raise StopIteration("End of data stream reached")
-        return texts
+        return items
+
+    def _usable(self, text: str) -> str | None:
+        """A text as the buffer reads it, or None to skip it (empty or whitespace only)."""
+        return text if text.strip() else None
 
     def tokenized_batch(self, batch_size: int | None = None) -> dict[str, torch.Tensor]:
         """The next texts tokenized as the buffer does (left padded, truncated to ctx_len)."""

@@ -15,6 +15,7 @@ import torch
 
 from ..models import AttentionOV, HookPoint, attention_ov, get_adapter, get_module, n_layers
 from .activation import ActivationBuffer
+from .settings import UPSTREAM_SIZES, BufferSettings, takes_settings
 
 
 def output_projection_path(model: Any, layer: int, ov: AttentionOV) -> str:
@@ -37,34 +38,22 @@ class HeadActivationBuffer(ActivationBuffer):
     Padding is dropped; the other options (dtype, seed, remove_bos, ...) are ActivationBuffer's, by keyword.
     """
 
-    def __init__(
-        self,
-        data: Iterable[str],
-        model: Any,
-        layer: int,
-        n_ctxs: int = 30000,
-        ctx_len: int = 128,
-        refresh_batch_size: int = 512,
-        out_batch_size: int = 8192,
-        device: str | torch.device = "cpu",
-        apply_W_O: bool = False,
-        remote: bool = False,
-        **options: Any,
-    ):
-        if remote:
+    @takes_settings((*UPSTREAM_SIZES, "apply_W_O", "remote"))
+    def __init__(self, data: Iterable[str], model: Any, layer: int, *, settings: BufferSettings,
+                 apply_W_O: bool = False, **options: Any):
+        if settings.remote:
             raise NotImplementedError("HeadActivationBuffer(remote=True): nnsight remote execution is not supported "
                                       "by this toolkit's buffers; run the model locally")
         layers = n_layers(model)
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < layers:
             raise ValueError(f"layer must be an int in [0, {layers - 1}] for this model, got {layer!r}")
         ov = attention_ov(model, layer)
-        self.layer, self.apply_W_O, self.remote = layer, apply_W_O, remote
+        self.layer, self.apply_W_O = layer, apply_W_O
         self.n_heads, self.head_dim, self.resid_dim = ov.W_O.shape  # W_O: [n_heads, head_dim, d_model]
         self._W_O = ov.W_O.detach()
         self._b_O = ov.b_O.detach() if ov.b_O is not None else None
         point = HookPoint(output_projection_path(model, layer, ov), "input", name=f"layers.{layer}.heads")
-        super().__init__(data, model, point, None, "in", n_ctxs, ctx_len, refresh_batch_size, out_batch_size, device,
-                         **options)
+        super().__init__(data, model, point, None, "in", **settings.arguments(), **options)
 
     def _transform(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
         heads = values[0].unflatten(-1, (self.n_heads, self.head_dim))  # [batch, seq, n_heads, head_dim]

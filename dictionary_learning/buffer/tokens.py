@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .activation import ActivationBuffer
+from .settings import UPSTREAM_SIZES, BufferSettings, takes_settings
 
 TOKEN_IO_MODES = ("out", "in", "in_and_out")
 
@@ -24,31 +25,16 @@ class NNsightActivationBuffer(ActivationBuffer):
 
     io_modes = (*TOKEN_IO_MODES, "in_to_out")  # "in_and_out" reads as "in_to_out" on one module, then stacks
 
-    def __init__(
-        self,
-        data: Iterable[Sequence[int] | torch.Tensor],
-        model: Any,
-        submodule: Any,
-        d_submodule: int | None = None,
-        io: str = "out",
-        n_ctxs: int = 30000,
-        ctx_len: int = 128,
-        refresh_batch_size: int = 512,
-        out_batch_size: int = 8192,
-        device: str | torch.device = "cpu",
-        *,
-        dtype: torch.dtype | None = None,
-        seed: int = 0,
-        progress: bool = True,
-    ):
+    @takes_settings(UPSTREAM_SIZES, ("dtype", "seed", "progress"))
+    def __init__(self, data: Iterable[Sequence[int] | torch.Tensor], model: Any, submodule: Any,
+                 d_submodule: int | None = None, io: str = "out", *, settings: BufferSettings):
         if io not in TOKEN_IO_MODES:
             raise ValueError(f"io must be one of {TOKEN_IO_MODES}, got {io!r}")
         if io == "in_and_out" and isinstance(submodule, dict):
             raise ValueError("io='in_and_out' stacks one module's input and output; for a dict of hook points use "
                              "io='out' / 'in' and (input, output) pairs, which yield (x, y) pairs")
-        super().__init__(data, model, submodule, d_submodule, "in_to_out" if io == "in_and_out" else io, n_ctxs,
-                         ctx_len, refresh_batch_size, out_batch_size, device, dtype=dtype,
-                         seed=seed, progress=progress)
+        super().__init__(data, model, submodule, d_submodule, "in_to_out" if io == "in_and_out" else io,
+                         **settings.arguments())
         self.io = io
         if io == "in_and_out":
             d_in, d_out = self.d_submodule
@@ -64,6 +50,11 @@ class NNsightActivationBuffer(ActivationBuffer):
         if isinstance(item, (str, bytes)) or not isinstance(item, (Sequence, torch.Tensor)):
             raise TypeError(f"data must yield token-id sequences (lists or 1-D tensors), got {type(item).__name__}")
 
+    def _usable(self, item: Sequence[int] | torch.Tensor) -> torch.Tensor | None:
+        """A sequence as 1-D token ids, or None to skip it (empty)."""
+        ids = torch.as_tensor(item, dtype=torch.long).flatten()
+        return ids if ids.numel() else None
+
     def _probe_encoding(self) -> dict[str, torch.Tensor]:
         return {"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
 
@@ -76,17 +67,7 @@ class NNsightActivationBuffer(ActivationBuffer):
     def tokenized_batch(self, batch_size: int | None = None) -> dict[str, torch.Tensor]:
         """The next sequences as model inputs: `input_ids` `[batch, seq]` (left padded with the tokenizer's pad id,
         or 0, where lengths differ) and `attention_mask` (0 on padding)."""
-        batch_size = batch_size or self.refresh_batch_size
-        rows = []
-        for item in self.data:
-            self._check_item(item)
-            ids = torch.as_tensor(item, dtype=torch.long).flatten()
-            if ids.numel():
-                rows.append(ids)
-                if len(rows) == batch_size:
-                    break
-        if not rows:
-            raise StopIteration("End of data stream reached")
+        rows = self._next_items(batch_size)
         length = max(len(ids) for ids in rows)
         pad = getattr(self.tokenizer, "pad_token_id", None) or 0
         input_ids = torch.full((len(rows), length), pad, dtype=torch.long)

@@ -18,7 +18,7 @@ copied in, fewer than one batch carried over and the batch served; never the who
 
 from .manifest import FORMAT, MANIFEST, VERSION, read_manifest, shard_name
 from .read import ActivationCache
-from .write import cache_from_tensors, write_cache
+from .write import CacheConfig, cache_from_tensors, write_cache
 
-__all__ = ["ActivationCache", "FORMAT", "MANIFEST", "VERSION", "cache_from_tensors", "read_manifest", "shard_name",
-           "write_cache"]
+__all__ = ["ActivationCache", "CacheConfig", "FORMAT", "MANIFEST", "VERSION", "cache_from_tensors", "read_manifest",
+           "shard_name", "write_cache"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -12,6 +13,7 @@ from safetensors.torch import save_file
 
 from ..buffer.points import PROBE_TEXT, check_collection, entry_points, entry_widths
 from ..checks import check_disk, floating_dtype, integer, texts
+from ..checks import options as check_options
 from ..files import atomic_write, atomic_write_json, check_writable_folder, inside, writer_lock
 from ..models import model_fingerprint, torch_model
 from ..progress import progress_bar
@@ -32,56 +34,83 @@ def _written(out: Path) -> int:
         return 0
 
 
-def write_cache(model: Any, data: Iterable[str], submodule: Any, out: str | Path, n_tokens: int, io: str = "out",
-                ctx_len: int = 128, batch_texts: int = 32, shard_tokens: int = 65536, remove_bos: bool = False,
-                add_special_tokens: bool = True, max_activation_norm_multiple: float | None = None,
-                dtype: torch.dtype | None = None, progress: bool = True, model_name: str | None = None,
-                source: str | None = None) -> Path:
+@dataclass
+class CacheConfig:
+    """How `write_cache` reads activations and lays out the cache: every field is recorded in the manifest and must
+    match when a cache is continued (but `progress`)."""
+
+    io: str = "out"
+    """what is read at `submodule`: "out", "in", or "in_to_out" (an (input, output) pair), as ActivationBuffer's io"""
+    ctx_len: int = 128
+    """tokens per text (longer texts are truncated)"""
+    batch_texts: int = 32
+    """texts per forward pass"""
+    shard_tokens: int = 65536
+    """rows per shard file (the last may be partial)"""
+    remove_bos: bool = False
+    """leave each text's first token out (BOS or attention sink)"""
+    add_special_tokens: bool = True
+    """let the tokenizer add its special tokens (e.g. BOS)"""
+    max_activation_norm_multiple: float | None = None
+    """leave out tokens whose activation norm exceeds this multiple of the batch's median norm (None: keep all)"""
+    dtype: torch.dtype | None = None
+    """the dtype stored (None: the model's)"""
+    progress: bool = True
+    """a bar on stderr over the tokens once writing takes some seconds (`progress.DELAY`)"""
+    model_name: str | None = None
+    """recorded and checked on resume (default: the model config's name)"""
+    source: str | None = None
+    """a description of the texts (e.g. a dataset id), recorded and checked on resume"""
+
+    def __post_init__(self) -> None:
+        self.ctx_len, self.batch_texts, self.shard_tokens = (integer(name, getattr(self, name)) for name in (
+            "ctx_len", "batch_texts", "shard_tokens"))
+        floating_dtype("dtype", self.dtype)
+
+
+def write_cache(model: Any, data: Iterable[str], submodule: Any, out: str | Path, n_tokens: int,
+                config: CacheConfig | None = None, **options: Any) -> Path:
     """Read up to `n_tokens` activation vectors (in total, over all calls) at `submodule` (any form ActivationBuffer
     takes: a hook point, an (input, output) pair with io="in_to_out", or a dict of them by name) and append them to
     the cache folder `out` in shards of `shard_tokens` rows (the last may be partial). Stops at n_tokens or when
     `data` runs out. Called again on an existing cache with the same settings (and the same `data` from its start) it
     skips the texts already read and continues; different settings are refused. `model_name` and `source` (a
     description of the texts, e.g. a dataset id) are recorded and checked on resume (model_name defaults to the
-    model config's name). Returns the folder.
+    model config's name). Returns the folder. `options`: the fields of `CacheConfig` (or pass one as `config`;
+    options given as well replace its fields).
     progress: a bar on stderr over the tokens once writing takes some seconds (`progress.DELAY`)."""
-    n_tokens, ctx_len, batch_texts, shard_tokens = (integer(name, value) for name, value in (
-        ("n_tokens", n_tokens), ("ctx_len", ctx_len), ("batch_texts", batch_texts), ("shard_tokens", shard_tokens)))
-    floating_dtype("dtype", dtype)
+    config = check_options(CacheConfig, config, options, "write_cache")
+    n_tokens = integer("n_tokens", n_tokens)
     out = Path(out)
     check_writable_folder("out", out)
     items = texts("data", data)
     with writer_lock(out, "activation cache"):
-        return _append(model, items, submodule, out, n_tokens, io, ctx_len, batch_texts, shard_tokens, remove_bos,
-                       add_special_tokens, max_activation_norm_multiple, dtype, progress, model_name, source)
+        return _append(model, items, submodule, out, n_tokens, config)
 
 
-def _append(model: Any, items: Iterable[str], submodule: Any, out: Path, n_tokens: int, io: str, ctx_len: int,
-            batch_texts: int, shard_tokens: int, remove_bos: bool, add_special_tokens: bool,
-            max_activation_norm_multiple: float | None, dtype: torch.dtype | None, progress: bool,
-            model_name: str | None, source: str | None) -> Path:
+def _append(model: Any, items: Iterable[str], submodule: Any, out: Path, n_tokens: int, config: CacheConfig) -> Path:
     """write_cache's work, under the folder's writer lock."""
-    check_collection(model, io, ctx_len, remove_bos, max_activation_norm_multiple)
-    hooks, entries = entry_points(model, submodule, io)
-    keep = TokenFilter(remove_bos, max_activation_norm_multiple)
-    dtype = dtype or next(torch_model(model).parameters()).dtype
+    check_collection(model, config.io, config.ctx_len, config.remove_bos, config.max_activation_norm_multiple)
+    hooks, entries = entry_points(model, submodule, config.io)
+    keep = TokenFilter(config.remove_bos, config.max_activation_norm_multiple)
+    dtype = config.dtype or next(torch_model(model).parameters()).dtype
 
     def collect_rows(batch: list[str]) -> list[torch.Tensor]:
         """The kept rows of each hook point on these texts, on the CPU in the cache's dtype."""
-        encoding = tokenize(model.tokenizer, batch, ctx_len, add_special_tokens)
+        encoding = tokenize(model.tokenizer, batch, config.ctx_len, config.add_special_tokens)
         rows = collect(model, encoding, hooks, keep)
         return [side.to(device="cpu", dtype=dtype) for side in rows]
 
     widths = tuple(rows.shape[-1] for rows in collect_rows([PROBE_TEXT]))
     settings = {
-        "model": model_name or _model_name(model), "source": source, "io": io,
+        "model": config.model_name or _model_name(model), "source": config.source, "io": config.io,
         "hooks": [{"path": h.path, "io": h.io, "name": h.name} for h in hooks],
         "entries": None if entries is None else {k: list(v) for k, v in entries.items()},
         "widths": list(widths),
-        "dtype": str(dtype).removeprefix("torch."), "ctx_len": ctx_len,
-        "remove_bos": remove_bos, "add_special_tokens": add_special_tokens,
-        "max_activation_norm_multiple": max_activation_norm_multiple, "batch_texts": batch_texts,
-        "shard_tokens": shard_tokens, "model_fingerprint": model_fingerprint(model),
+        "dtype": str(dtype).removeprefix("torch."), "ctx_len": config.ctx_len,
+        "remove_bos": config.remove_bos, "add_special_tokens": config.add_special_tokens,
+        "max_activation_norm_multiple": config.max_activation_norm_multiple, "batch_texts": config.batch_texts,
+        "shard_tokens": config.shard_tokens, "model_fingerprint": model_fingerprint(model),
     }
     check_disk(out, (n_tokens - _written(out)) * sum(widths) * dtype.itemsize, "n_tokens")
     manifest = resumable_manifest(out, settings)
@@ -92,7 +121,7 @@ def _append(model: Any, items: Iterable[str], submodule: Any, out: Path, n_token
     segments: list[list[Any]] = []
     resume_point = (manifest["position"], manifest["position_rows"])
     written = sum(shard["tokens"] for shard in shards)
-    if shards and shards[-1]["tokens"] < shard_tokens and written < n_tokens:
+    if shards and shards[-1]["tokens"] < config.shard_tokens and written < n_tokens:
         last = shards.pop()
         with open_shard(inside(out, last["file"], "a shard file")) as file:
             rows = [file.get_slice(hook_key(i))[: last["tokens"]] for i in range(len(hooks))]
@@ -130,14 +159,14 @@ def _append(model: Any, items: Iterable[str], submodule: Any, out: Path, n_token
     exhausted = False
     done = min(written + pending(), n_tokens)
     with progress_bar(desc=f"writing activation cache ({out.name})", total=n_tokens, initial=done,
-                      enabled=progress, unit="tok") as bar:
+                      enabled=config.progress, unit="tok") as bar:
         while written + pending() < n_tokens:
             batch, used = [], 0
             for text in source_items:
                 used += 1
                 if text.strip():
                     batch.append(text)
-                    if len(batch) == batch_texts:
+                    if len(batch) == config.batch_texts:
                         break
             if not batch:
                 exhausted = True
@@ -150,8 +179,8 @@ def _append(model: Any, items: Iterable[str], submodule: Any, out: Path, n_token
             segments.append([(position, start), [r[start:end] for r in rows], after])
             bar.update(end - start)
             position, skip_rows, resume_point = position + used, 0, after
-            while pending() >= shard_tokens:
-                write_shard(shard_tokens)
+            while pending() >= config.shard_tokens:
+                write_shard(config.shard_tokens)
         if pending():
             write_shard(pending())
     if not pending():  # nothing left unwritten (a text batch whose tokens were all dropped leaves none either)

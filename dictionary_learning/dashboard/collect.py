@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..checks import integer
+from ..checks import options as check_options
 from ..dictionary import Dictionary
 from ..models import HookPoint
 from ..progress import progress_bar
@@ -99,37 +100,63 @@ def _batches(texts: Iterable[str], batch_texts: int, max_texts: int | None) -> I
         yield batch
 
 
+@dataclass
+class StatisticsConfig:
+    """How `feature_statistics` reads text and what it keeps per feature."""
+
+    tokens: int = 32768
+    """stop once this many tokens (positions kept, see `remove_bos`) are read"""
+    max_texts: int | None = None
+    """or once this many texts are read (None: as many as `tokens` needs)"""
+    ctx_len: int = 128
+    """tokens per text (longer texts are truncated)"""
+    batch_texts: int = 16
+    """texts per trace"""
+    remove_bos: bool = True
+    """leave each text's first token out, as the buffer does (still shown in windows, with activation 0)"""
+    top_examples: int = 10
+    """the strongest examples kept per feature"""
+    sample_examples: int = 48
+    """examples per feature drawn uniformly from its activations (the first of the reservoir)"""
+    reservoir: int = 1024
+    """activation values per feature kept as a uniform random sample (at least `sample_examples`)"""
+    seed: int = 0
+    """seeds the random sample"""
+    progress: bool = True
+    """a bar on stderr over the tokens once the pass takes a few seconds (progress.DELAY)"""
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "ctx_len", "batch_texts", "top_examples", "sample_examples", "reservoir"):
+            integer(name, getattr(self, name))
+        if self.sample_examples > self.reservoir:
+            raise ValueError(f"sample_examples={self.sample_examples} must not exceed reservoir={self.reservoir}")
+
+
 @torch.no_grad()
 def feature_statistics(dictionary: Dictionary, model: Any, point: HookPoint, texts: Iterable[str],
-                       features: list[int], tokens: int = 32768, max_texts: int | None = None, ctx_len: int = 128,
-                       batch_texts: int = 16, remove_bos: bool = True, top_examples: int = 10,
-                       sample_examples: int = 48, reservoir: int = 1024, seed: int = 0,
-                       progress: bool = True) -> FeatureStatistics:
+                       features: list[int], config: StatisticsConfig | None = None,
+                       **options: Any) -> FeatureStatistics:
     """Read `point` (what the dictionary encodes: a transcoder's input side) on `texts` until `tokens` tokens (or
     `max_texts` texts) are read, `batch_texts` texts (truncated to `ctx_len` tokens) per trace, and keep per feature
     of `features` what `FeatureStatistics` holds. Positions the buffer drops (padding; each text's first token with
-    `remove_bos`) are not counted; their tokens are still shown in windows, with activation 0."""
-    integer("tokens", tokens)
-    for name, value in (("ctx_len", ctx_len), ("batch_texts", batch_texts), ("top_examples", top_examples),
-                        ("sample_examples", sample_examples), ("reservoir", reservoir)):
-        integer(name, value)
-    if sample_examples > reservoir:
-        raise ValueError(f"sample_examples={sample_examples} must not exceed reservoir={reservoir}")
+    `remove_bos`) are not counted; their tokens are still shown in windows, with activation 0. `options`: the fields
+    of `StatisticsConfig` (or pass one as `config`; options given as well replace its fields)."""
+    config = check_options(StatisticsConfig, config, options, "feature_statistics")
     if not features:
         raise ValueError("no features to show: pass at least one feature index")
     parameter = next(dictionary.parameters())
     chosen = torch.tensor(features, device=parameter.device)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(config.seed)
     window = BEFORE + AFTER + 1
-    token_filter = TokenFilter(remove_bos=remove_bos)
+    token_filter = TokenFilter(remove_bos=config.remove_bos)
     fired = torch.zeros(len(features), dtype=torch.long)
     max_value = torch.full((len(features),), -torch.inf)
     top, sample, values = _empty(window, True), _empty(window, True), _empty(window, False)
     n_tokens = n_texts = 0
     desc = f"dashboard: reading activations of {len(features)} features"
-    bar = progress_bar(desc=desc, total=tokens, enabled=progress, unit="tok")
-    for batch in _batches(texts, batch_texts, max_texts):
-        encoding = tokenize(model.tokenizer, batch, ctx_len)
+    bar = progress_bar(desc=desc, total=config.tokens, enabled=config.progress, unit="tok")
+    for batch in _batches(texts, config.batch_texts, config.max_texts):
+        encoding = tokenize(model.tokenizer, batch, config.ctx_len)
         [rows] = collect(model, encoding, [point], token_filter)  # [n_kept, d]
         if rows.shape[-1] != dictionary.activation_dim:
             raise ValueError(f"{point} has width {rows.shape[-1]}, but the dictionary reads width "
@@ -145,9 +172,9 @@ def feature_statistics(dictionary: Dictionary, model: Any, point: HookPoint, tex
         value = codes[row, position, feature]
         key = torch.rand(len(value), generator=generator)
         new = {"feature": feature, "key": key, "value": value}
-        values = keep_smallest(_concat(values, new), reservoir)
+        values = keep_smallest(_concat(values, new), config.reservoir)
         with_place = {**new, "position": position, "row": row}
-        for name, keep, table_key in (("top", top_examples, -value), ("sample", sample_examples, key)):
+        for name, keep, table_key in (("top", config.top_examples, -value), ("sample", config.sample_examples, key)):
             candidates = keep_smallest({**with_place, "key": table_key}, keep)  # this batch's best, then windows
             candidates = _windows({k: v for k, v in candidates.items() if k != "row"}, codes, encoding["input_ids"],
                                   encoding["attention_mask"].bool(), candidates["row"], n_texts)
@@ -157,8 +184,8 @@ def feature_statistics(dictionary: Dictionary, model: Any, point: HookPoint, tex
                 sample = keep_smallest(_concat(sample, candidates), keep)
         read = int(real.sum())
         n_tokens, n_texts = n_tokens + read, n_texts + len(batch)
-        bar.update(min(read, max(tokens - bar.n, 0)))
-        if n_tokens >= tokens:
+        bar.update(min(read, max(config.tokens - bar.n, 0)))
+        if n_tokens >= config.tokens:
             break
     bar.close()
     if n_tokens == 0:

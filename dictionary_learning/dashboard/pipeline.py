@@ -10,21 +10,38 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..checks import integer
+from ..checks import options as check_options
 from ..data import text_source
 from ..dictionary import Dictionary
 from ..files import check_writable_folder, read_json
-from ..models import (DEFAULT_MODEL, HookPoint, d_model, dtype_from_name, hook, load_model, model_fingerprint,
-                      n_layers, resolve_hook)
+from ..models import (
+    DEFAULT_MODEL,
+    HookPoint,
+    d_model,
+    dtype_from_name,
+    hook,
+    load_model,
+    model_fingerprint,
+    n_layers,
+    resolve_hook,
+)
 from ..scae import SCAESuite, parse_module_name, upstream_of
 from ..utils import load_dictionary
-from .collect import feature_statistics
-from .directions import Upstream, decoder_directions, logit_lens, suite_connections, virtual_weight_connections
+from .collect import StatisticsConfig, feature_statistics
+from .directions import (
+    Upstream,
+    decoder_directions,
+    logit_lens,
+    suite_connections,
+    virtual_weight_connections,
+)
 from .render import feature_records, write_dashboard
 
 LOGIT_LENS = ("promoted / suppressed tokens: the unembedding applied to the decoder direction through the final "
@@ -103,20 +120,31 @@ def _layer_of(point: HookPoint) -> int | None:
     return int(match.group(1)) if match else None
 
 
+@dataclass
+class DashboardConfig(StatisticsConfig):
+    """What `build_dashboard` shows: which features, their upstream connections and the page's notes, with how it
+    reads text (`StatisticsConfig`'s fields)."""
+
+    features: str | int | Sequence[int] = 300
+    """a count (the first N), "all", or indices and ranges ("0-99,512"): see `parse_features`"""
+    upstream: Upstream | None = None
+    """each feature's strongest upstream connections (`directions.suite_connections` or
+    `directions.virtual_weight_connections`), shown on its page"""
+    meta: dict[str, Any] | None = None
+    """notes for dashboard.json and the page's header (dictionary, model, data: the text's name)"""
+
+
 def build_dashboard(dictionary: Dictionary, model: Any, point: HookPoint, texts: Iterable[str], out: str | Path,
-                    features: str | int | Sequence[int] = 300, tokens: int = 32768, max_texts: int | None = None,
-                    ctx_len: int = 128, batch_texts: int = 16, remove_bos: bool = True, top_examples: int = 10,
-                    upstream: Upstream | None = None, meta: dict[str, Any] | None = None, seed: int = 0,
-                    progress: bool = True) -> dict[str, Any]:
+                    config: DashboardConfig | None = None, **options: Any) -> dict[str, Any]:
     """Measure `features` of a loaded dictionary on `texts` at `point` and write the dashboard folder `out`
     (index.html, features/{index}.json, ...: see `render.py`); returns what dashboard.json records.
+    `options`: the fields of `DashboardConfig` (or pass one as `config`; options given as well replace its fields).
     progress: bars on stderr over its phases that take more than a few seconds (progress.DELAY)."""
+    config = check_options(DashboardConfig, config, options, "build_dashboard")
     started = time.perf_counter()
-    chosen = parse_features(features, dictionary.dict_size)
-    stats = feature_statistics(dictionary, model, point, texts, chosen, tokens=tokens, max_texts=max_texts,
-                               ctx_len=ctx_len, batch_texts=batch_texts, remove_bos=remove_bos,
-                               top_examples=top_examples, seed=seed, progress=progress)
-    meta = dict(meta or {})
+    chosen = parse_features(config.features, dictionary.dict_size)
+    stats = feature_statistics(dictionary, model, point, texts, chosen, config)
+    meta, upstream = dict(config.meta or {}), config.upstream
     if dictionary.output_dim == d_model(model):
         logits = logit_lens(model, decoder_directions(dictionary, chosen))
         meta["logit_lens"] = LOGIT_LENS
@@ -126,39 +154,78 @@ def build_dashboard(dictionary: Dictionary, model: Any, point: HookPoint, texts:
                               f"not the residual stream's {d_model(model)}")
     layer = _layer_of(point)
     transcoder_id = f"{meta.get('model', 'model')}/{point}"
-    records = feature_records(stats, transcoder_id, logits, upstream, progress=progress)
+    records = feature_records(stats, transcoder_id, logits, upstream, progress=config.progress)
     meta.update(hook=str(point), kind=f"{type(dictionary).__name__}{' transcoder' if dictionary.transcoder else ''}",
                 dict_size=dictionary.dict_size, features=len(chosen), tokens=stats.tokens, texts=stats.texts,
                 dead=int((stats.fired == 0).sum()),
                 upstream=upstream.description if upstream is not None else None, transcoder_id=transcoder_id)
     meta.setdefault("data", "python-docs")
     meta["seconds"] = round(time.perf_counter() - started, 2)
-    write_dashboard(out, records, model.tokenizer, meta, layer=layer or 0, progress=progress)
+    write_dashboard(out, records, model.tokenizer, meta, layer=layer or 0, progress=config.progress)
     return meta
 
 
-def dashboard(dictionary: str | Path, out: str | Path = "reports/dashboard", model: str | None = None,
-              layer: int | None = None, site: str | None = None, data: str | None = None, dtype: str = "auto",
-              device: str = "cpu", ctx_len: int | None = None, remove_bos: bool | None = None,
-              features: str | int = 300, tokens: int = 32768, texts: int | None = None, batch_texts: int = 16,
-              top_examples: int = 10, upstream: str | Path | None = None, seed: int = 0,
-              progress: bool = True, other_model: bool = False) -> dict[str, Any]:
+@dataclass
+class DashboardCommandConfig:
+    """The options of `dashboard` (the command): where the page goes, which model, hook point and text it reads a
+    saved dictionary on (each defaults to what the dictionary's config.json says), and which features it shows."""
+
+    out: str | Path = "reports/dashboard"
+    """the folder written: index.html, features/"""
+    model: str | None = None
+    """the model (default: the one config.json or suite.json names, else smollm2-135m)"""
+    layer: int | None = None
+    """the layer read (default: the hook point config.json names)"""
+    site: str | None = None
+    """the site read at that layer, e.g. resid, mlp_in (default: as config.json says)"""
+    data: str | None = None
+    """the text: python-docs (default, offline), a .txt / .jsonl file or folder, or a hub dataset id[:split]"""
+    dtype: str = "auto"
+    """the model's dtype ("auto": bfloat16 where the hardware is fast at it, else float32)"""
+    device: str = "cpu"
+    """where the model and dictionary run"""
+    ctx_len: int | None = None
+    """tokens per text (default: the training buffer's, else 128)"""
+    remove_bos: bool | None = None
+    """leave each text's first token out (default: as the training buffer did)"""
+    features: str | int = 300
+    """a count (the first N), "all", or indices and ranges ("0-99,512")"""
+    tokens: int = 32768
+    """tokens to read"""
+    texts: int | None = None
+    """at most this many texts (None: as many as `tokens` needs)"""
+    batch_texts: int = 16
+    """texts per forward pass"""
+    top_examples: int = 10
+    """top activating contexts per feature"""
+    upstream: str | Path | None = None
+    """an earlier dictionary folder whose decoder writes what this one reads: each feature's strongest virtual
+    weights (an SCAE module shows its suite's selected connections instead)"""
+    seed: int = 0
+    """seeds the sampled examples"""
+    progress: bool = True
+    """bars on stderr over the long phases (False: quiet)"""
+    other_model: bool = False
+    """read the dictionary on `model` even though its config records another model (by its weights' fingerprint)"""
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "batch_texts", "top_examples"):
+            integer(name, getattr(self, name))
+        if self.texts is not None:
+            integer("texts", self.texts)
+
+
+def dashboard(dictionary: str | Path, config: DashboardCommandConfig | None = None, **options: Any) -> dict[str, Any]:
     """Write an offline feature dashboard of a saved dictionary (a folder with ae.pt + config.json, or a module
     folder of a saved SCAE suite) to `out/index.html`, with circuit-tracer feature files in `out/features/`.
 
-    The model defaults to the one config.json (or suite.json) names, else smollm2-135m; the hook point to the one
-    the config names (`layer` / `site` override it); ctx_len and remove_bos to the training buffer's. Text: `data`
-    (default: the offline python-docs corpus), read until `tokens` tokens or `texts` texts. `features`: a count (the
-    first N), "all", or indices and ranges ("0-99,512"). `upstream`: an earlier dictionary whose decoder writes
-    what this one reads: its strongest virtual weights per feature (an SCAE module shows its suite's selected
-    connections instead). progress: bars on stderr over its long phases (False: quiet). A dictionary whose config
-    records the model it was trained on (its fingerprint) is refused on another model, unless `other_model`."""
+    `options`: the fields of `DashboardCommandConfig` (or pass one as `config`; options given as well replace its
+    fields); the model, hook point, ctx_len and remove_bos default to what the dictionary's config.json (or
+    suite.json) says. A dictionary whose config records the model it was trained on (its fingerprint) is refused
+    on another model, unless `other_model`."""
     started = time.perf_counter()
-    for name, value in (("tokens", tokens), ("batch_texts", batch_texts), ("top_examples", top_examples)):
-        integer(name, value)
-    if texts is not None:
-        integer("texts", texts)
-    folder = Path(dictionary)
+    config = check_options(DashboardCommandConfig, config, options, "dashboard")
+    folder, out = Path(dictionary), config.out
     if (folder / "suite.json").exists():
         modules = read_json(folder / "suite.json", expect=dict).get("modules")
         raise ValueError(f"{str(folder)!r} is a whole SCAE suite: pass one of its modules, e.g. "
@@ -167,20 +234,21 @@ def dashboard(dictionary: str | Path, out: str | Path = "reports/dashboard", mod
     suite, module = None, None
     if (folder.parent / "suite.json").exists():
         suite, module = SCAESuite.load(folder.parent), folder.name
-        loaded, config = suite[module], {}
+        loaded, saved = suite[module], {}
     else:
-        loaded, config = load_dictionary(folder)
-    trainer, buffer = _sections(config)
-    model_name = model or trainer.get("lm_name") or (suite.model_name if suite else None) or DEFAULT_MODEL
-    lm = load_model(model_name, device=device, dtype=dtype_from_name(dtype, device))
+        loaded, saved = load_dictionary(folder)
+    trainer, buffer = _sections(saved)
+    model_name = config.model or trainer.get("lm_name") or (suite.model_name if suite else None) or DEFAULT_MODEL
+    lm = load_model(model_name, device=config.device, dtype=dtype_from_name(config.dtype, config.device))
     if loaded.activation_dim != d_model(lm):
         raise ValueError(f"the dictionary reads vectors of width {loaded.activation_dim}, but {model_name!r} has "
                          f"width {d_model(lm)}: pass the model it was trained on (--model)")
     recorded = buffer.get("model_fingerprint") or (suite.model_fingerprint if suite is not None else None)
-    if recorded and model_fingerprint(lm) not in (None, recorded) and not other_model:
+    if recorded and model_fingerprint(lm) not in (None, recorded) and not config.other_model:
         raise ValueError(f"the dictionary was trained on another model than this {model_name!r} (their weights "
                          f"differ): pass the model it was trained on (--model), or other_model=True "
                          f"(--other-model) to read it on this one anyway")
+    layer, site = config.layer, config.site
     if suite is not None and layer is None and site is None:
         kind, module_layer = parse_module_name(module)
         point = hook(lm, module_layer, "attn_out" if kind == "attn" else "mlp_in")
@@ -188,30 +256,31 @@ def dashboard(dictionary: str | Path, out: str | Path = "reports/dashboard", mod
         default_layer = trainer.get("layer") if isinstance(trainer.get("layer"), int) else n_layers(lm) // 2
         point = hook(lm, default_layer if layer is None else layer, site or "resid")
     else:
-        point = hook_from_config(lm, config)
+        point = hook_from_config(lm, saved)
         if point is None:
             raise ValueError(f"{str(folder / 'config.json')!r} does not say which hook point the dictionary reads: "
                              f"pass --layer and --site")
-    loaded = loaded.to(device)
+    loaded = loaded.to(config.device)
     connections = None
-    chosen = parse_features(features, loaded.dict_size)
+    chosen = parse_features(config.features, loaded.dict_size)
     if suite is not None:
         connections = suite_connections(suite, lm, module, chosen, upstream_names=upstream_of(module, lm))
-    elif upstream is not None:
-        earlier, _ = load_dictionary(upstream, device=device)
+    elif config.upstream is not None:
+        earlier, _ = load_dictionary(config.upstream, device=config.device)
         reads_mlp = (point.name or "").endswith(".mlp_in")
-        connections = virtual_weight_connections(loaded, earlier, chosen, Path(upstream).name, model=lm,
+        connections = virtual_weight_connections(loaded, earlier, chosen, Path(config.upstream).name, model=lm,
                                                  layer=_layer_of(point) if reads_mlp else None)
     named = folder.resolve()
     meta = {"dictionary": f"{named.parent.name}/{named.name}" if named.parent.name else named.name, "model": model_name,
-            "data": data or "python-docs"}
-    print(f"{model_name} {point}: dashboard of {len(chosen)} of {loaded.dict_size} features on up to {tokens} tokens",
-          file=sys.stderr)
+            "data": config.data or "python-docs"}
+    print(f"{model_name} {point}: dashboard of {len(chosen)} of {loaded.dict_size} features on up to "
+          f"{config.tokens} tokens", file=sys.stderr)
+    remove_bos = config.remove_bos if config.remove_bos is not None else bool(buffer.get("remove_bos", True))
     meta = build_dashboard(
-        loaded, lm, point, text_source(data), out, features=chosen, tokens=tokens, max_texts=texts,
-        ctx_len=ctx_len or int(buffer.get("ctx_len") or 128), batch_texts=batch_texts,
-        remove_bos=remove_bos if remove_bos is not None else bool(buffer.get("remove_bos", True)),
-        top_examples=top_examples, upstream=connections, meta=meta, seed=seed, progress=progress)
+        loaded, lm, point, text_source(config.data), out, features=chosen, tokens=config.tokens,
+        max_texts=config.texts, ctx_len=config.ctx_len or int(buffer.get("ctx_len") or 128),
+        batch_texts=config.batch_texts, remove_bos=remove_bos, top_examples=config.top_examples,
+        upstream=connections, meta=meta, seed=config.seed, progress=config.progress)
     meta["seconds_total"] = round(time.perf_counter() - started, 2)
     print(f"dashboard of {meta['features']} features ({meta['dead']} dead on {meta['tokens']} tokens) written to "
           f"{out}/index.html (open it in a browser) and {out}/features/ in {meta['seconds_total']:.0f} s")

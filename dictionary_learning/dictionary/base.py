@@ -26,6 +26,9 @@ class Dictionary(ABC, nn.Module):
     dict_size: int
     output_dim: int
     transcoder: bool
+    # whether an SAE of this class refuses different input and output scales in `fold_scale` (its encoder reads
+    # x - b_dec, and b_dec cannot move with both scales)
+    one_scale_sae = False
 
     @abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor:  # [batch, activation_dim] -> [batch, dict_size]
@@ -99,14 +102,28 @@ class Dictionary(ABC, nn.Module):
         for name, scale in (("scale_in", scale_in), ("scale_out", scale_out)):
             if not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
                 raise ValueError(f"{name} must be a positive finite number, got {scale!r}")
-        self.encoder.bias /= scale_in
-        if hasattr(self, "threshold") and self.threshold >= 0:
-            self.threshold /= scale_in
-        self.decoder.weight *= scale_in / scale_out
-        decoder_bias = self.decoder_bias
+        if self.one_scale_sae and not self.transcoder and scale_in != scale_out:
+            raise ValueError(f"an SAE reads and writes one space: scale_in must equal scale_out, got {scale_in} "
+                             f"and {scale_out}")
+        for tensor in self._input_scaled():
+            tensor /= scale_in
+        decoder_weight, decoder_bias = self._decoder_weight(), self.decoder_bias
+        decoder_weight *= scale_in / scale_out
         decoder_bias /= scale_out
         if self.skip is not None:
             self.skip.weight *= scale_in / scale_out
+
+    def _input_scaled(self) -> list[torch.Tensor]:
+        """What scales with the input (`fold_scale` divides it by scale_in): encoder biases, a learned threshold."""
+        return [self.encoder.bias, *self._learned_threshold()]
+
+    def _learned_threshold(self) -> list[torch.Tensor]:
+        """The inference threshold buffer, if the class has one and it was learned (-1: never)."""
+        return [self.threshold] if hasattr(self, "threshold") and self.threshold >= 0 else []
+
+    def _decoder_weight(self) -> torch.Tensor:
+        """The decoder's weight, whatever its layout (`fold_scale` scales it)."""
+        return self.decoder.weight
 
     def dictionary_config(self) -> dict[str, Any]:
         """Constructor arguments, enough to rebuild the dictionary (saved in config.json)."""
@@ -117,13 +134,14 @@ class Dictionary(ABC, nn.Module):
         return config
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, *,
                         dtype: torch.dtype | None = None, **kwargs):
         """Load from an `ae.pt` / `.safetensors` state dict, or a folder holding one (shapes read from the weights),
-        on `device`, in float32 unless `dtype` is given, whatever the file holds (as upstream: upstream's `(path,
-        device)`; a dtype given second, this toolkit's older order, is accepted too)."""
+        on `device` (upstream's `(path, device)`), in float32 unless `dtype` is given (by keyword), whatever the file
+        holds."""
         if isinstance(device, torch.dtype):
-            device, dtype = dtype, device
+            raise TypeError(f"{cls.__name__}.from_pretrained(path, device=None, *, dtype=None): got the dtype "
+                            f"{device} where the device goes; pass it as dtype={device}")
         dictionary = cls.from_saved_state(load_state_dict(path), **kwargs)
         return dictionary.to(device=device, dtype=dtype)
 
@@ -151,17 +169,28 @@ class Dictionary(ABC, nn.Module):
 
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, torch.Tensor], **kwargs) -> Dictionary:
-        dict_size, activation_dim = state_dict["encoder.weight"].shape
-        output_dim = state_dict["decoder.weight"].shape[0]
+        """A new dictionary shaped as `state_dict` holds one (widths, skip, transcoder and the class's own settings
+        read from it; `kwargs` go to the constructor), its weights not yet loaded (see `from_saved_state`)."""
+        activation_dim, dict_size, output_dim = cls._saved_widths(state_dict)
         skip = "skip.weight" in state_dict
         transcoder = kwargs.pop("transcoder", None)
         if transcoder is None:
             transcoder = skip or output_dim != activation_dim
+        settings = {**cls._extra_from_state_dict(state_dict), **kwargs}
         return cls(activation_dim=activation_dim, dict_size=dict_size, output_dim=output_dim,
-                   transcoder=transcoder, skip=skip, **cls._extra_from_state_dict(state_dict), **kwargs)
+                   transcoder=transcoder, skip=skip, **settings)
 
     @classmethod
-    def _extra_from_state_dict(cls, state_dict):
+    def _saved_widths(cls, state_dict: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+        """(activation_dim, dict_size, output_dim) from nn.Linear weights: encoder [dict_size, activation_dim],
+        decoder [output_dim, dict_size]."""
+        dict_size, activation_dim = state_dict["encoder.weight"].shape
+        return activation_dim, dict_size, state_dict["decoder.weight"].shape[0]
+
+    @classmethod
+    def _extra_from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Constructor arguments the class reads from a state dict besides the widths (those given to
+        `from_state_dict` win)."""
         return {}
 
 

@@ -26,6 +26,8 @@ from .base import Dictionary
 class GatedAutoEncoder(Dictionary):
     """Gated SAE: separate gate and magnitude paths over one shared encoder projection."""
 
+    one_scale_sae = True
+
     def __init__(self, activation_dim: int, dict_size: int,
                  initialization: str | Callable[[GatedAutoEncoder], None] = "default",
                  device: str | torch.device | None = None, output_dim: int | None = None, transcoder: bool = False,
@@ -112,16 +114,5 @@ class GatedAutoEncoder(Dictionary):
         for parameter in (self.decoder_bias, self.mag_bias, self.gate_bias):
             parameter.mul_(scale)
 
-    @torch.no_grad()
-    def fold_scale(self, scale_in: float, scale_out: float) -> None:
-        """Make a dictionary trained on (scale_in * x, scale_out * y) work on raw (x, y): afterwards
-        `new(x) == old(scale_in * x) / scale_out`, and features are `1 / scale_in` times the old ones."""
-        if not self.transcoder and scale_in != scale_out:
-            raise ValueError(f"an SAE reads and writes one space: scale_in must equal scale_out, got {scale_in} "
-                             f"and {scale_out}")
-        self.gate_bias /= scale_in
-        self.mag_bias /= scale_in
-        self.decoder.weight *= scale_in / scale_out
-        self.decoder_bias /= scale_out
-        if self.skip is not None:
-            self.skip.weight *= scale_in / scale_out
+    def _input_scaled(self) -> list[torch.Tensor]:
+        return [self.gate_bias, self.mag_bias]

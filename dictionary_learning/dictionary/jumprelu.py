@@ -98,16 +98,19 @@ class JumpReluAutoEncoder(Dictionary):
 
     @torch.no_grad()
     def fold_scale(self, scale_in: float, scale_out: float) -> None:
-        """Make a dictionary trained on (scale_in * x, scale_out * y) work on raw (x, y): afterwards
-        `new(x) == old(scale_in * x) / scale_out`, and features are `1 / scale_in` times the old ones."""
-        self.b_enc /= scale_in
-        if self.apply_b_dec_to_input and not self.transcoder:  # pre = (x - b_dec) W_enc + b_enc, b_dec rescaled
-            self.b_enc += (self.b_dec / scale_out - self.b_dec / scale_in) @ self.W_enc
-        self.threshold /= scale_in
-        self.W_dec *= scale_in / scale_out
-        self.b_dec /= scale_out
-        if self.skip is not None:
-            self.skip.weight *= scale_in / scale_out
+        """As the base; with `apply_b_dec_to_input` (pre = (x - b_dec) W_enc + b_enc) b_enc also takes up the move of
+        the b_dec subtracted from the input, which scales with the output."""
+        centred = self.apply_b_dec_to_input and not self.transcoder
+        shift = (self.b_dec / scale_out - self.b_dec / scale_in) @ self.W_enc if centred else None
+        super().fold_scale(scale_in, scale_out)
+        if shift is not None:
+            self.b_enc += shift
+
+    def _input_scaled(self) -> list[torch.Tensor]:
+        return [self.b_enc, self.threshold]
+
+    def _decoder_weight(self) -> torch.Tensor:
+        return self.W_dec
 
     # saving and loading ----------------------------------------------------------------------------------------
     def saved_state_dict(self) -> dict[str, torch.Tensor]:
@@ -123,13 +126,11 @@ class JumpReluAutoEncoder(Dictionary):
         for key in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
             if key not in state_dict:
                 raise ValueError(f"a JumpReluAutoEncoder state dict needs {key!r}; got keys {sorted(state_dict)}")
-        activation_dim, dict_size = state_dict["W_enc"].shape
-        output_dim = state_dict["W_dec"].shape[1]
-        skip = "skip.weight" in state_dict
-        transcoder = kwargs.pop("transcoder", None)
-        if transcoder is None:
-            transcoder = skip or output_dim != activation_dim
-        return cls(activation_dim, dict_size, output_dim=output_dim, transcoder=transcoder, skip=skip, **kwargs)
+        return super().from_state_dict(state_dict, **kwargs)
+
+    @classmethod
+    def _saved_widths(cls, state_dict: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+        return (*state_dict["W_enc"].shape, state_dict["W_dec"].shape[1])  # W_enc [activation_dim, dict_size]
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, load_from_sae_lens: bool = False,

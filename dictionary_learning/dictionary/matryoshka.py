@@ -66,6 +66,8 @@ class MatryoshkaBatchTopKSAE(Dictionary):
     as this toolkit's `BatchTopKSAE` does. `active_groups` (default: all) limits the codes to the first groups.
     """
 
+    one_scale_sae = True
+
     def __init__(self, activation_dim: int, dict_size: int, k: int, group_sizes: list[int],
                  output_dim: int | None = None, transcoder: bool = False, skip: bool = False, *,
                  batch_topk_fallback: bool = False):
@@ -186,20 +188,11 @@ class MatryoshkaBatchTopKSAE(Dictionary):
         return prefixes
 
     # scale, config, loading -----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def fold_scale(self, scale_in: float, scale_out: float) -> None:
-        """Make a dictionary trained on (scale_in * x, scale_out * y) work on raw (x, y): afterwards
-        `new(x) == old(scale_in * x) / scale_out`, and codes are `1 / scale_in` times the old ones."""
-        if not self.transcoder and scale_in != scale_out:
-            raise ValueError(f"an SAE has one scale for input and output, got scale_in={scale_in}, "
-                             f"scale_out={scale_out}")
-        self.b_enc /= scale_in
-        if self.threshold >= 0:
-            self.threshold /= scale_in
-        self.W_dec *= scale_in / scale_out
-        self.b_dec /= scale_out
-        if self.skip is not None:
-            self.skip.weight *= scale_in / scale_out
+    def _input_scaled(self) -> list[torch.Tensor]:
+        return [self.b_enc, *self._learned_threshold()]
+
+    def _decoder_weight(self) -> torch.Tensor:
+        return self.W_dec
 
     @torch.no_grad()
     def scale_biases(self, scale: float) -> None:
@@ -210,16 +203,12 @@ class MatryoshkaBatchTopKSAE(Dictionary):
         return {**super().dictionary_config(), "k": int(self.k), "group_sizes": self.group_sizes.tolist()}
 
     @classmethod
-    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], **kwargs) -> MatryoshkaBatchTopKSAE:
-        activation_dim, dict_size = state_dict["W_enc"].shape
-        output_dim = state_dict["W_dec"].shape[1]
-        skip = "skip.weight" in state_dict
-        transcoder = kwargs.pop("transcoder", None)
-        if transcoder is None:
-            transcoder = skip or output_dim != activation_dim
-        kwargs.setdefault("k", int(state_dict["k"]))
-        return cls(activation_dim, dict_size, group_sizes=state_dict["group_sizes"].tolist(), output_dim=output_dim,
-                   transcoder=transcoder, skip=skip, **kwargs)
+    def _saved_widths(cls, state_dict: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+        return (*state_dict["W_enc"].shape, state_dict["W_dec"].shape[1])  # W_enc [activation_dim, dict_size]
+
+    @classmethod
+    def _extra_from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {"k": int(state_dict["k"]), "group_sizes": state_dict["group_sizes"].tolist()}
 
     @classmethod
     def from_pretrained(cls, path: str | Path, k: int | None = None, device: str | torch.device | None = None,

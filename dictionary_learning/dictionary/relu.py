@@ -91,10 +91,10 @@ class AutoEncoder(Dictionary):
                         **kwargs) -> AutoEncoder:
         """Load an `ae.pt` / `.safetensors` state dict (or a folder holding one), upstream's signature. As upstream,
         decoder columns are renormalised unless `normalize_decoder=False` (outputs stay the same; features change
-        scale for SAEs trained with free decoder norms). `kwargs` (e.g. `transcoder`) go to `from_saved_state`; a
-        device given second (the other dictionaries' order) is accepted too."""
+        scale for SAEs trained with free decoder norms). `kwargs` (e.g. `transcoder`) go to `from_saved_state`."""
         if dtype is not None and not isinstance(dtype, torch.dtype):
-            dtype, device = (device if isinstance(device, torch.dtype) else torch.float32), dtype
+            raise TypeError(f"AutoEncoder.from_pretrained(path, dtype=torch.float32, device=None, ...) (upstream's "
+                            f"order): got {dtype!r} where the dtype goes; pass a device as device={dtype!r}")
         autoencoder = cls.from_saved_state(load_state_dict(path), **kwargs)
         if normalize_decoder:
             autoencoder.normalize_decoder()

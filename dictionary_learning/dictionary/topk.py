@@ -62,7 +62,7 @@ class TopKDictionary(Dictionary):
         return cls.from_saved_state(state_dict, **kwargs).to(device=device, dtype=dtype)
 
     @classmethod
-    def _extra_from_state_dict(cls, state_dict):
+    def _extra_from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {"k": int(state_dict["k"])}
 
     def dictionary_config(self) -> dict[str, Any]:

@@ -17,7 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_folder, atomic_write, atomic_write_text, error_summary, inside, read_safetensors
+from ..files import (
+    atomic_folder,
+    atomic_write,
+    atomic_write_text,
+    error_summary,
+    inside,
+    read_safetensors,
+)
 from .hooks import mlp_hooks, mlp_layer
 from .saelens import hf_model_name
 from .weights import Weights

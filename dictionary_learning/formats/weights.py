@@ -20,8 +20,15 @@ from typing import Any
 
 import torch
 
-from ..dictionary import (AutoEncoder, AutoEncoderNew, AutoEncoderTopK, BatchTopKSAE, Dictionary, JumpReluAutoEncoder,
-                          MatryoshkaBatchTopKSAE)
+from ..dictionary import (
+    AutoEncoder,
+    AutoEncoderNew,
+    AutoEncoderTopK,
+    BatchTopKSAE,
+    Dictionary,
+    JumpReluAutoEncoder,
+    MatryoshkaBatchTopKSAE,
+)
 from .hooks import named_hooks
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")

@@ -5,14 +5,39 @@ attention weight layouts) lives in `adapters.py` only. Every name stays importab
 
 from ..files import cache_dir
 from .adapters import (
-    ADAPTERS, GPT2, GPT_NEOX, LLAMA, SITES, AttentionOV, FamilyAdapter, NormParams, attention_ov, d_model, get_adapter,
-    get_module, max_context, model_fingerprint, module_paths, n_layers, norm_params, parallel_residual,
+    ADAPTERS,
+    GPT2,
+    GPT_NEOX,
+    LLAMA,
+    SITES,
+    AttentionOV,
+    FamilyAdapter,
+    NormParams,
+    attention_ov,
+    d_model,
+    get_adapter,
+    get_module,
+    max_context,
+    model_fingerprint,
+    module_paths,
+    n_layers,
+    norm_params,
+    parallel_residual,
     torch_model,
 )
 from .hooks import HookPoint, execution_key, execution_order, hook, resolve_hook
 from .loading import (
-    DEFAULT_MODEL, DTYPES, SMOLLM2_GGUF, SMOLLM2_WHEEL, TINY_VOCAB, byte_tokenizer, default_dtype, dtype_from_name,
-    load_model, smollm2_path, tiny_hf_model,
+    DEFAULT_MODEL,
+    DTYPES,
+    SMOLLM2_GGUF,
+    SMOLLM2_WHEEL,
+    TINY_VOCAB,
+    byte_tokenizer,
+    default_dtype,
+    dtype_from_name,
+    load_model,
+    smollm2_path,
+    tiny_hf_model,
 )
 
 __all__ = [

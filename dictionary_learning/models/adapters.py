@@ -7,7 +7,7 @@ package branches on a family, a config name or a norm type.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -23,12 +23,12 @@ class FamilyAdapter:
     family: str
     layers: str  # the ModuleList of decoder blocks
     attn: str  # attention module, relative to a block
-    mlp: str  # MLP module, relative to a block
     attn_norm: str  # norm before attention, relative to a block
     mlp_norm: str  # norm before the MLP, relative to a block
     embed: str  # token embedding
     final_norm: str
-    unembed: str
+    mlp: str = "mlp"  # MLP module, relative to a block
+    unembed: str = "lm_head"
     attention_layout: str = "llama"  # value / output weights: "llama" (v_proj, o_proj), "gpt2", "fused_qkv", "gpt_neox"
     attn_out: str | None = None  # module whose output attention adds to the residual, if not `attn` (a post-norm)
     mlp_out: str | None = None  # module whose output the MLP adds to the residual, if not `mlp` (a post-norm)
@@ -51,58 +51,32 @@ class FamilyAdapter:
         }[site]
 
 
-LLAMA = FamilyAdapter(
-    family="llama",
-    layers="model.layers",
-    attn="self_attn",
-    mlp="mlp",
-    attn_norm="input_layernorm",
-    mlp_norm="post_attention_layernorm",
-    embed="model.embed_tokens",
-    final_norm="model.norm",
-    unembed="lm_head",
-)
-GPT2 = FamilyAdapter(
-    family="gpt2",
-    layers="transformer.h",
-    attn="attn",
-    mlp="mlp",
-    attn_norm="ln_1",
-    mlp_norm="ln_2",
-    embed="transformer.wte",
-    final_norm="transformer.ln_f",
-    unembed="lm_head",
-    attention_layout="gpt2",
-)
+LLAMA = FamilyAdapter("llama", layers="model.layers", attn="self_attn", attn_norm="input_layernorm",
+                      mlp_norm="post_attention_layernorm", embed="model.embed_tokens", final_norm="model.norm")
+GPT2 = FamilyAdapter("gpt2", layers="transformer.h", attn="attn", attn_norm="ln_1", mlp_norm="ln_2",
+                     embed="transformer.wte", final_norm="transformer.ln_f", attention_layout="gpt2")
+# GPT-NeoX (Pythia): the unembedding is lm_head from transformers 5 on (4.x called it embed_out).
 GPT_NEOX = FamilyAdapter(
-    family="gpt_neox",
-    layers="gpt_neox.layers",
-    attn="attention",
-    mlp="mlp",
-    attn_norm="input_layernorm",
-    mlp_norm="post_attention_layernorm",
-    embed="gpt_neox.embed_in",
-    final_norm="gpt_neox.final_layer_norm",
-    unembed="lm_head",  # transformers 5 (4.x called it embed_out)
+    "gpt_neox", layers="gpt_neox.layers", attn="attention", attn_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm", embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
     attention_layout="gpt_neox",  # query_key_value packs q | k | v per head; dense is the output projection
     parallel_residual_flag="use_parallel_residual",  # Pythia: attention and MLP both read the block input
 )
-_LLAMA_PATHS = {k: getattr(LLAMA, k) for k in ("layers", "attn", "mlp", "attn_norm", "embed", "final_norm", "unembed")}
+# The families below have Llama's module paths.
 # Gemma: RMSNorm scales by (1 + w); the embedding's sqrt(d_model) factor is inside embed_tokens' forward.
-GEMMA = FamilyAdapter(family="gemma", mlp_norm="post_attention_layernorm", norm_weight_offset=1.0, **_LLAMA_PATHS)
+GEMMA = replace(LLAMA, family="gemma", norm_weight_offset=1.0)
 # Gemma 2: attention's and the MLP's outputs pass through post-norms before they reach the residual stream, and the
 # MLP reads pre_feedforward_layernorm (post_attention_layernorm is attention's post-norm there).
-GEMMA2 = FamilyAdapter(
-    family="gemma2", mlp_norm="pre_feedforward_layernorm", attn_out="post_attention_layernorm",
+GEMMA2 = replace(
+    LLAMA, family="gemma2", mlp_norm="pre_feedforward_layernorm", attn_out="post_attention_layernorm",
     mlp_out="post_feedforward_layernorm", norm_weight_offset=1.0,
     not_decomposable="its post-attention and post-feedforward RMSNorms rescale what attention and the MLP add to the "
     "residual stream, which the linearisation does not route through",
-    **_LLAMA_PATHS,
 )
-# Phi-3: Llama's module paths, with q | k | v fused in self_attn.qkv_proj (and gate | up in mlp.gate_up_proj).
-PHI3 = FamilyAdapter(family="phi3", mlp_norm="post_attention_layernorm", attention_layout="fused_qkv", **_LLAMA_PATHS)
+# Phi-3: q | k | v fused in self_attn.qkv_proj (and gate | up in mlp.gate_up_proj).
+PHI3 = replace(LLAMA, family="phi3", attention_layout="fused_qkv")
 # OLMo: LayerNorms without weight or bias (eps fixed at 1e-5 in OlmoLayerNorm's forward).
-OLMO = FamilyAdapter(family="olmo", mlp_norm="post_attention_layernorm", parameterless_norm_eps=1e-5, **_LLAMA_PATHS)
+OLMO = replace(LLAMA, family="olmo", parameterless_norm_eps=1e-5)
 
 # config.model_type -> adapter; Llama-like decoders share Llama's module names.
 ADAPTERS: dict[str, FamilyAdapter] = {

@@ -107,7 +107,12 @@ def tiny_hf_model(name: str, seed: int = 0) -> tuple[nn.Module, Any]:
     512, 8 heads, MLP width 2048; parallel residual, rotary on a quarter of each head, no BOS token) or one of
     `TINY_FAMILIES` (2 layers of width 64; every norm weight and Linear bias set to random non-trivial values)."""
     from transformers import (
-        GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
     )
 
     generator_state = torch.random.get_rng_state()

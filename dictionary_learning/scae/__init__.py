@@ -44,19 +44,35 @@ removes. Both are a linearisation around one run: the pruned pass does not recom
 """
 
 from .evaluation import (
-    ce_table, ce_versus_c, evaluate_suite, module_table, plot_ce_versus_c, plot_connection_statistics,
+    ce_table,
+    ce_versus_c,
+    evaluate_suite,
+    module_table,
+    plot_ce_versus_c,
+    plot_connection_statistics,
     suite_cross_entropy,
 )
+from .modules import suite_hook_points, train_suite
 from .pruned import decompose, pruned_forward, pruned_pre_activations, virtual_weights
 from .selection import (
-    ContributionStatistics, all_connections, connections_from_statistics, contribution_statistics, pair_contributions,
-    random_connections, select_connections,
+    ContributionStatistics,
+    all_connections,
+    connections_from_statistics,
+    contribution_statistics,
+    pair_contributions,
+    random_connections,
+    select_connections,
 )
 from .suite import (
-    Connections, SCAESuite, load_connections, module_names, parse_module_name, save_connections, upstream_of,
+    Connections,
+    SCAESuite,
+    load_connections,
+    module_names,
+    parse_module_name,
+    save_connections,
+    upstream_of,
 )
 from .tracing import SuiteRecord, clean_targets, patched_logits, run_suite
-from .modules import suite_hook_points, train_suite
 from .training import SCAETrainer, train_scae_suite
 
 # the public names (as before the wing was split, plus parse_module_name); the kernels stay in scae.kernels

@@ -14,9 +14,15 @@ from ..checks import texts as check_texts
 from ..models import attention_ov, norm_params
 from ..progress import progress_bar
 from .pruned import virtual_weights
-from .suite import Connections, SCAESuite, check_C, parameter_fingerprint, parse_module_name, upstream_of
+from .suite import (
+    Connections,
+    SCAESuite,
+    check_C,
+    parameter_fingerprint,
+    parse_module_name,
+    upstream_of,
+)
 from .tracing import run_suite
-
 
 
 @dataclass

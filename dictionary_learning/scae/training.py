@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from contextlib import nullcontext
@@ -11,18 +12,61 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from ..checks import finite_hyperparameters, integer, texts as check_texts
+from ..checks import finite_hyperparameters, integer
+from ..checks import options as options_of
+from ..checks import texts as check_texts
 from ..files import writer_lock
 from ..models import torch_model
 from ..tracing import masked_cross_entropy, next_token_kl, tokenize
-from ..trainers.parts import DeadFeatures, decoder_rows, default_topk_lr, lr_schedule, normalised_error
-from ..training import CHECKPOINT, resume_from_checkpoints, run_steps, start_wandb
+from ..trainers.parts import (
+    DeadFeatures,
+    decoder_rows,
+    default_topk_lr,
+    lr_schedule,
+    normalised_error,
+)
+from ..training import CHECKPOINT, Checkpoints, Logger, RunOptions, run_steps, start_wandb
 from .pruned import pruned_forward, virtual_weights
 from .suite import Connections, SCAESuite, parameter_fingerprint
 from .tracing import clean_targets, patched_logits, run_suite
 
-
 default_lr = default_topk_lr  # the reference fork's size-scaled learning rate, as TopK's
+
+
+@dataclasses.dataclass
+class SCAEConfig:
+    """The fine-tuner's hyperparameters (see `SCAETrainer`)."""
+
+    steps: int
+    lr: float | None = None
+    mse_weight: float = 1.0
+    ce_weight: float = 1.0
+    kl_weight: float = 0.0
+    warmup_steps: int = 0
+    decay_start: float | None = 0.8
+    stagger_steps: int = 0
+    auxk_alpha: float = 1 / 32
+    dead_feature_threshold: int = 1_000_000
+    ctx_len: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        integer("steps", self.steps)
+        weights = {"mse_weight": self.mse_weight, "ce_weight": self.ce_weight, "kl_weight": self.kl_weight,
+                   "auxk_alpha": self.auxk_alpha}
+        for name, value in weights.items():
+            if not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        finite_hyperparameters("SCAETrainer", {"lr": self.lr})
+        if self.mse_weight + self.ce_weight + self.kl_weight == 0:
+            raise ValueError(f"mse_weight, ce_weight and kl_weight must not all be 0, got {self.mse_weight}, "
+                             f"{self.ce_weight}, {self.kl_weight}")
+        if self.decay_start is not None and not (isinstance(self.decay_start, (int, float))
+                                                 and 0 <= self.decay_start <= 1):
+            raise ValueError(f"decay_start must be a fraction of the steps in [0, 1] or None, got "
+                             f"{self.decay_start!r}")
+        integer("stagger_steps", self.stagger_steps, 0)
+        integer("dead_feature_threshold", self.dead_feature_threshold)
 
 
 class SCAETrainer:
@@ -31,7 +75,8 @@ class SCAETrainer:
     / or KL(clean || patched) (every pruned reconstruction patched into the model in one nnsight trace,
     backpropagated into the suite), and AuxK on each module's dead features. The linearisation (norm scales,
     attention patterns) is that of the run with the dense suite patched in, taken without gradient each step; the
-    virtual weights are recomputed from the current parameters.
+    virtual weights are recomputed from the current parameters. Configured by an `SCAEConfig` (or its fields as
+    keywords).
 
     As the reference SCAE fork: Adam with one learning rate per module (`lr=None`: 2e-4 / sqrt(dict_size / 2^14)),
     linear warmup over `warmup_steps` and linear decay to 0 from `decay_start` (a fraction of the steps; None: no
@@ -39,46 +84,26 @@ class SCAETrainer:
     (not fired for `dead_feature_threshold` tokens) fitted to each module's residual through AuxK (`auxk_alpha`,
     the top `k_aux` dead pre-activations, k_aux = d_model / 2 as for TopK SAEs)."""
 
-    def __init__(self, suite: SCAESuite, model: Any, connections: Connections, steps: int, lr: float | None = None,
-                 mse_weight: float = 1.0, ce_weight: float = 1.0, warmup_steps: int = 0, ctx_len: int = 128,
-                 seed: int = 0, *, kl_weight: float = 0.0, decay_start: float | None = 0.8, stagger_steps: int = 0,
-                 auxk_alpha: float = 1 / 32, dead_feature_threshold: int = 1_000_000):
-        integer("steps", steps)
-        weights = {"mse_weight": mse_weight, "ce_weight": ce_weight, "kl_weight": kl_weight, "auxk_alpha": auxk_alpha}
-        for name, value in weights.items():
-            if not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        finite_hyperparameters("SCAETrainer", {"lr": lr})
-        if mse_weight + ce_weight + kl_weight == 0:
-            raise ValueError(f"mse_weight, ce_weight and kl_weight must not all be 0, got {mse_weight}, {ce_weight}, "
-                             f"{kl_weight}")
-        if decay_start is not None and not (isinstance(decay_start, (int, float)) and 0 <= decay_start <= 1):
-            raise ValueError(f"decay_start must be a fraction of the steps in [0, 1] or None, got {decay_start!r}")
-        integer("stagger_steps", stagger_steps, 0)
-        integer("dead_feature_threshold", dead_feature_threshold)
+    def __init__(self, suite: SCAESuite, model: Any, connections: Connections, config: SCAEConfig | None = None,
+                 **options: Any):
+        cfg = self.cfg = options_of(SCAEConfig, config, options, "SCAETrainer")
         suite.check_model(model)
         connections.validate(suite, model, weights=False)  # fine-tuning recomputes the weights from the indices
-        torch.manual_seed(seed)
+        torch.manual_seed(cfg.seed)
         self.suite, self.model, self.connections = suite, model, connections
-        self.mse_weight, self.ce_weight, self.kl_weight, self.ctx_len = mse_weight, ce_weight, kl_weight, ctx_len
-        self.stagger_steps, self.auxk_alpha, self.dead_feature_threshold = stagger_steps, auxk_alpha, \
-            dead_feature_threshold
         for parameter in torch_model(model).parameters():
             parameter.requires_grad_(False)  # only the suite trains
-        self.lrs = {name: default_lr(suite[name].dict_size) if lr is None else lr for name in suite.names}
+        self.lrs = {name: default_lr(suite[name].dict_size) if cfg.lr is None else cfg.lr for name in suite.names}
         self.optimizer = torch.optim.Adam([{"params": list(suite[name].parameters()), "lr": self.lrs[name]}
                                            for name in suite.names])
         self.decoder_norms = {name: module.decoder.weight.detach().norm(dim=0, keepdim=True).clone()
                               for name, module in suite.dictionaries.items()}
-        decay_step = None if decay_start is None else int(decay_start * steps)
+        decay_step = None if cfg.decay_start is None else int(cfg.decay_start * cfg.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lr_schedule(steps, warmup_steps, decay_step))
+                                                           lr_schedule(cfg.steps, cfg.warmup_steps, decay_step))
         self.dead = {name: DeadFeatures(suite[name].dict_size, next(suite[name].parameters()).device)
                      for name in suite.names}
-        self.config = {"steps": steps, "lr": lr, "lrs": self.lrs, "mse_weight": mse_weight, "ce_weight": ce_weight,
-                       "kl_weight": kl_weight, "warmup_steps": warmup_steps, "decay_start": decay_start,
-                       "stagger_steps": stagger_steps, "auxk_alpha": auxk_alpha,
-                       "dead_feature_threshold": dead_feature_threshold, "ctx_len": ctx_len, "seed": seed}
+        self.config = {**dataclasses.asdict(cfg), "lrs": self.lrs}
         self.last_metrics: dict[str, float] = {}
 
     @property
@@ -88,8 +113,8 @@ class SCAETrainer:
     def _auxk(self, name: str, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """AuxK of one module: its dead features' top pre-activations fitted to the residual, as a fraction of the
         residual's variance (0 when none is dead)."""
-        dead = self.dead[name].mask(self.dead_feature_threshold).nonzero().flatten()
-        if dead.numel() == 0 or self.auxk_alpha == 0:
+        dead = self.dead[name].mask(self.cfg.dead_feature_threshold).nonzero().flatten()
+        if dead.numel() == 0 or self.cfg.auxk_alpha == 0:
             return pre.new_zeros(())
         k_aux = min(int(dead.numel()), max(1, residual.shape[-1] // 2))
         candidates = pre[:, dead].relu()  # [tokens, n_dead]
@@ -103,9 +128,9 @@ class SCAETrainer:
         """(loss, metrics, the latents each module fired, the batch's real tokens) of a batch of texts, changing no
         state (at `step`, for the staggered MSE terms; None: all on)."""
         suite, model = self.suite, self.model
-        encoding = tokenize(model.tokenizer, texts, self.ctx_len)
+        encoding = tokenize(model.tokenizer, texts, self.cfg.ctx_len)
         record, _ = run_suite(suite, model, encoding, logits=False)
-        targets = clean_targets(suite, model, encoding, logits=self.kl_weight > 0)
+        targets = clean_targets(suite, model, encoding, logits=self.cfg.kl_weight > 0)
         pre: dict[str, torch.Tensor] = {}
         codes = pruned_forward(suite, model, record, self.connections, recompute_weights=True, pre_activations=pre)
         mask = record.mask
@@ -115,23 +140,23 @@ class SCAETrainer:
             target = targets[name][mask]
             reconstruction = suite[name].decode(codes[name][mask])
             error = (reconstruction - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
-            if step is None or step >= position * self.stagger_steps:
+            if step is None or step >= position * self.cfg.stagger_steps:
                 mse = mse + error
             auxk = auxk + self._auxk(name, pre[name][mask], (target - reconstruction).detach())
             fired[name] = (codes[name][mask] > 0).any(dim=0).detach()
-        loss = self.mse_weight * mse + self.auxk_alpha * auxk
+        loss = self.cfg.mse_weight * mse + self.cfg.auxk_alpha * auxk
         metrics = {"fvu_sum": mse.item(), "auxk": auxk.item(),
                    "l0": sum((codes[n][mask] > 0).sum(-1).float().mean().item() for n in suite.names) / len(suite.names)}
-        if self.ce_weight or self.kl_weight:
+        if self.cfg.ce_weight or self.cfg.kl_weight:
             patched = patched_logits(suite, model, encoding, codes)
             ce, ce_mask = masked_cross_entropy(patched, encoding["input_ids"], encoding["attention_mask"])
             ce = ce[ce_mask].mean()
-            loss = loss + self.ce_weight * ce
+            loss = loss + self.cfg.ce_weight * ce
             metrics["ce"] = ce.item()
-            if self.kl_weight:
+            if self.cfg.kl_weight:
                 kl = next_token_kl(targets["logits"], patched)
                 kl = kl[encoding["attention_mask"].bool().to(kl.device)].mean()
-                loss = loss + self.kl_weight * kl
+                loss = loss + self.cfg.kl_weight * kl
                 metrics["kl"] = kl.item()
         return loss, metrics, fired, int(mask.sum())
 
@@ -153,7 +178,7 @@ class SCAETrainer:
                 weight *= self.decoder_norms[name] / weight.norm(dim=0, keepdim=True).clamp_min(1e-8)
         for name, dead in self.dead.items():  # dead-feature tracking over the batch's real tokens
             dead.update(fired[name], n_tokens)
-        n_dead = sum(int(dead.mask(self.dead_feature_threshold).sum()) for dead in self.dead.values())
+        n_dead = sum(int(dead.mask(self.cfg.dead_feature_threshold).sum()) for dead in self.dead.values())
         self.last_metrics = {"loss": loss.item(), **metrics, "dead": n_dead}
         return loss.item()
 
@@ -175,30 +200,40 @@ def text_batches(texts: Iterable[str], batch_texts: int) -> Iterator[list[str]]:
     return iter(lambda: list(itertools.islice(texts, batch_texts)), [])
 
 
+# the training run's options (`training.RunOptions` fields) a fine-tuning run takes
+RUN_FIELDS = ("save_dir", "checkpoint_steps", "resume", "log_steps", "use_wandb", "wandb_project", "progress",
+              "keep_checkpoint")
+
+
 def train_scae_suite(suite: SCAESuite, model: Any, texts: Any, connections: Connections, steps: int,
-                     batch_texts: int = 8, save_dir: str | Path | None = None, checkpoint_steps: int | None = None,
-                     resume: bool = False, log_steps: int | None = None, use_wandb: bool = False,
-                     wandb_project: str = "dictionary_learning", progress: bool = True,
-                     keep_checkpoint: bool = False, **trainer_kwargs) -> SCAETrainer:
-    """Fine-tune `suite` for `steps` steps on batches of `batch_texts` texts from the iterator `texts`, with a tqdm
-    bar, optional wandb logging ($WANDB_MODE, offline by default), atomic checkpoints in `save_dir` and
-    `resume=True` continuing from the last one (the consumed text batches are skipped). At the end the suite's
-    `connections` hold the tuned connections' virtual weights, and the suite (with them) is saved to
-    `save_dir/suite`, and the checkpoint is deleted unless `keep_checkpoint`. The scores and totals are those of
-    the selection, before fine-tuning."""
+                     batch_texts: int = 8, **options: Any) -> SCAETrainer:
+    """Fine-tune `suite` for `steps` steps on batches of `batch_texts` texts from the iterator `texts`. `options`
+    are the `SCAEConfig` fields (the trainer's hyperparameters) and the run's: a tqdm bar (`progress`), wandb
+    logging every `log_steps` steps (`use_wandb`, `wandb_project`; $WANDB_MODE, offline by default), atomic
+    checkpoints in `save_dir` (every `checkpoint_steps` steps) and `resume=True` continuing from the last one (the
+    consumed text batches are skipped). At the end the suite's `connections` hold the tuned connections' virtual
+    weights, and the suite (with them) is saved to `save_dir/suite`, and the checkpoint is deleted unless
+    `keep_checkpoint`. The scores and totals are those of the selection, before fine-tuning."""
+    trainer_fields = {field.name for field in dataclasses.fields(SCAEConfig)}
+    unknown = sorted(set(options) - trainer_fields - set(RUN_FIELDS))
+    if unknown:
+        raise TypeError(f"train_scae_suite got unexpected keyword argument(s) {unknown}; accepted: the SCAEConfig "
+                        f"fields {sorted(trainer_fields - {'steps'})} and {list(RUN_FIELDS)}")
+    run = RunOptions(**{key: value for key, value in options.items() if key in RUN_FIELDS})
     integer("batch_texts", batch_texts)  # 0 would train nothing
     texts = check_texts("texts", texts)
-    trainer = SCAETrainer(suite, model, connections, steps, **trainer_kwargs)
+    trainer = SCAETrainer(suite, model, connections, steps=steps,
+                          **{key: value for key, value in options.items() if key in trainer_fields})
     batches = text_batches(texts, batch_texts)
-    save_dir = Path(save_dir) if save_dir is not None else None
+    save_dir = Path(run.save_dir) if run.save_dir is not None else None
     with writer_lock(save_dir, "training run folder") if save_dir is not None else nullcontext():
-        checkpoint = save_dir / CHECKPOINT if save_dir is not None else None
-        state = resume_from_checkpoints([trainer], checkpoint, batches, resume)
-        run = start_wandb(trainer.config, save_dir, project=wandb_project) if use_wandb else None
-        done = run_steps([trainer], batches, steps, start=state["step"], consumed=state["batches_consumed"],
-                         checkpoint_path=checkpoint, checkpoint_steps=checkpoint_steps, log_steps=log_steps,
-                         log_values=lambda: trainer.last_metrics, run=run, desc="fine-tuning suite",
-                         progress=progress)
+        checkpoints = Checkpoints(save_dir / CHECKPOINT if save_dir is not None else None, run.checkpoint_steps, steps)
+        state = checkpoints.resume([trainer], batches, run.resume)
+        wandb_run = (start_wandb(trainer.config, save_dir, project=run.wandb_project or "dictionary_learning")
+                     if run.use_wandb else None)
+        logger = Logger(desc="fine-tuning suite", progress=run.progress, every=run.log_steps, run=wandb_run)
+        done = run_steps([trainer], batches, steps, state["step"], state["batches_consumed"], checkpoints=checkpoints,
+                         logger=logger)
         if done == 0:  # never save an untuned suite as tuned
             raise ValueError("texts yielded no batches: the suite was not fine-tuned")
         with torch.no_grad():  # the virtual weights of the fine-tuned parameters
@@ -207,6 +242,6 @@ def train_scae_suite(suite: SCAESuite, model: Any, texts: Any, connections: Conn
                                             fingerprint=parameter_fingerprint(suite))
         if save_dir is not None:
             suite.save(save_dir / "suite")
-            if not keep_checkpoint:
-                checkpoint.unlink(missing_ok=True)  # the run is complete in the saved suite
+            if not run.keep_checkpoint:
+                checkpoints.path.unlink(missing_ok=True)  # the run is complete in the saved suite
     return trainer

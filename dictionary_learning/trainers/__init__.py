@@ -1,12 +1,16 @@
 """Training methods, one file each (upstream's module names): a config dataclass and a `base.Trainer` subclass
-each, composed of the shared mechanics in `parts`; upstream's trainer API is `upstream_api` and `trainer`."""
+each, composed of the shared mechanics in `parts`; upstream's trainer API is `compat.trainer_api` and `trainer`."""
 
 from .base import StepOutput, Trainer, TrainerConfig
 from .batch_top_k import BatchTopKConfig, BatchTopKSAE, BatchTopKTrainer
 from .gated_anneal import GatedAnnealConfig, GatedAnnealTrainer
 from .gdm import GatedConfig, GatedSAETrainer
 from .jumprelu import JumpReluConfig, JumpReluTrainer
-from .matryoshka_batch_top_k import MatryoshkaBatchTopKSAE, MatryoshkaBatchTopKTrainer, MatryoshkaConfig
+from .matryoshka_batch_top_k import (
+    MatryoshkaBatchTopKSAE,
+    MatryoshkaBatchTopKTrainer,
+    MatryoshkaConfig,
+)
 from .p_anneal import PAnnealConfig, PAnnealTrainer
 from .standard import AprilConfig, StandardConfig, StandardTrainer, StandardTrainerAprilUpdate
 from .top_k import AutoEncoderTopK, TopKConfig, TopKTrainer

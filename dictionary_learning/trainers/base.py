@@ -23,10 +23,17 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from ..checks import finite_hyperparameters, integer
+from ..checks import finite_hyperparameters, integer, options
 from ..dictionary import Dictionary, dictionary_class, load_state_dict
 from ..files import json_safe
-from .parts import DeadFeatures, Resampling, lr_schedule, resample_rows, sparsity_ramp
+from .parts import (
+    DeadFeatures,
+    Resampling,
+    UnitNormDecoder,
+    lr_schedule,
+    resample_rows,
+    sparsity_ramp,
+)
 
 # fields that describe where a run reads or runs, not how it trains: a resumed run may change them
 NOT_COMPARED_ON_RESUME = ("layer", "lm_name", "wandb_name", "submodule_name", "device")
@@ -159,8 +166,9 @@ def split_batch(batch: Any, dictionary: Dictionary) -> tuple[torch.Tensor, torch
 
 class Trainer:
     """A training method: `Config` (its hyperparameters), the dictionary it trains (`ae`), the optimizer, the lr
-    schedule and dead-feature counts, and `update(step, batch)`. Built from a config (`Trainer(config=cfg)`) or from
-    the config's fields as keywords (upstream's positional order: `upstream_api.UpstreamTrainerAPI`)."""
+    schedule and dead-feature counts, and `update(step, batch)`. Built from a config (`Trainer(config=cfg)`, fields
+    given beside it replace the config's) or from the config's fields as keywords (upstream's positional order:
+    `compat.trainer_api.UpstreamTrainerAPI`)."""
 
     Config: ClassVar[type[TrainerConfig]] = TrainerConfig
     default_dict_class: ClassVar[type[Dictionary] | None] = None
@@ -169,35 +177,20 @@ class Trainer:
     exact_data_parallel: ClassVar[bool] = True
     logging_parameters: ClassVar[list[str]] = []  # upstream's: attributes logged with each step's metrics
     resample_phase: ClassVar[int] = 0  # with resample_steps: resample at steps where step % resample_steps == this
+    # decoder directions held at unit norm (`parts.UnitNormDecoder`: the gradient along each projected out before
+    # the optimizer step, the directions renormalised after it)
+    unit_norm_decoder: ClassVar[bool] = False
 
     distributed: Any = None  # training.distributed.DataParallel in data-parallel training
 
-    @classmethod
-    def make_config(cls, fields: dict[str, Any]) -> TrainerConfig:
-        """The method's config from keyword fields, with errors naming the method."""
-        names = {field.name for field in dataclasses.fields(cls.Config)}
-        unknown = sorted(set(fields) - names)
-        if unknown:
-            raise TypeError(f"{cls.__name__} got unexpected arguments {unknown}")
-        missing = sorted(field.name for field in dataclasses.fields(cls.Config) if field.name not in fields
-                         and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING)
-        if missing:
-            raise TypeError(f"{cls.__name__} is missing {len(missing)} required argument(s): "
-                            f"{', '.join(repr(name) for name in missing)}")
-        return cls.Config(**fields)
-
     def __init__(self, config: TrainerConfig | None = None, **fields: Any) -> None:
-        if config is not None and fields:
-            raise TypeError(f"{type(self).__name__} takes a config or its fields, not both")
-        cfg = config if config is not None else self.make_config(fields)
-        if not isinstance(cfg, self.Config):
-            raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, got {type(cfg).__name__}")
-        self.cfg = cfg
+        cfg = self.cfg = options(self.Config, config, fields, type(self).__name__)
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # as upstream
         self.ae = self.build_dictionary().to(self.device)
         self.optimizer = self.build_optimizer()
+        self.decoder_norm = UnitNormDecoder(self.ae) if self.unit_norm_decoder else None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor())
         self.dead = DeadFeatures(self.ae.dict_size, self.device)
         period = getattr(cfg, "resample_steps", None)
@@ -287,10 +280,14 @@ class Trainer:
         return StepOutput(loss, y_hat, fired, l0, metrics, {"code": f})
 
     def before_optimizer_step(self) -> None:
-        """Between backward and the optimizer step (e.g. the gradient's projection)."""
+        """Between backward and the optimizer step (the unit-norm decoder's gradient projection)."""
+        if self.decoder_norm is not None:
+            self.decoder_norm.before_step()
 
     def after_optimizer_step(self) -> None:
-        """After the optimizer step (e.g. the decoder's renormalisation)."""
+        """After the optimizer step (the unit-norm decoder's renormalisation)."""
+        if self.decoder_norm is not None:
+            self.decoder_norm.after_step()
 
     # the step --------------------------------------------------------------------------------------------------
     def batch_tensors(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,10 +35,6 @@ class GatedAnnealTrainer(Annealed, GatedTrainer):
                  "resample_steps", "device", "seed", "wandb_name")
     resample_phase = -1  # upstream resamples at step % resample_steps == resample_steps - 1
 
-    def setup(self) -> None:
-        Annealed.setup(self)
-        GatedTrainer.setup(self)
-
     def penalty(self, gate: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         scaled, metrics = self.annealed_penalty(gate, step)
         return scaled, {**metrics, "sparsity_loss": metrics["scaled_lp_loss"]}

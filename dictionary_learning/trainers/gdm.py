@@ -17,10 +17,9 @@ import dataclasses
 
 import torch
 
+from ..compat.trainer_api import UpdateX, UpstreamTrainerAPI
 from ..dictionary import GatedAutoEncoder
-from . import parts
 from .base import PenaltyConfig, StepOutput, Trainer
-from .upstream_api import UpdateX, UpstreamTrainerAPI
 
 
 def gated_terms(ae: GatedAutoEncoder, x: torch.Tensor, y: torch.Tensor
@@ -50,9 +49,7 @@ class GatedTrainer(UpstreamTrainerAPI, Trainer):
 
     default_dict_class = GatedAutoEncoder
     max_grad_norm = None  # upstream does not clip here
-
-    def setup(self) -> None:
-        self.decoder_norm = parts.UnitNormDecoder(self.ae)
+    unit_norm_decoder = True
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.ae.parameters(), lr=self.cfg.lr, betas=(0.0, 0.999), eps=1e-8)
@@ -66,12 +63,6 @@ class GatedTrainer(UpstreamTrainerAPI, Trainer):
 
     def penalty(self, gate: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
-
-    def before_optimizer_step(self) -> None:
-        self.decoder_norm.before_step()
-
-    def after_optimizer_step(self) -> None:
-        self.decoder_norm.after_step()
 
     def resampled_biases(self) -> list[torch.Tensor]:
         return [self.ae.gate_bias, self.ae.mag_bias, self.ae.r_mag]

@@ -22,10 +22,9 @@ from typing import Any
 import torch
 from torch import autograd
 
+from ..compat.trainer_api import UpdateX, UpstreamTrainerAPI
 from ..dictionary import JumpReluAutoEncoder, SparseCode
-from . import parts
 from .base import PenaltyConfig, StepOutput, Trainer
-from .upstream_api import UpdateX, UpstreamTrainerAPI
 
 # what upstream's `JumpReluTrainer.loss(x, step=..., logging=True)` returns (its own field names)
 LossLog = namedtuple("LossLog", ["x", "recon", "f", "losses"])
@@ -130,6 +129,7 @@ class JumpReluTrainer(UpdateX, UpstreamTrainerAPI, Trainer):
                  "sparsity_penalty", "warmup_steps", "sparsity_warmup_steps", "decay_start", "target_l0", "device",
                  "wandb_name", "submodule_name")
     default_dict_class = JumpReluAutoEncoder
+    unit_norm_decoder = True
     logging_parameters = ["dead_features"]
     loss_log_type = LossLog
 
@@ -142,7 +142,6 @@ class JumpReluTrainer(UpdateX, UpstreamTrainerAPI, Trainer):
         return torch.optim.Adam(self.ae.parameters(), lr=self.cfg.lr, betas=(0.0, 0.999), eps=1e-8)
 
     def setup(self) -> None:
-        self.decoder_norm = parts.UnitNormDecoder(self.ae)
         self.dead_features = -1
 
     @property
@@ -207,9 +206,3 @@ class JumpReluTrainer(UpdateX, UpstreamTrainerAPI, Trainer):
         counted = counted + (StepFunction.apply(zeros, self.ae.threshold, bandwidth) * outside).sum()
         column_sums = torch.zeros(dict_size, dtype=f.dtype, device=f.device).index_add_(0, cols, f.detach())
         return y_hat, code, counted / n_rows, column_sums
-
-    def before_optimizer_step(self) -> None:
-        self.decoder_norm.before_step()
-
-    def after_optimizer_step(self) -> None:
-        self.decoder_norm.after_step()

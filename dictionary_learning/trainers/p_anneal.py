@@ -148,17 +148,8 @@ class PAnnealTrainer(Annealed, ReLUTrainer):
                  "anneal_start", "anneal_end", "p_start", "p_end", "n_sparsity_updates", "sparsity_queue_length",
                  "resample_steps", "device", "seed", "wandb_name", "submodule_name")
     max_grad_norm = None  # upstream does not clip here
+    unit_norm_decoder = True
     resample_phase = -1  # upstream resamples at step % resample_steps == resample_steps - 1
-
-    def setup(self) -> None:
-        super().setup()
-        self.decoder_norm = parts.UnitNormDecoder(self.ae)
 
     def penalty(self, f: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         return self.annealed_penalty(f, step)
-
-    def before_optimizer_step(self) -> None:
-        self.decoder_norm.before_step()
-
-    def after_optimizer_step(self) -> None:
-        self.decoder_norm.after_step()

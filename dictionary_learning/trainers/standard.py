@@ -17,10 +17,10 @@ import dataclasses
 
 import torch
 
+from ..compat.trainer_api import UpstreamTrainerAPI
 from ..dictionary import AutoEncoder
 from . import parts
 from .base import PenaltyConfig, StepOutput, Trainer
-from .upstream_api import UpstreamTrainerAPI
 
 RELU_POSITIONS = ("steps", "activation_dim", "dict_size", "layer", "lm_name", "dict_class", "lr", "l1_penalty",
                   "warmup_steps", "sparsity_warmup_steps", "decay_start")
@@ -80,9 +80,7 @@ class StandardTrainer(ReLUTrainer):
     Config = StandardConfig
     positions = (*RELU_POSITIONS, "resample_steps", "seed", "device", "wandb_name", "submodule_name")
     max_grad_norm = None  # upstream does not clip here
-
-    def setup(self) -> None:
-        self.decoder_norm = parts.UnitNormDecoder(self.ae)
+    unit_norm_decoder = True
 
     def sparsity_loss(self, f: torch.Tensor) -> torch.Tensor:
         """The penalty before its coefficient: mean L1 norm of the codes, or their mean entropy."""
@@ -91,12 +89,6 @@ class StandardTrainer(ReLUTrainer):
     def penalty(self, f: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         sparsity = self.sparsity_loss(f)
         return self.cfg.l1_penalty * self.sparsity_warmup_fn(step) * sparsity, {"sparsity_loss": sparsity.item()}
-
-    def before_optimizer_step(self) -> None:
-        self.decoder_norm.before_step()
-
-    def after_optimizer_step(self) -> None:
-        self.decoder_norm.after_step()
 
 
 class StandardTrainerAprilUpdate(ReLUTrainer):

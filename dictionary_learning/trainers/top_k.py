@@ -16,12 +16,12 @@ from typing import Any
 import torch
 
 from ..checks import integer
+from ..compat.trainer_api import UpdateX, UpstreamTrainerAPI
 from ..dictionary import AutoEncoderTopK, SparseCode
-from . import parts
 from ..sparse import fast_matmul_dtype
+from . import parts
 from .base import StepOutput, Trainer, TrainerConfig
 from .parts import default_topk_lr, geometric_median  # noqa: F401 (upstream's names at this path)
-from .upstream_api import UpdateX, UpstreamTrainerAPI
 
 TOPK_POSITIONS = ("steps", "activation_dim", "dict_size", "k", "layer", "lm_name", "dict_class", "lr", "auxk_alpha",
                   "warmup_steps", "decay_start", "threshold_beta", "threshold_start_step", "k_anneal_steps", "seed",
@@ -86,6 +86,7 @@ class TopKTrainer(UpdateX, UpstreamTrainerAPI, Trainer):
     Config = TopKConfig
     positions = TOPK_POSITIONS
     default_dict_class = AutoEncoderTopK
+    unit_norm_decoder = True
     logging_parameters = ["effective_l0", "dead_features", "pre_norm_auxk_loss"]
 
     def build_dictionary(self):
@@ -94,7 +95,6 @@ class TopKTrainer(UpdateX, UpstreamTrainerAPI, Trainer):
 
     def setup(self) -> None:
         self.encoder_dtype = resolve_encoder_dtype(self.cfg.encoder_dtype, self.device)
-        self.decoder_norm = parts.UnitNormDecoder(self.ae)
         # b_dec goes to the geometric median of the first batch, once (not when starting from saved weights)
         self.b_dec_initialised = self.cfg.initial_weights is not None
         self.effective_l0 = self.dead_features = self.pre_norm_auxk_loss = -1.0
@@ -163,12 +163,6 @@ class TopKTrainer(UpdateX, UpstreamTrainerAPI, Trainer):
     def threshold_target(self, kept: torch.Tensor, n_rows: int) -> torch.Tensor | None:
         """The mean over tokens of each token's smallest kept code (BatchTopK: the batch's smallest)."""
         return parts.per_token_threshold(kept.reshape(n_rows, -1), self.global_mean)
-
-    def before_optimizer_step(self) -> None:
-        self.decoder_norm.before_step()
-
-    def after_optimizer_step(self) -> None:
-        self.decoder_norm.after_step()
 
     def config_values(self) -> dict[str, Any]:
         name = str(self.encoder_dtype).removeprefix("torch.") if self.encoder_dtype else None

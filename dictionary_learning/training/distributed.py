@@ -16,8 +16,8 @@ from __future__ import annotations
 import itertools
 import os
 import sys
-from datetime import timedelta
 from collections.abc import Iterable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import torch

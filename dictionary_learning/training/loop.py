@@ -1,13 +1,13 @@
-"""The one training loop of the package (`run_steps`, which `trainSAE` and `scae.train_scae_suite` run on), with
-atomic resumable checkpoints (`resume_from_checkpoints` restores every trainer and replays the consumed batches, so a
-resumed run ends with the same weights as an uninterrupted one) and offline-capable wandb runs (`start_wandb`)."""
+"""The one training loop of the package (`run_steps`, which `trainSAE`, `scae.train_scae_suite` and the founding
+`trainSAE` run on) and the rooms it drives: `Checkpoints` (atomic resumable checkpoints: `resume_from_checkpoints`
+restores every trainer and replays the consumed batches, so a resumed run ends with the same weights as an
+uninterrupted one), `Saves` (upstream's intermediate saves) and `logger.Logger` (bar, wandb, printed logs)."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import math
-import os
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..files import atomic_write, error_summary
-from ..progress import progress_bar
+from .logger import Logger
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -93,15 +93,6 @@ def resume_from_checkpoints(trainers: Sequence[Any], path: Path | None, batches:
     return resumed
 
 
-def start_wandb(config: dict[str, Any], directory: Path | None, project: str = "dictionary_learning",
-                entity: str | None = None, resume: bool = False):
-    """A wandb run in the mode $WANDB_MODE names, offline when unset (no network needed; `wandb sync` uploads)."""
-    import wandb
-
-    return wandb.init(entity=entity, project=project, mode=os.environ.get("WANDB_MODE", "offline"), config=config,
-                      dir=str(directory) if directory else None, resume="allow" if resume else None)
-
-
 def _largest_norm(batch: Any) -> float | None:
     """The largest vector norm in a batch (a tensor, a pair or a dict of them), for a divergence message."""
     tensors = [batch] if isinstance(batch, torch.Tensor) else list(batch.values()) if isinstance(batch, dict) \
@@ -142,53 +133,91 @@ def check_finite(trainers: Sequence[Any], step: int, batch: Any, checkpoint: Pat
                                  f"was saved; {kept}.")
 
 
+
+class Checkpoints:
+    """The run's resumable state in the one file `path` (None: none), written atomically: every trainer's state, the
+    step, the batches consumed and `extra` (e.g. the normalisation scales). Written every `every` steps (None: a
+    tenth of a run of `steps` steps), at each step in `at` and at the end, unless `writes` is False (a data-parallel
+    rank other than 0 only resumes from it); never with NaN / inf weights (the last good checkpoint stays)."""
+
+    def __init__(self, path: Path | None, every: int | None = None, steps: int | None = None,
+                 at: Sequence[int] | Every = (), writes: bool = True):
+        self.path, self.at, self.writes = path, at, writes
+        self.every = every if every is not None else (max(1, steps // 10) if steps is not None else 0)
+        self.extra: dict[str, Any] = {}
+        self.last = 0  # the step of the last good checkpoint, or the step the run started from
+
+    def resume(self, trainers: Sequence[Any], batches: Iterator[Any], resume: bool) -> dict[str, Any]:
+        """With `resume`, every trainer restored from `path` and `batches` replayed to where the run stood; returns
+        the checkpoint's step, batches_consumed and extra values (step 0 without one)."""
+        state = resume_from_checkpoints(trainers, self.path, batches, resume)
+        self.last = state["step"]
+        return state
+
+    @property
+    def written(self) -> Path | None:
+        """The file this process writes (None when it writes none)."""
+        return self.path if self.writes else None
+
+    def due(self, step: int) -> bool:
+        return self.written is not None and bool((self.every and step % self.every == 0) or step in self.at)
+
+    def write(self, trainers: Sequence[Any], step: int, consumed: int) -> None:
+        if self.written is None or self.last == step:
+            return
+        check_finite(trainers, step - 1, None, self.path, self.last, weights=True)
+        save_checkpoint(self.path, trainers, step, consumed, self.extra)
+        self.last = step
+
+
+class Saves:
+    """Upstream's intermediate saves: at each step in `at` (a list of steps, or `Every(n)`), trainer i's dictionary
+    (its normalisation folded in by `scales`, a `feed.Scales`, when given) to `folders[i]/checkpoints/ae_{step}.pt`
+    as a state dict."""
+
+    def __init__(self, folders: Sequence[Path], at: Sequence[int] | Every = (), scales: Any = None):
+        self.folders, self.at, self.scales = list(folders), at, scales
+
+    def due(self, step: int) -> bool:
+        return bool(self.folders) and step in self.at
+
+    def write(self, trainers: Sequence[Any], step: int) -> None:
+        for i, (trainer, folder) in enumerate(zip(trainers, self.folders)):
+            ae = trainer.ae if self.scales is None else self.scales.folded(trainer.ae, i)
+            state = ae.saved_state_dict()
+            atomic_write(folder / "checkpoints" / f"ae_{step}.pt", lambda tmp: torch.save(state, tmp))
+
+
+def _update_all(trainers: Sequence[Any], step: int, batch: Any, feed: Any) -> None:
+    for i, trainer in enumerate(trainers):
+        trainer.update(step, batch if feed is None else feed.select(i, batch))
+
+
 def run_steps(
     trainers: Sequence[Any],
     batches: Iterator[Any],
     steps: int | None,
     start: int = 0,
     consumed: int = 0,
-    checkpoint_path: Path | None = None,
-    checkpoint_steps: int | None = None,
-    checkpoint_extra: dict[str, Any] | None = None,
-    save_steps: Sequence[int] = (),
-    on_save: Callable[[int], None] | None = None,
-    log_steps: int | None = None,
-    log_values: Callable[[], dict[str, float]] | None = None,
-    run: Any = None,
-    prepare: Callable[[Any], Any] = lambda batch: batch,
-    select: Callable[[int, Any], Any] | None = None,
+    *,
+    checkpoints: Checkpoints | None = None,
+    saves: Saves | None = None,
+    logger: Logger | None = None,
+    feed: Any = None,
     context: AbstractContextManager | None = None,
-    bar_keys: Sequence[str] | None = None,
-    desc: str = "training",
-    progress: bool = True,
-    verbose: bool = False,
     all_have: Callable[[bool], bool] | None = None,
 ) -> int:
-    """The one training loop: steps `start` to `steps` (None: until `batches` runs out), each feeding the next batch
-    (through `prepare`, then `select(i, batch)` for trainer i when given) to every trainer's `update(step, batch)`
-    (inside `context`, e.g. autocast). A tqdm bar shows the first trainer's
-    `last_metrics` (`bar_keys` of them); every `log_steps` steps `log_values()` goes to the wandb `run` (and is
-    printed with `verbose`); at `save_steps`, `on_save(step)`. Every `checkpoint_steps` steps, at `save_steps` and
-    at the end, every trainer's state is written atomically to the one file `checkpoint_path`
-    (`save_checkpoint`) with the step, the batches consumed and `checkpoint_extra`. A stream that runs out ends the
-    loop with a warning; in multi-process training `all_have(has_batch)` makes every rank stop when any runs out.
-    Returns the number of steps done."""
-    if checkpoint_steps is None:
-        checkpoint_steps = max(1, steps // 10) if steps is not None else 0
-    written = -1
-
-    def checkpoint(step: int) -> None:
-        nonlocal written
-        # never a NaN checkpoint: the last good one stays
-        check_finite(trainers, step - 1, None, checkpoint_path, written if written >= 0 else start, weights=True)
-        save_checkpoint(checkpoint_path, trainers, step, consumed, checkpoint_extra)
-        written = step
-
-    indices = range(start, steps) if steps is not None else itertools.count(start)
-    # shown at once (no delay): training is the phase a user waits for
-    bar = progress_bar(indices, desc=desc, total=steps, enabled=progress, initial=start, delay=0,
-                       leave=True)
+    """The one training loop: steps `start` to `steps` (None: until `batches` runs out), each giving the next batch
+    to every trainer's `update(step, batch)` inside `context` (e.g. autocast); a `feed` (`feed.Feed`) scales the
+    batch and gives trainer i its part. After each step the `logger` shows and logs metrics, `saves` writes the
+    intermediate dictionaries it is due, and `checkpoints` the resumable state it is due (and at the end). A stream
+    that runs out ends the loop with a warning; in multi-process training `all_have(has_batch)` makes every rank stop
+    when any runs out. Every step's losses are checked finite (`check_finite`). Returns the number of steps done."""
+    checkpoints = checkpoints or Checkpoints(None)
+    logger = logger or Logger()
+    if saves is not None and start == 0 and saves.due(0):  # upstream saves the initial weights when asked
+        saves.write(trainers, 0)
+    bar = logger.bar(range(start, steps) if steps is not None else itertools.count(start), steps, start)
     step = start
     for step in bar:
         batch = next(batches, None)
@@ -199,29 +228,18 @@ def run_steps(
                 warnings.warn(f"data ran out after {step} steps (of {steps})")
             break
         consumed += 1
-        batch = prepare(batch)
+        batch = feed.prepare(batch) if feed is not None else batch
         with context or nullcontext():
-            for i, trainer in enumerate(trainers):
-                trainer.update(step, batch if select is None else select(i, batch))
-        check_finite(trainers, step, batch, checkpoint_path, written if written >= 0 else start)
-        metrics = trainers[0].last_metrics
-        shown = metrics if bar_keys is None else {key: metrics.get(key, 0.0) for key in bar_keys}
-        bar.set_postfix({key: f"{value:.4g}" for key, value in shown.items()}, refresh=False)
-        if log_steps and step % log_steps == 0 and log_values is not None:
-            logged = log_values()
-            if run is not None:
-                run.log(logged, step=step)
-            if verbose:
-                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in logged.items()))
-        if step + 1 in save_steps and on_save is not None:
-            on_save(step + 1)
-        if checkpoint_path and ((checkpoint_steps and (step + 1) % checkpoint_steps == 0) or step + 1 in save_steps):
-            checkpoint(step + 1)
+            _update_all(trainers, step, batch, feed)
+        check_finite(trainers, step, batch, checkpoints.written, checkpoints.last)
+        logger.step(bar, trainers, step)
+        if saves is not None and saves.due(step + 1):
+            saves.write(trainers, step + 1)
+        if checkpoints.due(step + 1):
+            checkpoints.write(trainers, step + 1, consumed)
     else:
         step = steps if steps is not None else step
     bar.close()
-    if checkpoint_path and written != step:
-        checkpoint(step)
-    if run is not None:
-        run.finish()
+    checkpoints.write(trainers, step, consumed)
+    logger.finish()
     return step

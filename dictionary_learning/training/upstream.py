@@ -1,45 +1,29 @@
-"""Upstream dictionary_learning's training helpers, and the founding (December 2023) README's `trainSAE` call form:
-`get_norm_factor`, `log_stats`, `new_wandb_process` with upstream's signatures, and `train_autoencoder`."""
+"""Upstream dictionary_learning's training entry points, as thin adapters over the package's own: `trainSAE` (both
+of upstream's call forms: upstream's positional signature onto `train.train_dictionaries`, the founding (December
+2023) README's onto `train_autoencoder`), `get_norm_factor`, `log_stats` and `new_wandb_process` with upstream's
+signatures."""
 
 from __future__ import annotations
 
 import itertools
-import math
 import os
 from pathlib import Path
 from queue import Empty
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
+from ..checks import integer
 from ..dictionary import AutoEncoder
-from ..files import atomic_write
 from ..progress import progress_bar
 from ..trainers import StandardTrainer
 from ..utils import save_dictionary
-from .loop import Every, run_steps
+from .feed import activation_scales
+from .logger import Logger
+from .loop import Every, Saves, run_steps
+from .train import train_dictionaries
 
 UNTIL_EXHAUSTED = 2**62  # the trainer's step budget when training runs until the data ends
-
-
-def activation_scales(batches: Sequence[Any], target: str = "unit",
-                      over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
-    """(scale_in, scale_out) multiplying inputs / targets so that their mean squared norm (the mean over batches of
-    each batch's mean squared norm, as upstream's `get_norm_factor`) is 1 ("unit", upstream and Gao et al. 2024) or
-    their width ("d_model", Anthropic's April 2024 update). `over_ranks` (data-parallel training) turns a rank's
-    mean into the mean over all ranks' batches."""
-    def scale(tensors: list[torch.Tensor]) -> float:
-        mean_squared = sum(t.reshape(-1, t.shape[-1]).float().pow(2).sum(-1).mean().item() for t in tensors)
-        mean_squared /= len(tensors)
-        if over_ranks is not None:
-            mean_squared = over_ranks(torch.tensor(mean_squared, dtype=torch.float64)).item()
-        width = tensors[0].shape[-1] if target == "d_model" else 1
-        return math.sqrt(width / max(mean_squared, 1e-24))
-
-    if isinstance(batches[0], (tuple, list)):
-        return scale([b[0] for b in batches]), scale([b[1] for b in batches])
-    s = scale(list(batches))
-    return s, s
 
 
 def get_norm_factor(data: Iterable[Any], steps: int) -> float:
@@ -145,15 +129,52 @@ def train_autoencoder(
         sparsity_warmup_steps=None, resample_steps=resample_steps, entropy=entropy, seed=seed, device=device,
         output_dim=output_dim, transcoder=isinstance(first, (tuple, list)))
     save_dir = Path(save_dir) if save_dir is not None else None
-
-    def save_checkpoint(step: int) -> None:
-        if save_dir is not None:
-            state = trainer.ae.saved_state_dict()
-            atomic_write(save_dir / "checkpoints" / f"ae_{step}.pt", lambda tmp: torch.save(state, tmp))
-
-    run_steps([trainer], itertools.chain([first], data), steps, save_steps=Every(save_steps) if save_steps else (),
-              on_save=save_checkpoint, log_steps=log_steps, log_values=lambda: dict(trainer.last_metrics),
-              verbose=bool(log_steps), progress=progress, desc="trainSAE")
+    saves = Saves([save_dir] if save_dir is not None else [], Every(save_steps) if save_steps else ())
+    logger = Logger(desc="trainSAE", progress=progress, every=log_steps, verbose=bool(log_steps))
+    run_steps([trainer], itertools.chain([first], data), steps, saves=saves, logger=logger)
     if save_dir is not None:
         save_dictionary(trainer.ae, save_dir, {"trainer": trainer.config})
     return trainer.ae
+
+
+# upstream's trainSAE(data, ...) positional parameters after `data`, in upstream's order
+UPSTREAM_ORDER = ("trainer_configs", "steps", "use_wandb", "wandb_entity", "wandb_project", "save_steps", "save_dir",
+                  "log_steps", "activations_split_by_head", "transcoder", "run_cfg", "normalize_activations",
+                  "verbose", "device", "autocast_dtype", "backup_steps")
+FOUNDING_KEYWORDS = {"activation_dim", "dictionary_size", "dict_size", "lr", "sparsity_penalty", "entropy",
+                     "warmup_steps", "resample_steps"}
+
+
+def trainSAE(data: Iterable[Any], *args: Any, **kwargs: Any) -> Any:
+    """Train dictionaries on an activation stream. Two call forms, told apart by their arguments:
+
+    - `trainSAE(data, trainer_configs, steps, use_wandb=False, ..., backup_steps=None, **options)` (upstream since
+      2024, with upstream's parameters in upstream's order, and this toolkit's `RunOptions` by keyword): every
+      trainer config (`{"trainer": TopKTrainer, "activation_dim": ..., ...}`) trains on the same batches; returns
+      the trainers. See `train.train_dictionaries` and `train.RunOptions`.
+    - `trainSAE(activations, activation_dim, dictionary_size, lr=, sparsity_penalty=, entropy=False, steps=None, ...)`
+      (the founding README of December 2023): one `AutoEncoder` trained by the original recipe (unit-norm decoder
+      through constrained Adam, L1 or entropy penalty, lr warmup, dead-neuron resampling); returns the AutoEncoder.
+      See `train_autoencoder`.
+    """
+    founding = bool(args) and isinstance(args[0], int) and not isinstance(args[0], bool)
+    if founding or FOUNDING_KEYWORDS & set(kwargs):
+        return train_autoencoder(data, *args, **kwargs)
+    if len(args) > len(UPSTREAM_ORDER):
+        raise TypeError(f"trainSAE takes at most {len(UPSTREAM_ORDER) + 1} positional arguments (data, "
+                        f"{', '.join(UPSTREAM_ORDER)}), got {len(args) + 1}")
+    named = dict(zip(UPSTREAM_ORDER, args))
+    twice = sorted(set(named) & set(kwargs))
+    if twice:
+        raise TypeError(f"trainSAE got multiple values for {twice}")
+    named.update(kwargs)
+    missing = [name for name in ("trainer_configs", "steps") if name not in named]
+    if missing:
+        raise TypeError(f"trainSAE is missing the argument(s) {missing}: trainSAE(data, trainer_configs, steps, ...)")
+    named.pop("transcoder", None)  # transcoders are recognised from their dictionaries and (x, y) batches
+    backup_steps = named.pop("backup_steps", None)  # upstream's name for checkpoint_steps
+    if backup_steps is not None:
+        integer("backup_steps", backup_steps)
+        if named.get("checkpoint_steps") is None:
+            named["checkpoint_steps"] = backup_steps
+    return train_dictionaries(data, named.pop("trainer_configs"), named.pop("steps"), **named)
