@@ -1,11 +1,12 @@
-"""The SCAE pruned forward pass against a dense masked-virtual-weight implementation (the reference fork's approach:
-a dense [n_features, n_upstream] virtual-weight matrix per module, per head for attention, masked to the kept
-connections), at the same C and dictionary size, on SmolLM2's first layers. Prints time and peak memory and ratios.
+"""The SCAE pruned forward pass against a dense masked-virtual-weight implementation (the reference
+fork's approach: a dense [n_features, n_upstream] virtual-weight matrix per module, per head for
+attention, masked to the kept connections), at the same C and dictionary size, on SmolLM2's first
+layers. Prints time and peak memory and ratios.
 
     python bench/bench_scae.py [--layers 3 --dict-size 2304 --k 32 --C 32 --texts 4 --ctx-len 64]
 
-Each variant runs in its own subprocess so that its peak resident memory (ru_maxrss above the state after setup)
-is its own. Both compute the same codes (checked).
+Each variant runs in its own subprocess so that its peak resident memory (ru_maxrss above the state
+after setup) is its own. Both compute the same codes (checked).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def random_connections(suite, C, seed=0):
 
 @torch.no_grad()
 def dense_masked_forward(suite, model, record, indices):
-    """Dense virtual weights [n_features, n_upstream] (x heads for attention) masked to the connections."""
+    """Dense virtual weights [n_features, n_upstream] (x heads for attention) masked to the
+    connections."""
     from dictionary_learning.dictionary import topk_codes
     from dictionary_learning.models import attention_ov, norm_params
     from dictionary_learning.scae import decompose, parse_module_name, upstream_of
@@ -55,7 +57,8 @@ def dense_masked_forward(suite, model, record, indices):
         terms = decompose(suite, model, record, name, upstream_codes={})
         pre = terms["embedding"] + terms["bias"]
         if upstream_of(name):
-            decoders = torch.cat([suite[up].decoder.weight.t() for up in upstream_of(name)])  # [n_up, d]
+            # [n_up, d]
+            decoders = torch.cat([suite[up].decoder.weight.t() for up in upstream_of(name)])
             normed = norm_params(model, layer, kind).linear_part(decoders)
             mask = torch.zeros(suite[name].dict_size, normed.shape[0]).scatter_(1, indices[name], 1.0)
             upstream = torch.cat([codes[up] for up in upstream_of(name)], dim=-1) * record.norm_scales[name][..., None]
@@ -66,7 +69,8 @@ def dense_masked_forward(suite, model, record, indices):
                 ov = attention_ov(model, layer)
                 mixed = torch.einsum("bhqk,bkj->bhqj", record.patterns[layer], upstream)
                 for head in range(ov.W_V.shape[0]):
-                    dense = (encoder @ (normed @ ov.W_V[head] @ ov.W_O[head]).t()) * mask  # [n_features, n_up]
+                    # [n_features, n_up]
+                    dense = (encoder @ (normed @ ov.W_V[head] @ ov.W_O[head]).t()) * mask
                     pre = pre + mixed[:, head] @ dense.t()
         codes[name] = topk_codes(pre.relu(), int(suite[name].k))[0]
     return codes
@@ -81,7 +85,8 @@ def measure(args) -> None:
     if args.variant == "ours":
         @torch.no_grad()
         def run():  # virtual weights for the kept connections, then the pruned pass
-            connections = Connections(indices, {n: virtual_weights(suite, model, n, i) for n, i in indices.items()})
+            connections = Connections(indices, {n: virtual_weights(suite, model, n, i)
+                                                for n, i in indices.items()})
             return pruned_forward(suite, model, record, connections)
     else:
         def run():
@@ -93,11 +98,13 @@ def measure(args) -> None:
     seconds = (time.perf_counter() - start) / args.repeats
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline
     checksum = sum(float(c.sum()) for c in codes.values())
-    print(json.dumps({"variant": args.variant, "seconds": seconds, "peak_mb": peak / 1024, "checksum": checksum}))
+    print(json.dumps({"variant": args.variant, "seconds": seconds, "peak_mb": peak / 1024,
+                      "checksum": checksum}))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--dict-size", type=int, default=2304)
     parser.add_argument("--k", type=int, default=32)
@@ -105,7 +112,8 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=4)
     parser.add_argument("--ctx-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--variant", choices=["ours", "dense"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["ours", "dense"], default=None,
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         measure(args)
@@ -119,9 +127,9 @@ def main() -> None:
         if not lines:
             raise RuntimeError(f"{variant} failed: {output.stderr[-2000:]}")
         results[variant] = json.loads(lines[-1])
-    print(f"SCAE pruned forward pass: SmolLM2 first {args.layers} layers ({2 * args.layers} modules), "
-          f"{args.dict_size} features, k {args.k}, C {args.C}, {args.texts} texts x {args.ctx_len} tokens, "
-          f"{torch.get_num_threads()} threads")
+    print(f"SCAE pruned forward pass: SmolLM2 first {args.layers} layers ({2 * args.layers} "
+          f"modules), {args.dict_size} features, k {args.k}, C {args.C}, {args.texts} texts x "
+          f"{args.ctx_len} tokens, {torch.get_num_threads()} threads")
     for variant, label in (("ours", "pruned pass (sparse connections)"),
                            ("dense", "dense masked virtual weights")):
         r = results[variant]

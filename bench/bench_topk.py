@@ -2,8 +2,9 @@
 
     python bench/bench_topk.py [--batch 4096 --d-in 576 --dict-size 4608 --k 32]
 
-Dense: codes scattered into a [batch, dict_size] matrix, decoded by a GEMM, plain autograd. Sparse: this toolkit's
-path (embedding_bag over the k active decoder columns; encoder and decoder backward as sparse products).
+Dense: codes scattered into a [batch, dict_size] matrix, decoded by a GEMM, plain autograd. Sparse:
+this toolkit's path (embedding_bag over the k active decoder columns; encoder and decoder backward
+as sparse products).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def timed(fn, repeats):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--d-in", type=int, default=576)
     parser.add_argument("--dict-size", type=int, default=4608)
@@ -62,10 +64,10 @@ def main() -> None:
     encoder_ms = timed(lambda: ae.pre_activations(x), args.repeats)
     print(f"batch {args.batch}, d_in {args.d_in}, dict_size {args.dict_size}, k {args.k}, float32, "
           f"{torch.get_num_threads()} threads")
-    print(f"  decode      dense GEMM {dense_ms:8.1f} ms   sparse embedding_bag {sparse_ms:7.1f} ms   "
-          f"ratio {dense_ms / sparse_ms:.1f}x")
-    print(f"  fwd + bwd   dense      {dense_step_ms:8.1f} ms   sparse               {sparse_step_ms:7.1f} ms   "
-          f"ratio {dense_step_ms / sparse_step_ms:.2f}x")
+    print(f"  decode      dense GEMM {dense_ms:8.1f} ms   sparse embedding_bag {sparse_ms:7.1f} "
+          f"ms   ratio {dense_ms / sparse_ms:.1f}x")
+    print(f"  fwd + bwd   dense      {dense_step_ms:8.1f} ms   sparse               "
+          f"{sparse_step_ms:7.1f} ms   ratio {dense_step_ms / sparse_step_ms:.2f}x")
     print(f"  the floor: one encoder GEMM (no grad) {encoder_ms:.1f} ms")
 
 

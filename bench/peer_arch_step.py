@@ -1,37 +1,46 @@
-"""Time one JumpReLU or Matryoshka BatchTopK SAE training step of a peer package, run inside that peer's own venv.
+"""Time one JumpReLU or Matryoshka BatchTopK SAE training step of a peer package, run inside that
+peer's own venv.
 
-Standalone on purpose (it never imports our `dictionary_learning`; `bench/setup_peers.sh` builds one venv per peer),
-run with that venv's python, e.g.
+Standalone on purpose (it never imports our `dictionary_learning`; `bench/setup_peers.sh` builds one
+venv per peer), run with that venv's python, e.g.
 
-    python bench/peer_arch_step.py --peer sae-lens --arch matryoshka --d-in 576 --dict-size 4608 --k 32 \
+    python bench/peer_arch_step.py --peer sae-lens --arch matryoshka --d-in 576 --dict-size 4608 --k
+        32 \
         --batch 4096 --steps 20 --warmup 3 --dead-fraction 0.0 --seed 0 --threads 2
 
-It builds the peer's SAE and trainer the way a user of that package would, feeds it a fixed pool of synthetic float32
-activations (generated before timing), runs `--warmup` untimed steps and then `--steps` timed ones, and prints one
-JSON line (the keys of bench/peer_step.py's, plus "arch", "l0_measured" and the architecture's settings).
+It builds the peer's SAE and trainer the way a user of that package would, feeds it a fixed pool of
+synthetic float32 activations (generated before timing), runs `--warmup` untimed steps and then
+`--steps` timed ones, and prints one JSON line (the keys of bench/peer_step.py's, plus "arch",
+"l0_measured" and the architecture's settings).
 
 Architectures (`--arch`):
-- `jumprelu`: a JumpReLU SAE trained toward an average L0 of `--target-l0` (default `--k`). Every side starts with
-  per-latent thresholds set from its own pre-activations on the first pool batch so that each latent fires on
-  target_l0 / dict_size of the tokens (L0 ~ target from the first step, as late in a real run; the packages' own
-  initial thresholds, 0.001 or 0.01, make about half the latents fire).
-  - `dictionary-learning` (Marks', PyPI 0.1.0): `JumpReluTrainer` + `JumpReluAutoEncoder`, one step =
-    `trainer.update(step, x)` (dense codes, loss with its (L0 / target_l0 - 1)^2 penalty, backward, removal of the
-    gradient parallel to decoder rows, clipping, Adam, LR schedule, decoder re-normalisation).
-  - `sae-lens` (6.x): `JumpReLUTrainingSAE` with `jumprelu_sparsity_loss_mode="quadratic"` and `target_l0` (its
-    Gemma Scope 2 penalty around a target L0, the nearest to upstream's) + `SAETrainer`, one step = the body of
-    `SAETrainer.fit()` without wandb (as bench/peer_step.py). No per-step decoder re-normalisation (its design).
-- `matryoshka`: a Matryoshka BatchTopK SAE, k `--k` per token on average, nested groups of `--group-fractions` of
-  dict_size (upstream's split: int(fraction * dict_size) for all but the last group, which takes the rest).
-  - `dictionary-learning`: `MatryoshkaBatchTopKTrainer` + `MatryoshkaBatchTopKSAE`, one step = `trainer.update(step,
-    x)` (batch top-k, one prefix reconstruction loss per group, AuxK, the rest as for JumpReLU). Step 0 computes the
-    geometric median for `b_dec` in the untimed warm-up; `threshold_start_step=1` so timed steps include the
-    inference-threshold update, as every step after the first 1000 of a real run does.
-  - `sae-lens`: `MatryoshkaBatchTopKTrainingSAE` with `matryoshka_widths` = the cumulative group sizes, + its
-    `SAETrainer` (its BatchTopK threshold update runs every step).
+- `jumprelu`: a JumpReLU SAE trained toward an average L0 of `--target-l0` (default `--k`). Every
+  side starts with per-latent thresholds set from its own pre-activations on the first pool batch so
+  that each latent fires on target_l0 / dict_size of the tokens (L0 ~ target from the first step, as
+  late in a real run; the packages' own initial thresholds, 0.001 or 0.01, make about half the
+  latents fire).
+  - `dictionary-learning` (Marks', PyPI 0.1.0): `JumpReluTrainer` + `JumpReluAutoEncoder`, one step
+    = `trainer.update(step, x)` (dense codes, loss with its (L0 / target_l0 - 1)^2 penalty,
+    backward, removal of the gradient parallel to decoder rows, clipping, Adam, LR schedule, decoder
+    re-normalisation).
+  - `sae-lens` (6.x): `JumpReLUTrainingSAE` with `jumprelu_sparsity_loss_mode="quadratic"` and
+    `target_l0` (its Gemma Scope 2 penalty around a target L0, the nearest to upstream's) +
+    `SAETrainer`, one step = the body of `SAETrainer.fit()` without wandb (as bench/peer_step.py).
+    No per-step decoder re-normalisation (its design).
+- `matryoshka`: a Matryoshka BatchTopK SAE, k `--k` per token on average, nested groups of
+  `--group-fractions` of dict_size (upstream's split: int(fraction * dict_size) for all but the last
+  group, which takes the rest).
+  - `dictionary-learning`: `MatryoshkaBatchTopKTrainer` + `MatryoshkaBatchTopKSAE`, one step =
+    `trainer.update(step, x)` (batch top-k, one prefix reconstruction loss per group, AuxK, the rest
+    as for JumpReLU). Step 0 computes the geometric median for `b_dec` in the untimed warm-up;
+    `threshold_start_step=1` so timed steps include the inference-threshold update, as every step
+    after the first 1000 of a real run does.
+  - `sae-lens`: `MatryoshkaBatchTopKTrainingSAE` with `matryoshka_widths` = the cumulative group
+    sizes, + its `SAETrainer` (its BatchTopK threshold update runs every step).
 
-`--dead-fraction f` (Matryoshka only: neither package's JumpReLU training has a dead-latent loss by default): the
-same latents as bench/peer_step.py's are made really dead and counted as dead by the peer, so AuxK runs every step.
+`--dead-fraction f` (Matryoshka only: neither package's JumpReLU training has a dead-latent loss by
+default): the same latents as bench/peer_step.py's are made really dead and counted as dead by the
+peer, so AuxK runs every step.
 """
 
 from __future__ import annotations
@@ -73,8 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arch", required=True, choices=ARCHS)
     parser.add_argument("--d-in", type=int, default=576)
     parser.add_argument("--dict-size", type=int, default=4608)
-    parser.add_argument("--k", type=int, default=32, help="Matryoshka: k per token; JumpReLU: default target L0")
-    parser.add_argument("--target-l0", type=float, default=None, help="JumpReLU target L0 (default: --k)")
+    parser.add_argument("--k", type=int, default=32,
+                        help="Matryoshka: k per token; JumpReLU: default target L0")
+    parser.add_argument("--target-l0", type=float, default=None,
+                        help="JumpReLU target L0 (default: --k)")
     parser.add_argument("--group-fractions", type=float, nargs="+", default=list(GROUP_FRACTIONS))
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=20)
@@ -117,15 +128,17 @@ def check_args(args: argparse.Namespace) -> str | None:
 
 
 def group_sizes(fractions: list[float], dict_size: int) -> list[int]:
-    """Upstream's split: int(fraction * dict_size) latents per group but the last, which takes the rest."""
+    """Upstream's split: int(fraction * dict_size) latents per group but the last, which takes the
+    rest."""
     sizes = [int(fraction * dict_size) for fraction in fractions[:-1]]
     return sizes + [dict_size - sum(sizes)]
 
 
 def thresholds_for_l0(torch, pre, target_l0: float):
-    """Per-latent thresholds `[dict_size]` under which each latent fires (pre > threshold) on round(batch *
-    target_l0 / dict_size) rows of `pre` [batch, dict_size]: halfway between its rank-th and (rank+1)-th largest
-    pre-activation, and above zero (JumpReLU thresholds are positive)."""
+    """Per-latent thresholds `[dict_size]` under which each latent fires (pre > threshold) on
+    round(batch * target_l0 / dict_size) rows of `pre` [batch, dict_size]: halfway between its
+    rank-th and (rank+1)-th largest pre-activation, and above zero (JumpReLU thresholds are
+    positive)."""
     batch, dict_size = pre.shape
     rank = min(batch - 1, max(1, round(batch * target_l0 / dict_size)))
     with torch.no_grad():
@@ -133,8 +146,10 @@ def thresholds_for_l0(torch, pre, target_l0: float):
         return ((top[rank - 1] + top[rank]) / 2).clamp_min(1e-6)
 
 
-def time_steps(torch, step: Callable[[int, Any], None], pool: list, args: argparse.Namespace) -> dict:
-    """`--warmup` untimed steps, then `--steps` timed ones cycling through `pool`: the timing figures."""
+def time_steps(torch, step: Callable[[int, Any], None], pool: list,
+               args: argparse.Namespace) -> dict:
+    """`--warmup` untimed steps, then `--steps` timed ones cycling through `pool`: the timing
+    figures."""
     for index in range(args.warmup):
         step(index, pool[index % len(pool)])
     times, cpu_times = [], []
@@ -154,7 +169,8 @@ def time_steps(torch, step: Callable[[int, Any], None], pool: list, args: argpar
         step_ms_median=round(1000 * statistics.median(times), 2),
         step_ms_min=round(1000 * min(times), 2),
         tokens_per_s_best=round(args.batch / min(times), 1),
-        cpu_ms_per_step=round(1000 * cpu_seconds / args.steps, 2),  # ~ threads * step_ms when uncontended
+        # ~ threads * step_ms when uncontended
+        cpu_ms_per_step=round(1000 * cpu_seconds / args.steps, 2),
         **uncontended_figures(times, cpu_times, args),
         loadavg_1min=[round(load_before, 2), round(os.getloadavg()[0], 2)],
     )
@@ -166,14 +182,15 @@ def measured_l0(torch, encode: Callable[[Any], Any], x) -> float:
         return round(float((encode(x) != 0).sum(dim=-1).float().mean()), 2)
 
 
-# dictionary-learning (Marks', PyPI 0.1.0) ---------------------------------------------------------------------------
+# dictionary-learning (Marks', PyPI 0.1.0) ---------------------------------------------------------
 def build_dictionary_learning(torch, args, pool, dead_ids) -> dict:
     torch.manual_seed(args.seed)
     if args.arch == "jumprelu":
         from dictionary_learning.trainers.jumprelu import JumpReluTrainer
 
-        trainer = JumpReluTrainer(steps=LONG_RUN_STEPS, activation_dim=args.d_in, dict_size=args.dict_size, layer=0,
-                                  lm_name="synthetic", seed=args.seed, target_l0=args.target_l0, device="cpu")
+        trainer = JumpReluTrainer(steps=LONG_RUN_STEPS, activation_dim=args.d_in,
+                                  dict_size=args.dict_size, layer=0, lm_name="synthetic",
+                                  seed=args.seed, target_l0=args.target_l0, device="cpu")
         with torch.no_grad():
             _, pre = trainer.ae.encode(pool[0], output_pre_jump=True)
             trainer.ae.threshold.copy_(thresholds_for_l0(torch, pre, args.target_l0))
@@ -181,10 +198,11 @@ def build_dictionary_learning(torch, args, pool, dead_ids) -> dict:
         from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
 
         trainer = MatryoshkaBatchTopKTrainer(
-            steps=LONG_RUN_STEPS, activation_dim=args.d_in, dict_size=args.dict_size, k=args.k, layer=0,
-            lm_name="synthetic", group_fractions=list(args.group_fractions), threshold_start_step=1, seed=args.seed,
-            device="cpu")
-        if len(dead_ids):  # step 0 sets b_dec to the batch's geometric median: bound pre-activations generously
+            steps=LONG_RUN_STEPS, activation_dim=args.d_in, dict_size=args.dict_size, k=args.k,
+            layer=0, lm_name="synthetic", group_fractions=list(args.group_fractions),
+            threshold_start_step=1, seed=args.seed, device="cpu")
+        # step 0 sets b_dec to the batch's geometric median: bound pre-activations generously
+        if len(dead_ids):
             bias = killing_bias(torch, pool, pool[0].mean(0), trainer.ae.W_enc.detach())
             with torch.no_grad():
                 trainer.ae.b_enc[dead_ids] = bias
@@ -199,7 +217,7 @@ def build_dictionary_learning(torch, args, pool, dead_ids) -> dict:
     return {"step": trainer.update, "dead_count": dead_count, "encode": encode}
 
 
-# sae-lens (6.x) -----------------------------------------------------------------------------------------------------
+# sae-lens (6.x) -----------------------------------------------------------------------------------
 def build_sae_lens(torch, args, pool, dead_ids) -> dict:
     from sae_lens import SAETrainer
     from sae_lens.config import LoggingConfig, SAETrainerConfig
@@ -220,12 +238,13 @@ def build_sae_lens(torch, args, pool, dead_ids) -> dict:
         sizes = group_sizes(args.group_fractions, args.dict_size)
         widths = [sum(sizes[: i + 1]) for i in range(len(sizes))]
         sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
-            d_in=args.d_in, d_sae=args.dict_size, k=float(args.k), matryoshka_widths=widths, dtype="float32",
-            device="cpu"))
+            d_in=args.d_in, d_sae=args.dict_size, k=float(args.k), matryoshka_widths=widths,
+            dtype="float32", device="cpu"))
     # as sae_lens.synthetic.training.train_toy_sae builds it (constant LR 3e-4, no wandb)
     trainer_cfg = SAETrainerConfig(total_training_samples=LONG_RUN_STEPS * args.batch,
-                                   train_batch_size_samples=args.batch, device="cpu", lr=3e-4, lr_end=3e-4,
-                                   lr_scheduler_name="constant", logger=LoggingConfig(log_to_wandb=False))
+                                   train_batch_size_samples=args.batch, device="cpu", lr=3e-4,
+                                   lr_end=3e-4, lr_scheduler_name="constant",
+                                   logger=LoggingConfig(log_to_wandb=False))
     trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=iter(()))
     if len(dead_ids):
         bias = killing_bias(torch, pool, sae.b_dec.detach(), sae.W_enc.detach())
@@ -251,10 +270,10 @@ def build_sae_lens(torch, args, pool, dead_ids) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result: dict[str, Any] = {
-        "peer": args.peer, "arch": args.arch, "version": peer_version(args.peer), "tokens_per_s": None,
-        "step_ms": None, "d_in": args.d_in, "dict_size": args.dict_size, "k": args.k, "batch": args.batch,
-        "dead_fraction": args.dead_fraction, "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
-        "seed": args.seed,
+        "peer": args.peer, "arch": args.arch, "version": peer_version(args.peer),
+        "tokens_per_s": None, "step_ms": None, "d_in": args.d_in, "dict_size": args.dict_size,
+        "k": args.k, "batch": args.batch, "dead_fraction": args.dead_fraction, "steps": args.steps,
+        "warmup": args.warmup, "threads": args.threads, "seed": args.seed,
     }
     if args.arch == "jumprelu":
         result["target_l0"] = args.target_l0
@@ -275,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         build = build_dictionary_learning if args.peer == "dictionary-learning" else build_sae_lens
         side = build(torch, args, pool, dead_ids)
         result.update(time_steps(torch, side["step"], pool, args))
-        result.update(dead_latents_requested=len(dead_ids), dead_latents_measured=side["dead_count"](),
+        result.update(dead_latents_requested=len(dead_ids),
+                      dead_latents_measured=side["dead_count"](),
                       l0_measured=measured_l0(torch, side["encode"], pool[1 % POOL_BATCHES]))
     except Exception as error:  # noqa: BLE001 (report, don't crash: the caller parses one JSON line)
         message = str(error).strip().splitlines()

@@ -1,42 +1,46 @@
 """Time one TopK SAE training step of a peer package, run inside that peer's own venv.
 
-Standalone on purpose (it never imports our `dictionary_learning`): `bench/setup_peers.sh` builds one venv per
-peer, and this script is run with that venv's python, e.g.
+Standalone on purpose (it never imports our `dictionary_learning`): `bench/setup_peers.sh` builds
+one venv per peer, and this script is run with that venv's python, e.g.
 
     python bench/peer_step.py --peer dictionary-learning --d-in 576 --dict-size 4608 --k 32 \
         --batch 4096 --steps 20 --warmup 3 --dead-fraction 0.0 --seed 0 --threads 2
 
-It builds the peer's TopK SAE and trainer the way a user of that package would, feeds it a fixed pool of
-synthetic float32 activations (generated before timing), runs `--warmup` untimed steps and then `--steps` timed
-steps, and prints one JSON line.
+It builds the peer's TopK SAE and trainer the way a user of that package would, feeds it a fixed
+pool of synthetic float32 activations (generated before timing), runs `--warmup` untimed steps and
+then `--steps` timed steps, and prints one JSON line.
 
 Peers:
 - `dictionary-learning` (Sam Marks', PyPI 0.1.0): `TopKTrainer` + `AutoEncoderTopK`, one step =
-  `trainer.update(step, x)` (loss with AuxK, backward, removal of the gradient parallel to the decoder
-  directions, grad-norm clipping, Adam, LR schedule, decoder re-normalisation). Step 0 also computes the
-  geometric median for `b_dec`; it falls in the untimed warm-up.
-- `sae-lens` (6.x): `TopKTrainingSAE` + `SAETrainer`, one step = the body of `SAETrainer.fit()` without wandb:
-  `maybe_reset_sparsity()`, `step(batch)` (training forward with MSE + TopK AuxK loss, dead-latent
-  bookkeeping, backward, grad-norm clipping, Adam, LR schedule), `n_training_steps += 1`. sae-lens keeps the
-  decoder un-normalised and rescales activations by the decoder norms (`rescale_acts_by_decoder_norm=True`,
-  its default); it does no per-step decoder re-normalisation. `--sparse-activations` turns on its
-  `use_sparse_activations` option, which crashes in a CPU training step (see the JSON "error").
-- `eai-sparsify` (EleutherAI, 1.x): `SparseCoder` (fused TopK encoder, `embedding_bag` decode off CUDA, Triton on
-  CUDA), one step = the body of sparsify's `Trainer.fit()` for one hook point: decoder re-normalisation, forward with
-  the dead mask (FVU + `auxk_alpha` * AuxK, its defaults), backward, removal of the gradient parallel to the decoder
-  directions, Adam at its default lr (2e-4 / sqrt(dict_size / 2^14)), the fired-latent bookkeeping. Its forward
-  autocasts to bfloat16 on CUDA only, so on the CPU it runs in float32.
+  `trainer.update(step, x)` (loss with AuxK, backward, removal of the gradient parallel to the
+  decoder directions, grad-norm clipping, Adam, LR schedule, decoder re-normalisation). Step 0 also
+  computes the geometric median for `b_dec`; it falls in the untimed warm-up.
+- `sae-lens` (6.x): `TopKTrainingSAE` + `SAETrainer`, one step = the body of `SAETrainer.fit()`
+  without wandb: `maybe_reset_sparsity()`, `step(batch)` (training forward with MSE + TopK AuxK
+  loss, dead-latent bookkeeping, backward, grad-norm clipping, Adam, LR schedule), `n_training_steps
+  += 1`. sae-lens keeps the decoder un-normalised and rescales activations by the decoder norms
+  (`rescale_acts_by_decoder_norm=True`, its default); it does no per-step decoder re-normalisation.
+  `--sparse-activations` turns on its `use_sparse_activations` option, which crashes in a CPU
+  training step (see the JSON "error").
+- `eai-sparsify` (EleutherAI, 1.x): `SparseCoder` (fused TopK encoder, `embedding_bag` decode off
+  CUDA, Triton on CUDA), one step = the body of sparsify's `Trainer.fit()` for one hook point:
+  decoder re-normalisation, forward with the dead mask (FVU + `auxk_alpha` * AuxK, its defaults),
+  backward, removal of the gradient parallel to the decoder directions, Adam at its default lr (2e-4
+  / sqrt(dict_size / 2^14)), the fired-latent bookkeeping. Its forward autocasts to bfloat16 on CUDA
+  only, so on the CPU it runs in float32.
 
-Besides the requested keys the JSON line carries step_ms_median / step_ms_min, cpu_ms_per_step, the median of
-the steps that had all their threads (`uncontended_*`: the figure to trust on a shared machine),
-`reference_gemm_ms` (one dense batch x d_in x dict_size GEMM, to normalise across sessions), the 1-minute load
-average, the peer's dead-latent count and its last AuxK loss; on failure an "error" key and where it happened.
+Besides the requested keys the JSON line carries step_ms_median / step_ms_min, cpu_ms_per_step, the
+median of the steps that had all their threads (`uncontended_*`: the figure to trust on a shared
+machine), `reference_gemm_ms` (one dense batch x d_in x dict_size GEMM, to normalise across
+sessions), the 1-minute load average, the peer's dead-latent count and its last AuxK loss; on
+failure an "error" key and where it happened.
 
-`--dead-fraction f`: the first round(f * dict_size) latents (after a seeded permutation) are made really dead
-(their encoder bias is set far below any pre-activation, so they never fire) and the peer's own dead-latent
-tracking state is set so they already count as dead (dictionary-learning: `num_tokens_since_fired` at its
-10M-token threshold; sae-lens: `n_forward_passes_since_fired` past `dead_feature_window`). The AuxK path then
-runs on every step; the JSON reports the peer's own dead-latent count after the last timed step.
+`--dead-fraction f`: the first round(f * dict_size) latents (after a seeded permutation) are made
+really dead (their encoder bias is set far below any pre-activation, so they never fire) and the
+peer's own dead-latent tracking state is set so they already count as dead (dictionary-learning:
+`num_tokens_since_fired` at its 10M-token threshold; sae-lens: `n_forward_passes_since_fired` past
+`dead_feature_window`). The AuxK path then runs on every step; the JSON reports the peer's own
+dead-latent count after the last timed step.
 """
 
 from __future__ import annotations
@@ -78,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.warmup < 1:
-        parser.error(f"--warmup must be >= 1 (step 0 does one-off initialisation), got {args.warmup}")
+        parser.error("--warmup must be >= 1 (step 0 does one-off initialisation), got "
+                     f"{args.warmup}")
     if not 0.0 <= args.dead_fraction < 1.0:
         parser.error(f"--dead-fraction must be in [0, 1), got {args.dead_fraction}")
     if args.k > args.dict_size:
@@ -113,7 +118,8 @@ def build_dictionary_learning(torch, args, pool, dead_ids):
     from dictionary_learning.trainers.top_k import AutoEncoderTopK, TopKTrainer
 
     trainer = TopKTrainer(
-        steps=100_000,  # total run length: only shapes the LR schedule (1000 warm-up steps by default)
+        # total run length: only shapes the LR schedule (1000 warm-up steps by default)
+        steps=100_000,
         activation_dim=args.d_in,
         dict_size=args.dict_size,
         k=args.k,
@@ -124,7 +130,8 @@ def build_dictionary_learning(torch, args, pool, dead_ids):
         device="cpu",
     )
     if len(dead_ids):
-        # step 0 sets b_dec to the geometric median of the batch: bound the pre-activations generously
+        # step 0 sets b_dec to the geometric median of the batch: bound the pre-activations
+        # generously
         ae = trainer.ae
         bias = killing_bias(torch, pool, pool[0].mean(0), ae.encoder.weight.detach().T)
         with torch.no_grad():
@@ -200,8 +207,8 @@ def build_sparsify(torch, args, pool, dead_ids):
     from sparsify.config import TrainConfig
 
     torch.manual_seed(args.seed)
-    sae = SparseCoder(args.d_in, SparseCoderConfig(num_latents=args.dict_size, k=args.k), device="cpu",
-                      dtype=torch.float32)
+    sae = SparseCoder(args.d_in, SparseCoderConfig(num_latents=args.dict_size, k=args.k),
+                      device="cpu", dtype=torch.float32)
     train_cfg = TrainConfig(SparseCoderConfig(num_latents=args.dict_size, k=args.k))
     optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4 / (sae.num_latents / 2**14) ** 0.5)
     tokens_since_fired = torch.zeros(args.dict_size, dtype=torch.long)
@@ -239,7 +246,8 @@ def build_sparsify(torch, args, pool, dead_ids):
 
 
 def reference_gemm_ms(torch, args: argparse.Namespace, repeats: int = 5) -> float:
-    """Median time of one dense [batch, d_in] x [d_in, dict_size] float32 GEMM: this machine's speed right now."""
+    """Median time of one dense [batch, d_in] x [d_in, dict_size] float32 GEMM: this machine's speed
+    right now."""
     generator = torch.Generator().manual_seed(args.seed + 2)
     x = torch.randn(args.batch, args.d_in, generator=generator)
     weight = torch.randn(args.dict_size, args.d_in, generator=generator)
@@ -252,7 +260,8 @@ def reference_gemm_ms(torch, args: argparse.Namespace, repeats: int = 5) -> floa
     return round(1000 * statistics.median(times), 2)
 
 
-def uncontended_figures(times: list[float], cpu_times: list[float], args: argparse.Namespace) -> dict:
+def uncontended_figures(times: list[float], cpu_times: list[float],
+                        args: argparse.Namespace) -> dict:
     clean = [wall for wall, cpu in zip(times, cpu_times) if cpu >= 0.9 * args.threads * wall]
     figures = {"uncontended_steps": len(clean)}
     if clean:
@@ -327,10 +336,11 @@ def main(argv: list[str] | None = None) -> int:
             step_ms_median=round(1000 * statistics.median(times), 2),
             step_ms_min=round(1000 * min(times), 2),
             tokens_per_s_best=round(args.batch / min(times), 1),
-            # contention check: cpu_ms_per_step ~ threads * step_ms when the peer had its cores to itself
+            # contention check: cpu_ms_per_step ~ threads * step_ms when the peer had its cores to
+            # itself
             cpu_ms_per_step=round(1000 * cpu_seconds / args.steps, 2),
-            # steps during which this process got ~all its threads (process CPU time >= 0.9 * threads * wall):
-            # on a shared machine their median is the uncontended figure
+            # steps during which this process got ~all its threads (process CPU time >= 0.9 *
+            # threads * wall): on a shared machine their median is the uncontended figure
             **uncontended_figures(times, cpu_times, args),
             loadavg_1min=[round(load_before, 2), round(load_after, 2)],
             dead_latents_requested=len(dead_ids),

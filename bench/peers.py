@@ -1,9 +1,11 @@
-"""Find the peer venvs built by `bench/setup_peers.sh` and time a peer's TopK training step in its own venv.
+"""Find the peer venvs built by `bench/setup_peers.sh` and time a peer's TopK training step in its
+own venv.
 
 Standard library only, so our own benchmark can import it without any peer installed:
 
     from bench.peers import PEERS, peer_python, run_peer
-    figures = run_peer("sae-lens", d_in=576, dict_size=4608, k=32, batch=4096, steps=20, dead_fraction=0.1)
+    figures = run_peer("sae-lens", d_in=576, dict_size=4608, k=32, batch=4096, steps=20,
+                       dead_fraction=0.1)
     # {"peer": "sae-lens", "version": "6.54.12", "tokens_per_s": ..., "step_ms": ..., ...} or {..., "error": ...}
 """
 
@@ -21,7 +23,8 @@ PEER_STEP_SCRIPT = Path(__file__).resolve().with_name("peer_step.py")
 
 def peers_dir() -> Path:
     """Where setup_peers.sh puts the venvs: $PEERS_DIR or ~/.cache/dictionary_learning/peers."""
-    return Path(os.environ.get("PEERS_DIR") or Path.home() / ".cache" / "dictionary_learning" / "peers")
+    return Path(os.environ.get("PEERS_DIR")
+                or Path.home() / ".cache" / "dictionary_learning" / "peers")
 
 
 def peer_python(name: str) -> Path | None:
@@ -48,11 +51,11 @@ def run_peer(
     timeout_s: float = 1800.0,
     script: str | Path = PEER_STEP_SCRIPT,
 ) -> dict:
-    """Run bench/peer_step.py (or another peer-side `script` taking the same arguments) for one peer in its venv;
-    return its JSON line as a dict.
+    """Run bench/peer_step.py (or another peer-side `script` taking the same arguments) for one peer
+    in its venv; return its JSON line as a dict.
 
-    Never raises for a failing peer: a missing venv, a crash, a timeout or unparsable output gives a dict with
-    an "error" key (plus "peer" and the shape).
+    Never raises for a failing peer: a missing venv, a crash, a timeout or unparsable output gives a
+    dict with an "error" key (plus "peer" and the shape).
     """
     shape = dict(d_in=d_in, dict_size=dict_size, k=k, batch=batch, steps=steps, warmup=warmup,
                  dead_fraction=dead_fraction, seed=seed, threads=threads)
@@ -74,8 +77,8 @@ def run_peer(
     }
     environment.pop("PYTHONPATH", None)  # never let the peer import our package
     try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=environment,
-                                   cwd=str(Path(script).resolve().parent))
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                                   env=environment, cwd=str(Path(script).resolve().parent))
     except subprocess.TimeoutExpired:
         return {**failure, "error": f"timed out after {timeout_s:.0f} s"}
     for line in reversed(completed.stdout.strip().splitlines()):
@@ -85,7 +88,8 @@ def run_peer(
             except json.JSONDecodeError:
                 break
     stderr_tail = completed.stderr.strip().splitlines()[-5:]
-    return {**failure, "error": f"exit code {completed.returncode}, no JSON line", "stderr_tail": stderr_tail}
+    return {**failure, "error": f"exit code {completed.returncode}, no JSON line",
+            "stderr_tail": stderr_tail}
 
 
 if __name__ == "__main__":

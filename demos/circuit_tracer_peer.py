@@ -1,13 +1,16 @@
-"""Build a circuit-tracer attribution graph from a local per-layer transcoder set and a local Hugging Face model.
+"""Build a circuit-tracer attribution graph from a local per-layer transcoder set and a local
+Hugging Face model.
 
 Runs INSIDE the circuit-tracer peer venv (`bash bench/setup_peers.sh circuit-tracer`), never imports
 dictionary_learning (that venv has transformers 4.57, ours has 5.x), and never touches the network.
 
     PY=~/.cache/dictionary_learning/peers/circuit-tracer/bin/python
-    MODEL=~/.cache/dictionary_learning/smollm2-135m-instruct      # dictionary_learning.models.loading.smollm2_path()
+    MODEL=~/.cache/dictionary_learning/smollm2-135m-instruct
+        # dictionary_learning.models.loading.smollm2_path()
 
     # a throwaway transcoder set (random weights, thresholds calibrated on one sentence) to try the pipeline on
-    $PY demos/circuit_tracer_peer.py random --model $MODEL --out /tmp/tc_random --d-tc 256 --activation relu
+    $PY demos/circuit_tracer_peer.py random --model $MODEL --out /tmp/tc_random --d-tc 256
+        --activation relu
 
     # does circuit-tracer encode / decode the set the way a plain forward hook says it should?
     $PY demos/circuit_tracer_peer.py check --transcoders /tmp/tc_random --model $MODEL
@@ -18,18 +21,23 @@ dictionary_learning (that venv has transformers 4.57, ours has 5.x), and never t
 
 The transcoder folder (circuit-tracer's `model_kind: transcoder_set` layout):
     config.yaml              model_kind: transcoder_set, feature_input_hook: mlp.hook_in,
-                             feature_output_hook: mlp.hook_out, optional activation: relu | jumprelu | topk,
+                             feature_output_hook: mlp.hook_out,
+                             optional activation: relu | jumprelu | topk,
                              k: <int> (topk only), optional model_name, scan
-    layer_{i}.safetensors    i = 0 .. n_layers-1, exactly these keys (the loader is a strict load_state_dict):
-                             W_enc [d_tc, d_model], b_enc [d_tc], W_dec [d_tc, d_model], b_dec [d_model],
+    layer_{i}.safetensors    i = 0 .. n_layers-1, exactly these keys (the loader is a strict
+                             load_state_dict):
+                             W_enc [d_tc, d_model], b_enc [d_tc], W_dec [d_tc, d_model],
+                             b_dec [d_model],
                              optional W_skip [d_model, d_model] (applied as x @ W_skip.T),
-                             optional activation_function.threshold [d_tc] (JumpReLU: x * (x > threshold))
-circuit-tracer 0.5.0 reads neither `activation` nor `k` from config.yaml (TopK loading came later, upstream
-PR #94): a file with a threshold is JumpReLU, any other is ReLU. This script applies `activation: topk` itself,
-with circuit-tracer's own TopK module (top k of the raw pre-activations, no ReLU first), so TopK sets work on 0.5.0
-too. Measured here (2 shared CPU threads, SmolLM2-135M, 30 layers, 8-token prompt, ~15 features per token and
-layer, ~3,600 active features): loading 1.4-3 s, attribute() 10-25 s at --max-feature-nodes 512 and 38 s with
-every feature node, for d_tc 256 and 1024 alike; Python and imports add ~8 s.
+                             optional activation_function.threshold [d_tc] (JumpReLU: x * (x >
+                             threshold))
+circuit-tracer 0.5.0 reads neither `activation` nor `k` from config.yaml (TopK loading came later,
+upstream PR #94): a file with a threshold is JumpReLU, any other is ReLU. This script applies
+`activation: topk` itself, with circuit-tracer's own TopK module (top k of the raw pre-activations,
+no ReLU first), so TopK sets work on 0.5.0 too. Measured here (2 shared CPU threads, SmolLM2-135M,
+30 layers, 8-token prompt, ~15 features per token and layer, ~3,600 active features): loading 1.4-3
+s, attribute() 10-25 s at --max-feature-nodes 512 and 38 s with every feature node, for d_tc 256 and
+1024 alike; Python and imports add ~8 s.
 """
 
 from __future__ import annotations
@@ -55,16 +63,16 @@ if TYPE_CHECKING:  # the peer venv's packages are imported where used, so --help
 LAYER_KEYS = {"W_enc", "b_enc", "W_dec", "b_dec", "W_skip", "activation_function.threshold"}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model folder, as transformers 4.57 (circuit-tracer's pin) must see it
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def transformers4_view(model_dir: Path) -> Path:
     """A folder transformers 4.57 reads correctly; model_dir itself when it already does.
 
-    A folder saved by transformers 5 differs in two ways that 4.57 gets wrong: config.json keeps RoPE's base in
-    `rope_parameters` (4.57 ignores it and silently uses rope_theta 10000, SmolLM2 needs 100000), and
-    tokenizer_config.json names `TokenizersBackend` (4.57: "Tokenizer class TokenizersBackend does not exist").
-    The view links every file and rewrites those two.
+    A folder saved by transformers 5 differs in two ways that 4.57 gets wrong: config.json keeps
+    RoPE's base in `rope_parameters` (4.57 ignores it and silently uses rope_theta 10000, SmolLM2
+    needs 100000), and tokenizer_config.json names `TokenizersBackend` (4.57: "Tokenizer class
+    TokenizersBackend does not exist"). The view links every file and rewrites those two.
     """
     model_dir = model_dir.resolve()
     config = json.loads((model_dir / "config.json").read_text())
@@ -100,9 +108,9 @@ def transformers4_view(model_dir: Path) -> Path:
     return view
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loading the transcoder set
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def read_config(transcoder_dir: Path) -> dict:
     import yaml
 
@@ -117,7 +125,8 @@ def read_config(transcoder_dir: Path) -> dict:
     if activation not in (None, "relu", "jumprelu", "topk"):
         raise ValueError(f"activation must be relu, jumprelu or topk, got {activation!r}")
     if activation == "topk" and not isinstance(config.get("k"), int):
-        raise ValueError(f"activation topk needs an integer k in config.yaml, got {config.get('k')!r}")
+        raise ValueError("activation topk needs an integer k in config.yaml, got "
+                         f"{config.get('k')!r}")
     return config
 
 
@@ -126,18 +135,21 @@ def layer_paths(transcoder_dir: Path) -> dict[int, str]:
 
     paths = {int(p.stem.split("_")[1]): str(p) for p in transcoder_dir.glob("layer_*.safetensors")}
     if not paths or set(paths) != set(range(len(paths))):
-        raise ValueError(f"{transcoder_dir}: need layer_0 .. layer_(n-1).safetensors, found layers {sorted(paths)}")
+        raise ValueError(f"{transcoder_dir}: need layer_0 .. layer_(n-1).safetensors, found layers "
+                         f"{sorted(paths)}")
     for path in paths.values():
         with safe_open(path, framework="pt") as f:
             extra = set(f.keys()) - LAYER_KEYS
-        if extra:  # circuit-tracer's strict load_state_dict would refuse them with a less helpful message
+        # circuit-tracer's strict load_state_dict would refuse them with a less helpful message
+        if extra:
             raise ValueError(f"{path}: keys {sorted(extra)} are not read by circuit-tracer "
                              f"(allowed: {sorted(LAYER_KEYS)})")
     return paths
 
 
 def load_transcoders(transcoder_dir: Path, device: torch.device, dtype: torch.dtype):
-    """circuit-tracer's TranscoderSet for the folder, with `activation: topk` applied (0.5.0 ignores it)."""
+    """circuit-tracer's TranscoderSet for the folder, with `activation: topk` applied (0.5.0
+    ignores it)."""
     from circuit_tracer.transcoder.activation_functions import JumpReLU, TopK
     from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
 
@@ -160,13 +172,15 @@ def load_transcoders(transcoder_dir: Path, device: torch.device, dtype: torch.dt
             raise ValueError(f"activation jumprelu but layer {transcoder.layer_idx} has no "
                              "activation_function.threshold")
         if activation in ("relu", "topk") and is_jumprelu:
-            raise ValueError(f"activation {activation} but layer {transcoder.layer_idx} has a threshold")
+            raise ValueError(f"activation {activation} but layer {transcoder.layer_idx} has a "
+                             "threshold")
         if activation == "topk":
             transcoder.activation_function = TopK(config["k"])
     return transcoders, config
 
 
-def load_replacement_model(transcoder_dir: Path, model_dir: Path, device: torch.device, dtype: torch.dtype):
+def load_replacement_model(transcoder_dir: Path, model_dir: Path, device: torch.device,
+                           dtype: torch.dtype):
     from circuit_tracer import ReplacementModel
 
     transcoders, config = load_transcoders(transcoder_dir, device, dtype)
@@ -177,21 +191,23 @@ def load_replacement_model(transcoder_dir: Path, model_dir: Path, device: torch.
         device=device,
         dtype=dtype,
     )
-    return model, transcoders, config  # model.transcoders is an nnsight Envoy around the same TranscoderSet
+    # model.transcoders is an nnsight Envoy around the same TranscoderSet
+    return model, transcoders, config
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # random: a throwaway set to try the pipeline on
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 CALIBRATION_TEXT = (
-    "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Berlin is the capital of "
-    "Germany. She opened the door, looked outside and saw that it was raining again."
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Berlin is "
+    "the capital of Germany. She opened the door, looked outside and saw that it was raining again."
 )
 
 
-def mlp_activations(model_dir: Path, text: str | torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer, the MLP's input (post_attention_layernorm output) and output on text or token ids [n_pos], by
-    plain forward hooks on the Hugging Face model."""
+def mlp_activations(model_dir: Path, text: str | torch.Tensor) -> tuple[list[torch.Tensor],
+                                                                        list[torch.Tensor]]:
+    """Per layer, the MLP's input (post_attention_layernorm output) and output on text or token ids
+    [n_pos], by plain forward hooks on the Hugging Face model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -211,8 +227,9 @@ def mlp_activations(model_dir: Path, text: str | torch.Tensor) -> tuple[list[tor
 
 
 def write_random(args) -> None:
-    """One layer_{i}.safetensors per layer with unit-norm random encoder rows and thresholds set so that about
-    --l0 features fire per token on a calibration sentence; decoder rows random, scaled to the MLP output norm."""
+    """One layer_{i}.safetensors per layer with unit-norm random encoder rows and thresholds set so
+    that about --l0 features fire per token on a calibration sentence; decoder rows random, scaled
+    to the MLP output norm."""
     import torch
     import yaml
     from safetensors.torch import save_file
@@ -255,12 +272,13 @@ def write_random(args) -> None:
     print(json.dumps({"out": str(out_dir), "layers": len(inputs), "d_tc": d_tc, **config}))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # check: circuit-tracer's features against a plain forward hook and the file's weights
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def check(args) -> None:
-    """The activations circuit-tracer computes (get_activations) against the documented rule applied by hand to
-    the MLP input read by a plain forward hook; and decode against acts @ W_dec + b_dec (+ x @ W_skip.T)."""
+    """The activations circuit-tracer computes (get_activations) against the documented rule applied
+    by hand to the MLP input read by a plain forward hook; and decode against acts @ W_dec + b_dec
+    (+ x @ W_skip.T)."""
     import torch
     from safetensors import safe_open
 
@@ -268,7 +286,8 @@ def check(args) -> None:
     model, transcoders, config = load_replacement_model(args.transcoders, args.model, device, dtype)
     prompt = args.prompt
     tokens = model.ensure_tokenized(prompt)
-    _, traced = model.get_activations(tokens)  # [n_layers, n_pos, d_tc], position 0 zeroed by circuit-tracer
+    # [n_layers, n_pos, d_tc], position 0 zeroed by circuit-tracer
+    _, traced = model.get_activations(tokens)
     inputs, _ = mlp_activations(args.model, tokens)
     worst_encode, worst_decode = 0.0, 0.0
     for layer, path in layer_paths(args.transcoders.resolve()).items():
@@ -279,7 +298,8 @@ def check(args) -> None:
         if "activation_function.threshold" in w:
             acts = pre * (pre > w["activation_function.threshold"])  # strict >
         elif config.get("activation") == "topk":
-            top = pre.topk(config["k"], dim=-1).indices  # top k of the raw pre-activations, no ReLU first
+            # top k of the raw pre-activations, no ReLU first
+            top = pre.topk(config["k"], dim=-1).indices
             acts = torch.zeros_like(pre).scatter(-1, top, pre.gather(-1, top))
         else:
             acts = pre.relu()
@@ -293,9 +313,9 @@ def check(args) -> None:
                       "max_abs_diff_decode": worst_decode, "mean_l0": mean_l0}))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # attribute: the graph and its scores
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def attribute_prompt(args) -> None:
     import torch
     from circuit_tracer import attribute
@@ -412,7 +432,8 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--transcoders", type=Path, required=True,
                          help="folder with config.yaml + layer_{i}.safetensors")
         sub.add_argument("--model", type=Path, required=True,
-                         help="local HF model folder (config.json, model.safetensors, tokenizer files)")
+                         help="local HF model folder (config.json, model.safetensors, tokenizer "
+                              "files)")
         sub.add_argument("--prompt", default="The capital of France is the city of",
                          help="default %(default)r")
     a = commands.choices["attribute"]

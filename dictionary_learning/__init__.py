@@ -1,7 +1,8 @@
-"""dictionary_learning: sparse autoencoders, transcoders and sparsely connected autoencoders on nnsight.
+"""dictionary_learning: sparse autoencoders, transcoders and sparsely connected autoencoders on
+nnsight.
 
-The names a researcher reaches for first; everything else lives in the rooms named in ARCHITECTURE.md
-(the SCAE wing: `dictionary_learning.scae`).
+The names a researcher reaches for first; everything else lives in the rooms named in
+ARCHITECTURE.md (the SCAE wing: `dictionary_learning.scae`).
 """
 
 from .buffer import ActivationBuffer

@@ -1,4 +1,5 @@
-"""Argument checks shared by every room: a clear error naming the parameter, what was expected and what came.
+"""Argument checks shared by every room: a clear error naming the parameter, what was expected and
+what came.
 
 Imports nothing of the package, so every room may use it.
 """
@@ -14,12 +15,12 @@ from typing import Any
 import torch
 
 
-def integer(name: str, value: Any, low: int = 1, high: int | None = None, integral_floats: bool = False,
-            high_name: str | None = None) -> int:
-    """`value` as an int in [low, high] (high None: no upper bound). Integral numbers of any kind (numpy or 0-d
-    torch integers; with `integral_floats` also floats such as upstream's `n_ctxs=3e4`) are accepted; booleans,
-    fractions, NaN, None and strings are refused with a ValueError naming `name` (and the upper bound as
-    `high_name=high` when given)."""
+def integer(name: str, value: Any, low: int = 1, high: int | None = None,
+            integral_floats: bool = False, high_name: str | None = None) -> int:
+    """`value` as an int in [low, high] (high None: no upper bound). Integral numbers of any kind
+    (numpy or 0-d torch integers; with `integral_floats` also floats such as upstream's
+    `n_ctxs=3e4`) are accepted; booleans, fractions, NaN, None and strings are refused with a
+    ValueError naming `name` (and the upper bound as `high_name=high` when given)."""
     number = None
     if not isinstance(value, bool):
         try:
@@ -29,7 +30,8 @@ def integer(name: str, value: Any, low: int = 1, high: int | None = None, integr
                 number = int(value)
     if number is None or number < low or (high is not None and number > high):
         bounds = "a positive int" if (low, high) == (1, None) else (
-            f"an int >= {low}" if high is None else f"an int in [{low}, {high_name + '=' if high_name else ''}{high}]")
+            f"an int >= {low}" if high is None
+            else f"an int in [{low}, {high_name + '=' if high_name else ''}{high}]")
         raise ValueError(f"{name} must be {bounds}, got {value!r}")
     return number
 
@@ -39,17 +41,21 @@ def floating_dtype(name: str, dtype: Any, allow_none: bool = True) -> torch.dtyp
     if dtype is None and allow_none:
         return None
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point torch.dtype such as torch.float32, got {dtype!r}")
+        raise TypeError(f"{name} must be a floating-point torch.dtype such as torch.float32, got "
+                        f"{dtype!r}")
     return dtype
 
 
 def texts(name: str, value: Any) -> Iterator[str]:
-    """An iterator over the strings of `value` (an iterable of texts), checking each as it comes: a single string
-    (which would be read character by character), a non-iterable or a non-string item is a TypeError naming `name`."""
+    """An iterator over the strings of `value` (an iterable of texts), checking each as it comes: a
+    single string (which would be read character by character), a non-iterable or a non-string item
+    is a TypeError naming `name`."""
     if isinstance(value, (str, bytes)):
-        raise TypeError(f"{name} must be an iterable of texts (e.g. a list of strings), got a single string")
+        raise TypeError(f"{name} must be an iterable of texts (e.g. a list of strings), got a "
+                        "single string")
     if not isinstance(value, Iterable):
-        raise TypeError(f"{name} must be an iterable of texts (e.g. a list of strings), got {type(value).__name__}")
+        raise TypeError(f"{name} must be an iterable of texts (e.g. a list of strings), got "
+                        f"{type(value).__name__}")
 
     def checked() -> Iterator[str]:
         for item in value:
@@ -68,7 +74,8 @@ def _size(n_bytes: float) -> str:
 
 
 def memory_size(device: Any = "cpu") -> int | None:
-    """The memory of `device`: a GPU's, or this machine's physical memory (None where it cannot be told)."""
+    """The memory of `device`: a GPU's, or this machine's physical memory (None where it cannot be
+    told)."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(device).total_memory
@@ -78,18 +85,20 @@ def memory_size(device: Any = "cpu") -> int | None:
         return None
 
 
-def check_memory(name: str, value: Any, n_bytes: float, device: Any = "cpu", what: str = "") -> None:
-    """Refuse before any work a size whose memory alone (`n_bytes`, an estimate) exceeds the device's memory, with
-    the estimate in the message: such a run could only fill memory and die."""
+def check_memory(name: str, value: Any, n_bytes: float, device: Any = "cpu",
+                 what: str = "") -> None:
+    """Refuse before any work a size whose memory alone (`n_bytes`, an estimate) exceeds the
+    device's memory, with the estimate in the message: such a run could only fill memory and die."""
     total = memory_size(device)
     if total is not None and n_bytes > total:
         where = "this machine's memory" if torch.device(device).type == "cpu" else f"{device}'s memory"
-        raise ValueError(f"{name}={value!r} needs about {_size(n_bytes)} of memory{what}, more than the "
-                         f"{_size(total)} of {where}: ask for less")
+        raise ValueError(f"{name}={value!r} needs about {_size(n_bytes)} of memory{what}, more "
+                         f"than the {_size(total)} of {where}: ask for less")
 
 
 def check_disk(folder: Any, n_bytes: float, name: str) -> None:
-    """Refuse before any work a write of about `n_bytes` into `folder` that the free disk space cannot hold."""
+    """Refuse before any work a write of about `n_bytes` into `folder` that the free disk space
+    cannot hold."""
     import shutil
     from pathlib import Path
 
@@ -98,41 +107,47 @@ def check_disk(folder: Any, n_bytes: float, name: str) -> None:
         existing = existing.parent
     free = shutil.disk_usage(existing).free
     if n_bytes > free:
-        raise ValueError(f"{name} asks for about {_size(n_bytes)} on disk in {str(folder)!r}, more than the "
-                         f"{_size(free)} free there: ask for less, or write elsewhere")
+        raise ValueError(f"{name} asks for about {_size(n_bytes)} on disk in {str(folder)!r}, more "
+                         f"than the {_size(free)} free there: ask for less, or write elsewhere")
 
 
 def finite_hyperparameters(owner: str, values: dict[str, Any]) -> None:
-    """Refuse NaN / inf hyperparameters (floats, or lists of them) and a learning rate that is not a finite number
-    >= 0, naming the key: a run given one trains on and saves NaN weights."""
+    """Refuse NaN / inf hyperparameters (floats, or lists of them) and a learning rate that is not a
+    finite number >= 0, naming the key: a run given one trains on and saves NaN weights."""
     for key, value in values.items():
         numbers = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
-            raise ValueError(f"{owner}: {key} must be a finite number{'s' if numbers is value else ''}, got {value!r}")
+            raise ValueError(f"{owner}: {key} must be a finite "
+                             f"number{'s' if numbers is value else ''}, got {value!r}")
     lr = values.get("lr")
-    if lr is not None and not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr)
+    if lr is not None and not (isinstance(lr, (int, float)) and not isinstance(lr, bool)
+                               and math.isfinite(lr)
                                and lr >= 0):
         raise ValueError(f"{owner}: lr must be a finite number >= 0, got {lr!r}")
 
 
 def options(config_class: type, config: Any, given: dict[str, Any], owner: str) -> Any:
-    """The options of a call that takes `config: config_class | None = None, **options`: `config` with the keyword
-    `given` fields replaced, or a new `config_class(**given)`. An unknown name is a TypeError naming `owner` and
-    the accepted names, a missing required one names it; a config of another class is refused."""
+    """The options of a call that takes `config: config_class | None = None, **options`: `config`
+    with the keyword `given` fields replaced, or a new `config_class(**given)`. An unknown name is a
+    TypeError naming `owner` and the accepted names, a missing required one names it; a config of
+    another class is refused."""
     import dataclasses
 
     fields = dataclasses.fields(config_class)
     accepted = [field.name for field in fields]
     unknown = sorted(set(given) - set(accepted))
     if unknown:
-        raise TypeError(f"{owner} got unexpected keyword argument(s) {unknown}; accepted: {accepted}")
+        raise TypeError(f"{owner} got unexpected keyword argument(s) {unknown}; accepted: "
+                        f"{accepted}")
     if config is None:
-        missing = [field.name for field in fields if field.name not in given and field.default is dataclasses.MISSING
+        missing = [field.name for field in fields
+                   if field.name not in given and field.default is dataclasses.MISSING
                    and field.default_factory is dataclasses.MISSING]
         if missing:
             raise TypeError(f"{owner} is missing {len(missing)} required argument(s): "
                             f"{', '.join(repr(name) for name in missing)}")
         return config_class(**given)
     if not isinstance(config, config_class):
-        raise TypeError(f"{owner}'s config must be a {config_class.__name__}, got {type(config).__name__}")
+        raise TypeError(f"{owner}'s config must be a {config_class.__name__}, got "
+                        f"{type(config).__name__}")
     return dataclasses.replace(config, **given) if given else config

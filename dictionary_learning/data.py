@@ -1,15 +1,18 @@
 """Text sources: iterators of strings for the ActivationBuffer.
 
-- `hf_dataset_texts("monology/pile-uncopyrighted")`: a Hugging Face dataset, streamed (where the hub is reachable).
+- `hf_dataset_texts("monology/pile-uncopyrighted")`: a Hugging Face dataset, streamed (where the hub
+  is reachable).
 - `local_texts("notes/")`: `.txt` / `.jsonl` files or folders of them, read through `datasets`.
-- `default_corpus()`: the offline default, English prose that every Python installation carries (below).
+- `default_corpus()`: the offline default, English prose that every Python installation carries
+  (below).
 - `text_source(spec)`: any of the above from one string (what the command line takes).
 
-The offline default corpus, "python-docs": the reference topics of the Python documentation that CPython ships as
-`pydoc_data.topics` plus the docstrings (300 characters or longer) of the standard library, cut into passages of
-about `passage_chars` characters at paragraph boundaries. Under Python 3.11 it is ~1.5 MB of English text,
-about 0.36M SmolLM2 tokens (see README). It is extracted once and cached as a text file; replace it by passing any
-other source to the buffer, e.g. `local_texts("my_corpus/")`.
+The offline default corpus, "python-docs": the reference topics of the Python documentation that
+CPython ships as `pydoc_data.topics` plus the docstrings (300 characters or longer) of the standard
+library, cut into passages of about `passage_chars` characters at paragraph boundaries. Under Python
+3.11 it is ~1.5 MB of English text, about 0.36M SmolLM2 tokens (see README). It is extracted once
+and cached as a text file; replace it by passing any other source to the buffer, e.g.
+`local_texts("my_corpus/")`.
 """
 
 from __future__ import annotations
@@ -28,17 +31,21 @@ from .files import atomic_write_text, cache_dir, error_summary
 
 DEFAULT_CORPUS = "python-docs"
 PASSAGE_CHARS = 600  # ~140 SmolLM2 tokens: one passage fills a 128-token context with little waste
-_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo"}
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3",
+                "turtledemo"}
 
 
 def passages(text: str, max_chars: int = PASSAGE_CHARS) -> Iterator[str]:
-    """Cut text into passages of at most ~max_chars, joining short paragraphs and splitting long ones at spaces."""
+    """Cut text into passages of at most ~max_chars, joining short paragraphs and splitting long
+    ones at spaces."""
     if max_chars <= 0:
         raise ValueError(f"max_chars must be positive, got {max_chars}")
     current = ""
     for paragraph in re.split(r"\n\s*\n", text):
         paragraph = " ".join(paragraph.split())
-        start = 0  # cut by moving a start index: re-slicing the rest at every cut is quadratic in a long paragraph
+        # cut by moving a start index: re-slicing the rest at every cut is quadratic in a long
+        # paragraph
+        start = 0
         while len(paragraph) - start > max_chars:
             cut = paragraph.rfind(" ", start, start + max_chars)
             cut = cut if cut > start + max_chars // 2 else start + max_chars
@@ -81,7 +88,8 @@ def _python_docs_documents() -> Iterator[str]:
 
 
 def default_corpus_file() -> Path:
-    """The python-docs corpus as a cached JSON-lines file (one passage per line), built on first use."""
+    """The python-docs corpus as a cached JSON-lines file (one passage per line), built on first
+    use."""
     path = cache_dir() / "corpora" / f"{DEFAULT_CORPUS}-{PASSAGE_CHARS}.jsonl"
     if not path.exists():
         lines = (json.dumps({"text": p}) for doc in _python_docs_documents() for p in passages(doc))
@@ -103,7 +111,8 @@ def default_corpus(repeat: bool = False) -> Iterator[str]:
 
 def _files(path: Path) -> list[Path]:
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".json") and p.is_file())
+        files = sorted(p for p in path.rglob("*")
+                       if p.suffix in (".txt", ".jsonl", ".json") and p.is_file())
     elif path.is_file():
         files = [path]
     else:
@@ -116,9 +125,10 @@ def _files(path: Path) -> list[Path]:
 def local_texts(
     path: str | os.PathLike, text_field: str = "text", max_chars: int | None = PASSAGE_CHARS
 ) -> Iterator[str]:
-    """Texts from local `.txt` files (split into passages at blank lines) and `.jsonl` files (field `text_field`)
-    or folders of them, streamed through `datasets`. `max_chars=None` yields documents / paragraphs whole. A missing
-    path, or a folder with no such files, is refused at the call, not at the first text."""
+    """Texts from local `.txt` files (split into passages at blank lines) and `.jsonl` files
+    (field `text_field`) or folders of them, streamed through `datasets`. `max_chars=None` yields
+    documents / paragraphs whole. A missing path, or a folder with no such files, is refused at the
+    call, not at the first text."""
     return _local_texts(_files(Path(path)), text_field, max_chars)
 
 
@@ -127,14 +137,16 @@ def _local_texts(files: list[Path], text_field: str, max_chars: int | None) -> I
 
     for file in files:
         if file.suffix == ".txt":
-            dataset = load_dataset("text", data_files=str(file), sample_by="document", split="train", streaming=True)
+            dataset = load_dataset("text", data_files=str(file), sample_by="document",
+                                   split="train", streaming=True)
             field = "text"
         else:
             dataset = load_dataset("json", data_files=str(file), split="train", streaming=True)
             field = text_field
         for row in dataset:
             if field not in row:
-                raise ValueError(f"{file}: expected a field {field!r} in each JSON line, found {sorted(row)}")
+                raise ValueError(f"{file}: expected a field {field!r} in each JSON line, found "
+                                 f"{sorted(row)}")
             text = row[field]
             if not isinstance(text, str) or not text.strip():
                 continue
@@ -147,15 +159,16 @@ def _local_texts(files: list[Path], text_field: str, max_chars: int | None) -> I
 def hf_dataset_texts(
     name: str, split: str = "train", text_field: str = "text", streaming: bool = True, **kwargs
 ) -> Iterator[str]:
-    """Texts of a Hugging Face dataset, streamed by default (needs the hub, or a local dataset cache). The dataset is
-    opened at the call, so an unknown or unreachable one is refused there."""
+    """Texts of a Hugging Face dataset, streamed by default (needs the hub, or a local dataset
+    cache). The dataset is opened at the call, so an unknown or unreachable one is refused there."""
     from datasets import load_dataset
 
     try:
         dataset = load_dataset(name, split=split, streaming=streaming, **kwargs)
-    except Exception as error:  # datasets raises many types (ConnectionError, HFValidationError, FileNotFoundError)
-        raise ValueError(f"cannot open the text source {name!r}: it is no local file or folder, and as a Hugging "
-                         f"Face dataset: {error_summary(error)}") from error
+    # datasets raises many types (ConnectionError, HFValidationError, FileNotFoundError)
+    except Exception as error:
+        raise ValueError(f"cannot open the text source {name!r}: it is no local file or folder, "
+                         f"and as a Hugging Face dataset: {error_summary(error)}") from error
     return _dataset_texts(dataset, text_field)
 
 
@@ -167,13 +180,14 @@ def _dataset_texts(dataset: Any, text_field: str) -> Iterator[str]:
 
 
 def text_source(spec: str | Iterable[str] | None = None, repeat: bool = False) -> Iterator[str]:
-    """Resolve a text source: None / "python-docs" (the offline default), a local path, or a hub dataset id
-    (optionally "name:split"). Iterables of strings pass through."""
+    """Resolve a text source: None / "python-docs" (the offline default), a local path, or a hub
+    dataset id (optionally "name:split"). Iterables of strings pass through."""
     if spec is None or spec == DEFAULT_CORPUS:
         return default_corpus(repeat=repeat)
     if not isinstance(spec, str):
         return iter(spec)
     if Path(spec).exists() or spec.endswith(("/", ".txt", ".jsonl", ".json")) or spec.startswith((".", "/", "~")):
-        return local_texts(Path(spec).expanduser())  # a path (a missing one is refused, not looked up on the hub)
+        # a path (a missing one is refused, not looked up on the hub)
+        return local_texts(Path(spec).expanduser())
     name, _, split = spec.partition(":")
     return hf_dataset_texts(name, split=split or "train")

@@ -1,7 +1,9 @@
-"""Looking at one feature (or one model dimension): its top-activating contexts and tokens, its effect on the next
-token when ablated, and a UMAP map of all features (upstream's `interp` module, on this toolkit's tracing door).
+"""Looking at one feature (or one model dimension): its top-activating contexts and tokens, its
+effect on the next token when ablated, and a UMAP map of all features (upstream's `interp` module,
+on this toolkit's tracing door).
 
-Inputs are left padded, so position -1 is every row's last real token; padding never counts as a context or token.
+Inputs are left padded, so position -1 is every row's last real token; padding never counts as a
+context or token.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from .tracing import read_hook_points, run
 FeatureProfile = namedtuple("featureProfile", ["top_contexts", "top_tokens", "top_affected"])
 
 
-def _through(dictionary: Dictionary, x: torch.Tensor, feature: int | None, add_residual: bool) -> torch.Tensor:
-    """x `[batch, seq, d]` replaced by the dictionary's reconstruction, with `feature` zeroed at the last position
-    (None: nothing ablated) and, with add_residual, the reconstruction error added back."""
+def _through(dictionary: Dictionary, x: torch.Tensor, feature: int | None,
+             add_residual: bool) -> torch.Tensor:
+    """x `[batch, seq, d]` replaced by the dictionary's reconstruction, with `feature` zeroed at the
+    last position (None: nothing ablated) and, with add_residual, the reconstruction error added
+    back."""
     param = next(dictionary.parameters())
     flat = x.reshape(-1, x.shape[-1]).to(param.dtype)
     reconstruction, f = dictionary(flat, output_features=True)
@@ -51,12 +55,14 @@ def feature_effect(
     k: int = 10,
     largest: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token ids `[k]`, values `[k]`): the next tokens whose log-probability at the last position drops most
-    (`largest=False`: rises most) when `feature` is zeroed there, averaged over the inputs.
+    """(token ids `[k]`, values `[k]`): the next tokens whose log-probability at the last position
+    drops most (`largest=False`: rises most) when `feature` is zeroed there, averaged over the
+    inputs.
 
-    With a dictionary, the submodule's output is replaced by its reconstruction with the feature zeroed (plus the
-    reconstruction error if add_residual; without it, the clean run goes through the dictionary too). Without one,
-    `feature` is a dimension of the output itself. inputs: texts, token ids or lists of token ids.
+    With a dictionary, the submodule's output is replaced by its reconstruction with the feature
+    zeroed (plus the reconstruction error if add_residual; without it, the clean run goes through
+    the dictionary too). Without one, `feature` is a dimension of the output itself. inputs: texts,
+    token ids or lists of token ids.
     """
     point = resolve_hook(model, submodule, "output")
     width = dictionary.dict_size if dictionary is not None else None
@@ -85,7 +91,8 @@ def feature_effect(
 
 
 def _render_contexts(tokens: list[list[str]], activations: list[torch.Tensor]) -> Any:
-    """circuitsvis's text_neuron_activations view where circuitsvis is installed, else (tokens, activations) pairs."""
+    """circuitsvis's text_neuron_activations view where circuitsvis is installed, else
+    (tokens, activations) pairs."""
     try:
         from circuitsvis.activations import text_neuron_activations
     except ImportError:
@@ -104,13 +111,15 @@ def examine_dimension(
     dim_idx: int | None = None,
     k: int = 30,
 ) -> FeatureProfile:
-    """A profile of one feature of `dictionary` (or, without one, one dimension of the submodule's output) on the
-    next `n_inputs` texts of `buffer` (an ActivationBuffer, or texts): `featureProfile(top_contexts, top_tokens,
-    top_affected)`.
+    """A profile of one feature of `dictionary` (or, without one, one dimension of the submodule's
+    output) on the next `n_inputs` texts of `buffer` (an ActivationBuffer, or texts):
+    `featureProfile(top_contexts, top_tokens, top_affected)`.
 
-    top_contexts: the k contexts ending at its strongest activations (a circuitsvis view where installed, else
-    (tokens, activations) pairs); top_tokens: the k tokens with the highest mean activation, as (token, mean);
-    top_affected: `feature_effect` on those contexts, as (token, log-probability drop). dim_idx: default random.
+    top_contexts: the k contexts ending at its strongest activations (a circuitsvis view where
+    installed, else (tokens, activations) pairs); top_tokens: the k tokens with the highest mean
+    activation, as (token, mean);
+    top_affected: `feature_effect` on those contexts, as (token, log-probability drop). dim_idx:
+    default random.
     """
     point = resolve_hook(model, submodule, "output")
     if hasattr(buffer, "tokenized_batch"):
@@ -147,7 +156,8 @@ def examine_dimension(
         context_acts.append(acts[row, first : position + 1].cpu())
     top_contexts = _render_contexts([[decode(t) for t in c] for c in contexts], context_acts)
 
-    tokens, values = feature_effect(model, submodule, dictionary, dim_idx, contexts, max_length=max_length, k=k)
+    tokens, values = feature_effect(model, submodule, dictionary, dim_idx, contexts,
+                                    max_length=max_length, k=k)
     top_affected = [(decode(int(t)), v.item()) for t, v in zip(tokens, values)]
     return FeatureProfile(top_contexts, top_tokens, top_affected)
 
@@ -161,7 +171,8 @@ def _feature_vectors(dictionary: Dictionary, weight: str) -> torch.Tensor:
         return encoder.weight
     if isinstance(getattr(dictionary, "W_enc", None), torch.Tensor):
         return dictionary.W_enc.T
-    raise TypeError(f"{type(dictionary).__name__} has neither an `encoder` Linear layer nor a `W_enc` matrix")
+    raise TypeError(f"{type(dictionary).__name__} has neither an `encoder` Linear layer nor a "
+                    "`W_enc` matrix")
 
 
 def feature_umap(
@@ -173,9 +184,9 @@ def feature_umap(
     n_components: int = 2,
     feat_idxs: int | list[int] | None = None,
 ) -> Any:
-    """A plotly scatter (3-D for n_components=3) of a UMAP embedding of the features' decoder atoms (or encoder
-    directions, weight="encoder"), hovering shows the feature index; `feat_idxs` are drawn red, the rest blue.
-    Needs the optional packages umap-learn and plotly."""
+    """A plotly scatter (3-D for n_components=3) of a UMAP embedding of the features' decoder atoms
+    (or encoder directions, weight="encoder"), hovering shows the feature index; `feat_idxs` are
+    drawn red, the rest blue. Needs the optional packages umap-learn and plotly."""
     try:
         import plotly.express as px
         import umap
@@ -188,11 +199,14 @@ def feature_umap(
         raise ValueError(f"n_components must be 2 or 3, got {n_components!r}")
     with torch.no_grad():
         vectors = _feature_vectors(dictionary, weight).detach().float().cpu().numpy()
-    reducer = umap.UMAP(n_neighbors=n_neighbors, metric=metric, min_dist=min_dist, n_components=n_components)
+    reducer = umap.UMAP(n_neighbors=n_neighbors, metric=metric, min_dist=min_dist,
+                        n_components=n_components)
     embedding = reducer.fit_transform(vectors)
     chosen = {feat_idxs} if isinstance(feat_idxs, int) else set(feat_idxs or ())
-    colors = None if feat_idxs is None else ["red" if i in chosen else "blue" for i in range(len(vectors))]
+    colors = None if feat_idxs is None else ["red" if i in chosen else "blue"
+                                             for i in range(len(vectors))]
     names = list(range(len(vectors)))
     if n_components == 2:
         return px.scatter(x=embedding[:, 0], y=embedding[:, 1], hover_name=names, color=colors)
-    return px.scatter_3d(x=embedding[:, 0], y=embedding[:, 1], z=embedding[:, 2], hover_name=names, color=colors)
+    return px.scatter_3d(x=embedding[:, 0], y=embedding[:, 1], z=embedding[:, 2], hover_name=names,
+                         color=colors)

@@ -115,7 +115,8 @@ class ActivationBuffer(NNsightBuffer):
     io_modes = ("in", "out")
     reader = staticmethod(collect)
 
-    @takes_settings((*UPSTREAM_SIZES, *UPSTREAM_FILTERS), ("tokenizer", "dtype", "seed", "progress"))
+    @takes_settings((*UPSTREAM_SIZES, *UPSTREAM_FILTERS),
+                    ("tokenizer", "dtype", "seed", "progress"))
     def __init__(self, data: Iterable[str], model: nn.Module, submodule: nn.Module | str,
                  d_submodule: int | None = None, io: str = "out", *, settings: BufferSettings):
         if io not in self.io_modes:

@@ -1,8 +1,9 @@
-"""Sparse kernels of the TopK training path: a sparse code (`SparseCode`), `gather_linear` (a linear map evaluated
-only at chosen (row, latent) pairs, whose backward costs O(active * d_in) instead of a dense GEMM) and `sparse_decode`
-(`F.embedding_bag` over the active decoder rows, with a sparse-dense product as the table's gradient). Each is an
-autograd function with a hand-written backward, tested against float64 autograd and `torch.autograd.gradcheck`.
-`bench/bench_topk.py` measures them against the dense path.
+"""Sparse kernels of the TopK training path: a sparse code (`SparseCode`), `gather_linear` (a linear
+map evaluated only at chosen (row, latent) pairs, whose backward costs O(active * d_in) instead of a
+dense GEMM) and `sparse_decode` (`F.embedding_bag` over the active decoder rows, with a sparse-dense
+product as the table's gradient). Each is an autograd function with a hand-written backward, tested
+against float64 autograd and `torch.autograd.gradcheck`. `bench/bench_topk.py` measures them against
+the dense path.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import torch.nn.functional as F
 
 
 class _GatherLinear(torch.autograd.Function):
-    """values[n] = x[rows[n]] . weight[cols[n]] + bias[cols[n]], given the values already computed densely.
+    """values[n] = x[rows[n]] . weight[cols[n]] + bias[cols[n]], given the values already computed
+    densely.
 
-    Backward without dense [batch, d_sae] work: grad_bias by index_add, grad_weight as a sparse-dense product
-    with one non-zero per (row, col) pair, grad_x by embedding_bag over the chosen weight rows.
+    Backward without dense [batch, d_sae] work: grad_bias by index_add, grad_weight as a
+    sparse-dense product with one non-zero per (row, col) pair, grad_x by embedding_bag over the
+    chosen weight rows.
     """
 
     @staticmethod
@@ -38,14 +41,16 @@ class _GatherLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_weight = sparse_transpose_matmul(cols, rows, grad_values, x, weight.shape[0])
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = torch.zeros(weight.shape[0], dtype=grad_values.dtype, device=grad_values.device)
+            grad_bias = torch.zeros(weight.shape[0], dtype=grad_values.dtype,
+                                    device=grad_values.device)
             grad_bias.index_add_(0, cols, grad_values)
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
 def sparse_transpose_matmul(out_rows: torch.Tensor, in_rows: torch.Tensor, values: torch.Tensor,
                             x: torch.Tensor, n_out: int) -> torch.Tensor:
-    """S @ x for a sparse S[n_out, len(x)] with S[out_rows[i], in_rows[i]] = values[i] (duplicates add up)."""
+    """S @ x for a sparse S[n_out, len(x)] with S[out_rows[i], in_rows[i]] = values[i] (duplicates
+    add up)."""
     if values.numel() == 0:
         return torch.zeros(n_out, x.shape[1], dtype=x.dtype, device=x.device)
     sparse = torch.sparse_coo_tensor(torch.stack([out_rows, in_rows]), values, (n_out, x.shape[0]),
@@ -54,20 +59,22 @@ def sparse_transpose_matmul(out_rows: torch.Tensor, in_rows: torch.Tensor, value
 
 
 def fast_matmul_dtype(device: str | torch.device = "cpu") -> torch.dtype:
-    """bfloat16 where the hardware multiplies it fast (GPUs; CPUs with AVX-512 BF16 or AMX), else float32 (on other
-    CPUs bfloat16 is emulated and slower than float32)."""
+    """bfloat16 where the hardware multiplies it fast (GPUs; CPUs with AVX-512 BF16 or AMX), else
+    float32 (on other CPUs bfloat16 is emulated and slower than float32)."""
     if torch.device(device).type == "cuda":
         return torch.bfloat16
     cpu = getattr(torch, "cpu", None)
-    fast = any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    fast = any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                "_is_amx_tile_supported"))
     return torch.bfloat16 if fast else torch.float32
 
 
 @torch.no_grad()
-def sampled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
-                   cols: torch.Tensor) -> torch.Tensor:
-    """`(x @ weight.T + bias)[rows, cols]`, `[n]`, in x's dtype, without the dense product: a sampled dense-dense
-    product over the (row, col) pairs (`torch.sparse.sampled_addmm`, work n * d_in)."""
+def sampled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """`(x @ weight.T + bias)[rows, cols]`, `[n]`, in x's dtype, without the dense product: a
+    sampled dense-dense product over the (row, col) pairs (`torch.sparse.sampled_addmm`, work n *
+    d_in)."""
     n_rows, n_cols = x.shape[0], weight.shape[0]
     order = (rows * n_cols + cols).argsort()  # CSR: rows ascending, columns ascending within a row
     counts = torch.bincount(rows, minlength=n_rows)
@@ -76,16 +83,18 @@ def sampled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     values = torch.empty(len(cols), dtype=x.dtype, device=x.device)
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(row_starts, cols[order], torch.zeros_like(values), size=(n_rows, n_cols),
-                                          check_invariants=False)
+        pattern = torch.sparse_csr_tensor(row_starts, cols[order], torch.zeros_like(values),
+                                          size=(n_rows, n_cols), check_invariants=False)
         values[order] = torch.sparse.sampled_addmm(pattern, x, weight.t()).values()
     return values + bias[cols].to(x.dtype) if bias is not None else values
 
 
-def gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
-                  cols: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
-    """`(x @ weight.T + bias)[rows, cols]` with a sparse backward. Pass `values` if already computed (no grad);
-    values of a lower precision than x (a bfloat16 encoder GEMM's) are recomputed exactly in x's dtype."""
+def gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  rows: torch.Tensor, cols: torch.Tensor,
+                  values: torch.Tensor | None = None) -> torch.Tensor:
+    """`(x @ weight.T + bias)[rows, cols]` with a sparse backward. Pass `values` if already computed
+    (no grad); values of a lower precision than x (a bfloat16 encoder GEMM's) are recomputed exactly
+    in x's dtype."""
     if values is not None and values.dtype != x.dtype:
         values = sampled_linear(x, weight, bias, rows, cols)
     if values is None:
@@ -95,7 +104,8 @@ def gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 class SparseCode(NamedTuple):
-    """A sparse code: `values[i]` of latent `cols[i]` in row `rows[i]`, grouped by row (rows ascending)."""
+    """A sparse code: `values[i]` of latent `cols[i]` in row `rows[i]`, grouped by row
+    (rows ascending)."""
 
     values: torch.Tensor  # [n_active]
     rows: torch.Tensor  # [n_active]
@@ -109,13 +119,15 @@ class SparseCode(NamedTuple):
         return torch.cumsum(counts, 0) - counts
 
     def to_dense(self, dict_size: int) -> torch.Tensor:
-        dense = torch.zeros(self.n_rows, dict_size, dtype=self.values.dtype, device=self.values.device)
+        dense = torch.zeros(self.n_rows, dict_size, dtype=self.values.dtype,
+                            device=self.values.device)
         return dense.index_put_((self.rows, self.cols), self.values, accumulate=True)
 
 
 class _SparseDecode(torch.autograd.Function):
-    """out[r] = sum_i values[i] * table[cols[i]] over row r's entries (embedding_bag), with a sparse backward:
-    grad_table as a sparse-dense product (autograd's embedding_bag weight backward is ~4x slower on CPU)."""
+    """out[r] = sum_i values[i] * table[cols[i]] over row r's entries (embedding_bag), with a sparse
+    backward: grad_table as a sparse-dense product (autograd's embedding_bag weight backward is ~4x
+    slower on CPU)."""
 
     @staticmethod
     def forward(ctx, values, table, rows, cols, offsets):
@@ -127,9 +139,11 @@ class _SparseDecode(torch.autograd.Function):
         values, table, rows, cols, offsets = ctx.saved_tensors
         grad_values = grad_table = None
         if ctx.needs_input_grad[0]:
-            with torch.enable_grad():  # embedding_bag's own per-sample-weight backward is the fast path
+            # embedding_bag's own per-sample-weight backward is the fast path
+            with torch.enable_grad():
                 weights = values.detach().requires_grad_()
-                out = F.embedding_bag(cols, table.detach(), offsets, mode="sum", per_sample_weights=weights)
+                out = F.embedding_bag(cols, table.detach(), offsets, mode="sum",
+                                      per_sample_weights=weights)
                 (grad_values,) = torch.autograd.grad(out, weights, grad_out)
         if ctx.needs_input_grad[1]:
             grad_table = sparse_transpose_matmul(cols, rows, values, grad_out, table.shape[0])
@@ -137,9 +151,12 @@ class _SparseDecode(torch.autograd.Function):
 
 
 def sparse_decode(code: SparseCode, decoder_weight: torch.Tensor) -> torch.Tensor:
-    """W_dec @ f for a sparse code f, without the bias: `[n_rows, d_out]`. decoder_weight: [d_out, d_sae]."""
+    """W_dec @ f for a sparse code f, without the bias: `[n_rows, d_out]`. decoder_weight:
+    [d_out, d_sae]."""
     if code.cols.numel() == 0:
         return torch.zeros(code.n_rows, decoder_weight.shape[0], dtype=decoder_weight.dtype,
                            device=decoder_weight.device)
-    table = decoder_weight.t().contiguous()  # [d_sae, d_out]: embedding_bag is ~10x slower on a transposed view
-    return _SparseDecode.apply(code.values.to(table.dtype), table, code.rows, code.cols, code.offsets)
+    # [d_sae, d_out]: embedding_bag is ~10x slower on a transposed view
+    table = decoder_weight.t().contiguous()
+    return _SparseDecode.apply(code.values.to(table.dtype), table, code.rows, code.cols,
+                               code.offsets)

@@ -39,8 +39,8 @@ def tokenize(tokenizer: Any, texts: list[str], ctx_len: int, add_special_tokens:
 
 
 def model_inputs(encoding: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Trace inputs for a left-padded batch: positions count real tokens only, so a padded text gets the positions
-    it has unpadded (which matters for learned position embeddings)."""
+    """Trace inputs for a left-padded batch: positions count real tokens only, so a padded text gets
+    the positions it has unpadded (which matters for learned position embeddings)."""
     attention_mask = encoding["attention_mask"]
     return {
         "input_ids": encoding["input_ids"],
@@ -57,8 +57,9 @@ def drop_first_tokens(mask: torch.Tensor) -> torch.Tensor:
 
 
 def token_mask(encoding: dict[str, torch.Tensor], remove_bos: bool = False) -> torch.Tensor:
-    """`[batch, seq]` bool: the real tokens, minus each context's first one with `remove_bos` (the BOS where the
-    tokenizer adds one; otherwise the first token, which models without BOS treat as an attention sink)."""
+    """`[batch, seq]` bool: the real tokens, minus each context's first one with `remove_bos` (the
+    BOS where the tokenizer adds one; otherwise the first token, which models without BOS treat as
+    an attention sink)."""
     mask = encoding["attention_mask"].bool()
     return drop_first_tokens(mask) if remove_bos else mask
 
@@ -103,12 +104,14 @@ def masked_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, attentio
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token next-token CE `[batch, seq-1]` and the mask of real (context, target) pairs."""
     ids, attention = input_ids.to(logits.device), attention_mask.to(logits.device)
-    ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(),
+                         reduction="none")
     return ce.view(ids.shape[0], -1), attention[:, 1:].bool() & attention[:, :-1].bool()
 
 
 def next_token_kl(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(clean || other) of the next-token distributions `[batch, seq]` (differentiable in `other`)."""
+    """Per-token KL(clean || other) of the next-token distributions `[batch, seq]` (differentiable
+    in `other`)."""
     clean_logp, other_logp = clean_logits.float().log_softmax(-1), other_logits.float().log_softmax(-1)
     return (clean_logp.exp() * (clean_logp - other_logp)).sum(-1)
 
@@ -121,7 +124,8 @@ def read_value(value: Any) -> torch.Tensor:
 
 
 def hook_value(model: Any, point: HookPoint) -> Any:
-    """Inside a trace: the hook point's module input or output as nnsight gives it (tuples included)."""
+    """Inside a trace: the hook point's module input or output as nnsight gives it
+    (tuples included)."""
     envoy = model.get(point.path)
     return envoy.input if point.io == "input" else envoy.output
 
@@ -132,8 +136,8 @@ def read(model: Any, point: HookPoint) -> torch.Tensor:
 
 
 def write(model: Any, point: HookPoint, old: Any, new: torch.Tensor) -> None:
-    """Inside a trace: replace the hook point's value by `new`; of a tuple value (read before as `old`), only
-    element 0 is replaced."""
+    """Inside a trace: replace the hook point's value by `new`; of a tuple value (read before
+    as `old`), only element 0 is replaced."""
     envoy = model.get(point.path)
     value = (new, *old[1:]) if isinstance(old, tuple) else new
     if point.io == "input":
@@ -143,8 +147,8 @@ def write(model: Any, point: HookPoint, old: Any, new: torch.Tensor) -> None:
 
 
 def logits_or_stop(model: Any, tracer: Any, logits: bool) -> Any:
-    """Inside a trace, after the last hook point it needs: the saved logits, or (logits=False) stop the model
-    there and return None."""
+    """Inside a trace, after the last hook point it needs: the saved logits, or (logits=False) stop
+    the model there and return None."""
     if logits:
         return model.output.logits.save()
     tracer.stop()
@@ -235,8 +239,9 @@ def _visit(model: Any, step: tuple, seen: dict[tuple[str, str], torch.Tensor], s
 
 def read_hook_points(model: Any, encoding: dict[str, torch.Tensor], points: Sequence[HookPoint],
                      remote: bool = False) -> list[torch.Tensor]:
-    """The values `[batch, seq, d]` at `points` (in the order given) from one trace over `encoding`, which stops
-    right after the last of them. `remote=True` runs the trace on NDIF through nnsight's remote execution."""
+    """The values `[batch, seq, d]` at `points` (in the order given) from one trace over `encoding`,
+    which stops right after the last of them. `remote=True` runs the trace on NDIF through nnsight's
+    remote execution."""
     return run(model, encoding, read=points, logits=False, remote=remote).values
 
 
@@ -249,9 +254,9 @@ def collect(model: Any, encoding: dict[str, torch.Tensor], points: Sequence[Hook
 
 
 def release_traces() -> None:
-    """Free finished traces now. A finished nnsight trace is garbage in reference cycles that still hold every value
-    it saved; Python's cycle collector runs by object counts, not bytes, so a buffer over many hook points grew by
-    gigabytes per refill until it ran out of memory (30 SmolLM2 MLP pairs: 24 GB in 300 steps). The traces' objects
-    are young: collecting the young generations frees them in ~0.1 ms (a full collection takes ~200 ms with
-    transformers loaded)."""
+    """Free finished traces now. A finished nnsight trace is garbage in reference cycles that still
+    hold every value it saved; Python's cycle collector runs by object counts, not bytes, so a
+    buffer over many hook points grew by gigabytes per refill until it ran out of memory (30 SmolLM2
+    MLP pairs: 24 GB in 300 steps). The traces' objects are young: collecting the young generations
+    frees them in ~0.1 ms (a full collection takes ~200 ms with transformers loaded)."""
     gc.collect(1)

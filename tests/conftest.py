@@ -9,8 +9,9 @@ import torch  # noqa: E402
 
 from dictionary_learning import load_model  # noqa: E402
 
-# DL_TEST_DEVICE=cuda python -m pytest: the models of the fixtures below (tiny ones and SmolLM2) load on that device,
-# and tests that create dictionaries or tensors of their own ask the `device` fixture where to put them
+# DL_TEST_DEVICE=cuda python -m pytest: the models of the fixtures below (tiny ones and SmolLM2)
+# load on that device, and tests that create dictionaries or tensors of their own ask the `device`
+# fixture where to put them
 DEVICE = os.environ.get("DL_TEST_DEVICE", "cpu")
 
 
@@ -46,6 +47,6 @@ def smollm2():
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2"])
 def eager_model(request):
-    """A tiny model whose attention modules return their patterns (as SCAE needs); one per test module, since
-    SCAE fine-tuning freezes the model's parameters."""
+    """A tiny model whose attention modules return their patterns (as SCAE needs); one per test
+    module, since SCAE fine-tuning freezes the model's parameters."""
     return load_model(request.param, device=DEVICE, attn_implementation="eager")

@@ -1,9 +1,11 @@
-"""A two-trainer trainSAE run that training/test_crash.py kills: `python tests/crash_child.py SAVE_DIR MODE ARG`.
+"""A two-trainer trainSAE run that training/test_crash.py kills: `python tests/crash_child.py
+SAVE_DIR MODE ARG`.
 
-MODE "sleep": each batch takes ARG extra seconds (the parent sends SIGKILL at a random moment);
-MODE "rename": the process kills itself with SIGKILL at its ARG-th file rename, after the temporary file is complete
-and before it takes its final name (checkpoints, intermediate saves, the final folders' files alike).
-The run itself is `run(save_dir)`, which the parent also calls to train the uninterrupted reference and to resume.
+MODE "sleep": each batch takes ARG extra seconds (the parent sends SIGKILL at a random moment); MODE
+"rename": the process kills itself with SIGKILL at its ARG-th file rename, after the temporary file
+is complete and before it takes its final name (checkpoints, intermediate saves, the final folders'
+files alike). The run itself is `run(save_dir)`, which the parent also calls to train the
+uninterrupted reference and to resume.
 """
 
 import os
@@ -25,8 +27,10 @@ STEPS, D, N_TRUE, K = 48, 16, 64, 3
 
 
 def configs():
-    base = dict(activation_dim=D, dict_size=2 * N_TRUE, k=K, lr=2e-3, steps=STEPS, warmup_steps=5, seed=0)
-    return [dict(trainer=TopKTrainer, dict_class=AutoEncoderTopK, dead_feature_threshold=2_000, **base),
+    base = dict(activation_dim=D, dict_size=2 * N_TRUE, k=K, lr=2e-3, steps=STEPS, warmup_steps=5,
+                seed=0)
+    return [dict(trainer=TopKTrainer, dict_class=AutoEncoderTopK, dead_feature_threshold=2_000,
+                 **base),
             dict(trainer=BatchTopKTrainer, dict_class=BatchTopKSAE, **{**base, "seed": 1})]
 
 
@@ -40,8 +44,9 @@ def run(save_dir, resume=False, delay=0.0):
             yield batch
 
     torch.set_num_threads(1)  # bit-identical results need the same thread count in every run
-    return trainSAE(stream(), configs(), STEPS, save_dir=save_dir, checkpoint_steps=5, save_steps=[12, 30],
-                    normalize_activations=True, resume=resume, progress=False, keep_checkpoint=True)
+    return trainSAE(stream(), configs(), STEPS, save_dir=save_dir, checkpoint_steps=5,
+                    save_steps=[12, 30], normalize_activations=True, resume=resume, progress=False,
+                    keep_checkpoint=True)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
-"""One rank of the torch.distributed tests (tests/training/test_distributed.py), launched by torchrun:
+"""One rank of the torch.distributed tests (tests/training/test_distributed.py), launched by
+torchrun:
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_child.py MODE SAVE_DIR STEPS \
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_child.py MODE
+        SAVE_DIR STEPS \
         [resume]
 
-MODE "data": this rank trains every trainer on its share of each global batch (rows rank*B .. (rank+1)*B);
-"trainers": this rank trains its share of the trainers on every global batch; "data-other": as "data", with the
-other trainers (`other_configs`). The data and configs are defined here
-so that the test can train one process on the same global batches."""
+MODE "data": this rank trains every trainer on its share of each global batch (rows rank*B
+.. (rank+1)*B); "trainers": this rank trains its share of the trainers on every global batch;
+"data-other": as "data", with the other trainers (`other_configs`). The data and configs are defined
+here so that the test can train one process on the same global batches."""
 
 import sys
 
@@ -39,18 +41,21 @@ def configs() -> list[dict]:
     from dictionary_learning.trainers import StandardTrainer, TopKTrainer
 
     common = dict(activation_dim=D, steps=STEPS, device="cpu")
-    return [  # AuxK (dead latents after 128 tokens) and the inference threshold (from step 2) take part
-        dict(common, trainer=TopKTrainer, dict_size=64, k=3, warmup_steps=2, seed=1, submodule_name="a",
-             dead_feature_threshold=128, threshold_start_step=2, lr=3e-3),
+    # AuxK (dead latents after 128 tokens) and the inference threshold (from step 2) take part
+    return [
+        dict(common, trainer=TopKTrainer, dict_size=64, k=3, warmup_steps=2, seed=1,
+             submodule_name="a", dead_feature_threshold=128, threshold_start_step=2, lr=3e-3),
         dict(common, trainer=StandardTrainer, dict_size=48, l1_penalty=0.05, warmup_steps=2,
              sparsity_warmup_steps=4, seed=2, submodule_name="a", dead_feature_threshold=200),
-        dict(common, trainer=TopKTrainer, dict_size=64, k=4, warmup_steps=2, seed=3, submodule_name="t",
-             transcoder=True, dead_feature_threshold=128, threshold_start_step=2, lr=3e-3),
+        dict(common, trainer=TopKTrainer, dict_size=64, k=4, warmup_steps=2, seed=3,
+             submodule_name="t", transcoder=True, dead_feature_threshold=128,
+             threshold_start_step=2, lr=3e-3),
     ]
 
 
 def other_configs() -> list[dict]:
-    """JumpReLU (exact under data parallelism), and BatchTopK / Matryoshka (their batch top-k is per rank)."""
+    """JumpReLU (exact under data parallelism), and BatchTopK / Matryoshka (their batch top-k is per
+    rank)."""
     from dictionary_learning.trainers import (
         BatchTopKTrainer,
         JumpReluTrainer,
@@ -59,12 +64,13 @@ def other_configs() -> list[dict]:
 
     common = dict(activation_dim=D, steps=STEPS, device="cpu", submodule_name="a", warmup_steps=2)
     return [
-        dict(common, trainer=JumpReluTrainer, dict_size=48, lr=3e-3, sparsity_warmup_steps=4, target_l0=4.0,
-             seed=4),
-        dict(common, trainer=BatchTopKTrainer, dict_size=64, k=3, seed=5, dead_feature_threshold=128,
+        dict(common, trainer=JumpReluTrainer, dict_size=48, lr=3e-3, sparsity_warmup_steps=4,
+             target_l0=4.0, seed=4),
+        dict(common, trainer=BatchTopKTrainer, dict_size=64, k=3, seed=5,
+             dead_feature_threshold=128, threshold_start_step=2, lr=3e-3),
+        dict(common, trainer=MatryoshkaBatchTopKTrainer, dict_size=64, k=3,
+             group_fractions=[0.25, 0.75], seed=6, dead_feature_threshold=128,
              threshold_start_step=2, lr=3e-3),
-        dict(common, trainer=MatryoshkaBatchTopKTrainer, dict_size=64, k=3, group_fractions=[0.25, 0.75],
-             seed=6, dead_feature_threshold=128, threshold_start_step=2, lr=3e-3),
     ]
 
 
@@ -76,21 +82,23 @@ def main() -> None:
     rank, world_size = init_distributed()
     batches = global_batches()
     trainer_configs = other_configs() if mode == "data-other" else configs()
-    if mode == "data-mismatch" and rank == 1:  # this rank was given another lr: the run must refuse to start
+    # this rank was given another lr: the run must refuse to start
+    if mode == "data-mismatch" and rank == 1:
         trainer_configs[0]["lr"] = 1e-2
     mode = mode.removesuffix("-other").removesuffix("-mismatch")
     if mode == "data":
         batches = [share(batch, rank, world_size) for batch in batches]
-    trainers = trainSAE(iter(batches), trainer_configs, steps, save_dir=save_dir, normalize_activations="unit",
-                        normalization_batches=2, checkpoint_steps=3, resume=resume, distributed=mode,
-                        progress=False, keep_checkpoint=True)
+    trainers = trainSAE(iter(batches), trainer_configs, steps, save_dir=save_dir,
+                        normalize_activations="unit", normalization_batches=2, checkpoint_steps=3,
+                        resume=resume, distributed=mode, progress=False, keep_checkpoint=True)
     if mode == "data":  # every rank ends with the same weights (thresholds included)
         for trainer in trainers:
             for value in trainer.ae.state_dict().values():
                 reference = value.clone()
                 torch.distributed.broadcast(reference, src=0)
                 assert torch.equal(reference, value), "ranks diverged"
-    exit_distributed()  # not a plain return: gloo sometimes aborts a finished process at interpreter exit
+    # not a plain return: gloo sometimes aborts a finished process at interpreter exit
+    exit_distributed()
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ import torch
 
 
 class RunsCode:
-    """A pickle payload: unpickling it without weights_only would create the file `marker` (the tests check that
-    it never appears)."""
+    """A pickle payload: unpickling it without weights_only would create the file `marker` (the
+    tests check that it never appears)."""
 
     def __init__(self, marker):
         self.marker = marker
@@ -19,18 +19,20 @@ class RunsCode:
 
 
 def missing_peer(venv: str, why: str = "not built") -> None:
-    """Skip a `peers` test whose peer venv is missing, saying how to build it; under DL_REQUIRE_PEERS=1 (CI, which
-    builds every venv) fail instead, so a broken peer set-up cannot pass as skipped tests."""
-    message = (f"the {venv} peer venv is {why}: `bash bench/setup_peers.sh {venv}` builds it (a few minutes and "
-               f"~1.5 GB each; `bash bench/setup_peers.sh` builds all four)")
+    """Skip a `peers` test whose peer venv is missing, saying how to build it; under
+    DL_REQUIRE_PEERS=1 (CI, which builds every venv) fail instead, so a broken peer set-up cannot
+    pass as skipped tests."""
+    message = (f"the {venv} peer venv is {why}: `bash bench/setup_peers.sh {venv}` builds it (a "
+               "few minutes and ~1.5 GB each; `bash bench/setup_peers.sh` builds all four)")
     if os.environ.get("DL_REQUIRE_PEERS") == "1":
         pytest.fail(message)
     pytest.skip(message)
 
 
 WORDS = (
-    "the a river stone light house quietly ran over under green old new city song letter morning winter "
-    "bright sudden garden paper window friend table and but because when then clock silver mountain"
+    "the a river stone light house quietly ran over under green old new city song letter morning "
+    "winter bright sudden garden paper window friend table and but because when then clock silver "
+    "mountain"
 ).split()
 
 
@@ -46,7 +48,8 @@ def random_texts(n: int, seed: int = 0, min_words: int = 2, max_words: int = 60)
 
 
 def hook_reference(model, texts, points, ctx_len, drop_first=False):
-    """Activations at `points` recorded by plain PyTorch forward hooks, running each text alone (no padding).
+    """Activations at `points` recorded by plain PyTorch forward hooks, running each text alone
+    (no padding).
 
     Returns one `[n_tokens, d]` tensor per point; `drop_first` drops each text's first token.
     """
@@ -70,7 +73,8 @@ def hook_reference(model, texts, points, ctx_len, drop_first=False):
     try:
         with torch.no_grad():
             for text in texts:
-                ids = tokenizer(text, truncation=True, max_length=ctx_len, return_tensors="pt")["input_ids"]
+                ids = tokenizer(text, truncation=True, max_length=ctx_len,
+                                return_tensors="pt")["input_ids"]
                 torch_model(ids)
                 for i in range(len(points)):
                     rows[i].append(current[i][0, 1:] if drop_first else current[i][0])
@@ -104,15 +108,18 @@ def planted_codes(n_tokens, n_features, k_active, generator):
 
 
 def planted_stream(features_in, k_active, batch, n_batches, seed, features_out=None, noise=0.01):
-    """Batches x = codes @ features_in + noise, or (x, y) pairs with y = codes @ features_out when given."""
+    """Batches x = codes @ features_in + noise, or (x, y) pairs with y = codes @ features_out when
+    given."""
     generator = torch.Generator().manual_seed(seed)
     for _ in range(n_batches):
         codes = planted_codes(batch, features_in.shape[0], k_active, generator)
-        x = codes @ features_in + noise * torch.randn(batch, features_in.shape[1], generator=generator)
+        x = codes @ features_in + noise * torch.randn(batch, features_in.shape[1],
+                                                      generator=generator)
         if features_out is None:
             yield x
         else:
-            yield x, codes @ features_out + noise * torch.randn(batch, features_out.shape[1], generator=generator)
+            yield x, codes @ features_out + noise * torch.randn(batch, features_out.shape[1],
+                                                                generator=generator)
 
 
 def fraction_recovered(features, decoder_weight, threshold=0.9):
@@ -125,7 +132,8 @@ CTX = 24  # context length of the SCAE tests
 
 
 def make_suite(model, n_layer=3, seed=0):
-    """A random SCAE suite on the first `n_layer` layers with non-zero biases, so every bias path is exercised."""
+    """A random SCAE suite on the first `n_layer` layers with non-zero biases, so every bias path is
+    exercised."""
     from dictionary_learning.scae import SCAESuite
 
     suite = SCAESuite.random(model, dict_size=96, k=8, n_layer=n_layer, seed=seed)
@@ -133,5 +141,6 @@ def make_suite(model, n_layer=3, seed=0):
     with torch.no_grad():
         for module in suite.dictionaries.values():
             module.b_dec.copy_(0.1 * torch.randn(module.b_dec.shape, generator=generator))
-            module.encoder.bias.copy_(0.1 * torch.randn(module.encoder.bias.shape, generator=generator))
+            module.encoder.bias.copy_(0.1 * torch.randn(module.encoder.bias.shape,
+                                                        generator=generator))
     return suite

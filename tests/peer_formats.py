@@ -1,16 +1,19 @@
-"""Run inside a peer's venv (built by bench/setup_peers.sh) by tests/formats/test_formats_peers.py; imports only
-the peer.
+"""Run inside a peer's venv (built by bench/setup_peers.sh) by tests/formats/test_formats_peers.py;
+imports only the peer.
 
     python peer_formats.py JOBS.json
 
-JOBS.json lists jobs `{"action", "peer", "folder", "io", "kind"}`, all run in this one process (the peers take
-seconds to import):
-    load   the peer's own loader reads `folder`; its features and outputs on the io file's "x" are written to
+JOBS.json lists jobs `{"action", "peer", "folder", "io", "kind"}`, all run in this one process (the
+peers take seconds to import):
+    load   the peer's own loader reads `folder`; its features and outputs on the io file's "x" are
+           written to
            `io` with .out.safetensors in place of .safetensors
-    write  the peer builds a random dictionary of `kind`, saves it at `folder` with its own writer, and writes its
+    write  the peer builds a random dictionary of `kind`, saves it at `folder` with its own writer,
+           and writes its
            outputs likewise
 
-Peers: saelens, sparsify, circuit-tracer (whose folder is a transcoder set, and whose io file holds "x_{layer}").
+Peers: saelens, sparsify, circuit-tracer (whose folder is a transcoder set, and whose io file holds
+"x_{layer}").
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> None:
             parameter.copy_(values.to(parameter.dtype))
 
 
-# SAELens ---------------------------------------------------------------------------------------------------------
+# SAELens ------------------------------------------------------------------------------------------
 def saelens_outputs(sae, x: torch.Tensor) -> dict[str, torch.Tensor]:
     sae.eval()
     with torch.no_grad():
@@ -44,16 +47,18 @@ def saelens_load(folder: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
     from sae_lens import SAE
 
     sae = SAE.load_from_disk(folder, device="cpu")
-    return {**saelens_outputs(sae, x), "architecture": torch.tensor(list(sae.cfg.architecture().encode()))}
+    return {**saelens_outputs(sae, x),
+            "architecture": torch.tensor(list(sae.cfg.architecture().encode()))}
 
 
 def saelens_write(folder: str, kind: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
     from sae_lens import SAE
 
     d_in, d_sae = x.shape[1], 48
-    config = {"architecture": kind, "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
-              "apply_b_dec_to_input": "transcoder" not in kind, "normalize_activations": "none",
-              "metadata": {"model_name": "tiny-llama", "hook_name": "model.layers.1.post_attention_layernorm",
+    config = {"architecture": kind, "d_in": d_in, "d_sae": d_sae, "dtype": "float32",
+              "device": "cpu", "apply_b_dec_to_input": "transcoder" not in kind,
+              "normalize_activations": "none", "metadata": {"model_name": "tiny-llama",
+                           "hook_name": "model.layers.1.post_attention_layernorm",
                            "hook_name_out": "model.layers.1.mlp"}}
     if kind == "topk":
         config["k"] = 5
@@ -65,7 +70,7 @@ def saelens_write(folder: str, kind: str, x: torch.Tensor) -> dict[str, torch.Te
     return saelens_outputs(sae, x)
 
 
-# sparsify --------------------------------------------------------------------------------------------------------
+# sparsify -----------------------------------------------------------------------------------------
 def sparsify_outputs(coder, x: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         top_acts, top_indices, _ = coder.encode(x)
@@ -82,7 +87,8 @@ def sparsify_load(folder: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
 def sparsify_write(folder: str, kind: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
     from sparsify import SparseCoder, SparseCoderConfig
 
-    config = SparseCoderConfig(num_latents=48, k=5, transcode=kind in ("transcoder", "skip_transcoder"),
+    config = SparseCoderConfig(num_latents=48, k=5,
+                               transcode=kind in ("transcoder", "skip_transcoder"),
                                skip_connection=kind == "skip_transcoder")
     coder = SparseCoder(x.shape[1], config, device="cpu", dtype=torch.float32)
     randomize(coder)
@@ -90,7 +96,7 @@ def sparsify_write(folder: str, kind: str, x: torch.Tensor) -> dict[str, torch.T
     return sparsify_outputs(coder, x)
 
 
-# circuit-tracer --------------------------------------------------------------------------------------------------
+# circuit-tracer -----------------------------------------------------------------------------------
 def circuit_tracer_outputs(transcoders, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     results = {}
     with torch.no_grad():
@@ -105,13 +111,15 @@ def circuit_tracer_outputs(transcoders, inputs: dict[str, torch.Tensor]) -> dict
 def circuit_tracer_load(folder: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from circuit_tracer.utils.caching import load_transcoders_from_cache
 
-    loaded = load_transcoders_from_cache(str(Path(folder).resolve()), dtype=torch.float32, device=torch.device("cpu"),
-                                         lazy_encoder=False, lazy_decoder=False)
+    loaded = load_transcoders_from_cache(str(Path(folder).resolve()), dtype=torch.float32,
+                                         device=torch.device("cpu"), lazy_encoder=False,
+                                         lazy_decoder=False)
     transcoders = loaded[0] if isinstance(loaded, tuple) else loaded
     return circuit_tracer_outputs(transcoders, inputs)
 
 
-def circuit_tracer_write(folder: str, kind: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def circuit_tracer_write(folder: str, kind: str,
+                         inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     import torch.nn.functional as F
     from circuit_tracer.transcoder.activation_functions import JumpReLU
     from circuit_tracer.transcoder.single_layer_transcoder import (
@@ -123,7 +131,8 @@ def circuit_tracer_write(folder: str, kind: str, inputs: dict[str, torch.Tensor]
     transcoders = {}
     for layer in range(layers):
         activation = JumpReLU(torch.zeros(48), 0.1) if kind.startswith("jumprelu") else F.relu
-        transcoder = SingleLayerTranscoder(d_model, 48, activation, layer, skip_connection=kind.endswith("skip"),
+        transcoder = SingleLayerTranscoder(d_model, 48, activation, layer,
+                                           skip_connection=kind.endswith("skip"),
                                            device=torch.device("cpu"), dtype=torch.float32)
         randomize(transcoder, seed=layer)
         transcoders[layer] = transcoder

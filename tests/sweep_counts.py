@@ -2,13 +2,14 @@
 
     python tests/sweep_counts.py [--sweep inputs|surfaces] [--verbose]
 
-`inputs` is tests/reliability/test_sweep.py (bad input to every entry point), `surfaces` its neighbour
-test_sweep_surfaces.py (formats, cache, SCAE, numerics, locks, bounds). Each case is classified as clear (the
-expected error type with a message naming what was expected and what came, or the expected warning), correct (a case
-expecting a correct result got it), confusing (another error, or a message that does not say it), silent (no error
-or warning, or a wrong result), hang (over 60 s) or unsafe (a crafted file ran code, or a file appeared outside the
-case's folder). Run it against an older checkout (PYTHONPATH pointing at it) to measure what changed: the issue's
-before / after counts.
+`inputs` is tests/reliability/test_sweep.py (bad input to every entry point), `surfaces` its
+neighbour test_sweep_surfaces.py (formats, cache, SCAE, numerics, locks, bounds). Each case is
+classified as clear (the expected error type with a message naming what was expected and what came,
+or the expected warning), correct (a case expecting a correct result got it), confusing (another
+error, or a message that does not say it), silent (no error or warning, or a wrong result), hang
+(over 60 s) or unsafe (a crafted file ran code, or a file appeared outside the case's folder). Run
+it against an older checkout (PYTHONPATH pointing at it) to measure what changed: the issue's before
+/ after counts.
 """
 
 import argparse
@@ -19,7 +20,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: an older checkout wins
+# after PYTHONPATH: an older checkout wins
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 
 class Hang(Exception):
@@ -59,14 +61,17 @@ def classify(case, env, tmp):
                 return "silent", f"wrong result: {str(caught[0])[:160]}"
             return "confusing", f"{type(caught[0]).__name__}: {str(caught[0])[:160]}"
         if isinstance(error, type) and issubclass(error, Warning):
-            if any(issubclass(w.category, error) and re.search(message, str(w.message)) for w in seen):
+            if any(issubclass(w.category, error) and re.search(message, str(w.message))
+                   for w in seen):
                 return "clear", "warned"
-            return ("confusing", repr(caught[0])[:160]) if caught else ("silent", "no error, no warning")
+            return ("confusing", repr(caught[0])[:160]) if caught else ("silent",
+                                                                        "no error, no warning")
         if not caught:
             return "silent", "no error"
         raised = caught[0]
         if isinstance(raised, error) and (error is SystemExit and raised.code == 2
-                                          or error is not SystemExit and re.search(message, str(raised))):
+                                          or error is not SystemExit
+                                          and re.search(message, str(raised))):
             return "clear", f"{type(raised).__name__}: {str(raised)[:120]}"
         return "confusing", f"{type(raised).__name__}: {str(raised)[:160]}"
     finally:
@@ -93,13 +98,15 @@ def main():
             tmp.mkdir(parents=True)
             try:
                 verdict, detail = classify(case, env, tmp)
-            except Exception as error:  # the case itself could not run here (a missing name in an older checkout)
+            # the case itself could not run here (a missing name in an older checkout)
+            except Exception as error:
                 verdict, detail = "confusing", f"{type(error).__name__}: {error}"
             counts[verdict] += 1
             if args.verbose or verdict != "clear":
                 print(f"{verdict:>9s}  {case[0]}: {detail}")
     print(f"\n{len(sweep.CASES)} cases: " + ", ".join(f"{counts[k]} {k}" for k in
-                                                     ("clear", "correct", "confusing", "silent", "hang", "unsafe")))
+                                                     ("clear", "correct", "confusing", "silent",
+                                                      "hang", "unsafe")))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The main-process side of the Activault S3 buffer: `S3RCache` (lists the files, runs the workers, iterates
-over megabatches) and `ActivaultS3ActivationBuffer` (shuffled batches of token vectors from them)."""
+"""The main-process side of the Activault S3 buffer: `S3RCache` (lists the files, runs the workers,
+iterates over megabatches) and `ActivaultS3ActivationBuffer` (shuffled batches of token vectors from
+them)."""
 
 from __future__ import annotations
 
@@ -31,37 +32,46 @@ logger = logging.getLogger(__name__)
 
 
 class S3RCache:
-    """Iterator over the megabatches of Activault runs in an S3 bucket: `[n_sequences, seq_len, d]` tensors, or
-    dicts with "states" and "input_ids" when return_ids.
+    """Iterator over the megabatches of Activault runs in an S3 bucket: `[n_sequences, seq_len, d]`
+    tensors, or dicts with "states" and "input_ids" when return_ids.
 
-    s3_client: a boto3 client (None: one for region eu-north1, endpoint S3_ENDPOINT_URL, credentials from the
-      environment). s3_prefix: `run_name/hook_name`, or a list of them with equal shapes and dtypes.
-    shuffle: permute each megabatch's tokens (not with return_ids). preserve_file_order: read files in key order
-      (else in an order shuffled with `seed`). paths: object keys to read instead of every file under the prefixes.
-    chunk_size: bytes per ranged request, `concurrency` requests at once per worker; buffer_size: megabatches held.
+    s3_client: a boto3 client (None: one for region eu-north1, endpoint S3_ENDPOINT_URL, credentials
+      from the environment). s3_prefix: `run_name/hook_name`, or a list of them with equal shapes
+      and dtypes.
+    shuffle: permute each megabatch's tokens (not with return_ids). preserve_file_order: read files
+      in key order (else in an order shuffled with `seed`). paths: object keys to read instead of
+      every file under the prefixes.
+    chunk_size: bytes per ranged request, `concurrency` requests at once per worker; buffer_size:
+      megabatches held.
     """
 
     @classmethod
-    def from_credentials(cls, aws_access_key_id: str, aws_secret_access_key: str, *args, **kwargs) -> S3RCache:
+    def from_credentials(cls, aws_access_key_id: str, aws_secret_access_key: str, *args,
+                         **kwargs) -> S3RCache:
         """A cache on a client with these credentials (endpoint: S3_ENDPOINT_URL, if set)."""
-        client = _boto3().client("s3", aws_access_key_id=aws_access_key_id, aws_secret_access_key=aws_secret_access_key,
+        client = _boto3().client("s3", aws_access_key_id=aws_access_key_id,
+                                 aws_secret_access_key=aws_secret_access_key,
                                  endpoint_url=os.environ.get("S3_ENDPOINT_URL"))
         return cls(client, *args, **kwargs)
 
     def __init__(self, s3_client: Any, s3_prefix: str | list[str], bucket_name: str = BUCKET_NAME,
-                 device: str = "cpu", concurrency: int = 100, chunk_size: int = MB * 16, buffer_size: int = 2,
-                 shuffle: bool = True, preserve_file_order: bool = False, seed: int | None = 42,
-                 paths: list[str] | None = None, n_workers: int = 1, return_ids: bool = False) -> None:
-        for name, value in (("concurrency", concurrency), ("chunk_size", chunk_size), ("buffer_size", buffer_size),
-                            ("n_workers", n_workers)):
+                 device: str = "cpu", concurrency: int = 100, chunk_size: int = MB * 16,
+                 buffer_size: int = 2, shuffle: bool = True, preserve_file_order: bool = False,
+                 seed: int | None = 42, paths: list[str] | None = None, n_workers: int = 1,
+                 return_ids: bool = False) -> None:
+        for name, value in (("concurrency", concurrency), ("chunk_size", chunk_size),
+                            ("buffer_size", buffer_size), ("n_workers", n_workers)):
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         prefixes = [s3_prefix] if isinstance(s3_prefix, str) else list(s3_prefix)
-        if not prefixes or not all(isinstance(prefix, str) and prefix.strip("/") for prefix in prefixes):
-            raise ValueError(f"s3_prefix must be 'run_name/hook_name' or a non-empty list of them, got {s3_prefix!r}")
+        if not prefixes or not all(isinstance(prefix, str) and prefix.strip("/")
+                                   for prefix in prefixes):
+            raise ValueError("s3_prefix must be 'run_name/hook_name' or a non-empty list of them, "
+                             f"got {s3_prefix!r}")
         if s3_client is None:
             boto3 = _boto3()
-            s3_client = boto3.client("s3", region_name="eu-north1", endpoint_url=os.environ.get("S3_ENDPOINT_URL"),
+            s3_client = boto3.client("s3", region_name="eu-north1",
+                                     endpoint_url=os.environ.get("S3_ENDPOINT_URL"),
                                      config=boto3.session.Config(signature_version="s3v4"))
         self.s3_client, self.s3_prefix, self.bucket_name, self.device = s3_client, s3_prefix, bucket_name, device
         self.concurrency, self.chunk_size, self.buffer_size = int(concurrency), int(chunk_size), int(buffer_size)
@@ -73,27 +83,33 @@ class S3RCache:
         missing = needed - set(self.metadata)
         if missing:
             raise ValueError(f"metadata.json of {prefixes[0]!r} lacks {sorted(missing)}")
-        dtype = {str(value): value for value in vars(torch).values() if isinstance(value, torch.dtype)}.get(
+        dtype = {str(value): value for value in vars(torch).values()
+                 if isinstance(value, torch.dtype)}.get(
             "torch." + str(self.metadata["dtype"]).removeprefix("torch."))
         if dtype is None:
-            raise ValueError(f"metadata.json's dtype must name a torch dtype, got {self.metadata['dtype']!r}")
+            raise ValueError("metadata.json's dtype must name a torch dtype, got "
+                             f"{self.metadata['dtype']!r}")
         self._activation_dtype, shape = dtype, self.metadata["shape"]
         if return_ids:
-            self.buffer = [SharedBuffer(shape, self.metadata["input_ids_shape"], dtype).share_memory()
+            self.buffer = [SharedBuffer(shape, self.metadata["input_ids_shape"],
+                                        dtype).share_memory()
                            for _ in range(self.buffer_size)]
         else:
-            self.buffer = torch.empty((self.buffer_size, *shape), dtype=dtype).share_memory_()  # [slots, *shape]
+            # [slots, *shape]
+            self.buffer = torch.empty((self.buffer_size, *shape), dtype=dtype).share_memory_()
         self._context = _worker_context()
         self._stop, self._file_index = self._context.Value("b", False), self._context.Value("i", 0)
         self._ongoing_downloads = self._context.Value("i", 0)
         self._running_processes: list = []
-        self._initial_file_index = self._received = self._expected = 0  # messages taken / due in this pass
+        # messages taken / due in this pass
+        self._initial_file_index = self._received = self._expected = 0
         self._reset()
         weakref.finalize(self, _shutdown, self._running_processes, self._stop)
 
     @property
     def current_file_index(self) -> int:
-        """How many files of the list the workers have claimed (save it to resume with set_file_index)."""
+        """How many files of the list the workers have claimed (save it to resume with
+        set_file_index)."""
         return self._file_index.value
 
     def set_file_index(self, index: int) -> None:
@@ -116,26 +132,30 @@ class S3RCache:
             self.writeable_tensors.put(slot)
 
     def _read_json(self, key: str) -> dict:
-        return json.loads(self.s3_client.get_object(Bucket=self.bucket_name, Key=key)["Body"].read())
+        return json.loads(self.s3_client.get_object(Bucket=self.bucket_name,
+                                                    Key=key)["Body"].read())
 
     def _list_s3_files(self) -> list[str]:
-        """Presigned URLs of the megabatch files under the prefixes; sets `metadata` (the first prefix's) and
-        `config` (the runs' cfg.json, with total_tokens, n_total_files and batches_processed summed)."""
+        """Presigned URLs of the megabatch files under the prefixes; sets `metadata` (the
+        first prefix's) and `config` (the runs' cfg.json, with total_tokens, n_total_files and
+        batches_processed summed)."""
         keys, self.metadata, self.config = [], None, None
         for prefix in ([self.s3_prefix] if isinstance(self.s3_prefix, str) else self.s3_prefix):
             prefix = prefix.rstrip("/")
             metadata = self._read_json(f"{prefix}/metadata.json")
             self.metadata = self.metadata or metadata
-            if [metadata.get("shape"), metadata.get("dtype")] != [self.metadata["shape"], self.metadata["dtype"]]:
-                raise ValueError(f"{prefix!r} holds megabatches of shape {metadata.get('shape')} and dtype "
-                                 f"{metadata.get('dtype')}, expected {self.metadata['shape']} and "
-                                 f"{self.metadata['dtype']}")
+            if [metadata.get("shape"), metadata.get("dtype")] != [self.metadata["shape"],
+                                                                  self.metadata["dtype"]]:
+                raise ValueError(f"{prefix!r} holds megabatches of shape {metadata.get('shape')} "
+                                 f"and dtype {metadata.get('dtype')}, expected "
+                                 f"{self.metadata['shape']} and {self.metadata['dtype']}")
             try:
                 run_config = self._read_json(f"{prefix.rsplit('/', 1)[0] if '/' in prefix else ''}/cfg.json")
             except Exception as error:  # noqa: BLE001 (cfg.json is optional)
                 logger.warning("no cfg.json for %s: %s", prefix, error)
                 run_config = {}
-            self.config = self.config or {**run_config, "total_tokens": 0, "n_total_files": 0, "batches_processed": 0}
+            self.config = self.config or {**run_config, "total_tokens": 0, "n_total_files": 0,
+                                          "batches_processed": 0}
             for name in ("total_tokens", "n_total_files", "batches_processed"):
                 self.config[name] += run_config.get(name, 0)
             if self.paths is None:  # "/": a prefix "run/blocks.1" must not take in "run/blocks.10"
@@ -147,19 +167,24 @@ class S3RCache:
         keys = list(self.paths) if self.paths is not None else sorted(keys)
         if not self.preserve_file_order:
             self._random.shuffle(keys)
-        return [self.s3_client.generate_presigned_url("get_object", Params={"Bucket": self.bucket_name, "Key": key},
-                                                      ExpiresIn=PRESIGNED_URL_SECONDS) for key in keys]
+        return [self.s3_client.generate_presigned_url("get_object",
+                                                      Params={"Bucket": self.bucket_name,
+                                                              "Key": key},
+                                                      ExpiresIn=PRESIGNED_URL_SECONDS)
+                for key in keys]
 
     def __iter__(self) -> S3RCache:
         if self._running_processes:
-            raise ValueError("cannot iterate over the cache a second time while it is downloading (call finalize)")
+            raise ValueError("cannot iterate over the cache a second time while it is downloading "
+                             "(call finalize)")
         self._reset()
         self._received, self._expected = 0, len(self._s3_paths) - self._initial_file_index
         for _ in range(min(self.n_workers, self._expected)):
             process = self._context.Process(target=download_loop, daemon=True, args=(
                 self.buffer, self._file_index, self._s3_paths, self._stop, self.readable_tensors,
-                self.writeable_tensors, self._ongoing_downloads, self.concurrency, self.metadata["bytes_per_file"],
-                self.chunk_size, self.shuffle, self.seed, self.return_ids, self._errors))
+                self.writeable_tensors, self._ongoing_downloads, self.concurrency,
+                self.metadata["bytes_per_file"], self.chunk_size, self.shuffle, self.seed,
+                self.return_ids, self._errors))
             process.start()
             self._running_processes.append(process)
         return self
@@ -177,9 +202,11 @@ class S3RCache:
         raise StopIteration
 
     def _next_slot(self) -> int:
-        """The next readable slot (or _SKIPPED); RuntimeError once the workers failed or died and nothing is left."""
+        """The next readable slot (or _SKIPPED); RuntimeError once the workers failed or died and
+        nothing is left."""
         while True:
-            waiting = not self._stop.value and any(process.is_alive() for process in self._running_processes)
+            waiting = not self._stop.value and any(process.is_alive()
+                                                   for process in self._running_processes)
             try:
                 return self.readable_tensors.get(timeout=_POLL_SECONDS if waiting else 1.0)
             except queue.Empty:
@@ -192,7 +219,8 @@ class S3RCache:
             except queue.Empty:
                 self._stop_downloading()
             raise RuntimeError("downloading Activault megabatches failed: " +
-                               ("; ".join(problems) or f"the workers exited early (exit codes {codes})"))
+                               ("; ".join(problems) or "the workers exited early (exit codes "
+                                                       f"{codes})"))
 
     def finalize(self) -> None:
         """Stop the download workers (the iteration then ends)."""
@@ -206,20 +234,23 @@ class S3RCache:
 
 
 class ActivaultS3ActivationBuffer:
-    """Iterator over shuffled `[batch_size, d]` batches of the token vectors in a cache's megabatches (an S3RCache,
-    or any iterable of `[n_sequences, seq_len, d]` tensors or dicts with "states").
+    """Iterator over shuffled `[batch_size, d]` batches of the token vectors in a cache's
+    megabatches (an S3RCache, or any iterable of `[n_sequences, seq_len, d]` tensors or dicts with
+    "states").
 
-    A refresh keeps the unread vectors, adds megabatches until at least batch_size are unread and shuffles them, so
-    every vector is served once; the last batch may be smaller. io: "out" or "in" (Activault stores one activation
-    per token, whichever side of the hook it read). seed: the shuffling seed (None: torch's global generator).
+    A refresh keeps the unread vectors, adds megabatches until at least batch_size are unread and
+    shuffles them, so every vector is served once; the last batch may be smaller. io: "out" or "in"
+    (Activault stores one activation per token, whichever side of the hook it read). seed: the
+    shuffling seed (None: torch's global generator).
     """
 
-    def __init__(self, cache: S3RCache | Any, batch_size: int = 8192, device: str | torch.device = "cpu",
-                 io: str = "out", seed: int | None = None):
+    def __init__(self, cache: S3RCache | Any, batch_size: int = 8192,
+                 device: str | torch.device = "cpu", io: str = "out", seed: int | None = None):
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if io not in ("out", "in"):
-            raise ValueError(f"io must be 'out' or 'in' (Activault stores one activation per token), got {io!r}")
+            raise ValueError("io must be 'out' or 'in' (Activault stores one activation per "
+                             f"token), got {io!r}")
         self.cache = iter(cache)
         self.batch_size, self.device, self.io, self.seed = int(batch_size), torch.device(device), io, seed
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -241,13 +272,15 @@ class ActivaultS3ActivationBuffer:
                 self.refresh()
             if self.n_unread == 0:
                 raise StopIteration
-            batch = self.states[self._position : self._position + self.batch_size]  # [batch_size, d]
+            # [batch_size, d]
+            batch = self.states[self._position : self._position + self.batch_size]
             self.read_mask[self._position : self._position + batch.shape[0]] = True
             self._position += batch.shape[0]
             return batch
 
     def refresh(self) -> None:
-        """Keep the unread vectors, add megabatches until batch_size are unread (or the cache ends), shuffle."""
+        """Keep the unread vectors, add megabatches until batch_size are unread (or the cache ends),
+        shuffle."""
         parts = [] if self.states is None else [self.states[self._position:]]
         while sum(part.shape[0] for part in parts) < self.batch_size and not self._exhausted:
             try:
@@ -257,14 +290,16 @@ class ActivaultS3ActivationBuffer:
                 break
             states = megabatch["states"] if isinstance(megabatch, dict) else megabatch
             if states.ndim != 3 or (parts and states.shape[-1] != parts[0].shape[-1]):
-                raise ValueError(f"expected megabatches of shape [n_sequences, seq_len, d] with one d, got "
-                                 f"{tuple(states.shape)}" + (f" after d={parts[0].shape[-1]}" if parts else ""))
+                raise ValueError("expected megabatches of shape [n_sequences, seq_len, d] with one "
+                                 f"d, got {tuple(states.shape)}"
+                                 + (f" after d={parts[0].shape[-1]}" if parts else ""))
             parts.append(states.reshape(-1, states.shape[-1]).to(self.device))
         pool = torch.cat(parts) if parts else None
         if pool is None or pool.shape[0] == 0:
             self.states = self.read_mask = None
         else:
-            self.states = pool[torch.randperm(pool.shape[0], generator=self._generator).to(self.device)]
+            self.states = pool[torch.randperm(pool.shape[0],
+                                              generator=self._generator).to(self.device)]
             self.read_mask = torch.zeros(pool.shape[0], dtype=torch.bool, device=self.device)
         self._position = 0
 
@@ -273,8 +308,8 @@ class ActivaultS3ActivationBuffer:
         """JSON-serialisable description of the buffer, saved with trained dictionaries."""
         cache = self.cache if isinstance(self.cache, S3RCache) else None
         return {"source": "activault", "s3_prefix": cache and cache.s3_prefix,
-                "bucket_name": cache and cache.bucket_name, "io": self.io, "out_batch_size": self.batch_size,
-                "device": str(self.device), "seed": self.seed}
+                "bucket_name": cache and cache.bucket_name, "io": self.io,
+                "out_batch_size": self.batch_size, "device": str(self.device), "seed": self.seed}
 
     def close(self) -> None:
         """Stop the cache's download workers."""

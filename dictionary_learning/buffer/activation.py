@@ -1,4 +1,5 @@
-"""ActivationBuffer: a shuffled stream of activation vectors read out of a language model with nnsight.
+"""ActivationBuffer: a shuffled stream of activation vectors read out of a language model with
+nnsight.
 
 The buffer is text batches + the collector + a `ShuffledStore`: it holds about `n_ctxs * ctx_len`
 token vectors, serves random batches of `out_batch_size` from the unread ones, and refills when
@@ -7,13 +8,15 @@ fewer than half are unread. A refill tokenizes `refresh_batch_size` texts at a t
 reads with PyTorch hooks), which keeps the tokens a `TokenFilter` chooses: no padding and, when
 asked, no BOS and no outlier-norm tokens.
 
-Upstream compatibility: the constructor takes upstream's arguments in upstream's order (0.1.0 and GitHub HEAD: ...,
-`device`, `remove_bos`, `add_special_tokens`, `max_activation_norm_multiple`), the founding README's `in_feats=`,
-`out_feats=`, `in_batch_size=` and its `io="in_to_out"`, and offers upstream's `text_batch`, `tokenized_batch`,
-`refresh`, `config`, `activations`, `read`, `activation_buffer_size` and `close`. Documented differences: the texts
-are used to the last one (upstream drops a final partial batch, and stops while unread vectors remain), `remove_bos`
-drops each context's first real token (upstream HEAD drops tokens equal to the BOS id, which removes nothing for
-tokenizers that do not add one), and the norm filter's median is taken over the kept tokens, not over padding too.
+Upstream compatibility: the constructor takes upstream's arguments in upstream's order (0.1.0 and
+GitHub HEAD: ..., `device`, `remove_bos`, `add_special_tokens`, `max_activation_norm_multiple`), the
+founding README's `in_feats=`, `out_feats=`, `in_batch_size=` and its `io="in_to_out"`, and offers
+upstream's `text_batch`, `tokenized_batch`, `refresh`, `config`, `activations`, `read`,
+`activation_buffer_size` and `close`. Documented differences: the texts are used to the last one
+(upstream drops a final partial batch, and stops while unread vectors remain), `remove_bos` drops
+each context's first real token (upstream HEAD drops tokens equal to the BOS id, which removes
+nothing for tokenizers that do not add one), and the norm filter's median is taken over the kept
+tokens, not over padding too.
 """
 
 from __future__ import annotations
@@ -44,25 +47,28 @@ from .store import ShuffledStore
 
 
 class ActivationBuffer:
-    """Iterator over batches of activations: `[out_batch_size, d]` tensors, or `(x_in, x_out)` pairs for
-    io="in_to_out".
+    """Iterator over batches of activations: `[out_batch_size, d]` tensors, or `(x_in, x_out)` pairs
+    for io="in_to_out".
 
     data: an iterable of strings. model: an `nnsight.LanguageModel` (see `load_model`).
     submodule: a torch module, nnsight Envoy, dotted path ("model.layers.6.mlp") or HookPoint
-      (`hook(model, 6, "mlp_out")`); for io="in_to_out" also a pair `(input_side, output_side)`, e.g.
-      `(hook(model, 6, "mlp_in"), hook(model, 6, "mlp_out"))`. HookPoints carry their own input / output choice;
-      modules and paths are read at their output (io="out"), input (io="in"), or input and output ("in_to_out").
-      Many hook points from one model pass: a dict `{name: hook point, module, path or (input_side, output_side)}`
-      (single values read as `io` says, pairs as in_to_out); the buffer then yields dicts `{name: batch}` (a pair
-      `(x, y)` for pairs), all rows from the same tokens in the same shuffled order, and each trace stops after the
-      last module any entry needs. `trainSAE` routes each trainer to the entry its config's `submodule_name` names.
-    d_submodule: expected width (an int, or `(d_in, d_out)` for "in_to_out"; a dict of them by name for a dict
-      submodule); checked against the model (None: found by a probe). The founding README's `in_feats` /
-      `out_feats` (input and output widths) are checked where io reads that side ("out" checks out_feats and, as
-      the founding buffer did, ignores in_feats).
-    in_batch_size: the founding name of refresh_batch_size. remote: run every trace on NDIF through nnsight's remote
-      execution (a model too large for this machine, loaded by nnsight without its weights); the activations come
-      back to `device`. The other settings (n_ctxs, ctx_len, ..., dtype, seed, progress, tokenizer): `BufferSettings`.
+      (`hook(model, 6, "mlp_out")`); for io="in_to_out" also a pair `(input_side, output_side)`,
+      e.g. `(hook(model, 6, "mlp_in"), hook(model, 6, "mlp_out"))`. HookPoints carry their own input
+      / output choice; modules and paths are read at their output (io="out"), input (io="in"), or
+      input and output ("in_to_out"). Many hook points from one model pass: a dict `{name: hook
+      point, module, path or (input_side, output_side)}` (single values read as `io` says, pairs as
+      in_to_out); the buffer then yields dicts `{name: batch}` (a pair `(x, y)` for pairs), all rows
+      from the same tokens in the same shuffled order, and each trace stops after the last module
+      any entry needs. `trainSAE` routes each trainer to the entry its config's `submodule_name`
+      names.
+    d_submodule: expected width (an int, or `(d_in, d_out)` for "in_to_out"; a dict of them by name
+      for a dict submodule); checked against the model (None: found by a probe). The founding
+      README's `in_feats` / `out_feats` (input and output widths) are checked where io reads that
+      side ("out" checks out_feats and, as the founding buffer did, ignores in_feats).
+    in_batch_size: the founding name of refresh_batch_size. remote: run every trace on NDIF through
+      nnsight's remote execution (a model too large for this machine, loaded by nnsight without its
+      weights); the activations come back to `device`. The other settings (n_ctxs, ctx_len, ...,
+      dtype, seed, progress, tokenizer): `BufferSettings`.
     """
 
     io_modes = IO_MODES
@@ -71,28 +77,34 @@ class ActivationBuffer:
     @takes_settings((*UPSTREAM_SIZES, *UPSTREAM_FILTERS, "dtype", "seed"),
                     ("in_feats", "out_feats", "in_batch_size", "remote", "progress", "tokenizer"))
     def __init__(self, data: Iterable[str], model: Any, submodule: Any,
-                 d_submodule: int | tuple[int, int] | None = None, io: str = "out", *, settings: BufferSettings,
-                 in_feats: int | None = None, out_feats: int | None = None, in_batch_size: int | None = None):
+                 d_submodule: int | tuple[int, int] | None = None, io: str = "out", *,
+                 settings: BufferSettings, in_feats: int | None = None,
+                 out_feats: int | None = None, in_batch_size: int | None = None):
         if in_batch_size is not None:
             if settings.refresh_batch_size not in (512, in_batch_size):
-                raise ValueError(f"in_batch_size={in_batch_size} and refresh_batch_size={settings.refresh_batch_size} "
-                                 "are one setting (the founding and the current name): give one of them")
+                raise ValueError(f"in_batch_size={in_batch_size} and "
+                                 f"refresh_batch_size={settings.refresh_batch_size} are one "
+                                 "setting (the founding and the current name): give one of them")
             settings = dataclasses.replace(settings, refresh_batch_size=in_batch_size)
-        check_collection(model, io, settings.ctx_len, settings.remove_bos, settings.max_activation_norm_multiple,
-                         self.io_modes)
+        check_collection(model, io, settings.ctx_len, settings.remove_bos,
+                         settings.max_activation_norm_multiple, self.io_modes)
         if isinstance(data, (str, bytes)):
-            raise TypeError("data must be an iterable of texts (e.g. a list of strings), got a single string")
+            raise TypeError("data must be an iterable of texts (e.g. a list of strings), got a "
+                            "single string")
         if not isinstance(data, Iterable):
-            raise TypeError(f"data must be an iterable of texts (e.g. a list of strings), got {type(data).__name__}")
+            raise TypeError("data must be an iterable of texts (e.g. a list of strings), got "
+                            f"{type(data).__name__}")
         for widths in (d_submodule.values() if isinstance(d_submodule, dict) else [d_submodule]):
-            for width in (widths if isinstance(widths, (tuple, list)) else (widths,) if widths is not None else ()):
+            for width in (widths if isinstance(widths, (tuple, list)) else (widths,)
+                          if widths is not None else ()):
                 integer("d_submodule", width)
         self.model, self.io = model, io
         self.n_ctxs, self.ctx_len = settings.n_ctxs, settings.ctx_len
         self.refresh_batch_size, self.out_batch_size = settings.refresh_batch_size, settings.out_batch_size
         if self.capacity < self.out_batch_size:
             warnings.warn(f"the buffer holds n_ctxs * ctx_len = {self.capacity} tokens, fewer than "
-                          f"out_batch_size={self.out_batch_size}: batches will be smaller than asked")
+                          f"out_batch_size={self.out_batch_size}: batches will be smaller than "
+                          "asked")
         self.tokenizer = settings.tokenizer if settings.tokenizer is not None else getattr(model, "tokenizer", None)
         self.device = torch.device(settings.device)
         self.remove_bos, self.add_special_tokens = settings.remove_bos, settings.add_special_tokens
@@ -101,49 +113,61 @@ class ActivationBuffer:
         self.dtype = settings.dtype or next(torch_model(model).parameters()).dtype
         self.seed = settings.seed
         self.remote, self.progress = bool(settings.remote), bool(settings.progress)
-        # self.hooks: the distinct hook points read, in the order given; self.entries: which of them each named entry
-        # serves (None for a single submodule, which serves all of them: one tensor, or an in_to_out pair)
+        # self.hooks: the distinct hook points read, in the order given; self.entries: which of them
+        # each named entry serves (None for a single submodule, which serves all of them: one
+        # tensor, or an in_to_out pair)
         self.hooks, self.entries = entry_points(model, submodule, io)
         self.submodule = submodule
 
-        # probe the widths on a short input, and check them against d_submodule / in_feats / out_feats
+        # probe the widths on a short input, and check them against d_submodule / in_feats /
+        # out_feats
         probe = self._collect(self._probe_encoding())
         self.widths = widths = tuple(v.shape[-1] for v in probe)  # one per hook point in self.hooks
-        check_memory("n_ctxs", self.n_ctxs, self.capacity * sum(widths) * self.dtype.itemsize, self.device,
-                     what=f" to hold n_ctxs * ctx_len = {self.capacity:,} token vectors of width {sum(widths)}")
+        check_memory("n_ctxs", self.n_ctxs, self.capacity * sum(widths) * self.dtype.itemsize,
+                     self.device, what=f" to hold n_ctxs * ctx_len = {self.capacity:,} token "
+                                       "vectors of width "
+                          f"{sum(widths)}")
         self.d_submodule: Any = entry_widths(widths, self.entries)
         if self.entries is None:
             self._check_widths(widths, d_submodule, in_feats, out_feats)
         else:
             if in_feats is not None or out_feats is not None:
-                raise ValueError("in_feats / out_feats check a single submodule; with a dict of hook points pass "
-                                 "d_submodule={name: width or (d_in, d_out)}")
+                raise ValueError("in_feats / out_feats check a single submodule; with a dict of "
+                                 "hook points pass d_submodule={name: width or (d_in, d_out)}")
             check_entry_widths(d_submodule, self.d_submodule, self.entries, self.hooks)
 
         self._open(data)
-        self._store = ShuffledStore([v[:0] for v in probe], self.capacity, self.seed)  # one per hook
+        # one per hook
+        self._store = ShuffledStore([v[:0] for v in probe], self.capacity, self.seed)
         self._closed = False
         self._served = False  # whether a batch was ever served
 
     @property
     def entry_names(self) -> list[str] | None:
-        """The names of a dict submodule's entries (the keys of each batch), None for a single submodule."""
+        """The names of a dict submodule's entries (the keys of each batch), None for a single
+        submodule."""
         return None if self.entries is None else list(self.entries)
 
-    def _check_widths(self, widths: tuple, d_submodule: Any, in_feats: int | None, out_feats: int | None) -> None:
+    def _check_widths(self, widths: tuple, d_submodule: Any, in_feats: int | None,
+                      out_feats: int | None) -> None:
         given = []
         if d_submodule is not None:
             expected = (d_submodule,) if isinstance(d_submodule, int) else tuple(d_submodule)
-            given.append((f"d_submodule={d_submodule!r}", expected * 2 if len(expected) < len(widths) else expected))
+            given.append((f"d_submodule={d_submodule!r}",
+                          expected * 2 if len(expected) < len(widths) else expected))
         if in_feats is not None or out_feats is not None:
-            # the founding README: "in" is checked against in_feats, "out" against out_feats, "in_to_out" both
-            sides = {"in": (in_feats,), "out": (out_feats,), "in_to_out": (in_feats, out_feats)}.get(self.io)
+            # the founding README: "in" is checked against in_feats, "out" against out_feats,
+            # "in_to_out" both
+            sides = {"in": (in_feats,), "out": (out_feats,),
+                     "in_to_out": (in_feats, out_feats)}.get(self.io)
             if sides is not None and any(side is not None for side in sides):
-                named = ", ".join(f"{n}={v}" for n, v in (("in_feats", in_feats), ("out_feats", out_feats))
+                named = ", ".join(f"{n}={v}"
+                                  for n, v in (("in_feats", in_feats), ("out_feats", out_feats))
                                   if v is not None)
                 given.append((named, sides))
         for name, expected in given:
-            if len(expected) != len(widths) or any(e is not None and e != w for e, w in zip(expected, widths)):
+            if len(expected) != len(widths) or any(e is not None and e != w
+                                                   for e, w in zip(expected, widths)):
                 raise ValueError(
                     f"{name} does not match the model: {', '.join(map(str, self.hooks))} "
                     f"has width {widths if len(widths) > 1 else widths[0]}"
@@ -154,8 +178,8 @@ class ActivationBuffer:
         self._source = iter(data)
         first = next(self._source, None)
         if first is None:
-            raise ValueError("data yielded no text: pass an iterable of non-empty strings (token sequences for "
-                             "NNsightActivationBuffer)")
+            raise ValueError("data yielded no text: pass an iterable of non-empty strings (token "
+                             "sequences for NNsightActivationBuffer)")
         self._check_item(first)
         self.data: Iterator[Any] = itertools.chain([first], self._source)
         self._exhausted = False
@@ -164,7 +188,7 @@ class ActivationBuffer:
         if not isinstance(item, str):
             raise TypeError(f"data must yield strings, got {type(item).__name__}")
 
-    # ------------------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
         """Token vectors held after a refresh (at least; the last refill batch may overshoot)."""
@@ -181,7 +205,8 @@ class ActivationBuffer:
 
     @property
     def activations(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Every vector held since the last refresh, read or not (`read` marks the served ones), as upstream."""
+        """Every vector held since the last refresh, read or not (`read` marks the served ones), as
+        upstream."""
         return self._serve(self._store.rows)
 
     @property
@@ -196,14 +221,16 @@ class ActivationBuffer:
 
     @property
     def read(self) -> torch.Tensor:
-        """[len(activations)] bool: which held vectors have been served (read-only: a fresh tensor each time)."""
+        """[len(activations)] bool: which held vectors have been served (read-only: a fresh tensor
+        each time)."""
         return self._store.read
 
     def _serve(self, sides: list[torch.Tensor]) -> Any:
-        """The user-facing form of per-hook rows: one tensor, or an `(x_in, x_out)` pair; a dict of them by name for
-        a dict submodule."""
+        """The user-facing form of per-hook rows: one tensor, or an `(x_in, x_out)` pair; a dict of
+        them by name for a dict submodule."""
         if self.entries is not None:
-            return {name: sides[indices[0]] if len(indices) == 1 else tuple(sides[i] for i in indices)
+            return {name: sides[indices[0]] if len(indices) == 1
+                    else tuple(sides[i] for i in indices)
                     for name, indices in self.entries.items()}
         return sides[0] if len(sides) == 1 else (sides[0], sides[1])
 
@@ -214,24 +241,27 @@ class ActivationBuffer:
         return self._serve(self._next_rows(self.out_batch_size))
 
     def _next_rows(self, n: int) -> list[torch.Tensor]:
-        """The next (up to) n unread rows of every hook point, refilling first when half are read."""
+        """The next (up to) n unread rows of every hook point, refilling first when half are
+        read."""
         with torch.no_grad():
             if self._store.wants_refill and not self._exhausted:
                 self.refresh()
             if self._store.unread == 0:
                 if not self._served and not self._closed:  # the texts held no usable token at all
-                    raise ValueError("the data yielded no activations: every text is empty or whitespace, or each "
-                                     "context's tokens were all dropped (padding, remove_bos)")
+                    raise ValueError("the data yielded no activations: every text is empty or "
+                                     "whitespace, or each context's tokens were all dropped "
+                                     "(padding, remove_bos)")
                 raise StopIteration
             self._served = True
             return self._store.take(n)
 
     def take(self, n_tokens: int, progress: bool = False):
-        """Up to `n_tokens` vectors (fewer if the text runs out) in the form batches have: one tensor, an
-        `(x_in, x_out)` pair, or a dict of them by name."""
+        """Up to `n_tokens` vectors (fewer if the text runs out) in the form batches have: one
+        tensor, an `(x_in, x_out)` pair, or a dict of them by name."""
         n_tokens = integer("n_tokens", n_tokens)
-        check_memory("n_tokens", n_tokens, n_tokens * sum(self.widths) * self.dtype.itemsize, self.device,
-                     what=f" for {n_tokens:,} token vectors of width {sum(self.widths)}")
+        check_memory("n_tokens", n_tokens, n_tokens * sum(self.widths) * self.dtype.itemsize,
+                     self.device, what=f" for {n_tokens:,} token vectors of width "
+                                       f"{sum(self.widths)}")
         parts, count = [], 0
         with progress_bar(desc="collecting activations", total=n_tokens, enabled=progress,
                           unit="tok") as bar:
@@ -248,8 +278,8 @@ class ActivationBuffer:
         return self._serve([torch.cat(side) for side in zip(*parts)])
 
     def close(self) -> None:
-        """Stop: close the data source if it can be closed (a generator, a file), and drop the held vectors; the
-        buffer then yields nothing more."""
+        """Stop: close the data source if it can be closed (a generator, a file), and drop the held
+        vectors; the buffer then yields nothing more."""
         close = getattr(self._source, "close", None)
         if callable(close):
             close()
@@ -262,14 +292,16 @@ class ActivationBuffer:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     def text_batch(self, batch_size: int | None = None) -> list[str]:
-        """The next `batch_size` non-empty texts (fewer at the end of the data; raises StopIteration when none)."""
+        """The next `batch_size` non-empty texts (fewer at the end of the data; raises StopIteration
+        when none)."""
         return self._next_items(batch_size)
 
     def _next_items(self, batch_size: int | None = None) -> list[Any]:
-        """The next `batch_size` (default: refresh_batch_size) usable items of the data, as `_usable` gives them
-        (fewer at the end of the data; raises StopIteration when none are left)."""
+        """The next `batch_size` (default: refresh_batch_size) usable items of the data, as
+        `_usable` gives them (fewer at the end of the data; raises StopIteration when none are
+        left)."""
         batch_size = batch_size or self.refresh_batch_size
         items = []
         for item in self.data:
@@ -311,7 +343,8 @@ class ActivationBuffer:
         return self.token_filter.mask(encoding)
 
     def _transform(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-hook values `[batch, seq, ...]` as stored (subclasses reshape them); here unchanged."""
+        """Per-hook values `[batch, seq, ...]` as stored (subclasses reshape them); here
+        unchanged."""
         return values
 
     def _keep(self, encoding: dict[str, torch.Tensor],
@@ -320,7 +353,8 @@ class ActivationBuffer:
         return self.token_filter(encoding, self._transform(list(values)))
 
     def _collect(self, encoding: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Activations of the hook points on these inputs: one `[n_tokens, ...]` tensor per hook, padding dropped."""
+        """Activations of the hook points on these inputs: one `[n_tokens, ...]` tensor per hook,
+        padding dropped."""
         rows = self.reader(self.model, encoding, self.hooks, self._keep, remote=self.remote)
         return [side.to(device=self.device, dtype=self.dtype) for side in rows]
 
@@ -351,7 +385,8 @@ class ActivationBuffer:
 
     @property
     def config(self) -> dict[str, Any]:
-        """JSON-serialisable description of the buffer, saved with trained dictionaries (upstream's keys first)."""
+        """JSON-serialisable description of the buffer, saved with trained dictionaries (upstream's
+        keys first)."""
         return {
             "d_submodule": self.d_submodule,
             "io": self.io,

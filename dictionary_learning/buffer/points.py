@@ -34,14 +34,16 @@ def submodule_points(model: Any, submodule: Any, io: str) -> tuple[HookPoint, ..
     if io == "in_to_out":
         if isinstance(submodule, (tuple, list)):
             if len(submodule) != 2:
-                raise ValueError(f"io='in_to_out' takes one submodule or a pair, got {len(submodule)} items")
+                raise ValueError("io='in_to_out' takes one submodule or a pair, got "
+                                 f"{len(submodule)} items")
             sides = resolve_hook(model, submodule[0], "input"), resolve_hook(model, submodule[1], "output")
         else:
             sides = resolve_hook(model, submodule, "input"), resolve_hook(model, submodule, "output")
-        if (sides[0].path, sides[0].io) == (sides[1].path, sides[1].io):  # x would equal y: an identity to learn
-            raise ValueError(f"io='in_to_out' needs two different hook points, but {submodule!r} names one, "
-                             f"{sides[0]}: pass a module or path (its input and output are read) or a pair "
-                             f"(input point, output point)")
+        # x would equal y: an identity to learn
+        if (sides[0].path, sides[0].io) == (sides[1].path, sides[1].io):
+            raise ValueError(f"io='in_to_out' needs two different hook points, but {submodule!r} "
+                             f"names one, {sides[0]}: pass a module or path (its input and output "
+                             "are read) or a pair (input point, output point)")
         return sides
     if isinstance(submodule, (tuple, list)):
         raise ValueError(f"a pair of submodules needs io='in_to_out', got io={io!r}")
@@ -50,9 +52,9 @@ def submodule_points(model: Any, submodule: Any, io: str) -> tuple[HookPoint, ..
 
 def entry_points(model: Any, submodule: Any, io: str
                  ) -> tuple[tuple[HookPoint, ...], dict[str, tuple[int, ...]] | None]:
-    """(the distinct hook points to read, in the order given; which of them each named entry serves, or None for a
-    single submodule, which serves all of them). In a dict, single values are read as `io` says and pairs as
-    in_to_out; a hook point two entries share is read and stored once."""
+    """(the distinct hook points to read, in the order given; which of them each named entry serves,
+    or None for a single submodule, which serves all of them). In a dict, single values are read as
+    `io` says and pairs as in_to_out; a hook point two entries share is read and stored once."""
     if not isinstance(submodule, dict):
         return submodule_points(model, submodule, io), None
     if not submodule:
@@ -64,7 +66,8 @@ def entry_points(model: Any, submodule: Any, io: str
         if not isinstance(name, str) or not name:
             raise TypeError(f"the names of a dict submodule are non-empty strings, got {name!r}")
         try:
-            sides = submodule_points(model, spec, "in_to_out" if isinstance(spec, (tuple, list)) else io)
+            sides = submodule_points(model, spec,
+                                     "in_to_out" if isinstance(spec, (tuple, list)) else io)
         except (TypeError, ValueError) as error:
             raise type(error)(f"submodule[{name!r}]: {error}") from error
         for point in sides:
@@ -87,20 +90,24 @@ def entry_widths(widths: tuple[int, ...], entries: dict[str, tuple[int, ...]] | 
     return {name: entry_width(widths, indices) for name, indices in entries.items()}
 
 
-def check_entry_widths(d_submodule: Any, actual: dict[str, Any], entries: dict[str, tuple[int, ...]],
-                       hooks: tuple[HookPoint, ...]) -> None:
-    """A clear error unless the expected widths `d_submodule` (a dict by name, or None) match the `actual` ones."""
+def check_entry_widths(d_submodule: Any, actual: dict[str, Any],
+                       entries: dict[str, tuple[int, ...]], hooks: tuple[HookPoint, ...]) -> None:
+    """A clear error unless the expected widths `d_submodule` (a dict by name, or None) match the
+    `actual` ones."""
     if d_submodule is None:
         return
     if not isinstance(d_submodule, dict):
-        raise TypeError(f"with a dict of hook points, d_submodule is a dict {{name: width}} too, got {d_submodule!r}")
+        raise TypeError("with a dict of hook points, d_submodule is a dict {name: width} too, got "
+                        f"{d_submodule!r}")
     unknown = sorted(set(d_submodule) - set(entries))
     if unknown:
-        raise ValueError(f"d_submodule names {unknown}, which are not hook points of this buffer: {sorted(entries)}")
+        raise ValueError(f"d_submodule names {unknown}, which are not hook points of this buffer: "
+                         f"{sorted(entries)}")
     for name, expected in d_submodule.items():
         if (tuple(expected) if isinstance(expected, (tuple, list)) else expected) != actual[name]:
             raise ValueError(f"d_submodule[{name!r}]={expected!r} does not match the model: "
-                             f"{', '.join(str(hooks[i]) for i in entries[name])} has width {actual[name]}")
+                             f"{', '.join(str(hooks[i]) for i in entries[name])} has width "
+                             f"{actual[name]}")
 
 
 def describe(hooks: tuple[HookPoint, ...], entries: dict[str, tuple[int, ...]] | None) -> Any:

@@ -1,11 +1,12 @@
-"""BufferSettings: how a buffer reads and holds activations, the arguments every buffer constructor shares, declared
-once here with upstream's defaults and checked once; and `takes_settings`, which gives a constructor written
-against `BufferSettings` upstream's flat call form.
+"""BufferSettings: how a buffer reads and holds activations, the arguments every buffer constructor
+shares, declared once here with upstream's defaults and checked once; and `takes_settings`, which
+gives a constructor written against `BufferSettings` upstream's flat call form.
 
-Upstream's buffers (ActivationBuffer, NNsightActivationBuffer, HeadActivationBuffer, pytorch_buffer's) each take
-these settings as separate arguments, positionally in upstream's order or by keyword. `takes_settings` builds that
-signature from the dataclass (names, defaults, annotations), so `inspect.signature` shows upstream's parameters, and
-turns a call into one `BufferSettings` for the constructor's body, as `trainers/upstream_api.py` does for trainers.
+Upstream's buffers (ActivationBuffer, NNsightActivationBuffer, HeadActivationBuffer,
+pytorch_buffer's) each take these settings as separate arguments, positionally in upstream's order
+or by keyword. `takes_settings` builds that signature from the dataclass (names, defaults,
+annotations), so `inspect.signature` shows upstream's parameters, and turns a call into one
+`BufferSettings` for the constructor's body, as `trainers/upstream_api.py` does for trainers.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 
 from ..checks import floating_dtype, integer
 
-# upstream's positional order after (data, model, submodule, d_submodule, io): 0.1.0's, then GitHub HEAD's filters
+# upstream's positional order after (data, model, submodule, d_submodule, io): 0.1.0's, then GitHub
+# HEAD's filters
 UPSTREAM_SIZES = ("n_ctxs", "ctx_len", "refresh_batch_size", "out_batch_size", "device")
 UPSTREAM_FILTERS = ("remove_bos", "add_special_tokens", "max_activation_norm_multiple")
 
@@ -30,14 +32,17 @@ UPSTREAM_FILTERS = ("remove_bos", "add_special_tokens", "max_activation_norm_mul
 class BufferSettings:
     """The settings every buffer shares (upstream's defaults).
 
-    n_ctxs * ctx_len: the token vectors held (a refill tops them up when half are read); ctx_len: tokens per context
-    (longer texts are truncated); refresh_batch_size: texts per model pass; out_batch_size: vectors per batch
-    served; device: where they are stored. remove_bos: drop each context's first token (BOS, or the attention-sink
-    first token of models without BOS). add_special_tokens: whether the tokenizer adds its special tokens (e.g. BOS).
-    max_activation_norm_multiple: drop tokens whose norm exceeds this multiple of the median norm of the kept tokens
-    of their refresh batch; None keeps all. dtype: storage dtype (None: the model's). seed: the shuffling seed.
-    remote: run every trace through nnsight's remote execution. progress: a bar on stderr over the tokens of a fill
-    that runs longer than a few seconds. tokenizer: the tokenizer of the texts (None: the model's).
+    n_ctxs * ctx_len: the token vectors held (a refill tops them up when half are read); ctx_len:
+    tokens per context (longer texts are truncated); refresh_batch_size: texts per model pass;
+    out_batch_size: vectors per batch served; device: where they are stored. remove_bos: drop each
+    context's first token (BOS, or the attention-sink first token of models without BOS).
+    add_special_tokens: whether the tokenizer adds its special tokens (e.g. BOS).
+    max_activation_norm_multiple: drop tokens whose norm exceeds this multiple of the median norm of
+    the kept tokens of their refresh batch; None keeps all. dtype: storage dtype (None:
+    the model's). seed: the shuffling seed.
+    remote: run every trace through nnsight's remote execution. progress: a bar on stderr over the
+    tokens of a fill that runs longer than a few seconds. tokenizer: the tokenizer of the texts
+    (None: the model's).
     """
 
     n_ctxs: int = 30000
@@ -55,25 +60,29 @@ class BufferSettings:
     tokenizer: Any = None
 
     def __post_init__(self) -> None:
-        """Sizes become ints (upstream's `n_ctxs=3e4` included); a clear error for what cannot be one."""
+        """Sizes become ints (upstream's `n_ctxs=3e4` included); a clear error for what cannot be
+        one."""
         for name in UPSTREAM_SIZES[:4]:
             setattr(self, name, integer(name, getattr(self, name), integral_floats=True))
         floating_dtype("dtype", self.dtype)
 
     def arguments(self) -> dict[str, Any]:
-        """The settings as keyword arguments, for a constructor that takes them flat (a subclass's `super()`)."""
+        """The settings as keyword arguments, for a constructor that takes them flat (a
+        subclass's `super()`)."""
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
 
 SETTINGS = {field.name: field for field in dataclasses.fields(BufferSettings)}
 
 
-def takes_settings(positional: Sequence[str], keyword: Sequence[str] = ()) -> Callable[[Callable], Callable]:
-    """Decorate `__init__(self, <leading parameters>, settings, <own parameters>)` so that it is called with the
-    settings flat, as upstream's constructors are. The flat signature: the leading parameters; then `positional`
-    (names of settings or of the constructor's own parameters) in that order; then `keyword`, keyword-only; then the
-    constructor's remaining own parameters. The settings a call gives (also through an own `**options`) build one
-    `BufferSettings`, the rest keep its defaults."""
+def takes_settings(positional: Sequence[str],
+                   keyword: Sequence[str] = ()) -> Callable[[Callable], Callable]:
+    """Decorate `__init__(self, <leading parameters>, settings, <own parameters>)` so that it is
+    called with the settings flat, as upstream's constructors are. The flat signature: the leading
+    parameters; then `positional` (names of settings or of the constructor's own parameters) in that
+    order; then `keyword`, keyword-only; then the constructor's remaining own parameters. The
+    settings a call gives (also through an own `**options`) build one `BufferSettings`, the rest
+    keep its defaults."""
 
     def decorate(init: Callable) -> Callable:
         own = dict(inspect.signature(init).parameters)
@@ -83,19 +92,23 @@ def takes_settings(positional: Sequence[str], keyword: Sequence[str] = ()) -> Ca
 
         def parameter(name: str, kind: inspect._ParameterKind) -> inspect.Parameter:
             if name in SETTINGS:
-                return inspect.Parameter(name, kind, default=SETTINGS[name].default, annotation=SETTINGS[name].type)
+                return inspect.Parameter(name, kind, default=SETTINGS[name].default,
+                                         annotation=SETTINGS[name].type)
             return own.pop(name).replace(kind=kind)
 
-        flat = [*leading, *(parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in positional),
+        flat = [*leading,
+                *(parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in positional),
                 *(parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in keyword)]
         signature = inspect.Signature([*flat, *own.values()])
-        options = next((p.name for p in own.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        options = next((p.name for p in own.values() if p.kind is inspect.Parameter.VAR_KEYWORD),
+                       None)
 
         @functools.wraps(init)
         def __init__(*args: Any, **kwargs: Any) -> None:
             arguments = signature.bind(*args, **kwargs).arguments
             extra = arguments.pop(options, {}) if options else {}
-            given = {name: source.pop(name) for source in (arguments, extra) for name in list(source)
+            given = {name: source.pop(name) for source in (arguments, extra)
+                     for name in list(source)
                      if name in SETTINGS}
             init(**arguments, settings=BufferSettings(**given), **extra)
 

@@ -67,20 +67,24 @@ class ShuffledStore:
 
 
 class Epochs:
-    """Endless shuffled batches over collected activations `[n, d]`, a new permutation each epoch (the last partial
-    batch of each epoch is dropped). `config` describes where the activations came from (e.g. the collecting
-    buffer's config): trainSAE saves it with the dictionaries trained on them, hook points included."""
+    """Endless shuffled batches over collected activations `[n, d]`, a new permutation each epoch
+    (the last partial batch of each epoch is dropped). `config` describes where the activations came
+    from (e.g. the collecting buffer's config): trainSAE saves it with the dictionaries trained on
+    them, hook points included."""
 
     def __init__(self, activations: torch.Tensor, batch_size: int, seed: int = 0,
                  config: dict[str, Any] | None = None):
         n = activations.shape[0]
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 0 < batch_size <= n:
-            raise ValueError(f"batch_size must be an int in [1, {n}] (the number of collected activations), got "
+            raise ValueError(f"batch_size must be an int in [1, {n}] (the number of collected "
+                             "activations), got "
                              f"{batch_size!r}")  # more would never yield: an endless loop
         self.activations, self.batch_size = activations, batch_size
-        self.config = {**(config or {}), "epochs": {"n_tokens": n, "batch_size": batch_size, "seed": seed}}
+        self.config = {**(config or {}),
+                       "epochs": {"n_tokens": n, "batch_size": batch_size, "seed": seed}}
         self._generator = torch.Generator().manual_seed(seed)
-        self._permutation, self._start = torch.empty(0, dtype=torch.long), n  # a new epoch at the first batch
+        # a new epoch at the first batch
+        self._permutation, self._start = torch.empty(0, dtype=torch.long), n
 
     def __iter__(self) -> Epochs:
         return self
@@ -96,5 +100,6 @@ class Epochs:
 
 def epochs(activations: torch.Tensor, batch_size: int, seed: int = 0,
            config: dict[str, Any] | None = None) -> Epochs:
-    """`Epochs(activations, batch_size, seed, config)`: endless shuffled batches over collected activations."""
+    """`Epochs(activations, batch_size, seed, config)`: endless shuffled batches over collected
+    activations."""
     return Epochs(activations, batch_size, seed, config)

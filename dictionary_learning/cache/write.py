@@ -1,4 +1,5 @@
-"""Writing a cache: `write_cache` (activations read out of a model, resumable) and `cache_from_tensors`."""
+"""Writing a cache: `write_cache` (activations read out of a model, resumable) and
+`cache_from_tensors`."""
 
 from __future__ import annotations
 
@@ -36,11 +37,12 @@ def _written(out: Path) -> int:
 
 @dataclass
 class CacheConfig:
-    """How `write_cache` reads activations and lays out the cache: every field is recorded in the manifest and must
-    match when a cache is continued (but `progress`)."""
+    """How `write_cache` reads activations and lays out the cache: every field is recorded in the
+    manifest and must match when a cache is continued (but `progress`)."""
 
     io: str = "out"
-    """what is read at `submodule`: "out", "in", or "in_to_out" (an (input, output) pair), as ActivationBuffer's io"""
+    """what is read at `submodule`: "out", "in", or "in_to_out" (an (input, output) pair), as
+    ActivationBuffer's io"""
     ctx_len: int = 128
     """tokens per text (longer texts are truncated)"""
     batch_texts: int = 32
@@ -52,7 +54,8 @@ class CacheConfig:
     add_special_tokens: bool = True
     """let the tokenizer add its special tokens (e.g. BOS)"""
     max_activation_norm_multiple: float | None = None
-    """leave out tokens whose activation norm exceeds this multiple of the batch's median norm (None: keep all)"""
+    """leave out tokens whose activation norm exceeds this multiple of the batch's median norm
+    (None: keep all)"""
     dtype: torch.dtype | None = None
     """the dtype stored (None: the model's)"""
     progress: bool = True
@@ -63,21 +66,24 @@ class CacheConfig:
     """a description of the texts (e.g. a dataset id), recorded and checked on resume"""
 
     def __post_init__(self) -> None:
-        self.ctx_len, self.batch_texts, self.shard_tokens = (integer(name, getattr(self, name)) for name in (
+        self.ctx_len, self.batch_texts, self.shard_tokens = (integer(name, getattr(self, name))
+                                                             for name in (
             "ctx_len", "batch_texts", "shard_tokens"))
         floating_dtype("dtype", self.dtype)
 
 
 def write_cache(model: Any, data: Iterable[str], submodule: Any, out: str | Path, n_tokens: int,
                 config: CacheConfig | None = None, **options: Any) -> Path:
-    """Read up to `n_tokens` activation vectors (in total, over all calls) at `submodule` (any form ActivationBuffer
-    takes: a hook point, an (input, output) pair with io="in_to_out", or a dict of them by name) and append them to
-    the cache folder `out` in shards of `shard_tokens` rows (the last may be partial). Stops at n_tokens or when
-    `data` runs out. Called again on an existing cache with the same settings (and the same `data` from its start) it
-    skips the texts already read and continues; different settings are refused. `model_name` and `source` (a
-    description of the texts, e.g. a dataset id) are recorded and checked on resume (model_name defaults to the
-    model config's name). Returns the folder. `options`: the fields of `CacheConfig` (or pass one as `config`;
-    options given as well replace its fields).
+    """Read up to `n_tokens` activation vectors (in total, over all calls) at `submodule` (any form
+    ActivationBuffer
+    takes: a hook point, an (input, output) pair with io="in_to_out", or a dict of them by name) and
+    append them to the cache folder `out` in shards of `shard_tokens` rows (the last may be
+    partial). Stops at n_tokens or when `data` runs out. Called again on an existing cache with the
+    same settings (and the same `data` from its start) it skips the texts already read and
+    continues; different settings are refused. `model_name` and `source` (a description of the
+    texts, e.g. a dataset id) are recorded and checked on resume (model_name defaults to the model
+    config's name). Returns the folder. `options`: the fields of `CacheConfig` (or pass one as
+    `config`; options given as well replace its fields).
     progress: a bar on stderr over the tokens once writing takes some seconds (`progress.DELAY`)."""
     config = check_options(CacheConfig, config, options, "write_cache")
     n_tokens = integer("n_tokens", n_tokens)
@@ -88,9 +94,11 @@ def write_cache(model: Any, data: Iterable[str], submodule: Any, out: str | Path
         return _append(model, items, submodule, out, n_tokens, config)
 
 
-def _append(model: Any, items: Iterable[str], submodule: Any, out: Path, n_tokens: int, config: CacheConfig) -> Path:
+def _append(model: Any, items: Iterable[str], submodule: Any, out: Path, n_tokens: int,
+            config: CacheConfig) -> Path:
     """write_cache's work, under the folder's writer lock."""
-    check_collection(model, config.io, config.ctx_len, config.remove_bos, config.max_activation_norm_multiple)
+    check_collection(model, config.io, config.ctx_len, config.remove_bos,
+                     config.max_activation_norm_multiple)
     hooks, entries = entry_points(model, submodule, config.io)
     keep = TokenFilter(config.remove_bos, config.max_activation_norm_multiple)
     dtype = config.dtype or next(torch_model(model).parameters()).dtype
@@ -109,15 +117,16 @@ def _append(model: Any, items: Iterable[str], submodule: Any, out: Path, n_token
         "widths": list(widths),
         "dtype": str(dtype).removeprefix("torch."), "ctx_len": config.ctx_len,
         "remove_bos": config.remove_bos, "add_special_tokens": config.add_special_tokens,
-        "max_activation_norm_multiple": config.max_activation_norm_multiple, "batch_texts": config.batch_texts,
-        "shard_tokens": config.shard_tokens, "model_fingerprint": model_fingerprint(model),
+        "max_activation_norm_multiple": config.max_activation_norm_multiple,
+        "batch_texts": config.batch_texts, "shard_tokens": config.shard_tokens,
+        "model_fingerprint": model_fingerprint(model),
     }
     check_disk(out, (n_tokens - _written(out)) * sum(widths) * dtype.itemsize, "n_tokens")
     manifest = resumable_manifest(out, settings)
     manifest["d_submodule"] = entry_widths(widths, entries)
     shards = manifest["shards"]
-    # pending rows, as segments [resume point of their first row (data items, rows into that text batch), tensors,
-    # resume point after them]; a reopened partial last shard comes first
+    # pending rows, as segments [resume point of their first row (data items, rows into that text
+    # batch), tensors, resume point after them]; a reopened partial last shard comes first
     segments: list[list[Any]] = []
     resume_point = (manifest["position"], manifest["position_rows"])
     written = sum(shard["tokens"] for shard in shards)
@@ -132,7 +141,8 @@ def _append(model: Any, items: Iterable[str], submodule: Any, out: Path, n_token
         return sum(segment[1][0].shape[0] for segment in segments)
 
     def write_shard(n: int) -> None:
-        """Cut the first n pending rows into the next shard and record it (and the new resume point)."""
+        """Cut the first n pending rows into the next shard and record it (and the new resume
+        point)."""
         nonlocal written
         parts, left = [], n
         while left:
@@ -153,8 +163,9 @@ def _append(model: Any, items: Iterable[str], submodule: Any, out: Path, n_token
     source_items = iter(items)
     skipped = sum(1 for _ in itertools.islice(source_items, manifest["position"]))
     if skipped < manifest["position"]:
-        raise ValueError(f"the cache {str(out)!r} has read {manifest['position']} items of its data, but this data "
-                         f"has only {skipped}: pass the same data, from its start, to continue it")
+        raise ValueError(f"the cache {str(out)!r} has read {manifest['position']} items of its "
+                         f"data, but this data has only {skipped}: pass the same data, from its "
+                         "start, to continue it")
     position, skip_rows = resume_point
     exhausted = False
     done = min(written + pending(), n_tokens)
@@ -183,13 +194,15 @@ def _append(model: Any, items: Iterable[str], submodule: Any, out: Path, n_token
                 write_shard(config.shard_tokens)
         if pending():
             write_shard(pending())
-    if not pending():  # nothing left unwritten (a text batch whose tokens were all dropped leaves none either)
+    # nothing left unwritten (a text batch whose tokens were all dropped leaves none either)
+    if not pending():
         manifest["position"], manifest["position_rows"] = resume_point
     manifest["exhausted"] = exhausted
     manifest["n_tokens"] = written
     atomic_write_json(out / MANIFEST, manifest)
     listed = {shard["file"] for shard in shards}
-    for stray in out.glob("shard_*.safetensors"):  # left by a crash between a shard and its manifest
+    # left by a crash between a shard and its manifest
+    for stray in out.glob("shard_*.safetensors"):
         if stray.name not in listed:
             stray.unlink(missing_ok=True)
     return out
@@ -203,10 +216,11 @@ def _save_shard(out: Path, index: int, rows: list[torch.Tensor]) -> dict[str, An
     return {"file": name, "tokens": int(rows[0].shape[0])}
 
 
-def cache_from_tensors(out: str | Path, activations: Any, shard_tokens: int = 65536, model_name: str = "tensors",
-                       source: str = "in-memory tensors") -> Path:
-    """Write activations already in memory as a cache (e.g. synthetic data, or a saved safetensors file): a
-    `[n, d]` tensor, an `(x, y)` pair, or a dict of them by name, rows aligned. `out` must not hold a cache yet."""
+def cache_from_tensors(out: str | Path, activations: Any, shard_tokens: int = 65536,
+                       model_name: str = "tensors", source: str = "in-memory tensors") -> Path:
+    """Write activations already in memory as a cache (e.g. synthetic data, or a saved safetensors
+    file): a `[n, d]` tensor, an `(x, y)` pair, or a dict of them by name, rows aligned. `out` must
+    not hold a cache yet."""
     shard_tokens = integer("shard_tokens", shard_tokens)
     out = Path(out)
     if (out / MANIFEST).exists():
@@ -218,7 +232,8 @@ def cache_from_tensors(out: str | Path, activations: Any, shard_tokens: int = 65
         entries[name] = list(range(len(sides), len(sides) + (2 if pair else 1)))
         for io, tensor in zip(("input", "output"), value if pair else (value,)):
             if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2 or not tensor.is_floating_point():
-                raise TypeError(f"activations[{name!r}] must be a floating [n, d] tensor (or a pair of them), got "
+                raise TypeError(f"activations[{name!r}] must be a floating [n, d] tensor (or a "
+                                "pair of them), got "
                                 f"{getattr(tensor, 'shape', type(tensor).__name__)}")
             hooks.append({"path": name, "io": io if pair else "output", "name": name})
             sides.append(tensor.detach().cpu())
@@ -228,10 +243,12 @@ def cache_from_tensors(out: str | Path, activations: Any, shard_tokens: int = 65
     single = not isinstance(activations, dict)
     io = "in_to_out" if single and isinstance(activations, (tuple, list)) else "out"
     manifest = resumable_manifest(out, {
-        "model": model_name, "source": source, "io": io, "hooks": hooks, "entries": None if single else entries,
-        "widths": [t.shape[1] for t in sides], "dtype": str(sides[0].dtype).removeprefix("torch."), "ctx_len": None,
-        "remove_bos": None, "add_special_tokens": None, "max_activation_norm_multiple": None, "batch_texts": None,
-        "shard_tokens": shard_tokens, "model_fingerprint": None})
+        "model": model_name, "source": source, "io": io, "hooks": hooks,
+        "entries": None if single else entries, "widths": [t.shape[1] for t in sides],
+        "dtype": str(sides[0].dtype).removeprefix("torch."), "ctx_len": None, "remove_bos": None,
+        "add_special_tokens": None, "max_activation_norm_multiple": None, "batch_texts": None,
+        "shard_tokens": shard_tokens,
+        "model_fingerprint": None})
     n = sides[0].shape[0]
     manifest["shards"] = [_save_shard(out, i, [t[start : start + shard_tokens] for t in sides])
                           for i, start in enumerate(range(0, n, shard_tokens))]

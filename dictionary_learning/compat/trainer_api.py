@@ -1,8 +1,8 @@
-"""Upstream dictionary_learning's trainer API over this package's trainers, one mixin for all of them:
-`loss(x, step, logging=False)` (the loss, or with `logging` a `LossLog(x, x_hat, f, losses)`, changing no training
-state), `get_auxiliary_loss` on TopK-style trainers, `num_tokens_since_fired`, and each hyperparameter as an
-attribute of the trainer (upstream's trainers store every argument so: `trainer.l1_penalty`, `trainer.k`, ...),
-read from and written to its config."""
+"""Upstream dictionary_learning's trainer API over this package's trainers, one mixin for all of
+them: `loss(x, step, logging=False)` (the loss, or with `logging` a `LossLog(x, x_hat, f, losses)`,
+changing no training state), `get_auxiliary_loss` on TopK-style trainers, `num_tokens_since_fired`,
+and each hyperparameter as an attribute of the trainer (upstream's trainers store every argument so:
+`trainer.l1_penalty`, `trainer.k`, ...), read from and written to its config."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ LossLog = namedtuple("LossLog", ["x", "x_hat", "f", "losses"])
 
 
 class UpstreamTrainerAPI:
-    """Upstream's names on a `trainers.base.Trainer` (mixed in just before it). Upstream's constructor: the
-    config's fields in `positions` (upstream's order) positionally, the rest by keyword; each method's `__init__`
-    shows that signature (introspection and upstream's calls see the method's own parameters)."""
+    """Upstream's names on a `trainers.base.Trainer` (mixed in just before it). Upstream's
+    constructor: the config's fields in `positions` (upstream's order) positionally, the rest by
+    keyword; each method's `__init__` shows that signature (introspection and upstream's calls see
+    the method's own parameters)."""
 
     positions: ClassVar[tuple[str, ...]] = ()
     loss_log_type = LossLog  # JumpReluTrainer's upstream names its fields (x, recon, f, losses)
@@ -30,12 +31,13 @@ class UpstreamTrainerAPI:
 
         def __init__(self: Any, *args: Any, config: Any = None, **fields: Any) -> None:
             if len(args) > len(cls.positions):
-                raise TypeError(f"{cls.__name__} takes at most {len(cls.positions)} positional arguments "
-                                f"({', '.join(cls.positions)}), got {len(args)}")
+                raise TypeError(f"{cls.__name__} takes at most {len(cls.positions)} positional "
+                                f"arguments ({', '.join(cls.positions)}), got {len(args)}")
             twice = sorted(set(cls.positions[:len(args)]) & set(fields))
             if twice:
                 raise TypeError(f"{cls.__name__} got multiple values for {twice}")
-            super(UpstreamTrainerAPI, self).__init__(config, **dict(zip(cls.positions, args)), **fields)
+            super(UpstreamTrainerAPI, self).__init__(config, **dict(zip(cls.positions, args)),
+                                                     **fields)
 
         __init__.__signature__ = cls.signature()  # type: ignore[attr-defined]
         __init__.__qualname__ = f"{cls.__name__}.__init__"
@@ -57,20 +59,24 @@ class UpstreamTrainerAPI:
                        for name in cls.positions]
         rest = sorted((name for name in fields if name not in cls.positions),
                       key=lambda name: default(name) is not parameter.empty)
-        parameters += [parameter(name, parameter.KEYWORD_ONLY, default=default(name)) for name in rest]
+        parameters += [parameter(name, parameter.KEYWORD_ONLY, default=default(name))
+                       for name in rest]
         parameters.append(parameter("config", parameter.KEYWORD_ONLY, default=None))
         return inspect.Signature(parameters)
 
-    def __getattr__(self, name: str) -> Any:  # only for names the trainer itself lacks: its config's values
+    # only for names the trainer itself lacks: its config's values
+    def __getattr__(self, name: str) -> Any:
         cfg = self.__dict__.get("cfg")
         if cfg is not None and name in type(cfg).__dataclass_fields__:
             return getattr(cfg, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    def __setattr__(self, name: str, value: Any) -> None:  # `trainer.k_aux = ...` sets the config's value
+    # `trainer.k_aux = ...` sets the config's value
+    def __setattr__(self, name: str, value: Any) -> None:
         cfg = self.__dict__.get("cfg")
         if cfg is not None and name in type(cfg).__dataclass_fields__ and name not in self.__dict__ \
-                and name != "device":  # (the trainer's device is its own: the resolved torch.device)
+                and name != "device":  # (the trainer's device is its own: the resolved
+                                       # torch.device)
             setattr(cfg, name, value)
         else:
             super().__setattr__(name, value)
@@ -81,24 +87,27 @@ class UpstreamTrainerAPI:
 
     @property
     def steps_since_active(self) -> torch.Tensor | None:
-        """Per latent, the consecutive steps it fired on no token (kept only with resample_steps)."""
+        """Per latent, the consecutive steps it fired on no token (kept only with
+        resample_steps)."""
         return None if self.resampling is None else self.resampling.steps_since_active
 
     def dead_mask(self, threshold_tokens: int) -> torch.Tensor:
         return self.dead.mask(threshold_tokens)
 
-    def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False, y: torch.Tensor | None = None,
-             **kwargs: Any) -> Any:
-        """Upstream's `loss(x, step, logging=False)` (a transcoder's target as `y`): the training loss of a batch, or
-        with `logging` upstream's LossLog; no training state changes either way."""
+    def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False,
+             y: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """Upstream's `loss(x, step, logging=False)` (a transcoder's target as `y`): the training
+        loss of a batch, or with `logging` upstream's LossLog; no training state changes either
+        way."""
         if isinstance(step, torch.Tensor):
-            raise TypeError(f"{type(self).__name__}.loss(x, step=None, logging=False, y=None): got a tensor where the "
-                            f"step goes; pass a transcoder's target as y=")
+            raise TypeError(f"{type(self).__name__}.loss(x, step=None, logging=False, y=None): got "
+                            "a tensor where the step goes; pass a transcoder's target as y=")
         y = x if y is None else y
         out = self.step_loss(x, y, int(step or 0))
         if not logging:
             return out.loss
-        return self.loss_log_type(x, out.y_hat.detach(), self.dense_codes(x, out), self.logged_losses(y, out))
+        return self.loss_log_type(x, out.y_hat.detach(), self.dense_codes(x, out),
+                                  self.logged_losses(y, out))
 
     @torch.no_grad()
     def dense_codes(self, x: torch.Tensor, out: Any) -> torch.Tensor:
@@ -110,12 +119,14 @@ class UpstreamTrainerAPI:
 
     def logged_losses(self, y: torch.Tensor, out: Any) -> dict[str, Any]:
         error = (y - out.y_hat.detach())
-        return {"l2_loss": error.norm(dim=-1).mean().item(), "mse_loss": error.pow(2).sum(dim=-1).mean().item(),
-                "loss": out.loss.item(), **out.metrics}
+        return {"l2_loss": error.norm(dim=-1).mean().item(),
+                "mse_loss": error.pow(2).sum(dim=-1).mean().item(), "loss": out.loss.item(),
+                **out.metrics}
 
 
 class UpdateX:
-    """Upstream names `update`'s batch `x` in its TopK-style, gated (GDM) and JumpReLU trainers (mixed in first)."""
+    """Upstream names `update`'s batch `x` in its TopK-style, gated (GDM) and JumpReLU trainers
+    (mixed in first)."""
 
     def update(self, step: int, x: Any, extra_loss: Any = None) -> float:
         return super().update(step, x, extra_loss)

@@ -1,6 +1,7 @@
-"""What a feature's weights say, without running the model: the tokens its decoder direction promotes and
-suppresses through the unembedding, and its strongest upstream connections (an SCAE suite's selected connections,
-or a transcoder's virtual weights from an earlier dictionary's decoder)."""
+"""What a feature's weights say, without running the model: the tokens its decoder direction
+promotes and suppresses through the unembedding, and its strongest upstream connections (an SCAE
+suite's selected connections, or a transcoder's virtual weights from an earlier dictionary's
+decoder)."""
 
 from __future__ import annotations
 
@@ -15,46 +16,53 @@ from ..models import get_adapter, get_module, norm_params
 
 
 @torch.no_grad()
-def decoder_directions(dictionary: Dictionary, features: list[int] | torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """The output-space direction each feature writes, `[len(features), output_dim]`: decode(e_i) - decode(0), which
-    every dictionary class computes the same way (a skip transcoder's skip term cancels, read at x = 0)."""
+def decoder_directions(dictionary: Dictionary, features: list[int] | torch.Tensor,
+                       chunk: int = 1024) -> torch.Tensor:
+    """The output-space direction each feature writes, `[len(features), output_dim]`: decode(e_i) -
+    decode(0), which every dictionary class computes the same way (a skip transcoder's skip term
+    cancels, read at x = 0)."""
     parameter = next(dictionary.parameters())
     features = torch.as_tensor(features, dtype=torch.long)
-    zero_input = torch.zeros(1, dictionary.activation_dim, device=parameter.device, dtype=parameter.dtype)
-    base = dictionary.decode(torch.zeros(1, dictionary.dict_size, device=parameter.device, dtype=parameter.dtype),
-                             x=zero_input)
+    zero_input = torch.zeros(1, dictionary.activation_dim, device=parameter.device,
+                             dtype=parameter.dtype)
+    base = dictionary.decode(torch.zeros(1, dictionary.dict_size, device=parameter.device,
+                                         dtype=parameter.dtype), x=zero_input)
     rows = []
     for part in features.split(chunk):
-        one_hot = torch.zeros(len(part), dictionary.dict_size, device=parameter.device, dtype=parameter.dtype)
+        one_hot = torch.zeros(len(part), dictionary.dict_size, device=parameter.device,
+                              dtype=parameter.dtype)
         one_hot[torch.arange(len(part)), part.to(parameter.device)] = 1.0
         rows.append((dictionary.decode(one_hot, x=zero_input.expand(len(part), -1)) - base).float().cpu())
     return torch.cat(rows) if rows else torch.empty(0, dictionary.output_dim)
 
 
 def encoder_rows(dictionary: Dictionary) -> torch.Tensor:
-    """The encoder's weight as rows per feature, `[dict_size, activation_dim]` (pre-activation = W x + b)."""
+    """The encoder's weight as rows per feature, `[dict_size, activation_dim]` (pre-activation = W
+    x + b)."""
     affine = getattr(dictionary, "_encoder_affine", None)
     if affine is not None:
         return affine()[0]
     encoder = getattr(dictionary, "encoder", None)
     if isinstance(encoder, nn.Linear):
         return encoder.weight
-    raise TypeError(f"{type(dictionary).__name__} has no linear encoder to read virtual weights from")
+    raise TypeError(f"{type(dictionary).__name__} has no linear encoder to read virtual weights "
+                    "from")
 
 
 @torch.no_grad()
 def logit_lens(model: Any, directions: torch.Tensor, n_tokens: int = 10, chunk: int = 256
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(top ids, top values, bottom ids, bottom values), each `[n, n_tokens]`: the logits W_U (w * C d) of each
-    decoder direction d through the final norm's linear part (its weight w, with C centring for LayerNorm, Gemma's
-    1 + w: `norm_params(model, None, "final")`) and the unembedding. Left out: the norm's per-token scale 1 / rms
-    (positive and shared by every vocabulary entry, so it changes no ranking) and its bias (the same logits W_U b
-    whatever the feature). So this is the logit lens of the direction read through the final norm as the model
-    reads the residual stream, not a plain W_U d."""
+    """(top ids, top values, bottom ids, bottom values), each `[n, n_tokens]`: the logits W_U (w *
+    C d) of each decoder direction d through the final norm's linear part (its weight w, with C
+    centring for LayerNorm, Gemma's 1 + w: `norm_params(model, None, "final")`) and the unembedding.
+    Left out: the norm's per-token scale 1 / rms (positive and shared by every vocabulary entry, so
+    it changes no ranking) and its bias (the same logits W_U b whatever the feature). So this is the
+    logit lens of the direction read through the final norm as the model reads the residual stream,
+    not a plain W_U d."""
     unembed = get_module(model, get_adapter(model).unembed).weight  # [vocab, d_model]
     if directions.shape[1] != unembed.shape[1]:
-        raise ValueError(f"decoder directions of width {directions.shape[1]} cannot be read through the unembedding "
-                         f"of width {unembed.shape[1]}")
+        raise ValueError(f"decoder directions of width {directions.shape[1]} cannot be read "
+                         f"through the unembedding of width {unembed.shape[1]}")
     final = norm_params(model, None, "final")
     results: list[list[torch.Tensor]] = [[], [], [], []]
     for part in directions.split(chunk):
@@ -69,24 +77,25 @@ def logit_lens(model: Any, directions: torch.Tensor, n_tokens: int = 10, chunk: 
 
 @dataclass
 class Upstream:
-    """Per shown feature, its strongest upstream connections: lists of (module or dictionary name, feature, weight)
-    strongest first, and a sentence saying what the weights are."""
+    """Per shown feature, its strongest upstream connections: lists of (module or dictionary name,
+    feature, weight) strongest first, and a sentence saying what the weights are."""
 
     connections: list[list[tuple[str, int, float]]]
     description: str
 
 
 @torch.no_grad()
-def virtual_weight_connections(dictionary: Dictionary, upstream: Dictionary, features: list[int], name: str,
-                               model: Any = None, layer: int | None = None, n_connections: int = 10,
-                               chunk: int = 1024) -> Upstream:
-    """For a transcoder and an earlier dictionary writing into the stream it reads: the virtual weights
-    e_F . d_j (this encoder row, the upstream decoder direction) with the largest |value| per feature. When the
-    transcoder reads an MLP input (`layer` given), the decoder directions pass through that MLP's pre-norm linear
-    part first (`norm_params(model, layer, "mlp")`: the SCAE linearisation, without the per-token 1 / rms)."""
+def virtual_weight_connections(dictionary: Dictionary, upstream: Dictionary, features: list[int],
+                               name: str, model: Any = None, layer: int | None = None,
+                               n_connections: int = 10, chunk: int = 1024) -> Upstream:
+    """For a transcoder and an earlier dictionary writing into the stream it reads: the virtual
+    weights e_F . d_j (this encoder row, the upstream decoder direction) with the largest |value|
+    per feature. When the transcoder reads an MLP input (`layer` given), the decoder directions pass
+    through that MLP's pre-norm linear part first (`norm_params(model, layer, "mlp")`: the SCAE
+    linearisation, without the per-token 1 / rms)."""
     if upstream.output_dim != dictionary.activation_dim:
-        raise ValueError(f"the upstream dictionary writes width {upstream.output_dim}, but this one reads width "
-                         f"{dictionary.activation_dim}")
+        raise ValueError(f"the upstream dictionary writes width {upstream.output_dim}, but this "
+                         f"one reads width {dictionary.activation_dim}")
     rows = encoder_rows(dictionary)
     encoder = rows[torch.as_tensor(features, device=rows.device)].float()  # [n, activation_dim]
     best_values = torch.empty(len(features), 0)
@@ -104,14 +113,17 @@ def virtual_weight_connections(dictionary: Dictionary, upstream: Dictionary, fea
     connections = [[(name, int(j), float(w)) for j, w in zip(row_i.tolist(), row_w.tolist())]
                    for row_i, row_w in zip(best_indices, best_values)]
     through = " through the MLP's pre-norm weight" if layer is not None else ""
-    return Upstream(connections, f"virtual weights W_enc · W_dec(upstream)ᵀ{through}, largest |value| first")
+    return Upstream(connections,
+                    f"virtual weights W_enc · W_dec(upstream)ᵀ{through}, largest |value| first")
 
 
-def suite_connections(suite: Any, model: Any, name: str, features: list[int], n_connections: int = 10,
+def suite_connections(suite: Any, model: Any, name: str, features: list[int],
+                      n_connections: int = 10,
                       upstream_names: list[str] | None = None) -> Upstream | None:
-    """An SCAE suite module's selected connections (None when the suite was saved without connections): per
-    feature the first `n_connections` (strongest first where selection scored them, else by |weight|), each with
-    its upstream module, feature and virtual weight (an attention SAE's per-head weights summed over heads)."""
+    """An SCAE suite module's selected connections (None when the suite was saved without
+    connections): per feature the first `n_connections` (strongest first where selection scored
+    them, else by |weight|), each with its upstream module, feature and virtual weight (an attention
+    SAE's per-head weights summed over heads)."""
     connections = suite.connections
     if connections is None:
         return None
@@ -127,7 +139,8 @@ def suite_connections(suite: Any, model: Any, name: str, features: list[int], n_
         order = weights.abs().argsort(dim=1, descending=True)
         indices, weights = indices.gather(1, order), weights.gather(1, order)
     rows = []
-    for row_i, row_w in zip(indices[:, :n_connections].tolist(), weights[:, :n_connections].tolist()):
+    for row_i, row_w in zip(indices[:, :n_connections].tolist(),
+                            weights[:, :n_connections].tolist()):
         row = []
         for index, weight in zip(row_i, row_w):
             module = int(torch.searchsorted(starts, torch.tensor(index), right=True)) - 1

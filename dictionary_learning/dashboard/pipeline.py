@@ -1,8 +1,9 @@
-"""The dashboard pipeline: which model, hook point and features a saved dictionary needs, then one pass over text
-(`collect.py`), the weights' readings (`directions.py`) and the files (`render.py`).
+"""The dashboard pipeline: which model, hook point and features a saved dictionary needs, then one
+pass over text (`collect.py`), the weights' readings (`directions.py`) and the files (`render.py`).
 
-`dashboard(dictionary=DIR)` is what `python -m dictionary_learning dashboard` runs; `build_dashboard` is the part
-that takes a loaded dictionary and model (the quickstart calls it with the ones it has)."""
+`dashboard(dictionary=DIR)` is what `python -m dictionary_learning dashboard` runs;
+`build_dashboard` is the part that takes a loaded dictionary and model (the quickstart calls it with
+the ones it has)."""
 
 from __future__ import annotations
 
@@ -44,13 +45,15 @@ from .directions import (
 )
 from .render import feature_records, write_dashboard
 
-LOGIT_LENS = ("promoted / suppressed tokens: the unembedding applied to the decoder direction through the final "
-              "norm's weight (a logit lens; the per-token 1/rms scale and the norm's bias do not change the ranking)")
+LOGIT_LENS = ("promoted / suppressed tokens: the unembedding applied to the decoder direction "
+              "through the final norm's weight (a logit lens; the per-token 1/rms scale and the "
+              "norm's bias do not change the ranking)")
 
 
 def parse_features(spec: str | int | Sequence[int], dict_size: int) -> list[int]:
-    """Feature indices from a count (the first N; more than dict_size means all), "all", or a comma-separated list
-    of indices and inclusive ranges ("0-99", "3,17,200-210"), in the order given, without repeats."""
+    """Feature indices from a count (the first N; more than dict_size means all), "all", or a
+    comma-separated list of indices and inclusive ranges ("0-99", "3,17,200-210"), in the order
+    given, without repeats."""
     if isinstance(spec, str) and spec.strip().isdigit():
         spec = int(spec)
     if isinstance(spec, str) and spec.strip() == "all":
@@ -62,8 +65,8 @@ def parse_features(spec: str | int | Sequence[int], dict_size: int) -> list[int]
         for part in spec.split(","):
             match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
             if not match:
-                raise ValueError(f"features must be a count, 'all', or indices and ranges such as '0-99' or "
-                                 f"'3,17,200-210', got {spec!r}")
+                raise ValueError("features must be a count, 'all', or indices and ranges such as "
+                                 f"'0-99' or '3,17,200-210', got {spec!r}")
             first, last = int(match.group(1)), int(match.group(2) or match.group(1))
             if last < first:
                 raise ValueError(f"features: the range {part.strip()!r} runs backwards")
@@ -72,25 +75,28 @@ def parse_features(spec: str | int | Sequence[int], dict_size: int) -> list[int]
         indices = [integer("features[]", i, low=0) for i in spec]
     bad = [i for i in indices if i >= dict_size]
     if bad:
-        raise ValueError(f"features must lie in [0, {dict_size - 1}] (the dictionary has {dict_size}), got {bad[:5]}")
+        raise ValueError(f"features must lie in [0, {dict_size - 1}] (the dictionary has "
+                         f"{dict_size}), got {bad[:5]}")
     if not indices:
         raise ValueError("features: no feature indices given")
     return list(dict.fromkeys(indices))
 
 
 def _sections(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(trainer config, buffer config) of a saved config.json (its buffer, or run.buffer in quickstart saves before
-    2026-12-07)."""
+    """(trainer config, buffer config) of a saved config.json (its buffer, or run.buffer in
+    quickstart saves before 2026-12-07)."""
     trainer = config.get("trainer", config)
     run = config.get("run")
     buffer = config.get("buffer") or (run.get("buffer") if isinstance(run, dict) else None) or {}
-    return (trainer if isinstance(trainer, dict) else {}), (buffer if isinstance(buffer, dict) else {})
+    return (trainer if isinstance(trainer, dict) else {}), (buffer if isinstance(buffer, dict)
+                                                            else {})
 
 
 def hook_from_config(model: Any, config: dict[str, Any]) -> HookPoint | None:
-    """The hook point a saved dictionary reads (a transcoder's input side), as its config.json names it: the
-    buffer's hook points (the trainer's entry of a buffer over many), else the trainer's `submodule_name` when it
-    is a named site ("layers.6.resid"), else upstream's `layer` at the residual stream for io="out"; else None."""
+    """The hook point a saved dictionary reads (a transcoder's input side), as its config.json names
+    it: the buffer's hook points (the trainer's entry of a buffer over many), else the trainer's
+    `submodule_name` when it is a named site ("layers.6.resid"), else upstream's `layer` at the
+    residual stream for io="out"; else None."""
     trainer, buffer = _sections(config)
     hooks = {}
     for spec in buffer.get("hooks") or []:
@@ -109,8 +115,8 @@ def hook_from_config(model: Any, config: dict[str, Any]) -> HookPoint | None:
         return resolve_hook(model, name)
     layer = trainer.get("layer")
     if isinstance(layer, int) and buffer.get("io", "out") == "out" and not trainer.get("transcoder"):
-        print(f"config.json names layer {layer} but no hook point: reading layers.{layer}.resid (pass --site "
-              f"otherwise)", file=sys.stderr)
+        print(f"config.json names layer {layer} but no hook point: reading layers.{layer}.resid "
+              "(pass --site otherwise)", file=sys.stderr)
         return hook(model, layer, "resid")
     return None
 
@@ -122,8 +128,8 @@ def _layer_of(point: HookPoint) -> int | None:
 
 @dataclass
 class DashboardConfig(StatisticsConfig):
-    """What `build_dashboard` shows: which features, their upstream connections and the page's notes, with how it
-    reads text (`StatisticsConfig`'s fields)."""
+    """What `build_dashboard` shows: which features, their upstream connections and the page's
+    notes, with how it reads text (`StatisticsConfig`'s fields)."""
 
     features: str | int | Sequence[int] = 300
     """a count (the first N), "all", or indices and ranges ("0-99,512"): see `parse_features`"""
@@ -134,11 +140,14 @@ class DashboardConfig(StatisticsConfig):
     """notes for dashboard.json and the page's header (dictionary, model, data: the text's name)"""
 
 
-def build_dashboard(dictionary: Dictionary, model: Any, point: HookPoint, texts: Iterable[str], out: str | Path,
-                    config: DashboardConfig | None = None, **options: Any) -> dict[str, Any]:
-    """Measure `features` of a loaded dictionary on `texts` at `point` and write the dashboard folder `out`
-    (index.html, features/{index}.json, ...: see `render.py`); returns what dashboard.json records.
-    `options`: the fields of `DashboardConfig` (or pass one as `config`; options given as well replace its fields).
+def build_dashboard(dictionary: Dictionary, model: Any, point: HookPoint, texts: Iterable[str],
+                    out: str | Path, config: DashboardConfig | None = None,
+                    **options: Any) -> dict[str, Any]:
+    """Measure `features` of a loaded dictionary on `texts` at `point` and write the dashboard
+    folder `out` (index.html, features/{index}.json, ...: see `render.py`); returns what
+    dashboard.json records.
+    `options`: the fields of `DashboardConfig` (or pass one as `config`; options given as well
+    replace its fields).
     progress: bars on stderr over its phases that take more than a few seconds (progress.DELAY)."""
     config = check_options(DashboardConfig, config, options, "build_dashboard")
     started = time.perf_counter()
@@ -149,16 +158,20 @@ def build_dashboard(dictionary: Dictionary, model: Any, point: HookPoint, texts:
         logits = logit_lens(model, decoder_directions(dictionary, chosen))
         meta["logit_lens"] = LOGIT_LENS
     else:  # e.g. per-head activations: no direction in the residual stream to unembed
-        logits = tuple(torch.empty(len(chosen), 0, dtype=dtype) for dtype in (torch.long, torch.float) * 2)
-        meta["logit_lens"] = (f"no promoted / suppressed tokens: the dictionary writes width {dictionary.output_dim}, "
-                              f"not the residual stream's {d_model(model)}")
+        logits = tuple(torch.empty(len(chosen), 0, dtype=dtype)
+                       for dtype in (torch.long, torch.float) * 2)
+        meta["logit_lens"] = ("no promoted / suppressed tokens: the dictionary writes width "
+                              f"{dictionary.output_dim}, not the residual stream's "
+                              f"{d_model(model)}")
     layer = _layer_of(point)
     transcoder_id = f"{meta.get('model', 'model')}/{point}"
     records = feature_records(stats, transcoder_id, logits, upstream, progress=config.progress)
-    meta.update(hook=str(point), kind=f"{type(dictionary).__name__}{' transcoder' if dictionary.transcoder else ''}",
-                dict_size=dictionary.dict_size, features=len(chosen), tokens=stats.tokens, texts=stats.texts,
-                dead=int((stats.fired == 0).sum()),
-                upstream=upstream.description if upstream is not None else None, transcoder_id=transcoder_id)
+    meta.update(hook=str(point),
+                kind=f"{type(dictionary).__name__}{' transcoder' if dictionary.transcoder else ''}",
+                dict_size=dictionary.dict_size, features=len(chosen), tokens=stats.tokens,
+                texts=stats.texts, dead=int((stats.fired == 0).sum()),
+                upstream=upstream.description if upstream is not None else None,
+                transcoder_id=transcoder_id)
     meta.setdefault("data", "python-docs")
     meta["seconds"] = round(time.perf_counter() - started, 2)
     write_dashboard(out, records, model.tokenizer, meta, layer=layer or 0, progress=config.progress)
@@ -167,8 +180,9 @@ def build_dashboard(dictionary: Dictionary, model: Any, point: HookPoint, texts:
 
 @dataclass
 class DashboardCommandConfig:
-    """The options of `dashboard` (the command): where the page goes, which model, hook point and text it reads a
-    saved dictionary on (each defaults to what the dictionary's config.json says), and which features it shows."""
+    """The options of `dashboard` (the command): where the page goes, which model, hook point and
+    text it reads a saved dictionary on (each defaults to what the dictionary's config.json says),
+    and which features it shows."""
 
     out: str | Path = "reports/dashboard"
     """the folder written: index.html, features/"""
@@ -179,7 +193,8 @@ class DashboardCommandConfig:
     site: str | None = None
     """the site read at that layer, e.g. resid, mlp_in (default: as config.json says)"""
     data: str | None = None
-    """the text: python-docs (default, offline), a .txt / .jsonl file or folder, or a hub dataset id[:split]"""
+    """the text: python-docs (default, offline), a .txt / .jsonl file or folder, or a hub dataset
+    id[:split]"""
     dtype: str = "auto"
     """the model's dtype ("auto": bfloat16 where the hardware is fast at it, else float32)"""
     device: str = "cpu"
@@ -199,14 +214,15 @@ class DashboardCommandConfig:
     top_examples: int = 10
     """top activating contexts per feature"""
     upstream: str | Path | None = None
-    """an earlier dictionary folder whose decoder writes what this one reads: each feature's strongest virtual
-    weights (an SCAE module shows its suite's selected connections instead)"""
+    """an earlier dictionary folder whose decoder writes what this one reads: each feature's
+    strongest virtual weights (an SCAE module shows its suite's selected connections instead)"""
     seed: int = 0
     """seeds the sampled examples"""
     progress: bool = True
     """bars on stderr over the long phases (False: quiet)"""
     other_model: bool = False
-    """read the dictionary on `model` even though its config records another model (by its weights' fingerprint)"""
+    """read the dictionary on `model` even though its config records another model (by its
+    weights' fingerprint)"""
 
     def __post_init__(self) -> None:
         for name in ("tokens", "batch_texts", "top_examples"):
@@ -215,14 +231,16 @@ class DashboardCommandConfig:
             integer("texts", self.texts)
 
 
-def dashboard(dictionary: str | Path, config: DashboardCommandConfig | None = None, **options: Any) -> dict[str, Any]:
-    """Write an offline feature dashboard of a saved dictionary (a folder with ae.pt + config.json, or a module
-    folder of a saved SCAE suite) to `out/index.html`, with circuit-tracer feature files in `out/features/`.
+def dashboard(dictionary: str | Path, config: DashboardCommandConfig | None = None,
+              **options: Any) -> dict[str, Any]:
+    """Write an offline feature dashboard of a saved dictionary (a folder with ae.pt + config.json,
+    or a module folder of a saved SCAE suite) to `out/index.html`, with circuit-tracer feature files
+    in `out/features/`.
 
-    `options`: the fields of `DashboardCommandConfig` (or pass one as `config`; options given as well replace its
-    fields); the model, hook point, ctx_len and remove_bos default to what the dictionary's config.json (or
-    suite.json) says. A dictionary whose config records the model it was trained on (its fingerprint) is refused
-    on another model, unless `other_model`."""
+    `options`: the fields of `DashboardCommandConfig` (or pass one as `config`; options given as
+    well replace its fields); the model, hook point, ctx_len and remove_bos default to what the
+    dictionary's config.json (or suite.json) says. A dictionary whose config records the model it
+    was trained on (its fingerprint) is refused on another model, unless `other_model`."""
     started = time.perf_counter()
     config = check_options(DashboardCommandConfig, config, options, "dashboard")
     folder, out = Path(dictionary), config.out
@@ -239,15 +257,18 @@ def dashboard(dictionary: str | Path, config: DashboardCommandConfig | None = No
         loaded, saved = load_dictionary(folder)
     trainer, buffer = _sections(saved)
     model_name = config.model or trainer.get("lm_name") or (suite.model_name if suite else None) or DEFAULT_MODEL
-    lm = load_model(model_name, device=config.device, dtype=dtype_from_name(config.dtype, config.device))
+    lm = load_model(model_name, device=config.device,
+                    dtype=dtype_from_name(config.dtype, config.device))
     if loaded.activation_dim != d_model(lm):
-        raise ValueError(f"the dictionary reads vectors of width {loaded.activation_dim}, but {model_name!r} has "
-                         f"width {d_model(lm)}: pass the model it was trained on (--model)")
-    recorded = buffer.get("model_fingerprint") or (suite.model_fingerprint if suite is not None else None)
+        raise ValueError(f"the dictionary reads vectors of width {loaded.activation_dim}, but "
+                         f"{model_name!r} has width {d_model(lm)}: pass the model it was trained "
+                         "on (--model)")
+    recorded = buffer.get("model_fingerprint") or (suite.model_fingerprint if suite is not None
+                                                   else None)
     if recorded and model_fingerprint(lm) not in (None, recorded) and not config.other_model:
-        raise ValueError(f"the dictionary was trained on another model than this {model_name!r} (their weights "
-                         f"differ): pass the model it was trained on (--model), or other_model=True "
-                         f"(--other-model) to read it on this one anyway")
+        raise ValueError(f"the dictionary was trained on another model than this {model_name!r} "
+                         "(their weights differ): pass the model it was trained on (--model), or "
+                         "other_model=True (--other-model) to read it on this one anyway")
     layer, site = config.layer, config.site
     if suite is not None and layer is None and site is None:
         kind, module_layer = parse_module_name(module)
@@ -258,23 +279,25 @@ def dashboard(dictionary: str | Path, config: DashboardCommandConfig | None = No
     else:
         point = hook_from_config(lm, saved)
         if point is None:
-            raise ValueError(f"{str(folder / 'config.json')!r} does not say which hook point the dictionary reads: "
-                             f"pass --layer and --site")
+            raise ValueError(f"{str(folder / 'config.json')!r} does not say which hook point the "
+                             "dictionary reads: pass --layer and --site")
     loaded = loaded.to(config.device)
     connections = None
     chosen = parse_features(config.features, loaded.dict_size)
     if suite is not None:
-        connections = suite_connections(suite, lm, module, chosen, upstream_names=upstream_of(module, lm))
+        connections = suite_connections(suite, lm, module, chosen,
+                                        upstream_names=upstream_of(module, lm))
     elif config.upstream is not None:
         earlier, _ = load_dictionary(config.upstream, device=config.device)
         reads_mlp = (point.name or "").endswith(".mlp_in")
-        connections = virtual_weight_connections(loaded, earlier, chosen, Path(config.upstream).name, model=lm,
+        connections = virtual_weight_connections(loaded, earlier, chosen,
+                                                 Path(config.upstream).name, model=lm,
                                                  layer=_layer_of(point) if reads_mlp else None)
     named = folder.resolve()
-    meta = {"dictionary": f"{named.parent.name}/{named.name}" if named.parent.name else named.name, "model": model_name,
-            "data": config.data or "python-docs"}
-    print(f"{model_name} {point}: dashboard of {len(chosen)} of {loaded.dict_size} features on up to "
-          f"{config.tokens} tokens", file=sys.stderr)
+    meta = {"dictionary": f"{named.parent.name}/{named.name}" if named.parent.name else named.name,
+            "model": model_name, "data": config.data or "python-docs"}
+    print(f"{model_name} {point}: dashboard of {len(chosen)} of {loaded.dict_size} features on up "
+          f"to {config.tokens} tokens", file=sys.stderr)
     remove_bos = config.remove_bos if config.remove_bos is not None else bool(buffer.get("remove_bos", True))
     meta = build_dashboard(
         loaded, lm, point, text_source(config.data), out, features=chosen, tokens=config.tokens,
@@ -282,6 +305,7 @@ def dashboard(dictionary: str | Path, config: DashboardCommandConfig | None = No
         batch_texts=config.batch_texts, remove_bos=remove_bos, top_examples=config.top_examples,
         upstream=connections, meta=meta, seed=config.seed, progress=config.progress)
     meta["seconds_total"] = round(time.perf_counter() - started, 2)
-    print(f"dashboard of {meta['features']} features ({meta['dead']} dead on {meta['tokens']} tokens) written to "
-          f"{out}/index.html (open it in a browser) and {out}/features/ in {meta['seconds_total']:.0f} s")
+    print(f"dashboard of {meta['features']} features ({meta['dead']} dead on {meta['tokens']} "
+          f"tokens) written to {out}/index.html (open it in a browser) and {out}/features/ in "
+          f"{meta['seconds_total']:.0f} s")
     return meta

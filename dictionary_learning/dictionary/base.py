@@ -1,5 +1,6 @@
-"""The `Dictionary` base: encode / decode / forward, input checks, the transcoder plumbing shared by every class
-(`output_dim`, the raw-input encoder, the optional linear skip), scale folding, config and state-dict loading."""
+"""The `Dictionary` base: encode / decode / forward, input checks, the transcoder plumbing shared by
+every class (`output_dim`, the raw-input encoder, the optional linear skip), scale folding, config
+and state-dict loading."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from ..files import error_summary
 
 TRANSCODER_MARKER = "is_transcoder"  # in saved transcoders' state dicts only
 OPTIONAL_BUFFERS = {"threshold"}  # buffers that older upstream saves may lack
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # base
 
 
@@ -26,16 +27,18 @@ class Dictionary(ABC, nn.Module):
     dict_size: int
     output_dim: int
     transcoder: bool
-    # whether an SAE of this class refuses different input and output scales in `fold_scale` (its encoder reads
-    # x - b_dec, and b_dec cannot move with both scales)
+    # whether an SAE of this class refuses different input and output scales in `fold_scale` (its
+    # encoder reads x - b_dec, and b_dec cannot move with both scales)
     one_scale_sae = False
 
     @abstractmethod
-    def encode(self, x: torch.Tensor) -> torch.Tensor:  # [batch, activation_dim] -> [batch, dict_size]
+    # [batch, activation_dim] -> [batch, dict_size]
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
         ...
 
     @abstractmethod
-    def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:  # -> [batch, output_dim]
+    # -> [batch, output_dim]
+    def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         ...
 
     def forward(self, x: torch.Tensor, output_features: bool = False):
@@ -45,16 +48,18 @@ class Dictionary(ABC, nn.Module):
         x_hat = self.decode(f, x)
         return (x_hat, f) if output_features else x_hat
 
-    # shared pieces --------------------------------------------------------------------------------------------
-    def _init_shared(self, activation_dim: int, dict_size: int, output_dim: int | None, transcoder: bool,
-                     skip: bool) -> tuple[int, int]:
-        """Check and set the widths (integral numbers become ints) and the transcoder / skip plumbing; returns
-        (activation_dim, dict_size) as ints."""
+    # shared pieces --------------------------------------------------------------------------------
+    def _init_shared(self, activation_dim: int, dict_size: int, output_dim: int | None,
+                     transcoder: bool, skip: bool) -> tuple[int, int]:
+        """Check and set the widths (integral numbers become ints) and the transcoder / skip
+        plumbing; returns (activation_dim, dict_size) as ints."""
         activation_dim, dict_size = integer("activation_dim", activation_dim), integer("dict_size", dict_size)
         output_dim = activation_dim if output_dim is None else integer("output_dim", output_dim)
-        # the encoder and decoder in float32 (an estimate: training adds gradients and Adam's two moments)
+        # the encoder and decoder in float32 (an estimate: training adds gradients and Adam's two
+        # moments)
         check_memory("dict_size", dict_size, 4 * dict_size * (activation_dim + output_dim),
-                     what=f" for the weights alone ({activation_dim} -> {dict_size} -> {output_dim}, float32)")
+                     what=f" for the weights alone ({activation_dim} -> {dict_size} -> "
+                          f"{output_dim}, float32)")
         self.activation_dim, self.dict_size, self.output_dim = activation_dim, dict_size, output_dim
         self.transcoder = bool(transcoder or skip or output_dim != activation_dim)
         self.skip = nn.Linear(activation_dim, output_dim, bias=False) if skip else None
@@ -63,22 +68,25 @@ class Dictionary(ABC, nn.Module):
         return activation_dim, dict_size
 
     def check_input(self, x: torch.Tensor, check_dtype: bool = True) -> None:
-        """Clear errors for inputs of the wrong type, width or dtype (`check_dtype=False`: any floating dtype, for
-        callers that cast, as training does)."""
+        """Clear errors for inputs of the wrong type, width or dtype (`check_dtype=False`: any
+        floating dtype, for callers that cast, as training does)."""
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected a torch.Tensor of shape [..., {self.activation_dim}], got {type(x).__name__}")
+            raise TypeError(f"expected a torch.Tensor of shape [..., {self.activation_dim}], got "
+                            f"{type(x).__name__}")
         self._check_width(x)
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point tensor, got {x.dtype}")
         param = next(self.parameters(), None)
         if (check_dtype and param is not None and x.dtype != param.dtype
                 and not torch.is_autocast_enabled(x.device.type)):
-            raise TypeError(f"expected input of the dictionary's dtype {param.dtype}, got {x.dtype}: cast one of "
-                            f"them (x.to({param.dtype}) or dictionary.to({x.dtype}))")
+            raise TypeError(f"expected input of the dictionary's dtype {param.dtype}, got "
+                            f"{x.dtype}: cast one of them (x.to({param.dtype}) or "
+                            f"dictionary.to({x.dtype}))")
 
     def _check_width(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.activation_dim:
-            raise ValueError(f"expected input width {self.activation_dim}, got shape {tuple(x.shape)}")
+            raise ValueError(f"expected input width {self.activation_dim}, got shape "
+                             f"{tuple(x.shape)}")
 
     def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         self._check_width(x)
@@ -87,7 +95,8 @@ class Dictionary(ABC, nn.Module):
     def _add_skip(self, out: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
         if self.skip is not None:
             if x is None:
-                raise ValueError("this transcoder has a skip connection: decode(f, x) needs the input x")
+                raise ValueError("this transcoder has a skip connection: decode(f, x) needs the "
+                                 "input x")
             out = out + self.skip(x)
         return out
 
@@ -98,13 +107,14 @@ class Dictionary(ABC, nn.Module):
     @torch.no_grad()
     def fold_scale(self, scale_in: float, scale_out: float) -> None:
         """Make a dictionary trained on (scale_in * x, scale_out * y) work on raw (x, y): afterwards
-        `new(x) == old(scale_in * x) / scale_out`, and features are `1 / scale_in` times the old ones."""
+        `new(x) == old(scale_in * x) / scale_out`, and features are `1 / scale_in` times the old
+        ones."""
         for name, scale in (("scale_in", scale_in), ("scale_out", scale_out)):
             if not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
                 raise ValueError(f"{name} must be a positive finite number, got {scale!r}")
         if self.one_scale_sae and not self.transcoder and scale_in != scale_out:
-            raise ValueError(f"an SAE reads and writes one space: scale_in must equal scale_out, got {scale_in} "
-                             f"and {scale_out}")
+            raise ValueError("an SAE reads and writes one space: scale_in must equal scale_out, "
+                             f"got {scale_in} and {scale_out}")
         for tensor in self._input_scaled():
             tensor /= scale_in
         decoder_weight, decoder_bias = self._decoder_weight(), self.decoder_bias
@@ -114,7 +124,8 @@ class Dictionary(ABC, nn.Module):
             self.skip.weight *= scale_in / scale_out
 
     def _input_scaled(self) -> list[torch.Tensor]:
-        """What scales with the input (`fold_scale` divides it by scale_in): encoder biases, a learned threshold."""
+        """What scales with the input (`fold_scale` divides it by scale_in): encoder biases, a
+        learned threshold."""
         return [self.encoder.bias, *self._learned_threshold()]
 
     def _learned_threshold(self) -> list[torch.Tensor]:
@@ -136,18 +147,20 @@ class Dictionary(ABC, nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, *,
                         dtype: torch.dtype | None = None, **kwargs):
-        """Load from an `ae.pt` / `.safetensors` state dict, or a folder holding one (shapes read from the weights),
-        on `device` (upstream's `(path, device)`), in float32 unless `dtype` is given (by keyword), whatever the file
-        holds."""
+        """Load from an `ae.pt` / `.safetensors` state dict, or a folder holding one (shapes read
+        from the weights), on `device` (upstream's `(path, device)`), in float32 unless `dtype` is
+        given (by keyword), whatever the file holds."""
         if isinstance(device, torch.dtype):
-            raise TypeError(f"{cls.__name__}.from_pretrained(path, device=None, *, dtype=None): got the dtype "
-                            f"{device} where the device goes; pass it as dtype={device}")
+            raise TypeError(f"{cls.__name__}.from_pretrained(path, device=None, *, dtype=None): "
+                            f"got the dtype {device} where the device goes; pass it as "
+                            f"dtype={device}")
         dictionary = cls.from_saved_state(load_state_dict(path), **kwargs)
         return dictionary.to(device=device, dtype=dtype)
 
     def saved_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict as files hold it: on the CPU, contiguous, and for transcoders with an `is_transcoder` entry,
-        so that upstream's loaders (which have no transcoders) refuse the file instead of misreading it."""
+        """The state dict as files hold it: on the CPU, contiguous, and for transcoders with an
+        `is_transcoder` entry, so that upstream's loaders (which have no transcoders) refuse the
+        file instead of misreading it."""
         state = {key: value.detach().cpu().contiguous() for key, value in self.state_dict().items()}
         if self.transcoder:
             state[TRANSCODER_MARKER] = torch.tensor(True)
@@ -155,8 +168,8 @@ class Dictionary(ABC, nn.Module):
 
     @classmethod
     def from_saved_state(cls, state_dict: dict[str, torch.Tensor], **kwargs) -> Dictionary:
-        """A dictionary holding a saved state dict (see `saved_state_dict`; buffers older saves lack, such as TopK's
-        `threshold`, keep their initial values)."""
+        """A dictionary holding a saved state dict (see `saved_state_dict`; buffers older saves
+        lack, such as TopK's `threshold`, keep their initial values)."""
         state_dict = dict(state_dict)
         if state_dict.pop(TRANSCODER_MARKER, None) is not None and kwargs.get("transcoder") is None:
             kwargs["transcoder"] = True
@@ -169,8 +182,9 @@ class Dictionary(ABC, nn.Module):
 
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, torch.Tensor], **kwargs) -> Dictionary:
-        """A new dictionary shaped as `state_dict` holds one (widths, skip, transcoder and the class's own settings
-        read from it; `kwargs` go to the constructor), its weights not yet loaded (see `from_saved_state`)."""
+        """A new dictionary shaped as `state_dict` holds one (widths, skip, transcoder and the
+        class's own settings read from it; `kwargs` go to the constructor), its weights not yet
+        loaded (see `from_saved_state`)."""
         activation_dim, dict_size, output_dim = cls._saved_widths(state_dict)
         skip = "skip.weight" in state_dict
         transcoder = kwargs.pop("transcoder", None)
@@ -182,21 +196,21 @@ class Dictionary(ABC, nn.Module):
 
     @classmethod
     def _saved_widths(cls, state_dict: dict[str, torch.Tensor]) -> tuple[int, int, int]:
-        """(activation_dim, dict_size, output_dim) from nn.Linear weights: encoder [dict_size, activation_dim],
-        decoder [output_dim, dict_size]."""
+        """(activation_dim, dict_size, output_dim) from nn.Linear weights: encoder
+        [dict_size, activation_dim], decoder [output_dim, dict_size]."""
         dict_size, activation_dim = state_dict["encoder.weight"].shape
         return activation_dim, dict_size, state_dict["decoder.weight"].shape[0]
 
     @classmethod
     def _extra_from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """Constructor arguments the class reads from a state dict besides the widths (those given to
-        `from_state_dict` win)."""
+        """Constructor arguments the class reads from a state dict besides the widths (those given
+        to `from_state_dict` win)."""
         return {}
 
 
 def apply_to_values(dictionary: Dictionary, x: torch.Tensor) -> torch.Tensor:
-    """The dictionary's output on model values `[..., d]`, computed in its own dtype and returned in theirs (a
-    dictionary without parameters, IdentityDict, keeps x's dtype)."""
+    """The dictionary's output on model values `[..., d]`, computed in its own dtype and returned in
+    theirs (a dictionary without parameters, IdentityDict, keeps x's dtype)."""
     param = next(dictionary.parameters(), x)
     flat = x.reshape(-1, x.shape[-1]).to(param.dtype)
     return dictionary(flat).reshape(*x.shape[:-1], -1).to(x.dtype)
@@ -220,7 +234,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, corrupt, or a pickle that would run code (refused by weights_only)
-        raise ValueError(f"cannot read weights from {str(path)!r}: the file is corrupt or truncated, or holds objects "
-                         f"other than tensors, which are refused because unpickling them could run code "
+    # truncated, corrupt, or a pickle that would run code (refused by weights_only)
+    except Exception as error:
+        raise ValueError(f"cannot read weights from {str(path)!r}: the file is corrupt or "
+                         "truncated, or holds objects other than tensors, which are refused "
+                         "because unpickling them could run code "
                          f"({error_summary(error)})") from error

@@ -1,15 +1,16 @@
 """Gated SAE (Rajamanoharan et al. 2024, GDM): upstream's `GatedAutoEncoder`, also a transcoder.
 
-A gate decides which latents fire and a magnitude path decides how strongly; both read one encoder projection, the
-magnitude path rescaled per latent by exp(r_mag):
+A gate decides which latents fire and a magnitude path decides how strongly; both read one encoder
+projection, the magnitude path rescaled per latent by exp(r_mag):
 
     pre   = W_enc (x - b_dec)                              (transcoders: W_enc x)
     f     = 1[pre + b_gate > 0] * relu(exp(r_mag) * pre + b_mag)
     x_hat = W_dec f + b_dec (+ W_skip x)
 
-The gate's step function passes no gradient; training reaches the gate through the gate path's own terms
-(`relu(pre + b_gate)`, see `trainers/gdm.py`). Parameter names and the `ae.pt` keys are upstream's: `decoder_bias`
-(b_dec), `encoder` (no bias), `r_mag`, `gate_bias`, `mag_bias`, `decoder`.
+The gate's step function passes no gradient; training reaches the gate through the gate path's own
+terms (`relu(pre + b_gate)`, see `trainers/gdm.py`). Parameter names and the `ae.pt` keys are
+upstream's: `decoder_bias` (b_dec), `encoder` (no bias), `r_mag`, `gate_bias`, `mag_bias`,
+`decoder`.
 """
 
 from __future__ import annotations
@@ -30,15 +31,17 @@ class GatedAutoEncoder(Dictionary):
 
     def __init__(self, activation_dim: int, dict_size: int,
                  initialization: str | Callable[[GatedAutoEncoder], None] = "default",
-                 device: str | torch.device | None = None, output_dim: int | None = None, transcoder: bool = False,
-                 skip: bool = False):
-        """`initialization`: "default" (unit-norm random decoder columns, encoder = decoder transpose, zero biases)
-        or a function called with the new dictionary to set its parameters."""
+                 device: str | torch.device | None = None, output_dim: int | None = None,
+                 transcoder: bool = False, skip: bool = False):
+        """`initialization`: "default" (unit-norm random decoder columns, encoder = decoder
+        transpose, zero biases) or a function called with the new dictionary to set its
+        parameters."""
         super().__init__()
         if initialization != "default" and not callable(initialization):
-            raise ValueError(f"initialization must be 'default' or a function of the dictionary, got "
-                             f"{initialization!r}")
-        activation_dim, dict_size = self._init_shared(activation_dim, dict_size, output_dim, transcoder, skip)
+            raise ValueError("initialization must be 'default' or a function of the dictionary, "
+                             f"got {initialization!r}")
+        activation_dim, dict_size = self._init_shared(activation_dim, dict_size, output_dim,
+                                                      transcoder, skip)
         # created in upstream's order, so that one seed gives upstream's initial weights
         self.decoder_bias = nn.Parameter(torch.empty(self.output_dim, device=device))
         self.encoder = nn.Linear(activation_dim, dict_size, bias=False, device=device)
@@ -62,8 +65,8 @@ class GatedAutoEncoder(Dictionary):
 
     @torch.no_grad()
     def _reset_parameters(self) -> None:
-        """Zero biases and r_mag; random unit-norm decoder columns; encoder rows = decoder columns (for a transcoder
-        of another width: random unit-norm rows)."""
+        """Zero biases and r_mag; random unit-norm decoder columns; encoder rows = decoder columns
+        (for a transcoder of another width: random unit-norm rows)."""
         for parameter in (self.decoder_bias, self.r_mag, self.gate_bias, self.mag_bias):
             parameter.zero_()
         weight = torch.randn_like(self.decoder.weight)  # [output_dim, dict_size]
@@ -74,11 +77,11 @@ class GatedAutoEncoder(Dictionary):
             rows = torch.randn_like(self.encoder.weight)  # [dict_size, activation_dim]
             self.encoder.weight.copy_(rows / rows.norm(dim=1, keepdim=True))
 
-    # the two paths ---------------------------------------------------------------------------------------------
+    # the two paths --------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, return_gate: bool = False, normalize_decoder: bool = False):
-        """Features `[batch, dict_size]`; with return_gate also the gate path's `relu(pre + b_gate)`. With
-        normalize_decoder the features are multiplied by the decoder column norms (for decoders not kept at unit
-        norm), as upstream."""
+        """Features `[batch, dict_size]`; with return_gate also the gate path's
+        `relu(pre + b_gate)`. With normalize_decoder the features are multiplied by the decoder
+        column norms (for decoders not kept at unit norm), as upstream."""
         pre = self.encoder(self._encoder_input(x))  # [batch, dict_size]
         pre_gate = pre + self.gate_bias
         pre_mag = self.r_mag.exp() * pre + self.mag_bias
@@ -89,17 +92,19 @@ class GatedAutoEncoder(Dictionary):
 
     def decode(self, f: torch.Tensor, normalize_decoder: bool = False, x: torch.Tensor | None = None
                ) -> torch.Tensor:
-        """Reconstruction `[batch, output_dim]` from features (upstream's `decode(f, normalize_decoder)`; a skip
-        transcoder also needs the input `x`, which may be given second, as `decode(f, x)` on other classes)."""
+        """Reconstruction `[batch, output_dim]` from features (upstream's `decode(f,
+        normalize_decoder)`; a skip transcoder also needs the input `x`, which may be given second,
+        as `decode(f, x)` on other classes)."""
         if isinstance(normalize_decoder, torch.Tensor):
             x, normalize_decoder = normalize_decoder, False
         if normalize_decoder:
             f = f / self.decoder.weight.norm(dim=0, keepdim=True)
         return self._add_skip(self.decoder(f) + self.decoder_bias, x)
 
-    def forward(self, x: torch.Tensor, output_features: bool = False, normalize_decoder: bool = False):
-        """Reconstruction (and features if output_features; with normalize_decoder those are scaled by the decoder
-        column norms, the reconstruction is not)."""
+    def forward(self, x: torch.Tensor, output_features: bool = False,
+                normalize_decoder: bool = False):
+        """Reconstruction (and features if output_features; with normalize_decoder those are scaled
+        by the decoder column norms, the reconstruction is not)."""
         self.check_input(x)
         f = self.encode(x)
         x_hat = self.decode(f, x=x)
@@ -107,7 +112,7 @@ class GatedAutoEncoder(Dictionary):
             f = f * self.decoder.weight.norm(dim=0, keepdim=True)
         return (x_hat, f) if output_features else x_hat
 
-    # scales ----------------------------------------------------------------------------------------------------
+    # scales ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def scale_biases(self, scale: float) -> None:
         """Multiply b_dec, b_mag and b_gate by `scale` (upstream's normalisation folding)."""

@@ -1,12 +1,14 @@
-"""Matryoshka BatchTopK SAE (Bussmann et al. 2025): a BatchTopK SAE whose latents form nested groups. Training asks
-every prefix of groups to reconstruct the input on its own, so the first groups learn general features and later
-ones refine them. Upstream's parameters and `ae.pt` keys: `W_enc` [activation_dim, dict_size], `b_enc`, `W_dec`
-[dict_size, output_dim], `b_dec`; buffers `k`, `threshold` (-1 until the trainer learns one) and `group_sizes`.
+"""Matryoshka BatchTopK SAE (Bussmann et al. 2025): a BatchTopK SAE whose latents form nested
+groups. Training asks every prefix of groups to reconstruct the input on its own, so the first
+groups learn general features and later ones refine them. Upstream's parameters and `ae.pt` keys:
+`W_enc` [activation_dim, dict_size], `b_enc`, `W_dec` [dict_size, output_dim], `b_dec`; buffers `k`,
+`threshold` (-1 until the trainer learns one) and `group_sizes`.
 
-The training path never builds a dense `[batch, dict_size]` code: `sparse_code` picks the batch's k*batch largest
-pre-activations (`largest`, a sampled-threshold topk) and gathers them differentiably (`gather_linear`);
-`decode_prefixes` decodes each group's active latents against that group's rows of W_dec (`sparse_decode`) and adds
-them up group by group into the nested reconstructions."""
+The training path never builds a dense `[batch, dict_size]` code: `sparse_code` picks the batch's
+k*batch largest pre-activations (`largest`, a sampled-threshold topk) and gathers them
+differentiably (`gather_linear`); `decode_prefixes` decodes each group's active latents against that
+group's rows of W_dec (`sparse_decode`) and adds them up group by group into the nested
+reconstructions."""
 
 from __future__ import annotations
 
@@ -28,19 +30,22 @@ def _group_sizes(group_sizes: Any, dict_size: int) -> list[int]:
     if isinstance(group_sizes, torch.Tensor):
         group_sizes = group_sizes.tolist()
     if not isinstance(group_sizes, Sequence) or not group_sizes:
-        raise ValueError(f"group_sizes must be a non-empty list of positive ints, got {group_sizes!r}")
+        raise ValueError("group_sizes must be a non-empty list of positive ints, got "
+                         f"{group_sizes!r}")
     sizes = list(group_sizes)
     if any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes):
         raise ValueError(f"group_sizes must all be positive ints, got {sizes}")
     if sum(sizes) != dict_size:
-        raise ValueError(f"group_sizes must sum to dict_size={dict_size}, got {sizes} (sum {sum(sizes)})")
+        raise ValueError(f"group_sizes must sum to dict_size={dict_size}, got {sizes} (sum "
+                         f"{sum(sizes)})")
     return sizes
 
 
 def largest(values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices ascending, values) of the n largest entries of a 1-d tensor, as `topk` finds them but faster on
-    large inputs: a strided sample gives a threshold that about 1.25 n entries exceed, and only those candidates go
-    through topk (exact whenever at least n entries exceed it; otherwise a lower threshold, finally a plain topk)."""
+    """(indices ascending, values) of the n largest entries of a 1-d tensor, as `topk` finds them
+    but faster on large inputs: a strided sample gives a threshold that about 1.25 n entries exceed,
+    and only those candidates go through topk (exact whenever at least n entries exceed it;
+    otherwise a lower threshold, finally a plain topk)."""
     numel = values.numel()
     sample = values[::max(1, numel // 65536)]
     for margin in (1.25, 2.0, 4.0):
@@ -59,11 +64,13 @@ def largest(values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class MatryoshkaBatchTopKSAE(Dictionary):
-    """f = BatchTopK(relu(W_enc.T (x - b_dec) + b_enc)) over the active groups; x_hat = W_dec.T f + b_dec.
+    """f = BatchTopK(relu(W_enc.T (x - b_dec) + b_enc)) over the active groups; x_hat = W_dec.T f +
+    b_dec.
 
-    Inference keeps the codes above `threshold`. While no threshold has been learned (-1), every positive code
-    passes, as upstream; `batch_topk_fallback=True` (an attribute, settable any time) uses the batch top-k instead,
-    as this toolkit's `BatchTopKSAE` does. `active_groups` (default: all) limits the codes to the first groups.
+    Inference keeps the codes above `threshold`. While no threshold has been learned (-1), every
+    positive code passes, as upstream; `batch_topk_fallback=True` (an attribute, settable any time)
+    uses the batch top-k instead, as this toolkit's `BatchTopKSAE` does. `active_groups`
+    (default: all) limits the codes to the first groups.
     """
 
     one_scale_sae = True
@@ -72,7 +79,8 @@ class MatryoshkaBatchTopKSAE(Dictionary):
                  output_dim: int | None = None, transcoder: bool = False, skip: bool = False, *,
                  batch_topk_fallback: bool = False):
         super().__init__()
-        activation_dim, dict_size = self._init_shared(activation_dim, dict_size, output_dim, transcoder, skip)
+        activation_dim, dict_size = self._init_shared(activation_dim, dict_size, output_dim,
+                                                      transcoder, skip)
         sizes = _group_sizes(group_sizes, dict_size)
         k = integer("k", k)
         self.register_buffer("k", torch.tensor(k, dtype=torch.int))
@@ -89,7 +97,8 @@ class MatryoshkaBatchTopKSAE(Dictionary):
         if self.output_dim == activation_dim:  # tied initialisation
             self.W_enc.data = self.W_dec.data.t().clone()
         else:
-            nn.init.kaiming_uniform_(self.W_enc.data.t())  # [dict_size, activation_dim]: fan-in activation_dim
+            # [dict_size, activation_dim]: fan-in activation_dim
+            nn.init.kaiming_uniform_(self.W_enc.data.t())
 
     @property
     def group_indices(self) -> list[int]:
@@ -101,16 +110,18 @@ class MatryoshkaBatchTopKSAE(Dictionary):
         """One past the last latent of the active groups."""
         return self.group_indices[self.active_groups]
 
-    # dense inference ------------------------------------------------------------------------------------------
+    # dense inference ------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, return_active: bool = False, use_threshold: bool = True):
-        """Codes `[..., dict_size]` above `threshold` (use_threshold) or of the batch top-k (k * tokens largest);
-        with return_active also (which latents fired in the batch, post-relu pre-activations)."""
+        """Codes `[..., dict_size]` above `threshold` (use_threshold) or of the batch top-k (k *
+        tokens largest); with return_active also (which latents fired in the batch, post-relu
+        pre-activations)."""
         post_relu = F.relu(self._encoder_input(x) @ self.W_enc + self.b_enc)
         if use_threshold and not (self.batch_topk_fallback and self.threshold < 0):
             codes = post_relu * (post_relu > self.threshold)
         else:
             flat = post_relu.flatten()
-            indices, values = largest(flat, min(int(self.k) * (flat.numel() // self.dict_size), flat.numel()))
+            indices, values = largest(flat, min(int(self.k) * (flat.numel() // self.dict_size),
+                                                flat.numel()))
             codes = torch.zeros_like(flat).scatter_(-1, indices, values).reshape(post_relu.shape)
         end = self.active_end
         if end < self.dict_size:
@@ -120,18 +131,20 @@ class MatryoshkaBatchTopKSAE(Dictionary):
         return codes
 
     def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        """Reconstruction `[..., output_dim]` from codes `f` (x: the input, needed by skip transcoders)."""
+        """Reconstruction `[..., output_dim]` from codes `f` (x: the input, needed by skip
+        transcoders)."""
         return self._add_skip(f @ self.W_dec + self.b_dec, x)
 
-    # sparse training path -------------------------------------------------------------------------------------
+    # sparse training path -------------------------------------------------------------------------
     def _encoder_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W [dict_size, activation_dim], b) with pre-activations x @ W.T + b for raw inputs x."""
         bias = self.b_enc if self.transcoder else self.b_enc - self.b_dec @ self.W_enc
         return self.W_enc.t(), bias
 
     def pre_activations(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Dense encoder pre-activations `[batch, dict_size]` (before the relu), without autograd; with `dtype` (e.g.
-        bfloat16) the GEMM runs in it (to choose latents; `gather_code` recomputes the chosen values exactly)."""
+        """Dense encoder pre-activations `[batch, dict_size]` (before the relu), without autograd;
+        with `dtype` (e.g. bfloat16) the GEMM runs in it (to choose latents; `gather_code`
+        recomputes the chosen values exactly)."""
         with torch.no_grad():
             weight, bias = self._encoder_affine()
             if dtype is not None and dtype != x.dtype:
@@ -139,55 +152,67 @@ class MatryoshkaBatchTopKSAE(Dictionary):
             return torch.addmm(bias, x, weight.t())
 
     def batch_topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows, cols, values) of the batch's k*batch largest positive pre-activations in the active groups,
-        sorted by row and, within a row, by latent."""
+        """(rows, cols, values) of the batch's k*batch largest positive pre-activations in the
+        active groups, sorted by row and, within a row, by latent."""
         flat, values = largest(pre.flatten(), min(int(self.k) * pre.shape[0], pre.numel()))
         keep = values > 0
         flat, values = flat[keep], values[keep]
         rows, cols = flat // self.dict_size, flat % self.dict_size
         end = self.active_end
-        if end < self.dict_size:  # selected among all latents, then the inactive groups are dropped (as upstream)
+        # selected among all latents, then the inactive groups are dropped (as upstream)
+        if end < self.dict_size:
             keep = cols < end
             rows, cols, values = rows[keep], cols[keep], values[keep]
         return rows, cols, values
 
-    def gather_code(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
-                    n_rows: int) -> SparseCode:
-        """The differentiable code relu(pre-activation) at (rows, cols), given the pre-activations `values`."""
+    def gather_code(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                    values: torch.Tensor, n_rows: int) -> SparseCode:
+        """The differentiable code relu(pre-activation) at (rows, cols), given the pre-activations
+        `values`."""
         weight, bias = self._encoder_affine()
-        weight = weight.contiguous()  # one [dict_size, activation_dim] copy: row gathers are then contiguous
-        return SparseCode(gather_linear(x, weight, bias, rows, cols, values).relu(), rows, cols, n_rows)
+        # one [dict_size, activation_dim] copy: row gathers are then contiguous
+        weight = weight.contiguous()
+        return SparseCode(gather_linear(x, weight, bias, rows, cols, values).relu(), rows, cols,
+                          n_rows)
 
     def sparse_code(self, x: torch.Tensor, pre: torch.Tensor | None = None) -> SparseCode:
-        """The differentiable batch-top-k code of `x` [batch, activation_dim] (pass `pre` if already computed)."""
+        """The differentiable batch-top-k code of `x` [batch, activation_dim] (pass `pre` if already
+        computed)."""
         pre = self.pre_activations(x) if pre is None else pre
         rows, cols, values = self.batch_topk(pre)
         return self.gather_code(x, rows, cols, values, x.shape[0])
 
-    def decode_sparse(self, code: SparseCode, x: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
-        """Reconstruction `[batch, output_dim]` from a sparse code (`bias=False`: W_dec.T f alone, as for AuxK)."""
+    def decode_sparse(self, code: SparseCode, x: torch.Tensor | None = None,
+                      bias: bool = True) -> torch.Tensor:
+        """Reconstruction `[batch, output_dim]` from a sparse code (`bias=False`: W_dec.T f alone,
+        as for AuxK)."""
         out = sparse_decode(code, self.W_dec.t())
         return self._add_skip(out + self.b_dec, x) if bias else out
 
-    def decode_prefixes(self, code: SparseCode, x: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """The nested reconstructions, one `[batch, output_dim]` per active group g, each decoding only the active
-        latents of groups 0..g. `code` must be grouped by row (as `sparse_code` returns it)."""
+    def decode_prefixes(self, code: SparseCode,
+                        x: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The nested reconstructions, one `[batch, output_dim]` per active group g, each decoding
+        only the active latents of groups 0..g. `code` must be grouped by row (as `sparse_code`
+        returns it)."""
         starts = self.group_indices[:self.active_groups + 1]
         boundaries = torch.tensor(starts[1:-1], device=code.cols.device)
-        groups = torch.bucketize(code.cols, boundaries, right=True)  # [n_active]: each latent's group
+        # [n_active]: each latent's group
+        groups = torch.bucketize(code.cols, boundaries, right=True)
         counts = torch.bincount(groups, minlength=self.active_groups).tolist()
         order = groups.sort(stable=True).indices  # by group, rows still ascending within each group
-        parts = zip(code.values[order].split(counts), code.rows[order].split(counts), code.cols[order].split(counts))
+        parts = zip(code.values[order].split(counts), code.rows[order].split(counts),
+                    code.cols[order].split(counts))
         prefix = self._add_skip(self.b_dec.expand(code.n_rows, self.output_dim), x)
         prefixes = []
         for g, (values, rows, cols) in enumerate(parts):
             start, end = starts[g], starts[g + 1]
             group_code = SparseCode(values, rows, cols - start, code.n_rows)
-            prefix = prefix + sparse_decode(group_code, self.W_dec[start:end].t())  # group g's rows of W_dec only
+            # group g's rows of W_dec only
+            prefix = prefix + sparse_decode(group_code, self.W_dec[start:end].t())
             prefixes.append(prefix)
         return prefixes
 
-    # scale, config, loading -----------------------------------------------------------------------------------
+    # scale, config, loading -----------------------------------------------------------------------
     def _input_scaled(self) -> list[torch.Tensor]:
         return [self.b_enc, *self._learned_threshold()]
 
@@ -196,26 +221,31 @@ class MatryoshkaBatchTopKSAE(Dictionary):
 
     @torch.no_grad()
     def scale_biases(self, scale: float) -> None:
-        """Upstream's: multiply biases and threshold by `scale` (a dictionary trained on x / scale then works on x)."""
+        """Upstream's: multiply biases and threshold by `scale` (a dictionary trained on x / scale
+        then works on x)."""
         self.fold_scale(1 / scale, 1 / scale)
 
     def dictionary_config(self) -> dict[str, Any]:
-        return {**super().dictionary_config(), "k": int(self.k), "group_sizes": self.group_sizes.tolist()}
+        return {**super().dictionary_config(), "k": int(self.k),
+                "group_sizes": self.group_sizes.tolist()}
 
     @classmethod
     def _saved_widths(cls, state_dict: dict[str, torch.Tensor]) -> tuple[int, int, int]:
-        return (*state_dict["W_enc"].shape, state_dict["W_dec"].shape[1])  # W_enc [activation_dim, dict_size]
+        # W_enc [activation_dim, dict_size]
+        return (*state_dict["W_enc"].shape, state_dict["W_dec"].shape[1])
 
     @classmethod
     def _extra_from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {"k": int(state_dict["k"]), "group_sizes": state_dict["group_sizes"].tolist()}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, k: int | None = None, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, **kwargs) -> MatryoshkaBatchTopKSAE:
-        """Upstream's `from_pretrained(path, k=None, device=None)` (an `ae.pt` / `.safetensors` file or a folder):
-        `k` defaults to the saved one and must equal it when both are given."""
+    def from_pretrained(cls, path: str | Path, k: int | None = None,
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        **kwargs) -> MatryoshkaBatchTopKSAE:
+        """Upstream's `from_pretrained(path, k=None, device=None)` (an `ae.pt` / `.safetensors` file
+        or a folder): `k` defaults to the saved one and must equal it when both are given."""
         state_dict = load_state_dict(path)
         if k is not None and int(k) != int(state_dict["k"]):
-            raise ValueError(f"k={k} was asked for, but {str(path)!r} holds a dictionary with k={int(state_dict['k'])}")
+            raise ValueError(f"k={k} was asked for, but {str(path)!r} holds a dictionary with "
+                             f"k={int(state_dict['k'])}")
         return cls.from_saved_state(state_dict, **kwargs).to(device=device, dtype=dtype)

@@ -1,7 +1,7 @@
-"""TopK dictionaries: `AutoEncoderTopK` (Gao et al. 2024) and `BatchTopKSAE` (Bussmann et al. 2024), each also a
-transcoder. Their training path never builds a dense `[batch, dict_size]` code: `sparse_code` gathers the k active
-pre-activations through `gather_linear` and `decode_sparse` decodes them with `sparse_decode` (both in `sparse.py`,
-with hand-written backward passes)."""
+"""TopK dictionaries: `AutoEncoderTopK` (Gao et al. 2024) and `BatchTopKSAE` (Bussmann et al. 2024),
+each also a transcoder. Their training path never builds a dense `[batch, dict_size]` code:
+`sparse_code` gathers the k active pre-activations through `gather_linear` and `decode_sparse`
+decodes them with `sparse_decode` (both in `sparse.py`, with hand-written backward passes)."""
 
 from __future__ import annotations
 
@@ -16,25 +16,26 @@ from ..checks import integer
 from ..sparse import SparseCode, gather_linear, sparse_decode
 from .base import Dictionary, load_state_dict
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # TopK
 
 
 def topk_codes(codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes with all but the k largest of each row zeroed, those k values, their indices) for non-negative codes
-    `[..., dict_size]`."""
+    """(codes with all but the k largest of each row zeroed, those k values, their indices) for
+    non-negative codes `[..., dict_size]`."""
     values, indices = codes.topk(k, dim=-1, sorted=False)
     return torch.zeros_like(codes).scatter_(-1, indices, values), values, indices
 
 
 class TopKDictionary(Dictionary):
-    """Shared parts of TopK-style dictionaries: unit-norm decoder columns, `k` and `threshold` buffers, b_dec, and
-    the sparse training path."""
+    """Shared parts of TopK-style dictionaries: unit-norm decoder columns, `k` and `threshold`
+    buffers, b_dec, and the sparse training path."""
 
     def __init__(self, activation_dim: int, dict_size: int, k: int, output_dim: int | None = None,
                  transcoder: bool = False, skip: bool = False):
         super().__init__()
-        activation_dim, dict_size = self._init_shared(activation_dim, dict_size, output_dim, transcoder, skip)
+        activation_dim, dict_size = self._init_shared(activation_dim, dict_size, output_dim,
+                                                      transcoder, skip)
         k = integer("k", k, 1, dict_size, high_name="dict_size")
         self.register_buffer("k", torch.tensor(k, dtype=torch.int))
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32))
@@ -50,13 +51,15 @@ class TopKDictionary(Dictionary):
         self.b_dec = nn.Parameter(torch.zeros(self.output_dim))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, k: int | None = None, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, **kwargs):
-        """Upstream's `from_pretrained(path, k=None, device=None)`: `k` defaults to the saved one and must equal it
-        when both are given."""
+    def from_pretrained(cls, path: str | Path, k: int | None = None,
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        **kwargs):
+        """Upstream's `from_pretrained(path, k=None, device=None)`: `k` defaults to the saved one
+        and must equal it when both are given."""
         state_dict = load_state_dict(path)
         if k is not None and "k" in state_dict and int(k) != int(state_dict["k"]):
-            raise ValueError(f"k={k} was asked for, but {str(path)!r} holds a dictionary with k={int(state_dict['k'])}")
+            raise ValueError(f"k={k} was asked for, but {str(path)!r} holds a dictionary with "
+                             f"k={int(state_dict['k'])}")
         if k is not None and "k" not in state_dict:
             state_dict["k"] = torch.tensor(int(k), dtype=torch.int)
         return cls.from_saved_state(state_dict, **kwargs).to(device=device, dtype=dtype)
@@ -73,58 +76,69 @@ class TopKDictionary(Dictionary):
 
     @torch.no_grad()
     def scale_biases(self, scale: float) -> None:
-        """Multiply the biases (and a learned threshold) by `scale`: afterwards `new(scale * x) == scale * old(x)`."""
+        """Multiply the biases (and a learned threshold) by `scale`: afterwards `new(scale * x) ==
+        scale * old(x)`."""
         self.encoder.bias.data *= scale
         self.b_dec.data *= scale
         if self.threshold >= 0:
             self.threshold *= scale
 
     def _encoder_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W, b) with pre-activations = x @ W.T + b for raw inputs x. For SAEs b = b_enc - W_enc @ b_dec, so
-        gradients reach b_dec through one [d_sae, d_in] x [d_in] product instead of a per-token one."""
+        """(W, b) with pre-activations = x @ W.T + b for raw inputs x. For SAEs b = b_enc - W_enc @
+        b_dec, so gradients reach b_dec through one [d_sae, d_in] x [d_in] product instead of a
+        per-token one."""
         weight, bias = self.encoder.weight, self.encoder.bias
         if not self.transcoder:
             bias = bias - weight @ self.b_dec
         return weight, bias
 
     def pre_activations(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Dense encoder pre-activations, without autograd: `[batch, dict_size]`; with `dtype` (e.g. bfloat16) the
-        GEMM runs in it (to choose latents; `gather_code` recomputes the chosen values exactly)."""
+        """Dense encoder pre-activations, without autograd: `[batch, dict_size]`; with `dtype`
+        (e.g. bfloat16) the GEMM runs in it (to choose latents; `gather_code` recomputes the chosen
+        values exactly)."""
         with torch.no_grad():
             weight, bias = self._encoder_affine()
             if dtype is not None and dtype != x.dtype:
                 return F.linear(x.to(dtype), weight.to(dtype), bias.to(dtype))
             return F.linear(x, weight, bias)
 
-    def gather_code(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
-                    n_rows: int) -> SparseCode:
-        """The differentiable sparse code with pre-activations `values` (no grad) at (rows, cols)."""
+    def gather_code(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                    values: torch.Tensor, n_rows: int) -> SparseCode:
+        """The differentiable sparse code with pre-activations `values` (no grad) at
+        (rows, cols)."""
         weight, bias = self._encoder_affine()
-        return SparseCode(gather_linear(x, weight, bias, rows, cols, values).relu(), rows, cols, n_rows)
+        return SparseCode(gather_linear(x, weight, bias, rows, cols, values).relu(), rows, cols,
+                          n_rows)
 
-    def decode_sparse(self, code: SparseCode, x: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
+    def decode_sparse(self, code: SparseCode, x: torch.Tensor | None = None,
+                      bias: bool = True) -> torch.Tensor:
         """Reconstruction from a sparse code (`bias=False`: W_dec f alone, as for AuxK)."""
         out = sparse_decode(code, self.decoder.weight)
         return self._add_skip(out + self.b_dec, x) if bias else out
 
 
 class AutoEncoderTopK(TopKDictionary):
-    """TopK SAE (Gao et al. 2024): f = TopK_k(relu(W_enc (x - b_dec) + b_enc)); x_hat = W_dec f + b_dec."""
+    """TopK SAE (Gao et al. 2024): f = TopK_k(relu(W_enc (x - b_dec) + b_enc)); x_hat = W_dec f +
+    b_dec."""
 
     def topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pre-activations, latent indices) of each row's k largest codes, no grad: `[batch, k]` each.
+        """(pre-activations, latent indices) of each row's k largest codes, no grad: `[batch, k]`
+        each.
 
-        The codes are the pre-activations' relu (a pre-activation can be negative when fewer than k are positive).
+        The codes are the pre-activations' relu (a pre-activation can be negative when fewer than k
+        are positive).
         """
         return self.pre_activations(x).topk(int(self.k), dim=-1, sorted=False)
 
     def encode(self, x: torch.Tensor, return_topk: bool = False, use_threshold: bool = False):
-        """Dense codes `[batch, dict_size]`; with return_topk also (top values, top indices, post-relu codes)."""
+        """Dense codes `[batch, dict_size]`; with return_topk also (top values, top indices,
+        post-relu codes)."""
         pre = F.relu(self.encoder(self._encoder_input(x)))
         if use_threshold:
             if self.threshold < 0:  # it would keep every positive code
-                raise ValueError("encode(use_threshold=True) needs a learned threshold, but this dictionary's is "
-                                 f"{float(self.threshold)} (never learned): use the TopK code (use_threshold=False)")
+                raise ValueError("encode(use_threshold=True) needs a learned threshold, but this "
+                                 f"dictionary's is {float(self.threshold)} (never learned): use "
+                                 "the TopK code (use_threshold=False)")
             codes = pre * (pre > self.threshold)
             return (codes, *codes.topk(int(self.k), dim=-1), pre) if return_topk else codes
         codes, values, indices = topk_codes(pre, int(self.k))
@@ -136,31 +150,37 @@ class AutoEncoderTopK(TopKDictionary):
         if output_features:
             return super().forward(x, output_features=True)
         flat = x.reshape(-1, x.shape[-1])
-        return self.decode_sparse(self.sparse_code(flat), flat).reshape(*x.shape[:-1], self.output_dim)
+        return self.decode_sparse(self.sparse_code(flat), flat).reshape(*x.shape[:-1],
+                                                                        self.output_dim)
 
     def sparse_code(self, x: torch.Tensor, pre: torch.Tensor | None = None) -> SparseCode:
-        """The differentiable TopK code of `x` [batch, activation_dim] (pass `pre` if already computed)."""
+        """The differentiable TopK code of `x` [batch, activation_dim] (pass `pre` if already
+        computed)."""
         pre = self.pre_activations(x) if pre is None else pre
         top_values, top_indices = pre.topk(int(self.k), dim=-1, sorted=False)
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(top_indices.shape[1])
-        return self.gather_code(x, rows, top_indices.reshape(-1), top_values.reshape(-1), x.shape[0])
+        return self.gather_code(x, rows, top_indices.reshape(-1), top_values.reshape(-1),
+                                x.shape[0])
 
 
 class BatchTopKSAE(TopKDictionary):
-    """BatchTopK SAE (Bussmann et al. 2024): while training, the batch's `k * batch` largest codes are kept;
-    at inference, codes above a learned `threshold` (tracked by the trainer).
+    """BatchTopK SAE (Bussmann et al. 2024): while training, the batch's `k * batch` largest codes
+    are kept; at inference, codes above a learned `threshold` (tracked by the trainer).
 
     While no threshold has been learned (-1), inference keeps every positive code, as upstream;
     `batch_topk_fallback=True` (an attribute, settable any time) uses the batch top-k instead.
     """
 
     def __init__(self, activation_dim: int, dict_size: int, k: int, output_dim: int | None = None,
-                 transcoder: bool = False, skip: bool = False, *, batch_topk_fallback: bool = False):
-        super().__init__(activation_dim, dict_size, k, output_dim=output_dim, transcoder=transcoder, skip=skip)
+                 transcoder: bool = False, skip: bool = False, *,
+                 batch_topk_fallback: bool = False):
+        super().__init__(activation_dim, dict_size, k, output_dim=output_dim, transcoder=transcoder,
+                         skip=skip)
         self.batch_topk_fallback = batch_topk_fallback
 
     def batch_topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows, cols, values) of the batch's k*batch largest positive pre-activations, grouped by row."""
+        """(rows, cols, values) of the batch's k*batch largest positive pre-activations, grouped by
+        row."""
         n = min(int(self.k) * pre.shape[0], pre.numel())
         values, flat = pre.flatten().topk(n, sorted=False)
         keep = values > 0
@@ -169,8 +189,8 @@ class BatchTopKSAE(TopKDictionary):
         return flat // self.dict_size, flat % self.dict_size, values[order]
 
     def encode(self, x: torch.Tensor, return_active: bool = False, use_threshold: bool = True):
-        """Dense codes: above `threshold` (use_threshold, inference) or the batch top-k (training; also at inference
-        before a threshold is learned when `batch_topk_fallback`)."""
+        """Dense codes: above `threshold` (use_threshold, inference) or the batch top-k (training;
+        also at inference before a threshold is learned when `batch_topk_fallback`)."""
         pre = F.relu(self.encoder(self._encoder_input(x)))
         if use_threshold and not (self.batch_topk_fallback and self.threshold < 0):
             codes = pre * (pre > self.threshold)
@@ -182,7 +202,8 @@ class BatchTopKSAE(TopKDictionary):
         return (codes, codes.sum(0) > 0, pre) if return_active else codes
 
     def sparse_code(self, x: torch.Tensor, pre: torch.Tensor | None = None) -> SparseCode:
-        """The differentiable batch-top-k code of `x` [batch, activation_dim] (training-time selection)."""
+        """The differentiable batch-top-k code of `x` [batch, activation_dim]
+        (training-time selection)."""
         pre = self.pre_activations(x) if pre is None else pre
         rows, cols, values = self.batch_topk(pre)
         return self.gather_code(x, rows, cols, values, x.shape[0])

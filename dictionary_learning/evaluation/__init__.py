@@ -1,12 +1,14 @@
-"""Evaluation: reconstruction metrics on activation batches, `loss_recovered` through nnsight patching, feature
-density, top-activating contexts and activation statistics.
+"""Evaluation: reconstruction metrics on activation batches, `loss_recovered` through nnsight
+patching, feature density, top-activating contexts and activation statistics.
 
-- `metrics.py`: reconstruction_metrics (one batch), feature_density, plot_feature_density, activation_statistics,
-  check_finite: what a dictionary does to activations it is given, with no model run.
-- `loss.py`: loss_recovered (CE and KL clean, patched with the reconstruction, ablated: patched runs through
-  `tracing.run`), with encode_inputs and hook_points_for (upstream's submodule / io to hook points).
-- `summary.py`: evaluate, both averaged over a buffer's batches and texts, under upstream's, this toolkit's and
-  SAEBench's names.
+- `metrics.py`: reconstruction_metrics (one batch), feature_density, plot_feature_density,
+  activation_statistics, check_finite: what a dictionary does to activations it is given, with no
+  model run.
+- `loss.py`: loss_recovered (CE and KL clean, patched with the reconstruction, ablated: patched runs
+  through `tracing.run`), with encode_inputs and hook_points_for (upstream's submodule / io to hook
+  points).
+- `summary.py`: evaluate, both averaged over a buffer's batches and texts, under upstream's, this
+  toolkit's and SAEBench's names.
 - `contexts.py`: top_activating_contexts.
 """
 
@@ -22,6 +24,7 @@ from .metrics import (
 from .summary import evaluate
 
 __all__ = [
-    "IO_MODES", "TRACER_ARGS", "activation_statistics", "check_finite", "encode_inputs", "evaluate", "feature_density",
-    "hook_points_for", "loss_recovered", "plot_feature_density", "reconstruction_metrics", "top_activating_contexts",
+    "IO_MODES", "TRACER_ARGS", "activation_statistics", "check_finite", "encode_inputs", "evaluate",
+    "feature_density", "hook_points_for", "loss_recovered", "plot_feature_density",
+    "reconstruction_metrics", "top_activating_contexts",
 ]

@@ -1,4 +1,5 @@
-"""`top_activating_contexts`: the held-out texts where chosen features fire most, as text around the token."""
+"""`top_activating_contexts`: the held-out texts where chosen features fire most, as text around the
+token."""
 
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ def top_activating_contexts(
     remove_bos: bool = True,
     progress: bool = True,
 ) -> dict[int, list[tuple[float, str]]]:
-    """For each feature, its `n_top` strongest activations on `texts` with the preceding `window` tokens as text;
-    the activating token is marked «like this». `point` is what the dictionary reads (a transcoder's
-    input side). progress: a bar over the text batches on stderr when they take a few seconds."""
+    """For each feature, its `n_top` strongest activations on `texts` with the preceding `window`
+    tokens as text; the activating token is marked «like this». `point` is what the dictionary reads
+    (a transcoder's input side). progress: a bar over the text batches on stderr when they take a
+    few seconds."""
     features_tensor = torch.tensor(features, dtype=torch.long)  # long even when empty
     best_values = torch.full((len(features), n_top), -torch.inf)
     best_where: list[list[tuple[int, int, int] | None]] = [[None] * n_top for _ in features]
@@ -41,13 +43,16 @@ def top_activating_contexts(
         [x] = read_hook_points(model, encoding, [point])
         mask = token_mask(encoding, remove_bos)
         parameter = next(dictionary.parameters())
-        codes = dictionary.encode(x.reshape(-1, x.shape[-1]).to(device=parameter.device, dtype=parameter.dtype))
-        codes = codes[:, features_tensor.to(codes.device)].float().cpu()  # the running best are kept on the CPU
+        codes = dictionary.encode(x.reshape(-1, x.shape[-1]).to(device=parameter.device,
+                                                                dtype=parameter.dtype))
+        # the running best are kept on the CPU
+        codes = codes[:, features_tensor.to(codes.device)].float().cpu()
         codes = codes.reshape(*mask.shape, len(features)).masked_fill(~mask[..., None], -torch.inf)
         for j in range(len(features)):
             values, flat = codes[..., j].flatten().topk(min(n_top, codes[..., j].numel()))
             merged = torch.cat([best_values[j], values])
-            where = best_where[j] + [(len(encodings) - 1, int(i) // mask.shape[1], int(i) % mask.shape[1])
+            where = best_where[j] + [(len(encodings) - 1, int(i) // mask.shape[1],
+                                      int(i) % mask.shape[1])
                                      for i in flat]
             order = merged.topk(n_top).indices
             best_values[j] = merged[order]
@@ -60,7 +65,8 @@ def top_activating_contexts(
                 continue
             batch_index, row, position = place
             ids = encodings[batch_index]["input_ids"][row]
-            first_real = int(encodings[batch_index]["attention_mask"][row].int().argmax())  # skip left padding
+            # skip left padding
+            first_real = int(encodings[batch_index]["attention_mask"][row].int().argmax())
             before = model.tokenizer.decode(ids[max(first_real, position - window) : position])
             token = model.tokenizer.decode(ids[position : position + 1])
             after = model.tokenizer.decode(ids[position + 1 : position + 4])

@@ -1,5 +1,6 @@
-"""Reconstruction metrics of activation batches, feature density and activation statistics: what a dictionary does to
-activations it is given, with no model run (`loss.py` patches the model; `summary.py` averages both)."""
+"""Reconstruction metrics of activation batches, feature density and activation statistics: what a
+dictionary does to activations it is given, with no model run (`loss.py` patches the model;
+`summary.py` averages both)."""
 
 from __future__ import annotations
 
@@ -17,25 +18,29 @@ from ..progress import progress_bar
 
 @torch.no_grad()
 def without_variance(variance: torch.Tensor, squares: torch.Tensor) -> bool:
-    """Whether targets have (almost) no variance about their mean, where FVU and explained variance mean nothing."""
+    """Whether targets have (almost) no variance about their mean, where FVU and explained variance
+    mean nothing."""
     return bool(variance <= 1e-10 * squares.clamp_min(1e-30))
 
 
 def check_finite(name: str, *tensors: torch.Tensor) -> None:
-    """A clear error for NaN / inf values, which would make every metric NaN or, worse, a plausible number."""
+    """A clear error for NaN / inf values, which would make every metric NaN or, worse, a plausible
+    number."""
     for tensor in tensors:
         if not torch.isfinite(tensor).all():
-            raise ValueError(f"{name} hold NaN / inf values ({int((~torch.isfinite(tensor)).sum())} of "
-                             f"{tensor.numel()}): clean them (or find where they came from) before evaluating")
+            raise ValueError(f"{name} hold NaN / inf values "
+                             f"({int((~torch.isfinite(tensor)).sum())} of {tensor.numel()}): clean "
+                             "them (or find where they came from) before evaluating")
 
 
 def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]:
-    """Metrics of one batch `[n, d]` (or an `(x, y)` pair for transcoders): this toolkit's mse (mean squared error
-    norm), fvu (error energy / total variance) and upstream's l2_loss (mean error norm), l1_loss, l0, cossim,
-    l2_ratio, frac_variance_explained (1 - summed variance of the error / summed variance of y) and
-    relative_reconstruction_bias (E||y_hat||^2 / E<y, y_hat>, eq. 10 of arXiv:2404.16014), and SAEBench's
-    explained_variance_legacy, l2_norm_in / l2_norm_out (of y and y_hat) and l1 (summed features); per-feature firing
-    counts in `_fired`, sums for a global explained variance in `_sums`."""
+    """Metrics of one batch `[n, d]` (or an `(x, y)` pair for transcoders): this toolkit's mse (mean
+    squared error norm), fvu (error energy / total variance) and upstream's l2_loss (mean
+    error norm), l1_loss, l0, cossim, l2_ratio, frac_variance_explained (1 - summed variance of the
+    error / summed variance of y) and relative_reconstruction_bias (E||y_hat||^2 / E<y, y_hat>, eq.
+    10 of arXiv:2404.16014), and SAEBench's explained_variance_legacy, l2_norm_in / l2_norm_out (of
+    y and y_hat) and l1 (summed features); per-feature firing counts in `_fired`, sums for a global
+    explained variance in `_sums`."""
     if isinstance(batch, (tuple, list)):
         x, y = batch
     else:
@@ -50,8 +55,8 @@ def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]
     active = f != 0
     undefined = without_variance(total_variance.double(), y.double().pow(2).sum())
     if undefined:
-        warnings.warn("FVU and explained variance are undefined on this batch: its targets have no variance (every "
-                      "token is the same vector); reported as NaN")
+        warnings.warn("FVU and explained variance are undefined on this batch: its targets have no "
+                      "variance (every token is the same vector); reported as NaN")
     nan = float("nan")
     return {
         "mse": error.pow(2).sum(dim=-1).mean().item(),
@@ -90,7 +95,8 @@ def feature_density(dictionary: Dictionary, batches: Iterable[Any], progress: bo
 
 
 def plot_feature_density(density: torch.Tensor, path: str, title: str = "feature density") -> None:
-    """Histogram of log10(firing frequency) as a PNG; dead features (never fired) are counted in the title."""
+    """Histogram of log10(firing frequency) as a PNG; dead features (never fired) are counted in the
+    title."""
     plt = pyplot()
 
     alive = density[density > 0]
@@ -104,7 +110,8 @@ def plot_feature_density(density: torch.Tensor, path: str, title: str = "feature
 
 
 def activation_statistics(x: torch.Tensor) -> dict[str, float]:
-    """Summary statistics of a `[n, d]` activation matrix: norms, variance, principal components, outliers."""
+    """Summary statistics of a `[n, d]` activation matrix: norms, variance, principal components,
+    outliers."""
     x = x.float()
     norms = x.norm(dim=-1)
     centred = x - x.mean(dim=0)

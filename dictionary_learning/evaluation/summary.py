@@ -1,5 +1,6 @@
-"""`evaluate`: a dictionary's reconstruction metrics averaged over activation batches and, given a buffer over an
-nnsight model, `loss_recovered` averaged over its texts, under upstream's, this toolkit's and SAEBench's names."""
+"""`evaluate`: a dictionary's reconstruction metrics averaged over activation batches and, given a
+buffer over an nnsight model, `loss_recovered` averaged over its texts, under upstream's, this
+toolkit's and SAEBench's names."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from .metrics import check_finite, reconstruction_metrics, without_variance
 
 
 def _normalized(batch: Any, activation_dim: int) -> Any:
-    """Upstream's normalize_batch: x scaled to mean norm sqrt(activation_dim) (a target y by x's factor)."""
+    """Upstream's normalize_batch: x scaled to mean norm sqrt(activation_dim) (a target y by x's
+    factor)."""
     x = batch[0] if isinstance(batch, (tuple, list)) else batch
     scale = activation_dim ** 0.5 / x.float().norm(dim=-1).mean()
     return tuple(side * scale for side in batch) if isinstance(batch, (tuple, list)) else batch * scale
@@ -40,21 +42,22 @@ def evaluate(
     loss_batches: int | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Metrics averaged over `n_batches` activation batches (fewer if `activations` runs out first) and, when
-    `activations` is an ActivationBuffer over an nnsight model (`pytorch_buffer`'s has no
+    """Metrics averaged over `n_batches` activation batches (fewer if `activations` runs out first)
+    and, when `activations` is an ActivationBuffer over an nnsight model (`pytorch_buffer`'s has no
     traces), loss_recovered averaged over `loss_batches` batches of `batch_size` of its texts
     (default: one after each activation batch, as upstream; more than n_batches follow the last).
 
-    Keys: upstream's l2_loss, l1_loss, l0, frac_variance_explained, cossim, l2_ratio, relative_reconstruction_bias,
-    frac_alive (features that fired at least once) and, with a buffer, loss_original, loss_reconstructed, loss_zero,
-    frac_recovered; this toolkit's mse, fvu, tokens and, with a buffer, ce_clean, ce_patched, ce_zero (the same CEs),
-    ce_mean (mean ablation), kl_patched, kl_zero, kl_mean, frac_recovered_mean (see `reconstruction_metrics`,
-    `loss_recovered`); and SAEBench's core names (`core_metrics`: kl_div_score, ce_loss_score, each also against
-    mean ablation, explained_variance, l2_norm_in, freq_over_1_percent, dead_fraction, ...; `core_metrics.core_groups`
-    groups them as SAEBench does).
-    The buffer's own hook points are patched (this toolkit's buffer knows what it read; `io` serves buffers that only
-    name a submodule). normalize_batch: upstream's (see `loss_recovered`). device: where the dictionary runs
-    (default: where it is).
+    Keys: upstream's l2_loss, l1_loss, l0, frac_variance_explained, cossim, l2_ratio,
+    relative_reconstruction_bias, frac_alive (features that fired at least once) and, with a buffer,
+    loss_original, loss_reconstructed, loss_zero, frac_recovered; this toolkit's mse, fvu, tokens
+    and, with a buffer, ce_clean, ce_patched, ce_zero (the same CEs), ce_mean (mean ablation),
+    kl_patched, kl_zero, kl_mean, frac_recovered_mean (see `reconstruction_metrics`,
+    `loss_recovered`); and SAEBench's core names (`core_metrics`: kl_div_score, ce_loss_score, each
+    also against mean ablation, explained_variance, l2_norm_in, freq_over_1_percent, dead_fraction,
+    ...; `core_metrics.core_groups` groups them as SAEBench does). The buffer's own hook points are
+    patched (this toolkit's buffer knows what it read; `io` serves buffers that only name a
+    submodule). normalize_batch: upstream's (see `loss_recovered`). device: where the dictionary
+    runs (default: where it is).
     progress: a bar over the batches on stderr once they take more than a few seconds
     (`progress.DELAY`), so a sweep's short calls stay quiet.
     """
@@ -81,7 +84,8 @@ def evaluate(
             return
         if hooks is None:
             hooks = hook_points_for(activations.model, activations.submodule, io)
-        losses = loss_recovered(texts, activations.model, dictionary, hooks=tuple(hooks), ctx_len=max_len,
+        losses = loss_recovered(texts, activations.model, dictionary, hooks=tuple(hooks),
+                                ctx_len=max_len,
                                 patch_mask_fn=getattr(activations, "token_mask", None),
                                 normalize_batch=normalize_batch, tracer_args=tracer_args,
                                 mean_ablation=True, progress=False)
@@ -101,16 +105,19 @@ def evaluate(
             batch = _normalized(batch, dictionary.activation_dim)
         metrics = reconstruction_metrics(dictionary, batch)
         fired = metrics["_fired"] if fired is None else fired + metrics["_fired"]
-        sums = metrics["_sums"] if sums is None else tuple(a + b for a, b in zip(sums, metrics["_sums"]))
+        sums = metrics["_sums"] if sums is None else tuple(a + b
+                                                           for a, b in zip(sums, metrics["_sums"]))
         tokens += metrics["_tokens"]
         for key, value in metrics.items():
             if not key.startswith("_"):
                 totals[key] = totals.get(key, 0.0) + value
         count += 1
         bar.update()
-        if with_loss and index < loss_batches:  # interleaved as upstream, so the same texts are used
+        # interleaved as upstream, so the same texts are used
+        if with_loss and index < loss_batches:
             add_loss_batch()
-    for _ in range(loss_batches - min(count, loss_batches) if with_loss else 0):  # more loss batches than batches
+    # more loss batches than batches
+    for _ in range(loss_batches - min(count, loss_batches) if with_loss else 0):
         add_loss_batch()
     bar.close()
     if count == 0:
@@ -125,12 +132,12 @@ def evaluate(
     results.update(density_metrics(fired.float() / tokens), **weight_metrics(dictionary),
                    total_tokens_eval_sparsity_variance=tokens)
     if with_loss and not loss_count:
-        warnings.warn("the buffer's texts ran out before any loss batch: no CE / KL metrics (give it more texts "
-                      "than its refresh_batch_size)")
+        warnings.warn("the buffer's texts ran out before any loss batch: no CE / KL metrics (give "
+                      "it more texts than its refresh_batch_size)")
     if loss_count:
         results.update({key: value / loss_count for key, value in loss_totals.items()})
-        for upstream_key, key in (("loss_original", "ce_clean"), ("loss_reconstructed", "ce_patched"),
-                                  ("loss_zero", "ce_zero")):
+        for upstream_key, key in (("loss_original", "ce_clean"),
+                                  ("loss_reconstructed", "ce_patched"), ("loss_zero", "ce_zero")):
             results[upstream_key] = results[key]
         results.update(saebench_names(results), total_tokens_eval_reconstruction=loss_tokens)
     return results

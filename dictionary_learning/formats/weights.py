@@ -1,15 +1,17 @@
-"""One library-neutral form of a dictionary's inference computation, which every format converter reads and writes.
+"""One library-neutral form of a dictionary's inference computation, which every format converter
+reads and writes.
 
     pre = (x - b_dec if centred else x) @ W_enc.T + b_enc        W_enc [d_sae, d_in]
     f   = relu(pre)                              activation "relu"
         = relu(pre) where pre > threshold        activation "jumprelu" (threshold [d_sae])
         = the k largest of relu(pre)             activation "topk"
-    out = f @ W_dec + b_dec (+ x @ W_skip.T)                    W_dec [d_sae, d_out], W_skip [d_out, d_in]
+    out = f @ W_dec + b_dec (+ x @ W_skip.T)                    W_dec [d_sae, d_out],
+        W_skip [d_out, d_in]
 
-`weights_of(dictionary)` reads any of this toolkit's dictionaries into it (BatchTopK and Matryoshka SAEs through
-their inference rule, a learned threshold: "jumprelu"); `dictionary_from(weights)` builds the toolkit's class that
-computes the same thing. Orientations differ between libraries (ecosystem findings, section 2.0): each converter
-transposes here, nowhere else.
+`weights_of(dictionary)` reads any of this toolkit's dictionaries into it (BatchTopK and Matryoshka
+SAEs through their inference rule, a learned threshold: "jumprelu"); `dictionary_from(weights)`
+builds the toolkit's class that computes the same thing. Orientations differ between libraries
+(ecosystem findings, section 2.0): each converter transposes here, nowhere else.
 """
 
 from __future__ import annotations
@@ -32,14 +34,15 @@ from ..dictionary import (
 from .hooks import named_hooks
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")
-NEVER = torch.finfo(torch.float32).max  # a threshold no finite pre-activation exceeds (Matryoshka's inactive groups)
+# a threshold no finite pre-activation exceeds (Matryoshka's inactive groups)
+NEVER = torch.finfo(torch.float32).max
 
 
 @dataclass
 class Weights:
-    """A dictionary's inference computation (see the module docstring), on the CPU, plus where it reads and writes:
-    `hooks` as `[{"path", "io"}]` (one for an SAE, input side then output side for a transcoder), `model_name`,
-    `layer`."""
+    """A dictionary's inference computation (see the module docstring), on the CPU, plus where it
+    reads and writes: `hooks` as `[{"path", "io"}]` (one for an SAE, input side then output side for
+    a transcoder), `model_name`, `layer`."""
 
     W_enc: torch.Tensor
     b_enc: torch.Tensor
@@ -60,17 +63,20 @@ class Weights:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         d_sae, d_in = self.W_enc.shape
         checks = {"b_enc": (self.b_enc, (d_sae,)), "W_dec": (self.W_dec, (d_sae, self.d_out)),
-                  "threshold": (self.threshold, (d_sae,)), "W_skip": (self.W_skip, (self.d_out, d_in))}
+                  "threshold": (self.threshold, (d_sae,)),
+                  "W_skip": (self.W_skip, (self.d_out, d_in))}
         for name, (tensor, shape) in checks.items():
             if tensor is not None and tuple(tensor.shape) != shape:
-                raise ValueError(f"{name} must have shape {shape} for W_enc {tuple(self.W_enc.shape)} and b_dec "
-                                 f"{tuple(self.b_dec.shape)}, got {tuple(tensor.shape)}")
+                raise ValueError(f"{name} must have shape {shape} for W_enc "
+                                 f"{tuple(self.W_enc.shape)} and b_dec {tuple(self.b_dec.shape)}, "
+                                 f"got {tuple(tensor.shape)}")
         if self.activation == "topk" and not (isinstance(self.k, int) and 0 < self.k <= d_sae):
             raise ValueError(f"a topk dictionary needs k in [1, {d_sae}], got {self.k!r}")
         if self.activation == "jumprelu" and self.threshold is None:
             raise ValueError("a jumprelu dictionary needs a threshold [d_sae]")
         if self.centred and (self.transcoder or d_in != self.d_out):
-            raise ValueError("only an SAE (same input and output) can subtract b_dec from its input")
+            raise ValueError("only an SAE (same input and output) can subtract b_dec from its "
+                             "input")
 
     @property
     def d_in(self) -> int:
@@ -85,7 +91,8 @@ class Weights:
         return self.b_dec.shape[0]
 
     def with_centring(self, centred: bool) -> Weights:
-        """The same computation with b_dec subtracted from the input (centred) or not: b_enc absorbs W_enc @ b_dec."""
+        """The same computation with b_dec subtracted from the input (centred) or not: b_enc absorbs
+        W_enc @ b_dec."""
         if centred == self.centred:
             return self
         shift = self.W_enc.double() @ self.b_dec.double()
@@ -93,7 +100,8 @@ class Weights:
         return replace(self, b_enc=b_enc.to(self.b_enc.dtype), centred=centred)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The reference computation in the module docstring (for tests and checks): features `[n, d_sae]`."""
+        """The reference computation in the module docstring (for tests and checks): features
+        `[n, d_sae]`."""
         pre = (x - self.b_dec if self.centred else x) @ self.W_enc.T + self.b_enc
         f = pre.relu()
         if self.activation == "jumprelu":
@@ -113,8 +121,8 @@ def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def weights_of(dictionary: Dictionary, config: dict[str, Any] | None = None) -> Weights:
-    """The library-neutral form of one of this toolkit's dictionaries; `config` (a saved folder's config.json)
-    supplies the model name, layer and hook points."""
+    """The library-neutral form of one of this toolkit's dictionaries; `config` (a saved
+    folder's config.json) supplies the model name, layer and hook points."""
     skip = _detached(dictionary.skip.weight) if getattr(dictionary, "skip", None) is not None else None
     common: dict[str, Any] = {"W_skip": skip, "transcoder": bool(dictionary.transcoder)}
     if isinstance(dictionary, (AutoEncoder, AutoEncoderTopK, BatchTopKSAE, AutoEncoderNew)):
@@ -127,10 +135,11 @@ def weights_of(dictionary: Dictionary, config: dict[str, Any] | None = None) -> 
         common.update(W_enc=dictionary.W_enc.T, b_enc=dictionary.b_enc, W_dec=dictionary.W_dec,
                       b_dec=dictionary.b_dec, centred=centred)
     else:
-        raise ValueError(f"{type(dictionary).__name__} has no equivalent in the other libraries' formats; "
-                         f"convertible: AutoEncoder, AutoEncoderNew, AutoEncoderTopK, BatchTopKSAE, "
-                         f"JumpReluAutoEncoder, MatryoshkaBatchTopKSAE")
-    common = {key: _detached(value) if isinstance(value, torch.Tensor) else value for key, value in common.items()}
+        raise ValueError(f"{type(dictionary).__name__} has no equivalent in the other libraries' "
+                         "formats; convertible: AutoEncoder, AutoEncoderNew, AutoEncoderTopK, "
+                         "BatchTopKSAE, JumpReluAutoEncoder, MatryoshkaBatchTopKSAE")
+    common = {key: _detached(value) if isinstance(value, torch.Tensor) else value
+              for key, value in common.items()}
     if isinstance(dictionary, AutoEncoderTopK):
         common.update(activation="topk", k=int(dictionary.k))
     elif isinstance(dictionary, JumpReluAutoEncoder):
@@ -138,8 +147,9 @@ def weights_of(dictionary: Dictionary, config: dict[str, Any] | None = None) -> 
         common.update(activation="jumprelu", threshold=_detached(dictionary.threshold).clamp_min(0))
     elif isinstance(dictionary, (BatchTopKSAE, MatryoshkaBatchTopKSAE)):
         if getattr(dictionary, "batch_topk_fallback", False) and dictionary.threshold < 0:
-            raise ValueError(f"this {type(dictionary).__name__} has no learned threshold and batch_topk_fallback=True: "
-                             "its inference depends on the batch, which no other format can express")
+            raise ValueError(f"this {type(dictionary).__name__} has no learned threshold and "
+                             "batch_topk_fallback=True: its inference depends on the batch, which "
+                             "no other format can express")
         threshold = torch.full((dictionary.dict_size,), max(float(dictionary.threshold), 0.0))
         if isinstance(dictionary, MatryoshkaBatchTopKSAE):
             threshold[dictionary.active_end:] = NEVER  # latents of groups not yet active never fire
@@ -160,9 +170,10 @@ def hook_layer(hooks: list[dict[str, Any]]) -> int | None:
 
 
 def saved_hooks(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """The hook points a saved dictionary read (and wrote), from its config.json: the buffer's hooks, or, when one
-    buffer fed many trainers (its `submodule` a dict by entry name), those of the entry named by the trainer's
-    `submodule_name` ([] when it names none). Each is `{"path", "io"}` plus its `name` where the buffer gave one."""
+    """The hook points a saved dictionary read (and wrote), from its config.json: the buffer's
+    hooks, or, when one buffer fed many trainers (its `submodule` a dict by entry name), those of
+    the entry named by the trainer's `submodule_name` ([] when it names none). Each is
+    `{"path", "io"}` plus its `name` where the buffer gave one."""
     run = config.get("run")  # quickstart saves before 2026-12-07 kept the buffer there
     buffer = config.get("buffer") or (run.get("buffer") if isinstance(run, dict) else None) or {}
     hooks = [h for h in buffer.get("hooks", []) if isinstance(h, dict) and h.get("path")]
@@ -172,23 +183,27 @@ def saved_hooks(config: dict[str, Any]) -> list[dict[str, Any]]:
         wanted = [wanted] if isinstance(wanted, str) else list(wanted)
         by_name = {h.get("name") or f"{h['path']}.{h.get('io', 'output')}": h for h in hooks}
         hooks = [by_name[name] for name in wanted if name in by_name]
-    return [{"path": h["path"], "io": h.get("io", "output"), **({"name": h["name"]} if h.get("name") else {})}
+    return [{"path": h["path"], "io": h.get("io", "output"),
+             **({"name": h["name"]} if h.get("name") else {})}
             for h in hooks]
 
 
 def dictionary_from(weights: Weights) -> Dictionary:
-    """This toolkit's dictionary that computes what `weights` describe: AutoEncoder (relu), AutoEncoderTopK (topk),
-    JumpReluAutoEncoder (jumprelu), as a transcoder when `weights.transcoder`, with a skip when W_skip is given."""
-    shape = {"activation_dim": weights.d_in, "dict_size": weights.d_sae, "output_dim": weights.d_out,
-             "transcoder": weights.transcoder, "skip": weights.W_skip is not None}
+    """This toolkit's dictionary that computes what `weights` describe: AutoEncoder (relu),
+    AutoEncoderTopK (topk), JumpReluAutoEncoder (jumprelu), as a transcoder when
+    `weights.transcoder`, with a skip when W_skip is given."""
+    shape = {"activation_dim": weights.d_in, "dict_size": weights.d_sae,
+             "output_dim": weights.d_out, "transcoder": weights.transcoder,
+             "skip": weights.W_skip is not None}
     sae = not weights.transcoder
     if weights.activation == "jumprelu":
         dictionary: Dictionary = JumpReluAutoEncoder(**shape)
         dictionary.apply_b_dec_to_input = weights.centred
-        state = {"W_enc": weights.W_enc.T, "b_enc": weights.b_enc, "W_dec": weights.W_dec, "b_dec": weights.b_dec,
-                 "threshold": weights.threshold}
+        state = {"W_enc": weights.W_enc.T, "b_enc": weights.b_enc, "W_dec": weights.W_dec,
+                 "b_dec": weights.b_dec, "threshold": weights.threshold}
     else:
-        weights = weights.with_centring(sae)  # AutoEncoder / AutoEncoderTopK centre an SAE's input, not a transcoder's
+        # AutoEncoder / AutoEncoderTopK centre an SAE's input, not a transcoder's
+        weights = weights.with_centring(sae)
         if weights.activation == "topk":
             dictionary = AutoEncoderTopK(k=weights.k, **shape)
             state = {"decoder.weight": weights.W_dec.T, "b_dec": weights.b_dec}
@@ -206,9 +221,9 @@ def dictionary_from(weights: Weights) -> Dictionary:
 
 
 def toolkit_config(dictionary: Dictionary, weights: Weights, source: str) -> dict[str, Any]:
-    """A config.json for an imported dictionary: the trainer block this toolkit's loaders read (model, layer), and
-    the hook points, named by site where a family adapter knows them, in the buffer block (as a trained
-    dictionary's)."""
+    """A config.json for an imported dictionary: the trainer block this toolkit's loaders read
+    (model, layer), and the hook points, named by site where a family adapter knows them, in the
+    buffer block (as a trained dictionary's)."""
     trainer: dict[str, Any] = {**dictionary.dictionary_config(), "imported_from": source}
     hooks = named_hooks(weights.hooks, weights.model_name)
     layer = weights.layer if weights.layer is not None else hook_layer(hooks)

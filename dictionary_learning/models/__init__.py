@@ -1,6 +1,7 @@
-"""Language models for dictionary learning: loading (`loading.py`), per-family adapters (`adapters.py`) and named
-hook points (`hooks.py`). Family knowledge (module paths of layers, attention, MLP and norms, the norms' formulas,
-attention weight layouts) lives in `adapters.py` only. Every name stays importable from `dictionary_learning.models`.
+"""Language models for dictionary learning: loading (`loading.py`), per-family adapters
+(`adapters.py`) and named hook points (`hooks.py`). Family knowledge (module paths of layers,
+attention, MLP and norms, the norms' formulas, attention weight layouts) lives in `adapters.py`
+only. Every name stays importable from `dictionary_learning.models`.
 """
 
 from ..files import cache_dir
@@ -41,10 +42,12 @@ from .loading import (
 )
 
 __all__ = [
-    "ADAPTERS", "DEFAULT_MODEL", "DTYPES", "GPT2", "GPT_NEOX", "LLAMA", "SITES", "SMOLLM2_GGUF", "SMOLLM2_WHEEL",
-    "TINY_VOCAB", "AttentionOV", "FamilyAdapter", "HookPoint", "NormParams", "attention_ov", "byte_tokenizer",
-    "cache_dir", "d_model", "default_dtype", "dtype_from_name", "execution_key", "get_adapter", "get_module", "hook",
-    "execution_order", "load_model", "max_context", "model_fingerprint", "module_paths", "n_layers", "norm_params",
-    "parallel_residual",
-    "resolve_hook", "smollm2_path", "tiny_hf_model", "torch_model",
+    "ADAPTERS", "DEFAULT_MODEL", "DTYPES", "GPT2", "GPT_NEOX", "LLAMA", "SITES", "SMOLLM2_GGUF",
+    "SMOLLM2_WHEEL", "TINY_VOCAB", "AttentionOV", "FamilyAdapter", "HookPoint", "NormParams",
+    "attention_ov", "byte_tokenizer", "cache_dir", "d_model", "default_dtype", "dtype_from_name",
+    "execution_key", "get_adapter", "get_module", "hook", "execution_order", "load_model",
+    "max_context",
+    "model_fingerprint", "module_paths", "n_layers", "norm_params", "parallel_residual",
+    "resolve_hook", "smollm2_path",
+    "tiny_hf_model", "torch_model",
 ]

@@ -1,8 +1,8 @@
 """Family adapters: everything that differs between model families, and nothing else.
 
-A `FamilyAdapter` names a family's module paths (blocks, attention, MLP, norms, embedding); `norm_params` and
-`attention_ov` read a layer's norm (with its formula: `NormParams`) and per-head OV weights. No other room of the
-package branches on a family, a config name or a norm type.
+A `FamilyAdapter` names a family's module paths (blocks, attention, MLP, norms, embedding);
+`norm_params` and `attention_ov` read a layer's norm (with its formula: `NormParams`) and per-head
+OV weights. No other room of the package branches on a family, a config name or a norm type.
 """
 
 from __future__ import annotations
@@ -29,13 +29,20 @@ class FamilyAdapter:
     final_norm: str
     mlp: str = "mlp"  # MLP module, relative to a block
     unembed: str = "lm_head"
-    attention_layout: str = "llama"  # value / output weights: "llama" (v_proj, o_proj), "gpt2", "fused_qkv", "gpt_neox"
-    attn_out: str | None = None  # module whose output attention adds to the residual, if not `attn` (a post-norm)
-    mlp_out: str | None = None  # module whose output the MLP adds to the residual, if not `mlp` (a post-norm)
-    norm_weight_offset: float = 0.0  # RMSNorms multiply by (offset + weight): Gemma stores w and scales by 1 + w
-    parameterless_norm_eps: float | None = None  # norms with no weight or bias: LayerNorm with this eps (OLMo)
-    not_decomposable: str | None = None  # why the SCAE linearisation of a block cannot be built for this family
-    parallel_residual_flag: str | None = None  # config key that, when true, makes the MLP read the block input too
+    # value / output weights: "llama" (v_proj, o_proj), "gpt2", "fused_qkv", "gpt_neox"
+    attention_layout: str = "llama"
+    # module whose output attention adds to the residual, if not `attn` (a post-norm)
+    attn_out: str | None = None
+    # module whose output the MLP adds to the residual, if not `mlp` (a post-norm)
+    mlp_out: str | None = None
+    # RMSNorms multiply by (offset + weight): Gemma stores w and scales by 1 + w
+    norm_weight_offset: float = 0.0
+    # norms with no weight or bias: LayerNorm with this eps (OLMo)
+    parameterless_norm_eps: float | None = None
+    # why the SCAE linearisation of a block cannot be built for this family
+    not_decomposable: str | None = None
+    # config key that, when true, makes the MLP read the block input too
+    parallel_residual_flag: str | None = None
 
     def block(self, layer: int) -> str:
         return f"{self.layers}.{layer}"
@@ -52,26 +59,33 @@ class FamilyAdapter:
 
 
 LLAMA = FamilyAdapter("llama", layers="model.layers", attn="self_attn", attn_norm="input_layernorm",
-                      mlp_norm="post_attention_layernorm", embed="model.embed_tokens", final_norm="model.norm")
+                      mlp_norm="post_attention_layernorm", embed="model.embed_tokens",
+                      final_norm="model.norm")
 GPT2 = FamilyAdapter("gpt2", layers="transformer.h", attn="attn", attn_norm="ln_1", mlp_norm="ln_2",
-                     embed="transformer.wte", final_norm="transformer.ln_f", attention_layout="gpt2")
+                     embed="transformer.wte", final_norm="transformer.ln_f",
+                     attention_layout="gpt2")
 # GPT-NeoX (Pythia): the unembedding is lm_head from transformers 5 on (4.x called it embed_out).
 GPT_NEOX = FamilyAdapter(
     "gpt_neox", layers="gpt_neox.layers", attn="attention", attn_norm="input_layernorm",
-    mlp_norm="post_attention_layernorm", embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
-    attention_layout="gpt_neox",  # query_key_value packs q | k | v per head; dense is the output projection
-    parallel_residual_flag="use_parallel_residual",  # Pythia: attention and MLP both read the block input
+    mlp_norm="post_attention_layernorm", embed="gpt_neox.embed_in",
+    final_norm="gpt_neox.final_layer_norm",
+    # query_key_value packs q | k | v per head; dense is the output projection
+    attention_layout="gpt_neox",
+    # Pythia: attention and MLP both read the block input
+    parallel_residual_flag="use_parallel_residual",
 )
-# The families below have Llama's module paths.
-# Gemma: RMSNorm scales by (1 + w); the embedding's sqrt(d_model) factor is inside embed_tokens' forward.
+# The families below have Llama's module paths. Gemma: RMSNorm scales by (1 + w); the embedding's
+# sqrt(d_model) factor is inside embed_tokens' forward.
 GEMMA = replace(LLAMA, family="gemma", norm_weight_offset=1.0)
-# Gemma 2: attention's and the MLP's outputs pass through post-norms before they reach the residual stream, and the
-# MLP reads pre_feedforward_layernorm (post_attention_layernorm is attention's post-norm there).
+# Gemma 2: attention's and the MLP's outputs pass through post-norms before they reach the residual
+# stream, and the MLP reads pre_feedforward_layernorm (post_attention_layernorm is attention's
+# post-norm there).
 GEMMA2 = replace(
-    LLAMA, family="gemma2", mlp_norm="pre_feedforward_layernorm", attn_out="post_attention_layernorm",
+    LLAMA, family="gemma2", mlp_norm="pre_feedforward_layernorm",
+    attn_out="post_attention_layernorm",
     mlp_out="post_feedforward_layernorm", norm_weight_offset=1.0,
-    not_decomposable="its post-attention and post-feedforward RMSNorms rescale what attention and the MLP add to the "
-    "residual stream, which the linearisation does not route through",
+    not_decomposable="its post-attention and post-feedforward RMSNorms rescale what attention and "
+    "the MLP add to the residual stream, which the linearisation does not route through",
 )
 # Phi-3: q | k | v fused in self_attn.qkv_proj (and gate | up in mlp.gate_up_proj).
 PHI3 = replace(LLAMA, family="phi3", attention_layout="fused_qkv")
@@ -93,8 +107,10 @@ ADAPTERS: dict[str, FamilyAdapter] = {
 }
 # families refused on purpose: config.model_type -> what is missing
 REFUSED: dict[str, str] = {
-    name: "a mixture-of-experts MLP (no single MLP module whose input and output are the hook points)"
-    for name in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "granitemoe", "jetmoe", "deepseek_v3")
+    name: "a mixture-of-experts MLP (no single MLP module whose input and output are the hook "
+          "points)"
+    for name in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "granitemoe", "jetmoe",
+                 "deepseek_v3")
 }
 
 
@@ -113,8 +129,9 @@ def get_adapter(model: Any) -> FamilyAdapter:
         )
     if model_type not in ADAPTERS:
         raise ValueError(
-            f"no adapter for model family {model_type!r} (config.model_type); known families: {sorted(ADAPTERS)}. "
-            "Use plain dotted module paths, or add a FamilyAdapter in dictionary_learning/models/adapters.py."
+            f"no adapter for model family {model_type!r} (config.model_type); known families: "
+            f"{sorted(ADAPTERS)}. Use plain dotted module paths, or add a FamilyAdapter in "
+            "dictionary_learning/models/adapters.py."
         )
     return ADAPTERS[model_type]
 
@@ -131,10 +148,11 @@ def d_model(model: Any) -> int:
 
 
 def model_fingerprint(model: Any) -> str | None:
-    """A short hash of what makes a model this model: its family, depth, width and vocabulary, and a sample of its
-    token embedding's values (rounded to bfloat16, so the same weights loaded in float32 or bfloat16 agree). Saved
-    with caches and suites, so that using them with another model of the same shape is refused. None where the
-    weights are not on this machine (a model loaded for remote execution)."""
+    """A short hash of what makes a model this model: its family, depth, width and vocabulary, and a
+    sample of its token embedding's values (rounded to bfloat16, so the same weights loaded in
+    float32 or bfloat16 agree). Saved with caches and suites, so that using them with another model
+    of the same shape is refused. None where the weights are not on this machine (a model loaded for
+    remote execution)."""
     import hashlib
 
     module = torch_model(model)
@@ -167,7 +185,8 @@ def module_paths(model: Any) -> list[str]:
 
 
 def get_module(model: Any, path: str) -> nn.Module:
-    """The torch module at a dotted path; an unknown path raises ValueError listing close valid ones."""
+    """The torch module at a dotted path; an unknown path raises ValueError listing close valid
+    ones."""
     try:
         return torch_model(model).get_submodule(path)
     except AttributeError:
@@ -176,19 +195,22 @@ def get_module(model: Any, path: str) -> nn.Module:
         near = [p for p in valid if p.startswith(parent)] if parent else []
         shown = (near or valid)[:40]
         raise ValueError(
-            f"no module {path!r} in {type(torch_model(model)).__name__}; valid paths include: {shown}"
-            + (f" ... ({len(valid)} in all, see dictionary_learning.models.module_paths(model))" if len(valid) > 40 else "")
+            f"no module {path!r} in {type(torch_model(model)).__name__}; valid paths include: "
+            f"{shown}"
+            + (f" ... ({len(valid)} in all, see dictionary_learning.models.module_paths(model))"
+               if len(valid) > 40 else "")
         ) from None
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # norms and attention weights, as the linearisation of a block needs them
 
 
 @dataclass(frozen=True)
 class NormParams:
-    """A pre-norm: y = linear_part(x) * scale(x) + bias, where linear_part(x) = weight * C x, C centres (LayerNorm)
-    or is the identity (RMSNorm), and scale(x) = 1 / sqrt(mean((C x)^2) + eps) is one number per token."""
+    """A pre-norm: y = linear_part(x) * scale(x) + bias, where linear_part(x) = weight * C x, C
+    centres (LayerNorm) or is the identity (RMSNorm), and scale(x) = 1 / sqrt(mean((C x)^2) + eps)
+    is one number per token."""
 
     kind: str  # "rms" | "layer"
     weight: torch.Tensor  # [d_model]
@@ -214,8 +236,9 @@ class NormParams:
 
 @dataclass(frozen=True)
 class AttentionOV:
-    """Per-head value and output maps, grouped-query heads expanded: head h's contribution at query q is
-    `sum_k P[h, q, k] * (x_normed[k] @ W_V[h] + b_V[h]) @ W_O[h]`; the module adds `b_O` once."""
+    """Per-head value and output maps, grouped-query heads expanded: head h's contribution at query
+    q is `sum_k P[h, q, k] * (x_normed[k] @ W_V[h] + b_V[h]) @ W_O[h]`; the module adds `b_O`
+    once."""
 
     W_V: torch.Tensor  # [n_heads, d_model, d_head]
     b_V: torch.Tensor | None  # [n_heads, d_head]
@@ -245,14 +268,16 @@ def norm_params(model: Any, layer: int | None, which: str) -> NormParams:
         return NormParams("layer", ones, None, adapter.parameterless_norm_eps)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     if eps is None or not hasattr(module, "weight"):
-        raise ValueError(f"{path} ({type(module).__name__}) is neither a LayerNorm nor an RMSNorm with weight and eps")
+        raise ValueError(f"{path} ({type(module).__name__}) is neither a LayerNorm nor an RMSNorm "
+                         "with weight and eps")
     weight = module.weight + adapter.norm_weight_offset if adapter.norm_weight_offset else module.weight
     return NormParams("rms", weight, getattr(module, "bias", None), float(eps))
 
 
 def parallel_residual(model: Any) -> bool:
-    """Whether a block's MLP reads the block input (through its own norm) rather than the residual stream after
-    attention, so that a layer's MLP is not downstream of the same layer's attention."""
+    """Whether a block's MLP reads the block input (through its own norm) rather than the residual
+    stream after attention, so that a layer's MLP is not downstream of the same layer's
+    attention."""
     adapter = get_adapter(model)
     if adapter.parallel_residual_flag is None:
         return False
@@ -295,18 +320,23 @@ def attention_ov(model: Any, layer: int) -> AttentionOV:
         repeat = n_heads // n_kv  # query head h reads kv head h // repeat
         W_V = W_V.repeat_interleave(repeat, dim=0)
         b_V = b_V.repeat_interleave(repeat, dim=0) if b_V is not None else None
-        W_O = attn.o_proj.weight.view(width, n_heads, d_head).permute(1, 2, 0)  # [n_heads, d_head, d_model]
+        # [n_heads, d_head, d_model]
+        W_O = attn.o_proj.weight.view(width, n_heads, d_head).permute(1, 2, 0)
         b_O = attn.o_proj.bias
-    elif adapter.attention_layout == "gpt2":  # Conv1D: y = x @ weight + bias, c_attn packs q | k | v
+    # Conv1D: y = x @ weight + bias, c_attn packs q | k | v
+    elif adapter.attention_layout == "gpt2":
         W_V = attn.c_attn.weight[:, 2 * width :].view(width, n_heads, d_head).transpose(0, 1)
         b_V = attn.c_attn.bias[2 * width :].view(n_heads, d_head)
         W_O = attn.c_proj.weight.view(n_heads, d_head, width)
         b_O = attn.c_proj.bias
-    elif adapter.attention_layout == "gpt_neox":  # query_key_value's rows: per head, its q, k and v (d_head each)
+    # query_key_value's rows: per head, its q, k and v (d_head each)
+    elif adapter.attention_layout == "gpt_neox":
         qkv = attn.query_key_value
-        W_V = qkv.weight.view(n_heads, 3, d_head, width)[:, 2].transpose(1, 2)  # [n_heads, d_model, d_head]
+        # [n_heads, d_model, d_head]
+        W_V = qkv.weight.view(n_heads, 3, d_head, width)[:, 2].transpose(1, 2)
         b_V = qkv.bias.view(n_heads, 3, d_head)[:, 2] if qkv.bias is not None else None
-        W_O = attn.dense.weight.view(width, n_heads, d_head).permute(1, 2, 0)  # [n_heads, d_head, d_model]
+        # [n_heads, d_head, d_model]
+        W_O = attn.dense.weight.view(width, n_heads, d_head).permute(1, 2, 0)
         b_O = attn.dense.bias
     else:
         raise ValueError(f"attention_ov does not know the {adapter.family} layout yet")

@@ -1,5 +1,5 @@
-"""Hook points: a module (dotted path in the Hugging Face model) and its input or output, named sites per layer,
-and the order in which a forward pass reaches them."""
+"""Hook points: a module (dotted path in the Hugging Face model) and its input or output, named
+sites per layer, and the order in which a forward pass reaches them."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from .adapters import SITES, get_adapter, get_module, module_paths, n_layers, to
 
 @dataclass(frozen=True)
 class HookPoint:
-    """A place to read or write activations: a module (dotted path in the HF model) and its input or output.
+    """A place to read or write activations: a module (dotted path in the HF model) and its input or
+    output.
 
     Tuple-valued inputs / outputs (attention modules return `(out, weights)`) are read at element 0.
     """
@@ -33,7 +34,8 @@ class HookPoint:
 
 
 def hook(model: Any, layer: int, site: str) -> HookPoint:
-    """Named hook point: `hook(model, layer=6, site="mlp_out")`. Sites: resid, attn_out, mlp_in, mlp_out."""
+    """Named hook point: `hook(model, layer=6, site="mlp_out")`. Sites: resid, attn_out, mlp_in,
+    mlp_out."""
     if site not in SITES:
         raise ValueError(f"unknown site {site!r}; valid sites: {list(SITES)}")
     layers = n_layers(model)
@@ -72,17 +74,20 @@ def resolve_hook(model: Any, submodule: Any, io: str = "output") -> HookPoint:
                 return HookPoint(name, io)
         raise ValueError(f"module {type(submodule).__name__} is not part of the model")
     raise TypeError(
-        f"submodule must be a HookPoint, dotted path, nnsight Envoy or torch module, got {type(submodule).__name__}"
+        "submodule must be a HookPoint, dotted path, nnsight Envoy or torch module, got "
+        f"{type(submodule).__name__}"
     )
 
 
-_ORDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # torch model -> {(path, io): position}
+# torch model -> {(path, io): position}
+_ORDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def execution_order(model: Any) -> dict[tuple[str, str], int]:
-    """{(module path, "input" | "output"): position} in the order one forward pass reaches them, recorded once per
-    model with forward hooks on a two-token input (first call of each module). Empty when the model cannot run
-    here (e.g. weights on the meta device); `execution_key` then falls back to registration order."""
+    """{(module path, "input" | "output"): position} in the order one forward pass reaches them,
+    recorded once per model with forward hooks on a two-token input (first call of each module).
+    Empty when the model cannot run here (e.g. weights on the meta device); `execution_key` then
+    falls back to registration order."""
     module = torch_model(model)
     if module in _ORDERS:
         return _ORDERS[module]
@@ -111,12 +116,14 @@ def execution_order(model: Any) -> dict[tuple[str, str], int]:
 
 
 def execution_key(model: Any, point: HookPoint) -> tuple[int, int]:
-    """Sort key putting hook points in the order a forward pass reaches them (inputs before outputs).
+    """Sort key putting hook points in the order a forward pass reaches them (inputs
+    before outputs).
 
-    The order is recorded from a real forward pass (`execution_order`), so modules registered in another order than
-    they run (GPT-NeoX's post-attention norm before its attention) and a module's output against its parent's
-    (GPT-2's MLP and its block) sort right. Without a recording, registration order is used: a module's output then
-    comes after every module it contains, so outputs sort by the last descendant.
+    The order is recorded from a real forward pass (`execution_order`), so modules registered in
+    another order than they run (GPT-NeoX's post-attention norm before its attention) and a module's
+    output against its parent's (GPT-2's MLP and its block) sort right. Without a recording,
+    registration order is used: a module's output then comes after every module it contains, so
+    outputs sort by the last descendant.
     """
     recorded = execution_order(model)
     if (point.path, point.io) in recorded:
@@ -124,5 +131,6 @@ def execution_key(model: Any, point: HookPoint) -> tuple[int, int]:
     order = {name: i for i, name in enumerate(module_paths(model))}
     if point.io == "input":
         return (order[point.path], 0)
-    last = max(i for name, i in order.items() if name == point.path or name.startswith(point.path + "."))
+    last = max(i for name, i in order.items()
+               if name == point.path or name.startswith(point.path + "."))
     return (last, 1)

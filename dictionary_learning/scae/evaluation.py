@@ -1,5 +1,5 @@
-"""Suite metrics: next-token CE of the clean model, the dense suite and the pruned suite (`evaluate_suite`; against C:
-`ce_versus_c`), per-module FVU and L0, and their tables and plots."""
+"""Suite metrics: next-token CE of the clean model, the dense suite and the pruned suite
+(`evaluate_suite`; against C: `ce_versus_c`), per-module FVU and L0, and their tables and plots."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from .tracing import clean_targets, patched_logits, run_suite
 
 
 class SuiteMetrics:
-    """Token-weighted sums over evaluation batches: CE of the clean model, the dense suite and each set of pruned
-    connections, and per module the squared error against the clean model's attention / MLP output and the L0."""
+    """Token-weighted sums over evaluation batches: CE of the clean model, the dense suite and each
+    set of pruned connections, and per module the squared error against the clean model's attention
+    / MLP output and the L0."""
 
     def __init__(self) -> None:
         self.ce: dict[str, float] = {}
@@ -32,8 +33,8 @@ class SuiteMetrics:
         self.target_square: dict[str, float] = {}
 
     @torch.no_grad()
-    def add(self, suite: SCAESuite, model: Any, texts: list[str], connection_sets: dict[str, Connections],
-            ctx_len: int) -> None:
+    def add(self, suite: SCAESuite, model: Any, texts: list[str],
+            connection_sets: dict[str, Connections], ctx_len: int) -> None:
         encoding = tokenize(model.tokenizer, texts, ctx_len)
         record, dense_logits = run_suite(suite, model, encoding)
         saved = clean_targets(suite, model, encoding, logits=True)
@@ -42,7 +43,8 @@ class SuiteMetrics:
             codes[label] = pruned_forward(suite, model, record, connections)
             logits[label] = patched_logits(suite, model, encoding, codes[label])
         for label, value in logits.items():
-            ce, mask = masked_cross_entropy(value, encoding["input_ids"], encoding["attention_mask"])
+            ce, mask = masked_cross_entropy(value, encoding["input_ids"],
+                                            encoding["attention_mask"])
             self.ce[label] = self.ce.get(label, 0.0) + ce[mask].sum().item()
         self.ce_tokens += int(mask.sum())
         mask = record.mask
@@ -58,16 +60,18 @@ class SuiteMetrics:
                 self.l0[label, name] = self.l0.get((label, name), 0.0) + (active > 0).sum().item()
 
     def result(self, label: str, key: str = "pruned") -> dict[str, Any]:
-        """CE of the clean model, the dense suite and connection set `label` (as `ce_<key>`), and per module the
-        FVU and L0 of the dense and the pruned codes."""
+        """CE of the clean model, the dense suite and connection set `label` (as `ce_<key>`), and
+        per module the FVU and L0 of the dense and the pruned codes."""
         result: dict[str, Any] = {"ce_clean": self.ce["clean"] / self.ce_tokens,
                                   "ce_dense": self.ce["dense"] / self.ce_tokens}
         if label in self.ce:
             result[f"ce_{key}"] = self.ce[label] / self.ce_tokens
         modules = {}
         for name, total in self.target_sum.items():
-            variance = max(self.target_square[name] - total.pow(2).sum().item() / self.tokens, 1e-12)
-            modules[name] = {f"{metric}_{out}": value for source, out in (("dense", "dense"), (label, key))
+            variance = max(self.target_square[name] - total.pow(2).sum().item() / self.tokens,
+                           1e-12)
+            modules[name] = {f"{metric}_{out}": value
+                             for source, out in (("dense", "dense"), (label, key))
                              if (source, name) in self.error
                              for metric, value in (("fvu", self.error[source, name] / variance),
                                                    ("l0", self.l0[source, name] / self.tokens))}
@@ -76,13 +80,15 @@ class SuiteMetrics:
 
 
 @torch.no_grad()
-def evaluate_suite(suite: SCAESuite, model: Any, texts: list[str], connections: Connections | None = None,
-                   batch_size: int = 8, ctx_len: int = 128, progress: bool = True
+def evaluate_suite(suite: SCAESuite, model: Any, texts: list[str],
+                   connections: Connections | None = None, batch_size: int = 8, ctx_len: int = 128,
+                   progress: bool = True
                    ) -> dict[str, Any]:
-    """Next-token CE (mean over real tokens) of the clean model, with the dense suite patched in (every attention
-    output and MLP output replaced by its module's reconstruction) and, given connections, with the pruned suite
-    patched in; and under "modules", per module, the FVU of its reconstruction against the clean model's attention /
-    MLP output and its L0, for the dense and the pruned codes.
+    """Next-token CE (mean over real tokens) of the clean model, with the dense suite patched in
+    (every attention output and MLP output replaced by its module's reconstruction) and, given
+    connections, with the pruned suite patched in; and under "modules", per module, the FVU of its
+    reconstruction against the clean model's attention / MLP output and its L0, for the dense and
+    the pruned codes.
     progress: a bar on stderr when this takes more than a few seconds (`progress.DELAY`)."""
     texts = list(check_texts("texts", texts))
     if not texts:
@@ -96,8 +102,9 @@ def evaluate_suite(suite: SCAESuite, model: Any, texts: list[str], connections: 
     return metrics.result("pruned")
 
 
-def suite_cross_entropy(suite: SCAESuite, model: Any, texts: list[str], connections: Connections | None = None,
-                        ctx_len: int = 128, batch_size: int = 8, progress: bool = True
+def suite_cross_entropy(suite: SCAESuite, model: Any, texts: list[str],
+                        connections: Connections | None = None, ctx_len: int = 128,
+                        batch_size: int = 8, progress: bool = True
                         ) -> dict[str, float]:
     """`ce_clean`, `ce_dense` and (given connections) `ce_pruned` of `evaluate_suite`."""
     result = evaluate_suite(suite, model, texts, connections, batch_size=batch_size,
@@ -107,31 +114,33 @@ def suite_cross_entropy(suite: SCAESuite, model: Any, texts: list[str], connecti
 
 
 @torch.no_grad()
-def ce_versus_c(suite: SCAESuite, model: Any, selection_texts: list[str] | None, eval_texts: list[str],
-                Cs: list[int], batch_size: int = 8, ctx_len: int = 128, progress: bool = True,
+def ce_versus_c(suite: SCAESuite, model: Any, selection_texts: list[str] | None,
+                eval_texts: list[str], Cs: list[int], batch_size: int = 8, ctx_len: int = 128,
+                progress: bool = True,
                 connections: Connections | None = None) -> list[dict[str, Any]]:
-    """Select connections on `selection_texts` (once, at the largest C: the top C for a smaller C are its first C;
-    or pass `connections` already selected, or drawn by `random_connections`, at the largest C or more) and measure,
-    on `eval_texts`, CE of the clean model, the dense suite and the suite pruned to each C (C larger than a module's
-    upstream count keeps them all, which is the dense suite), with per-module FVU and L0. One row per C.
+    """Select connections on `selection_texts` (once, at the largest C: the top C for a smaller C
+    are its first C; or pass `connections` already selected, or drawn by `random_connections`, at
+    the largest C or more) and measure, on `eval_texts`, CE of the clean model, the dense suite and
+    the suite pruned to each C (C larger than a module's upstream count keeps them all, which is the
+    dense suite), with per-module FVU and L0. One row per C.
     progress: bars on stderr over the phases that take more than a few seconds (progress.DELAY)."""
     if not Cs:
         raise ValueError("Cs must list at least one C")
     for C in Cs:
         check_C(C)
     if connections is None:
-        statistics = contribution_statistics(suite, model, selection_texts, batch_size=batch_size, ctx_len=ctx_len,
-                                             progress=progress)
+        statistics = contribution_statistics(suite, model, selection_texts, batch_size=batch_size,
+                                             ctx_len=ctx_len, progress=progress)
         connections = connections_from_statistics(suite, model, statistics, max(Cs),
                                                   progress=progress)
     elif connections.scores is None and not connections.random:
-        raise ValueError("ce_versus_c needs selected connections (strongest first, with scores: select_connections) "
-                         "or random ones (random_connections)")
+        raise ValueError("ce_versus_c needs selected connections (strongest first, with scores: "
+                         "select_connections) or random ones (random_connections)")
     for name in suite.names:
         needed = min(max(Cs), suite.n_upstream(name, model))
         if connections.indices[name].shape[1] < needed:
-            raise ValueError(f"{name}: C = {max(Cs)} needs {needed} connections per feature, the connections given "
-                             f"have {connections.indices[name].shape[1]}")
+            raise ValueError(f"{name}: C = {max(Cs)} needs {needed} connections per feature, the "
+                             f"connections given have {connections.indices[name].shape[1]}")
     sets = {str(C): connections.top(C) for C in Cs}
     metrics = SuiteMetrics()
     desc = f"CE against C ({len(Cs)} values) on {len(eval_texts)} texts"
@@ -143,17 +152,21 @@ def ce_versus_c(suite: SCAESuite, model: Any, selection_texts: list[str] | None,
 
 def ce_table(rows: list[dict[str, Any]], label: str = "") -> str:
     """A markdown table of ce_versus_c rows (with the pruned suite's FVU averaged over modules)."""
-    lines = [f"| C | CE clean | CE dense suite | CE pruned suite{' ' + label if label else ''} | mean FVU pruned |",
+    lines = [f"| C | CE clean | CE dense suite | CE pruned suite{' ' + label if label else ''} | "
+             "mean FVU pruned |",
              "|---|---|---|---|---|"]
     for r in rows:
         fvu = sum(m["fvu_pruned"] for m in r["modules"].values()) / len(r["modules"])
-        lines.append(f"| {r['C']} | {r['ce_clean']:.4f} | {r['ce_dense']:.4f} | {r['ce_pruned']:.4f} | {fvu:.3f} |")
+        lines.append(f"| {r['C']} | {r['ce_clean']:.4f} | {r['ce_dense']:.4f} | "
+                     f"{r['ce_pruned']:.4f} | {fvu:.3f} |")
     return "\n".join(lines)
 
 
 def module_table(result: dict[str, Any], label: str = "") -> str:
-    """A markdown table of the per-module FVU and L0 in an `evaluate_suite` result or a `ce_versus_c` row."""
-    lines = [f"| module{' (' + label + ')' if label else ''} | FVU dense | FVU pruned | L0 dense | L0 pruned |",
+    """A markdown table of the per-module FVU and L0 in an `evaluate_suite` result or a
+    `ce_versus_c` row."""
+    lines = [f"| module{' (' + label + ')' if label else ''} | FVU dense | FVU pruned | L0 dense | "
+             "L0 pruned |",
              "|---|---|---|---|---|"]
     for name, m in result["modules"].items():
         lines.append(f"| {name} | {m['fvu_dense']:.3f} | {m.get('fvu_pruned', float('nan')):.3f} | "
@@ -162,18 +175,21 @@ def module_table(result: dict[str, Any], label: str = "") -> str:
 
 
 def plot_ce_versus_c(curves: dict[str, list[dict[str, float]]], path: str | Path) -> None:
-    """CE of the pruned suite against C (log scale) for each labelled curve, with the clean CE and, for a curve
-    measured on one suite (one dense CE over its rows; not one fine-tuned per C), the dense suite's CE."""
+    """CE of the pruned suite against C (log scale) for each labelled curve, with the clean CE and,
+    for a curve measured on one suite (one dense CE over its rows; not one fine-tuned per C), the
+    dense suite's CE."""
     plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(9, 4))
     dense_drawn: set[float] = set()  # curves on the same suite share one dense line
     for label, rows in curves.items():
-        line, = axis.plot([r["C"] for r in rows], [r["ce_pruned"] for r in rows], marker="o", label=f"pruned, {label}")
+        line, = axis.plot([r["C"] for r in rows], [r["ce_pruned"] for r in rows], marker="o",
+                          label=f"pruned, {label}")
         dense = {r["ce_dense"] for r in rows}
         if len(dense) == 1 and rows[0]["ce_dense"] not in dense_drawn:
             dense_drawn.add(rows[0]["ce_dense"])
-            axis.axhline(rows[0]["ce_dense"], color=line.get_color(), linestyle=":", label=f"dense suite, {label}")
+            axis.axhline(rows[0]["ce_dense"], color=line.get_color(), linestyle=":",
+                         label=f"dense suite, {label}")
     first = next(iter(curves.values()))
     axis.axhline(first[0]["ce_clean"], color="black", linestyle="--", label="clean model")
     axis.set_xscale("log")
@@ -189,7 +205,8 @@ def plot_ce_versus_c(curves: dict[str, list[dict[str, float]]], path: str | Path
 
 @torch.no_grad()
 def plot_connection_statistics(connections: Connections, path: str | Path) -> dict[str, float]:
-    """Two histograms as a PNG: |mean contribution| of kept connections, and the share of each feature's total
+    """Two histograms as a PNG: |mean contribution| of kept connections, and the share of each
+    feature's total
     |mean contribution| its C connections capture. Returns the median share."""
     plt = pyplot()
 

@@ -1,6 +1,7 @@
-"""Training a suite's modules from scratch in one call: `train_suite` reads every layer's attention output and MLP
-input / output from one model pass per batch of texts (an ActivationBuffer over a dict of hook points, or an
-activation cache holding those entries) and trains all 2L TopK modules on it with `train_dictionaries`."""
+"""Training a suite's modules from scratch in one call: `train_suite` reads every layer's attention
+output and MLP input / output from one model pass per batch of texts (an ActivationBuffer over a
+dict of hook points, or an activation cache holding those entries) and trains all 2L TopK modules on
+it with `train_dictionaries`."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from .suite import SCAESuite, module_names, parse_module_name
 
 
 def suite_hook_points(model: Any, layers: int) -> dict[str, Any]:
-    """The hook points of a suite over the first `layers` layers, by module name: `attn_L` reads attn_out, `mlp_L`
-    the pair (mlp_in, mlp_out)."""
+    """The hook points of a suite over the first `layers` layers, by module name: `attn_L` reads
+    attn_out, `mlp_L` the pair (mlp_in, mlp_out)."""
     points = {}
     for name in module_names(layers):
         kind, layer = parse_module_name(name)
@@ -32,8 +33,8 @@ def suite_hook_points(model: Any, layers: int) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class SuiteTraining:
-    """`train_suite`'s options for the suite's modules and the buffer it reads them with (its other options are the
-    training run's, `training.RunOptions`)."""
+    """`train_suite`'s options for the suite's modules and the buffer it reads them with (its other
+    options are the training run's, `training.RunOptions`)."""
 
     model_name: str | None = None
     lr: float | None = None
@@ -50,24 +51,27 @@ class SuiteTraining:
 
 def train_suite(model: Any, layers: int | None, dict_size: int, k: int, data: Any, steps: int,
                 **options: Any) -> SCAESuite:
-    """Train an SCAE suite's modules (a TopK attention SAE and a TopK transcoder on each of the first `layers`
-    layers; None: every layer) for `steps` steps on one activation stream, and return them as an `SCAESuite`.
+    """Train an SCAE suite's modules (a TopK attention SAE and a TopK transcoder on each of the
+    first `layers` layers; None: every layer) for `steps` steps on one activation stream, and return
+    them as an `SCAESuite`.
 
-    data: texts (each batch of `refresh_batch_size` texts runs through the model once, the trace stopped after the
-      last layer's MLP, and feeds every module), or an activation cache / iterator of dict batches whose entries are
-      named as the suite's modules (`attn_0`, `mlp_0`, ...).
-    options: `SuiteTraining` fields, and `training.RunOptions` fields for the run (e.g. `save_dir`, `resume`,
-      `checkpoint_steps`, `use_wandb`, `autocast_dtype`, `progress`: the training bar and the buffer's fill bars).
-    The modules are trained on normalised activations (`normalize_activations`, default "d_model") with the scale
-    folded back in, so the suite works on raw activations. `save_dir`: the run's folders (`trainer_{i}`, in module
-    order, and the checkpoint for `resume=True`) and the suite in `save_dir/suite`.
+    data: texts (each batch of `refresh_batch_size` texts runs through the model once, the trace
+      stopped after the last layer's MLP, and feeds every module), or an activation cache / iterator
+      of dict batches whose entries are named as the suite's modules (`attn_0`, `mlp_0`, ...).
+    options: `SuiteTraining` fields, and `training.RunOptions` fields for the run (e.g. `save_dir`,
+      `resume`, `checkpoint_steps`, `use_wandb`, `autocast_dtype`, `progress`: the training bar and
+      the buffer's fill bars).
+    The modules are trained on normalised activations (`normalize_activations`, default "d_model")
+    with the scale folded back in, so the suite works on raw activations. `save_dir`: the run's
+    folders (`trainer_{i}`, in module order, and the checkpoint for `resume=True`) and the suite in
+    `save_dir/suite`.
     """
     own = {field.name for field in dataclasses.fields(SuiteTraining)}
     run_fields = {field.name for field in dataclasses.fields(RunOptions)}
     unknown = sorted(set(options) - own - run_fields)
     if unknown:
-        raise TypeError(f"train_suite got unexpected keyword argument(s) {unknown}; accepted: {sorted(own)} and "
-                        f"the training run's {sorted(run_fields)}")
+        raise TypeError(f"train_suite got unexpected keyword argument(s) {unknown}; accepted: "
+                        f"{sorted(own)} and the training run's {sorted(run_fields)}")
     cfg = SuiteTraining(**{key: value for key, value in options.items() if key in own})
     run = RunOptions(**{"normalize_activations": "d_model",
                         **{key: value for key, value in options.items() if key in run_fields}})
@@ -79,19 +83,21 @@ def train_suite(model: Any, layers: int | None, dict_size: int, k: int, data: An
     if getattr(data, "entry_names", None) is None and not isinstance(data, ActivationBuffer):
         data = ActivationBuffer(data, model, suite_hook_points(model, layers), n_ctxs=cfg.n_ctxs,
                                 ctx_len=cfg.ctx_len, refresh_batch_size=cfg.refresh_batch_size,
-                                out_batch_size=cfg.out_batch_size, remove_bos=cfg.remove_bos, seed=cfg.seed,
-                                device=cfg.device or "cpu", progress=run.progress)
+                                out_batch_size=cfg.out_batch_size, remove_bos=cfg.remove_bos,
+                                seed=cfg.seed, device=cfg.device or "cpu", progress=run.progress)
     missing = sorted(set(names) - set(data.entry_names or []))
     if missing:
-        raise ValueError(f"the data holds no activations for the suite's modules {missing}; it holds "
-                         f"{data.entry_names}")
+        raise ValueError(f"the data holds no activations for the suite's modules {missing}; it "
+                         f"holds {data.entry_names}")
     width = d_model(model)
     warmup_steps = max(1, steps // 10) if cfg.warmup_steps is None else cfg.warmup_steps
-    configs = [dict(trainer=TopKTrainer, activation_dim=width, dict_size=dict_size, k=k, lr=cfg.lr, steps=steps,
-                    warmup_steps=warmup_steps, seed=cfg.seed + i,
-                    device=str(cfg.device) if cfg.device is not None else "cpu", transcoder=name.startswith("mlp"),
-                    dead_feature_threshold=cfg.dead_feature_threshold, layer=parse_module_name(name)[1],
-                    lm_name=cfg.model_name, submodule_name=name, wandb_name=f"SCAE/{name}")
+    configs = [dict(trainer=TopKTrainer, activation_dim=width, dict_size=dict_size, k=k, lr=cfg.lr,
+                    steps=steps, warmup_steps=warmup_steps, seed=cfg.seed + i,
+                    device=str(cfg.device) if cfg.device is not None else "cpu",
+                    transcoder=name.startswith("mlp"),
+                    dead_feature_threshold=cfg.dead_feature_threshold,
+                    layer=parse_module_name(name)[1], lm_name=cfg.model_name, submodule_name=name,
+                    wandb_name=f"SCAE/{name}")
                for i, name in enumerate(names)]
     trainers = train_dictionaries(data, configs, steps, run)
     modules = {}
@@ -100,7 +106,8 @@ def train_suite(model: Any, layers: int | None, dict_size: int, k: int, data: An
         with torch.no_grad():
             module.fold_scale(*trainer.normalization_scales)  # works on raw activations
         modules[name] = module
-    suite = SCAESuite(modules, model_name=cfg.model_name, model_fingerprint=model_fingerprint(model))
+    suite = SCAESuite(modules, model_name=cfg.model_name,
+                      model_fingerprint=model_fingerprint(model))
     if run.save_dir is not None:
         suite.save(Path(run.save_dir) / "suite")
     return suite

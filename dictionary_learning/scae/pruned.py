@@ -1,7 +1,8 @@
-"""The linearised suite (the maths is in the wing's docstring, `scae/__init__.py`): `decompose` splits a module's
-encoder pre-activation exactly into per-upstream-module terms, an embedding term and a bias term; `virtual_weights`
-gives each kept connection's weight; `pruned_pre_activations` / `pruned_forward` recompute every module, in layer
-order, from its connected upstream features' pruned codes only."""
+"""The linearised suite (the maths is in the wing's docstring, `scae/__init__.py`): `decompose`
+splits a module's encoder pre-activation exactly into per-upstream-module terms, an embedding term
+and a bias term; `virtual_weights` gives each kept connection's weight; `pruned_pre_activations` /
+`pruned_forward` recompute every module, in layer order, from its connected upstream features'
+pruned codes only."""
 
 from __future__ import annotations
 
@@ -19,18 +20,21 @@ from .tracing import SuiteRecord
 
 def decompose(suite: SCAESuite, model: Any, record: SuiteRecord, name: str,
               upstream_codes: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Module `name`'s encoder pre-activations `[batch, seq, dict_size]` split into one term per upstream module
-    (summed over that module's features), "embedding" and "bias"; the terms add up to the dense pre-activation
-    of the recorded run. `upstream_codes` replaces the recorded codes (an empty dict: embedding and bias only)."""
+    """Module `name`'s encoder pre-activations `[batch, seq, dict_size]` split into one term per
+    upstream module (summed over that module's features), "embedding" and "bias"; the terms add up
+    to the dense pre-activation of the recorded run. `upstream_codes` replaces the recorded codes
+    (an empty dict: embedding and bias only)."""
     kind, layer = parse_module_name(name)
     target = suite[name]
-    encoder_weight, encoder_bias = target.encoder.weight, target.encoder.bias  # [dict_size, d], [dict_size]
+    # [dict_size, d], [dict_size]
+    encoder_weight, encoder_bias = target.encoder.weight, target.encoder.bias
     norm = norm_params(model, layer, kind)
     scale = record.norm_scales[name][..., None]  # [batch, seq, 1]
 
     # residual-stream pieces entering this module's norm, each [batch, seq, d_model]
     codes = record.codes if upstream_codes is None else upstream_codes
-    pieces = {up: codes[up] @ suite[up].decoder.weight.t() for up in upstream_of(name, model) if up in codes}
+    pieces = {up: codes[up] @ suite[up].decoder.weight.t() for up in upstream_of(name, model)
+              if up in codes}
     pieces["embedding"] = record.embedding
     constant = torch.zeros_like(norm.weight)  # upstream decoder biases, [d_model]
     for up in upstream_of(name, model):
@@ -44,11 +48,13 @@ def decompose(suite: SCAESuite, model: Any, record: SuiteRecord, name: str,
         terms["bias"] = (normed_constant + norm_bias) @ encoder_weight.t() + encoder_bias
         return terms
 
-    # attention SAE: e_F . (attn_out - b_dec) + b_enc, attn_out = sum_h P_h (x W_V^h + b_V^h) W_O^h + b_O
+    # attention SAE: e_F . (attn_out - b_dec) + b_enc, attn_out = sum_h P_h (x W_V^h + b_V^h)
+    # W_O^h + b_O
     ov = attention_ov(model, layer)
     pattern = record.patterns[layer]  # [batch, heads, q, k]
 
-    def through_heads(x: torch.Tensor) -> torch.Tensor:  # [batch, seq, d_model] -> [batch, seq, dict_size]
+    # [batch, seq, d_model] -> [batch, seq, dict_size]
+    def through_heads(x: torch.Tensor) -> torch.Tensor:
         values = torch.einsum("bkd,hde->bhke", x, ov.W_V)
         mixed = torch.einsum("bhqk,bhke->bhqe", pattern, values)
         return torch.einsum("bhqe,hed->bqd", mixed, ov.W_O) @ encoder_weight.t()
@@ -63,9 +69,11 @@ def decompose(suite: SCAESuite, model: Any, record: SuiteRecord, name: str,
     return terms
 
 
-def upstream_decoder(suite: SCAESuite, name: str, rows: torch.Tensor, model: Any = None) -> torch.Tensor:
-    """Decoder columns of the upstream features (`upstream_of(name, model)`) at the sorted indices `rows` into their
-    concatenation, as rows in upstream order: `[len(rows), d_model]`. Only those columns are copied."""
+def upstream_decoder(suite: SCAESuite, name: str, rows: torch.Tensor,
+                     model: Any = None) -> torch.Tensor:
+    """Decoder columns of the upstream features (`upstream_of(name, model)`) at the sorted indices
+    `rows` into their concatenation, as rows in upstream order: `[len(rows), d_model]`. Only those
+    columns are copied."""
     parts, offset = [], 0
     for up in upstream_of(name, model):
         weight, size = suite[up].decoder.weight, suite[up].dict_size  # [d_model, size]
@@ -76,42 +84,49 @@ def upstream_decoder(suite: SCAESuite, name: str, rows: torch.Tensor, model: Any
 
 
 def virtual_weights(suite: SCAESuite, model: Any, name: str, indices: torch.Tensor) -> torch.Tensor:
-    """e_F . (w_norm * C d_j) for transcoders, e_F . ((w_norm * C d_j) W_V^h W_O^h) per head for attention SAEs,
-    for every feature F and its connected upstream features j = indices[F]: `[dict_size, C]` / `[dict_size, C,
-    heads]`. Only the connected upstream decoder columns are read; cost scales with dict_size x C (never
-    dict_size x n_upstream)."""
+    """e_F . (w_norm * C d_j) for transcoders, e_F . ((w_norm * C d_j) W_V^h W_O^h) per head for
+    attention SAEs, for every feature F and its connected upstream features j = indices[F]:
+    `[dict_size, C]` / `[dict_size, C, heads]`. Only the connected upstream decoder columns are
+    read; cost scales with dict_size x C (never dict_size x n_upstream)."""
     kind, layer = parse_module_name(name)
     encoder = suite[name].encoder.weight  # [dict_size, d_model]
     n_features, C = indices.shape
     ov = attention_ov(model, layer) if kind == "attn" else None
     if C == 0:
         return encoder.new_zeros(n_features, 0, *([ov.n_heads] if ov is not None else []))
-    used, position = indices.unique(return_inverse=True)  # position: [dict_size, C] rows of `normed`
-    normed = norm_params(model, layer, kind).linear_part(upstream_decoder(suite, name, used, model))  # [used, d_model]
+    # position: [dict_size, C] rows of `normed`
+    used, position = indices.unique(return_inverse=True)
+    # [used, d_model]
+    normed = norm_params(model, layer, kind).linear_part(upstream_decoder(suite, name, used, model))
     if ov is None:
         return GatherDot.apply(encoder[:, None], normed, position)[..., 0]
     d_model, d_head = ov.W_V.shape[1:]
     reads = torch.einsum("fm,hem->fhe", encoder, ov.W_O)  # [dict_size, heads, d_head]: e_F W_O^h^T
-    # two contraction orders give the same numbers: meet in the d_head-wide middle (values of the used upstream
-    # features, then C x d_head products) or fold W_V into the reads (then C x d_model products); take the cheaper
+    # two contraction orders give the same numbers: meet in the d_head-wide middle (values of the
+    # used upstream features, then C x d_head products) or fold W_V into the reads (then C x d_model
+    # products); take the cheaper
     meet_in_middle = len(used) * d_model * d_head + n_features * C * d_head
     if meet_in_middle <= n_features * d_model * d_head + n_features * C * d_model:
         writes = torch.einsum("jd,hde->jhe", normed, ov.W_V)  # [used, heads, d_head]
         return GatherDot.apply(reads, writes, position)
-    folded = torch.einsum("fhe,hde->fhd", reads, ov.W_V)  # [dict_size, heads, d_model]: e_F (W_V^h W_O^h)^T
+    # [dict_size, heads, d_model]: e_F (W_V^h W_O^h)^T
+    folded = torch.einsum("fhe,hde->fhd", reads, ov.W_V)
     return GatherDot.apply(folded, normed, position)
 
 
-def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord, connections: Connections, name: str,
-                           upstream_codes: dict[str, torch.Tensor], recompute_weights: bool = False) -> torch.Tensor:
-    """Module `name`'s pre-activations `[batch, seq, dict_size]` from its connected upstream features only (with
-    the given upstream codes), plus the embedding and bias terms, under the recorded run's norm scales and
-    attention patterns. The connected upstream codes are summed with their virtual weights as one sparse product
-    (`kernels.connect`), so the cost scales with dict_size x C per token and the memory with the connected upstream
-    features active in the batch, never with dict_size x n_upstream; attention SAEs sum per head at each key
-    position, then mix the sums across positions with the pattern. Differentiable in the suite's parameters;
-    `recompute_weights` derives the virtual weights from the current parameters (as training needs) instead of
-    using the stored ones."""
+def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord,
+                           connections: Connections, name: str,
+                           upstream_codes: dict[str, torch.Tensor],
+                           recompute_weights: bool = False) -> torch.Tensor:
+    """Module `name`'s pre-activations `[batch, seq, dict_size]` from its connected upstream
+    features only (with the given upstream codes), plus the embedding and bias terms, under the
+    recorded run's norm scales and attention patterns. The connected upstream codes are summed with
+    their virtual weights as one sparse product (`kernels.connect`), so the cost scales with
+    dict_size x C per token and the memory with the connected upstream features active in the batch,
+    never with dict_size x n_upstream; attention SAEs sum per head at each key position, then mix
+    the sums across positions with the pattern. Differentiable in the suite's parameters;
+    `recompute_weights` derives the virtual weights from the current parameters (as training needs)
+    instead of using the stored ones."""
     kind, layer = parse_module_name(name)
     dense_terms = decompose(suite, model, record, name, upstream_codes={})
     pre = dense_terms["embedding"] + dense_terms["bias"]
@@ -120,13 +135,16 @@ def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord, co
     batch, seq = pre.shape[:2]
     upstream = [upstream_codes[up].reshape(batch * seq, -1) for up in upstream_of(name, model)]
     indices = connections.indices[name]
-    if recompute_weights:  # checkpointed: rebuilt in the backward pass rather than kept (the gathered decoder
+    # checkpointed: rebuilt in the backward pass rather than kept (the gathered decoder
+    if recompute_weights:
         # blocks of 60 modules at full SmolLM2 depth would not fit in memory)
         weights = checkpoint(virtual_weights, suite, model, name, indices, use_reentrant=False)
     else:
         weights = connections.weights[name]
-    summed = connect(upstream, indices, weights)  # [tokens, dict_size] or [tokens, dict_size, heads]
-    # every upstream feature at token t enters through the norm with the same scale s(t) (at the key, for attention)
+    # [tokens, dict_size] or [tokens, dict_size, heads]
+    summed = connect(upstream, indices, weights)
+    # every upstream feature at token t enters through the norm with the same scale s(t) (at the
+    # key, for attention)
     summed = summed * record.norm_scales[name].reshape(-1, *[1] * (summed.dim() - 1))
     if kind == "mlp":
         return pre + summed.view(batch, seq, -1)
@@ -136,15 +154,18 @@ def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord, co
 
 
 def pruned_forward(suite: SCAESuite, model: Any, record: SuiteRecord, connections: Connections,
-                   recompute_weights: bool = False, pre_activations: dict[str, torch.Tensor] | None = None
+                   recompute_weights: bool = False,
+                   pre_activations: dict[str, torch.Tensor] | None = None
                    ) -> dict[str, torch.Tensor]:
-    """Every module's TopK codes `[batch, seq, dict_size]`, computed in layer order from the pruned codes of its
-    connected upstream features (never the clean ones), plus the embedding and bias terms. A dict passed as
-    `pre_activations` receives each module's pruned pre-activations (for AuxK)."""
+    """Every module's TopK codes `[batch, seq, dict_size]`, computed in layer order from the pruned
+    codes of its connected upstream features (never the clean ones), plus the embedding and bias
+    terms. A dict passed as `pre_activations` receives each module's pruned pre-activations
+    (for AuxK)."""
     connections.validate(suite, model, weights=not recompute_weights)
     codes: dict[str, torch.Tensor] = {}
     for name in suite.names:
-        pre = pruned_pre_activations(suite, model, record, connections, name, codes, recompute_weights)
+        pre = pruned_pre_activations(suite, model, record, connections, name, codes,
+                                     recompute_weights)
         if pre_activations is not None:
             pre_activations[name] = pre
         codes[name] = topk_codes(pre.relu(), int(suite[name].k))[0]

@@ -1,7 +1,8 @@
-"""Connection selection: per feature, the C upstream features with the largest |mean contribution| over a dataset.
-`contribution_statistics` keeps only per-upstream-feature sums from one pass of the suite; `pair_contributions`
-turns them into one module pair's `[dict_size, n_upstream_module]` mean contributions at a time, and
-`connections_from_statistics` keeps a running top-C across upstream modules; `select_connections` does both."""
+"""Connection selection: per feature, the C upstream features with the largest |mean contribution|
+over a dataset. `contribution_statistics` keeps only per-upstream-feature sums from one pass of the
+suite; `pair_contributions` turns them into one module pair's `[dict_size, n_upstream_module]` mean
+contributions at a time, and `connections_from_statistics` keeps a running top-C across upstream
+modules; `select_connections` does both."""
 
 from __future__ import annotations
 
@@ -27,19 +28,20 @@ from .tracing import run_suite
 
 @dataclass
 class ContributionStatistics:
-    """What mean contributions need, summed over `tokens` real tokens: per downstream module and upstream module,
-    sum_t s(t) a_j(t) for transcoders (`[n_upstream_module]`) and, for attention SAEs, sum_q sum_k P_h[q, k] s(k)
-    a_j(k) per head (`[heads, n_upstream_module]`)."""
+    """What mean contributions need, summed over `tokens` real tokens: per downstream module and
+    upstream module, sum_t s(t) a_j(t) for transcoders (`[n_upstream_module]`) and, for attention
+    SAEs, sum_q sum_k P_h[q, k] s(k) a_j(k) per head (`[heads, n_upstream_module]`)."""
 
     tokens: int
     sums: dict[str, dict[str, torch.Tensor]]
 
 
 @torch.no_grad()
-def contribution_statistics(suite: SCAESuite, model: Any, texts: Any, batch_size: int = 8, ctx_len: int = 128,
-                            progress: bool = True) -> ContributionStatistics:
-    """One pass of the suite over `texts` (any iterable of strings), keeping only per-upstream-feature sums: memory
-    is a vector (per head) per module pair, whatever the number of texts.
+def contribution_statistics(suite: SCAESuite, model: Any, texts: Any, batch_size: int = 8,
+                            ctx_len: int = 128, progress: bool = True) -> ContributionStatistics:
+    """One pass of the suite over `texts` (any iterable of strings), keeping only
+    per-upstream-feature sums: memory is a vector (per head) per module pair, whatever the number of
+    texts.
     progress: a bar on stderr when this takes more than a few seconds (`progress.DELAY`)."""
     texts = list(check_texts("texts", texts))
     if not texts:
@@ -49,7 +51,8 @@ def contribution_statistics(suite: SCAESuite, model: Any, texts: Any, batch_size
     desc = f"contribution statistics on {len(texts)} texts"
     starts = range(0, len(texts), batch_size)
     for start in progress_bar(starts, desc=desc, enabled=progress, unit="batch"):
-        record, _ = run_suite(suite, model, texts[start : start + batch_size], ctx_len=ctx_len, logits=False)
+        record, _ = run_suite(suite, model, texts[start : start + batch_size], ctx_len=ctx_len,
+                              logits=False)
         mask = record.mask.to(torch.float32)
         tokens += int(mask.sum())
         for name in suite.names:
@@ -57,23 +60,30 @@ def contribution_statistics(suite: SCAESuite, model: Any, texts: Any, batch_size
             if kind == "mlp":
                 weight = record.norm_scales[name] * mask  # [batch, seq]
             else:  # how much each key position is read, summed over real queries, per head
-                weight = torch.einsum("bhqk,bq,bk->bhk", record.patterns[layer], mask, record.norm_scales[name])
+                weight = torch.einsum("bhqk,bq,bk->bhk", record.patterns[layer], mask,
+                                      record.norm_scales[name])
             for up in upstream_of(name, model):
                 pattern = "bt,btj->j" if kind == "mlp" else "bhk,bkj->hj"
-                sums[name][up] = sums[name].get(up, 0) + torch.einsum(pattern, weight, record.codes[up])
+                sums[name][up] = sums[name].get(up, 0) + torch.einsum(pattern, weight,
+                                                                      record.codes[up])
     return ContributionStatistics(tokens, sums)
 
 
 @torch.no_grad()
-def pair_contributions(suite: SCAESuite, model: Any, statistics: ContributionStatistics, name: str, up: str
+def pair_contributions(suite: SCAESuite, model: Any, statistics: ContributionStatistics, name: str,
+                       up: str
                        ) -> torch.Tensor:
-    """Mean contribution of each feature of `up` to each feature of `name`'s pre-activation, over the tokens of
-    `statistics`: `[dict_size, up's dict_size]`. One module pair at a time, so selection never holds more."""
+    """Mean contribution of each feature of `up` to each feature of `name`'s pre-activation, over
+    the tokens of
+    `statistics`: `[dict_size, up's dict_size]`. One module pair at a time, so selection never holds
+    more."""
     kind, layer = parse_module_name(name)
     if up not in upstream_of(name, model):
-        raise ValueError(f"{up} is not upstream of {name}; upstream modules are {upstream_of(name, model)}")
+        raise ValueError(f"{up} is not upstream of {name}; upstream modules are "
+                         f"{upstream_of(name, model)}")
     mean = statistics.sums[name][up] / max(statistics.tokens, 1)
-    normed = norm_params(model, layer, kind).linear_part(suite[up].decoder.weight.t())  # [n_up, d_model]
+    # [n_up, d_model]
+    normed = norm_params(model, layer, kind).linear_part(suite[up].decoder.weight.t())
     encoder = suite[name].encoder.weight
     if kind == "mlp":
         return (encoder @ normed.t()) * mean
@@ -85,15 +95,16 @@ def pair_contributions(suite: SCAESuite, model: Any, statistics: ContributionSta
 @torch.no_grad()
 def connections_from_statistics(suite: SCAESuite, model: Any, statistics: ContributionStatistics,
                                 C: int, progress: bool = True) -> Connections:
-    """The top-C connections per feature by |mean contribution|, strongest first, with a running top-C across
-    upstream modules (one `[dict_size, n_upstream_module]` matrix at a time).
+    """The top-C connections per feature by |mean contribution|, strongest first, with a running
+    top-C across upstream modules (one `[dict_size, n_upstream_module]` matrix at a time).
     progress: a bar over the modules on stderr when this takes more than a few seconds."""
     check_C(C)
     indices, weights, scores, totals = {}, {}, {}, {}
     desc = f"selecting the top {C} connections per feature"
     for name in progress_bar(suite.names, desc=desc, enabled=progress, unit="module"):
         n_features = suite[name].dict_size
-        device = next(suite[name].parameters()).device  # where the statistics' products are computed
+        # where the statistics' products are computed
+        device = next(suite[name].parameters()).device
         best_values = torch.empty(n_features, 0, device=device)
         best_indices = torch.empty(n_features, 0, dtype=torch.long, device=device)
         totals[name] = torch.zeros(n_features, device=device)
@@ -104,7 +115,8 @@ def connections_from_statistics(suite: SCAESuite, model: Any, statistics: Contri
             values, local = strength.topk(min(C, strength.shape[1]), dim=1)
             merged_values = torch.cat([best_values, values], dim=1)
             merged_indices = torch.cat([best_indices, local + offset], dim=1)
-            best_values, keep = merged_values.topk(min(C, merged_values.shape[1]), dim=1)  # sorted: strongest first
+            # sorted: strongest first
+            best_values, keep = merged_values.topk(min(C, merged_values.shape[1]), dim=1)
             best_indices = merged_indices.gather(1, keep)
             offset += suite[up].dict_size
         indices[name], scores[name] = best_indices, best_values
@@ -113,23 +125,25 @@ def connections_from_statistics(suite: SCAESuite, model: Any, statistics: Contri
 
 
 @torch.no_grad()
-def select_connections(suite: SCAESuite, model: Any, texts: Any, C: int, batch_size: int = 8, ctx_len: int = 128,
-                       progress: bool = True) -> Connections:
-    """For every feature, the C upstream features (across all upstream modules) with the largest |mean
-    contribution| over `texts`, stored as `[dict_size, C]` indices, strongest first (fewer where fewer exist), and
-    their virtual weights. The embedding and bias terms are always kept, densely.
+def select_connections(suite: SCAESuite, model: Any, texts: Any, C: int, batch_size: int = 8,
+                       ctx_len: int = 128, progress: bool = True) -> Connections:
+    """For every feature, the C upstream features (across all upstream modules) with the
+    largest |mean contribution| over `texts`, stored as `[dict_size, C]` indices, strongest first
+    (fewer where fewer exist), and their virtual weights. The embedding and bias terms are always
+    kept, densely.
     progress: bars on stderr over the phases that take more than a few seconds (progress.DELAY)."""
     check_C(C)
-    statistics = contribution_statistics(suite, model, texts, batch_size=batch_size, ctx_len=ctx_len,
-                                         progress=progress)
+    statistics = contribution_statistics(suite, model, texts, batch_size=batch_size,
+                                         ctx_len=ctx_len, progress=progress)
     return connections_from_statistics(suite, model, statistics, C, progress=progress)
 
 
 
 @torch.no_grad()
 def all_connections(suite: SCAESuite, model: Any) -> Connections:
-    """Every feature connected to every upstream feature (C = all): the pruned pass then equals the dense one.
-    Only for small suites: this is the dense dict_size x n_upstream matrix the pruned pass otherwise avoids."""
+    """Every feature connected to every upstream feature (C = all): the pruned pass then equals the
+    dense one. Only for small suites: this is the dense dict_size x n_upstream matrix the pruned
+    pass otherwise avoids."""
     indices, weights = {}, {}
     for name in suite.names:
         n_up = suite.n_upstream(name, model)
@@ -141,9 +155,9 @@ def all_connections(suite: SCAESuite, model: Any) -> Connections:
 
 @torch.no_grad()
 def random_connections(suite: SCAESuite, C: int, seed: int = 0, model: Any = None) -> Connections:
-    """The control for selected connections: for every feature, C distinct upstream features drawn uniformly at
-    random (all of them where fewer exist), with their virtual weights. Marked `random`, so `ce_versus_c` takes its
-    first C per row as a random C-subset too."""
+    """The control for selected connections: for every feature, C distinct upstream features drawn
+    uniformly at random (all of them where fewer exist), with their virtual weights. Marked
+    `random`, so `ce_versus_c` takes its first C per row as a random C-subset too."""
     check_C(C)
     generator = torch.Generator().manual_seed(seed)
     indices, weights = {}, {}
@@ -154,7 +168,9 @@ def random_connections(suite: SCAESuite, C: int, seed: int = 0, model: Any = Non
             drawn = torch.zeros(rows, 0, dtype=torch.long)
         elif count * 2 > n_up:  # dense draw: a random permutation per row
             drawn = torch.rand(rows, n_up, generator=generator).argsort(dim=1)[:, :count]
-        else:  # sparse draw: redraw only the repeated entries (each collides with probability < 1/2), shuffle
+        # sparse draw: redraw only the repeated entries (each collides with probability < 1/2),
+        # shuffle
+        else:
             drawn = torch.randint(n_up, (rows, count), generator=generator)
             while True:
                 ordered, order = drawn.sort(dim=1)

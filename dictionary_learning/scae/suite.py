@@ -1,6 +1,7 @@
-"""The suite and its connections: module names and which modules feed which, `SCAESuite` (an attention SAE and a
-transcoder per layer; saved and loaded as one folder) and `Connections` (per feature, the upstream features it reads
-and their virtual weights; saved as one safetensors file)."""
+"""The suite and its connections: module names and which modules feed which, `SCAESuite` (an
+attention SAE and a transcoder per layer; saved and loaded as one folder) and `Connections` (per
+feature, the upstream features it reads and their virtual weights; saved as one safetensors
+file)."""
 
 from __future__ import annotations
 
@@ -47,9 +48,10 @@ def _suite_entry(name: str) -> bool:
 
 
 def upstream_of(name: str, model: Any = None) -> list[str]:
-    """Modules whose outputs reach `name`'s input: everything earlier in execution order. Given the `model`, a
-    parallel-residual family (attention and MLP both read the block input) drops the same layer's attention from
-    an MLP's list; without it (or for a sequential block) the list is the same."""
+    """Modules whose outputs reach `name`'s input: everything earlier in execution order. Given the
+    `model`, a parallel-residual family (attention and MLP both read the block input) drops the same
+    layer's attention from an MLP's list; without it (or for a sequential block) the list is the
+    same."""
     kind, layer = parse_module_name(name)
     order = module_names(layer + 1)
     upstream = order[: order.index(name)]
@@ -63,23 +65,27 @@ def check_C(C: Any) -> None:
 
 
 def module_config(name: str, model_name: str | None) -> dict[str, Any]:
-    """A module's config.json beyond its dictionary's own: the model, layer and hook points it reads and writes
-    (attn_L: layers.L.attn_out; mlp_L: layers.L.mlp_in -> layers.L.mlp_out), so its folder exports and opens in the
-    dashboard like any trained dictionary's (hook paths only where the model's family is known offline)."""
+    """A module's config.json beyond its dictionary's own: the model, layer and hook points it reads
+    and writes (attn_L: layers.L.attn_out; mlp_L: layers.L.mlp_in -> layers.L.mlp_out), so its
+    folder exports and opens in the dashboard like any trained dictionary's (hook paths only where
+    the model's family is known offline)."""
     kind, layer = parse_module_name(name)
-    trainer: dict[str, Any] = {"layer": layer, "submodule_name": name, **({"lm_name": model_name} if model_name
+    trainer: dict[str, Any] = {"layer": layer, "submodule_name": name,
+                               **({"lm_name": model_name} if model_name
                                                                          else {})}
     sites = ("attn_out",) if kind == "attn" else ("mlp_in", "mlp_out")
     hooks = site_hooks(model_name, layer, sites)
     if not hooks:
         return {"trainer": trainer}
     names = [hook["name"] for hook in hooks]
-    return {"trainer": trainer, "buffer": {"hooks": hooks, "submodule": names[0] if len(names) == 1 else names,
-                                           "io": "out" if len(names) == 1 else "in_to_out"}}
+    return {"trainer": trainer,
+            "buffer": {"hooks": hooks, "submodule": names[0] if len(names) == 1 else names,
+                       "io": "out" if len(names) == 1 else "in_to_out"}}
 
 
 class SCAESuite(nn.Module):
-    """Per-layer TopK attention SAEs (attn_out -> attn_out) and TopK transcoders (mlp_in -> mlp_out)."""
+    """Per-layer TopK attention SAEs (attn_out -> attn_out) and TopK transcoders (mlp_in
+    -> mlp_out)."""
 
     def __init__(self, modules: dict[str, Dictionary], model_name: str | None = None,
                  connections: "Connections | None" = None, model_fingerprint: str | None = None):
@@ -89,24 +95,28 @@ class SCAESuite(nn.Module):
         layers = 1 + max(parse_module_name(name)[1] for name in modules)
         expected = module_names(layers)
         if sorted(modules) != sorted(expected):
-            raise ValueError(f"an SCAESuite needs an attention SAE and a transcoder on every layer: expected "
-                             f"{expected}, got {sorted(modules)}")
+            raise ValueError("an SCAESuite needs an attention SAE and a transcoder on every layer: "
+                             f"expected {expected}, got {sorted(modules)}")
         for name, module in modules.items():
-            if not isinstance(module, AutoEncoderTopK):  # BatchTopK / Matryoshka select over the batch or by groups
-                raise TypeError(f"{name}: SCAE modules are AutoEncoderTopK dictionaries (per-token TopK, whose "
-                                f"pruned pass with every connection kept is exactly the dense suite), got "
-                                f"{type(module).__name__}")
+            # BatchTopK / Matryoshka select over the batch or by groups
+            if not isinstance(module, AutoEncoderTopK):
+                raise TypeError(f"{name}: SCAE modules are AutoEncoderTopK dictionaries (per-token "
+                                "TopK, whose pruned pass with every connection kept is exactly the "
+                                f"dense suite), got {type(module).__name__}")
             if module.skip is not None:
-                raise ValueError(f"{name}: transcoders with a skip connection are not supported in an SCAE")
+                raise ValueError(f"{name}: transcoders with a skip connection are not supported in "
+                                 "an SCAE")
             if name.startswith("attn") and module.transcoder:
                 raise ValueError(f"{name}: attention modules are SAEs (not transcoders)")
-            if name.startswith("mlp") and not module.transcoder:  # its decoder bias would count twice
-                raise ValueError(f"{name}: MLP modules are transcoders (mlp_in -> mlp_out), got an SAE "
-                                 f"(transcoder=False)")
+            # its decoder bias would count twice
+            if name.startswith("mlp") and not module.transcoder:
+                raise ValueError(f"{name}: MLP modules are transcoders (mlp_in -> mlp_out), got an "
+                                 "SAE (transcoder=False)")
         self.names = expected
         self.dictionaries = nn.ModuleDict({name: modules[name] for name in expected})
         self.model_name = model_name
-        # the model the suite was trained or connected on (models.model_fingerprint): another one is refused
+        # the model the suite was trained or connected on (models.model_fingerprint): another one is
+        # refused
         self.model_fingerprint = model_fingerprint
         self.n_layers = layers
         self.connections = connections  # the suite's selected connections, saved and loaded with it
@@ -117,29 +127,32 @@ class SCAESuite(nn.Module):
         return self.dictionaries[name]
 
     def n_upstream(self, name: str, model: Any = None) -> int:
-        """How many upstream features module `name` can read: the features of `upstream_of(name, model)`."""
+        """How many upstream features module `name` can read: the features of
+        `upstream_of(name, model)`."""
         return sum(self[up].dict_size for up in upstream_of(name, model))
 
     def check_model(self, model: Any) -> None:
-        """Clear errors for a suite whose widths or depth do not match the model, or that was trained or connected
-        on another model (of the same shape: its `model_fingerprint` differs). The first model a suite meets is
-        recorded."""
+        """Clear errors for a suite whose widths or depth do not match the model, or that was
+        trained or connected on another model (of the same shape: its `model_fingerprint` differs).
+        The first model a suite meets is recorded."""
         width = d_model(model)
         if self.n_layers > n_layers(model):
             raise ValueError(f"the suite has {self.n_layers} layers, the model {n_layers(model)}")
         for name, module in self.dictionaries.items():
             if module.activation_dim != width or module.output_dim != width:
-                raise ValueError(f"{name} maps {module.activation_dim} -> {module.output_dim}, but the model's "
-                                 f"width is {width}")
+                raise ValueError(f"{name} maps {module.activation_dim} -> {module.output_dim}, but "
+                                 f"the model's width is {width}")
         fingerprint = model_fingerprint(model)
         if None not in (self.model_fingerprint, fingerprint) and fingerprint != self.model_fingerprint:
-            raise ValueError(f"the suite was trained or connected on another model than this one"
-                             f"{f' ({self.model_name})' if self.model_name else ''}: their weights differ (model "
-                             f"fingerprint {fingerprint}, the suite's {self.model_fingerprint}); load that model")
+            raise ValueError("the suite was trained or connected on another model than this "
+                             f"one{f' ({self.model_name})' if self.model_name else ''}: their "
+                             f"weights differ (model fingerprint {fingerprint}, the suite's "
+                             f"{self.model_fingerprint}); load that model")
         self.model_fingerprint = self.model_fingerprint or fingerprint
 
     @classmethod
-    def random(cls, model: Any, dict_size: int, k: int, n_layer: int | None = None, seed: int = 0) -> "SCAESuite":
+    def random(cls, model: Any, dict_size: int, k: int, n_layer: int | None = None,
+               seed: int = 0) -> "SCAESuite":
         """An untrained suite for `model` (all layers, or the first `n_layer`)."""
         width = d_model(model)
         torch.manual_seed(seed)
@@ -148,18 +161,20 @@ class SCAESuite(nn.Module):
         return cls(modules, model_fingerprint=model_fingerprint(model))
 
     def save(self, directory: str | Path) -> Path:
-        """One folder: a dictionary folder per module (upstream's ae.pt + config.json format), the connections
-        (connections.safetensors, if set) and suite.json, replaced as a whole (a reader sees the previous save or this
-        one, never a mix; entries that are not part of a suite, e.g. a checkpoint, are kept)."""
+        """One folder: a dictionary folder per module (upstream's ae.pt + config.json format), the
+        connections (connections.safetensors, if set) and suite.json, replaced as a whole (a reader
+        sees the previous save or this one, never a mix; entries that are not part of a suite, e.g.
+        a checkpoint, are kept)."""
         directory = Path(directory)
         with atomic_folder(directory, owned=_suite_entry) as staging:
             for name, module in self.dictionaries.items():
                 save_dictionary(module, staging / name, module_config(name, self.model_name))
             if self.connections is not None:
                 save_connections(self.connections, staging / "connections.safetensors")
-            atomic_write_json(staging / "suite.json", {"modules": self.names, "model_name": self.model_name,
-                                                       "model_fingerprint": self.model_fingerprint,
-                                                       "connections": self.connections is not None})
+            atomic_write_json(staging / "suite.json",
+                              {"modules": self.names, "model_name": self.model_name,
+                               "model_fingerprint": self.model_fingerprint,
+                               "connections": self.connections is not None})
         return directory
 
     @classmethod
@@ -170,8 +185,10 @@ class SCAESuite(nn.Module):
         meta = read_json(directory / "suite.json", expect=dict)
         names = meta.get("modules")
         if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-            raise ValueError(f"{str(directory / 'suite.json')!r}: 'modules' must list the module names, got {names!r}")
-        for name in names:  # before any is read: a name is a folder inside the suite's, never a path out of it
+            raise ValueError(f"{str(directory / 'suite.json')!r}: 'modules' must list the module "
+                             f"names, got {names!r}")
+        # before any is read: a name is a folder inside the suite's, never a path out of it
+        for name in names:
             parse_module_name(name)
         modules = {name: load_dictionary(directory / name, device=device)[0] for name in names}
         connections = None
@@ -183,50 +200,57 @@ class SCAESuite(nn.Module):
         try:
             return cls(modules, model_name=meta.get("model_name"), connections=connections,
                        model_fingerprint=meta.get("model_fingerprint"))
-        except (ValueError, TypeError) as error:  # suite.json, the modules and the connections disagree
-            raise ValueError(f"{str(directory)!r} is not a consistent SCAESuite: {error}") from error
+        # suite.json, the modules and the connections disagree
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{str(directory)!r} is not a consistent SCAESuite: "
+                             f"{error}") from error
 
 
     def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = False,
-                    path_in_repo: str | None = None, commit_message: str = "Upload SCAE suite") -> str:
-        """Upload the suite (modules, connections, suite.json: the folder `save` writes) to a Hugging Face model repo
-        (created if missing); returns the commit URL."""
+                    path_in_repo: str | None = None,
+                    commit_message: str = "Upload SCAE suite") -> str:
+        """Upload the suite (modules, connections, suite.json: the folder `save` writes) to a
+        Hugging Face model repo (created if missing); returns the commit URL."""
         import tempfile
 
         with tempfile.TemporaryDirectory() as scratch:
             folder = self.save(Path(scratch) / "suite")
-            return push_to_hub(folder, repo_id, token=token, private=private, path_in_repo=path_in_repo,
-                               commit_message=commit_message)
+            return push_to_hub(folder, repo_id, token=token, private=private,
+                               path_in_repo=path_in_repo, commit_message=commit_message)
 
     @classmethod
-    def from_hub(cls, repo_id: str, subfolder: str | None = None, revision: str | None = None, device: str = "cpu",
-                 token: str | None = None) -> "SCAESuite":
-        """A suite pushed with `push_to_hub` (or any folder `save` wrote, uploaded), downloaded (or from the local
-        cache) and loaded with its connections."""
+    def from_hub(cls, repo_id: str, subfolder: str | None = None, revision: str | None = None,
+                 device: str = "cpu", token: str | None = None) -> "SCAESuite":
+        """A suite pushed with `push_to_hub` (or any folder `save` wrote, uploaded), downloaded (or
+        from the local cache) and loaded with its connections."""
         return cls.load(download_from_hub(repo_id, subfolder, revision, token), device=device)
 
 
 @dataclass
 class Connections:
-    """For each module, the upstream features each of its features reads: `indices[name]` `[dict_size, C]` into the
-    concatenation of `upstream_of(name, model)`'s features (in that order), and their virtual weights
-    `weights[name]`: `[dict_size, C]` for transcoders, `[dict_size, C, n_heads]` for attention SAEs (one per head).
-    Selected connections come strongest first in each row (so `top(C)` keeps the C strongest), with `scores[name]`
-    `[dict_size, C]` their |mean contribution| and `totals[name]` `[dict_size]` each feature's total |mean
+    """For each module, the upstream features each of its features reads: `indices[name]`
+    `[dict_size, C]` into the concatenation of `upstream_of(name, model)`'s features (in
+    that order), and their virtual weights `weights[name]`: `[dict_size, C]` for transcoders,
+    `[dict_size, C, n_heads]` for attention SAEs (one per head). Selected connections come strongest
+    first in each row (so `top(C)` keeps the C strongest), with `scores[name]` `[dict_size, C]`
+    their |mean contribution| and `totals[name]` `[dict_size]` each feature's total |mean
     contribution| over all of its upstream features."""
 
     indices: dict[str, torch.Tensor]
     weights: dict[str, torch.Tensor]
     scores: dict[str, torch.Tensor] | None = None
     totals: dict[str, torch.Tensor] | None = None
-    random: bool = False  # drawn at random (`random_connections`), in random order, not strongest first
-    # `parameter_fingerprint` of the suite whose parameters the weights were computed from (None: unknown)
+    # drawn at random (`random_connections`), in random order, not strongest first
+    random: bool = False
+    # `parameter_fingerprint` of the suite whose parameters the weights were computed from
+    # (None: unknown)
     fingerprint: str | None = None
 
     def validate(self, suite: SCAESuite, model: Any = None, weights: bool = True) -> None:
-        """Clear errors for connections that do not fit the suite (upstream counts for `model`, when given); with
-        `weights`, also for virtual weights that are not finite or were computed from other parameters (skip it
-        where they are recomputed from the suite's current parameters, as fine-tuning does)."""
+        """Clear errors for connections that do not fit the suite (upstream counts for `model`, when
+        given); with `weights`, also for virtual weights that are not finite or were computed from
+        other parameters (skip it where they are recomputed from the suite's current parameters, as
+        fine-tuning does)."""
         for name in suite.names:
             if name not in self.indices:
                 raise ValueError(f"no connections for module {name}")
@@ -234,41 +258,43 @@ class Connections:
                 raise ValueError(f"no connection weights for module {name}")
             indices, n_up = self.indices[name], suite.n_upstream(name, model)
             if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
-                raise TypeError(f"{name}: connection indices must be an int64 (or int32) tensor, got "
-                                f"{getattr(indices, 'dtype', type(indices).__name__)}")
+                raise TypeError(f"{name}: connection indices must be an int64 (or int32) tensor, "
+                                f"got {getattr(indices, 'dtype', type(indices).__name__)}")
             if indices.dim() != 2 or indices.shape[0] != suite[name].dict_size:
-                raise ValueError(f"{name}: expected indices of shape [{suite[name].dict_size}, C], got "
-                                 f"{tuple(indices.shape)}")
+                raise ValueError(f"{name}: expected indices of shape [{suite[name].dict_size}, C], "
+                                 f"got {tuple(indices.shape)}")
             if indices.numel() and (indices.min() < 0 or indices.max() >= n_up):
                 raise ValueError(f"{name}: connection indices must lie in [0, {n_up}), got "
                                  f"[{int(indices.min())}, {int(indices.max())}]")
             if indices.shape[1] > 1 and (indices.sort(dim=1).values.diff(dim=1) == 0).any():
                 raise ValueError(f"{name}: a feature lists the same upstream feature twice")
             if self.weights[name].shape[:2] != indices.shape:
-                raise ValueError(f"{name}: weights of shape {tuple(self.weights[name].shape)} do not match indices "
-                                 f"{tuple(indices.shape)}")
+                raise ValueError(f"{name}: weights of shape {tuple(self.weights[name].shape)} do "
+                                 f"not match indices {tuple(indices.shape)}")
             if weights and not torch.isfinite(self.weights[name]).all():
                 raise ValueError(f"{name}: the connections' virtual weights hold NaN / inf")
         if weights and self.fingerprint is not None and self.fingerprint != parameter_fingerprint(suite):
-            raise ValueError("the connections' virtual weights were computed from other parameters than the "
-                             "suite's (it was trained or changed since): select them again (select_connections, "
-                             "random_connections) or fine-tune with train_scae_suite, which recomputes them")
+            raise ValueError("the connections' virtual weights were computed from other parameters "
+                             "than the suite's (it was trained or changed since): select them "
+                             "again (select_connections, random_connections) or fine-tune with "
+                             "train_scae_suite, which recomputes them")
 
     def top(self, C: int) -> "Connections":
-        """The first C connections of every feature: the C strongest, for selected connections (a random C of
-        them, for random ones)."""
+        """The first C connections of every feature: the C strongest, for selected connections (a
+        random C of them, for random ones)."""
         check_C(C)
 
         def first(tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
             return None if tensors is None else {name: t[:, :C] for name, t in tensors.items()}
 
-        return Connections(first(self.indices), first(self.weights), first(self.scores), self.totals, self.random,
-                           self.fingerprint)
+        return Connections(first(self.indices), first(self.weights), first(self.scores),
+                           self.totals, self.random, self.fingerprint)
 
 
 def parameter_fingerprint(suite: SCAESuite) -> str:
-    """A short hash of every module's parameters (their shapes, sums, sums of squares and a strided sample of their
-    values): what connections' virtual weights were computed from, so stale ones are refused."""
+    """A short hash of every module's parameters (their shapes, sums, sums of squares and a strided
+    sample of their values): what connections' virtual weights were computed from, so stale ones are
+    refused."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -283,7 +309,8 @@ def parameter_fingerprint(suite: SCAESuite) -> str:
 
 
 def save_connections(connections: Connections, path: str | Path) -> None:
-    """Indices, virtual weights (and scores / totals where present) in one safetensors file, written atomically."""
+    """Indices, virtual weights (and scores / totals where present) in one safetensors file, written
+    atomically."""
     from safetensors.torch import save_file
 
     tensors = {}
@@ -304,11 +331,13 @@ def load_connections(path: str | Path) -> Connections:
         with safe_open(str(path), framework="pt") as handle:
             fingerprint = (handle.metadata() or {}).get("fingerprint")
     except Exception as error:
-        raise ValueError(f"cannot read connections from {str(path)!r} (corrupt or truncated?): {error}") from error
+        raise ValueError(f"cannot read connections from {str(path)!r} (corrupt or truncated?): "
+                         f"{error}") from error
     for key, tensor in tensors.items():
         name, _, field = key.rpartition(".")
         if field not in fields:
-            raise ValueError(f"{str(path)!r} holds {key!r}; expected '<module>.<{'|'.join(CONNECTION_FIELDS)}>' keys")
+            raise ValueError(f"{str(path)!r} holds {key!r}; expected "
+                             f"'<module>.<{'|'.join(CONNECTION_FIELDS)}>' keys")
         fields[field][name] = tensor
-    return Connections(fields["indices"], fields["weights"], fields["scores"] or None, fields["totals"] or None,
-                       fingerprint=fingerprint)
+    return Connections(fields["indices"], fields["weights"], fields["scores"] or None,
+                       fields["totals"] or None, fingerprint=fingerprint)

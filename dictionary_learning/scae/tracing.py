@@ -23,7 +23,8 @@ Encoding = dict[str, torch.Tensor]
 class LayerPoints:
     """The hook points of one layer that a suite reads and writes."""
 
-    attn_norm_in: HookPoint  # the residual stream before the layer (input of the pre-attention norm)
+    # the residual stream before the layer (input of the pre-attention norm)
+    attn_norm_in: HookPoint
     attn_out: HookPoint  # attention output: (output, pattern, ...) under eager attention
     mlp_norm_in: HookPoint  # the residual stream between attention and MLP
     mlp_in: HookPoint
@@ -55,18 +56,21 @@ class SuiteRecord:
     embedding: torch.Tensor  # [batch, seq, d_model]: the residual stream before layer 0
     codes: dict[str, torch.Tensor]  # module -> [batch, seq, dict_size] TopK codes
     encoder_inputs: dict[str, torch.Tensor]  # module -> [batch, seq, d_model] what its encoder read
-    norm_scales: dict[str, torch.Tensor]  # "attn_L" / "mlp_L" -> [batch, seq] s(t) of the norm before it
+    # "attn_L" / "mlp_L" -> [batch, seq] s(t) of the norm before it
+    norm_scales: dict[str, torch.Tensor]
     patterns: dict[int, torch.Tensor]  # layer -> [batch, heads, seq, seq]
 
 
 @torch.no_grad()
-def run_suite(suite: SCAESuite, model: Any, texts: list[str] | Encoding, ctx_len: int = 128, logits: bool = True
+def run_suite(suite: SCAESuite, model: Any, texts: list[str] | Encoding, ctx_len: int = 128,
+              logits: bool = True
               ) -> tuple[SuiteRecord, torch.Tensor | None]:
-    """Run the model on `texts` (or an encoding from `tokenize`) with every module's reconstruction patched in
-    (attention outputs replaced by the attention SAEs' reconstructions, MLP outputs by the transcoders'),
-    recording codes, norm scales and attention patterns. Returns the record and the logits (None with
-    `logits=False`, which stops the pass after the suite's last layer). The model must run eager attention
-    (`load_model(..., attn_implementation="eager")`) so that attention modules return their patterns.
+    """Run the model on `texts` (or an encoding from `tokenize`) with every module's reconstruction
+    patched in (attention outputs replaced by the attention SAEs' reconstructions, MLP outputs by
+    the transcoders'), recording codes, norm scales and attention patterns. Returns the record and
+    the logits (None with `logits=False`, which stops the pass after the suite's last layer). The
+    model must run eager attention (`load_model(..., attn_implementation="eager")`) so that
+    attention modules return their patterns.
 
     The one trace outside `tracing.run`, on purpose: it records what that door hides (element 1
     of the attention output's tuple, the pattern) and what is computed inside the pass (each
@@ -81,7 +85,8 @@ def run_suite(suite: SCAESuite, model: Any, texts: list[str] | Encoding, ctx_len
             saved[f"resid_pre_{layer}"] = read(model, points.attn_norm_in).save()
             attn_output = hook_value(model, points.attn_out)
             if attn_output[1] is None:
-                raise ValueError("the model's attention returns no patterns: load it with attn_implementation='eager'")
+                raise ValueError("the model's attention returns no patterns: load it with "
+                                 "attn_implementation='eager'")
             sae = suite[f"attn_{layer}"]
             attn_out = attn_output[0]
             codes = sae.encode(attn_out)
@@ -119,9 +124,11 @@ def _module_outputs(model: Any, suite: SCAESuite) -> dict[str, HookPoint]:
             for name, point in ((f"attn_{layer}", p.attn_out), (f"mlp_{layer}", p.mlp_out))}
 
 
-def clean_targets(suite: SCAESuite, model: Any, encoding: Encoding, logits: bool = False) -> dict[str, torch.Tensor]:
-    """What each module should reconstruct, from the clean model: attention outputs and MLP outputs (and, with
-    `logits=True`, the clean logits under "logits"; otherwise the pass stops after the suite's last layer)."""
+def clean_targets(suite: SCAESuite, model: Any, encoding: Encoding,
+                  logits: bool = False) -> dict[str, torch.Tensor]:
+    """What each module should reconstruct, from the clean model: attention outputs and MLP outputs
+    (and, with `logits=True`, the clean logits under "logits"; otherwise the pass stops after the
+    suite's last layer)."""
     outputs = _module_outputs(model, suite)
     values, clean_logits = run(model, encoding, read=list(outputs.values()), logits=logits)
     saved = dict(zip(outputs, values))
@@ -135,9 +142,10 @@ def _decoded(module: Any, codes: torch.Tensor, value: torch.Tensor) -> torch.Ten
     return module.decode(codes)
 
 
-def patched_logits(suite: SCAESuite, model: Any, encoding: Encoding, codes: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits with every attention output and MLP output replaced by the suite's reconstruction from `codes`, in
-    one nnsight trace (differentiable in the codes and the decoders)."""
+def patched_logits(suite: SCAESuite, model: Any, encoding: Encoding,
+                   codes: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits with every attention output and MLP output replaced by the suite's reconstruction from
+    `codes`, in one nnsight trace (differentiable in the codes and the decoders)."""
     patch = {point: partial(_decoded, suite[name], codes[name])
              for name, point in _module_outputs(model, suite).items()}
     return run(model, encoding, patch=patch, grad=True).logits

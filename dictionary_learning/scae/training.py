@@ -1,5 +1,6 @@
-"""Fine-tuning a suite through the pruned forward pass: `SCAETrainer` (one step on local MSE and downstream CE) and
-`train_scae_suite` (the package's training loop, `training.run_steps`, over batches of texts)."""
+"""Fine-tuning a suite through the pruned forward pass: `SCAETrainer` (one step on local MSE and
+downstream CE) and `train_scae_suite` (the package's training loop, `training.run_steps`, over
+batches of texts)."""
 
 from __future__ import annotations
 
@@ -52,15 +53,15 @@ class SCAEConfig:
 
     def __post_init__(self) -> None:
         integer("steps", self.steps)
-        weights = {"mse_weight": self.mse_weight, "ce_weight": self.ce_weight, "kl_weight": self.kl_weight,
-                   "auxk_alpha": self.auxk_alpha}
+        weights = {"mse_weight": self.mse_weight, "ce_weight": self.ce_weight,
+                   "kl_weight": self.kl_weight, "auxk_alpha": self.auxk_alpha}
         for name, value in weights.items():
             if not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         finite_hyperparameters("SCAETrainer", {"lr": self.lr})
         if self.mse_weight + self.ce_weight + self.kl_weight == 0:
-            raise ValueError(f"mse_weight, ce_weight and kl_weight must not all be 0, got {self.mse_weight}, "
-                             f"{self.ce_weight}, {self.kl_weight}")
+            raise ValueError("mse_weight, ce_weight and kl_weight must not all be 0, got "
+                             f"{self.mse_weight}, {self.ce_weight}, {self.kl_weight}")
         if self.decay_start is not None and not (isinstance(self.decay_start, (int, float))
                                                  and 0 <= self.decay_start <= 1):
             raise ValueError(f"decay_start must be a fraction of the steps in [0, 1] or None, got "
@@ -70,38 +71,45 @@ class SCAEConfig:
 
 
 class SCAETrainer:
-    """Fine-tunes a suite through the pruned forward pass on local MSE (each module's pruned reconstruction against
-    the clean model's attention / MLP output, as a fraction of its variance, summed over modules), downstream CE and
-    / or KL(clean || patched) (every pruned reconstruction patched into the model in one nnsight trace,
-    backpropagated into the suite), and AuxK on each module's dead features. The linearisation (norm scales,
-    attention patterns) is that of the run with the dense suite patched in, taken without gradient each step; the
-    virtual weights are recomputed from the current parameters. Configured by an `SCAEConfig` (or its fields as
+    """Fine-tunes a suite through the pruned forward pass on local MSE (each module's pruned
+    reconstruction against the clean model's attention / MLP output, as a fraction of its variance,
+    summed over modules), downstream CE and / or KL(clean || patched) (every pruned reconstruction
+    patched into the model in one nnsight trace, backpropagated into the suite), and AuxK on each
+    module's dead features. The linearisation (norm scales, attention patterns) is that of the run
+    with the dense suite patched in, taken without gradient each step; the virtual weights are
+    recomputed from the current parameters. Configured by an `SCAEConfig` (or its fields as
     keywords).
 
-    As the reference SCAE fork: Adam with one learning rate per module (`lr=None`: 2e-4 / sqrt(dict_size / 2^14)),
-    linear warmup over `warmup_steps` and linear decay to 0 from `decay_start` (a fraction of the steps; None: no
-    decay), module p's (in suite order) MSE term switched on after p * `stagger_steps` steps, and dead features
-    (not fired for `dead_feature_threshold` tokens) fitted to each module's residual through AuxK (`auxk_alpha`,
+    As the reference SCAE fork: Adam with one learning rate per module (`lr=None`: 2e-4 /
+    sqrt(dict_size / 2^14)), linear warmup over `warmup_steps` and linear decay to 0 from
+    `decay_start` (a fraction of the steps; None: no decay), module p's (in suite order) MSE term
+    switched on after p * `stagger_steps` steps, and dead features (not fired for
+    `dead_feature_threshold` tokens) fitted to each module's residual through AuxK (`auxk_alpha`,
     the top `k_aux` dead pre-activations, k_aux = d_model / 2 as for TopK SAEs)."""
 
-    def __init__(self, suite: SCAESuite, model: Any, connections: Connections, config: SCAEConfig | None = None,
-                 **options: Any):
+    def __init__(self, suite: SCAESuite, model: Any, connections: Connections,
+                 config: SCAEConfig | None = None, **options: Any):
         cfg = self.cfg = options_of(SCAEConfig, config, options, "SCAETrainer")
         suite.check_model(model)
-        connections.validate(suite, model, weights=False)  # fine-tuning recomputes the weights from the indices
+        # fine-tuning recomputes the weights from the indices
+        connections.validate(suite, model, weights=False)
         torch.manual_seed(cfg.seed)
         self.suite, self.model, self.connections = suite, model, connections
         for parameter in torch_model(model).parameters():
             parameter.requires_grad_(False)  # only the suite trains
-        self.lrs = {name: default_lr(suite[name].dict_size) if cfg.lr is None else cfg.lr for name in suite.names}
-        self.optimizer = torch.optim.Adam([{"params": list(suite[name].parameters()), "lr": self.lrs[name]}
+        self.lrs = {name: default_lr(suite[name].dict_size) if cfg.lr is None else cfg.lr
+                    for name in suite.names}
+        self.optimizer = torch.optim.Adam([{"params": list(suite[name].parameters()),
+                                            "lr": self.lrs[name]}
                                            for name in suite.names])
         self.decoder_norms = {name: module.decoder.weight.detach().norm(dim=0, keepdim=True).clone()
                               for name, module in suite.dictionaries.items()}
         decay_step = None if cfg.decay_start is None else int(cfg.decay_start * cfg.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lr_schedule(cfg.steps, cfg.warmup_steps, decay_step))
-        self.dead = {name: DeadFeatures(suite[name].dict_size, next(suite[name].parameters()).device)
+                                                           lr_schedule(cfg.steps, cfg.warmup_steps,
+                                                                       decay_step))
+        self.dead = {name: DeadFeatures(suite[name].dict_size,
+                                        next(suite[name].parameters()).device)
                      for name in suite.names}
         self.config = {**dataclasses.asdict(cfg), "lrs": self.lrs}
         self.last_metrics: dict[str, float] = {}
@@ -111,8 +119,8 @@ class SCAETrainer:
         return {name: dead.counts for name, dead in self.dead.items()}
 
     def _auxk(self, name: str, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """AuxK of one module: its dead features' top pre-activations fitted to the residual, as a fraction of the
-        residual's variance (0 when none is dead)."""
+        """AuxK of one module: its dead features' top pre-activations fitted to the residual, as a
+        fraction of the residual's variance (0 when none is dead)."""
         dead = self.dead[name].mask(self.cfg.dead_feature_threshold).nonzero().flatten()
         if dead.numel() == 0 or self.cfg.auxk_alpha == 0:
             return pre.new_zeros(())
@@ -125,14 +133,15 @@ class SCAETrainer:
 
     def step_loss(self, texts: list[str], step: int | None = None
                   ) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor], int]:
-        """(loss, metrics, the latents each module fired, the batch's real tokens) of a batch of texts, changing no
-        state (at `step`, for the staggered MSE terms; None: all on)."""
+        """(loss, metrics, the latents each module fired, the batch's real tokens) of a batch of
+        texts, changing no state (at `step`, for the staggered MSE terms; None: all on)."""
         suite, model = self.suite, self.model
         encoding = tokenize(model.tokenizer, texts, self.cfg.ctx_len)
         record, _ = run_suite(suite, model, encoding, logits=False)
         targets = clean_targets(suite, model, encoding, logits=self.cfg.kl_weight > 0)
         pre: dict[str, torch.Tensor] = {}
-        codes = pruned_forward(suite, model, record, self.connections, recompute_weights=True, pre_activations=pre)
+        codes = pruned_forward(suite, model, record, self.connections, recompute_weights=True,
+                               pre_activations=pre)
         mask = record.mask
         mse, auxk = torch.zeros((), device=mask.device), torch.zeros((), device=mask.device)
         fired = {}
@@ -149,7 +158,8 @@ class SCAETrainer:
                    "l0": sum((codes[n][mask] > 0).sum(-1).float().mean().item() for n in suite.names) / len(suite.names)}
         if self.cfg.ce_weight or self.cfg.kl_weight:
             patched = patched_logits(suite, model, encoding, codes)
-            ce, ce_mask = masked_cross_entropy(patched, encoding["input_ids"], encoding["attention_mask"])
+            ce, ce_mask = masked_cross_entropy(patched, encoding["input_ids"],
+                                               encoding["attention_mask"])
             ce = ce[ce_mask].mean()
             loss = loss + self.cfg.ce_weight * ce
             metrics["ce"] = ce.item()
@@ -161,7 +171,8 @@ class SCAETrainer:
         return loss, metrics, fired, int(mask.sum())
 
     def loss(self, texts: list[str], step: int | None = None) -> torch.Tensor:
-        """The training loss on a batch of texts (at `step`, for the staggered MSE terms; None: all on)."""
+        """The training loss on a batch of texts (at `step`, for the staggered MSE terms; None: all
+        on)."""
         return self.step_loss(texts, step)[0]
 
     def update(self, step: int, texts: list[str]) -> float:
@@ -171,20 +182,23 @@ class SCAETrainer:
         torch.nn.utils.clip_grad_norm_(self.suite.parameters(), 1.0)
         self.optimizer.step()
         self.scheduler.step()
-        with torch.no_grad():  # keep each decoder column at its starting norm (unit for TopK-trained modules,
+        # keep each decoder column at its starting norm (unit for TopK-trained modules,
+        with torch.no_grad():
             # c_in / c_out for transcoders whose training normalisation was folded in)
             for name, module in self.suite.dictionaries.items():
                 weight = module.decoder.weight
                 weight *= self.decoder_norms[name] / weight.norm(dim=0, keepdim=True).clamp_min(1e-8)
         for name, dead in self.dead.items():  # dead-feature tracking over the batch's real tokens
             dead.update(fired[name], n_tokens)
-        n_dead = sum(int(dead.mask(self.cfg.dead_feature_threshold).sum()) for dead in self.dead.values())
+        n_dead = sum(int(dead.mask(self.cfg.dead_feature_threshold).sum())
+                     for dead in self.dead.values())
         self.last_metrics = {"loss": loss.item(), **metrics, "dead": n_dead}
         return loss.item()
 
     def state_dict(self) -> dict[str, Any]:
         return {"suite": self.suite.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "num_tokens_since_fired": self.num_tokens_since_fired}
+                "scheduler": self.scheduler.state_dict(),
+                "num_tokens_since_fired": self.num_tokens_since_fired}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.suite.load_state_dict(state["suite"])
@@ -195,30 +209,33 @@ class SCAETrainer:
 
 
 def text_batches(texts: Iterable[str], batch_texts: int) -> Iterator[list[str]]:
-    """Consecutive lists of `batch_texts` texts (the last may be shorter), until the texts run out."""
+    """Consecutive lists of `batch_texts` texts (the last may be shorter), until the texts run
+    out."""
     texts = iter(texts)
     return iter(lambda: list(itertools.islice(texts, batch_texts)), [])
 
 
 # the training run's options (`training.RunOptions` fields) a fine-tuning run takes
-RUN_FIELDS = ("save_dir", "checkpoint_steps", "resume", "log_steps", "use_wandb", "wandb_project", "progress",
-              "keep_checkpoint")
+RUN_FIELDS = ("save_dir", "checkpoint_steps", "resume", "log_steps", "use_wandb", "wandb_project",
+              "progress", "keep_checkpoint")
 
 
 def train_scae_suite(suite: SCAESuite, model: Any, texts: Any, connections: Connections, steps: int,
                      batch_texts: int = 8, **options: Any) -> SCAETrainer:
-    """Fine-tune `suite` for `steps` steps on batches of `batch_texts` texts from the iterator `texts`. `options`
-    are the `SCAEConfig` fields (the trainer's hyperparameters) and the run's: a tqdm bar (`progress`), wandb
-    logging every `log_steps` steps (`use_wandb`, `wandb_project`; $WANDB_MODE, offline by default), atomic
-    checkpoints in `save_dir` (every `checkpoint_steps` steps) and `resume=True` continuing from the last one (the
-    consumed text batches are skipped). At the end the suite's `connections` hold the tuned connections' virtual
-    weights, and the suite (with them) is saved to `save_dir/suite`, and the checkpoint is deleted unless
+    """Fine-tune `suite` for `steps` steps on batches of `batch_texts` texts from the iterator
+    `texts`. `options` are the `SCAEConfig` fields (the trainer's hyperparameters) and the run's: a
+    tqdm bar (`progress`), wandb logging every `log_steps` steps (`use_wandb`, `wandb_project`;
+    $WANDB_MODE, offline by default), atomic checkpoints in `save_dir` (every `checkpoint_steps`
+    steps) and `resume=True` continuing from the last one (the consumed text batches are skipped).
+    At the end the suite's `connections` hold the tuned connections' virtual weights, and the suite
+    (with them) is saved to `save_dir/suite`, and the checkpoint is deleted unless
     `keep_checkpoint`. The scores and totals are those of the selection, before fine-tuning."""
     trainer_fields = {field.name for field in dataclasses.fields(SCAEConfig)}
     unknown = sorted(set(options) - trainer_fields - set(RUN_FIELDS))
     if unknown:
-        raise TypeError(f"train_scae_suite got unexpected keyword argument(s) {unknown}; accepted: the SCAEConfig "
-                        f"fields {sorted(trainer_fields - {'steps'})} and {list(RUN_FIELDS)}")
+        raise TypeError(f"train_scae_suite got unexpected keyword argument(s) {unknown}; accepted: "
+                        f"the SCAEConfig fields {sorted(trainer_fields - {'steps'})} and "
+                        f"{list(RUN_FIELDS)}")
     run = RunOptions(**{key: value for key, value in options.items() if key in RUN_FIELDS})
     integer("batch_texts", batch_texts)  # 0 would train nothing
     texts = check_texts("texts", texts)
@@ -227,18 +244,23 @@ def train_scae_suite(suite: SCAESuite, model: Any, texts: Any, connections: Conn
     batches = text_batches(texts, batch_texts)
     save_dir = Path(run.save_dir) if run.save_dir is not None else None
     with writer_lock(save_dir, "training run folder") if save_dir is not None else nullcontext():
-        checkpoints = Checkpoints(save_dir / CHECKPOINT if save_dir is not None else None, run.checkpoint_steps, steps)
+        checkpoints = Checkpoints(save_dir / CHECKPOINT if save_dir is not None else None,
+                                  run.checkpoint_steps, steps)
         state = checkpoints.resume([trainer], batches, run.resume)
-        wandb_run = (start_wandb(trainer.config, save_dir, project=run.wandb_project or "dictionary_learning")
+        wandb_run = (start_wandb(trainer.config, save_dir,
+                                 project=run.wandb_project or "dictionary_learning")
                      if run.use_wandb else None)
-        logger = Logger(desc="fine-tuning suite", progress=run.progress, every=run.log_steps, run=wandb_run)
-        done = run_steps([trainer], batches, steps, state["step"], state["batches_consumed"], checkpoints=checkpoints,
-                         logger=logger)
+        logger = Logger(desc="fine-tuning suite", progress=run.progress, every=run.log_steps,
+                        run=wandb_run)
+        done = run_steps([trainer], batches, steps, state["step"], state["batches_consumed"],
+                         checkpoints=checkpoints, logger=logger)
         if done == 0:  # never save an untuned suite as tuned
             raise ValueError("texts yielded no batches: the suite was not fine-tuned")
         with torch.no_grad():  # the virtual weights of the fine-tuned parameters
-            tuned = {name: virtual_weights(suite, model, name, idx) for name, idx in connections.indices.items()}
-            suite.connections = Connections(connections.indices, tuned, connections.scores, connections.totals,
+            tuned = {name: virtual_weights(suite, model, name, idx)
+                     for name, idx in connections.indices.items()}
+            suite.connections = Connections(connections.indices, tuned, connections.scores,
+                                            connections.totals,
                                             fingerprint=parameter_fingerprint(suite))
         if save_dir is not None:
             suite.save(save_dir / "suite")

@@ -1,5 +1,6 @@
-"""Training methods, one file each (upstream's module names): a config dataclass and a `base.Trainer` subclass
-each, composed of the shared mechanics in `parts`; upstream's trainer API is `compat.trainer_api` and `trainer`."""
+"""Training methods, one file each (upstream's module names): a config dataclass and a
+`base.Trainer` subclass each, composed of the shared mechanics in `parts`; upstream's trainer API is
+`compat.trainer_api` and `trainer`."""
 
 from .base import StepOutput, Trainer, TrainerConfig
 from .batch_top_k import BatchTopKConfig, BatchTopKSAE, BatchTopKTrainer
@@ -18,15 +19,17 @@ from .trainer import SAETrainer
 
 TRAINER_CLASSES = {
     cls.__name__: cls
-    for cls in (StandardTrainer, StandardTrainerAprilUpdate, TopKTrainer, BatchTopKTrainer, GatedSAETrainer,
-                GatedAnnealTrainer, PAnnealTrainer, JumpReluTrainer, MatryoshkaBatchTopKTrainer)
+    for cls in (StandardTrainer, StandardTrainerAprilUpdate, TopKTrainer, BatchTopKTrainer,
+                GatedSAETrainer, GatedAnnealTrainer, PAnnealTrainer, JumpReluTrainer,
+                MatryoshkaBatchTopKTrainer)
 }
 TRAINER_CLASSES["TopKTrainerAux"] = TopKTrainer  # an older upstream name, so its configs load
 
 __all__ = [
-    "AprilConfig", "AutoEncoderTopK", "BatchTopKConfig", "BatchTopKSAE", "BatchTopKTrainer", "GatedAnnealConfig",
-    "GatedAnnealTrainer", "GatedConfig", "GatedSAETrainer", "JumpReluConfig", "JumpReluTrainer",
-    "MatryoshkaBatchTopKSAE", "MatryoshkaBatchTopKTrainer", "MatryoshkaConfig", "PAnnealConfig", "PAnnealTrainer",
-    "SAETrainer", "StandardConfig", "StandardTrainer", "StandardTrainerAprilUpdate", "StepOutput",
-    "TRAINER_CLASSES", "TopKConfig", "TopKTrainer", "Trainer", "TrainerConfig",
+    "AprilConfig", "AutoEncoderTopK", "BatchTopKConfig", "BatchTopKSAE", "BatchTopKTrainer",
+    "GatedAnnealConfig", "GatedAnnealTrainer", "GatedConfig", "GatedSAETrainer", "JumpReluConfig",
+    "JumpReluTrainer", "MatryoshkaBatchTopKSAE", "MatryoshkaBatchTopKTrainer", "MatryoshkaConfig",
+    "PAnnealConfig", "PAnnealTrainer", "SAETrainer", "StandardConfig", "StandardTrainer",
+    "StandardTrainerAprilUpdate", "StepOutput", "TRAINER_CLASSES", "TopKConfig", "TopKTrainer",
+    "Trainer", "TrainerConfig",
 ]

@@ -1,18 +1,25 @@
-"""The base of every training method: a config dataclass, a side-effect-free step and the update around it.
+"""The base of every training method: a config dataclass, a side-effect-free step and the update
+around it.
 
-A method is a `TrainerConfig` subclass (its hyperparameters, validated in `__post_init__`, a JSON round trip) and a
-`Trainer` subclass that says what differs:
+A method is a `TrainerConfig` subclass (its hyperparameters, validated in `__post_init__`, a JSON
+round trip) and a `Trainer` subclass that says what differs:
 
-    build_dictionary / build_optimizer / lr_factor   what to train, with what (defaults: Adam, `parts.lr_schedule`)
+    build_dictionary / build_optimizer / lr_factor   what to train, with what (defaults: Adam,
+                                                     `parts.lr_schedule`)
     step_loss(x, y, step) -> StepOutput              the loss of a batch, changing no state
-    before_step(step, x, y)                          state changes before it (b_dec at the median on step 0)
-    after_step(step, out)                            state changes after the optimizer step (dead features,
-                                                     thresholds, annealing, resampling), driven by the StepOutput
-    before_optimizer_step / after_optimizer_step     the decoder geometry (projected gradient, renormalisation)
+    before_step(step, x, y)                          state changes before it (b_dec at the median on
+                                                     step 0)
+    after_step(step, out)                            state changes after the optimizer step (dead
+                                                     features,
+                                                     thresholds, annealing, resampling),
+                                                     driven by the StepOutput
+    before_optimizer_step / after_optimizer_step     the decoder geometry (projected gradient,
+                                                     renormalisation)
 
-`update(step, activations, extra_loss=None)` runs them in that order; `extra_loss(out)` replaces the loss that is
-backpropagated (end-to-end training adds the model's downstream loss to the trainer's own this way). Trainers take
-tensors, never models or buffers: x `[batch, d_in]`, and y `[batch, d_out]` for transcoders.
+`update(step, activations, extra_loss=None)` runs them in that order; `extra_loss(out)` replaces the
+loss that is backpropagated (end-to-end training adds the model's downstream loss to the trainer's
+own this way). Trainers take tensors, never models or buffers: x `[batch, d_in]`, and
+y `[batch, d_out]` for transcoders.
 """
 
 from __future__ import annotations
@@ -68,29 +75,35 @@ class TrainerConfig:
             self.dict_class = dictionary_class(self.dict_class)
         if self.initial_weights is not None:
             self.initial_weights = str(self.initial_weights)
-        finite_hyperparameters(type(self).__name__.removesuffix("Config") + "Trainer", dataclasses.asdict(self))
-        check_schedule(self.steps, self.warmup_steps, self.decay_start, getattr(self, "resample_steps", None),
+        finite_hyperparameters(type(self).__name__.removesuffix("Config") + "Trainer",
+                               dataclasses.asdict(self))
+        check_schedule(self.steps, self.warmup_steps, self.decay_start,
+                       getattr(self, "resample_steps", None),
                        getattr(self, "sparsity_warmup_steps", None))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (dict_class and dtypes as names); `type(config).from_dict` reads it back."""
-        return json_safe({field.name: getattr(self, field.name) for field in dataclasses.fields(self)})
+        return json_safe({field.name: getattr(self, field.name)
+                          for field in dataclasses.fields(self)})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainerConfig:
-        """The config of a saved `to_dict` (keys that are not fields, such as a saved config's trainer_class, are
-        ignored)."""
+        """The config of a saved `to_dict` (keys that are not fields, such as a saved config's
+        trainer_class, are ignored)."""
         names = {field.name for field in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in names})
 
     def compared_on_resume(self) -> dict[str, Any]:
-        """What a resumed run must share with its checkpoint: every hyperparameter, as JSON values."""
-        return {key: value for key, value in self.to_dict().items() if key not in NOT_COMPARED_ON_RESUME}
+        """What a resumed run must share with its checkpoint: every hyperparameter, as JSON
+        values."""
+        return {key: value for key, value in self.to_dict().items()
+                if key not in NOT_COMPARED_ON_RESUME}
 
 
 @dataclasses.dataclass(kw_only=True)
 class PenaltyConfig(TrainerConfig):
-    """A method with a sparsity penalty, ramped in over `sparsity_warmup_steps` (None or 0: no ramp)."""
+    """A method with a sparsity penalty, ramped in over `sparsity_warmup_steps` (None or 0: no
+    ramp)."""
 
     sparsity_warmup_steps: int | None = 2000
 
@@ -100,11 +113,11 @@ def _count(name: str, value: Any, low: int = 0) -> None:
         raise ValueError(f"{name} must be None or an int >= {low}, got {value!r}")
 
 
-def check_schedule(steps: int, warmup_steps: int, decay_start: int | None, resample_steps: int | None,
-                   sparsity_warmup_steps: int | None) -> None:
-    """Every method's schedule rules: upstream's, except that warmups longer than the run are cut to it
-    (`parts.lr_schedule`), a decay may start as a warmup ends, and resampling periods longer than the run are
-    allowed (no neuron is then resampled)."""
+def check_schedule(steps: int, warmup_steps: int, decay_start: int | None,
+                   resample_steps: int | None, sparsity_warmup_steps: int | None) -> None:
+    """Every method's schedule rules: upstream's, except that warmups longer than the run are cut to
+    it (`parts.lr_schedule`), a decay may start as a warmup ends, and resampling periods longer than
+    the run are allowed (no neuron is then resampled)."""
     if warmup_steps is None:
         raise ValueError("warmup_steps must be an int >= 0, got None")
     _count("warmup_steps", warmup_steps)
@@ -114,20 +127,24 @@ def check_schedule(steps: int, warmup_steps: int, decay_start: int | None, resam
     if decay_start is None:
         return
     if resample_steps is not None:
-        raise ValueError(f"decay_start ({decay_start}) and resample_steps ({resample_steps}) cannot both be set: the "
-                         f"lr warmup restarts after each resampling, and nothing decays")
+        raise ValueError(f"decay_start ({decay_start}) and resample_steps ({resample_steps}) "
+                         "cannot both be set: the lr warmup restarts after each resampling, and "
+                         "nothing decays")
     if not decay_start < steps:
         raise ValueError(f"decay_start must be in [0, steps={steps}), got {decay_start}")
-    for name, warmup in (("warmup_steps", warmup_steps), ("sparsity_warmup_steps", sparsity_warmup_steps)):
+    for name, warmup in (("warmup_steps", warmup_steps),
+                         ("sparsity_warmup_steps", sparsity_warmup_steps)):
         if warmup is not None and decay_start < min(warmup, steps):
-            raise ValueError(f"decay_start must be >= {name}={warmup}, got {decay_start} (the decay starts after "
-                             f"the warmup): lower {name} or move decay_start later")
+            raise ValueError(f"decay_start must be >= {name}={warmup}, got {decay_start} (the "
+                             f"decay starts after the warmup): lower {name} or move decay_start "
+                             "later")
 
 
 class StepOutput(NamedTuple):
-    """One batch's step: the loss to backpropagate, the reconstruction, which latents fired (`[d_sae]` bool, over
-    the global batch in data-parallel training), the mean active latents per token, the terms to log, and what
-    `after_step` needs (e.g. the kept codes, for the inference threshold)."""
+    """One batch's step: the loss to backpropagate, the reconstruction, which latents fired
+    (`[d_sae]` bool, over the global batch in data-parallel training), the mean active latents per
+    token, the terms to log, and what `after_step` needs (e.g. the kept codes, for the inference
+    threshold)."""
 
     loss: torch.Tensor
     y_hat: torch.Tensor
@@ -138,7 +155,8 @@ class StepOutput(NamedTuple):
 
 
 def split_batch(batch: Any, dictionary: Dictionary) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, target) of a training batch, validated: target = x for SAEs, y for transcoders' (x, y) pairs."""
+    """(x, target) of a training batch, validated: target = x for SAEs, y for transcoders' (x, y)
+    pairs."""
     if isinstance(batch, (tuple, list)):
         if len(batch) != 2:
             raise ValueError(f"a transcoder batch is a pair (x, y), got {len(batch)} tensors")
@@ -147,16 +165,19 @@ def split_batch(batch: Any, dictionary: Dictionary) -> tuple[torch.Tensor, torch
         x, y = batch, None
     dictionary.check_input(x, check_dtype=False)  # batch_tensors casts to the dictionary's dtype
     if x.dim() > 1 and x.shape[0] == 0:
-        raise ValueError(f"a batch must hold at least one activation vector, got shape {tuple(x.shape)}")
+        raise ValueError("a batch must hold at least one activation vector, got shape "
+                         f"{tuple(x.shape)}")
     if dictionary.transcoder and y is None:
         raise ValueError("this dictionary is a transcoder: batches must be (x, y) pairs")
     if y is None:
         y = x
     elif not dictionary.transcoder and y is not x and (y.shape != x.shape or not torch.equal(y, x)):
-        raise ValueError("this dictionary is an SAE (it reconstructs its input) but the batch is an (x, y) pair with "
-                         "y != x: build a transcoder (output_dim=... or transcoder=True) to learn x -> y, or pass x")
+        raise ValueError("this dictionary is an SAE (it reconstructs its input) but the batch is "
+                         "an (x, y) pair with y != x: build a transcoder (output_dim=... or "
+                         "transcoder=True) to learn x -> y, or pass x")
     if y.shape[-1] != dictionary.output_dim or y.shape[0] != x.shape[0]:
-        raise ValueError(f"expected targets of shape [{x.shape[0]}, {dictionary.output_dim}], got {tuple(y.shape)}")
+        raise ValueError(f"expected targets of shape [{x.shape[0]}, {dictionary.output_dim}], got "
+                         f"{tuple(y.shape)}")
     for name, tensor in (("x", x), ("y", y)):
         if not torch.isfinite(tensor).all():
             bad = (~torch.isfinite(tensor)).sum().item()
@@ -165,20 +186,23 @@ def split_batch(batch: Any, dictionary: Dictionary) -> tuple[torch.Tensor, torch
 
 
 class Trainer:
-    """A training method: `Config` (its hyperparameters), the dictionary it trains (`ae`), the optimizer, the lr
-    schedule and dead-feature counts, and `update(step, batch)`. Built from a config (`Trainer(config=cfg)`, fields
-    given beside it replace the config's) or from the config's fields as keywords (upstream's positional order:
-    `compat.trainer_api.UpstreamTrainerAPI`)."""
+    """A training method: `Config` (its hyperparameters), the dictionary it trains (`ae`), the
+    optimizer, the lr schedule and dead-feature counts, and `update(step, batch)`. Built from a
+    config (`Trainer(config=cfg)`, fields given beside it replace the config's) or from the config's
+    fields as keywords (upstream's positional order: `compat.trainer_api.UpstreamTrainerAPI`)."""
 
     Config: ClassVar[type[TrainerConfig]] = TrainerConfig
     default_dict_class: ClassVar[type[Dictionary] | None] = None
     max_grad_norm: ClassVar[float | None] = 1.0  # gradient clipping before each step (None: none)
-    # whether data-parallel training equals one process on the global batch (False: some statistic is per rank)
+    # whether data-parallel training equals one process on the global batch (False: some statistic
+    # is per rank)
     exact_data_parallel: ClassVar[bool] = True
-    logging_parameters: ClassVar[list[str]] = []  # upstream's: attributes logged with each step's metrics
-    resample_phase: ClassVar[int] = 0  # with resample_steps: resample at steps where step % resample_steps == this
-    # decoder directions held at unit norm (`parts.UnitNormDecoder`: the gradient along each projected out before
-    # the optimizer step, the directions renormalised after it)
+    # upstream's: attributes logged with each step's metrics
+    logging_parameters: ClassVar[list[str]] = []
+    # with resample_steps: resample at steps where step % resample_steps == this
+    resample_phase: ClassVar[int] = 0
+    # decoder directions held at unit norm (`parts.UnitNormDecoder`: the gradient along each
+    # projected out before the optimizer step, the directions renormalised after it)
     unit_norm_decoder: ClassVar[bool] = False
 
     distributed: Any = None  # training.distributed.DataParallel in data-parallel training
@@ -187,7 +211,8 @@ class Trainer:
         cfg = self.cfg = options(self.Config, config, fields, type(self).__name__)
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # as upstream
+        # as upstream
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.ae = self.build_dictionary().to(self.device)
         self.optimizer = self.build_optimizer()
         self.decoder_norm = UnitNormDecoder(self.ae) if self.unit_norm_decoder else None
@@ -195,17 +220,19 @@ class Trainer:
         self.dead = DeadFeatures(self.ae.dict_size, self.device)
         period = getattr(cfg, "resample_steps", None)
         self.resampling = None if period is None else Resampling(
-            period, self.resample_phase % period, self.ae.dict_size, self.device, cfg.seed, self.device)
-        self.sparsity_warmup_fn = sparsity_ramp(getattr(cfg, "sparsity_warmup_steps", None), cfg.steps)
+            period, self.resample_phase % period, self.ae.dict_size, self.device, cfg.seed,
+            self.device)
+        self.sparsity_warmup_fn = sparsity_ramp(getattr(cfg, "sparsity_warmup_steps", None),
+                                                cfg.steps)
         self.last_metrics: dict[str, float] = {}
         self.setup()
         if cfg.initial_weights is not None:
             self.start_from(cfg.initial_weights)
 
-    # what a method provides -------------------------------------------------------------------------------------
+    # what a method provides -----------------------------------------------------------------------
     def dictionary_arguments(self) -> dict[str, Any]:
-        """The transcoder options, passed only when used, so dictionary classes with upstream's (activation_dim,
-        dict_size) constructor work too."""
+        """The transcoder options, passed only when used, so dictionary classes with upstream's
+        (activation_dim, dict_size) constructor work too."""
         cfg = self.cfg
         if cfg.output_dim is None and not cfg.transcoder and not cfg.skip:
             return {}
@@ -232,46 +259,51 @@ class Trainer:
         """State changes before a step's loss (e.g. b_dec at the median on the first)."""
 
     def after_step(self, step: int, x: torch.Tensor, y: torch.Tensor, out: StepOutput) -> None:
-        """State changes after the optimizer step: the dead-feature counts and, with `resample_steps`, the
-        resampling of neurons dead for over half a period (then the method's own, in overrides)."""
-        self.dead.update(out.fired, x.shape[0] * (1 if self.distributed is None else self.distributed.world_size))
+        """State changes after the optimizer step: the dead-feature counts and, with
+        `resample_steps`, the resampling of neurons dead for over half a period (then the method's
+        own, in overrides)."""
+        self.dead.update(out.fired, x.shape[0] * (1 if self.distributed is None
+                                                  else self.distributed.world_size))
         if self.resampling is not None:
             self.resampling.count(out.fired)
             if self.resampling.due(step):
                 self.resample_neurons(self.resampling.dead(), (x, y))
 
     def resampled_biases(self) -> list[torch.Tensor]:
-        """The per-latent parameters a resampled neuron's entries of are zeroed (besides its encoder row and
-        decoder column)."""
+        """The per-latent parameters a resampled neuron's entries of are zeroed (besides its encoder
+        row and decoder column)."""
         return [self.ae.encoder.bias]
 
     def resample_neurons(self, deads: torch.Tensor, activations: Any) -> int:
-        """Re-initialise the dead neurons of the `deads` mask (`[dict_size]` bool) from a batch (x, or an (x, y)
-        pair), as `parts.resample_rows`; returns how many were resampled."""
+        """Re-initialise the dead neurons of the `deads` mask (`[dict_size]` bool) from a batch (x,
+        or an (x, y) pair), as `parts.resample_rows`; returns how many were resampled."""
         x, y = self.batch_tensors(activations)
         generator = self.resampling.generator if self.resampling is not None else None
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed or 0)
         with torch.no_grad():
-            return resample_rows(self.ae, self.optimizer, deads, x, y, generator, self.resampled_biases())
+            return resample_rows(self.ae, self.optimizer, deads, x, y, generator,
+                                 self.resampled_biases())
 
     def start_from(self, path: str) -> None:
-        """Start from a saved dictionary's weights (a folder or file `load_state_dict` reads), which must be of the
-        trainer's dictionary class and shape. Saved dictionaries work on raw activations (any training
-        normalisation folded in): continue them without `normalize_activations`."""
+        """Start from a saved dictionary's weights (a folder or file `load_state_dict` reads), which
+        must be of the trainer's dictionary class and shape. Saved dictionaries work on raw
+        activations (any training normalisation folded in): continue them without
+        `normalize_activations`."""
         state = type(self.ae).from_saved_state(load_state_dict(path)).state_dict()
-        if not all(torch.isfinite(tensor).all() for tensor in state.values() if tensor.is_floating_point()):
-            raise ValueError(f"initial_weights {path!r} hold NaN / inf values: a run started from them could only "
-                             f"train on NaN")
+        if not all(torch.isfinite(tensor).all() for tensor in state.values()
+                   if tensor.is_floating_point()):
+            raise ValueError(f"initial_weights {path!r} hold NaN / inf values: a run started from "
+                             "them could only train on NaN")
         own = self.ae.state_dict()
         if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-            raise ValueError(f"initial_weights {path!r} hold a {type(self.ae).__name__} of other shapes than the "
-                             f"trainer's ({self.ae.dictionary_config()})")
+            raise ValueError(f"initial_weights {path!r} hold a {type(self.ae).__name__} of other "
+                             f"shapes than the trainer's ({self.ae.dictionary_config()})")
         with torch.no_grad():
             self.ae.load_state_dict(state)
 
-    def output_from_codes(self, x: torch.Tensor, f: torch.Tensor, y_hat: torch.Tensor, loss: torch.Tensor,
-                          metrics: dict[str, float]) -> StepOutput:
+    def output_from_codes(self, x: torch.Tensor, f: torch.Tensor, y_hat: torch.Tensor,
+                          loss: torch.Tensor, metrics: dict[str, float]) -> StepOutput:
         """The StepOutput of a method with dense codes `f` `[batch, d_sae]`."""
         with torch.no_grad():
             active = f != 0
@@ -289,14 +321,16 @@ class Trainer:
         if self.decoder_norm is not None:
             self.decoder_norm.after_step()
 
-    # the step --------------------------------------------------------------------------------------------------
+    # the step -------------------------------------------------------------------------------------
     def batch_tensors(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, target) of a batch, validated and on the dictionary's device and dtype."""
         x, y = split_batch(batch, self.ae)
         param = next(self.ae.parameters())
-        return x.to(device=param.device, dtype=param.dtype), y.to(device=param.device, dtype=param.dtype)
+        return x.to(device=param.device, dtype=param.dtype), y.to(device=param.device,
+                                                                  dtype=param.dtype)
 
-    def update(self, step: int, activations: Any, extra_loss: Callable[[StepOutput], torch.Tensor] | None = None
+    def update(self, step: int, activations: Any,
+               extra_loss: Callable[[StepOutput], torch.Tensor] | None = None
                ) -> float:
         """One training step on a batch (x, or an (x, y) pair for transcoders); returns the loss."""
         x, y = self.batch_tensors(activations)
@@ -322,32 +356,37 @@ class Trainer:
         mse = (y - out.y_hat.detach()).pow(2).sum(dim=-1).mean()
         variance = (y - y.mean(dim=0)).pow(2).sum(dim=-1).mean()
         alive = (~self.dead.mask(self.cfg.dead_feature_threshold)).float().mean()
-        return {"loss": loss.item(), "mse": mse.item(), "fvu": (mse / variance.clamp_min(1e-12)).item(),
-                "l0": float(out.l0), "frac_alive": alive.item(), **{k: float(v) for k, v in out.metrics.items()}}
+        return {"loss": loss.item(), "mse": mse.item(),
+                "fvu": (mse / variance.clamp_min(1e-12)).item(), "l0": float(out.l0),
+                "frac_alive": alive.item(), **{k: float(v) for k, v in out.metrics.items()}}
 
-    # data parallelism: batch statistics over the global batch --------------------------------------------------
+    # data parallelism: batch statistics over the global batch -------------------------------------
     def global_mean(self, value: torch.Tensor) -> torch.Tensor:
-        """A per-batch mean as the mean over the global batch in data-parallel training (itself otherwise)."""
+        """A per-batch mean as the mean over the global batch in data-parallel training
+        (itself otherwise)."""
         return value if self.distributed is None else self.distributed.mean(value)
 
     def global_min(self, value: torch.Tensor) -> torch.Tensor:
         return value if self.distributed is None else self.distributed.min(value)
 
     def global_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """A batch's rows as the global batch's rows in data-parallel training (themselves otherwise)."""
+        """A batch's rows as the global batch's rows in data-parallel training
+        (themselves otherwise)."""
         return rows if self.distributed is None else self.distributed.gather_rows(rows)
 
     def global_fired(self, fired: torch.Tensor) -> torch.Tensor:
         """Latents fired on any rank's share of the batch."""
         return fired if self.distributed is None else self.distributed.any(fired)
 
-    # saving and resuming ---------------------------------------------------------------------------------------
+    # saving and resuming --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: weights, optimizer, schedule, dead-feature counts and the method's own."""
+        """Everything needed to resume: weights, optimizer, schedule, dead-feature counts and the
+        method's own."""
         resampling = {} if self.resampling is None else {"resampling": self.resampling.state_dict()}
         return {"ae": self.ae.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "num_tokens_since_fired": self.dead.counts,
-                "extra": self.extra_state(), **resampling}
+                "scheduler": self.scheduler.state_dict(),
+                "num_tokens_since_fired": self.dead.counts, "extra": self.extra_state(),
+                **resampling}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ae.load_state_dict(state["ae"])
@@ -365,19 +404,23 @@ class Trainer:
         pass
 
     def config_values(self) -> dict[str, Any]:
-        """The hyperparameters as saved in config.json: the config, with defaults the method resolved."""
+        """The hyperparameters as saved in config.json: the config, with defaults the method
+        resolved."""
         return self.cfg.to_dict()
 
     @property
     def config(self) -> dict[str, Any]:
-        """JSON-ready description saved with the dictionary (upstream's keys: trainer_class, dict_class,
-        activation_dim, dict_size, lr, ...)."""
+        """JSON-ready description saved with the dictionary (upstream's keys: trainer_class,
+        dict_class, activation_dim, dict_size, lr, ...)."""
         shape = ("dict_class", "activation_dim", "dict_size", "output_dim", "transcoder", "skip")
         values = {key: value for key, value in self.config_values().items() if key not in shape}
-        return json_safe({"trainer_class": type(self).__name__, **self.ae.dictionary_config(), **values})
+        return json_safe({"trainer_class": type(self).__name__, **self.ae.dictionary_config(),
+                          **values})
 
     def get_logging_parameters(self) -> dict[str, Any]:
         """The trainer's logged attributes (upstream API) plus the last step's metrics."""
-        values = {name: getattr(self, name) for name in self.logging_parameters if hasattr(self, name)}
-        values = {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in values.items()}
+        values = {name: getattr(self, name) for name in self.logging_parameters
+                  if hasattr(self, name)}
+        values = {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v)
+                  for k, v in values.items()}
         return {**values, **self.last_metrics}

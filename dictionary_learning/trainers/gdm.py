@@ -1,14 +1,16 @@
-"""GatedSAETrainer (Rajamanoharan et al. 2024, GDM): upstream's trainers.gdm, also for gated transcoders.
+"""GatedSAETrainer (Rajamanoharan et al. 2024, GDM): upstream's trainers.gdm, also for gated
+transcoders.
 
-Loss, with y the target (y = x for SAEs), pre the encoder projection and g = relu(pre + b_gate) the gate path:
+Loss, with y the target (y = x for SAEs), pre the encoder projection and g = relu(pre + b_gate) the
+gate path:
 
     L = |y - y_hat|^2 + l1_penalty * s(step) * |g|_1 + |y - (W_dec g + b_dec)|^2
 
-summed over the output and averaged over the batch. The last (auxiliary) term decodes the gate path through a
-*detached* decoder and decoder bias (and skip), so it trains only the encoder and b_gate; the gate's step function in
-y_hat passes no gradient. s(step) ramps the sparsity penalty from 0 to 1 over `sparsity_warmup_steps`. Decoder
-columns stay at unit norm (`parts.UnitNormDecoder`), Adam betas (0, 0.999), no gradient clipping. `GatedTrainer` is
-shared with `gated_anneal.py`.
+summed over the output and averaged over the batch. The last (auxiliary) term decodes the gate path
+through a *detached* decoder and decoder bias (and skip), so it trains only the encoder and b_gate;
+the gate's step function in y_hat passes no gradient. s(step) ramps the sparsity penalty from 0 to 1
+over `sparsity_warmup_steps`. Decoder columns stay at unit norm (`parts.UnitNormDecoder`), Adam
+betas (0, 0.999), no gradient clipping. `GatedTrainer` is shared with `gated_anneal.py`.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from .base import PenaltyConfig, StepOutput, Trainer
 
 def gated_terms(ae: GatedAutoEncoder, x: torch.Tensor, y: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y_hat, f, gate, reconstruction loss, auxiliary loss) of a gated dictionary on a batch; `gate` is the gate
-    path relu(pre + b_gate) `[batch, dict_size]`, decoded for the auxiliary loss through the detached decoder."""
+    """(y_hat, f, gate, reconstruction loss, auxiliary loss) of a gated dictionary on a batch;
+    `gate` is the gate path relu(pre + b_gate) `[batch, dict_size]`, decoded for the auxiliary loss
+    through the detached decoder."""
     f, gate = ae.encode(x, return_gate=True)  # [batch, dict_size] each
     y_hat = ae.decode(f, x=x)
     y_hat_gate = gate @ ae.decoder.weight.detach().T + ae.decoder_bias.detach()
@@ -44,8 +47,8 @@ class GatedConfig(PenaltyConfig):
 
 
 class GatedTrainer(UpstreamTrainerAPI, Trainer):
-    """The gated trainers' shared parts: the dictionary, upstream's optimizer, the gated loss with a penalty on the
-    gate path (`penalty(gate, step)` -> (scaled term, metrics))."""
+    """The gated trainers' shared parts: the dictionary, upstream's optimizer, the gated loss with a
+    penalty on the gate path (`penalty(gate, step)` -> (scaled term, metrics))."""
 
     default_dict_class = GatedAutoEncoder
     max_grad_norm = None  # upstream does not clip here
@@ -58,7 +61,8 @@ class GatedTrainer(UpstreamTrainerAPI, Trainer):
         y_hat, f, gate, reconstruction, auxiliary = gated_terms(self.ae, x, y)
         penalty, metrics = self.penalty(gate, step)
         out = self.output_from_codes(x, f, y_hat, reconstruction + penalty + auxiliary,
-                                     {"mse_loss": reconstruction.item(), "aux_loss": auxiliary.item(), **metrics})
+                                     {"mse_loss": reconstruction.item(),
+                                      "aux_loss": auxiliary.item(), **metrics})
         return out._replace(state={**out.state, "penalised": gate})
 
     def penalty(self, gate: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -72,9 +76,9 @@ class GatedSAETrainer(UpdateX, GatedTrainer):
     """Trains a `GatedAutoEncoder` (or a gated transcoder: `output_dim`, `transcoder`, `skip`)."""
 
     Config = GatedConfig
-    positions = ("steps", "activation_dim", "dict_size", "layer", "lm_name", "dict_class", "lr", "l1_penalty",
-                 "warmup_steps", "sparsity_warmup_steps", "decay_start", "seed", "device", "wandb_name",
-                 "submodule_name")
+    positions = ("steps", "activation_dim", "dict_size", "layer", "lm_name", "dict_class", "lr",
+                 "l1_penalty", "warmup_steps", "sparsity_warmup_steps", "decay_start", "seed",
+                 "device", "wandb_name", "submodule_name")
 
     def penalty(self, gate: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         sparsity = gate.sum(dim=-1).mean()  # the gate path is non-negative: its L1 norm

@@ -1,7 +1,8 @@
-"""The mechanics training methods share, each written once: the lr schedule and the sparsity ramp, dead-feature
-counts, the AuxK loss, the inference threshold, k annealing, b_dec at the geometric median, the unit-norm decoder,
-p-annealing and dead-neuron resampling. Trainers, SCAE fine-tuning and end-to-end training compose these; none of
-them changes state unless its name says so (`update`, `advance`, `resample`, ...)."""
+"""The mechanics training methods share, each written once: the lr schedule and the sparsity ramp,
+dead-feature counts, the AuxK loss, the inference threshold, k annealing, b_dec at the geometric
+median, the unit-norm decoder, p-annealing and dead-neuron resampling. Trainers, SCAE fine-tuning
+and end-to-end training compose these; none of them changes state unless its name says so (`update`,
+`advance`, `resample`, ...)."""
 
 from __future__ import annotations
 
@@ -14,19 +15,21 @@ import torch.nn.functional as F
 
 from ..dictionary import Dictionary
 
-DENSE_AUXK_SHARE = 0.1  # AuxK codes dense over the dead columns when k_aux >= this share of the dead latents
+# AuxK codes dense over the dead columns when k_aux >= this share of the dead latents
+DENSE_AUXK_SHARE = 0.1
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # schedules
 
 
 def lr_schedule(steps: int, warmup_steps: int = 0, decay_start: int | None = None,
                 resample_steps: int | None = None) -> Callable[[int], float]:
-    """The lr multiplier of step `step` (for LambdaLR), upstream's: `step / warmup_steps` during the warmup, then 1,
-    then a linear decay to 0 from `decay_start`; with `resample_steps`, the warmup restarts every `resample_steps`
-    steps (after each resampling of dead neurons) and there is no decay. A warmup longer than the run is cut to the
-    run (upstream refuses it), so a short run still reaches its full lr."""
+    """The lr multiplier of step `step` (for LambdaLR), upstream's: `step / warmup_steps` during the
+    warmup, then 1, then a linear decay to 0 from `decay_start`; with `resample_steps`, the warmup
+    restarts every `resample_steps` steps (after each resampling of dead neurons) and there is no
+    decay. A warmup longer than the run is cut to the run (upstream refuses it), so a short run
+    still reaches its full lr."""
     if decay_start is not None and not 0 <= decay_start <= steps:
         raise ValueError(f"decay_start must be in [0, steps={steps}], got {decay_start}")
     warmup_steps = min(warmup_steps, steps)
@@ -43,8 +46,8 @@ def lr_schedule(steps: int, warmup_steps: int = 0, decay_start: int | None = Non
 
 
 def sparsity_ramp(warmup_steps: int | None, steps: int | None = None) -> Callable[[int], float]:
-    """The sparsity penalty's multiplier: `step / warmup_steps` up to 1 (1 throughout when None or 0); a ramp
-    longer than the run (`steps`) is cut to the run, as the lr warmup."""
+    """The sparsity penalty's multiplier: `step / warmup_steps` up to 1 (1 throughout when None or
+    0); a ramp longer than the run (`steps`) is cut to the run, as the lr warmup."""
     if warmup_steps and steps is not None:
         warmup_steps = min(warmup_steps, steps)
 
@@ -59,14 +62,14 @@ def default_topk_lr(dict_size: int) -> float:
     return 2e-4 / math.sqrt(dict_size / 2**14)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # dead features
 
 
 class DeadFeatures:
-    """Per latent, the tokens seen since it last fired (`counts`, upstream's `num_tokens_since_fired`); in
-    data-parallel training the tokens of the global batch and the latents fired on any rank (`fired` passed in is
-    already global, see `global_fired`)."""
+    """Per latent, the tokens seen since it last fired (`counts`, upstream's
+    `num_tokens_since_fired`); in data-parallel training the tokens of the global batch and the
+    latents fired on any rank (`fired` passed in is already global, see `global_fired`)."""
 
     def __init__(self, dict_size: int, device: torch.device):
         self.counts = torch.zeros(dict_size, dtype=torch.long, device=device)
@@ -76,8 +79,9 @@ class DeadFeatures:
         return self.counts >= threshold
 
     def mask_after(self, fired: torch.Tensor, n_tokens: int, threshold: int) -> torch.Tensor:
-        """`mask(threshold)` as it will be once this batch (`fired` `[dict_size]` bool, `n_tokens`) is counted,
-        without counting it: what AuxK uses (upstream counts the batch before its AuxK)."""
+        """`mask(threshold)` as it will be once this batch (`fired` `[dict_size]` bool, `n_tokens`)
+        is counted, without counting it: what AuxK uses (upstream counts the batch before its
+        AuxK)."""
         return ((self.counts + n_tokens) * ~fired) >= threshold
 
     @torch.no_grad()
@@ -87,7 +91,8 @@ class DeadFeatures:
 
 
 def global_fired(fired: torch.Tensor, n_tokens: int, sync: Any) -> tuple[torch.Tensor, int]:
-    """(latents fired on any rank, tokens of the global batch) in data-parallel training, else as given."""
+    """(latents fired on any rank, tokens of the global batch) in data-parallel training, else as
+    given."""
     if sync is None:
         return fired, n_tokens
     return sync.any(fired), n_tokens * sync.world_size
@@ -100,21 +105,24 @@ def fired_latents(code: Any, dict_size: int) -> torch.Tensor:
     return fired
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # AuxK
 
 
 def decoder_rows(ae: Dictionary, ids: torch.Tensor) -> torch.Tensor:
-    """`[len(ids), d_out]`: the decoder directions of latents `ids`, whichever way the dictionary stores them."""
+    """`[len(ids), d_out]`: the decoder directions of latents `ids`, whichever way the dictionary
+    stores them."""
     return ae.W_dec[ids] if hasattr(ae, "W_dec") else ae.decoder.weight[:, ids].t()
 
 
-def auxk_loss(ae: Dictionary, x: torch.Tensor, residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor,
-              k_aux: int, global_mean: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, float]:
-    """(loss, error before normalising) of Gao et al.'s AuxK: the k_aux largest pre-activations among the dead
-    latents reconstruct the main reconstruction's `residual` (detached), the squared error over the residual's
-    variance (both over the global batch). Never over all latents: dense over the dead columns when the codes fill a
-    large share of them (two small GEMMs), else only the k_aux gathered codes per row. (0, -1) with no dead latent."""
+def auxk_loss(ae: Dictionary, x: torch.Tensor, residual: torch.Tensor, pre: torch.Tensor,
+              dead: torch.Tensor, k_aux: int,
+              global_mean: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """(loss, error before normalising) of Gao et al.'s AuxK: the k_aux largest pre-activations
+    among the dead latents reconstruct the main reconstruction's `residual` (detached), the squared
+    error over the residual's variance (both over the global batch). Never over all latents: dense
+    over the dead columns when the codes fill a large share of them (two small GEMMs), else only the
+    k_aux gathered codes per row. (0, -1) with no dead latent."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return torch.zeros((), dtype=x.dtype, device=x.device), -1.0
@@ -147,34 +155,39 @@ def normalised_error(residual: torch.Tensor, residual_hat: torch.Tensor,
     return (error / variance).nan_to_num(0.0), error.item()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the inference threshold, k annealing, b_dec
 
 
 @torch.no_grad()
 def per_token_threshold(kept: torch.Tensor, global_mean: Callable[[torch.Tensor], torch.Tensor]
                         ) -> torch.Tensor | None:
-    """TopK's threshold target: the mean over tokens of each token's smallest positive kept code (`kept`
-    `[batch, k]`); tokens with none are left out (upstream counts them as +inf, which would set the threshold to
-    inf for good); None when no token has one."""
+    """TopK's threshold target: the mean over tokens of each token's smallest positive kept code
+    (`kept` `[batch, k]`); tokens with none are left out (upstream counts them as +inf, which would
+    set the threshold to inf for good); None when no token has one."""
     smallest = kept.float().masked_fill(kept <= 0, float("inf")).min(dim=1).values
     finite = torch.isfinite(smallest)
-    total = global_mean(torch.where(finite, smallest, 0.0).sum())  # sums and counts over the global batch
+    # sums and counts over the global batch
+    total = global_mean(torch.where(finite, smallest, 0.0).sum())
     count = global_mean(finite.sum().float())
     return total / count if count > 0 else None
 
 
 @torch.no_grad()
-def batch_threshold(kept: torch.Tensor, global_min: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """BatchTopK's threshold target: the smallest positive code the (global) batch kept, 0 when it kept none."""
+def batch_threshold(kept: torch.Tensor,
+                    global_min: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """BatchTopK's threshold target: the smallest positive code the (global) batch kept, 0 when it
+    kept none."""
     active = kept[kept > 0]
-    smallest = global_min(active.min().float() if active.numel() else torch.full((), torch.inf, device=kept.device))
+    smallest = global_min(active.min().float() if active.numel()
+                          else torch.full((), torch.inf, device=kept.device))
     return smallest if torch.isfinite(smallest) else torch.zeros((), device=kept.device)
 
 
 @torch.no_grad()
 def move_threshold(threshold: torch.Tensor, target: torch.Tensor, beta: float) -> None:
-    """An exponential moving average (beta) towards `target`; the first target sets the threshold (it starts < 0)."""
+    """An exponential moving average (beta) towards `target`; the first target sets the threshold
+    (it starts < 0)."""
     target = target.to(threshold.dtype)
     if threshold < 0:
         threshold.copy_(target)
@@ -184,7 +197,8 @@ def move_threshold(threshold: torch.Tensor, target: torch.Tensor, beta: float) -
 
 @torch.no_grad()
 def anneal_k(ae: Dictionary, target_k: int, step: int, anneal_steps: int | None) -> None:
-    """k falls linearly from the input width at step 0 to `target_k` at `anneal_steps` (nothing when None)."""
+    """k falls linearly from the input width at step 0 to `target_k` at `anneal_steps` (nothing
+    when None)."""
     if anneal_steps is None:
         return
     ratio = min(step, anneal_steps) / anneal_steps if anneal_steps else 1.0
@@ -193,7 +207,8 @@ def anneal_k(ae: Dictionary, target_k: int, step: int, anneal_steps: int | None)
 
 @torch.no_grad()
 def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
-    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to `points` [n, d]."""
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to `points`
+    [n, d]."""
     points = points.float()
     guess = points.mean(dim=0)
     for _ in range(max_iter):
@@ -211,19 +226,20 @@ def b_dec_at_median(ae: Dictionary, targets: torch.Tensor) -> None:
     ae.b_dec.copy_(geometric_median(targets.to(ae.b_dec.device)).to(ae.b_dec.dtype))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # unit-norm decoder directions
 
 
 def decoder_columns(ae: Dictionary) -> torch.Tensor:
-    """The decoder directions as the columns of a `[d_out, d_sae]` view (nn.Linear's layout), a view of the
-    parameter itself, whichever way the dictionary stores it."""
+    """The decoder directions as the columns of a `[d_out, d_sae]` view (nn.Linear's layout), a view
+    of the parameter itself, whichever way the dictionary stores it."""
     return ae.W_dec.t() if hasattr(ae, "W_dec") else ae.decoder.weight
 
 
 @torch.no_grad()
 def project_out_parallel_gradient(columns: torch.Tensor, grad: torch.Tensor) -> None:
-    """Remove from each column of `grad` its component along the matching (unit) column of `columns`, in place."""
+    """Remove from each column of `grad` its component along the matching (unit) column of
+    `columns`, in place."""
     directions = columns / (columns.norm(dim=0, keepdim=True) + 1e-6)  # [d_out, d_sae]
     grad -= (grad * directions).sum(dim=0, keepdim=True) * directions
 
@@ -235,8 +251,9 @@ def unit_norm_columns(columns: torch.Tensor) -> None:
 
 
 class UnitNormDecoder:
-    """Keep a dictionary's decoder directions at unit norm: the gradient along each direction removed before the
-    optimizer step, the directions renormalised after it (Gao et al.; upstream's TopK, JumpReLU and Matryoshka)."""
+    """Keep a dictionary's decoder directions at unit norm: the gradient along each direction
+    removed before the optimizer step, the directions renormalised after it (Gao et al.; upstream's
+    TopK, JumpReLU and Matryoshka)."""
 
     def __init__(self, ae: Dictionary):
         self.ae = ae
@@ -251,28 +268,31 @@ class UnitNormDecoder:
         unit_norm_columns(decoder_columns(self.ae))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # p-annealing
 
 
 class PAnnealing:
-    """An L_p sparsity penalty whose p steps from `p_start` towards `p_end` at `n_updates` steps evenly spaced over
-    [anneal_start, anneal_end] (an update at step s applies from step s + 1). At each change of p after the first,
-    the coefficient is rescaled by mean(penalty at the old p) / mean(penalty at the new p) over the last
-    `queue_length` steps, so the penalty's size carries over (Karvonen et al. 2024; upstream's p_anneal and
-    gated_anneal). State: p, next_p, p_step_count, sparsity_coeff, sparsity_queue."""
+    """An L_p sparsity penalty whose p steps from `p_start` towards `p_end` at `n_updates` steps
+    evenly spaced over [anneal_start, anneal_end] (an update at step s applies from step s + 1). At
+    each change of p after the first, the coefficient is rescaled by mean(penalty at the old p) /
+    mean(penalty at the new p) over the last `queue_length` steps, so the penalty's size carries
+    over (Karvonen et al. 2024; upstream's p_anneal and gated_anneal). State: p, next_p,
+    p_step_count, sparsity_coeff, sparsity_queue."""
 
-    def __init__(self, p_start: float, p_end: float, anneal_start: int, anneal_end: int, n_updates: int,
-                 queue_length: int, coefficient: float):
+    def __init__(self, p_start: float, p_end: float, anneal_start: int, anneal_end: int,
+                 n_updates: int, queue_length: int, coefficient: float):
         self.p_start, self.p_end, self.n_updates, self.queue_length = p_start, p_end, n_updates, queue_length
         self.update_steps = torch.linspace(anneal_start, anneal_end, n_updates, dtype=int)
         self.p_values = torch.linspace(p_start, p_end, n_updates)
         self.p, self.next_p, self.p_step_count = float(p_start), None, 0
         self.sparsity_coeff = coefficient
-        self.sparsity_queue: list[list[float]] = []  # [penalty at p, penalty at next_p] of recent steps
+        # [penalty at p, penalty at next_p] of recent steps
+        self.sparsity_queue: list[list[float]] = []
 
     def record(self, at_p: float, at_next_p: float | None) -> None:
-        """Queue one step's penalty at p and at next_p (skipped when next_p's penalty is undefined: None)."""
+        """Queue one step's penalty at p and at next_p (skipped when next_p's penalty is undefined:
+        None)."""
         if at_next_p is not None:
             self.sparsity_queue = [*self.sparsity_queue, [at_p, at_next_p]][-self.queue_length:]
 
@@ -283,7 +303,8 @@ class PAnnealing:
         if step < self.update_steps[self.p_step_count]:
             return
         if self.next_p is not None and self.sparsity_queue:
-            at_p, at_next_p = torch.tensor(self.sparsity_queue).mean(dim=0)  # float32 means, as upstream
+            # float32 means, as upstream
+            at_p, at_next_p = torch.tensor(self.sparsity_queue).mean(dim=0)
             if at_next_p > 0 and torch.isfinite(at_p) and torch.isfinite(at_next_p):
                 self.sparsity_coeff = self.sparsity_coeff * (at_p / at_next_p).item()
         self.p = self.p_values[self.p_step_count].item()
@@ -293,7 +314,8 @@ class PAnnealing:
 
     def state_dict(self) -> dict[str, Any]:
         return {"p": self.p, "next_p": self.next_p, "p_step_count": self.p_step_count,
-                "sparsity_coeff": self.sparsity_coeff, "sparsity_queue": [list(e) for e in self.sparsity_queue]}
+                "sparsity_coeff": self.sparsity_coeff,
+                "sparsity_queue": [list(e) for e in self.sparsity_queue]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("p", "next_p", "p_step_count", "sparsity_coeff"):
@@ -301,18 +323,19 @@ class PAnnealing:
         self.sparsity_queue = [list(e) for e in state["sparsity_queue"]]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # dead-neuron resampling
 
 
 class Resampling:
-    """Upstream's dead-neuron resampling (after Towards Monosemanticity's appendix): every `period` steps (at steps
-    where `step % period == phase`), neurons that fired on no token for more than period / 2 consecutive steps are
-    re-initialised from tokens of the batch drawn with probability proportional to their reconstruction error.
-    State: `steps_since_active` and the drawing generator (seeded, so runs and resumed runs reproduce)."""
+    """Upstream's dead-neuron resampling (after Towards Monosemanticity's appendix): every `period`
+    steps (at steps where `step % period == phase`), neurons that fired on no token for more than
+    period / 2 consecutive steps are re-initialised from tokens of the batch drawn with probability
+    proportional to their reconstruction error. State: `steps_since_active` and the drawing
+    generator (seeded, so runs and resumed runs reproduce)."""
 
-    def __init__(self, period: int, phase: int, dict_size: int, device: torch.device, seed: int | None,
-                 generator_device: torch.device):
+    def __init__(self, period: int, phase: int, dict_size: int, device: torch.device,
+                 seed: int | None, generator_device: torch.device):
         self.period, self.phase = period, phase
         self.steps_since_active = torch.zeros(dict_size, dtype=torch.long, device=device)
         self.generator = torch.Generator(device=generator_device)
@@ -330,7 +353,8 @@ class Resampling:
         return self.steps_since_active > self.period / 2
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps_since_active": self.steps_since_active, "generator": self.generator.get_state()}
+        return {"steps_since_active": self.steps_since_active,
+                "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps_since_active.copy_(state["steps_since_active"].to(self.steps_since_active.device))
@@ -338,13 +362,15 @@ class Resampling:
 
 
 @torch.no_grad()
-def resample_rows(ae: Dictionary, optimizer: torch.optim.Optimizer, deads: torch.Tensor, x: torch.Tensor,
-                  y: torch.Tensor, generator: torch.Generator, zeroed: list[torch.Tensor]) -> int:
-    """Re-initialise up to `len(x)` dead neurons (the first of the `deads` mask): tokens drawn without replacement
-    with probability proportional to their error |y - ae(x)| (uniformly where every error is 0); each neuron's
-    encoder row becomes its token's input times 0.2 times the mean norm of the living encoder rows, its decoder
-    column the token's target at unit norm; its entries of the `zeroed` per-latent parameters (biases) become 0,
-    and Adam's moments of every changed entry are cleared. Returns how many were resampled."""
+def resample_rows(ae: Dictionary, optimizer: torch.optim.Optimizer, deads: torch.Tensor,
+                  x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+                  zeroed: list[torch.Tensor]) -> int:
+    """Re-initialise up to `len(x)` dead neurons (the first of the `deads` mask): tokens drawn
+    without replacement with probability proportional to their error |y - ae(x)| (uniformly where
+    every error is 0); each neuron's encoder row becomes its token's input times 0.2 times the mean
+    norm of the living encoder rows, its decoder column the token's target at unit norm; its entries
+    of the `zeroed` per-latent parameters (biases) become 0, and Adam's moments of every changed
+    entry are cleared. Returns how many were resampled."""
     dead_ids = deads.nonzero().flatten()
     if dead_ids.numel() == 0:
         return 0
@@ -352,7 +378,8 @@ def resample_rows(ae: Dictionary, optimizer: torch.optim.Optimizer, deads: torch
     if not errors.sum() > 0:
         errors = torch.ones_like(errors)
     n = min(dead_ids.numel(), x.shape[0])
-    tokens = torch.multinomial(errors.clamp_min(1e-30), n, replacement=False, generator=generator).to(x.device)
+    tokens = torch.multinomial(errors.clamp_min(1e-30), n, replacement=False,
+                               generator=generator).to(x.device)
     chosen = dead_ids[:n]
     encoder, decoder = ae.encoder.weight, ae.decoder.weight
     alive = ~deads

@@ -1,14 +1,15 @@
 """The ReLU SAE trainers at upstream's `trainers.standard`:
 
-- `StandardTrainer`: upstream's original recipe (Towards Monosemanticity). Decoder columns kept at unit norm;
-  loss = squared error summed over the output and averaged over the batch, plus `l1_penalty` times the L1 norm of
-  the codes (or, with `entropy=True`, the founding README's entropy of each token's normalised codes); optional
-  dead-neuron resampling every `resample_steps` steps (the lr warmup then restarts). No clipping.
-- `StandardTrainerAprilUpdate`: Anthropic's April 2024 update. Decoder norms are free, the L1 term weights each
-  code by its decoder column norm, gradients are clipped to norm 1.
+- `StandardTrainer`: upstream's original recipe (Towards Monosemanticity). Decoder columns kept at
+  unit norm; loss = squared error summed over the output and averaged over the batch, plus
+  `l1_penalty` times the L1 norm of the codes (or, with `entropy=True`, the founding README's
+  entropy of each token's normalised codes); optional dead-neuron resampling every `resample_steps`
+  steps (the lr warmup then restarts). No clipping.
+- `StandardTrainerAprilUpdate`: Anthropic's April 2024 update. Decoder norms are free, the L1 term
+  weights each code by its decoder column norm, gradients are clipped to norm 1.
 
-Both ramp the penalty in over `sparsity_warmup_steps` and train transcoders too (`output_dim`, `transcoder`,
-`skip`; batches are then (x, y) pairs).
+Both ramp the penalty in over `sparsity_warmup_steps` and train transcoders too (`output_dim`,
+`transcoder`, `skip`; batches are then (x, y) pairs).
 """
 
 from __future__ import annotations
@@ -22,22 +23,25 @@ from ..dictionary import AutoEncoder
 from . import parts
 from .base import PenaltyConfig, StepOutput, Trainer
 
-RELU_POSITIONS = ("steps", "activation_dim", "dict_size", "layer", "lm_name", "dict_class", "lr", "l1_penalty",
-                  "warmup_steps", "sparsity_warmup_steps", "decay_start")
+RELU_POSITIONS = ("steps", "activation_dim", "dict_size", "layer", "lm_name", "dict_class", "lr",
+                  "l1_penalty", "warmup_steps", "sparsity_warmup_steps", "decay_start")
 
 
 def entropy_penalty(f: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """The founding README's sparsity penalty: the entropy of each token's codes normalised to sum 1, p = f / sum(f),
-    H = -sum p log p (eps-smoothed; 0 for tokens with no active code), averaged over tokens. f: `[batch, dict_size]`."""
+    """The founding README's sparsity penalty: the entropy of each token's codes normalised to sum
+    1, p = f / sum(f), H = -sum p log p (eps-smoothed; 0 for tokens with no active code), averaged
+    over tokens. f: `[batch, dict_size]`."""
     total = f.sum(dim=-1, keepdim=True)  # [batch, 1]
     p = f / (total + eps)
     h = -(p * torch.log(p + eps))
     return torch.where(total > 0, h, torch.zeros_like(h)).sum(dim=-1).mean()
 
 
-def resample_dead_neurons(ae: AutoEncoder, optimizer: torch.optim.Optimizer, deads: torch.Tensor, x: torch.Tensor,
-                          y: torch.Tensor, generator: torch.Generator | None = None) -> int:
-    """Upstream's resampling (`parts.resample_rows`) of an `AutoEncoder`'s dead neurons, its encoder bias zeroed."""
+def resample_dead_neurons(ae: AutoEncoder, optimizer: torch.optim.Optimizer, deads: torch.Tensor,
+                          x: torch.Tensor, y: torch.Tensor,
+                          generator: torch.Generator | None = None) -> int:
+    """Upstream's resampling (`parts.resample_rows`) of an `AutoEncoder`'s dead neurons, its encoder
+    bias zeroed."""
     generator = generator if generator is not None else torch.Generator(device=x.device).manual_seed(0)
     with torch.no_grad():
         return parts.resample_rows(ae, optimizer, deads, x, y, generator, [ae.encoder.bias])
@@ -58,8 +62,9 @@ class AprilConfig(PenaltyConfig):
 
 
 class ReLUTrainer(UpstreamTrainerAPI, Trainer):
-    """The dense-code trainers of `AutoEncoder`s: the codes `f` and the reconstruction from one forward pass, the
-    penalty (`penalty(f, step)` -> (scaled term, metrics)) on top of the squared error."""
+    """The dense-code trainers of `AutoEncoder`s: the codes `f` and the reconstruction from one
+    forward pass, the penalty (`penalty(f, step)` -> (scaled term, metrics)) on top of the squared
+    error."""
 
     default_dict_class = AutoEncoder
 
@@ -67,18 +72,21 @@ class ReLUTrainer(UpstreamTrainerAPI, Trainer):
         y_hat, f = self.ae(x, output_features=True)
         recon = (y - y_hat).pow(2).sum(dim=-1).mean()
         penalty, metrics = self.penalty(f, step)
-        return self.output_from_codes(x, f, y_hat, recon + penalty, {"mse_loss": recon.item(), **metrics})
+        return self.output_from_codes(x, f, y_hat, recon + penalty,
+                                      {"mse_loss": recon.item(), **metrics})
 
     def penalty(self, f: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
 
 class StandardTrainer(ReLUTrainer):
-    """Upstream's original StandardTrainer: trains an `AutoEncoder` (or a transcoder of that class) with a unit-norm
-    decoder, an L1 (or, with `entropy`, entropy) penalty and optional dead-neuron resampling."""
+    """Upstream's original StandardTrainer: trains an `AutoEncoder` (or a transcoder of that class)
+    with a unit-norm decoder, an L1 (or, with `entropy`, entropy) penalty and optional dead-neuron
+    resampling."""
 
     Config = StandardConfig
-    positions = (*RELU_POSITIONS, "resample_steps", "seed", "device", "wandb_name", "submodule_name")
+    positions = (*RELU_POSITIONS, "resample_steps", "seed", "device", "wandb_name",
+                 "submodule_name")
     max_grad_norm = None  # upstream does not clip here
     unit_norm_decoder = True
 
@@ -92,8 +100,9 @@ class StandardTrainer(ReLUTrainer):
 
 
 class StandardTrainerAprilUpdate(ReLUTrainer):
-    """Upstream's StandardTrainerAprilUpdate: trains an `AutoEncoder` (or a transcoder of that class) with free
-    decoder norms, the decoder-norm-weighted L1 penalty and gradient clipping at norm 1."""
+    """Upstream's StandardTrainerAprilUpdate: trains an `AutoEncoder` (or a transcoder of that
+    class) with free decoder norms, the decoder-norm-weighted L1 penalty and gradient clipping at
+    norm 1."""
 
     Config = AprilConfig
     positions = (*RELU_POSITIONS, "seed", "device", "wandb_name", "submodule_name")
@@ -106,7 +115,8 @@ class StandardTrainerAprilUpdate(ReLUTrainer):
         """l1_penalty * sum_i f_i |W_dec[:, i]|, ramped."""
         l1 = (f * self.ae.decoder.weight.norm(dim=0)).sum(dim=-1).mean()
         coefficient = self.cfg.l1_penalty * self.sparsity_warmup_fn(step)
-        return coefficient * l1, {"sparsity_loss": l1.item(), "l1_loss": l1.item(), "sparsity_coefficient": coefficient}
+        return coefficient * l1, {"sparsity_loss": l1.item(), "l1_loss": l1.item(),
+                                  "sparsity_coefficient": coefficient}
 
     def after_step(self, step: int, x: torch.Tensor, y: torch.Tensor, out: StepOutput) -> None:
         super().after_step(step, x, y, out)

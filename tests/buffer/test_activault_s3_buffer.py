@@ -1,5 +1,5 @@
-"""The Activault S3 buffer against megabatches written in Activault's format into a mocked S3 bucket (moto's local
-server, so the spawned download workers reach it over HTTP like a real endpoint)."""
+"""The Activault S3 buffer against megabatches written in Activault's format into a mocked S3 bucket
+(moto's local server, so the spawned download workers reach it over HTTP like a real endpoint)."""
 
 import io
 import json
@@ -38,16 +38,17 @@ def megabatch_bytes(states, input_ids=None, with_ids=True):
     buffer = io.BytesIO()
     if with_ids:
         torch.save({"states": states, "input_ids": input_ids,
-                    "tensor_bytes": states.numel() * states.element_size() + input_ids.numel() * 8}, buffer)
+                    "tensor_bytes": states.numel() * states.element_size() + input_ids.numel() * 8},
+                   buffer)
     else:  # the older format: the states tensor alone
         torch.save(states, buffer)
     return buffer.getvalue()
 
 
-def put_run(client, prefix, n_files, seed, dtype=torch.float16, shape=(N_SEQUENCES, SEQ_LEN, D), understate=0,
-            with_ids=True, corrupt=False, cfg=True):
-    """Write `n_files` megabatches, metadata.json, statistics.json and the run's cfg.json; returns {key: (states,
-    input_ids)}."""
+def put_run(client, prefix, n_files, seed, dtype=torch.float16, shape=(N_SEQUENCES, SEQ_LEN, D),
+            understate=0, with_ids=True, corrupt=False, cfg=True):
+    """Write `n_files` megabatches, metadata.json, statistics.json and the run's cfg.json; returns
+    {key: (states, input_ids)}."""
     generator = torch.Generator().manual_seed(seed)
     files = {}
     for attempt in range(1, n_files + 1):
@@ -55,15 +56,18 @@ def put_run(client, prefix, n_files, seed, dtype=torch.float16, shape=(N_SEQUENC
         input_ids = torch.randint(0, 1000, shape[:2], generator=generator)
         body = megabatch_bytes(states, input_ids, with_ids)
         key = f"{prefix}/{uuid.UUID(int=seed * 1000 + attempt)}--{attempt}_0.saved.pt"
-        client.put_object(Bucket=BUCKET, Key=key, Body=b"not a torch file" * 10 if corrupt else body)
+        client.put_object(Bucket=BUCKET, Key=key,
+                          Body=b"not a torch file" * 10 if corrupt else body)
         files[key] = (states, input_ids)
-    metadata = {"batch_size": shape[0], "sequence_length": shape[1], "dtype": str(dtype), "d_in": shape[2],
-                "batches_per_file": 2, "shape": list(shape), "input_ids_shape": list(shape[:2]),
-                "bytes_per_file": len(body) - understate}
+    metadata = {"batch_size": shape[0], "sequence_length": shape[1], "dtype": str(dtype),
+                "d_in": shape[2], "batches_per_file": 2, "shape": list(shape),
+                "input_ids_shape": list(shape[:2]), "bytes_per_file": len(body) - understate}
     client.put_object(Bucket=BUCKET, Key=f"{prefix}/metadata.json", Body=json.dumps(metadata))
-    client.put_object(Bucket=BUCKET, Key=f"{prefix}/statistics.json", Body=json.dumps({"mean": [0.0] * shape[2]}))
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/statistics.json",
+                      Body=json.dumps({"mean": [0.0] * shape[2]}))
     if cfg:  # one per run
-        client.put_object(Bucket=BUCKET, Key=f"{prefix.rsplit('/', 1)[0]}/cfg.json", Body=json.dumps(
+        client.put_object(Bucket=BUCKET, Key=f"{prefix.rsplit('/', 1)[0]}/cfg.json",
+                          Body=json.dumps(
             {"total_tokens": n_files * shape[0] * shape[1], "n_total_files": n_files,
              "batches_processed": 2 * n_files}))
     return files
@@ -86,11 +90,12 @@ def s3():
         client.create_bucket(Bucket=BUCKET)
         runs = {
             PREFIX: put_run(client, PREFIX, 3, seed=1),
-            # shares PREFIX as a string prefix, with another width: must never be read as part of PREFIX
+            # shares PREFIX as a string prefix, with another width: must never be read as part of
+            # PREFIX
             PREFIX + "_ln": put_run(client, PREFIX + "_ln", 1, seed=2, shape=(2, 3, 4), cfg=False),
             # metadata.json understates the file size: the downloader must follow Content-Range
-            "run2/blocks.1.hook_resid_post": put_run(client, "run2/blocks.1.hook_resid_post", 2, seed=3,
-                                                     understate=37),
+            "run2/blocks.1.hook_resid_post": put_run(client, "run2/blocks.1.hook_resid_post", 2,
+                                                     seed=3, understate=37),
             "old/blocks.1": put_run(client, "old/blocks.1", 2, seed=4, with_ids=False),
             "broken/blocks.1": put_run(client, "broken/blocks.1", 1, seed=5, corrupt=True),
         }
@@ -113,7 +118,8 @@ def test_buffer_serves_every_vector_once_shuffled(s3):
     start = time.perf_counter()
     batches = list(buffer)
     print(f"\n3 megabatches through one worker: {time.perf_counter() - start:.2f} s")
-    assert [b.shape for b in batches] == [(7, D)] * 8 + [(4, D)]  # 60 vectors, leftovers carried across megabatches
+    # 60 vectors, leftovers carried across megabatches
+    assert [b.shape for b in batches] == [(7, D)] * 8 + [(4, D)]
     assert all(b.dtype == torch.float16 for b in batches)
     served, written = torch.cat(batches), torch.cat([states for states, _ in files.values()])
     assert rows(served) == rows(written)
@@ -131,7 +137,8 @@ def test_return_ids_with_two_workers_gives_whole_files(s3):
     assert len(served) == len(expected)
     for item in served:  # token order is kept, so states line up with input_ids
         assert item["states"].dtype == torch.float16 and item["input_ids"].dtype == torch.int64
-        assert sum(torch.equal(item["states"], s) and torch.equal(item["input_ids"], i) for s, i in expected) == 1
+        assert sum(torch.equal(item["states"], s) and torch.equal(item["input_ids"], i)
+                   for s, i in expected) == 1
     assert source._running_processes == []
 
 
@@ -190,7 +197,8 @@ def test_credentials_from_the_environment_sync_and_explicit_paths(s3):
     source.sync()
     assert len(source._s3_paths) == 2
     (key, (states, _)), = second.items()
-    chosen = S3RCache(None, "growing/blocks.1", bucket_name=BUCKET, paths=[key], shuffle=False)  # default client
+    # default client
+    chosen = S3RCache(None, "growing/blocks.1", bucket_name=BUCKET, paths=[key], shuffle=False)
     assert [rows(t) for t in chosen] == [rows(states)] and key not in first
     client.put_object(Bucket=BUCKET, Key="bad/blocks.1/metadata.json", Body=json.dumps(
         {"shape": [1, 2, 3], "dtype": "torch.float17", "bytes_per_file": 10}))
@@ -233,7 +241,8 @@ def test_buffer_on_any_iterable_of_megabatches():
     with pytest.raises(ValueError, match="batch_size"):
         ActivaultS3ActivationBuffer(iter([]), batch_size=0)
     with pytest.raises(ValueError, match="one d"):
-        list(ActivaultS3ActivationBuffer(iter([torch.randn(1, 2, 4), torch.randn(1, 2, 3)]), batch_size=3))
+        list(ActivaultS3ActivationBuffer(iter([torch.randn(1, 2, 4), torch.randn(1, 2, 3)]),
+                                         batch_size=3))
     assert list(ActivaultS3ActivationBuffer(iter([]))) == []
 
 
@@ -247,7 +256,8 @@ def test_write_tensor_fills_a_free_slot():
     assert torch.equal(buffer[1], t) and not buffer[0].any()
     slots = [SharedBuffer([2, 3, 4], [2, 3], torch.float32)]
     writeable.put(0)
-    write_tensor({"states": t, "input_ids": torch.ones(2, 3, dtype=torch.long)}, slots, writeable, readable, ongoing)
+    write_tensor({"states": t, "input_ids": torch.ones(2, 3, dtype=torch.long)}, slots, writeable,
+                 readable, ongoing)
     assert torch.equal(slots[0]()["states"], t)
     writeable.put(0)
     with pytest.raises(ValueError, match=r"does not fit"):
@@ -290,6 +300,7 @@ def test_the_module_imports_without_boto3(monkeypatch):
 def test_ensure_spawn_context_sets_spawn(monkeypatch):
     calls = []
     monkeypatch.setattr(workers.mp, "get_start_method", lambda allow_none=False: "fork")
-    monkeypatch.setattr(workers.mp, "set_start_method", lambda method, force=False: calls.append((method, force)))
+    monkeypatch.setattr(workers.mp, "set_start_method",
+                        lambda method, force=False: calls.append((method, force)))
     activault.ensure_spawn_context()
     assert calls == [("spawn", True)]

@@ -38,20 +38,23 @@ def test_buffer_matches_forward_hooks(tiny_model, io, sites):
 
 
 def test_module_input_output_and_different_widths(tiny_llama):
-    """in_to_out from two different submodules of different widths; a bare module gives its input and output."""
+    """in_to_out from two different submodules of different widths; a bare module gives its input
+    and output."""
     texts = random_texts(10, seed=2)
     up = tiny_llama.model.layers[2].mlp.up_proj  # an nnsight Envoy: 64 -> 128
-    buffer = ActivationBuffer(texts, tiny_llama, (hook(tiny_llama, 2, "mlp_in"), up), io="in_to_out",
-                              d_submodule=(64, 128), n_ctxs=4, ctx_len=CTX, refresh_batch_size=3, out_batch_size=50)
+    buffer = ActivationBuffer(texts, tiny_llama, (hook(tiny_llama, 2, "mlp_in"), up),
+                              io="in_to_out", d_submodule=(64, 128), n_ctxs=4, ctx_len=CTX,
+                              refresh_batch_size=3, out_batch_size=50)
     x_in, x_out = drain(buffer)
     assert x_in.shape[1] == 64 and x_out.shape[1] == 128
-    reference = hook_reference(tiny_llama, texts, [HookPoint("model.layers.2.mlp.up_proj", "output"),
-                                                   HookPoint("model.layers.2.mlp", "input")], CTX)
+    reference = hook_reference(tiny_llama, texts,
+                               [HookPoint("model.layers.2.mlp.up_proj", "output"),
+                                HookPoint("model.layers.2.mlp", "input")], CTX)
     assert_same_rows(torch.cat([x_in, x_out], -1), torch.cat([reference[1], reference[0]], -1))
     # a torch module as submodule with in_to_out: its own input and output
     module = tiny_llama._module.model.layers[2].mlp
-    x_in2, x_out2 = drain(ActivationBuffer(texts, tiny_llama, module, io="in_to_out", n_ctxs=4, ctx_len=CTX,
-                                           refresh_batch_size=3, out_batch_size=50))
+    x_in2, x_out2 = drain(ActivationBuffer(texts, tiny_llama, module, io="in_to_out", n_ctxs=4,
+                                           ctx_len=CTX, refresh_batch_size=3, out_batch_size=50))
     reference = hook_reference(tiny_llama, texts, [HookPoint("model.layers.2.mlp", "input"),
                                                    HookPoint("model.layers.2.mlp", "output")], CTX)
     assert_same_rows(torch.cat([x_in2, x_out2], -1), torch.cat(reference, -1))
@@ -60,37 +63,43 @@ def test_module_input_output_and_different_widths(tiny_llama):
 def test_submodule_forms_agree(tiny_gpt2):
     """Dotted path, Envoy, torch module and HookPoint name the same activations."""
     texts = random_texts(6, seed=3)
-    forms = ["transformer.h.2.mlp", tiny_gpt2.transformer.h[2].mlp, tiny_gpt2._module.transformer.h[2].mlp,
-             hook(tiny_gpt2, 2, "mlp_out"), "layers.2.mlp_out"]
-    results = [drain(ActivationBuffer(texts, tiny_gpt2, form, n_ctxs=100, ctx_len=CTX, seed=5)) for form in forms]
+    forms = ["transformer.h.2.mlp", tiny_gpt2.transformer.h[2].mlp,
+             tiny_gpt2._module.transformer.h[2].mlp, hook(tiny_gpt2, 2, "mlp_out"),
+             "layers.2.mlp_out"]
+    results = [drain(ActivationBuffer(texts, tiny_gpt2, form, n_ctxs=100, ctx_len=CTX, seed=5))
+               for form in forms]
     for result in results[1:]:
         torch.testing.assert_close(result, results[0])
 
 
 def test_remove_bos(tiny_model):
-    """remove_bos drops each context's first token: tiny-llama's BOS, tiny-gpt2's first real token."""
+    """remove_bos drops each context's first token: tiny-llama's BOS, tiny-gpt2's first real
+    token."""
     texts = random_texts(8, seed=4)
     point = hook(tiny_model, 0, "resid")
     got = drain(ActivationBuffer(texts, tiny_model, point, n_ctxs=100, ctx_len=CTX, remove_bos=True,
                                  refresh_batch_size=3))
     assert_same_rows(got, hook_reference(tiny_model, texts, [point], CTX, drop_first=True)[0])
-    n_tokens = sum(len(tiny_model.tokenizer(t, truncation=True, max_length=CTX)["input_ids"]) for t in texts)
+    n_tokens = sum(len(tiny_model.tokenizer(t, truncation=True, max_length=CTX)["input_ids"])
+                   for t in texts)
     assert got.shape[0] == n_tokens - len(texts)
 
 
 def test_no_padding_vectors(tiny_gpt2):
-    """Very unequal lengths in one refresh batch: the row count is exactly the number of real tokens."""
+    """Very unequal lengths in one refresh batch: the row count is exactly the number of real
+    tokens."""
     texts = ["x", "a much longer text that is padded against " * 3, "yz", "q"]
-    got = drain(ActivationBuffer(texts, tiny_gpt2, hook(tiny_gpt2, 3, "resid"), n_ctxs=100, ctx_len=CTX,
-                                 refresh_batch_size=4))
-    n_tokens = sum(len(tiny_gpt2.tokenizer(t, truncation=True, max_length=CTX)["input_ids"]) for t in texts)
+    got = drain(ActivationBuffer(texts, tiny_gpt2, hook(tiny_gpt2, 3, "resid"), n_ctxs=100,
+                                 ctx_len=CTX, refresh_batch_size=4))
+    n_tokens = sum(len(tiny_gpt2.tokenizer(t, truncation=True, max_length=CTX)["input_ids"])
+                   for t in texts)
     assert got.shape[0] == n_tokens
 
 
 def test_refresh_when_half_drained_and_shuffled(tiny_llama):
     texts = random_texts(400, seed=5, min_words=20)
-    buffer = ActivationBuffer(iter(texts), tiny_llama, hook(tiny_llama, 1, "resid"), n_ctxs=8, ctx_len=CTX,
-                              refresh_batch_size=4, out_batch_size=40)
+    buffer = ActivationBuffer(iter(texts), tiny_llama, hook(tiny_llama, 1, "resid"), n_ctxs=8,
+                              ctx_len=CTX, refresh_batch_size=4, out_batch_size=40)
     capacity = buffer.capacity
     assert buffer.n_unread == 0
     first = next(buffer)
@@ -105,9 +114,11 @@ def test_refresh_when_half_drained_and_shuffled(tiny_llama):
         else:
             assert buffer.n_unread == before - 40, "no refresh while at least half is unread"
     assert refreshes >= 2
-    # shuffled across contexts: the first batch draws on many of the 8+ contexts, not one contiguous run
+    # shuffled across contexts: the first batch draws on many of the 8+ contexts, not one contiguous
+    # run
     reference = hook_reference(tiny_llama, texts[:12], [hook(tiny_llama, 1, "resid")], CTX)[0]
-    lengths = [len(tiny_llama.tokenizer(t, truncation=True, max_length=CTX)["input_ids"]) for t in texts[:12]]
+    lengths = [len(tiny_llama.tokenizer(t, truncation=True, max_length=CTX)["input_ids"])
+               for t in texts[:12]]
     context_of_row = torch.repeat_interleave(torch.arange(12), torch.tensor(lengths))
     nearest = torch.cdist(first.double(), reference.double()).argmin(dim=1)
     assert len(set(context_of_row[nearest].tolist())) >= 6
@@ -115,10 +126,11 @@ def test_refresh_when_half_drained_and_shuffled(tiny_llama):
 
 def test_exhaustion_is_clean(tiny_gpt2):
     texts = random_texts(9, seed=6)
-    buffer = ActivationBuffer((t for t in texts), tiny_gpt2, hook(tiny_gpt2, 0, "mlp_out"), n_ctxs=2,
-                              ctx_len=CTX, refresh_batch_size=2, out_batch_size=16)
+    buffer = ActivationBuffer((t for t in texts), tiny_gpt2, hook(tiny_gpt2, 0, "mlp_out"),
+                              n_ctxs=2, ctx_len=CTX, refresh_batch_size=2, out_batch_size=16)
     total = sum(b.shape[0] for b in buffer)
-    assert total == sum(len(tiny_gpt2.tokenizer(t, truncation=True, max_length=CTX)["input_ids"]) for t in texts)
+    assert total == sum(len(tiny_gpt2.tokenizer(t, truncation=True, max_length=CTX)["input_ids"])
+                        for t in texts)
     with pytest.raises(StopIteration):
         next(buffer)
     with pytest.raises(StopIteration):
@@ -126,13 +138,14 @@ def test_exhaustion_is_clean(tiny_gpt2):
 
 
 def test_dtype_and_config(tiny_llama):
-    buffer = ActivationBuffer(random_texts(4), tiny_llama, hook(tiny_llama, 1, "mlp_out"), n_ctxs=10,
-                              ctx_len=CTX, dtype=torch.bfloat16)
+    buffer = ActivationBuffer(random_texts(4), tiny_llama, hook(tiny_llama, 1, "mlp_out"),
+                              n_ctxs=10, ctx_len=CTX, dtype=torch.bfloat16)
     batch = next(buffer)
     assert batch.dtype == torch.bfloat16
     config = json.loads(json.dumps(buffer.config))
     assert config["d_submodule"] == 64 and config["io"] == "out" and config["dtype"] == "bfloat16"
-    assert config["hooks"] == [{"path": "model.layers.1.mlp", "io": "output", "name": "layers.1.mlp_out"}]
+    assert config["hooks"] == [{"path": "model.layers.1.mlp", "io": "output",
+                                "name": "layers.1.mlp_out"}]
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
@@ -150,7 +163,8 @@ def test_dtype_and_config(tiny_llama):
     (dict(submodule=3), TypeError, "submodule must be"),
 ])
 def test_bad_input(tiny_llama, kwargs, error, match):
-    arguments = dict(data=["some text"], model=tiny_llama, submodule="model.layers.1.mlp", n_ctxs=4, ctx_len=CTX)
+    arguments = dict(data=["some text"], model=tiny_llama, submodule="model.layers.1.mlp", n_ctxs=4,
+                     ctx_len=CTX)
     arguments.update(kwargs)
     with pytest.raises(error, match=match):
         ActivationBuffer(**arguments)
@@ -171,14 +185,16 @@ def test_smollm2_buffer_matches_forward_hooks(smollm2):
 
 
 def test_read_values_are_freed_when_dropped(tiny_llama):
-    """Nothing but the caller holds what read_hook_points returns: once dropped, the tensors are freed at once, not
-    left to reference cycles of the finished trace (which let a many-hook buffer grow by gigabytes per refill)."""
+    """Nothing but the caller holds what read_hook_points returns: once dropped, the tensors are
+    freed at once, not left to reference cycles of the finished trace (which let a many-hook buffer
+    grow by gigabytes per refill)."""
     import weakref
 
     from dictionary_learning.tracing import read_hook_points, tokenize
 
     encoding = tokenize(tiny_llama.tokenizer, random_texts(4, seed=5), 16)
-    values = read_hook_points(tiny_llama, encoding, [hook(tiny_llama, 1, "resid"), hook(tiny_llama, 2, "mlp_in")])
+    values = read_hook_points(tiny_llama, encoding,
+                              [hook(tiny_llama, 1, "resid"), hook(tiny_llama, 2, "mlp_in")])
     references = [weakref.ref(v) for v in values]
     del values
     assert all(reference() is None for reference in references)

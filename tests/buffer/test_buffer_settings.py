@@ -1,5 +1,5 @@
-"""BufferSettings and takes_settings: upstream's flat call forms (positional or by keyword) become one checked
-settings object, and the constructor shows the flat signature."""
+"""BufferSettings and takes_settings: upstream's flat call forms (positional or by keyword) become
+one checked settings object, and the constructor shows the flat signature."""
 
 import inspect
 
@@ -19,7 +19,8 @@ class Recorder:
 
 def test_the_flat_signature():
     parameters = list(inspect.signature(Recorder).parameters.values())
-    assert [p.name for p in parameters] == ["data", "model", *UPSTREAM_SIZES, "flag", "dtype", "seed", "options"]
+    assert [p.name for p in parameters] == ["data", "model", *UPSTREAM_SIZES, "flag", "dtype",
+                                            "seed", "options"]
     assert [p.default for p in parameters[2:8]] == [30000, 128, 512, 8192, "cpu", False]
     assert {p.kind for p in parameters[:8]} == {inspect.Parameter.POSITIONAL_OR_KEYWORD}
     assert {p.kind for p in parameters[8:10]} == {inspect.Parameter.KEYWORD_ONLY}
@@ -27,8 +28,8 @@ def test_the_flat_signature():
 
 def test_positional_and_keyword_calls_give_the_same_settings():
     by_position = Recorder("texts", "model", 10, 4, 2, 8, "meta", True, dtype=torch.float16, seed=3)
-    by_keyword = Recorder(data="texts", model="model", n_ctxs=10, ctx_len=4, refresh_batch_size=2, out_batch_size=8,
-                          device="meta", flag=True, dtype=torch.float16, seed=3)
+    by_keyword = Recorder(data="texts", model="model", n_ctxs=10, ctx_len=4, refresh_batch_size=2,
+                          out_batch_size=8, device="meta", flag=True, dtype=torch.float16, seed=3)
     expected = BufferSettings(10, 4, 2, 8, "meta", dtype=torch.float16, seed=3)
     for made in (by_position, by_keyword):
         assert (made.data, made.model, made.flag, made.options) == ("texts", "model", True, {})

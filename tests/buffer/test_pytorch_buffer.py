@@ -1,5 +1,5 @@
-"""pytorch_buffer (upstream HEAD's nnsight-free buffer) against plain forward hooks and against this toolkit's nnsight
-ActivationBuffer on the same texts."""
+"""pytorch_buffer (upstream HEAD's nnsight-free buffer) against plain forward hooks and against this
+toolkit's nnsight ActivationBuffer on the same texts."""
 
 import inspect
 import json
@@ -31,9 +31,11 @@ def test_signatures_are_upstreams():
     assert parameters(ActivationBuffer)[:13] == UPSTREAM_ACTIVATION_BUFFER
     assert parameters(collect_activations)[:4] == [("model", inspect.Parameter.empty),
                                                    ("submodule", inspect.Parameter.empty),
-                                                   ("inputs_BL", inspect.Parameter.empty), ("use_no_grad", True)]
+                                                   ("inputs_BL", inspect.Parameter.empty),
+                                                   ("use_no_grad", True)]
     assert issubclass(EarlyStopException, Exception)
-    for name in ("text_batch", "tokenized_batch", "refresh", "config", "close", "activations", "read"):
+    for name in ("text_batch", "tokenized_batch", "refresh", "config", "close", "activations",
+                 "read"):
         assert hasattr(ActivationBuffer, name), name
 
 
@@ -44,11 +46,12 @@ def test_nnsight_is_not_imported():
 
 
 def test_collect_activations(tiny_llama):
-    """The module's output (or input) as an independent forward hook records it; the pass stops after the module."""
+    """The module's output (or input) as an independent forward hook records it; the pass stops
+    after the module."""
     hf_model = tiny_llama._module
     layer = hf_model.model.layers[1]
-    inputs = tiny_llama.tokenizer(["a small river", "an old stone bridge near the city"], return_tensors="pt",
-                                  padding=True)
+    inputs = tiny_llama.tokenizer(["a small river", "an old stone bridge near the city"],
+                                  return_tensors="pt", padding=True)
     seen, later_calls = {}, []
     handles = [layer.register_forward_hook(lambda m, args, out: seen.update(out=out[0] if isinstance(out, tuple)
                                                                              else out)),
@@ -78,32 +81,35 @@ def test_collect_activations(tiny_llama):
 @pytest.mark.parametrize("name,path,options", [
     ("tiny-llama", "model.layers.1", {}),
     ("tiny-llama", "model.layers.2.mlp", dict(io="in", remove_bos=True)),
-    ("tiny-gpt2", "transformer.h.1", dict(remove_bos=True)),  # learned positions: left padding must not shift them
+    # learned positions: left padding must not shift them
+    ("tiny-gpt2", "transformer.h.1", dict(remove_bos=True)),
     ("tiny-gpt2", "transformer.h.2.mlp", dict(max_activation_norm_multiple=1.2)),
 ])
 def test_same_vectors_as_hooks_and_nnsight_buffer(name, path, options, request):
-    """On the same texts the PyTorch buffer serves the plain forward hook's vectors, and exactly the nnsight
-    buffer's batches (same seed: same order)."""
+    """On the same texts the PyTorch buffer serves the plain forward hook's vectors, and exactly the
+    nnsight buffer's batches (same seed: same order)."""
     model = request.getfixturevalue(name.replace("-", "_"))
     texts = random_texts(9, seed=21, max_words=8)  # many shorter than CTX: padded batches
     shape = dict(n_ctxs=3, ctx_len=CTX, refresh_batch_size=4, out_batch_size=37, seed=7)
-    ours = ActivationBuffer(iter(texts), model._module, model._module.get_submodule(path), **shape, **options,
-                            tokenizer=model.tokenizer)
+    ours = ActivationBuffer(iter(texts), model._module, model._module.get_submodule(path), **shape,
+                            **options, tokenizer=model.tokenizer)
     got = drain(ours)
     io = "input" if options.get("io") == "in" else "output"
     reference = nnsight_buffer.ActivationBuffer(iter(texts), model, HookPoint(path, io), **shape,
                                                 **{k: v for k, v in options.items() if k != "io"})
     torch.testing.assert_close(got, drain(reference), atol=1e-5, rtol=1e-5)
     if "max_activation_norm_multiple" not in options:
-        expected = hook_reference(model, texts, [HookPoint(path, io)], CTX, drop_first=options.get("remove_bos", False))
+        expected = hook_reference(model, texts, [HookPoint(path, io)], CTX,
+                                  drop_first=options.get("remove_bos", False))
         assert_same_rows(got, expected[0])
     else:
         assert got.shape[0] < sum(len(model.tokenizer(t, truncation=True, max_length=CTX)["input_ids"]) for t in texts)
 
 
 def test_upstream_end_to_end_form(tiny_llama, tmp_path):
-    """Upstream's test construction: a model from `from_pretrained`, its tokenizer found through `name_or_path`,
-    the buffer fed to trainSAE with upstream's trainer configs and saved as upstream's config.json `buffer`."""
+    """Upstream's test construction: a model from `from_pretrained`, its tokenizer found through
+    `name_or_path`, the buffer fed to trainSAE with upstream's trainer configs and saved as
+    upstream's config.json `buffer`."""
     from transformers import AutoModelForCausalLM
 
     from dictionary_learning.dictionary import AutoEncoderTopK
@@ -116,14 +122,19 @@ def test_upstream_end_to_end_form(tiny_llama, tmp_path):
     texts = random_texts(30, seed=22)
     submodule = model.model.layers[1]
     activation_dim = model.config.hidden_size
-    buffer = ActivationBuffer(iter(texts), model, submodule, n_ctxs=4, ctx_len=CTX, refresh_batch_size=8,
-                              out_batch_size=64, io="out", d_submodule=activation_dim, device="cpu")
-    got = drain(ActivationBuffer(iter(texts), model, submodule, n_ctxs=4, ctx_len=CTX, refresh_batch_size=8))
-    assert_same_rows(got, hook_reference(tiny_llama, texts, [HookPoint("model.layers.1", "output")], CTX)[0])
-    config = {"trainer": TopKTrainer, "dict_class": AutoEncoderTopK, "lr": None, "activation_dim": activation_dim,
-              "dict_size": 4 * activation_dim, "k": 8, "auxk_alpha": 1 / 32, "warmup_steps": 0, "decay_start": None,
-              "steps": 3, "seed": 42, "wandb_name": "TopKTrainer-tiny", "device": "cpu", "layer": 1,
-              "lm_name": "tiny-llama", "submodule_name": "resid_post_layer_1"}
+    buffer = ActivationBuffer(iter(texts), model, submodule, n_ctxs=4, ctx_len=CTX,
+                              refresh_batch_size=8, out_batch_size=64, io="out",
+                              d_submodule=activation_dim, device="cpu")
+    got = drain(ActivationBuffer(iter(texts), model, submodule, n_ctxs=4, ctx_len=CTX,
+                                 refresh_batch_size=8))
+    assert_same_rows(got, hook_reference(tiny_llama, texts, [HookPoint("model.layers.1", "output")],
+                                         CTX)[0])
+    config = {"trainer": TopKTrainer, "dict_class": AutoEncoderTopK, "lr": None,
+              "activation_dim": activation_dim, "dict_size": 4 * activation_dim, "k": 8,
+              "auxk_alpha": 1 / 32, "warmup_steps": 0, "decay_start": None, "steps": 3, "seed": 42,
+              "wandb_name": "TopKTrainer-tiny", "device": "cpu", "layer": 1,
+              "lm_name": "tiny-llama",
+              "submodule_name": "resid_post_layer_1"}
     trainSAE(data=buffer, trainer_configs=[config], steps=3, save_dir=str(tmp_path / "sae"))
     saved = json.loads(next((tmp_path / "sae").rglob("config.json")).read_text())
     assert saved["buffer"]["ctx_len"] == CTX and saved["buffer"]["d_submodule"] == activation_dim
@@ -132,8 +143,10 @@ def test_upstream_end_to_end_form(tiny_llama, tmp_path):
 def test_buffer_api_and_errors(tiny_gpt2):
     texts = random_texts(20, seed=23, min_words=10)
     hf_model = tiny_gpt2._module
-    buffer = ActivationBuffer(iter(texts), tiny_gpt2, "transformer.h.0", n_ctxs=2, ctx_len=CTX, refresh_batch_size=2,
-                              out_batch_size=20)  # an nnsight-wrapped model and a dotted path work too
+    buffer = ActivationBuffer(iter(texts), tiny_gpt2, "transformer.h.0", n_ctxs=2, ctx_len=CTX,
+                              refresh_batch_size=2,
+                              # an nnsight-wrapped model and a dotted path work too
+                              out_batch_size=20)
     assert buffer.activations.shape == (0, 48) and buffer.activation_buffer_size == 2 * CTX
     batch = next(buffer)
     assert int(buffer.read.sum()) == 20
@@ -153,6 +166,7 @@ def test_buffer_api_and_errors(tiny_gpt2):
         (dict(data=[]), ValueError, "no text"),
         (dict(data=[1]), TypeError, "strings"),
     ]:
-        arguments = dict(data=texts, model=hf_model, submodule=layer, tokenizer=tiny_gpt2.tokenizer) | kwargs
+        arguments = dict(data=texts, model=hf_model, submodule=layer,
+                         tokenizer=tiny_gpt2.tokenizer) | kwargs
         with pytest.raises(error, match=match):
             ActivationBuffer(**arguments)

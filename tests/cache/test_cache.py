@@ -1,7 +1,7 @@
-"""The disk activation cache: write_cache's shards against plain PyTorch forward hooks and the ActivationBuffer,
-resumable writing (interrupted, or extended) equal to an uninterrupted write, and the ActivationCache reader's
-shuffling (seeded, every row once per epoch), resume, rank split, memory bound and errors, trainSAE on it, and the
-`collect` command writing one."""
+"""The disk activation cache: write_cache's shards against plain PyTorch forward hooks and the
+ActivationBuffer, resumable writing (interrupted, or extended) equal to an uninterrupted write, and
+the ActivationCache reader's shuffling (seeded, every row once per epoch), resume, rank split,
+memory bound and errors, trainSAE on it, and the `collect` command writing one."""
 
 import gc
 import json
@@ -25,21 +25,25 @@ CTX = 24
 
 
 def shard_rows(path):
-    """Every hook point's rows of a cache, shards concatenated in order, read with plain safetensors."""
+    """Every hook point's rows of a cache, shards concatenated in order, read with plain
+    safetensors."""
     manifest = json.loads((path / "manifest.json").read_text())
     shards = [load_file(path / shard["file"]) for shard in manifest["shards"]]
-    return [torch.cat([shard[f"hook_{i}"] for shard in shards]) for i in range(len(manifest["hooks"]))]
+    return [torch.cat([shard[f"hook_{i}"] for shard in shards])
+            for i in range(len(manifest["hooks"]))]
 
 
 def write(model, texts, submodule, out, **options):
-    options = {"n_tokens": 10**6, "ctx_len": CTX, "batch_texts": 5, "shard_tokens": 64, "progress": False, **options}
+    options = {"n_tokens": 10**6, "ctx_len": CTX, "batch_texts": 5, "shard_tokens": 64,
+               "progress": False, **options}
     return write_cache(model, texts, submodule, out, **options)
 
 
-# ---------------------------------------------------------------------------------------------------- write_cache
+# -------------------------------------------------------------------------------------- write_cache
 def test_shards_hold_forward_hook_rows_in_text_order(tiny_model, tmp_path):
-    """Many hook points (one an in_to_out pair) from one pass: each hook point's shards, concatenated, are the
-    forward-hook rows text by text; the reader's rows stay aligned across hook points."""
+    """Many hook points (one an in_to_out pair) from one pass: each hook point's shards,
+    concatenated, are the forward-hook rows text by text; the reader's rows stay aligned across hook
+    points."""
     texts = random_texts(14, seed=1)
     points = {"resid_1": hook(tiny_model, 1, "resid"), "attn_0": hook(tiny_model, 0, "attn_out"),
               "mlp_1": (hook(tiny_model, 1, "mlp_in"), hook(tiny_model, 1, "mlp_out"))}
@@ -66,13 +70,14 @@ def test_shards_hold_forward_hook_rows_in_text_order(tiny_model, tmp_path):
 
 
 def test_single_point_and_pair_equal_the_buffer(tiny_llama, tmp_path):
-    """A single hook point (remove_bos) and an in_to_out module path: the cache serves the buffer's rows."""
+    """A single hook point (remove_bos) and an in_to_out module path: the cache serves the buffer's
+    rows."""
     texts = random_texts(12, seed=2)
     for name, submodule, io in (("one", hook(tiny_llama, 2, "resid"), "out"),
                                 ("pair", "model.layers.0.mlp", "in_to_out")):
         write(tiny_llama, texts, submodule, tmp_path / name, io=io, remove_bos=True)
-        buffer = ActivationBuffer(texts, tiny_llama, submodule, io=io, n_ctxs=100, ctx_len=CTX, refresh_batch_size=5,
-                                  out_batch_size=500, remove_bos=True)
+        buffer = ActivationBuffer(texts, tiny_llama, submodule, io=io, n_ctxs=100, ctx_len=CTX,
+                                  refresh_batch_size=5, out_batch_size=500, remove_bos=True)
         expected = buffer.take(10**6)
         cache = ActivationCache(tmp_path / name, 50, epochs=None)
         got = next(ActivationCache(tmp_path / name, cache.n_tokens))
@@ -122,8 +127,10 @@ def test_interrupted_and_extended_writes_resume_to_the_uninterrupted_cache(tiny_
     for n in (3, 17, 24):  # before the first shard, mid-way, and again
         with pytest.raises(RuntimeError, match="source died"):
             write(tiny_llama, crashing(n), points, tmp_path / "crashed", n_tokens=600)
-    shutil.copy(tmp_path / "crashed" / "shard_00000.safetensors", tmp_path / "crashed" / "shard_00040.safetensors")
-    write(tiny_llama, texts, points, tmp_path / "crashed", n_tokens=600)  # the stray shard is removed
+    shutil.copy(tmp_path / "crashed" / "shard_00000.safetensors",
+                tmp_path / "crashed" / "shard_00040.safetensors")
+    # the stray shard is removed
+    write(tiny_llama, texts, points, tmp_path / "crashed", n_tokens=600)
     same_cache(tmp_path / "straight", tmp_path / "crashed")
 
     for n_tokens in (100, 130, 257, 600):  # a partial last shard is reopened and extended
@@ -137,9 +144,11 @@ def test_mismatched_settings_and_foreign_folders_are_refused(tiny_llama, tmp_pat
     point = hook(tiny_llama, 1, "resid")
     write(tiny_llama, texts, point, tmp_path / "c")
     for change, message in (({"ctx_len": 16}, "ctx_len: 24 in the cache, 16 now"),
-                            ({"dtype": torch.bfloat16}, "dtype: 'float32' in the cache, 'bfloat16' now"),
+                            ({"dtype": torch.bfloat16},
+                             "dtype: 'float32' in the cache, 'bfloat16' now"),
                             ({"submodule": hook(tiny_llama, 2, "resid")}, "hooks: "),
-                            ({"remove_bos": True}, "remove_bos: False"), ({"shard_tokens": 10}, "shard_tokens")):
+                            ({"remove_bos": True}, "remove_bos: False"),
+                            ({"shard_tokens": 10}, "shard_tokens")):
         kwargs = {"submodule": point, **change}
         with pytest.raises(ValueError, match=message):
             write(tiny_llama, texts, kwargs.pop("submodule"), tmp_path / "c", **kwargs)
@@ -151,7 +160,7 @@ def test_mismatched_settings_and_foreign_folders_are_refused(tiny_llama, tmp_pat
         write(tiny_llama, texts, point, tmp_path / "other")
 
 
-# ------------------------------------------------------------------------------------------------ ActivationCache
+# ---------------------------------------------------------------------------------- ActivationCache
 N, SHARD = 1000, 70  # 15 shards, the last of 20 rows
 
 
@@ -160,7 +169,8 @@ def numbered(tmp_path_factory):
     """A cache whose row i is [i, i + 0.5] (as x) and [-i] (as y): every row names itself."""
     path = tmp_path_factory.mktemp("numbered") / "cache"
     ids = torch.arange(N, dtype=torch.float32)
-    cache_from_tensors(path, {"x": torch.stack([ids, ids + 0.5], 1), "pair": (ids[:, None], -ids[:, None])},
+    cache_from_tensors(path, {"x": torch.stack([ids, ids + 0.5], 1),
+                              "pair": (ids[:, None], -ids[:, None])},
                        shard_tokens=SHARD)
     return path
 
@@ -174,7 +184,8 @@ def test_shuffling_is_seeded_and_serves_every_row_once_per_epoch(numbered):
     assert len(batches) == 2 * (N // 64) and len(ActivationCache(numbered, 64)) == N // 64
     for epoch in (batches[: N // 64], batches[N // 64 :]):
         ids = [i for batch in epoch for i in ids_of(batch)]
-        assert len(ids) == len(set(ids)) == N // 64 * 64  # the last partial batch (40 rows) is dropped
+        # the last partial batch (40 rows) is dropped
+        assert len(ids) == len(set(ids)) == N // 64 * 64
     for batch in batches:  # rows stay aligned across entries and within pairs
         torch.testing.assert_close(batch["x"][:, 1], batch["x"][:, 0] + 0.5)
         torch.testing.assert_close(batch["pair"][1], -batch["pair"][0])
@@ -190,20 +201,23 @@ def test_shuffling_is_seeded_and_serves_every_row_once_per_epoch(numbered):
 def test_start_batch_and_next_resume_the_same_stream(numbered):
     full = [ids_of(b) for b in ActivationCache(numbered, 48, seed=3, epochs=2, window_shards=2)]
     for start in (1, 5, 20, 21, 29, len(full) - 1):
-        resumed = [ids_of(b) for b in ActivationCache(numbered, 48, seed=3, epochs=2, window_shards=2,
-                                                      start_batch=start)]
+        resumed = [ids_of(b) for b in ActivationCache(numbered, 48, seed=3, epochs=2,
+                                                      window_shards=2, start_batch=start)]
         assert resumed == full[start:]
     skipping = ActivationCache(numbered, 48, seed=3, epochs=2, window_shards=2)
     for _ in range(9):
         next(skipping)
     assert [ids_of(b) for b in skipping] == full[9:]
-    endless = ActivationCache(numbered, 48, seed=3, epochs=None, window_shards=2, start_batch=len(full) - 1)
-    assert ids_of(next(endless)) == full[-1] and len(ids_of(next(endless))) == 48  # a third epoch follows
+    endless = ActivationCache(numbered, 48, seed=3, epochs=None, window_shards=2,
+                              start_batch=len(full) - 1)
+    # a third epoch follows
+    assert ids_of(next(endless)) == full[-1] and len(ids_of(next(endless))) == 48
 
 
 def test_ranks_split_each_global_batch(numbered):
     single = list(ActivationCache(numbered, 60, seed=2, epochs=1, window_shards=2))
-    ranks = [list(ActivationCache(numbered, 20, seed=2, rank=r, world_size=3, window_shards=2)) for r in range(3)]
+    ranks = [list(ActivationCache(numbered, 20, seed=2, rank=r, world_size=3, window_shards=2))
+             for r in range(3)]
     assert all(len(r) == len(single) for r in ranks)
     for i, batch in enumerate(single):
         assert sum((ids_of(rank[i]) for rank in ranks), []) == ids_of(batch)
@@ -223,7 +237,9 @@ def test_memory_holds_one_window_and_skipped_windows_are_never_read(numbered):
     late = Recording(numbered, 64, window_shards=3, start_batch=12)
     list(late)
     assert len(late.read) <= 6  # only the windows holding rows of batches 12 to 14
-    gc.disable()  # a reader dropped mid-epoch frees its window at once: no reference cycle waits for the collector
+    # a reader dropped mid-epoch frees its window at once: no reference cycle waits for the
+    # collector
+    gc.disable()
     try:
         cache = ActivationCache(numbered, 64)
         next(cache)
@@ -240,14 +256,16 @@ def test_entries_selection_device_and_dtype(numbered):
     assert x.dtype == torch.float64 and cache.entry_names is None and cache.d_submodule == (1, 1)
     cache = ActivationCache(numbered, 10, entries=["x"])
     assert list(next(cache)) == ["x"] and cache.entry_names == ["x"] and cache.d_submodule == {"x": 2}
-    with pytest.raises(ValueError, match=r"entries \['nope'\] are not in this cache; its entries: \['x', 'pair'\]"):
+    with pytest.raises(ValueError, match=r"entries \['nope'\] are not in this cache; its entries: "
+                                         r"\['x', 'pair'\]"):
         ActivationCache(numbered, 10, entries=["nope"])
 
 
 def test_missing_and_corrupt_files_give_clear_errors(numbered, tmp_path):
     with pytest.raises(ValueError, match="is not an activation cache: it has no manifest.json"):
         ActivationCache(tmp_path, 8)
-    with pytest.raises(ValueError, match=r"batch_size \* world_size = 1200 exceeds the cache's 1000 tokens"):
+    with pytest.raises(ValueError,
+                       match=r"batch_size \* world_size = 1200 exceeds the cache's 1000 tokens"):
         ActivationCache(numbered, 600, world_size=2)
     with pytest.raises(ValueError, match=r"rank must be an int in \[0, world_size - 1=1\], got 2"):
         ActivationCache(numbered, 6, rank=2, world_size=2)
@@ -262,9 +280,11 @@ def test_missing_and_corrupt_files_give_clear_errors(numbered, tmp_path):
         (lambda p: (p / "manifest.json").write_text("{ not json"), "not a valid JSON file"),
         (lambda p: (p / "manifest.json").write_text(json.dumps({"format": "x"})),
          "is not an activation cache manifest"),
-        (lambda p: (p / "shard_00003.safetensors").unlink(), "shard_00003.safetensors' listed in the cache's "
-                                                              "manifest.json is missing"),
-        (lambda p: (p / "shard_00002.safetensors").write_bytes(b"\x10\x00"), "not a readable safetensors file"),
+        (lambda p: (p / "shard_00003.safetensors").unlink(), "shard_00003.safetensors' listed in "
+                                                              "the cache's manifest.json is "
+                                                              "missing"),
+        (lambda p: (p / "shard_00002.safetensors").write_bytes(b"\x10\x00"),
+         "not a readable safetensors file"),
         (lambda p: save_file({f"hook_{i}": torch.zeros(69, w) for i, w in enumerate((2, 1, 1))},
                              p / "shard_00001.safetensors"), r"shape \[69, 2\].*expects \[70, 2\]"),
     ]
@@ -275,13 +295,14 @@ def test_missing_and_corrupt_files_give_clear_errors(numbered, tmp_path):
         cache_from_tensors(tmp_path / "ints", torch.zeros(3, 2, dtype=torch.long))
 
 
-# ---------------------------------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------------------- training
 def test_trainsae_trains_from_the_cache_and_resumes_exactly(tmp_path):
     generator = torch.Generator().manual_seed(0)
     codes = torch.rand(2000, 48, generator=generator) * (torch.rand(2000, 48, generator=generator) < 0.1)
-    cache_from_tensors(tmp_path / "cache", codes @ torch.randn(48, 16, generator=generator), shard_tokens=300)
-    config = {"trainer": TopKTrainer, "activation_dim": 16, "dict_size": 64, "k": 4, "steps": 30, "warmup_steps": 0,
-              "seed": 0, "device": "cpu"}
+    cache_from_tensors(tmp_path / "cache", codes @ torch.randn(48, 16, generator=generator),
+                       shard_tokens=300)
+    config = {"trainer": TopKTrainer, "activation_dim": 16, "dict_size": 64, "k": 4, "steps": 30,
+              "warmup_steps": 0, "seed": 0, "device": "cpu"}
 
     def reader():
         return ActivationCache(tmp_path / "cache", 128, seed=0, epochs=None)
@@ -297,29 +318,34 @@ def test_trainsae_trains_from_the_cache_and_resumes_exactly(tmp_path):
             yield batch
 
     with pytest.raises(RuntimeError, match="killed"):
-        trainSAE(dying(reader(), 22), [config], 30, save_dir=tmp_path / "resumed", checkpoint_steps=10,
-                 progress=False)
-    resumed = trainSAE(reader(), [config], 30, save_dir=tmp_path / "resumed", resume=True, progress=False)
-    for (name, x), y in zip(straight[0].ae.state_dict().items(), resumed[0].ae.state_dict().values()):
+        trainSAE(dying(reader(), 22), [config], 30, save_dir=tmp_path / "resumed",
+                 checkpoint_steps=10, progress=False)
+    resumed = trainSAE(reader(), [config], 30, save_dir=tmp_path / "resumed", resume=True,
+                       progress=False)
+    for (name, x), y in zip(straight[0].ae.state_dict().items(),
+                            resumed[0].ae.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
 
 
-# ------------------------------------------------------------------------------------------------ command line
+# ------------------------------------------------------------------------------------- command line
 def test_collect_command_writes_and_continues_a_cache(tmp_path):
-    common = ["collect", "--model", "tiny-llama", "--dtype", "float32", "--ctx-len", "24", "--batch", "8",
-              "--layers", "0,2", "--sites", "resid,mlp_out", "--shard-tokens", "100", "--out", str(tmp_path / "c")]
+    common = ["collect", "--model", "tiny-llama", "--dtype", "float32", "--ctx-len", "24",
+              "--batch", "8", "--layers", "0,2", "--sites", "resid,mlp_out", "--shard-tokens",
+              "100", "--out", str(tmp_path / "c")]
     first = main([*common, "--tokens", "250"])
     assert first["cache_tokens"] == 250 and first["shards"] == 3
-    assert set(first["statistics"]) == {"layers.0.resid", "layers.0.mlp_out", "layers.2.resid", "layers.2.mlp_out"}
+    assert set(first["statistics"]) == {"layers.0.resid", "layers.0.mlp_out", "layers.2.resid",
+                                        "layers.2.mlp_out"}
     more = main([*common, "--tokens", "420"])  # the same command, more tokens: continues
     assert more["cache_tokens"] == 420 and more["tokens_added"] == 170 and more["shards"] == 5
     cache = ActivationCache(tmp_path / "c", 64, entries="layers.2.mlp_out")
     assert next(cache).shape == (64, 64) and cache.config["model"] == "tiny-llama"
-    single = main(["collect", "--model", "tiny-llama", "--dtype", "float32", "--ctx-len", "24", "--layer", "1",
-                   "--tokens", "60", "--out", str(tmp_path / "one.safetensors")])
+    single = main(["collect", "--model", "tiny-llama", "--dtype", "float32", "--ctx-len", "24",
+                   "--layer", "1", "--tokens", "60", "--out", str(tmp_path / "one.safetensors")])
     assert single["tokens"] == 60 and load_file(tmp_path / "one.safetensors")["activations"].shape == (60, 64)
-    several = main(["collect", "--model", "tiny-llama", "--dtype", "float32", "--ctx-len", "24", "--layers", "0,1",
-                    "--tokens", "40", "--out", str(tmp_path / "two.safetensors")])
+    several = main(["collect", "--model", "tiny-llama", "--dtype", "float32", "--ctx-len", "24",
+                    "--layers", "0,1", "--tokens", "40", "--out",
+                    str(tmp_path / "two.safetensors")])
     saved = load_file(tmp_path / "two.safetensors")
     assert set(saved) == set(several["statistics"]) == {"layers.0.resid", "layers.1.resid"}
     assert saved["layers.1.resid"].shape == (40, 64)
@@ -328,26 +354,32 @@ def test_collect_command_writes_and_continues_a_cache(tmp_path):
 
 
 def test_quickstart_trains_from_a_cache(tmp_path):
-    """`train --cache DIR` trains on the cache's activations (nothing collected) and holds out the texts after those
-    the cache read; a cache of another model or hook point is refused before training."""
-    main(["collect", "--model", "tiny-llama", "--dtype", "float32", "--ctx-len", "32", "--layer", "1", "--tokens",
-          "600", "--batch", "8", "--out", str(tmp_path / "c")])
+    """`train --cache DIR` trains on the cache's activations (nothing collected) and holds out the
+    texts after those the cache read; a cache of another model or hook point is refused before
+    training."""
+    main(["collect", "--model", "tiny-llama", "--dtype", "float32", "--ctx-len", "32", "--layer",
+          "1", "--tokens", "600", "--batch", "8", "--out", str(tmp_path / "c")])
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
-    common = ["train", "--model", "tiny-llama", "--dtype", "float32", "--layer", "1", "--steps", "3", "--batch", "64",
-              "--dict-size", "64", "--k", "4", "--eval-texts", "8", "--eval-tokens", "128", "--ctx-len", "32",
-              "--loss-batches", "1", "--n-features", "1"]
+    common = ["train", "--model", "tiny-llama", "--dtype", "float32", "--layer", "1", "--steps",
+              "3", "--batch", "64", "--dict-size", "64", "--k", "4", "--eval-texts", "8",
+              "--eval-tokens", "128", "--ctx-len", "32", "--loss-batches", "1", "--n-features", "1"]
     metrics = main([*common, "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "q")])
     assert metrics["training_tokens_collected"] == manifest["n_tokens"] == 600
     assert metrics["ce_clean"] > 0 and math.isfinite(metrics["ce_patched"])
     config = json.loads((tmp_path / "q" / "sae" / "trainer_0" / "config.json").read_text())
     assert config["buffer"]["cache"] == str(tmp_path / "c")
     with pytest.raises(ValueError, match="not layers.2.resid"):
-        main([*common[:5], "--layer", "2", *common[7:], "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r")])
+        main([*common[:5], "--layer", "2", *common[7:], "--cache", str(tmp_path / "c"), "--out",
+              str(tmp_path / "r")])
     with pytest.raises(ValueError, match="holds activations of 'tiny-llama', not of 'tiny-gpt2'"):
-        main(["train", "--model", "tiny-gpt2", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r")])
-    # evaluation runs on contexts as long as the cache's: its ctx_len unless told, another one refused
-    without = [arg for i, arg in enumerate(common) if arg != "--ctx-len" and common[i - 1] != "--ctx-len"]
+        main(["train", "--model", "tiny-gpt2", "--cache", str(tmp_path / "c"), "--out",
+              str(tmp_path / "r")])
+    # evaluation runs on contexts as long as the cache's: its ctx_len unless told, another one
+    # refused
+    without = [arg for i, arg in enumerate(common)
+               if arg != "--ctx-len" and common[i - 1] != "--ctx-len"]
     metrics = main([*without, "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "s")])
     assert metrics["ctx_len"] == 32
     with pytest.raises(ValueError, match="collected with ctx_len=32, not ctx_len=64"):
-        main([*without, "--ctx-len", "64", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r")])
+        main([*without, "--ctx-len", "64", "--cache", str(tmp_path / "c"), "--out",
+              str(tmp_path / "r")])

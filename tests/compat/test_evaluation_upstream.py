@@ -1,6 +1,7 @@
-"""Upstream's `loss_recovered(text, model, submodule, dictionary, ...)` and `evaluate` keys, against plain-PyTorch
-references: forward hooks that replace a module's output (or input) on each text run alone, CE computed here, and
-the reconstruction metrics written out from their definitions in float64."""
+"""Upstream's `loss_recovered(text, model, submodule, dictionary, ...)` and `evaluate` keys, against
+plain-PyTorch
+references: forward hooks that replace a module's output (or input) on each text run alone, CE
+computed here, and the reconstruction metrics written out from their definitions in float64."""
 
 import math
 
@@ -26,11 +27,13 @@ def test_upstream_form_matches_hook_reference(tiny_llama, io):
     layer = tiny_llama.model.layers[1]
     if io == "out":  # the residual stream: the block's output
         submodule, path, replace_input, dictionary = layer, "model.layers.1", False, make_dictionary(64)
-    else:  # the MLP: its input replaced ("in"), or its output computed from its input by a transcoder
+    # the MLP: its input replaced ("in"), or its output computed from its input by a transcoder
+    else:
         submodule, path, replace_input = layer.mlp, "model.layers.1.mlp", io == "in"
         dictionary = make_dictionary(64, 64 if io == "in_and_out" else None, seed=2)
     got = loss_recovered(texts, tiny_llama, submodule, dictionary, max_len=CTX, io=io)
-    assert isinstance(got, tuple) and len(got) == 3 and all(isinstance(v, torch.Tensor) for v in got)
+    assert isinstance(got, tuple) and len(got) == 3 and all(isinstance(v, torch.Tensor)
+                                                            for v in got)
     clean, _ = reference_ce(tiny_llama, texts, path)
     if io == "in_and_out":
         mlp = tiny_llama._module.model.layers[1].mlp
@@ -40,10 +43,13 @@ def test_upstream_form_matches_hook_reference(tiny_llama, io):
         finally:
             handle.remove()
     else:
-        patched, _ = reference_ce(tiny_llama, texts, path, replace=flat(dictionary, 64), replace_input=replace_input)
-    zero, _ = reference_ce(tiny_llama, texts, path, replace=torch.zeros_like, replace_input=replace_input)
+        patched, _ = reference_ce(tiny_llama, texts, path, replace=flat(dictionary, 64),
+                                  replace_input=replace_input)
+    zero, _ = reference_ce(tiny_llama, texts, path, replace=torch.zeros_like,
+                           replace_input=replace_input)
     assert [v.item() for v in got] == pytest.approx([clean, patched, zero], abs=1e-4)
-    assert abs(patched - clean) > 1e-3 and abs(zero - clean) > 1e-3  # both patches changed something
+    # both patches changed something
+    assert abs(patched - clean) > 1e-3 and abs(zero - clean) > 1e-3
 
 
 def test_normalize_batch_scales_in_and_back(tiny_gpt2):
@@ -56,15 +62,18 @@ def test_normalize_batch_scales_in_and_back(tiny_gpt2):
         dictionary.encoder.bias.normal_(0, 0.3)
     [acts] = hook_reference(tiny_gpt2, texts, [point], CTX)  # every real token of the batch
     scale = 48 ** 0.5 / acts.norm(dim=-1).mean()
-    got = loss_recovered(texts, tiny_gpt2, tiny_gpt2.transformer.h[2], dictionary, max_len=CTX, normalize_batch=True)
-    patched, _ = reference_ce(tiny_gpt2, texts, point.path, replace=lambda v: flat(dictionary, 48)(v * scale) / scale)
+    got = loss_recovered(texts, tiny_gpt2, tiny_gpt2.transformer.h[2], dictionary, max_len=CTX,
+                         normalize_batch=True)
+    patched, _ = reference_ce(tiny_gpt2, texts, point.path,
+                              replace=lambda v: flat(dictionary, 48)(v * scale) / scale)
     unscaled, _ = reference_ce(tiny_gpt2, texts, point.path, replace=flat(dictionary, 48))
     assert got[1].item() == pytest.approx(patched, abs=1e-4)
     assert abs(patched - unscaled) > 1e-3
 
 
 def test_token_ids_and_call_forms(tiny_llama):
-    texts = [f"same length text {i}" for i in range(3)]  # equal byte lengths: token ids without padding
+    # equal byte lengths: token ids without padding
+    texts = [f"same length text {i}" for i in range(3)]
     ids = encode_inputs(tiny_llama, texts, CTX)["input_ids"]
     assert ids.shape == (3, 1 + len(texts[0]))
     dictionary = make_dictionary(64)
@@ -75,7 +84,8 @@ def test_token_ids_and_call_forms(tiny_llama):
     point = hook(tiny_llama, 1, "resid")
     toolkit = loss_recovered(texts, tiny_llama, dictionary, (point,))
     keyword = loss_recovered(texts, tiny_llama, dictionary, hooks=(point,))
-    assert toolkit == keyword and toolkit["ce_patched"] == pytest.approx(from_texts[1].item(), abs=1e-6)
+    assert toolkit == keyword and toolkit["ce_patched"] == pytest.approx(from_texts[1].item(),
+                                                                         abs=1e-6)
     ragged = encode_inputs(tiny_llama, [[5, 6, 7], [8]], None)
     assert ragged["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]] and ragged["attention_mask"].tolist() == [
         [1, 1, 1], [0, 0, 1]]
@@ -113,7 +123,8 @@ def test_evaluate_keys_follow_upstream_definitions(normalize_batch):
         per_batch.append(metrics)
         alive |= fired
     for key in per_batch[0]:
-        assert got[key] == pytest.approx(sum(m[key] for m in per_batch) / 3, rel=1e-5, abs=1e-6), key
+        assert got[key] == pytest.approx(sum(m[key] for m in per_batch) / 3, rel=1e-5,
+                                         abs=1e-6), key
     assert got["frac_alive"] == pytest.approx(alive.double().mean().item())
     assert got["tokens"] == 120 and "loss_original" not in got
 
@@ -126,10 +137,11 @@ def test_evaluate_with_buffer_upstream_call(tiny_llama):
             seen.append(text)
             yield text
 
-    buffer = ActivationBuffer(data(), tiny_llama, tiny_llama.model.layers[1], d_submodule=64, n_ctxs=6, ctx_len=CTX,
-                              refresh_batch_size=3, out_batch_size=32)
+    buffer = ActivationBuffer(data(), tiny_llama, tiny_llama.model.layers[1], d_submodule=64,
+                              n_ctxs=6, ctx_len=CTX, refresh_batch_size=3, out_batch_size=32)
     dictionary = make_dictionary(64, seed=6)
-    results = evaluate(dictionary, buffer, CTX, 4, io="out", device="cpu", n_batches=1)  # upstream's positional call
+    # upstream's positional call
+    results = evaluate(dictionary, buffer, CTX, 4, io="out", device="cpu", n_batches=1)
     texts = seen[-4:]  # the loss batch: the texts read right after the first activation batch
     clean, _ = reference_ce(tiny_llama, texts, "model.layers.1")
     patched, _ = reference_ce(tiny_llama, texts, "model.layers.1", replace=flat(dictionary, 64))
@@ -144,27 +156,29 @@ def test_evaluate_with_buffer_upstream_call(tiny_llama):
 
 
 def test_evaluate_runs_loss_batches_beyond_n_batches(tiny_gpt2):
-    """This toolkit's loss_batches option: more loss batches than activation batches still run (the quickstart's
-    call), and loss_batches=0 runs none."""
-    buffer = ActivationBuffer(iter(random_texts(40, seed=24)), tiny_gpt2, tiny_gpt2.transformer.h[0], n_ctxs=4,
-                              ctx_len=CTX, refresh_batch_size=4, out_batch_size=16)
+    """This toolkit's loss_batches option: more loss batches than activation batches still run (the
+    quickstart's call), and loss_batches=0 runs none."""
+    buffer = ActivationBuffer(iter(random_texts(40, seed=24)), tiny_gpt2,
+                              tiny_gpt2.transformer.h[0], n_ctxs=4, ctx_len=CTX,
+                              refresh_batch_size=4, out_batch_size=16)
     calls = []
     text_batch = buffer.text_batch
     buffer.text_batch = lambda batch_size=None: calls.append(batch_size) or text_batch(batch_size)
-    results = evaluate(make_dictionary(48), buffer, max_len=CTX, batch_size=2, n_batches=1, loss_batches=3)
+    results = evaluate(make_dictionary(48), buffer, max_len=CTX, batch_size=2, n_batches=1,
+                       loss_batches=3)
     assert calls.count(2) == 3 and math.isfinite(results["frac_recovered"])
     assert "loss_original" not in evaluate(make_dictionary(48), buffer, n_batches=1, loss_batches=0)
 
 
 def test_evaluate_on_a_head_buffer_skips_the_loss_as_upstream():
-    """Per-head activations cannot be patched back as one module's output: evaluate reports reconstruction metrics
-    (on `[batch, n_heads, d_head]` batches) and no loss keys, as upstream."""
+    """Per-head activations cannot be patched back as one module's output: evaluate reports
+    reconstruction metrics (on `[batch, n_heads, d_head]` batches) and no loss keys, as upstream."""
     from dictionary_learning import AutoEncoder, load_model
     from dictionary_learning.buffer import HeadActivationBuffer
 
     model = load_model("tiny-llama")
-    buffer = HeadActivationBuffer(iter(random_texts(40)), model, 0, n_ctxs=16, ctx_len=16, refresh_batch_size=8,
-                                  out_batch_size=32)
+    buffer = HeadActivationBuffer(iter(random_texts(40)), model, 0, n_ctxs=16, ctx_len=16,
+                                  refresh_batch_size=8, out_batch_size=32)
     metrics = evaluate(AutoEncoder(model.config.head_dim, 64), buffer, batch_size=8, n_batches=2)
     assert "l2_loss" in metrics and 0 <= metrics["frac_alive"] <= 1
     assert not {"loss_original", "frac_recovered", "ce_clean"} & set(metrics)

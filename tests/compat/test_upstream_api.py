@@ -1,7 +1,8 @@
-"""Every public name of upstream dictionary_learning (PyPI 0.1.0 and GitHub HEAD 60ec6bf) imports from the same path
-here, with a signature that takes upstream's calls: its positional parameters in its order, its keyword-only ones,
-and nothing more required. The truth is `tests/data/upstream_api.json`, read off upstream's source with `ast`
-(module, name, kind, and each function's / method's parameters)."""
+"""Every public name of upstream dictionary_learning (PyPI 0.1.0 and GitHub HEAD 60ec6bf) imports
+from the same path here, with a signature that takes upstream's calls: its positional parameters in
+its order, its keyword-only ones, and nothing more required. The truth is
+`tests/data/upstream_api.json`, read off upstream's source with `ast` (module, name, kind, and each
+function's / method's parameters)."""
 
 import importlib
 import inspect
@@ -13,9 +14,11 @@ import pytest
 API = json.loads((Path(__file__).parents[1] / "data" / "upstream_api.json").read_text())
 POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
-# where this toolkit's signature deliberately differs from upstream's, and why (also in the README's table)
-DECODE = ("decode(f, x=None) on every class: the codes are `f` (upstream names them `x` on its TopK classes) and x is "
-          "the input, which skip transcoders need; positional calls are the same")
+# where this toolkit's signature deliberately differs from upstream's, and why (also in the README's
+# table)
+DECODE = ("decode(f, x=None) on every class: the codes are `f` (upstream names them `x` on its "
+          "TopK classes) and x is the input, which skip transcoders need; positional calls are the "
+          "same")
 KNOWN_DIFFERENCES = {
     "AutoEncoderTopK.decode": DECODE,
     "BatchTopKSAE.decode": DECODE,
@@ -24,8 +27,8 @@ KNOWN_DIFFERENCES = {
 
 
 def entries():
-    """Each upstream name once; where HEAD changed a signature (e.g. TopKTrainer's `k_anneal_steps` before `seed`),
-    HEAD's."""
+    """Each upstream name once; where HEAD changed a signature (e.g. TopKTrainer's `k_anneal_steps`
+    before `seed`), HEAD's."""
     seen = set()
     for version, modules in sorted(API.items(), key=lambda item: item[0] != "HEAD"):
         for module, names in modules.items():
@@ -36,7 +39,8 @@ def entries():
 
 
 def signature_problems(obj, spec) -> list[str]:
-    """How `obj`'s signature fails to take upstream's calls described by `spec` (empty: it takes them)."""
+    """How `obj`'s signature fails to take upstream's calls described by `spec` (empty: it
+    takes them)."""
     try:
         signature = inspect.signature(obj)
     except (TypeError, ValueError):
@@ -44,7 +48,8 @@ def signature_problems(obj, spec) -> list[str]:
     params = [p for p in signature.parameters.values() if p.name not in ("self", "cls")]
     positional = [p.name for p in params if p.kind in POSITIONAL]
     names = {p.name for p in params}
-    forwards_all = any(p.kind is p.VAR_POSITIONAL for p in params) and any(p.kind is p.VAR_KEYWORD for p in params)
+    forwards_all = any(p.kind is p.VAR_POSITIONAL for p in params) and any(p.kind is p.VAR_KEYWORD
+                                                                           for p in params)
     takes_any_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
     problems = []
     for i, name in enumerate(spec["positional"]):
@@ -80,15 +85,18 @@ def test_upstream_name_takes_upstream_calls(module, name, spec):
             if not hasattr(obj, method):
                 problems.append(f"{key} missing")
             elif "property" not in method_spec["decorators"]:
-                problems += [f"{key}: {p}" for p in signature_problems(getattr(obj, method), method_spec)]
+                problems += [f"{key}: {p}"
+                             for p in signature_problems(getattr(obj, method), method_spec)]
     problems = [p for p in problems if f"{name}: {p}" not in KNOWN_DIFFERENCES]
     assert not problems, f"{module}.{name}: " + "; ".join(problems)
 
 
 def test_known_differences_are_still_differences():
-    """Each listed difference names a real upstream method (so the list cannot silently cover a typo)."""
+    """Each listed difference names a real upstream method (so the list cannot silently cover a
+    typo)."""
     methods = {f"{name}.{method}" for modules in API.values() for names in modules.values()
-               for name, spec in names.items() if spec["kind"] == "class" for method in spec["methods"]}
+               for name, spec in names.items() if spec["kind"] == "class"
+               for method in spec["methods"]}
     functions = {name for modules in API.values() for names in modules.values() for name in names}
     for key in KNOWN_DIFFERENCES:
         assert key.split(":")[0] in methods | functions, key

@@ -1,10 +1,13 @@
-"""Save files both ways, against upstream dictionary_learning itself (PyPI 0.1.0, run in its own venv: build it with
-`bash bench/setup_peers.sh dictionary-learning`; these tests skip when it is absent):
+"""Save files both ways, against upstream dictionary_learning itself (PyPI 0.1.0, run in its own
+venv: build it with `bash bench/setup_peers.sh dictionary-learning`; these tests skip when it is
+absent):
 
-- every upstream trainer's dictionary, trained and saved by upstream's own `trainSAE` (normalised or not), loads here
-  through `load_dictionary` with upstream's encode / decode / forward / features;
-- every dictionary this toolkit's `trainSAE` saves loads in upstream's `load_dictionary` with the same outputs, and
-  what upstream cannot represent (transcoders) is refused by upstream's loader rather than misread.
+- every upstream trainer's dictionary, trained and saved by upstream's own `trainSAE` (normalised
+  or not), loads here through `load_dictionary` with upstream's encode / decode / forward /
+  features;
+- every dictionary this toolkit's `trainSAE` saves loads in upstream's `load_dictionary` with the
+  same outputs, and what upstream cannot represent (transcoders) is refused by upstream's loader
+  rather than misread.
 """
 
 import json
@@ -119,8 +122,8 @@ def upstream(script: str, directory: Path) -> None:
     path = directory / "upstream_script.py"
     path.write_text(script)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": ""}
-    result = subprocess.run([str(UPSTREAM_PYTHON), str(path), str(directory)], capture_output=True, text=True,
-                            cwd=directory, env=env, timeout=600)
+    result = subprocess.run([str(UPSTREAM_PYTHON), str(path), str(directory)], capture_output=True,
+                            text=True, cwd=directory, env=env, timeout=600)
     if result.returncode != 0 and "ModuleNotFoundError" in result.stderr and "dictionary_learning" in result.stderr:
         missing_peer("dictionary-learning", "there but lacks dictionary_learning")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -147,17 +150,21 @@ def test_upstream_saves_load_here_with_the_same_outputs(tmp_path):
     for folder in folders:
         ae, config = load_dictionary(folder)
         expected = torch.load(folder / "upstream_outputs.pt", weights_only=True)
-        assert_outputs_match(expected, namespace["outputs"](ae), f"{folder.parent.name}/{config['trainer']['dict_class']}")
+        assert_outputs_match(expected, namespace["outputs"](ae),
+                             f"{folder.parent.name}/{config['trainer']['dict_class']}")
 
 
 def test_our_saves_load_in_upstream_with_the_same_outputs(tmp_path):
     namespace = ours()
     trainer_configs, common = namespace["configs"](TRAINER_CLASSES)
     for normalize in (False, True):
-        trainSAE(namespace["stream"](200), [{**common, **config} for config in trainer_configs], STEPS,
-                 save_dir=tmp_path / f"normalize_{normalize}", normalize_activations=normalize, progress=False)
-    # transcoders: wider output, a skip connection, and the square one whose weights look like an SAE's
-    for name, kwargs in {"wide": dict(output_dim=2 * D), "skip": dict(skip=True), "square": dict(transcoder=True)}.items():
+        trainSAE(namespace["stream"](200), [{**common, **config} for config in trainer_configs],
+                 STEPS, save_dir=tmp_path / f"normalize_{normalize}",
+                 normalize_activations=normalize, progress=False)
+    # transcoders: wider output, a skip connection, and the square one whose weights look like an
+    # SAE's
+    for name, kwargs in {"wide": dict(output_dim=2 * D), "skip": dict(skip=True),
+                         "square": dict(transcoder=True)}.items():
         save_dictionary(AutoEncoderTopK(D, F, K, **kwargs), tmp_path / f"transcoder_{name}")
     upstream(UPSTREAM_LOADS, tmp_path)
     refused = json.loads((tmp_path / "refused.json").read_text())
@@ -165,7 +172,8 @@ def test_our_saves_load_in_upstream_with_the_same_outputs(tmp_path):
         assert str(folder) not in refused, refused.get(str(folder))
         ae, config = load_dictionary(folder)
         expected = torch.load(folder / "upstream_outputs.pt", weights_only=True)
-        assert_outputs_match(expected, namespace["outputs"](ae), f"{folder.parent.name}/{config['trainer']['dict_class']}")
+        assert_outputs_match(expected, namespace["outputs"](ae),
+                             f"{folder.parent.name}/{config['trainer']['dict_class']}")
     for name in ("wide", "skip", "square"):
         assert str(tmp_path / f"transcoder_{name}") in refused, f"upstream loaded the {name} transcoder"
         assert not (tmp_path / f"transcoder_{name}" / "upstream_outputs.pt").exists()

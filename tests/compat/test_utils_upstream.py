@@ -1,5 +1,6 @@
-"""Upstream's helpers in `dictionary_learning.utils`: text generators on local data written here, folder search,
-the residual-stream submodule and model truncation, each checked against what the test wrote or computed itself."""
+"""Upstream's helpers in `dictionary_learning.utils`: text generators on local data written here,
+folder search, the residual-stream submodule and model truncation, each checked against what the
+test wrote or computed itself."""
 
 import json
 import random
@@ -42,7 +43,8 @@ def test_hf_dataset_to_generator_reads_local_files_and_folders(tmp_path, texts):
     assert list(hf_dataset_to_generator(str(folder))) == texts[:5]
     lines = tmp_path / "lines.txt"
     lines.write_text("first line\nsecond line\n")
-    assert list(hf_dataset_to_generator(str(lines))) == ["first line", "second line"]  # one row per line, as datasets
+    # one row per line, as datasets
+    assert list(hf_dataset_to_generator(str(lines))) == ["first line", "second line"]
     (tmp_path / "data.xml").write_text("<x/>")
     with pytest.raises(ValueError, match="got .*data.xml"):
         hf_dataset_to_generator(str(tmp_path / "data.xml"))
@@ -76,9 +78,11 @@ def test_randomly_remove_system_prompt():
 def test_simple_mixed_generator_interleaves_at_the_fraction(tmp_path):
     main = write_jsonl(tmp_path / "main.jsonl", [{"text": f"A{i}"} for i in range(30)])
     aux = write_jsonl(tmp_path / "aux.jsonl", [{"body": f"B{i}"} for i in range(30)])
-    mixed = list(simple_hf_mixed_dataset_to_generator(str(main), str(aux), main_frac=0.75, aux_key="body"))
+    mixed = list(simple_hf_mixed_dataset_to_generator(str(main), str(aux), main_frac=0.75,
+                                                      aux_key="body"))
     assert mixed[:8] == ["A0", "A1", "A2", "B0", "A3", "A4", "A5", "B1"]
-    assert mixed == [x for i in range(10) for x in (f"A{3 * i}", f"A{3 * i + 1}", f"A{3 * i + 2}", f"B{i}")]
+    assert mixed == [x for i in range(10)
+                     for x in (f"A{3 * i}", f"A{3 * i + 1}", f"A{3 * i + 2}", f"B{i}")]
     with pytest.raises(ValueError, match="main_frac"):
         simple_hf_mixed_dataset_to_generator(str(main), str(aux), main_frac=1.0)
 
@@ -88,9 +92,11 @@ def test_sequence_packing(tmp_path):
     data = write_jsonl(tmp_path / "pre.jsonl", [{"text": r} for r in rows])
     tokenizer = byte_tokenizer()
     packed = list(hf_sequence_packing_dataset_to_generator(tokenizer, str(data), min_chars=8))
-    # each pack takes rows until it holds >= 8 characters: 4 + 6, 2 + 11; "e" alone is too short and is dropped
+    # each pack takes rows until it holds >= 8 characters: 4 + 6, 2 + 11; "e" alone is too short and
+    # is dropped
     assert packed == ["<bos>aaaa<eos>bbbbbb", "<bos>cc<eos>ddddddddddd"]
-    single = list(hf_sequence_packing_dataset_to_generator(tokenizer, str(data), sequence_pack_pretrain=False))
+    single = list(hf_sequence_packing_dataset_to_generator(tokenizer, str(data),
+                                                           sequence_pack_pretrain=False))
     assert single == ["<bos>" + r for r in rows]
     with pytest.raises(ValueError, match="min_chars"):
         hf_sequence_packing_dataset_to_generator(tokenizer, str(data), min_chars=0)
@@ -100,15 +106,20 @@ def test_mixed_pretrain_and_chat(tmp_path):
     tokenizer = byte_tokenizer()
     tokenizer.chat_template = "<bos>{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
     pretrain = write_jsonl(tmp_path / "pre.jsonl", [{"text": f"doc{i}"} for i in range(6)])
-    chats = [[{"role": "system", "content": "SYS"}, {"role": "user", "content": f"q{i}"}] for i in range(6)]
+    chats = [[{"role": "system", "content": "SYS"}, {"role": "user", "content": f"q{i}"}]
+             for i in range(6)]
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"conversation": c} for c in chats])
-    mixed = list(hf_mixed_dataset_to_generator(tokenizer, str(pretrain), str(chat), pretrain_frac=0.5,
-                                               system_prompt_to_remove="[system]SYS", system_prompt_removal_freq=1.0))
+    mixed = list(hf_mixed_dataset_to_generator(tokenizer, str(pretrain), str(chat),
+                                               pretrain_frac=0.5,
+                                               system_prompt_to_remove="[system]SYS",
+                                               system_prompt_removal_freq=1.0))
     assert mixed == [x for i in range(6) for x in (f"<bos>doc{i}", f"<bos>[user]q{i}")]
-    packed = list(hf_mixed_dataset_to_generator(tokenizer, str(pretrain), str(chat), min_chars=20, pretrain_frac=0.5,
-                                                sequence_pack_chat=True, system_prompt_removal_freq=0.0))
+    packed = list(hf_mixed_dataset_to_generator(tokenizer, str(pretrain), str(chat), min_chars=20,
+                                                pretrain_frac=0.5, sequence_pack_chat=True,
+                                                system_prompt_removal_freq=0.0))
     # pretrain packs of >= 20 characters take 5 docs (4 chars each); chats are 20 characters each
-    assert packed == ["<bos>" + "<eos>".join(f"doc{i}" for i in range(5)), "<bos>[system]SYS[user]q0"]
+    assert packed == ["<bos>" + "<eos>".join(f"doc{i}" for i in range(5)),
+                      "<bos>[system]SYS[user]q0"]
 
 
 def test_get_nested_folders_skips_checkpoints(tmp_path):
@@ -117,7 +128,8 @@ def test_get_nested_folders_skips_checkpoints(tmp_path):
     for file in ("trainer_0/ae.pt", "trainer_1/ae.pt", "trainer_1/checkpoints/step_5/ae.pt",
                  "trainer_1/checkpoints/ae_5.pt", "more/deep/ae.pt", "empty/config.json"):
         (tmp_path / file).write_bytes(b"")
-    assert get_nested_folders(tmp_path) == [str(tmp_path / f) for f in ("more/deep", "trainer_0", "trainer_1")]
+    assert get_nested_folders(tmp_path) == [str(tmp_path / f)
+                                            for f in ("more/deep", "trainer_0", "trainer_1")]
     (tmp_path / "ae.pt").write_bytes(b"")
     assert get_nested_folders(str(tmp_path))[0] == str(tmp_path)
 
@@ -143,7 +155,8 @@ def test_truncate_model_keeps_the_layers_up_to_layer(name, capsys, tiny_llama):
     with torch.no_grad():
         model(ids)
     handle.remove()
-    expected = final_norm(seen["x"])  # what the truncated model returns: block 1's output through the final norm
+    # what the truncated model returns: block 1's output through the final norm
+    expected = final_norm(seen["x"])
     n_before = sum(p.numel() for p in model.parameters())
     assert truncate_model(model, 1) is model
     layers = model.model.layers if name == "tiny-llama" else model.transformer.h

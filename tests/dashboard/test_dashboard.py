@@ -1,6 +1,7 @@
-"""The feature dashboard (`python -m dictionary_learning dashboard`, `dictionary_learning.dashboard`): its numbers
-against a plain forward hook and dense references, its circuit-tracer feature files against circuit-tracer's schema,
-and the page in a real headless Chromium."""
+"""The feature dashboard (`python -m dictionary_learning dashboard`,
+`dictionary_learning.dashboard`): its numbers against a plain forward hook and dense references, its
+circuit-tracer feature files against circuit-tracer's schema, and the page in a real headless
+Chromium."""
 
 import gzip
 import json
@@ -28,13 +29,15 @@ from dictionary_learning.models import hook
 
 from ..helpers import CTX, hook_reference, make_suite, random_texts
 
-# circuit-tracer's feature file (circuit_tracer/frontend/feature_models.py, `Model` and its `ExamplesQuantile`,
-# `Example`), re-declared from its source: circuit-tracer itself is not a test dependency
-SCHEMA = {"index": int, "transcoder_id": str, "examples_quantiles": list, "top_logits": list, "bottom_logits": list,
-          "act_min": float, "act_max": float, "quantile_values": list, "histogram": list,
-          "activation_frequency": float}
+# circuit-tracer's feature file (circuit_tracer/frontend/feature_models.py, `Model` and its
+# `ExamplesQuantile`, `Example`), re-declared from its source: circuit-tracer itself is not a test
+# dependency
+SCHEMA = {"index": int, "transcoder_id": str, "examples_quantiles": list, "top_logits": list,
+          "bottom_logits": list, "act_min": float, "act_max": float, "quantile_values": list,
+          "histogram": list, "activation_frequency": float}
 QUANTILE = {"quantile_name": str, "examples": list}
-EXAMPLE = {"tokens_acts_list": list, "train_token_ind": int, "is_repeated_datapoint": bool, "tokens": list}
+EXAMPLE = {"tokens_acts_list": list, "train_token_ind": int, "is_repeated_datapoint": bool,
+           "tokens": list}
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -83,7 +86,8 @@ def test_parse_features():
 
 def test_keep_smallest_keeps_each_features_smallest_keys():
     generator = torch.Generator().manual_seed(0)
-    table = {"feature": torch.randint(5, (200,), generator=generator), "key": torch.rand(200, generator=generator)}
+    table = {"feature": torch.randint(5, (200,), generator=generator),
+             "key": torch.rand(200, generator=generator)}
     table["payload"] = torch.arange(200)
     kept = keep_smallest(table, 3)
     for feature in range(5):
@@ -94,8 +98,8 @@ def test_keep_smallest_keeps_each_features_smallest_keys():
 
 
 def test_statistics_match_a_plain_forward_hook(tiny_llama):
-    """Density, maxima, the top-N values and every example's window of tokens and activations equal those of a
-    plain PyTorch forward hook on each text alone, encoded densely."""
+    """Density, maxima, the top-N values and every example's window of tokens and activations equal
+    those of a plain PyTorch forward hook on each text alone, encoded densely."""
     model = tiny_llama
     point = hook(model, 1, "resid")
     torch.manual_seed(0)
@@ -105,8 +109,9 @@ def test_statistics_match_a_plain_forward_hook(tiny_llama):
     sae = sae.to(next(model._module.parameters()).device)
     texts = random_texts(40, seed=3)
     features = [0, 5, 17, 40, 95]
-    stats = feature_statistics(sae, model, point, iter(texts), features, tokens=10**6, ctx_len=CTX, batch_texts=7,
-                               remove_bos=True, top_examples=6, sample_examples=8, reservoir=16, progress=False)
+    stats = feature_statistics(sae, model, point, iter(texts), features, tokens=10**6, ctx_len=CTX,
+                               batch_texts=7, remove_bos=True, top_examples=6, sample_examples=8,
+                               reservoir=16, progress=False)
     [reference] = hook_reference(model, texts, [point], CTX, drop_first=True)
     codes = sae.encode(reference.to(next(sae.parameters()).device)).float().cpu()[:, features]
     assert stats.tokens == reference.shape[0] and stats.texts == len(texts)
@@ -117,7 +122,8 @@ def test_statistics_match_a_plain_forward_hook(tiny_llama):
         mine = stats.top["value"][stats.top["feature"] == j].sort(descending=True).values
         torch.testing.assert_close(mine, codes[:, j].topk(6).values, rtol=1e-5, atol=1e-6)
         assert (stats.values["feature"] == j).sum() == min(16, int(stats.fired[j]))
-    # each kept example: its window is a stretch of its text, with the activations the reference gives there
+    # each kept example: its window is a stretch of its text, with the activations the reference
+    # gives there
     ids = [model.tokenizer(text, truncation=True, max_length=CTX)["input_ids"] for text in texts]
     per_text, start = [], 0
     for text_ids in ids:  # the reference codes per text, its first token (dropped) as 0
@@ -129,13 +135,16 @@ def test_statistics_match_a_plain_forward_hook(tiny_llama):
             j, text = int(table["feature"][row]), int(table["text"][row])
             window = [int(t) for t in table["ids"][row] if t >= 0]
             acts = table["acts"][row][table["ids"][row] >= 0]
-            starts = [o for o in range(len(ids[text]) - len(window) + 1) if ids[text][o : o + len(window)] == window]
-            assert any(torch.allclose(acts, per_text[text][o : o + len(window), j], atol=1e-5) for o in starts)
+            starts = [o for o in range(len(ids[text]) - len(window) + 1)
+                      if ids[text][o : o + len(window)] == window]
+            assert any(torch.allclose(acts, per_text[text][o : o + len(window), j], atol=1e-5)
+                       for o in starts)
 
 
 def test_logit_lens_reads_through_the_final_norm(tiny_model):
-    """The logit lens of a direction d equals (up to the norm's per-token scale) the model's own head on its final
-    norm of d, less the head on the norm of 0 (its bias): for RMSNorm (Llama) and LayerNorm (GPT-2)."""
+    """The logit lens of a direction d equals (up to the norm's per-token scale) the model's own
+    head on its final norm of d, less the head on the norm of 0 (its bias): for RMSNorm (Llama) and
+    LayerNorm (GPT-2)."""
     module = tiny_model._module
     final_norm = module.model.norm if hasattr(module, "model") else module.transformer.ln_f
     width = module.lm_head.weight.shape[1]
@@ -146,10 +155,12 @@ def test_logit_lens_reads_through_the_final_norm(tiny_model):
         layer_norm = isinstance(final_norm, torch.nn.LayerNorm)
         centred = directions - directions.mean(-1, keepdim=True) if layer_norm else directions
         eps = final_norm.eps if layer_norm else final_norm.variance_epsilon
-        rms = (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt()  # the norm's per-token scale is 1 / rms
+        # the norm's per-token scale is 1 / rms
+        rms = (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt()
     expected = (head * rms).float().cpu()
     torch.testing.assert_close(top_values, expected.topk(5, dim=1).values, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(bottom_values, expected.topk(5, dim=1, largest=False).values, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bottom_values, expected.topk(5, dim=1, largest=False).values,
+                               rtol=1e-4, atol=1e-4)
     assert torch.equal(top_ids, expected.topk(5, dim=1).indices)
 
 
@@ -173,7 +184,8 @@ def external_references(html):
 
 
 def read_binary_feature(folder, layer, feature):
-    """A feature as circuit-tracer's viewer reads the binary form its local server serves (--features_dir)."""
+    """A feature as circuit-tracer's viewer reads the binary form its local server serves
+    (--features_dir)."""
     index = json.loads(gzip.decompress((folder / "index.json.gz").read_bytes()))[str(layer)]
     data = (folder / index["filename"]).read_bytes()[index["offsets"][feature] : index["offsets"][feature + 1]]
     [length] = struct.unpack("<I", data[:4])
@@ -181,21 +193,23 @@ def read_binary_feature(folder, layer, feature):
 
 
 def test_quickstart_and_the_dashboard_command(tmp_path):
-    """The quickstart writes dashboard/index.html; the command on its SAE writes a page with no outside
-    references and circuit-tracer feature files (both forms) whose density and maximum equal a plain forward hook's
-    on the same texts."""
-    metrics = main(["train", "--model", "tiny-llama", "--tokens", "400", "--steps", "3", "--batch", "64",
-                    "--dict-size", "64", "--k", "4", "--eval-texts", "8", "--eval-tokens", "128", "--ctx-len", "32",
-                    "--loss-batches", "1", "--n-features", "1", "--dashboard-features", "10",
-                    "--out", str(tmp_path / "q")])
+    """The quickstart writes dashboard/index.html; the command on its SAE writes a page with no
+    outside references and circuit-tracer feature files (both forms) whose density and maximum equal
+    a plain forward hook's on the same texts."""
+    metrics = main(["train", "--model", "tiny-llama", "--tokens", "400", "--steps", "3", "--batch",
+                    "64", "--dict-size", "64", "--k", "4", "--eval-texts", "8", "--eval-tokens",
+                    "128", "--ctx-len", "32", "--loss-batches", "1", "--n-features", "1",
+                    "--dashboard-features", "10", "--out", str(tmp_path / "q")])
     assert (tmp_path / "q" / "dashboard" / "index.html").exists() and metrics["seconds_dashboard"] > 0
     assert len(list((tmp_path / "q" / "dashboard" / "features").glob("*.json"))) == 10
-    core = json.loads((tmp_path / "q" / "saebench_core.json").read_text())  # SAEBench's core groups and names
+    # SAEBench's core groups and names
+    core = json.loads((tmp_path / "q" / "saebench_core.json").read_text())
     assert set(core) == set(CORE_GROUPS) and core["model_performance_preservation"]["ce_loss_score"] == \
         metrics["ce_loss_score"]
     out = tmp_path / "dash"
-    meta = main(["dashboard", "--dictionary", str(tmp_path / "q" / "sae" / "trainer_0"), "--features", "0-11,40",
-                 "--tokens", "500", "--batch-texts", "5", "--dtype", "float32", "--out", str(out)])
+    meta = main(["dashboard", "--dictionary", str(tmp_path / "q" / "sae" / "trainer_0"),
+                 "--features", "0-11,40", "--tokens", "500", "--batch-texts", "5", "--dtype",
+                 "float32", "--out", str(out)])
     assert meta["hook"] == "layers.2.resid" and meta["features"] == 13 and meta["tokens"] >= 500
     html = (out / "index.html").read_text()
     assert external_references(html) == []
@@ -216,7 +230,8 @@ def test_quickstart_and_the_dashboard_command(tmp_path):
         check_schema(feature)
         assert feature["index"] == index
         assert feature["activation_frequency"] == pytest.approx((codes[:, index] != 0).float().mean().item())
-        assert feature["act_max"] == pytest.approx(codes[:, index].max().clamp_min(0).item(), rel=1e-3)
+        assert feature["act_max"] == pytest.approx(codes[:, index].max().clamp_min(0).item(),
+                                                   rel=1e-3)
         top = feature["examples_quantiles"][0]["examples"]
         if top:
             assert top[0]["tokens_acts_list"][top[0]["train_token_ind"]] == pytest.approx(feature["act_max"],
@@ -239,15 +254,16 @@ def make_suite_folder(folder):
 
 
 def test_scae_module_shows_its_connections(tmp_path):
-    """A suite module's page lists its selected connections: here all of them, so the strongest |weight| first,
-    named by upstream module and feature."""
+    """A suite module's page lists its selected connections: here all of them, so the
+    strongest |weight| first, named by upstream module and feature."""
     suite = make_suite_folder(tmp_path)
     out = tmp_path / "dash"
-    main(["dashboard", "--dictionary", str(tmp_path / "suite" / "mlp_1"), "--features", "4", "--tokens", "200",
-          "--ctx-len", str(CTX), "--out", str(out)])
+    main(["dashboard", "--dictionary", str(tmp_path / "suite" / "mlp_1"), "--features", "4",
+          "--tokens", "200", "--ctx-len", str(CTX), "--out", str(out)])
     html = (out / "index.html").read_text()
     data = json.loads(re.search(r'id="dashboard-data">(.*?)</script>', html, re.S).group(1))
-    weights = suite.connections.weights["mlp_1"][:4]  # [4, n_upstream]: attn_0, mlp_0, attn_1 in order
+    # [4, n_upstream]: attn_0, mlp_0, attn_1 in order
+    weights = suite.connections.weights["mlp_1"][:4]
     sizes = [("attn_0", 96), ("mlp_0", 96), ("attn_1", 96)]
     for feature in data["features"]:
         order = weights[feature["index"]].abs().argsort(descending=True)[:10].tolist()
@@ -265,14 +281,15 @@ def launch_chromium():
         pytest.skip("playwright is not installed (pip install playwright)")
     executable = shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(executable).exists():
-        pytest.skip("no Chromium at /usr/bin/chromium (apt-get install -y --no-install-recommends chromium)")
+        pytest.skip("no Chromium at /usr/bin/chromium (apt-get install -y --no-install-recommends "
+                    "chromium)")
     return sync_playwright, executable
 
 
 @pytest.mark.browser
 def test_the_page_in_a_headless_browser(tmp_path):
-    """From file://, with no console errors and no request but the page itself: search filters the list, and
-    clicking a feature shows its contexts with highlighted tokens."""
+    """From file://, with no console errors and no request but the page itself: search filters the
+    list, and clicking a feature shows its contexts with highlighted tokens."""
     sync_playwright, executable = launch_chromium()
     torch.manual_seed(0)
     save_dictionary(AutoEncoderTopK(48, 40, 4), tmp_path / "sae", config={"trainer": {
@@ -282,8 +299,10 @@ def test_the_page_in_a_headless_browser(tmp_path):
     data = json.loads(re.search(r'id="dashboard-data">(.*?)</script>',
                                 (tmp_path / "dash" / "index.html").read_text(), re.S).group(1))
     alive = [f for f in data["features"] if f["fired"] > 0]
-    token = next(t.strip() for f in alive for t in f["top_tokens"] if t.strip() and not t.strip().isdigit())
-    with_token = {f["index"] for f in data["features"] if any(token.lower() in t.lower() for t in f["top_tokens"])}
+    token = next(t.strip() for f in alive for t in f["top_tokens"]
+                 if t.strip() and not t.strip().isdigit())
+    with_token = {f["index"] for f in data["features"]
+                  if any(token.lower() in t.lower() for t in f["top_tokens"])}
     errors, requests = [], []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=BROWSER_ARGS)
@@ -306,9 +325,11 @@ def test_the_page_in_a_headless_browser(tmp_path):
             page.wait_for_selector("#detail .example .token")
             assert page.inner_text("#detail h2").startswith(f"Feature {alive[0]['index']}")
             highlighted = page.eval_on_selector_all(
-                "#detail .example .token", "spans => spans.filter(s => s.style.backgroundColor).length")
+                "#detail .example .token",
+                "spans => spans.filter(s => s.style.backgroundColor).length")
             assert highlighted > 0
-            assert page.eval_on_selector("#detail svg.histogram", "svg => svg.querySelectorAll('rect').length") == 40
+            assert page.eval_on_selector("#detail svg.histogram",
+                                         "svg => svg.querySelectorAll('rect').length") == 40
         finally:
             browser.close()
     assert errors == []

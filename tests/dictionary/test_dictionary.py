@@ -1,4 +1,5 @@
-"""Dictionaries: the sparse TopK path (forward and every gradient) against a dense float64 autograd reference."""
+"""Dictionaries: the sparse TopK path (forward and every gradient) against a dense float64 autograd
+reference."""
 
 import pytest
 import torch
@@ -30,7 +31,8 @@ def dense_topk_reference(ae, x):
     return out + ae.skip(x) if ae.skip is not None else out
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(output_dim=7, transcoder=True), dict(transcoder=True, skip=True)])
+@pytest.mark.parametrize("kwargs", [dict(), dict(output_dim=7, transcoder=True),
+                                    dict(transcoder=True, skip=True)])
 def test_topk_sparse_path_matches_dense_autograd(kwargs):
     ae = _randomise(AutoEncoderTopK(12, 40, 5, **kwargs).double())
     x = torch.randn(9, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -60,7 +62,8 @@ def test_batch_topk_sparse_path_matches_dense_autograd():
     reference = torch.autograd.grad(want.pow(2).sum(), list(ae.parameters()))
     for g, r in zip(grads, reference):
         torch.testing.assert_close(g, r)
-    assert int((codes > 0).sum()) == 24 and len({*code.rows.tolist()}) > 1  # k*batch codes, spread over rows
+    # k*batch codes, spread over rows
+    assert int((codes > 0).sum()) == 24 and len({*code.rows.tolist()}) > 1
 
 
 def test_encode_decode_api():
@@ -108,11 +111,12 @@ def test_bad_input():
 
 
 def test_topk_trainer_loss_with_auxk_matches_dense_autograd():
-    """The whole TopKTrainer loss, AuxK on dead latents included: value and every gradient in float64."""
+    """The whole TopKTrainer loss, AuxK on dead latents included: value and every gradient in
+    float64."""
     from dictionary_learning.trainers import TopKTrainer
 
-    trainer = TopKTrainer(steps=10, activation_dim=12, dict_size=40, k=4, k_aux=6, auxk_alpha=0.5, seed=0,
-                          dead_feature_threshold=100)
+    trainer = TopKTrainer(steps=10, activation_dim=12, dict_size=40, k=4, k_aux=6, auxk_alpha=0.5,
+                          seed=0, dead_feature_threshold=100)
     ae = _randomise(trainer.ae.double(), seed=6)
     dead = torch.zeros(40, dtype=torch.bool)
     dead[torch.randperm(40, generator=torch.Generator().manual_seed(7))[:15]] = True
@@ -127,7 +131,8 @@ def test_topk_trainer_loss_with_auxk_matches_dense_autograd():
     x_hat = codes @ ae.decoder.weight.t() + ae.b_dec
     mse = (x - x_hat).pow(2).sum(-1).mean()
     residual = (x - x_hat).detach()
-    dead &= ~(codes > 0).any(dim=0)  # latents firing in this batch are alive again before AuxK (as upstream)
+    # latents firing in this batch are alive again before AuxK (as upstream)
+    dead &= ~(codes > 0).any(dim=0)
     aux_values, aux_indices = pre.masked_fill(~dead, -torch.inf).topk(6, dim=-1)
     aux_codes = torch.zeros_like(pre).scatter(-1, aux_indices, F.relu(aux_values))
     error = (residual - aux_codes @ ae.decoder.weight.t()).pow(2).sum(-1).mean()
@@ -138,4 +143,5 @@ def test_topk_trainer_loss_with_auxk_matches_dense_autograd():
     for (name, _), g, r in zip(ae.named_parameters(), grads, reference_grads):
         torch.testing.assert_close(g, r, msg=f"gradient of {name}")
     by_name = dict(zip([name for name, _ in ae.named_parameters()], grads))
-    assert by_name["encoder.bias"][dead].abs().sum() > 0  # AuxK's gradient reaches the dead latents' encoder
+    # AuxK's gradient reaches the dead latents' encoder
+    assert by_name["encoder.bias"][dead].abs().sum() > 0

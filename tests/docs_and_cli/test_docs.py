@@ -1,10 +1,12 @@
-"""Every Python and shell block of README.md and docs/*.md runs as written, so the documentation cannot rot.
+"""Every Python and shell block of README.md and docs/*.md runs as written, so the documentation
+cannot rot.
 
-Each page runs as one script, its blocks in order, like a notebook: Python blocks share one namespace, shell blocks
-run through bash between them, all in a fresh folder that holds links to the repository's demos/ and bench/ (so
-`python demos/...` works as it does from a checkout). A block may be left out only with a comment on the line
-before its fence saying why, `<!-- not run: needs 4 GPUs -->`; the test lists those. Running the pages is marked
-slow (each takes seconds to a minute and a half). Every fence must name its language: python, bash, or a language that is not code (text, json,
+Each page runs as one script, its blocks in order, like a notebook: Python blocks share one
+namespace, shell blocks run through bash between them, all in a fresh folder that holds links to the
+repository's demos/ and bench/ (so `python demos/...` works as it does from a checkout). A block may
+be left out only with a comment on the line before its fence saying why, `<!-- not run: needs 4 GPUs
+-->`; the test lists those. Running the pages is marked slow (each takes seconds to a minute and a
+half). Every fence must name its language: python, bash, or a language that is not code (text, json,
 yaml, markdown)."""
 
 import json
@@ -25,7 +27,8 @@ SKIP = re.compile(r"^<!-- not run: (.+) -->$")
 
 
 def blocks(page: Path) -> list[dict]:
-    """The fenced blocks of a page: language, first line number, code, and the reason it is not run (or None)."""
+    """The fenced blocks of a page: language, first line number, code, and the reason it is not run
+    (or None)."""
     lines = page.read_text().splitlines()
     found, i = [], 0
     while i < len(lines):
@@ -36,7 +39,8 @@ def blocks(page: Path) -> list[dict]:
         start, language = i, match.group(1)
         end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
         skip = SKIP.match(lines[start - 1]) if start else None
-        found.append({"language": language, "line": start + 1, "code": "\n".join(lines[start + 1:end]),
+        found.append({"language": language, "line": start + 1,
+                      "code": "\n".join(lines[start + 1:end]),
                       "skip": skip.group(1) if skip else None})
         i = end + 1
     return found
@@ -44,15 +48,13 @@ def blocks(page: Path) -> list[dict]:
 
 def script(page: Path) -> str:
     """The page's runnable blocks as one Python script (shell blocks through `_shell`)."""
-    parts = ["import subprocess as _subprocess\nimport sys as _sys\nimport time as _time\n\n"
-             "def _shell(code, line):\n"
-             "    done = _subprocess.run(['bash', '-euo', 'pipefail', '-c', code])\n"
-             "    if done.returncode:\n"
-             "        raise SystemExit(f'the shell block at line {line} exited with {done.returncode}')\n\n"
-             "def _lap(line, started=[_time.perf_counter()]):\n"
-             "    now = _time.perf_counter()\n"
-             "    print(f'[docs] block at line {line}: {now - started[0]:.1f} s', file=_sys.stderr, flush=True)\n"
-             "    started[0] = now\n"]
+    parts = ["import subprocess as _subprocess\nimport sys as _sys\nimport time as _time\n\ndef "
+             "_shell(code, line):\n    done = _subprocess.run(['bash', '-euo', 'pipefail', '-c', "
+             "code])\n    if done.returncode:\n        raise SystemExit(f'the shell block at line "
+             "{line} exited with {done.returncode}')\n\ndef _lap(line, "
+             "started=[_time.perf_counter()]):\n    now = _time.perf_counter()\n    print(f'[docs] "
+             "block at line {line}: {now - started[0]:.1f} s', file=_sys.stderr, flush=True)\n    "
+             "started[0] = now\n"]
     for block in blocks(page):
         kind = RUN.get(block["language"])
         if kind is None or block["skip"]:
@@ -104,8 +106,9 @@ def test_every_block_runs(page, tmp_path):
     path.write_text(script(page))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
            "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=1200)
+    done = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=1200)
     print("\n".join(line for line in done.stderr.splitlines() if line.startswith("[docs]")))
-    assert done.returncode == 0, (f"{page_id(page)}'s blocks failed (the script's '# ---- line N' comments name "
-                                  f"each block's line on the page):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    assert done.returncode == 0, (f"{page_id(page)}'s blocks failed (the script's '# ---- line N' "
+                                  "comments name each block's line on the "
+                                  f"page):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")

@@ -1,6 +1,7 @@
-"""Installing the package never replaces the torch a user already has: pip's own resolver, asked for the project's
-declared dependencies (pyproject.toml) in a venv that sees this environment's packages plus a stand-in for a newer
-torch, would install no torch, and a user pinning that newer torch gets no ResolutionImpossible."""
+"""Installing the package never replaces the torch a user already has: pip's own resolver, asked for
+the project's declared dependencies (pyproject.toml) in a venv that sees this environment's packages
+plus a stand-in for a newer torch, would install no torch, and a user pinning that newer torch gets
+no ResolutionImpossible."""
 
 import json
 import os
@@ -34,12 +35,14 @@ def test_torch_has_no_upper_bound():
 
 
 def planned_installs(venv_python, *extra):
-    """What `pip install --dry-run` of the project's dependencies would install there (no config files: this
-    machine's pip.conf caps torch, a user's does not)."""
+    """What `pip install --dry-run` of the project's dependencies would install there (no config
+    files: this machine's pip.conf caps torch, a user's does not)."""
     report = Path(venv_python).parent.parent / "report.json"
     env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    done = subprocess.run([venv_python, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report),
-                           *dependencies(), *extra], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([venv_python, "-m", "pip", "install", "--dry-run", "--quiet", "--report",
+                           str(report),
+                           *dependencies(), *extra], capture_output=True, text=True, env=env,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return {item["metadata"]["name"].lower(): item["metadata"]["version"]
             for item in json.loads(report.read_text())["install"]}
@@ -47,11 +50,14 @@ def planned_installs(venv_python, *extra):
 
 @pytest.fixture(scope="module")
 def venv_with_newer_torch(tmp_path_factory):
-    """A venv over this environment's packages, with the metadata of a torch newer than any tested."""
+    """A venv over this environment's packages, with the metadata of a torch newer than any
+    tested."""
     folder = tmp_path_factory.mktemp("venv")
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(folder)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(folder)],
+                   check=True, timeout=120)
     python = folder / "bin" / "python"
-    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    purelib = subprocess.run([python, "-c",
+                              "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()
     info = Path(purelib) / "torch-2.99.0.dist-info"
     info.mkdir(parents=True)
@@ -63,8 +69,8 @@ def venv_with_newer_torch(tmp_path_factory):
 
 @pytest.mark.slow
 def test_installing_over_the_current_torch_installs_no_torch(tmp_path):
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(tmp_path / "venv")], check=True,
-                   timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(tmp_path / "venv")],
+                   check=True, timeout=120)
     assert "torch" not in planned_installs(tmp_path / "venv" / "bin" / "python")
 
 

@@ -150,7 +150,8 @@ def test_quickstart_prints_and_times_every_phase(tmp_path, capsys):
     assert metrics["seconds_train"] > 0
 
 
-@pytest.mark.filterwarnings("error::UserWarning")  # no buffer warning about sizes the caller never chose
+# no buffer warning about sizes the caller never chose
+@pytest.mark.filterwarnings("error::UserWarning")
 def test_quickstart_without_progress_is_quiet(tmp_path, capsys):
     capsys.readouterr()
     metrics = quickstart(**SMALL, dashboard_features=0, out=tmp_path / "q", progress=False)

@@ -1,6 +1,7 @@
-"""SAEBench's core metrics under its names, against independent computations: a plain forward hook for the mean
-ablation, float64 sums over the concatenated batches for the variances, norms and frequencies, a brute-force
-cosine matrix for the max-cosine metrics, and SAEBench's score formulas from the raw CEs and KLs."""
+"""SAEBench's core metrics under its names, against independent computations: a plain forward hook
+for the mean ablation, float64 sums over the concatenated batches for the variances, norms and
+frequencies, a brute-force cosine matrix for the max-cosine metrics, and SAEBench's score formulas
+from the raw CEs and KLs."""
 
 import math
 
@@ -29,11 +30,13 @@ def test_mean_ablation_matches_a_forward_hook(tiny_model):
     handle = module.register_forward_hook(lambda m, args, out: seen.append((out[0] if isinstance(out, tuple)
                                                                              else out).reshape(-1, d)))
     try:
-        clean, clean_logits = reference_ce(tiny_model, texts, point.path)  # each text alone: real tokens only
+        # each text alone: real tokens only
+        clean, clean_logits = reference_ce(tiny_model, texts, point.path)
     finally:
         handle.remove()
     mean = torch.cat(seen).double().mean(dim=0).float()
-    ablated, mean_logits = reference_ce(tiny_model, texts, point.path, replace=lambda v: mean.expand_as(v))
+    ablated, mean_logits = reference_ce(tiny_model, texts, point.path,
+                                        replace=lambda v: mean.expand_as(v))
     zero, zero_logits = reference_ce(tiny_model, texts, point.path, replace=torch.zeros_like)
 
     def kl(others):
@@ -88,8 +91,8 @@ def test_reconstruction_and_frequency_metrics_against_float64_sums():
 
 def test_evaluate_gives_saebench_core_groups(tiny_llama):
     texts = random_texts(40, seed=22)
-    buffer = ActivationBuffer(iter(texts), tiny_llama, hook(tiny_llama, 1, "resid"), n_ctxs=8, ctx_len=CTX,
-                              refresh_batch_size=4, out_batch_size=64, remove_bos=True)
+    buffer = ActivationBuffer(iter(texts), tiny_llama, hook(tiny_llama, 1, "resid"), n_ctxs=8,
+                              ctx_len=CTX, refresh_batch_size=4, out_batch_size=64, remove_bos=True)
     torch.manual_seed(2)
     results = evaluate(AutoEncoderTopK(64, 256, 8), buffer, max_len=CTX, batch_size=4, n_batches=2)
     groups = core_groups(results)

@@ -1,4 +1,5 @@
-"""Evaluation against plain-PyTorch references: forward hooks that patch the module, CE computed per text."""
+"""Evaluation against plain-PyTorch references: forward hooks that patch the module, CE computed per
+text."""
 
 import math
 
@@ -16,8 +17,8 @@ CTX = 32
 
 
 def reference_ce(model, texts, module_path, replace=None, replace_input=False):
-    """Mean next-token CE over all real tokens, each text run alone, with an optional forward hook that replaces
-    the module's output (or input) by replace(value)."""
+    """Mean next-token CE over all real tokens, each text run alone, with an optional forward hook
+    that replaces the module's output (or input) by replace(value)."""
     torch_model = model._module
     module = torch_model.get_submodule(module_path)
     handle = None
@@ -33,7 +34,8 @@ def reference_ce(model, texts, module_path, replace=None, replace_input=False):
     try:
         with torch.no_grad():
             for text in texts:
-                ids = model.tokenizer(text, return_tensors="pt", truncation=True, max_length=CTX)["input_ids"]
+                ids = model.tokenizer(text, return_tensors="pt", truncation=True,
+                                      max_length=CTX)["input_ids"]
                 logits = torch_model(ids).logits[0]
                 losses.append(F.cross_entropy(logits[:-1], ids[0, 1:], reduction="none"))
                 logits_list.append(logits)
@@ -91,7 +93,8 @@ def test_perfect_dictionary_recovers_everything(tiny_gpt2):
             return (x, x) if output_features else x
 
     texts = random_texts(4, seed=13)
-    got = loss_recovered(texts, tiny_gpt2, Identity(48, 96, 4), (hook(tiny_gpt2, 1, "resid"),), ctx_len=CTX)
+    got = loss_recovered(texts, tiny_gpt2, Identity(48, 96, 4), (hook(tiny_gpt2, 1, "resid"),),
+                         ctx_len=CTX)
     assert got["ce_patched"] == pytest.approx(got["ce_clean"], abs=1e-5)
     assert got["frac_recovered"] == pytest.approx(1.0, abs=1e-4) and abs(got["kl_patched"]) < 1e-5
 
@@ -111,11 +114,11 @@ def test_reconstruction_metrics_against_numpy_style_reference():
 
 def test_evaluate_with_buffer(tiny_llama):
     texts = random_texts(40, seed=14)
-    buffer = ActivationBuffer(iter(texts), tiny_llama, hook(tiny_llama, 1, "resid"), n_ctxs=8, ctx_len=CTX,
-                              refresh_batch_size=4, out_batch_size=64, remove_bos=True)
+    buffer = ActivationBuffer(iter(texts), tiny_llama, hook(tiny_llama, 1, "resid"), n_ctxs=8,
+                              ctx_len=CTX, refresh_batch_size=4, out_batch_size=64, remove_bos=True)
     results = evaluate(make_dictionary(64), buffer, max_len=CTX, batch_size=4, n_batches=2)
-    for key in ("mse", "fvu", "cossim", "l2_ratio", "l0", "frac_alive", "ce_clean", "ce_patched", "ce_zero",
-                "frac_recovered", "kl_patched", "frac_variance_explained"):
+    for key in ("mse", "fvu", "cossim", "l2_ratio", "l0", "frac_alive", "ce_clean", "ce_patched",
+                "ce_zero", "frac_recovered", "kl_patched", "frac_variance_explained"):
         assert key in results and math.isfinite(results[key]), key
     assert results["l0"] == pytest.approx(8.0) and 0 < results["frac_alive"] <= 1
     # iterators of plain tensors give the reconstruction metrics only

@@ -1,5 +1,6 @@
-"""interp (feature_effect, examine_dimension, feature_umap) against plain forward hooks on each text run alone, and
-grad_pursuit against a per-row float64 reference of the algorithm and a planted sparse code."""
+"""interp (feature_effect, examine_dimension, feature_umap) against plain forward hooks on each text
+run alone, and grad_pursuit against a per-row float64 reference of the algorithm and a planted
+sparse code."""
 
 import sys
 import types
@@ -26,8 +27,8 @@ def make_sae(seed=0):
 
 
 def per_text(model, texts, path, replace=None):
-    """(last-position log-probs `[n, vocab]`, the module's outputs `[seq, d]` per text), each text run alone, the
-    module's output optionally replaced by replace(output `[1, seq, d]`)."""
+    """(last-position log-probs `[n, vocab]`, the module's outputs `[seq, d]` per text), each text
+    run alone, the module's output optionally replaced by replace(output `[1, seq, d]`)."""
     module = model._module.get_submodule(path)
     outputs = []
 
@@ -44,7 +45,8 @@ def per_text(model, texts, path, replace=None):
         with torch.no_grad():
             rows = []
             for text in texts:
-                ids = model.tokenizer(text, return_tensors="pt", truncation=True, max_length=CTX)["input_ids"]
+                ids = model.tokenizer(text, return_tensors="pt", truncation=True,
+                                      max_length=CTX)["input_ids"]
                 rows.append(model._module(ids).logits[0, -1].log_softmax(-1))
     finally:
         handle.remove()
@@ -75,12 +77,12 @@ def test_feature_effect_matches_hook_reference(tiny_llama, add_residual):
         clean, _ = per_text(tiny_llama, texts, path, replace=lambda x: sae(x[0])[None])
     ablation, _ = per_text(tiny_llama, texts, path, replace=ablated(sae, feature, add_residual))
     values, tokens = (clean - ablation).mean(0).topk(5)
-    got_tokens, got_values = feature_effect(tiny_llama, tiny_llama.model.layers[1], sae, feature, texts,
-                                            max_length=CTX, add_residual=add_residual, k=5)
+    got_tokens, got_values = feature_effect(tiny_llama, tiny_llama.model.layers[1], sae, feature,
+                                            texts, max_length=CTX, add_residual=add_residual, k=5)
     torch.testing.assert_close(got_values, values, atol=1e-4, rtol=1e-4)
     assert got_tokens.tolist() == tokens.tolist() and values[0] > 1e-3
-    lowest, _ = feature_effect(tiny_llama, path, sae, feature, texts, max_length=CTX, add_residual=add_residual,
-                               k=3, largest=False)
+    lowest, _ = feature_effect(tiny_llama, path, sae, feature, texts, max_length=CTX,
+                               add_residual=add_residual, k=3, largest=False)
     assert lowest.tolist() == (clean - ablation).mean(0).topk(3, largest=False).indices.tolist()
 
 
@@ -95,8 +97,8 @@ def test_feature_effect_of_a_model_dimension(tiny_gpt2):
     clean, _ = per_text(tiny_gpt2, texts, "transformer.h.2")
     ablation, _ = per_text(tiny_gpt2, texts, "transformer.h.2", replace=zero_dim)
     values, tokens = (clean - ablation).mean(0).topk(4)
-    got_tokens, got_values = feature_effect(tiny_gpt2, tiny_gpt2.transformer.h[2], None, 7, texts, max_length=CTX,
-                                            k=4)
+    got_tokens, got_values = feature_effect(tiny_gpt2, tiny_gpt2.transformer.h[2], None, 7, texts,
+                                            max_length=CTX, k=4)
     torch.testing.assert_close(got_values, values, atol=1e-4, rtol=1e-4)
     assert got_tokens.tolist() == tokens.tolist()
 
@@ -104,14 +106,15 @@ def test_feature_effect_of_a_model_dimension(tiny_gpt2):
 def test_examine_dimension(tiny_llama):
     texts = random_texts(12, seed=33, max_words=10)
     sae = make_sae(seed=1)
-    buffer = ActivationBuffer(iter(texts), tiny_llama, hook(tiny_llama, 1, "resid"), n_ctxs=4, ctx_len=CTX,
-                              refresh_batch_size=4, out_batch_size=16)
+    buffer = ActivationBuffer(iter(texts), tiny_llama, hook(tiny_llama, 1, "resid"), n_ctxs=4,
+                              ctx_len=CTX, refresh_batch_size=4, out_batch_size=16)
     _, outputs = per_text(tiny_llama, texts[:6], "model.layers.1")  # the 6 texts the profile reads
     codes = [sae.encode(o) for o in outputs]
     dim = int(torch.cat(codes).gt(0).sum(0).argmax())  # the most frequently firing feature
-    profile = examine_dimension(tiny_llama, tiny_llama.model.layers[1], buffer, sae, max_length=CTX, n_inputs=6,
-                                dim_idx=dim, k=5)
-    assert type(profile).__name__ == "featureProfile" and profile._fields == ("top_contexts", "top_tokens",
+    profile = examine_dimension(tiny_llama, tiny_llama.model.layers[1], buffer, sae, max_length=CTX,
+                                n_inputs=6, dim_idx=dim, k=5)
+    assert type(profile).__name__ == "featureProfile" and profile._fields == ("top_contexts",
+                                                                              "top_tokens",
                                                                              "top_affected")
     # mean activation per token, over the real tokens of the 6 texts
     ids = [tiny_llama.tokenizer(t, truncation=True, max_length=CTX)["input_ids"] for t in texts[:6]]
@@ -123,14 +126,17 @@ def test_examine_dimension(tiny_llama):
     means = {tiny_llama.tokenizer.decode(t): sums[t] / counts[t] for t in sums}
     expected = sorted(means.values(), reverse=True)[:5]
     assert [v for _, v in profile.top_tokens] == pytest.approx(expected, abs=1e-4)
-    assert all(means[token] == pytest.approx(value, abs=1e-4) for token, value in profile.top_tokens)
-    # the contexts end at the 5 strongest activations; without circuitsvis they come as (tokens, activations)
+    assert all(means[token] == pytest.approx(value, abs=1e-4)
+               for token, value in profile.top_tokens)
+    # the contexts end at the 5 strongest activations; without circuitsvis they come as
+    # (tokens, activations)
     strongest = torch.cat([c[:, dim] for c in codes]).topk(5).values
     contexts = profile.top_contexts
     assert [acts[-1] for _, acts in contexts] == pytest.approx(strongest.tolist(), abs=1e-4)
     text_tokens = [[tiny_llama.tokenizer.decode(t) for t in row] for row in ids]
     assert all(any(row[: len(words)] == words for row in text_tokens) for words, _ in contexts)
-    assert len(profile.top_affected) == 5 and all(isinstance(v, float) for _, v in profile.top_affected)
+    assert len(profile.top_affected) == 5 and all(isinstance(v, float)
+                                                  for _, v in profile.top_affected)
 
 
 @pytest.fixture
@@ -163,7 +169,8 @@ def test_feature_umap_embeds_decoder_or_encoder_rows(fake_umap):
     sae = make_sae()
     assert feature_umap(sae, feat_idxs=[2, 5]) == "figure"
     torch.testing.assert_close(fake_umap["vectors"], sae.decoder.weight.T.detach())
-    assert fake_umap["umap"] == {"n_neighbors": 15, "metric": "cosine", "min_dist": 0.05, "n_components": 2}
+    assert fake_umap["umap"] == {"n_neighbors": 15, "metric": "cosine", "min_dist": 0.05,
+                                 "n_components": 2}
     colors = fake_umap["scatter"]["color"]
     assert [i for i, c in enumerate(colors) if c == "red"] == [2, 5] and len(colors) == 128
     feature_umap(sae, weight="encoder", n_components=3, feat_idxs=4)
@@ -181,13 +188,13 @@ def test_feature_umap_needs_umap(monkeypatch):
         feature_umap(make_sae())
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # grad_pursuit
 
 
 def reference_pursuit(signal, atoms, target_l0):
-    """The algorithm row by row in float64: pick the atom best aligned with the residual, step along the gradient
-    restricted to the picked atoms with the line-search optimum, clip at zero."""
+    """The algorithm row by row in float64: pick the atom best aligned with the residual, step along
+    the gradient restricted to the picked atoms with the line-search optimum, clip at zero."""
     signal, atoms = signal.double(), atoms.double()
     codes = torch.zeros(signal.shape[0], atoms.shape[1], dtype=torch.float64)
     for row in range(signal.shape[0]):

@@ -1,7 +1,7 @@
-"""Format conversion without the peers: the library-neutral form computes what each dictionary computes (a float64
-re-computation from its written formula), conversions round-trip through files and the command line, hook points map
-to each library's names per family, and what a format cannot hold is refused with a clear error. The peers' own
-loaders are checked in test_formats_peers.py."""
+"""Format conversion without the peers: the library-neutral form computes what each dictionary
+computes (a float64 re-computation from its written formula), conversions round-trip through files
+and the command line, hook points map to each library's names per family, and what a format cannot
+hold is refused with a clear error. The peers' own loaders are checked in test_formats_peers.py."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ D = 12
 
 
 def randomized(dictionary, seed: int = 0):
-    """The dictionary with random weights (thresholds positive; BatchTopK / Matryoshka with a learned one)."""
+    """The dictionary with random weights (thresholds positive; BatchTopK / Matryoshka with a
+    learned one)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in dictionary.named_parameters():
@@ -80,8 +81,8 @@ def test_neutral_form_computes_what_the_dictionary_computes(name):
         for centred in (False, True):  # moving b_dec into the encoder bias changes nothing
             if centred and weights.transcoder:
                 continue
-            torch.testing.assert_close(weights.with_centring(centred).forward(x).double(), reference,
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(weights.with_centring(centred).forward(x).double(),
+                                       reference, rtol=1e-5, atol=1e-5)
         rebuilt = dictionary_from(weights)
         torch.testing.assert_close(rebuilt(x).double(), reference, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(rebuilt.encode(x), dictionary.encode(x), rtol=1e-5, atol=1e-5)
@@ -103,7 +104,8 @@ def test_command_line_export_and_import_round_trip(tmp_path, to, capsys):
     dictionary = randomized(AutoEncoderTopK(D, 36, 4, transcoder=True))
     saved = save_dictionary(dictionary, tmp_path / "ours", transcoder_config())
     if to == "saelens":
-        dictionary = randomized(BatchTopKSAE(D, 36, 4, transcoder=True))  # SAELens has no TopK transcoder
+        # SAELens has no TopK transcoder
+        dictionary = randomized(BatchTopKSAE(D, 36, 4, transcoder=True))
         saved = save_dictionary(dictionary, tmp_path / "ours", transcoder_config())
     main(["export", "--to", to, str(saved), str(tmp_path / "exported")])
     assert "wrote" in capsys.readouterr().out
@@ -122,7 +124,8 @@ def test_command_line_export_and_import_round_trip(tmp_path, to, capsys):
 
 
 def test_circuit_tracer_set_round_trip(tmp_path):
-    dictionaries = [randomized(JumpReluAutoEncoder(D, 36, transcoder=True), seed) for seed in range(3)]
+    dictionaries = [randomized(JumpReluAutoEncoder(D, 36, transcoder=True), seed)
+                    for seed in range(3)]
     for layer, dictionary in enumerate(dictionaries):
         save_dictionary(dictionary, tmp_path / "ours" / f"tc{layer}", transcoder_config(layer))
     main(["export", "--to", "circuit-tracer", str(tmp_path / "ours"), str(tmp_path / "set")])
@@ -145,18 +148,20 @@ def test_hook_names_per_family():
         "model.layers.1.post_attention_layernorm"
     assert output_path({"path": "model.layers.1.mlp", "io": "input"}, "tiny-gemma2") == \
         "model.layers.1.pre_feedforward_layernorm"
-    with pytest.raises(ValueError, match="hook name explicitly"):  # Llama and Gemma-2 disagree: no guess
+    # Llama and Gemma-2 disagree: no guess
+    with pytest.raises(ValueError, match="hook name explicitly"):
         output_path({"path": "model.layers.1.mlp", "io": "input"}, None)
     with pytest.raises(ValueError, match="not an MLP's input"):
         output_path({"path": "model.layers.1.self_attn", "io": "input"}, "tiny-llama")
     weights = weights_of(AutoEncoderTopK(D, 36, 4), {"trainer": {"lm_name": "tiny-gpt2"},
-                                                    "buffer": {"hooks": [{"path": "transformer.h.3", "io": "output"}]}})
+                                                    "buffer": {"hooks": [{"path": "transformer.h.3",
+                                                                          "io": "output"}]}})
     assert hookpoint_of(weights) == "h.3"  # sparsify names modules inside the base model
 
 
 def test_what_a_format_cannot_hold_is_refused(tmp_path):
-    topk_transcoder = save_dictionary(randomized(AutoEncoderTopK(D, 36, 4, transcoder=True)), tmp_path / "tk",
-                                      transcoder_config(layer=0))
+    topk_transcoder = save_dictionary(randomized(AutoEncoderTopK(D, 36, 4, transcoder=True)),
+                                      tmp_path / "tk", transcoder_config(layer=0))
     with pytest.raises(ValueError, match="SAELens has no TopK transcoder"):
         export(topk_transcoder, tmp_path / "out", to="saelens")
     with pytest.raises(ValueError, match="cannot read"):
@@ -166,9 +171,10 @@ def test_what_a_format_cannot_hold_is_refused(tmp_path):
         export(relu, tmp_path / "out", to="sparsify")
     with pytest.raises(ValueError, match="must be a transcoder"):
         export([relu], tmp_path / "out", to="circuit-tracer")
-    wrong_layer = save_dictionary(randomized(JumpReluAutoEncoder(D, 36, transcoder=True)), tmp_path / "jr",
-                                  transcoder_config(layer=1))
-    with pytest.raises(ValueError, match="not layer 0's MLP"):  # the first of the set must be layer 0's
+    wrong_layer = save_dictionary(randomized(JumpReluAutoEncoder(D, 36, transcoder=True)),
+                                  tmp_path / "jr", transcoder_config(layer=1))
+    # the first of the set must be layer 0's
+    with pytest.raises(ValueError, match="not layer 0's MLP"):
         export([wrong_layer], tmp_path / "out", to="circuit-tracer")
     with pytest.raises(ValueError, match="no equivalent"):
         weights_of(GatedAutoEncoder(D, 36))
@@ -180,8 +186,9 @@ def test_what_a_format_cannot_hold_is_refused(tmp_path):
 
 
 def test_transcoders_trained_from_one_pass_export_as_a_set(tmp_path, tiny_llama):
-    """Every layer's MLP transcoder trained from one buffer over all layers (each trainer's saved config names its
-    own entry's hook points among the buffer's) exports as a circuit-tracer set that loads back unchanged."""
+    """Every layer's MLP transcoder trained from one buffer over all layers (each trainer's saved
+    config names its own entry's hook points among the buffer's) exports as a circuit-tracer set
+    that loads back unchanged."""
     from dictionary_learning import ActivationBuffer, hook
     from dictionary_learning.models import n_layers
     from dictionary_learning.trainers import BatchTopKTrainer
@@ -190,11 +197,13 @@ def test_transcoders_trained_from_one_pass_export_as_a_set(tmp_path, tiny_llama)
     from ..helpers import random_texts
 
     layers = n_layers(tiny_llama)
-    points = {f"mlp_{i}": (hook(tiny_llama, i, "mlp_in"), hook(tiny_llama, i, "mlp_out")) for i in range(layers)}
-    buffer = ActivationBuffer(iter(random_texts(60, seed=3)), tiny_llama, points, n_ctxs=8, ctx_len=32,
-                              refresh_batch_size=4, out_batch_size=32)
-    configs = [dict(trainer=BatchTopKTrainer, activation_dim=64, dict_size=128, k=4, transcoder=True, steps=6,
-                    warmup_steps=1, threshold_start_step=1, layer=i, lm_name="tiny-llama", submodule_name=f"mlp_{i}",
+    points = {f"mlp_{i}": (hook(tiny_llama, i, "mlp_in"), hook(tiny_llama, i, "mlp_out"))
+              for i in range(layers)}
+    buffer = ActivationBuffer(iter(random_texts(60, seed=3)), tiny_llama, points, n_ctxs=8,
+                              ctx_len=32, refresh_batch_size=4, out_batch_size=32)
+    configs = [dict(trainer=BatchTopKTrainer, activation_dim=64, dict_size=128, k=4,
+                    transcoder=True, steps=6, warmup_steps=1, threshold_start_step=1, layer=i,
+                    lm_name="tiny-llama", submodule_name=f"mlp_{i}",
                     seed=i) for i in range(layers)]
     trainSAE(buffer, configs, 6, save_dir=tmp_path / "runs")
     exported = export(tmp_path / "runs", tmp_path / "set", to="circuit-tracer")
@@ -207,6 +216,8 @@ def test_transcoders_trained_from_one_pass_export_as_a_set(tmp_path, tiny_llama)
         with torch.no_grad():
             torch.testing.assert_close(dictionary(x), saved(x), rtol=1e-5, atol=1e-5)
         path = f"model.layers.{layer}.mlp"
-        assert config["buffer"]["hooks"] == [{"path": path, "io": "input", "name": f"layers.{layer}.mlp_in"},
-                                             {"path": path, "io": "output", "name": f"layers.{layer}.mlp_out"}]
+        assert config["buffer"]["hooks"] == [{"path": path, "io": "input",
+                                              "name": f"layers.{layer}.mlp_in"},
+                                             {"path": path, "io": "output",
+                                              "name": f"layers.{layer}.mlp_out"}]
         assert config["trainer"]["lm_name"] == "tiny-llama"

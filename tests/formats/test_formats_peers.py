@@ -1,7 +1,8 @@
-"""Exports load in the peers' own packages with identical outputs, and the peers' own saves load here with identical
-outputs: SAELens, sparsify and circuit-tracer, each in the venv `bash bench/setup_peers.sh sae-lens eai-sparsify
-circuit-tracer` builds (a test skips when its venv is absent). Inputs and outputs cross between the venvs as
-safetensors files; tests/peer_formats.py is the peer side."""
+"""Exports load in the peers' own packages with identical outputs, and the peers' own saves load
+here with identical
+outputs: SAELens, sparsify and circuit-tracer, each in the venv `bash bench/setup_peers.sh sae-lens
+eai-sparsify circuit-tracer` builds (a test skips when its venv is absent). Inputs and outputs cross
+between the venvs as safetensors files; tests/peer_formats.py is the peer side."""
 
 from __future__ import annotations
 
@@ -44,27 +45,30 @@ def peer_python(peer: str) -> Path:
 
 
 class PeerRun:
-    """Jobs for one peer, queued while a module fixture prepares its folders, then run in one peer process."""
+    """Jobs for one peer, queued while a module fixture prepares its folders, then run in one peer
+    process."""
 
     def __init__(self, peer: str, root: Path):
         self.peer, self.root, self.jobs = peer, root, []
 
-    def add(self, name: str, action: str, inputs: dict[str, torch.Tensor], folder: Path | None = None,
-            kind: str | None = None) -> Path:
+    def add(self, name: str, action: str, inputs: dict[str, torch.Tensor],
+            folder: Path | None = None, kind: str | None = None) -> Path:
         folder = folder or self.root / name
         io_path = self.root / f"{name}.io.safetensors"
         save_file(inputs, str(io_path))
-        self.jobs.append({"peer": self.peer, "action": action, "folder": str(folder), "io": str(io_path),
-                          "kind": kind})
+        self.jobs.append({"peer": self.peer, "action": action, "folder": str(folder),
+                          "io": str(io_path), "kind": kind})
         return folder
 
     def run(self) -> None:
         jobs = self.root / "jobs.json"
         jobs.write_text(json.dumps(self.jobs))
-        result = subprocess.run([str(peer_python(self.peer)), str(PEER_SCRIPT), str(jobs)], capture_output=True,
-                                text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        result = subprocess.run([str(peer_python(self.peer)), str(PEER_SCRIPT), str(jobs)],
+                                capture_output=True, text=True, timeout=900,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert result.returncode == 0, result.stderr[-3000:]
-        assert json.loads(result.stdout.strip().splitlines()[-1]) == {"ok": True, "jobs": len(self.jobs)}
+        assert json.loads(result.stdout.strip().splitlines()[-1]) == {"ok": True,
+                                                                      "jobs": len(self.jobs)}
 
     def outputs(self, name: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.root / f"{name}.io.out.safetensors"))
@@ -102,19 +106,24 @@ OURS_TO_SAELENS = {  # name -> (dictionary, architecture SAELens must read it as
     "matryoshka_sae": (lambda: MatryoshkaBatchTopKSAE(D, 48, 5, [16, 32]), "jumprelu"),
     "relu_transcoder": (lambda: AutoEncoder(D, 48, output_dim=D + 4), "transcoder"),
     "relu_skip_transcoder": (lambda: AutoEncoder(D, 48, skip=True), "skip_transcoder"),
-    "jumprelu_skip_transcoder": (lambda: JumpReluAutoEncoder(D, 48, skip=True), "jumprelu_skip_transcoder"),
-    "batchtopk_transcoder": (lambda: BatchTopKSAE(D, 48, 5, transcoder=True), "jumprelu_transcoder"),
+    "jumprelu_skip_transcoder": (lambda: JumpReluAutoEncoder(D, 48, skip=True),
+                                 "jumprelu_skip_transcoder"),
+    "batchtopk_transcoder": (lambda: BatchTopKSAE(D, 48, 5, transcoder=True),
+                             "jumprelu_transcoder"),
 }
 
 
-SAELENS_KINDS = ["standard", "topk", "jumprelu", "transcoder", "skip_transcoder", "jumprelu_transcoder",
+SAELENS_KINDS = ["standard", "topk", "jumprelu", "transcoder", "skip_transcoder",
+                 "jumprelu_transcoder",
                  "jumprelu_skip_transcoder"]
 SPARSIFY_KINDS = ["sae", "transcoder", "skip_transcoder"]
 CIRCUIT_TRACER_KINDS = ["relu", "jumprelu", "relu_skip"]
 OURS_TO_SPARSIFY = {
     "topk_sae": (lambda: AutoEncoderTopK(D, 48, 5), sae_hooks, "layers.1"),
-    "topk_transcoder": (lambda: AutoEncoderTopK(D, 48, 5, transcoder=True), transcoder_hooks, "layers.1.mlp"),
-    "topk_skip_transcoder": (lambda: AutoEncoderTopK(D, 48, 5, skip=True), transcoder_hooks, "layers.1.mlp"),
+    "topk_transcoder": (lambda: AutoEncoderTopK(D, 48, 5, transcoder=True), transcoder_hooks,
+                        "layers.1.mlp"),
+    "topk_skip_transcoder": (lambda: AutoEncoderTopK(D, 48, 5, skip=True), transcoder_hooks,
+                             "layers.1.mlp"),
 }
 OURS_TO_CIRCUIT_TRACER = {
     "batchtopk": lambda: BatchTopKSAE(D, 48, 5, transcoder=True),
@@ -139,7 +148,8 @@ def saelens(tmp_path_factory):
         saved = save_dictionary(dictionary, run.root / f"ours_{name}",
                                 transcoder_hooks() if dictionary.transcoder else sae_hooks())
         ours[name] = dictionary
-        run.add(f"export_{name}", "load", inputs_for(seed), export(saved, run.root / f"export_{name}", to="saelens"))
+        run.add(f"export_{name}", "load", inputs_for(seed),
+                export(saved, run.root / f"export_{name}", to="saelens"))
     for seed, kind in enumerate(SAELENS_KINDS):
         run.add(f"import_{kind}", "write", inputs_for(100 + seed), kind=kind)
     run.run()
@@ -164,10 +174,12 @@ def test_saelens_saves_load_here(saelens, kind):
     with torch.no_grad():
         close(f"saelens import {kind} features", dictionary.encode(x), theirs["features"])
         close(f"saelens import {kind} output", dictionary(x), theirs["out"])
-    hooks = config["buffer"]["hooks"]  # the norm feeding the MLP is the MLP's input, named by its site
+    # the norm feeding the MLP is the MLP's input, named by its site
+    hooks = config["buffer"]["hooks"]
     assert hooks[0] == {"path": "model.layers.1.mlp", "io": "input", "name": "layers.1.mlp_in"}
     if "transcoder" in kind:
-        assert hooks[1] == {"path": "model.layers.1.mlp", "io": "output", "name": "layers.1.mlp_out"}
+        assert hooks[1] == {"path": "model.layers.1.mlp", "io": "output",
+                            "name": "layers.1.mlp_out"}
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +212,8 @@ def test_export_loads_in_sparsify(sparsify, name):
 def test_sparsify_saves_load_here(sparsify, kind):
     run, _ = sparsify
     x, theirs = inputs_for(100 + SPARSIFY_KINDS.index(kind))["x"], run.outputs(f"import_{kind}")
-    dictionary, config = load(run.root / f"import_{kind}", model_name="tiny-llama")  # the run's only hookpoint
+    # the run's only hookpoint
+    dictionary, config = load(run.root / f"import_{kind}", model_name="tiny-llama")
     with torch.no_grad():
         close(f"sparsify import {kind} features", dictionary.encode(x), theirs["features"])
         close(f"sparsify import {kind} output", dictionary(x), theirs["out"])
@@ -216,7 +229,8 @@ def circuit_tracer(tmp_path_factory):
     for seed, (name, make) in enumerate(sorted(OURS_TO_CIRCUIT_TRACER.items())):
         ours[name] = [randomized(make(), 10 * seed + layer) for layer in range(2)]
         for layer, dictionary in enumerate(ours[name]):
-            save_dictionary(dictionary, run.root / f"ours_{name}" / f"layer{layer}", transcoder_hooks(layer))
+            save_dictionary(dictionary, run.root / f"ours_{name}" / f"layer{layer}",
+                            transcoder_hooks(layer))
         folder = export(run.root / f"ours_{name}", run.root / f"export_{name}", to="circuit-tracer")
         assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "layer_0.safetensors",
                                                              "layer_1.safetensors"]
@@ -236,7 +250,8 @@ def test_export_loads_in_circuit_tracer(circuit_tracer, name):
             x = inputs[f"x_{layer}"]
             close(f"circuit-tracer export {name} layer {layer} features", dictionary.encode(x),
                   theirs[f"features_{layer}"])
-            close(f"circuit-tracer export {name} layer {layer} output", dictionary(x), theirs[f"out_{layer}"])
+            close(f"circuit-tracer export {name} layer {layer} output", dictionary(x),
+                  theirs[f"out_{layer}"])
 
 
 @pytest.mark.parametrize("kind", CIRCUIT_TRACER_KINDS)
@@ -250,6 +265,8 @@ def test_circuit_tracer_saves_load_here(circuit_tracer, kind):
             x = inputs[f"x_{layer}"]
             close(f"circuit-tracer import {kind} layer {layer} features", dictionary.encode(x),
                   theirs[f"features_{layer}"])
-            close(f"circuit-tracer import {kind} layer {layer} output", dictionary(x), theirs[f"out_{layer}"])
-            assert config["buffer"]["hooks"][1] == {"path": f"model.layers.{layer}.mlp", "io": "output",
+            close(f"circuit-tracer import {kind} layer {layer} output", dictionary(x),
+                  theirs[f"out_{layer}"])
+            assert config["buffer"]["hooks"][1] == {"path": f"model.layers.{layer}.mlp",
+                                                    "io": "output",
                                                     "name": f"layers.{layer}.mlp_out"}

@@ -1,10 +1,10 @@
-"""One suite over every model family: hook points read through the toolkit equal plain PyTorch forward hooks on the
-modules that truly compute them, an exact reconstruction recovers all of the loss, norms and OV weights match the
-modules' own forwards, the SCAE decomposition adds up (or the family is refused by name), and a family without an
-adapter is refused by name.
+"""One suite over every model family: hook points read through the toolkit equal plain PyTorch
+forward hooks on the modules that truly compute them, an exact reconstruction recovers all of the
+loss, norms and OV weights match the modules' own forwards, the SCAE decomposition adds up (or the
+family is refused by name), and a family without an adapter is refused by name.
 
-A new family is one line in FAMILIES (its tiny model, and the reference module names written from transformers'
-modeling code, independently of `models/adapters.py`).
+A new family is one line in FAMILIES (its tiny model, and the reference module names written from
+transformers' modeling code, independently of `models/adapters.py`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from dictionary_learning.models import (
 
 from ..helpers import random_texts
 
-# tiny model -> (decoder blocks, MLP module, the norm whose input is the residual stream between attention and the
-# MLP, or None for a parallel residual: attention and MLP both read the block input and both outputs are added)
+# tiny model -> (decoder blocks, MLP module, the norm whose input is the residual stream between
+# attention and the MLP, or None for a parallel residual: attention and MLP both read the block
+# input and both outputs are added)
 FAMILIES = {
     "tiny-llama": ("model.layers", "mlp", "post_attention_layernorm"),
     "tiny-gpt2": ("transformer.h", "mlp", "ln_2"),
@@ -43,7 +44,8 @@ FAMILIES = {
     "tiny-olmo": ("model.layers", "mlp", "post_attention_layernorm"),
 }
 NAMES = list(FAMILIES)
-NOT_DECOMPOSED = {"tiny-gemma2"}  # SCAE refuses these by name (Gemma 2's post-norms are not routed yet)
+# SCAE refuses these by name (Gemma 2's post-norms are not routed yet)
+NOT_DECOMPOSED = {"tiny-gemma2"}
 LAYER = 1
 CTX = 12
 
@@ -55,7 +57,8 @@ def family_model(name: str):
 
 @functools.cache
 def encoding_for(name: str) -> dict[str, torch.Tensor]:
-    texts = random_texts(3, seed=1, min_words=1, max_words=6)  # different lengths: left padding is exercised
+    # different lengths: left padding is exercised
+    texts = random_texts(3, seed=1, min_words=1, max_words=6)
     return tracing.tokenize(family_model(name).tokenizer, texts, CTX)
 
 
@@ -64,9 +67,10 @@ def first(value):
 
 
 def reference_sites(name: str, layer: int) -> dict[str, torch.Tensor]:
-    """The four sites from plain forward hooks on the Hugging Face model: resid = the block's output, mlp_in = what
-    the MLP module receives, attn_out / mlp_out = what attention / the MLP add to the residual stream (differences
-    of the residual stream around them; for a parallel residual, the attention and MLP modules' outputs)."""
+    """The four sites from plain forward hooks on the Hugging Face model: resid = the block's
+    output, mlp_in = what the MLP module receives, attn_out / mlp_out = what attention / the MLP add
+    to the residual stream (differences of the residual stream around them; for a parallel residual,
+    the attention and MLP modules' outputs)."""
     layers_path, mlp_name, mid_norm = FAMILIES[name]
     hf = torch_model(family_model(name))
     block = hf.get_submodule(f"{layers_path}.{layer}")
@@ -90,7 +94,8 @@ def reference_sites(name: str, layer: int) -> dict[str, torch.Tensor]:
         mlp.register_forward_hook(keep_output("mlp")),
     ]
     if mid_norm is not None:
-        handles.append(block.get_submodule(mid_norm).register_forward_pre_hook(keep_input("mid"), with_kwargs=True))
+        handles.append(block.get_submodule(mid_norm).register_forward_pre_hook(keep_input("mid"),
+                                                                               with_kwargs=True))
     else:
         attn = next(m for n, m in block.named_children() if n in ("attention", "self_attn", "attn"))
         handles.append(attn.register_forward_hook(keep_output("attn")))
@@ -104,20 +109,24 @@ def reference_sites(name: str, layer: int) -> dict[str, torch.Tensor]:
         attn_out, mlp_out = seen["mid"] - seen["pre"], seen["post"] - seen["mid"]
     else:
         attn_out, mlp_out = seen["attn"], seen["mlp"]
-        torch.testing.assert_close(attn_out + mlp_out, seen["post"] - seen["pre"], rtol=1e-4, atol=1e-5)
-    return {"resid": seen["post"], "attn_out": attn_out, "mlp_in": seen["mlp_in"], "mlp_out": mlp_out}
+        torch.testing.assert_close(attn_out + mlp_out, seen["post"] - seen["pre"], rtol=1e-4,
+                                   atol=1e-5)
+    return {"resid": seen["post"], "attn_out": attn_out, "mlp_in": seen["mlp_in"],
+            "mlp_out": mlp_out}
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_sites_equal_plain_forward_hooks(name):
     model = family_model(name)
     points = [hook(model, LAYER, site) for site in SITES]
-    read = tracing.read_hook_points(model, encoding_for(name), points)  # all four sites in one trace
+    # all four sites in one trace
+    read = tracing.read_hook_points(model, encoding_for(name), points)
     expected = reference_sites(name, LAYER)
     mask = encoding_for(name)["attention_mask"].bool()
     for site, value in zip(SITES, read):
         scale = expected[site][mask].abs().max().item()
-        torch.testing.assert_close(value[mask], expected[site][mask], rtol=1e-4, atol=1e-5 * max(scale, 1.0),
+        torch.testing.assert_close(value[mask], expected[site][mask], rtol=1e-4,
+                                   atol=1e-5 * max(scale, 1.0),
                                    msg=lambda m, site=site: f"{name} {site}: {m}")
 
 
@@ -130,19 +139,21 @@ def test_exact_reconstruction_recovers_all_loss(name):
     x = torch.randn(7, dictionary.activation_dim)
     assert torch.equal(dictionary(x), x)
     result = evaluation.loss_recovered(texts, model, dictionary, (point,), ctx_len=CTX)
-    assert abs(result["ce_zero"] - result["ce_clean"]) > 1e-3, result  # zeroing the site must matter for the ratio
+    # zeroing the site must matter for the ratio
+    assert abs(result["ce_zero"] - result["ce_clean"]) > 1e-3, result
     assert abs(result["frac_recovered"] - 1) < 1e-4, result
     assert abs(result["ce_patched"] - result["ce_clean"]) < 1e-5 and result["kl_patched"] < 1e-6, result
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_norm_params_match_the_norm_modules(name):
-    """NormParams (formula: weight, 1 + w, centring, bias, eps) reproduces each pre-norm's forward, or the family is
-    refused by name for the decomposition."""
+    """NormParams (formula: weight, 1 + w, centring, bias, eps) reproduces each pre-norm's forward,
+    or the family is refused by name for the decomposition."""
     model = family_model(name)
     hf, adapter = torch_model(model), get_adapter(model)
     x = torch.randn(2, 5, hf.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    x = x * torch.logspace(-2.5, 0.5, 5)[:, None]  # token norms from 0.003 to 3: eps matters at the small ones
+    # token norms from 0.003 to 3: eps matters at the small ones
+    x = x * torch.logspace(-2.5, 0.5, 5)[:, None]
     if adapter.not_decomposable:
         with pytest.raises(ValueError, match=adapter.family):
             norm_params(model, LAYER, "mlp")
@@ -151,16 +162,19 @@ def test_norm_params_match_the_norm_modules(name):
         cases = [(None, "final", adapter.final_norm)]
     else:
         block = adapter.block(LAYER)
-        cases = [(LAYER, "attn", f"{block}.{adapter.attn_norm}"), (LAYER, "mlp", f"{block}.{adapter.mlp_norm}"),
+        cases = [(LAYER, "attn", f"{block}.{adapter.attn_norm}"), (LAYER, "mlp",
+                                                                   f"{block}.{adapter.mlp_norm}"),
                  (None, "final", adapter.final_norm)]
     with torch.no_grad():
         for layer, which, path in cases:
-            torch.testing.assert_close(norm_params(model, layer, which)(x), hf.get_submodule(path)(x),
-                                       rtol=1e-5, atol=1e-5, msg=lambda m, which=which: f"{name} {which}: {m}")
+            torch.testing.assert_close(norm_params(model, layer, which)(x),
+                                       hf.get_submodule(path)(x), rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, which=which: f"{name} {which}: {m}")
 
 
 def test_fused_qkv_value_weights():
-    """Phi-3's per-head OV weights read from qkv_proj give the value states its attention computes."""
+    """Phi-3's per-head OV weights read from qkv_proj give the value states its attention
+    computes."""
     model = family_model("tiny-phi3")
     hf = torch_model(model)
     attn = hf.model.layers[LAYER].self_attn
@@ -169,7 +183,8 @@ def test_fused_qkv_value_weights():
     x = torch.randn(5, config.hidden_size, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         qkv = attn.qkv_proj(x)
-        values = qkv[:, (n_heads + n_kv) * d_head:].view(5, n_kv, d_head)  # [tokens, kv heads, d_head]
+        # [tokens, kv heads, d_head]
+        values = qkv[:, (n_heads + n_kv) * d_head:].view(5, n_kv, d_head)
         ov = attention_ov(model, LAYER)
         per_head = torch.einsum("td,hde->the", x, ov.W_V) + (ov.b_V if ov.b_V is not None else 0)
         expected = values.repeat_interleave(n_heads // n_kv, dim=1)
@@ -185,8 +200,9 @@ def tiny_unknown(tmp_path, class_name: str, **own):
     from transformers import AutoModelForCausalLM
 
     config = getattr(transformers, class_name)(
-        vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, **own,
+        vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, **own,
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
@@ -195,11 +211,13 @@ def tiny_unknown(tmp_path, class_name: str, **own):
 
 
 @pytest.mark.parametrize("class_name,family,own", [
-    ("MixtralConfig", "mixtral", {"num_local_experts": 2, "num_experts_per_tok": 1}),  # a mixture-of-experts MLP
+    # a mixture-of-experts MLP
+    ("MixtralConfig", "mixtral", {"num_local_experts": 2, "num_experts_per_tok": 1}),
     ("CohereConfig", "cohere", {}),  # a family with no adapter
 ])
 def test_unknown_family_is_refused_by_name(tmp_path, class_name, family, own):
-    model = tiny_unknown(tmp_path, class_name, **own)  # loading works: nothing needs the adapter yet
+    # loading works: nothing needs the adapter yet
+    model = tiny_unknown(tmp_path, class_name, **own)
     with pytest.raises(ValueError, match=f"'{family}'"):
         hook(model, 0, "mlp_out")
     with pytest.raises(ValueError, match=f"'{family}'"):
@@ -208,9 +226,10 @@ def test_unknown_family_is_refused_by_name(tmp_path, class_name, family, own):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_scae_decomposition_equals_dense_or_family_refused(name):
-    """With every upstream feature kept, the SCAE decomposition of each module's encoder pre-activation adds up to
-    the dense one (the Gemma norm's 1 + w, OLMo's weightless LayerNorm and Phi-3's fused q | k | v included), or the
-    family is refused by name; never a silently wrong sum."""
+    """With every upstream feature kept, the SCAE decomposition of each module's encoder
+    pre-activation adds up to the dense one (the Gemma norm's 1 + w, OLMo's weightless LayerNorm and
+    Phi-3's fused q | k | v included), or the family is refused by name; never a silently wrong
+    sum."""
     import torch.nn.functional as F
 
     from dictionary_learning.scae import decompose, run_suite
@@ -229,10 +248,10 @@ def test_scae_decomposition_equals_dense_or_family_refused(name):
     terms = {module: decompose(suite, model, record, module) for module in suite.names}
     for module, pieces in terms.items():
         dictionary, x = suite[module], record.encoder_inputs[module]
-        dense = F.linear(x if dictionary.transcoder else x - dictionary.b_dec, dictionary.encoder.weight,
-                         dictionary.encoder.bias)
-        torch.testing.assert_close(sum(pieces.values())[record.mask], dense[record.mask], atol=1e-4, rtol=1e-4,
-                                   msg=lambda m, module=module: f"{name} {module}: {m}")
+        dense = F.linear(x if dictionary.transcoder else x - dictionary.b_dec,
+                         dictionary.encoder.weight, dictionary.encoder.bias)
+        torch.testing.assert_close(sum(pieces.values())[record.mask], dense[record.mask], atol=1e-4,
+                                   rtol=1e-4, msg=lambda m, module=module: f"{name} {module}: {m}")
 
 
 @pytest.mark.parametrize("name", [name for name in NAMES if name not in NOT_DECOMPOSED])
@@ -244,17 +263,20 @@ def test_all_connections_reproduce_the_dense_suite(name):
 
     model = load_model(name, attn_implementation="eager")
     suite = make_suite(model, n_layer=2)
-    record, _ = run_suite(suite, model, random_texts(3, seed=22, max_words=8), ctx_len=CTX, logits=False)
+    record, _ = run_suite(suite, model, random_texts(3, seed=22, max_words=8), ctx_len=CTX,
+                          logits=False)
     codes = pruned_forward(suite, model, record, all_connections(suite, model))
     for module in suite.names:
-        torch.testing.assert_close(codes[module][record.mask], record.codes[module][record.mask], atol=1e-4,
-                                   rtol=1e-4, msg=lambda m, module=module: f"{name} {module}: {m}")
+        torch.testing.assert_close(codes[module][record.mask], record.codes[module][record.mask],
+                                   atol=1e-4, rtol=1e-4,
+                                   msg=lambda m, module=module: f"{name} {module}: {m}")
 
 
 @pytest.mark.parametrize("name", [name for name in NAMES if name not in NOT_DECOMPOSED])
 def test_run_suite_logits_equal_a_plain_hook_patched_run(name):
-    """run_suite's logits equal a plain PyTorch run whose forward hooks replace each layer's attn_out and mlp_out
-    sites by the suite's reconstructions (the transcoder reading the mlp_in site), each text run alone."""
+    """run_suite's logits equal a plain PyTorch run whose forward hooks replace each layer's
+    attn_out and mlp_out sites by the suite's reconstructions (the transcoder reading the mlp_in
+    site), each text run alone."""
     from dictionary_learning.scae import run_suite
 
     from ..helpers import make_suite
@@ -290,9 +312,11 @@ def test_run_suite_logits_equal_a_plain_hook_patched_run(name):
     try:
         with torch.no_grad():
             for row, text in enumerate(texts):
-                ids = model.tokenizer(text, return_tensors="pt", truncation=True, max_length=CTX)["input_ids"]
+                ids = model.tokenizer(text, return_tensors="pt", truncation=True,
+                                      max_length=CTX)["input_ids"]
                 expected = hf(ids).logits[0]
-                torch.testing.assert_close(logits[row][record.mask[row]], expected, atol=1e-4, rtol=1e-4,
+                torch.testing.assert_close(logits[row][record.mask[row]], expected, atol=1e-4,
+                                           rtol=1e-4,
                                            msg=lambda m, row=row: f"{name} text {row}: {m}")
     finally:
         for handle in handles:

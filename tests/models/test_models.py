@@ -1,5 +1,6 @@
-"""Models and hook points: each named site must be the quantity its name says, checked by identities of the
-pre-norm residual stream computed from plain forward hooks and Hugging Face's own hidden states."""
+"""Models and hook points: each named site must be the quantity its name says, checked by identities
+of the pre-norm residual stream computed from plain forward hooks and Hugging Face's own hidden
+states."""
 
 import math
 
@@ -32,12 +33,14 @@ def test_sites_are_what_they_say(tiny_model):
     resid_pre, resid_post = hidden[layer][0], hidden[layer + 1][0]
     torch.testing.assert_close(resid, resid_post)  # resid = the block's output
     torch.testing.assert_close(resid_pre + attn_out + mlp_out, resid_post, atol=1e-5, rtol=1e-5)
-    norm = get_module(tiny_model, f"{get_adapter(tiny_model).block(layer)}.{get_adapter(tiny_model).mlp_norm}")
+    norm = get_module(tiny_model,
+                      f"{get_adapter(tiny_model).block(layer)}.{get_adapter(tiny_model).mlp_norm}")
     torch.testing.assert_close(mlp_in, _norm(norm, resid_pre + attn_out), atol=1e-5, rtol=1e-5)
 
 
 def test_hook_errors(tiny_llama):
-    with pytest.raises(ValueError, match=r"valid sites: \['resid', 'attn_out', 'mlp_in', 'mlp_out'\]"):
+    with pytest.raises(ValueError,
+                       match=r"valid sites: \['resid', 'attn_out', 'mlp_in', 'mlp_out'\]"):
         hook(tiny_llama, 0, "mlp")
     with pytest.raises(ValueError, match=r"layer must be an int in \[0, 3\]"):
         hook(tiny_llama, 4, "resid")
@@ -67,10 +70,11 @@ def test_unknown_model_fails_fast(tmp_path):
 
 
 ENGLISH = (
-    "The history of the city goes back more than two thousand years. It was founded on the banks of a wide river, "
-    "where merchants could load their boats with grain and wool. Over the centuries the town grew into a busy "
-    "port, and by the middle ages it had become one of the richest places in the country. Today it is known for "
-    "its old churches, its narrow streets and its famous university, which attracts students from all over the world."
+    "The history of the city goes back more than two thousand years. It was founded on the banks "
+    "of a wide river, where merchants could load their boats with grain and wool. Over the "
+    "centuries the town grew into a busy port, and by the middle ages it had become one of the "
+    "richest places in the country. Today it is known for its old churches, its narrow streets and "
+    "its famous university, which attracts students from all over the world."
 )
 
 
@@ -86,16 +90,19 @@ def test_smollm2_is_a_trained_model(smollm2):
     uniform = math.log(torch_model.config.vocab_size)  # ~10.8 nats
     assert loss < 4.0, f"loss {loss:.2f} nats/token is not that of a trained model"
     # a shuffled text is much harder to predict: the model uses context
-    shuffled = ids[0, torch.randperm(ids.shape[1], generator=torch.Generator().manual_seed(0))][None]
+    shuffled = ids[0,
+                   torch.randperm(ids.shape[1], generator=torch.Generator().manual_seed(0))][None]
     with torch.no_grad():
-        shuffled_loss = F.cross_entropy(torch_model(shuffled).logits[0, :-1].float(), shuffled[0, 1:]).item()
+        shuffled_loss = F.cross_entropy(torch_model(shuffled).logits[0, :-1].float(),
+                                        shuffled[0, 1:]).item()
     assert loss < shuffled_loss - 2 and shuffled_loss < uniform
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_norm_and_attention_weights_rebuild_the_block(name):
-    """norm_params and attention_ov (grouped-query heads expanded) recompute the attention output from the attention
-    patterns, and the MLP input from the residual stream, exactly as the model does."""
+    """norm_params and attention_ov (grouped-query heads expanded) recompute the attention output
+    from the attention patterns, and the MLP input from the residual stream, exactly as the model
+    does."""
     from dictionary_learning.models import attention_ov, norm_params
 
     model = load_model(name, attn_implementation="eager")
@@ -112,7 +119,8 @@ def test_norm_and_attention_weights_rebuild_the_block(name):
         resid_pre = model._module(ids, output_hidden_states=True).hidden_states[layer][0]
     handle.remove()
     with torch.no_grad():
-        torch.testing.assert_close(norm_params(model, layer, "attn")(resid_pre), attn_norm_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(norm_params(model, layer, "attn")(resid_pre), attn_norm_out,
+                                   atol=1e-5, rtol=1e-5)
         ov = attention_ov(model, layer)
         values = torch.einsum("kd,hde->hke", attn_norm_out, ov.W_V)
         if ov.b_V is not None:
@@ -124,7 +132,8 @@ def test_norm_and_attention_weights_rebuild_the_block(name):
         torch.testing.assert_close(norm_params(model, layer, "mlp")(resid_pre + attn_out), mlp_in,
                                    atol=1e-5, rtol=1e-5)
     if name == "tiny-llama":
-        assert ov.W_V.shape == (4, 64, 16) and torch.equal(ov.W_V[0], ov.W_V[1])  # 2 kv heads shared by 4
+        # 2 kv heads shared by 4
+        assert ov.W_V.shape == (4, 64, 16) and torch.equal(ov.W_V[0], ov.W_V[1])
 
 
 def get_norm_point(block, norm):
@@ -135,9 +144,10 @@ def get_norm_point(block, norm):
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-gptneox"])
 def test_many_points_of_one_layer_read_in_one_trace(name):
-    """Every site of a layer, plus modules that run in another order than they are registered (GPT-NeoX's
-    post-attention norm runs after its attention) or whose output is also their block's last module's (GPT-2's MLP
-    and its block), read in one trace: each equals a plain forward hook."""
+    """Every site of a layer, plus modules that run in another order than they are registered
+    (GPT-NeoX's post-attention norm runs after its attention) or whose output is also their block's
+    last module's (GPT-2's MLP and its block), read in one trace: each equals a plain forward
+    hook."""
     from dictionary_learning.models import HookPoint
     from dictionary_learning.tracing import read_hook_points, token_mask, tokenize
 
@@ -157,7 +167,8 @@ def test_many_points_of_one_layer_read_in_one_trace(name):
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-gptneox"])
 def test_adapter_paths_exist(name):
-    """Every module the family adapter names is in the model, and the unembedding is the output embedding."""
+    """Every module the family adapter names is in the model, and the unembedding is the output
+    embedding."""
     model = load_model(name)
     adapter = get_adapter(model)
     for path in (adapter.layers, adapter.embed, adapter.final_norm, adapter.unembed):

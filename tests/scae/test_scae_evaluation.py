@@ -1,4 +1,5 @@
-"""SCAE metrics: CE of clean, dense and pruned suites, per-module FVU / L0 against a forward hook, CE against C, plots."""
+"""SCAE metrics: CE of clean, dense and pruned suites, per-module FVU / L0 against a forward hook,
+CE against C, plots."""
 
 import pytest
 import torch
@@ -14,19 +15,23 @@ def test_cross_entropy_of_dense_and_pruned_suites(eager_model):
 
     suite = make_suite(eager_model, n_layer=2)
     texts = random_texts(3, seed=25, max_words=6)
-    results = suite_cross_entropy(suite, eager_model, texts, all_connections(suite, eager_model), ctx_len=CTX)
-    assert results["ce_pruned"] == pytest.approx(results["ce_dense"], abs=1e-4)  # C = all: pruned == dense
+    results = suite_cross_entropy(suite, eager_model, texts, all_connections(suite, eager_model),
+                                  ctx_len=CTX)
+    # C = all: pruned == dense
+    assert results["ce_pruned"] == pytest.approx(results["ce_dense"], abs=1e-4)
     assert results["ce_dense"] != pytest.approx(results["ce_clean"], abs=1e-3)
 
 
 def test_evaluate_suite_module_metrics(eager_model):
-    """attn_0 reads the clean model's first attention output (nothing is patched before it), so its dense FVU and
-    L0 can be computed from a plain forward hook; with C = all the pruned metrics equal the dense ones."""
+    """attn_0 reads the clean model's first attention output (nothing is patched before it), so its
+    dense FVU and L0 can be computed from a plain forward hook; with C = all the pruned metrics
+    equal the dense ones."""
     from dictionary_learning.scae import all_connections, evaluate_suite
 
     suite = make_suite(eager_model, n_layer=2)
     texts = random_texts(5, seed=33, max_words=6)
-    result = evaluate_suite(suite, eager_model, texts, all_connections(suite, eager_model), batch_size=2, ctx_len=CTX)
+    result = evaluate_suite(suite, eager_model, texts, all_connections(suite, eager_model),
+                            batch_size=2, ctx_len=CTX)
     captured = []
     adapter, torch_model = get_adapter(eager_model), eager_model._module
     attn = torch_model.get_submodule(f"{adapter.block(0)}.{adapter.attn}")
@@ -34,7 +39,8 @@ def test_evaluate_suite_module_metrics(eager_model):
     try:
         with torch.no_grad():
             for text in texts:
-                ids = eager_model.tokenizer(text, return_tensors="pt", truncation=True, max_length=CTX)["input_ids"]
+                ids = eager_model.tokenizer(text, return_tensors="pt", truncation=True,
+                                            max_length=CTX)["input_ids"]
                 torch_model(ids)
     finally:
         handle.remove()
@@ -58,9 +64,11 @@ def test_ce_versus_c_curve(tmp_path, tiny_gpt2):
     model = load_model("tiny-gpt2", attn_implementation="eager")
     suite = make_suite(model, n_layer=2)
     texts = random_texts(8, seed=29, max_words=6)
-    rows = ce_versus_c(suite, model, texts[:4], texts[4:], [1, 4, 10_000], batch_size=4, ctx_len=CTX)
+    rows = ce_versus_c(suite, model, texts[:4], texts[4:], [1, 4, 10_000], batch_size=4,
+                       ctx_len=CTX)
     assert [r["C"] for r in rows] == [1, 4, 10_000]
-    assert rows[-1]["ce_pruned"] == pytest.approx(rows[-1]["ce_dense"], abs=1e-4)  # C beyond all: the dense suite
+    # C beyond all: the dense suite
+    assert rows[-1]["ce_pruned"] == pytest.approx(rows[-1]["ce_dense"], abs=1e-4)
     assert len({round(r["ce_clean"], 6) for r in rows}) == 1
     plot_ce_versus_c({"before": rows}, tmp_path / "ce.png")
     assert (tmp_path / "ce.png").read_bytes()[:4] == b"\x89PNG"
@@ -71,9 +79,12 @@ def test_ce_versus_c_curve(tmp_path, tiny_gpt2):
     from dictionary_learning.scae import select_connections
 
     selected = select_connections(suite, model, texts[:4], 4, batch_size=4, ctx_len=CTX)
-    again = ce_versus_c(suite, model, None, texts[4:], [1, 4], batch_size=4, ctx_len=CTX, connections=selected)
-    assert [r["ce_pruned"] for r in again] == pytest.approx([r["ce_pruned"] for r in rows[:2]], abs=1e-6)
-    with pytest.raises(ValueError, match="mlp_0: C = 8 needs 8 connections per feature, the connections given have 4"):
+    again = ce_versus_c(suite, model, None, texts[4:], [1, 4], batch_size=4, ctx_len=CTX,
+                        connections=selected)
+    assert [r["ce_pruned"] for r in again] == pytest.approx([r["ce_pruned"] for r in rows[:2]],
+                                                            abs=1e-6)
+    with pytest.raises(ValueError, match="mlp_0: C = 8 needs 8 connections per feature, the "
+                                         "connections given have 4"):
         ce_versus_c(suite, model, None, texts[4:], [8], ctx_len=CTX, connections=selected)
 
 

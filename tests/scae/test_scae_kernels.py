@@ -6,9 +6,9 @@ import torch
 
 @pytest.mark.parametrize("heads", [None, 3])
 def test_connect_matches_a_dense_masked_product(heads):
-    """Summing connected upstream codes (a sparse product over the connected, active columns only) equals x @ M^T
-    with the dense connection matrix M, in value and in the gradients of the weights and of the active upstream
-    values."""
+    """Summing connected upstream codes (a sparse product over the connected, active columns only)
+    equals x @ M^T with the dense connection matrix M, in value and in the gradients of the weights
+    and of the active upstream values."""
     from dictionary_learning.scae.kernels import connect
 
     generator = torch.Generator().manual_seed(5)
@@ -16,7 +16,8 @@ def test_connect_matches_a_dense_masked_product(heads):
     n_up = sum(sizes)
     upstream = [torch.randn(tokens, n, generator=generator, dtype=torch.float64)
                 * (torch.rand(tokens, n, generator=generator) < 0.3) for n in sizes]
-    indices = torch.stack([torch.randperm(n_up, generator=generator)[:C] for _ in range(n_features)])
+    indices = torch.stack([torch.randperm(n_up, generator=generator)[:C]
+                           for _ in range(n_features)])
     shape = (n_features, C) if heads is None else (n_features, C, heads)
     weights = torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
     leaves = [x.clone().requires_grad_(True) for x in upstream]
@@ -26,7 +27,8 @@ def test_connect_matches_a_dense_masked_product(heads):
     reference_leaves = [x.clone().requires_grad_(True) for x in upstream]
     x = torch.cat(reference_leaves, dim=1)  # [tokens, n_up]
     dense = torch.zeros(n_features, n_up, *shape[2:], dtype=torch.float64)
-    dense = dense.index_put((torch.arange(n_features)[:, None].expand(-1, C), indices), reference_weights)
+    dense = dense.index_put((torch.arange(n_features)[:, None].expand(-1, C), indices),
+                            reference_weights)
     expected = torch.einsum("tj,fj...->tf...", x, dense)
     torch.testing.assert_close(got, expected)
     cotangent = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
@@ -40,14 +42,16 @@ def test_connect_matches_a_dense_masked_product(heads):
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_gather_dot_gradients(shared, monkeypatch):
-    """The blocked gather-and-dot behind the virtual weights: forward against a direct einsum, backward with
-    gradcheck (blocks of 2 rows, so several blocks and index_add collisions are exercised)."""
+    """The blocked gather-and-dot behind the virtual weights: forward against a direct einsum,
+    backward with gradcheck (blocks of 2 rows, so several blocks and index_add collisions are
+    exercised)."""
     from dictionary_learning.scae.kernels import GatherDot
 
     monkeypatch.setattr(GatherDot, "CHUNK", 2)
     generator = torch.Generator().manual_seed(7)
     A = torch.randn(5, 3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
-    B = torch.randn(*((6, 4) if shared else (6, 3, 4)), generator=generator, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(*((6, 4) if shared else (6, 3, 4)), generator=generator, dtype=torch.float64,
+                    requires_grad=True)
     index = torch.randint(6, (5, 3), generator=generator)
     expected = torch.einsum("fhd,fcd->fch" if shared else "fhd,fchd->fch", A, B[index])
     torch.testing.assert_close(GatherDot.apply(A, B, index), expected)

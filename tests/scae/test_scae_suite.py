@@ -1,4 +1,5 @@
-"""SCAE suite and connections: the container, its folder, and clear errors for connections that do not fit."""
+"""SCAE suite and connections: the container, its folder, and clear errors for connections that do
+not fit."""
 
 import pytest
 import torch
@@ -23,8 +24,10 @@ def test_suite_save_load_and_errors(tmp_path, tiny_llama):
         torch.testing.assert_close(loaded[name](x), suite[name](x))
         assert torch.equal(loaded.connections.indices[name], suite.connections.indices[name])
         assert torch.equal(loaded.connections.weights[name], suite.connections.weights[name])
-    wrong = Connections({n: i[:5] for n, i in suite.connections.indices.items()}, suite.connections.weights)
-    with pytest.raises(ValueError, match=r"attn_0: expected indices of shape \[96, C\], got \(5, 0\)"):
+    wrong = Connections({n: i[:5] for n, i in suite.connections.indices.items()},
+                        suite.connections.weights)
+    with pytest.raises(ValueError,
+                       match=r"attn_0: expected indices of shape \[96, C\], got \(5, 0\)"):
         SCAESuite(dict(suite.dictionaries.items()), connections=wrong)
     modules = dict(suite.dictionaries.items())
     with pytest.raises(ValueError, match="expected \\['attn_0', 'mlp_0', 'attn_1', 'mlp_1'\\]"):
@@ -51,5 +54,6 @@ def test_bad_connections_raise(eager_model):
     with pytest.raises(ValueError, match="mlp_1: a feature lists the same upstream feature twice"):
         pruned_forward(suite, eager_model, record, broken)
     broken.indices["mlp_1"] = full.indices["mlp_1"][:, :3]
-    with pytest.raises(ValueError, match=r"mlp_1: weights of shape \(96, 288\) do not match indices \(96, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"mlp_1: weights of shape \(96, 288\) do not match indices \(96, 3\)"):
         pruned_forward(suite, eager_model, record, broken)

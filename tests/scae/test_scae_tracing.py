@@ -9,8 +9,8 @@ from ..helpers import CTX, make_suite, random_texts
 
 
 def test_run_suite_patches_every_module(eager_model):
-    """The logits equal a plain PyTorch run whose forward hooks replace each attention output and MLP output by
-    the suite's reconstructions, each text run alone."""
+    """The logits equal a plain PyTorch run whose forward hooks replace each attention output and
+    MLP output by the suite's reconstructions, each text run alone."""
     suite = make_suite(eager_model)
     texts = random_texts(3, seed=20, max_words=8)
     record, logits = run_suite(suite, eager_model, texts, ctx_len=CTX)
@@ -25,7 +25,8 @@ def test_run_suite_patches_every_module(eager_model):
     try:
         with torch.no_grad():
             for row, text in enumerate(texts):
-                ids = eager_model.tokenizer(text, return_tensors="pt", truncation=True, max_length=CTX)["input_ids"]
+                ids = eager_model.tokenizer(text, return_tensors="pt", truncation=True,
+                                            max_length=CTX)["input_ids"]
                 expected = torch_model(ids).logits[0]
                 got = logits[row][record.mask[row]]
                 torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

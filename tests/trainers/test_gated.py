@@ -1,5 +1,6 @@
-"""Gated SAEs: GatedAutoEncoder's forward and both trainers' losses and gradients against float64 references written
-here, upstream's schedules and optimizer, p-annealing and resampling, planted-dictionary recovery, saves and resume."""
+"""Gated SAEs: GatedAutoEncoder's forward and both trainers' losses and gradients against float64
+references written here, upstream's schedules and optimizer, p-annealing and resampling,
+planted-dictionary recovery, saves and resume."""
 
 import inspect
 
@@ -18,29 +19,34 @@ D, N_TRUE, K = 16, 32, 2
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """These shapes are tiny: one thread is several times faster than two on a loaded 2-core machine."""
+    """These shapes are tiny: one thread is several times faster than two on a loaded 2-core
+    machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-EXACT = "donot_use_mm_for_euclid_dist"  # cdist without the matmul shortcut (float32 errors of ~1e-3)
+# cdist without the matmul shortcut (float32 errors of ~1e-3)
+EXACT = "donot_use_mm_for_euclid_dist"
 
 
 def randomise(ae, seed=0):
-    """Non-zero biases and r_mag, decoder columns off unit norm: every path of the forward is exercised."""
+    """Non-zero biases and r_mag, decoder columns off unit norm: every path of the forward is
+    exercised."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in ae.parameters():
-            parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+            parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator,
+                                              dtype=parameter.dtype))
     return ae
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # float64 references
 
 
 def reference(params, x, transcoder=False):
-    """(features, gate path relu(pre + b_gate), reconstruction) computed from the parameters alone."""
+    """(features, gate path relu(pre + b_gate), reconstruction) computed from the parameters
+    alone."""
     pre = (x if transcoder else x - params["decoder_bias"]) @ params["encoder.weight"].T
     gate = (pre + params["gate_bias"]).clamp_min(0)
     magnitude = (params["r_mag"].exp() * pre + params["mag_bias"]).clamp_min(0)
@@ -52,8 +58,8 @@ def reference(params, x, transcoder=False):
 
 
 def reference_loss(params, x, y, sparsity, transcoder=False):
-    """Reconstruction + sparsity(gate) + the auxiliary reconstruction of the gate path through a detached decoder,
-    decoder bias and skip."""
+    """Reconstruction + sparsity(gate) + the auxiliary reconstruction of the gate path through a
+    detached decoder, decoder bias and skip."""
     _f, gate, y_hat = reference(params, x, transcoder)
     y_hat_gate = gate @ params["decoder.weight"].detach().T + params["decoder_bias"].detach()
     if "skip.weight" in params:
@@ -92,8 +98,8 @@ def test_forward_matches_reference(options):
 def test_default_initialisation_and_upstream_names():
     torch.manual_seed(0)
     ae = GatedAutoEncoder(D, 40)
-    assert list(ae.state_dict()) == ["decoder_bias", "r_mag", "gate_bias", "mag_bias", "encoder.weight",
-                                     "decoder.weight"]
+    assert list(ae.state_dict()) == ["decoder_bias", "r_mag", "gate_bias", "mag_bias",
+                                     "encoder.weight", "decoder.weight"]
     torch.testing.assert_close(ae.decoder.weight.norm(dim=0), torch.ones(40))
     assert torch.equal(ae.encoder.weight, ae.decoder.weight.T)
     assert all(not p.any() for p in (ae.decoder_bias, ae.r_mag, ae.gate_bias, ae.mag_bias))
@@ -105,7 +111,8 @@ def test_default_initialisation_and_upstream_names():
 
 @pytest.mark.parametrize("options", CASES[:2], ids=["sae", "skip-transcoder"])
 def test_gdm_loss_and_every_gradient_match_reference(options):
-    trainer = GatedSAETrainer(100, D, 40, l1_penalty=0.7, sparsity_warmup_steps=10, seed=0, **options)
+    trainer = GatedSAETrainer(100, D, 40, l1_penalty=0.7, sparsity_warmup_steps=10, seed=0,
+                              **options)
     ae = randomise(trainer.ae).double()
     x = torch.randn(32, D, dtype=torch.float64)
     y = torch.randn(32, ae.output_dim, dtype=torch.float64) if ae.transcoder else x
@@ -113,7 +120,8 @@ def test_gdm_loss_and_every_gradient_match_reference(options):
     loss = trainer.loss(x, step, y=y)
     loss.backward()
     params = leaf_copies(ae)
-    expected = reference_loss(params, x, y, lambda gate: 0.7 * 0.4 * gate.abs().sum(-1).mean(), ae.transcoder)
+    expected = reference_loss(params, x, y, lambda gate: 0.7 * 0.4 * gate.abs().sum(-1).mean(),
+                              ae.transcoder)
     expected.backward()
     torch.testing.assert_close(loss, expected)
     for name, parameter in ae.named_parameters():
@@ -123,8 +131,8 @@ def test_gdm_loss_and_every_gradient_match_reference(options):
 
 @pytest.mark.parametrize("sparsity_function,p", [("Lp^p", 0.5), ("Lp", 0.5), ("Lp^p", 1.0)])
 def test_anneal_loss_and_every_gradient_match_reference(sparsity_function, p):
-    trainer = GatedAnnealTrainer(100, D, 40, sparsity_function=sparsity_function, sparsity_warmup_steps=10,
-                                 output_dim=12, skip=True)
+    trainer = GatedAnnealTrainer(100, D, 40, sparsity_function=sparsity_function,
+                                 sparsity_warmup_steps=10, output_dim=12, skip=True)
     ae = randomise(trainer.ae, seed=3).double()
     trainer.p, trainer.sparsity_coeff = p, 0.3
     x, y = torch.randn(32, D, dtype=torch.float64), torch.randn(32, 12, dtype=torch.float64)
@@ -144,19 +152,22 @@ def test_anneal_loss_and_every_gradient_match_reference(sparsity_function, p):
         torch.testing.assert_close(parameter.grad, params[name].grad, msg=name)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # upstream's signatures, optimizer and schedules
 
-UPSTREAM_GDM = ["steps", "activation_dim", "dict_size", "layer", "lm_name", "dict_class", "lr", "l1_penalty",
-                "warmup_steps", "sparsity_warmup_steps", "decay_start", "seed", "device", "wandb_name",
-                "submodule_name"]
-UPSTREAM_ANNEAL = ["steps", "activation_dim", "dict_size", "layer", "lm_name", "dict_class", "lr", "warmup_steps",
-                   "sparsity_warmup_steps", "decay_start", "sparsity_function", "initial_sparsity_penalty",
-                   "anneal_start", "anneal_end", "p_start", "p_end", "n_sparsity_updates", "sparsity_queue_length",
+UPSTREAM_GDM = ["steps", "activation_dim", "dict_size", "layer", "lm_name", "dict_class", "lr",
+                "l1_penalty", "warmup_steps", "sparsity_warmup_steps", "decay_start", "seed",
+                "device", "wandb_name", "submodule_name"]
+UPSTREAM_ANNEAL = ["steps", "activation_dim", "dict_size", "layer", "lm_name", "dict_class", "lr",
+                   "warmup_steps", "sparsity_warmup_steps", "decay_start", "sparsity_function",
+                   "initial_sparsity_penalty", "anneal_start", "anneal_end", "p_start", "p_end",
+                   "n_sparsity_updates",
+                   "sparsity_queue_length",
                    "resample_steps", "device", "seed", "wandb_name"]
 
 
-@pytest.mark.parametrize("cls,names", [(GatedSAETrainer, UPSTREAM_GDM), (GatedAnnealTrainer, UPSTREAM_ANNEAL)])
+@pytest.mark.parametrize("cls,names",
+                         [(GatedSAETrainer, UPSTREAM_GDM), (GatedAnnealTrainer, UPSTREAM_ANNEAL)])
 def test_upstream_signature_and_config_keys(cls, names):
     parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
     assert [p.name for p in parameters[:len(names)]] == names
@@ -172,7 +183,8 @@ def test_upstream_signature_and_config_keys(cls, names):
 
 def test_lr_schedule_and_unit_norm_decoder_are_upstreams():
     steps, warmup, decay = 30, 8, 20
-    trainer = GatedSAETrainer(steps, D, 40, lr=1e-2, warmup_steps=warmup, decay_start=decay, sparsity_warmup_steps=5)
+    trainer = GatedSAETrainer(steps, D, 40, lr=1e-2, warmup_steps=warmup, decay_start=decay,
+                              sparsity_warmup_steps=5)
     expected = [s / warmup if s < warmup else (steps - s) / (steps - decay) if s >= decay else 1.0
                 for s in range(steps)]
     stream = planted_stream(planted_features(N_TRUE, D, 0), K, 64, steps, seed=1)
@@ -193,7 +205,8 @@ def test_lr_schedule_and_unit_norm_decoder_are_upstreams():
 
 
 def test_constrained_adam_step_matches_projected_adam():
-    trainer = GatedSAETrainer(10, D, 40, lr=1e-2, warmup_steps=0, sparsity_warmup_steps=None, seed=1)
+    trainer = GatedSAETrainer(10, D, 40, lr=1e-2, warmup_steps=0, sparsity_warmup_steps=None,
+                              seed=1)
     weight = trainer.ae.decoder.weight
     reference_weight = weight.detach().clone().requires_grad_()
     reference_adam = torch.optim.Adam([reference_weight], lr=1e-2, betas=(0.0, 0.999))
@@ -202,7 +215,8 @@ def test_constrained_adam_step_matches_projected_adam():
         trainer.loss(x, step).backward()
         grad = weight.grad.clone()
         unit = weight.detach() / weight.detach().norm(dim=0)
-        reference_weight.grad = grad - (grad * unit).sum(0) * unit  # the component along each column removed
+        # the component along each column removed
+        reference_weight.grad = grad - (grad * unit).sum(0) * unit
         trainer.before_optimizer_step()
         trainer.optimizer.step()
         trainer.after_optimizer_step()
@@ -213,16 +227,17 @@ def test_constrained_adam_step_matches_projected_adam():
         assert not torch.equal(weight.detach(), unit)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # p-annealing and resampling
 
 
 def test_p_annealing_and_alpha_rescaling():
     steps, start, n, queue = 40, 10, 4, 3
     trainer = GatedAnnealTrainer(steps, D, 40, lr=1e-3, warmup_steps=2, sparsity_warmup_steps=None,
-                                 anneal_start=start, p_end=0.2, n_sparsity_updates=n, sparsity_queue_length=queue,
-                                 seed=0)
-    update_steps = [round(start + i * (steps - start) / (n - 1)) for i in range(n)]  # 10, 20, 30, 40
+                                 anneal_start=start, p_end=0.2, n_sparsity_updates=n,
+                                 sparsity_queue_length=queue, seed=0)
+    # 10, 20, 30, 40
+    update_steps = [round(start + i * (steps - start) / (n - 1)) for i in range(n)]
     p_values = [1 + i * (0.2 - 1) / (n - 1) for i in range(n)]
     lp_history = []  # (L at p, L at next p) per step, recomputed here from the gate the loss sees
     alpha, p, next_p = 0.1, 1.0, None
@@ -231,7 +246,8 @@ def test_p_annealing_and_alpha_rescaling():
         with torch.no_grad():
             gate = trainer.ae.encode(x, return_gate=True)[1]
         if next_p is not None:
-            lp_history.append((gate.pow(p).sum(-1).mean().item(), gate.pow(next_p).sum(-1).mean().item()))
+            lp_history.append((gate.pow(p).sum(-1).mean().item(),
+                               gate.pow(next_p).sum(-1).mean().item()))
         trainer.update(step, x)
         if step in update_steps:
             if next_p is not None:
@@ -239,7 +255,8 @@ def test_p_annealing_and_alpha_rescaling():
                 alpha *= (recent[:, 0].mean() / recent[:, 1].mean()).item()
             i = update_steps.index(step)
             p, next_p = p_values[i], p_values[i + 1] if i + 1 < n else 0.2
-    assert trainer.p == pytest.approx(p_values[2]) and trainer.p_step_count == 3  # the last update step is `steps`
+    # the last update step is `steps`
+    assert trainer.p == pytest.approx(p_values[2]) and trainer.p_step_count == 3
     assert alpha != 0.1
 
 
@@ -271,10 +288,11 @@ def test_dead_latents_are_resampled(transcoder):
         for moment in ("exp_avg", "exp_avg_sq"):
             assert (trainer.optimizer.state[parameter][moment][index] == 0).all()
     assert (trainer.optimizer.state[ae.decoder.weight]["exp_avg"][:, dead] == 0).all()
-    assert trainer.optimizer.param_groups[0]["lr"] == 0  # the lr warmup restarts after each resampling
+    # the lr warmup restarts after each resampling
+    assert trainer.optimizer.param_groups[0]["lr"] == 0
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # planted ground truth
 
 
@@ -283,17 +301,19 @@ def test_recovers_planted_features(cls):
     features = planted_features(N_TRUE, D, seed=0)
     steps = 400
     penalty = {"l1_penalty": 2.0} if cls is GatedSAETrainer else {
-        "initial_sparsity_penalty": 2.0, "anneal_start": steps // 2, "n_sparsity_updates": 5, "p_end": 0.5}
+        "initial_sparsity_penalty": 2.0, "anneal_start": steps // 2, "n_sparsity_updates": 5,
+        "p_end": 0.5}
     config = dict(trainer=cls, activation_dim=D, dict_size=2 * N_TRUE, lr=2e-2, warmup_steps=20,
                   sparsity_warmup_steps=40, seed=0, steps=steps, **penalty)
-    [trainer] = trainSAE(planted_stream(features, K, 256, steps, seed=1), [config], steps, progress=False)
+    [trainer] = trainSAE(planted_stream(features, K, 256, steps, seed=1), [config], steps,
+                         progress=False)
     recovered = fraction_recovered(features, trainer.ae.decoder.weight.detach())
     print(f"{cls.__name__}: {recovered:.0%} of planted features recovered at cosine >= 0.9")
     assert recovered >= 0.9, f"only {recovered:.0%} of planted features recovered at cosine >= 0.9"
     assert trainer.last_metrics["fvu"] < 0.2 and K / 2 <= trainer.last_metrics["l0"] <= 2 * K
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # saves, scale folding, resume
 
 
@@ -310,7 +330,8 @@ def test_save_load_round_trip(tmp_path, options):
     assert torch.equal(again(x), ae(x))
 
 
-@pytest.mark.parametrize("options,scales", [({}, (3.0, 3.0)), ({"output_dim": 12, "skip": True}, (3.0, 0.5))])
+@pytest.mark.parametrize("options,scales",
+                         [({}, (3.0, 3.0)), ({"output_dim": 12, "skip": True}, (3.0, 0.5))])
 def test_fold_scale(options, scales):
     old = randomise(GatedAutoEncoder(D, 40, **options)).double()
     new = randomise(GatedAutoEncoder(D, 40, **options)).double()
@@ -320,7 +341,8 @@ def test_fold_scale(options, scales):
     s_in, s_out = scales
     torch.testing.assert_close(new(x), old(s_in * x) / s_out)
     torch.testing.assert_close(new.encode(x), old.encode(s_in * x) / s_in)
-    torch.testing.assert_close(new.encode(x, return_gate=True)[1], old.encode(s_in * x, return_gate=True)[1] / s_in)
+    torch.testing.assert_close(new.encode(x, return_gate=True)[1],
+                               old.encode(s_in * x, return_gate=True)[1] / s_in)
     if not options:  # upstream's scale_biases(s) is folding (1 / s, 1 / s)
         upstream = randomise(GatedAutoEncoder(D, 40)).double()
         upstream.load_state_dict(old.state_dict())
@@ -334,15 +356,16 @@ def test_fold_scale(options, scales):
 def test_normalised_training_saves_raw_scale_dictionary(tmp_path):
     features = planted_features(N_TRUE, D, seed=0)
     stream = (x * 7.0 for x in planted_stream(features, K, 64, 40, seed=6))
-    config = {"trainer": GatedSAETrainer, "activation_dim": D, "dict_size": 40, "lr": 1e-2, "warmup_steps": 5,
-              "sparsity_warmup_steps": 10, "steps": 30, "seed": 0}
+    config = {"trainer": GatedSAETrainer, "activation_dim": D, "dict_size": 40, "lr": 1e-2,
+              "warmup_steps": 5, "sparsity_warmup_steps": 10, "steps": 30, "seed": 0}
     [trainer] = trainSAE(stream, [config], 30, save_dir=tmp_path, normalize_activations=True,
                          normalization_batches=4, progress=False)
     loaded, saved = load_dictionary(tmp_path / "trainer_0")
     scale = saved["trainer"]["normalization_scales"][0]
     raw = next(planted_stream(features, K, 32, 1, seed=7)) * 7.0
     torch.testing.assert_close(loaded(raw), trainer.ae(raw * scale) / scale, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(loaded.encode(raw), trainer.ae.encode(raw * scale) / scale, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loaded.encode(raw), trainer.ae.encode(raw * scale) / scale,
+                               atol=1e-4, rtol=1e-4)
 
 
 class Crash(Exception):
@@ -365,26 +388,30 @@ def test_resume_with_other_trainers_equals_uninterrupted(tmp_path, monkeypatch):
         return original(self, deads, *args)
 
     monkeypatch.setattr(GatedAnnealTrainer, "resample_neurons", counting)
-    features = planted_features(3, D, seed=0)  # one of 3 directions per token: latents facing away never fire
+    # one of 3 directions per token: latents facing away never fire
+    features = planted_features(3, D, seed=0)
     steps = 24
     common = {"activation_dim": D, "dict_size": 40, "lr": 1e-2, "steps": steps}
     configs = [
-        {"trainer": GatedSAETrainer, "warmup_steps": 4, "sparsity_warmup_steps": 8, "seed": 0, **common},
+        {"trainer": GatedSAETrainer, "warmup_steps": 4, "sparsity_warmup_steps": 8, "seed": 0,
+         **common},
         {"trainer": GatedAnnealTrainer, "warmup_steps": 2, "sparsity_warmup_steps": None,
-         "initial_sparsity_penalty": 3.0, "anneal_start": 6, "n_sparsity_updates": 6, "sparsity_queue_length": 3,
+         "initial_sparsity_penalty": 3.0, "anneal_start": 6, "n_sparsity_updates": 6,
+         "sparsity_queue_length": 3,
          "resample_steps": 8, "seed": 1, **common},
-        {"trainer": TopKTrainer, "dict_class": AutoEncoderTopK, "k": K, "warmup_steps": 4, "seed": 2, **common},
+        {"trainer": TopKTrainer, "dict_class": AutoEncoderTopK, "k": K, "warmup_steps": 4,
+         "seed": 2, **common},
     ]
     kwargs = {"normalize_activations": True, "normalization_batches": 2, "progress": False}
-    straight = trainSAE(planted_stream(features, 1, 64, 40, seed=4), configs, steps, save_dir=tmp_path / "a",
-                        **kwargs)
+    straight = trainSAE(planted_stream(features, 1, 64, 40, seed=4), configs, steps,
+                        save_dir=tmp_path / "a", **kwargs)
     assert straight[1].p_step_count >= 3 and straight[1].p < 1
     assert len(resampled) == 3 and resampled[1] > 0 and resampled[2] > 0  # at steps 7, 15, 23
     with pytest.raises(Crash):
         trainSAE(crashing(planted_stream(features, 1, 64, 40, seed=4), after=19), configs, steps,
                  save_dir=tmp_path / "b", checkpoint_steps=5, **kwargs)
-    resumed = trainSAE(planted_stream(features, 1, 64, 40, seed=4), configs, steps, save_dir=tmp_path / "b",
-                       resume=True, **kwargs)
+    resumed = trainSAE(planted_stream(features, 1, 64, 40, seed=4), configs, steps,
+                       save_dir=tmp_path / "b", resume=True, **kwargs)
     for a, b in zip(straight, resumed):
         for (name, x), y in zip(a.ae.state_dict().items(), b.ae.state_dict().values()):
             assert torch.equal(x, y), name
@@ -392,4 +419,5 @@ def test_resume_with_other_trainers_equals_uninterrupted(tmp_path, monkeypatch):
     for i in range(3):
         saved_a, _ = load_dictionary(tmp_path / "a" / f"trainer_{i}")
         saved_b, _ = load_dictionary(tmp_path / "b" / f"trainer_{i}")
-        assert all(torch.equal(x, y) for x, y in zip(saved_a.state_dict().values(), saved_b.state_dict().values()))
+        assert all(torch.equal(x, y)
+                   for x, y in zip(saved_a.state_dict().values(), saved_b.state_dict().values()))

@@ -1,6 +1,7 @@
-"""Upstream's ReLU family: AutoEncoder (normalize_decoder, scale_biases, ghost mode, from_pretrained),
-AutoEncoderNew, IdentityDict, the trainer helpers (schedules, unit-norm decoder geometry, ConstrainedAdam) and both
-StandardTrainers (losses and gradients against float64 references, resampling, planted recovery, resume)."""
+"""Upstream's ReLU family: AutoEncoder (normalize_decoder, scale_biases, ghost mode,
+from_pretrained), AutoEncoderNew, IdentityDict, the trainer helpers (schedules, unit-norm decoder
+geometry, ConstrainedAdam) and both StandardTrainers (losses and gradients against float64
+references, resampling, planted recovery, resume)."""
 
 import copy
 import inspect
@@ -49,7 +50,7 @@ def rand(*shape, seed=0, dtype=torch.float64):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # AutoEncoder
 
 
@@ -124,12 +125,13 @@ def test_from_pretrained_renormalises_by_default(tmp_path):
     normalised = AutoEncoder.from_pretrained(tmp_path / "ae.pt")
     torch.testing.assert_close(normalised.decoder.weight.norm(dim=0), torch.ones(12))
     torch.testing.assert_close(normalised(x), ae(x), atol=1e-5, rtol=1e-5)
-    raw = AutoEncoder.from_pretrained(tmp_path / "ae.pt", normalize_decoder=False, dtype=torch.float64)
+    raw = AutoEncoder.from_pretrained(tmp_path / "ae.pt", normalize_decoder=False,
+                                      dtype=torch.float64)
     assert raw.bias.dtype == torch.float64
     assert all(torch.equal(v.float(), ae.state_dict()[k]) for k, v in raw.state_dict().items())
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # AutoEncoderNew and IdentityDict
 
 
@@ -139,7 +141,8 @@ def test_autoencoder_new_matches_reference_and_round_trips(tmp_path):
     torch.testing.assert_close(fresh.decoder.weight.norm(dim=0), torch.full((10,), 0.1))
     assert not fresh.decoder.bias.any() and not fresh.encoder.bias.any()
     ae = randomised(AutoEncoderNew(6, 10))
-    assert set(ae.state_dict()) == {"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"}
+    assert set(ae.state_dict()) == {"encoder.weight", "encoder.bias", "decoder.weight",
+                                    "decoder.bias"}
     x = rand(5, 6, seed=4, dtype=torch.float32)
     f = F.relu(x @ ae.encoder.weight.t() + ae.encoder.bias)  # no input centring
     x_hat = f @ ae.decoder.weight.t() + ae.decoder.bias
@@ -147,7 +150,8 @@ def test_autoencoder_new_matches_reference_and_round_trips(tmp_path):
     torch.testing.assert_close(ae.decode(ae.encode(x)), x_hat)
     got_hat, got_f = ae(x, output_features=True)
     torch.testing.assert_close(got_hat, x_hat)
-    torch.testing.assert_close(got_f, f * ae.decoder.weight.norm(dim=0))  # upstream: features times column norms
+    # upstream: features times column norms
+    torch.testing.assert_close(got_f, f * ae.decoder.weight.norm(dim=0))
     torch.save(ae.state_dict(), tmp_path / "ae.pt")
     torch.testing.assert_close(AutoEncoderNew.from_pretrained(tmp_path / "ae.pt")(x), x_hat)
     save_dictionary(ae, tmp_path / "saved")
@@ -167,7 +171,8 @@ def test_identity_dict(tmp_path):
     assert torch.equal(x_hat, x) and torch.equal(f, x)
     cast = IdentityDict.from_pretrained(5, "unused/path", dtype=torch.float64)
     assert cast.encode(x).dtype == torch.float64 and cast(x).dtype == torch.float64
-    assert IdentityDict.from_pretrained("some/ae.pt").activation_dim is None  # PyPI 0.1.0's call form
+    # PyPI 0.1.0's call form
+    assert IdentityDict.from_pretrained("some/ae.pt").activation_dim is None
     with pytest.raises(ValueError, match="expected input width 5"):
         identity(torch.zeros(2, 4))
     save_dictionary(identity, tmp_path)
@@ -176,7 +181,7 @@ def test_identity_dict(tmp_path):
     assert config["trainer"]["dict_class"] == "IdentityDict"
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # trainer helpers
 
 
@@ -184,23 +189,30 @@ def test_lr_and_sparsity_schedules():
     lr = get_lr_schedule(100, 10, decay_start=60)
     assert [lr(s) for s in (0, 5, 10, 59, 60, 80, 99)] == [0.0, 0.5, 1.0, 1.0, 1.0, 0.5, 1 / 40]
     restarting = get_lr_schedule(100, 4, resample_steps=30)
-    assert [restarting(s) for s in (0, 2, 4, 29, 30, 32, 61)] == [0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 0.25]
+    assert [restarting(s) for s in (0, 2, 4, 29, 30, 32, 61)] == [0.0, 0.5, 1.0, 1.0, 0.0, 0.5,
+                                                                  0.25]
     sparsity = get_sparsity_warmup_fn(100, 20)
     assert [sparsity(s) for s in (0, 10, 20, 50)] == [0.0, 0.5, 1.0, 1.0]
     assert get_sparsity_warmup_fn(100, None)(0) == get_sparsity_warmup_fn(100, 0)(0) == 1.0
-    for call, match in ((lambda: get_lr_schedule(100, 100), "warmup_steps must be < steps=100, got 100"),
-                        (lambda: get_lr_schedule(100, 10, decay_start=5), "decay_start must be > warmup_steps"),
-                        (lambda: get_lr_schedule(100, 10, 50, resample_steps=20), "cannot both be set"),
-                        (lambda: get_lr_schedule(100, 10, 50, sparsity_warmup_steps=60), "sparsity_warmup_steps"),
-                        (lambda: get_sparsity_warmup_fn(100, 100), r"sparsity_warmup_steps must be in \[0, ")):
+    for call, match in ((lambda: get_lr_schedule(100, 100),
+                         "warmup_steps must be < steps=100, got 100"),
+                        (lambda: get_lr_schedule(100, 10, decay_start=5),
+                         "decay_start must be > warmup_steps"),
+                        (lambda: get_lr_schedule(100, 10, 50, resample_steps=20),
+                         "cannot both be set"),
+                        (lambda: get_lr_schedule(100, 10, 50, sparsity_warmup_steps=60),
+                         "sparsity_warmup_steps"),
+                        (lambda: get_sparsity_warmup_fn(100, 100),
+                         r"sparsity_warmup_steps must be in \[0, ")):
         with pytest.raises(ValueError, match=match):
             call()
 
 
 def test_trainers_take_warmups_longer_than_the_run():
-    """Upstream asserts warmup_steps < steps; here a warmup (lr or sparsity) longer than the run is cut to the run, so
-    a short run still reaches its full lr and penalty."""
-    trainer = StandardTrainer(steps=50, activation_dim=6, dict_size=12, resample_steps=25_000, lr=1e-3)
+    """Upstream asserts warmup_steps < steps; here a warmup (lr or sparsity) longer than the run is
+    cut to the run, so a short run still reaches its full lr and penalty."""
+    trainer = StandardTrainer(steps=50, activation_dim=6, dict_size=12, resample_steps=25_000,
+                              lr=1e-3)
     x = rand(8, 6, seed=1, dtype=torch.float32)
     for step in range(3):
         trainer.update(step, x)
@@ -218,7 +230,8 @@ def test_unit_norm_helpers():
     original = grad.clone()
     remove_gradient_parallel_to_decoder_directions(weight, grad, 7, 11)
     assert (grad * weight).sum(dim=0).abs().max() < 1e-5  # nothing left along the columns
-    torch.testing.assert_close(original - grad, (original * weight).sum(0) * weight, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(original - grad, (original * weight).sum(0) * weight, atol=1e-5,
+                               rtol=1e-5)
     with pytest.raises(ValueError, match=r"\[activation_dim, d_sae\] = \[11, 7\].*got \(7, 11\)"):
         set_decoder_norm_to_unit_norm(weight, 11, 7)
 
@@ -248,12 +261,13 @@ def test_constrained_adam_equals_projected_adam_and_keeps_unit_norms():
         torch.testing.assert_close(other, ref_other)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # StandardTrainer and StandardTrainerAprilUpdate
 
 
 def make_trainer(cls=StandardTrainer, **kwargs):
-    config = dict(steps=50, activation_dim=6, dict_size=12, warmup_steps=2, sparsity_warmup_steps=4, seed=0)
+    config = dict(steps=50, activation_dim=6, dict_size=12, warmup_steps=2, sparsity_warmup_steps=4,
+                  seed=0)
     config.update(kwargs)
     return cls(**config)
 
@@ -276,8 +290,8 @@ def test_standard_losses_and_gradients_match_float64_reference(case):
     kwargs = {"entropy": case == "entropy"} if case != "april" else {}
     if case == "l1-transcoder":
         kwargs.update(output_dim=4, transcoder=True, skip=True)
-    trainer = make_trainer(StandardTrainerAprilUpdate if case == "april" else StandardTrainer, l1_penalty=0.3,
-                           **kwargs)
+    trainer = make_trainer(StandardTrainerAprilUpdate if case == "april" else StandardTrainer,
+                           l1_penalty=0.3, **kwargs)
     ae = randomised(trainer.ae.double())
     x, step = rand(8, 6, seed=11), 2  # halfway through the sparsity warmup: coefficient 0.3 * 2 / 4
     y = rand(8, ae.output_dim, seed=12) if ae.transcoder else x
@@ -336,21 +350,27 @@ def test_resample_neurons_reinitialises_dead_neurons_as_upstream():
     x = rand(4, 6, seed=13, dtype=torch.float32)
     with torch.no_grad():
         y = ae(x)
-        y[2] += 1.0  # only token 2 is reconstructed with an error: the first resampled neuron must take it
+        # only token 2 is reconstructed with an error: the first resampled neuron must take it
+        y[2] += 1.0
     deads = torch.zeros(12, dtype=torch.bool)
     deads[[1, 5, 8, 9, 10, 11]] = True  # more dead neurons than tokens: the first 4 are resampled
     before = copy.deepcopy(ae.state_dict())
-    moments = {name: {k: v.clone() for k, v in state[p].items()} for name, p in ae.named_parameters()}
+    moments = {name: {k: v.clone() for k, v in state[p].items()}
+               for name, p in ae.named_parameters()}
     alive_norm = before["encoder.weight"][~deads].norm(dim=1).mean()
-    assert resample_dead_neurons(ae, trainer.optimizer, deads, x, y, torch.Generator().manual_seed(0)) == 4
+    assert resample_dead_neurons(ae, trainer.optimizer, deads, x, y,
+                                 torch.Generator().manual_seed(0)) == 4
     resampled, untouched = torch.tensor([1, 5, 8, 9]), torch.tensor([0, 2, 3, 4, 6, 7, 10, 11])
     tokens = []
     for neuron in resampled.tolist():  # which token each resampled neuron copied
-        matches = [t for t in range(4) if torch.allclose(ae.encoder.weight[neuron], x[t] * alive_norm * 0.2)]
+        matches = [t for t in range(4)
+                   if torch.allclose(ae.encoder.weight[neuron], x[t] * alive_norm * 0.2)]
         assert len(matches) == 1
         tokens.append(matches[0])
-        torch.testing.assert_close(ae.decoder.weight[:, neuron], y[matches[0]] / y[matches[0]].norm())
-    assert tokens[0] == 2 and sorted(tokens) == [0, 1, 2, 3]  # drawn without replacement, error-weighted
+        torch.testing.assert_close(ae.decoder.weight[:, neuron],
+                                   y[matches[0]] / y[matches[0]].norm())
+    # drawn without replacement, error-weighted
+    assert tokens[0] == 2 and sorted(tokens) == [0, 1, 2, 3]
     assert not ae.encoder.bias[resampled].any()
     for name, index in (("encoder.weight", (untouched,)), ("encoder.bias", (untouched,)),
                         ("decoder.weight", (slice(None), untouched)), ("bias", (slice(None),))):
@@ -379,9 +399,9 @@ def test_update_resamples_neurons_dead_for_half_the_period():
 
 
 def test_trainers_take_upstream_arguments_in_upstream_order():
-    standard = ["steps", "activation_dim", "dict_size", "layer", "lm_name", "dict_class", "lr", "l1_penalty",
-                "warmup_steps", "sparsity_warmup_steps", "decay_start", "resample_steps", "seed", "device",
-                "wandb_name", "submodule_name"]
+    standard = ["steps", "activation_dim", "dict_size", "layer", "lm_name", "dict_class", "lr",
+                "l1_penalty", "warmup_steps", "sparsity_warmup_steps", "decay_start",
+                "resample_steps", "seed", "device", "wandb_name", "submodule_name"]
     april = [name for name in standard if name != "resample_steps"]
     for cls, names in ((StandardTrainer, standard), (StandardTrainerAprilUpdate, april)):
         parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
@@ -391,11 +411,13 @@ def test_trainers_take_upstream_arguments_in_upstream_order():
         assert (defaults["lr"], defaults["l1_penalty"], defaults["warmup_steps"],
                 defaults["sparsity_warmup_steps"]) == (1e-3, 1e-1, 1000, 2000)
     # upstream's end-to-end test config, as a dict
-    trainer = build_trainer({"trainer": StandardTrainer, "dict_class": AutoEncoder, "activation_dim": 8,
-                             "dict_size": 32, "lr": 3e-4, "l1_penalty": 2.0, "warmup_steps": 1000,
-                             "sparsity_warmup_steps": None, "decay_start": None, "steps": 1220,
-                             "resample_steps": None, "seed": 42, "wandb_name": "StandardTrainer-x", "layer": 3,
-                             "lm_name": "m", "device": "cpu", "submodule_name": "resid_post_layer_3"})
+    trainer = build_trainer({"trainer": StandardTrainer, "dict_class": AutoEncoder,
+                             "activation_dim": 8, "dict_size": 32, "lr": 3e-4, "l1_penalty": 2.0,
+                             "warmup_steps": 1000, "sparsity_warmup_steps": None,
+                             "decay_start": None, "steps": 1220, "resample_steps": None, "seed": 42,
+                             "wandb_name": "StandardTrainer-x", "layer": 3,
+                             "lm_name": "m", "device": "cpu",
+                             "submodule_name": "resid_post_layer_3"})
     config = trainer.config
     assert config["trainer_class"] == "StandardTrainer" and config["dict_class"] == "AutoEncoder"
     assert (config["l1_penalty"], config["lr"], config["layer"]) == (2.0, 3e-4, 3)
@@ -404,9 +426,10 @@ def test_trainers_take_upstream_arguments_in_upstream_order():
 def test_standard_trainer_recovers_planted_features():
     features = planted_features(N_TRUE, D, seed=0)
     steps = 800
-    config = dict(trainer=StandardTrainer, activation_dim=D, dict_size=2 * N_TRUE, lr=2e-3, l1_penalty=1.0,
-                  warmup_steps=20, sparsity_warmup_steps=100, steps=steps, seed=0)
-    [trainer] = trainSAE(planted_stream(features, K, 256, steps, seed=1), [config], steps, progress=False)
+    config = dict(trainer=StandardTrainer, activation_dim=D, dict_size=2 * N_TRUE, lr=2e-3,
+                  l1_penalty=1.0, warmup_steps=20, sparsity_warmup_steps=100, steps=steps, seed=0)
+    [trainer] = trainSAE(planted_stream(features, K, 256, steps, seed=1), [config], steps,
+                         progress=False)
     recovered = fraction_recovered(features, trainer.ae.decoder.weight.detach())
     print(f"StandardTrainer recovered {recovered:.1%} of planted features at cosine >= 0.9")
     assert recovered >= 0.9, f"only {recovered:.0%} of planted features recovered at cosine >= 0.9"
@@ -420,19 +443,20 @@ def test_resume_with_resampling_equals_uninterrupted(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "resample_neurons",
                         lambda *args: resampled.append(original(*args)) or resampled[-1])
     features = planted_features(16, 6, seed=0)
-    common = dict(activation_dim=6, dict_size=24, lr=1e-2, l1_penalty=0.5, warmup_steps=2, sparsity_warmup_steps=3,
-                  steps=20)
+    common = dict(activation_dim=6, dict_size=24, lr=1e-2, l1_penalty=0.5, warmup_steps=2,
+                  sparsity_warmup_steps=3, steps=20)
     configs = [dict(trainer=StandardTrainer, resample_steps=4, seed=0, **common),
                dict(trainer=StandardTrainer, entropy=True, seed=1, **common),
                dict(trainer=StandardTrainerAprilUpdate, seed=2, **common)]
     kwargs = dict(progress=False, normalize_activations=True, normalization_batches=1)
-    straight = trainSAE(planted_stream(features, 2, 16, 30, seed=4), configs, 20, save_dir=tmp_path / "a", **kwargs)
+    straight = trainSAE(planted_stream(features, 2, 16, 30, seed=4), configs, 20,
+                        save_dir=tmp_path / "a", **kwargs)
     assert sum(resampled) > 0, "the run never resampled a neuron"
     with pytest.raises(Crash):
         trainSAE(crashing(planted_stream(features, 2, 16, 30, seed=4), after=13), configs, 20,
                  save_dir=tmp_path / "b", checkpoint_steps=5, **kwargs)
-    resumed = trainSAE(planted_stream(features, 2, 16, 30, seed=4), configs, 20, save_dir=tmp_path / "b",
-                       resume=True, **kwargs)
+    resumed = trainSAE(planted_stream(features, 2, 16, 30, seed=4), configs, 20,
+                       save_dir=tmp_path / "b", resume=True, **kwargs)
     for a, b in zip(straight, resumed):
         for (name, x), y in zip(a.ae.state_dict().items(), b.ae.state_dict().values()):
             torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)

@@ -1,5 +1,6 @@
-"""Resumable checkpoints: every trainer's state in one atomically written file (a crash or a full disk while writing
-leaves the previous complete checkpoint, from which a resume ends bit-identical), and loading never unpickles code."""
+"""Resumable checkpoints: every trainer's state in one atomically written file (a crash or a full
+disk while writing leaves the previous complete checkpoint, from which a resume ends bit-identical),
+and loading never unpickles code."""
 
 import pytest
 import torch
@@ -12,17 +13,19 @@ from .test_training import N_TRUE, D, K, topk_config
 
 def test_a_crafted_checkpoint_is_refused_without_running_code(tmp_path):
     marker = tmp_path / "pwned"
-    torch.save({"trainers": [RunsCode(marker)], "step": 3, "batches_consumed": 3}, tmp_path / "checkpoint.pt")
+    torch.save({"trainers": [RunsCode(marker)], "step": 3, "batches_consumed": 3},
+               tmp_path / "checkpoint.pt")
     features = planted_features(N_TRUE, D, seed=0)
     with pytest.raises(ValueError, match="could run code"):
-        trainSAE(planted_stream(features, K, 32, 10, seed=1), [topk_config(10)], 10, save_dir=tmp_path, resume=True,
-                 progress=False)
+        trainSAE(planted_stream(features, K, 32, 10, seed=1), [topk_config(10)], 10,
+                 save_dir=tmp_path, resume=True, progress=False)
     assert not marker.exists()
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one_and_resume_is_exact(tmp_path, monkeypatch):
-    """Two trainers; the third checkpoint write dies half-way (a full disk): checkpoint.pt still holds the second,
-    complete for both trainers, and resuming from it ends bit-identical to an uninterrupted run."""
+    """Two trainers; the third checkpoint write dies half-way (a full disk): checkpoint.pt still
+    holds the second, complete for both trainers, and resuming from it ends bit-identical to an
+    uninterrupted run."""
     features = planted_features(N_TRUE, D, seed=0)
     configs = [topk_config(20, dead_feature_threshold=300), topk_config(20, seed=3, k=4)]
     straight = trainSAE(planted_stream(features, K, 32, 30, seed=4), configs, 20, progress=False)
@@ -38,13 +41,13 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_resume_is_exact(tm
 
     monkeypatch.setattr(loop, "atomic_write", full_disk)
     with pytest.raises(OSError, match="No space"):
-        trainSAE(planted_stream(features, K, 32, 30, seed=4), configs, 20, save_dir=tmp_path, checkpoint_steps=5,
-                 progress=False)
+        trainSAE(planted_stream(features, K, 32, 30, seed=4), configs, 20, save_dir=tmp_path,
+                 checkpoint_steps=5, progress=False)
     monkeypatch.setattr(loop, "atomic_write", real_atomic_write)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 10 and len(state["trainers"]) == 2
-    resumed = trainSAE(planted_stream(features, K, 32, 30, seed=4), configs, 20, save_dir=tmp_path, resume=True,
-                       progress=False)
+    resumed = trainSAE(planted_stream(features, K, 32, 30, seed=4), configs, 20, save_dir=tmp_path,
+                       resume=True, progress=False)
     for a, b in zip(straight, resumed):
         for (name, x), y in zip(a.ae.state_dict().items(), b.ae.state_dict().values()):
             torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
@@ -56,21 +59,22 @@ def test_resuming_with_another_configuration_is_refused(tmp_path):
     trainSAE(planted_stream(features, K, 32, 10, seed=1), [topk_config(10)], 10, save_dir=tmp_path,
              checkpoint_steps=5, progress=False, keep_checkpoint=True)
     with pytest.raises(ValueError, match=r"lr: 0.002 in the checkpoint, 0.001 now"):
-        trainSAE(planted_stream(features, K, 32, 10, seed=1), [topk_config(10, lr=1e-3)], 10, save_dir=tmp_path,
-                 resume=True, progress=False)
+        trainSAE(planted_stream(features, K, 32, 10, seed=1), [topk_config(10, lr=1e-3)], 10,
+                 save_dir=tmp_path, resume=True, progress=False)
 
 
 def test_a_finished_run_leaves_no_checkpoint_unless_asked(tmp_path):
-    """The checkpoint (every trainer's optimizer state) is deleted once the dictionaries are saved; keep_checkpoint
-    keeps it, and resuming a finished run from it trains nothing more."""
+    """The checkpoint (every trainer's optimizer state) is deleted once the dictionaries are saved;
+    keep_checkpoint keeps it, and resuming a finished run from it trains nothing more."""
     features = planted_features(N_TRUE, D, seed=0)
-    trainSAE(planted_stream(features, K, 32, 6, seed=1), [topk_config(6)], 6, save_dir=tmp_path / "a",
-             checkpoint_steps=2, progress=False)
+    trainSAE(planted_stream(features, K, 32, 6, seed=1), [topk_config(6)], 6,
+             save_dir=tmp_path / "a", checkpoint_steps=2, progress=False)
     assert not (tmp_path / "a" / "checkpoint.pt").exists() and (tmp_path / "a" / "trainer_0" / "ae.pt").exists()
-    kept = trainSAE(planted_stream(features, K, 32, 6, seed=1), [topk_config(6)], 6, save_dir=tmp_path / "b",
-                    checkpoint_steps=2, progress=False, keep_checkpoint=True)
+    kept = trainSAE(planted_stream(features, K, 32, 6, seed=1), [topk_config(6)], 6,
+                    save_dir=tmp_path / "b", checkpoint_steps=2, progress=False,
+                    keep_checkpoint=True)
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 6
-    again = trainSAE(planted_stream(features, K, 32, 6, seed=1), [topk_config(6)], 6, save_dir=tmp_path / "b",
-                     resume=True, progress=False, keep_checkpoint=True)
+    again = trainSAE(planted_stream(features, K, 32, 6, seed=1), [topk_config(6)], 6,
+                     save_dir=tmp_path / "b", resume=True, progress=False, keep_checkpoint=True)
     for (name, x), y in zip(kept[0].ae.state_dict().items(), again[0].ae.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)

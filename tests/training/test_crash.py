@@ -1,6 +1,7 @@
-"""kill -9 of a two-trainer trainSAE run (tests/crash_child.py) at random moments and inside file writes: every
-file under its final name loads, and resuming ends bit-identical to an uninterrupted run, every saved file compared
-(weights, intermediate saves, the checkpoint's weights and optimizer state, config.json)."""
+"""kill -9 of a two-trainer trainSAE run (tests/crash_child.py) at random moments and inside file
+writes: every file under its final name loads, and resuming ends bit-identical to an uninterrupted
+run, every saved file compared (weights, intermediate saves, the checkpoint's weights and optimizer
+state, config.json)."""
 
 import json
 import random
@@ -63,15 +64,18 @@ def saved_files(folder: Path) -> dict[str, Path]:
 
 
 def check_loadable(folder: Path) -> None:
-    """Every file under its final name loads (none is half-written); leftovers are only hidden temporaries."""
+    """Every file under its final name loads (none is half-written); leftovers are only hidden
+    temporaries."""
     for name, path in saved_files(folder).items():
         if any(part.startswith(".") for part in Path(name).parts):
-            continue  # a killed process's temporary file or staging folder, removed by the next write
+            # a killed process's temporary file or staging folder, removed by the next write
+            continue
         load_any(path)
 
 
 def kill_and_resume(folder: Path, mode: str, arg: str, kill_after: float | None = None) -> int:
-    child = subprocess.Popen([sys.executable, str(CHILD), str(folder), mode, arg], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, str(CHILD), str(folder), mode, arg],
+                             stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "started"
     if kill_after is not None:
         time.sleep(kill_after)
@@ -92,14 +96,16 @@ def resume(folder: Path) -> None:
 
 def assert_same_run(folder: Path, reference: Path) -> None:
     ours, theirs = saved_files(folder), saved_files(reference)
-    ours = {name: path for name, path in ours.items() if not any(p.startswith(".") for p in Path(name).parts)}
+    ours = {name: path for name, path in ours.items()
+            if not any(p.startswith(".") for p in Path(name).parts)}
     assert sorted(ours) == sorted(theirs)
     for name in theirs:
         assert_identical(load_any(ours[name]), load_any(theirs[name]), name)
 
 
-# a run's 21 renames: checkpoint.pt every 5 steps (1, 2, 5-8, 11-15), both trainers' intermediate saves at steps
-# 12 (3, 4) and 30 (9, 10), then each trainer's final folder (16-18, 19-21: ae.pt, model.safetensors, config.json)
+# a run's 21 renames: checkpoint.pt every 5 steps (1, 2, 5-8, 11-15), both trainers' intermediate
+# saves at steps 12 (3, 4) and 30 (9, 10), then each trainer's final folder (16-18, 19-21: ae.pt,
+# model.safetensors, config.json)
 @pytest.mark.parametrize("rename", [1, 4, 5, 10, 15, 17, 20])
 def test_killed_inside_a_write_resumes_bit_identical(tmp_path, reference, rename):
     code = kill_and_resume(tmp_path, "rename", str(rename))
@@ -108,7 +114,8 @@ def test_killed_inside_a_write_resumes_bit_identical(tmp_path, reference, rename
 
 
 def test_killed_at_random_moments_resumes_bit_identical(tmp_path, reference):
-    """Three runs killed at random moments, one of them killed again after its resume started (a chain)."""
+    """Three runs killed at random moments, one of them killed again after its resume started
+    (a chain)."""
     rng = random.Random(0)
     for run in range(3):
         folder = tmp_path / f"run{run}"
@@ -116,8 +123,8 @@ def test_killed_at_random_moments_resumes_bit_identical(tmp_path, reference):
         assert_same_run(folder, reference)
     folder = tmp_path / "chain"
     for _ in range(2):  # kill, then start again (resuming) and kill again, then resume to the end
-        child = subprocess.Popen([sys.executable, str(CHILD), str(folder), "sleep", "0.02"], stdout=subprocess.PIPE,
-                                 text=True)
+        child = subprocess.Popen([sys.executable, str(CHILD), str(folder), "sleep", "0.02"],
+                                 stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline().strip() == "started"
         time.sleep(rng.uniform(0.2, 0.8))
         child.send_signal(signal.SIGKILL)

@@ -1,6 +1,7 @@
-"""torch.distributed training on the CPU with the gloo backend and 2 processes (launched by torchrun): data-parallel
-training equals one process on the same global batches (weights, dead-feature statistics, normalisation), resumes
-exactly, and sharding trainers over ranks equals training them all in one process."""
+"""torch.distributed training on the CPU with the gloo backend and 2 processes (launched
+by torchrun): data-parallel training equals one process on the same global batches (weights,
+dead-feature statistics, normalisation), resumes exactly, and sharding trainers over ranks equals
+training them all in one process."""
 
 import os
 import subprocess
@@ -32,14 +33,15 @@ def torchrun(*args, world_size=2, expect_failure=False):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    """One process on the global batches: the reference, with one thread as each rank has (a GEMM's summation
-    order, hence its last bits, depends on the thread count)."""
+    """One process on the global batches: the reference, with one thread as each rank has (a GEMM's
+    summation order, hence its last bits, depends on the thread count)."""
     save_dir = tmp_path_factory.mktemp("single")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trainSAE(iter(global_batches()), configs(), STEPS, save_dir=save_dir, normalize_activations="unit",
-                 normalization_batches=2, checkpoint_steps=3, progress=False, keep_checkpoint=True)
+        trainSAE(iter(global_batches()), configs(), STEPS, save_dir=save_dir,
+                 normalize_activations="unit", normalization_batches=2, checkpoint_steps=3,
+                 progress=False, keep_checkpoint=True)
     finally:
         torch.set_num_threads(threads)
     return save_dir
@@ -55,7 +57,8 @@ def assert_same_dictionaries(a: Path, b: Path, indices, exact=False):
             if exact:
                 assert torch.equal(ae_b.state_dict()[key], value), (i, key)
             else:
-                torch.testing.assert_close(ae_b.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=f"{i} {key}")
+                torch.testing.assert_close(ae_b.state_dict()[key], value, rtol=1e-4, atol=1e-5,
+                                           msg=f"{i} {key}")
 
 
 @pytest.mark.slow
@@ -64,7 +67,8 @@ def test_data_parallel_equals_one_process(single, tmp_path):
     assert_same_dictionaries(single, tmp_path, range(3))
     ours, reference = load_checkpoint(tmp_path / "checkpoint.pt"), load_checkpoint(single / "checkpoint.pt")
     assert ours["step"] == reference["step"] == STEPS
-    for mine, theirs in zip(ours["trainers"], reference["trainers"]):  # dead-feature statistics over global batches
+    # dead-feature statistics over global batches
+    for mine, theirs in zip(ours["trainers"], reference["trainers"]):
         assert torch.equal(mine["num_tokens_since_fired"], theirs["num_tokens_since_fired"])
     dead = load_checkpoint(single / "checkpoint.pt")["trainers"][0]["num_tokens_since_fired"] >= 128
     assert dead.any(), "the test should exercise AuxK: some latents must be dead"
@@ -83,22 +87,27 @@ def test_data_parallel_resume(single, tmp_path):
 def test_trainers_sharded_over_ranks(single, tmp_path):
     torchrun("trainers", tmp_path, STEPS)
     assert_same_dictionaries(single, tmp_path, range(3), exact=True)
-    assert sorted(p.name for p in tmp_path.glob("checkpoint.rank*")) == ["checkpoint.rank0.pt", "checkpoint.rank1.pt"]
-    assert len(load_checkpoint(tmp_path / "checkpoint.rank0.pt")["trainers"]) == 2  # trainers 0 and 2
+    assert sorted(p.name for p in tmp_path.glob("checkpoint.rank*")) == ["checkpoint.rank0.pt",
+                                                                         "checkpoint.rank1.pt"]
+    # trainers 0 and 2
+    assert len(load_checkpoint(tmp_path / "checkpoint.rank0.pt")["trainers"]) == 2
     assert len(load_checkpoint(tmp_path / "checkpoint.rank1.pt")["trainers"]) == 1  # trainer 1
 
 
 @pytest.mark.slow
 def test_data_parallel_other_trainers(tmp_path):
-    """JumpReLU (its L0 penalty on the global batch's L0), BatchTopK and Matryoshka (the global batch's top k * batch
-    codes, gathered over ranks) equal one process on the global batches too."""
+    """JumpReLU (its L0 penalty on the global batch's L0), BatchTopK and Matryoshka (the global
+    batch's top k * batch codes, gathered over ranks) equal one process on the global batches
+    too."""
     torchrun("data-other", tmp_path, STEPS)
     reference = tmp_path / "single"
-    trainSAE(iter(global_batches()), other_configs(), STEPS, save_dir=reference, normalize_activations="unit",
-             normalization_batches=2, checkpoint_steps=3, progress=False, keep_checkpoint=True)
+    trainSAE(iter(global_batches()), other_configs(), STEPS, save_dir=reference,
+             normalize_activations="unit", normalization_batches=2, checkpoint_steps=3,
+             progress=False, keep_checkpoint=True)
     assert_same_dictionaries(reference, tmp_path, range(3))
     for i in (1, 2):
-        assert float(load_dictionary(tmp_path / f"trainer_{i}")[0].threshold) > 0  # the thresholds were learned
+        # the thresholds were learned
+        assert float(load_dictionary(tmp_path / f"trainer_{i}")[0].threshold) > 0
 
 
 def test_shard_and_mode_errors():
@@ -113,7 +122,8 @@ def test_shard_and_mode_errors():
 
 @pytest.mark.slow
 def test_ranks_given_different_configs_refuse_to_start(tmp_path):
-    """Rank 1 was given another lr: the data-parallel run stops before any step, naming why, and writes nothing."""
+    """Rank 1 was given another lr: the data-parallel run stops before any step, naming why, and
+    writes nothing."""
     output = torchrun("data-mismatch", tmp_path, STEPS, expect_failure=True)
     assert "the trainer configs differ between ranks" in output
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.safetensors"))

@@ -1,4 +1,5 @@
-"""Training against planted ground truth; trainSAE's multi-trainer, save / load, resume and error behaviour."""
+"""Training against planted ground truth; trainSAE's multi-trainer, save / load, resume and error
+behaviour."""
 
 import json
 
@@ -16,8 +17,9 @@ D, N_TRUE, K = 32, 128, 3
 
 
 def topk_config(steps, **overrides):
-    config = dict(trainer=TopKTrainer, dict_class=AutoEncoderTopK, activation_dim=D, dict_size=2 * N_TRUE, k=K,
-                  lr=2e-3, steps=steps, warmup_steps=20, seed=0, dead_feature_threshold=20_000)
+    config = dict(trainer=TopKTrainer, dict_class=AutoEncoderTopK, activation_dim=D,
+                  dict_size=2 * N_TRUE, k=K, lr=2e-3, steps=steps, warmup_steps=20, seed=0,
+                  dead_feature_threshold=20_000)
     config.update(overrides)
     return config
 
@@ -26,7 +28,8 @@ def topk_config(steps, **overrides):
 def test_topk_sae_recovers_planted_features():
     features = planted_features(N_TRUE, D, seed=0)
     steps = 1000
-    [trainer] = trainSAE(planted_stream(features, K, 256, steps, seed=1), [topk_config(steps)], steps, progress=False)
+    [trainer] = trainSAE(planted_stream(features, K, 256, steps, seed=1), [topk_config(steps)],
+                         steps, progress=False)
     recovered = fraction_recovered(features, trainer.ae.decoder.weight.detach())
     assert recovered >= 0.9, f"only {recovered:.0%} of planted features recovered at cosine >= 0.9"
     assert trainer.last_metrics["l0"] == K and trainer.last_metrics["fvu"] < 0.2
@@ -34,7 +37,8 @@ def test_topk_sae_recovers_planted_features():
 
 @pytest.mark.slow
 def test_topk_transcoder_recovers_planted_map():
-    """x = codes @ F_in, y = codes @ F_out: the transcoder's decoder must find F_out's directions."""
+    """x = codes @ F_in, y = codes @ F_out: the transcoder's decoder must find F_out's
+    directions."""
     features_in, features_out = planted_features(N_TRUE, D, seed=0), planted_features(N_TRUE, 24, seed=5)
     steps = 1500
     config = topk_config(steps, output_dim=24, transcoder=True)
@@ -50,15 +54,20 @@ def test_other_trainers_learn(trainer_class):
     features = planted_features(N_TRUE, D, seed=0)
     steps = 1000
     if trainer_class is StandardTrainerAprilUpdate:
-        config = dict(trainer=StandardTrainerAprilUpdate, activation_dim=D, dict_size=2 * N_TRUE, lr=2e-3,
-                      l1_penalty=1.0, steps=steps, warmup_steps=20, sparsity_warmup_steps=100, seed=0)
+        config = dict(trainer=StandardTrainerAprilUpdate, activation_dim=D, dict_size=2 * N_TRUE,
+                      lr=2e-3, l1_penalty=1.0, steps=steps, warmup_steps=20,
+                      sparsity_warmup_steps=100, seed=0)
     else:
-        config = topk_config(steps, trainer=BatchTopKTrainer, dict_class=BatchTopKSAE, threshold_start_step=100)
-    [trainer] = trainSAE(planted_stream(features, K, 256, steps, seed=1), [config], steps, progress=False)
+        config = topk_config(steps, trainer=BatchTopKTrainer, dict_class=BatchTopKSAE,
+                             threshold_start_step=100)
+    [trainer] = trainSAE(planted_stream(features, K, 256, steps, seed=1), [config], steps,
+                         progress=False)
     assert trainer.last_metrics["fvu"] < 0.3
-    # BatchTopK gives low-norm tokens fewer latents than their k planted features, so it recovers fewer of them
+    # BatchTopK gives low-norm tokens fewer latents than their k planted features, so it recovers
+    # fewer of them
     assert fraction_recovered(features, trainer.ae.decoder.weight.detach()) >= 0.6
-    if trainer_class is BatchTopKTrainer:  # the inference threshold is tracked and gives about k codes per token
+    # the inference threshold is tracked and gives about k codes per token
+    if trainer_class is BatchTopKTrainer:
         assert trainer.ae.threshold > 0
         x = next(planted_stream(features, K, 512, 1, seed=9))
         l0 = (trainer.ae.encode(x) > 0).sum(-1).float().mean()
@@ -70,7 +79,8 @@ def test_multi_trainer_equals_separate_runs():
     configs = [topk_config(30, seed=0), topk_config(30, seed=1, k=5, lr=1e-3)]
     together = trainSAE(planted_stream(features, K, 64, 30, seed=3), configs, 30, progress=False)
     for config, trained in zip(configs, together):
-        [alone] = trainSAE(planted_stream(features, K, 64, 30, seed=3), [config], 30, progress=False)
+        [alone] = trainSAE(planted_stream(features, K, 64, 30, seed=3), [config], 30,
+                           progress=False)
         for (name, a), b in zip(alone.ae.state_dict().items(), trained.ae.state_dict().values()):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
@@ -91,15 +101,16 @@ def test_resume_equals_uninterrupted(tmp_path, normalize):
     features = planted_features(N_TRUE, D, seed=0)
     steps, configs = 24, [topk_config(24, dead_feature_threshold=500), topk_config(24, seed=3, k=4)]
     kwargs = dict(normalize_activations=normalize, normalization_batches=2, progress=False)
-    straight = trainSAE(planted_stream(features, K, 64, 40, seed=4), configs, steps, save_dir=tmp_path / "a",
-                        **kwargs)
+    straight = trainSAE(planted_stream(features, K, 64, 40, seed=4), configs, steps,
+                        save_dir=tmp_path / "a", **kwargs)
     with pytest.raises(Crash):
         trainSAE(crashing(planted_stream(features, K, 64, 40, seed=4), after=17), configs, steps,
                  save_dir=tmp_path / "b", checkpoint_steps=5, **kwargs)
-    state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)  # all trainers, one file
+    # all trainers, one file
+    state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert 0 < state["step"] < steps
-    resumed = trainSAE(planted_stream(features, K, 64, 40, seed=4), configs, steps, save_dir=tmp_path / "b",
-                       resume=True, **kwargs)
+    resumed = trainSAE(planted_stream(features, K, 64, 40, seed=4), configs, steps,
+                       save_dir=tmp_path / "b", resume=True, **kwargs)
     for a, b in zip(straight, resumed):
         for (name, x), y in zip(a.ae.state_dict().items(), b.ae.state_dict().values()):
             torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
@@ -113,8 +124,9 @@ def test_resume_equals_uninterrupted(tmp_path, normalize):
 def test_saved_dictionary_round_trips_and_folds_normalisation(tmp_path):
     features = planted_features(N_TRUE, D, seed=0)
     stream = (x * 7.0 for x in planted_stream(features, K, 64, 60, seed=6))  # far from unit scale
-    [trainer] = trainSAE(stream, [topk_config(40, lm_name="planted", layer=0)], 40, save_dir=tmp_path,
-                         normalize_activations=True, normalization_batches=4, progress=False)
+    [trainer] = trainSAE(stream, [topk_config(40, lm_name="planted", layer=0)], 40,
+                         save_dir=tmp_path, normalize_activations=True, normalization_batches=4,
+                         progress=False)
     loaded, config = load_dictionary(tmp_path / "trainer_0")
     assert config["trainer"]["trainer_class"] == "TopKTrainer" and config["trainer"]["dict_class"] == "AutoEncoderTopK"
     assert config["trainer"]["k"] == K and config["trainer"]["lm_name"] == "planted"
@@ -134,16 +146,19 @@ def test_saved_dictionary_round_trips_and_folds_normalisation(tmp_path):
 
 
 def test_upstream_format_loads(tmp_path):
-    """An ae.pt + config.json as upstream writes them (older TopK saves have no threshold buffer)."""
+    """An ae.pt + config.json as upstream writes them (older TopK saves have no threshold
+    buffer)."""
     ae = AutoEncoderTopK(8, 16, 2)
     state = {k: v for k, v in ae.state_dict().items() if k != "threshold"}
     torch.save(state, tmp_path / "ae.pt")
     (tmp_path / "config.json").write_text(json.dumps({"trainer": {
-        "trainer_class": "TopKTrainer", "dict_class": "AutoEncoderTopK", "activation_dim": 8, "dict_size": 16,
-        "k": 2, "lr": 1e-3, "steps": 10, "seed": 0, "layer": 3, "lm_name": "x", "submodule_name": "resid_3",
+        "trainer_class": "TopKTrainer", "dict_class": "AutoEncoderTopK", "activation_dim": 8,
+        "dict_size": 16, "k": 2, "lr": 1e-3, "steps": 10, "seed": 0, "layer": 3, "lm_name": "x",
+        "submodule_name": "resid_3",
         "device": "cuda:0", "wandb_name": "t"}, "buffer": {"d_submodule": 8, "io": "out", "n_ctxs": 10,
                                                            "ctx_len": 128, "refresh_batch_size": 4,
-                                                           "out_batch_size": 8, "device": "cuda:0"}}))
+                                                           "out_batch_size": 8,
+                                                           "device": "cuda:0"}}))
     loaded, config = load_dictionary(tmp_path)
     x = torch.randn(5, 8)
     torch.testing.assert_close(loaded(x), ae(x))
@@ -161,7 +176,8 @@ def test_upstream_format_loads(tmp_path):
 ])
 def test_bad_input_raises_and_leaves_saves_intact(tmp_path, case, error, match):
     features = planted_features(N_TRUE, D, seed=0)
-    trainSAE(planted_stream(features, K, 64, 5, seed=1), [topk_config(5)], 5, save_dir=tmp_path, progress=False)
+    trainSAE(planted_stream(features, K, 64, 5, seed=1), [topk_config(5)], 5, save_dir=tmp_path,
+             progress=False)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     config, stream = topk_config(5), list(planted_stream(features, K, 64, 5, seed=2))
     if case == "width":
@@ -187,7 +203,7 @@ def test_wandb_offline_logging(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     features = planted_features(N_TRUE, D, seed=0)
-    trainSAE(planted_stream(features, K, 64, 6, seed=1), [topk_config(6)], 6, save_dir=tmp_path, use_wandb=True,
-             log_steps=2, progress=False)
+    trainSAE(planted_stream(features, K, 64, 6, seed=1), [topk_config(6)], 6, save_dir=tmp_path,
+             use_wandb=True, log_steps=2, progress=False)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

@@ -22,15 +22,18 @@ def test_local_txt_jsonl_and_folder(tmp_path):
     rows = [{"text": "Beta document."}, {"text": ""}, {"text": "Gamma document."}]
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert list(local_texts(tmp_path / "b.jsonl")) == ["Beta document.", "Gamma document."]
-    assert list(local_texts(tmp_path / "a.txt", max_chars=None)) == ["Alpha paragraph one.\n\nAlpha paragraph two.\n"]
+    assert list(local_texts(tmp_path / "a.txt", max_chars=None)) == ["Alpha paragraph "
+                                                                     "one.\n\nAlpha paragraph "
+                                                                     "two.\n"]
     everything = list(local_texts(tmp_path))
-    assert everything == ["Alpha paragraph one.\nAlpha paragraph two.", "Beta document.", "Gamma document."]
+    assert everything == ["Alpha paragraph one.\nAlpha paragraph two.", "Beta document.",
+                          "Gamma document."]
     assert list(text_source(str(tmp_path))) == everything
 
 
 def test_local_errors(tmp_path, monkeypatch):
-    """A missing path or an empty folder is refused at the call (not at the first text), and text_source never
-    looks a path up on the hub."""
+    """A missing path or an empty folder is refused at the call (not at the first text), and
+    text_source never looks a path up on the hub."""
     with pytest.raises(ValueError, match="no such file"):
         local_texts(tmp_path / "missing.txt")
     (tmp_path / "empty").mkdir()

@@ -25,9 +25,11 @@ def local_hub(tmp_path, monkeypatch):
         (root / repo_id).mkdir(parents=True, exist_ok=True)
 
     def upload_folder(self, folder_path, repo_id, path_in_repo=None, allow_patterns=None, **kwargs):
-        # the files huggingface_hub's own filter selects (its patterns match paths relative to the folder)
+        # the files huggingface_hub's own filter selects (its patterns match paths relative to the
+        # folder)
         target = root / repo_id / (path_in_repo or "")
-        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*")
+                 if p.is_file()]
         for relative in filter_repo_objects(files, allow_patterns=allow_patterns):
             (target / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(Path(folder_path) / relative, target / relative)
@@ -43,10 +45,12 @@ def local_hub(tmp_path, monkeypatch):
     return root, calls
 
 
-@pytest.mark.parametrize("cls,output_dim,skip", [(AutoEncoderTopK, 10, True), (BatchTopKSAE, 10, True),
-                                                 (AutoEncoderTopK, 12, False)])
+@pytest.mark.parametrize("cls,output_dim,skip",
+                         [(AutoEncoderTopK, 10, True), (BatchTopKSAE, 10, True),
+                          (AutoEncoderTopK, 12, False)])
 def test_push_and_pull_round_trip(tmp_path, local_hub, cls, output_dim, skip):
-    """Transcoders round trip, square ones without a skip too (their weights alone look like an SAE's)."""
+    """Transcoders round trip, square ones without a skip too (their weights alone look like an
+    SAE's)."""
     root, calls = local_hub
     torch.manual_seed(0)
     ae = cls(12, 48, 4, output_dim=output_dim, transcoder=True, skip=skip)
@@ -57,7 +61,8 @@ def test_push_and_pull_round_trip(tmp_path, local_hub, cls, output_dim, skip):
     save_dictionary(ae, tmp_path / "saved", {"trainer": {"lm_name": "tiny-llama", "layer": 1}})
     push_to_hub(tmp_path / "saved", "me/my-sae", path_in_repo="layer_1")
     assert calls["create_repo"] == ("me/my-sae", False)
-    assert sorted(p.name for p in (root / "me/my-sae/layer_1").iterdir()) == ["ae.pt", "config.json",
+    assert sorted(p.name for p in (root / "me/my-sae/layer_1").iterdir()) == ["ae.pt",
+                                                                              "config.json",
                                                                             "model.safetensors"]
     pulled, config = pull_from_hub("me/my-sae", subfolder="layer_1")
     assert calls["snapshot_download"] == ("me/my-sae", ["layer_1/*"])
@@ -75,17 +80,19 @@ def test_load_errors(tmp_path):
 
 
 def test_suite_push_and_pull_round_trip(tmp_path, local_hub, tiny_llama):
-    """An SCAE suite goes up as one folder (modules, connections, suite.json; not a checkpoint lying beside them)
-    and comes back equal, connections included."""
+    """An SCAE suite goes up as one folder (modules, connections, suite.json; not a checkpoint lying
+    beside them) and comes back equal, connections included."""
     root, calls = local_hub
     suite = SCAESuite.random(tiny_llama, dict_size=32, k=4, n_layer=2, seed=1)
     suite.model_name = "tiny-llama"
     suite.connections = all_connections(suite, tiny_llama).top(3)
     suite.push_to_hub("me/suite", path_in_repo="v1")
-    uploaded = sorted(p.relative_to(root / "me/suite/v1").as_posix() for p in (root / "me/suite/v1").rglob("*")
+    uploaded = sorted(p.relative_to(root / "me/suite/v1").as_posix()
+                      for p in (root / "me/suite/v1").rglob("*")
                       if p.is_file())
     assert uploaded == sorted(["connections.safetensors", "suite.json", *(
-        f"{name}/{file}" for name in suite.names for file in ("ae.pt", "config.json", "model.safetensors"))])
+        f"{name}/{file}" for name in suite.names
+        for file in ("ae.pt", "config.json", "model.safetensors"))])
     pulled = SCAESuite.from_hub("me/suite", subfolder="v1")
     assert calls["snapshot_download"] == ("me/suite", ["v1/*"])
     assert pulled.names == suite.names and pulled.model_name == "tiny-llama"
@@ -103,8 +110,8 @@ def test_suite_push_and_pull_round_trip(tmp_path, local_hub, tiny_llama):
 
 
 def test_saved_files_get_the_permissions_of_a_plain_new_file(tmp_path):
-    """Every file of a save has the mode `open` gives under the umask (safetensors alone would write 0600), and a
-    file that is replaced keeps its own mode."""
+    """Every file of a save has the mode `open` gives under the umask (safetensors alone would write
+    0600), and a file that is replaced keeps its own mode."""
     import os
     import stat
 
