@@ -39,7 +39,8 @@ def random_connections(suite, C, seed=0):
     for name in suite.names:
         n_up = suite.n_upstream(name)
         c = min(C, n_up)
-        indices[name] = torch.rand(suite[name].dict_size, n_up, generator=generator).topk(c, dim=1).indices.sort(1).values
+        indices[name] = (torch.rand(suite[name].dict_size, n_up, generator=generator)
+                         .topk(c, dim=1).indices.sort(1).values)
     return indices
 
 
@@ -60,8 +61,10 @@ def dense_masked_forward(suite, model, record, indices):
             # [n_up, d]
             decoders = torch.cat([suite[up].decoder.weight.t() for up in upstream_of(name)])
             normed = norm_params(model, layer, kind).linear_part(decoders)
-            mask = torch.zeros(suite[name].dict_size, normed.shape[0]).scatter_(1, indices[name], 1.0)
-            upstream = torch.cat([codes[up] for up in upstream_of(name)], dim=-1) * record.norm_scales[name][..., None]
+            mask = (torch.zeros(suite[name].dict_size, normed.shape[0])
+                    .scatter_(1, indices[name], 1.0))
+            upstream = (torch.cat([codes[up] for up in upstream_of(name)], dim=-1)
+                        * record.norm_scales[name][..., None])
             encoder = suite[name].encoder.weight
             if kind == "mlp":
                 pre = pre + upstream @ ((encoder @ normed.t()) * mask).t()

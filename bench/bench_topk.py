@@ -60,7 +60,8 @@ def main() -> None:
         loss = (ae(x) - x).pow(2).sum(-1).mean()
         loss.backward()
 
-    dense_step_ms, sparse_step_ms = timed(dense_step, args.repeats), timed(sparse_step, args.repeats)
+    dense_step_ms, sparse_step_ms = (timed(dense_step, args.repeats),
+                                     timed(sparse_step, args.repeats))
     encoder_ms = timed(lambda: ae.pre_activations(x), args.repeats)
     print(f"batch {args.batch}, d_in {args.d_in}, dict_size {args.dict_size}, k {args.k}, float32, "
           f"{torch.get_num_threads()} threads")

@@ -47,7 +47,8 @@ def ours(d_in, dict_size, k, batch, steps, warmup, dead_fraction, seed=0,
     for step in range(warmup + 1, warmup + 1 + steps):
         trainer.update(step, pool[step % len(pool)])
     seconds = (time.perf_counter() - start) / steps
-    label = "ours" if trainer.encoder_dtype is None else f"ours, {str(trainer.encoder_dtype)[6:]} encoder GEMM"
+    label = ("ours" if trainer.encoder_dtype is None
+             else f"ours, {str(trainer.encoder_dtype)[6:]} encoder GEMM")
     return {"peer": label, "tokens_per_s": batch / seconds, "step_ms": 1000 * seconds,
             "dead": trainer.dead_features}
 

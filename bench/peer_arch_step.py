@@ -113,7 +113,8 @@ def check_args(args: argparse.Namespace) -> str | None:
     if not 0.0 <= args.dead_fraction < 1.0:
         return f"--dead-fraction must be in [0, 1), got {args.dead_fraction}"
     if args.arch == "jumprelu" and args.dead_fraction:
-        return f"--dead-fraction applies to --arch matryoshka only, got {args.dead_fraction} for jumprelu"
+        return (f"--dead-fraction applies to --arch matryoshka only, got {args.dead_fraction} "
+                "for jumprelu")
     if args.k > args.dict_size:
         return f"--k ({args.k}) must be <= --dict-size ({args.dict_size})"
     target = args.target_l0 if args.target_l0 is not None else args.k
@@ -121,7 +122,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--target-l0 must be in (0, dict_size={args.dict_size}), got {target}"
     fractions = args.group_fractions
     if abs(sum(fractions) - 1.0) > 1e-6 or any(f <= 0 for f in fractions):
-        return f"--group-fractions must be positive and sum to 1, got {fractions} (sum {sum(fractions)})"
+        return (f"--group-fractions must be positive and sum to 1, got {fractions} "
+                f"(sum {sum(fractions)})")
     if any(size <= 0 for size in group_sizes(fractions, args.dict_size)):
         return f"--group-fractions {fractions} leave an empty group at dict_size {args.dict_size}"
     return None
@@ -212,7 +214,8 @@ def build_dictionary_learning(torch, args, pool, dead_ids) -> dict:
         return int((trainer.num_tokens_since_fired >= trainer.dead_feature_threshold).sum())
 
     def encode(x):
-        return trainer.ae.encode(x, use_threshold=False) if args.arch == "matryoshka" else trainer.ae.encode(x)
+        return (trainer.ae.encode(x, use_threshold=False) if args.arch == "matryoshka"
+                else trainer.ae.encode(x))
 
     return {"step": trainer.update, "dead_count": dead_count, "encode": encode}
 

@@ -6,7 +6,8 @@ Standard library only, so our own benchmark can import it without any peer insta
     from bench.peers import PEERS, peer_python, run_peer
     figures = run_peer("sae-lens", d_in=576, dict_size=4608, k=32, batch=4096, steps=20,
                        dead_fraction=0.1)
-    # {"peer": "sae-lens", "version": "6.54.12", "tokens_per_s": ..., "step_ms": ..., ...} or {..., "error": ...}
+    # {"peer": "sae-lens", "version": "6.54.12", "tokens_per_s": ..., "step_ms": ..., ...}
+    # or {..., "error": ...}
 """
 
 from __future__ import annotations

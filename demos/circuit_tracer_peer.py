@@ -5,11 +5,12 @@ Runs INSIDE the circuit-tracer peer venv (`bash bench/setup_peers.sh circuit-tra
 dictionary_learning (that venv has transformers 4.57, ours has 5.x), and never touches the network.
 
     PY=~/.cache/dictionary_learning/peers/circuit-tracer/bin/python
+    # dictionary_learning.models.loading.smollm2_path():
     MODEL=~/.cache/dictionary_learning/smollm2-135m-instruct
-        # dictionary_learning.models.loading.smollm2_path()
 
-    # a throwaway transcoder set (random weights, thresholds calibrated on one sentence) to try the pipeline on
-    $PY demos/circuit_tracer_peer.py random --model $MODEL --out /tmp/tc_random --d-tc 256
+    # a throwaway transcoder set (random weights, thresholds calibrated on one sentence) to try
+    # the pipeline on
+    $PY demos/circuit_tracer_peer.py random --model $MODEL --out /tmp/tc_random --d-tc 256 \\
         --activation relu
 
     # does circuit-tracer encode / decode the set the way a plain forward hook says it should?
@@ -77,7 +78,8 @@ def transformers4_view(model_dir: Path) -> Path:
     model_dir = model_dir.resolve()
     config = json.loads((model_dir / "config.json").read_text())
     tokenizer_config_path = model_dir / "tokenizer_config.json"
-    tokenizer_config = json.loads(tokenizer_config_path.read_text()) if tokenizer_config_path.exists() else {}
+    tokenizer_config = (json.loads(tokenizer_config_path.read_text())
+                        if tokenizer_config_path.exists() else {})
     rope = config.get("rope_parameters")
     needs_rope = isinstance(rope, dict) and "rope_theta" not in config
     needs_tokenizer = tokenizer_config.get("tokenizer_class") == "TokenizersBackend"
@@ -92,11 +94,13 @@ def transformers4_view(model_dir: Path) -> Path:
     if needs_tokenizer:
         tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     digest = hashlib.sha1(str(model_dir).encode()).hexdigest()[:8]
-    view = Path(tempfile.gettempdir()) / "circuit_tracer_peer" / f"{model_dir.name}-{digest}-transformers4"
+    view = (Path(tempfile.gettempdir()) / "circuit_tracer_peer"
+            / f"{model_dir.name}-{digest}-transformers4")
     view.mkdir(parents=True, exist_ok=True)
     for source in model_dir.iterdir():
         target = view / source.name
-        if source.name in ("config.json", "tokenizer_config.json") or target.exists() or target.is_symlink():
+        if (source.name in ("config.json", "tokenizer_config.json") or target.exists()
+                or target.is_symlink()):
             continue
         target.symlink_to(source)
     for name, content in (("config.json", config), ("tokenizer_config.json", tokenizer_config)):
@@ -217,7 +221,8 @@ def mlp_activations(model_dir: Path, text: str | torch.Tensor) -> tuple[list[tor
     model = AutoModelForCausalLM.from_pretrained(view, dtype=torch.float32).eval()
     inputs, outputs, handles = [], [], []
     for layer in model.model.layers:
-        handles.append(layer.post_attention_layernorm.register_forward_hook(lambda m, i, o: inputs.append(o[0])))
+        norm = layer.post_attention_layernorm
+        handles.append(norm.register_forward_hook(lambda m, i, o: inputs.append(o[0])))
         handles.append(layer.mlp.register_forward_hook(lambda m, i, o: outputs.append(o[0])))
     with torch.no_grad():
         model(text[None])
@@ -246,7 +251,8 @@ def write_random(args) -> None:
         pre = x[1:] @ W_enc.T  # [n_tokens, d_tc]; the first token's norms are atypical
         cut = torch.quantile(pre.flatten(), 1 - l0 / d_tc).item()
         W_dec = torch.randn(d_tc, d_model, generator=generator)
-        W_dec *= (y[1:].norm(dim=-1).mean() / (math.sqrt(l0) * max(cut, 1e-3) * W_dec.norm(dim=1, keepdim=True)))
+        W_dec *= (y[1:].norm(dim=-1).mean()
+                  / (math.sqrt(l0) * max(cut, 1e-3) * W_dec.norm(dim=1, keepdim=True)))
         tensors = {"W_enc": W_enc, "W_dec": W_dec, "b_dec": y[1:].mean(0).clone()}
         if args.activation == "relu":
             tensors["b_enc"] = torch.full((d_tc,), -cut)

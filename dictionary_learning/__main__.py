@@ -38,7 +38,8 @@ REFUSALS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, Permis
             FolderInUse, FloatingPointError)
 TRACEBACK_VARIABLE = "DICTIONARY_LEARNING_TRACEBACK"
 
-DATA_HELP = "text: python-docs (default, offline), a .txt/.jsonl file or folder, or a hub dataset id[:split]"
+DATA_HELP = ("text: python-docs (default, offline), a .txt/.jsonl file or folder, or a hub dataset "
+             "id[:split]")
 
 
 def count(text: str) -> int:

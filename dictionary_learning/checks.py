@@ -26,7 +26,8 @@ def integer(name: str, value: Any, low: int = 1, high: int | None = None,
         try:
             number = operator.index(value)
         except TypeError:
-            if integral_floats and isinstance(value, float) and math.isfinite(value) and value == int(value):
+            if (integral_floats and isinstance(value, float) and math.isfinite(value)
+                    and value == int(value)):
                 number = int(value)
     if number is None or number < low or (high is not None and number > high):
         bounds = "a positive int" if (low, high) == (1, None) else (
@@ -91,7 +92,8 @@ def check_memory(name: str, value: Any, n_bytes: float, device: Any = "cpu",
     device's memory, with the estimate in the message: such a run could only fill memory and die."""
     total = memory_size(device)
     if total is not None and n_bytes > total:
-        where = "this machine's memory" if torch.device(device).type == "cpu" else f"{device}'s memory"
+        where = ("this machine's memory" if torch.device(device).type == "cpu"
+                 else f"{device}'s memory")
         raise ValueError(f"{name}={value!r} needs about {_size(n_bytes)} of memory{what}, more "
                          f"than the {_size(total)} of {where}: ask for less")
 

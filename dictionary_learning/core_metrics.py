@@ -76,7 +76,8 @@ def density_metrics(density: torch.Tensor) -> dict[str, float]:
     over = {p: density > p / 100 for p in (1, 10)}
     results = {f"freq_over_{p}_percent": mask.float().mean().item() for p, mask in over.items()}
     for p, mask in over.items():
-        results[f"normalized_freq_over_{p}_percent"] = (density[mask].sum() / total).item() if total > 0 else 0.0
+        results[f"normalized_freq_over_{p}_percent"] = ((density[mask].sum() / total).item()
+                                                        if total > 0 else 0.0)
     results["dead_fraction"] = (density == 0).float().mean().item()
     results["dense_fraction"] = results["freq_over_10_percent"]
     return results

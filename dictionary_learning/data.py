@@ -186,7 +186,8 @@ def text_source(spec: str | Iterable[str] | None = None, repeat: bool = False) -
         return default_corpus(repeat=repeat)
     if not isinstance(spec, str):
         return iter(spec)
-    if Path(spec).exists() or spec.endswith(("/", ".txt", ".jsonl", ".json")) or spec.startswith((".", "/", "~")):
+    if (Path(spec).exists() or spec.endswith(("/", ".txt", ".jsonl", ".json"))
+            or spec.startswith((".", "/", "~"))):
         # a path (a missing one is refused, not looked up on the hub)
         return local_texts(Path(spec).expanduser())
     name, _, split = spec.partition(":")

@@ -25,7 +25,8 @@ import torch
 def cache_dir() -> Path:
     """Where converted models and corpora are cached (`$DICTIONARY_LEARNING_CACHE`, else
     ~/.cache/...)."""
-    root = os.environ.get("DICTIONARY_LEARNING_CACHE") or Path.home() / ".cache" / "dictionary_learning"
+    root = (os.environ.get("DICTIONARY_LEARNING_CACHE")
+            or Path.home() / ".cache" / "dictionary_learning")
     return Path(root)
 
 
@@ -52,7 +53,8 @@ def _remove_stale(path: Path, suffixes: tuple[str, ...]) -> None:
         return
     for leftover in path.parent.glob(f".{path.name}.*"):
         pid, _, suffix = leftover.name[len(path.name) + 2:].partition(".")
-        if pid.isdigit() and "." + suffix in suffixes and int(pid) != os.getpid() and not _alive(int(pid)):
+        if (pid.isdigit() and "." + suffix in suffixes and int(pid) != os.getpid()
+                and not _alive(int(pid))):
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:

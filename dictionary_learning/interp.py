@@ -37,7 +37,8 @@ def _through(dictionary: Dictionary, x: torch.Tensor, feature: int | None,
         f = f.reshape(*x.shape[:-1], -1).clone()
         f[:, -1, feature] = 0
         f = f.reshape(flat.shape[0], -1)
-        out = dictionary.decode(f, flat) if getattr(dictionary, "skip", None) is not None else dictionary.decode(f)
+        out = (dictionary.decode(f, flat) if getattr(dictionary, "skip", None) is not None
+               else dictionary.decode(f))
     if add_residual:
         out = out + (flat - reconstruction)
     return out.reshape(x.shape).to(x.dtype)
@@ -135,7 +136,8 @@ def examine_dimension(
     if not 0 <= dim_idx < x.shape[-1]:
         raise ValueError(f"dim_idx must be in [0, {x.shape[-1] - 1}], got {dim_idx!r}")
     acts = x[..., dim_idx].float()  # [batch, seq]
-    ids, mask = encoding["input_ids"].to(acts.device), encoding["attention_mask"].bool().to(acts.device)
+    ids, mask = (encoding["input_ids"].to(acts.device),
+                 encoding["attention_mask"].bool().to(acts.device))
     decode = model.tokenizer.decode
 
     # mean activation of each distinct token over its real occurrences

@@ -125,7 +125,8 @@ class ActivationBuffer(NNsightBuffer):
         if not isinstance(module, nn.Module):
             raise TypeError("submodule must be a torch module or dotted path, got "
                             f"{type(submodule).__name__}")
-        tokenizer = settings.tokenizer if settings.tokenizer is not None else getattr(model, "tokenizer", None)
+        tokenizer = (settings.tokenizer if settings.tokenizer is not None
+                     else getattr(model, "tokenizer", None))
         model = torch_model(model)
         if tokenizer is None:
             from transformers import AutoTokenizer

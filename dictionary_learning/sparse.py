@@ -36,8 +36,8 @@ class _GatherLinear(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         grad_values = grad_values.to(x.dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = torch.zeros_like(x).index_add_(0, rows, weight[cols] * grad_values[:, None]) if rows.numel() \
-                else torch.zeros_like(x)
+            grad_x = (torch.zeros_like(x).index_add_(0, rows, weight[cols] * grad_values[:, None])
+                      if rows.numel() else torch.zeros_like(x))
         if ctx.needs_input_grad[1]:
             grad_weight = sparse_transpose_matmul(cols, rows, grad_values, x, weight.shape[0])
         if ctx.has_bias and ctx.needs_input_grad[2]:

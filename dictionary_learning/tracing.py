@@ -112,7 +112,8 @@ def masked_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, attentio
 def next_token_kl(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
     """Per-token KL(clean || other) of the next-token distributions `[batch, seq]` (differentiable
     in `other`)."""
-    clean_logp, other_logp = clean_logits.float().log_softmax(-1), other_logits.float().log_softmax(-1)
+    clean_logp, other_logp = (clean_logits.float().log_softmax(-1),
+                              other_logits.float().log_softmax(-1))
     return (clean_logp.exp() * (clean_logp - other_logp)).sum(-1)
 
 

@@ -25,7 +25,8 @@ def global_batches() -> list[dict]:
     for _ in range(N_BATCHES):
         x = torch.randn(ROWS, D, generator=generator) * 2 + 0.5
         batches.append({"a": torch.randn(ROWS, D, generator=generator).relu() @ mixing,
-                        "t": (x, torch.tanh(x @ mixing) + 0.1 * torch.randn(ROWS, D, generator=generator))})
+                        "t": (x, (torch.tanh(x @ mixing)
+                                  + 0.1 * torch.randn(ROWS, D, generator=generator)))})
     return batches
 
 

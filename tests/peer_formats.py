@@ -148,7 +148,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
     jobs = json.loads(Path(sys.argv[1]).read_text())
     for job in jobs:
-        peer, action, folder, io_path, kind = job["peer"], job["action"], job["folder"], job["io"], job.get("kind")
+        peer, action, folder, io_path, kind = (job["peer"], job["action"], job["folder"], job["io"],
+                                               job.get("kind"))
         inputs = load_file(io_path)
         function = globals()[f"{peer.replace('-', '_')}_{action}"]
         if peer != "circuit-tracer":

@@ -73,8 +73,10 @@ class S3RCache:
             s3_client = boto3.client("s3", region_name="eu-north1",
                                      endpoint_url=os.environ.get("S3_ENDPOINT_URL"),
                                      config=boto3.session.Config(signature_version="s3v4"))
-        self.s3_client, self.s3_prefix, self.bucket_name, self.device = s3_client, s3_prefix, bucket_name, device
-        self.concurrency, self.chunk_size, self.buffer_size = int(concurrency), int(chunk_size), int(buffer_size)
+        self.s3_client, self.s3_prefix, self.bucket_name, self.device = (s3_client, s3_prefix,
+                                                                         bucket_name, device)
+        self.concurrency, self.chunk_size, self.buffer_size = (int(concurrency), int(chunk_size),
+                                                               int(buffer_size))
         self.shuffle, self.preserve_file_order, self.seed = shuffle, preserve_file_order, seed
         self.paths, self.n_workers, self.return_ids = paths, int(n_workers), return_ids
         self._random = random.Random(seed)
@@ -124,7 +126,8 @@ class S3RCache:
 
     def _reset(self) -> None:
         """Flags and fresh queues for a new pass (no worker is running)."""
-        self._file_index.value, self._ongoing_downloads.value, self._stop.value = self._initial_file_index, 0, False
+        (self._file_index.value, self._ongoing_downloads.value,
+         self._stop.value) = self._initial_file_index, 0, False
         self.readable_tensors = self._context.Queue(maxsize=self.buffer_size + self.n_workers)
         self.writeable_tensors = self._context.Queue(maxsize=self.buffer_size)
         self._errors = self._context.Queue()
@@ -150,7 +153,8 @@ class S3RCache:
                                  f"and dtype {metadata.get('dtype')}, expected "
                                  f"{self.metadata['shape']} and {self.metadata['dtype']}")
             try:
-                run_config = self._read_json(f"{prefix.rsplit('/', 1)[0] if '/' in prefix else ''}/cfg.json")
+                parent = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+                run_config = self._read_json(f"{parent}/cfg.json")
             except Exception as error:  # noqa: BLE001 (cfg.json is optional)
                 logger.warning("no cfg.json for %s: %s", prefix, error)
                 run_config = {}
@@ -160,8 +164,8 @@ class S3RCache:
                 self.config[name] += run_config.get(name, 0)
             if self.paths is None:  # "/": a prefix "run/blocks.1" must not take in "run/blocks.10"
                 skip = {f"{prefix}/metadata.json", f"{prefix}/statistics.json"}
-                pages = self.s3_client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket_name,
-                                                                                 Prefix=prefix + "/")
+                paginator = self.s3_client.get_paginator("list_objects_v2")
+                pages = paginator.paginate(Bucket=self.bucket_name, Prefix=prefix + "/")
                 keys += [item["Key"] for page in pages for item in page.get("Contents", [])
                          if item["Key"] not in skip and not item["Key"].endswith("cfg.json")]
         keys = list(self.paths) if self.paths is not None else sorted(keys)
@@ -194,7 +198,8 @@ class S3RCache:
             slot = self._next_slot()
             self._received += 1
             if slot != _SKIPPED:
-                slot_tensors = self.buffer[slot]() if self.return_ids else {"states": self.buffer[slot]}
+                slot_tensors = (self.buffer[slot]() if self.return_ids
+                                else {"states": self.buffer[slot]})
                 item = {name: value.detach().clone() for name, value in slot_tensors.items()}
                 self.writeable_tensors.put(slot)
                 return item if self.return_ids else item["states"]
@@ -252,7 +257,8 @@ class ActivaultS3ActivationBuffer:
             raise ValueError("io must be 'out' or 'in' (Activault stores one activation per "
                              f"token), got {io!r}")
         self.cache = iter(cache)
-        self.batch_size, self.device, self.io, self.seed = int(batch_size), torch.device(device), io, seed
+        self.batch_size, self.device, self.io, self.seed = (int(batch_size), torch.device(device),
+                                                            io, seed)
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self._exhausted, self._position = False, 0
         self.states: torch.Tensor | None = None  # [n, d], shuffled

@@ -184,7 +184,8 @@ def _fetch(url: str, start: int, chunk_size: int) -> tuple[int, int, int | None,
     raise failure
 
 
-def _download(pool: ThreadPoolExecutor, url: str, size: int, chunk_size: int) -> list[tuple[int, bytes]] | None:
+def _download(pool: ThreadPoolExecutor, url: str, size: int,
+              chunk_size: int) -> list[tuple[int, bytes]] | None:
     """A file as `(start_byte, chunk)` pieces fetched `chunk_size` bytes at a time (all of it, even
     when the object is larger than `size`); None after repeated failures."""
     try:

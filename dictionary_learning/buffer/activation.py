@@ -38,6 +38,7 @@ from .points import (
     PROBE_TEXT,
     check_collection,
     check_entry_widths,
+    check_given_widths,
     describe,
     entry_points,
     entry_widths,
@@ -100,12 +101,15 @@ class ActivationBuffer:
                 integer("d_submodule", width)
         self.model, self.io = model, io
         self.n_ctxs, self.ctx_len = settings.n_ctxs, settings.ctx_len
-        self.refresh_batch_size, self.out_batch_size = settings.refresh_batch_size, settings.out_batch_size
+        self.refresh_batch_size = settings.refresh_batch_size
+        self.out_batch_size = settings.out_batch_size
         if self.capacity < self.out_batch_size:
             warnings.warn(f"the buffer holds n_ctxs * ctx_len = {self.capacity} tokens, fewer than "
                           f"out_batch_size={self.out_batch_size}: batches will be smaller than "
                           "asked")
-        self.tokenizer = settings.tokenizer if settings.tokenizer is not None else getattr(model, "tokenizer", None)
+        self.tokenizer = settings.tokenizer
+        if self.tokenizer is None:
+            self.tokenizer = getattr(model, "tokenizer", None)
         self.device = torch.device(settings.device)
         self.remove_bos, self.add_special_tokens = settings.remove_bos, settings.add_special_tokens
         self.remove_high_norm = settings.max_activation_norm_multiple  # upstream's attribute name
@@ -129,7 +133,7 @@ class ActivationBuffer:
                           f"{sum(widths)}")
         self.d_submodule: Any = entry_widths(widths, self.entries)
         if self.entries is None:
-            self._check_widths(widths, d_submodule, in_feats, out_feats)
+            check_given_widths(widths, self.io, self.hooks, d_submodule, in_feats, out_feats)
         else:
             if in_feats is not None or out_feats is not None:
                 raise ValueError("in_feats / out_feats check a single submodule; with a dict of "
@@ -147,31 +151,6 @@ class ActivationBuffer:
         """The names of a dict submodule's entries (the keys of each batch), None for a single
         submodule."""
         return None if self.entries is None else list(self.entries)
-
-    def _check_widths(self, widths: tuple, d_submodule: Any, in_feats: int | None,
-                      out_feats: int | None) -> None:
-        given = []
-        if d_submodule is not None:
-            expected = (d_submodule,) if isinstance(d_submodule, int) else tuple(d_submodule)
-            given.append((f"d_submodule={d_submodule!r}",
-                          expected * 2 if len(expected) < len(widths) else expected))
-        if in_feats is not None or out_feats is not None:
-            # the founding README: "in" is checked against in_feats, "out" against out_feats,
-            # "in_to_out" both
-            sides = {"in": (in_feats,), "out": (out_feats,),
-                     "in_to_out": (in_feats, out_feats)}.get(self.io)
-            if sides is not None and any(side is not None for side in sides):
-                named = ", ".join(f"{n}={v}"
-                                  for n, v in (("in_feats", in_feats), ("out_feats", out_feats))
-                                  if v is not None)
-                given.append((named, sides))
-        for name, expected in given:
-            if len(expected) != len(widths) or any(e is not None and e != w
-                                                   for e, w in zip(expected, widths)):
-                raise ValueError(
-                    f"{name} does not match the model: {', '.join(map(str, self.hooks))} "
-                    f"has width {widths if len(widths) > 1 else widths[0]}"
-                )
 
     def _open(self, data: Iterable[Any]) -> None:
         """Start reading `data`; an empty one is an error now, not a silent empty buffer later."""

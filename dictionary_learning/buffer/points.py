@@ -36,9 +36,11 @@ def submodule_points(model: Any, submodule: Any, io: str) -> tuple[HookPoint, ..
             if len(submodule) != 2:
                 raise ValueError("io='in_to_out' takes one submodule or a pair, got "
                                  f"{len(submodule)} items")
-            sides = resolve_hook(model, submodule[0], "input"), resolve_hook(model, submodule[1], "output")
+            sides = (resolve_hook(model, submodule[0], "input"),
+                     resolve_hook(model, submodule[1], "output"))
         else:
-            sides = resolve_hook(model, submodule, "input"), resolve_hook(model, submodule, "output")
+            sides = (resolve_hook(model, submodule, "input"),
+                     resolve_hook(model, submodule, "output"))
         # x would equal y: an identity to learn
         if (sides[0].path, sides[0].io) == (sides[1].path, sides[1].io):
             raise ValueError(f"io='in_to_out' needs two different hook points, but {submodule!r} "
@@ -119,3 +121,31 @@ def describe(hooks: tuple[HookPoint, ...], entries: dict[str, tuple[int, ...]] |
     if entries is not None:
         return {name: text(indices) for name, indices in entries.items()}
     return text(range(len(hooks)))
+
+
+def check_given_widths(widths: tuple, io: str, hooks: Any, d_submodule: Any, in_feats: int | None,
+                       out_feats: int | None) -> None:
+    """The widths a buffer was told (`d_submodule`, the founding README's `in_feats` / `out_feats`)
+    against the model's `widths`: a clear error naming the hook points on a mismatch."""
+    given = []
+    if d_submodule is not None:
+        expected = (d_submodule,) if isinstance(d_submodule, int) else tuple(d_submodule)
+        given.append((f"d_submodule={d_submodule!r}",
+                      expected * 2 if len(expected) < len(widths) else expected))
+    if in_feats is not None or out_feats is not None:
+        # the founding README: "in" is checked against in_feats, "out" against out_feats,
+        # "in_to_out" both
+        sides = {"in": (in_feats,), "out": (out_feats,),
+                 "in_to_out": (in_feats, out_feats)}.get(io)
+        if sides is not None and any(side is not None for side in sides):
+            named = ", ".join(f"{n}={v}"
+                              for n, v in (("in_feats", in_feats), ("out_feats", out_feats))
+                              if v is not None)
+            given.append((named, sides))
+    for name, expected in given:
+        if len(expected) != len(widths) or any(e is not None and e != w
+                                               for e, w in zip(expected, widths)):
+            raise ValueError(
+                f"{name} does not match the model: {', '.join(map(str, hooks))} "
+                f"has width {widths if len(widths) > 1 else widths[0]}"
+            )

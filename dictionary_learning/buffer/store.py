@@ -75,7 +75,8 @@ class Epochs:
     def __init__(self, activations: torch.Tensor, batch_size: int, seed: int = 0,
                  config: dict[str, Any] | None = None):
         n = activations.shape[0]
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 0 < batch_size <= n:
+        if (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                or not 0 < batch_size <= n):
             raise ValueError(f"batch_size must be an int in [1, {n}] (the number of collected "
                              "activations), got "
                              f"{batch_size!r}")  # more would never yield: an endless loop

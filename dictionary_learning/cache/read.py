@@ -45,7 +45,8 @@ class ActivationCache:
                  rank: int = 0, world_size: int = 1, window_shards: int = 4):
         self.path = Path(path)
         self.manifest = manifest = read_manifest(self.path)
-        self.batch_size, self.window_shards = integer("batch_size", batch_size), integer("window_shards", window_shards)
+        self.batch_size, self.window_shards = (integer("batch_size", batch_size),
+                                               integer("window_shards", window_shards))
         self.world_size = integer("world_size", world_size)
         self.rank = integer("rank", rank, low=0, high=self.world_size - 1,
                             high_name="world_size - 1")
@@ -61,11 +62,13 @@ class ActivationCache:
         all_entries = manifest["entries"]
         if all_entries is None:
             if entries is not None:
-                raise ValueError(f"entries={entries!r} selects names, but this cache holds one submodule "
-                                 f"({manifest['hooks'][0]['name'] or manifest['hooks'][0]['path']}), not a dict")
+                hook = manifest["hooks"][0]
+                raise ValueError(f"entries={entries!r} selects names, but this cache holds one "
+                                 f"submodule ({hook['name'] or hook['path']}), not a dict")
             self.entries, self._single = None, tuple(range(len(manifest["hooks"])))
         else:
-            names = [entries] if isinstance(entries, str) else list(all_entries) if entries is None else list(entries)
+            names = ([entries] if isinstance(entries, str)
+                     else list(all_entries) if entries is None else list(entries))
             unknown = [name for name in names if name not in all_entries]
             if unknown or not names:
                 raise ValueError(f"entries {unknown or names} are not in this cache; its entries: "
@@ -153,7 +156,8 @@ class ActivationCache:
     def _serve(self, rows: dict[int, torch.Tensor]) -> Any:
         rows = {i: r.to(device=self.device, dtype=self.dtype) for i, r in rows.items()}
         if self._single is not None:
-            return rows[self._single[0]] if len(self._single) == 1 else tuple(rows[i] for i in self._single)
+            return (rows[self._single[0]] if len(self._single) == 1
+                    else tuple(rows[i] for i in self._single))
         return {name: rows[indices[0]] if len(indices) == 1 else tuple(rows[i] for i in indices)
                 for name, indices in self.entries.items()}
 
@@ -175,7 +179,8 @@ class ActivationCache:
         """One epoch's batches from its `skip`-th row on (a multiple of the global batch). A window
         is held in shard order; each batch is gathered from it through the window's permutation (a
         fresh tensor, which keeps no window alive), and only this rank's rows of it."""
-        size, low, high = self.global_batch, self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        size, low, high = (self.global_batch, self.rank * self.batch_size,
+                           (self.rank + 1) * self.batch_size)
         # rows of a batch that began in the previous window
         carry: dict[int, torch.Tensor] | None = None
         for w, window in enumerate(self.windows(epoch)):

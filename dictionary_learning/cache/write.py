@@ -24,7 +24,8 @@ from .manifest import FORMAT, MANIFEST, hook_key, open_shard, resumable_manifest
 
 def _model_name(model: Any) -> str:
     config = getattr(torch_model(model), "config", None)
-    return getattr(config, "_name_or_path", "") or getattr(config, "model_type", "") or type(model).__name__
+    return (getattr(config, "_name_or_path", "") or getattr(config, "model_type", "")
+            or type(model).__name__)
 
 
 def _written(out: Path) -> int:
@@ -156,7 +157,8 @@ def _append(model: Any, items: Iterable[str], submodule: Any, out: Path, n_token
                 segments[0] = [(first[0], first[1] + take), [r[take:] for r in rows], after]
         shards.append(_save_shard(out, len(shards), [torch.cat(side) for side in zip(*parts)]))
         written += n
-        manifest["position"], manifest["position_rows"] = segments[0][0] if segments else resume_point
+        manifest["position"], manifest["position_rows"] = (segments[0][0] if segments
+                                                           else resume_point)
         manifest["n_tokens"] = written
         atomic_write_json(out / MANIFEST, manifest)
 
@@ -231,7 +233,8 @@ def cache_from_tensors(out: str | Path, activations: Any, shard_tokens: int = 65
         pair = isinstance(value, (tuple, list))
         entries[name] = list(range(len(sides), len(sides) + (2 if pair else 1)))
         for io, tensor in zip(("input", "output"), value if pair else (value,)):
-            if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2 or not tensor.is_floating_point():
+            if (not isinstance(tensor, torch.Tensor) or tensor.ndim != 2
+                    or not tensor.is_floating_point()):
                 raise TypeError(f"activations[{name!r}] must be a floating [n, d] tensor (or a "
                                 "pair of them), got "
                                 f"{getattr(tensor, 'shape', type(tensor).__name__)}")

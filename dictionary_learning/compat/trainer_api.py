@@ -49,9 +49,11 @@ class UpstreamTrainerAPI:
 
         def default(name: str) -> Any:
             field = fields[name]
-            if name == "dict_class" and field.default is None and cls.default_dict_class is not None:
+            if (name == "dict_class" and field.default is None
+                    and cls.default_dict_class is not None):
                 return cls.default_dict_class  # (None in the config means the method's own class)
-            return inspect.Parameter.empty if field.default is dataclasses.MISSING else field.default
+            return (inspect.Parameter.empty if field.default is dataclasses.MISSING
+                    else field.default)
 
         parameter = inspect.Parameter
         parameters = [parameter("self", parameter.POSITIONAL_OR_KEYWORD)]
@@ -74,9 +76,9 @@ class UpstreamTrainerAPI:
     # `trainer.k_aux = ...` sets the config's value
     def __setattr__(self, name: str, value: Any) -> None:
         cfg = self.__dict__.get("cfg")
-        if cfg is not None and name in type(cfg).__dataclass_fields__ and name not in self.__dict__ \
-                and name != "device":  # (the trainer's device is its own: the resolved
-                                       # torch.device)
+        # (the trainer's device is its own: the resolved torch.device)
+        if (cfg is not None and name in type(cfg).__dataclass_fields__
+                and name not in self.__dict__ and name != "device"):
             setattr(cfg, name, value)
         else:
             super().__setattr__(name, value)

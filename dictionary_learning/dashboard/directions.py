@@ -32,7 +32,8 @@ def decoder_directions(dictionary: Dictionary, features: list[int] | torch.Tenso
         one_hot = torch.zeros(len(part), dictionary.dict_size, device=parameter.device,
                               dtype=parameter.dtype)
         one_hot[torch.arange(len(part)), part.to(parameter.device)] = 1.0
-        rows.append((dictionary.decode(one_hot, x=zero_input.expand(len(part), -1)) - base).float().cpu())
+        rows.append((dictionary.decode(one_hot, x=zero_input.expand(len(part), -1))
+                     - base).float().cpu())
     return torch.cat(rows) if rows else torch.empty(0, dictionary.output_dim)
 
 

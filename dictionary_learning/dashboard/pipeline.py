@@ -114,7 +114,8 @@ def hook_from_config(model: Any, config: dict[str, Any]) -> HookPoint | None:
     if isinstance(name, str) and re.fullmatch(r"layers\.\d+\.\w+", name):
         return resolve_hook(model, name)
     layer = trainer.get("layer")
-    if isinstance(layer, int) and buffer.get("io", "out") == "out" and not trainer.get("transcoder"):
+    if (isinstance(layer, int) and buffer.get("io", "out") == "out"
+            and not trainer.get("transcoder")):
         print(f"config.json names layer {layer} but no hook point: reading layers.{layer}.resid "
               "(pass --site otherwise)", file=sys.stderr)
         return hook(model, layer, "resid")
@@ -256,7 +257,8 @@ def dashboard(dictionary: str | Path, config: DashboardCommandConfig | None = No
     else:
         loaded, saved = load_dictionary(folder)
     trainer, buffer = _sections(saved)
-    model_name = config.model or trainer.get("lm_name") or (suite.model_name if suite else None) or DEFAULT_MODEL
+    model_name = (config.model or trainer.get("lm_name") or (suite.model_name if suite else None)
+                  or DEFAULT_MODEL)
     lm = load_model(model_name, device=config.device,
                     dtype=dtype_from_name(config.dtype, config.device))
     if loaded.activation_dim != d_model(lm):
@@ -274,7 +276,8 @@ def dashboard(dictionary: str | Path, config: DashboardCommandConfig | None = No
         kind, module_layer = parse_module_name(module)
         point = hook(lm, module_layer, "attn_out" if kind == "attn" else "mlp_in")
     elif layer is not None or site is not None:
-        default_layer = trainer.get("layer") if isinstance(trainer.get("layer"), int) else n_layers(lm) // 2
+        default_layer = (trainer.get("layer") if isinstance(trainer.get("layer"), int)
+                         else n_layers(lm) // 2)
         point = hook(lm, default_layer if layer is None else layer, site or "resid")
     else:
         point = hook_from_config(lm, saved)
@@ -298,7 +301,8 @@ def dashboard(dictionary: str | Path, config: DashboardCommandConfig | None = No
             "model": model_name, "data": config.data or "python-docs"}
     print(f"{model_name} {point}: dashboard of {len(chosen)} of {loaded.dict_size} features on up "
           f"to {config.tokens} tokens", file=sys.stderr)
-    remove_bos = config.remove_bos if config.remove_bos is not None else bool(buffer.get("remove_bos", True))
+    remove_bos = (config.remove_bos if config.remove_bos is not None
+                  else bool(buffer.get("remove_bos", True)))
     meta = build_dashboard(
         loaded, lm, point, text_source(config.data), out, features=chosen, tokens=config.tokens,
         max_texts=config.texts, ctx_len=config.ctx_len or int(buffer.get("ctx_len") or 128),

@@ -193,7 +193,8 @@ def render_html(data: dict[str, Any]) -> str:
     the script)."""
     template = resources.files(__package__).joinpath("template.html").read_text(encoding="utf-8")
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
-    title = f"{data['meta'].get('dictionary', 'dictionary')} features".replace("&", "&amp;").replace("<", "&lt;")
+    name = data["meta"].get("dictionary", "dictionary")
+    title = f"{name} features".replace("&", "&amp;").replace("<", "&lt;")
     return template.replace("__TITLE__", title).replace("__DASHBOARD_DATA__", payload)
 
 
@@ -210,8 +211,8 @@ def _binary_form(folder: Path, files: dict[int, bytes], layer: int) -> None:
     offsets.append(offset)
     name = f"layer_{layer}.bin"
     (folder / name).write_bytes(b"".join(chunks))
-    (folder / "index.json.gz").write_bytes(gzip.compress(json.dumps({str(layer): {"filename": name,
-                                                                                   "offsets": offsets}}).encode()))
+    index = {str(layer): {"filename": name, "offsets": offsets}}
+    (folder / "index.json.gz").write_bytes(gzip.compress(json.dumps(index).encode()))
 
 
 def write_dashboard(out: str | Path, records: list[dict[str, Any]], tokenizer: Any,

@@ -53,7 +53,8 @@ class Dictionary(ABC, nn.Module):
                      transcoder: bool, skip: bool) -> tuple[int, int]:
         """Check and set the widths (integral numbers become ints) and the transcoder / skip
         plumbing; returns (activation_dim, dict_size) as ints."""
-        activation_dim, dict_size = integer("activation_dim", activation_dim), integer("dict_size", dict_size)
+        activation_dim, dict_size = (integer("activation_dim", activation_dim),
+                                     integer("dict_size", dict_size))
         output_dim = activation_dim if output_dim is None else integer("output_dim", output_dim)
         # the encoder and decoder in float32 (an estimate: training adds gradients and Adam's two
         # moments)

@@ -169,7 +169,8 @@ def load_sae_lens_folder(path: str | Path | None, **kwargs: Any) -> JumpReluAuto
     """A JumpReluAutoEncoder from a local SAELens JumpReLU folder, with SAELens'
     `apply_b_dec_to_input`."""
     if path is None:
-        release = f" (release={kwargs['release']!r}, sae_id={kwargs.get('sae_id')!r})" if "release" in kwargs else ""
+        release = (f" (release={kwargs['release']!r}, sae_id={kwargs.get('sae_id')!r})"
+                   if "release" in kwargs else "")
         raise ValueError(f"load_from_sae_lens reads a local SAELens folder{release}: pass path= "
                          f"the folder holding {SAE_LENS_CONFIG} and {SAE_LENS_WEIGHTS} (e.g. a hub "
                          "snapshot or `SAE.save_model` output); this toolkit does not download")

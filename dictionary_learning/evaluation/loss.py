@@ -67,7 +67,8 @@ def hook_points_for(model: Any, submodule: Any, io: str) -> tuple[HookPoint, ...
         raise ValueError(f"io must be one of {sorted(IO_MODES)}, got {io!r}")
     io = IO_MODES[io]
     if io == "in_to_out":
-        source, target = submodule if isinstance(submodule, (tuple, list)) else (submodule, submodule)
+        source, target = (submodule if isinstance(submodule, (tuple, list))
+                          else (submodule, submodule))
         return resolve_hook(model, source, "input"), resolve_hook(model, target, "output")
     return (resolve_hook(model, submodule, "input" if io == "in" else "output"),)
 
@@ -159,10 +160,12 @@ def loss_recovered(
                          f"{len(hooks)}")
     encoding = encode_inputs(model, text, length)
     patch_mask = patch_mask_fn(encoding) if patch_mask_fn else encoding["attention_mask"].bool()
-    modes = ("clean", "patch", "zero", "mean") if toolkit_form and mean_ablation else ("clean", "patch", "zero")
+    modes = (("clean", "patch", "zero", "mean") if toolkit_form and mean_ablation
+             else ("clean", "patch", "zero"))
     logits = _runs(model, encoding, dictionary, hooks, patch_mask, normalize_batch,
                    dict(tracer_args or {}), modes, progress)
-    ids, attention = encoding["input_ids"].to(logits[0].device), encoding["attention_mask"].to(logits[0].device)
+    ids, attention = (encoding["input_ids"].to(logits[0].device),
+                      encoding["attention_mask"].to(logits[0].device))
     losses = []
     for run_logits in logits:
         ce, mask = masked_cross_entropy(run_logits, ids, attention)

@@ -61,10 +61,12 @@ def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]
     return {
         "mse": error.pow(2).sum(dim=-1).mean().item(),
         "fvu": nan if undefined else (error.pow(2).sum() / total_variance).item(),
-        "frac_variance_explained": nan if undefined else (1 - error.var(dim=0).sum() / y.var(dim=0).sum()).item(),
+        "frac_variance_explained": nan if undefined else (1 - error.var(dim=0).sum()
+                                                          / y.var(dim=0).sum()).item(),
         "cossim": F.cosine_similarity(y_hat, y, dim=-1).mean().item(),
         "l2_ratio": (y_hat.norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12)).mean().item(),
-        "relative_reconstruction_bias": (y_hat.pow(2).sum(-1).mean() / (y * y_hat).sum(-1).mean()).item(),
+        "relative_reconstruction_bias": (y_hat.pow(2).sum(-1).mean()
+                                         / (y * y_hat).sum(-1).mean()).item(),
         "l2_loss": error.norm(dim=-1).mean().item(),
         "l1_loss": f.abs().sum(dim=-1).mean().item(),
         "l0": active.sum(dim=-1).float().mean().item(),

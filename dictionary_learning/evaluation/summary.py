@@ -24,7 +24,8 @@ def _normalized(batch: Any, activation_dim: int) -> Any:
     factor)."""
     x = batch[0] if isinstance(batch, (tuple, list)) else batch
     scale = activation_dim ** 0.5 / x.float().norm(dim=-1).mean()
-    return tuple(side * scale for side in batch) if isinstance(batch, (tuple, list)) else batch * scale
+    return (tuple(side * scale for side in batch) if isinstance(batch, (tuple, list))
+            else batch * scale)
 
 
 @torch.no_grad()

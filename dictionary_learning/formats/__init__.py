@@ -86,7 +86,8 @@ def detect(path: str | Path) -> str:
                      "them; config.yaml + layer_*.safetensors)")
 
 
-def load_weights(path: str | Path, format: str | None = None, **options: Any) -> Weights | list[Weights]:
+def load_weights(path: str | Path, format: str | None = None,
+                 **options: Any) -> Weights | list[Weights]:
     """The library-neutral weights in a folder of another library's format (a list, one per layer,
     for a circuit-tracer set). options: sparsify `hookpoint`, `model_name`."""
     format = format or detect(path)

@@ -139,7 +139,8 @@ def load_circuit_tracer(folder: str | Path) -> list[Weights]:
     if config.get("exported_by") == "dictionary_learning" and config.get("lm_name"):
         # the offline name this toolkit exported it from (smollm2-135m)
         model_name = config["lm_name"]
-    paths = config.get("transcoders") or [layer_file(i) for i in range(len(list(folder.glob("layer_*.safetensors"))))]
+    paths = (config.get("transcoders")
+             or [layer_file(i) for i in range(len(list(folder.glob("layer_*.safetensors"))))])
     if not isinstance(paths, list):
         raise ValueError(f"{str(folder / CONFIG)!r}: 'transcoders' must list the layer files, got "
                          f"{paths!r:.100}")
@@ -153,8 +154,9 @@ def load_circuit_tracer(folder: str | Path) -> list[Weights]:
         unused = sorted(set(state) - {"W_enc", "b_enc", "W_dec", "b_dec", "W_skip",
                                       "activation_function.threshold"})
         if missing or unused:
-            raise ValueError(f"{str(path)!r} " + (f"lacks {missing}" if missing else f"holds {unused}, which a "
-                                                  f"circuit-tracer transcoder does not use"))
+            raise ValueError(f"{str(path)!r} " + (f"lacks {missing}" if missing
+                                                  else f"holds {unused}, which a "
+                                                       f"circuit-tracer transcoder does not use"))
         if layers and (state["W_enc"].shape != layers[0].W_enc.shape or ("W_skip" in state) != (
                 layers[0].W_skip is not None)):
             raise ValueError(f"{str(path)!r}: layer {index} has W_enc "

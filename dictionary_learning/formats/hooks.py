@@ -128,7 +128,8 @@ def mlp_layer(hooks: list[dict[str, Any]], model_name: str | None) -> int | None
     if len(hooks) != 2 or hooks[1].get("io", "output") != "output":
         return None
     for adapter in _adapters(hooks[0]["path"], model_name):
-        source, target = _block_and_rest(adapter, hooks[0]["path"]), _block_and_rest(adapter, hooks[1]["path"])
+        source, target = (_block_and_rest(adapter, hooks[0]["path"]),
+                          _block_and_rest(adapter, hooks[1]["path"]))
         if not source or not target or source[0] != target[0] or target[1] != (adapter.mlp_out
                                                                                or adapter.mlp):
             continue
@@ -143,7 +144,8 @@ def full_path(inner: str, model_name: str | None) -> str | None:
     `layers.6.mlp`), or None when the family cannot be told apart offline (`layers.` is Llama's
     `model.layers` and GPT-NeoX's `gpt_neox.layers`)."""
     found = set()
-    for adapter in _adapters("", model_name) if model_type(model_name) in ADAPTERS else ADAPTERS.values():
+    for adapter in (_adapters("", model_name) if model_type(model_name) in ADAPTERS
+                    else ADAPTERS.values()):
         base, _, blocks = adapter.layers.rpartition(".")
         if base and (inner == blocks or inner.startswith(blocks + ".")):
             found.add(f"{base}.{inner}")

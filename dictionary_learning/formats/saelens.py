@@ -97,7 +97,8 @@ def export_saelens(weights: Weights, out: str | Path, hook_name: str | None = No
 def _v6_config(config: dict[str, Any]) -> dict[str, Any]:
     """A SAELens config in v6 form: older flat ones (`hook_point`, `activation_fn_str`,
     `activation_fn_kwargs.k`) are read as SAELens' own migration reads them."""
-    version = config.get("sae_lens_version") or (config.get("metadata") or {}).get("sae_lens_version")
+    version = (config.get("sae_lens_version")
+               or (config.get("metadata") or {}).get("sae_lens_version"))
     if version and int(str(version).split(".")[0]) >= 6:
         return config
     config = dict(config)
@@ -133,7 +134,8 @@ def load_saelens(folder: str | Path) -> Weights:
                          f"normalize_activations={config['normalize_activations']!r} rescales "
                          "inputs at run time, which the other formats cannot express; fold it into "
                          "the weights first")
-    if config.get("reshape_activations", "none") not in ("none", None) or config.get("finetuning_scaling_factor"):
+    if (config.get("reshape_activations", "none") not in ("none", None)
+            or config.get("finetuning_scaling_factor")):
         raise ValueError(f"{str(folder)!r}: reshape_activations / finetuning_scaling_factor are "
                          "not supported")
     if architecture == "topk" and config.get("rescale_acts_by_decoder_norm"):
@@ -149,9 +151,9 @@ def load_saelens(folder: str | Path) -> Weights:
     missing = [name for name in ("W_enc", "b_enc", "W_dec", "b_dec") if name not in state]
     if missing:
         raise ValueError(f"{str(folder / WEIGHTS)!r} lacks {missing}")
-    uses = {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"}
-                                                   if ACTIVATION_OF[architecture] == "jumprelu" else
-                                                   set()) | ({"W_skip"} if "skip" in architecture else set())
+    uses = ({"W_enc", "b_enc", "W_dec", "b_dec"}
+            | ({"threshold"} if ACTIVATION_OF[architecture] == "jumprelu" else set())
+            | ({"W_skip"} if "skip" in architecture else set()))
     unused = sorted(set(state) - uses)
     if unused:  # a tensor the architecture would silently drop: the label and the weights disagree
         raise ValueError(f"{str(folder / WEIGHTS)!r} holds {unused}, which a {architecture!r} SAE "
@@ -161,7 +163,8 @@ def load_saelens(folder: str | Path) -> Weights:
         raise ValueError(f"{str(folder)!r}: W_enc has shape {tuple(state['W_enc'].shape)}, but "
                          f"{CONFIG} says d_in={config.get('d_in')}, d_sae={config.get('d_sae')}")
     d_out = config.get("d_out", config.get("d_in"))
-    if tuple(state["W_dec"].shape) != (config["d_sae"], d_out) or tuple(state["b_dec"].shape) != (d_out,):
+    if (tuple(state["W_dec"].shape) != (config["d_sae"], d_out)
+            or tuple(state["b_dec"].shape) != (d_out,)):
         raise ValueError(f"{str(folder)!r}: W_dec {tuple(state['W_dec'].shape)} and b_dec "
                          f"{tuple(state['b_dec'].shape)} do not match {CONFIG}'s "
                          f"d_sae={config['d_sae']}, d_out={d_out}")

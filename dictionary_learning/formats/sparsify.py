@@ -31,7 +31,8 @@ def hookpoint_of(weights: Weights) -> str:
                          "'layers.6')")
     if weights.transcoder:
         source, target = weights.hooks
-        same = source["path"] == target["path"] and (source.get("io"), target.get("io")) == ("input", "output")
+        same = (source["path"] == target["path"]
+                and (source.get("io"), target.get("io")) == ("input", "output"))
         if not same and mlp_layer(weights.hooks, weights.model_name) is None:
             raise ValueError("a sparsify transcoder maps one module's input to its output; this "
                              f"one reads {source} and writes {target}")
@@ -91,7 +92,8 @@ def _hookpoint_folder(path: Path, hookpoint: str | None) -> Path:
     found = sorted(p.parent.relative_to(path).as_posix() for p in path.glob(f"*/{CONFIG}"))
     if len(found) == 1:
         return path / found[0]
-    listed = f"it holds the hookpoints {found}: pass hookpoint=" if found else f"it holds no */{CONFIG}"
+    listed = (f"it holds the hookpoints {found}: pass hookpoint=" if found
+              else f"it holds no */{CONFIG}")
     raise ValueError(f"expected a sparsify hookpoint folder ({CONFIG} + {WEIGHTS}) or a run folder "
                      f"holding one; {str(path)!r}: {listed}")
 

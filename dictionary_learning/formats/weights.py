@@ -123,12 +123,14 @@ def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
 def weights_of(dictionary: Dictionary, config: dict[str, Any] | None = None) -> Weights:
     """The library-neutral form of one of this toolkit's dictionaries; `config` (a saved
     folder's config.json) supplies the model name, layer and hook points."""
-    skip = _detached(dictionary.skip.weight) if getattr(dictionary, "skip", None) is not None else None
+    skip = (_detached(dictionary.skip.weight) if getattr(dictionary, "skip", None) is not None
+            else None)
     common: dict[str, Any] = {"W_skip": skip, "transcoder": bool(dictionary.transcoder)}
     if isinstance(dictionary, (AutoEncoder, AutoEncoderTopK, BatchTopKSAE, AutoEncoderNew)):
         common.update(W_enc=dictionary.encoder.weight, b_enc=dictionary.encoder.bias,
                       W_dec=dictionary.decoder.weight.T, b_dec=dictionary.decoder_bias,
-                      centred=not dictionary.transcoder and not isinstance(dictionary, AutoEncoderNew))
+                      centred=(not dictionary.transcoder
+                               and not isinstance(dictionary, AutoEncoderNew)))
     elif isinstance(dictionary, (JumpReluAutoEncoder, MatryoshkaBatchTopKSAE)):
         centred = (not dictionary.transcoder and (isinstance(dictionary, MatryoshkaBatchTopKSAE)
                                                   or bool(dictionary.apply_b_dec_to_input)))
@@ -235,5 +237,6 @@ def toolkit_config(dictionary: Dictionary, weights: Weights, source: str) -> dic
     if hooks:
         names = [hook.get("name") or f"{hook['path']}.{hook['io']}" for hook in hooks]
         config["buffer"] = {"hooks": hooks, "submodule": names if len(hooks) == 2 else names[0],
-                            "io": "in_to_out" if len(hooks) == 2 else {"input": "in"}.get(hooks[0]["io"], "out")}
+                            "io": ("in_to_out" if len(hooks) == 2
+                                   else {"input": "in"}.get(hooks[0]["io"], "out"))}
     return config

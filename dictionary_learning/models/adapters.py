@@ -165,7 +165,8 @@ def model_fingerprint(model: Any) -> str | None:
         return None
     rows = weight.detach()[:: max(1, weight.shape[0] // 64), :64]
     sample = rows.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes()
-    shape = f"{getattr(config, 'model_type', '')}:{n_layers(model)}:{d_model(model)}:{weight.shape[0]}"
+    shape = (f"{getattr(config, 'model_type', '')}:{n_layers(model)}:"
+             f"{d_model(model)}:{weight.shape[0]}")
     return hashlib.sha256(shape.encode() + sample).hexdigest()[:16]
 
 
@@ -257,7 +258,8 @@ def norm_params(model: Any, layer: int | None, which: str) -> NormParams:
         path = adapter.final_norm
     elif which in ("attn", "mlp"):
         _require_decomposable(adapter)
-        path = f"{adapter.block(layer)}.{adapter.attn_norm if which == 'attn' else adapter.mlp_norm}"
+        path = (f"{adapter.block(layer)}."
+                f"{adapter.attn_norm if which == 'attn' else adapter.mlp_norm}")
     else:
         raise ValueError(f"which must be 'attn', 'mlp' or 'final', got {which!r}")
     module = get_module(model, path)
@@ -270,7 +272,8 @@ def norm_params(model: Any, layer: int | None, which: str) -> NormParams:
     if eps is None or not hasattr(module, "weight"):
         raise ValueError(f"{path} ({type(module).__name__}) is neither a LayerNorm nor an RMSNorm "
                          "with weight and eps")
-    weight = module.weight + adapter.norm_weight_offset if adapter.norm_weight_offset else module.weight
+    weight = (module.weight + adapter.norm_weight_offset if adapter.norm_weight_offset
+              else module.weight)
     return NormParams("rms", weight, getattr(module, "bias", None), float(eps))
 
 

@@ -99,8 +99,10 @@ def execution_order(model: Any) -> dict[tuple[str, str], int]:
 
     for path, child in module.named_modules():
         if path:
-            handles.append(child.register_forward_pre_hook(lambda m, args, path=path: record(path, "input")))
-            handles.append(child.register_forward_hook(lambda m, args, out, path=path: record(path, "output")))
+            handles.append(child.register_forward_pre_hook(lambda m, args, path=path:
+                                                           record(path, "input")))
+            handles.append(child.register_forward_hook(lambda m, args, out, path=path:
+                                                       record(path, "output")))
     try:
         device = next(module.parameters()).device
         with torch.no_grad():

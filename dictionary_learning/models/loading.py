@@ -101,7 +101,8 @@ def _perturb_norms_and_biases(model: nn.Module, generator: torch.Generator) -> N
                 module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
             elif isinstance(module, nn.Linear) and module.bias is not None:
                 module.bias.copy_(0.02 * torch.randn(module.bias.shape, generator=generator))
-            elif "norm" in type(module).__name__.lower() and isinstance(getattr(module, "weight", None), nn.Parameter):
+            elif ("norm" in type(module).__name__.lower()
+                  and isinstance(getattr(module, "weight", None), nn.Parameter)):
                 # RMSNorms: perturbed around their initial value (1 for w, 0 for Gemma's w in 1 + w)
                 module.weight.add_(0.3 * torch.randn(module.weight.shape, generator=generator))
 

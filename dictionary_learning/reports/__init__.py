@@ -138,7 +138,8 @@ def _quickstart(config: QuickstartConfig) -> dict[str, Any]:
                    decay_start=int(steps * 0.8), dead_feature_threshold=config.dead_tokens,
                    seed=config.seed, device=config.device, layer=layer, lm_name=model,
                    submodule_name=str(point), wandb_name="quickstart",
-                   encoder_dtype=None if config.encoder_dtype == "float32" else config.encoder_dtype)
+                   encoder_dtype=(None if config.encoder_dtype == "float32"
+                                  else config.encoder_dtype))
     # scaled to mean squared norm = width (the April 2024 update's target), which the quickstart's
     # lr was tuned on
     trainSAE(training, [trainer], steps, save_dir=out / "sae", normalize_activations="d_model",
@@ -240,7 +241,8 @@ def _top_contexts(sae: Any, lm: Any, point: Any, texts: list[str], density: torc
     (0.1%, 5%)."""
     generator = torch.Generator().manual_seed(config.seed)
     candidates = ((density > 1e-3) & (density < 5e-2)).nonzero().flatten()
-    chosen = candidates[torch.randperm(len(candidates), generator=generator)[:config.n_features]].tolist()
+    order = torch.randperm(len(candidates), generator=generator)
+    chosen = candidates[order[:config.n_features]].tolist()
     line = f"top contexts of {len(chosen)} features on {len(texts)} held-out texts ..."
     with phase(line, config.progress) as searching:
         contexts = top_activating_contexts(sae, lm, point, texts, chosen, ctx_len=ctx_len,

@@ -79,7 +79,8 @@ def collect(config: CollectConfig | None = None, **options: Any) -> dict[str, An
               f"{', '.join(points)} ({str(torch_dtype)[6:]})", file=sys.stderr)
     start = time.perf_counter()
     if to_cache:
-        before = read_manifest(config.out)["n_tokens"] if (Path(config.out) / "manifest.json").exists() else 0
+        before = (read_manifest(config.out)["n_tokens"]
+                  if (Path(config.out) / "manifest.json").exists() else 0)
         with phase(f"writing up to {config.tokens:,} tokens to the cache {config.out} ...",
                    config.progress):
             write_cache(lm, text_source(config.data), submodule, config.out, config.tokens,

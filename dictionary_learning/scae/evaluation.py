@@ -52,7 +52,8 @@ class SuiteMetrics:
         for name in suite.names:
             target = saved[name][mask]
             self.target_sum[name] = self.target_sum.get(name, 0) + target.sum(0)
-            self.target_square[name] = self.target_square.get(name, 0.0) + target.pow(2).sum().item()
+            self.target_square[name] = (self.target_square.get(name, 0.0)
+                                        + target.pow(2).sum().item())
             for label, module_codes in codes.items():
                 active = module_codes[name][mask]
                 error = (suite[name].decode(active) - target).pow(2).sum().item()

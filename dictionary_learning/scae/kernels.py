@@ -70,7 +70,8 @@ def connect(upstream: list[torch.Tensor], indices: torch.Tensor,
     connected[indices.flatten()] = True
     columns, lookup_parts, n_columns, offset = [], [], 0, 0
     for x in upstream:
-        used = ((x.detach() != 0).any(dim=0) & connected[offset : offset + x.shape[1]]).nonzero().flatten()
+        used = ((x.detach() != 0).any(dim=0)
+                & connected[offset : offset + x.shape[1]]).nonzero().flatten()
         lookup = torch.full((x.shape[1],), -1, dtype=torch.long, device=device)
         lookup[used] = torch.arange(n_columns, n_columns + len(used), device=device)
         columns.append(x.index_select(1, used))
@@ -122,10 +123,11 @@ class CSRProduct(torch.autograd.Function):
         grad_values = grad_codes = None
         if ctx.needs_input_grad[0]:
             chunk = max(1, (1 << 24) // max(1, grad_rows.shape[1] * grad_rows.shape[2]))
-            grad_values = torch.cat([torch.einsum("nht,nt->nh",
-                                                  gather_rows(grad_rows, rows[i : i + chunk]),
-                                                  gather_rows(codes, columns[i : i + chunk]))
-                                     for i in range(0, len(rows), chunk)]) if len(rows) else torch.zeros_like(values)
+            grad_values = (torch.cat([torch.einsum("nht,nt->nh",
+                                                   gather_rows(grad_rows, rows[i : i + chunk]),
+                                                   gather_rows(codes, columns[i : i + chunk]))
+                                      for i in range(0, len(rows), chunk)])
+                           if len(rows) else torch.zeros_like(values))
         if ctx.needs_input_grad[1]:  # the transposed matrix, as a CSR over columns
             order = columns.argsort(stable=True)
             starts = torch.cat([columns.new_zeros(1),

@@ -80,7 +80,8 @@ def upstream_decoder(suite: SCAESuite, name: str, rows: torch.Tensor,
         local = rows[(rows >= offset) & (rows < offset + size)] - offset
         parts.append(weight.index_select(1, local).t())
         offset += size
-    return torch.cat(parts) if parts else suite[name].encoder.weight.new_zeros(0, suite[name].activation_dim)
+    return (torch.cat(parts) if parts
+            else suite[name].encoder.weight.new_zeros(0, suite[name].activation_dim))
 
 
 def virtual_weights(suite: SCAESuite, model: Any, name: str, indices: torch.Tensor) -> torch.Tensor:

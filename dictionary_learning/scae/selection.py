@@ -148,7 +148,8 @@ def all_connections(suite: SCAESuite, model: Any) -> Connections:
     for name in suite.names:
         n_up = suite.n_upstream(name, model)
         device = next(suite[name].parameters()).device
-        indices[name] = torch.arange(n_up, device=device).expand(suite[name].dict_size, n_up).contiguous()
+        indices[name] = (torch.arange(n_up, device=device)
+                         .expand(suite[name].dict_size, n_up).contiguous())
         weights[name] = virtual_weights(suite, model, name, indices[name])
     return Connections(indices, weights, fingerprint=parameter_fingerprint(suite))
 

@@ -143,7 +143,8 @@ class SCAESuite(nn.Module):
                 raise ValueError(f"{name} maps {module.activation_dim} -> {module.output_dim}, but "
                                  f"the model's width is {width}")
         fingerprint = model_fingerprint(model)
-        if None not in (self.model_fingerprint, fingerprint) and fingerprint != self.model_fingerprint:
+        if (None not in (self.model_fingerprint, fingerprint)
+                and fingerprint != self.model_fingerprint):
             raise ValueError("the suite was trained or connected on another model than this "
                              f"one{f' ({self.model_name})' if self.model_name else ''}: their "
                              f"weights differ (model fingerprint {fingerprint}, the suite's "
@@ -257,7 +258,8 @@ class Connections:
             if name not in self.weights:
                 raise ValueError(f"no connection weights for module {name}")
             indices, n_up = self.indices[name], suite.n_upstream(name, model)
-            if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
+            if (not isinstance(indices, torch.Tensor)
+                    or indices.dtype not in (torch.int64, torch.int32)):
                 raise TypeError(f"{name}: connection indices must be an int64 (or int32) tensor, "
                                 f"got {getattr(indices, 'dtype', type(indices).__name__)}")
             if indices.dim() != 2 or indices.shape[0] != suite[name].dict_size:
@@ -273,7 +275,8 @@ class Connections:
                                  f"not match indices {tuple(indices.shape)}")
             if weights and not torch.isfinite(self.weights[name]).all():
                 raise ValueError(f"{name}: the connections' virtual weights hold NaN / inf")
-        if weights and self.fingerprint is not None and self.fingerprint != parameter_fingerprint(suite):
+        if (weights and self.fingerprint is not None
+                and self.fingerprint != parameter_fingerprint(suite)):
             raise ValueError("the connections' virtual weights were computed from other parameters "
                              "than the suite's (it was trained or changed since): select them "
                              "again (select_connections, random_connections) or fine-tune with "

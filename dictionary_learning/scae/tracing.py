@@ -104,8 +104,10 @@ def run_suite(suite: SCAESuite, model: Any, texts: list[str] | Encoding, ctx_len
         saved["logits"] = logits_or_stop(model, tracer, logits)
     norm_scales = {}
     for layer in range(suite.n_layers):
-        norm_scales[f"attn_{layer}"] = norm_params(model, layer, "attn").scale(saved[f"resid_pre_{layer}"])
-        norm_scales[f"mlp_{layer}"] = norm_params(model, layer, "mlp").scale(saved[f"resid_mid_{layer}"])
+        norm_scales[f"attn_{layer}"] = (norm_params(model, layer, "attn")
+                                        .scale(saved[f"resid_pre_{layer}"]))
+        norm_scales[f"mlp_{layer}"] = (norm_params(model, layer, "mlp")
+                                       .scale(saved[f"resid_mid_{layer}"]))
     record = SuiteRecord(
         mask=encoding["attention_mask"].bool(),
         embedding=saved["resid_pre_0"],

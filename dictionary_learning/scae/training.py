@@ -148,14 +148,16 @@ class SCAETrainer:
         for position, name in enumerate(suite.names):
             target = targets[name][mask]
             reconstruction = suite[name].decode(codes[name][mask])
-            error = (reconstruction - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+            error = ((reconstruction - target).pow(2).sum()
+                     / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12))
             if step is None or step >= position * self.cfg.stagger_steps:
                 mse = mse + error
             auxk = auxk + self._auxk(name, pre[name][mask], (target - reconstruction).detach())
             fired[name] = (codes[name][mask] > 0).any(dim=0).detach()
         loss = self.cfg.mse_weight * mse + self.cfg.auxk_alpha * auxk
         metrics = {"fvu_sum": mse.item(), "auxk": auxk.item(),
-                   "l0": sum((codes[n][mask] > 0).sum(-1).float().mean().item() for n in suite.names) / len(suite.names)}
+                   "l0": sum((codes[n][mask] > 0).sum(-1).float().mean().item()
+                             for n in suite.names) / len(suite.names)}
         if self.cfg.ce_weight or self.cfg.kl_weight:
             patched = patched_logits(suite, model, encoding, codes)
             ce, ce_mask = masked_cross_entropy(patched, encoding["input_ids"],
@@ -187,7 +189,8 @@ class SCAETrainer:
             # c_in / c_out for transcoders whose training normalisation was folded in)
             for name, module in self.suite.dictionaries.items():
                 weight = module.decoder.weight
-                weight *= self.decoder_norms[name] / weight.norm(dim=0, keepdim=True).clamp_min(1e-8)
+                weight *= (self.decoder_norms[name]
+                           / weight.norm(dim=0, keepdim=True).clamp_min(1e-8))
         for name, dead in self.dead.items():  # dead-feature tracking over the batch's real tokens
             dead.update(fired[name], n_tokens)
         n_dead = sum(int(dead.mask(self.cfg.dead_feature_threshold).sum())

@@ -82,4 +82,5 @@ class GatedSAETrainer(UpdateX, GatedTrainer):
 
     def penalty(self, gate: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         sparsity = gate.sum(dim=-1).mean()  # the gate path is non-negative: its L1 norm
-        return self.cfg.l1_penalty * sparsity * self.sparsity_warmup_fn(step), {"sparsity_loss": sparsity.item()}
+        return (self.cfg.l1_penalty * sparsity * self.sparsity_warmup_fn(step),
+                {"sparsity_loss": sparsity.item()})

@@ -74,7 +74,8 @@ class JumpReLUFunction(autograd.Function):
             grad_x = (x > threshold).to(grad_output.dtype) * grad_output
         if ctx.needs_input_grad[1]:
             kernel = rectangle((x - threshold) / ctx.bandwidth)
-            grad_threshold = (-(threshold / ctx.bandwidth) * kernel * grad_output).sum_to_size(threshold.shape)
+            grad_threshold = (-(threshold / ctx.bandwidth) * kernel
+                              * grad_output).sum_to_size(threshold.shape)
         return grad_x, grad_threshold, None
 
 
@@ -95,7 +96,8 @@ class StepFunction(autograd.Function):
         grad_threshold = None
         if ctx.needs_input_grad[1]:
             kernel = rectangle((x - threshold) / ctx.bandwidth)
-            grad_threshold = (-(1.0 / ctx.bandwidth) * kernel * grad_output).sum_to_size(threshold.shape)
+            grad_threshold = (-(1.0 / ctx.bandwidth) * kernel
+                              * grad_output).sum_to_size(threshold.shape)
         return grad_x, grad_threshold, None
 
 
@@ -161,7 +163,8 @@ class JumpReluTrainer(UpdateX, UpstreamTrainerAPI, Trainer):
         sparse, candidates = self.cfg.sparse, None
         # the (row, latent) pairs that can carry a code or a gradient, grouped by row
         if sparse is not False:
-            candidates = (pre.detach() > self.ae.threshold.detach() - bandwidth / 2).nonzero(as_tuple=True)
+            lowest = self.ae.threshold.detach() - bandwidth / 2
+            candidates = (pre.detach() > lowest).nonzero(as_tuple=True)
             if sparse is None:
                 sparse = candidates[0].numel() <= SPARSE_MAX_DENSITY * pre.numel()
         if sparse:
@@ -218,5 +221,6 @@ class JumpReluTrainer(UpdateX, UpstreamTrainerAPI, Trainer):
         zeros = torch.zeros_like(self.ae.threshold.detach())
         counted = counted + (StepFunction.apply(zeros, self.ae.threshold,
                                                 bandwidth) * outside).sum()
-        column_sums = torch.zeros(dict_size, dtype=f.dtype, device=f.device).index_add_(0, cols, f.detach())
+        column_sums = (torch.zeros(dict_size, dtype=f.dtype, device=f.device)
+                       .index_add_(0, cols, f.detach()))
         return y_hat, code, counted / n_rows, column_sums

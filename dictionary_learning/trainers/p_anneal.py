@@ -68,7 +68,8 @@ class AnnealConfig(PenaltyConfig):
             raise ValueError("n_sparsity_updates must be a positive int or 'continuous', got "
                              f"{n!r}")
         integer_length = self.sparsity_queue_length
-        if isinstance(integer_length, bool) or not isinstance(integer_length, int) or integer_length < 1:
+        if (isinstance(integer_length, bool) or not isinstance(integer_length, int)
+                or integer_length < 1):
             raise ValueError("sparsity_queue_length must be a positive int, got "
                              f"{integer_length!r}")
         if self.sparsity_function == "Lp" and self.p_end == 0:

@@ -132,7 +132,8 @@ def auxk_loss(ae: Dictionary, x: torch.Tensor, residual: torch.Tensor, pre: torc
         weight, bias = ae._encoder_affine()
         post = F.linear(x, weight[dead_ids], bias[dead_ids]).relu()  # [batch, n_dead]
         with torch.no_grad():
-            keep = torch.zeros_like(post, dtype=torch.bool).scatter_(1, post.topk(k_aux, dim=-1).indices, True)
+            top = post.topk(k_aux, dim=-1).indices
+            keep = torch.zeros_like(post, dtype=torch.bool).scatter_(1, top, True)
         residual_hat = (post * keep) @ decoder_rows(ae, dead_ids)
     else:
         with torch.no_grad():
@@ -144,7 +145,8 @@ def auxk_loss(ae: Dictionary, x: torch.Tensor, residual: torch.Tensor, pre: torc
 
 
 def normalised_error(residual: torch.Tensor, residual_hat: torch.Tensor,
-                     global_mean: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, float]:
+                     global_mean: Callable[[torch.Tensor], torch.Tensor]
+                     ) -> tuple[torch.Tensor, float]:
     """(squared error over the residual's variance, the error), in at least float32."""
     dtype = torch.promote_types(residual.dtype, torch.float32)
     residual, residual_hat = residual.to(dtype), residual_hat.to(dtype)
@@ -259,10 +261,10 @@ class UnitNormDecoder:
         self.ae = ae
 
     def before_step(self) -> None:
-        columns = decoder_columns(self.ae)
-        weight = self.ae.W_dec if hasattr(self.ae, "W_dec") else self.ae.decoder.weight
+        columns, has_w_dec = decoder_columns(self.ae), hasattr(self.ae, "W_dec")
+        weight = self.ae.W_dec if has_w_dec else self.ae.decoder.weight
         if weight.grad is not None:
-            project_out_parallel_gradient(columns, weight.grad.t() if hasattr(self.ae, "W_dec") else weight.grad)
+            project_out_parallel_gradient(columns, weight.grad.t() if has_w_dec else weight.grad)
 
     def after_step(self) -> None:
         unit_norm_columns(decoder_columns(self.ae))
@@ -282,11 +284,11 @@ class PAnnealing:
 
     def __init__(self, p_start: float, p_end: float, anneal_start: int, anneal_end: int,
                  n_updates: int, queue_length: int, coefficient: float):
-        self.p_start, self.p_end, self.n_updates, self.queue_length = p_start, p_end, n_updates, queue_length
+        self.p_start, self.p_end, self.n_updates = p_start, p_end, n_updates
         self.update_steps = torch.linspace(anneal_start, anneal_end, n_updates, dtype=int)
         self.p_values = torch.linspace(p_start, p_end, n_updates)
         self.p, self.next_p, self.p_step_count = float(p_start), None, 0
-        self.sparsity_coeff = coefficient
+        self.queue_length, self.sparsity_coeff = queue_length, coefficient
         # [penalty at p, penalty at next_p] of recent steps
         self.sparsity_queue: list[list[float]] = []
 

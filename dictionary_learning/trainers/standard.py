@@ -42,7 +42,8 @@ def resample_dead_neurons(ae: AutoEncoder, optimizer: torch.optim.Optimizer, dea
                           generator: torch.Generator | None = None) -> int:
     """Upstream's resampling (`parts.resample_rows`) of an `AutoEncoder`'s dead neurons, its encoder
     bias zeroed."""
-    generator = generator if generator is not None else torch.Generator(device=x.device).manual_seed(0)
+    generator = (generator if generator is not None
+                 else torch.Generator(device=x.device).manual_seed(0))
     with torch.no_grad():
         return parts.resample_rows(ae, optimizer, deads, x, y, generator, [ae.encoder.bias])
 
@@ -96,7 +97,8 @@ class StandardTrainer(ReLUTrainer):
 
     def penalty(self, f: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         sparsity = self.sparsity_loss(f)
-        return self.cfg.l1_penalty * self.sparsity_warmup_fn(step) * sparsity, {"sparsity_loss": sparsity.item()}
+        return (self.cfg.l1_penalty * self.sparsity_warmup_fn(step) * sparsity,
+                {"sparsity_loss": sparsity.item()})
 
 
 class StandardTrainerAprilUpdate(ReLUTrainer):

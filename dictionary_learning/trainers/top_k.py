@@ -214,10 +214,12 @@ class TopKTrainer(UpdateX, UpstreamTrainerAPI, Trainer):
             return torch.zeros((), dtype=residual_BD.dtype, device=residual_BD.device)
         k_aux = min(self.cfg.k_aux, self.dead_features)
         with torch.no_grad():
-            cols = post_relu_acts_BF.masked_fill(~dead, -torch.inf).topk(k_aux, dim=-1, sorted=False).indices
+            cols = (post_relu_acts_BF.masked_fill(~dead, -torch.inf)
+                    .topk(k_aux, dim=-1, sorted=False).indices)
         n = post_relu_acts_BF.shape[0]
         rows = torch.arange(n, device=cols.device).repeat_interleave(k_aux)
         code = SparseCode(post_relu_acts_BF.gather(1, cols).flatten(), rows, cols.flatten(), n)
-        loss, self.pre_norm_auxk_loss = parts.normalised_error(residual_BD, self.ae.decode_sparse(code, bias=False),
+        residual_hat = self.ae.decode_sparse(code, bias=False)
+        loss, self.pre_norm_auxk_loss = parts.normalised_error(residual_BD, residual_hat,
                                                                self.global_mean)
         return loss

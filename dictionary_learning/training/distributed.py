@@ -43,7 +43,8 @@ def init_distributed(backend: str | None = None, timeout: float = 600) -> tuple[
     (LOCAL_RANK). Outside torchrun (no WORLD_SIZE): nothing, (0, 1). Returns (rank, world_size).
     `timeout` (seconds) bounds the wait for every rank to join and every later collective: a rank
     that never starts, or dies, ends the others with an error instead of a hang."""
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+    if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+            or not 0 < timeout < float("inf")):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if not (dist.is_available() and dist.is_initialized()) and "WORLD_SIZE" in os.environ:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -155,12 +156,14 @@ class DataParallel:
     @torch.no_grad()
     def min(self, tensor: torch.Tensor) -> torch.Tensor:
         """The elementwise minimum over ranks (a new tensor, on the input's device)."""
-        return self._all_reduce(tensor.detach().to(self._device, copy=True), dist.ReduceOp.MIN).to(tensor.device)
+        return self._all_reduce(tensor.detach().to(self._device, copy=True),
+                                dist.ReduceOp.MIN).to(tensor.device)
 
     @torch.no_grad()
     def any(self, mask: torch.Tensor) -> torch.Tensor:
         """Elementwise or over ranks of a bool tensor."""
-        return self._all_reduce(mask.to(self._device, torch.uint8), dist.ReduceOp.MAX).bool().to(mask.device)
+        return self._all_reduce(mask.to(self._device, torch.uint8),
+                                dist.ReduceOp.MAX).bool().to(mask.device)
 
     def all_true(self, flag: bool) -> bool:
         """Whether `flag` holds on every rank (e.g. every rank has a next batch)."""
@@ -195,5 +198,6 @@ class DataParallel:
     @property
     def _device(self) -> torch.device:
         backend = dist.get_backend(self.group)
-        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        return (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
+                else torch.device("cpu"))
 

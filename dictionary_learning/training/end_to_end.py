@@ -70,9 +70,10 @@ class EndToEnd:
                             "trainers.Trainer, whose update takes an extra_loss), got "
                             f"{type(trainer).__name__}")
         if trainer.ae.transcoder != (len(hooks) == 2):
+            needs = ("an (input_side, output_side) pair" if trainer.ae.transcoder
+                     else "one hook point")
             raise ValueError(f"a {'transcoder' if trainer.ae.transcoder else 'SAE'} needs "
-                             f"{'an (input_side, output_side) pair' if trainer.ae.transcoder else 'one hook point'}, "
-                             f"got {len(hooks)}")
+                             f"{needs}, got {len(hooks)}")
         weights = {"kl_weight": kl_weight, "ce_weight": ce_weight, "local_weight": local_weight}
         for name, value in weights.items():
             if not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
@@ -81,7 +82,8 @@ class EndToEnd:
             raise ValueError("an end-to-end run needs kl_weight > 0 or ce_weight > 0 (else it is a "
                              "local run)")
         self.trainer, self.model, self.hooks = trainer, model, hooks
-        self.kl_weight, self.ce_weight, self.local_weight = float(kl_weight), float(ce_weight), float(local_weight)
+        self.kl_weight, self.ce_weight, self.local_weight = (float(kl_weight), float(ce_weight),
+                                                             float(local_weight))
         if not isinstance(normalize_local, bool):
             raise TypeError(f"normalize_local must be True or False, got {normalize_local!r}")
         self.ctx_len, self.remove_bos, self.normalize_local = ctx_len, remove_bos, normalize_local
@@ -105,7 +107,8 @@ class EndToEnd:
         `buffer`, as a dictionary trained on a buffer's activations would be, so exports and
         dashboards find its hook points)."""
         names = [str(hook) for hook in self.hooks]
-        return {"io": "in_to_out" if len(self.hooks) == 2 else {"input": "in"}.get(self.hooks[0].io, "out"),
+        return {"io": ("in_to_out" if len(self.hooks) == 2
+                       else {"input": "in"}.get(self.hooks[0].io, "out")),
                 "submodule": names if len(names) == 2 else names[0],
                 "hooks": self.settings["hooks"], "ctx_len": self.ctx_len,
                 "remove_bos": self.remove_bos, "texts": "end_to_end"}

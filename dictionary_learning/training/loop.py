@@ -49,7 +49,8 @@ def _config(trainer: Any) -> dict[str, Any]:
     `trainers.Trainer`'s `cfg.compared_on_resume()` (every hyperparameter), else the trainer's whole
     `config` (SCAE fine-tuning and upstream-style trainers)."""
     cfg = getattr(trainer, "cfg", None)
-    config = cfg.compared_on_resume() if hasattr(cfg, "compared_on_resume") else getattr(trainer, "config", None)
+    config = (cfg.compared_on_resume() if hasattr(cfg, "compared_on_resume")
+              else getattr(trainer, "config", None))
     return {key: json.dumps(value, sort_keys=True, default=str)
             for key, value in (config or {}).items()}
 
@@ -104,8 +105,9 @@ def resume_from_checkpoints(trainers: Sequence[Any], path: Path | None, batches:
 def _largest_norm(batch: Any) -> float | None:
     """The largest vector norm in a batch (a tensor, a pair or a dict of them), for a divergence
     message."""
-    tensors = [batch] if isinstance(batch, torch.Tensor) else list(batch.values()) if isinstance(batch, dict) \
-        else list(batch) if isinstance(batch, (tuple, list)) else []
+    tensors = ([batch] if isinstance(batch, torch.Tensor)
+               else list(batch.values()) if isinstance(batch, dict)
+               else list(batch) if isinstance(batch, (tuple, list)) else [])
     norms = [t.double().norm(dim=-1).max().item() for t in tensors
              if isinstance(t, torch.Tensor) and t.numel()]
     return max(norms) if norms else None
@@ -119,7 +121,9 @@ def check_finite(trainers: Sequence[Any], step: int, batch: Any, checkpoint: Pat
     is fixed."""
     for i, trainer in enumerate(trainers):
         loss = (getattr(trainer, "last_metrics", None) or {}).get("loss")
-        loss = float(loss) if isinstance(loss, (int, float, torch.Tensor)) and not isinstance(loss, bool) else None
+        loss = (float(loss)
+                if isinstance(loss, (int, float, torch.Tensor)) and not isinstance(loss, bool)
+                else None)
         bad = f"its loss is {loss}" if loss is not None and not math.isfinite(loss) else None
         if bad is None and weights:
             module = getattr(trainer, "ae", None) or getattr(trainer, "suite", None)

@@ -47,7 +47,8 @@ def build_trainer(config: dict[str, Any]) -> SAETrainer:
     if issubclass(trainer_class, Trainer):
         accepted = {field.name for field in dataclasses.fields(trainer_class.Config)}
     else:  # a subclass of upstream's SAETrainer: its constructor's parameters
-        accepted = set(inspect.signature(trainer_class.__init__).parameters) - {"self", "args", "kwargs"}
+        accepted = (set(inspect.signature(trainer_class.__init__).parameters)
+                    - {"self", "args", "kwargs"})
     unknown = sorted(set(config) - accepted)
     if unknown:
         raise ValueError(f"unknown {trainer_class.__name__} config keys {unknown}; accepted: "
@@ -195,7 +196,8 @@ class Placement:
 
     def folders(self, save_dir: Path | None) -> list[Path]:
         """The folders this process saves its trainers' dictionaries to."""
-        return [save_dir / f"trainer_{i}" for i in self.mine] if save_dir is not None and self.writes else []
+        return ([save_dir / f"trainer_{i}" for i in self.mine]
+                if save_dir is not None and self.writes else [])
 
     def checkpoint(self, save_dir: Path | None) -> Path | None:
         """The checkpoint file this process resumes from (one per rank with
@@ -229,7 +231,8 @@ def check_arguments(data: Any, trainer_configs: Any, steps: int | None) -> None:
         integer("steps", steps)
         # its schedules (lr decay, sparsity warmup) would end early
         for i, config in enumerate(trainer_configs):
-            if isinstance(config, dict) and isinstance(config.get("steps"), int) and config["steps"] < steps:
+            if (isinstance(config, dict) and isinstance(config.get("steps"), int)
+                    and config["steps"] < steps):
                 raise ValueError(f"trainer config {i} has steps={config['steps']!r}, fewer than "
                                  f"the steps={steps} trainSAE runs: its schedules would end before "
                                  "training does")
@@ -324,7 +327,8 @@ def train_dictionaries(data: Iterable[Any], trainer_configs: list[dict[str, Any]
         logger = Logger(progress=options.progress and place.rank == 0, keys=("loss", "l0", "fvu"),
                         every=options.log_steps, run=wandb_run,
                         verbose=options.verbose and place.rank == 0, names=place.mine)
-        device_type = torch.device(options.device).type if options.device else trainers[0].device.type
+        device_type = (torch.device(options.device).type if options.device
+                       else trainers[0].device.type)
         autocast = (torch.autocast(device_type=device_type, dtype=options.autocast_dtype)
                     if options.autocast_dtype != torch.float32 else None)
         done = run_steps(trainers, batches, steps, start, consumed, checkpoints=checkpoints,

@@ -57,7 +57,8 @@ def log_stats(trainers: Sequence[Any], step: int, act: Any, activations_split_by
         log = {key: value for key, value in trainer.get_logging_parameters().items()}
         log["l0"] = (f != 0).float().sum(dim=-1).mean().item()
         if not transcoder and not trainer.ae.transcoder:
-            log["frac_variance_explained"] = (1 - (y - y_hat).var(dim=0).sum() / y.var(dim=0).sum()).item()
+            log["frac_variance_explained"] = (1 - (y - y_hat).var(dim=0).sum()
+                                              / y.var(dim=0).sum()).item()
         log = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in log.items()}
         if verbose:
             print(f"Step {step}, trainer {i}: " + ", ".join(f"{k} = {v:.4g}" for k, v in log.items()

@@ -95,7 +95,8 @@ def stated(pattern: str, doc: str) -> re.Match:
     """A rule's sentence in the map (flattened to one line); the test fails if the map no longer
     says it."""
     match = re.search(pattern, " ".join(doc.split()))
-    assert match, f"ARCHITECTURE.md no longer says {pattern!r}: update the map and this test together"
+    assert match, (f"ARCHITECTURE.md no longer says {pattern!r}: update the map and this test "
+                   "together")
     return match
 
 
@@ -111,7 +112,8 @@ def modules():
 
 def internal_imports(name, path):
     """The package modules that `name` imports (relative imports), as dotted names."""
-    package = name.split(".") if path.name == "__init__.py" and name != "__init__" else name.split(".")[:-1]
+    package = (name.split(".") if path.name == "__init__.py" and name != "__init__"
+               else name.split(".")[:-1])
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = package[: len(package) - (node.level - 1)]
@@ -142,7 +144,8 @@ def import_problems(doc: str) -> list[str]:
                 continue
             if name.startswith("scae.") and target.startswith("scae."):
                 room, other = name.split(".")[1], target.split(".")[1]
-                if other not in rooms or room not in rooms or rooms.index(other) >= rooms.index(room):
+                if (other not in rooms or room not in rooms
+                        or rooms.index(other) >= rooms.index(room)):
                     problems.append(f"scae.{room} imports scae.{other}, not a room above it in the "
                                     "wing's list")
                 continue
@@ -195,7 +198,8 @@ def coverage_problems(doc: str) -> list[str]:
                                            if name.startswith(room.name + "/") and name != room.name
                                            + "/"}
         for path in sorted(room.glob("*.py")):
-            if path.name != "__init__.py" and path.name not in named and f"{room.name}/{path.name}" not in named:
+            if (path.name != "__init__.py" and path.name not in named
+                    and f"{room.name}/{path.name}" not in named):
                 problems.append(f"{room.name}/{path.name} is not named in {room.name}/'s entry of "
                                 "the floor table")
     listed = {f"{name}.py" for name in wing(doc)}

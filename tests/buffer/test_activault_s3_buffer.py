@@ -280,8 +280,8 @@ def test_s3_client_settings_come_from_the_environment(monkeypatch):
     client = activault.create_s3_client()
     assert client.meta.endpoint_url == "https://storage.example.com"
     assert client.meta.config.s3["addressing_style"] == "path"
-    assert activault.create_s3_client(endpoint_url="https://other.example.com").meta.endpoint_url == \
-        "https://other.example.com"
+    assert (activault.create_s3_client(endpoint_url="https://other.example.com").meta.endpoint_url
+            == "https://other.example.com")
 
 
 def test_the_module_imports_without_boto3(monkeypatch):
@@ -290,7 +290,8 @@ def test_the_module_imports_without_boto3(monkeypatch):
     import dictionary_learning.activault_s3_buffer as fresh
 
     assert fresh is not activault and fresh.MB == 1024 * 1024 and fresh.KB == 1024
-    assert fresh.OUTER_CACHE_DIR == fresh.INNER_CACHE_DIR == "cache" and isinstance(fresh.BUCKET_NAME, str)
+    assert (fresh.OUTER_CACHE_DIR == fresh.INNER_CACHE_DIR == "cache"
+            and isinstance(fresh.BUCKET_NAME, str))
     with pytest.raises(ImportError, match="boto3"):
         fresh.create_s3_client("key", "secret", "https://storage.example.com")
     with pytest.raises(ImportError, match="boto3"):

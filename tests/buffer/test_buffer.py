@@ -31,7 +31,8 @@ def test_buffer_matches_forward_hooks(tiny_model, io, sites):
     got = drain(buffer)
     expected = hook_reference(tiny_model, texts, points, CTX)
     if io == "in_to_out":  # pairs must stay aligned: match on the concatenation
-        assert got[0].shape[-1] == expected[0].shape[-1] and got[1].shape[-1] == expected[1].shape[-1]
+        assert (got[0].shape[-1] == expected[0].shape[-1]
+                and got[1].shape[-1] == expected[1].shape[-1])
         assert_same_rows(torch.cat(got, dim=-1), torch.cat(expected, dim=-1))
     else:
         assert_same_rows(got, expected[0])

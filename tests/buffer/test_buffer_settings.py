@@ -14,7 +14,8 @@ class Recorder:
 
     @takes_settings((*UPSTREAM_SIZES, "flag"), ("dtype", "seed"))
     def __init__(self, data, model, *, settings: BufferSettings, flag: bool = False, **options):
-        self.data, self.model, self.settings, self.flag, self.options = data, model, settings, flag, options
+        (self.data, self.model, self.settings, self.flag,
+         self.options) = data, model, settings, flag, options
 
 
 def test_the_flat_signature():

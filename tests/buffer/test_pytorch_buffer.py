@@ -40,7 +40,8 @@ def test_signatures_are_upstreams():
 
 
 def test_nnsight_is_not_imported():
-    code = "import sys, dictionary_learning.pytorch_buffer; assert 'nnsight' not in sys.modules, 'nnsight imported'"
+    code = ("import sys, dictionary_learning.pytorch_buffer; "
+            "assert 'nnsight' not in sys.modules, 'nnsight imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
 
@@ -53,8 +54,9 @@ def test_collect_activations(tiny_llama):
     inputs = tiny_llama.tokenizer(["a small river", "an old stone bridge near the city"],
                                   return_tensors="pt", padding=True)
     seen, later_calls = {}, []
-    handles = [layer.register_forward_hook(lambda m, args, out: seen.update(out=out[0] if isinstance(out, tuple)
-                                                                             else out)),
+    handles = [layer.register_forward_hook(lambda m, args, out:
+                                           seen.update(out=out[0] if isinstance(out, tuple)
+                                                       else out)),
                layer.register_forward_pre_hook(lambda m, args, kwargs: seen.update(inp=(args or
                                                tuple(kwargs.values()))[0]), with_kwargs=True),
                hf_model.model.layers[2].register_forward_hook(lambda *a: later_calls.append(1)),
@@ -103,7 +105,9 @@ def test_same_vectors_as_hooks_and_nnsight_buffer(name, path, options, request):
                                   drop_first=options.get("remove_bos", False))
         assert_same_rows(got, expected[0])
     else:
-        assert got.shape[0] < sum(len(model.tokenizer(t, truncation=True, max_length=CTX)["input_ids"]) for t in texts)
+        assert got.shape[0] < sum(len(model.tokenizer(t, truncation=True,
+                                                      max_length=CTX)["input_ids"])
+                                  for t in texts)
 
 
 def test_upstream_end_to_end_form(tiny_llama, tmp_path):

@@ -54,7 +54,8 @@ def test_shards_hold_forward_hook_rows_in_text_order(tiny_model, tmp_path):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     n = reference[0].shape[0]
-    assert manifest["n_tokens"] == n and manifest["position"] == len(texts) and manifest["exhausted"]
+    assert (manifest["n_tokens"] == n and manifest["position"] == len(texts)
+            and manifest["exhausted"])
     assert [s["tokens"] for s in manifest["shards"]] == [37] * (n // 37) + [n % 37] * bool(n % 37)
     assert manifest["entries"] == {"resid_1": [0], "attn_0": [1], "mlp_1": [2, 3]}
     assert [h["name"] for h in manifest["hooks"]] == [str(p) for p in order]
@@ -135,7 +136,8 @@ def test_interrupted_and_extended_writes_resume_to_the_uninterrupted_cache(tiny_
 
     for n_tokens in (100, 130, 257, 600):  # a partial last shard is reopened and extended
         write(tiny_llama, iter(texts), points, tmp_path / "extended", n_tokens=n_tokens)
-        assert json.loads((tmp_path / "extended" / "manifest.json").read_text())["n_tokens"] == n_tokens
+        assert (json.loads((tmp_path / "extended" / "manifest.json").read_text())["n_tokens"]
+                == n_tokens)
     same_cache(tmp_path / "straight", tmp_path / "extended")
 
 
@@ -255,7 +257,8 @@ def test_entries_selection_device_and_dtype(numbered):
     x, y = next(cache)
     assert x.dtype == torch.float64 and cache.entry_names is None and cache.d_submodule == (1, 1)
     cache = ActivationCache(numbered, 10, entries=["x"])
-    assert list(next(cache)) == ["x"] and cache.entry_names == ["x"] and cache.d_submodule == {"x": 2}
+    assert (list(next(cache)) == ["x"] and cache.entry_names == ["x"]
+            and cache.d_submodule == {"x": 2})
     with pytest.raises(ValueError, match=r"entries \['nope'\] are not in this cache; its entries: "
                                          r"\['x', 'pair'\]"):
         ActivationCache(numbered, 10, entries=["nope"])
@@ -298,7 +301,8 @@ def test_missing_and_corrupt_files_give_clear_errors(numbered, tmp_path):
 # ----------------------------------------------------------------------------------------- training
 def test_trainsae_trains_from_the_cache_and_resumes_exactly(tmp_path):
     generator = torch.Generator().manual_seed(0)
-    codes = torch.rand(2000, 48, generator=generator) * (torch.rand(2000, 48, generator=generator) < 0.1)
+    codes = (torch.rand(2000, 48, generator=generator)
+             * (torch.rand(2000, 48, generator=generator) < 0.1))
     cache_from_tensors(tmp_path / "cache", codes @ torch.randn(48, 16, generator=generator),
                        shard_tokens=300)
     config = {"trainer": TopKTrainer, "activation_dim": 16, "dict_size": 64, "k": 4, "steps": 30,
@@ -309,7 +313,8 @@ def test_trainsae_trains_from_the_cache_and_resumes_exactly(tmp_path):
 
     straight = trainSAE(reader(), [config], 30, save_dir=tmp_path / "straight", progress=False)
     saved = json.loads((tmp_path / "straight" / "trainer_0" / "config.json").read_text())
-    assert saved["buffer"]["cache"] == str(tmp_path / "cache") and saved["buffer"]["d_submodule"] == 16
+    assert (saved["buffer"]["cache"] == str(tmp_path / "cache")
+            and saved["buffer"]["d_submodule"] == 16)
 
     def dying(batches, n):
         for i, batch in enumerate(batches):
@@ -342,7 +347,8 @@ def test_collect_command_writes_and_continues_a_cache(tmp_path):
     assert next(cache).shape == (64, 64) and cache.config["model"] == "tiny-llama"
     single = main(["collect", "--model", "tiny-llama", "--dtype", "float32", "--ctx-len", "24",
                    "--layer", "1", "--tokens", "60", "--out", str(tmp_path / "one.safetensors")])
-    assert single["tokens"] == 60 and load_file(tmp_path / "one.safetensors")["activations"].shape == (60, 64)
+    assert (single["tokens"] == 60
+            and load_file(tmp_path / "one.safetensors")["activations"].shape == (60, 64))
     several = main(["collect", "--model", "tiny-llama", "--dtype", "float32", "--ctx-len", "24",
                     "--layers", "0,1", "--tokens", "40", "--out",
                     str(tmp_path / "two.safetensors")])

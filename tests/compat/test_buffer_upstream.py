@@ -95,7 +95,8 @@ def test_signatures_are_upstreams():
     README's in_feats / out_feats / in_batch_size by keyword; upstream's methods and attributes."""
     assert parameters(ActivationBuffer)[:13] == UPSTREAM_ACTIVATION_BUFFER
     founding = {name: default for name, default in parameters(ActivationBuffer)}
-    assert founding["in_feats"] is None and founding["out_feats"] is None and founding["in_batch_size"] is None
+    assert (founding["in_feats"] is None and founding["out_feats"] is None
+            and founding["in_batch_size"] is None)
     assert parameters(HeadActivationBuffer)[:10] == UPSTREAM_HEAD_BUFFER
     assert parameters(NNsightActivationBuffer)[:10] == UPSTREAM_NNSIGHT_BUFFER
     for cls in (ActivationBuffer, HeadActivationBuffer, NNsightActivationBuffer):
@@ -124,7 +125,8 @@ def test_founding_readme_example_runs(gptneox):
     ae = trainSAE(buffer, activation_dim, dictionary_size, lr=3e-4, sparsity_penalty=1e-3,
                   device="cpu")
     features = ae.encode(torch.randn(4, activation_dim))
-    assert features.shape == (4, dictionary_size) and ae.decode(features).shape == (4, activation_dim)
+    assert (features.shape == (4, dictionary_size)
+            and ae.decode(features).shape == (4, activation_dim))
     with pytest.raises(StopIteration):
         next(buffer)
 
@@ -249,7 +251,8 @@ def test_founding_arguments_are_checked(tiny_gpt2):
     buffer = ActivationBuffer(**options, io="in_to_out", in_feats=48, in_batch_size=8)
     assert buffer.refresh_batch_size == 8 and buffer.d_submodule == (48, 48)
     next(buffer)
-    assert buffer.activations_in.shape == buffer.activations_out.shape == (buffer.activations[0].shape[0], 48)
+    assert (buffer.activations_in.shape == buffer.activations_out.shape
+            == (buffer.activations[0].shape[0], 48))
     with pytest.raises(ValueError, match="max_activation_norm_multiple"):
         ActivationBuffer(**options, max_activation_norm_multiple=0)
 
@@ -321,14 +324,16 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from dictionary_learning.buffer import ActivationBuffer
 
 folder = Path(sys.argv[1])
-tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(folder / "model" / "tokenizer.json"), bos_token="<bos>",
-                                    eos_token="<eos>", pad_token="<pad>", padding_side="left")
+tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(folder / "model" / "tokenizer.json"),
+                                    bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                    padding_side="left")
 model = LanguageModel(AutoModelForCausalLM.from_pretrained(folder / "model"), tokenizer=tokenizer)
 texts = %r
 out = {}
 for io in ("out", "in"):
-    buffer = ActivationBuffer(itertools.cycle(texts), model, model.gpt_neox.layers[1].mlp, d_submodule=512, io=io,
-                              n_ctxs=1, ctx_len=%d, refresh_batch_size=len(texts))
+    buffer = ActivationBuffer(itertools.cycle(texts), model, model.gpt_neox.layers[1].mlp,
+                              d_submodule=512, io=io, n_ctxs=1, ctx_len=%d,
+                              refresh_batch_size=len(texts))
     buffer.activation_buffer_size = %d  # exactly one pass over the texts
     buffer.refresh()
     out[io] = buffer.activations.clone()

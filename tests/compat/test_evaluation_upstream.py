@@ -26,7 +26,8 @@ def test_upstream_form_matches_hook_reference(tiny_llama, io):
     texts = random_texts(5, seed=21)
     layer = tiny_llama.model.layers[1]
     if io == "out":  # the residual stream: the block's output
-        submodule, path, replace_input, dictionary = layer, "model.layers.1", False, make_dictionary(64)
+        submodule, path, replace_input, dictionary = (layer, "model.layers.1", False,
+                                                      make_dictionary(64))
     # the MLP: its input replaced ("in"), or its output computed from its input by a transcoder
     else:
         submodule, path, replace_input = layer.mlp, "model.layers.1.mlp", io == "in"
@@ -87,8 +88,8 @@ def test_token_ids_and_call_forms(tiny_llama):
     assert toolkit == keyword and toolkit["ce_patched"] == pytest.approx(from_texts[1].item(),
                                                                          abs=1e-6)
     ragged = encode_inputs(tiny_llama, [[5, 6, 7], [8]], None)
-    assert ragged["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]] and ragged["attention_mask"].tolist() == [
-        [1, 1, 1], [0, 0, 1]]
+    assert (ragged["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+            and ragged["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]])
     with pytest.raises(ValueError, match="io must be one of"):
         loss_recovered(texts, tiny_llama, block, dictionary, io="sideways")
 
@@ -101,11 +102,13 @@ def upstream_metrics(dictionary, x):
         "l2_loss": (x - x_hat).norm(dim=-1).mean().item(),
         "l1_loss": f.abs().sum(-1).mean().item(),
         "l0": (f != 0).double().sum(-1).mean().item(),
-        "frac_variance_explained": (1 - torch.var(x - x_hat, dim=0).sum() / torch.var(x, dim=0).sum()).item(),
-        "cossim": ((x / x.norm(dim=-1, keepdim=True)) * (x_hat / x_hat.norm(dim=-1, keepdim=True))).sum(-1)
-        .mean().item(),
+        "frac_variance_explained": (1 - torch.var(x - x_hat, dim=0).sum()
+                                    / torch.var(x, dim=0).sum()).item(),
+        "cossim": ((x / x.norm(dim=-1, keepdim=True))
+                   * (x_hat / x_hat.norm(dim=-1, keepdim=True))).sum(-1).mean().item(),
         "l2_ratio": (x_hat.norm(dim=-1) / x.norm(dim=-1)).mean().item(),
-        "relative_reconstruction_bias": ((x_hat.norm(dim=-1) ** 2).mean() / (x * x_hat).sum(-1).mean()).item(),
+        "relative_reconstruction_bias": ((x_hat.norm(dim=-1) ** 2).mean()
+                                         / (x * x_hat).sum(-1).mean()).item(),
     }, (f != 0).any(dim=0)
 
 
@@ -146,8 +149,8 @@ def test_evaluate_with_buffer_upstream_call(tiny_llama):
     clean, _ = reference_ce(tiny_llama, texts, "model.layers.1")
     patched, _ = reference_ce(tiny_llama, texts, "model.layers.1", replace=flat(dictionary, 64))
     zero, _ = reference_ce(tiny_llama, texts, "model.layers.1", replace=torch.zeros_like)
-    assert [results[k] for k in ("loss_original", "loss_reconstructed", "loss_zero")] == pytest.approx(
-        [clean, patched, zero], abs=1e-4)
+    assert ([results[k] for k in ("loss_original", "loss_reconstructed", "loss_zero")]
+            == pytest.approx([clean, patched, zero], abs=1e-4))
     assert results["frac_recovered"] == pytest.approx((patched - zero) / (clean - zero), abs=1e-3)
     assert results["ce_clean"] == results["loss_original"] and math.isfinite(results["kl_patched"])
     for key in ("l2_loss", "l1_loss", "l0", "frac_variance_explained", "cossim", "l2_ratio",

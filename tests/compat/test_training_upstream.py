@@ -117,7 +117,8 @@ def test_from_pretrained_takes_upstreams_k_and_device(tmp_path):
                 for k, v in ae.state_dict().items()},
                tmp_path / "bf16.pt")
     # as upstream: the module's float32 unless a dtype is asked for
-    assert AutoEncoderTopK.from_pretrained(tmp_path / "bf16.pt").encoder.weight.dtype == torch.float32
+    assert (AutoEncoderTopK.from_pretrained(tmp_path / "bf16.pt").encoder.weight.dtype
+            == torch.float32)
     bf16 = AutoEncoderTopK.from_pretrained(tmp_path / "bf16.pt", dtype=torch.bfloat16)
     assert bf16.encoder.weight.dtype == torch.bfloat16
 

@@ -63,7 +63,8 @@ def signature_problems(obj, spec) -> list[str]:
     for p in params:
         if spec["varargs"] and p.kind in POSITIONAL:
             continue  # upstream takes any positional arguments (e.g. `download_loop(*args)`)
-        if p.default is p.empty and p.kind in (*POSITIONAL, p.KEYWORD_ONLY) and p.name not in upstream_names:
+        if (p.default is p.empty and p.kind in (*POSITIONAL, p.KEYWORD_ONLY)
+                and p.name not in upstream_names):
             problems.append(f"{p.name!r} is required here, not upstream")
     return problems
 

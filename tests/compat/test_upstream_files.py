@@ -30,7 +30,8 @@ pytestmark = pytest.mark.peers
 
 UPSTREAM_PYTHON = Path(os.environ.get(
     "DICTIONARY_LEARNING_UPSTREAM_PYTHON",
-    Path.home() / ".cache" / "dictionary_learning" / "peers" / "dictionary-learning" / "bin" / "python"))
+    (Path.home() / ".cache" / "dictionary_learning" / "peers" / "dictionary-learning" / "bin"
+     / "python")))
 D, F, K, STEPS = 16, 64, 4, 30
 
 # shared by both sides: the data stream, the trainer configs (upstream's keys), and the probe inputs
@@ -46,22 +47,28 @@ COMMON = textwrap.dedent(f"""
             yield (active * torch.rand(64, F, generator=generator) * 3) @ features + 0.5
 
     def configs(classes):
-        common = dict(activation_dim=D, dict_size=F, layer=0, lm_name="planted", device="cpu", steps=STEPS, seed=0)
+        common = dict(activation_dim=D, dict_size=F, layer=0, lm_name="planted", device="cpu",
+                      steps=STEPS, seed=0)
         short = dict(warmup_steps=2, sparsity_warmup_steps=5)
         return [
-            dict(trainer=classes["StandardTrainer"], lr=1e-3, l1_penalty=0.1, resample_steps=None, **short),
+            dict(trainer=classes["StandardTrainer"], lr=1e-3, l1_penalty=0.1, resample_steps=None,
+                 **short),
             dict(trainer=classes["StandardTrainerAprilUpdate"], lr=1e-3, l1_penalty=0.1, **short),
-            dict(trainer=classes["TopKTrainer"], k=K, lr=1e-3, warmup_steps=2, threshold_start_step=5),
-            dict(trainer=classes["BatchTopKTrainer"], k=K, lr=1e-3, warmup_steps=2, threshold_start_step=5),
-            dict(trainer=classes["BatchTopKTrainer"], k=K, lr=1e-3, warmup_steps=2, threshold_start_step=1000),
+            dict(trainer=classes["TopKTrainer"], k=K, lr=1e-3, warmup_steps=2,
+                 threshold_start_step=5),
+            dict(trainer=classes["BatchTopKTrainer"], k=K, lr=1e-3, warmup_steps=2,
+                 threshold_start_step=5),
+            dict(trainer=classes["BatchTopKTrainer"], k=K, lr=1e-3, warmup_steps=2,
+                 threshold_start_step=1000),
             dict(trainer=classes["GatedSAETrainer"], lr=1e-3, l1_penalty=0.1, **short),
-            dict(trainer=classes["GatedAnnealTrainer"], lr=1e-3, anneal_start=5, p_end=0.5, n_sparsity_updates=5,
-                 sparsity_queue_length=3, **short),
-            dict(trainer=classes["PAnnealTrainer"], lr=1e-3, anneal_start=5, p_end=0.5, n_sparsity_updates=5,
-                 sparsity_queue_length=3, **short),
+            dict(trainer=classes["GatedAnnealTrainer"], lr=1e-3, anneal_start=5, p_end=0.5,
+                 n_sparsity_updates=5, sparsity_queue_length=3, **short),
+            dict(trainer=classes["PAnnealTrainer"], lr=1e-3, anneal_start=5, p_end=0.5,
+                 n_sparsity_updates=5, sparsity_queue_length=3, **short),
             dict(trainer=classes["JumpReluTrainer"], lr=1e-3, target_l0=8.0, **short),
-            dict(trainer=classes["MatryoshkaBatchTopKTrainer"], k=K, group_fractions=[0.25, 0.25, 0.5],
-                 lr=1e-3, warmup_steps=2, threshold_start_step=5),
+            dict(trainer=classes["MatryoshkaBatchTopKTrainer"], k=K,
+                 group_fractions=[0.25, 0.25, 0.5], lr=1e-3, warmup_steps=2,
+                 threshold_start_step=5),
         ], common
 
     def probes():
@@ -92,8 +99,8 @@ UPSTREAM_TRAINS = COMMON + textwrap.dedent("""
         trainer_configs, common = configs(classes)
         trainer_configs = [{**common, **config} for config in trainer_configs]
         save_dir = f"{sys.argv[1]}/normalize_{normalize}"
-        trainSAE(stream(200), trainer_configs, STEPS, save_dir=save_dir, normalize_activations=normalize,
-                 device="cpu")
+        trainSAE(stream(200), trainer_configs, STEPS, save_dir=save_dir,
+                 normalize_activations=normalize, device="cpu")
         for i in range(len(trainer_configs)):
             ae, _ = load_dictionary(f"{save_dir}/trainer_{i}", "cpu")
             torch.save(outputs(ae), f"{save_dir}/trainer_{i}/upstream_outputs.pt")
@@ -106,7 +113,8 @@ UPSTREAM_LOADS = COMMON + textwrap.dedent("""
     from dictionary_learning.utils import load_dictionary
 
     refused = {}
-    for folder in sorted(Path(sys.argv[1]).glob("*/trainer_*")) + sorted(Path(sys.argv[1]).glob("transcoder_*")):
+    for folder in (sorted(Path(sys.argv[1]).glob("*/trainer_*"))
+                   + sorted(Path(sys.argv[1]).glob("transcoder_*"))):
         try:
             ae, _ = load_dictionary(str(folder), "cpu")
             torch.save(outputs(ae), folder / "upstream_outputs.pt")
@@ -124,7 +132,8 @@ def upstream(script: str, directory: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": ""}
     result = subprocess.run([str(UPSTREAM_PYTHON), str(path), str(directory)], capture_output=True,
                             text=True, cwd=directory, env=env, timeout=600)
-    if result.returncode != 0 and "ModuleNotFoundError" in result.stderr and "dictionary_learning" in result.stderr:
+    if (result.returncode != 0 and "ModuleNotFoundError" in result.stderr
+            and "dictionary_learning" in result.stderr):
         missing_peer("dictionary-learning", "there but lacks dictionary_learning")
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -139,7 +148,8 @@ def assert_outputs_match(expected: dict, actual: dict, where: str) -> None:
     for key, reference in expected.items():
         tolerance = 1e-5 + 1e-4 * reference.abs().max().item()
         difference = (actual[key] - reference).abs().max().item()
-        assert difference <= tolerance, f"{where}: {key} differs by {difference:.3g} (tolerance {tolerance:.3g})"
+        assert difference <= tolerance, (f"{where}: {key} differs by {difference:.3g} "
+                                         f"(tolerance {tolerance:.3g})")
 
 
 def test_upstream_saves_load_here_with_the_same_outputs(tmp_path):
@@ -175,5 +185,6 @@ def test_our_saves_load_in_upstream_with_the_same_outputs(tmp_path):
         assert_outputs_match(expected, namespace["outputs"](ae),
                              f"{folder.parent.name}/{config['trainer']['dict_class']}")
     for name in ("wide", "skip", "square"):
-        assert str(tmp_path / f"transcoder_{name}") in refused, f"upstream loaded the {name} transcoder"
+        assert str(tmp_path / f"transcoder_{name}") in refused, (f"upstream loaded the {name} "
+                                                                 "transcoder")
         assert not (tmp_path / f"transcoder_{name}" / "upstream_outputs.pt").exists()

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.peers
 
 UPSTREAM_PYTHON = Path(os.environ.get(
     "DICTIONARY_LEARNING_UPSTREAM_PYTHON",
-    Path.home() / ".cache" / "dictionary_learning" / "peers" / "dictionary-learning" / "bin" / "python"))
+    (Path.home() / ".cache" / "dictionary_learning" / "peers" / "dictionary-learning" / "bin"
+     / "python")))
 D, F, STEPS = 16, 64, 30
 COMMON = dict(activation_dim=D, dict_size=F, layer=0, lm_name="planted", device="cpu", steps=STEPS,
               seed=0)
@@ -111,6 +112,8 @@ def test_trainer_ends_at_upstreams_weights(upstream_runs, name):
             continue
         scale = expected[key].abs().max().item()
         difference = (value - expected[key]).abs().max().item()
-        assert difference <= 1e-4 * max(scale, 1.0), f"{name}: {key} differs by {difference:.3g} (scale {scale:.3g})"
-        assert not value.is_floating_point() or not torch.equal(value, start[key]), f"{name}: {key} never trained"
+        assert difference <= 1e-4 * max(scale, 1.0), (f"{name}: {key} differs by {difference:.3g} "
+                                                      f"(scale {scale:.3g})")
+        assert (not value.is_floating_point()
+                or not torch.equal(value, start[key])), f"{name}: {key} never trained"
         print(f"{name} {key}: max difference {difference:.2g} (scale {scale:.2g})")

@@ -104,7 +104,8 @@ def test_sequence_packing(tmp_path):
 
 def test_mixed_pretrain_and_chat(tmp_path):
     tokenizer = byte_tokenizer()
-    tokenizer.chat_template = "<bos>{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    tokenizer.chat_template = ("<bos>{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}"
+                               "{% endfor %}")
     pretrain = write_jsonl(tmp_path / "pre.jsonl", [{"text": f"doc{i}"} for i in range(6)])
     chats = [[{"role": "system", "content": "SYS"}, {"role": "user", "content": f"q{i}"}]
              for i in range(6)]

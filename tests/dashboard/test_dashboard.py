@@ -47,8 +47,9 @@ def check_schema(feature):
     def check(obj, schema):
         assert set(obj) == set(schema), f"keys {sorted(obj)} != {sorted(schema)}"
         for key, kind in schema.items():
-            ok = isinstance(obj[key], (int, float)) and not isinstance(obj[key], bool) if kind is float else (
-                isinstance(obj[key], kind) and (kind is bool or not isinstance(obj[key], bool)))
+            ok = ((isinstance(obj[key], (int, float)) and not isinstance(obj[key], bool))
+                  if kind is float else (isinstance(obj[key], kind)
+                                         and (kind is bool or not isinstance(obj[key], bool))))
             assert ok, f"{key}: {obj[key]!r} is not a {kind.__name__}"
 
     check(feature, SCHEMA)
@@ -148,10 +149,12 @@ def test_logit_lens_reads_through_the_final_norm(tiny_model):
     module = tiny_model._module
     final_norm = module.model.norm if hasattr(module, "model") else module.transformer.ln_f
     width = module.lm_head.weight.shape[1]
-    directions = torch.randn(3, width, generator=torch.Generator().manual_seed(0)).to(module.lm_head.weight.device)
+    directions = (torch.randn(3, width, generator=torch.Generator().manual_seed(0))
+                  .to(module.lm_head.weight.device))
     top_ids, top_values, bottom_ids, bottom_values = logit_lens(tiny_model, directions, n_tokens=5)
     with torch.no_grad():
-        head = module.lm_head(final_norm(directions)) - module.lm_head(final_norm(torch.zeros_like(directions)))
+        head = (module.lm_head(final_norm(directions))
+                - module.lm_head(final_norm(torch.zeros_like(directions))))
         layer_norm = isinstance(final_norm, torch.nn.LayerNorm)
         centred = directions - directions.mean(-1, keepdim=True) if layer_norm else directions
         eps = final_norm.eps if layer_norm else final_norm.variance_epsilon
@@ -187,7 +190,8 @@ def read_binary_feature(folder, layer, feature):
     """A feature as circuit-tracer's viewer reads the binary form its local server serves
     (--features_dir)."""
     index = json.loads(gzip.decompress((folder / "index.json.gz").read_bytes()))[str(layer)]
-    data = (folder / index["filename"]).read_bytes()[index["offsets"][feature] : index["offsets"][feature + 1]]
+    data = (folder / index["filename"]).read_bytes()[index["offsets"][feature] :
+                                                     index["offsets"][feature + 1]]
     [length] = struct.unpack("<I", data[:4])
     return json.loads(zlib.decompress(data[4 : 4 + length]))
 
@@ -200,12 +204,13 @@ def test_quickstart_and_the_dashboard_command(tmp_path):
                     "64", "--dict-size", "64", "--k", "4", "--eval-texts", "8", "--eval-tokens",
                     "128", "--ctx-len", "32", "--loss-batches", "1", "--n-features", "1",
                     "--dashboard-features", "10", "--out", str(tmp_path / "q")])
-    assert (tmp_path / "q" / "dashboard" / "index.html").exists() and metrics["seconds_dashboard"] > 0
+    assert ((tmp_path / "q" / "dashboard" / "index.html").exists()
+            and metrics["seconds_dashboard"] > 0)
     assert len(list((tmp_path / "q" / "dashboard" / "features").glob("*.json"))) == 10
     # SAEBench's core groups and names
     core = json.loads((tmp_path / "q" / "saebench_core.json").read_text())
-    assert set(core) == set(CORE_GROUPS) and core["model_performance_preservation"]["ce_loss_score"] == \
-        metrics["ce_loss_score"]
+    assert (set(core) == set(CORE_GROUPS)
+            and core["model_performance_preservation"]["ce_loss_score"] == metrics["ce_loss_score"])
     out = tmp_path / "dash"
     meta = main(["dashboard", "--dictionary", str(tmp_path / "q" / "sae" / "trainer_0"),
                  "--features", "0-11,40", "--tokens", "500", "--batch-texts", "5", "--dtype",
@@ -229,13 +234,14 @@ def test_quickstart_and_the_dashboard_command(tmp_path):
         feature = json.loads((out / "features" / f"{index}.json").read_text())
         check_schema(feature)
         assert feature["index"] == index
-        assert feature["activation_frequency"] == pytest.approx((codes[:, index] != 0).float().mean().item())
+        assert (feature["activation_frequency"]
+                == pytest.approx((codes[:, index] != 0).float().mean().item()))
         assert feature["act_max"] == pytest.approx(codes[:, index].max().clamp_min(0).item(),
                                                    rel=1e-3)
         top = feature["examples_quantiles"][0]["examples"]
         if top:
-            assert top[0]["tokens_acts_list"][top[0]["train_token_ind"]] == pytest.approx(feature["act_max"],
-                                                                                        rel=1e-3)
+            assert (top[0]["tokens_acts_list"][top[0]["train_token_ind"]]
+                    == pytest.approx(feature["act_max"], rel=1e-3))
         assert read_binary_feature(out / "features", 2, index) == feature
     make_suite_folder(tmp_path / "s")
     with pytest.raises(ValueError, match="is a whole SCAE suite"):
@@ -308,7 +314,8 @@ def test_the_page_in_a_headless_browser(tmp_path):
         browser = playwright.chromium.launch(executable_path=executable, args=BROWSER_ARGS)
         try:
             page = browser.new_page()
-            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            page.on("console", lambda message: (errors.append(message.text)
+                                                if message.type == "error" else None))
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.on("requestfailed", lambda request: errors.append(f"failed: {request.url}"))
             page.on("request", lambda request: requests.append(request.url))

@@ -70,7 +70,8 @@ def test_encode_decode_api():
     ae = AutoEncoderTopK(16, 64, 4)
     x = torch.randn(10, 16)
     codes, values, indices, pre = ae.encode(x, return_topk=True)
-    assert codes.shape == (10, 64) and ((codes > 0).sum(-1) <= 4).all() and values.shape == indices.shape == (10, 4)
+    assert (codes.shape == (10, 64) and ((codes > 0).sum(-1) <= 4).all()
+            and values.shape == indices.shape == (10, 4))
     x_hat, f = ae(x, output_features=True)
     torch.testing.assert_close(x_hat, ae.decode(f))
     torch.testing.assert_close(ae(x), x_hat, atol=1e-5, rtol=1e-5)  # sparse path == dense path

@@ -76,7 +76,8 @@ def test_every_fence_names_its_language():
     for page in PAGES:
         for block in blocks(page):
             assert block["language"] in set(RUN) | NOT_CODE, \
-                f"{page_id(page)} line {block['line']}: a fence must name python, bash or one of {sorted(NOT_CODE)}"
+                (f"{page_id(page)} line {block['line']}: a fence must name python, bash or one "
+                 f"of {sorted(NOT_CODE)}")
 
 
 def test_blocks_left_out_say_why_and_are_few():

@@ -27,8 +27,9 @@ def test_mean_ablation_matches_a_forward_hook(tiny_model):
     got = loss_recovered(texts, tiny_model, ae, (point,), ctx_len=CTX, mean_ablation=True)
     module = tiny_model._module.get_submodule(point.path)
     seen = []
-    handle = module.register_forward_hook(lambda m, args, out: seen.append((out[0] if isinstance(out, tuple)
-                                                                             else out).reshape(-1, d)))
+    handle = module.register_forward_hook(lambda m, args, out:
+                                          seen.append((out[0] if isinstance(out, tuple)
+                                                       else out).reshape(-1, d)))
     try:
         # each text alone: real tokens only
         clean, clean_logits = reference_ce(tiny_model, texts, point.path)
@@ -46,9 +47,11 @@ def test_mean_ablation_matches_a_forward_hook(tiny_model):
     assert got["ce_mean"] == pytest.approx(ablated, abs=1e-4)
     assert got["kl_mean"] == pytest.approx(kl(mean_logits), abs=1e-4)
     assert got["kl_zero"] == pytest.approx(kl(zero_logits), abs=1e-4)
-    assert got["frac_recovered_mean"] == pytest.approx((ablated - got["ce_patched"]) / (ablated - clean), abs=1e-3)
+    assert got["frac_recovered_mean"] == pytest.approx((ablated - got["ce_patched"])
+                                                       / (ablated - clean), abs=1e-3)
     assert got["kl_mean"] != pytest.approx(got["kl_zero"], rel=1e-3)  # the two baselines differ
-    assert got["tokens"] == sum(len(tiny_model.tokenizer(t, truncation=True, max_length=CTX)["input_ids"]) - 1
+    assert got["tokens"] == sum(len(tiny_model.tokenizer(t, truncation=True,
+                                                         max_length=CTX)["input_ids"]) - 1
                                 for t in texts)
 
 
@@ -62,8 +65,10 @@ def test_reconstruction_and_frequency_metrics_against_float64_sums():
         x_hat, f = ae(x.float(), output_features=True)
     x_hat, f = x_hat.double(), f.double()
     error = (x - x_hat).pow(2).sum()
-    assert got["explained_variance"] == pytest.approx(1 - (error / (x - x.mean(0)).pow(2).sum()).item(), rel=1e-5)
-    legacy = torch.cat([1 - (b.double() - h).pow(2).sum(-1) / (b.double() - b.double().mean(0)).pow(2).sum(-1)
+    assert (got["explained_variance"]
+            == pytest.approx(1 - (error / (x - x.mean(0)).pow(2).sum()).item(), rel=1e-5))
+    legacy = torch.cat([1 - (b.double() - h).pow(2).sum(-1)
+                        / (b.double() - b.double().mean(0)).pow(2).sum(-1)
                         for b, h in zip(batches, x_hat.split(40))])
     assert got["explained_variance_legacy"] == pytest.approx(legacy.mean().item(), rel=1e-5)
     assert got["l2_norm_in"] == pytest.approx(x.norm(dim=-1).mean().item(), rel=1e-5)
@@ -71,7 +76,8 @@ def test_reconstruction_and_frequency_metrics_against_float64_sums():
     assert got["l1"] == pytest.approx(f.sum(-1).mean().item(), rel=1e-5)
     density = (f > 0).double().mean(0)
     assert got["freq_over_1_percent"] == pytest.approx((density > 0.01).double().mean().item())
-    assert got["freq_over_10_percent"] == got["dense_fraction"] == pytest.approx((density > 0.1).double().mean().item())
+    assert (got["freq_over_10_percent"] == got["dense_fraction"]
+            == pytest.approx((density > 0.1).double().mean().item()))
     assert got["normalized_freq_over_10_percent"] == pytest.approx(
         (density[density > 0.1].sum() / density.sum()).item(), rel=1e-5)
     assert got["dead_fraction"] == pytest.approx(1 - got["frac_alive"])
@@ -103,7 +109,8 @@ def test_evaluate_gives_saebench_core_groups(tiny_llama):
     # SAEBench's score formulas, from the averaged raw values
     assert results["ce_loss_score"] == pytest.approx((results["ce_zero"] - results["ce_patched"])
                                                      / (results["ce_zero"] - results["ce_clean"]))
-    assert results["kl_div_score"] == pytest.approx((results["kl_zero"] - results["kl_patched"]) / results["kl_zero"])
+    assert results["kl_div_score"] == pytest.approx((results["kl_zero"] - results["kl_patched"])
+                                                    / results["kl_zero"])
     assert results["kl_div_score_mean_ablation"] == pytest.approx(
         (results["kl_mean"] - results["kl_patched"]) / results["kl_mean"])
     assert results["ce_loss_with_sae"] == results["ce_patched"] == results["loss_reconstructed"]

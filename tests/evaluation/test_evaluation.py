@@ -78,7 +78,8 @@ def test_transcoder_replaces_mlp_output_from_its_input(tiny_llama):
     transcoder = make_dictionary(64, 64, seed=1)
     got = loss_recovered(texts, tiny_llama, transcoder, points, ctx_len=CTX)
     mlp = tiny_llama._module.model.layers[2].mlp
-    handle = mlp.register_forward_hook(lambda m, args, out: transcoder(args[0].reshape(-1, 64)).reshape(out.shape))
+    handle = mlp.register_forward_hook(lambda m, args, out:
+                                       transcoder(args[0].reshape(-1, 64)).reshape(out.shape))
     try:
         patched, _ = reference_ce(tiny_llama, texts, "model.layers.2.mlp")
     finally:

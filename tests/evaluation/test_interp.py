@@ -244,7 +244,8 @@ def test_grad_pursuit_on_a_dictionary():
         signal = sae.decode(codes)
     got = grad_pursuit(signal, sae, target_l0=6)
     with torch.no_grad():
-        assert ((sae.decode(got) - signal).norm(dim=1) / (signal - sae.b_dec).norm(dim=1)).max() < 0.05
+        assert ((sae.decode(got) - signal).norm(dim=1)
+                / (signal - sae.b_dec).norm(dim=1)).max() < 0.05
     with pytest.raises(ValueError, match=r"signal must be .*\[batch, d\]"):
         grad_pursuit(signal[0], sae)
     with pytest.raises(ValueError, match="atoms have width 64"):

@@ -34,7 +34,8 @@ def randomized(dictionary, seed: int = 0):
         for name, parameter in dictionary.named_parameters():
             values = torch.randn(parameter.shape, generator=generator) * 0.3
             parameter.copy_(values.abs() if "threshold" in name else values)
-        if isinstance(getattr(dictionary, "threshold", None), torch.Tensor) and dictionary.threshold.dim() == 0:
+        if (isinstance(getattr(dictionary, "threshold", None), torch.Tensor)
+                and dictionary.threshold.dim() == 0):
             dictionary.threshold.fill_(0.15)
     return dictionary
 
@@ -143,7 +144,8 @@ def test_circuit_tracer_set_round_trip(tmp_path):
 
 def test_hook_names_per_family():
     # an MLP's input is the output of the norm that feeds it, named by the family adapter
-    assert output_path({"path": "transformer.h.2.mlp", "io": "input"}, "tiny-gpt2") == "transformer.h.2.ln_2"
+    assert (output_path({"path": "transformer.h.2.mlp", "io": "input"}, "tiny-gpt2")
+            == "transformer.h.2.ln_2")
     assert output_path({"path": "model.layers.1.mlp", "io": "input"}, "tiny-llama") == \
         "model.layers.1.post_attention_layernorm"
     assert output_path({"path": "model.layers.1.mlp", "io": "input"}, "tiny-gemma2") == \

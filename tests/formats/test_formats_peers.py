@@ -244,7 +244,8 @@ def circuit_tracer(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(OURS_TO_CIRCUIT_TRACER))
 def test_export_loads_in_circuit_tracer(circuit_tracer, name):
     run, ours = circuit_tracer
-    inputs, theirs = inputs_for(sorted(OURS_TO_CIRCUIT_TRACER).index(name), layers=2), run.outputs(f"export_{name}")
+    inputs, theirs = (inputs_for(sorted(OURS_TO_CIRCUIT_TRACER).index(name), layers=2),
+                      run.outputs(f"export_{name}"))
     with torch.no_grad():
         for layer, dictionary in enumerate(ours[name]):
             x = inputs[f"x_{layer}"]
@@ -257,7 +258,8 @@ def test_export_loads_in_circuit_tracer(circuit_tracer, name):
 @pytest.mark.parametrize("kind", CIRCUIT_TRACER_KINDS)
 def test_circuit_tracer_saves_load_here(circuit_tracer, kind):
     run, _ = circuit_tracer
-    inputs, theirs = inputs_for(100 + CIRCUIT_TRACER_KINDS.index(kind), layers=3), run.outputs(f"import_{kind}")
+    inputs, theirs = (inputs_for(100 + CIRCUIT_TRACER_KINDS.index(kind), layers=3),
+                      run.outputs(f"import_{kind}"))
     loaded = load(run.root / f"import_{kind}")
     assert len(loaded) == 3
     with torch.no_grad():

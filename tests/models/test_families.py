@@ -142,7 +142,8 @@ def test_exact_reconstruction_recovers_all_loss(name):
     # zeroing the site must matter for the ratio
     assert abs(result["ce_zero"] - result["ce_clean"]) > 1e-3, result
     assert abs(result["frac_recovered"] - 1) < 1e-4, result
-    assert abs(result["ce_patched"] - result["ce_clean"]) < 1e-5 and result["kl_patched"] < 1e-6, result
+    assert (abs(result["ce_patched"] - result["ce_clean"]) < 1e-5
+            and result["kl_patched"] < 1e-6), result
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -179,7 +180,8 @@ def test_fused_qkv_value_weights():
     hf = torch_model(model)
     attn = hf.model.layers[LAYER].self_attn
     config = hf.config
-    n_heads, n_kv, d_head = config.num_attention_heads, config.num_key_value_heads, config.hidden_size // 4
+    n_heads, n_kv, d_head = (config.num_attention_heads, config.num_key_value_heads,
+                             config.hidden_size // 4)
     x = torch.randn(5, config.hidden_size, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         qkv = attn.qkv_proj(x)

@@ -51,10 +51,12 @@ def test_hook_errors(tiny_llama):
 
 
 def test_tiny_models_are_seeded_and_distinct():
-    a, b, c = load_model("tiny-gpt2", seed=0), load_model("tiny-gpt2", seed=0), load_model("tiny-gpt2", seed=1)
+    a, b, c = (load_model("tiny-gpt2", seed=0), load_model("tiny-gpt2", seed=0),
+               load_model("tiny-gpt2", seed=1))
     wa, wb, wc = (m._module.transformer.h[0].mlp.c_fc.weight for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
-    assert get_adapter(a).family == "gpt2" and get_adapter(load_model("tiny-llama")).family == "llama"
+    assert (get_adapter(a).family == "gpt2"
+            and get_adapter(load_model("tiny-llama")).family == "llama")
 
 
 def test_tiny_model_dtype():

@@ -590,7 +590,8 @@ def test_bad_input_gets_a_clear_error(env, tmp_path, name, run, error, message):
     if error is SystemExit:  # argparse: a usage error (exit code 2) naming the option
         assert raised.value.code == 2
     assert not (tmp_path / "pwned").exists(), "a crafted file ran code"
-    assert not (tmp_path / "run" / "trainer_0" / "ae.pt").exists(), "a failed run saved a dictionary"
+    assert not (tmp_path / "run" / "trainer_0" / "ae.pt").exists(), ("a failed run saved a "
+                                                                     "dictionary")
 
 
 def test_cli_usage_errors_name_the_option(capsys):
@@ -688,7 +689,8 @@ def test_a_failed_suite_save_leaves_the_old_suite_whole(env, tmp_path, monkeypat
     loaded = SCAESuite.load(tmp_path / "s")
     for name in env.suite.names:
         for key, value in env.suite[name].state_dict().items():
-            assert torch.equal(loaded[name].state_dict()[key], value), f"{name}.{key} is not the old suite's"
+            assert torch.equal(loaded[name].state_dict()[key], value), (f"{name}.{key} is not the "
+                                                                        "old suite's")
 
 
 def test_stale_temporaries_of_killed_processes_are_removed(tmp_path):
@@ -746,7 +748,8 @@ def test_a_full_disk_and_a_read_only_one(small_disk):
                                       r"full or read-only"):
         trainSAE(planted_stream(features, 2, 32, 20, seed=1), [big], 20,
                  save_dir=small_disk / "run", checkpoint_steps=5, progress=False)
-    assert not [p for p in (small_disk / "run").rglob("*") if p.is_file()], "a partial file was left"
+    assert not [p for p in (small_disk / "run").rglob("*") if p.is_file()], ("a partial file "
+                                                                             "was left")
     subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
     [resumed] = trainSAE(planted_stream(features, 2, 32, 20, seed=1), [big], 20,
                          save_dir=small_disk / "run", checkpoint_steps=5, resume=True,

@@ -212,7 +212,8 @@ def diverging_run_keeps_the_good_save(tmp, bad_data=None, bad_configs=None, **kw
         train(data=bad_data, configs=bad_configs, save_dir=tmp / "run", keep_checkpoint=True,
               **kwargs)
     finally:
-        assert (tmp / "run" / "trainer_0" / "ae.pt").read_bytes() == good, "a diverging run replaced the good save"
+        assert ((tmp / "run" / "trainer_0" / "ae.pt").read_bytes()
+                == good), "a diverging run replaced the good save"
         state = torch.load(tmp / "run" / "checkpoint.pt", weights_only=True)
         assert all(torch.isfinite(t).all() for t in state["trainers"][0]["ae"].values()
                    if t.is_floating_point()), "a diverging run wrote a non-finite checkpoint"
@@ -356,7 +357,8 @@ def quickstart(tmp, **overrides):
     return _tolerant(run)(**{**options, **overrides})
 
 
-def metrics_kept_when_top_contexts_fail(tmp, monkeypatch_target="dictionary_learning.reports.top_activating_contexts"):
+def metrics_kept_when_top_contexts_fail(tmp, monkeypatch_target=("dictionary_learning.reports."
+                                                                 "top_activating_contexts")):
     """An extra that fails (top contexts here) is skipped with a note; the figures are written."""
     import dictionary_learning.reports as reports
 
@@ -417,7 +419,8 @@ def export_then_yaml_name(env, tmp, name):
     layers = [env.root / "set" / f"tc{i}" for i in range(4)]
     export(layers, tmp / "ct", to="circuit-tracer", model_name=name)
     config = yaml.safe_load((tmp / "ct" / "config.yaml").read_text())
-    assert config["model_name"] == name and "activation" not in config and "evil" not in config, config
+    assert (config["model_name"] == name and "activation" not in config
+            and "evil" not in config), config
 
 
 def saelens_name_round_trip(env, tmp, name):
@@ -468,7 +471,9 @@ CASES = [
         ActivationCache(t / "cache", 16)), ValueError, "leads out|shard"),
     ("contain: cache manifest shard absolute", lambda e, t: (
         edit_json(copy(e, t, "cache") / "manifest.json",
-                  lambda c: {**c, "shards": [{**c["shards"][0], "file": str(e.root / "cache" / "shard_00000.safetensors")}]}),
+                  lambda c: {**c, "shards": [{**c["shards"][0],
+                                              "file": str(e.root / "cache"
+                                                          / "shard_00000.safetensors")}]}),
         ActivationCache(t / "cache", 16)), ValueError, "leads out|shard"),
     ("contain: cache shard that is a link out", lambda e, t: (
         copy(e, t, "cache").joinpath("shard_00000.safetensors").unlink(),
@@ -562,7 +567,8 @@ CASES = [
                       data=(b * (1e25 if i == 4 else 1) for i, b in enumerate(stream())),
                       save_dir=t / "run", checkpoint_steps=2),
         train(save_dir=t / "run", resume=True, checkpoint_steps=2),
-        (t / "run" / "trainer_0" / "ae.pt").exists() or (_ for _ in ()).throw(AssertionError("no save"))),
+        (t / "run" / "trainer_0" / "ae.pt").exists() or
+        (_ for _ in ()).throw(AssertionError("no save"))),
      None, None),
     ("diverge: end-to-end kl_weight inf", lambda e, t: trainSAE(
         iter([TEXTS[:4]]), [topk(1)], 1, progress=False,
@@ -603,8 +609,8 @@ CASES = [
                                                                   [torch.full((4, D), math.nan)]),
      ValueError, "NaN / inf"),
     ("eval: evaluate of a dictionary with NaN weights", lambda e, t: evaluate(
-        AutoEncoderTopK(D, DICT, K).requires_grad_(False).apply(lambda m: [p.fill_(math.nan)
-                                                                           for p in m.parameters(recurse=False)]),
+        AutoEncoderTopK(D, DICT, K).requires_grad_(False).apply(
+            lambda m: [p.fill_(math.nan) for p in m.parameters(recurse=False)]),
         iter([torch.randn(8, D)]), progress=False), ValueError, "NaN / inf"),
     ("eval: loss_recovered where zero-ablation changes nothing", lambda e, t: _flat_recovered(e),
      None, None),
@@ -640,7 +646,8 @@ CASES = [
     ("lock: a killed writer blocks no one", lambda e, t: killed_holder_releases(t), None, None),
     ("lock: a finished writer leaves no lock file", lambda e, t: (
         save_dictionary(AutoEncoderTopK(D, DICT, K), t / "d"),
-        [p.name for p in t.iterdir()] == ["d"] or (_ for _ in ()).throw(AssertionError(list(t.iterdir())))),
+        [p.name for p in t.iterdir()] == ["d"] or
+        (_ for _ in ()).throw(AssertionError(list(t.iterdir())))),
      None, None),
     # -------------------------------------------------------------------- mismatched state (silent)
     ("mismatch: connections from other parameters", lambda e, t: other_parameters(e, t), ValueError,
@@ -1019,7 +1026,8 @@ def _flat_recovered(env):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         fraction = recovered_fraction(torch.tensor(2.5), torch.tensor(2.7), torch.tensor(2.5))
-    assert math.isnan(fraction) and any("undefined" in str(w.message) for w in seen), (fraction, seen)
+    assert (math.isnan(fraction)
+            and any("undefined" in str(w.message) for w in seen)), (fraction, seen)
 
 
 def _flat_kl_score():
@@ -1031,7 +1039,8 @@ def _flat_kl_score():
         warnings.simplefilter("always")
         named = saebench_names({"ce_clean": 2.0, "ce_patched": 2.1, "ce_zero": 2.0,
                                 "kl_patched": 0.1, "kl_zero": 0.0})
-    assert math.isnan(named["kl_div_score"]) and math.isnan(named["ce_loss_score"]) and len(seen) == 2, named
+    assert (math.isnan(named["kl_div_score"]) and math.isnan(named["ce_loss_score"])
+            and len(seen) == 2), named
 
 
 def _infinite_baseline():
@@ -1049,7 +1058,8 @@ def _evaluate_constant():
         warnings.simplefilter("always")
         metrics = evaluate(AutoEncoderTopK(D, DICT, K), iter([torch.ones(8, D)] * 2), n_batches=2,
                            progress=False)
-    assert metrics["mse"] > 0 and math.isnan(metrics["fvu"]) and math.isnan(metrics["explained_variance"]), metrics
+    assert (metrics["mse"] > 0 and math.isnan(metrics["fvu"])
+            and math.isnan(metrics["explained_variance"])), metrics
     assert any("no variance" in str(w.message) for w in seen)
 
 
@@ -1105,4 +1115,5 @@ def _run_case(env, tmp_path, run, expected, message):
         if expected is SystemExit:
             assert raised.value.code == 2
     assert not (tmp_path / "pwned").exists(), "a crafted file ran code"
-    assert sorted(set(p.name for p in tmp_path.parent.iterdir()) - before) == [], "a file appeared outside"
+    assert (sorted(set(p.name for p in tmp_path.parent.iterdir()) - before)
+            == []), "a file appeared outside"

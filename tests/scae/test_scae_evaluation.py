@@ -47,7 +47,8 @@ def test_evaluate_suite_module_metrics(eager_model):
     target = torch.cat(captured)  # [tokens, d_model]
     with torch.no_grad():
         codes = suite["attn_0"].encode(target)
-        fvu = (suite["attn_0"].decode(codes) - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
+        fvu = ((suite["attn_0"].decode(codes) - target).pow(2).sum()
+               / (target - target.mean(0)).pow(2).sum())
     metrics = result["modules"]
     assert metrics["attn_0"]["fvu_dense"] == pytest.approx(fvu.item(), rel=1e-4)
     assert metrics["attn_0"]["l0_dense"] == pytest.approx((codes > 0).sum(-1).float().mean().item())
@@ -74,8 +75,8 @@ def test_ce_versus_c_curve(tmp_path, tiny_gpt2):
     assert (tmp_path / "ce.png").read_bytes()[:4] == b"\x89PNG"
     assert ce_table(rows).count("\n") == 4
     assert module_table(rows[0]).count("\n") == 1 + len(suite.names)
-    assert rows[-1]["modules"]["mlp_1"]["fvu_pruned"] == pytest.approx(rows[-1]["modules"]["mlp_1"]["fvu_dense"],
-                                                                       rel=1e-4)
+    assert (rows[-1]["modules"]["mlp_1"]["fvu_pruned"]
+            == pytest.approx(rows[-1]["modules"]["mlp_1"]["fvu_dense"], rel=1e-4))
     from dictionary_learning.scae import select_connections
 
     selected = select_connections(suite, model, texts[:4], 4, batch_size=4, ctx_len=CTX)

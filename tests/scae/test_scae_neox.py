@@ -110,7 +110,8 @@ def test_decomposition_equals_dense_and_all_connections_reproduce_the_suite(mode
         assert set(terms) == {*upstream_of(name, model), "embedding", "bias"}
         total = sum(term.double() for term in terms.values())
         error = float((total - dense)[mask].abs().max().detach())
-        worst, worst_abs = max(worst, error / float(dense[mask].abs().max().detach())), max(worst_abs, error)
+        worst, worst_abs = (max(worst, error / float(dense[mask].abs().max().detach())),
+                            max(worst_abs, error))
         torch.testing.assert_close(total[mask], dense[mask], atol=1e-4, rtol=1e-4,
                                    msg=f"{mode} {name}")
     print(f"{mode}: largest decomposition error {worst_abs:.2e} ({worst:.2e} of the largest "
@@ -135,6 +136,7 @@ def test_execution_order_upstream_is_wrong_for_a_parallel_residual():
     # [b, t, d]
     attn_out = record.codes["attn_1"] @ suite["attn_1"].decoder.weight.t() + suite["attn_1"].b_dec
     norm = norm_params(model, 1, "mlp")
-    leaked = (record.norm_scales["mlp_1"][..., None] * norm.linear_part(attn_out)) @ suite["mlp_1"].encoder.weight.t()
+    leaked = ((record.norm_scales["mlp_1"][..., None] * norm.linear_part(attn_out))
+              @ suite["mlp_1"].encoder.weight.t())
     torch.testing.assert_close(routed[mask], dense[mask], atol=1e-4, rtol=1e-4)
     assert (routed + leaked - dense)[mask].abs().max() > 1e-2

@@ -81,7 +81,8 @@ def test_pruning_removes_exactly_the_unselected_contributions(eager_model):
                                     if j < end)
                 local = j - sum(sizes[:module_index])
                 only = {up: torch.zeros_like(record.codes[up]) for up in upstream}
-                only[upstream[module_index]][..., local] = record.codes[upstream[module_index]][..., local]
+                source = upstream[module_index]
+                only[source][..., local] = record.codes[source][..., local]
                 if only[upstream[module_index]].abs().sum() == 0:
                     continue
                 terms = decompose(suite, eager_model, record, name, upstream_codes=only)

@@ -50,7 +50,8 @@ def test_select_connections_keeps_the_largest_mean_contributions(eager_model):
         assert got.shape == (suite[name].dict_size, C)
         agree = sum(len(set(a.tolist()) & set(b.tolist()))
                     for a, b in zip(got, expected)) / got.numel()
-        assert agree > 0.99, f"{name}: only {agree:.1%} of selected connections match the dense reference"
+        assert agree > 0.99, (f"{name}: only {agree:.1%} of selected connections match the dense "
+                              "reference")
     assert connections.indices["attn_0"].shape == (96, 0)
     with pytest.raises(ValueError, match="C must be a positive int, got 0"):
         select_connections(suite, eager_model, texts, 0)

@@ -20,7 +20,8 @@ def test_run_suite_patches_every_module(eager_model):
         attn = torch_model.get_submodule(f"{adapter.block(layer)}.{adapter.attn}")
         mlp = torch_model.get_submodule(f"{adapter.block(layer)}.{adapter.mlp}")
         sae, transcoder = suite[f"attn_{layer}"], suite[f"mlp_{layer}"]
-        handles.append(attn.register_forward_hook(lambda m, a, out, sae=sae: (sae(out[0]), *out[1:])))
+        handles.append(attn.register_forward_hook(lambda m, a, out, sae=sae:
+                                                  (sae(out[0]), *out[1:])))
         handles.append(mlp.register_forward_hook(lambda m, a, out, t=transcoder: t(a[0])))
     try:
         with torch.no_grad():

@@ -19,7 +19,8 @@ def test_ce_gradients_reach_every_trained_parameter(eager_model):
     loss = trainer.loss(texts)
     loss.backward()
     for name, parameter in suite.named_parameters():
-        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, f"no CE gradient reaches {name}"
+        assert (parameter.grad is not None
+                and parameter.grad.abs().sum() > 0), f"no CE gradient reaches {name}"
     # the model itself is frozen
     assert all(p.grad is None for p in eager_model._module.parameters())
 
@@ -36,7 +37,8 @@ def test_fine_tuning_lowers_the_loss_and_resumes(tmp_path, eager_model):
     before = SCAESuite.load(tmp_path / "a" / "suite")
     first = make_suite(eager_model, n_layer=2)
     from dictionary_learning.scae import SCAETrainer
-    start_loss = SCAETrainer(first, eager_model, connections, steps=1, ctx_len=CTX).loss(texts[:4]).item()
+    start_loss = (SCAETrainer(first, eager_model, connections, steps=1, ctx_len=CTX)
+                  .loss(texts[:4]).item())
     assert straight.last_metrics["loss"] < start_loss
 
     def crashing():

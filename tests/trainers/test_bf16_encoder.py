@@ -54,7 +54,8 @@ def test_bfloat16_step_is_float32_step_up_to_near_ties(trainer_class):
     if trainer_class is MatryoshkaBatchTopKTrainer:
         options["group_fractions"] = [0.25, 0.75]
     trainers = [trainer_class(**options, encoder_dtype=dtype) for dtype in (None, torch.bfloat16)]
-    assert trainers[1].config["encoder_dtype"] == "bfloat16" and trainers[0].config["encoder_dtype"] is None
+    assert (trainers[1].config["encoder_dtype"] == "bfloat16"
+            and trainers[0].config["encoder_dtype"] is None)
     for trainer in trainers:
         trainer.update(0, batches[0])  # b_dec at the batch's geometric median, one step
     ae = trainers[0].ae
@@ -115,7 +116,8 @@ def test_dense_and_sparse_auxk_agree(monkeypatch):
 
 def test_encoder_dtype_values():
     cpu = torch.device("cpu")
-    assert resolve_encoder_dtype(None, cpu) is None and resolve_encoder_dtype("bfloat16", cpu) == torch.bfloat16
+    assert (resolve_encoder_dtype(None, cpu) is None
+            and resolve_encoder_dtype("bfloat16", cpu) == torch.bfloat16)
     assert resolve_encoder_dtype("auto", cpu) in (None, torch.bfloat16)
     with pytest.raises(ValueError, match="encoder_dtype must be None, 'auto' or a floating dtype"):
         resolve_encoder_dtype("int8", cpu)

@@ -64,7 +64,8 @@ def reference_loss(params, x, y, sparsity, transcoder=False):
     y_hat_gate = gate @ params["decoder.weight"].detach().T + params["decoder_bias"].detach()
     if "skip.weight" in params:
         y_hat_gate = y_hat_gate + (x @ params["skip.weight"].T).detach()
-    return (y - y_hat).pow(2).sum(-1).mean() + sparsity(gate) + (y - y_hat_gate).pow(2).sum(-1).mean()
+    return ((y - y_hat).pow(2).sum(-1).mean() + sparsity(gate)
+            + (y - y_hat_gate).pow(2).sum(-1).mean())
 
 
 def leaf_copies(ae):
@@ -242,7 +243,8 @@ def test_p_annealing_and_alpha_rescaling():
     lp_history = []  # (L at p, L at next p) per step, recomputed here from the gate the loss sees
     alpha, p, next_p = 0.1, 1.0, None
     for step, x in enumerate(planted_stream(planted_features(N_TRUE, D, 0), K, 64, steps, seed=1)):
-        assert trainer.p == pytest.approx(p) and trainer.sparsity_coeff == pytest.approx(alpha, rel=1e-5)
+        assert (trainer.p == pytest.approx(p)
+                and trainer.sparsity_coeff == pytest.approx(alpha, rel=1e-5))
         with torch.no_grad():
             gate = trainer.ae.encode(x, return_gate=True)[1]
         if next_p is not None:
@@ -277,7 +279,8 @@ def test_dead_latents_are_resampled(transcoder):
     trainer.update(resample_steps - 1, batches[-1])  # resamples after its optimizer step
     x, y = batches[-1] if transcoder else (batches[-1], batches[-1])
     ae = trainer.ae
-    assert (ae.gate_bias[dead] == 0).all() and (ae.mag_bias[dead] == 0).all() and (ae.r_mag[dead] == 0).all()
+    assert ((ae.gate_bias[dead] == 0).all() and (ae.mag_bias[dead] == 0).all()
+            and (ae.r_mag[dead] == 0).all())
     columns = ae.decoder.weight[:, dead].T  # each is a target row's direction
     targets = y / y.norm(dim=-1, keepdim=True)
     assert torch.cdist(columns.detach(), targets, compute_mode=EXACT).min(dim=1).values.max() < 1e-5

@@ -72,7 +72,8 @@ def randomised(ae, seed=0):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in ae.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * (0.3 if "b_" in name else 1.0))
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype)
+                    * (0.3 if "b_" in name else 1.0))
         ae.threshold.copy_(torch.rand(ae.threshold.shape, generator=generator,
                                       dtype=ae.threshold.dtype) - 0.2)
     return ae
@@ -227,7 +228,8 @@ def test_upstream_logging_loss_and_config():
                 ("warmup_steps", 1000), ("sparsity_warmup_steps", 2000), ("decay_start", None),
                 ("target_l0", 20.0),
                 ("device", "cpu"), ("wandb_name", "JumpRelu"), ("submodule_name", None)]
-    params = list(inspect.signature(JumpReluTrainer.__init__).parameters.values())[1:len(upstream) + 1]
+    params = (list(inspect.signature(JumpReluTrainer.__init__).parameters.values())
+              [1:len(upstream) + 1])
     assert [p.name for p in params] == [name for name, _ in upstream]
     for p, (name, default) in zip(params[5:], upstream[5:]):
         assert p.default == default, name
@@ -238,7 +240,8 @@ def test_upstream_logging_loss_and_config():
                                sparsity_warmup_steps=10, decay_start=40, target_l0=4.0,
                                device="cpu", wandb_name="J",
                                submodule_name="resid"))
-    assert built.config["target_l0"] == 4.0 and built.sparsity_coefficient == 0.5 and built.layer == 3
+    assert (built.config["target_l0"] == 4.0 and built.sparsity_coefficient == 0.5
+            and built.layer == 3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,7 +277,8 @@ def test_save_load_round_trip(tmp_path, kind):
     save_dictionary(ae, tmp_path, {"trainer": {"lm_name": "m"}})
     loaded, config = load_dictionary(tmp_path)
     assert type(loaded) is JumpReluAutoEncoder and loaded.transcoder == ae.transcoder
-    assert config["trainer"]["dict_class"] == "JumpReluAutoEncoder" and config["trainer"]["lm_name"] == "m"
+    assert (config["trainer"]["dict_class"] == "JumpReluAutoEncoder"
+            and config["trainer"]["lm_name"] == "m")
     x = torch.randn(12, 8)
     for a, b in zip(loaded(x, output_features=True), ae(x, output_features=True)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -404,6 +408,7 @@ def test_trainsae_with_topk_resumes_exactly(tmp_path, normalize):
             torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
     saved_a, config = load_dictionary(tmp_path / "a" / "trainer_0")
     saved_b, _ = load_dictionary(tmp_path / "b" / "trainer_0")
-    assert type(saved_a) is JumpReluAutoEncoder and config["trainer"]["trainer_class"] == "JumpReluTrainer"
+    assert (type(saved_a) is JumpReluAutoEncoder
+            and config["trainer"]["trainer_class"] == "JumpReluTrainer")
     for p, q in zip(saved_a.state_dict().values(), saved_b.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -228,7 +228,8 @@ def test_dictionary_encode_decode_forward_match_reference():
     torch.testing.assert_close(x_hat, codes @ ae.W_dec + ae.b_dec)
     torch.testing.assert_close(ae.decode(features), x_hat)
     ae.active_groups = 1  # codes of the later groups are zeroed
-    assert ae.encode(x)[:, 8:].abs().sum() == 0 and ae.encode(x, use_threshold=False)[:, 8:].abs().sum() == 0
+    assert (ae.encode(x)[:, 8:].abs().sum() == 0
+            and ae.encode(x, use_threshold=False)[:, 8:].abs().sum() == 0)
     # the sparse training path's prefix reconstructions equal the dense per-group sums
     ae.active_groups = 3
     code = ae.sparse_code(x)
@@ -275,7 +276,8 @@ def test_one_update_step_matches_upstream_recipe():
     optimizer = torch.optim.Adam(reference.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
     optimizer.step()
     with torch.no_grad():
-        reference.W_dec /= reference.W_dec.norm(dim=1, keepdim=True) + torch.finfo(torch.float64).eps
+        reference.W_dec /= (reference.W_dec.norm(dim=1, keepdim=True)
+                            + torch.finfo(torch.float64).eps)
     trainer.update(2, x)
     for name, p in trainer.ae.named_parameters():
         assert not torch.equal(p, params[name]), name
@@ -409,15 +411,17 @@ def test_save_load_round_trip(tmp_path, case):
     with pytest.raises(ValueError, match="k=4 was asked for"):
         MatryoshkaBatchTopKSAE.from_pretrained(tmp_path / "ae.pt", k=4)
     rebuilt = dictionary_from_config(config["trainer"])
-    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in ae.state_dict().items()}
+    assert ({k: v.shape for k, v in rebuilt.state_dict().items()}
+            == {k: v.shape for k, v in ae.state_dict().items()})
 
 
 @pytest.mark.parametrize("transcoder", [False, True])
 def test_normalisation_is_folded_into_saved_weights(tmp_path, transcoder):
     features = planted_features(N_TRUE, D, seed=0)
     if transcoder:
-        stream = ((x * 7.0, y * 0.2) for x, y in planted_stream(features, K, 64, 60, seed=6,
-                                                                 features_out=planted_features(N_TRUE, 20, seed=3)))
+        stream = ((x * 7.0, y * 0.2)
+                  for x, y in planted_stream(features, K, 64, 60, seed=6,
+                                             features_out=planted_features(N_TRUE, 20, seed=3)))
         config = matryoshka_config(40, threshold_start_step=5, output_dim=20, transcoder=True)
     else:
         # far from unit scale
@@ -426,7 +430,8 @@ def test_normalisation_is_folded_into_saved_weights(tmp_path, transcoder):
     [trainer] = trainSAE(stream, [config], 40, save_dir=tmp_path, normalize_activations=True,
                          normalization_batches=4, progress=False)
     loaded, saved = load_dictionary(tmp_path / "trainer_0")
-    assert saved["trainer"]["trainer_class"] == "MatryoshkaBatchTopKTrainer" and loaded.threshold > 0
+    assert (saved["trainer"]["trainer_class"] == "MatryoshkaBatchTopKTrainer"
+            and loaded.threshold > 0)
     scale_in, scale_out = saved["trainer"]["normalization_scales"]
     assert 0.01 < scale_in < 0.5 and (scale_out != scale_in) == transcoder
     raw = next(planted_stream(features, K, 32, 1, seed=7)) * 7.0
@@ -480,7 +485,8 @@ def test_build_trainer_from_upstream_style_config():
                              "activation_dim": 8, "dict_size": 32, "k": 2, "layer": 1,
                              "lm_name": "m", "steps": 10, "group_fractions": [0.5, 0.5],
                              "group_weights": [0.7, 0.3], "lr": 1e-3, "device": "cpu"})
-    assert trainer.ae.group_sizes.tolist() == [16, 16] and trainer.config["group_weights"] == [0.7, 0.3]
+    assert (trainer.ae.group_sizes.tolist() == [16, 16]
+            and trainer.config["group_weights"] == [0.7, 0.3])
     with pytest.raises(ValueError, match="unknown MatryoshkaBatchTopKTrainer config keys"):
         build_trainer({"trainer": MatryoshkaBatchTopKTrainer, "activation_dim": 8, "dict_size": 32,
                        "k": 2, "steps": 10, "group_fractions": [1.0], "l1_penalty": 4})

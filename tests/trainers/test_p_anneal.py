@@ -81,7 +81,8 @@ def test_p_is_annealed_and_the_coefficient_rescaled_to_keep_the_penalty():
         coefficients.append(trainer.sparsity_coeff)
     # updates at linspace(10, 40, 4) = 10, 20, 30, (40: never reached) with p = 1, 2/3, 1/3, (0)
     assert ps[9] == 1 and ps[10] == 1 and ps[19] == 1
-    assert ps[20] == pytest.approx(2 / 3) and ps[29] == pytest.approx(2 / 3) and ps[30] == pytest.approx(1 / 3)
+    assert (ps[20] == pytest.approx(2 / 3) and ps[29] == pytest.approx(2 / 3)
+            and ps[30] == pytest.approx(1 / 3))
     assert ps[39] == pytest.approx(1 / 3) and trainer.next_p == 0
     # no rescaling at the first update (no queue yet)
     assert coefficients[19] == coefficients[0] == 0.3

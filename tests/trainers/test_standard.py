@@ -241,7 +241,8 @@ def test_constrained_adam_equals_projected_adam_and_keeps_unit_norms():
     other = torch.nn.Parameter(rand(4, seed=8))
     with torch.no_grad():
         decoder /= decoder.norm(dim=0)
-    ref_decoder, ref_other = torch.nn.Parameter(decoder.detach().clone()), torch.nn.Parameter(other.detach().clone())
+    ref_decoder, ref_other = (torch.nn.Parameter(decoder.detach().clone()),
+                              torch.nn.Parameter(other.detach().clone()))
     optimizer = ConstrainedAdam([decoder, other], [decoder], lr=0.05)
     reference = torch.optim.Adam([ref_decoder, ref_other], lr=0.05)
     for step in range(5):
@@ -326,7 +327,8 @@ def test_entropy_penalty_is_zero_for_one_hot_codes_and_log_n_for_uniform():
     one_hot = torch.eye(12)[:5]
     uniform = torch.full((3, 12), 0.7)
     assert trainer.sparsity_loss(one_hot).item() == pytest.approx(0.0, abs=1e-6)
-    assert trainer.sparsity_loss(uniform).item() == pytest.approx(torch.log(torch.tensor(12.0)).item(), rel=1e-5)
+    assert (trainer.sparsity_loss(uniform).item()
+            == pytest.approx(torch.log(torch.tensor(12.0)).item(), rel=1e-5))
     assert trainer.sparsity_loss(torch.zeros(2, 12)).item() == 0.0
 
 

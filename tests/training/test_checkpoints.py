@@ -22,7 +22,8 @@ def test_a_crafted_checkpoint_is_refused_without_running_code(tmp_path):
     assert not marker.exists()
 
 
-def test_a_failed_checkpoint_write_keeps_the_previous_one_and_resume_is_exact(tmp_path, monkeypatch):
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_resume_is_exact(tmp_path,
+                                                                              monkeypatch):
     """Two trainers; the third checkpoint write dies half-way (a full disk): checkpoint.pt still
     holds the second, complete for both trainers, and resuming from it ends bit-identical to an
     uninterrupted run."""
@@ -69,7 +70,8 @@ def test_a_finished_run_leaves_no_checkpoint_unless_asked(tmp_path):
     features = planted_features(N_TRUE, D, seed=0)
     trainSAE(planted_stream(features, K, 32, 6, seed=1), [topk_config(6)], 6,
              save_dir=tmp_path / "a", checkpoint_steps=2, progress=False)
-    assert not (tmp_path / "a" / "checkpoint.pt").exists() and (tmp_path / "a" / "trainer_0" / "ae.pt").exists()
+    assert (not (tmp_path / "a" / "checkpoint.pt").exists()
+            and (tmp_path / "a" / "trainer_0" / "ae.pt").exists())
     kept = trainSAE(planted_stream(features, K, 32, 6, seed=1), [topk_config(6)], 6,
                     save_dir=tmp_path / "b", checkpoint_steps=2, progress=False,
                     keep_checkpoint=True)

@@ -51,8 +51,8 @@ def assert_same_dictionaries(a: Path, b: Path, indices, exact=False):
     for i in indices:
         ae_a, config_a = load_dictionary(a / f"trainer_{i}")
         ae_b, config_b = load_dictionary(b / f"trainer_{i}")
-        assert config_a["trainer"]["normalization_scales"] == pytest.approx(config_b["trainer"]["normalization_scales"],
-                                                                            rel=1e-6)
+        assert (config_a["trainer"]["normalization_scales"]
+                == pytest.approx(config_b["trainer"]["normalization_scales"], rel=1e-6))
         for key, value in ae_a.state_dict().items():
             if exact:
                 assert torch.equal(ae_b.state_dict()[key], value), (i, key)
@@ -65,14 +65,16 @@ def assert_same_dictionaries(a: Path, b: Path, indices, exact=False):
 def test_data_parallel_equals_one_process(single, tmp_path):
     torchrun("data", tmp_path, STEPS)
     assert_same_dictionaries(single, tmp_path, range(3))
-    ours, reference = load_checkpoint(tmp_path / "checkpoint.pt"), load_checkpoint(single / "checkpoint.pt")
+    ours, reference = (load_checkpoint(tmp_path / "checkpoint.pt"),
+                       load_checkpoint(single / "checkpoint.pt"))
     assert ours["step"] == reference["step"] == STEPS
     # dead-feature statistics over global batches
     for mine, theirs in zip(ours["trainers"], reference["trainers"]):
         assert torch.equal(mine["num_tokens_since_fired"], theirs["num_tokens_since_fired"])
     dead = load_checkpoint(single / "checkpoint.pt")["trainers"][0]["num_tokens_since_fired"] >= 128
     assert dead.any(), "the test should exercise AuxK: some latents must be dead"
-    assert not list(tmp_path.glob("checkpoint.rank*")), "data-parallel training writes one checkpoint"
+    assert not list(tmp_path.glob("checkpoint.rank*")), ("data-parallel training writes one "
+                                                         "checkpoint")
 
 
 @pytest.mark.slow

@@ -81,7 +81,8 @@ def test_downstream_gradient_matches_a_forward_hook_reference(tiny_llama, site):
     finally:
         for handle in handles:
             handle.remove()
-    kl = (F.softmax(clean, -1) * (F.log_softmax(clean, -1) - F.log_softmax(patched, -1))).sum(-1)[mask].mean()
+    kl = ((F.softmax(clean, -1) * (F.log_softmax(clean, -1) - F.log_softmax(patched, -1)))
+          .sum(-1)[mask].mean())
     ids = encoding["input_ids"]
     pairs = (mask[:, 1:] & mask[:, :-1]).flatten()
     ce = F.cross_entropy(patched[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),

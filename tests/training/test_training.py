@@ -39,13 +39,15 @@ def test_topk_sae_recovers_planted_features():
 def test_topk_transcoder_recovers_planted_map():
     """x = codes @ F_in, y = codes @ F_out: the transcoder's decoder must find F_out's
     directions."""
-    features_in, features_out = planted_features(N_TRUE, D, seed=0), planted_features(N_TRUE, 24, seed=5)
+    features_in, features_out = (planted_features(N_TRUE, D, seed=0),
+                                 planted_features(N_TRUE, 24, seed=5))
     steps = 1500
     config = topk_config(steps, output_dim=24, transcoder=True)
     stream = planted_stream(features_in, K, 256, steps, seed=2, features_out=features_out)
     [trainer] = trainSAE(stream, [config], steps, progress=False)
     recovered = fraction_recovered(features_out, trainer.ae.decoder.weight.detach())
-    assert recovered >= 0.9, f"only {recovered:.0%} of planted output features recovered at cosine >= 0.9"
+    assert recovered >= 0.9, (f"only {recovered:.0%} of planted output features recovered at "
+                              "cosine >= 0.9")
 
 
 @pytest.mark.slow
@@ -128,7 +130,8 @@ def test_saved_dictionary_round_trips_and_folds_normalisation(tmp_path):
                          save_dir=tmp_path, normalize_activations=True, normalization_batches=4,
                          progress=False)
     loaded, config = load_dictionary(tmp_path / "trainer_0")
-    assert config["trainer"]["trainer_class"] == "TopKTrainer" and config["trainer"]["dict_class"] == "AutoEncoderTopK"
+    assert (config["trainer"]["trainer_class"] == "TopKTrainer"
+            and config["trainer"]["dict_class"] == "AutoEncoderTopK")
     assert config["trainer"]["k"] == K and config["trainer"]["lm_name"] == "planted"
     scale = config["trainer"]["normalization_scales"][0]
     assert 0.01 < scale < 0.5
@@ -155,8 +158,9 @@ def test_upstream_format_loads(tmp_path):
         "trainer_class": "TopKTrainer", "dict_class": "AutoEncoderTopK", "activation_dim": 8,
         "dict_size": 16, "k": 2, "lr": 1e-3, "steps": 10, "seed": 0, "layer": 3, "lm_name": "x",
         "submodule_name": "resid_3",
-        "device": "cuda:0", "wandb_name": "t"}, "buffer": {"d_submodule": 8, "io": "out", "n_ctxs": 10,
-                                                           "ctx_len": 128, "refresh_batch_size": 4,
+        "device": "cuda:0", "wandb_name": "t"}, "buffer": {"d_submodule": 8, "io": "out",
+                                                           "n_ctxs": 10, "ctx_len": 128,
+                                                           "refresh_batch_size": 4,
                                                            "out_batch_size": 8,
                                                            "device": "cuda:0"}}))
     loaded, config = load_dictionary(tmp_path)

@@ -77,7 +77,8 @@ def test_routing_errors(configs, message):
 def test_routing_checked_before_any_step(tiny_llama):
     buffer = ActivationBuffer(random_texts(4), tiny_llama, suite_hook_points(tiny_llama, 1),
                               n_ctxs=2, ctx_len=8)
-    with pytest.raises(ValueError, match="submodule_name='attn_5' is not one of the hook points the data yields: "
+    with pytest.raises(ValueError, match="submodule_name='attn_5' is not one of the hook points "
+                                         "the data yields: "
                                          r"\['attn_0', 'mlp_0'\]"):
         trainSAE(buffer, [dict(config("attn_5"), activation_dim=64)], 3, progress=False)
 

@@ -9,7 +9,8 @@ from dictionary_learning.data import passages
 
 
 def test_passages_keep_all_text_within_bounds():
-    text = "First paragraph is short.\n\n" + ("word " * 400) + "\n\n\nThird one.\nStill third.\n\nLast."
+    text = ("First paragraph is short.\n\n" + ("word " * 400)
+            + "\n\n\nThird one.\nStill third.\n\nLast.")
     parts = list(passages(text, max_chars=120))
     assert all(0 < len(p) <= 120 for p in parts)
     assert " ".join(" ".join(parts).split()) == " ".join(text.split())

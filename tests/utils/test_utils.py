@@ -66,7 +66,8 @@ def test_push_and_pull_round_trip(tmp_path, local_hub, cls, output_dim, skip):
                                                                             "model.safetensors"]
     pulled, config = pull_from_hub("me/my-sae", subfolder="layer_1")
     assert calls["snapshot_download"] == ("me/my-sae", ["layer_1/*"])
-    assert config["trainer"]["lm_name"] == "tiny-llama" and config["trainer"]["dict_class"] == cls.__name__
+    assert (config["trainer"]["lm_name"] == "tiny-llama"
+            and config["trainer"]["dict_class"] == cls.__name__)
     x = torch.randn(6, 12)
     torch.testing.assert_close(pulled(x), ae(x))
     assert isinstance(pulled, cls) and pulled.transcoder and (pulled.skip is not None) == skip
@@ -105,7 +106,8 @@ def test_suite_push_and_pull_round_trip(tmp_path, local_hub, tiny_llama):
     suite.save(tmp_path / "saved")
     (tmp_path / "saved" / "checkpoint.pt").write_bytes(b"not uploaded")
     push_to_hub(tmp_path / "saved", "me/suite2")
-    assert (root / "me/suite2/suite.json").exists() and not (root / "me/suite2/checkpoint.pt").exists()
+    assert ((root / "me/suite2/suite.json").exists()
+            and not (root / "me/suite2/checkpoint.pt").exists())
     assert SCAESuite.from_hub("me/suite2").names == suite.names
 
 
