@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from dictionary_learning import ActivationBuffer, default_corpus, hook, load_model
-from dictionary_learning.evaluation import loss_recovered, reconstruction_metrics
+from dictionary_learning.evaluation import patched_losses, reconstruction_metrics
 from dictionary_learning.models import d_model
 from dictionary_learning.tracing import read_hook_points, token_mask, tokenize
 from dictionary_learning.trainers import TopKTrainer
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     def measure(dictionary) -> dict:
         totals = {}
         for start in range(0, len(held_out), 16):
-            result = loss_recovered(held_out[start:start + 16], model, dictionary, (point,),
+            result = patched_losses(held_out[start:start + 16], model, dictionary, (point,),
                                     ctx_len=args.ctx_len, patch_mask_fn=first_token_kept)
             for key in ("ce_clean", "ce_patched", "kl_patched"):
                 totals[key] = totals.get(key, 0.0) + result[key] * result["tokens"]

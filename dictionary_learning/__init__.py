@@ -19,7 +19,7 @@ from .dictionary import (
                          JumpReluAutoEncoder,
                          MatryoshkaBatchTopKSAE,
 )
-from .evaluation import evaluate, loss_recovered
+from .evaluation import evaluate, loss_recovered, patched_losses
 from .models import HookPoint, get_adapter, hook, load_model
 from .trainers import (
                          BatchTopKTrainer,
@@ -68,6 +68,7 @@ __all__ = [
     "load_model",
     "local_texts",
     "loss_recovered",
+    "patched_losses",
     "pull_from_hub",
     "push_to_hub",
     "save_dictionary",

@@ -1,5 +1,6 @@
-"""`loss_recovered`: the model's CE clean, with a hook point's value replaced by the dictionary's
-reconstruction and with it ablated, through patched runs (`tracing.run`).
+"""`patched_losses`: the model's CE clean, with a hook point's value replaced by the dictionary's
+reconstruction and with it ablated, through patched runs (`tracing.run`); `loss_recovered` is
+upstream's form of it.
 
 It runs three traces on the same tokens: clean; with the hook point's value replaced by the
 dictionary's reconstruction (a transcoder replaces the output side, computed from the input side);
@@ -99,79 +100,54 @@ def _runs(model: Any, encoding: dict[str, torch.Tensor], dictionary: Dictionary,
                 model_args=tracer_args).logits for mode in runs]
 
 
-@torch.no_grad()
-def loss_recovered(
-    text: Any,
-    model: Any,
-    submodule: Any,
-    dictionary: Any = None,
-    max_len: int | None = None,
-    normalize_batch: bool = False,
-    io: str = "out",
-    tracer_args: Mapping[str, Any] = TRACER_ARGS,
-    *,
-    hooks: tuple[HookPoint, ...] | None = None,
-    ctx_len: int | None = None,
-    patch_mask_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
-    mean_ablation: bool = False,
-    progress: bool = True,
-) -> Any:
-    """CE of the model clean, with a hook point's value replaced by the dictionary's reconstruction,
-    and with it zeroed. Two call forms, told apart by the fourth argument:
-
-    - upstream's `loss_recovered(text, model, submodule, dictionary, max_len=None,
-      normalize_batch=False, io="out", tracer_args=...)` returns the tuple `(loss_original,
-      loss_reconstructed, loss_zero)` of scalar tensors. submodule: an nnsight Envoy, torch module,
-      dotted path or HookPoint; io: "out", "in" (the input is replaced / zeroed) or "in_and_out" /
-      "in_to_out" (a transcoder: output replaced by dictionary(input), or zeroed).
-    - this toolkit's `loss_recovered(texts, model, dictionary, hooks, ctx_len=128,
-      patch_mask_fn=None)` (hooks: a HookPoint tuple, `(point,)` for SAEs,
-      `(input_side, output_side)` for transcoders; also as `hooks=`) returns a dict: ce_clean,
-      ce_patched, ce_zero, frac_recovered, kl_patched (KL(clean || patched)), kl_zero and tokens
-      (the (context, target) pairs scored); with `mean_ablation=True` also ce_mean, kl_mean and
-      frac_recovered_mean, from a fourth run with the hook point's value replaced by its mean over
-      the batch's patched positions.
-
-    text: texts (tokenized left padded, truncated to max_len / ctx_len) or token ids `[batch, seq]`.
-    normalize_batch: the dictionary sees its input scaled to mean norm sqrt(activation_dim), and its
-    output is scaled back. patch_mask_fn(encoding) -> [batch, seq] bool picks the positions to patch
-    (default: real tokens).
-    tracer_args: keywords for the model's forward (upstream's default: no cache, no attention
-    weights).
-    progress: a bar over the runs on stderr when they take more than a few seconds (progress.DELAY).
-    """
-    hook_tuple = isinstance(dictionary, (tuple, list)) and bool(dictionary) and all(
-        isinstance(h, HookPoint) for h in dictionary)
-    toolkit_form = hooks is not None or isinstance(dictionary, HookPoint) or hook_tuple
-    if toolkit_form:
-        hooks = (hooks if hooks is not None else dictionary)
-        hooks, dictionary = ((hooks,) if isinstance(hooks, HookPoint) else tuple(hooks)), submodule
-        if not hooks or not all(isinstance(h, HookPoint) for h in hooks):
-            raise TypeError("hooks must be a tuple of HookPoints, e.g. (point,) or (input_side, "
-                            "output_side)")
-        length = ctx_len or max_len or 128
-    else:
-        if dictionary is None:
-            raise TypeError("loss_recovered(text, model, submodule, dictionary, ...) needs a "
-                            "dictionary")
-        hooks, length = hook_points_for(model, submodule, io), ctx_len or max_len
+def _losses(model: Any, text: Any, length: int | None, dictionary: Any,
+            hooks: tuple[HookPoint, ...], patch_mask_fn: Callable | None, normalize_batch: bool,
+            tracer_args: Mapping[str, Any], modes: tuple[str, ...], progress: bool
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(CE per run, logits per run, the attention mask, the mask of scored pairs) of `modes`."""
     if not 1 <= len(hooks) <= 2:
         raise ValueError("expected one hook point, or an (input_side, output_side) pair, got "
                          f"{len(hooks)}")
     encoding = encode_inputs(model, text, length)
     patch_mask = patch_mask_fn(encoding) if patch_mask_fn else encoding["attention_mask"].bool()
-    modes = (("clean", "patch", "zero", "mean") if toolkit_form and mean_ablation
-             else ("clean", "patch", "zero"))
     logits = _runs(model, encoding, dictionary, hooks, patch_mask, normalize_batch,
                    dict(tracer_args or {}), modes, progress)
-    ids, attention = (encoding["input_ids"].to(logits[0].device),
-                      encoding["attention_mask"].to(logits[0].device))
+    ids = encoding["input_ids"].to(logits[0].device)
+    attention = encoding["attention_mask"].to(logits[0].device)
     losses = []
     for run_logits in logits:
         ce, mask = masked_cross_entropy(run_logits, ids, attention)
         losses.append(ce[mask].mean())
-    if not toolkit_form:
-        return tuple(losses)
+    return losses, logits, attention, mask
+
+
+@torch.no_grad()
+def patched_losses(texts: Any, model: Any, dictionary: Any, hooks: Any, ctx_len: int = 128, *,
+                   patch_mask_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+                   mean_ablation: bool = False, normalize_batch: bool = False,
+                   tracer_args: Mapping[str, Any] = TRACER_ARGS, progress: bool = True
+                   ) -> dict[str, float]:
+    """The model's CE and KL with the dictionary's reconstruction patched in at `hooks` (a HookPoint
+    tuple: `(point,)` for SAEs, `(input_side, output_side)` for transcoders), against the clean and
+    the zero-ablated runs: a dict of ce_clean, ce_patched, ce_zero, frac_recovered, kl_patched
+    (KL(clean || patched)), kl_zero and tokens (the (context, target) pairs scored); with
+    `mean_ablation=True` also ce_mean, kl_mean and frac_recovered_mean, from a fourth run with the
+    hook point's value replaced by its mean over the batch's patched positions.
+
+    texts: texts (tokenized left padded, truncated to ctx_len) or token ids `[batch, seq]`.
+    patch_mask_fn(encoding) -> [batch, seq] bool picks the positions to patch (default: real
+    tokens). normalize_batch: the dictionary sees its input scaled to mean norm
+    sqrt(activation_dim), and its output is scaled back. tracer_args: keywords for the model's
+    forward. progress: a bar over the runs when they take more than a few seconds.
+    """
+    hooks = (hooks,) if isinstance(hooks, HookPoint) else tuple(hooks)
+    if not hooks or not all(isinstance(h, HookPoint) for h in hooks):
+        raise TypeError("hooks must be a tuple of HookPoints, e.g. (point,) or (input_side, "
+                        "output_side)")
+    modes = ("clean", "patch", "zero", "mean") if mean_ablation else ("clean", "patch", "zero")
+    losses, logits, attention, mask = _losses(model, texts, ctx_len, dictionary, hooks,
+                                              patch_mask_fn, normalize_batch, tracer_args, modes,
+                                              progress)
     names = ("clean", "patched", "zero", "mean")[:len(modes)]
     results = {f"ce_{name}": loss.item() for name, loss in zip(names, losses)}
     results["tokens"] = int(mask.sum())  # the (context, target) pairs scored
@@ -184,3 +160,25 @@ def loss_recovered(
                 f"frac_recovered{suffix} (against {baseline} ablation)")
     return results
 
+
+@torch.no_grad()
+def loss_recovered(text: Any, model: Any, submodule: Any, dictionary: Any,
+                   max_len: int | None = None, normalize_batch: bool = False, io: str = "out",
+                   tracer_args: Mapping[str, Any] = TRACER_ARGS
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Upstream's `loss_recovered`: `(loss_original, loss_reconstructed, loss_zero)`, the model's CE
+    (scalar tensors) clean, with `submodule`'s value replaced by the dictionary's reconstruction,
+    and with it zeroed. submodule: an nnsight Envoy, torch module, dotted path or HookPoint; io:
+    "out", "in" (the input is replaced / zeroed) or "in_and_out" / "in_to_out" (a transcoder: the
+    output replaced by dictionary(input), or zeroed). text: texts (tokenized left padded, truncated
+    to max_len) or token ids `[batch, seq]`. This toolkit's richer form over hook points is
+    `patched_losses`."""
+    points = dictionary if isinstance(dictionary, (tuple, list)) else (dictionary,)
+    if all(isinstance(point, HookPoint) for point in points):
+        raise TypeError("loss_recovered(text, model, submodule, dictionary, ...) is upstream's "
+                        "form; with hook points use patched_losses(texts, model, dictionary, "
+                        "hooks)")
+    hooks = hook_points_for(model, submodule, io)
+    losses = _losses(model, text, max_len, dictionary, hooks, None, normalize_batch, tracer_args,
+                     ("clean", "patch", "zero"), False)[0]
+    return tuple(losses)

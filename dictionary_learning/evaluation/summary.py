@@ -1,5 +1,5 @@
 """`evaluate`: a dictionary's reconstruction metrics averaged over activation batches and, given a
-buffer over an nnsight model, `loss_recovered` averaged over its texts, under upstream's, this
+buffer over an nnsight model, `patched_losses` averaged over its texts, under upstream's, this
 toolkit's and SAEBench's names."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ..checks import integer
 from ..core_metrics import density_metrics, saebench_names, weight_metrics
 from ..dictionary import Dictionary
 from ..progress import progress_bar
-from .loss import TRACER_ARGS, hook_points_for, loss_recovered
+from .loss import TRACER_ARGS, hook_points_for, patched_losses
 from .metrics import check_finite, reconstruction_metrics, without_variance
 
 
@@ -45,7 +45,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Metrics averaged over `n_batches` activation batches (fewer if `activations` runs out first)
     and, when `activations` is an ActivationBuffer over an nnsight model (`pytorch_buffer`'s has no
-    traces), loss_recovered averaged over `loss_batches` batches of `batch_size` of its texts
+    traces), patched_losses averaged over `loss_batches` batches of `batch_size` of its texts
     (default: one after each activation batch, as upstream; more than n_batches follow the last).
 
     Keys: upstream's l2_loss, l1_loss, l0, frac_variance_explained, cossim, l2_ratio,
@@ -53,11 +53,11 @@ def evaluate(
     loss_original, loss_reconstructed, loss_zero, frac_recovered; this toolkit's mse, fvu, tokens
     and, with a buffer, ce_clean, ce_patched, ce_zero (the same CEs), ce_mean (mean ablation),
     kl_patched, kl_zero, kl_mean, frac_recovered_mean (see `reconstruction_metrics`,
-    `loss_recovered`); and SAEBench's core names (`core_metrics`: kl_div_score, ce_loss_score, each
+    `patched_losses`); and SAEBench's core names (`core_metrics`: kl_div_score, ce_loss_score, each
     also against mean ablation, explained_variance, l2_norm_in, freq_over_1_percent, dead_fraction,
     ...; `core_metrics.core_groups` groups them as SAEBench does). The buffer's own hook points are
     patched (this toolkit's buffer knows what it read; `io` serves buffers that only name a
-    submodule). normalize_batch: upstream's (see `loss_recovered`). device: where the dictionary
+    submodule). normalize_batch: upstream's (see `patched_losses`). device: where the dictionary
     runs (default: where it is).
     progress: a bar over the batches on stderr once they take more than a few seconds
     (`progress.DELAY`), so a sweep's short calls stay quiet.
@@ -85,8 +85,8 @@ def evaluate(
             return
         if hooks is None:
             hooks = hook_points_for(activations.model, activations.submodule, io)
-        losses = loss_recovered(texts, activations.model, dictionary, hooks=tuple(hooks),
-                                ctx_len=max_len,
+        losses = patched_losses(texts, activations.model, dictionary, tuple(hooks),
+                                ctx_len=max_len or 128,
                                 patch_mask_fn=getattr(activations, "token_mask", None),
                                 normalize_batch=normalize_batch, tracer_args=tracer_args,
                                 mean_ablation=True, progress=False)

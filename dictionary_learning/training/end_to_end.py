@@ -5,7 +5,7 @@ the patched CE, optionally mixed with the trainer's own local loss (Braun et al.
 
 Each step takes a batch of texts: one trace of the clean model (no grad) gives its logits and the
 hook point's values; one trace with the dictionary's reconstruction written into the hook point (as
-`evaluation.loss_recovered` patches it) gives the patched logits, differentiable in the dictionary's
+`evaluation.patched_losses` patches it) gives the patched logits, differentiable in the dictionary's
 parameters only (the model's are left out of that pass's graph, and their requires_grad flags
 restored after it). The trainer then makes its usual step on the clean values at the patched
 positions, with the loss

@@ -10,7 +10,7 @@ import torch
 
 from dictionary_learning import ActivationBuffer, hook
 from dictionary_learning.dictionary import AutoEncoderTopK
-from dictionary_learning.evaluation import encode_inputs, evaluate, loss_recovered
+from dictionary_learning.evaluation import encode_inputs, evaluate, loss_recovered, patched_losses
 from dictionary_learning.utils import get_submodule
 
 from ..evaluation.test_evaluation import CTX, make_dictionary, reference_ce
@@ -83,8 +83,8 @@ def test_token_ids_and_call_forms(tiny_llama):
     from_texts = loss_recovered(texts, tiny_llama, "model.layers.1", dictionary)
     torch.testing.assert_close(torch.stack(from_ids), torch.stack(from_texts))
     point = hook(tiny_llama, 1, "resid")
-    toolkit = loss_recovered(texts, tiny_llama, dictionary, (point,))
-    keyword = loss_recovered(texts, tiny_llama, dictionary, hooks=(point,))
+    toolkit = patched_losses(texts, tiny_llama, dictionary, (point,))
+    keyword = patched_losses(texts, tiny_llama, dictionary, hooks=(point,))
     assert toolkit == keyword and toolkit["ce_patched"] == pytest.approx(from_texts[1].item(),
                                                                          abs=1e-6)
     ragged = encode_inputs(tiny_llama, [[5, 6, 7], [8]], None)
@@ -92,6 +92,9 @@ def test_token_ids_and_call_forms(tiny_llama):
             and ragged["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]])
     with pytest.raises(ValueError, match="io must be one of"):
         loss_recovered(texts, tiny_llama, block, dictionary, io="sideways")
+    for points in (point, (point,)):  # hook points where upstream's dictionary goes: a clear error
+        with pytest.raises(TypeError, match="patched_losses"):
+            loss_recovered(texts, tiny_llama, dictionary, points)
 
 
 def upstream_metrics(dictionary, x):

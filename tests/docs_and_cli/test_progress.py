@@ -12,7 +12,7 @@ from dictionary_learning.dashboard import build_dashboard
 from dictionary_learning.evaluation import (
     evaluate,
     feature_density,
-    loss_recovered,
+    patched_losses,
     top_activating_contexts,
 )
 from dictionary_learning.models import d_model, hook
@@ -70,7 +70,7 @@ def test_evaluate_with_loss_batches(tiny_gpt2, sae, no_delay, capsys):
     def run(shown):
         evaluate(sae, buffer(tiny_gpt2, shown), max_len=16, batch_size=4, n_batches=1,
                  loss_batches=2, progress=shown)
-        loss_recovered(TEXTS[:4], tiny_gpt2, sae, hooks=(point,), ctx_len=16, progress=shown)
+        patched_losses(TEXTS[:4], tiny_gpt2, sae, hooks=(point,), ctx_len=16, progress=shown)
         feature_density(sae, [torch.randn(32, d_model(tiny_gpt2))], progress=shown)
 
     # one activation batch and two loss batches: the bar's total, reached

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from dictionary_learning import ActivationBuffer, hook
 from dictionary_learning.core_metrics import CORE_GROUPS, core_groups
 from dictionary_learning.dictionary import AutoEncoder, AutoEncoderTopK
-from dictionary_learning.evaluation import evaluate, loss_recovered
+from dictionary_learning.evaluation import evaluate, patched_losses
 
 from ..helpers import random_texts
 from .test_evaluation import CTX, reference_ce
@@ -24,7 +24,7 @@ def test_mean_ablation_matches_a_forward_hook(tiny_model):
     d = tiny_model._module.config.hidden_size
     torch.manual_seed(0)
     ae = AutoEncoderTopK(d, 4 * d, 8)
-    got = loss_recovered(texts, tiny_model, ae, (point,), ctx_len=CTX, mean_ablation=True)
+    got = patched_losses(texts, tiny_model, ae, (point,), ctx_len=CTX, mean_ablation=True)
     module = tiny_model._module.get_submodule(point.path)
     seen = []
     handle = module.register_forward_hook(lambda m, args, out:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from dictionary_learning import ActivationBuffer, hook
 from dictionary_learning.dictionary import AutoEncoderTopK
-from dictionary_learning.evaluation import evaluate, loss_recovered, reconstruction_metrics
+from dictionary_learning.evaluation import evaluate, patched_losses, reconstruction_metrics
 
 from ..helpers import random_texts
 
@@ -57,7 +57,7 @@ def test_sae_loss_recovered_matches_hook_reference(tiny_model, site):
     point = hook(tiny_model, 1, site)
     d = tiny_model._module.config.hidden_size
     ae = make_dictionary(d)
-    got = loss_recovered(texts, tiny_model, ae, (point,), ctx_len=CTX)
+    got = patched_losses(texts, tiny_model, ae, (point,), ctx_len=CTX)
     flat = lambda v: ae(v.reshape(-1, d)).reshape(v.shape)  # noqa: E731
     clean, clean_logits = reference_ce(tiny_model, texts, point.path)
     patched, patched_logits = reference_ce(tiny_model, texts, point.path, replace=flat)
@@ -76,7 +76,7 @@ def test_transcoder_replaces_mlp_output_from_its_input(tiny_llama):
     texts = random_texts(5, seed=12)
     points = (hook(tiny_llama, 2, "mlp_in"), hook(tiny_llama, 2, "mlp_out"))
     transcoder = make_dictionary(64, 64, seed=1)
-    got = loss_recovered(texts, tiny_llama, transcoder, points, ctx_len=CTX)
+    got = patched_losses(texts, tiny_llama, transcoder, points, ctx_len=CTX)
     mlp = tiny_llama._module.model.layers[2].mlp
     handle = mlp.register_forward_hook(lambda m, args, out:
                                        transcoder(args[0].reshape(-1, 64)).reshape(out.shape))
@@ -94,7 +94,7 @@ def test_perfect_dictionary_recovers_everything(tiny_gpt2):
             return (x, x) if output_features else x
 
     texts = random_texts(4, seed=13)
-    got = loss_recovered(texts, tiny_gpt2, Identity(48, 96, 4), (hook(tiny_gpt2, 1, "resid"),),
+    got = patched_losses(texts, tiny_gpt2, Identity(48, 96, 4), (hook(tiny_gpt2, 1, "resid"),),
                          ctx_len=CTX)
     assert got["ce_patched"] == pytest.approx(got["ce_clean"], abs=1e-5)
     assert got["frac_recovered"] == pytest.approx(1.0, abs=1e-4) and abs(got["kl_patched"]) < 1e-5

@@ -138,7 +138,7 @@ def test_exact_reconstruction_recovers_all_loss(name):
     dictionary = IdentityDict(torch_model(model).config.hidden_size)  # an exact reconstruction
     x = torch.randn(7, dictionary.activation_dim)
     assert torch.equal(dictionary(x), x)
-    result = evaluation.loss_recovered(texts, model, dictionary, (point,), ctx_len=CTX)
+    result = evaluation.patched_losses(texts, model, dictionary, (point,), ctx_len=CTX)
     # zeroing the site must matter for the ratio
     assert abs(result["ce_zero"] - result["ce_clean"]) > 1e-3, result
     assert abs(result["frac_recovered"] - 1) < 1e-4, result

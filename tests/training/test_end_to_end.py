@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dictionary_learning import ActivationBuffer, hook
-from dictionary_learning.evaluation import loss_recovered
+from dictionary_learning.evaluation import patched_losses
 from dictionary_learning.models import torch_model
 from dictionary_learning.tracing import model_inputs, tokenize
 from dictionary_learning.trainers import TopKTrainer
@@ -104,7 +104,7 @@ def test_end_to_end_lowers_kl_against_its_local_start(tmp_path, tiny_llama):
     trainSAE(buffer, [topk_config(30)], 30, save_dir=tmp_path / "local", progress=False)
     held_out = random_texts(24, seed=33)
     local, _ = load_dictionary(tmp_path / "local" / "trainer_0")
-    before = loss_recovered(held_out, tiny_llama, local, (point,), ctx_len=CTX)
+    before = patched_losses(held_out, tiny_llama, local, (point,), ctx_len=CTX)
     texts = random_texts(240, seed=34)
     trainers = trainSAE(text_batches(texts, 8),
                         [topk_config(30, initial_weights=str(tmp_path / "local" / "trainer_0"))],
@@ -112,7 +112,7 @@ def test_end_to_end_lowers_kl_against_its_local_start(tmp_path, tiny_llama):
                         end_to_end={"model": tiny_llama, "hooks": (point,), "kl_weight": 1.0,
                                     "ctx_len": CTX})
     tuned, config = load_dictionary(tmp_path / "e2e" / "trainer_0")
-    after = loss_recovered(held_out, tiny_llama, tuned, (point,), ctx_len=CTX)
+    after = patched_losses(held_out, tiny_llama, tuned, (point,), ctx_len=CTX)
     assert after["kl_patched"] < 0.8 * before["kl_patched"], (before, after)
     assert config["trainer"]["end_to_end"]["kl_weight"] == 1.0
     assert config["trainer"]["initial_weights"].endswith("trainer_0")
