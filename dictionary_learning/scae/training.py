@@ -77,8 +77,8 @@ class SCAETrainer:
     patched into the model in one nnsight trace, backpropagated into the suite), and AuxK on each
     module's dead features. The linearisation (norm scales, attention patterns) is that of the run
     with the dense suite patched in, taken without gradient each step; the virtual weights are
-    recomputed from the current parameters. Configured by an `SCAEConfig` (or its fields as
-    keywords).
+    recomputed from the current parameters. Configured by an `SCAEConfig` (`config=`) or its
+    fields as keywords (`steps` also positionally).
 
     As the reference SCAE fork: Adam with one learning rate per module (`lr=None`: 2e-4 /
     sqrt(dict_size / 2^14)), linear warmup over `warmup_steps` and linear decay to 0 from
@@ -88,7 +88,9 @@ class SCAETrainer:
     the top `k_aux` dead pre-activations, k_aux = d_model / 2 as for TopK SAEs)."""
 
     def __init__(self, suite: SCAESuite, model: Any, connections: Connections,
-                 config: SCAEConfig | None = None, **options: Any):
+                 steps: int | None = None, *, config: SCAEConfig | None = None, **options: Any):
+        if steps is not None:
+            options["steps"] = steps
         cfg = self.cfg = options_of(SCAEConfig, config, options, "SCAETrainer")
         suite.check_model(model)
         # fine-tuning recomputes the weights from the indices

@@ -160,6 +160,17 @@ def test_reference_schedule_lrs_stagger_and_auxk(eager_model):
         SCAETrainer(suite, eager_model, connections, steps=10, mse_weight=0.0, ce_weight=0.0)
     with pytest.raises(ValueError, match="decay_start"):
         SCAETrainer(suite, eager_model, connections, steps=10, decay_start=1.5)
+    # the config three ways: keywords, steps positionally, an SCAEConfig (keywords replace fields)
+    from dictionary_learning.scae.training import SCAEConfig
+
+    by_keywords = SCAETrainer(suite, eager_model, connections, steps=7, lr=1e-3, ctx_len=CTX)
+    positional = SCAETrainer(suite, eager_model, connections, 7, lr=1e-3, ctx_len=CTX)
+    from_config = SCAETrainer(suite, eager_model, connections,
+                              config=SCAEConfig(steps=7, lr=1e-2, ctx_len=CTX), lr=1e-3)
+    assert by_keywords.config == positional.config == from_config.config
+    assert by_keywords.config["steps"] == 7 and by_keywords.config["lr"] == 1e-3
+    with pytest.raises(TypeError, match="unexpected keyword.*'stepz'"):
+        SCAETrainer(suite, eager_model, connections, stepz=7)
 
 
 def test_random_connections_are_valid_distinct_and_not_the_selected_ones(eager_model):
