@@ -26,9 +26,8 @@ The transcoder folder (circuit-tracer's `model_kind: transcoder_set` layout):
                              optional activation: relu | jumprelu | topk,
                              k: <int> (topk only), optional model_name, scan
     layer_{i}.safetensors    i = 0 .. n_layers-1, exactly these keys (the loader is a strict
-                             load_state_dict):
-                             W_enc [d_tc, d_model], b_enc [d_tc], W_dec [d_tc, d_model],
-                             b_dec [d_model],
+                             load_state_dict): W_enc [d_tc, d_model], b_enc [d_tc],
+                             W_dec [d_tc, d_model], b_dec [d_model],
                              optional W_skip [d_model, d_model] (applied as x @ W_skip.T),
                              optional activation_function.threshold [d_tc] (JumpReLU: x * (x >
                              threshold))

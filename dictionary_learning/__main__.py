@@ -1,16 +1,16 @@
 """Command line: `python -m dictionary_learning <command> --help`.
 
-train    the quickstart: a TopK SAE on SmolLM2's middle layer on the offline corpus,
-         then a report folder
-         with a feature dashboard
-collect  read activations out of a model at hook points, print their statistics,
-         save them (file or cache)
-scae     evaluate a saved SCAE suite: CE and per-module FVU / L0 against C,
-         and with its own connections
-dashboard  an offline HTML feature dashboard of a saved dictionary, and circuit-tracer feature files
-export   a saved dictionary in SAELens', sparsify's or circuit-tracer's format
-import   a SAELens, sparsify or circuit-tracer folder as this toolkit's ae.pt + config.json
-         folder(s)
+train      the quickstart: a TopK SAE on SmolLM2's middle layer on the offline corpus, then a
+           report folder with a feature dashboard
+collect    read activations out of a model at hook points, print their statistics, save them
+           (file or cache)
+scae       evaluate a saved SCAE suite: CE and per-module FVU / L0 against C, and with its own
+           connections
+dashboard  an offline HTML feature dashboard of a saved dictionary, and circuit-tracer feature
+           files
+export     a saved dictionary in SAELens', sparsify's or circuit-tracer's format
+import     a SAELens, sparsify or circuit-tracer folder as this toolkit's ae.pt + config.json
+           folder(s)
 
 Each command parses its arguments and calls one pipeline (in `reports`, `dashboard` or `formats`),
 whose options dataclass (`reports.QuickstartConfig`, `reports.CollectConfig`,

@@ -12,8 +12,7 @@ reads them unchanged.
     misc                           freq_over_1_percent, freq_over_10_percent,
                                    normalized_freq_over_{1,10}_percent,
                                    average_max_encoder_cosine_sim, average_max_decoder_cosine_sim,
-                                   frac_alive,
-                                   dead_fraction, dense_fraction
+                                   frac_alive, dead_fraction, dense_fraction
     token_stats                    total_tokens_eval_reconstruction,
                                    total_tokens_eval_sparsity_variance
 

@@ -6,11 +6,9 @@ imports only the peer.
 JOBS.json lists jobs `{"action", "peer", "folder", "io", "kind"}`, all run in this one process (the
 peers take seconds to import):
     load   the peer's own loader reads `folder`; its features and outputs on the io file's "x" are
-           written to
-           `io` with .out.safetensors in place of .safetensors
-    write  the peer builds a random dictionary of `kind`, saves it at `folder` with its own writer,
-           and writes its
-           outputs likewise
+           written to `io` with .out.safetensors in place of .safetensors
+    write  the peer builds a random dictionary of `kind`, saves it at `folder` with its own
+           writer, and writes its outputs likewise
 
 Peers: saelens, sparsify, circuit-tracer (whose folder is a transcoder set, and whose io file holds
 "x_{layer}").

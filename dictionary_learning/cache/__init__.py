@@ -4,12 +4,11 @@ many epochs and runs as wanted.
 
 Layout of a cache folder: `shard_00000.safetensors`, `shard_00001.safetensors`, ... (each holds one
 `[tokens, width]` tensor per hook point, named `hook_{i}`, rows aligned across hook points and
-written unshuffled, in text order) and
-`manifest.json`: the settings (model, text source, hook points, entries, widths, dtype, ctx_len,
-...), the shard list with token counts, and where the text source stands. Every file is written
-atomically and the manifest is rewritten after each shard, so an interrupted `write_cache` called
-again with the same arguments continues where the last written shard ended, and the result equals an
-uninterrupted run's, shard for shard.
+written unshuffled, in text order) and `manifest.json`: the settings (model, text source, hook
+points, entries, widths, dtype, ctx_len, ...), the shard list with token counts, and where the text
+source stands. Every file is written atomically and the manifest is rewritten after each shard, so
+an interrupted `write_cache` called again with the same arguments continues where the last written
+shard ended, and the result equals an uninterrupted run's, shard for shard.
 
 Shuffling (ActivationCache): each epoch takes a seeded permutation of the shards and cuts it into
 windows of `window_shards` shards; a window's rows are read (through safetensors' memory map, each

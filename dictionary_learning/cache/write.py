@@ -76,16 +76,15 @@ class CacheConfig:
 def write_cache(model: Any, data: Iterable[str], submodule: Any, out: str | Path, n_tokens: int,
                 config: CacheConfig | None = None, **options: Any) -> Path:
     """Read up to `n_tokens` activation vectors (in total, over all calls) at `submodule` (any form
-    ActivationBuffer
-    takes: a hook point, an (input, output) pair with io="in_to_out", or a dict of them by name) and
-    append them to the cache folder `out` in shards of `shard_tokens` rows (the last may be
-    partial). Stops at n_tokens or when `data` runs out. Called again on an existing cache with the
-    same settings (and the same `data` from its start) it skips the texts already read and
-    continues; different settings are refused. `model_name` and `source` (a description of the
-    texts, e.g. a dataset id) are recorded and checked on resume (model_name defaults to the model
-    config's name). Returns the folder. `options`: the fields of `CacheConfig` (or pass one as
-    `config`; options given as well replace its fields).
-    progress: a bar on stderr over the tokens once writing takes some seconds (`progress.DELAY`)."""
+    ActivationBuffer takes: a hook point, an (input, output) pair with io="in_to_out", or a dict of
+    them by name) and append them to the cache folder `out` in shards of `shard_tokens` rows (the
+    last may be partial). Stops at n_tokens or when `data` runs out. Called again on an existing
+    cache with the same settings (and the same `data` from its start) it skips the texts already
+    read and continues; different settings are refused. `model_name` and `source` (a description of
+    the texts, e.g. a dataset id) are recorded and checked on resume (model_name defaults to the
+    model config's name). Returns the folder. `options`: the fields of `CacheConfig` (or pass one as
+    `config`; options given as well replace its fields). progress: a bar on stderr over the tokens
+    once writing takes some seconds (`progress.DELAY`)."""
     config = check_options(CacheConfig, config, options, "write_cache")
     n_tokens = integer("n_tokens", n_tokens)
     out = Path(out)

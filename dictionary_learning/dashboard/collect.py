@@ -33,10 +33,9 @@ class FeatureStatistics:
     tokens.
 
     `fired`, `max_value`: `[n]` exact over all tokens. `top` and `sample`: example tables (dicts of
-    tensors, one row per
-    example: feature (position in `features`), key, value, text, position, ids `[W]`, acts `[W]`;
-    ids are -1 outside the text). `values`: the reservoir (feature, key, value) of at most
-    `reservoir` activations per feature."""
+    tensors, one row per example: feature (position in `features`), key, value, text, position, ids
+    `[W]`, acts `[W]`; ids are -1 outside the text). `values`: the reservoir (feature, key, value)
+    of at most `reservoir` activations per feature."""
 
     features: list[int]
     tokens: int

@@ -6,15 +6,14 @@ that holds both:
 
     index.html                 the dashboard: open it from disk
     features/{index}.json      one feature file each, the "simple" form circuit-tracer's viewer
-                               fetches as
-                               `{scan}/{featureIndex}.json` for a scan starting with "./"
-    features/index.json.gz     the binary form its local server reads with `--features_dir` (newer
-                               circuit-tracer):
-    features/layer_{L}.bin     per layer a file of records (4-byte little-endian length,
-                               then the zlib-compressed
-                               JSON) at offsets[feature] .. offsets[feature + 1],
-                               graph features named by the Cantor
-                               pairing of (layer, feature)
+                               fetches as `{scan}/{featureIndex}.json` for a scan starting
+                               with "./"
+    features/index.json.gz     the binary form its local server reads with `--features_dir`
+                               (newer circuit-tracer):
+    features/layer_{L}.bin     per layer a file of records (4-byte little-endian length, then
+                               the zlib-compressed JSON) at offsets[feature] ..
+                               offsets[feature + 1], graph features named by the Cantor pairing
+                               of (layer, feature)
     dashboard.json             what was read and how (model, hook point, tokens, texts, features)
 """
 

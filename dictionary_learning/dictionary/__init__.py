@@ -44,9 +44,8 @@ def dictionary_class(name: Any, source: str = "") -> type[Dictionary]:
 def dictionary_from_config(config: dict[str, Any]) -> Dictionary:
     """Build an (untrained) dictionary from `dictionary_config()` output or an upstream trainer
     config: every key the class's constructor takes is passed on (activation_dim, dict_size, k,
-    output_dim, transcoder, ...), except
-    `device` / `dtype`: the dictionary is built on the CPU in float32 (upstream configs carry e.g.
-    "cuda")."""
+    output_dim, transcoder, ...), except `device` / `dtype`: the dictionary is built on the CPU in
+    float32 (upstream configs carry e.g. "cuda")."""
     cls = dictionary_class(config.get("dict_class"))
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs",
                                                                   "device", "dtype"}

@@ -1,6 +1,5 @@
-"""circuit-tracer's per-layer transcoder set: `config.yaml`
-(`model_kind: transcoder_set`, `model_name`,
-`feature_input_hook: mlp.hook_in`, `feature_output_hook: mlp.hook_out`) and one
+"""circuit-tracer's per-layer transcoder set: `config.yaml` (`model_kind: transcoder_set`,
+`model_name`, `feature_input_hook: mlp.hook_in`, `feature_output_hook: mlp.hook_out`) and one
 `layer_{i}.safetensors` per layer 0..n-1 with W_enc [d_tc, d_model], b_enc, W_dec [d_tc, d_model],
 b_dec [d_model], optional W_skip [d_model, d_model] (out = ... + x @ W_skip.T) and
 `activation_function.threshold` [d_tc] (JumpReLU; ReLU without it).

@@ -1,13 +1,12 @@
 """The pipelines behind the command line, as functions a notebook can call too; each returns what it
 measured.
 
-quickstart   (here) a TopK SAE on a model's middle layer, evaluated on held-out text,
-             with a report folder and a
-             feature dashboard
-collect      (`collection.py`) activations at hook points: statistics,
-             optionally saved as safetensors or a disk cache
-scae_report  (`suite.py`) a saved SCAE suite: CE and per-module FVU / L0 against C,
-             and with its own connections
+quickstart   (here) a TopK SAE on a model's middle layer, evaluated on held-out text, with a
+             report folder and a feature dashboard
+collect      (`collection.py`) activations at hook points: statistics, optionally saved as
+             safetensors or a disk cache
+scae_report  (`suite.py`) a saved SCAE suite: CE and per-module FVU / L0 against C, and with its
+             own connections
 
 Their options are dataclasses (`configs.py`: `QuickstartConfig`, `CollectConfig`), whose fields the
 functions also take as keywords and the command line as flags.

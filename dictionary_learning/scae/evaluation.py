@@ -207,8 +207,7 @@ def plot_ce_versus_c(curves: dict[str, list[dict[str, float]]], path: str | Path
 @torch.no_grad()
 def plot_connection_statistics(connections: Connections, path: str | Path) -> dict[str, float]:
     """Two histograms as a PNG: |mean contribution| of kept connections, and the share of each
-    feature's total
-    |mean contribution| its C connections capture. Returns the median share."""
+    feature's total |mean contribution| its C connections capture. Returns the median share."""
     plt = pyplot()
 
     if connections.scores is None or connections.totals is None:

@@ -74,9 +74,8 @@ def pair_contributions(suite: SCAESuite, model: Any, statistics: ContributionSta
                        up: str
                        ) -> torch.Tensor:
     """Mean contribution of each feature of `up` to each feature of `name`'s pre-activation, over
-    the tokens of
-    `statistics`: `[dict_size, up's dict_size]`. One module pair at a time, so selection never holds
-    more."""
+    the tokens of `statistics`: `[dict_size, up's dict_size]`. One module pair at a time, so
+    selection never holds more."""
     kind, layer = parse_module_name(name)
     if up not in upstream_of(name, model):
         raise ValueError(f"{up} is not upstream of {name}; upstream modules are "

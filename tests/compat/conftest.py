@@ -1,7 +1,6 @@
 """Every test in this folder checks upstream dictionary_learning's names, call forms, configs or
-files against this
-package: each is marked `compat` (`python -m pytest -m compat` runs them alone). Those that also run
-upstream itself in its venv carry `peers` as well."""
+files against this package: each is marked `compat` (`python -m pytest -m compat` runs them alone).
+Those that also run upstream itself in its venv carry `peers` as well."""
 
 from pathlib import Path
 

@@ -1,7 +1,7 @@
 """Upstream's `loss_recovered(text, model, submodule, dictionary, ...)` and `evaluate` keys, against
-plain-PyTorch
-references: forward hooks that replace a module's output (or input) on each text run alone, CE
-computed here, and the reconstruction metrics written out from their definitions in float64."""
+plain-PyTorch references: forward hooks that replace a module's output (or input) on each text run
+alone, CE computed here, and the reconstruction metrics written out from their definitions in
+float64."""
 
 import math
 

@@ -1,8 +1,8 @@
 """Exports load in the peers' own packages with identical outputs, and the peers' own saves load
-here with identical
-outputs: SAELens, sparsify and circuit-tracer, each in the venv `bash bench/setup_peers.sh sae-lens
-eai-sparsify circuit-tracer` builds (a test skips when its venv is absent). Inputs and outputs cross
-between the venvs as safetensors files; tests/peer_formats.py is the peer side."""
+here with identical outputs: SAELens, sparsify and circuit-tracer, each in the venv `bash
+bench/setup_peers.sh sae-lens eai-sparsify circuit-tracer` builds (a test skips when its venv is
+absent). Inputs and outputs cross between the venvs as safetensors files; tests/peer_formats.py is
+the peer side."""
 
 from __future__ import annotations
 
