@@ -6,7 +6,8 @@ Upstream's buffers (ActivationBuffer, NNsightActivationBuffer, HeadActivationBuf
 pytorch_buffer's) each take these settings as separate arguments, positionally in upstream's order
 or by keyword. `takes_settings` builds that signature from the dataclass (names, defaults,
 annotations), so `inspect.signature` shows upstream's parameters, and turns a call into one
-`BufferSettings` for the constructor's body, as `trainers/upstream_api.py` does for trainers.
+`BufferSettings` for the constructor's body, as `compat/trainer_api.py` does for trainers
+(both through `compat.signatures.flat_signature`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from ..checks import floating_dtype, integer
+from ..compat.signatures import flat_signature
 
 # upstream's positional order after (data, model, submodule, d_submodule, io): 0.1.0's, then GitHub
 # HEAD's filters
@@ -89,17 +91,9 @@ def takes_settings(positional: Sequence[str],
         names = list(own)
         leading = [own.pop(name) for name in names[:names.index("settings")]]
         del own["settings"]
-
-        def parameter(name: str, kind: inspect._ParameterKind) -> inspect.Parameter:
-            if name in SETTINGS:
-                return inspect.Parameter(name, kind, default=SETTINGS[name].default,
-                                         annotation=SETTINGS[name].type)
-            return own.pop(name).replace(kind=kind)
-
-        flat = [*leading,
-                *(parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in positional),
-                *(parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in keyword)]
-        signature = inspect.Signature([*flat, *own.values()])
+        named = {name: own.pop(name) for name in [*positional, *keyword] if name in own}
+        signature = flat_signature(SETTINGS, positional, keyword, leading=leading, own=named,
+                                   trailing=list(own.values()))
         options = next((p.name for p in own.values() if p.kind is inspect.Parameter.VAR_KEYWORD),
                        None)
 

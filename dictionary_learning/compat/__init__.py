@@ -4,6 +4,8 @@ API.
 - `trainer_api.py`: upstream's trainer API on every `trainers.base.Trainer` (a mixin): the flat
   constructor in upstream's positional order built from the method's config dataclass,
   `loss(x, step, logging) -> LossLog`, hyperparameters as attributes, `num_tokens_since_fired`
+- `signatures.py`: `flat_signature`, upstream's flat constructor signature built from a config
+  dataclass (the trainers' and, through `buffer/settings.py`, the buffers')
 - `generators.py`: upstream's text generators (re-exported by `utils.py`)
 
 The facades at upstream's own import paths use these or are thin adapters themselves:

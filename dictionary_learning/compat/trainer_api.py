@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from .signatures import KEYWORD, POSITIONAL, flat_signature
+
 # what upstream's `trainer.loss(x, step=..., logging=True)` returns
 LossLog = namedtuple("LossLog", ["x", "x_hat", "f", "losses"])
 
@@ -55,16 +57,11 @@ class UpstreamTrainerAPI:
             return (inspect.Parameter.empty if field.default is dataclasses.MISSING
                     else field.default)
 
-        parameter = inspect.Parameter
-        parameters = [parameter("self", parameter.POSITIONAL_OR_KEYWORD)]
-        parameters += [parameter(name, parameter.POSITIONAL_OR_KEYWORD, default=default(name))
-                       for name in cls.positions]
         rest = sorted((name for name in fields if name not in cls.positions),
-                      key=lambda name: default(name) is not parameter.empty)
-        parameters += [parameter(name, parameter.KEYWORD_ONLY, default=default(name))
-                       for name in rest]
-        parameters.append(parameter("config", parameter.KEYWORD_ONLY, default=None))
-        return inspect.Signature(parameters)
+                      key=lambda name: default(name) is not inspect.Parameter.empty)
+        return flat_signature(fields, cls.positions, rest, default=default,
+                              leading=[inspect.Parameter("self", POSITIONAL)],
+                              trailing=[inspect.Parameter("config", KEYWORD, default=None)])
 
     # only for names the trainer itself lacks: its config's values
     def __getattr__(self, name: str) -> Any:
