@@ -27,9 +27,9 @@ class Dictionary(ABC, nn.Module):
     dict_size: int
     output_dim: int
     transcoder: bool
-    # whether an SAE of this class refuses different input and output scales in `fold_scale` (its
-    # encoder reads x - b_dec, and b_dec cannot move with both scales)
-    one_scale_sae = False
+    # whether an SAE of this class refuses different input and output scales in `fold_scale`: its
+    # encoder reads x - b_dec (`_encoder_input`), and one b_dec cannot move with both scales
+    one_scale_sae = True
 
     @abstractmethod
     # [batch, activation_dim] -> [batch, dict_size]

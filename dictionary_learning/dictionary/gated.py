@@ -27,8 +27,6 @@ from .base import Dictionary
 class GatedAutoEncoder(Dictionary):
     """Gated SAE: separate gate and magnitude paths over one shared encoder projection."""
 
-    one_scale_sae = True
-
     def __init__(self, activation_dim: int, dict_size: int,
                  initialization: str | Callable[[GatedAutoEncoder], None] = "default",
                  device: str | torch.device | None = None, output_dim: int | None = None,

@@ -37,6 +37,8 @@ class JumpReluAutoEncoder(Dictionary):
     """JumpReLU SAE: latents pass their pre-activation where it exceeds a learned per-latent
     threshold."""
 
+    one_scale_sae = False  # fold_scale moves b_enc with the centring (below)
+
     def __init__(self, activation_dim: int, dict_size: int,
                  device: str | torch.device | None = "cpu", output_dim: int | None = None,
                  transcoder: bool = False, skip: bool = False):

@@ -73,8 +73,6 @@ class MatryoshkaBatchTopKSAE(Dictionary):
     (default: all) limits the codes to the first groups.
     """
 
-    one_scale_sae = True
-
     def __init__(self, activation_dim: int, dict_size: int, k: int, group_sizes: list[int],
                  output_dim: int | None = None, transcoder: bool = False, skip: bool = False, *,
                  batch_topk_fallback: bool = False):

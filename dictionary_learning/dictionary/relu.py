@@ -120,6 +120,8 @@ class AutoEncoderNew(Dictionary):
     decoder.{weight,bias}. With output_features, `forward` returns the features times their decoder
     column norms (as upstream)."""
 
+    one_scale_sae = False  # no input centring: any pair of scales folds exactly
+
     def __init__(self, activation_dim: int, dict_size: int, output_dim: int | None = None,
                  transcoder: bool = False, skip: bool = False):
         super().__init__()

@@ -146,3 +146,40 @@ def test_topk_trainer_loss_with_auxk_matches_dense_autograd():
     by_name = dict(zip([name for name, _ in ae.named_parameters()], grads))
     # AuxK's gradient reaches the dead latents' encoder
     assert by_name["encoder.bias"][dead].abs().sum() > 0
+
+
+def _every_sae():
+    from dictionary_learning.dictionary import (
+        AutoEncoderNew,
+        GatedAutoEncoder,
+        JumpReluAutoEncoder,
+        MatryoshkaBatchTopKSAE,
+    )
+
+    return {"AutoEncoder": AutoEncoder(12, 40), "AutoEncoderNew": AutoEncoderNew(12, 40),
+            "AutoEncoderTopK": AutoEncoderTopK(12, 40, 5), "BatchTopKSAE": BatchTopKSAE(12, 40, 5),
+            "GatedAutoEncoder": GatedAutoEncoder(12, 40),
+            "JumpReluAutoEncoder": JumpReluAutoEncoder(12, 40),
+            "MatryoshkaBatchTopKSAE": MatryoshkaBatchTopKSAE(12, 40, 5, [20, 20])}
+
+
+@pytest.mark.parametrize("name", sorted(_every_sae()))
+def test_fold_scale_with_two_scales_is_exact_or_refused(name):
+    """Trained on (2 x, 3 x), folded: new(x) must equal old(2 x) / 3 in float64, or, for SAEs whose
+    encoder reads x - b_dec (one b_dec cannot carry both scales), fold_scale refuses."""
+    import copy
+
+    old = _randomise(_every_sae()[name].double(), seed=3)
+    if hasattr(old, "threshold"):  # a learned (inference) threshold below most codes
+        with torch.no_grad():
+            old.threshold.fill_(0.01)
+    new = copy.deepcopy(old)
+    x = torch.randn(6, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    if name in ("AutoEncoderNew", "JumpReluAutoEncoder"):
+        new.fold_scale(2.0, 3.0)
+        torch.testing.assert_close(new(x), old(2.0 * x) / 3.0)
+    else:
+        with pytest.raises(ValueError, match="scale_in must equal scale_out"):
+            new.fold_scale(2.0, 3.0)
+        new.fold_scale(2.0, 2.0)  # one scale folds exactly
+        torch.testing.assert_close(new(x), old(2.0 * x) / 2.0)
