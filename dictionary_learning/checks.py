@@ -136,11 +136,7 @@ def options(config_class: type, config: Any, given: dict[str, Any], owner: str) 
     import dataclasses
 
     fields = dataclasses.fields(config_class)
-    accepted = [field.name for field in fields]
-    unknown = sorted(set(given) - set(accepted))
-    if unknown:
-        raise TypeError(f"{owner} got unexpected keyword argument(s) {unknown}; accepted: "
-                        f"{accepted}")
+    split_options(given, [[field.name for field in fields]], owner)
     if config is None:
         missing = [field.name for field in fields
                    if field.name not in given and field.default is dataclasses.MISSING
@@ -153,3 +149,19 @@ def options(config_class: type, config: Any, given: dict[str, Any], owner: str) 
         raise TypeError(f"{owner}'s config must be a {config_class.__name__}, got "
                         f"{type(config).__name__}")
     return dataclasses.replace(config, **given) if given else config
+
+
+def split_options(given: dict[str, Any], groups: list[list[str]], owner: str
+                  ) -> list[dict[str, Any]]:
+    """The keyword options `given` split among `groups` of accepted names (each name to the first
+    group holding it), for a call whose options belong to several configs; an unknown name is a
+    TypeError naming `owner` and every accepted name."""
+    accepted = [name for group in groups for name in group]
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        raise TypeError(f"{owner} got unexpected keyword argument(s) {unknown}; accepted: "
+                        f"{accepted}")
+    parts: list[dict[str, Any]] = [{} for _ in groups]
+    for name, value in given.items():
+        parts[next(i for i, group in enumerate(groups) if name in group)][name] = value
+    return parts

@@ -94,6 +94,18 @@ def assert_same_rows(actual, expected, atol=1e-4):
     assert distances.min(dim=0).values.max() <= atol * scale, "a reference row is missing"
 
 
+class Crash(Exception):
+    """What `crashing` raises: a run killed part way."""
+
+
+def crashing(stream, after):
+    """`stream`'s items until item `after`, where it raises Crash (an interrupted run)."""
+    for i, batch in enumerate(stream):
+        if i == after:
+            raise Crash
+        yield batch
+
+
 def planted_features(n_features, d, seed):
     """Unit-norm ground-truth feature directions [n_features, d]."""
     features = torch.randn(n_features, d, generator=torch.Generator().manual_seed(seed))

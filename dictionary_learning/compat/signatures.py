@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 POSITIONAL = inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -19,18 +19,18 @@ def flat_signature(fields: Mapping[str, dataclasses.Field], positional: Sequence
                    keyword: Sequence[str] = (), leading: Sequence[inspect.Parameter] = (),
                    trailing: Sequence[inspect.Parameter] = (),
                    own: Mapping[str, inspect.Parameter] | None = None,
-                   default: Callable[[str], Any] | None = None) -> inspect.Signature:
+                   defaults: Mapping[str, Any] | None = None) -> inspect.Signature:
     """`leading`, then `positional` (positional-or-keyword), then `keyword` (keyword-only), then
     `trailing`. A name is one of `own` (its parameter, with the kind changed) or a field of `fields`
-    (its default, or `default(name)` when given, and its annotation)."""
-    own = own or {}
+    (its default, or the one `defaults` gives, and its annotation)."""
+    own, defaults = own or {}, defaults or {}
 
     def parameter(name: str, kind: inspect._ParameterKind) -> inspect.Parameter:
         if name in own:
             return own[name].replace(kind=kind)
         field = fields[name]
-        value = default(name) if default is not None else (
-            inspect.Parameter.empty if field.default is dataclasses.MISSING else field.default)
+        value = defaults.get(name, inspect.Parameter.empty if field.default is dataclasses.MISSING
+                             else field.default)
         return inspect.Parameter(name, kind, default=value, annotation=field.type)
 
     return inspect.Signature([*leading, *(parameter(name, POSITIONAL) for name in positional),

@@ -48,18 +48,12 @@ class UpstreamTrainerAPI:
     @classmethod
     def signature(cls) -> inspect.Signature:
         fields = {field.name: field for field in dataclasses.fields(cls.Config)}
-
-        def default(name: str) -> Any:
-            field = fields[name]
-            if (name == "dict_class" and field.default is None
-                    and cls.default_dict_class is not None):
-                return cls.default_dict_class  # (None in the config means the method's own class)
-            return (inspect.Parameter.empty if field.default is dataclasses.MISSING
-                    else field.default)
-
-        rest = sorted((name for name in fields if name not in cls.positions),
-                      key=lambda name: default(name) is not inspect.Parameter.empty)
-        return flat_signature(fields, cls.positions, rest, default=default,
+        defaults = {}  # (dict_class None in the config means the method's own class)
+        if fields["dict_class"].default is None and cls.default_dict_class is not None:
+            defaults["dict_class"] = cls.default_dict_class
+        rest = sorted((name for name in fields if name not in cls.positions),  # required first
+                      key=lambda name: fields[name].default is not dataclasses.MISSING)
+        return flat_signature(fields, cls.positions, rest, defaults=defaults,
                               leading=[inspect.Parameter("self", POSITIONAL)],
                               trailing=[inspect.Parameter("config", KEYWORD, default=None)])
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..buffer import ActivationBuffer
-from ..checks import integer
+from ..checks import integer, split_options
 from ..models import d_model, hook, model_fingerprint, n_layers
 from ..trainers import TopKTrainer
 from ..training import RunOptions, train_dictionaries
@@ -66,15 +66,11 @@ def train_suite(model: Any, layers: int | None, dict_size: int, k: int, data: An
     folders (`trainer_{i}`, in module order, and the checkpoint for `resume=True`) and the suite in
     `save_dir/suite`.
     """
-    own = {field.name for field in dataclasses.fields(SuiteTraining)}
-    run_fields = {field.name for field in dataclasses.fields(RunOptions)}
-    unknown = sorted(set(options) - own - run_fields)
-    if unknown:
-        raise TypeError(f"train_suite got unexpected keyword argument(s) {unknown}; accepted: "
-                        f"{sorted(own)} and the training run's {sorted(run_fields)}")
-    cfg = SuiteTraining(**{key: value for key, value in options.items() if key in own})
-    run = RunOptions(**{"normalize_activations": "d_model",
-                        **{key: value for key, value in options.items() if key in run_fields}})
+    own, run_options = split_options(options, [[f.name for f in dataclasses.fields(SuiteTraining)],
+                                               [f.name for f in dataclasses.fields(RunOptions)]],
+                                     "train_suite")
+    cfg = SuiteTraining(**own)
+    run = RunOptions(**{"normalize_activations": "d_model", **run_options})
     layers = n_layers(model) if layers is None else integer("layers", layers, 1, n_layers(model),
                                                             high_name="the model's layers")
     integer("dict_size", dict_size)

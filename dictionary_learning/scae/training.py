@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from ..checks import finite_hyperparameters, integer
+from ..checks import finite_hyperparameters, integer, split_options
 from ..checks import options as options_of
 from ..checks import texts as check_texts
 from ..files import writer_lock
@@ -235,17 +235,13 @@ def train_scae_suite(suite: SCAESuite, model: Any, texts: Any, connections: Conn
     At the end the suite's `connections` hold the tuned connections' virtual weights, and the suite
     (with them) is saved to `save_dir/suite`, and the checkpoint is deleted unless
     `keep_checkpoint`. The scores and totals are those of the selection, before fine-tuning."""
-    trainer_fields = {field.name for field in dataclasses.fields(SCAEConfig)}
-    unknown = sorted(set(options) - trainer_fields - set(RUN_FIELDS))
-    if unknown:
-        raise TypeError(f"train_scae_suite got unexpected keyword argument(s) {unknown}; accepted: "
-                        f"the SCAEConfig fields {sorted(trainer_fields - {'steps'})} and "
-                        f"{list(RUN_FIELDS)}")
-    run = RunOptions(**{key: value for key, value in options.items() if key in RUN_FIELDS})
+    trainer_fields = [f.name for f in dataclasses.fields(SCAEConfig) if f.name != "steps"]
+    trainer_options, run_options = split_options(options, [trainer_fields, list(RUN_FIELDS)],
+                                                 "train_scae_suite")
+    run = RunOptions(**run_options)
     integer("batch_texts", batch_texts)  # 0 would train nothing
     texts = check_texts("texts", texts)
-    trainer = SCAETrainer(suite, model, connections, steps=steps,
-                          **{key: value for key, value in options.items() if key in trainer_fields})
+    trainer = SCAETrainer(suite, model, connections, steps=steps, **trainer_options)
     batches = text_batches(texts, batch_texts)
     save_dir = Path(run.save_dir) if run.save_dir is not None else None
     with writer_lock(save_dir, "training run folder") if save_dir is not None else nullcontext():

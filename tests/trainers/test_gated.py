@@ -12,7 +12,7 @@ from dictionary_learning.trainers import GatedAnnealTrainer, GatedSAETrainer, To
 from dictionary_learning.training import build_trainer, trainSAE
 from dictionary_learning.utils import load_dictionary, save_dictionary
 
-from ..helpers import fraction_recovered, planted_features, planted_stream
+from ..helpers import Crash, crashing, fraction_recovered, planted_features, planted_stream
 
 D, N_TRUE, K = 16, 32, 2
 
@@ -369,17 +369,6 @@ def test_normalised_training_saves_raw_scale_dictionary(tmp_path):
     torch.testing.assert_close(loaded(raw), trainer.ae(raw * scale) / scale, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(loaded.encode(raw), trainer.ae.encode(raw * scale) / scale,
                                atol=1e-4, rtol=1e-4)
-
-
-class Crash(Exception):
-    pass
-
-
-def crashing(stream, after):
-    for i, batch in enumerate(stream):
-        if i == after:
-            raise Crash
-        yield batch
 
 
 def test_resume_with_other_trainers_equals_uninterrupted(tmp_path, monkeypatch):

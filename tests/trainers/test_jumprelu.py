@@ -20,7 +20,7 @@ from dictionary_learning.trainers.jumprelu import (
 from dictionary_learning.training import build_trainer, trainSAE
 from dictionary_learning.utils import load_dictionary, save_dictionary
 
-from ..helpers import fraction_recovered, planted_features, planted_stream
+from ..helpers import Crash, crashing, fraction_recovered, planted_features, planted_stream
 
 D, N_TRUE, K = 32, 128, 3
 BANDWIDTH = 0.5
@@ -374,17 +374,6 @@ def test_sae_lens_folder_loads_and_saves_with_same_outputs(tmp_path):
 
 # --------------------------------------------------------------------------------------------------
 # trainSAE: next to a TopK trainer, saved, interrupted and resumed
-
-
-class Crash(Exception):
-    pass
-
-
-def crashing(stream, after):
-    for i, batch in enumerate(stream):
-        if i == after:
-            raise Crash
-        yield batch
 
 
 @pytest.mark.parametrize("normalize", [False, True])

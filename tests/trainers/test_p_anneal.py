@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from dictionary_learning.trainers import PAnnealTrainer
 from dictionary_learning.training import trainSAE
 
-from ..helpers import fraction_recovered, planted_features, planted_stream
-from ..training.test_training import Crash, crashing
+from ..helpers import Crash, crashing, fraction_recovered, planted_features, planted_stream
 from .test_standard import one_thread, rand, randomised  # noqa: F401 (one_thread: autouse fixture)
 
 D, N_TRUE, K = 32, 128, 3

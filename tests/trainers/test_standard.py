@@ -23,8 +23,7 @@ from dictionary_learning.trainers.trainer import (
 from dictionary_learning.training import build_trainer, trainSAE
 from dictionary_learning.utils import load_dictionary, save_dictionary
 
-from ..helpers import fraction_recovered, planted_features, planted_stream
-from ..training.test_training import Crash, crashing
+from ..helpers import Crash, crashing, fraction_recovered, planted_features, planted_stream
 
 D, N_TRUE, K = 32, 128, 3
 

@@ -14,8 +14,7 @@ from dictionary_learning.trainers import TopKTrainer
 from dictionary_learning.training import EndToEnd, build_trainer, trainSAE
 from dictionary_learning.utils import load_dictionary
 
-from ..helpers import random_texts
-from .test_training import Crash, crashing
+from ..helpers import Crash, crashing, random_texts
 
 CTX = 24
 

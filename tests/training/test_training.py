@@ -11,7 +11,7 @@ from dictionary_learning.trainers import BatchTopKTrainer, StandardTrainerAprilU
 from dictionary_learning.training import trainSAE
 from dictionary_learning.utils import load_dictionary
 
-from ..helpers import fraction_recovered, planted_features, planted_stream
+from ..helpers import Crash, crashing, fraction_recovered, planted_features, planted_stream
 
 D, N_TRUE, K = 32, 128, 3
 
@@ -85,17 +85,6 @@ def test_multi_trainer_equals_separate_runs():
                            progress=False)
         for (name, a), b in zip(alone.ae.state_dict().items(), trained.ae.state_dict().values()):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
-
-
-class Crash(Exception):
-    pass
-
-
-def crashing(stream, after):
-    for i, batch in enumerate(stream):
-        if i == after:
-            raise Crash
-        yield batch
 
 
 @pytest.mark.parametrize("normalize", [False, True])
