@@ -57,7 +57,7 @@ from .evaluation import (
     plot_connection_statistics,
     suite_cross_entropy,
 )
-from .modules import suite_hook_points, train_suite
+from .modules import SuiteTraining, suite_hook_points, train_suite
 from .pruned import decompose, pruned_forward, pruned_pre_activations, virtual_weights
 from .selection import (
     ContributionStatistics,
@@ -78,12 +78,12 @@ from .suite import (
     upstream_of,
 )
 from .tracing import SuiteRecord, clean_targets, patched_logits, run_suite
-from .training import SCAETrainer, train_scae_suite
+from .training import SCAEConfig, SCAETrainer, train_scae_suite
 
-# the public names (as before the wing was split, plus parse_module_name); the kernels stay in
-# scae.kernels
+# the public names; the kernels stay in scae.kernels
 __all__ = [
-    "Connections", "ContributionStatistics", "SCAESuite", "SCAETrainer", "SuiteRecord",
+    "Connections", "ContributionStatistics", "SCAEConfig", "SCAESuite", "SCAETrainer",
+    "SuiteRecord", "SuiteTraining",
     "all_connections", "ce_table", "ce_versus_c", "clean_targets", "connections_from_statistics",
     "contribution_statistics", "decompose", "evaluate_suite", "load_connections", "module_names",
     "module_table", "pair_contributions", "parse_module_name", "patched_logits", "plot_ce_versus_c",
