@@ -31,6 +31,20 @@ class Dictionary(ABC, nn.Module):
     # encoder reads x - b_dec (`_encoder_input`), and one b_dec cannot move with both scales
     one_scale_sae = True
 
+    # the widths in this package's names (upstream's attribute names above are what a class stores,
+    # saves and takes in its constructor)
+    @property
+    def d_in(self) -> int:
+        return self.activation_dim
+
+    @property
+    def d_sae(self) -> int:
+        return self.dict_size
+
+    @property
+    def d_out(self) -> int:
+        return getattr(self, "output_dim", self.activation_dim)
+
     @abstractmethod
     # [batch, activation_dim] -> [batch, dict_size]
     def encode(self, x: torch.Tensor) -> torch.Tensor:

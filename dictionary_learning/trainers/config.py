@@ -50,6 +50,19 @@ class TrainerConfig:
                        getattr(self, "resample_steps", None),
                        getattr(self, "sparsity_warmup_steps", None))
 
+    # the widths in this package's names (the fields keep upstream's config keys)
+    @property
+    def d_in(self) -> int:
+        return self.activation_dim
+
+    @property
+    def d_sae(self) -> int:
+        return self.dict_size
+
+    @property
+    def d_out(self) -> int:
+        return self.activation_dim if self.output_dim is None else self.output_dim
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (dict_class and dtypes as names); `type(config).from_dict` reads it back."""
         return json_safe({field.name: getattr(self, field.name)
