@@ -23,7 +23,7 @@ from torch import nn
 
 from .buffer import ActivationBuffer as NNsightBuffer
 from .buffer.settings import UPSTREAM_FILTERS, UPSTREAM_SIZES, BufferSettings, takes_settings
-from .models import HookPoint, get_module, resolve_hook, torch_model
+from .models import HookPoint, get_module, hook_io, resolve_hook, torch_model
 from .tracing import Keep, model_inputs, read_value
 
 
@@ -99,7 +99,7 @@ def collect_activations(
     if path is None:
         raise RuntimeError(f"the forward pass never reached {type(submodule).__name__}: is it part "
                            "of the model?")
-    point = HookPoint(path, "input" if io == "in" else "output")
+    point = HookPoint(path, hook_io(io))
     return read_with_hooks(model, [point], inputs_BL, grad=not use_no_grad)[0]
 
 
@@ -137,7 +137,7 @@ class ActivationBuffer(NNsightBuffer):
         settings.tokenizer = tokenizer
         named = submodule if isinstance(submodule, str) else type(module).__name__
         self._name = f"{named} {io}put"
-        side = "input" if io == "in" else "output"
+        side = hook_io(io)
         point = HookPoint(submodule, side) if isinstance(submodule, str) else resolve_hook(
             model, module, side)
         super().__init__(data, model, point, d_submodule, io, **settings.arguments())

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..models import HookPoint, max_context, resolve_hook
+from ..models import BUFFER_IO, HookPoint, max_context, submodule_points
 
-IO_MODES = ("out", "in", "in_to_out")
+IO_MODES = BUFFER_IO  # the buffer's io values (models.hooks holds their translation)
 PROBE_TEXT = "The quick brown fox."  # read once to learn the hook points' widths
 
 
@@ -27,29 +27,6 @@ def check_collection(model: Any, io: str, ctx_len: int, remove_bos: bool,
     limit = max_context(model)
     if limit is not None and ctx_len > limit:
         raise ValueError(f"ctx_len={ctx_len} exceeds the model's maximum context of {limit} tokens")
-
-
-def submodule_points(model: Any, submodule: Any, io: str) -> tuple[HookPoint, ...]:
-    """One hook point for "out" / "in", (input side, output side) for "in_to_out"."""
-    if io == "in_to_out":
-        if isinstance(submodule, (tuple, list)):
-            if len(submodule) != 2:
-                raise ValueError("io='in_to_out' takes one submodule or a pair, got "
-                                 f"{len(submodule)} items")
-            sides = (resolve_hook(model, submodule[0], "input"),
-                     resolve_hook(model, submodule[1], "output"))
-        else:
-            sides = (resolve_hook(model, submodule, "input"),
-                     resolve_hook(model, submodule, "output"))
-        # x would equal y: an identity to learn
-        if (sides[0].path, sides[0].io) == (sides[1].path, sides[1].io):
-            raise ValueError(f"io='in_to_out' needs two different hook points, but {submodule!r} "
-                             f"names one, {sides[0]}: pass a module or path (its input and output "
-                             "are read) or a pair (input point, output point)")
-        return sides
-    if isinstance(submodule, (tuple, list)):
-        raise ValueError(f"a pair of submodules needs io='in_to_out', got io={io!r}")
-    return (resolve_hook(model, submodule, "input" if io == "in" else "output"),)
 
 
 def entry_points(model: Any, submodule: Any, io: str

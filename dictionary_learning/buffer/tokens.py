@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..models import UPSTREAM_IO
 from .activation import ActivationBuffer
 from .settings import UPSTREAM_SIZES, BufferSettings, takes_settings
 
@@ -38,7 +39,7 @@ class NNsightActivationBuffer(ActivationBuffer):
                              "hook points use io='out' / 'in' and (input, output) pairs, which "
                              "yield (x, y) pairs")
         super().__init__(data, model, submodule, d_submodule,
-                         "in_to_out" if io == "in_and_out" else io, **settings.arguments())
+                         UPSTREAM_IO[io], **settings.arguments())
         self.io = io
         if io == "in_and_out":
             d_in, d_out = self.d_submodule

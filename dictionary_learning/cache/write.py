@@ -16,7 +16,7 @@ from ..buffer.points import PROBE_TEXT, check_collection, entry_points, entry_wi
 from ..checks import check_disk, floating_dtype, integer, texts
 from ..checks import options as check_options
 from ..files import atomic_write, atomic_write_json, check_writable_folder, inside, writer_lock
-from ..models import model_fingerprint, torch_model
+from ..models import buffer_io, model_fingerprint, torch_model
 from ..progress import progress_bar
 from ..tracing import TokenFilter, collect, tokenize
 from .manifest import FORMAT, MANIFEST, hook_key, open_shard, resumable_manifest, shard_name
@@ -243,7 +243,7 @@ def cache_from_tensors(out: str | Path, activations: Any, shard_tokens: int = 65
         raise ValueError(f"all activations must have the same rows and dtype, got "
                          f"{[(tuple(t.shape), t.dtype) for t in sides]}")
     single = not isinstance(activations, dict)
-    io = "in_to_out" if single and isinstance(activations, (tuple, list)) else "out"
+    io = buffer_io([hook["io"] for hook in hooks]) if single else "out"  # a dict: pairs by entry
     manifest = resumable_manifest(out, {
         "model": model_name, "source": source, "io": io, "hooks": hooks,
         "entries": None if single else entries, "widths": [t.shape[1] for t in sides],

@@ -23,14 +23,14 @@ import torch
 
 from ..core_metrics import recovered_fraction
 from ..dictionary import Dictionary, apply_to_values
-from ..models import HookPoint, resolve_hook
+from ..models import UPSTREAM_IO, HookPoint, submodule_points
 from ..progress import progress_bar
 from ..tracing import masked_cross_entropy, next_token_kl, run, tokenize
 
 # upstream's default model keywords for evaluation traces (no KV cache, no attention weights)
 TRACER_ARGS: Mapping[str, Any] = MappingProxyType({"use_cache": False, "output_attentions": False})
-# upstream: in_and_out
-IO_MODES = {"out": "out", "in": "in", "in_to_out": "in_to_out", "in_and_out": "in_to_out"}
+# the io values loss_recovered takes, to their meaning (upstream: in_and_out = in_to_out)
+IO_MODES = UPSTREAM_IO
 
 
 def encode_inputs(model: Any, inputs: Any, max_len: int | None) -> dict[str, torch.Tensor]:
@@ -63,15 +63,9 @@ def encode_inputs(model: Any, inputs: Any, max_len: int | None) -> dict[str, tor
 def hook_points_for(model: Any, submodule: Any, io: str) -> tuple[HookPoint, ...]:
     """The hook points that `loss_recovered` reads and patches for upstream's (submodule, io):
     io="out" / "in" the module's output / input; "in_to_out" (upstream: "in_and_out") reads the
-    input and patches the output (of one module, or of a pair `(input_side, output_side)`)."""
-    if io not in IO_MODES:
-        raise ValueError(f"io must be one of {sorted(IO_MODES)}, got {io!r}")
-    io = IO_MODES[io]
-    if io == "in_to_out":
-        source, target = (submodule if isinstance(submodule, (tuple, list))
-                          else (submodule, submodule))
-        return resolve_hook(model, source, "input"), resolve_hook(model, target, "output")
-    return (resolve_hook(model, submodule, "input" if io == "in" else "output"),)
+    input and patches the output (of one module, or of a pair `(input_side, output_side)`).
+    `models.submodule_points` under its evaluation name."""
+    return submodule_points(model, submodule, io)
 
 
 def _runs(model: Any, encoding: dict[str, torch.Tensor], dictionary: Dictionary,

@@ -31,6 +31,7 @@ from ..dictionary import (
     JumpReluAutoEncoder,
     MatryoshkaBatchTopKSAE,
 )
+from ..models import buffer_io
 from .hooks import named_hooks
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")
@@ -237,6 +238,5 @@ def toolkit_config(dictionary: Dictionary, weights: Weights, source: str) -> dic
     if hooks:
         names = [hook.get("name") or f"{hook['path']}.{hook['io']}" for hook in hooks]
         config["buffer"] = {"hooks": hooks, "submodule": names if len(hooks) == 2 else names[0],
-                            "io": ("in_to_out" if len(hooks) == 2
-                                   else {"input": "in"}.get(hooks[0]["io"], "out"))}
+                            "io": buffer_io([hook["io"] for hook in hooks])}
     return config

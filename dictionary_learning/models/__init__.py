@@ -26,7 +26,18 @@ from .adapters import (
     parallel_residual,
     torch_model,
 )
-from .hooks import HookPoint, execution_key, execution_order, hook, resolve_hook
+from .hooks import (
+    BUFFER_IO,
+    UPSTREAM_IO,
+    HookPoint,
+    buffer_io,
+    execution_key,
+    execution_order,
+    hook,
+    hook_io,
+    resolve_hook,
+    submodule_points,
+)
 from .loading import (
     DEFAULT_MODEL,
     DTYPES,
@@ -42,12 +53,11 @@ from .loading import (
 )
 
 __all__ = [
-    "ADAPTERS", "DEFAULT_MODEL", "DTYPES", "GPT2", "GPT_NEOX", "LLAMA", "SITES", "SMOLLM2_GGUF",
-    "SMOLLM2_WHEEL", "TINY_VOCAB", "AttentionOV", "FamilyAdapter", "HookPoint", "NormParams",
-    "attention_ov", "byte_tokenizer", "cache_dir", "d_model", "default_dtype", "dtype_from_name",
-    "execution_key", "get_adapter", "get_module", "hook", "execution_order", "load_model",
-    "max_context",
+    "ADAPTERS", "BUFFER_IO", "DEFAULT_MODEL", "DTYPES", "GPT2", "GPT_NEOX", "LLAMA", "SITES",
+    "SMOLLM2_GGUF", "SMOLLM2_WHEEL", "TINY_VOCAB", "UPSTREAM_IO", "AttentionOV", "FamilyAdapter",
+    "HookPoint", "NormParams", "attention_ov", "buffer_io", "byte_tokenizer", "cache_dir",
+    "d_model", "default_dtype", "dtype_from_name", "execution_key", "execution_order",
+    "get_adapter", "get_module", "hook", "hook_io", "load_model", "max_context",
     "model_fingerprint", "module_paths", "n_layers", "norm_params", "parallel_residual",
-    "resolve_hook", "smollm2_path",
-    "tiny_hf_model", "torch_model",
+    "resolve_hook", "smollm2_path", "submodule_points", "tiny_hf_model", "torch_model",
 ]

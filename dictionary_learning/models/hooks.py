@@ -1,9 +1,12 @@
 """Hook points: a module (dotted path in the Hugging Face model) and its input or output, named
-sites per layer, and the order in which a forward pass reaches them."""
+sites per layer, and the order in which a forward pass reaches them; and the one translation
+between upstream's buffer `io` ("out" / "in" / "in_to_out") and the hook points it reads
+(`submodule_points`, and back: `buffer_io`)."""
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +80,59 @@ def resolve_hook(model: Any, submodule: Any, io: str = "output") -> HookPoint:
         "submodule must be a HookPoint, dotted path, nnsight Envoy or torch module, got "
         f"{type(submodule).__name__}"
     )
+
+
+# upstream's `io` for what a buffer reads at a submodule: its output, its input, or its input and
+# output (a transcoder's (x, y) pair)
+BUFFER_IO = ("out", "in", "in_to_out")
+# every spelling upstream's buffers and loss_recovered take, to its meaning in BUFFER_IO
+# ("in_and_out" is upstream's other name for the pair)
+UPSTREAM_IO = {"out": "out", "in": "in", "in_to_out": "in_to_out", "in_and_out": "in_to_out"}
+
+
+def hook_io(io: str) -> str:
+    """One side in a buffer's spelling ("in" / "out") as a HookPoint's io ("input" / "output")."""
+    if io not in ("in", "out"):
+        raise ValueError(f"io must be 'in' or 'out', got {io!r}")
+    return "input" if io == "in" else "output"
+
+
+def submodule_points(model: Any, submodule: Any, io: str) -> tuple[HookPoint, ...]:
+    """The hook points upstream's `(submodule, io)` reads: one for io="out" / "in" (the output /
+    input of a module, dotted path or Envoy; a HookPoint keeps its own side), and (input side,
+    output side) for "in_to_out" (upstream also "in_and_out"): one module's input and output, or a
+    pair `(input_side, output_side)`."""
+    if io not in UPSTREAM_IO:
+        raise ValueError(f"io must be one of {sorted(UPSTREAM_IO)}, got {io!r}")
+    if UPSTREAM_IO[io] == "in_to_out":
+        if isinstance(submodule, (tuple, list)):
+            if len(submodule) != 2:
+                raise ValueError(f"io={io!r} takes one submodule or a pair, got "
+                                 f"{len(submodule)} items")
+            sides = (resolve_hook(model, submodule[0], "input"),
+                     resolve_hook(model, submodule[1], "output"))
+        else:
+            sides = (resolve_hook(model, submodule, "input"),
+                     resolve_hook(model, submodule, "output"))
+        # x would equal y: an identity to learn
+        if (sides[0].path, sides[0].io) == (sides[1].path, sides[1].io):
+            raise ValueError(f"io={io!r} needs two different hook points, but {submodule!r} "
+                             f"names one, {sides[0]}: pass a module or path (its input and output "
+                             "are read) or a pair (input point, output point)")
+        return sides
+    if isinstance(submodule, (tuple, list)):
+        raise ValueError(f"a pair of submodules needs io='in_to_out', got io={io!r}")
+    return (resolve_hook(model, submodule, hook_io(io)),)
+
+
+def buffer_io(sides: Sequence[str]) -> str:
+    """The buffer `io` (as saved in a config) that reads hook points with these io values:
+    "in_to_out" for an (input side, output side) pair, "in" for one input, "out" for one output."""
+    if len(sides) == 2:
+        return "in_to_out"
+    if len(sides) != 1:
+        raise ValueError(f"a buffer reads one hook point or a pair, got {len(sides)}")
+    return "in" if sides[0] == "input" else "out"
 
 
 # torch model -> {(path, io): position}

@@ -16,7 +16,7 @@ from ..checks import integer
 from ..dictionary import AutoEncoderTopK, Dictionary
 from ..files import atomic_folder, atomic_write, atomic_write_json, read_json
 from ..formats.hooks import site_hooks
-from ..models import d_model, model_fingerprint, n_layers
+from ..models import buffer_io, d_model, model_fingerprint, n_layers
 from ..models.adapters import parallel_residual
 from ..utils import download_from_hub, load_dictionary, push_to_hub, save_dictionary
 
@@ -80,7 +80,7 @@ def module_config(name: str, model_name: str | None) -> dict[str, Any]:
     names = [hook["name"] for hook in hooks]
     return {"trainer": trainer,
             "buffer": {"hooks": hooks, "submodule": names[0] if len(names) == 1 else names,
-                       "io": "out" if len(names) == 1 else "in_to_out"}}
+                       "io": buffer_io([hook["io"] for hook in hooks])}}
 
 
 class SCAESuite(nn.Module):

@@ -35,7 +35,7 @@ import torch
 
 from ..checks import texts as check_texts
 from ..dictionary import apply_to_values
-from ..models import HookPoint, torch_model
+from ..models import HookPoint, buffer_io, torch_model
 from ..tracing import masked_cross_entropy, next_token_kl, run, token_mask, tokenize
 
 
@@ -107,8 +107,7 @@ class EndToEnd:
         `buffer`, as a dictionary trained on a buffer's activations would be, so exports and
         dashboards find its hook points)."""
         names = [str(hook) for hook in self.hooks]
-        return {"io": ("in_to_out" if len(self.hooks) == 2
-                       else {"input": "in"}.get(self.hooks[0].io, "out")),
+        return {"io": buffer_io([hook.io for hook in self.hooks]),
                 "submodule": names if len(names) == 2 else names[0],
                 "hooks": self.settings["hooks"], "ctx_len": self.ctx_len,
                 "remove_bos": self.remove_bos, "texts": "end_to_end"}

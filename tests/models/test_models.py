@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from dictionary_learning import get_adapter, hook, load_model
-from dictionary_learning.models import get_module, resolve_hook
+from dictionary_learning.models import (
+    HookPoint,
+    buffer_io,
+    get_module,
+    resolve_hook,
+    submodule_points,
+)
 
 from ..helpers import hook_reference
 
@@ -48,6 +54,24 @@ def test_hook_errors(tiny_llama):
         get_module(tiny_llama, "model.layers.0.attn")
     with pytest.raises(ValueError, match="io must be"):
         resolve_hook(tiny_llama, "model.layers.0", io="out")
+
+
+def test_buffer_io_and_hook_points_translate_both_ways(tiny_llama):
+    """Upstream's io ("out" / "in" / "in_to_out", or "in_and_out") reads the hook points it names,
+    and buffer_io gives back the io that reads them (the value saved in configs)."""
+    mlp = "model.layers.0.mlp"
+    expected = {"out": (HookPoint(mlp, "output"),), "in": (HookPoint(mlp, "input"),),
+                "in_to_out": (HookPoint(mlp, "input"), HookPoint(mlp, "output")),
+                "in_and_out": (HookPoint(mlp, "input"), HookPoint(mlp, "output"))}
+    for io, points in expected.items():
+        assert submodule_points(tiny_llama, mlp, io) == points
+        assert buffer_io([point.io for point in points]) == {"in_and_out": "in_to_out"}.get(io, io)
+    pair = (hook(tiny_llama, 0, "mlp_in"), hook(tiny_llama, 0, "resid"))
+    assert submodule_points(tiny_llama, pair, "in_to_out") == pair
+    with pytest.raises(ValueError, match="io must be one of"):
+        submodule_points(tiny_llama, mlp, "both")
+    with pytest.raises(ValueError, match="needs io='in_to_out'"):
+        submodule_points(tiny_llama, pair, "out")
 
 
 def test_tiny_models_are_seeded_and_distinct():
