@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
                             dead_feature_threshold=100_000, n_ctxs=96, ctx_len=128,
                             refresh_batch_size=32, out_batch_size=1024, save_dir=out / "modules")
 
-    # 2. CE against C before fine-tuning; the last C is the largest upstream count, so it keeps
+    # 2. CE against C before fine-tuning; the last C is the largest source count, so it keeps
     #    every connection
     Cs = [1, 4, 16, 64, sum(suite[name].dict_size for name in suite.names[:-1])]
     strongest = select_connections(suite, model, selection_texts, max(Cs))

@@ -53,6 +53,20 @@ def count(text: str) -> int:
     return value
 
 
+class Renamed(argparse.Action):
+    """A flag that was renamed: given (with or without a value), a usage error naming the new one
+    (`new`)."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: Any):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs="?",
+                         default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        parser.error(f"{option_string} was renamed {self.new}")
+
+
 def _command(commands: Any, name: str, pipeline: Callable, help: str, config: type | None = None
              ) -> argparse.ArgumentParser:
     """A subcommand whose defaults are those of `pipeline`'s options dataclass `config` (else of
@@ -216,8 +230,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-texts", type=count, help="texts per forward pass (default %(default)s)")
     p.add_argument("--top-examples", type=count,
                    help="top activating contexts per feature (default %(default)s)")
-    p.add_argument("--upstream", help="an earlier dictionary whose decoder writes what this one "
-                   "reads: show each feature's strongest virtual weights W_enc . W_dec(upstream)^T")
+    p.add_argument("--source", help="an earlier dictionary whose decoder writes what this one "
+                   "reads: show each feature's strongest virtual weights W_enc . W_dec(source)^T")
+    p.add_argument("--upstream", action=Renamed, new="--source")
     p.add_argument("--seed", type=int, help="default %(default)s")
     p.add_argument("--out", help="output folder (default %(default)s)")
     p.add_argument("--other-model", action="store_true", help="read the dictionary on --model even "

@@ -6,10 +6,11 @@ Imports nothing of the package, so every room may use it.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -159,9 +160,32 @@ def split_options(given: dict[str, Any], groups: list[list[str]], owner: str
     accepted = [name for group in groups for name in group]
     unknown = sorted(set(given) - set(accepted))
     if unknown:
-        raise TypeError(f"{owner} got unexpected keyword argument(s) {unknown}; accepted: "
+        hints = "".join(f"; {old} was renamed {new}" for old in unknown
+                        for new in RENAMED.get(old, ()) if new in accepted)
+        raise TypeError(f"{owner} got unexpected keyword argument(s) {unknown}{hints}; accepted: "
                         f"{accepted}")
     parts: list[dict[str, Any]] = [{} for _ in groups]
     for name, value in given.items():
         parts[next(i for i, group in enumerate(groups) if name in group)][name] = value
     return parts
+
+
+# keyword names this package renamed, to their new names (one vocabulary: widths d_in / d_sae /
+# d_out; "source" for what feeds a feature, "upstream" only for Marks' dictionary_learning)
+RENAMED = {"dict_size": ("d_sae",), "upstream": ("source", "sources")}
+
+
+def renamed_keywords(**renamed: str) -> Callable[[Callable], Callable]:
+    """Decorator: a call that passes an old keyword name (`old="new"`) fails with a TypeError naming
+    the new one, instead of Python's bare "unexpected keyword argument"."""
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            old = [name for name in renamed if name in kwargs]
+            if old:
+                raise TypeError(f"{function.__qualname__}() got the old keyword argument(s) "
+                                f"{old}: " + "; ".join(f"{name} was renamed {renamed[name]}"
+                                                        for name in old))
+            return function(*args, **kwargs)
+        return call
+    return decorate

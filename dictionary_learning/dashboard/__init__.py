@@ -4,7 +4,7 @@ disk) of a saved dictionary's features, with circuit-tracer feature files beside
 - `collect.py`: one streaming pass over text (`feature_statistics`, its options in
   `StatisticsConfig`): per feature exact density and maximum, running top examples and a uniform
   sample of activations (bounded memory, on the CPU).
-- `directions.py`: decoder directions through the unembedding (logit lens), upstream connections (an
+- `directions.py`: decoder directions through the unembedding (logit lens), source connections (an
   SCAE suite's selected connections, or virtual weights from an earlier dictionary).
 - `render.py`: records in circuit-tracer's feature-file schema, the page (`template.html`), the
   output folder.

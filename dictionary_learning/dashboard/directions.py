@@ -1,5 +1,5 @@
 """What a feature's weights say, without running the model: the tokens its decoder direction
-promotes and suppresses through the unembedding, and its strongest upstream connections (an SCAE
+promotes and suppresses through the unembedding, and its strongest source connections (an SCAE
 suite's selected connections, or a transcoder's virtual weights from an earlier dictionary's
 decoder)."""
 
@@ -11,8 +11,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import renamed_keywords
 from ..dictionary import Dictionary
 from ..models import get_adapter, get_module, norm_params
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Upstream":
+        raise AttributeError(f"{__name__}.Upstream was renamed Sources (a feature's sources are "
+                             "the earlier features it reads)")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @torch.no_grad()
@@ -77,8 +85,8 @@ def logit_lens(model: Any, directions: torch.Tensor, n_tokens: int = 10, chunk: 
 
 
 @dataclass
-class Upstream:
-    """Per shown feature, its strongest upstream connections: lists of (module or dictionary name,
+class Sources:
+    """Per shown feature, its strongest source connections: lists of (module or dictionary name,
     feature, weight) strongest first, and a sentence saying what the weights are."""
 
     connections: list[list[tuple[str, int, float]]]
@@ -86,24 +94,25 @@ class Upstream:
 
 
 @torch.no_grad()
-def virtual_weight_connections(dictionary: Dictionary, upstream: Dictionary, features: list[int],
+@renamed_keywords(upstream="source")
+def virtual_weight_connections(dictionary: Dictionary, source: Dictionary, features: list[int],
                                name: str, model: Any = None, layer: int | None = None,
-                               n_connections: int = 10, chunk: int = 1024) -> Upstream:
+                               n_connections: int = 10, chunk: int = 1024) -> Sources:
     """For a transcoder and an earlier dictionary writing into the stream it reads: the virtual
-    weights e_F . d_j (this encoder row, the upstream decoder direction) with the largest |value|
+    weights e_F . d_j (this encoder row, the source's decoder direction) with the largest |value|
     per feature. When the transcoder reads an MLP input (`layer` given), the decoder directions pass
     through that MLP's pre-norm linear part first (`norm_params(model, layer, "mlp")`: the SCAE
     linearisation, without the per-token 1 / rms)."""
-    if upstream.output_dim != dictionary.activation_dim:
-        raise ValueError(f"the upstream dictionary writes width {upstream.output_dim}, but this "
+    if source.output_dim != dictionary.activation_dim:
+        raise ValueError(f"the source dictionary writes width {source.output_dim}, but this "
                          f"one reads width {dictionary.activation_dim}")
     rows = encoder_rows(dictionary)
     encoder = rows[torch.as_tensor(features, device=rows.device)].float()  # [n, activation_dim]
     best_values = torch.empty(len(features), 0)
     best_indices = torch.empty(len(features), 0, dtype=torch.long)
-    for start in range(0, upstream.dict_size, chunk):
-        indices = torch.arange(start, min(start + chunk, upstream.dict_size))
-        directions = decoder_directions(upstream, indices).to(encoder.device)
+    for start in range(0, source.dict_size, chunk):
+        indices = torch.arange(start, min(start + chunk, source.dict_size))
+        directions = decoder_directions(source, indices).to(encoder.device)
         if layer is not None:
             directions = norm_params(model, layer, "mlp").linear_part(directions).float()
         weights = (encoder @ directions.t()).cpu()  # [n, chunk]
@@ -114,22 +123,24 @@ def virtual_weight_connections(dictionary: Dictionary, upstream: Dictionary, fea
     connections = [[(name, int(j), float(w)) for j, w in zip(row_i.tolist(), row_w.tolist())]
                    for row_i, row_w in zip(best_indices, best_values)]
     through = " through the MLP's pre-norm weight" if layer is not None else ""
-    return Upstream(connections,
-                    f"virtual weights W_enc · W_dec(upstream)ᵀ{through}, largest |value| first")
+    return Sources(connections,
+                   f"virtual weights W_enc · W_dec(source)ᵀ{through}, largest |value| first")
 
 
+@renamed_keywords(upstream_names="source_names")
 def suite_connections(suite: Any, model: Any, name: str, features: list[int],
                       n_connections: int = 10,
-                      upstream_names: list[str] | None = None) -> Upstream | None:
+                      source_names: list[str] | None = None) -> Sources | None:
     """An SCAE suite module's selected connections (None when the suite was saved without
     connections): per feature the first `n_connections` (strongest first where selection scored
-    them, else by |weight|), each with its upstream module, feature and virtual weight (an attention
-    SAE's per-head weights summed over heads)."""
+    them, else by |weight|), each with its source module (of `source_names`, in the order the
+    connections index them: `scae.sources_of`), feature and virtual weight (an attention SAE's
+    per-head weights summed over heads)."""
     connections = suite.connections
     if connections is None:
         return None
-    names = upstream_names if upstream_names is not None else []
-    sizes = torch.tensor([suite[up].dict_size for up in names])
+    names = source_names if source_names is not None else []
+    sizes = torch.tensor([suite[source].dict_size for source in names])
     starts = torch.cumsum(sizes, 0) - sizes
     indices = connections.indices[name][features].cpu()  # [n, C]
     weights = connections.weights[name][features].float().cpu()
@@ -149,4 +160,4 @@ def suite_connections(suite: Any, model: Any, name: str, features: list[int],
         rows.append(row)
     order = "strongest |mean contribution| first" if scored else "largest |weight| first"
     heads = "; attention weights summed over heads" if name.startswith("attn") else ""
-    return Upstream(rows, f"the suite's selected connections: virtual weights, {order}{heads}")
+    return Sources(rows, f"the suite's selected connections: virtual weights, {order}{heads}")

@@ -33,11 +33,11 @@ from ..models import (
     n_layers,
     resolve_hook,
 )
-from ..scae import SCAESuite, parse_module_name, upstream_of
+from ..scae import SCAESuite, parse_module_name, sources_of
 from ..utils import load_dictionary
 from .collect import StatisticsConfig, feature_statistics
 from .directions import (
-    Upstream,
+    Sources,
     decoder_directions,
     logit_lens,
     suite_connections,
@@ -129,13 +129,13 @@ def _layer_of(point: HookPoint) -> int | None:
 
 @dataclass
 class DashboardConfig(StatisticsConfig):
-    """What `build_dashboard` shows: which features, their upstream connections and the page's
+    """What `build_dashboard` shows: which features, their source connections and the page's
     notes, with how it reads text (`StatisticsConfig`'s fields)."""
 
     features: str | int | Sequence[int] = 300
     """a count (the first N), "all", or indices and ranges ("0-99,512"): see `parse_features`"""
-    upstream: Upstream | None = None
-    """each feature's strongest upstream connections (`directions.suite_connections` or
+    sources: Sources | None = None
+    """each feature's strongest source connections (`directions.suite_connections` or
     `directions.virtual_weight_connections`), shown on its page"""
     meta: dict[str, Any] | None = None
     """notes for dashboard.json and the page's header (dictionary, model, data: the text's name)"""
@@ -154,7 +154,7 @@ def build_dashboard(dictionary: Dictionary, model: Any, point: HookPoint, texts:
     started = time.perf_counter()
     chosen = parse_features(config.features, dictionary.dict_size)
     stats = feature_statistics(dictionary, model, point, texts, chosen, config)
-    meta, upstream = dict(config.meta or {}), config.upstream
+    meta, sources = dict(config.meta or {}), config.sources
     if dictionary.output_dim == d_model(model):
         logits = logit_lens(model, decoder_directions(dictionary, chosen))
         meta["logit_lens"] = LOGIT_LENS
@@ -166,12 +166,12 @@ def build_dashboard(dictionary: Dictionary, model: Any, point: HookPoint, texts:
                               f"{d_model(model)}")
     layer = _layer_of(point)
     transcoder_id = f"{meta.get('model', 'model')}/{point}"
-    records = feature_records(stats, transcoder_id, logits, upstream, progress=config.progress)
+    records = feature_records(stats, transcoder_id, logits, sources, progress=config.progress)
     meta.update(hook=str(point),
                 kind=f"{type(dictionary).__name__}{' transcoder' if dictionary.transcoder else ''}",
                 dict_size=dictionary.dict_size, features=len(chosen), tokens=stats.tokens,
                 texts=stats.texts, dead=int((stats.fired == 0).sum()),
-                upstream=upstream.description if upstream is not None else None,
+                sources=sources.description if sources is not None else None,
                 transcoder_id=transcoder_id)
     meta.setdefault("data", "python-docs")
     meta["seconds"] = round(time.perf_counter() - started, 2)
@@ -214,9 +214,10 @@ class DashboardCommandConfig:
     """texts per forward pass"""
     top_examples: int = 10
     """top activating contexts per feature"""
-    upstream: str | Path | None = None
+    source: str | Path | None = None
     """an earlier dictionary folder whose decoder writes what this one reads: each feature's
-    strongest virtual weights (an SCAE module shows its suite's selected connections instead)"""
+    strongest virtual weights from it (an SCAE module shows its suite's selected connections
+    instead)"""
     seed: int = 0
     """seeds the sampled examples"""
     progress: bool = True
@@ -289,12 +290,12 @@ def dashboard(dictionary: str | Path, config: DashboardCommandConfig | None = No
     chosen = parse_features(config.features, loaded.dict_size)
     if suite is not None:
         connections = suite_connections(suite, lm, module, chosen,
-                                        upstream_names=upstream_of(module, lm))
-    elif config.upstream is not None:
-        earlier, _ = load_dictionary(config.upstream, device=config.device)
+                                        source_names=sources_of(module, lm))
+    elif config.source is not None:
+        earlier, _ = load_dictionary(config.source, device=config.device)
         reads_mlp = (point.name or "").endswith(".mlp_in")
         connections = virtual_weight_connections(loaded, earlier, chosen,
-                                                 Path(config.upstream).name, model=lm,
+                                                 Path(config.source).name, model=lm,
                                                  layer=_layer_of(point) if reads_mlp else None)
     named = folder.resolve()
     meta = {"dictionary": f"{named.parent.name}/{named.name}" if named.parent.name else named.name,
@@ -307,7 +308,7 @@ def dashboard(dictionary: str | Path, config: DashboardCommandConfig | None = No
         loaded, lm, point, text_source(config.data), out, features=chosen, tokens=config.tokens,
         max_texts=config.texts, ctx_len=config.ctx_len or int(buffer.get("ctx_len") or 128),
         batch_texts=config.batch_texts, remove_bos=remove_bos, top_examples=config.top_examples,
-        upstream=connections, meta=meta, seed=config.seed, progress=config.progress)
+        sources=connections, meta=meta, seed=config.seed, progress=config.progress)
     meta["seconds_total"] = round(time.perf_counter() - started, 2)
     print(f"dashboard of {meta['features']} features ({meta['dead']} dead on {meta['tokens']} "
           f"tokens) written to {out}/index.html (open it in a browser) and {out}/features/ in "

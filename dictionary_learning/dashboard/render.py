@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 
+from ..checks import renamed_keywords
 from ..files import atomic_folder
 from ..progress import progress_bar
 from .collect import BEFORE, FeatureStatistics
-from .directions import Upstream
+from .directions import Sources
 
 # the entries a dashboard folder's save replaces
 OWNED = ("index.html", "features", "dashboard.json")
@@ -67,12 +68,13 @@ def _example(row: dict[str, Any], seen: set[Any]) -> dict[str, Any]:
             "train_token_ind": keep.index(BEFORE), "is_repeated_datapoint": repeated}
 
 
+@renamed_keywords(upstream="sources")
 def feature_records(stats: FeatureStatistics, transcoder_id: str, logits: tuple[torch.Tensor, ...],
-                    upstream: Upstream | None = None, n_bands: int = 4, per_band: int = 5,
+                    sources: Sources | None = None, n_bands: int = 4, per_band: int = 5,
                     bins: int = 40, progress: bool = True) -> list[dict[str, Any]]:
     """One record per feature of `stats`: circuit-tracer's fields (examples with token ids in `ids`,
     logits as ids in `top_ids` / `bottom_ids`; `with_strings` turns them into its strings) and the
-    page's extras (density counts, logit values, upstream connections). Examples: the top
+    page's extras (density counts, logit values, source connections). Examples: the top
     activations, then `n_bands` bands of equal probability of the feature's non-zero activations
     (from the sample), `per_band` each, highest band first. `histogram`: `bins` bins from act_min to
     act_max of the non-zero activations, counts estimated from the reservoir sample (exact while a
@@ -122,7 +124,7 @@ def feature_records(stats: FeatureStatistics, transcoder_id: str, logits: tuple[
             "histogram": [_round(v) for v in histogram.tolist()],
             "activation_frequency": float(stats.density[j]), "fired": fired,
             "sampled": len(values) < fired,
-            "upstream": upstream.connections[j] if upstream is not None else None,
+            "sources": sources.connections[j] if sources is not None else None,
         })
     return records
 
@@ -182,7 +184,7 @@ def page_data(records: list[dict[str, Any]], strings: dict[int, str],
                                      "a": e["tokens_acts_list"], "at": e["train_token_ind"],
                                      "r": e["is_repeated_datapoint"]}
                                     for e in q["examples"]]} for q in record["examples_quantiles"]],
-            "upstream": record["upstream"],
+            "sources": record["sources"],
         })
     return {"meta": meta, "vocab": vocab, "features": features}
 

@@ -1,20 +1,21 @@
 """Sparsely connected autoencoders (SCAE): a suite of attention-output SAEs and MLP transcoders, one
-of each per layer, in which every feature is computed from a few upstream features.
+of each per layer, in which every feature is computed from a few source features (features of
+earlier modules).
 
 The wing's rooms, in the order they build on each other (each imports only rooms above it in this
 list):
 - `suite.py`: `SCAESuite` holds the modules (and, once selected, their connections; save / load as
-  one folder); `Connections`; module names and `upstream_of`.
+  one folder); `Connections`; module names and `sources_of`.
 - `kernels.py`: the hand-written autograd functions (`GatherDot` for virtual weights, `connect` /
   `CSRProduct` for the pruned pass).
 - `tracing.py`: the wing's model runs: `run_suite` patches every module's reconstruction into the
   model in one trace and records what the linearisation needs; `clean_targets` and `patched_logits`
   (through `tracing.run`).
 - `pruned.py`: `decompose` splits each module's encoder pre-activation exactly into
-  per-upstream-module terms plus an embedding term and a bias term; `virtual_weights`;
-  `pruned_forward` recomputes every module, in layer order, from its connected upstream features'
+  per-source-module terms plus an embedding term and a bias term; `virtual_weights`;
+  `pruned_forward` recomputes every module, in layer order, from its connected source features'
   pruned codes only.
-- `selection.py`: `select_connections` keeps, per feature, the C upstream features with the
+- `selection.py`: `select_connections` keeps, per feature, the C source features with the
   largest |mean contribution| (`contribution_statistics` + `connections_from_statistics`, one module
   pair in memory at a time); `random_connections` draws C at random, the control.
 - `evaluation.py`: `evaluate_suite` / `ce_versus_c` measure CE (clean, dense suite, pruned suite)
@@ -26,17 +27,17 @@ list):
   MSE and downstream CE and / or KL, on the package's training loop.
 
 Linearisation. With the norm scales s(t) (1 / rms, after centring for LayerNorm) and the attention
-patterns P_h[q, k] held fixed, a downstream encoder row e_F receives from upstream feature j
+patterns P_h[q, k] held fixed, a downstream encoder row e_F receives from source feature j
 (decoder column d_j, activation a_j):
 - into a transcoder at layer L:      a_j(t) * s(t) * e_F . (w_norm * C d_j)
 - into an attention SAE at layer L:  sum_h sum_k P_h[q, k] * s(k) * a_j(k) * e_F . ((w_norm * C d_j)
                                      W_V^h W_O^h)
 where C centres (LayerNorm) or is the identity (RMSNorm); grouped-query heads are expanded to one OV
-map per query head. Upstream features are those of every earlier module
-(`upstream_of(name, model)`), except that in a parallel-residual block (GPT-NeoX / Pythia: the MLP's
+map per query head. Source features are those of every earlier module
+(`sources_of(name, model)`), except that in a parallel-residual block (GPT-NeoX / Pythia: the MLP's
 norm reads the block input) a layer's MLP does not read the same layer's attention. The embedding
-(with learned positions, for GPT-2) and the biases (upstream b_dec, the norm's bias, b_V, b_O, the
-encoder's own bias and b_dec) make up the rest, always kept in full, so that with every upstream
+(with learned positions, for GPT-2) and the biases (the sources' b_dec, the norm's bias, b_V, b_O,
+the encoder's own bias and b_dec) make up the rest, always kept in full, so that with every source
 feature kept the decomposition equals the dense pre-activation exactly.
 
 Which run's s(t) and P_h: the run with the dense suite's reconstructions patched in, not the clean
@@ -74,8 +75,9 @@ from .suite import (
     load_connections,
     module_names,
     parse_module_name,
+    renamed_error,
     save_connections,
-    upstream_of,
+    sources_of,
 )
 from .tracing import SuiteRecord, clean_targets, patched_logits, run_suite
 from .training import SCAEConfig, SCAETrainer, train_scae_suite
@@ -91,5 +93,10 @@ __all__ = [
     "run_suite",
     "save_connections", "select_connections",
     "suite_cross_entropy", "suite_hook_points",
-    "train_scae_suite", "train_suite", "upstream_of", "virtual_weights",
+    "sources_of", "train_scae_suite", "train_suite", "virtual_weights",
 ]
+
+
+def __getattr__(name: str):
+    """A name the wing renamed (`upstream_of`) fails with its new name."""
+    raise renamed_error(__name__, name)

@@ -122,7 +122,7 @@ def ce_versus_c(suite: SCAESuite, model: Any, selection_texts: list[str] | None,
     """Select connections on `selection_texts` (once, at the largest C: the top C for a smaller C
     are its first C; or pass `connections` already selected, or drawn by `random_connections`, at
     the largest C or more) and measure, on `eval_texts`, CE of the clean model, the dense suite and
-    the suite pruned to each C (C larger than a module's upstream count keeps them all, which is the
+    the suite pruned to each C (C larger than a module's source count keeps them all, which is the
     dense suite), with per-module FVU and L0. One row per C.
     progress: bars on stderr over the phases that take more than a few seconds (progress.DELAY)."""
     if not Cs:
@@ -138,7 +138,7 @@ def ce_versus_c(suite: SCAESuite, model: Any, selection_texts: list[str] | None,
         raise ValueError("ce_versus_c needs selected connections (strongest first, with scores: "
                          "select_connections) or random ones (random_connections)")
     for name in suite.names:
-        needed = min(max(Cs), suite.n_upstream(name, model))
+        needed = min(max(Cs), suite.n_sources(name, model))
         if connections.indices[name].shape[1] < needed:
             raise ValueError(f"{name}: C = {max(Cs)} needs {needed} connections per feature, the "
                              f"connections given have {connections.indices[name].shape[1]}")
@@ -197,7 +197,7 @@ def plot_ce_versus_c(curves: dict[str, list[dict[str, float]]], path: str | Path
     Cs = sorted({r["C"] for rows in curves.values() for r in rows})
     axis.set_xticks(Cs, [f"{C:,}" for C in Cs])
     axis.minorticks_off()
-    axis.set_xlabel("C (upstream connections per feature)")
+    axis.set_xlabel("C (source connections per feature)")
     axis.set_ylabel("next-token CE (nats)")
     axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     figure.tight_layout()

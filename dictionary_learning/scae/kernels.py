@@ -1,6 +1,6 @@
 """The SCAE wing's hand-written autograd functions: `GatherDot` (virtual weights: a dot product per
 (feature, connection) pair, computed in blocks of rows) and `connect` / `CSRProduct` (the pruned
-pass: every feature's sum over its connected upstream codes as one sparse CSR product). Each
+pass: every feature's sum over its connected source codes as one sparse CSR product). Each
 backward is tested against plain autograd.
 """
 
@@ -54,22 +54,22 @@ class GatherDot(torch.autograd.Function):
         return grad_A, grad_B, None
 
 
-def connect(upstream: list[torch.Tensor], indices: torch.Tensor,
+def connect(sources: list[torch.Tensor], indices: torch.Tensor,
             weights: torch.Tensor) -> torch.Tensor:
     """out[t, F] = sum_c weights[F, c] * x[t, indices[F, c]], where x is the concatenation of the
-    `upstream` code tensors `[tokens, n_module]` along features (never built). `weights`
+    `sources` code tensors `[tokens, n_module]` along features (never built). `weights`
     `[dict_size, C]` or `[dict_size, C, heads]` gives out `[tokens, dict_size]` or `[tokens,
     dict_size, heads]`. Computed as a sparse [dict_size, columns] connection matrix (dict_size x
-    C non-zeros) times the dense codes of the upstream features that are both connected and active
+    C non-zeros) times the dense codes of the source features that are both connected and active
     somewhere in the batch: work tokens x dict_size x C, memory tokens x those columns; no dict_size
-    x n_upstream matrix. Differentiable in the upstream codes and the weights."""
+    x n_sources matrix. Differentiable in the source codes and the weights."""
     n_features, C = indices.shape
-    device = upstream[0].device  # every tensor made here lives where the codes do
+    device = sources[0].device  # every tensor made here lives where the codes do
     indices = indices.to(device)
-    connected = torch.zeros(sum(x.shape[1] for x in upstream), dtype=torch.bool, device=device)
+    connected = torch.zeros(sum(x.shape[1] for x in sources), dtype=torch.bool, device=device)
     connected[indices.flatten()] = True
     columns, lookup_parts, n_columns, offset = [], [], 0, 0
-    for x in upstream:
+    for x in sources:
         used = ((x.detach() != 0).any(dim=0)
                 & connected[offset : offset + x.shape[1]]).nonzero().flatten()
         lookup = torch.full((x.shape[1],), -1, dtype=torch.long, device=device)
@@ -80,10 +80,10 @@ def connect(upstream: list[torch.Tensor], indices: torch.Tensor,
         offset += x.shape[1]
     # [dict_size, C]: column of each connection, -1 where inactive
     lookup = torch.cat(lookup_parts)[indices]
-    # connections to upstream features inactive in the batch contribute nothing: left out
+    # connections to source features inactive in the batch contribute nothing: left out
     kept = lookup >= 0
     if n_columns == 0:
-        return weights.new_zeros(upstream[0].shape[0], n_features, *weights.shape[2:])
+        return weights.new_zeros(sources[0].shape[0], n_features, *weights.shape[2:])
     # [columns, tokens] (contiguous: ~4x faster products)
     codes = torch.cat(columns, dim=1).t().contiguous()
     row_starts = torch.cat([kept.new_zeros(1, dtype=torch.long), kept.sum(dim=1).cumsum(0)])

@@ -1,7 +1,7 @@
 """The linearised suite (the maths is in the wing's docstring, `scae/__init__.py`): `decompose`
-splits a module's encoder pre-activation exactly into per-upstream-module terms, an embedding term
+splits a module's encoder pre-activation exactly into per-source-module terms, an embedding term
 and a bias term; `virtual_weights` gives each kept connection's weight; `pruned_pre_activations` /
-`pruned_forward` recompute every module, in layer order, from its connected upstream features'
+`pruned_forward` recompute every module, in layer order, from its connected source features'
 pruned codes only."""
 
 from __future__ import annotations
@@ -11,18 +11,20 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..checks import renamed_keywords
 from ..dictionary import topk_codes
 from ..models import attention_ov, norm_params
 from .kernels import GatherDot, connect
-from .suite import Connections, SCAESuite, parse_module_name, upstream_of
+from .suite import Connections, SCAESuite, parse_module_name, sources_of
 from .tracing import SuiteRecord
 
 
+@renamed_keywords(upstream_codes="source_codes")
 def decompose(suite: SCAESuite, model: Any, record: SuiteRecord, name: str,
-              upstream_codes: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+              source_codes: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Module `name`'s encoder pre-activations `[batch, seq, dict_size]` split into one term per
-    upstream module (summed over that module's features), "embedding" and "bias"; the terms add up
-    to the dense pre-activation of the recorded run. `upstream_codes` replaces the recorded codes
+    source module (summed over that module's features), "embedding" and "bias"; the terms add up
+    to the dense pre-activation of the recorded run. `source_codes` replaces the recorded codes
     (an empty dict: embedding and bias only)."""
     kind, layer = parse_module_name(name)
     target = suite[name]
@@ -32,13 +34,13 @@ def decompose(suite: SCAESuite, model: Any, record: SuiteRecord, name: str,
     scale = record.norm_scales[name][..., None]  # [batch, seq, 1]
 
     # residual-stream pieces entering this module's norm, each [batch, seq, d_model]
-    codes = record.codes if upstream_codes is None else upstream_codes
-    pieces = {up: codes[up] @ suite[up].decoder.weight.t() for up in upstream_of(name, model)
-              if up in codes}
+    codes = record.codes if source_codes is None else source_codes
+    pieces = {source: codes[source] @ suite[source].decoder.weight.t()
+              for source in sources_of(name, model) if source in codes}
     pieces["embedding"] = record.embedding
-    constant = torch.zeros_like(norm.weight)  # upstream decoder biases, [d_model]
-    for up in upstream_of(name, model):
-        constant = constant + suite[up].b_dec
+    constant = torch.zeros_like(norm.weight)  # the sources' decoder biases, [d_model]
+    for source in sources_of(name, model):
+        constant = constant + suite[source].b_dec
     normed = {key: scale * norm.linear_part(value) for key, value in pieces.items()}
     normed_constant = scale * norm.linear_part(constant.expand_as(record.embedding))
     norm_bias = norm.bias if norm.bias is not None else torch.zeros_like(norm.weight)
@@ -69,14 +71,14 @@ def decompose(suite: SCAESuite, model: Any, record: SuiteRecord, name: str,
     return terms
 
 
-def upstream_decoder(suite: SCAESuite, name: str, rows: torch.Tensor,
-                     model: Any = None) -> torch.Tensor:
-    """Decoder columns of the upstream features (`upstream_of(name, model)`) at the sorted indices
-    `rows` into their concatenation, as rows in upstream order: `[len(rows), d_model]`. Only those
+def source_decoder(suite: SCAESuite, name: str, rows: torch.Tensor,
+                   model: Any = None) -> torch.Tensor:
+    """Decoder columns of the source features (`sources_of(name, model)`) at the sorted indices
+    `rows` into their concatenation, as rows in that order: `[len(rows), d_model]`. Only those
     columns are copied."""
     parts, offset = [], 0
-    for up in upstream_of(name, model):
-        weight, size = suite[up].decoder.weight, suite[up].dict_size  # [d_model, size]
+    for source in sources_of(name, model):
+        weight, size = suite[source].decoder.weight, suite[source].dict_size  # [d_model, size]
         local = rows[(rows >= offset) & (rows < offset + size)] - offset
         parts.append(weight.index_select(1, local).t())
         offset += size
@@ -86,9 +88,9 @@ def upstream_decoder(suite: SCAESuite, name: str, rows: torch.Tensor,
 
 def virtual_weights(suite: SCAESuite, model: Any, name: str, indices: torch.Tensor) -> torch.Tensor:
     """e_F . (w_norm * C d_j) for transcoders, e_F . ((w_norm * C d_j) W_V^h W_O^h) per head for
-    attention SAEs, for every feature F and its connected upstream features j = indices[F]:
-    `[dict_size, C]` / `[dict_size, C, heads]`. Only the connected upstream decoder columns are
-    read; cost scales with dict_size x C (never dict_size x n_upstream)."""
+    attention SAEs, for every feature F and its connected source features j = indices[F]:
+    `[dict_size, C]` / `[dict_size, C, heads]`. Only the connected source decoder columns are
+    read; cost scales with dict_size x C (never dict_size x n_sources)."""
     kind, layer = parse_module_name(name)
     encoder = suite[name].encoder.weight  # [dict_size, d_model]
     n_features, C = indices.shape
@@ -98,13 +100,13 @@ def virtual_weights(suite: SCAESuite, model: Any, name: str, indices: torch.Tens
     # position: [dict_size, C] rows of `normed`
     used, position = indices.unique(return_inverse=True)
     # [used, d_model]
-    normed = norm_params(model, layer, kind).linear_part(upstream_decoder(suite, name, used, model))
+    normed = norm_params(model, layer, kind).linear_part(source_decoder(suite, name, used, model))
     if ov is None:
         return GatherDot.apply(encoder[:, None], normed, position)[..., 0]
     d_model, d_head = ov.W_V.shape[1:]
     reads = torch.einsum("fm,hem->fhe", encoder, ov.W_O)  # [dict_size, heads, d_head]: e_F W_O^h^T
     # two contraction orders give the same numbers: meet in the d_head-wide middle (values of the
-    # used upstream features, then C x d_head products) or fold W_V into the reads (then C x d_model
+    # used source features, then C x d_head products) or fold W_V into the reads (then C x d_model
     # products); take the cheaper
     meet_in_middle = len(used) * d_model * d_head + n_features * C * d_head
     if meet_in_middle <= n_features * d_model * d_head + n_features * C * d_model:
@@ -115,26 +117,28 @@ def virtual_weights(suite: SCAESuite, model: Any, name: str, indices: torch.Tens
     return GatherDot.apply(folded, normed, position)
 
 
+@renamed_keywords(upstream_codes="source_codes")
 def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord,
                            connections: Connections, name: str,
-                           upstream_codes: dict[str, torch.Tensor],
+                           source_codes: dict[str, torch.Tensor],
                            recompute_weights: bool = False) -> torch.Tensor:
-    """Module `name`'s pre-activations `[batch, seq, dict_size]` from its connected upstream
-    features only (with the given upstream codes), plus the embedding and bias terms, under the
-    recorded run's norm scales and attention patterns. The connected upstream codes are summed with
+    """Module `name`'s pre-activations `[batch, seq, dict_size]` from its connected source
+    features only (with the given source codes), plus the embedding and bias terms, under the
+    recorded run's norm scales and attention patterns. The connected source codes are summed with
     their virtual weights as one sparse product (`kernels.connect`), so the cost scales with
-    dict_size x C per token and the memory with the connected upstream features active in the batch,
-    never with dict_size x n_upstream; attention SAEs sum per head at each key position, then mix
+    dict_size x C per token and the memory with the connected source features active in the batch,
+    never with dict_size x n_sources; attention SAEs sum per head at each key position, then mix
     the sums across positions with the pattern. Differentiable in the suite's parameters;
     `recompute_weights` derives the virtual weights from the current parameters (as training needs)
     instead of using the stored ones."""
     kind, layer = parse_module_name(name)
-    dense_terms = decompose(suite, model, record, name, upstream_codes={})
+    dense_terms = decompose(suite, model, record, name, source_codes={})
     pre = dense_terms["embedding"] + dense_terms["bias"]
-    if not upstream_of(name, model) or connections.indices[name].shape[1] == 0:
+    if not sources_of(name, model) or connections.indices[name].shape[1] == 0:
         return pre
     batch, seq = pre.shape[:2]
-    upstream = [upstream_codes[up].reshape(batch * seq, -1) for up in upstream_of(name, model)]
+    sources = [source_codes[source].reshape(batch * seq, -1)
+               for source in sources_of(name, model)]
     indices = connections.indices[name]
     # checkpointed: rebuilt in the backward pass rather than kept (the gathered decoder
     if recompute_weights:
@@ -143,8 +147,8 @@ def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord,
     else:
         weights = connections.weights[name]
     # [tokens, dict_size] or [tokens, dict_size, heads]
-    summed = connect(upstream, indices, weights)
-    # every upstream feature at token t enters through the norm with the same scale s(t) (at the
+    summed = connect(sources, indices, weights)
+    # every source feature at token t enters through the norm with the same scale s(t) (at the
     # key, for attention)
     summed = summed * record.norm_scales[name].reshape(-1, *[1] * (summed.dim() - 1))
     if kind == "mlp":
@@ -159,7 +163,7 @@ def pruned_forward(suite: SCAESuite, model: Any, record: SuiteRecord, connection
                    pre_activations: dict[str, torch.Tensor] | None = None
                    ) -> dict[str, torch.Tensor]:
     """Every module's TopK codes `[batch, seq, dict_size]`, computed in layer order from the pruned
-    codes of its connected upstream features (never the clean ones), plus the embedding and bias
+    codes of its connected source features (never the clean ones), plus the embedding and bias
     terms. A dict passed as `pre_activations` receives each module's pruned pre-activations
     (for AuxK)."""
     connections.validate(suite, model, weights=not recompute_weights)

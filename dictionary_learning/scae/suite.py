@@ -1,6 +1,6 @@
 """The suite and its connections: module names and which modules feed which, `SCAESuite` (an
 attention SAE and a transcoder per layer; saved and loaded as one folder) and `Connections` (per
-feature, the upstream features it reads and their virtual weights; saved as one safetensors
+feature, the source features it reads and their virtual weights; saved as one safetensors
 file)."""
 
 from __future__ import annotations
@@ -21,6 +21,21 @@ from ..models.adapters import parallel_residual
 from ..utils import download_from_hub, load_dictionary, push_to_hub, save_dictionary
 
 CONNECTION_FIELDS = ("indices", "weights", "scores", "totals")
+# names the wing renamed: the earlier modules whose features a module reads are its sources
+# ("upstream" means Marks' dictionary_learning in this package)
+RENAMED = {"upstream_of": "sources_of", "n_upstream": "n_sources"}
+
+
+def renamed_error(owner: str, name: str) -> AttributeError:
+    """The AttributeError for `owner.name`, naming its new name when the wing renamed it."""
+    if name in RENAMED:
+        return AttributeError(f"{owner}.{name} was renamed {RENAMED[name]} (a module's sources are "
+                              "the earlier modules whose features it reads)")
+    return AttributeError(f"module {owner!r} has no attribute {name!r}")
+
+
+def __getattr__(name: str) -> Any:  # upstream_of
+    raise renamed_error(__name__, name)
 
 
 def module_names(n_layer: int) -> list[str]:
@@ -47,17 +62,17 @@ def _suite_entry(name: str) -> bool:
     return True
 
 
-def upstream_of(name: str, model: Any = None) -> list[str]:
+def sources_of(name: str, model: Any = None) -> list[str]:
     """Modules whose outputs reach `name`'s input: everything earlier in execution order. Given the
     `model`, a parallel-residual family (attention and MLP both read the block input) drops the same
     layer's attention from an MLP's list; without it (or for a sequential block) the list is the
     same."""
     kind, layer = parse_module_name(name)
     order = module_names(layer + 1)
-    upstream = order[: order.index(name)]
+    sources = order[: order.index(name)]
     if kind == "mlp" and model is not None and parallel_residual(model):
-        upstream.remove(f"attn_{layer}")
-    return upstream
+        sources.remove(f"attn_{layer}")
+    return sources
 
 
 def check_C(C: Any) -> None:
@@ -126,10 +141,15 @@ class SCAESuite(nn.Module):
     def __getitem__(self, name: str) -> Dictionary:
         return self.dictionaries[name]
 
-    def n_upstream(self, name: str, model: Any = None) -> int:
-        """How many upstream features module `name` can read: the features of
-        `upstream_of(name, model)`."""
-        return sum(self[up].dict_size for up in upstream_of(name, model))
+    def __getattr__(self, name: str) -> Any:
+        if name == "n_upstream":
+            raise renamed_error(type(self).__name__, name)
+        return super().__getattr__(name)
+
+    def n_sources(self, name: str, model: Any = None) -> int:
+        """How many source features module `name` can read: the features of
+        `sources_of(name, model)`."""
+        return sum(self[source].dict_size for source in sources_of(name, model))
 
     def check_model(self, model: Any) -> None:
         """Clear errors for a suite whose widths or depth do not match the model, or that was
@@ -229,13 +249,13 @@ class SCAESuite(nn.Module):
 
 @dataclass
 class Connections:
-    """For each module, the upstream features each of its features reads: `indices[name]`
-    `[dict_size, C]` into the concatenation of `upstream_of(name, model)`'s features (in
+    """For each module, the source features each of its features reads: `indices[name]`
+    `[dict_size, C]` into the concatenation of `sources_of(name, model)`'s features (in
     that order), and their virtual weights `weights[name]`: `[dict_size, C]` for transcoders,
     `[dict_size, C, n_heads]` for attention SAEs (one per head). Selected connections come strongest
     first in each row (so `top(C)` keeps the C strongest), with `scores[name]` `[dict_size, C]`
     their |mean contribution| and `totals[name]` `[dict_size]` each feature's total |mean
-    contribution| over all of its upstream features."""
+    contribution| over all of its source features."""
 
     indices: dict[str, torch.Tensor]
     weights: dict[str, torch.Tensor]
@@ -248,7 +268,7 @@ class Connections:
     fingerprint: str | None = None
 
     def validate(self, suite: SCAESuite, model: Any = None, weights: bool = True) -> None:
-        """Clear errors for connections that do not fit the suite (upstream counts for `model`, when
+        """Clear errors for connections that do not fit the suite (source counts for `model`, when
         given); with `weights`, also for virtual weights that are not finite or were computed from
         other parameters (skip it where they are recomputed from the suite's current parameters, as
         fine-tuning does)."""
@@ -257,7 +277,7 @@ class Connections:
                 raise ValueError(f"no connections for module {name}")
             if name not in self.weights:
                 raise ValueError(f"no connection weights for module {name}")
-            indices, n_up = self.indices[name], suite.n_upstream(name, model)
+            indices, n_sources = self.indices[name], suite.n_sources(name, model)
             if (not isinstance(indices, torch.Tensor)
                     or indices.dtype not in (torch.int64, torch.int32)):
                 raise TypeError(f"{name}: connection indices must be an int64 (or int32) tensor, "
@@ -265,11 +285,11 @@ class Connections:
             if indices.dim() != 2 or indices.shape[0] != suite[name].dict_size:
                 raise ValueError(f"{name}: expected indices of shape [{suite[name].dict_size}, C], "
                                  f"got {tuple(indices.shape)}")
-            if indices.numel() and (indices.min() < 0 or indices.max() >= n_up):
-                raise ValueError(f"{name}: connection indices must lie in [0, {n_up}), got "
+            if indices.numel() and (indices.min() < 0 or indices.max() >= n_sources):
+                raise ValueError(f"{name}: connection indices must lie in [0, {n_sources}), got "
                                  f"[{int(indices.min())}, {int(indices.max())}]")
             if indices.shape[1] > 1 and (indices.sort(dim=1).values.diff(dim=1) == 0).any():
-                raise ValueError(f"{name}: a feature lists the same upstream feature twice")
+                raise ValueError(f"{name}: a feature lists the same source feature twice")
             if self.weights[name].shape[:2] != indices.shape:
                 raise ValueError(f"{name}: weights of shape {tuple(self.weights[name].shape)} do "
                                  f"not match indices {tuple(indices.shape)}")

@@ -85,6 +85,26 @@ def test_parse_features():
         parse_features(0, 10)
 
 
+def test_renamed_options_name_their_new_names(tmp_path):
+    """A feature's sources are the earlier features it reads ("upstream" means Marks'
+    dictionary_learning in this package): the old option and type names fail naming the new ones;
+    the command line's --upstream ends in its one-line error naming --source."""
+    from dictionary_learning.dashboard import build_dashboard, dashboard, directions
+
+    with pytest.raises(TypeError, match="upstream was renamed source;"):
+        dashboard(tmp_path / "sae", upstream=tmp_path / "earlier")
+    with pytest.raises(TypeError, match="upstream was renamed sources;"):
+        build_dashboard(None, None, None, [], tmp_path / "out", upstream=None)
+    with pytest.raises(TypeError, match="upstream was renamed source"):
+        virtual_weight_connections(None, None, [0], "earlier", upstream=None)
+    with pytest.raises(AttributeError, match="Upstream was renamed Sources"):
+        directions.Upstream  # noqa: B018
+    with pytest.raises(SystemExit) as exited:
+        main(["dashboard", "--dictionary", str(tmp_path / "sae"), "--upstream", str(tmp_path)])
+    assert exited.value.code == 2
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_keep_smallest_keeps_each_features_smallest_keys():
     generator = torch.Generator().manual_seed(0)
     table = {"feature": torch.randint(5, (200,), generator=generator),
@@ -261,21 +281,21 @@ def make_suite_folder(folder):
 
 def test_scae_module_shows_its_connections(tmp_path):
     """A suite module's page lists its selected connections: here all of them, so the
-    strongest |weight| first, named by upstream module and feature."""
+    strongest |weight| first, named by source module and feature."""
     suite = make_suite_folder(tmp_path)
     out = tmp_path / "dash"
     main(["dashboard", "--dictionary", str(tmp_path / "suite" / "mlp_1"), "--features", "4",
           "--tokens", "200", "--ctx-len", str(CTX), "--out", str(out)])
     html = (out / "index.html").read_text()
     data = json.loads(re.search(r'id="dashboard-data">(.*?)</script>', html, re.S).group(1))
-    # [4, n_upstream]: attn_0, mlp_0, attn_1 in order
+    # [4, n_sources]: attn_0, mlp_0, attn_1 in order
     weights = suite.connections.weights["mlp_1"][:4]
     sizes = [("attn_0", 96), ("mlp_0", 96), ("attn_1", 96)]
     for feature in data["features"]:
         order = weights[feature["index"]].abs().argsort(descending=True)[:10].tolist()
         expected = [(sizes[i // 96][0], i % 96) for i in order]
-        assert [(name, j) for name, j, _ in feature["upstream"]] == expected
-    assert "selected connections" in data["meta"]["upstream"]
+        assert [(name, j) for name, j, _ in feature["sources"]] == expected
+    assert "selected connections" in data["meta"]["sources"]
     assert data["meta"]["hook"] == "layers.1.mlp_in"
 
 

@@ -12,7 +12,7 @@ from ..helpers import CTX, make_suite
 
 
 def test_scae_command(tmp_path, capsys):
-    """`python -m dictionary_learning scae` on a saved suite: a C beyond every upstream count gives
+    """`python -m dictionary_learning scae` on a saved suite: a C beyond every source count gives
     the dense suite's CE, a small C does not, and the suite's own connections (all of them here)
     give the dense CE too."""
     import json
@@ -74,6 +74,8 @@ REFUSED = {  # command line (SAE: the saved SAE, TMP: the test's folder) -> what
                            "comma-separated integers"),
     "dashboard-missing-folder": (["dashboard", "--dictionary", "TMP/missing"],
                                  "expected a folder with config.json"),
+    "dashboard-renamed-flag": (["dashboard", "--dictionary", "SAE", "--upstream", "SAE"],
+                               "--upstream was renamed --source"),
 }
 
 

@@ -228,7 +228,7 @@ def test_unknown_family_is_refused_by_name(tmp_path, class_name, family, own):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_scae_decomposition_equals_dense_or_family_refused(name):
-    """With every upstream feature kept, the SCAE decomposition of each module's encoder
+    """With every source feature kept, the SCAE decomposition of each module's encoder
     pre-activation adds up to the dense one (the Gemma norm's 1 + w, OLMo's weightless LayerNorm and
     Phi-3's fused q | k | v included), or the family is refused by name; never a silently wrong
     sum."""

@@ -468,7 +468,7 @@ CASES = [
      "must lie in"),
     ("scae: duplicate index", lambda e, t: connections_with(
         e, "mlp_1", indices=mlp1_indices(e).clone().fill_(3)).validate(e.suite), ValueError,
-     "same upstream feature"),
+     "same source feature"),
     ("scae: a module without connections",
      lambda e, t: connections_with(e, "attn_1", drop=True).validate(e.suite), ValueError,
      "no connections for module attn_1"),

@@ -308,11 +308,12 @@ def timed(seconds, function, *args, **kwargs):
 
 
 def random_connections_near_half(env):
-    """C just under half the upstream features: every draw distinct and in range, at once."""
-    n_up = env.suite.n_upstream("mlp_1")
-    connections = timed(10, random_connections, env.suite, n_up // 2 - 1, seed=0, model=env.eager)
+    """C just under half the source features: every draw distinct and in range, at once."""
+    n_sources = env.suite.n_sources("mlp_1")
+    connections = timed(10, random_connections, env.suite, n_sources // 2 - 1, seed=0,
+                        model=env.eager)
     connections.validate(env.suite)
-    assert connections.indices["mlp_1"].shape[1] == n_up // 2 - 1
+    assert connections.indices["mlp_1"].shape[1] == n_sources // 2 - 1
 
 
 def lone_rank_times_out(tmp):
@@ -808,10 +809,10 @@ CASES = [
                          save_dir=t / "ft", resume=True, ctx_len=CTX, progress=False)), ValueError,
      "could run code"),
     # ----------------------------------------------------------------- bounds before work, no hangs
-    ("bound: random_connections near half the upstream features",
+    ("bound: random_connections near half the source features",
      lambda e, t: random_connections_near_half(e), None, None),
-    ("bound: random_connections with every upstream feature", lambda e, t: timed(
-        10, random_connections, e.suite, e.suite.n_upstream("mlp_1"), 0, e.eager).validate(e.suite),
+    ("bound: random_connections with every source feature", lambda e, t: timed(
+        10, random_connections, e.suite, e.suite.n_sources("mlp_1"), 0, e.eager).validate(e.suite),
      None, None),
     ("bound: random_connections C 0", lambda e, t: random_connections(e.suite, 0), ValueError,
      "C must be a positive int"),
@@ -857,7 +858,7 @@ CASES = [
         e.root / "sae", out=t / "d", features="0-999999",
                                                                     progress=False), ValueError,
      r"features must lie in \[0, 127\]"),
-    ("bound: select_connections C above every upstream feature", lambda e, t: select_connections(
+    ("bound: select_connections C above every source feature", lambda e, t: select_connections(
         e.suite, e.eager, TEXTS[:4], 10 ** 6, ctx_len=CTX, progress=False).validate(e.suite), None,
      None),
     # ----------------------------------------------------------- the command line on these surfaces

@@ -25,7 +25,7 @@ from dictionary_learning.scae import (
     decompose,
     pruned_forward,
     run_suite,
-    upstream_of,
+    sources_of,
 )
 
 from ..helpers import make_suite, random_texts
@@ -85,12 +85,12 @@ def test_ov_weights_give_the_modules_value_states(mode):
 def test_parallel_residual_drops_the_same_layers_attention():
     model = neox("parallel")
     assert parallel_residual(model) and not parallel_residual(neox("sequential"))
-    assert upstream_of("mlp_1", model) == ["attn_0", "mlp_0"]
-    assert upstream_of("attn_1", model) == ["attn_0", "mlp_0"]
+    assert sources_of("mlp_1", model) == ["attn_0", "mlp_0"]
+    assert sources_of("attn_1", model) == ["attn_0", "mlp_0"]
     # without the model: execution order, unchanged
-    assert upstream_of("mlp_1") == ["attn_0", "mlp_0", "attn_1"]
-    assert upstream_of("mlp_1", neox("sequential")) == ["attn_0", "mlp_0", "attn_1"]
-    assert upstream_of("mlp_1", load_model("tiny-llama")) == ["attn_0", "mlp_0", "attn_1"]
+    assert sources_of("mlp_1") == ["attn_0", "mlp_0", "attn_1"]
+    assert sources_of("mlp_1", neox("sequential")) == ["attn_0", "mlp_0", "attn_1"]
+    assert sources_of("mlp_1", load_model("tiny-llama")) == ["attn_0", "mlp_0", "attn_1"]
 
 
 @pytest.mark.parametrize("mode", ["parallel", "sequential"])
@@ -107,7 +107,7 @@ def test_decomposition_equals_dense_and_all_connections_reproduce_the_suite(mode
         dense = F.linear(x if dictionary.transcoder else x - dictionary.b_dec,
                          dictionary.encoder.weight, dictionary.encoder.bias).double()
         terms = decompose(suite, model, record, name)
-        assert set(terms) == {*upstream_of(name, model), "embedding", "bias"}
+        assert set(terms) == {*sources_of(name, model), "embedding", "bias"}
         total = sum(term.double() for term in terms.values())
         error = float((total - dense)[mask].abs().max().detach())
         worst, worst_abs = (max(worst, error / float(dense[mask].abs().max().detach())),
@@ -122,7 +122,7 @@ def test_decomposition_equals_dense_and_all_connections_reproduce_the_suite(mode
                                    rtol=1e-4, msg=name)
 
 
-def test_execution_order_upstream_is_wrong_for_a_parallel_residual():
+def test_execution_order_sources_are_wrong_for_a_parallel_residual():
     """A negative control: adding layer 1's attention output to layer 1's transcoder input (as a
     sequential block would) moves the sum far from the dense pre-activation, which the parallel
     routing matches."""

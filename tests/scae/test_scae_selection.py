@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from dictionary_learning.scae import run_suite, upstream_of
+from dictionary_learning.scae import run_suite, sources_of
 
 from ..helpers import CTX, make_suite, random_texts
 
 
 def test_select_connections_keeps_the_largest_mean_contributions(eager_model):
-    """Against a dense reference: every token's contribution of every upstream feature, written out
+    """Against a dense reference: every token's contribution of every source feature, written out
     from the record (norm scale, code, decoder column, norm weight, attention pattern, OV weights,
     encoder row)."""
     from dictionary_learning.models import attention_ov, norm_params
@@ -26,10 +26,10 @@ def test_select_connections_keeps_the_largest_mean_contributions(eager_model):
         for name in ("mlp_0", "attn_1", "mlp_1"):
             kind, layer = name.split("_")[0], int(name[-1])
             norm = norm_params(eager_model, layer, kind)
-            # [b, t, n_up]
-            codes = torch.cat([record.codes[up] for up in upstream_of(name)], dim=-1)
-            # [n_up, d]
-            columns = torch.cat([suite[up].decoder.weight.t() for up in upstream_of(name)])
+            # [b, t, n_sources]
+            codes = torch.cat([record.codes[source] for source in sources_of(name)], dim=-1)
+            # [n_sources, d]
+            columns = torch.cat([suite[source].decoder.weight.t() for source in sources_of(name)])
             if norm.kind == "layer":
                 columns = columns - columns.mean(-1, keepdim=True)
             columns = columns * norm.weight

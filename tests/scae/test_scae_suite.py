@@ -51,9 +51,31 @@ def test_bad_connections_raise(eager_model):
     with pytest.raises(ValueError, match=r"mlp_1: connection indices must lie in \[0, 288\)"):
         pruned_forward(suite, eager_model, record, broken)
     broken.indices["mlp_1"][0, 0] = broken.indices["mlp_1"][0, 1]
-    with pytest.raises(ValueError, match="mlp_1: a feature lists the same upstream feature twice"):
+    with pytest.raises(ValueError, match="mlp_1: a feature lists the same source feature twice"):
         pruned_forward(suite, eager_model, record, broken)
     broken.indices["mlp_1"] = full.indices["mlp_1"][:, :3]
     with pytest.raises(ValueError,
                        match=r"mlp_1: weights of shape \(96, 288\) do not match indices \(96, 3\)"):
         pruned_forward(suite, eager_model, record, broken)
+
+
+def test_renamed_names_name_their_new_names(tiny_llama):
+    """A module's sources are the earlier modules whose features it reads ("upstream" means Marks'
+    dictionary_learning in this package): the wing's old names for them fail naming the new ones."""
+    import dictionary_learning.scae as scae
+    import dictionary_learning.scae.suite as suite_module
+    from dictionary_learning.scae import pair_contributions, pruned_pre_activations
+
+    for module in (scae, suite_module):
+        with pytest.raises(AttributeError, match="upstream_of was renamed sources_of"):
+            module.upstream_of  # noqa: B018
+        assert not hasattr(module, "upstream_of")
+    suite = make_suite(tiny_llama, n_layer=1)
+    assert suite.n_sources("mlp_0") == suite["attn_0"].dict_size
+    with pytest.raises(AttributeError, match="SCAESuite.n_upstream was renamed n_sources"):
+        suite.n_upstream("mlp_0")
+    for call, old, new in ((scae.decompose, "upstream_codes", "source_codes"),
+                           (pruned_pre_activations, "upstream_codes", "source_codes"),
+                           (pair_contributions, "up", "source")):
+        with pytest.raises(TypeError, match=f"{old} was renamed {new}"):
+            call(suite, tiny_llama, None, "mlp_0", **{old: None})

@@ -180,13 +180,13 @@ def test_random_connections_are_valid_distinct_and_not_the_selected_ones(eager_m
     texts = random_texts(8, seed=30, max_words=6)
     selected = select_connections(suite, eager_model, texts[:4], 6, ctx_len=CTX)
     drawn = random_connections(suite, 6, seed=1, model=eager_model)
-    drawn.validate(suite, eager_model)  # in range, no feature lists an upstream feature twice
+    drawn.validate(suite, eager_model)  # in range, no feature lists a source feature twice
     again = random_connections(suite, 6, seed=1, model=eager_model)
     other = random_connections(suite, 6, seed=2, model=eager_model)
     overlap, total = 0, 0
     for name in suite.names:
         assert torch.equal(drawn.indices[name], again.indices[name])  # seeded
-        if drawn.indices[name].shape[1] < suite.n_upstream(name, eager_model):
+        if drawn.indices[name].shape[1] < suite.n_sources(name, eager_model):
             assert not torch.equal(drawn.indices[name], other.indices[name])
             rows = zip(drawn.indices[name].tolist(), selected.indices[name].tolist())
             overlap += sum(len(set(a) & set(b)) for a, b in rows)
