@@ -16,46 +16,51 @@ import torch.nn.functional as F
 
 
 class _GatherLinear(torch.autograd.Function):
-    """values[n] = x[rows[n]] . weight[cols[n]] + bias[cols[n]], given the values already computed
-    densely.
+    """values[n] = (x[rows[n]] - center) . weight[cols[n]] + bias[cols[n]] (center None: x itself),
+    given the values already computed densely.
 
     Backward without dense [batch, d_sae] work: grad_bias by index_add, grad_weight as a
-    sparse-dense product with one non-zero per (row, col) pair, grad_x by embedding_bag over the
-    chosen weight rows.
+    sparse-dense product over the centred x with one non-zero per (row, col) pair, grad_center as
+    -grad_bias @ weight (one vector-matrix product, never a dense [d_sae, d_in] outer product),
+    grad_x as a sparse-dense product over the chosen weight rows.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rows, cols, values):
-        ctx.save_for_backward(x, weight, rows, cols)
-        ctx.has_bias = bias is not None
+    def forward(ctx, x, weight, bias, center, rows, cols, values):
+        ctx.save_for_backward(x, weight, center, rows, cols)
+        ctx.has_bias, ctx.has_center = bias is not None, center is not None
         return values
 
     @staticmethod
     def backward(ctx, grad_values):
-        x, weight, rows, cols = ctx.saved_tensors
-        grad_x = grad_weight = grad_bias = None
+        x, weight, center, rows, cols = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = grad_center = None
         grad_values = grad_values.to(x.dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = (torch.zeros_like(x).index_add_(0, rows, weight[cols] * grad_values[:, None])
-                      if rows.numel() else torch.zeros_like(x))
+            grad_x = sparse_transpose_matmul(rows, cols, grad_values, weight, x.shape[0])
         if ctx.needs_input_grad[1]:
-            grad_weight = sparse_transpose_matmul(cols, rows, grad_values, x, weight.shape[0])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = torch.zeros(weight.shape[0], dtype=grad_values.dtype,
-                                    device=grad_values.device)
-            grad_bias.index_add_(0, cols, grad_values)
-        return grad_x, grad_weight, grad_bias, None, None, None
+            centred = x - center if ctx.has_center else x
+            grad_weight = sparse_transpose_matmul(cols, rows, grad_values, centred, weight.shape[0])
+        if (ctx.has_bias and ctx.needs_input_grad[2]) or (ctx.has_center
+                                                          and ctx.needs_input_grad[3]):
+            summed = torch.zeros(weight.shape[0], dtype=grad_values.dtype,
+                                 device=grad_values.device).index_add_(0, cols, grad_values)
+            grad_bias = summed if ctx.has_bias and ctx.needs_input_grad[2] else None
+            if ctx.has_center and ctx.needs_input_grad[3]:
+                grad_center = -(summed @ weight)
+        return grad_x, grad_weight, grad_bias, grad_center, None, None, None
 
 
 def sparse_transpose_matmul(out_rows: torch.Tensor, in_rows: torch.Tensor, values: torch.Tensor,
                             x: torch.Tensor, n_out: int) -> torch.Tensor:
     """S @ x for a sparse S[n_out, len(x)] with S[out_rows[i], in_rows[i]] = values[i] (duplicates
-    add up)."""
+    add up), written once into a fresh output (torch.sparse.mm would zero-fill two)."""
+    out = torch.empty(n_out, x.shape[1], dtype=x.dtype, device=x.device)
     if values.numel() == 0:
-        return torch.zeros(n_out, x.shape[1], dtype=x.dtype, device=x.device)
+        return out.zero_()
     sparse = torch.sparse_coo_tensor(torch.stack([out_rows, in_rows]), values, (n_out, x.shape[0]),
                                      check_invariants=False)
-    return torch.sparse.mm(sparse, x)
+    return torch.addmm(out, sparse, x, beta=0, out=out)
 
 
 def fast_matmul_dtype(device: str | torch.device = "cpu") -> torch.dtype:
@@ -89,18 +94,33 @@ def sampled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return values + bias[cols].to(x.dtype) if bias is not None else values
 
 
+@torch.no_grad()
+def dense_pre_activations(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          center: torch.Tensor | None, dtype: torch.dtype | None = None
+                          ) -> torch.Tensor:
+    """`(x - center) @ weight.T + bias` `[batch, d_sae]` (center None: x), without autograd; with
+    `dtype` the GEMM runs in it (bfloat16 to choose latents fast)."""
+    centred = x if center is None else x - center
+    if dtype is not None and dtype != x.dtype:
+        return F.linear(centred.to(dtype), weight.to(dtype), bias.to(dtype))
+    return F.linear(centred, weight, bias)
+
+
 def gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  rows: torch.Tensor, cols: torch.Tensor,
-                  values: torch.Tensor | None = None) -> torch.Tensor:
-    """`(x @ weight.T + bias)[rows, cols]` with a sparse backward. Pass `values` if already computed
-    (no grad); values of a lower precision than x (a bfloat16 encoder GEMM's) are recomputed exactly
-    in x's dtype."""
+                  rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor | None = None,
+                  center: torch.Tensor | None = None) -> torch.Tensor:
+    """`((x - center) @ weight.T + bias)[rows, cols]` (center None: x) with a sparse backward. Pass
+    `values` if already computed (no grad); values of a lower precision than x (a bfloat16 encoder
+    GEMM's) are recomputed exactly in x's dtype."""
     if values is not None and values.dtype != x.dtype:
-        values = sampled_linear(x, weight, bias, rows, cols)
+        values = sampled_linear(x if center is None else x - center.detach(), weight, bias, rows,
+                                cols)
     if values is None:
         with torch.no_grad():
-            values = (x[rows] * weight[cols]).sum(-1) + (bias[cols] if bias is not None else 0)
-    return _GatherLinear.apply(x, weight, bias, rows, cols, values.detach())
+            centred = x if center is None else x - center
+            values = (centred[rows] * weight[cols]).sum(-1) + (bias[cols] if bias is not None
+                                                               else 0)
+    return _GatherLinear.apply(x, weight, bias, center, rows, cols, values.detach())
 
 
 class SparseCode(NamedTuple):

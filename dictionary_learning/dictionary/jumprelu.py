@@ -49,7 +49,9 @@ class JumpReluAutoEncoder(Dictionary):
         activation_dim, dict_size = self._init_shared(activation_dim, dict_size, output_dim,
                                                       transcoder, skip)
         # created in upstream's order, so that one seed gives upstream's initial weights
-        self.W_enc = nn.Parameter(torch.empty(activation_dim, dict_size, device=device))
+        # upstream's [activation_dim, dict_size] as a transposed view of row-major storage (each
+        # latent's encoder row contiguous for the sparse training path)
+        self.W_enc = nn.Parameter(torch.empty(dict_size, activation_dim, device=device).t())
         self.b_enc = nn.Parameter(torch.zeros(dict_size, device=device))
         self.W_dec = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(dict_size, self.output_dim,
                                                                        device=device)))
@@ -85,19 +87,18 @@ class JumpReluAutoEncoder(Dictionary):
         return self._add_skip(f @ self.W_dec + self.b_dec, x)
 
     # the sparse training path ---------------------------------------------------------------------
-    def _encoder_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W, b) with pre-activations = x @ W.T + b for raw inputs x: W = W_enc^T
-        [dict_size, activation_dim]."""
-        weight, bias = self.W_enc.t(), self.b_enc
-        if self.apply_b_dec_to_input and not self.transcoder:
-            bias = bias - weight @ self.b_dec
-        return weight, bias
+    def _encoder_affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(W, b, c) with pre-activations = (x - c) @ W.T + b for raw inputs x: W = W_enc^T
+        [dict_size, activation_dim]; c is b_dec where the encoder reads x - b_dec, else None."""
+        center = self.b_dec if self.apply_b_dec_to_input and not self.transcoder else None
+        return self.W_enc.t(), self.b_enc, center
 
     def gather_pre_activations(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                                values: torch.Tensor) -> torch.Tensor:
         """The pre-activations `values` (computed without grad) at (rows, cols), differentiable with
         respect to the encoder (and x) through a sparse backward."""
-        return gather_linear(x, *self._encoder_affine(), rows, cols, values)
+        weight, bias, center = self._encoder_affine()
+        return gather_linear(x, weight, bias, rows, cols, values, center)
 
     def decode_sparse(self, code: SparseCode, x: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruction from a sparse code, through the active rows of W_dec only."""

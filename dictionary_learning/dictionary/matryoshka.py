@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import integer
-from ..sparse import SparseCode, gather_linear, sparse_decode
+from ..sparse import SparseCode, dense_pre_activations, gather_linear, sparse_decode
 from .base import Dictionary, load_state_dict
 
 
@@ -87,7 +87,9 @@ class MatryoshkaBatchTopKSAE(Dictionary):
         self.active_groups = len(sizes)
         self.batch_topk_fallback = batch_topk_fallback
 
-        self.W_enc = nn.Parameter(torch.empty(activation_dim, dict_size))
+        # upstream's [activation_dim, dict_size] as a transposed view of row-major storage: each
+        # latent's encoder row is contiguous for the sparse training path
+        self.W_enc = nn.Parameter(torch.empty(dict_size, activation_dim).t())
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
         w = nn.init.kaiming_uniform_(torch.empty(dict_size, self.output_dim))
         self.W_dec = nn.Parameter(w / (w.norm(dim=1, keepdim=True) + torch.finfo(w.dtype).eps))
@@ -134,20 +136,16 @@ class MatryoshkaBatchTopKSAE(Dictionary):
         return self._add_skip(f @ self.W_dec + self.b_dec, x)
 
     # sparse training path -------------------------------------------------------------------------
-    def _encoder_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W [dict_size, activation_dim], b) with pre-activations x @ W.T + b for raw inputs x."""
-        bias = self.b_enc if self.transcoder else self.b_enc - self.b_dec @ self.W_enc
-        return self.W_enc.t(), bias
+    def _encoder_affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(W `[dict_size, activation_dim]`, b, c) with pre-activations (x - c) @ W.T + b for raw
+        inputs x (c: b_dec for SAEs, None for transcoders)."""
+        return self.W_enc.t(), self.b_enc, None if self.transcoder else self.b_dec
 
     def pre_activations(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense encoder pre-activations `[batch, dict_size]` (before the relu), without autograd;
         with `dtype` (e.g. bfloat16) the GEMM runs in it (to choose latents; `gather_code`
         recomputes the chosen values exactly)."""
-        with torch.no_grad():
-            weight, bias = self._encoder_affine()
-            if dtype is not None and dtype != x.dtype:
-                return torch.addmm(bias.to(dtype), x.to(dtype), weight.t().to(dtype))
-            return torch.addmm(bias, x, weight.t())
+        return dense_pre_activations(x, *self._encoder_affine(), dtype)
 
     def batch_topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, cols, values) of the batch's k*batch largest positive pre-activations in the
@@ -167,11 +165,10 @@ class MatryoshkaBatchTopKSAE(Dictionary):
                     values: torch.Tensor, n_rows: int) -> SparseCode:
         """The differentiable code relu(pre-activation) at (rows, cols), given the pre-activations
         `values`."""
-        weight, bias = self._encoder_affine()
-        # one [dict_size, activation_dim] copy: row gathers are then contiguous
-        weight = weight.contiguous()
-        return SparseCode(gather_linear(x, weight, bias, rows, cols, values).relu(), rows, cols,
-                          n_rows)
+        weight, bias, center = self._encoder_affine()
+        # (W_enc is stored as a transposed view of row-major storage: these rows are contiguous)
+        return SparseCode(gather_linear(x, weight, bias, rows, cols, values, center).relu(), rows,
+                          cols, n_rows)
 
     def sparse_code(self, x: torch.Tensor, pre: torch.Tensor | None = None) -> SparseCode:
         """The differentiable batch-top-k code of `x` [batch, activation_dim] (pass `pre` if already

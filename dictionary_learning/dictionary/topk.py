@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import integer
-from ..sparse import SparseCode, gather_linear, sparse_decode
+from ..sparse import SparseCode, dense_pre_activations, gather_linear, sparse_decode
 from .base import Dictionary, load_state_dict
 
 # --------------------------------------------------------------------------------------------------
@@ -41,7 +41,11 @@ class TopKDictionary(Dictionary):
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32))
         self.decoder = nn.Linear(dict_size, self.output_dim, bias=False)
         w = torch.randn(self.output_dim, dict_size)
-        self.decoder.weight.data = w / w.norm(dim=0, keepdim=True)
+        # nn.Linear's [d_out, d_sae] weight (upstream's layout in state dicts and files) as a
+        # transposed view of row-major storage: each latent's direction is contiguous, so the sparse
+        # decode, its gradient and the unit-norm constraint read rows, never strided columns
+        w = (w / w.norm(dim=0, keepdim=True)).t().contiguous().t()
+        self.decoder.weight = nn.Parameter(w)
         self.encoder = nn.Linear(activation_dim, dict_size)
         nn.init.zeros_(self.encoder.bias)
         if self.output_dim == activation_dim:
@@ -83,32 +87,24 @@ class TopKDictionary(Dictionary):
         if self.threshold >= 0:
             self.threshold *= scale
 
-    def _encoder_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W, b) with pre-activations = x @ W.T + b for raw inputs x. For SAEs b = b_enc - W_enc @
-        b_dec, so gradients reach b_dec through one [d_sae, d_in] x [d_in] product instead of a
-        per-token one."""
-        weight, bias = self.encoder.weight, self.encoder.bias
-        if not self.transcoder:
-            bias = bias - weight @ self.b_dec
-        return weight, bias
+    def _encoder_affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(W `[d_sae, d_in]`, b, c) with pre-activations = (x - c) @ W.T + b for raw inputs x; c is
+        b_dec for SAEs, None for transcoders (which read x itself)."""
+        return self.encoder.weight, self.encoder.bias, None if self.transcoder else self.b_dec
 
     def pre_activations(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense encoder pre-activations, without autograd: `[batch, dict_size]`; with `dtype`
         (e.g. bfloat16) the GEMM runs in it (to choose latents; `gather_code` recomputes the chosen
         values exactly)."""
-        with torch.no_grad():
-            weight, bias = self._encoder_affine()
-            if dtype is not None and dtype != x.dtype:
-                return F.linear(x.to(dtype), weight.to(dtype), bias.to(dtype))
-            return F.linear(x, weight, bias)
+        return dense_pre_activations(x, *self._encoder_affine(), dtype)
 
     def gather_code(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                     values: torch.Tensor, n_rows: int) -> SparseCode:
         """The differentiable sparse code with pre-activations `values` (no grad) at
         (rows, cols)."""
-        weight, bias = self._encoder_affine()
-        return SparseCode(gather_linear(x, weight, bias, rows, cols, values).relu(), rows, cols,
-                          n_rows)
+        weight, bias, center = self._encoder_affine()
+        return SparseCode(gather_linear(x, weight, bias, rows, cols, values, center).relu(), rows,
+                          cols, n_rows)
 
     def decode_sparse(self, code: SparseCode, x: torch.Tensor | None = None,
                       bias: bool = True) -> torch.Tensor:

@@ -36,6 +36,7 @@ from .parts import (
     DeadFeatures,
     Resampling,
     UnitNormDecoder,
+    adam,
     lr_schedule,
     resample_rows,
     sparsity_ramp,
@@ -145,7 +146,7 @@ class Trainer:
         return cls(self.cfg.activation_dim, self.cfg.dict_size, **self.dictionary_arguments())
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.ae.parameters(), lr=self.cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        return adam(self.ae.parameters(), self.cfg.lr)
 
     def lr_factor(self) -> Callable[[int], float]:
         return lr_schedule(self.cfg.steps, self.cfg.warmup_steps, self.cfg.decay_start,

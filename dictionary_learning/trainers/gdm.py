@@ -21,6 +21,7 @@ import torch
 
 from ..compat.trainer_api import UpdateX, UpstreamTrainerAPI
 from ..dictionary import GatedAutoEncoder
+from . import parts
 from .base import PenaltyConfig, StepOutput, Trainer
 
 
@@ -55,7 +56,7 @@ class GatedTrainer(UpstreamTrainerAPI, Trainer):
     unit_norm_decoder = True
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.ae.parameters(), lr=self.cfg.lr, betas=(0.0, 0.999), eps=1e-8)
+        return parts.adam(self.ae.parameters(), self.cfg.lr, betas=(0.0, 0.999))
 
     def step_loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> StepOutput:
         y_hat, f, gate, reconstruction, auxiliary = gated_terms(self.ae, x, y)

@@ -26,6 +26,7 @@ from torch import autograd
 
 from ..compat.trainer_api import UpdateX, UpstreamTrainerAPI
 from ..dictionary import JumpReluAutoEncoder, SparseCode
+from . import parts
 from .base import PenaltyConfig, StepOutput, Trainer
 
 # what upstream's `JumpReluTrainer.loss(x, step=..., logging=True)` returns (its own field names)
@@ -146,7 +147,7 @@ class JumpReluTrainer(UpdateX, UpstreamTrainerAPI, Trainer):
                    device=self.cfg.device, **self.dictionary_arguments())
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.ae.parameters(), lr=self.cfg.lr, betas=(0.0, 0.999), eps=1e-8)
+        return parts.adam(self.ae.parameters(), self.cfg.lr, betas=(0.0, 0.999))
 
     def setup(self) -> None:
         self.dead_features = -1

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ..dictionary import Dictionary
+from .decoder import UnitNormDecoder, decoder_rows  # noqa: F401 (parts' names)
+from .optim import adam  # noqa: F401 (parts' names)
 
 # AuxK codes dense over the dead columns when k_aux >= this share of the dead latents
 DENSE_AUXK_SHARE = 0.1
@@ -109,12 +111,6 @@ def fired_latents(code: Any, dict_size: int) -> torch.Tensor:
 # AuxK
 
 
-def decoder_rows(ae: Dictionary, ids: torch.Tensor) -> torch.Tensor:
-    """`[len(ids), d_out]`: the decoder directions of latents `ids`, whichever way the dictionary
-    stores them."""
-    return ae.W_dec[ids] if hasattr(ae, "W_dec") else ae.decoder.weight[:, ids].t()
-
-
 def auxk_loss(ae: Dictionary, x: torch.Tensor, residual: torch.Tensor, pre: torch.Tensor,
               dead: torch.Tensor, k_aux: int,
               global_mean: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, float]:
@@ -129,8 +125,9 @@ def auxk_loss(ae: Dictionary, x: torch.Tensor, residual: torch.Tensor, pre: torc
     k_aux = min(k_aux, n_dead)
     dead_ids = dead.nonzero().flatten()
     if DENSE_AUXK_SHARE * n_dead <= k_aux:
-        weight, bias = ae._encoder_affine()
-        post = F.linear(x, weight[dead_ids], bias[dead_ids]).relu()  # [batch, n_dead]
+        weight, bias, center = ae._encoder_affine()
+        centred = x if center is None else x - center
+        post = F.linear(centred, weight[dead_ids], bias[dead_ids]).relu()  # [batch, n_dead]
         with torch.no_grad():
             top = post.topk(k_aux, dim=-1).indices
             keep = torch.zeros_like(post, dtype=torch.bool).scatter_(1, top, True)
@@ -226,48 +223,6 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
 def b_dec_at_median(ae: Dictionary, targets: torch.Tensor) -> None:
     """b_dec at the geometric median of the (global) batch's targets, before the first step."""
     ae.b_dec.copy_(geometric_median(targets.to(ae.b_dec.device)).to(ae.b_dec.dtype))
-
-
-# --------------------------------------------------------------------------------------------------
-# unit-norm decoder directions
-
-
-def decoder_columns(ae: Dictionary) -> torch.Tensor:
-    """The decoder directions as the columns of a `[d_out, d_sae]` view (nn.Linear's layout), a view
-    of the parameter itself, whichever way the dictionary stores it."""
-    return ae.W_dec.t() if hasattr(ae, "W_dec") else ae.decoder.weight
-
-
-@torch.no_grad()
-def project_out_parallel_gradient(columns: torch.Tensor, grad: torch.Tensor) -> None:
-    """Remove from each column of `grad` its component along the matching (unit) column of
-    `columns`, in place."""
-    directions = columns / (columns.norm(dim=0, keepdim=True) + 1e-6)  # [d_out, d_sae]
-    grad -= (grad * directions).sum(dim=0, keepdim=True) * directions
-
-
-@torch.no_grad()
-def unit_norm_columns(columns: torch.Tensor) -> None:
-    """Scale each column to unit norm, in place."""
-    columns /= columns.norm(dim=0, keepdim=True) + torch.finfo(columns.dtype).eps
-
-
-class UnitNormDecoder:
-    """Keep a dictionary's decoder directions at unit norm: the gradient along each direction
-    removed before the optimizer step, the directions renormalised after it (Gao et al.; upstream's
-    TopK, JumpReLU and Matryoshka)."""
-
-    def __init__(self, ae: Dictionary):
-        self.ae = ae
-
-    def before_step(self) -> None:
-        columns, has_w_dec = decoder_columns(self.ae), hasattr(self.ae, "W_dec")
-        weight = self.ae.W_dec if has_w_dec else self.ae.decoder.weight
-        if weight.grad is not None:
-            project_out_parallel_gradient(columns, weight.grad.t() if has_w_dec else weight.grad)
-
-    def after_step(self) -> None:
-        unit_norm_columns(decoder_columns(self.ae))
 
 
 # --------------------------------------------------------------------------------------------------

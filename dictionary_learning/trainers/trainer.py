@@ -14,7 +14,8 @@ import torch
 
 from ..checks import integer
 from .base import Trainer, check_schedule
-from .parts import lr_schedule, project_out_parallel_gradient, sparsity_ramp, unit_norm_columns
+from .decoder import project_out_parallel_gradient, unit_norm_rows
+from .parts import lr_schedule, sparsity_ramp
 
 
 class SAETrainer(abc.ABC):  # noqa: B024 (upstream's base has no abstract method)
@@ -84,7 +85,7 @@ def set_decoder_norm_to_unit_norm(W_dec_DF: torch.Tensor, activation_dim: int,
     """Scale each decoder column (`W_dec_DF` is `[activation_dim, d_sae]`, as nn.Linear stores it)
     to unit norm, in place; returns the weight's data."""
     _check_decoder_shape(W_dec_DF, activation_dim, d_sae)
-    unit_norm_columns(W_dec_DF.data)
+    unit_norm_rows(W_dec_DF.data.t())
     return W_dec_DF.data
 
 
@@ -96,7 +97,7 @@ def remove_gradient_parallel_to_decoder_directions(W_dec_DF: torch.Tensor,
     in place (both `[activation_dim, d_sae]`); returns the gradient."""
     _check_decoder_shape(W_dec_DF, activation_dim, d_sae)
     _check_decoder_shape(W_dec_DF_grad, activation_dim, d_sae)
-    project_out_parallel_gradient(W_dec_DF, W_dec_DF_grad)
+    project_out_parallel_gradient(W_dec_DF.t(), W_dec_DF_grad.t())
     return W_dec_DF_grad
 
 
