@@ -5,6 +5,14 @@ The names a researcher reaches for first; everything else lives in the rooms nam
 ARCHITECTURE.md (the SCAE wing: `dictionary_learning.scae`).
 """
 
+import os
+
+# before torch allocates anything: PyTorch's own switch for 2 MB pages on large CPU tensors, so a
+# training step's fresh [d_sae, d_in] gradients and temporaries are not faulted in 4 KB at a time
+# (a fill of one at 16k x 2,048 costs about a third); a value the user set wins, and a process that
+# imported torch first keeps its setting (docs/benchmarks.md)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 from .buffer import ActivationBuffer
 from .cache import ActivationCache, write_cache
 from .data import default_corpus, hf_dataset_texts, local_texts, text_source
