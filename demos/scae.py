@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 2. CE against C before fine-tuning; the last C is the largest source count, so it keeps
     #    every connection
-    Cs = [1, 4, 16, 64, sum(suite[name].dict_size for name in suite.names[:-1])]
+    Cs = [1, 4, 16, 64, sum(suite[name].d_sae for name in suite.names[:-1])]
     strongest = select_connections(suite, model, selection_texts, max(Cs))
     before = ce_versus_c(suite, model, None, eval_texts, Cs, batch_size=8, connections=strongest)
     print(ce_table(before, "(before fine-tuning)"))

@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-texts", type=int, default=4,
                    help="texts per fine-tuning step (default %(default)s)")
     p.add_argument("--lr", type=float, default=None,
-                   help="default: 2e-4 / sqrt(dict_size / 2^14) per module")
+                   help="default: 2e-4 / sqrt(d_sae / 2^14) per module")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random connections (default %(default)s)")
     p.add_argument("--variants", default=",".join(VARIANTS),

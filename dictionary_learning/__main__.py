@@ -113,7 +113,8 @@ def parser() -> argparse.ArgumentParser:
                    help="training steps (epochs over the collected tokens; default %(default)s)")
     p.add_argument("--batch", type=count, help="activations per training step (default "
                                                "%(default)s)")
-    p.add_argument("--dict-size", type=count, help="default %(default)s")
+    p.add_argument("--dict-size", "--d-sae", dest="d_sae", type=count,
+                   help="the SAE's features (default %(default)s)")
     p.add_argument("--k", type=count, help="default %(default)s")
     p.add_argument("--lr", type=float, help="default %(default)s")
     p.add_argument("--dead-tokens", type=count, help="tokens without firing before a latent counts "

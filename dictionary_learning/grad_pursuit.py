@@ -20,16 +20,16 @@ import torch
 
 @torch.no_grad()
 def dictionary_atoms(dictionary: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(atoms `[output_dim, dict_size]`, bias `[output_dim]`) of a dictionary's decoder: decode(f) =
+    """(atoms `[d_out, d_sae]`, bias `[d_out]`) of a dictionary's decoder: decode(f) =
     atoms @ f + bias. Read off the decoder itself, so any linear decoder works (a transcoder's skip
     term depends on the input and is not part of it)."""
     if getattr(dictionary, "skip", None) is not None:
         raise ValueError("this transcoder's decoder adds a skip term W_skip @ x, so it has no "
                          "fixed atoms")
     param = next(dictionary.parameters())
-    zero = torch.zeros(1, dictionary.dict_size, device=param.device, dtype=param.dtype)
+    zero = torch.zeros(1, dictionary.d_sae, device=param.device, dtype=param.dtype)
     bias = dictionary.decode(zero)[0]
-    identity = torch.eye(dictionary.dict_size, device=param.device, dtype=param.dtype)
+    identity = torch.eye(dictionary.d_sae, device=param.device, dtype=param.dtype)
     return (dictionary.decode(identity) - bias).T, bias
 
 

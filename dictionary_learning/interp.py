@@ -66,7 +66,7 @@ def feature_effect(
     token ids or lists of token ids.
     """
     point = resolve_hook(model, submodule, "output")
-    width = dictionary.dict_size if dictionary is not None else None
+    width = dictionary.d_sae if dictionary is not None else None
     if width is not None and not 0 <= feature < width:
         raise ValueError(f"feature must be in [0, {width - 1}], got {feature!r}")
     encoding = encode_inputs(model, inputs, max_length)
@@ -165,7 +165,7 @@ def examine_dimension(
 
 
 def _feature_vectors(dictionary: Dictionary, weight: str) -> torch.Tensor:
-    """One row per feature `[dict_size, d]`: its encoder direction or its decoder atom."""
+    """One row per feature `[d_sae, d]`: its encoder direction or its decoder atom."""
     if weight == "decoder":
         return dictionary_atoms(dictionary)[0].T
     encoder = getattr(dictionary, "encoder", None)

@@ -148,7 +148,7 @@ def make_suite(model, n_layer=3, seed=0):
     exercised."""
     from dictionary_learning.scae import SCAESuite
 
-    suite = SCAESuite.random(model, dict_size=96, k=8, n_layer=n_layer, seed=seed)
+    suite = SCAESuite.random(model, d_sae=96, k=8, n_layer=n_layer, seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for module in suite.dictionaries.values():

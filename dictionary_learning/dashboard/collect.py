@@ -169,9 +169,9 @@ def feature_statistics(dictionary: Dictionary, model: Any, point: HookPoint, tex
     for batch in _batches(texts, config.batch_texts, config.max_texts):
         encoding = tokenize(model.tokenizer, batch, config.ctx_len)
         [rows] = collect(model, encoding, [point], token_filter)  # [n_kept, d]
-        if rows.shape[-1] != dictionary.activation_dim:
+        if rows.shape[-1] != dictionary.d_in:
             raise ValueError(f"{point} has width {rows.shape[-1]}, but the dictionary reads width "
-                             f"{dictionary.activation_dim}: pass the layer and site it was trained "
+                             f"{dictionary.d_in}: pass the layer and site it was trained "
                              "on (--layer, --site)")
         real = token_filter.mask(encoding)  # [batch, seq]
         codes = torch.zeros(*real.shape, len(features))  # [batch, seq, n]: 0 where not kept

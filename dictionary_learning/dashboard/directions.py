@@ -26,27 +26,27 @@ def __getattr__(name: str) -> Any:
 @torch.no_grad()
 def decoder_directions(dictionary: Dictionary, features: list[int] | torch.Tensor,
                        chunk: int = 1024) -> torch.Tensor:
-    """The output-space direction each feature writes, `[len(features), output_dim]`: decode(e_i) -
+    """The output-space direction each feature writes, `[len(features), d_out]`: decode(e_i) -
     decode(0), which every dictionary class computes the same way (a skip transcoder's skip term
     cancels, read at x = 0)."""
     parameter = next(dictionary.parameters())
     features = torch.as_tensor(features, dtype=torch.long)
-    zero_input = torch.zeros(1, dictionary.activation_dim, device=parameter.device,
+    zero_input = torch.zeros(1, dictionary.d_in, device=parameter.device,
                              dtype=parameter.dtype)
-    base = dictionary.decode(torch.zeros(1, dictionary.dict_size, device=parameter.device,
+    base = dictionary.decode(torch.zeros(1, dictionary.d_sae, device=parameter.device,
                                          dtype=parameter.dtype), x=zero_input)
     rows = []
     for part in features.split(chunk):
-        one_hot = torch.zeros(len(part), dictionary.dict_size, device=parameter.device,
+        one_hot = torch.zeros(len(part), dictionary.d_sae, device=parameter.device,
                               dtype=parameter.dtype)
         one_hot[torch.arange(len(part)), part.to(parameter.device)] = 1.0
         rows.append((dictionary.decode(one_hot, x=zero_input.expand(len(part), -1))
                      - base).float().cpu())
-    return torch.cat(rows) if rows else torch.empty(0, dictionary.output_dim)
+    return torch.cat(rows) if rows else torch.empty(0, dictionary.d_out)
 
 
 def encoder_rows(dictionary: Dictionary) -> torch.Tensor:
-    """The encoder's weight as rows per feature, `[dict_size, activation_dim]` (pre-activation = W
+    """The encoder's weight as rows per feature, `[d_sae, d_in]` (pre-activation = W
     x + b)."""
     affine = getattr(dictionary, "_encoder_affine", None)
     if affine is not None:
@@ -103,15 +103,15 @@ def virtual_weight_connections(dictionary: Dictionary, source: Dictionary, featu
     per feature. When the transcoder reads an MLP input (`layer` given), the decoder directions pass
     through that MLP's pre-norm linear part first (`norm_params(model, layer, "mlp")`: the SCAE
     linearisation, without the per-token 1 / rms)."""
-    if source.output_dim != dictionary.activation_dim:
-        raise ValueError(f"the source dictionary writes width {source.output_dim}, but this "
-                         f"one reads width {dictionary.activation_dim}")
+    if source.d_out != dictionary.d_in:
+        raise ValueError(f"the source dictionary writes width {source.d_out}, but this "
+                         f"one reads width {dictionary.d_in}")
     rows = encoder_rows(dictionary)
-    encoder = rows[torch.as_tensor(features, device=rows.device)].float()  # [n, activation_dim]
+    encoder = rows[torch.as_tensor(features, device=rows.device)].float()  # [n, d_in]
     best_values = torch.empty(len(features), 0)
     best_indices = torch.empty(len(features), 0, dtype=torch.long)
-    for start in range(0, source.dict_size, chunk):
-        indices = torch.arange(start, min(start + chunk, source.dict_size))
+    for start in range(0, source.d_sae, chunk):
+        indices = torch.arange(start, min(start + chunk, source.d_sae))
         directions = decoder_directions(source, indices).to(encoder.device)
         if layer is not None:
             directions = norm_params(model, layer, "mlp").linear_part(directions).float()
@@ -140,7 +140,7 @@ def suite_connections(suite: Any, model: Any, name: str, features: list[int],
     if connections is None:
         return None
     names = source_names if source_names is not None else []
-    sizes = torch.tensor([suite[source].dict_size for source in names])
+    sizes = torch.tensor([suite[source].d_sae for source in names])
     starts = torch.cumsum(sizes, 0) - sizes
     indices = connections.indices[name][features].cpu()  # [n, C]
     weights = connections.weights[name][features].float().cpu()

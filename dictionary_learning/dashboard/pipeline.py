@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..checks import integer
+from ..checks import integer, renamed_keywords
 from ..checks import options as check_options
 from ..data import text_source
 from ..dictionary import Dictionary
@@ -50,16 +50,17 @@ LOGIT_LENS = ("promoted / suppressed tokens: the unembedding applied to the deco
               "norm's bias do not change the ranking)")
 
 
-def parse_features(spec: str | int | Sequence[int], dict_size: int) -> list[int]:
-    """Feature indices from a count (the first N; more than dict_size means all), "all", or a
+@renamed_keywords(dict_size="d_sae")
+def parse_features(spec: str | int | Sequence[int], d_sae: int) -> list[int]:
+    """Feature indices from a count (the first N; more than d_sae means all), "all", or a
     comma-separated list of indices and inclusive ranges ("0-99", "3,17,200-210"), in the order
     given, without repeats."""
     if isinstance(spec, str) and spec.strip().isdigit():
         spec = int(spec)
     if isinstance(spec, str) and spec.strip() == "all":
-        return list(range(dict_size))
+        return list(range(d_sae))
     if isinstance(spec, int) and not isinstance(spec, bool):
-        return list(range(min(integer("features", spec), dict_size)))
+        return list(range(min(integer("features", spec), d_sae)))
     if isinstance(spec, str):
         indices: list[int] = []
         for part in spec.split(","):
@@ -73,10 +74,10 @@ def parse_features(spec: str | int | Sequence[int], dict_size: int) -> list[int]
             indices.extend(range(first, last + 1))
     else:
         indices = [integer("features[]", i, low=0) for i in spec]
-    bad = [i for i in indices if i >= dict_size]
+    bad = [i for i in indices if i >= d_sae]
     if bad:
-        raise ValueError(f"features must lie in [0, {dict_size - 1}] (the dictionary has "
-                         f"{dict_size}), got {bad[:5]}")
+        raise ValueError(f"features must lie in [0, {d_sae - 1}] (the dictionary has "
+                         f"{d_sae}), got {bad[:5]}")
     if not indices:
         raise ValueError("features: no feature indices given")
     return list(dict.fromkeys(indices))
@@ -152,24 +153,24 @@ def build_dashboard(dictionary: Dictionary, model: Any, point: HookPoint, texts:
     progress: bars on stderr over its phases that take more than a few seconds (progress.DELAY)."""
     config = check_options(DashboardConfig, config, options, "build_dashboard")
     started = time.perf_counter()
-    chosen = parse_features(config.features, dictionary.dict_size)
+    chosen = parse_features(config.features, dictionary.d_sae)
     stats = feature_statistics(dictionary, model, point, texts, chosen, config)
     meta, sources = dict(config.meta or {}), config.sources
-    if dictionary.output_dim == d_model(model):
+    if dictionary.d_out == d_model(model):
         logits = logit_lens(model, decoder_directions(dictionary, chosen))
         meta["logit_lens"] = LOGIT_LENS
     else:  # e.g. per-head activations: no direction in the residual stream to unembed
         logits = tuple(torch.empty(len(chosen), 0, dtype=dtype)
                        for dtype in (torch.long, torch.float) * 2)
         meta["logit_lens"] = ("no promoted / suppressed tokens: the dictionary writes width "
-                              f"{dictionary.output_dim}, not the residual stream's "
+                              f"{dictionary.d_out}, not the residual stream's "
                               f"{d_model(model)}")
     layer = _layer_of(point)
     transcoder_id = f"{meta.get('model', 'model')}/{point}"
     records = feature_records(stats, transcoder_id, logits, sources, progress=config.progress)
     meta.update(hook=str(point),
                 kind=f"{type(dictionary).__name__}{' transcoder' if dictionary.transcoder else ''}",
-                dict_size=dictionary.dict_size, features=len(chosen), tokens=stats.tokens,
+                dict_size=dictionary.d_sae, features=len(chosen), tokens=stats.tokens,
                 texts=stats.texts, dead=int((stats.fired == 0).sum()),
                 sources=sources.description if sources is not None else None,
                 transcoder_id=transcoder_id)
@@ -262,8 +263,8 @@ def dashboard(dictionary: str | Path, config: DashboardCommandConfig | None = No
                   or DEFAULT_MODEL)
     lm = load_model(model_name, device=config.device,
                     dtype=dtype_from_name(config.dtype, config.device))
-    if loaded.activation_dim != d_model(lm):
-        raise ValueError(f"the dictionary reads vectors of width {loaded.activation_dim}, but "
+    if loaded.d_in != d_model(lm):
+        raise ValueError(f"the dictionary reads vectors of width {loaded.d_in}, but "
                          f"{model_name!r} has width {d_model(lm)}: pass the model it was trained "
                          "on (--model)")
     recorded = buffer.get("model_fingerprint") or (suite.model_fingerprint if suite is not None
@@ -287,7 +288,7 @@ def dashboard(dictionary: str | Path, config: DashboardCommandConfig | None = No
                              "dictionary reads: pass --layer and --site")
     loaded = loaded.to(config.device)
     connections = None
-    chosen = parse_features(config.features, loaded.dict_size)
+    chosen = parse_features(config.features, loaded.d_sae)
     if suite is not None:
         connections = suite_connections(suite, lm, module, chosen,
                                         source_names=sources_of(module, lm))
@@ -300,7 +301,7 @@ def dashboard(dictionary: str | Path, config: DashboardCommandConfig | None = No
     named = folder.resolve()
     meta = {"dictionary": f"{named.parent.name}/{named.name}" if named.parent.name else named.name,
             "model": model_name, "data": config.data or "python-docs"}
-    print(f"{model_name} {point}: dashboard of {len(chosen)} of {loaded.dict_size} features on up "
+    print(f"{model_name} {point}: dashboard of {len(chosen)} of {loaded.d_sae} features on up "
           f"to {config.tokens} tokens", file=sys.stderr)
     remove_bos = (config.remove_bos if config.remove_bos is not None
                   else bool(buffer.get("remove_bos", True)))

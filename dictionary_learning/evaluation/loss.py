@@ -79,7 +79,7 @@ def _runs(model: Any, encoding: dict[str, torch.Tensor], dictionary: Dictionary,
     def reconstruct(source: torch.Tensor) -> torch.Tensor:
         if normalize_batch:  # as upstream: the source scaled to mean norm sqrt(d), the output back
             kept = source[patch_mask.to(source.device)]
-            scale = dictionary.activation_dim ** 0.5 / kept.float().norm(dim=-1).mean()
+            scale = dictionary.d_in ** 0.5 / kept.float().norm(dim=-1).mean()
             return apply_to_values(dictionary, source * scale) / scale
         return apply_to_values(dictionary, source)
 
@@ -131,7 +131,7 @@ def patched_losses(texts: Any, model: Any, dictionary: Any, hooks: Any, ctx_len:
     texts: texts (tokenized left padded, truncated to ctx_len) or token ids `[batch, seq]`.
     patch_mask_fn(encoding) -> [batch, seq] bool picks the positions to patch (default: real
     tokens). normalize_batch: the dictionary sees its input scaled to mean norm
-    sqrt(activation_dim), and its output is scaled back. tracer_args: keywords for the model's
+    sqrt(d_in), and its output is scaled back. tracer_args: keywords for the model's
     forward. progress: a bar over the runs when they take more than a few seconds.
     """
     hooks = (hooks,) if isinstance(hooks, HookPoint) else tuple(hooks)

@@ -85,7 +85,7 @@ def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]
 def feature_density(dictionary: Dictionary, batches: Iterable[Any], progress: bool = True
                     ) -> torch.Tensor:
     """Fraction of tokens on which each feature fires, over the given activation batches:
-    `[dict_size]` (with a bar on stderr when that takes more than a few seconds)."""
+    `[d_sae]` (with a bar on stderr when that takes more than a few seconds)."""
     fired, tokens = None, 0
     for batch in progress_bar(batches, desc="feature density", enabled=progress, unit="batch"):
         metrics = reconstruction_metrics(dictionary, batch)

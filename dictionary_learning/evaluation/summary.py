@@ -19,11 +19,10 @@ from .loss import TRACER_ARGS, hook_points_for, patched_losses
 from .metrics import check_finite, reconstruction_metrics, without_variance
 
 
-def _normalized(batch: Any, activation_dim: int) -> Any:
-    """Upstream's normalize_batch: x scaled to mean norm sqrt(activation_dim) (a target y by x's
-    factor)."""
+def _normalized(batch: Any, d_in: int) -> Any:
+    """Upstream's normalize_batch: x scaled to mean norm sqrt(d_in) (a target y by x's factor)."""
     x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    scale = activation_dim ** 0.5 / x.float().norm(dim=-1).mean()
+    scale = d_in ** 0.5 / x.float().norm(dim=-1).mean()
     return (tuple(side * scale for side in batch) if isinstance(batch, (tuple, list))
             else batch * scale)
 
@@ -103,7 +102,7 @@ def evaluate(
         if batch is None:
             break
         if normalize_batch:
-            batch = _normalized(batch, dictionary.activation_dim)
+            batch = _normalized(batch, dictionary.d_in)
         metrics = reconstruction_metrics(dictionary, batch)
         fired = metrics["_fired"] if fired is None else fired + metrics["_fired"]
         sums = metrics["_sums"] if sums is None else tuple(a + b

@@ -153,7 +153,7 @@ def weights_of(dictionary: Dictionary, config: dict[str, Any] | None = None) -> 
             raise ValueError(f"this {type(dictionary).__name__} has no learned threshold and "
                              "batch_topk_fallback=True: its inference depends on the batch, which "
                              "no other format can express")
-        threshold = torch.full((dictionary.dict_size,), max(float(dictionary.threshold), 0.0))
+        threshold = torch.full((dictionary.d_sae,), max(float(dictionary.threshold), 0.0))
         if isinstance(dictionary, MatryoshkaBatchTopKSAE):
             threshold[dictionary.active_end:] = NEVER  # latents of groups not yet active never fire
         common.update(activation="jumprelu", threshold=threshold, k=int(dictionary.k))

@@ -132,7 +132,7 @@ def _quickstart(config: QuickstartConfig) -> dict[str, Any]:
     collected = time.perf_counter()
 
     steps = config.steps
-    trainer = dict(trainer=TopKTrainer, activation_dim=d_model(lm), dict_size=config.dict_size,
+    trainer = dict(trainer=TopKTrainer, activation_dim=d_model(lm), dict_size=config.d_sae,
                    k=config.k, lr=config.lr, steps=steps, warmup_steps=min(100, steps // 10),
                    decay_start=int(steps * 0.8), dead_feature_threshold=config.dead_tokens,
                    seed=config.seed, device=config.device, layer=layer, lm_name=model,
@@ -169,7 +169,7 @@ def _quickstart(config: QuickstartConfig) -> dict[str, Any]:
     with phase(line, progress) as measuring:
         density = feature_density(sae, batches, progress=progress)
     metrics.update(
-        model=model, hook=str(point), ctx_len=ctx_len, dict_size=config.dict_size, k=config.k,
+        model=model, hook=str(point), ctx_len=ctx_len, dict_size=config.d_sae, k=config.k,
         steps=steps, encoder_dtype=config.encoder_dtype, training_tokens_collected=n_collected,
         batch_size=config.batch, tokens_trained=steps * config.batch,
         held_out_tokens=int(held_out.shape[0]), dead_features=int((density == 0).sum()),
@@ -191,12 +191,12 @@ def _quickstart(config: QuickstartConfig) -> dict[str, Any]:
 
     extra("feature density plot",
           lambda: plot_feature_density(density, str(out / "feature_density.png"),
-                                                              title=f"{point}, {config.dict_size} "
+                                                              title=f"{point}, {config.d_sae} "
                                                                     "features"))
     extra("top contexts",
           lambda: _top_contexts(sae, lm, point, held_out_texts, density, ctx_len, config, metrics))
     if config.dashboard_features:
-        shown = min(config.dashboard_features, config.dict_size)
+        shown = min(config.dashboard_features, config.d_sae)
 
         def draw() -> None:
             with phase(f"dashboard: {shown} features on up to {config.dashboard_tokens:,} held-out "
@@ -249,7 +249,7 @@ def _top_contexts(sae: Any, lm: Any, point: Any, texts: list[str], density: torc
     metrics["seconds_top_contexts"] = searching.seconds
     lines = [f"Top-activating held-out contexts of {len(chosen)} random features with density in "
              "(0.1%, 5%)",
-             f"{config.model} {point}, TopK SAE with {config.dict_size} features, k={config.k}", ""]
+             f"{config.model} {point}, TopK SAE with {config.d_sae} features, k={config.k}", ""]
     if not chosen:
         lines.append("(no feature fires on between 0.1% and 5% of the held-out tokens: none shown)"
                      if config.n_features else "(n_features=0: none shown)")

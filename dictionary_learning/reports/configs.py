@@ -50,8 +50,8 @@ class QuickstartConfig(ReadingConfig):
     """training steps (epochs over the collected tokens)"""
     batch: int = 2048
     """activations per training step"""
-    dict_size: int = 4608
-    """the SAE's features"""
+    d_sae: int = 4608
+    """the SAE's features (the command line's --dict-size, or --d-sae)"""
     k: int = 32
     """active features per token"""
     lr: float = 1e-3
@@ -87,13 +87,13 @@ class QuickstartConfig(ReadingConfig):
     """held-out tokens the dashboard reads"""
 
     def __post_init__(self) -> None:  # before any model is loaded or token collected
-        for name in ("tokens", "steps", "batch", "dict_size", "dead_tokens", "batch_texts",
+        for name in ("tokens", "steps", "batch", "d_sae", "dead_tokens", "batch_texts",
                      "eval_texts", "eval_tokens", "loss_batches"):
             integer(name, getattr(self, name))
         integer("n_features", self.n_features, low=0)
         integer("dashboard_features", self.dashboard_features, low=0)
         integer("dashboard_tokens", self.dashboard_tokens)
-        integer("k", self.k, 1, self.dict_size, high_name="dict_size")
+        integer("k", self.k, 1, self.d_sae, high_name="d_sae")
         if self.batch > self.tokens and self.cache is None:
             raise ValueError(f"batch={self.batch} exceeds tokens={self.tokens}: a training step "
                              f"needs batch activations of the {self.tokens} collected")

@@ -58,10 +58,10 @@ def connect(sources: list[torch.Tensor], indices: torch.Tensor,
             weights: torch.Tensor) -> torch.Tensor:
     """out[t, F] = sum_c weights[F, c] * x[t, indices[F, c]], where x is the concatenation of the
     `sources` code tensors `[tokens, n_module]` along features (never built). `weights`
-    `[dict_size, C]` or `[dict_size, C, heads]` gives out `[tokens, dict_size]` or `[tokens,
-    dict_size, heads]`. Computed as a sparse [dict_size, columns] connection matrix (dict_size x
+    `[d_sae, C]` or `[d_sae, C, heads]` gives out `[tokens, d_sae]` or `[tokens,
+    d_sae, heads]`. Computed as a sparse [d_sae, columns] connection matrix (d_sae x
     C non-zeros) times the dense codes of the source features that are both connected and active
-    somewhere in the batch: work tokens x dict_size x C, memory tokens x those columns; no dict_size
+    somewhere in the batch: work tokens x d_sae x C, memory tokens x those columns; no d_sae
     x n_sources matrix. Differentiable in the source codes and the weights."""
     n_features, C = indices.shape
     device = sources[0].device  # every tensor made here lives where the codes do
@@ -78,7 +78,7 @@ def connect(sources: list[torch.Tensor], indices: torch.Tensor,
         lookup_parts.append(lookup)
         n_columns += len(used)
         offset += x.shape[1]
-    # [dict_size, C]: column of each connection, -1 where inactive
+    # [d_sae, C]: column of each connection, -1 where inactive
     lookup = torch.cat(lookup_parts)[indices]
     # connections to source features inactive in the batch contribute nothing: left out
     kept = lookup >= 0

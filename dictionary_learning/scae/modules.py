@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..buffer import ActivationBuffer
-from ..checks import integer, split_options
+from ..checks import integer, renamed_keywords, split_options
 from ..models import d_model, hook, model_fingerprint, n_layers
 from ..trainers import TopKTrainer
 from ..training import RunOptions, train_dictionaries
@@ -49,11 +49,12 @@ class SuiteTraining:
     device: str | torch.device | None = None
 
 
-def train_suite(model: Any, layers: int | None, dict_size: int, k: int, data: Any, steps: int,
+@renamed_keywords(dict_size="d_sae")
+def train_suite(model: Any, layers: int | None, d_sae: int, k: int, data: Any, steps: int,
                 **options: Any) -> SCAESuite:
     """Train an SCAE suite's modules (a TopK attention SAE and a TopK transcoder on each of the
-    first `layers` layers; None: every layer) for `steps` steps on one activation stream, and return
-    them as an `SCAESuite`.
+    first `layers` layers; None: every layer; `d_sae` features each) for `steps` steps on one
+    activation stream, and return them as an `SCAESuite`.
 
     data: texts (each batch of `refresh_batch_size` texts runs through the model once, the trace
       stopped after the last layer's MLP, and feeds every module), or an activation cache / iterator
@@ -73,8 +74,8 @@ def train_suite(model: Any, layers: int | None, dict_size: int, k: int, data: An
     run = RunOptions(**{"normalize_activations": "d_model", **run_options})
     layers = n_layers(model) if layers is None else integer("layers", layers, 1, n_layers(model),
                                                             high_name="the model's layers")
-    integer("dict_size", dict_size)
-    integer("k", k, 1, dict_size, high_name="dict_size")
+    integer("d_sae", d_sae)
+    integer("k", k, 1, d_sae, high_name="d_sae")
     names = module_names(layers)
     if getattr(data, "entry_names", None) is None and not isinstance(data, ActivationBuffer):
         data = ActivationBuffer(data, model, suite_hook_points(model, layers), n_ctxs=cfg.n_ctxs,
@@ -87,7 +88,7 @@ def train_suite(model: Any, layers: int | None, dict_size: int, k: int, data: An
                          f"holds {data.entry_names}")
     width = d_model(model)
     warmup_steps = max(1, steps // 10) if cfg.warmup_steps is None else cfg.warmup_steps
-    configs = [dict(trainer=TopKTrainer, activation_dim=width, dict_size=dict_size, k=k, lr=cfg.lr,
+    configs = [dict(trainer=TopKTrainer, activation_dim=width, dict_size=d_sae, k=k, lr=cfg.lr,
                     steps=steps, warmup_steps=warmup_steps, seed=cfg.seed + i,
                     device=str(cfg.device) if cfg.device is not None else "cpu",
                     transcoder=name.startswith("mlp"),

@@ -22,13 +22,13 @@ from .tracing import SuiteRecord
 @renamed_keywords(upstream_codes="source_codes")
 def decompose(suite: SCAESuite, model: Any, record: SuiteRecord, name: str,
               source_codes: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Module `name`'s encoder pre-activations `[batch, seq, dict_size]` split into one term per
+    """Module `name`'s encoder pre-activations `[batch, seq, d_sae]` split into one term per
     source module (summed over that module's features), "embedding" and "bias"; the terms add up
     to the dense pre-activation of the recorded run. `source_codes` replaces the recorded codes
     (an empty dict: embedding and bias only)."""
     kind, layer = parse_module_name(name)
     target = suite[name]
-    # [dict_size, d], [dict_size]
+    # [d_sae, d], [d_sae]
     encoder_weight, encoder_bias = target.encoder.weight, target.encoder.bias
     norm = norm_params(model, layer, kind)
     scale = record.norm_scales[name][..., None]  # [batch, seq, 1]
@@ -55,7 +55,7 @@ def decompose(suite: SCAESuite, model: Any, record: SuiteRecord, name: str,
     ov = attention_ov(model, layer)
     pattern = record.patterns[layer]  # [batch, heads, q, k]
 
-    # [batch, seq, d_model] -> [batch, seq, dict_size]
+    # [batch, seq, d_model] -> [batch, seq, d_sae]
     def through_heads(x: torch.Tensor) -> torch.Tensor:
         values = torch.einsum("bkd,hde->bhke", x, ov.W_V)
         mixed = torch.einsum("bhqk,bhke->bhqe", pattern, values)
@@ -78,33 +78,33 @@ def source_decoder(suite: SCAESuite, name: str, rows: torch.Tensor,
     columns are copied."""
     parts, offset = [], 0
     for source in sources_of(name, model):
-        weight, size = suite[source].decoder.weight, suite[source].dict_size  # [d_model, size]
+        weight, size = suite[source].decoder.weight, suite[source].d_sae  # [d_model, size]
         local = rows[(rows >= offset) & (rows < offset + size)] - offset
         parts.append(weight.index_select(1, local).t())
         offset += size
     return (torch.cat(parts) if parts
-            else suite[name].encoder.weight.new_zeros(0, suite[name].activation_dim))
+            else suite[name].encoder.weight.new_zeros(0, suite[name].d_in))
 
 
 def virtual_weights(suite: SCAESuite, model: Any, name: str, indices: torch.Tensor) -> torch.Tensor:
     """e_F . (w_norm * C d_j) for transcoders, e_F . ((w_norm * C d_j) W_V^h W_O^h) per head for
     attention SAEs, for every feature F and its connected source features j = indices[F]:
-    `[dict_size, C]` / `[dict_size, C, heads]`. Only the connected source decoder columns are
-    read; cost scales with dict_size x C (never dict_size x n_sources)."""
+    `[d_sae, C]` / `[d_sae, C, heads]`. Only the connected source decoder columns are
+    read; cost scales with d_sae x C (never d_sae x n_sources)."""
     kind, layer = parse_module_name(name)
-    encoder = suite[name].encoder.weight  # [dict_size, d_model]
+    encoder = suite[name].encoder.weight  # [d_sae, d_model]
     n_features, C = indices.shape
     ov = attention_ov(model, layer) if kind == "attn" else None
     if C == 0:
         return encoder.new_zeros(n_features, 0, *([ov.n_heads] if ov is not None else []))
-    # position: [dict_size, C] rows of `normed`
+    # position: [d_sae, C] rows of `normed`
     used, position = indices.unique(return_inverse=True)
     # [used, d_model]
     normed = norm_params(model, layer, kind).linear_part(source_decoder(suite, name, used, model))
     if ov is None:
         return GatherDot.apply(encoder[:, None], normed, position)[..., 0]
     d_model, d_head = ov.W_V.shape[1:]
-    reads = torch.einsum("fm,hem->fhe", encoder, ov.W_O)  # [dict_size, heads, d_head]: e_F W_O^h^T
+    reads = torch.einsum("fm,hem->fhe", encoder, ov.W_O)  # [d_sae, heads, d_head]: e_F W_O^h^T
     # two contraction orders give the same numbers: meet in the d_head-wide middle (values of the
     # used source features, then C x d_head products) or fold W_V into the reads (then C x d_model
     # products); take the cheaper
@@ -112,7 +112,7 @@ def virtual_weights(suite: SCAESuite, model: Any, name: str, indices: torch.Tens
     if meet_in_middle <= n_features * d_model * d_head + n_features * C * d_model:
         writes = torch.einsum("jd,hde->jhe", normed, ov.W_V)  # [used, heads, d_head]
         return GatherDot.apply(reads, writes, position)
-    # [dict_size, heads, d_model]: e_F (W_V^h W_O^h)^T
+    # [d_sae, heads, d_model]: e_F (W_V^h W_O^h)^T
     folded = torch.einsum("fhe,hde->fhd", reads, ov.W_V)
     return GatherDot.apply(folded, normed, position)
 
@@ -122,12 +122,12 @@ def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord,
                            connections: Connections, name: str,
                            source_codes: dict[str, torch.Tensor],
                            recompute_weights: bool = False) -> torch.Tensor:
-    """Module `name`'s pre-activations `[batch, seq, dict_size]` from its connected source
+    """Module `name`'s pre-activations `[batch, seq, d_sae]` from its connected source
     features only (with the given source codes), plus the embedding and bias terms, under the
     recorded run's norm scales and attention patterns. The connected source codes are summed with
     their virtual weights as one sparse product (`kernels.connect`), so the cost scales with
-    dict_size x C per token and the memory with the connected source features active in the batch,
-    never with dict_size x n_sources; attention SAEs sum per head at each key position, then mix
+    d_sae x C per token and the memory with the connected source features active in the batch,
+    never with d_sae x n_sources; attention SAEs sum per head at each key position, then mix
     the sums across positions with the pattern. Differentiable in the suite's parameters;
     `recompute_weights` derives the virtual weights from the current parameters (as training needs)
     instead of using the stored ones."""
@@ -146,7 +146,7 @@ def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord,
         weights = checkpoint(virtual_weights, suite, model, name, indices, use_reentrant=False)
     else:
         weights = connections.weights[name]
-    # [tokens, dict_size] or [tokens, dict_size, heads]
+    # [tokens, d_sae] or [tokens, d_sae, heads]
     summed = connect(sources, indices, weights)
     # every source feature at token t enters through the norm with the same scale s(t) (at the
     # key, for attention)
@@ -154,7 +154,7 @@ def pruned_pre_activations(suite: SCAESuite, model: Any, record: SuiteRecord,
     if kind == "mlp":
         return pre + summed.view(batch, seq, -1)
     # head h at query q reads key k with weight P_h[q, k]
-    per_head = summed.view(batch, seq, -1, summed.shape[-1])  # [batch, key, dict_size, heads]
+    per_head = summed.view(batch, seq, -1, summed.shape[-1])  # [batch, key, d_sae, heads]
     return pre + torch.einsum("bhqk,bkfh->bqf", record.patterns[layer], per_head)
 
 
@@ -162,7 +162,7 @@ def pruned_forward(suite: SCAESuite, model: Any, record: SuiteRecord, connection
                    recompute_weights: bool = False,
                    pre_activations: dict[str, torch.Tensor] | None = None
                    ) -> dict[str, torch.Tensor]:
-    """Every module's TopK codes `[batch, seq, dict_size]`, computed in layer order from the pruned
+    """Every module's TopK codes `[batch, seq, d_sae]`, computed in layer order from the pruned
     codes of its connected source features (never the clean ones), plus the embedding and bias
     terms. A dict passed as `pre_activations` receives each module's pruned pre-activations
     (for AuxK)."""

@@ -1,6 +1,6 @@
 """Connection selection: per feature, the C source features with the largest |mean contribution|
 over a dataset. `contribution_statistics` keeps only per-source-feature sums from one pass of the
-suite; `pair_contributions` turns them into one module pair's `[dict_size, n_source_module]` mean
+suite; `pair_contributions` turns them into one module pair's `[d_sae, n_source_module]` mean
 contributions at a time, and `connections_from_statistics` keeps a running top-C across source
 modules; `select_connections` does both."""
 
@@ -76,7 +76,7 @@ def pair_contributions(suite: SCAESuite, model: Any, statistics: ContributionSta
                        source: str
                        ) -> torch.Tensor:
     """Mean contribution of each feature of module `source` to each feature of `name`'s
-    pre-activation, over the tokens of `statistics`: `[dict_size, source's dict_size]`. One module
+    pre-activation, over the tokens of `statistics`: `[d_sae, source's d_sae]`. One module
     pair at a time, so selection never holds more."""
     kind, layer = parse_module_name(name)
     if source not in sources_of(name, model):
@@ -98,13 +98,13 @@ def pair_contributions(suite: SCAESuite, model: Any, statistics: ContributionSta
 def connections_from_statistics(suite: SCAESuite, model: Any, statistics: ContributionStatistics,
                                 C: int, progress: bool = True) -> Connections:
     """The top-C connections per feature by |mean contribution|, strongest first, with a running
-    top-C across source modules (one `[dict_size, n_source_module]` matrix at a time).
+    top-C across source modules (one `[d_sae, n_source_module]` matrix at a time).
     progress: a bar over the modules on stderr when this takes more than a few seconds."""
     check_C(C)
     indices, weights, scores, totals = {}, {}, {}, {}
     desc = f"selecting the top {C} connections per feature"
     for name in progress_bar(suite.names, desc=desc, enabled=progress, unit="module"):
-        n_features = suite[name].dict_size
+        n_features = suite[name].d_sae
         # where the statistics' products are computed
         device = next(suite[name].parameters()).device
         best_values = torch.empty(n_features, 0, device=device)
@@ -120,7 +120,7 @@ def connections_from_statistics(suite: SCAESuite, model: Any, statistics: Contri
             # sorted: strongest first
             best_values, keep = merged_values.topk(min(C, merged_values.shape[1]), dim=1)
             best_indices = merged_indices.gather(1, keep)
-            offset += suite[source].dict_size
+            offset += suite[source].d_sae
         indices[name], scores[name] = best_indices, best_values
         weights[name] = virtual_weights(suite, model, name, best_indices)
     return Connections(indices, weights, scores, totals, fingerprint=parameter_fingerprint(suite))
@@ -130,7 +130,7 @@ def connections_from_statistics(suite: SCAESuite, model: Any, statistics: Contri
 def select_connections(suite: SCAESuite, model: Any, texts: Any, C: int, batch_size: int = 8,
                        ctx_len: int = 128, progress: bool = True) -> Connections:
     """For every feature, the C source features (across all source modules) with the
-    largest |mean contribution| over `texts`, stored as `[dict_size, C]` indices, strongest first
+    largest |mean contribution| over `texts`, stored as `[d_sae, C]` indices, strongest first
     (fewer where fewer exist), and their virtual weights. The embedding and bias terms are always
     kept, densely.
     progress: bars on stderr over the phases that take more than a few seconds (progress.DELAY)."""
@@ -144,14 +144,14 @@ def select_connections(suite: SCAESuite, model: Any, texts: Any, C: int, batch_s
 @torch.no_grad()
 def all_connections(suite: SCAESuite, model: Any) -> Connections:
     """Every feature connected to every source feature (C = all): the pruned pass then equals the
-    dense one. Only for small suites: this is the dense dict_size x n_sources matrix the pruned
+    dense one. Only for small suites: this is the dense d_sae x n_sources matrix the pruned
     pass otherwise avoids."""
     indices, weights = {}, {}
     for name in suite.names:
         n_sources = suite.n_sources(name, model)
         device = next(suite[name].parameters()).device
         indices[name] = (torch.arange(n_sources, device=device)
-                         .expand(suite[name].dict_size, n_sources).contiguous())
+                         .expand(suite[name].d_sae, n_sources).contiguous())
         weights[name] = virtual_weights(suite, model, name, indices[name])
     return Connections(indices, weights, fingerprint=parameter_fingerprint(suite))
 
@@ -165,7 +165,7 @@ def random_connections(suite: SCAESuite, C: int, seed: int = 0, model: Any = Non
     generator = torch.Generator().manual_seed(seed)
     indices, weights = {}, {}
     for name in suite.names:
-        n_sources, rows = suite.n_sources(name, model), suite[name].dict_size
+        n_sources, rows = suite.n_sources(name, model), suite[name].d_sae
         count = min(C, n_sources)
         if count == 0:  # no source (the first module)
             drawn = torch.zeros(rows, 0, dtype=torch.long)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks import integer
+from ..checks import integer, renamed_keywords
 from ..dictionary import AutoEncoderTopK, Dictionary
 from ..files import atomic_folder, atomic_write, atomic_write_json, read_json
 from ..formats.hooks import site_hooks
@@ -149,7 +149,7 @@ class SCAESuite(nn.Module):
     def n_sources(self, name: str, model: Any = None) -> int:
         """How many source features module `name` can read: the features of
         `sources_of(name, model)`."""
-        return sum(self[source].dict_size for source in sources_of(name, model))
+        return sum(self[source].d_sae for source in sources_of(name, model))
 
     def check_model(self, model: Any) -> None:
         """Clear errors for a suite whose widths or depth do not match the model, or that was
@@ -159,8 +159,8 @@ class SCAESuite(nn.Module):
         if self.n_layers > n_layers(model):
             raise ValueError(f"the suite has {self.n_layers} layers, the model {n_layers(model)}")
         for name, module in self.dictionaries.items():
-            if module.activation_dim != width or module.output_dim != width:
-                raise ValueError(f"{name} maps {module.activation_dim} -> {module.output_dim}, but "
+            if module.d_in != width or module.d_out != width:
+                raise ValueError(f"{name} maps {module.d_in} -> {module.d_out}, but "
                                  f"the model's width is {width}")
         fingerprint = model_fingerprint(model)
         if (None not in (self.model_fingerprint, fingerprint)
@@ -172,12 +172,14 @@ class SCAESuite(nn.Module):
         self.model_fingerprint = self.model_fingerprint or fingerprint
 
     @classmethod
-    def random(cls, model: Any, dict_size: int, k: int, n_layer: int | None = None,
+    @renamed_keywords(dict_size="d_sae")
+    def random(cls, model: Any, d_sae: int, k: int, n_layer: int | None = None,
                seed: int = 0) -> "SCAESuite":
-        """An untrained suite for `model` (all layers, or the first `n_layer`)."""
+        """An untrained suite for `model` (all layers, or the first `n_layer`) of `d_sae` features
+        per module."""
         width = d_model(model)
         torch.manual_seed(seed)
-        modules = {name: AutoEncoderTopK(width, dict_size, k, transcoder=name.startswith("mlp"))
+        modules = {name: AutoEncoderTopK(width, d_sae, k, transcoder=name.startswith("mlp"))
                    for name in module_names(n_layer or n_layers(model))}
         return cls(modules, model_fingerprint=model_fingerprint(model))
 
@@ -250,11 +252,11 @@ class SCAESuite(nn.Module):
 @dataclass
 class Connections:
     """For each module, the source features each of its features reads: `indices[name]`
-    `[dict_size, C]` into the concatenation of `sources_of(name, model)`'s features (in
-    that order), and their virtual weights `weights[name]`: `[dict_size, C]` for transcoders,
-    `[dict_size, C, n_heads]` for attention SAEs (one per head). Selected connections come strongest
-    first in each row (so `top(C)` keeps the C strongest), with `scores[name]` `[dict_size, C]`
-    their |mean contribution| and `totals[name]` `[dict_size]` each feature's total |mean
+    `[d_sae, C]` into the concatenation of `sources_of(name, model)`'s features (in
+    that order), and their virtual weights `weights[name]`: `[d_sae, C]` for transcoders,
+    `[d_sae, C, n_heads]` for attention SAEs (one per head). Selected connections come strongest
+    first in each row (so `top(C)` keeps the C strongest), with `scores[name]` `[d_sae, C]`
+    their |mean contribution| and `totals[name]` `[d_sae]` each feature's total |mean
     contribution| over all of its source features."""
 
     indices: dict[str, torch.Tensor]
@@ -282,8 +284,8 @@ class Connections:
                     or indices.dtype not in (torch.int64, torch.int32)):
                 raise TypeError(f"{name}: connection indices must be an int64 (or int32) tensor, "
                                 f"got {getattr(indices, 'dtype', type(indices).__name__)}")
-            if indices.dim() != 2 or indices.shape[0] != suite[name].dict_size:
-                raise ValueError(f"{name}: expected indices of shape [{suite[name].dict_size}, C], "
+            if indices.dim() != 2 or indices.shape[0] != suite[name].d_sae:
+                raise ValueError(f"{name}: expected indices of shape [{suite[name].d_sae}, C], "
                                  f"got {tuple(indices.shape)}")
             if indices.numel() and (indices.min() < 0 or indices.max() >= n_sources):
                 raise ValueError(f"{name}: connection indices must lie in [0, {n_sources}), got "

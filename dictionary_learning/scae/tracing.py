@@ -54,7 +54,7 @@ class SuiteRecord:
 
     mask: torch.Tensor  # [batch, seq] real tokens
     embedding: torch.Tensor  # [batch, seq, d_model]: the residual stream before layer 0
-    codes: dict[str, torch.Tensor]  # module -> [batch, seq, dict_size] TopK codes
+    codes: dict[str, torch.Tensor]  # module -> [batch, seq, d_sae] TopK codes
     encoder_inputs: dict[str, torch.Tensor]  # module -> [batch, seq, d_model] what its encoder read
     # "attn_L" / "mlp_L" -> [batch, seq] s(t) of the norm before it
     norm_scales: dict[str, torch.Tensor]

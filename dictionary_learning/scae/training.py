@@ -81,7 +81,7 @@ class SCAETrainer:
     fields as keywords (`steps` also positionally).
 
     As the reference SCAE fork: Adam with one learning rate per module (`lr=None`: 2e-4 /
-    sqrt(dict_size / 2^14)), linear warmup over `warmup_steps` and linear decay to 0 from
+    sqrt(d_sae / 2^14)), linear warmup over `warmup_steps` and linear decay to 0 from
     `decay_start` (a fraction of the steps; None: no decay), module p's (in suite order) MSE term
     switched on after p * `stagger_steps` steps, and dead features (not fired for
     `dead_feature_threshold` tokens) fitted to each module's residual through AuxK (`auxk_alpha`,
@@ -99,7 +99,7 @@ class SCAETrainer:
         self.suite, self.model, self.connections = suite, model, connections
         for parameter in torch_model(model).parameters():
             parameter.requires_grad_(False)  # only the suite trains
-        self.lrs = {name: default_lr(suite[name].dict_size) if cfg.lr is None else cfg.lr
+        self.lrs = {name: default_lr(suite[name].d_sae) if cfg.lr is None else cfg.lr
                     for name in suite.names}
         self.optimizer = torch.optim.Adam([{"params": list(suite[name].parameters()),
                                             "lr": self.lrs[name]}
@@ -110,7 +110,7 @@ class SCAETrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lr_schedule(cfg.steps, cfg.warmup_steps,
                                                                        decay_step))
-        self.dead = {name: DeadFeatures(suite[name].dict_size,
+        self.dead = {name: DeadFeatures(suite[name].d_sae,
                                         next(suite[name].parameters()).device)
                      for name in suite.names}
         self.config = {**dataclasses.asdict(cfg), "lrs": self.lrs}

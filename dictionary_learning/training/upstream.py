@@ -131,12 +131,12 @@ def train_autoencoder(
     if x.shape[-1] != activation_dim:
         raise ValueError(f"activation_dim={activation_dim} but the activations have width "
                          f"{x.shape[-1]}")
-    output_dim = y.shape[-1]
+    d_out = y.shape[-1]
     trainer = StandardTrainer(
         steps=steps if steps is not None else UNTIL_EXHAUSTED, activation_dim=activation_dim,
-        dict_size=dictionary_size, lr=lr, l1_penalty=sparsity_penalty * output_dim,
+        dict_size=dictionary_size, lr=lr, l1_penalty=sparsity_penalty * d_out,
         warmup_steps=warmup_steps, sparsity_warmup_steps=None, resample_steps=resample_steps,
-        entropy=entropy, seed=seed, device=device, output_dim=output_dim,
+        entropy=entropy, seed=seed, device=device, output_dim=d_out,
         transcoder=isinstance(first, (tuple, list)))
     save_dir = Path(save_dir) if save_dir is not None else None
     saves = Saves([save_dir] if save_dir is not None else [],

@@ -123,7 +123,7 @@ def test_scae_selection_and_evaluation(no_delay, capsys):
           "CE against C (2 values) on 4 texts")
 
 
-SMALL = dict(model="tiny-gpt2", steps=3, tokens=400, batch=64, dict_size=64, k=4, eval_texts=8,
+SMALL = dict(model="tiny-gpt2", steps=3, tokens=400, batch=64, d_sae=64, k=4, eval_texts=8,
              eval_tokens=128, ctx_len=32, loss_batches=1, n_features=1)
 PHASES = {  # the line each phase starts with, and the seconds it records
     "loading tiny-gpt2 ...": None,

@@ -19,7 +19,7 @@ from dictionary_learning.utils import load_dictionary
 
 from ..helpers import random_texts
 
-QUICK = dict(model="tiny-llama", tokens=400, steps=3, batch=64, dict_size=64, k=4, eval_texts=8,
+QUICK = dict(model="tiny-llama", tokens=400, steps=3, batch=64, d_sae=64, k=4, eval_texts=8,
              eval_tokens=128, ctx_len=32, loss_batches=1, n_features=1, dashboard_features=0,
              progress=False)
 

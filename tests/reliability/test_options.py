@@ -61,3 +61,27 @@ def test_missing_required_fields_are_named():
     # a config and fields beside it: the fields replace the config's
     trainer = TopKTrainer(config=TopKConfig(steps=5, activation_dim=4, dict_size=8, k=2), k=3)
     assert trainer.cfg.k == 3 and trainer.cfg.steps == 5
+
+
+def test_renamed_options_name_their_new_names(tmp_path, monkeypatch):
+    """This package's own functions spell a dictionary's width d_sae (dict_size stays upstream's
+    name in trainer configs and saved files): the old keyword fails naming the new one, before any
+    work; the command line takes --dict-size or --d-sae."""
+    from dictionary_learning.__main__ import parser
+    from dictionary_learning.dashboard import parse_features
+    from dictionary_learning.reports import QuickstartConfig
+    from dictionary_learning.scae import SCAESuite
+
+    monkeypatch.chdir(tmp_path)
+    calls = [lambda: quickstart(dict_size=64),
+             lambda: train_suite(None, 1, dict_size=8, k=2, data=[], steps=1),
+             lambda: SCAESuite.random(None, dict_size=8, k=2),
+             lambda: parse_features("all", dict_size=8)]
+    for call in calls:
+        with pytest.raises(TypeError, match="dict_size was renamed d_sae"):
+            call()
+    assert list(tmp_path.iterdir()) == []
+    assert QuickstartConfig(d_sae=64, k=4).d_sae == 64
+    assert parse_features("all", d_sae=3) == [0, 1, 2]
+    for flag in ("--dict-size", "--d-sae"):
+        assert parser().parse_args(["train", flag, "64"]).d_sae == 64

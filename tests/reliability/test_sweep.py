@@ -549,7 +549,7 @@ CASES = [
      ValueError, "batch=2048 exceeds tokens=500"),
     ("cli: train --k above --dict-size",
      lambda e, t: cli("train", "--k", "50", "--dict-size", "40"), ValueError,
-     r"k must be an int in \[1, dict_size=40\], got 50"),
+     r"k must be an int in \[1, d_sae=40\], got 50"),
     ("cli: train --out is a file", lambda e, t: (t.joinpath("afile").write_text("x"),
                                                  cli("train", "--out", str(t / "afile"))),
      NotADirectoryError, "out must be a folder, but .*afile' is a file"),

@@ -352,7 +352,7 @@ def ranks_with_other_configs(tmp):
 def quickstart(tmp, **overrides):
     from dictionary_learning.reports import quickstart as run
 
-    options = dict(model="tiny-llama", tokens=400, steps=3, batch=64, dict_size=64, k=4,
+    options = dict(model="tiny-llama", tokens=400, steps=3, batch=64, d_sae=64, k=4,
                    eval_texts=8, eval_tokens=128, ctx_len=32, loss_batches=1, n_features=1,
                    dashboard_features=0, out=tmp / "q", progress=False)
     return _tolerant(run)(**{**options, **overrides})
@@ -381,7 +381,7 @@ def metrics_kept_when_top_contexts_fail(tmp, monkeypatch_target=("dictionary_lea
 
 def no_feature_in_the_window(tmp):
     # every feature fires on every token: none below 5% density
-    metrics = quickstart(tmp, dict_size=64, k=64)
+    metrics = quickstart(tmp, d_sae=64, k=64)
     assert (tmp / "q" / "metrics.json").exists() and "fvu" in metrics
     assert "no feature" in (tmp / "q" / "top_contexts.txt").read_text()
 

@@ -102,7 +102,7 @@ def test_smollm2_decomposition_and_all_connections():
     from dictionary_learning.scae import all_connections, pruned_forward
 
     model = load_model("smollm2-135m", attn_implementation="eager")
-    suite = SCAESuite.random(model, dict_size=128, k=8, n_layer=2, seed=0)
+    suite = SCAESuite.random(model, d_sae=128, k=8, n_layer=2, seed=0)
     record, _ = run_suite(suite, model, ["def add(a, b):\n    return a + b",
                                          "The cat sat on the mat."], ctx_len=16)
     mask = record.mask

@@ -32,7 +32,7 @@ def test_suite_save_load_and_errors(tmp_path, tiny_llama):
     modules = dict(suite.dictionaries.items())
     with pytest.raises(ValueError, match="expected \\['attn_0', 'mlp_0', 'attn_1', 'mlp_1'\\]"):
         SCAESuite({k: v for k, v in modules.items() if k != "mlp_1"})
-    wrong = SCAESuite.random(load_model("tiny-gpt2"), dict_size=16, k=2, n_layer=1)
+    wrong = SCAESuite.random(load_model("tiny-gpt2"), d_sae=16, k=2, n_layer=1)
     with pytest.raises(ValueError, match="width is 64"):
         wrong.check_model(tiny_llama)
     with pytest.raises(ValueError, match="not a saved SCAESuite"):

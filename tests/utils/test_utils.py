@@ -84,7 +84,7 @@ def test_suite_push_and_pull_round_trip(tmp_path, local_hub, tiny_llama):
     """An SCAE suite goes up as one folder (modules, connections, suite.json; not a checkpoint lying
     beside them) and comes back equal, connections included."""
     root, calls = local_hub
-    suite = SCAESuite.random(tiny_llama, dict_size=32, k=4, n_layer=2, seed=1)
+    suite = SCAESuite.random(tiny_llama, d_sae=32, k=4, n_layer=2, seed=1)
     suite.model_name = "tiny-llama"
     suite.connections = all_connections(suite, tiny_llama).top(3)
     suite.push_to_hub("me/suite", path_in_repo="v1")
