@@ -138,8 +138,8 @@ class SparseCode(NamedTuple):
         counts = torch.bincount(self.rows, minlength=self.n_rows)
         return torch.cumsum(counts, 0) - counts
 
-    def to_dense(self, dict_size: int) -> torch.Tensor:
-        dense = torch.zeros(self.n_rows, dict_size, dtype=self.values.dtype,
+    def to_dense(self, d_sae: int) -> torch.Tensor:
+        dense = torch.zeros(self.n_rows, d_sae, dtype=self.values.dtype,
                             device=self.values.device)
         return dense.index_put_((self.rows, self.cols), self.values, accumulate=True)
 
