@@ -109,6 +109,7 @@ class Trainer:
     unit_norm_decoder: ClassVar[bool] = False
 
     distributed: Any = None  # training.distributed.DataParallel in data-parallel training
+    in_update: bool = False  # inside `update`, which adds a step's `row_gradients` after backward
 
     def __init__(self, config: TrainerConfig | None = None, **fields: Any) -> None:
         cfg = self.cfg = options(self.Config, config, fields, type(self).__name__)
@@ -239,9 +240,15 @@ class Trainer:
         x, y = self.batch_tensors(activations)
         self.before_step(step, x, y)
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.step_loss(x, y, step)
+        self.in_update = True  # the step may take rows' gradients outside autograd, added below
+        try:
+            out = self.step_loss(x, y, step)
+        finally:
+            self.in_update = False
         loss = out.loss if extra_loss is None else extra_loss(out)
         loss.backward()
+        if out.state.get("row_gradients") is not None:  # AuxK's dead rows (`parts.RowGradients`)
+            out.state["row_gradients"].add()
         if self.distributed is not None:  # the gradient of the global batch's mean loss
             self.distributed.average_gradients(self.ae.parameters())
         self.before_optimizer_step()

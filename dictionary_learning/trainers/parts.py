@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ..dictionary import Dictionary
-from .decoder import UnitNormDecoder, decoder_rows  # noqa: F401 (parts' names)
+from ..sparse import SparseCode, gather_linear, sparse_decode
+from .decoder import UnitNormDecoder, decoder_directions, decoder_rows  # noqa: F401
 from .optim import adam  # noqa: F401 (parts' names)
 
 # AuxK codes dense over the dead columns when k_aux >= this share of the dead latents
@@ -113,32 +114,66 @@ def fired_latents(code: Any, dict_size: int) -> torch.Tensor:
 
 def auxk_loss(ae: Dictionary, x: torch.Tensor, residual: torch.Tensor, pre: torch.Tensor,
               dead: torch.Tensor, k_aux: int,
-              global_mean: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, float]:
-    """(loss, error before normalising) of Gao et al.'s AuxK: the k_aux largest pre-activations
-    among the dead latents reconstruct the main reconstruction's `residual` (detached), the squared
-    error over the residual's variance (both over the global batch). Never over all latents: dense
-    over the dead columns when the codes fill a large share of them (two small GEMMs), else only the
-    k_aux gathered codes per row. (0, -1) with no dead latent."""
+              global_mean: Callable[[torch.Tensor], torch.Tensor], row_leaves: bool = False
+              ) -> tuple[torch.Tensor, float, RowGradients | None]:
+    """(loss, error before normalising, the dead rows' gradients or None) of Gao et al.'s AuxK: the
+    k_aux largest pre-activations among the dead latents reconstruct the main reconstruction's
+    `residual` (detached), the squared error over the residual's variance (both over the global
+    batch). Never over all latents: dense over the dead rows when the codes fill a large share of
+    them (two small GEMMs), else only the k_aux gathered codes per row. With `row_leaves` the dead
+    latents' encoder rows, biases and decoder rows enter as `RowGradients` leaves, whose gradients
+    the caller adds into the parameters' after backward (autograd would build a dense [d_sae, d]
+    gradient for each and add it to the main path's); else through autograd.
+    (0, -1, None) with no dead latent."""
     n_dead = int(dead.sum())
     if n_dead == 0:
-        return torch.zeros((), dtype=x.dtype, device=x.device), -1.0
+        return torch.zeros((), dtype=x.dtype, device=x.device), -1.0, None
     k_aux = min(k_aux, n_dead)
     dead_ids = dead.nonzero().flatten()
+    weight, bias, center = ae._encoder_affine()
+    views = (weight, bias, decoder_directions(ae))
+    rows = RowGradients(dead_ids, views) if row_leaves else None
+    encoder, encoder_bias, decoder = (rows.leaves if rows is not None
+                                      else [view[dead_ids] for view in views])
     if DENSE_AUXK_SHARE * n_dead <= k_aux:
-        weight, bias, center = ae._encoder_affine()
         centred = x if center is None else x - center
-        post = F.linear(centred, weight[dead_ids], bias[dead_ids]).relu()  # [batch, n_dead]
+        post = F.linear(centred, encoder, encoder_bias).relu()  # [batch, n_dead]
         with torch.no_grad():
             top = post.topk(k_aux, dim=-1).indices
             keep = torch.zeros_like(post, dtype=torch.bool).scatter_(1, top, True)
-        residual_hat = (post * keep) @ decoder_rows(ae, dead_ids)
+        residual_hat = (post * keep) @ decoder
     else:
         with torch.no_grad():
             values, local = pre.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
-        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k_aux)
-        code = ae.gather_code(x, rows, dead_ids[local].flatten(), values.flatten(), x.shape[0])
-        residual_hat = ae.decode_sparse(code, bias=False)
-    return normalised_error(residual, residual_hat, global_mean)
+        at = torch.arange(x.shape[0], device=x.device).repeat_interleave(k_aux)
+        local = local.flatten()
+        code = SparseCode(gather_linear(x, encoder, encoder_bias, at, local, values.flatten(),
+                                        center).relu(), at, local, x.shape[0])
+        residual_hat = sparse_decode(code, decoder.t())
+    return (*normalised_error(residual, residual_hat, global_mean), rows)
+
+
+class RowGradients:
+    """Some rows (`ids`) of parameters (or of transposed views of them) as detached leaves
+    (`leaves`); after backward, `add` puts the leaves' gradients into the parameters' own, in place,
+    so a loss over a few rows never makes autograd build a dense gradient of the whole parameter and
+    add it to another. Only where the caller runs backward and then `add` (`Trainer.update`):
+    `torch.autograd.grad` and torch.func transforms see the leaves, not the parameters."""
+
+    def __init__(self, ids: torch.Tensor, views: tuple[torch.Tensor, ...]):
+        self.ids, self.views = ids, views
+        self.leaves = [view[ids].detach().requires_grad_() for view in views]
+
+    @torch.no_grad()
+    def add(self) -> None:
+        for view, leaf in zip(self.views, self.leaves):
+            if leaf.grad is None:
+                continue
+            parameter = view if view._base is None else view._base  # a transposed view's base
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            grad = parameter.grad if view._base is None else parameter.grad.t()
+            grad.index_put_((self.ids,), leaf.grad.to(grad.dtype), accumulate=True)
 
 
 def normalised_error(residual: torch.Tensor, residual_hat: torch.Tensor,

@@ -141,15 +141,16 @@ class TopKTrainer(UpdateX, UpstreamTrainerAPI, Trainer):
         fired = self.global_fired(parts.fired_latents(code, self.ae.dict_size))
         n_tokens = x.shape[0] * (1 if self.distributed is None else self.distributed.world_size)
         dead = self.dead.mask_after(fired, n_tokens, self.cfg.dead_feature_threshold)
-        auxk, pre_norm = torch.zeros((), device=x.device), -1.0
+        auxk, pre_norm, rows = torch.zeros((), device=x.device), -1.0, None
         if self.cfg.auxk_alpha:
-            auxk, pre_norm = parts.auxk_loss(self.ae, x, (y - y_hat).detach(), pre, dead,
-                                             self.cfg.k_aux, self.global_mean)
+            auxk, pre_norm, rows = parts.auxk_loss(self.ae, x, (y - y_hat).detach(), pre, dead,
+                                                   self.cfg.k_aux, self.global_mean,
+                                                   row_leaves=self.in_update)
         l0 = (code.values > 0).sum().item() / x.shape[0]
         return StepOutput(loss + self.cfg.auxk_alpha * auxk, y_hat, fired, l0,
                           {**metrics, "auxk_loss": auxk.item()},
                           {"code": code, "dead_features": int(dead.sum()),
-                           "pre_norm_auxk_loss": pre_norm})
+                           "pre_norm_auxk_loss": pre_norm, "row_gradients": rows})
 
     def before_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
         if step == 0 and not self.b_dec_initialised:
