@@ -1,5 +1,5 @@
 """The SCAE pruned forward pass against a dense masked-virtual-weight implementation (the reference
-fork's approach: a dense [n_features, n_upstream] virtual-weight matrix per module, per head for
+fork's approach: a dense [n_features, n_sources] virtual-weight matrix per module, per head for
 attention, masked to the kept connections), at the same C and dictionary size, on SmolLM2's first
 layers. Prints time and peak memory and ratios.
 
@@ -27,7 +27,7 @@ def setup(args):
     from dictionary_learning.scae import SCAESuite, run_suite
 
     model = load_model("smollm2-135m", attn_implementation="eager")
-    suite = SCAESuite.random(model, dict_size=args.dict_size, k=args.k, n_layer=args.layers, seed=0)
+    suite = SCAESuite.random(model, d_sae=args.dict_size, k=args.k, n_layer=args.layers, seed=0)
     texts = list(itertools.islice(default_corpus(), args.texts))
     record, _ = run_suite(suite, model, texts, ctx_len=args.ctx_len, logits=False)
     return model, suite, record
@@ -37,7 +37,7 @@ def random_connections(suite, C, seed=0):
     generator = torch.Generator().manual_seed(seed)
     indices = {}
     for name in suite.names:
-        n_up = suite.n_upstream(name)
+        n_up = suite.n_sources(name)
         c = min(C, n_up)
         indices[name] = (torch.rand(suite[name].dict_size, n_up, generator=generator)
                          .topk(c, dim=1).indices.sort(1).values)
@@ -46,24 +46,24 @@ def random_connections(suite, C, seed=0):
 
 @torch.no_grad()
 def dense_masked_forward(suite, model, record, indices):
-    """Dense virtual weights [n_features, n_upstream] (x heads for attention) masked to the
+    """Dense virtual weights [n_features, n_sources] (x heads for attention) masked to the
     connections."""
     from dictionary_learning.dictionary import topk_codes
     from dictionary_learning.models import attention_ov, norm_params
-    from dictionary_learning.scae import decompose, parse_module_name, upstream_of
+    from dictionary_learning.scae import decompose, parse_module_name, sources_of
 
     codes = {}
     for name in suite.names:
         kind, layer = parse_module_name(name)
-        terms = decompose(suite, model, record, name, upstream_codes={})
+        terms = decompose(suite, model, record, name, source_codes={})
         pre = terms["embedding"] + terms["bias"]
-        if upstream_of(name):
+        if sources_of(name):
             # [n_up, d]
-            decoders = torch.cat([suite[up].decoder.weight.t() for up in upstream_of(name)])
+            decoders = torch.cat([suite[up].decoder.weight.t() for up in sources_of(name)])
             normed = norm_params(model, layer, kind).linear_part(decoders)
             mask = (torch.zeros(suite[name].dict_size, normed.shape[0])
                     .scatter_(1, indices[name], 1.0))
-            upstream = (torch.cat([codes[up] for up in upstream_of(name)], dim=-1)
+            upstream = (torch.cat([codes[up] for up in sources_of(name)], dim=-1)
                         * record.norm_scales[name][..., None])
             encoder = suite[name].encoder.weight
             if kind == "mlp":

@@ -57,8 +57,8 @@ def main() -> None:
         contribution_statistics,
         pruned_forward,
         run_suite,
+        sources_of,
         train_suite,
-        upstream_of,
         virtual_weights,
     )
 
@@ -91,7 +91,7 @@ def main() -> None:
         suite = suite.float()
         del reader
     else:
-        suite = SCAESuite.random(model, dict_size=args.dict_size, k=args.k, n_layer=args.layers,
+        suite = SCAESuite.random(model, d_sae=args.dict_size, k=args.k, n_layer=args.layers,
                                  seed=0)
 
     record, _ = stage("run_suite (suite patched in, recorded)",
@@ -102,7 +102,7 @@ def main() -> None:
         indices = {}
         # C distinct upstream features per row: start + c * stride, c < C, stride < n_up / C
         for name in suite.names:
-            n_up, n_features = suite.n_upstream(name), suite[name].dict_size
+            n_up, n_features = suite.n_sources(name), suite[name].dict_size
             C = min(args.C, n_up)
             start = torch.randint(max(n_up, 1), (n_features, 1), generator=generator)
             stride = torch.randint(1, max(n_up // max(C, 1), 2), (n_features, 1),
@@ -122,7 +122,7 @@ def main() -> None:
     stored = sum(t.numel() * t.element_size()
                  for field in (connections.indices, connections.weights)
                  for t in field.values())
-    pairs = sum(len(upstream_of(name)) for name in suite.names)
+    pairs = sum(len(sources_of(name)) for name in suite.names)
     # one float32 [dict_size, dict_size] matrix per module pair
     dense = pairs * args.dict_size**2 * 4
     print(f"  connections stored: {stored / 2**20:.0f} MB (dense virtual weights, one matrix per "

@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale", type=float, default=1.0, help="activations are scale * randn")
     parser.add_argument("--sparse-activations", action="store_true",
                         help="sae-lens only: use_sparse_activations=True (crashes on CPU)")
+    parser.add_argument("--transcoder", action="store_true",
+                        help="eai-sparsify only: a transcoder (transcode=True) from x to a "
+                             "target y of the same width (a second pool of activations)")
     args = parser.parse_args(argv)
     for name in ("d_in", "dict_size", "k", "batch", "steps", "threads"):
         if getattr(args, name) <= 0:
@@ -90,11 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--k ({args.k}) must be <= --dict-size ({args.dict_size})")
     if args.sparse_activations and args.peer != "sae-lens":
         parser.error("--sparse-activations applies to --peer sae-lens only")
+    if args.transcoder and args.peer != "eai-sparsify":
+        parser.error("--transcoder applies to --peer eai-sparsify only")
     return args
 
 
-def make_pool(torch, args: argparse.Namespace) -> list:
-    generator = torch.Generator().manual_seed(args.seed)
+def make_pool(torch, args: argparse.Namespace, offset: int = 0) -> list:
+    generator = torch.Generator().manual_seed(args.seed + 100 * offset)
     return [
         torch.randn(args.batch, args.d_in, generator=generator, dtype=torch.float32) * args.scale
         for _ in range(POOL_BATCHES)
@@ -207,9 +212,12 @@ def build_sparsify(torch, args, pool, dead_ids):
     from sparsify.config import TrainConfig
 
     torch.manual_seed(args.seed)
-    sae = SparseCoder(args.d_in, SparseCoderConfig(num_latents=args.dict_size, k=args.k),
-                      device="cpu", dtype=torch.float32)
-    train_cfg = TrainConfig(SparseCoderConfig(num_latents=args.dict_size, k=args.k))
+    config = SparseCoderConfig(num_latents=args.dict_size, k=args.k, transcode=args.transcoder)
+    sae = SparseCoder(args.d_in, config, device="cpu", dtype=torch.float32)
+    train_cfg = TrainConfig(config)
+    # a transcoder's targets: a second pool, one per input batch
+    targets = ({id(x): y for x, y in zip(pool, make_pool(torch, args, offset=1))}
+               if args.transcoder else {})
     optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4 / (sae.num_latents / 2**14) ** 0.5)
     tokens_since_fired = torch.zeros(args.dict_size, dtype=torch.long)
     if len(dead_ids):
@@ -221,12 +229,14 @@ def build_sparsify(torch, args, pool, dead_ids):
 
     def step(index: int, x) -> None:
         # sparsify/trainer.py's per-step work for one autoencoding hook point (no grad accumulation)
-        sae.set_decoder_norm_to_unit_norm()
+        if not args.transcoder:  # sparsify's trainer keeps only an autoencoder's decoder unit-norm
+            sae.set_decoder_norm_to_unit_norm()
         dead_mask = tokens_since_fired > train_cfg.dead_feature_threshold
-        out = sae(x, dead_mask=dead_mask)
+        out = sae(x, targets.get(id(x)), dead_mask=dead_mask)
         loss = out.fvu + train_cfg.auxk_alpha * out.auxk_loss
         loss.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
+        if not args.transcoder:
+            sae.remove_gradient_parallel_to_decoder_directions()
         optimizer.step()
         optimizer.zero_grad()
         with torch.no_grad():
