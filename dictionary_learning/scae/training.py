@@ -21,6 +21,7 @@ from ..models import torch_model
 from ..tracing import masked_cross_entropy, next_token_kl, tokenize
 from ..trainers.parts import (
     DeadFeatures,
+    adam,
     decoder_rows,
     default_topk_lr,
     lr_schedule,
@@ -101,9 +102,8 @@ class SCAETrainer:
             parameter.requires_grad_(False)  # only the suite trains
         self.lrs = {name: default_lr(suite[name].d_sae) if cfg.lr is None else cfg.lr
                     for name in suite.names}
-        self.optimizer = torch.optim.Adam([{"params": list(suite[name].parameters()),
-                                            "lr": self.lrs[name]}
-                                           for name in suite.names])
+        self.optimizer = adam([{"params": list(suite[name].parameters()), "lr": self.lrs[name]}
+                               for name in suite.names], next(iter(self.lrs.values())))
         self.decoder_norms = {name: module.decoder.weight.detach().norm(dim=0, keepdim=True).clone()
                               for name, module in suite.dictionaries.items()}
         decay_step = None if cfg.decay_start is None else int(cfg.decay_start * cfg.steps)
@@ -187,8 +187,8 @@ class SCAETrainer:
         self.optimizer.step()
         self.scheduler.step()
         # keep each decoder column at its starting norm (unit for TopK-trained modules,
+        # c_in / c_out for transcoders whose training normalisation was folded in)
         with torch.no_grad():
-            # c_in / c_out for transcoders whose training normalisation was folded in)
             for name, module in self.suite.dictionaries.items():
                 weight = module.decoder.weight
                 weight *= (self.decoder_norms[name]
