@@ -57,14 +57,21 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(args.seed)
-    pool = [torch.randn(args.batch, args.d_in, generator=generator) for _ in range(4)]
-    targets = [torch.randn(args.batch, args.d_in, generator=generator) for _ in range(4)]
+    pool = [torch.randn(args.batch, args.d_in, generator=generator).to(args.device)
+            for _ in range(4)]
+    targets = [torch.randn(args.batch, args.d_in, generator=generator).to(args.device)
+               for _ in range(4)]
+
+    def sync() -> None:  # CUDA runs asynchronously: time finished work
+        if pool[0].is_cuda:
+            torch.cuda.synchronize()
+
     cls = {"topk": TopKTrainer, "batchtopk": BatchTopKTrainer, "transcoder": TopKTrainer,
            "matryoshka": MatryoshkaBatchTopKTrainer}[args.arch]
     options = {"transcoder": {"transcoder": True},
                "matryoshka": {"group_fractions": list(GROUP_FRACTIONS)}}.get(args.arch, {})
     trainer = cls(steps=100_000, activation_dim=args.d_in, dict_size=args.dict_size, k=args.k,
-                  warmup_steps=10, seed=args.seed, device="cpu", **options)
+                  warmup_steps=10, seed=args.seed, device=args.device, **options)
     batch = ((lambda i: (pool[i % 4], targets[i % 4])) if args.arch == "transcoder"
              else (lambda i: pool[i % 4]))
     trainer.update(0, batch(0))  # b_dec at the median
@@ -78,8 +85,10 @@ def worker(args: argparse.Namespace) -> None:
         trainer.update(step, batch(step))
     times = []
     for step in range(args.warmup + 1, args.warmup + 1 + args.steps):
+        sync()
         start = time.perf_counter()
         trainer.update(step, batch(step))
+        sync()
         times.append(time.perf_counter() - start)
     weight = trainer.ae._encoder_affine()[0].detach().clone()
 
@@ -87,8 +96,10 @@ def worker(args: argparse.Namespace) -> None:
         work()
         runs = []
         for _ in range(repeats):
+            sync()
             start = time.perf_counter()
             work()
+            sync()
             runs.append(time.perf_counter() - start)
         return 1000 * statistics.median(runs)
 
@@ -104,9 +115,9 @@ def worker(args: argparse.Namespace) -> None:
                           trainer.cfg.dead_feature_threshold).sum())}))
 
 
-def ours(shape: dict, arch: str, threads: int) -> dict:
+def ours(shape: dict, arch: str, threads: int, device: str) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--arch", arch,
-               "--threads", str(threads)]
+               "--threads", str(threads), "--device", device]
     for key, value in shape.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
     done = subprocess.run(command, capture_output=True, text=True,
@@ -126,11 +137,13 @@ def measure(d_in: int, latents: int, k: int, batch: int, dead: float, arch: str,
     for round_ in range(args.rounds):
         for name in names if round_ % 2 == 0 else names[::-1]:  # alternating order
             if name == "ours":
-                result = ours(shape, arch, args.threads)
+                result = ours(shape, arch, args.threads, args.device)
             else:
                 peer, script, extra = ARCH_PEERS.get(arch, (name, "peer_step.py", ()))
+                if args.device != "cpu":
+                    extra = (*extra, "--device", args.device)
                 result = run_peer(peer, threads=args.threads, script=BENCH / script,
-                                  extra_args=extra, **shape)
+                                  extra_args=extra, python=args.peer_python, **shape)
             sides.setdefault(name, []).append(result)
     row = {"arch": arch, **shape}
     for name, results in sides.items():
@@ -179,6 +192,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=BENCH / "results" / "scale.json")
+    parser.add_argument("--device", default="cpu", help="cuda: every side on the GPU")
+    parser.add_argument("--peer-python", default=None,
+                        help="run the peers with this python (default: their venvs, "
+                             "bench/setup_peers.sh)")
     # the worker's own arguments (one side, in its own process)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--arch", default="topk", help=argparse.SUPPRESS)
@@ -195,8 +212,12 @@ def main() -> None:
         points = [(arch, *(QUICK[0] if args.quick else (2048, 16384, 64, 1024)))
                   for arch in ARCHITECTURES]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    print(f"TopK-family training steps, float32, {args.threads} threads, {machine}; "
-          f"{args.steps} timed steps, best of {args.rounds} rounds")
+    if args.device != "cpu":
+        import torch
+
+        machine = f"{torch.cuda.get_device_name()} ({machine})"
+    print(f"TopK-family training steps, float32, on {args.device}, {args.threads} threads, "
+          f"{machine}; {args.steps} timed steps, best of {args.rounds} rounds")
     rows = []
     for arch, d_in, latents, k, batch in points:
         for dead in args.dead:
@@ -211,7 +232,8 @@ def main() -> None:
     print(table(rows, names))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d"),
-                                     "threads": args.threads, "rows": rows}, indent=1))
+                                     "device": args.device, "threads": args.threads,
+                                     "rows": rows}, indent=1))
     print(f"\nwritten {args.json}")
 
 

@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale", type=float, default=1.0, help="activations are scale * randn")
     parser.add_argument("--sparse-activations", action="store_true",
                         help="sae-lens only: use_sparse_activations=True (crashes on CPU)")
+    parser.add_argument("--device", default="cpu",
+                        help="eai-sparsify only: cuda runs its Triton kernels where triton imports")
     parser.add_argument("--transcoder", action="store_true",
                         help="eai-sparsify only: a transcoder (transcode=True) from x to a "
                              "target y of the same width (a second pool of activations)")
@@ -93,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--k ({args.k}) must be <= --dict-size ({args.dict_size})")
     if args.sparse_activations and args.peer != "sae-lens":
         parser.error("--sparse-activations applies to --peer sae-lens only")
+    if args.device != "cpu" and args.peer != "eai-sparsify":
+        parser.error("--device applies to --peer eai-sparsify only")
     if args.transcoder and args.peer != "eai-sparsify":
         parser.error("--transcoder applies to --peer eai-sparsify only")
     return args
@@ -101,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_pool(torch, args: argparse.Namespace, offset: int = 0) -> list:
     generator = torch.Generator().manual_seed(args.seed + 100 * offset)
     return [
-        torch.randn(args.batch, args.d_in, generator=generator, dtype=torch.float32) * args.scale
+        (torch.randn(args.batch, args.d_in, generator=generator, dtype=torch.float32)
+         * args.scale).to(args.device)
         for _ in range(POOL_BATCHES)
     ]
 
@@ -213,13 +218,13 @@ def build_sparsify(torch, args, pool, dead_ids):
 
     torch.manual_seed(args.seed)
     config = SparseCoderConfig(num_latents=args.dict_size, k=args.k, transcode=args.transcoder)
-    sae = SparseCoder(args.d_in, config, device="cpu", dtype=torch.float32)
+    sae = SparseCoder(args.d_in, config, device=args.device, dtype=torch.float32)
     train_cfg = TrainConfig(config)
     # a transcoder's targets: a second pool, one per input batch
     targets = ({id(x): y for x, y in zip(pool, make_pool(torch, args, offset=1))}
                if args.transcoder else {})
     optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4 / (sae.num_latents / 2**14) ** 0.5)
-    tokens_since_fired = torch.zeros(args.dict_size, dtype=torch.long)
+    tokens_since_fired = torch.zeros(args.dict_size, dtype=torch.long, device=args.device)
     if len(dead_ids):
         bias = killing_bias(torch, pool, sae.b_dec.detach(), sae.encoder.weight.detach().T)
         with torch.no_grad():
@@ -240,11 +245,11 @@ def build_sparsify(torch, args, pool, dead_ids):
         optimizer.step()
         optimizer.zero_grad()
         with torch.no_grad():
-            fired = torch.zeros(args.dict_size, dtype=torch.bool)
+            fired = torch.zeros(args.dict_size, dtype=torch.bool, device=args.device)
             fired[out.latent_indices.flatten()] = True
             tokens_since_fired.add_(x.shape[0])
             tokens_since_fired[fired] = 0
-        last["auxk"] = float(out.auxk_loss)
+        last["auxk"] = float(out.auxk_loss)  # (on CUDA this waits for the step to finish)
 
     def dead_count() -> int:
         return int((tokens_since_fired > train_cfg.dead_feature_threshold).sum())

@@ -51,17 +51,20 @@ def run_peer(
     extra_args: tuple[str, ...] = (),
     timeout_s: float = 1800.0,
     script: str | Path = PEER_STEP_SCRIPT,
+    python: str | Path | None = None,
 ) -> dict:
     """Run bench/peer_step.py (or another peer-side `script` taking the same arguments) for one peer
     in its venv; return its JSON line as a dict.
 
-    Never raises for a failing peer: a missing venv, a crash, a timeout or unparsable output gives a
-    dict with an "error" key (plus "peer" and the shape).
+    `python`: run it with this interpreter instead of the peer's venv (a machine whose own python
+    holds the peer, such as a GPU machine without network). Never raises for a failing peer: a
+    missing venv, a crash, a timeout or unparsable output gives a dict with an "error" key (plus
+    "peer" and the shape).
     """
     shape = dict(d_in=d_in, dict_size=dict_size, k=k, batch=batch, steps=steps, warmup=warmup,
                  dead_fraction=dead_fraction, seed=seed, threads=threads)
     failure = {"peer": name, **shape}
-    python = peer_python(name)
+    python = peer_python(name) if python is None else python  # (another python: its own packages)
     if python is None:
         return {**failure, "error": f"no venv at {peers_dir() / name}: run bench/setup_peers.sh"}
     command = [str(python), str(script), "--peer", name]

@@ -123,6 +123,38 @@ def gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return _GatherLinear.apply(x, weight, bias, center, rows, cols, values.detach())
 
 
+class _KnownLinear(torch.autograd.Function):
+    """(x - center) @ weight.T + bias, `[batch, n]`, given its values already computed (a block of
+    a larger product's columns): backward one GEMM for weight's gradient, sums and one
+    vector-matrix product for bias and center, and x's only when x needs one."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, center, values):
+        ctx.save_for_backward(x, weight, center)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, center = ctx.saved_tensors
+        grad = grad.to(x.dtype)
+        summed = grad.sum(0)
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_center = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad.t() @ (x if center is None else x - center)
+        if center is not None and ctx.needs_input_grad[3]:
+            grad_center = -(summed @ weight)
+        return grad_x, grad_weight, summed if ctx.needs_input_grad[2] else None, grad_center, None
+
+
+def known_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 center: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
+    """`(x - center) @ weight.T + bias` (center None: x), whose `values` were already computed
+    without grad in x's dtype (e.g. as columns of the dense encoder GEMM): differentiable in every
+    input without repeating the product."""
+    return _KnownLinear.apply(x, weight, bias, center, values.detach())
+
+
 class SparseCode(NamedTuple):
     """A sparse code: `values[i]` of latent `cols[i]` in row `rows[i]`, grouped by row
     (rows ascending)."""

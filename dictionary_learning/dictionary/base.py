@@ -20,19 +20,11 @@ OPTIONAL_BUFFERS = {"threshold"}  # buffers that older upstream saves may lack
 # base
 
 
-class Dictionary(ABC, nn.Module):
-    """A dictionary: `encode` input -> features, `decode` features -> output, `forward` both."""
+class Widths:
+    """The widths in this package's names, over upstream's `activation_dim`, `dict_size` and
+    `output_dim` (what dictionaries store, save and take in their constructors, and trainer configs'
+    keys)."""
 
-    activation_dim: int
-    dict_size: int
-    output_dim: int
-    transcoder: bool
-    # whether an SAE of this class refuses different input and output scales in `fold_scale`: its
-    # encoder reads x - b_dec (`_encoder_input`), and one b_dec cannot move with both scales
-    one_scale_sae = True
-
-    # the widths in this package's names (upstream's attribute names above are what a class stores,
-    # saves and takes in its constructor)
     @property
     def d_in(self) -> int:
         return self.activation_dim
@@ -43,7 +35,20 @@ class Dictionary(ABC, nn.Module):
 
     @property
     def d_out(self) -> int:
-        return getattr(self, "output_dim", self.activation_dim)
+        output_dim = getattr(self, "output_dim", None)
+        return self.activation_dim if output_dim is None else output_dim
+
+
+class Dictionary(Widths, ABC, nn.Module):
+    """A dictionary: `encode` input -> features, `decode` features -> output, `forward` both."""
+
+    activation_dim: int
+    dict_size: int
+    output_dim: int
+    transcoder: bool
+    # whether an SAE of this class refuses different input and output scales in `fold_scale`: its
+    # encoder reads x - b_dec (`_encoder_input`), and one b_dec cannot move with both scales
+    one_scale_sae = True
 
     @abstractmethod
     # [batch, activation_dim] -> [batch, dict_size]

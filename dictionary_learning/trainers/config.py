@@ -9,6 +9,7 @@ from typing import Any
 
 from ..checks import finite_hyperparameters, integer
 from ..dictionary import Dictionary, dictionary_class
+from ..dictionary.base import Widths
 from ..files import json_safe
 
 # fields that describe where a run reads or runs, not how it trains: a resumed run may change them
@@ -16,7 +17,7 @@ NOT_COMPARED_ON_RESUME = ("layer", "lm_name", "wandb_name", "submodule_name", "d
 
 
 @dataclasses.dataclass(kw_only=True)
-class TrainerConfig:
+class TrainerConfig(Widths):
     """What every method takes. `dict_class` None: the method's own dictionary class."""
 
     steps: int
@@ -49,19 +50,6 @@ class TrainerConfig:
         check_schedule(self.steps, self.warmup_steps, self.decay_start,
                        getattr(self, "resample_steps", None),
                        getattr(self, "sparsity_warmup_steps", None))
-
-    # the widths in this package's names (the fields keep upstream's config keys)
-    @property
-    def d_in(self) -> int:
-        return self.activation_dim
-
-    @property
-    def d_sae(self) -> int:
-        return self.dict_size
-
-    @property
-    def d_out(self) -> int:
-        return self.activation_dim if self.output_dim is None else self.output_dim
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (dict_class and dtypes as names); `type(config).from_dict` reads it back."""

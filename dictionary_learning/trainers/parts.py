@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dictionary import Dictionary
-from ..sparse import SparseCode, gather_linear, sparse_decode
+from ..sparse import SparseCode, gather_linear, known_linear, sparse_decode
 from .decoder import UnitNormDecoder, decoder_directions, decoder_rows  # noqa: F401
 from .optim import adam  # noqa: F401 (parts' names)
 
@@ -136,8 +136,12 @@ def auxk_loss(ae: Dictionary, x: torch.Tensor, residual: torch.Tensor, pre: torc
     encoder, encoder_bias, decoder = (rows.leaves if rows is not None
                                       else [view[dead_ids] for view in views])
     if DENSE_AUXK_SHARE * n_dead <= k_aux:
-        centred = x if center is None else x - center
-        post = F.linear(centred, encoder, encoder_bias).relu()  # [batch, n_dead]
+        if pre.dtype == x.dtype:  # the dead columns of the encoder GEMM, not computed again
+            post = known_linear(x, encoder, encoder_bias, center,
+                                pre.index_select(1, dead_ids)).relu()  # [batch, n_dead]
+        else:
+            centred = x if center is None else x - center
+            post = F.linear(centred, encoder, encoder_bias).relu()
         with torch.no_grad():
             top = post.topk(k_aux, dim=-1).indices
             keep = torch.zeros_like(post, dtype=torch.bool).scatter_(1, top, True)

@@ -38,3 +38,29 @@ def test_gather_linear_with_a_center_equals_dense_float64_autograd():
     (((x - c) @ w.T + b)[rows, cols] * upstream).sum().backward()
     for sparse, leaf in zip(sparse_grads, leaves):
         torch.testing.assert_close(sparse, leaf.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_known_linear_gradients_equal_the_dense_product_in_float64():
+    # values computed beforehand (as AuxK takes the dead latents' columns of the encoder GEMM):
+    # every gradient as autograd's through (x - c) @ W.T + b, and gradcheck
+    from dictionary_learning.sparse import known_linear
+
+    generator = torch.Generator().manual_seed(6)
+    leaves = [torch.randn(*shape, dtype=torch.float64, generator=generator, requires_grad=True)
+              for shape in ((7, 4), (3, 4), (3,), (4,))]
+    x, w, b, c = leaves
+
+    def values():
+        with torch.no_grad():
+            return (x - c) @ w.T + b
+
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, c: known_linear(x, w, b, c, ((x - c) @ w.T + b).detach()), leaves)
+    upstream = torch.randn(7, 3, dtype=torch.float64, generator=generator)
+    (known_linear(x, w, b, c, values()) * upstream).sum().backward()
+    ours = [leaf.grad.clone() for leaf in leaves]
+    for leaf in leaves:
+        leaf.grad = None
+    (((x - c) @ w.T + b) * upstream).sum().backward()
+    for mine, leaf in zip(ours, leaves):
+        torch.testing.assert_close(mine, leaf.grad, rtol=1e-12, atol=1e-12)
