@@ -81,7 +81,7 @@ def split_batch(batch: Any, dictionary: Dictionary) -> tuple[torch.Tensor, torch
     if y.shape[-1] != dictionary.output_dim or y.shape[0] != x.shape[0]:
         raise ValueError(f"expected targets of shape [{x.shape[0]}, {dictionary.output_dim}], got "
                          f"{tuple(y.shape)}")
-    for name, tensor in (("x", x), ("y", y)):
+    for name, tensor in (("x", x), ("y", y)) if y is not x else (("x", x),):
         if not torch.isfinite(tensor).all():
             bad = (~torch.isfinite(tensor)).sum().item()
             raise ValueError(f"activations {name} contain {bad} NaN / inf values")
@@ -264,7 +264,7 @@ class Trainer:
     @torch.no_grad()
     def metrics(self, y: torch.Tensor, out: StepOutput, loss: torch.Tensor) -> dict[str, float]:
         mse = (y - out.y_hat.detach()).pow(2).sum(dim=-1).mean()
-        variance = (y - y.mean(dim=0)).pow(2).sum(dim=-1).mean()
+        variance = y.var(dim=0, correction=0).sum()  # mean squared distance to the batch mean
         alive = (~self.dead.mask(self.cfg.dead_feature_threshold)).float().mean()
         return {"loss": loss.item(), "mse": mse.item(),
                 "fvu": (mse / variance.clamp_min(1e-12)).item(), "l0": float(out.l0),
