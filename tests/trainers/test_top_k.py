@@ -1,0 +1,57 @@
+"""TopKTrainer's update: AuxK's dead rows take their gradients outside autograd inside `update`
+(`parts.RowGradients`, no dense [d_sae, d] gradient per parameter); the steps must equal those of
+plain autograd."""
+
+import pytest
+import torch
+
+from dictionary_learning.trainers import (
+    BatchTopKTrainer,
+    MatryoshkaBatchTopKTrainer,
+    TopKTrainer,
+    parts,
+)
+
+
+def _pair(cls, dense_share, monkeypatch, **options):
+    monkeypatch.setattr(parts, "DENSE_AUXK_SHARE", dense_share)
+    trainers = []
+    for _ in range(2):
+        trainer = cls(steps=50, activation_dim=10, dict_size=60, k=3, k_aux=5, auxk_alpha=0.5,
+                      warmup_steps=0, seed=0, dead_feature_threshold=100, device="cpu", lr=1e-2,
+                      **options)
+        trainer.ae.double()
+        dead = torch.arange(0, 60, 3)  # a third count as dead, and rarely fire
+        trainer.dead.counts[dead] = 1000
+        with torch.no_grad():
+            trainer.ae._encoder_affine()[1][dead] -= 1.5
+        trainers.append(trainer)
+    plain = trainers[1]
+    step_loss = plain.step_loss
+
+    def through_autograd(x, y, step):  # the same step with AuxK in autograd's graph
+        plain.in_update = False
+        return step_loss(x, y, step)
+
+    plain.step_loss = through_autograd
+    return trainers
+
+
+@pytest.mark.parametrize("dense_share", [0.0, 1e9], ids=["dense_over_dead", "sparse"])
+@pytest.mark.parametrize("cls, options", [
+    (TopKTrainer, {}), (BatchTopKTrainer, {}),
+    (MatryoshkaBatchTopKTrainer, {"group_fractions": [0.5, 0.5]}),
+    (TopKTrainer, {"output_dim": 7}),
+], ids=["topk", "batchtopk", "matryoshka", "transcoder"])
+def test_update_with_row_gradients_equals_autograd(cls, options, dense_share, monkeypatch):
+    ours, plain = _pair(cls, dense_share, monkeypatch, **options)
+    generator = torch.Generator().manual_seed(3)
+    for step in range(4):
+        x = torch.randn(16, 10, generator=generator, dtype=torch.float64)
+        batch = (x, torch.randn(16, 7, generator=generator, dtype=torch.float64)) \
+            if "output_dim" in options else x
+        ours.update(step, batch)
+        plain.update(step, batch)
+        assert ours.pre_norm_auxk_loss > 0  # AuxK ran
+    for (name, mine), theirs in zip(ours.ae.named_parameters(), plain.ae.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12, msg=name)
