@@ -70,6 +70,8 @@ def worker(args: argparse.Namespace) -> None:
            "matryoshka": MatryoshkaBatchTopKTrainer}[args.arch]
     options = {"transcoder": {"transcoder": True},
                "matryoshka": {"group_fractions": list(GROUP_FRACTIONS)}}.get(args.arch, {})
+    if args.encoder_dtype:
+        options["encoder_dtype"] = args.encoder_dtype
     trainer = cls(steps=100_000, activation_dim=args.d_in, dict_size=args.dict_size, k=args.k,
                   warmup_steps=10, seed=args.seed, device=args.device, **options)
     batch = ((lambda i: (pool[i % 4], targets[i % 4])) if args.arch == "transcoder"
@@ -115,9 +117,9 @@ def worker(args: argparse.Namespace) -> None:
                           trainer.cfg.dead_feature_threshold).sum())}))
 
 
-def ours(shape: dict, arch: str, threads: int, device: str) -> dict:
+def ours(shape: dict, arch: str, threads: int, device: str, encoder_dtype: str) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--arch", arch,
-               "--threads", str(threads), "--device", device]
+               "--threads", str(threads), "--device", device, "--encoder-dtype", encoder_dtype]
     for key, value in shape.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
     done = subprocess.run(command, capture_output=True, text=True,
@@ -137,7 +139,7 @@ def measure(d_in: int, latents: int, k: int, batch: int, dead: float, arch: str,
     for round_ in range(args.rounds):
         for name in names if round_ % 2 == 0 else names[::-1]:  # alternating order
             if name == "ours":
-                result = ours(shape, arch, args.threads, args.device)
+                result = ours(shape, arch, args.threads, args.device, args.encoder_dtype)
             else:
                 peer, script, extra = ARCH_PEERS.get(arch, (name, "peer_step.py", ()))
                 if args.device != "cpu":
@@ -193,6 +195,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=BENCH / "results" / "scale.json")
     parser.add_argument("--device", default="cpu", help="cuda: every side on the GPU")
+    parser.add_argument("--encoder-dtype", default="",
+                        help="our trainers' encoder_dtype (auto: bfloat16 where it is fast); "
+                             "default float32 like every other side")
     parser.add_argument("--peer-python", default=None,
                         help="run the peers with this python (default: their venvs, "
                              "bench/setup_peers.sh)")
@@ -216,7 +221,8 @@ def main() -> None:
         import torch
 
         machine = f"{torch.cuda.get_device_name()} ({machine})"
-    print(f"TopK-family training steps, float32, on {args.device}, {args.threads} threads, "
+    print(f"TopK-family training steps, float32 (our encoder GEMM: "
+          f"{args.encoder_dtype or 'float32'}), on {args.device}, {args.threads} threads, "
           f"{machine}; {args.steps} timed steps, best of {args.rounds} rounds")
     rows = []
     for arch, d_in, latents, k, batch in points:
@@ -233,6 +239,7 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d"),
                                      "device": args.device, "threads": args.threads,
+                                     "encoder_dtype": args.encoder_dtype or "float32",
                                      "rows": rows}, indent=1))
     print(f"\nwritten {args.json}")
 
