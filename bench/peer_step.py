@@ -106,7 +106,7 @@ def make_pool(torch, args: argparse.Namespace, offset: int = 0) -> list:
     generator = torch.Generator().manual_seed(args.seed + 100 * offset)
     return [
         (torch.randn(args.batch, args.d_in, generator=generator, dtype=torch.float32)
-         * args.scale).to(args.device)
+         * args.scale).to(getattr(args, "device", "cpu"))
         for _ in range(POOL_BATCHES)
     ]
 

@@ -155,6 +155,28 @@ def known_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return _KnownLinear.apply(x, weight, bias, center, values.detach())
 
 
+def largest(values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices ascending, values) of the n largest entries of a 1-d tensor, as `topk` finds them
+    but faster on large inputs: a strided sample gives a threshold that about 1.25 n entries exceed,
+    and only those candidates go through topk (exact whenever at least n entries exceed it;
+    otherwise a lower threshold, finally a plain topk)."""
+    numel = values.numel()
+    sample = values[::max(1, numel // 65536)]
+    for margin in (1.25, 2.0, 4.0):
+        m = int(sample.numel() * n / max(numel, 1) * margin) + 64
+        if m >= sample.numel():
+            break
+        threshold = sample.topk(m, sorted=False).values.min()
+        candidates = (values > threshold).nonzero().flatten()  # ascending
+        if candidates.numel() >= n:
+            top, local = values[candidates].topk(n, sorted=False)
+            local, order = local.sort()
+            return candidates[local], top[order]
+    top, indices = values.topk(n, sorted=False)
+    indices, order = indices.sort()
+    return indices, top[order]
+
+
 class SparseCode(NamedTuple):
     """A sparse code: `values[i]` of latent `cols[i]` in row `rows[i]`, grouped by row
     (rows ascending)."""

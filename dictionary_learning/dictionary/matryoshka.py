@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import integer
-from ..sparse import SparseCode, dense_pre_activations, gather_linear, sparse_decode
+from ..sparse import (
+    SparseCode,
+    dense_pre_activations,
+    gather_linear,
+    largest,
+    sparse_decode,
+)
 from .base import Dictionary, load_state_dict
 
 
@@ -39,28 +45,6 @@ def _group_sizes(group_sizes: Any, dict_size: int) -> list[int]:
         raise ValueError(f"group_sizes must sum to dict_size={dict_size}, got {sizes} (sum "
                          f"{sum(sizes)})")
     return sizes
-
-
-def largest(values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices ascending, values) of the n largest entries of a 1-d tensor, as `topk` finds them
-    but faster on large inputs: a strided sample gives a threshold that about 1.25 n entries exceed,
-    and only those candidates go through topk (exact whenever at least n entries exceed it;
-    otherwise a lower threshold, finally a plain topk)."""
-    numel = values.numel()
-    sample = values[::max(1, numel // 65536)]
-    for margin in (1.25, 2.0, 4.0):
-        m = int(sample.numel() * n / max(numel, 1) * margin) + 64
-        if m >= sample.numel():
-            break
-        threshold = sample.topk(m, sorted=False).values.min()
-        candidates = (values > threshold).nonzero().flatten()  # ascending
-        if candidates.numel() >= n:
-            top, local = values[candidates].topk(n, sorted=False)
-            local, order = local.sort()
-            return candidates[local], top[order]
-    top, indices = values.topk(n, sorted=False)
-    indices, order = indices.sort()
-    return indices, top[order]
 
 
 class MatryoshkaBatchTopKSAE(Dictionary):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import integer
-from ..sparse import SparseCode, dense_pre_activations, gather_linear, sparse_decode
+from ..sparse import SparseCode, dense_pre_activations, gather_linear, largest, sparse_decode
 from .base import Dictionary, load_state_dict
 
 # --------------------------------------------------------------------------------------------------
@@ -177,12 +177,10 @@ class BatchTopKSAE(TopKDictionary):
     def batch_topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, cols, values) of the batch's k*batch largest positive pre-activations, grouped by
         row."""
-        n = min(int(self.k) * pre.shape[0], pre.numel())
-        values, flat = pre.flatten().topk(n, sorted=False)
-        keep = values > 0
+        flat, values = largest(pre.flatten(), min(int(self.k) * pre.shape[0], pre.numel()))
+        keep = values > 0  # (flat ascending: grouped by row)
         flat, values = flat[keep], values[keep]
-        flat, order = flat.sort()
-        return flat // self.dict_size, flat % self.dict_size, values[order]
+        return flat // self.dict_size, flat % self.dict_size, values
 
     def encode(self, x: torch.Tensor, return_active: bool = False, use_threshold: bool = True):
         """Dense codes: above `threshold` (use_threshold, inference) or the batch top-k (training;
