@@ -235,26 +235,41 @@ class ActivationBuffer:
             return self._store.take(n)
 
     def take(self, n_tokens: int, progress: bool = False):
-        """Up to `n_tokens` vectors (fewer if the text runs out) in the form batches have: one
-        tensor, an `(x_in, x_out)` pair, or a dict of them by name."""
+        """Up to `n_tokens` vectors (fewer if the text runs out), shuffled, in the form batches
+        have: one tensor, an `(x_in, x_out)` pair, or a dict of them by name. The vectors the buffer
+        holds come first, then refresh batches read for what is still missing, without refilling
+        the buffer: nothing is read beyond the last batch needed, whose surplus the buffer keeps for
+        later batches."""
         n_tokens = integer("n_tokens", n_tokens)
         check_memory("n_tokens", n_tokens, n_tokens * sum(self.widths) * self.dtype.itemsize,
                      self.device, what=f" for {n_tokens:,} token vectors of width "
                                        f"{sum(self.widths)}")
-        parts, count = [], 0
+        parts, count = [self._store.take(min(self._store.unread, n_tokens))], 0
+        count = parts[0][0].shape[0]
         with progress_bar(desc="collecting activations", total=n_tokens, enabled=progress,
-                          unit="tok") as bar:
+                          unit="tok", initial=count) as bar, torch.no_grad():
+            batches = self._batches()
             while count < n_tokens:
-                try:
-                    rows = self._next_rows(min(self.out_batch_size, n_tokens - count))
-                except StopIteration:
+                rows = next(batches, None)
+                if rows is None:
+                    self._exhausted = True
                     break
+                missing = n_tokens - count
+                if rows[0].shape[0] > missing:  # the surplus stays in the buffer
+                    self._store.refill([[side[missing:] for side in rows]])
+                    rows = [side[:missing] for side in rows]
                 parts.append(rows)
                 count += rows[0].shape[0]
                 bar.update(rows[0].shape[0])
-        if not parts:
-            raise ValueError("the text data is exhausted: no activations to take")
-        return self._serve([torch.cat(side) for side in zip(*parts)])
+        if count == 0:
+            raise ValueError("the data yielded no activations: every text is empty or whitespace, "
+                             "or each context's tokens were all dropped (padding, remove_bos)"
+                             if not self._served else
+                             "the text data is exhausted: no activations to take")
+        self._served = True
+        rows = [torch.cat(side) for side in zip(*parts)]
+        order = self._store.permutation(count).to(rows[0].device)
+        return self._serve([side[order] for side in rows])
 
     def close(self) -> None:
         """Stop: close the data source if it can be closed (a generator, a file), and drop the held

@@ -51,9 +51,13 @@ class ShuffledStore:
             count += batch[0].shape[0]
             if bar is not None:
                 bar.update(min(count, self.capacity) - bar.n)
-        permutation = torch.randperm(count, generator=self._generator).to(parts[0][0].device)
+        permutation = self.permutation(count).to(parts[0][0].device)
         self.rows, self.position = [torch.cat(part)[permutation] for part in parts], 0
         return exhausted
+
+    def permutation(self, n: int) -> torch.Tensor:
+        """A random order of n rows from the store's generator (on the CPU)."""
+        return torch.randperm(n, generator=self._generator)
 
     def take(self, n: int) -> list[torch.Tensor]:
         """The next (up to) n unread rows of every hook point."""

@@ -199,3 +199,29 @@ def test_read_values_are_freed_when_dropped(tiny_llama):
     references = [weakref.ref(v) for v in values]
     del values
     assert all(reference() is None for reference in references)
+
+
+def test_take_reads_only_the_texts_it_needs_and_keeps_the_surplus(tiny_gpt2):
+    # take(n) reads refresh batches until n vectors are in hand (no buffer refill beyond them): the
+    # texts pulled are at most those holding n tokens plus one refresh batch; the surplus of the
+    # last batch is served next, and take's vectors plus what follows are exactly the PyTorch hook
+    # reference of the texts read, in some order
+    texts = random_texts(400, seed=5, min_words=10, max_words=20)
+    pulled = []
+
+    def source():
+        for text in texts:
+            pulled.append(text)
+            yield text
+
+    point = hook(tiny_gpt2, 1, "resid")
+    buffer = ActivationBuffer(source(), tiny_gpt2, point, n_ctxs=64, ctx_len=16,
+                              refresh_batch_size=8, out_batch_size=32, device="cpu")
+    taken = buffer.take(3000)  # about 3x what the buffer holds (64 x 16 tokens)
+    assert taken.shape[0] == 3000
+    reference = hook_reference(tiny_gpt2, pulled, [point], 16)[0]
+    counts = [hook_reference(tiny_gpt2, [text], [point], 16)[0].shape[0] for text in pulled]
+    needed = next(i for i in range(1, len(counts) + 1) if sum(counts[:i]) >= 3000)
+    assert len(pulled) <= needed + 8  # one refresh batch at most beyond (a refill: ~64 texts)
+    rest = buffer.take(reference.shape[0] - 3000)
+    assert_same_rows(torch.cat([taken, rest]), reference)
