@@ -2,12 +2,14 @@
 the same tokens.
 
     python bench/bench_buffer.py [--model smollm2-135m] [--layer 3] [--dtype float32] [--texts 384]
+    python bench/bench_buffer.py --layer 15 --dtype bfloat16 --take 32768   # the quickstart's way
 
 Both sides tokenize the same texts in the same batches (left padded, ctx_len 128). The bare side
 runs the Hugging Face model with a forward hook on the layer that raises to stop the pass; the
 buffer side drains an ActivationBuffer (nnsight trace stopped after the layer, padding dropped,
 shuffled, refilled when half drained). Throughput counts real (non-padding) tokens. Prints both
-figures and the ratio of times (target: <= 1.15).
+figures and the ratio of times (target: <= 1.15). `--take N`: the buffer side is `take(N)` from a
+longer text source (as the quickstart collects), the bare side runs batches until N tokens.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ class _Stop(Exception):
     pass
 
 
-def bare_forward(model, texts, layer_path, batch_size, ctx_len) -> int:
-    """Tokenize and run the plain HF model up to `layer_path`; returns the number of real tokens."""
+def bare_forward(model, texts, layer_path, batch_size, ctx_len, limit=None) -> int:
+    """Tokenize and run the plain HF model up to `layer_path` (until `limit` real tokens, if
+    given); returns the number of real tokens."""
     torch_model, tokenizer = model._module, model.tokenizer
     module = get_module(model, layer_path)
 
@@ -47,14 +50,18 @@ def bare_forward(model, texts, layer_path, batch_size, ctx_len) -> int:
                 except _Stop:
                     pass
                 tokens += int(batch["attention_mask"].sum())
+                if limit is not None and tokens >= limit:
+                    break
     finally:
         handle.remove()
     return tokens
 
 
-def buffer_drain(model, texts, point, batch_size, ctx_len, n_ctxs, dtype) -> int:
-    buffer = ActivationBuffer(texts, model, point, n_ctxs=n_ctxs, ctx_len=ctx_len,
+def buffer_drain(model, texts, point, batch_size, ctx_len, n_ctxs, dtype, take=None) -> int:
+    buffer = ActivationBuffer(iter(texts), model, point, n_ctxs=n_ctxs, ctx_len=ctx_len,
                               refresh_batch_size=batch_size, out_batch_size=4096, dtype=dtype)
+    if take is not None:
+        return buffer.take(take).shape[0]
     return sum(batch.shape[0] for batch in buffer)
 
 
@@ -71,6 +78,8 @@ def main() -> None:
                         help="buffer capacity in contexts (refills several times)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--take", type=int, default=None,
+                        help="time take(N) from a longer source against a bare forward of N tokens")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,12 +96,16 @@ def main() -> None:
     counts = {}
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits both sides alike
         start = time.perf_counter()
-        counts["bare"] = bare_forward(model, texts, point.path, args.batch, args.ctx_len)
+        counts["bare"] = bare_forward(model, texts, point.path, args.batch, args.ctx_len,
+                                      args.take)
         times["bare"].append(time.perf_counter() - start)
         start = time.perf_counter()
         counts["buffer"] = buffer_drain(model, texts, point, args.batch, args.ctx_len, args.n_ctxs,
-                                        dtype)
+                                        dtype, args.take)
         times["buffer"].append(time.perf_counter() - start)
+    if args.take is not None:  # per token: the bare side stops at the batch passing N
+        times["bare"] = [t * args.take / counts["bare"] for t in times["bare"]]
+        counts["bare"] = args.take
     if counts["bare"] != counts["buffer"]:
         raise RuntimeError(f"token counts differ: bare {counts['bare']}, buffer {counts['buffer']}")
 
