@@ -16,6 +16,17 @@ def decoder_directions(ae: Dictionary) -> torch.Tensor:
     return ae.W_dec if hasattr(ae, "W_dec") else ae.decoder.weight.t()
 
 
+def view_grad(view: torch.Tensor, create: bool = False) -> torch.Tensor | None:
+    """The gradient of the parameter that `view` is (or is the transpose of), seen the same way;
+    with `create`, a zero one where the parameter has none yet."""
+    parameter = view if view._base is None else view._base
+    if parameter.grad is None:
+        if not create:
+            return None
+        parameter.grad = torch.zeros_like(parameter)
+    return parameter.grad if parameter is view else parameter.grad.t()
+
+
 @torch.no_grad()
 def project_out_parallel_gradient(rows: torch.Tensor, grad: torch.Tensor) -> None:
     """Remove from each row of `grad` its component along the matching row of `rows` (both
@@ -40,11 +51,10 @@ class UnitNormDecoder:
         self.ae = ae
 
     def before_step(self) -> None:
-        transposed = not hasattr(self.ae, "W_dec")
-        weight = self.ae.decoder.weight if transposed else self.ae.W_dec
-        if weight.grad is not None:
-            project_out_parallel_gradient(decoder_directions(self.ae),
-                                          weight.grad.t() if transposed else weight.grad)
+        rows = decoder_directions(self.ae)
+        grad = view_grad(rows)
+        if grad is not None:
+            project_out_parallel_gradient(rows, grad)
 
     def after_step(self) -> None:
         unit_norm_rows(decoder_directions(self.ae))

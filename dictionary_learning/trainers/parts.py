@@ -15,7 +15,12 @@ import torch.nn.functional as F
 
 from ..dictionary import Dictionary
 from ..sparse import SparseCode, gather_linear, known_linear, sparse_decode
-from .decoder import UnitNormDecoder, decoder_directions, decoder_rows  # noqa: F401
+from .decoder import (  # noqa: F401 (parts' names)
+    UnitNormDecoder,
+    decoder_directions,
+    decoder_rows,
+    view_grad,
+)
 from .optim import adam  # noqa: F401 (parts' names)
 
 # AuxK codes dense over the dead columns when k_aux >= this share of the dead latents
@@ -171,13 +176,9 @@ class RowGradients:
     @torch.no_grad()
     def add(self) -> None:
         for view, leaf in zip(self.views, self.leaves):
-            if leaf.grad is None:
-                continue
-            parameter = view if view._base is None else view._base  # a transposed view's base
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-            grad = parameter.grad if view._base is None else parameter.grad.t()
-            grad.index_put_((self.ids,), leaf.grad.to(grad.dtype), accumulate=True)
+            if leaf.grad is not None:
+                grad = view_grad(view, create=True)
+                grad.index_put_((self.ids,), leaf.grad.to(grad.dtype), accumulate=True)
 
 
 def normalised_error(residual: torch.Tensor, residual_hat: torch.Tensor,
