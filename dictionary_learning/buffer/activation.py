@@ -244,7 +244,7 @@ class ActivationBuffer:
         check_memory("n_tokens", n_tokens, n_tokens * sum(self.widths) * self.dtype.itemsize,
                      self.device, what=f" for {n_tokens:,} token vectors of width "
                                        f"{sum(self.widths)}")
-        parts, count = [self._store.take(min(self._store.unread, n_tokens))], 0
+        parts = [self._store.take(min(self._store.unread, n_tokens))]  # what the buffer holds
         count = parts[0][0].shape[0]
         with progress_bar(desc="collecting activations", total=n_tokens, enabled=progress,
                           unit="tok", initial=count) as bar, torch.no_grad():
