@@ -112,9 +112,15 @@ def masked_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, attentio
 def next_token_kl(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
     """Per-token KL(clean || other) of the next-token distributions `[batch, seq]` (differentiable
     in `other`)."""
-    clean_logp, other_logp = (clean_logits.float().log_softmax(-1),
-                              other_logits.float().log_softmax(-1))
-    return (clean_logp.exp() * (clean_logp - other_logp)).sum(-1)
+    return log_prob_kl(clean_logits.float().log_softmax(-1), other_logits.float().log_softmax(-1))
+
+
+def log_prob_kl(clean_logp: torch.Tensor, other_logp: torch.Tensor,
+                clean_p: torch.Tensor | None = None) -> torch.Tensor:
+    """`next_token_kl` from log-probabilities (`clean_p`: `clean_logp.exp()`, when the caller
+    compares several runs to one clean run)."""
+    clean_p = clean_logp.exp() if clean_p is None else clean_p
+    return (clean_p * (clean_logp - other_logp)).sum(-1)
 
 
 def read_value(value: Any) -> torch.Tensor:
@@ -180,7 +186,8 @@ def _patch_sides(key: PatchKey) -> tuple[HookPoint, HookPoint]:
 def run(model: Any, encoding: dict[str, torch.Tensor], read: Sequence[HookPoint] = (),
         patch: Mapping[PatchKey, Patch] | None = None, logits: bool = True, grad: bool = False,
         remote: bool = False, *, mask: torch.Tensor | None = None,
-        model_args: Mapping[str, Any] | None = None) -> TraceResult:
+        model_args: Mapping[str, Any] | None = None,
+        skip: Mapping[str, Any] | None = None) -> TraceResult:
     """One pass of the model over `encoding`, in one nnsight trace: the values at `read` with
     `patch` applied, and the logits (logits=False: the pass stops after its last hook point).
 
@@ -192,6 +199,10 @@ def run(model: Any, encoding: dict[str, torch.Tensor], read: Sequence[HookPoint]
     there. grad=False runs without autograd; grad=True leaves autograd as the caller has it, so the
     logits are differentiable in whatever the patch functions use. remote=True runs the trace on
     NDIF (nnsight's remote execution); model_args go to the model's forward (`use_cache=False`).
+    skip: `{module path: value}`, modules that do not run, `value` standing for their output
+    (nnsight's `skip`): e.g. the decoder blocks before the first hook point, with what an earlier
+    pass over the same tokens gave, so a second patched pass does not recompute them; they must
+    all run before the first hook point.
     The points are reached in execution order, as nnsight needs, and the trace is freed at once."""
     read = list(read)
     patches: dict[tuple[str, str], tuple[HookPoint, Patch]] = {}
@@ -206,12 +217,19 @@ def run(model: Any, encoding: dict[str, torch.Tensor], read: Sequence[HookPoint]
     order = sorted(points.items(), key=lambda item: execution_key(model, item[1]))
     steps = [(key, point, [i for i, r in enumerate(read) if (r.path, r.io) == key],
               patches.get(key)) for key, point in order]
+    for path in skip or {}:
+        if steps and execution_key(model, HookPoint(path, "output")) > execution_key(model,
+                                                                                     steps[0][1]):
+            raise ValueError(f"skip: {path} runs after the hook point {steps[0][1]}: only modules "
+                             "that run before every hook point can be skipped")
     options = {**(model_args or {}), **({"remote": True} if remote else {})}
     saved: list[Any] = [None] * len(read)
     seen: dict[tuple[str, str], torch.Tensor] = {}
     output = None  # stays None where the trace stops after its last hook point
     with contextlib.nullcontext() if grad else torch.no_grad():
         with model.trace(model_inputs(encoding), **options) as tracer:
+            for path, value in (skip or {}).items():
+                model.get(path).skip(value)
             for step in steps:  # modules must be reached in execution order
                 _visit(model, step, seen, saved, mask)
             output = logits_or_stop(model, tracer, logits)

@@ -26,15 +26,17 @@ def top_activating_contexts(
     window: int = 16,
     remove_bos: bool = True,
     progress: bool = True,
+    tokens: int | None = None,
 ) -> dict[int, list[tuple[float, str]]]:
     """For each feature, its `n_top` strongest activations on `texts` with the preceding `window`
     tokens as text; the activating token is marked «like this». `point` is what the dictionary reads
     (a transcoder's input side). progress: a bar over the text batches on stderr when they take a
-    few seconds."""
+    few seconds. tokens: stop after the batch in which this many tokens were read (None: read every
+    text)."""
     features_tensor = torch.tensor(features, dtype=torch.long)  # long even when empty
     best_values = torch.full((len(features), n_top), -torch.inf)
     best_where: list[list[tuple[int, int, int] | None]] = [[None] * n_top for _ in features]
-    encodings = []
+    encodings, read = [], 0
     desc = f"top contexts of {len(features)} features on {len(texts)} texts"
     starts = range(0, len(texts), batch_size)
     for start in progress_bar(starts, desc=desc, enabled=progress, unit="batch"):
@@ -57,6 +59,9 @@ def top_activating_contexts(
             order = merged.topk(n_top).indices
             best_values[j] = merged[order]
             best_where[j] = [where[i] for i in order]
+        read += int(mask.sum())
+        if tokens is not None and read >= tokens:
+            break
     results: dict[int, list[tuple[float, str]]] = {}
     for j, feature in enumerate(features):
         rows = []

@@ -23,9 +23,9 @@ import torch
 
 from ..core_metrics import recovered_fraction
 from ..dictionary import Dictionary, apply_to_values
-from ..models import UPSTREAM_IO, HookPoint, submodule_points
+from ..models import UPSTREAM_IO, HookPoint, get_adapter, submodule_points
 from ..progress import progress_bar
-from ..tracing import masked_cross_entropy, next_token_kl, run, tokenize
+from ..tracing import log_prob_kl, run, tokenize
 
 # upstream's default model keywords for evaluation traces (no KV cache, no attention weights)
 TRACER_ARGS: Mapping[str, Any] = MappingProxyType({"use_cache": False, "output_attentions": False})
@@ -71,8 +71,7 @@ def hook_points_for(model: Any, submodule: Any, io: str) -> tuple[HookPoint, ...
 def _runs(model: Any, encoding: dict[str, torch.Tensor], dictionary: Dictionary,
           hooks: tuple[HookPoint, ...], patch_mask: torch.Tensor, normalize_batch: bool,
           tracer_args: Mapping[str, Any], modes: tuple[str, ...] = ("clean", "patch", "zero"),
-          progress: bool = False
-          ) -> list[torch.Tensor]:
+          progress: bool = False, reuse_prefix: bool = True) -> list[torch.Tensor]:
     """Logits of the clean run, the patched one, the zero-ablated one and (mode "mean") the one with
     the hook point's value replaced by its mean over the patched positions of this batch."""
 
@@ -90,37 +89,75 @@ def _runs(model: Any, encoding: dict[str, torch.Tensor], dictionary: Dictionary,
                "mean": {hooks[-1]: mean}}
     desc = f"loss recovered ({', '.join(modes)} runs on {encoding['input_ids'].shape[0]} texts)"
     runs = progress_bar(modes, desc=desc, enabled=progress, unit="run")
-    return [run(model, encoding, patch=patches[mode], mask=patch_mask,
-                model_args=tracer_args).logits for mode in runs]
+    # the blocks before the first hooked one compute the same in every run: the first run keeps
+    # the last one's output, the others skip them
+    blocks = _blocks_before(model, hooks) if reuse_prefix else []
+    logits, skip = [], {}
+    for mode in runs:
+        result = run(model, encoding, patch=patches[mode], mask=patch_mask, model_args=tracer_args,
+                     read=[HookPoint(blocks[-1], "output")] if blocks and not skip else (),
+                     skip=skip)
+        if blocks and not skip:
+            skip = dict.fromkeys(blocks, result.values[0])
+        logits.append(result.logits)
+    return logits
 
 
-def _losses(model: Any, text: Any, length: int | None, dictionary: Any,
+def _blocks_before(model: Any, hooks: tuple[HookPoint, ...]) -> list[str]:
+    """The paths of the decoder blocks that run before the first block any of `hooks` is in (none
+    when a hook point is outside the blocks, or the model's family is not known)."""
+    try:
+        layers = get_adapter(model).layers
+    except ValueError:
+        return []
+    first = None
+    for point in hooks:
+        rest = point.path[len(layers) + 1:] if point.path.startswith(layers + ".") else ""
+        index = rest.split(".")[0]
+        if not index.isdigit():
+            return []
+        first = int(index) if first is None else min(first, int(index))
+    return [f"{layers}.{i}" for i in range(first or 0)]
+
+
+def _losses(model: Any, encoding: dict[str, torch.Tensor], dictionary: Any,
             hooks: tuple[HookPoint, ...], patch_mask_fn: Callable | None, normalize_batch: bool,
-            tracer_args: Mapping[str, Any], modes: tuple[str, ...], progress: bool
-            ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """(CE per run, logits per run, the attention mask, the mask of scored pairs) of `modes`."""
+            tracer_args: Mapping[str, Any], modes: tuple[str, ...], progress: bool, kl: bool = True,
+            reuse_prefix: bool = True
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """(CE per run, per-token KL(clean || run) `[batch, seq]` of each run after the first (none
+    when not `kl`), the mask of scored pairs) of `modes`. Each run's logits are turned into
+    log-probabilities once (float32), which both its CE and its KL read."""
     if not 1 <= len(hooks) <= 2:
         raise ValueError("expected one hook point, or an (input_side, output_side) pair, got "
                          f"{len(hooks)}")
-    encoding = encode_inputs(model, text, length)
     patch_mask = patch_mask_fn(encoding) if patch_mask_fn else encoding["attention_mask"].bool()
     logits = _runs(model, encoding, dictionary, hooks, patch_mask, normalize_batch,
-                   dict(tracer_args or {}), modes, progress)
+                   dict(tracer_args or {}), modes, progress, reuse_prefix)
     ids = encoding["input_ids"].to(logits[0].device)
     attention = encoding["attention_mask"].to(logits[0].device)
-    losses = []
-    for run_logits in logits:
-        ce, mask = masked_cross_entropy(run_logits, ids, attention)
-        losses.append(ce[mask].mean())
-    return losses, logits, attention, mask
+    mask = attention[:, 1:].bool() & attention[:, :-1].bool()  # real (context, target) pairs
+    targets = ids[:, 1:, None]
+    losses, kls = [], []
+    clean_logp = clean_p = None
+    while logits:  # each run's logits freed as soon as they are read
+        logp = logits.pop(0).float().log_softmax(-1)
+        losses.append(-logp[:, :-1].gather(-1, targets).squeeze(-1)[mask].mean())
+        if not kl:
+            continue
+        if clean_logp is None:
+            clean_logp, clean_p = logp, logp.exp()
+        else:
+            kls.append(log_prob_kl(clean_logp, logp, clean_p))
+    return losses, kls, mask
 
 
 @torch.no_grad()
 def patched_losses(texts: Any, model: Any, dictionary: Any, hooks: Any, ctx_len: int = 128, *,
                    patch_mask_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
                    mean_ablation: bool = False, normalize_batch: bool = False,
-                   tracer_args: Mapping[str, Any] = TRACER_ARGS, progress: bool = True
-                   ) -> dict[str, float]:
+                   tracer_args: Mapping[str, Any] = TRACER_ARGS, progress: bool = True,
+                   reuse_prefix: bool = True) -> dict[str, float]:
     """The model's CE and KL with the dictionary's reconstruction patched in at `hooks` (a HookPoint
     tuple: `(point,)` for SAEs, `(input_side, output_side)` for transcoders), against the clean and
     the zero-ablated runs: a dict of ce_clean, ce_patched, ce_zero, frac_recovered, kl_patched
@@ -132,21 +169,25 @@ def patched_losses(texts: Any, model: Any, dictionary: Any, hooks: Any, ctx_len:
     patch_mask_fn(encoding) -> [batch, seq] bool picks the positions to patch (default: real
     tokens). normalize_batch: the dictionary sees its input scaled to mean norm
     sqrt(d_in), and its output is scaled back. tracer_args: keywords for the model's
-    forward. progress: a bar over the runs when they take more than a few seconds.
+    forward. progress: a bar over the runs when they take more than a few seconds. reuse_prefix:
+    the decoder blocks before the first hooked one run once, in the clean run; the other runs
+    skip them and start from the output the clean run gave (False: every run is a whole forward).
     """
     hooks = (hooks,) if isinstance(hooks, HookPoint) else tuple(hooks)
     if not hooks or not all(isinstance(h, HookPoint) for h in hooks):
         raise TypeError("hooks must be a tuple of HookPoints, e.g. (point,) or (input_side, "
                         "output_side)")
     modes = ("clean", "patch", "zero", "mean") if mean_ablation else ("clean", "patch", "zero")
-    losses, logits, attention, mask = _losses(model, texts, ctx_len, dictionary, hooks,
-                                              patch_mask_fn, normalize_batch, tracer_args, modes,
-                                              progress)
+    encoding = encode_inputs(model, texts, ctx_len)
+    losses, kls, mask = _losses(model, encoding, dictionary, hooks, patch_mask_fn,
+                                normalize_batch, tracer_args, modes, progress,
+                                reuse_prefix=reuse_prefix)
     names = ("clean", "patched", "zero", "mean")[:len(modes)]
     results = {f"ce_{name}": loss.item() for name, loss in zip(names, losses)}
     results["tokens"] = int(mask.sum())  # the (context, target) pairs scored
-    for name, run_logits in zip(names[1:], logits[1:]):
-        results[f"kl_{name}"] = next_token_kl(logits[0], run_logits)[attention.bool()].mean().item()
+    real = encoding["attention_mask"].bool().to(mask.device)
+    for name, kl in zip(names[1:], kls):
+        results[f"kl_{name}"] = kl[real].mean().item()
     for baseline, suffix in (("zero", ""), ("mean", "_mean")):
         if f"ce_{baseline}" in results:
             results[f"frac_recovered{suffix}"] = recovered_fraction(
@@ -173,6 +214,6 @@ def loss_recovered(text: Any, model: Any, submodule: Any, dictionary: Any,
                         "form; with hook points use patched_losses(texts, model, dictionary, "
                         "hooks)")
     hooks = hook_points_for(model, submodule, io)
-    losses = _losses(model, text, max_len, dictionary, hooks, None, normalize_batch, tracer_args,
-                     ("clean", "patch", "zero"), False)[0]
+    losses = _losses(model, encode_inputs(model, text, max_len), dictionary, hooks, None,
+                     normalize_batch, tracer_args, ("clean", "patch", "zero"), False, kl=False)[0]
     return tuple(losses)

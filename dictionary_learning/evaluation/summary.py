@@ -40,6 +40,7 @@ def evaluate(
     n_batches: int = 1,
     *,
     loss_batches: int | None = None,
+    mean_ablation: bool = True,
     progress: bool = True,
 ) -> dict[str, float]:
     """Metrics averaged over `n_batches` activation batches (fewer if `activations` runs out first)
@@ -54,10 +55,11 @@ def evaluate(
     kl_patched, kl_zero, kl_mean, frac_recovered_mean (see `reconstruction_metrics`,
     `patched_losses`); and SAEBench's core names (`core_metrics`: kl_div_score, ce_loss_score, each
     also against mean ablation, explained_variance, l2_norm_in, freq_over_1_percent, dead_fraction,
-    ...; `core_metrics.core_groups` groups them as SAEBench does). The buffer's own hook points are
-    patched (this toolkit's buffer knows what it read; `io` serves buffers that only name a
-    submodule). normalize_batch: upstream's (see `patched_losses`). device: where the dictionary
-    runs (default: where it is).
+    ...; `core_metrics.core_groups` groups them as SAEBench does; mean_ablation=False skips the
+    fourth, mean-ablated run of each loss batch and the keys it gives). The buffer's own hook
+    points are patched (this toolkit's buffer knows what it read; `io` serves buffers that only
+    name a submodule). normalize_batch: upstream's (see `patched_losses`). device: where the
+    dictionary runs (default: where it is).
     progress: a bar over the batches on stderr once they take more than a few seconds
     (`progress.DELAY`), so a sweep's short calls stay quiet.
     """
@@ -88,7 +90,7 @@ def evaluate(
                                 ctx_len=max_len or 128,
                                 patch_mask_fn=getattr(activations, "token_mask", None),
                                 normalize_batch=normalize_batch, tracer_args=tracer_args,
-                                mean_ablation=True, progress=False)
+                                mean_ablation=mean_ablation, progress=False)
         bar.update()
         loss_tokens += losses.pop("tokens")
         for key, value in losses.items():

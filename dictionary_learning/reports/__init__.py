@@ -162,7 +162,8 @@ def _quickstart(config: QuickstartConfig) -> dict[str, Any]:
                                        out_batch_size=ctx_len,
                                        **{**buffer_kwargs, "refresh_batch_size": 1})
         loss = evaluate(sae, eval_buffer, max_len=ctx_len, batch_size=16, n_batches=1,
-                        loss_batches=config.loss_batches, progress=progress)
+                        loss_batches=config.loss_batches, mean_ablation=False,
+                        progress=progress)
     metrics.update({key: value for key, value in loss.items()
                     if key.startswith(("ce_", "kl_", "frac_recovered"))})
     line = f"feature density on {held_out.shape[0]:,} held-out tokens ..."
@@ -242,10 +243,11 @@ def _top_contexts(sae: Any, lm: Any, point: Any, texts: list[str], density: torc
     candidates = ((density > 1e-3) & (density < 5e-2)).nonzero().flatten()
     order = torch.randperm(len(candidates), generator=generator)
     chosen = candidates[order[:config.n_features]].tolist()
-    line = f"top contexts of {len(chosen)} features on {len(texts)} held-out texts ..."
+    line = f"top contexts of {len(chosen)} features on {config.eval_tokens:,} held-out tokens ..."
     with phase(line, config.progress) as searching:
         contexts = top_activating_contexts(sae, lm, point, texts, chosen, ctx_len=ctx_len,
-                                           progress=config.progress)
+                                           progress=config.progress, tokens=config.eval_tokens,
+                                           remove_bos=config.remove_bos)
     metrics["seconds_top_contexts"] = searching.seconds
     lines = [f"Top-activating held-out contexts of {len(chosen)} random features with density in "
              "(0.1%, 5%)",

@@ -131,7 +131,7 @@ PHASES = {  # the line each phase starts with, and the seconds it records
     "evaluating on 128 held-out tokens ...": "seconds_evaluate",
     "loss recovered over 1 batches of 16 held-out texts ...": "seconds_loss_recovered",
     "feature density on 128 held-out tokens ...": "seconds_feature_density",
-    "features on 8 held-out texts ...": "seconds_top_contexts",
+    "top contexts of 1 features on 128 held-out tokens ...": "seconds_top_contexts",
     "dashboard: 10 features on up to 8,192 held-out tokens ...": "seconds_dashboard",
 }
 

@@ -125,3 +125,62 @@ def test_evaluate_with_buffer(tiny_llama):
     # iterators of plain tensors give the reconstruction metrics only
     plain = evaluate(make_dictionary(64), iter([torch.randn(32, 64)]), n_batches=3)
     assert "ce_clean" not in plain and plain["tokens"] == 32
+
+
+def test_patched_runs_skip_the_blocks_before_the_hook_point(tiny_llama):
+    """The blocks before the hooked one run once (in the clean run); the patched and ablated runs
+    start from that output, and give what whole forwards give."""
+    texts = random_texts(4, seed=15)
+    point = hook(tiny_llama, 2, "resid")
+    ae = make_dictionary(64, seed=4)
+    calls = {0: 0, 2: 0}  # MLP calls: an MLP runs only where its block's forward runs
+    handles = [tiny_llama._module.model.layers[i].mlp.register_forward_hook(
+        lambda m, args, out, i=i: calls.__setitem__(i, calls[i] + 1)) for i in calls]
+    try:
+        reused = patched_losses(texts, tiny_llama, ae, (point,), ctx_len=CTX, mean_ablation=True)
+        assert calls == {0: 1, 2: 4}
+        whole = patched_losses(texts, tiny_llama, ae, (point,), ctx_len=CTX, mean_ablation=True,
+                               reuse_prefix=False)
+        assert calls == {0: 5, 2: 8}
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert reused == pytest.approx(whole, abs=1e-6)
+
+
+def test_run_refuses_to_skip_a_module_after_a_hook_point(tiny_llama):
+    from dictionary_learning.tracing import run, tokenize
+
+    encoding = tokenize(tiny_llama.tokenizer, random_texts(1, seed=16), CTX)
+    with pytest.raises(ValueError, match="model.layers.2 runs after the hook point"):
+        run(tiny_llama, encoding, read=[hook(tiny_llama, 1, "resid")],
+            skip={"model.layers.2": torch.zeros(1)})
+
+
+def test_evaluate_without_mean_ablation_drops_only_its_keys(tiny_llama):
+    def results(mean_ablation):
+        buffer = ActivationBuffer(iter(random_texts(40, seed=17)), tiny_llama,
+                                  hook(tiny_llama, 1, "resid"), n_ctxs=8, ctx_len=CTX,
+                                  refresh_batch_size=4, out_batch_size=64, remove_bos=True)
+        return evaluate(make_dictionary(64), buffer, max_len=CTX, batch_size=4, n_batches=2,
+                        mean_ablation=mean_ablation)
+
+    full, fast = results(True), results(False)
+    assert {"ce_mean", "kl_mean", "frac_recovered_mean"} <= set(full) - set(fast)
+    assert not [key for key in fast if key.endswith("_mean")]
+    for key in ("ce_clean", "ce_patched", "ce_zero", "kl_patched", "frac_recovered", "fvu"):
+        assert fast[key] == pytest.approx(full[key], abs=1e-6), key
+
+
+def test_top_contexts_stop_after_the_tokens_asked_for(tiny_llama):
+    from dictionary_learning.evaluation import top_activating_contexts
+
+    texts, point, ae = random_texts(12, seed=18), hook(tiny_llama, 1, "resid"), make_dictionary(64)
+    features = list(range(16))
+    first_batch = top_activating_contexts(ae, tiny_llama, point, texts[:4], features, ctx_len=CTX,
+                                          batch_size=4, progress=False)
+    limited = top_activating_contexts(ae, tiny_llama, point, texts, features, ctx_len=CTX,
+                                      batch_size=4, progress=False, tokens=1)
+    every = top_activating_contexts(ae, tiny_llama, point, texts, features, ctx_len=CTX,
+                                    batch_size=4, progress=False)
+    assert limited == first_batch and every != first_batch
