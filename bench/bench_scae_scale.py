@@ -117,8 +117,10 @@ def main() -> None:
                            lambda: contribution_statistics(suite, model, texts,
                                                            batch_size=args.texts,
                                                            ctx_len=args.ctx_len))
+        started = time.perf_counter()
         connections = stage(f"select top {args.C} per feature (all module pairs)",
                             lambda: connections_from_statistics(suite, model, statistics, args.C))
+        report_selection_bound(suite, model, time.perf_counter() - started)
     stored = sum(t.numel() * t.element_size()
                  for field in (connections.indices, connections.weights)
                  for t in field.values())
@@ -134,6 +136,34 @@ def main() -> None:
         trainer = SCAETrainer(suite, model, connections, steps=1, ctx_len=args.ctx_len)
         stage("one fine-tuning step (MSE + CE, weights recomputed)",
               lambda: trainer.update(0, texts))
+
+
+def report_selection_bound(suite, model, seconds: float) -> None:
+    """Selection's time against its arithmetic: the GEMMs of every module pair (an MLP pair:
+    encoder [d_sae, d] @ sources [d, n_source]; an attention pair also maps the sources through
+    each head's W_V and W_O), at the rate of one fp32 GEMM of the same shape measured now."""
+    from dictionary_learning.models import attention_ov, d_model
+    from dictionary_learning.scae import parse_module_name, sources_of
+
+    d, flops = d_model(model), 0
+    for name in suite.names:
+        kind, layer = parse_module_name(name)
+        for source in sources_of(name, model):
+            n_source = suite[source].d_sae
+            flops += 2 * suite[name].d_sae * d * n_source
+            if kind != "mlp":
+                heads, _, d_head = attention_ov(model, layer).W_V.shape
+                flops += 2 * 2 * n_source * d * d_head * heads
+    d_sae = suite[suite.names[-1]].d_sae
+    a, b = torch.randn(d_sae, d), torch.randn(d, d_sae)
+    a @ b
+    started, repeats = time.perf_counter(), 5
+    for _ in range(repeats):
+        a @ b
+    rate = 2 * d_sae * d * d_sae * repeats / (time.perf_counter() - started)
+    print(f"  selection: {flops / 1e12:.2f} TFLOP; at this machine's fp32 GEMM rate "
+          f"({rate / 1e9:.0f} GFLOP/s, [{d_sae}, {d}] @ [{d}, {d_sae}]) {flops / rate:.1f} s: "
+          f"bound / measured = {flops / rate / seconds:.2f}")
 
 
 if __name__ == "__main__":

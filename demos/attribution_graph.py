@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
               for i in range(layers)}
     buffer = ActivationBuffer(default_corpus(repeat=True), model, points, n_ctxs=64, ctx_len=128,
                               refresh_batch_size=16, out_batch_size=args.tokens_per_step,
-                              remove_bos=True)
+                              remove_bos=True,
+                              max_activation_norm_multiple=10)
     configs = [dict(trainer=BatchTopKTrainer, activation_dim=d_model(model),
                     dict_size=args.dict_size, k=args.k, transcoder=True, lr=None, steps=args.steps,
                     warmup_steps=max(1, args.steps // 10), seed=i, layer=i, lm_name=MODEL,

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     n_ctxs = max(64, 2 * -(-args.tokens // CTX_LEN))  # the buffer holds at least twice the batch
     buffer = ActivationBuffer(default_corpus(), model, points, io="in_to_out", n_ctxs=n_ctxs,
                               ctx_len=CTX_LEN, refresh_batch_size=16, out_batch_size=args.tokens,
-                              remove_bos=True)
+                              remove_bos=True,
+                              max_activation_norm_multiple=10)
     x_in, x_out = next(buffer)
     print(f"layer {layer}: {x_in.shape[0]} token pairs, MLP input width {x_in.shape[1]}, "
           f"output width {x_out.shape[1]}")

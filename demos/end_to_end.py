@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
                       k=k, steps=args.local_steps, warmup_steps=max(1, args.local_steps // 10),
                       seed=0, layer=args.layer, lm_name=args.model)
         buffer = ActivationBuffer(corpus, model, point, n_ctxs=128, ctx_len=args.ctx_len,
-                                  refresh_batch_size=32, out_batch_size=1024, remove_bos=True)
+                                  refresh_batch_size=32, out_batch_size=1024, remove_bos=True,
+                                  max_activation_norm_multiple=10)
         local_dir = out / f"local_k{k}"
         if not (args.reuse and (local_dir / "trainer_0" / "config.json").exists()):
             trainSAE(buffer, [config], args.local_steps, save_dir=local_dir,

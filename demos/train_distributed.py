@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         texts = shard(texts)  # every world_size-th text, from the rank-th
     buffer = ActivationBuffer(texts, model, hook(model, args.layer, "resid"), n_ctxs=64,
                               ctx_len=128, refresh_batch_size=32, out_batch_size=args.batch,
-                              remove_bos=True, device=device, seed=rank)
+                              remove_bos=True,
+                              max_activation_norm_multiple=10, device=device, seed=rank)
     common = dict(activation_dim=d_model(model), dict_size=8 * d_model(model), k=32, lr=1e-3,
                   steps=args.steps, warmup_steps=max(1, args.steps // 10), seed=0, device=device,
                   layer=args.layer, lm_name=args.model)

@@ -52,11 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     width = d_model(model)
     point = hook(model, layer, "resid")
     buffer = ActivationBuffer(default_corpus(repeat=True), model, point, n_ctxs=128, ctx_len=128,
-                              refresh_batch_size=32, out_batch_size=args.batch, remove_bos=True)
+                              refresh_batch_size=32, out_batch_size=args.batch, remove_bos=True,
+                              max_activation_norm_multiple=10)
     data = buffer
     if args.cache:  # steps batches plus the normalisation batches, read once
         write_cache(model, default_corpus(repeat=True), point, args.cache,
-                    n_tokens=(args.steps + 8) * args.batch, remove_bos=True, model_name=args.model,
+                    n_tokens=(args.steps + 8) * args.batch, remove_bos=True,
+                    max_activation_norm_multiple=10, model_name=args.model,
                     source="python-docs")
         data = ActivationCache(args.cache, batch_size=args.batch, epochs=None)
     common = dict(activation_dim=width, dict_size=args.dict_size or 4 * width, k=args.k, lr=1e-3,

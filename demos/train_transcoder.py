@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     points = (hook(model, layer, "mlp_in"), hook(model, layer, "mlp_out"))
     buffer = ActivationBuffer(default_corpus(repeat=True), model, points, io="in_to_out",
                               n_ctxs=128, ctx_len=128, refresh_batch_size=32,
-                              out_batch_size=args.batch, remove_bos=True)
+                              out_batch_size=args.batch, remove_bos=True,
+                              max_activation_norm_multiple=10)
     config = dict(trainer=TopKTrainer, activation_dim=width, output_dim=width, transcoder=True,
                   skip=True, dict_size=args.dict_size or 4 * width, k=args.k, lr=1e-3,
                   steps=args.steps, warmup_steps=max(1, args.steps // 10), seed=0, layer=layer,

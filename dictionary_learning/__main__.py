@@ -42,6 +42,19 @@ DATA_HELP = ("text: python-docs (default, offline), a .txt/.jsonl file or folder
              "id[:split]")
 
 
+def norm_multiple(text: str) -> float | None:
+    """--max-norm-multiple: a positive number, or off."""
+    if text.lower() in ("off", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number or off, got {text!r}")
+    return value
+
+
 def count(text: str) -> int:
     """argparse type: a positive integer (a usage error names the option otherwise)."""
     try:
@@ -96,6 +109,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remove-bos", action=argparse.BooleanOptionalAction,
                         help="drop each context's first token (BOS or attention sink; default: "
                              "drop)")
+    parser.add_argument("--max-norm-multiple", dest="max_activation_norm_multiple",
+                        type=norm_multiple,
+                        help="drop from the training activations the tokens whose norm exceeds "
+                             "this multiple of their batch's median (default %(default)s; off: "
+                             "keep every token)")
 
 
 def parser() -> argparse.ArgumentParser:

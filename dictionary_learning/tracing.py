@@ -64,6 +64,58 @@ def token_mask(encoding: dict[str, torch.Tensor], remove_bos: bool = False) -> t
     return drop_first_tokens(mask) if remove_bos else mask
 
 
+@dataclass
+class FilterCounts:
+    """What a collector's `TokenFilter` dropped, summed over every batch it saw: real tokens (not
+    padding) and their squared norms at the first hook point. `first`: each context's first token,
+    dropped by remove_bos (the attention sink); `outliers`: tokens the norm filter dropped, of which
+    `outliers_first` sat at a context's first position (only without remove_bos)."""
+
+    tokens: int = 0
+    first: int = 0
+    outliers: int = 0
+    outliers_first: int = 0
+    square_norm: float = 0.0
+    first_square_norm: float = 0.0
+    outlier_square_norm: float = 0.0
+
+    def add(self, real: torch.Tensor, first: torch.Tensor, outlier: torch.Tensor,
+            square_norms: torch.Tensor) -> None:
+        """One batch: `[batch, seq]` masks of its real tokens, the first tokens remove_bos dropped
+        and the outliers the norm filter dropped; `square_norms` `[batch, seq]`."""
+        square_norms = square_norms.double()
+        self.tokens += int(real.sum())
+        self.first += int(first.sum())
+        self.outliers += int(outlier.sum())
+        self.outliers_first += int((outlier & drop_first_tokens(real).logical_not() & real).sum())
+        self.square_norm += float(square_norms[real].sum())
+        self.first_square_norm += float(square_norms[first].sum())
+        self.outlier_square_norm += float(square_norms[outlier].sum())
+
+    def summary(self) -> dict[str, Any]:
+        """The counts with each dropped group's share: the first tokens' of every real token's
+        squared norm; the outliers' of the tokens the norm filter saw (the real ones less the first
+        tokens remove_bos dropped), in count and in squared norm."""
+        seen = max(self.tokens - self.first, 1)
+        return {"tokens_seen": self.tokens,
+                "first_tokens_dropped": self.first,
+                "first_tokens_square_norm_share": self.first_square_norm / (self.square_norm or 1),
+                "outliers_dropped": self.outliers,
+                "outliers_at_first_position": self.outliers_first,
+                "outliers_token_share": self.outliers / seen,
+                "outliers_square_norm_share": self.outlier_square_norm
+                / ((self.square_norm - self.first_square_norm) or 1)}
+
+    def line(self) -> str:
+        """A sentence saying what was dropped."""
+        shares = self.summary()
+        return (f"{self.tokens:,} tokens read: {self.first:,} first-position tokens (the attention "
+                f"sink) dropped, {shares['first_tokens_square_norm_share']:.1%} of their squared "
+                f"norm; of the rest, {self.outliers:,} outlier-norm tokens dropped "
+                f"({self.outliers_first:,} first in their context), "
+                f"{shares['outliers_square_norm_share']:.1%} of the rest's squared norm")
+
+
 @dataclass(frozen=True)
 class TokenFilter:
     """Which tokens of a batch a collector keeps: the real ones (not padding), without each
@@ -76,24 +128,30 @@ class TokenFilter:
     remove_bos: bool = False
     max_norm_multiple: float | None = None
 
-    def mask(self, encoding: dict[str, torch.Tensor],
-             values: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """`[batch, seq]` bool: the kept tokens (without values, the norm filter is left out)."""
+    def mask(self, encoding: dict[str, torch.Tensor], values: Sequence[torch.Tensor] = (),
+             counts: FilterCounts | None = None) -> torch.Tensor:
+        """`[batch, seq]` bool: the kept tokens (without values, the norm filter is left out).
+        counts: what was dropped is added to it."""
         mask = token_mask(encoding, self.remove_bos)
         if not values:
             return mask
         mask = mask.to(values[0].device)
-        if self.max_norm_multiple is None or not mask.any():
-            return mask
-        kept = mask
-        for value in values:  # each hook point's median over the same tokens
-            norms = value.float().flatten(2).norm(dim=-1)  # [batch, seq]
-            kept = kept & (norms <= norms[mask].median() * self.max_norm_multiple)
+        kept, norms = mask, None
+        if self.max_norm_multiple is not None and mask.any():
+            for value in values:  # each hook point's median over the same tokens
+                point_norms = value.float().flatten(2).norm(dim=-1)  # [batch, seq]
+                norms = point_norms if norms is None else norms
+                kept = kept & (point_norms <= point_norms[mask].median() * self.max_norm_multiple)
+        if counts is not None:
+            if norms is None:
+                norms = values[0].float().flatten(2).norm(dim=-1)
+            real = encoding["attention_mask"].bool().to(mask.device)
+            counts.add(real, real & ~mask, mask & ~kept, norms.square())
         return kept
 
-    def __call__(self, encoding: dict[str, torch.Tensor],
-                 values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        mask = self.mask(encoding, values)
+    def __call__(self, encoding: dict[str, torch.Tensor], values: Sequence[torch.Tensor],
+                 counts: FilterCounts | None = None) -> list[torch.Tensor]:
+        mask = self.mask(encoding, values, counts)
         return [value[mask] for value in values]
 
 

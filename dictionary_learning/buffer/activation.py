@@ -32,7 +32,7 @@ import torch
 from ..checks import check_memory, integer
 from ..models import model_fingerprint, torch_model
 from ..progress import progress_bar
-from ..tracing import TokenFilter, collect, tokenize
+from ..tracing import FilterCounts, TokenFilter, collect, tokenize
 from .points import (
     IO_MODES,
     PROBE_TEXT,
@@ -114,6 +114,8 @@ class ActivationBuffer:
         self.remove_bos, self.add_special_tokens = settings.remove_bos, settings.add_special_tokens
         self.remove_high_norm = settings.max_activation_norm_multiple  # upstream's attribute name
         self.token_filter = TokenFilter(settings.remove_bos, settings.max_activation_norm_multiple)
+        # what the filter dropped so far (`FilterCounts`; the config's "filtered" summarises it)
+        self.filtered = FilterCounts()
         self.dtype = settings.dtype or next(torch_model(model).parameters()).dtype
         self.seed = settings.seed
         self.remote, self.progress = bool(settings.remote), bool(settings.progress)
@@ -127,6 +129,7 @@ class ActivationBuffer:
         # out_feats
         probe = self._collect(self._probe_encoding())
         self.widths = widths = tuple(v.shape[-1] for v in probe)  # one per hook point in self.hooks
+        self.filtered = FilterCounts()  # the probe is not data
         check_memory("n_ctxs", self.n_ctxs, self.capacity * sum(widths) * self.dtype.itemsize,
                      self.device, what=f" to hold n_ctxs * ctx_len = {self.capacity:,} token "
                                        "vectors of width "
@@ -344,7 +347,7 @@ class ActivationBuffer:
     def _keep(self, encoding: dict[str, torch.Tensor],
               values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The kept rows of the values as stored (the token filter sees them after `_transform`)."""
-        return self.token_filter(encoding, self._transform(list(values)))
+        return self.token_filter(encoding, self._transform(list(values)), self.filtered)
 
     def _collect(self, encoding: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Activations of the hook points on these inputs: one `[n_tokens, ...]` tensor per hook,
@@ -395,6 +398,7 @@ class ActivationBuffer:
             "remove_bos": self.remove_bos,
             "add_special_tokens": self.add_special_tokens,
             "max_activation_norm_multiple": self.remove_high_norm,
+            "filtered": self.filtered.summary(),
             "seed": self.seed,
             "model_fingerprint": model_fingerprint(self.model),
         }

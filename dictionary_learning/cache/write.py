@@ -18,7 +18,7 @@ from ..checks import options as check_options
 from ..files import atomic_write, atomic_write_json, check_writable_folder, inside, writer_lock
 from ..models import buffer_io, model_fingerprint, torch_model
 from ..progress import progress_bar
-from ..tracing import TokenFilter, collect, tokenize
+from ..tracing import FilterCounts, TokenFilter, collect, tokenize
 from .manifest import FORMAT, MANIFEST, hook_key, open_shard, resumable_manifest, shard_name
 
 
@@ -100,7 +100,11 @@ def _append(model: Any, items: Iterable[str], submodule: Any, out: Path, n_token
     check_collection(model, config.io, config.ctx_len, config.remove_bos,
                      config.max_activation_norm_multiple)
     hooks, entries = entry_points(model, submodule, config.io)
-    keep = TokenFilter(config.remove_bos, config.max_activation_norm_multiple)
+    token_filter = TokenFilter(config.remove_bos, config.max_activation_norm_multiple)
+    counts = FilterCounts()  # what this call's filter dropped, in the manifest's "filtered"
+
+    def keep(encoding: dict[str, torch.Tensor], values: Any) -> list[torch.Tensor]:
+        return token_filter(encoding, values, counts)
     dtype = config.dtype or next(torch_model(model).parameters()).dtype
 
     def collect_rows(batch: list[str]) -> list[torch.Tensor]:
@@ -110,6 +114,7 @@ def _append(model: Any, items: Iterable[str], submodule: Any, out: Path, n_token
         return [side.to(device="cpu", dtype=dtype) for side in rows]
 
     widths = tuple(rows.shape[-1] for rows in collect_rows([PROBE_TEXT]))
+    counts = FilterCounts()  # the probe is not data (keep reads the new one)
     settings = {
         "model": config.model_name or _model_name(model), "source": config.source, "io": config.io,
         "hooks": [{"path": h.path, "io": h.io, "name": h.name} for h in hooks],
@@ -200,6 +205,8 @@ def _append(model: Any, items: Iterable[str], submodule: Any, out: Path, n_token
         manifest["position"], manifest["position_rows"] = resume_point
     manifest["exhausted"] = exhausted
     manifest["n_tokens"] = written
+    # over the text batches this call read (the one cut at n_tokens whole)
+    manifest["filtered"] = counts.summary()
     atomic_write_json(out / MANIFEST, manifest)
     listed = {shard["file"] for shard in shards}
     # left by a crash between a shard and its manifest

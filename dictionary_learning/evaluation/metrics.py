@@ -15,6 +15,10 @@ from ..dictionary import Dictionary
 from ..files import pyplot, save_figure
 from ..progress import progress_bar
 
+# evaluation's "typical" tokens: target norm at most this multiple of the batch's median (the rest
+# are massive-activation tokens, a handful of which can hold most of the squared norm)
+TYPICAL_NORM_MULTIPLE = 10.0
+
 
 @torch.no_grad()
 def without_variance(variance: torch.Tensor, squares: torch.Tensor) -> bool:
@@ -40,7 +44,10 @@ def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]
     error / summed variance of y) and relative_reconstruction_bias (E||y_hat||^2 / E<y, y_hat>, eq.
     10 of arXiv:2404.16014), and SAEBench's explained_variance_legacy, l2_norm_in / l2_norm_out (of
     y and y_hat) and l1 (summed features); per-feature firing counts in `_fired`, sums for a global
-    explained variance in `_sums`."""
+    explained variance in `_sums` (all tokens) and `_typical_sums` (the tokens whose target norm is
+    at most TYPICAL_NORM_MULTIPLE times the batch's median; and their count), and each token's
+    explained variance (1 - its squared error / its squared distance from the batch's mean) in
+    `_per_token`."""
     if isinstance(batch, (tuple, list)):
         x, y = batch
     else:
@@ -58,6 +65,10 @@ def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]
         warnings.warn("FVU and explained variance are undefined on this batch: its targets have no "
                       "variance (every token is the same vector); reported as NaN")
     nan = float("nan")
+    norms = y.float().norm(dim=-1)
+    typical = norms <= TYPICAL_NORM_MULTIPLE * norms.median()
+    squares = error.double().pow(2).sum(-1)
+    centred = (y - y.mean(dim=0)).double().pow(2).sum(-1)
     return {
         "mse": error.pow(2).sum(dim=-1).mean().item(),
         "fvu": nan if undefined else (error.pow(2).sum() / total_variance).item(),
@@ -77,7 +88,10 @@ def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]
             1 - error.pow(2).sum(-1) / (y - y.mean(dim=0)).pow(2).sum(-1)).mean().item(),
         "_fired": active.sum(dim=0),
         "_tokens": x.shape[0],
-        "_sums": (error.double().pow(2).sum(), y.double().pow(2).sum(), y.double().sum(dim=0)),
+        "_sums": (squares.sum(), y.double().pow(2).sum(), y.double().sum(dim=0)),
+        "_typical_sums": (squares[typical].sum(), y[typical].double().pow(2).sum(),
+                          y[typical].double().sum(dim=0), int(typical.sum())),
+        "_per_token": (1 - squares / centred.clamp_min(1e-30)).float().cpu(),
     }
 
 

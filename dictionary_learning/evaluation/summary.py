@@ -28,6 +28,17 @@ def _normalized(batch: Any, d_in: int) -> Any:
 
 
 @torch.no_grad()
+def _fvu(error_sum: torch.Tensor, square_sum: torch.Tensor, vector_sum: torch.Tensor,
+         tokens: int) -> float:
+    """Summed squared error over the summed squared distance from the mean, from running sums (NaN
+    where the targets have no variance, or there are none)."""
+    if not tokens:
+        return float("nan")
+    variance = square_sum / tokens - (vector_sum / tokens).pow(2).sum()
+    return (float("nan") if without_variance(variance, square_sum / tokens)
+            else (error_sum / tokens / variance).item())
+
+
 def evaluate(
     dictionary: Dictionary,
     activations: ActivationBuffer | Iterable[Any],
@@ -49,7 +60,13 @@ def evaluate(
     (default: one after each activation batch, as upstream; more than n_batches follow the last).
 
     Keys: upstream's l2_loss, l1_loss, l0, frac_variance_explained, cossim, l2_ratio,
-    relative_reconstruction_bias, frac_alive (features that fired at least once) and, with a buffer,
+    relative_reconstruction_bias, frac_alive (features that fired at least once); fvu_all_tokens
+    (1 - explained_variance: summed squared error over the summed variance of every token) and
+    fvu_typical_tokens (the same without the tokens whose norm exceeds TYPICAL_NORM_MULTIPLE = 10
+    times their batch's median, typical_tokens_excluded of them: one massive-activation token can
+    move the first figure by 10%), explained_variance_per_token_median (the median over tokens of
+    1 - squared error / squared distance from the batch mean); fvu is the mean over batches of each
+    batch's FVU; and, with a buffer,
     loss_original, loss_reconstructed, loss_zero, frac_recovered; this toolkit's mse, fvu, tokens
     and, with a buffer, ce_clean, ce_patched, ce_zero (the same CEs), ce_mean (mean ablation),
     kl_patched, kl_zero, kl_mean, frac_recovered_mean (see `reconstruction_metrics`,
@@ -77,6 +94,7 @@ def evaluate(
     totals: dict[str, float] = {}
     loss_totals: dict[str, float] = {}
     fired, count, tokens, loss_count, loss_tokens, sums = None, 0, 0, 0, 0, None
+    typical_sums, per_token = None, []
 
     def add_loss_batch() -> None:
         nonlocal hooks, loss_count, loss_tokens
@@ -109,6 +127,9 @@ def evaluate(
         fired = metrics["_fired"] if fired is None else fired + metrics["_fired"]
         sums = metrics["_sums"] if sums is None else tuple(a + b
                                                            for a, b in zip(sums, metrics["_sums"]))
+        typical_sums = (metrics["_typical_sums"] if typical_sums is None
+                        else tuple(a + b for a, b in zip(typical_sums, metrics["_typical_sums"])))
+        per_token.append(metrics["_per_token"])
         tokens += metrics["_tokens"]
         for key, value in metrics.items():
             if not key.startswith("_"):
@@ -127,10 +148,12 @@ def evaluate(
     results = {key: value / count for key, value in totals.items()}
     results["frac_alive"] = (fired > 0).float().mean().item()
     results["tokens"] = tokens
-    error_sum, square_sum, vector_sum = sums  # 1 - FVU over all tokens, about their global mean
-    variance = square_sum / tokens - (vector_sum / tokens).pow(2).sum()
-    results["explained_variance"] = (float("nan") if without_variance(variance, square_sum / tokens)
-                                     else (1 - error_sum / tokens / variance).item())
+    # FVU over all tokens, and over the typical ones, about their global mean
+    results["fvu_all_tokens"] = _fvu(*sums, tokens)
+    results["explained_variance"] = 1 - results["fvu_all_tokens"]
+    results["fvu_typical_tokens"] = _fvu(*typical_sums)
+    results["typical_tokens_excluded"] = tokens - typical_sums[-1]
+    results["explained_variance_per_token_median"] = torch.cat(per_token).median().item()
     results.update(density_metrics(fired.float() / tokens), **weight_metrics(dictionary),
                    total_tokens_eval_sparsity_variance=tokens)
     if with_loss and not loss_count:

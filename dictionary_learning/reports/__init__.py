@@ -111,6 +111,7 @@ def _quickstart(config: QuickstartConfig) -> dict[str, Any]:
     if manifest is not None:
         held_out_texts, training = _from_cache(manifest, point, config)
         n_collected = training.n_tokens
+        filtered = manifest.get("filtered") or {}  # the cache was filtered as it was written
         if progress:
             print(f"{model} {point}: training on the cache {cache} ({n_collected:,} tokens)",
                   file=sys.stderr)
@@ -122,13 +123,18 @@ def _quickstart(config: QuickstartConfig) -> dict[str, Any]:
         held_out_texts = list(itertools.islice(texts, config.eval_texts))
         # take() reads in chunks of out_batch_size: no larger
         n_ctxs = max(1, min(config.tokens, 32768) // ctx_len)
-        train_buffer = ActivationBuffer(texts, lm, point, n_ctxs=n_ctxs,
-                                        out_batch_size=min(4096, n_ctxs * ctx_len), **buffer_kwargs)
+        train_buffer = ActivationBuffer(
+            texts, lm, point, n_ctxs=n_ctxs, out_batch_size=min(4096, n_ctxs * ctx_len),
+            max_activation_norm_multiple=config.max_activation_norm_multiple, **buffer_kwargs)
         activations = train_buffer.take(config.tokens, progress=progress)
         n_collected = int(activations.shape[0])
-        # the buffer's config (its hook point among it) is saved with the SAE
+        # the buffer's config (its hook point and what its filter dropped) is saved with the SAE
         training = epochs(activations, config.batch, config.seed, config=train_buffer.config)
         del activations  # the epochs iterator holds them
+        filtered = train_buffer.filtered.summary()
+        if progress:
+            print(f"filter (max_activation_norm_multiple={config.max_activation_norm_multiple}): "
+                  f"{train_buffer.filtered.line()}", file=sys.stderr)
     collected = time.perf_counter()
 
     steps = config.steps
@@ -174,6 +180,9 @@ def _quickstart(config: QuickstartConfig) -> dict[str, Any]:
         steps=steps, encoder_dtype=config.encoder_dtype, training_tokens_collected=n_collected,
         batch_size=config.batch, tokens_trained=steps * config.batch,
         held_out_tokens=int(held_out.shape[0]), dead_features=int((density == 0).sum()),
+        max_activation_norm_multiple=(config.max_activation_norm_multiple if manifest is None
+                                      else manifest["max_activation_norm_multiple"]),
+        **{f"training_{key}": value for key, value in filtered.items()},
         seconds_collect=collected - started, seconds_train=trained - collected,
         seconds_evaluate=evaluating.seconds, seconds_loss_recovered=recovering.seconds,
         seconds_feature_density=measuring.seconds,
@@ -214,10 +223,11 @@ def _quickstart(config: QuickstartConfig) -> dict[str, Any]:
         extra("dashboard", draw)
     metrics["seconds_total"] = time.perf_counter() - started
     _write_metrics(out, metrics)
-    keys = ("fvu", "cossim", "l0", "frac_alive", "ce_clean", "ce_patched", "ce_zero",
-            "frac_recovered", "kl_patched", "ce_loss_score", "kl_div_score", "seconds_dashboard",
+    keys = ("fvu_all_tokens", "fvu_typical_tokens", "typical_tokens_excluded", "cossim", "l0",
+            "frac_alive", "ce_clean", "ce_patched", "ce_zero", "frac_recovered", "kl_patched",
+            "ce_loss_score", "kl_div_score", "training_outliers_dropped", "seconds_dashboard",
             "seconds_total")
-    print("\n".join(f"{key:>16s}: {metrics.get(key, float('nan')):.4g}" for key in keys))
+    print("\n".join(f"{key:>23s}: {metrics.get(key, float('nan')):.4g}" for key in keys))
     print(f"report written to {out}/ (metrics.md, metrics.json, saebench_core.json, "
           "feature_density.png, top_contexts.txt, sae/"
           + (", dashboard/index.html: open it in a browser" if config.dashboard_features else "")
@@ -247,7 +257,7 @@ def _top_contexts(sae: Any, lm: Any, point: Any, texts: list[str], density: torc
     with phase(line, config.progress) as searching:
         contexts = top_activating_contexts(sae, lm, point, texts, chosen, ctx_len=ctx_len,
                                            progress=config.progress, tokens=config.eval_tokens,
-                                           remove_bos=config.remove_bos)
+                                           remove_bos=config.remove_bos) if chosen else {}
     metrics["seconds_top_contexts"] = searching.seconds
     lines = [f"Top-activating held-out contexts of {len(chosen)} random features with density in "
              "(0.1%, 5%)",

@@ -86,6 +86,7 @@ def collect(config: CollectConfig | None = None, **options: Any) -> dict[str, An
             write_cache(lm, text_source(config.data), submodule, config.out, config.tokens,
                         ctx_len=config.ctx_len, batch_texts=config.batch,
                         shard_tokens=config.shard_tokens, remove_bos=config.remove_bos,
+                        max_activation_norm_multiple=config.max_activation_norm_multiple,
                         dtype=torch_dtype, model_name=config.model,
                         source=config.data or "python-docs", progress=config.progress)
         seconds = time.perf_counter() - start
@@ -94,20 +95,23 @@ def collect(config: CollectConfig | None = None, **options: Any) -> dict[str, An
         sample, added = next(cache), cache.n_tokens - before
         stats = {"model": config.model, "hooks": list(points), "out": str(config.out),
                  "cache_tokens": cache.n_tokens, "shards": len(cache.shards), "tokens_added": added,
-                 "tokens_per_second": added / seconds}
+                 "tokens_per_second": added / seconds,
+                 "filtered": read_manifest(config.out).get("filtered")}
     else:
         n_ctxs = max(1, config.tokens // config.ctx_len)
         buffer = ActivationBuffer(text_source(config.data), lm, submodule, n_ctxs=n_ctxs,
                                   ctx_len=config.ctx_len, refresh_batch_size=config.batch,
                                   out_batch_size=min(4096, n_ctxs * config.ctx_len),
                                   device=config.device, dtype=torch_dtype,
-                                  remove_bos=config.remove_bos, progress=config.progress)
+                                  remove_bos=config.remove_bos, progress=config.progress,
+                                  max_activation_norm_multiple=config.max_activation_norm_multiple)
         with phase(f"collecting {config.tokens:,} tokens ...", config.progress):
             sample = buffer.take(config.tokens, progress=config.progress)
         seconds = time.perf_counter() - start
         rows = next(iter(sample.values())) if isinstance(sample, dict) else sample
         stats = {"model": config.model, "hook": ", ".join(points),
-                 "tokens_per_second": rows.shape[0] / seconds}
+                 "tokens_per_second": rows.shape[0] / seconds,
+                 "filtered": buffer.filtered.summary()}
     rows = next(iter(sample.values())) if isinstance(sample, dict) else sample
     with phase(f"statistics of {rows.shape[0]:,} activation vectors ...", config.progress):
         if isinstance(sample, dict):

@@ -33,6 +33,10 @@ class ReadingConfig:
     """tokens per context"""
     remove_bos: bool = True
     """drop each context's first token (BOS or attention sink)"""
+    max_activation_norm_multiple: float | None = 10.0
+    """drop from the training activations the tokens whose norm exceeds this multiple of the median
+    norm of their batch (massive-activation tokens; None: keep every token). Held-out metrics see
+    every token."""
     progress: bool = True
     """a line on stderr as each phase starts, bars over the long ones (False: quiet)"""
 

@@ -86,8 +86,8 @@ def pair_contributions(suite: SCAESuite, model: Any, statistics: ContributionSta
     # [n_source, d_model]
     normed = norm_params(model, layer, kind).linear_part(suite[source].decoder.weight.t())
     encoder = suite[name].encoder.weight
-    if kind == "mlp":
-        return (encoder @ normed.t()) * mean
+    if kind == "mlp":  # the mean scales the source rows before the GEMM: no pass over its result
+        return encoder @ (normed * mean[:, None]).t()
     ov = attention_ov(model, layer)
     # [heads, n_source, d_head]
     values = torch.einsum("jd,hde->hje", normed, ov.W_V) * mean[..., None]
@@ -112,7 +112,8 @@ def connections_from_statistics(suite: SCAESuite, model: Any, statistics: Contri
         totals[name] = torch.zeros(n_features, device=device)
         offset = 0
         for source in sources_of(name, model):
-            strength = pair_contributions(suite, model, statistics, name, source).abs().to(device)
+            strength = pair_contributions(suite, model, statistics, name, source).to(device)
+            strength.abs_()
             totals[name] += strength.sum(dim=1)
             values, local = strength.topk(min(C, strength.shape[1]), dim=1)
             merged_values = torch.cat([best_values, values], dim=1)

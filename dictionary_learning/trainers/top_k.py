@@ -112,14 +112,14 @@ class TopKTrainer(UpdateX, UpstreamTrainerAPI, Trainer):
         return self.cfg.k_aux
 
     # the step -------------------------------------------------------------------------------------
-    def select(self, x: torch.Tensor, pre: torch.Tensor) -> SparseCode:
-        """The batch's codes from its pre-activations `[batch, d_sae]`: the k largest per token
-        (BatchTopK overrides)."""
+    def select(self, x: torch.Tensor, pre: torch.Tensor, step: int = 0) -> SparseCode:
+        """The batch's codes from its pre-activations `[batch, d_sae]` at `step`: the k largest per
+        token (BatchTopK overrides)."""
         return self.ae.sparse_code(x, pre)
 
     def step_loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> StepOutput:
         pre = self.ae.pre_activations(x, self.encoder_dtype)  # [batch, d_sae], no grad
-        code = self.select(x, pre)
+        code = self.select(x, pre, step)
         y_hat = self.reconstruct(code, x)
         return self.with_auxk(x, y, pre, code, y_hat, self.reconstruction_loss(y, code, x, y_hat))
 

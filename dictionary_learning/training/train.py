@@ -342,6 +342,8 @@ def train_dictionaries(data: Iterable[Any], trainer_configs: list[dict[str, Any]
         for i, trainer in enumerate(trainers):
             # what the trained weights expect inputs / targets scaled by
             trainer.normalization_scales = scales.of(i)
+        # again: a buffer's description counts what its filter dropped while training
+        described = run_description(data, trainers, options, place)
         for i, (trainer, folder) in enumerate(zip(trainers, folders)):
             _save(scales.folded(trainer.ae, i), trainer, folder, scales.of(i), described)
         if place.mode is not None:  # every rank returns once the files are written

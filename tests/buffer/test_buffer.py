@@ -225,3 +225,34 @@ def test_take_reads_only_the_texts_it_needs_and_keeps_the_surplus(tiny_gpt2):
     assert len(pulled) <= needed + 8  # one refresh batch at most beyond (a refill: ~64 texts)
     rest = buffer.take(reference.shape[0] - 3000)
     assert_same_rows(torch.cat([taken, rest]), reference)
+
+
+@pytest.mark.parametrize("remove_bos", [False, True])
+def test_filter_counts_what_it_drops(tiny_gpt2, remove_bos):
+    """The norm filter's counts against plain forward hooks: the tokens above 1.1 x the batch's
+    median norm, how many sit first in their context, and their share of the squared norm."""
+    texts = random_texts(6, seed=21)
+    point = hook(tiny_gpt2, 1, "resid")
+    buffer = ActivationBuffer(texts, tiny_gpt2, point, n_ctxs=100, ctx_len=CTX,
+                              refresh_batch_size=len(texts), remove_bos=remove_bos,
+                              max_activation_norm_multiple=1.1)
+    got = drain(buffer)
+    [rows] = hook_reference(tiny_gpt2, texts, [point], CTX)
+    norms = rows.float().norm(dim=-1)
+    lengths = [len(tiny_gpt2.tokenizer(t, truncation=True, max_length=CTX)["input_ids"])
+               for t in texts]
+    first = torch.zeros(len(norms), dtype=torch.bool)
+    first[torch.tensor([0, *lengths[:-1]]).cumsum(0)] = True
+    candidates = ~first if remove_bos else torch.ones_like(first)
+    outlier = candidates & (norms > 1.1 * norms[candidates].median())
+    counts = buffer.config["filtered"]
+    assert counts["tokens_seen"] == len(norms) == sum(lengths)
+    assert counts["first_tokens_dropped"] == (len(texts) if remove_bos else 0)
+    assert counts["outliers_dropped"] == int(outlier.sum()) > 0
+    assert counts["outliers_at_first_position"] == int((outlier & first).sum())
+    squares = norms.double().square()
+    assert counts["outliers_square_norm_share"] == pytest.approx(  # of the tokens the filter saw
+        float(squares[outlier].sum() / squares[candidates].sum()), rel=1e-4)
+    assert counts["first_tokens_square_norm_share"] == pytest.approx(
+        float(squares[first].sum() / squares.sum()) if remove_bos else 0.0, rel=1e-4)
+    assert got.shape[0] == len(norms) - counts["outliers_dropped"] - counts["first_tokens_dropped"]

@@ -184,3 +184,30 @@ def test_top_contexts_stop_after_the_tokens_asked_for(tiny_llama):
     every = top_activating_contexts(ae, tiny_llama, point, texts, features, ctx_len=CTX,
                                     batch_size=4, progress=False)
     assert limited == first_batch and every != first_batch
+
+
+def test_fvu_on_all_and_on_typical_tokens_against_float64():
+    """One massive token per batch: fvu_all_tokens counts it, fvu_typical_tokens leaves it out
+    (norm > 10 x its batch's median), both about the mean of the tokens they cover."""
+    torch.manual_seed(5)
+    ae = make_dictionary(16, seed=5)
+    batches = [torch.randn(64, 16) for _ in range(3)]
+    for batch in batches:
+        batch[7] *= 100
+    got = evaluate(ae, iter(batches), n_batches=3)
+    x = torch.cat(batches).double()
+    with torch.no_grad():
+        errors = torch.cat([(b - ae(b)).double().pow(2).sum(-1) for b in batches])
+    typical = torch.cat([b.norm(dim=-1) <= 10 * b.norm(dim=-1).median() for b in batches])
+
+    def fvu(rows):
+        return float(errors[rows].sum() / (x[rows] - x[rows].mean(0)).pow(2).sum())
+
+    everything = torch.ones(len(x), dtype=torch.bool)
+    assert got["fvu_all_tokens"] == pytest.approx(fvu(everything), rel=1e-5)
+    assert got["fvu_typical_tokens"] == pytest.approx(fvu(typical), rel=1e-5)
+    assert got["typical_tokens_excluded"] == 3 == int((~typical).sum())
+    assert got["explained_variance"] == pytest.approx(1 - fvu(everything), rel=1e-5)
+    centred = torch.cat([(b - b.mean(0)).double().pow(2).sum(-1) for b in batches])
+    assert got["explained_variance_per_token_median"] == pytest.approx(
+        float((1 - errors / centred).median()), abs=1e-5)

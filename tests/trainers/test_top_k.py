@@ -55,3 +55,30 @@ def test_update_with_row_gradients_equals_autograd(cls, options, dense_share, mo
         assert ours.pre_norm_auxk_loss > 0  # AuxK ran
     for (name, mine), theirs in zip(ours.ae.named_parameters(), plain.ae.parameters()):
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("cls, options", [
+    (BatchTopKTrainer, {}),
+    (MatryoshkaBatchTopKTrainer, {"group_fractions": [0.5, 0.5]}),
+])
+def test_token_topk_steps_select_per_token_then_per_batch(cls, options):
+    """Before token_topk_steps each row keeps its own k largest pre-activations (checked against a
+    dense topk); from then on the batch's k * batch largest, which give rows different counts."""
+    trainer = cls(steps=10, activation_dim=8, dict_size=40, k=3, seed=0, device="cpu",
+                  token_topk_steps=4, **options)
+    x = torch.randn(32, 8) * torch.linspace(0.1, 3, 32)[:, None]  # unequal norms
+    pre = trainer.ae.pre_activations(x)
+    for step, per_token in ((0, True), (3, True), (4, False)):
+        code = trainer.select(x, pre, step)
+        counts = torch.bincount(code.rows, minlength=32)
+        if per_token:
+            assert (counts == 3).all()
+            expected = pre.topk(3, dim=-1).indices.sort(dim=-1).values
+            got = code.cols.reshape(32, 3).sort(dim=-1).values
+            assert torch.equal(got, expected)
+            torch.testing.assert_close(code.values.reshape(32, 3).sort(dim=-1).values,
+                                       pre.topk(3, dim=-1).values.relu().sort(dim=-1).values)
+        else:
+            assert counts.sum() <= 3 * 32 and len(set(counts.tolist())) > 1
+    with pytest.raises(ValueError, match="token_topk_steps"):
+        cls(steps=10, activation_dim=8, dict_size=40, k=3, token_topk_steps=11, **options)

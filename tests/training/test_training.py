@@ -59,15 +59,13 @@ def test_other_trainers_learn(trainer_class):
         config = dict(trainer=StandardTrainerAprilUpdate, activation_dim=D, dict_size=2 * N_TRUE,
                       lr=2e-3, l1_penalty=1.0, steps=steps, warmup_steps=20,
                       sparsity_warmup_steps=100, seed=0)
-    else:
+    else:  # per-token TopK for the first half: batch top-k from the start leaves latents dead
         config = topk_config(steps, trainer=BatchTopKTrainer, dict_class=BatchTopKSAE,
-                             threshold_start_step=100)
+                             threshold_start_step=100, token_topk_steps=steps // 2)
     [trainer] = trainSAE(planted_stream(features, K, 256, steps, seed=1), [config], steps,
                          progress=False)
     assert trainer.last_metrics["fvu"] < 0.3
-    # BatchTopK gives low-norm tokens fewer latents than their k planted features, so it recovers
-    # fewer of them
-    assert fraction_recovered(features, trainer.ae.decoder.weight.detach()) >= 0.6
+    assert fraction_recovered(features, trainer.ae.decoder.weight.detach()) >= 0.9
     # the inference threshold is tracked and gives about k codes per token
     if trainer_class is BatchTopKTrainer:
         assert trainer.ae.threshold > 0
