@@ -11,7 +11,9 @@ no run trains on): per batch, CE with the SAE patched in minus clean CE (dCE, na
 patched), so the settings are compared batch by batch (paired differences, with their standard
 error). FVU on all held-out tokens and on the typical ones (norm <= 10x the median) is the
 quickstart's own. "Worst spike": the largest step loss over the median of the 50 steps before it
-(from step 50 on). Prints a table; writes `results.json` in `--out`.
+(from step 50 on). Each context's first token (the attention sink, which the quickstart drops) is
+left unpatched, as the quickstart's own evaluation does. Prints a table; writes `results.json` in
+`--out`.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=150_000)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--out", default="bench/results/outlier_filter")
+    parser.add_argument("--reuse", action="store_true",
+                        help="judge the SAEs already in --out instead of training them again")
     args = parser.parse_args()
     if args.loss_batches * 16 > args.eval_texts:
         parser.error(f"--loss-batches {args.loss_batches} needs --eval-texts >= "
@@ -71,20 +75,29 @@ def main() -> None:
     from dictionary_learning.evaluation import patched_losses
     from dictionary_learning.models import dtype_from_name
     from dictionary_learning.reports import quickstart
+    from dictionary_learning.tracing import token_mask
     from dictionary_learning.utils import load_dictionary
 
     out = Path(args.out)
     runs = {}
     for text in args.multiples.split(","):
+        folder = out / text
+        if args.reuse and (folder / "metrics.json").exists():
+            losses_file = folder / "losses.json"
+            runs[text] = {"metrics": json.loads((folder / "metrics.json").read_text()),
+                          "losses": json.loads(losses_file.read_text())
+                          if losses_file.exists() else []}
+            continue
         multiple = None if text == "off" else float(text)
         losses: list[float] = []
         restore = record_losses(losses)
         try:
             metrics = quickstart(tokens=args.tokens, steps=args.steps, eval_texts=args.eval_texts,
                                  loss_batches=1, dashboard_features=0, n_features=0,
-                                 max_activation_norm_multiple=multiple, out=out / text)
+                                 max_activation_norm_multiple=multiple, out=folder)
         finally:
             restore()
+        (folder / "losses.json").write_text(json.dumps(losses))
         runs[text] = {"metrics": metrics, "losses": losses}
 
     first = next(iter(runs.values()))["metrics"]
@@ -97,7 +110,9 @@ def main() -> None:
     for b in range(args.loss_batches):
         batch = texts[16 * b: 16 * b + 16]
         for name, sae in saes.items():
+            # the quickstart's positions: each context's first token (the sink) left unpatched
             result = patched_losses(batch, model, sae, (point,), ctx_len=first["ctx_len"],
+                                    patch_mask_fn=lambda encoding: token_mask(encoding, True),
                                     progress=False)
             per_batch[name]["dce"].append(result["ce_patched"] - result["ce_clean"])
             per_batch[name]["kl"].append(result["kl_patched"])

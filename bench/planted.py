@@ -65,7 +65,9 @@ def configs(steps: int) -> dict[str, dict]:
                          decay_start=int(steps * 0.7), bandwidth=0.1, target_l0=K, **common),
         "relu_l1": dict(trainer=t.StandardTrainerAprilUpdate, lr=2e-3, l1_penalty=1.0,
                         sparsity_warmup_steps=100, **common),
-        "gated": dict(trainer=t.GatedSAETrainer, lr=2e-3, l1_penalty=1.0, **common),
+        # Adam without momentum (upstream's betas (0, 0.999)): a larger lr
+        "gated": dict(trainer=t.GatedSAETrainer, lr=2e-2, l1_penalty=2.0,
+                      sparsity_warmup_steps=100, **common),
         "p_anneal": dict(trainer=t.PAnnealTrainer, lr=2e-3, initial_sparsity_penalty=1.0,
                          sparsity_warmup_steps=100, anneal_start=steps // 2, n_sparsity_updates=5,
                          **common),

@@ -76,6 +76,8 @@ REFUSED = {  # command line (SAE: the saved SAE, TMP: the test's folder) -> what
                                  "expected a folder with config.json"),
     "dashboard-renamed-flag": (["dashboard", "--dictionary", "SAE", "--upstream", "SAE"],
                                "--upstream was renamed --source"),
+    "train-negative-norm-multiple": (["train", "--max-norm-multiple", "-3", "--out", "TMP/q"],
+                                     "expected a positive number or off, got '-3'"),
 }
 
 
@@ -121,3 +123,14 @@ def test_keywords_read_as_flags():
     assert flag_names("pass hookpoint=", export) == "pass --hookpoint"
     assert flag_names("(hook_name= / --hook-name)", export) == "(hook_name= / --hook-name)"
     assert flag_names("got hookpoint='x', layer= here", export) == "got hookpoint='x', layer= here"
+
+
+def test_norm_filter_flag():
+    """train and collect filter outlier tokens at 10x the median unless told otherwise."""
+    from dictionary_learning.__main__ import parser
+
+    for command in ("train", "collect"):
+        parse = parser().parse_args
+        assert parse([command]).max_activation_norm_multiple == 10.0
+        assert parse([command, "--max-norm-multiple", "off"]).max_activation_norm_multiple is None
+        assert parse([command, "--max-norm-multiple", "4.5"]).max_activation_norm_multiple == 4.5
