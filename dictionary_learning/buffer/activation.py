@@ -1,12 +1,9 @@
 """ActivationBuffer: a shuffled stream of activation vectors read out of a language model with
-nnsight.
-
-The buffer is text batches + the collector + a `ShuffledStore`: it holds about `n_ctxs * ctx_len`
-token vectors, serves random batches of `out_batch_size` from the unread ones, and refills when
-fewer than half are unread. A refill tokenizes `refresh_batch_size` texts at a time for its reader
-(`tracing.collect`: one nnsight trace, stopped right after the last hook point; `pytorch_buffer`
-reads with PyTorch hooks), which keeps the tokens a `TokenFilter` chooses: no padding and, when
-asked, no BOS and no outlier-norm tokens.
+nnsight. Text batches + the collector + a `ShuffledStore`: it holds about `n_ctxs * ctx_len` token
+vectors, serves random batches of `out_batch_size` from the unread ones, and refills when fewer than
+half are unread, `refresh_batch_size` texts per read (`tracing.collect`: one nnsight trace, stopped
+after the last hook point; `pytorch_buffer` reads with PyTorch hooks), keeping the tokens a
+`TokenFilter` chooses (no padding; when asked, no BOS or outlier-norm tokens: `filtered` counts).
 
 Upstream compatibility: the constructor takes upstream's arguments in upstream's order (0.1.0 and
 GitHub HEAD: ..., `device`, `remove_bos`, `add_special_tokens`, `max_activation_norm_multiple`), the
@@ -114,7 +111,6 @@ class ActivationBuffer:
         self.remove_bos, self.add_special_tokens = settings.remove_bos, settings.add_special_tokens
         self.remove_high_norm = settings.max_activation_norm_multiple  # upstream's attribute name
         self.token_filter = TokenFilter(settings.remove_bos, settings.max_activation_norm_multiple)
-        # what the filter dropped so far (`FilterCounts`; the config's "filtered" summarises it)
         self.filtered = FilterCounts()
         self.dtype = settings.dtype or next(torch_model(model).parameters()).dtype
         self.seed = settings.seed

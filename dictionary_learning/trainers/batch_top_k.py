@@ -9,11 +9,18 @@ import dataclasses
 import torch
 
 from ..checks import integer
-from ..dictionary import BatchTopKSAE, SparseCode
+from ..dictionary import BatchTopKSAE, Dictionary, SparseCode
 from . import parts
 from .top_k import TopKConfig, TopKTrainer
 
-__all__ = ["BatchTopKConfig", "BatchTopKSAE", "BatchTopKTrainer"]
+__all__ = ["BatchTopKConfig", "BatchTopKSAE", "BatchTopKTrainer", "token_topk_code"]
+
+
+def token_topk_code(ae: Dictionary, x: torch.Tensor, pre: torch.Tensor, k: int) -> SparseCode:
+    """The code of each row's k largest pre-activations `pre` `[batch, n]` (the first n latents)."""
+    values, cols = pre.topk(min(k, pre.shape[1]), dim=-1, sorted=False)
+    rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(cols.shape[1])
+    return ae.gather_code(x, rows, cols.reshape(-1), values.reshape(-1), x.shape[0])
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -42,7 +49,7 @@ class BatchTopKTrainer(TopKTrainer):
 
     def select(self, x: torch.Tensor, pre: torch.Tensor, step: int = 0) -> SparseCode:
         if step < self.cfg.token_topk_steps:
-            return parts.token_topk_code(self.ae, x, pre, int(self.ae.k))
+            return token_topk_code(self.ae, x, pre, int(self.ae.k))
         if self.distributed is None:
             return self.ae.sparse_code(x, pre)
         return self.ae.gather_code(x, *self.global_batch_topk(pre, int(self.ae.k) * x.shape[0]),

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 
 from ..dictionary import MatryoshkaBatchTopKSAE, SparseCode
-from . import parts
-from .batch_top_k import BatchTopKConfig, BatchTopKTrainer
+from .batch_top_k import BatchTopKConfig, BatchTopKTrainer, token_topk_code
 
 __all__ = ["MatryoshkaBatchTopKSAE", "MatryoshkaBatchTopKTrainer", "MatryoshkaConfig",
            "apply_temperature", "group_sizes_from_fractions"]
@@ -93,7 +92,7 @@ class MatryoshkaBatchTopKTrainer(BatchTopKTrainer):
 
     def select(self, x: torch.Tensor, pre: torch.Tensor, step: int = 0) -> SparseCode:
         if step < self.cfg.token_topk_steps:  # each token's k largest in the active groups
-            return parts.token_topk_code(self.ae, x, pre[:, :self.ae.active_end], int(self.ae.k))
+            return token_topk_code(self.ae, x, pre[:, :self.ae.active_end], int(self.ae.k))
         if self.distributed is None:
             return self.ae.sparse_code(x, pre)
         # the global batch's k * batch largest codes, then the inactive groups dropped

@@ -113,14 +113,6 @@ def fired_latents(code: Any, dict_size: int) -> torch.Tensor:
     return fired
 
 
-def token_topk_code(ae: Dictionary, x: torch.Tensor, pre: torch.Tensor, k: int) -> SparseCode:
-    """The differentiable code of each row's k largest pre-activations among the columns of `pre`
-    (`[batch, n]`, the dictionary's first n latents), through the dictionary's `gather_code`."""
-    values, cols = pre.topk(min(k, pre.shape[1]), dim=-1, sorted=False)
-    rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(cols.shape[1])
-    return ae.gather_code(x, rows, cols.reshape(-1), values.reshape(-1), x.shape[0])
-
-
 # --------------------------------------------------------------------------------------------------
 # AuxK
 
