@@ -161,10 +161,16 @@ Keep = Callable[[dict[str, torch.Tensor], Sequence[torch.Tensor]], list[torch.Te
 def masked_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token next-token CE `[batch, seq-1]` and the mask of real (context, target) pairs."""
-    ids, attention = input_ids.to(logits.device), attention_mask.to(logits.device)
+    ids = input_ids.to(logits.device)
     ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(),
                          reduction="none")
-    return ce.view(ids.shape[0], -1), attention[:, 1:].bool() & attention[:, :-1].bool()
+    return ce.view(ids.shape[0], -1), scored_pairs(attention_mask.to(logits.device))
+
+
+def scored_pairs(attention_mask: torch.Tensor) -> torch.Tensor:
+    """`[batch, seq-1]` bool: the (context, target) pairs of real tokens that next-token CE
+    scores."""
+    return attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
 
 
 def next_token_kl(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:

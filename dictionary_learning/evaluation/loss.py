@@ -25,7 +25,7 @@ from ..core_metrics import recovered_fraction
 from ..dictionary import Dictionary, apply_to_values
 from ..models import UPSTREAM_IO, HookPoint, get_adapter, submodule_points
 from ..progress import progress_bar
-from ..tracing import log_prob_kl, run, tokenize
+from ..tracing import log_prob_kl, run, scored_pairs, tokenize
 
 # upstream's default model keywords for evaluation traces (no KV cache, no attention weights)
 TRACER_ARGS: Mapping[str, Any] = MappingProxyType({"use_cache": False, "output_attentions": False})
@@ -135,8 +135,7 @@ def _losses(model: Any, encoding: dict[str, torch.Tensor], dictionary: Any,
     logits = _runs(model, encoding, dictionary, hooks, patch_mask, normalize_batch,
                    dict(tracer_args or {}), modes, progress, reuse_prefix)
     ids = encoding["input_ids"].to(logits[0].device)
-    attention = encoding["attention_mask"].to(logits[0].device)
-    mask = attention[:, 1:].bool() & attention[:, :-1].bool()  # real (context, target) pairs
+    mask = scored_pairs(encoding["attention_mask"].to(logits[0].device))
     targets = ids[:, 1:, None]
     losses, kls = [], []
     clean_logp = clean_p = None

@@ -58,7 +58,8 @@ def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]
     check_finite("the activations", x, y)
     y_hat, f = dictionary(x, output_features=True)
     error = y - y_hat
-    total_variance = (y - y.mean(dim=0)).pow(2).sum()
+    centred = (y - y.mean(dim=0)).pow(2).sum(-1)  # each token's squared distance from the mean
+    total_variance = centred.sum()
     active = f != 0
     undefined = without_variance(total_variance.double(), y.double().pow(2).sum())
     if undefined:
@@ -68,7 +69,6 @@ def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]
     norms = y.float().norm(dim=-1)
     typical = norms <= TYPICAL_NORM_MULTIPLE * norms.median()
     squares = error.double().pow(2).sum(-1)
-    centred = (y - y.mean(dim=0)).double().pow(2).sum(-1)
     return {
         "mse": error.pow(2).sum(dim=-1).mean().item(),
         "fvu": nan if undefined else (error.pow(2).sum() / total_variance).item(),
@@ -85,13 +85,13 @@ def reconstruction_metrics(dictionary: Dictionary, batch: Any) -> dict[str, Any]
         "l2_norm_in": y.norm(dim=-1).mean().item(),
         "l2_norm_out": y_hat.norm(dim=-1).mean().item(),
         "explained_variance_legacy": nan if undefined else (
-            1 - error.pow(2).sum(-1) / (y - y.mean(dim=0)).pow(2).sum(-1)).mean().item(),
+            1 - error.pow(2).sum(-1) / centred).mean().item(),
         "_fired": active.sum(dim=0),
         "_tokens": x.shape[0],
         "_sums": (squares.sum(), y.double().pow(2).sum(), y.double().sum(dim=0)),
         "_typical_sums": (squares[typical].sum(), y[typical].double().pow(2).sum(),
                           y[typical].double().sum(dim=0), int(typical.sum())),
-        "_per_token": (1 - squares / centred.clamp_min(1e-30)).float().cpu(),
+        "_per_token": (1 - squares / centred.double().clamp_min(1e-30)).float().cpu(),
     }
 
 
