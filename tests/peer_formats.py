@@ -52,6 +52,8 @@ def saelens_load(folder: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
 def saelens_write(folder: str, kind: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
     from sae_lens import SAE
 
+    if kind.endswith("_trained"):
+        return saelens_write_trained(folder, kind, x)
     d_in, d_sae = x.shape[1], 48
     config = {"architecture": kind, "d_in": d_in, "d_sae": d_sae, "dtype": "float32",
               "device": "cpu", "apply_b_dec_to_input": "transcoder" not in kind,
@@ -66,6 +68,37 @@ def saelens_write(folder: str, kind: str, x: torch.Tensor) -> dict[str, torch.Te
     randomize(sae)
     sae.save_model(folder)
     return saelens_outputs(sae, x)
+
+
+def saelens_write_trained(folder: str, kind: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A training SAE with decoder rows of random norms, saved for inference by SAELens (which
+    folds the norms for TopK's rescale_acts_by_decoder_norm, and saves BatchTopK as JumpReLU with
+    its running threshold); the outputs are those of the saved folder as SAELens loads it."""
+    from sae_lens import (
+        SAE,
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
+
+    common = dict(d_in=x.shape[1], d_sae=48, k=5, dtype="float32", device="cpu")
+    if kind == "topk_trained":
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(rescale_acts_by_decoder_norm=True, **common))
+    else:
+        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common))
+    randomize(sae)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(sae.W_dec.shape[0], 1, generator=torch.Generator()
+                                  .manual_seed(1)) * 2 + 0.2)
+        if kind == "batchtopk_trained":
+            sae.topk_threshold.fill_(0.2)
+    sae.save_inference_model(folder)
+    config = json.loads((Path(folder) / "cfg.json").read_text())
+    config["metadata"].update({"model_name": "tiny-llama",
+                               "hook_name": "model.layers.1.post_attention_layernorm"})
+    (Path(folder) / "cfg.json").write_text(json.dumps(config))
+    return saelens_outputs(SAE.load_from_disk(folder, device="cpu"), x)
 
 
 # sparsify -----------------------------------------------------------------------------------------

@@ -118,6 +118,11 @@ def _v6_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _unit_rows(matrix: torch.Tensor | None) -> bool:
+    return matrix is not None and bool(torch.allclose(matrix.float().norm(dim=-1),
+                                                      torch.ones(()), atol=1e-4))
+
+
 def load_saelens(folder: str | Path) -> Weights:
     """The library-neutral weights of a SAELens folder (`cfg.json` + `sae_weights.safetensors`)."""
     folder = Path(folder)
@@ -138,11 +143,15 @@ def load_saelens(folder: str | Path) -> Weights:
             or config.get("finetuning_scaling_factor")):
         raise ValueError(f"{str(folder)!r}: reshape_activations / finetuning_scaling_factor are "
                          "not supported")
-    if architecture == "topk" and config.get("rescale_acts_by_decoder_norm"):
-        raise ValueError(f"{str(folder)!r}: rescale_acts_by_decoder_norm=True selects latents by "
-                         "decoder-scaled pre-activations, which this toolkit's TopK does not; fold "
-                         "the decoder norms in SAELens first")
     state = {name: tensor.float() for name, tensor in read_safetensors(folder / WEIGHTS).items()}
+    # SAELens' save_inference_model folds the decoder norms into the weights (unit-norm rows) and
+    # keeps the flag, which is then a no-op; with other norms it changes which latents are chosen
+    if (architecture == "topk" and config.get("rescale_acts_by_decoder_norm")
+            and not _unit_rows(state.get("W_dec"))):
+        raise ValueError(f"{str(folder)!r}: rescale_acts_by_decoder_norm=True selects latents by "
+                         "decoder-scaled pre-activations, which this toolkit's TopK does not, and "
+                         "W_dec's rows are not unit-norm; save with SAELens' save_inference_model "
+                         "(which folds the norms) first")
     scaling = state.pop("scaling_factor", None)
     if scaling is not None and not torch.allclose(scaling, torch.ones_like(scaling)):
         raise ValueError(f"{str(folder)!r}: a scaling_factor other than 1 is not supported")

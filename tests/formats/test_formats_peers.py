@@ -115,7 +115,10 @@ OURS_TO_SAELENS = {  # name -> (dictionary, architecture SAELens must read it as
 
 SAELENS_KINDS = ["standard", "topk", "jumprelu", "transcoder", "skip_transcoder",
                  "jumprelu_transcoder",
-                 "jumprelu_skip_transcoder"]
+                 "jumprelu_skip_transcoder",
+                 # trained by SAELens (decoder rows of any norm; TopK rescaled by them, BatchTopK
+                 # with its threshold) and saved by its save_inference_model, as a user would
+                 "topk_trained", "batchtopk_trained"]
 SPARSIFY_KINDS = ["sae", "transcoder", "skip_transcoder"]
 CIRCUIT_TRACER_KINDS = ["relu", "jumprelu", "relu_skip"]
 OURS_TO_SPARSIFY = {
