@@ -23,7 +23,7 @@ def missing_peer(venv: str, why: str = "not built") -> None:
     DL_REQUIRE_PEERS=1 (CI, which builds every venv) fail instead, so a broken peer set-up cannot
     pass as skipped tests."""
     message = (f"the {venv} peer venv is {why}: `bash bench/setup_peers.sh {venv}` builds it (a "
-               "few minutes and ~1.5 GB each; `bash bench/setup_peers.sh` builds all four)")
+               "few minutes and ~1.5 GB each; `bash bench/setup_peers.sh` builds them all)")
     if os.environ.get("DL_REQUIRE_PEERS") == "1":
         pytest.fail(message)
     pytest.skip(message)

@@ -1,0 +1,148 @@
+"""Dictionaries spliced into a model for circuit discovery: a `Site` is one dictionary at its hook
+point(s); `splice` turns sites into `tracing.run` patches that record, differentiate or replace
+each site's features and error.
+
+At a site, the model's value x (for a transcoder: the output side y, computed from the input side
+x_in) is split into the dictionary's reconstruction and its error:
+
+    x = decode(f) + error,    f = encode(x),    error = x - decode(f)
+
+so every feature and the error are nodes whose values sum (through the decoder) to exactly the
+model's value. Splicing never changes the model's computation unless values are replaced.
+
+Gradients (mode "attribute") follow Marks et al. 2024's convention: the value written back is x
+itself, differentiable in the upstream computation as before (so an upstream node's gradient
+passes through the downstream sites unchanged), while f and the error are leaves whose gradients
+are those of decode(f) + error at x: W_dec^T g for the features and g for the error, g the
+metric's gradient at x.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ..models.hooks import HookPoint
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """A dictionary in the model: an SAE reads and writes `point`; a transcoder (`source` given)
+    reads its input side `source` and writes its output side `point`."""
+
+    name: str
+    dictionary: Any
+    point: HookPoint
+    source: HookPoint | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.point, HookPoint) or not (self.source is None
+                                                         or isinstance(self.source, HookPoint)):
+            raise TypeError(f"site {self.name!r}: point (and a transcoder's source) must be "
+                            f"HookPoints, got {self.point!r}, {self.source!r}")
+        transcoder = bool(getattr(self.dictionary, "transcoder", False))
+        if transcoder != (self.source is not None):
+            raise ValueError(f"site {self.name!r}: a transcoder needs (input side, output side) "
+                             "hook points, an SAE one point; got "
+                             f"{'a transcoder' if transcoder else 'an SAE'} with "
+                             f"{'two' if self.source is not None else 'one'}")
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.dictionary.dict_size)
+
+
+def as_sites(spec: Any) -> list[Site]:
+    """Sites from a list of `Site`s or a mapping `{name: (dictionary, point)}` (a transcoder:
+    `(dictionary, (input side, output side))`)."""
+    if isinstance(spec, Mapping):
+        sites = []
+        for name, value in spec.items():
+            if not isinstance(value, tuple) or len(value) != 2:
+                raise TypeError(f"site {name!r}: expected (dictionary, point) or (dictionary, "
+                                f"(input side, output side)), got {type(value).__name__}")
+            dictionary, where = value
+            source, point = where if isinstance(where, tuple) else (None, where)
+            sites.append(Site(str(name), dictionary, point, source))
+        spec = sites
+    sites = list(spec)
+    if not sites or not all(isinstance(site, Site) for site in sites):
+        raise TypeError("expected a non-empty list of Sites or a mapping {name: (dictionary, "
+                        "point)}")
+    names = [site.name for site in sites]
+    written = [(site.point.path, site.point.io) for site in sites]
+    if len(set(names)) != len(names) or len(set(written)) != len(written):
+        raise ValueError(f"every site needs its own name and its own written hook point, got "
+                         f"names {names}")
+    return sites
+
+
+@dataclasses.dataclass
+class SiteValues:
+    """What a spliced run saw at one site: features `[batch, seq, d_sae]` and error
+    `[batch, seq, d]`."""
+
+    features: torch.Tensor
+    error: torch.Tensor
+
+
+Replace = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def splice(sites: list[Site], mode: str, store: dict[str, SiteValues],
+           replace: Mapping[str, Replace] | None = None) -> dict[Any, Callable]:
+    """`tracing.run` patches for `sites`. Each site's features and error go into `store[name]`:
+    mode "record" (detached), "attribute" (leaves requiring grad, the value written back x
+    itself, see the module's docstring). `replace[name](features, error)` -> (features, error)
+    writes decode(features) + error at that site instead (from the recorded values, no grad
+    through the site's own input)."""
+    if mode not in ("record", "attribute"):
+        raise ValueError(f"mode must be 'record' or 'attribute', got {mode!r}")
+    replace = dict(replace or {})
+    patches: dict[Any, Callable] = {}
+    for site in sites:
+        inputs: dict[str, torch.Tensor] = {}
+        if site.source is not None:
+            patches[site.source] = _stash(inputs)
+        patches[site.point] = _site_patch(site, mode, store, replace.get(site.name), inputs)
+    return patches
+
+
+def _stash(inputs: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def keep(x: torch.Tensor) -> torch.Tensor:
+        inputs["x"] = x
+        return x
+    return keep
+
+
+def _site_patch(site: Site, mode: str, store: dict[str, SiteValues], replace: Replace | None,
+                inputs: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    dictionary = site.dictionary
+
+    parameter = next(iter(dictionary.parameters()), None)
+    work = parameter.dtype if parameter is not None else torch.float32
+
+    def patch(value: torch.Tensor) -> torch.Tensor:
+        x_in = (inputs["x"] if site.source is not None else value).detach().to(work)
+        dtype = value.dtype
+        with torch.no_grad():
+            features = dictionary.encode(x_in)
+            error = value.detach().to(work) - dictionary.decode(features, x=x_in)
+        if replace is not None:
+            features, error = replace(features, error)
+        if mode == "attribute":
+            features = features.detach().requires_grad_(True)
+            error = error.detach().requires_grad_(True)
+        store[site.name] = SiteValues(features, error)
+        new = dictionary.decode(features, x=x_in) + error
+        if replace is not None:
+            return new.to(dtype)
+        if mode == "record":
+            return value
+        # x itself, with the leaves' gradients: d new / d features = W_dec^T, d new / d error = I
+        return value + (new - new.detach()).to(dtype)
+
+    return patch
