@@ -1,8 +1,18 @@
 """Sparse feature circuits (Marks et al. 2024) on today's nnsight: node effects of every feature and
 every dictionary's error, over SAEs and transcoders spliced into the model, by attribution patching
-and integrated gradients; the subject-verb agreement prompt pairs the paper uses."""
+and integrated gradients; edge effects between the nodes of consecutive sites; the subject-verb
+agreement prompt pairs the paper uses."""
 
-from .nodes import NodeEffects, as_encoding, logit_difference, node_effects, run_metric
+from .edges import EdgeEffects, edge_effects, edge_pairs
+from .nodes import (
+    NodeEffects,
+    NodeState,
+    as_encoding,
+    logit_difference,
+    node_effects,
+    node_state,
+    run_metric,
+)
 from .prompts import (
     AGREEMENT_CASES,
     PromptPair,
@@ -14,7 +24,7 @@ from .prompts import (
 )
 from .sites import Site, SiteValues, as_sites, splice
 
-__all__ = ["AGREEMENT_CASES", "NodeEffects", "PromptPair", "Site", "SiteValues",
-           "agreement_pairs", "as_encoding", "as_sites", "encode_pairs", "load_prompt_pairs",
-           "logit_difference", "node_effects", "run_metric", "save_prompt_pairs",
-           "single_token_pairs", "splice"]
+__all__ = ["AGREEMENT_CASES", "EdgeEffects", "NodeEffects", "NodeState", "PromptPair", "Site",
+           "SiteValues", "agreement_pairs", "as_encoding", "as_sites", "edge_effects",
+           "edge_pairs", "encode_pairs", "load_prompt_pairs", "logit_difference", "node_effects",
+           "node_state", "run_metric", "save_prompt_pairs", "single_token_pairs", "splice"]

@@ -100,12 +100,34 @@ def run_metric(model: Any, sites: list[Site], encoding: dict[str, torch.Tensor],
     return metric(output).detach(), store
 
 
+@dataclasses.dataclass
+class NodeState:
+    """What node effects are made of, per site: the clean run's and the patch's values (`clean`,
+    `patch`: SiteValues) and the metric's gradients at the features and the error (`gradients`:
+    SiteValues holding gradients), beside the effects themselves."""
+
+    sites: list[Site]
+    clean_encoding: dict[str, torch.Tensor]
+    clean: dict[str, SiteValues]
+    patch: dict[str, SiteValues]
+    gradients: dict[str, SiteValues]
+    effects: NodeEffects
+
+
 def node_effects(model: Any, sites: Any, clean: Any, patch: Any = None,
                  metric: Metric | None = None, *, method: str = "attribution", steps: int = 10,
                  clean_answers: Any = None, patch_answers: Any = None) -> NodeEffects:
     """Every feature's and error's effect on `metric` (default: `logit_difference(clean_answers,
     patch_answers)`) from clean to patch. sites: `Site`s or `{name: (dictionary, point)}`, in any
     order. clean, patch: token ids `[batch, seq]` of one length (patch=None: zero ablation)."""
+    return node_state(model, sites, clean, patch, metric, method=method, steps=steps,
+                      clean_answers=clean_answers, patch_answers=patch_answers).effects
+
+
+def node_state(model: Any, sites: Any, clean: Any, patch: Any = None,
+               metric: Metric | None = None, *, method: str = "attribution", steps: int = 10,
+               clean_answers: Any = None, patch_answers: Any = None) -> NodeState:
+    """`node_effects`, with the values and gradients they are made of (edges need them)."""
     sites = as_sites(sites)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -142,10 +164,11 @@ def node_effects(model: Any, sites: Any, clean: Any, patch: Any = None,
     features, errors = {}, {}
     for site in sites:
         clean_value, patch_value = clean_values[site.name], patch_values[site.name]
-        feature_gradient, error_gradient = gradients[site.name]
-        features[site.name] = (patch_value.features - clean_value.features) * feature_gradient
-        errors[site.name] = ((patch_value.error - clean_value.error) * error_gradient).sum(-1)
-    return NodeEffects(features, errors, patched - clean_metric, clean_metric, patched, method)
+        gradient = gradients[site.name]
+        features[site.name] = (patch_value.features - clean_value.features) * gradient.features
+        errors[site.name] = ((patch_value.error - clean_value.error) * gradient.error).sum(-1)
+    effects = NodeEffects(features, errors, patched - clean_metric, clean_metric, patched, method)
+    return NodeState(sites, clean_encoding, clean_values, patch_values, gradients, effects)
 
 
 def _set(values: SiteValues) -> Callable:
@@ -153,7 +176,7 @@ def _set(values: SiteValues) -> Callable:
 
 
 def _attribution_gradients(model: Any, sites: list[Site], encoding: dict[str, torch.Tensor],
-                           metric: Metric) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                           metric: Metric) -> dict[str, SiteValues]:
     store: dict[str, SiteValues] = {}
     with torch.enable_grad():
         output = tracing.run(model, encoding, patch=splice(sites, "attribute", store),
@@ -162,12 +185,12 @@ def _attribution_gradients(model: Any, sites: list[Site], encoding: dict[str, to
                   for tensor in (store[site.name].features, store[site.name].error)]
         grads = torch.autograd.grad(metric(output).sum(), leaves, allow_unused=True)
     grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
-    return {site.name: (grads[2 * i], grads[2 * i + 1]) for i, site in enumerate(sites)}
+    return {site.name: SiteValues(grads[2 * i], grads[2 * i + 1]) for i, site in enumerate(sites)}
 
 
 def _ig_gradients(model: Any, site: Site, encoding: dict[str, torch.Tensor],
                   metric: Metric, clean: SiteValues, patch: SiteValues, steps: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  ) -> SiteValues:
     """The metric's gradients at `site`'s features and error, averaged over `steps` points
     alpha = (i + 0.5) / steps on the path clean + alpha (patch - clean), in one run over the
     batch repeated `steps` times; the other sites are not spliced in."""
@@ -192,7 +215,7 @@ def _ig_gradients(model: Any, site: Site, encoding: dict[str, torch.Tensor],
                                     allow_unused=True)
     grads = [torch.zeros_like(v) if g is None else g
              for v, g in zip((values.features, values.error), grads)]
-    return tuple(g.view(steps, batch, *g.shape[1:]).mean(0) for g in grads)
+    return SiteValues(*(g.view(steps, batch, *g.shape[1:]).mean(0) for g in grads))
 
 
 def _tile(tensor: torch.Tensor, steps: int) -> torch.Tensor:

@@ -92,22 +92,32 @@ class SiteValues:
 Replace = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def splice(sites: list[Site], mode: str, store: dict[str, SiteValues],
+MODES = ("record", "attribute", "through", "frozen")
+
+
+def splice(sites: list[Site], mode: str | Mapping[str, str], store: dict[str, SiteValues],
            replace: Mapping[str, Replace] | None = None) -> dict[Any, Callable]:
-    """`tracing.run` patches for `sites`. Each site's features and error go into `store[name]`:
-    mode "record" (detached), "attribute" (leaves requiring grad, the value written back x
-    itself, see the module's docstring). `replace[name](features, error)` -> (features, error)
-    writes decode(features) + error at that site instead (from the recorded values, no grad
-    through the site's own input)."""
-    if mode not in ("record", "attribute"):
-        raise ValueError(f"mode must be 'record' or 'attribute', got {mode!r}")
+    """`tracing.run` patches for `sites`. Each site's features and error go into `store[name]`;
+    `mode` (one for all, or `{name: mode}`):
+    - "record": detached; the value is left as it is;
+    - "attribute": leaves requiring grad, the value written back x itself (see the module's
+      docstring);
+    - "through": computed from x with grad (functions of everything upstream), x left as it is;
+    - "frozen": detached, and x written back detached: no gradient passes the site.
+    `replace[name](features, error)` -> (features, error) writes decode(features) + error at that
+    site instead (from the recorded values, no grad through the site's own input)."""
+    modes = {site.name: mode for site in sites} if isinstance(mode, str) else dict(mode)
+    for name, value in modes.items():
+        if value not in MODES:
+            raise ValueError(f"mode of {name!r} must be one of {MODES}, got {value!r}")
     replace = dict(replace or {})
     patches: dict[Any, Callable] = {}
     for site in sites:
         inputs: dict[str, torch.Tensor] = {}
         if site.source is not None:
             patches[site.source] = _stash(inputs)
-        patches[site.point] = _site_patch(site, mode, store, replace.get(site.name), inputs)
+        patches[site.point] = _site_patch(site, modes.get(site.name, "record"), store,
+                                          replace.get(site.name), inputs)
     return patches
 
 
@@ -126,8 +136,14 @@ def _site_patch(site: Site, mode: str, store: dict[str, SiteValues], replace: Re
     work = parameter.dtype if parameter is not None else torch.float32
 
     def patch(value: torch.Tensor) -> torch.Tensor:
-        x_in = (inputs["x"] if site.source is not None else value).detach().to(work)
+        x_in = inputs["x"] if site.source is not None else value
         dtype = value.dtype
+        if mode == "through":
+            features = dictionary.encode(x_in.to(work))
+            error = value.to(work) - dictionary.decode(features, x=x_in.to(work))
+            store[site.name] = SiteValues(features, error)
+            return value
+        x_in = x_in.detach().to(work)
         with torch.no_grad():
             features = dictionary.encode(x_in)
             error = value.detach().to(work) - dictionary.decode(features, x=x_in)
@@ -140,8 +156,8 @@ def _site_patch(site: Site, mode: str, store: dict[str, SiteValues], replace: Re
         new = dictionary.decode(features, x=x_in) + error
         if replace is not None:
             return new.to(dtype)
-        if mode == "record":
-            return value
+        if mode in ("record", "frozen"):
+            return value if mode == "record" else value.detach()
         # x itself, with the leaves' gradients: d new / d features = W_dec^T, d new / d error = I
         return value + (new - new.detach()).to(dtype)
 

@@ -5,7 +5,7 @@ effects at a site sum to it), and plain-hook autograd at the neurons (an Identit
 import pytest
 import torch
 
-from dictionary_learning import hook, load_model
+from dictionary_learning import hook
 from dictionary_learning.circuits.nodes import (
     as_encoding,
     logit_difference,
@@ -17,13 +17,6 @@ from dictionary_learning.dictionary import AutoEncoder, AutoEncoderTopK, Identit
 
 CLEAN_ANSWERS, PATCH_ANSWERS = torch.tensor([3, 4]), torch.tensor([7, 9])
 METRIC = logit_difference(CLEAN_ANSWERS, PATCH_ANSWERS)
-
-
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2"])
-def model64(request):
-    """A tiny model in float64, so finite differences and sums are exact enough to compare (Llama's
-    RMSNorm still computes in float32)."""
-    return load_model(request.param, dtype=torch.float64)
 
 
 def randomized(dictionary, seed, scale=0.3):
