@@ -1,8 +1,9 @@
 """Sparse feature circuits (Marks et al. 2024) on today's nnsight: node effects of every feature and
 every dictionary's error, over SAEs and transcoders spliced into the model, by attribution patching
 and integrated gradients; edge effects between the nodes of consecutive sites; circuits by node
-threshold with their faithfulness and completeness by real mean ablations; the subject-verb
-agreement prompt pairs the paper uses."""
+threshold with their faithfulness and completeness by real mean ablations; the circuit as a
+layered graph (matplotlib, circuit-tracer's graph JSON); the subject-verb agreement prompt pairs
+the paper uses."""
 
 from .edges import EdgeEffects, edge_effects, edge_pairs
 from .faithfulness import (
@@ -12,6 +13,7 @@ from .faithfulness import (
     faithfulness_curve,
     mean_values,
 )
+from .graph import CircuitGraph, build_graph, draw_graph, write_circuit_tracer_graph
 from .nodes import (
     NodeEffects,
     NodeState,
@@ -32,9 +34,9 @@ from .prompts import (
 )
 from .sites import Site, SiteValues, as_sites, splice
 
-__all__ = ["AGREEMENT_CASES", "EdgeEffects", "Faithfulness", "NodeEffects", "NodeState",
-           "PromptPair", "Site", "SiteValues", "ablated_metric", "agreement_pairs", "as_encoding",
-           "as_sites", "circuit_nodes", "edge_effects", "edge_pairs", "encode_pairs",
-           "faithfulness_curve", "load_prompt_pairs", "logit_difference", "mean_values",
-           "node_effects", "node_state", "run_metric", "save_prompt_pairs", "single_token_pairs",
-           "splice"]
+__all__ = ["AGREEMENT_CASES", "CircuitGraph", "EdgeEffects", "Faithfulness", "NodeEffects",
+           "NodeState", "PromptPair", "Site", "SiteValues", "ablated_metric", "agreement_pairs",
+           "as_encoding", "as_sites", "build_graph", "circuit_nodes", "draw_graph", "edge_effects",
+           "edge_pairs", "encode_pairs", "faithfulness_curve", "load_prompt_pairs",
+           "logit_difference", "mean_values", "node_effects", "node_state", "run_metric",
+           "save_prompt_pairs", "single_token_pairs", "splice", "write_circuit_tracer_graph"]

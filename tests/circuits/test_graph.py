@@ -1,0 +1,76 @@
+"""The circuit's graph: the nodes and edges the thresholds keep, drawn to PNG and SVG, and
+written in circuit-tracer's graph JSON, which circuit-tracer's own pydantic schema accepts."""
+
+import json
+import subprocess
+
+import pytest
+
+from dictionary_learning.circuits.edges import edge_effects
+from dictionary_learning.circuits.faithfulness import circuit_nodes
+from dictionary_learning.circuits.graph import build_graph, draw_graph, write_circuit_tracer_graph
+from dictionary_learning.circuits.nodes import node_state
+
+from ..helpers import missing_peer
+from .test_edges import layer_sites
+from .test_nodes import METRIC, prompts
+
+
+@pytest.fixture(scope="module")
+def graph(tiny_llama):
+    sites = layer_sites(tiny_llama)
+    clean, patch = prompts(seed=9)
+    state = node_state(tiny_llama, sites, clean, patch, METRIC)
+    edges = edge_effects(tiny_llama, state=state, node_threshold=1e-3)
+    made = build_graph(state, edges, node_threshold=1e-3, edge_threshold=1e-4,
+                       labels={("resid_0", 0): "feature zero"})
+    return state, edges, made
+
+
+def test_nodes_and_links_are_those_the_thresholds_keep(graph):
+    state, edges, made = graph
+    kept = circuit_nodes(state, 1e-3)
+    assert len(made.nodes) == sum(int(k.sum()) for k in kept.values()) > 0
+    ids = {node["id"] for node in made.nodes}
+    assert all(link["source"] in ids and link["target"] in ids for link in made.links)
+    assert all(abs(link["weight"]) > 1e-4 for link in made.links)
+    expected = 0
+    for (upstream, downstream), found in edges.items():
+        matrix = found.summed().to_dense()
+        for d in kept[downstream].nonzero().flatten().tolist():
+            for u in kept[upstream].nonzero().flatten().tolist():
+                expected += abs(float(matrix[d, u])) > 1e-4
+    assert len(made.links) == expected > 0
+    errors = [node for node in made.nodes if node["feature"] == -1]
+    assert all(node["label"].endswith("error") for node in errors)
+
+
+def test_drawn_and_written(graph, tmp_path):
+    _, _, made = graph
+    for suffix, magic in ((".png", b"\x89PNG"), (".svg", b"<?xml")):
+        path = draw_graph(made, tmp_path / f"circuit{suffix}")
+        assert path.read_bytes().startswith(magic)
+    path = write_circuit_tracer_graph(made, tmp_path / "circuit.json", ["a", "b", "c", "d", "e",
+                                                                        "f"])
+    document = json.loads(path.read_text())
+    assert document["metadata"]["slug"] == "circuit"
+    assert len(document["nodes"]) == len(made.nodes) + 1  # and the metric's logit node
+
+
+@pytest.mark.peers
+def test_circuit_tracer_reads_the_graph(graph, tmp_path):
+    from bench.peers import peers_dir
+
+    python = peers_dir() / "circuit-tracer" / "bin" / "python"
+    if not python.exists():
+        missing_peer("circuit-tracer")
+    _, _, made = graph
+    path = write_circuit_tracer_graph(made, tmp_path / "circuit.json", list("abcdef"))
+    check = ("import sys; from circuit_tracer.frontend.graph_models import Model; "
+             "m = Model.model_validate_json(open(sys.argv[1]).read()); "
+             "print(len(m.nodes), len(m.links))")
+    done = subprocess.run([str(python), "-c", check, str(path)], capture_output=True, text=True,
+                          cwd="/", check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(len(made.nodes) + 1),
+                                   str(len(json.loads(path.read_text())["links"]))]
