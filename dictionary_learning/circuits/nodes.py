@@ -4,7 +4,9 @@ Sparse Feature Circuits), through nnsight (`tracing.run`) on today's nnsight.
 
 - attribution patching (first order): effect = (patch - clean) * d metric / d node at the clean
   run, every site spliced in (see `sites.py` for the gradient convention);
-- integrated gradients (`method="ig"`, `steps`): per site, the gradient averaged along the straight
+- integrated gradients (`method="ig"`, `steps`; `ig_rule` "midpoint" alpha = (i + 1/2) / steps,
+  or "left", alpha = i / steps, feature-circuits' rule): per site, the gradient averaged along the
+  straight
   path from the clean to the patch values of that site's features and error (the other sites
   left as the model computes them), times (patch - clean). Its effects at a site sum to the true
   effect of patching the whole site as the steps grow.
@@ -27,6 +29,7 @@ from .sites import Site, SiteValues, as_sites, splice
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits [batch, seq, vocab] -> [batch]
 METHODS = ("attribution", "ig")
+IG_RULES = {"midpoint": 0.5, "left": 0.0}  # where in each of the steps the gradient is taken
 
 
 def logit_difference(clean_answers: torch.Tensor, patch_answers: torch.Tensor) -> Metric:
@@ -116,23 +119,28 @@ class NodeState:
 
 def node_effects(model: Any, sites: Any, clean: Any, patch: Any = None,
                  metric: Metric | None = None, *, method: str = "attribution", steps: int = 10,
-                 clean_answers: Any = None, patch_answers: Any = None) -> NodeEffects:
+                 ig_rule: str = "midpoint", clean_answers: Any = None,
+                 patch_answers: Any = None) -> NodeEffects:
     """Every feature's and error's effect on `metric` (default: `logit_difference(clean_answers,
     patch_answers)`) from clean to patch. sites: `Site`s or `{name: (dictionary, point)}`, in any
     order. clean, patch: token ids `[batch, seq]` of one length (patch=None: zero ablation)."""
     return node_state(model, sites, clean, patch, metric, method=method, steps=steps,
-                      clean_answers=clean_answers, patch_answers=patch_answers).effects
+                      ig_rule=ig_rule, clean_answers=clean_answers,
+                      patch_answers=patch_answers).effects
 
 
 def node_state(model: Any, sites: Any, clean: Any, patch: Any = None,
                metric: Metric | None = None, *, method: str = "attribution", steps: int = 10,
-               clean_answers: Any = None, patch_answers: Any = None) -> NodeState:
+               ig_rule: str = "midpoint", clean_answers: Any = None,
+               patch_answers: Any = None) -> NodeState:
     """`node_effects`, with the values and gradients they are made of (edges need them)."""
     sites = as_sites(sites)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if ig_rule not in IG_RULES:
+        raise ValueError(f"ig_rule must be one of {tuple(IG_RULES)}, got {ig_rule!r}")
     if metric is None:
         if clean_answers is None or patch_answers is None:
             raise ValueError("give a metric, or clean_answers and patch_answers for the default "
@@ -159,7 +167,7 @@ def node_state(model: Any, sites: Any, clean: Any, patch: Any = None,
     else:
         gradients = {site.name: _ig_gradients(model, site, clean_encoding, metric,
                                               clean_values[site.name], patch_values[site.name],
-                                              steps)
+                                              steps, IG_RULES[ig_rule])
                      for site in sites}
     features, errors = {}, {}
     for site in sites:
@@ -189,18 +197,18 @@ def _attribution_gradients(model: Any, sites: list[Site], encoding: dict[str, to
 
 
 def _ig_gradients(model: Any, site: Site, encoding: dict[str, torch.Tensor],
-                  metric: Metric, clean: SiteValues, patch: SiteValues, steps: int
-                  ) -> SiteValues:
+                  metric: Metric, clean: SiteValues, patch: SiteValues, steps: int,
+                  offset: float) -> SiteValues:
     """The metric's gradients at `site`'s features and error, averaged over `steps` points
-    alpha = (i + 0.5) / steps on the path clean + alpha (patch - clean), in one run over the
+    alpha = (i + offset) / steps on the path clean + alpha (patch - clean), in one run over the
     batch repeated `steps` times; the other sites are not spliced in."""
     batch = encoding["input_ids"].shape[0]
     tiled = {key: value.repeat(steps, *([1] * (value.dim() - 1)))
              for key, value in encoding.items()}
-    alphas = ((torch.arange(steps, dtype=torch.float32) + 0.5) / steps).repeat_interleave(batch)
+    alphas = ((torch.arange(steps, dtype=torch.float64) + offset) / steps).repeat_interleave(batch)
 
     def along_path(features: torch.Tensor, error: torch.Tensor):
-        a = alphas.to(features.device)[:, None, None]
+        a = alphas.to(features.device, features.dtype)[:, None, None]
         return (_tile(clean.features, steps) + a * _tile(patch.features - clean.features, steps),
                 _tile(clean.error, steps) + a * _tile(patch.error - clean.error, steps))
 

@@ -206,3 +206,18 @@ def test_bad_input_is_refused(tiny_llama):
         Site("t", AutoEncoderTopK(d, 8, 2, transcoder=True), hook(tiny_llama, 0, "mlp_out"))
     with pytest.raises(ValueError, match="own name"):
         as_sites([sites[0], sites[0]])
+
+
+def test_left_rule_with_one_step_is_attribution_patching(tiny_llama):
+    """feature-circuits' IG rule (alpha = i / steps) at one step takes the gradient at the clean
+    values only: attribution patching's effects."""
+    sites = make_sites(tiny_llama)
+    clean, patch = prompts(seed=6)
+    ig = node_effects(tiny_llama, sites, clean, patch, METRIC, method="ig", steps=1,
+                      ig_rule="left")
+    attribution = node_effects(tiny_llama, sites, clean, patch, METRIC)
+    for site in sites:
+        torch.testing.assert_close(ig.features[site.name], attribution.features[site.name])
+        torch.testing.assert_close(ig.errors[site.name], attribution.errors[site.name])
+    with pytest.raises(ValueError, match="ig_rule"):
+        node_effects(tiny_llama, sites, clean, patch, METRIC, method="ig", ig_rule="right")
