@@ -69,7 +69,7 @@ def edge_pairs(sites: list[Site]) -> list[tuple[str, str, list[str]]]:
 
 def edge_effects(model: Any, sites: Any = None, clean: Any = None, patch: Any = None,
                  metric: Any = None, *, method: str = "attribution", steps: int = 10,
-                 node_threshold: float = 0.0,
+                 ig_rule: str = "midpoint", node_threshold: float = 0.0,
                  pairs: list[tuple[str, str, list[str]]] | None = None, chunk: int = 64,
                  state: NodeState | None = None, clean_answers: Any = None,
                  patch_answers: Any = None) -> dict[tuple[str, str], EdgeEffects]:
@@ -77,7 +77,8 @@ def edge_effects(model: Any, sites: Any = None, clean: Any = None, patch: Any = 
     `pairs` given; arguments as `node_effects`, whose state (`node_state`) may be passed in."""
     if state is None:
         state = node_state(model, sites, clean, patch, metric, method=method, steps=steps,
-                           clean_answers=clean_answers, patch_answers=patch_answers)
+                           ig_rule=ig_rule, clean_answers=clean_answers,
+                           patch_answers=patch_answers)
     ordered = sorted(state.sites, key=lambda site: tracing.execution_key(model, site.point))
     by_name = {site.name: site for site in ordered}
     results = {}
