@@ -6,6 +6,8 @@ collect    read activations out of a model at hook points, print their statistic
            (file or cache)
 scae       evaluate a saved SCAE suite: CE and per-module FVU / L0 against C, and with its own
            connections
+circuit    a sparse feature circuit over saved dictionaries: node and edge effects on prompt
+           pairs, faithfulness against the threshold, the graph
 dashboard  an offline HTML feature dashboard of a saved dictionary, and circuit-tracer feature
            files
 export     a saved dictionary in SAELens', sparsify's or circuit-tracer's format
@@ -30,6 +32,7 @@ import re
 from typing import Any, Callable
 
 from . import dashboard, formats, reports
+from .circuits import AGREEMENT_CASES
 from .files import FolderInUse
 from .models import DTYPES, SITES
 
@@ -192,6 +195,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-texts", type=count, help="default %(default)s")
     p.add_argument("--ctx-len", type=count, help="default %(default)s")
     p.add_argument("--out", help="also write the tables and plots to this folder")
+
+    p = _command(commands, "circuit", reports.circuit_report,
+                 "a sparse feature circuit over saved dictionaries (Marks et al. 2024): node and "
+                 "edge effects on prompt pairs, faithfulness and completeness, the graph")
+    p.add_argument("dictionaries", nargs="+", metavar="DICTIONARY",
+                   help="saved dictionary folders (ae.pt + config.json), placed at the hook points "
+                   "their config.json names")
+    p.add_argument("--model", help="default: the lm_name of the first config.json")
+    p.add_argument("--case", choices=AGREEMENT_CASES,
+                   help="subject-verb agreement prompts of this kind (default %(default)s)")
+    p.add_argument("--prompts", help="a JSONL file of prompt pairs in the paper's format "
+                   "(clean_prefix, patch_prefix, clean_answer, patch_answer) instead of --case")
+    p.add_argument("--pairs", type=count, help="prompt pairs (default %(default)s)")
+    p.add_argument("--method", choices=["ig", "attribution"], help="default %(default)s")
+    p.add_argument("--steps", type=count, help="integrated-gradient steps (default %(default)s)")
+    p.add_argument("--thresholds", help="node thresholds as fractions of the largest node effect "
+                   "(default %(default)s)")
+    p.add_argument("--graph-threshold", type=float,
+                   help="the drawn circuit's threshold, a fraction (default %(default)s)")
+    p.add_argument("--edges", action=argparse.BooleanOptionalAction,
+                   help="compute edges (default: yes)")
+    p.add_argument("--out", help="report folder (default %(default)s)")
 
     p = _command(commands, "export", formats.export_command,
                  "write a saved dictionary in another library's format (SAELens, sparsify, "

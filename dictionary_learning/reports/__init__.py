@@ -7,6 +7,7 @@ collect      (`collection.py`) activations at hook points: statistics, optionall
              safetensors or a disk cache
 scae_report  (`suite.py`) a saved SCAE suite: CE and per-module FVU / L0 against C, and with its
              own connections
+circuit_report  (`circuit.py`) a sparse feature circuit over saved dictionaries on prompt pairs
 
 Their options are dataclasses (`configs.py`: `QuickstartConfig`, `CollectConfig`), whose fields the
 functions also take as keywords and the command line as flags.
@@ -43,12 +44,13 @@ from ..progress import phase
 from ..trainers import TopKTrainer
 from ..training import trainSAE
 from ..utils import load_dictionary
+from .circuit import circuit_report
 from .collection import collect
 from .configs import CollectConfig, QuickstartConfig, ReadingConfig
 from .suite import scae_report
 
-__all__ = ["CollectConfig", "QuickstartConfig", "ReadingConfig", "collect", "quickstart",
-           "scae_report"]
+__all__ = ["CollectConfig", "QuickstartConfig", "ReadingConfig", "circuit_report", "collect",
+           "quickstart", "scae_report"]
 
 
 def quickstart(config: QuickstartConfig | None = None, **options: Any) -> dict[str, Any]:

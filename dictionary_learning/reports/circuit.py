@@ -1,0 +1,109 @@
+"""`circuit_report`: a sparse feature circuit over saved dictionaries (`python -m
+dictionary_learning circuit`): node effects on prompt pairs, faithfulness and completeness against
+the threshold by mean ablations, edges, the graph (PNG and circuit-tracer JSON), results.json."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ..circuits import (
+    Site,
+    agreement_pairs,
+    build_graph,
+    draw_graph,
+    edge_effects,
+    encode_pairs,
+    faithfulness_curve,
+    load_prompt_pairs,
+    logit_difference,
+    node_state,
+    single_token_pairs,
+    write_circuit_tracer_graph,
+)
+from ..files import atomic_write_json
+from ..formats.weights import saved_hooks
+from ..models import DEFAULT_MODEL, HookPoint, load_model
+from ..progress import phase
+from ..utils import load_dictionary
+
+
+def saved_sites(folders: list[str | Path]) -> tuple[list[Site], str | None]:
+    """A `Site` per saved dictionary folder, at the hook points its config.json names (a
+    transcoder: its input and output sides), named after its (output) hook point; and the model
+    the first config names."""
+    sites, model_name = [], None
+    for folder in folders:
+        dictionary, config = load_dictionary(folder)
+        hooks = [HookPoint(h["path"], h["io"], h.get("name")) for h in saved_hooks(config)]
+        transcoder = bool(getattr(dictionary, "transcoder", False))
+        if len(hooks) != (2 if transcoder else 1):
+            raise ValueError(f"{str(folder)!r}: its config.json names {len(hooks)} hook points; "
+                             f"{'a transcoder' if transcoder else 'an SAE'} needs "
+                             f"{2 if transcoder else 1} to place it in the model")
+        point = hooks[-1]
+        sites.append(Site(str(point), dictionary, point, hooks[0] if transcoder else None))
+        model_name = model_name or config.get("trainer", {}).get("lm_name")
+    return sites, model_name
+
+
+def circuit_report(dictionaries: list[str], model: str | None = None, case: str = "simple",
+                   prompts: str | None = None, pairs: int = 32, method: str = "ig",
+                   steps: int = 10, thresholds: str = "0.5,0.2,0.1,0.05,0.02,0.01",
+                   graph_threshold: float = 0.1, edges: bool = True,
+                   out: str | Path = "reports/circuit", progress: bool = True) -> dict[str, Any]:
+    """The circuit of the saved `dictionaries` (folders) for `pairs` prompt pairs: subject-verb
+    agreement of `case`, or the JSONL file `prompts` (the paper's format). Thresholds (node
+    effects summed over positions, averaged over examples) are fractions of the largest; the graph
+    is drawn at `graph_threshold` of it. Writes circuit.png, circuit.json (circuit-tracer's
+    graph), faithfulness.json and results.json to `out`; returns the results."""
+    fractions = [float(x) for x in str(thresholds).split(",")]
+    sites, trained_on = saved_sites(dictionaries)
+    name = model or trained_on or DEFAULT_MODEL
+    with phase(f"loading {name} ...", progress):
+        lm = load_model(name)
+    source = load_prompt_pairs(prompts) if prompts else agreement_pairs(case, n=4 * pairs)
+    kept = single_token_pairs(source, lm.tokenizer)
+    by_length: dict[int, list] = {}
+    for pair in kept:
+        by_length.setdefault(len(lm.tokenizer(pair.clean)["input_ids"]), []).append(pair)
+    if not by_length:
+        raise ValueError(f"no prompt pair has single-token answers and clean / patch prompts of "
+                         f"one length with {name}'s tokenizer")
+    chosen = max(by_length.values(), key=len)[:pairs]
+    batch = encode_pairs(chosen, lm.tokenizer)
+    metric = logit_difference(batch["clean_answer_ids"], batch["patch_answer_ids"])
+    with phase(f"node effects ({method}) on {len(chosen)} pairs at {len(sites)} sites ...",
+               progress):
+        state = node_state(lm, sites, batch["clean_ids"], batch["patch_ids"], metric,
+                           method=method, steps=steps)
+    summed = state.effects.summed().mean()
+    largest = max(float(v.abs().max()) for v in [*summed.features.values(),
+                                                 *(e[None] for e in summed.errors.values())])
+    with phase(f"faithfulness at {len(fractions)} thresholds ...", progress):
+        curve = faithfulness_curve(lm, state, metric, [largest * f for f in fractions])
+    shown = largest * graph_threshold
+    found = {}
+    if edges:
+        with phase("edges ...", progress):
+            found = edge_effects(lm, state=state, node_threshold=shown / 4)
+    graph = build_graph(state, found, node_threshold=shown, edge_threshold=shown / 10)
+    out = Path(out)
+    draw_graph(graph, out / "circuit.png")
+    tokens = [lm.tokenizer.decode(int(t)) for t in batch["clean_ids"][0]]
+    write_circuit_tracer_graph(graph, out / "circuit.json", tokens)
+    results = {"model": name, "sites": [site.name for site in sites], "pairs": len(chosen),
+               "example": dataclasses.asdict(chosen[0]), "method": method, "steps": steps,
+               "metric": graph.metric, "largest_node_effect": largest,
+               "curve": [dataclasses.asdict(point) for point in curve],
+               "graph": {"nodes": len(graph.nodes), "links": len(graph.links),
+                         "threshold": shown}}
+    atomic_write_json(out / "results.json", results)
+    for point in curve:
+        print(f"threshold {point.threshold:.4g}: {point.nodes} features + {point.error_nodes} "
+              f"error nodes, faithfulness {point.faithfulness:.3f}, completeness "
+              f"{point.completeness:.3f}")
+    print(f"graph: {len(graph.nodes)} nodes, {len(graph.links)} edges -> {out / 'circuit.png'}, "
+          f"{out / 'circuit.json'}")
+    return results
