@@ -4,14 +4,17 @@
 
     <sparsify venv>/bin/python bench/peer_train.py --data DIR --optimizer signum|adam --out DIR
 
-`DIR/activations.safetensors` holds "activations" `[n, d]` (float32) and "order" `[steps, batch]`
-(row indices of each step's batch). Per step, as sparsify's trainer: b_dec at the first batch's
-mean (step 0), unit-norm decoder, forward with the dead mask (FVU + `--auxk-alpha` * AuxK; its
-default alpha is 0), backward, the gradient parallel to the decoder directions removed, the
-optimizer step, the fired-latent bookkeeping. Optimizers as its trainer builds them: "signum"
-(its default: ScheduleFree-wrapped SignSGD, momentum 0.95, lr 5e-3 / sqrt(latents / 2^14), the
-averaged weights saved) or "adam" (lr 2e-4 / sqrt(latents / 2^14), linear warmup over
-`--warmup-steps` then linear decay to 0). Saves with `SparseCoder.save_to_disk(out/layers)`.
+`DIR/activations.safetensors` holds "activations" `[n, d]` (float32), "order" `[steps, batch]`
+(row indices of each step's batch) and, for a transcoder (`transcode=True`; `--skip`: with its skip
+connection), "targets" `[n, d]`. Per step, as sparsify's trainer: at step 0 b_dec at the first
+batch's target mean (and for a transcoder the encoder bias centring its input), unit-norm decoder
+(not for a transcoder), forward with the dead mask (FVU + `--auxk-alpha` * AuxK; its default
+alpha is 0), backward, the gradient parallel to the decoder directions removed (not for a
+transcoder), the optimizer step, the fired-latent bookkeeping. Optimizers as its trainer builds
+them: "signum" (its default: ScheduleFree-wrapped SignSGD, momentum 0.95, lr 5e-3 /
+sqrt(latents / 2^14), the averaged weights saved) or "adam" (lr 2e-4 / sqrt(latents / 2^14),
+linear warmup over `--warmup-steps` then linear decay to 0). Saves with
+`SparseCoder.save_to_disk(out/layers)`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def main() -> None:
     parser.add_argument("--auxk-alpha", type=float, default=0.0)
     parser.add_argument("--warmup-steps", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip", action="store_true", help="a transcoder's skip connection")
     args = parser.parse_args()
 
     from safetensors.torch import load_file
@@ -44,9 +48,12 @@ def main() -> None:
 
     data = load_file(f"{args.data}/activations.safetensors")
     activations, order = data["activations"].float(), data["order"].long()
+    targets = data["targets"].float() if "targets" in data else None
+    transcode = targets is not None
     steps = order.shape[0]
     torch.manual_seed(args.seed)
-    config = SparseCoderConfig(num_latents=args.num_latents, k=args.k)
+    config = SparseCoderConfig(num_latents=args.num_latents, k=args.k, transcode=transcode,
+                               skip_connection=args.skip)
     sae = SparseCoder(activations.shape[1], config, "cpu", dtype=torch.float32)
     threshold = TrainConfig(config).dead_feature_threshold
     scale = (args.num_latents / 2**14) ** 0.5
@@ -63,14 +70,19 @@ def main() -> None:
     losses, started = [], time.perf_counter()
     for step in range(steps):
         x = activations[order[step]]
+        y = targets[order[step]] if transcode else x
         if step == 0:
-            sae.b_dec.data = x.mean(0)
-        sae.set_decoder_norm_to_unit_norm()
+            if transcode:
+                sae.encoder.bias.data = -x.mean(0) @ sae.encoder.weight.data.T
+            sae.b_dec.data = y.mean(0)
+        if not transcode:
+            sae.set_decoder_norm_to_unit_norm()
         dead = since_fired > threshold if args.auxk_alpha > 0 else None
-        out = sae(x, dead_mask=dead)
+        out = sae(x, y if transcode else None, dead_mask=dead)
         loss = out.fvu + args.auxk_alpha * out.auxk_loss
         loss.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
+        if not transcode:
+            sae.remove_gradient_parallel_to_decoder_directions()
         optimizer.step()
         optimizer.zero_grad()
         for scheduler in schedulers:

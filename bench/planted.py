@@ -58,21 +58,27 @@ def configs(steps: int) -> dict[str, dict]:
         "topk": dict(trainer=t.TopKTrainer, k=K, lr=2e-3, **common),
         "batch_topk": dict(trainer=t.BatchTopKTrainer, k=K, lr=2e-3, threshold_start_step=100,
                            token_topk_steps=steps // 2, **common),
+        # the first group as large as the planted set (a smaller one must reconstruct every token
+        # alone, so its latents blend features: 85-89% with a quarter), 3x the steps
         "matryoshka": dict(trainer=t.MatryoshkaBatchTopKTrainer, k=K, lr=3e-3,
-                           group_fractions=[0.25, 0.25, 0.5], threshold_start_step=100,
-                           token_topk_steps=steps // 2, **common),
+                           group_fractions=[0.5, 0.25, 0.25], threshold_start_step=100,
+                           token_topk_steps=3 * steps // 2, **{**common, "steps": 3 * steps}),
         "jumprelu": dict(trainer=t.JumpReluTrainer, lr=5e-3, sparsity_warmup_steps=steps // 5,
                          decay_start=int(steps * 0.7), bandwidth=0.1, target_l0=K, **common),
         "relu_l1": dict(trainer=t.StandardTrainerAprilUpdate, lr=2e-3, l1_penalty=1.0,
                         sparsity_warmup_steps=100, **common),
-        # Adam without momentum (upstream's betas (0, 0.999)): a larger lr
-        "gated": dict(trainer=t.GatedSAETrainer, lr=2e-2, l1_penalty=2.0,
-                      sparsity_warmup_steps=100, **common),
+        # Adam without momentum (upstream's betas (0, 0.999)): a larger lr; the L1 penalty ramped
+        # in over half the run (over 100 steps, half the latents die before they find a feature),
+        # and 3x the steps, so it has as long at full penalty as the others have in all
+        "gated": dict(trainer=t.GatedSAETrainer, lr=2e-2, l1_penalty=1.5,
+                      sparsity_warmup_steps=3 * steps // 2,
+                      **{**common, "steps": 3 * steps}),
         "p_anneal": dict(trainer=t.PAnnealTrainer, lr=2e-3, initial_sparsity_penalty=1.0,
                          sparsity_warmup_steps=100, anneal_start=steps // 2, n_sparsity_updates=5,
                          **common),
+        # two unrelated spaces to align (input directions, output directions): 3x the steps
         "topk_transcoder": dict(trainer=t.TopKTrainer, k=K, lr=2e-3, output_dim=24,
-                                transcoder=True, **common),
+                                transcoder=True, **{**common, "steps": 3 * steps}),
     }
 
 
@@ -93,22 +99,24 @@ def main() -> None:
     results = {}
     print(f"{N_TRUE} planted directions in {D} dims, k={K} per token, batch {BATCH}, "
           f"{args.steps} steps, dictionary {2 * N_TRUE}")
-    print(f"{'architecture':16s} {'seed':>4s} {'recovered':>9s} {'fvu':>7s} {'l0':>6s}")
+    print(f"{'architecture':16s} {'seed':>4s} {'recovered':>9s} {'fvu':>7s} {'l0':>6s} "
+          f"{'steps':>6s}")
     for name in names:
         results[name] = []
         for seed in map(int, args.seeds.split(",")):
             truth = planted_directions(seed)
             outputs = planted_directions(seed + 100, d=24) if "transcoder" in name else None
             config = {**recipes[name], "seed": seed}
-            [trainer] = trainSAE(stream(truth, args.steps, seed + 1, outputs), [config],
-                                 args.steps, progress=False)
+            steps = config["steps"]
+            [trainer] = trainSAE(stream(truth, steps, seed + 1, outputs), [config], steps,
+                                 progress=False)
             fraction = recovered(outputs if outputs is not None else truth,
                                  decoder_directions(trainer.ae).detach())
             metrics = trainer.last_metrics
-            results[name].append({"seed": seed, "recovered": fraction,
+            results[name].append({"seed": seed, "recovered": fraction, "steps": steps,
                                   "fvu": metrics.get("fvu"), "l0": metrics.get("l0")})
             print(f"{name:16s} {seed:4d} {fraction:9.1%} {metrics.get('fvu', float('nan')):7.3f} "
-                  f"{metrics.get('l0', float('nan')):6.2f}", flush=True)
+                  f"{metrics.get('l0', float('nan')):6.2f} {steps:6d}", flush=True)
         mean = statistics.fmean(r["recovered"] for r in results[name])
         print(f"{name:16s} mean {mean:9.1%}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
