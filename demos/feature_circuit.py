@@ -15,6 +15,7 @@ circuit.json (circuit-tracer's graph format) and results.json.
 """
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -25,10 +26,12 @@ from dictionary_learning import ActivationBuffer, default_corpus, hook, load_mod
 from dictionary_learning.circuits import (
     agreement_pairs,
     build_graph,
+    circuit_nodes,
     draw_graph,
     edge_effects,
     encode_pairs,
     faithfulness_curve,
+    feature_labels,
     logit_difference,
     node_state,
     single_token_pairs,
@@ -125,7 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     edges = edge_effects(model, state=state, node_threshold=shown / 4)
     edges_seconds = time.perf_counter() - started
-    graph = build_graph(state, edges, node_threshold=shown, edge_threshold=shown / 10)
+    kept = circuit_nodes(state, shown)
+    labels = feature_labels(model, state.sites, {n: k[:-1].nonzero().flatten().tolist()
+                                                 for n, k in kept.items()},
+                            list(itertools.islice(default_corpus(), 200)))
+    graph = build_graph(state, edges, node_threshold=shown, edge_threshold=shown / 10,
+                        labels=labels)
     draw_graph(graph, out / "circuit.png", title=f"{args.case} agreement in {args.model}: nodes "
                f"|effect| > {shown:.3f}")
     tokens = [model.tokenizer.decode(int(t)) for t in batch["clean_ids"][0]]

@@ -216,6 +216,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the drawn circuit's threshold, a fraction (default %(default)s)")
     p.add_argument("--edges", action=argparse.BooleanOptionalAction,
                    help="compute edges (default: yes)")
+    p.add_argument("--label-texts", type=int, help="label the graph's features by their top "
+                   "activating tokens on this many offline-corpus texts (0: no; default "
+                   "%(default)s)")
     p.add_argument("--out", help="report folder (default %(default)s)")
 
     p = _command(commands, "export", formats.export_command,

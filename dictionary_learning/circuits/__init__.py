@@ -13,7 +13,13 @@ from .faithfulness import (
     faithfulness_curve,
     mean_values,
 )
-from .graph import CircuitGraph, build_graph, draw_graph, write_circuit_tracer_graph
+from .graph import (
+    CircuitGraph,
+    build_graph,
+    draw_graph,
+    feature_labels,
+    write_circuit_tracer_graph,
+)
 from .nodes import (
     NodeEffects,
     NodeState,
@@ -37,6 +43,7 @@ from .sites import Site, SiteValues, as_sites, splice
 __all__ = ["AGREEMENT_CASES", "CircuitGraph", "EdgeEffects", "Faithfulness", "NodeEffects",
            "NodeState", "PromptPair", "Site", "SiteValues", "ablated_metric", "agreement_pairs",
            "as_encoding", "as_sites", "build_graph", "circuit_nodes", "draw_graph", "edge_effects",
-           "edge_pairs", "encode_pairs", "faithfulness_curve", "load_prompt_pairs",
-           "logit_difference", "mean_values", "node_effects", "node_state", "run_metric",
-           "save_prompt_pairs", "single_token_pairs", "splice", "write_circuit_tracer_graph"]
+           "edge_pairs", "encode_pairs", "faithfulness_curve", "feature_labels",
+           "load_prompt_pairs", "logit_difference", "mean_values", "node_effects", "node_state",
+           "run_metric", "save_prompt_pairs", "single_token_pairs", "splice",
+           "write_circuit_tracer_graph"]

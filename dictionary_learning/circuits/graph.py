@@ -13,10 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..evaluation.contexts import top_activating_contexts
 from ..files import atomic_write_text
 from .edges import EdgeEffects
 from .faithfulness import circuit_nodes
 from .nodes import NodeState
+from .sites import Site
 
 
 @dataclasses.dataclass
@@ -172,3 +174,23 @@ def write_circuit_tracer_graph(graph: CircuitGraph, path: str | Path, prompt_tok
     atomic_write_text(path, json.dumps(document, indent=1))
     return path
 
+
+
+def feature_labels(model: Any, sites: list[Site], features: Mapping[str, list[int]],
+                   texts: list[str], n_top: int = 3, tokens: int = 16_384,
+                   ctx_len: int = 128) -> dict[tuple[str, int], str]:
+    """`{(site, feature): "site #feature: «tok» «tok» «tok»"}`: each feature's top activating
+    tokens on `texts` (the first `tokens` of them), as the dashboard finds them, for the graph's
+    labels. features: `{site name: [feature, ...]}`."""
+    labels = {}
+    for site in sites:
+        wanted = [int(f) for f in features.get(site.name, [])]
+        if not wanted:
+            continue
+        contexts = top_activating_contexts(site.dictionary, model, site.source or site.point,
+                                           texts, wanted, n_top=n_top, ctx_len=ctx_len,
+                                           window=0, progress=False, tokens=tokens)
+        for feature, rows in contexts.items():
+            shown = " ".join(text[text.index("«"):text.index("»") + 1] for _, text in rows)
+            labels[(site.name, feature)] = f"{site.name} #{feature}: {shown}".strip()
+    return labels

@@ -5,6 +5,7 @@ the threshold by mean ablations, edges, the graph (PNG and circuit-tracer JSON),
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +13,19 @@ from ..circuits import (
     Site,
     agreement_pairs,
     build_graph,
+    circuit_nodes,
     draw_graph,
     edge_effects,
     encode_pairs,
     faithfulness_curve,
+    feature_labels,
     load_prompt_pairs,
     logit_difference,
     node_state,
     single_token_pairs,
     write_circuit_tracer_graph,
 )
+from ..data import text_source
 from ..files import atomic_write_json
 from ..formats.weights import saved_hooks
 from ..models import DEFAULT_MODEL, HookPoint, load_model
@@ -51,13 +55,15 @@ def saved_sites(folders: list[str | Path]) -> tuple[list[Site], str | None]:
 def circuit_report(dictionaries: list[str], model: str | None = None, case: str = "simple",
                    prompts: str | None = None, pairs: int = 32, method: str = "ig",
                    steps: int = 10, thresholds: str = "0.5,0.2,0.1,0.05,0.02,0.01",
-                   graph_threshold: float = 0.1, edges: bool = True,
+                   graph_threshold: float = 0.1, edges: bool = True, label_texts: int = 200,
                    out: str | Path = "reports/circuit", progress: bool = True) -> dict[str, Any]:
     """The circuit of the saved `dictionaries` (folders) for `pairs` prompt pairs: subject-verb
     agreement of `case`, or the JSONL file `prompts` (the paper's format). Thresholds (node
     effects summed over positions, averaged over examples) are fractions of the largest; the graph
-    is drawn at `graph_threshold` of it. Writes circuit.png, circuit.json (circuit-tracer's
-    graph), faithfulness.json and results.json to `out`; returns the results."""
+    is drawn at `graph_threshold` of it, its features labelled by their top activating tokens on
+    the first `label_texts` texts of the offline corpus (0: by index only). Writes circuit.png,
+    circuit.json (circuit-tracer's graph) and results.json (the curve among them) to `out`;
+    returns the results."""
     fractions = [float(x) for x in str(thresholds).split(",")]
     sites, trained_on = saved_sites(dictionaries)
     name = model or trained_on or DEFAULT_MODEL
@@ -88,7 +94,15 @@ def circuit_report(dictionaries: list[str], model: str | None = None, case: str 
     if edges:
         with phase("edges ...", progress):
             found = edge_effects(lm, state=state, node_threshold=shown / 4)
-    graph = build_graph(state, found, node_threshold=shown, edge_threshold=shown / 10)
+    labels = {}
+    if label_texts:
+        kept = circuit_nodes(state, shown)
+        with phase(f"labels from {label_texts} texts ...", progress):
+            labels = feature_labels(lm, sites, {n: k[:-1].nonzero().flatten().tolist()
+                                                for n, k in kept.items()},
+                                    list(itertools.islice(text_source(None), label_texts)))
+    graph = build_graph(state, found, node_threshold=shown, edge_threshold=shown / 10,
+                        labels=labels)
     out = Path(out)
     draw_graph(graph, out / "circuit.png")
     tokens = [lm.tokenizer.decode(int(t)) for t in batch["clean_ids"][0]]

@@ -74,3 +74,38 @@ def test_circuit_tracer_reads_the_graph(graph, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == [str(len(made.nodes) + 1),
                                    str(len(json.loads(path.read_text())["links"]))]
+
+
+def test_feature_labels_name_the_top_activating_token(tiny_llama):
+    """A feature's label starts with the token where it is largest on the texts, found here with
+    a plain PyTorch hook."""
+    import torch
+
+    from dictionary_learning.circuits.graph import feature_labels
+
+    sites = layer_sites(tiny_llama)[:1]
+    site = sites[0]
+    texts = ["the quick brown fox", "jumps over the lazy dog", "pack my box with jugs"]
+    labels = feature_labels(tiny_llama, sites, {site.name: [0, 5]}, texts, n_top=2)
+    seen = {}
+    handle = tiny_llama._module.get_submodule(site.point.path).register_forward_hook(
+        lambda module, args, out: seen.setdefault("x", []).append(
+            out[0] if isinstance(out, tuple) else out))
+    try:
+        best = []
+        with torch.no_grad():
+            for text in texts:
+                ids = tiny_llama.tokenizer(text, return_tensors="pt")["input_ids"]
+                seen.clear()
+                tiny_llama._module(ids)
+                codes = site.dictionary.encode(seen["x"][0][0, 1:].double())  # first token dropped
+                for feature in (0, 5):
+                    value, where = codes[:, feature].max(0)
+                    best.append((feature, float(value),
+                                 tiny_llama.tokenizer.decode(ids[0, 1 + int(where)])))
+    finally:
+        handle.remove()
+    for feature in (0, 5):
+        value, token = max((v, t) for f, v, t in best if f == feature)
+        if value > 0:
+            assert labels[(site.name, feature)].startswith(f"resid_0 #{feature}: «{token}»")
