@@ -219,6 +219,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--label-texts", type=int, help="label the graph's features by their top "
                    "activating tokens on this many offline-corpus texts (0: no; default "
                    "%(default)s)")
+    p.add_argument("--dashboards", help="comma-separated SITE=PAGE: the dashboard page (index.html "
+                   "from `dashboard`) of a site's dictionary, which its nodes in circuit.svg link "
+                   "to, e.g. layers.3.resid=reports/dash3/index.html")
     p.add_argument("--out", help="report folder (default %(default)s)")
 
     p = _command(commands, "export", formats.export_command,

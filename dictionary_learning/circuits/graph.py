@@ -37,10 +37,13 @@ class CircuitGraph:
 
 def build_graph(state: NodeState, edges: Mapping[tuple[str, str], EdgeEffects],
                 node_threshold: float, edge_threshold: float = 0.0,
-                labels: Mapping[tuple[str, int], str] | None = None) -> CircuitGraph:
+                labels: Mapping[tuple[str, int], str] | None = None,
+                dashboards: Mapping[str, str] | None = None) -> CircuitGraph:
     """The circuit's graph: the nodes `circuit_nodes(state, node_threshold)` keeps, the edges
     between kept nodes with |summed effect| > edge_threshold. labels: `{(site, feature): text}`
-    (e.g. a feature's top activating tokens from the dashboard's statistics)."""
+    (e.g. `feature_labels`: a feature's top activating tokens). dashboards: `{site: the address
+    of its dictionary's dashboard page}`; each feature node links to its page there
+    (`...index.html#feature-N`, the link an SVG drawing carries)."""
     sites = [site.name for site in state.sites]
     kept = circuit_nodes(state, node_threshold)
     per_position = state.effects.mean()
@@ -56,10 +59,12 @@ def build_graph(state: NodeState, edges: Mapping[tuple[str, str], EdgeEffects],
             label = f"{site.name} error" if error else (labels or {}).get((site.name, index),
                                                                           f"{site.name} #{index}")
             ids[(site.name, index)] = node_id
+            page = (dashboards or {}).get(site.name)
             nodes.append({"id": node_id, "site": site.name, "row": row,
                           "feature": -1 if error else index,
                           "position": int(positions.abs().argmax()), "effect": float(effect),
-                          "label": label})
+                          "label": label,
+                          "url": f"{page}#feature-{index}" if page and not error else None})
     links = []
     for (upstream, downstream), found in edges.items():
         matrix = found.summed()
@@ -76,7 +81,8 @@ def build_graph(state: NodeState, edges: Mapping[tuple[str, str], EdgeEffects],
 def draw_graph(graph: CircuitGraph, path: str | Path, title: str | None = None) -> Path:
     """The graph drawn in layers (sites bottom to top), features as circles and error nodes as
     squares, blue for effects that raise the metric and red for those that lower it, edge width
-    by |effect|; the format from the suffix (.png, .svg, .pdf)."""
+    by |effect|; the format from the suffix (.png, .svg, .pdf). In an SVG a feature node with a
+    dashboard page links to it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,7 +108,7 @@ def draw_graph(graph: CircuitGraph, path: str | Path, title: str | None = None) 
         x, y = where[node["id"]]
         axes.scatter([x], [y], s=260, marker="s" if node["feature"] == -1 else "o",
                      color="tab:blue" if node["effect"] > 0 else "tab:red", edgecolor="black",
-                     zorder=2)
+                     zorder=2, urls=[node.get("url")])
         axes.annotate(node["label"], (x, y), textcoords="offset points", xytext=(0, 11),
                       ha="center", fontsize=7, zorder=3)
     axes.set_yticks(range(len(graph.sites)), graph.sites)

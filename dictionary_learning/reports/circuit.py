@@ -56,14 +56,23 @@ def circuit_report(dictionaries: list[str], model: str | None = None, case: str 
                    prompts: str | None = None, pairs: int = 32, method: str = "ig",
                    steps: int = 10, thresholds: str = "0.5,0.2,0.1,0.05,0.02,0.01",
                    graph_threshold: float = 0.1, edges: bool = True, label_texts: int = 200,
-                   out: str | Path = "reports/circuit", progress: bool = True) -> dict[str, Any]:
+                   dashboards: str | None = None, out: str | Path = "reports/circuit",
+                   progress: bool = True) -> dict[str, Any]:
     """The circuit of the saved `dictionaries` (folders) for `pairs` prompt pairs: subject-verb
     agreement of `case`, or the JSONL file `prompts` (the paper's format). Thresholds (node
     effects summed over positions, averaged over examples) are fractions of the largest; the graph
     is drawn at `graph_threshold` of it, its features labelled by their top activating tokens on
-    the first `label_texts` texts of the offline corpus (0: by index only). Writes circuit.png,
+    the first `label_texts` texts of the offline corpus (0: by index only). dashboards:
+    comma-separated SITE=PAGE, a site's dictionary's dashboard page (`dashboard` writes
+    index.html), which its nodes in circuit.svg link to. Writes circuit.png, circuit.svg,
     circuit.json (circuit-tracer's graph) and results.json (the curve among them) to `out`;
     returns the results."""
+    pages = {}
+    for entry in filter(None, (dashboards or "").split(",")):
+        site, _, page = entry.partition("=")
+        if not page:
+            raise ValueError(f"dashboards: expected SITE=PAGE entries, got {entry!r}")
+        pages[site.strip()] = page.strip()
     fractions = [float(x) for x in str(thresholds).split(",")]
     sites, trained_on = saved_sites(dictionaries)
     name = model or trained_on or DEFAULT_MODEL
@@ -102,9 +111,10 @@ def circuit_report(dictionaries: list[str], model: str | None = None, case: str 
                                                 for n, k in kept.items()},
                                     list(itertools.islice(text_source(None), label_texts)))
     graph = build_graph(state, found, node_threshold=shown, edge_threshold=shown / 10,
-                        labels=labels)
+                        labels=labels, dashboards=pages)
     out = Path(out)
     draw_graph(graph, out / "circuit.png")
+    draw_graph(graph, out / "circuit.svg")
     tokens = [lm.tokenizer.decode(int(t)) for t in batch["clean_ids"][0]]
     write_circuit_tracer_graph(graph, out / "circuit.json", tokens)
     results = {"model": name, "sites": [site.name for site in sites], "pairs": len(chosen),

@@ -23,7 +23,8 @@ def graph(tiny_llama):
     state = node_state(tiny_llama, sites, clean, patch, METRIC)
     edges = edge_effects(tiny_llama, state=state, node_threshold=1e-3)
     made = build_graph(state, edges, node_threshold=1e-3, edge_threshold=1e-4,
-                       labels={("resid_0", 0): "feature zero"})
+                       labels={("resid_0", 0): "feature zero"},
+                       dashboards={"resid_0": "../dash/index.html"})
     return state, edges, made
 
 
@@ -50,6 +51,11 @@ def test_drawn_and_written(graph, tmp_path):
     for suffix, magic in ((".png", b"\x89PNG"), (".svg", b"<?xml")):
         path = draw_graph(made, tmp_path / f"circuit{suffix}")
         assert path.read_bytes().startswith(magic)
+    # each resid_0 feature node links to its dashboard page
+    linked = [n for n in made.nodes if n["site"] == "resid_0" and n["feature"] >= 0]
+    svg = (tmp_path / "circuit.svg").read_text()
+    assert linked and all(f'../dash/index.html#feature-{n["feature"]}"' in svg for n in linked)
+    assert all(n["url"] is None for n in made.nodes if n["site"] != "resid_0")
     path = write_circuit_tracer_graph(made, tmp_path / "circuit.json", ["a", "b", "c", "d", "e",
                                                                         "f"])
     document = json.loads(path.read_text())

@@ -32,7 +32,8 @@ def test_circuit_command_writes_its_report(tmp_path, tiny_llama):
     save_prompt_pairs(pairs, tmp_path / "pairs.jsonl")
     out = tmp_path / "report"
     main(["circuit", str(sae), str(transcoder), "--prompts", str(tmp_path / "pairs.jsonl"),
-          "--steps", "2", "--thresholds", "0,0.5,100", "--label-texts", "3", "--out", str(out)])
+          "--steps", "2", "--thresholds", "0,0.5,100", "--label-texts", "3",
+          "--dashboards", "layers.0.resid=dash/index.html", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     assert results["sites"] == ["layers.0.resid", "layers.1.mlp_out"]
     assert results["pairs"] == 4 and results["model"] == "tiny-llama"
@@ -41,6 +42,7 @@ def test_circuit_command_writes_its_report(tmp_path, tiny_llama):
     assert everything["faithfulness"] == pytest.approx(1, abs=1e-4)
     assert nothing["nodes"] == 0 and nothing["faithfulness"] == pytest.approx(0, abs=1e-4)
     assert (out / "circuit.png").read_bytes().startswith(b"\x89PNG")
+    assert "dash/index.html#feature-" in (out / "circuit.svg").read_text()
     assert json.loads((out / "circuit.json").read_text())["metadata"]["prompt_tokens"]
 
 
