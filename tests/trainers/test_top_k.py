@@ -82,3 +82,29 @@ def test_token_topk_steps_select_per_token_then_per_batch(cls, options):
             assert counts.sum() <= 3 * 32 and len(set(counts.tolist())) > 1
     with pytest.raises(ValueError, match="token_topk_steps"):
         cls(steps=10, activation_dim=8, dict_size=40, k=3, token_topk_steps=11, **options)
+
+
+def test_a_short_run_learns_a_threshold_that_gives_k_codes():
+    """threshold_beta None scales the moving average to the run (upstream's 0.999 from 10,000
+    steps): after 400 BatchTopK steps the inference threshold keeps about k codes per token,
+    where 0.999 still remembers the first steps' larger codes and keeps about three times k."""
+    from dictionary_learning.dictionary import BatchTopKSAE
+    from dictionary_learning.trainers.top_k import TopKConfig
+    from dictionary_learning.training import trainSAE
+
+    from ..helpers import planted_features, planted_stream
+
+    assert TopKConfig(activation_dim=4, dict_size=8, k=2, steps=600).threshold_beta == 1 - 1 / 60
+    assert TopKConfig(activation_dim=4, dict_size=8, k=2, steps=50_000).threshold_beta == 0.999
+    features, steps, k = planted_features(128, 32, seed=0), 400, 3
+    l0 = {}
+    for beta in (None, 0.999):
+        config = dict(trainer=BatchTopKTrainer, dict_class=BatchTopKSAE, activation_dim=32,
+                      dict_size=256, k=k, lr=2e-3, steps=steps, warmup_steps=20, seed=0,
+                      token_topk_steps=steps // 2, threshold_beta=beta)
+        [trainer] = trainSAE(planted_stream(features, k, 256, steps, seed=1), [config], steps,
+                             progress=False)
+        x = next(planted_stream(features, k, 2048, 1, seed=9))
+        l0[beta] = float((trainer.ae.encode(x) > 0).sum(-1).float().mean())
+    assert abs(l0[None] - k) < 0.2 * k, l0
+    assert l0[0.999] > 2 * k, l0
