@@ -374,7 +374,10 @@ def pyplot():
     return plt
 
 
-def save_figure(figure: Any, path: str | Path) -> None:
-    """Write a matplotlib figure as a PNG atomically, then close it."""
-    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
+def save_figure(figure: Any, path: str | Path, dpi: int = 110) -> None:
+    """Write a matplotlib figure atomically, in the format its suffix names (.svg, .pdf; PNG
+    otherwise), then close it."""
+    suffix = Path(path).suffix.lstrip(".").lower()
+    file_format = suffix if suffix in ("svg", "pdf") else "png"
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format=file_format))
     pyplot().close(figure)

@@ -16,6 +16,7 @@ from .faithfulness import (
 from .graph import (
     CircuitGraph,
     build_graph,
+    draw_curve,
     draw_graph,
     feature_labels,
     write_circuit_tracer_graph,
@@ -42,8 +43,8 @@ from .sites import Site, SiteValues, as_sites, splice
 
 __all__ = ["AGREEMENT_CASES", "CircuitGraph", "EdgeEffects", "Faithfulness", "NodeEffects",
            "NodeState", "PromptPair", "Site", "SiteValues", "ablated_metric", "agreement_pairs",
-           "as_encoding", "as_sites", "build_graph", "circuit_nodes", "draw_graph", "edge_effects",
-           "edge_pairs", "encode_pairs", "faithfulness_curve", "feature_labels",
+           "as_encoding", "as_sites", "build_graph", "circuit_nodes", "draw_curve", "draw_graph",
+           "edge_effects", "edge_pairs", "encode_pairs", "faithfulness_curve", "feature_labels",
            "load_prompt_pairs", "logit_difference", "mean_values", "node_effects", "node_state",
            "run_metric", "save_prompt_pairs", "single_token_pairs", "splice",
            "write_circuit_tracer_graph"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..evaluation.contexts import top_activating_contexts
-from ..files import atomic_write_text
+from ..files import atomic_write_text, pyplot, save_figure
 from .edges import EdgeEffects
 from .faithfulness import circuit_nodes
 from .nodes import NodeState
@@ -83,11 +83,7 @@ def draw_graph(graph: CircuitGraph, path: str | Path, title: str | None = None) 
     squares, blue for effects that raise the metric and red for those that lower it, edge width
     by |effect|; the format from the suffix (.png, .svg, .pdf). In an SVG a feature node with a
     dashboard page links to it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path = Path(path)
     rows: dict[int, list[dict]] = {}
     for node in graph.nodes:
@@ -119,11 +115,25 @@ def draw_graph(graph: CircuitGraph, path: str | Path, title: str | None = None) 
                    f"{graph.node_threshold:g}), {len(graph.links)} edges; metric "
                    f"{graph.metric['clean']:.3f} -> {graph.metric['patched']:.3f}", fontsize=9)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{path.suffix}")
-    figure.savefig(temporary, dpi=150)
-    plt.close(figure)
-    temporary.replace(path)
+    save_figure(figure, path, dpi=150)
+    return path
+
+
+def draw_curve(curve: list[Any], path: str | Path) -> Path:
+    """Faithfulness (the circuit alone) and completeness (its complement) against the circuit's
+    size, from `faithfulness_curve`."""
+    path = Path(path)
+    figure, axes = pyplot().subplots(figsize=(5, 3.5))
+    sizes = [max(point.nodes + point.error_nodes, 1) for point in curve]
+    axes.plot(sizes, [p.faithfulness for p in curve], "o-", label="faithfulness (circuit)")
+    axes.plot(sizes, [p.completeness for p in curve], "s-", label="completeness (complement)")
+    axes.set_xscale("log")
+    axes.set_xlabel("nodes in the circuit")
+    axes.axhline(1, color="grey", linewidth=0.5)
+    axes.axhline(0, color="grey", linewidth=0.5)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    save_figure(figure, path, dpi=120)
     return path
 
 

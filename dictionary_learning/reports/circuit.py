@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from ..circuits import (
     agreement_pairs,
     build_graph,
     circuit_nodes,
+    draw_curve,
     draw_graph,
     edge_effects,
     encode_pairs,
@@ -65,8 +67,8 @@ def circuit_report(dictionaries: list[str], model: str | None = None, case: str 
     the first `label_texts` texts of the offline corpus (0: by index only). dashboards:
     comma-separated SITE=PAGE, a site's dictionary's dashboard page (`dashboard` writes
     index.html), which its nodes in circuit.svg link to. Writes circuit.png, circuit.svg,
-    circuit.json (circuit-tracer's graph) and results.json (the curve among them) to `out`;
-    returns the results."""
+    circuit.json (circuit-tracer's graph), faithfulness.png and results.json (the curve among
+    them) to `out`; returns the results."""
     pages = {}
     for entry in filter(None, (dashboards or "").split(",")):
         site, _, page = entry.partition("=")
@@ -89,6 +91,7 @@ def circuit_report(dictionaries: list[str], model: str | None = None, case: str 
     chosen = max(by_length.values(), key=len)[:pairs]
     batch = encode_pairs(chosen, lm.tokenizer)
     metric = logit_difference(batch["clean_answer_ids"], batch["patch_answer_ids"])
+    seconds, started = {}, time.perf_counter()
     with phase(f"node effects ({method}) on {len(chosen)} pairs at {len(sites)} sites ...",
                progress):
         state = node_state(lm, sites, batch["clean_ids"], batch["patch_ids"], metric,
@@ -96,13 +99,16 @@ def circuit_report(dictionaries: list[str], model: str | None = None, case: str 
     summed = state.effects.summed().mean()
     largest = max(float(v.abs().max()) for v in [*summed.features.values(),
                                                  *(e[None] for e in summed.errors.values())])
+    seconds["nodes"], started = time.perf_counter() - started, time.perf_counter()
     with phase(f"faithfulness at {len(fractions)} thresholds ...", progress):
         curve = faithfulness_curve(lm, state, metric, [largest * f for f in fractions])
+    seconds["faithfulness"], started = time.perf_counter() - started, time.perf_counter()
     shown = largest * graph_threshold
     found = {}
     if edges:
         with phase("edges ...", progress):
             found = edge_effects(lm, state=state, node_threshold=shown / 4)
+        seconds["edges"] = time.perf_counter() - started
     labels = {}
     if label_texts:
         kept = circuit_nodes(state, shown)
@@ -115,6 +121,7 @@ def circuit_report(dictionaries: list[str], model: str | None = None, case: str 
     out = Path(out)
     draw_graph(graph, out / "circuit.png")
     draw_graph(graph, out / "circuit.svg")
+    draw_curve(curve, out / "faithfulness.png")
     tokens = [lm.tokenizer.decode(int(t)) for t in batch["clean_ids"][0]]
     write_circuit_tracer_graph(graph, out / "circuit.json", tokens)
     results = {"model": name, "sites": [site.name for site in sites], "pairs": len(chosen),
@@ -122,7 +129,7 @@ def circuit_report(dictionaries: list[str], model: str | None = None, case: str 
                "metric": graph.metric, "largest_node_effect": largest,
                "curve": [dataclasses.asdict(point) for point in curve],
                "graph": {"nodes": len(graph.nodes), "links": len(graph.links),
-                         "threshold": shown}}
+                         "threshold": shown}, "seconds": seconds}
     atomic_write_json(out / "results.json", results)
     for point in curve:
         print(f"threshold {point.threshold:.4g}: {point.nodes} features + {point.error_nodes} "

@@ -52,9 +52,10 @@ class TopKConfig(TrainerConfig):
     `threshold_start_step` None: min(1000, steps // 10) (upstream: 1000), so short runs learn a
     threshold too; `threshold_beta` None: 1 - 1 / min(1000, steps // 10) (upstream: 0.999, the
     same from 10,000 steps), so a short run's threshold averages its last tenth, not its first
-    steps (600 steps at 0.999 left BatchTopK's inference L0 at 17 for k 32); `encoder_dtype` ("auto", torch.bfloat16, ...): the dtype of the dense encoder
-    GEMM that chooses the active latents (their values, every gradient, the weights and Adam stay in
-    the activations' dtype; "auto": bfloat16 where that is fast)."""
+    steps (600 steps at 0.999 left BatchTopK's inference L0 at 17 for k 32); `encoder_dtype`
+    ("auto", torch.bfloat16, ...): the dtype of the dense encoder GEMM that chooses the active
+    latents (their values, every gradient, the weights and Adam stay in the activations' dtype;
+    "auto": bfloat16 where that is fast)."""
 
     k: int
     lr: float | None = None
