@@ -131,7 +131,6 @@ def _stash(inputs: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Te
 def _site_patch(site: Site, mode: str, store: dict[str, SiteValues], replace: Replace | None,
                 inputs: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     dictionary = site.dictionary
-
     parameter = next(iter(dictionary.parameters()), None)
     work = parameter.dtype if parameter is not None else torch.float32
 
@@ -153,11 +152,11 @@ def _site_patch(site: Site, mode: str, store: dict[str, SiteValues], replace: Re
             features = features.detach().requires_grad_(True)
             error = error.detach().requires_grad_(True)
         store[site.name] = SiteValues(features, error)
+        if replace is None and mode in ("record", "frozen"):
+            return value if mode == "record" else value.detach()
         new = dictionary.decode(features, x=x_in) + error
         if replace is not None:
             return new.to(dtype)
-        if mode in ("record", "frozen"):
-            return value if mode == "record" else value.detach()
         # x itself, with the leaves' gradients: d new / d features = W_dec^T, d new / d error = I
         return value + (new - new.detach()).to(dtype)
 
