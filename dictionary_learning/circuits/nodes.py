@@ -6,14 +6,13 @@ Sparse Feature Circuits), through nnsight (`tracing.run`) on today's nnsight.
   run, every site spliced in (see `sites.py` for the gradient convention);
 - integrated gradients (`method="ig"`, `steps`; `ig_rule` "midpoint" alpha = (i + 1/2) / steps,
   or "left", alpha = i / steps, feature-circuits' rule): per site, the gradient averaged along the
-  straight
-  path from the clean to the patch values of that site's features and error (the other sites
-  left as the model computes them), times (patch - clean). Its effects at a site sum to the true
-  effect of patching the whole site as the steps grow.
+  straight path from the clean to the patch values of that site's features and error (the other
+  sites left as the model computes them), times (patch - clean). Its effects at a site sum to the
+  true effect of patching the whole site as the steps grow.
 
 `patch=None` patches every node to zero (zero ablation: a site's value becomes decode(0), the
-decoder bias). The default metric is the logit
-difference at the last position, patch answer minus clean answer, as the paper's.
+decoder bias). The default metric is the logit difference at the last position, patch answer
+minus clean answer, as the paper's.
 """
 
 from __future__ import annotations
@@ -100,7 +99,13 @@ def run_metric(model: Any, sites: list[Site], encoding: dict[str, torch.Tensor],
     the features and errors each site saw."""
     store: dict[str, SiteValues] = {}
     output = tracing.run(model, encoding, patch=splice(sites, "record", store, replace)).logits
-    return metric(output).detach(), store
+    value = metric(output)
+    batch = encoding["input_ids"].shape[0]
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != (batch,):
+        shape = getattr(value, "shape", None)
+        raise ValueError(f"the metric must return one value per example, a tensor [{batch}], got "
+                         f"{type(value).__name__}{'' if shape is None else list(shape)}")
+    return value.detach(), store
 
 
 @dataclasses.dataclass

@@ -201,6 +201,8 @@ def test_bad_input_is_refused(tiny_llama):
         node_effects(tiny_llama, sites, clean, patch, METRIC, method="ig", steps=0)
     with pytest.raises(ValueError, match="metric"):
         node_effects(tiny_llama, sites, clean, patch)
+    with pytest.raises(ValueError, match=r"one value per example, a tensor \[2\], got Tensor\[\]"):
+        node_effects(tiny_llama, sites, clean, patch, lambda logits: logits.sum())
     d = tiny_llama.config.hidden_size
     with pytest.raises(ValueError, match="transcoder"):
         Site("t", AutoEncoderTopK(d, 8, 2, transcoder=True), hook(tiny_llama, 0, "mlp_out"))
