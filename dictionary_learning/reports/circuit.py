@@ -75,7 +75,11 @@ def circuit_report(dictionaries: list[str], model: str | None = None, case: str 
         if not page:
             raise ValueError(f"dashboards: expected SITE=PAGE entries, got {entry!r}")
         pages[site.strip()] = page.strip()
-    fractions = [float(x) for x in str(thresholds).split(",")]
+    try:
+        fractions = [float(x) for x in str(thresholds).split(",")]
+    except ValueError:
+        raise ValueError(f"thresholds must be comma-separated numbers (fractions of the largest "
+                         f"node effect), got {thresholds!r}") from None
     sites, trained_on = saved_sites(dictionaries)
     name = model or trained_on or DEFAULT_MODEL
     with phase(f"loading {name} ...", progress):
@@ -111,10 +115,10 @@ def circuit_report(dictionaries: list[str], model: str | None = None, case: str 
         seconds["edges"] = time.perf_counter() - started
     labels = {}
     if label_texts:
-        kept = circuit_nodes(state, shown)
+        in_circuit = circuit_nodes(state, shown)
         with phase(f"labels from {label_texts} texts ...", progress):
             labels = feature_labels(lm, sites, {n: k[:-1].nonzero().flatten().tolist()
-                                                for n, k in kept.items()},
+                                                for n, k in in_circuit.items()},
                                     list(itertools.islice(text_source(None), label_texts)))
     graph = build_graph(state, found, node_threshold=shown, edge_threshold=shown / 10,
                         labels=labels, dashboards=pages)

@@ -46,9 +46,12 @@ def test_circuit_command_writes_its_report(tmp_path, tiny_llama):
     assert json.loads((out / "circuit.json").read_text())["metadata"]["prompt_tokens"]
 
 
-def test_a_dictionary_without_hook_points_is_refused(tmp_path, tiny_llama):
+def test_bad_input_is_refused(tmp_path, tiny_llama):
+    """A dictionary whose config.json places it nowhere; thresholds that are not numbers."""
     d = tiny_llama.config.hidden_size
     bare = save_dictionary(AutoEncoder(d, 8), tmp_path / "bare",
                            {"trainer": {"lm_name": "tiny-llama"}})
     with pytest.raises(ValueError, match="names 0 hook points; an SAE needs 1"):
         main(["circuit", str(bare), "--out", str(tmp_path / "report")])
+    with pytest.raises(ValueError, match="thresholds must be comma-separated numbers"):
+        main(["circuit", str(bare), "--thresholds", "0.1,half", "--out", str(tmp_path / "r")])
