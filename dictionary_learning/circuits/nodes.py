@@ -208,8 +208,7 @@ def _ig_gradients(model: Any, site: Site, encoding: dict[str, torch.Tensor],
     alpha = (i + offset) / steps on the path clean + alpha (patch - clean), in one run over the
     batch repeated `steps` times; the other sites are not spliced in."""
     batch = encoding["input_ids"].shape[0]
-    tiled = {key: value.repeat(steps, *([1] * (value.dim() - 1)))
-             for key, value in encoding.items()}
+    tiled = {key: _tile(value, steps) for key, value in encoding.items()}
     alphas = ((torch.arange(steps, dtype=torch.float64) + offset) / steps).repeat_interleave(batch)
 
     def along_path(features: torch.Tensor, error: torch.Tensor):
