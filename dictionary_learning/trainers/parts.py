@@ -1,7 +1,7 @@
 """The mechanics training methods share, each written once: the lr schedule and the sparsity ramp,
-dead-feature counts, the AuxK loss, the inference threshold, k annealing, b_dec at the geometric
-median, the unit-norm decoder, p-annealing and dead-neuron resampling. Trainers, SCAE fine-tuning
-and end-to-end training compose these; none of them changes state unless its name says so (`update`,
+dead-feature counts, the AuxK loss, the inference threshold, k annealing, the initial biases, the
+unit-norm decoder, p-annealing and dead-neuron resampling. Trainers, SCAE fine-tuning and
+end-to-end training compose these; none of them changes state unless its name says so (`update`,
 `advance`, `resample`, ...)."""
 
 from __future__ import annotations
@@ -260,9 +260,15 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
 
 
 @torch.no_grad()
-def b_dec_at_median(ae: Dictionary, targets: torch.Tensor) -> None:
-    """b_dec at the geometric median of the (global) batch's targets, before the first step."""
+def initial_biases(ae: Dictionary, x: torch.Tensor, targets: torch.Tensor) -> None:
+    """Before the first step: b_dec at the geometric median of the (global) batch's targets; for a
+    transcoder, whose encoder reads x uncentred, also the encoder bias at -W_enc mean(x), so its
+    pre-activations start centred as an SAE's do (else the latents facing away from x's mean never
+    fire: 54% dead on SmolLM2's MLP)."""
     ae.b_dec.copy_(geometric_median(targets.to(ae.b_dec.device)).to(ae.b_dec.dtype))
+    if ae.transcoder:
+        weight, bias, _ = ae._encoder_affine()
+        bias.copy_(-(weight @ x.mean(dim=0).to(weight)).to(bias.dtype))
 
 
 # --------------------------------------------------------------------------------------------------

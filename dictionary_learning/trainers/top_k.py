@@ -159,7 +159,7 @@ class TopKTrainer(UpdateX, UpstreamTrainerAPI, Trainer):
 
     def before_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
         if step == 0 and not self.b_dec_initialised:
-            parts.b_dec_at_median(self.ae, self.global_rows(y))
+            parts.initial_biases(self.ae, self.global_rows(x), self.global_rows(y))
             self.b_dec_initialised = True
 
     def after_step(self, step: int, x: torch.Tensor, y: torch.Tensor, out: StepOutput) -> None:

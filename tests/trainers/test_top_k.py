@@ -108,3 +108,26 @@ def test_a_short_run_learns_a_threshold_that_gives_k_codes():
         l0[beta] = float((trainer.ae.encode(x) > 0).sum(-1).float().mean())
     assert abs(l0[None] - k) < 0.2 * k, l0
     assert l0[0.999] > 2 * k, l0
+
+
+@pytest.mark.parametrize("cls, options", [
+    (TopKTrainer, {}), (BatchTopKTrainer, {}),
+    (MatryoshkaBatchTopKTrainer, {"group_fractions": [0.5, 0.5]}),
+], ids=["topk", "batchtopk", "matryoshka"])
+def test_a_transcoder_starts_with_centred_pre_activations(cls, options):
+    """A transcoder's encoder reads x uncentred: before its first step the encoder bias is set so
+    that each latent's pre-activation averages zero over the batch (float64 reference; else the
+    latents facing away from the inputs' mean start dead), and b_dec sits at the targets'
+    geometric median."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=generator) + 8 * torch.randn(16, generator=generator)
+    y = torch.tanh(x) @ torch.randn(16, 12, generator=generator)
+    trainer = cls(steps=150, activation_dim=16, dict_size=128, k=4, output_dim=12, seed=0,
+                  device="cpu", **options)
+    weight, bias, _ = trainer.ae._encoder_affine()
+    before = x.double() @ weight.double().t() + bias.double()
+    assert before.mean(0).abs().max() > 0.5 * before.abs().mean()  # not centred at the start
+    trainer.before_step(0, x, y)
+    after = x.double() @ weight.double().t() + bias.double()
+    assert after.mean(0).abs().max() < 1e-4 * after.abs().mean()
+    torch.testing.assert_close(trainer.ae.b_dec, parts.geometric_median(y))
