@@ -199,9 +199,12 @@ def parser() -> argparse.ArgumentParser:
     p = _command(commands, "circuit", reports.circuit_report,
                  "a sparse feature circuit over saved dictionaries (Marks et al. 2024): node and "
                  "edge effects on prompt pairs, faithfulness and completeness, the graph")
-    p.add_argument("dictionaries", nargs="+", metavar="DICTIONARY",
+    p.add_argument("dictionaries", nargs="*", metavar="DICTIONARY",
                    help="saved dictionary folders (ae.pt + config.json), placed at the hook points "
                    "their config.json names")
+    p.add_argument("--suite", help="a saved SCAE suite folder (SCAESuite.save) instead of "
+                   "dictionaries: the circuit of its replacement model with its exact connection "
+                   "edges, and their agreement with the attribution edges")
     p.add_argument("--model", help="default: the lm_name of the first config.json")
     p.add_argument("--case", choices=AGREEMENT_CASES,
                    help="subject-verb agreement prompts of this kind (default %(default)s)")

@@ -106,9 +106,12 @@ def _edges(model: Any, state: NodeState, upstream: Site, downstream: Site, froze
         store: dict[str, SiteValues] = {}
         modes = {upstream.name: "attribute", downstream.name: "through",
                  **{site.name: "frozen" for site in frozen}}
+        # in the replacement model every other site writes its reconstruction too
+        spliced = (state.sites if state.errors == "zero"
+                   else [upstream, *frozen, downstream])
         with torch.enable_grad():
             tracing.run(model, state.clean_encoding, logits=False, grad=True,
-                        patch=splice([upstream, *frozen, downstream], modes, store))
+                        patch=splice(spliced, modes, store, errors=state.errors))
             values = _backward(store, state, upstream, downstream, rows, seq, chunk)
     return EdgeEffects(upstream.name, downstream.name, rows, values, downstream.d_sae + 1, batch)
 

@@ -41,8 +41,10 @@ def mean_values(state: NodeState) -> dict[str, SiteValues]:
 
 
 def ablated_metric(model: Any, sites: Sequence[Site], encoding: dict[str, torch.Tensor],
-                   metric: Metric, kept: Kept, means: Mapping[str, SiteValues]) -> torch.Tensor:
-    """The metric `[batch]` with, at every site, the nodes not `kept` set to their means."""
+                   metric: Metric, kept: Kept, means: Mapping[str, SiteValues],
+                   errors: str = "keep") -> torch.Tensor:
+    """The metric `[batch]` with, at every site, the nodes not `kept` set to their means (of the
+    replacement model with `errors="zero"`)."""
     def ablate(name: str):
         keep = kept[name]
 
@@ -55,7 +57,7 @@ def ablated_metric(model: Any, sites: Sequence[Site], encoding: dict[str, torch.
         return replace
 
     value, _ = run_metric(model, list(sites), encoding, metric,
-                          {site.name: ablate(site.name) for site in sites})
+                          {site.name: ablate(site.name) for site in sites}, errors)
     return value
 
 
@@ -80,15 +82,18 @@ def faithfulness_curve(model: Any, state: NodeState, metric: Metric,
     sites, encoding, means = state.sites, state.clean_encoding, mean_values(state)
     everything = {site.name: torch.ones(site.d_sae + 1, dtype=torch.bool) for site in sites}
     nothing = {name: ~keep for name, keep in everything.items()}
-    full = ablated_metric(model, sites, encoding, metric, everything, means).mean().item()
-    empty = ablated_metric(model, sites, encoding, metric, nothing, means).mean().item()
+
+    def ablated(kept: Kept) -> float:
+        return ablated_metric(model, sites, encoding, metric, kept, means,
+                              state.errors).mean().item()
+
+    full, empty = ablated(everything), ablated(nothing)
     span = full - empty
     points = []
     for threshold in thresholds:
         kept = circuit_nodes(state, threshold)
         complement = {name: ~keep for name, keep in kept.items()}
-        circuit = ablated_metric(model, sites, encoding, metric, kept, means).mean().item()
-        rest = ablated_metric(model, sites, encoding, metric, complement, means).mean().item()
+        circuit, rest = ablated(kept), ablated(complement)
         points.append(Faithfulness(
             float(threshold), int(sum(int(k[:-1].sum()) for k in kept.values())),
             int(sum(int(k[-1]) for k in kept.values())), circuit, rest,

@@ -10,6 +10,9 @@ Sparse Feature Circuits), through nnsight (`tracing.run`) on today's nnsight.
   sites left as the model computes them), times (patch - clean). Its effects at a site sum to the
   true effect of patching the whole site as the steps grow.
 
+`errors="zero"` finds the circuit of the replacement model instead, every site's value its
+dictionary's reconstruction (its error nodes zero; `sites.py`).
+
 `patch=None` patches every node to zero (zero ablation: a site's value becomes decode(0), the
 decoder bias). The default metric is the logit difference at the last position, patch answer
 minus clean answer, as the paper's.
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 
 from .. import tracing
-from .sites import Site, SiteValues, as_sites, splice
+from .sites import Site, SiteValues, as_sites, check_errors, splice
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits [batch, seq, vocab] -> [batch]
 METHODS = ("attribution", "ig")
@@ -93,12 +96,13 @@ class NodeEffects:
 
 
 def run_metric(model: Any, sites: list[Site], encoding: dict[str, torch.Tensor], metric: Metric,
-               replace: Mapping[str, Callable] | None = None
+               replace: Mapping[str, Callable] | None = None, errors: str = "keep"
                ) -> tuple[torch.Tensor, dict[str, SiteValues]]:
     """The metric `[batch]` of one run with the sites spliced in (and `replace`d where given), and
     the features and errors each site saw."""
     store: dict[str, SiteValues] = {}
-    output = tracing.run(model, encoding, patch=splice(sites, "record", store, replace)).logits
+    output = tracing.run(model, encoding,
+                         patch=splice(sites, "record", store, replace, errors)).logits
     value = metric(output)
     batch = encoding["input_ids"].shape[0]
     if not isinstance(value, torch.Tensor) or tuple(value.shape) != (batch,):
@@ -120,26 +124,29 @@ class NodeState:
     patch: dict[str, SiteValues]
     gradients: dict[str, SiteValues]
     effects: NodeEffects
+    errors: str = "keep"  # "zero": of the replacement model
 
 
 def node_effects(model: Any, sites: Any, clean: Any, patch: Any = None,
                  metric: Metric | None = None, *, method: str = "attribution", steps: int = 10,
                  ig_rule: str = "midpoint", clean_answers: Any = None,
-                 patch_answers: Any = None) -> NodeEffects:
+                 patch_answers: Any = None, errors: str = "keep") -> NodeEffects:
     """Every feature's and error's effect on `metric` (default: `logit_difference(clean_answers,
     patch_answers)`) from clean to patch. sites: `Site`s or `{name: (dictionary, point)}`, in any
-    order. clean, patch: token ids `[batch, seq]` of one length (patch=None: zero ablation)."""
+    order. clean, patch: token ids `[batch, seq]` of one length (patch=None: zero ablation).
+    errors: "keep" (the model itself) or "zero" (the replacement model)."""
     return node_state(model, sites, clean, patch, metric, method=method, steps=steps,
                       ig_rule=ig_rule, clean_answers=clean_answers,
-                      patch_answers=patch_answers).effects
+                      patch_answers=patch_answers, errors=errors).effects
 
 
 def node_state(model: Any, sites: Any, clean: Any, patch: Any = None,
                metric: Metric | None = None, *, method: str = "attribution", steps: int = 10,
                ig_rule: str = "midpoint", clean_answers: Any = None,
-               patch_answers: Any = None) -> NodeState:
+               patch_answers: Any = None, errors: str = "keep") -> NodeState:
     """`node_effects`, with the values and gradients they are made of (edges need them)."""
     sites = as_sites(sites)
+    check_errors(errors)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
@@ -158,30 +165,33 @@ def node_state(model: Any, sites: Any, clean: Any, patch: Any = None,
             raise ValueError("clean and patch must have one shape [batch, seq], got "
                              f"{tuple(clean_encoding['input_ids'].shape)} and "
                              f"{tuple(patch_encoding['input_ids'].shape)}")
-        patched, patch_values = run_metric(model, sites, patch_encoding, metric)
+        patched, patch_values = run_metric(model, sites, patch_encoding, metric, errors=errors)
     else:
         patch_values = None
-    clean_metric, clean_values = run_metric(model, sites, clean_encoding, metric)
+    clean_metric, clean_values = run_metric(model, sites, clean_encoding, metric, errors=errors)
     if patch_values is None:  # zero ablation
         patch_values = {name: SiteValues(torch.zeros_like(v.features), torch.zeros_like(v.error))
                         for name, v in clean_values.items()}
         patched, _ = run_metric(model, sites, clean_encoding, metric,
-                                {s.name: _set(patch_values[s.name]) for s in sites})
+                                {s.name: _set(patch_values[s.name]) for s in sites}, errors)
     if method == "attribution":
-        gradients = _attribution_gradients(model, sites, clean_encoding, metric)
+        gradients = _attribution_gradients(model, sites, clean_encoding, metric, errors)
     else:
-        gradients = {site.name: _ig_gradients(model, site, clean_encoding, metric,
+        gradients = {site.name: _ig_gradients(model, sites, site, clean_encoding, metric,
                                               clean_values[site.name], patch_values[site.name],
-                                              steps, IG_RULES[ig_rule])
+                                              steps, IG_RULES[ig_rule], errors)
                      for site in sites}
-    features, errors = {}, {}
+    features, error_nodes = {}, {}
     for site in sites:
         clean_value, patch_value = clean_values[site.name], patch_values[site.name]
         gradient = gradients[site.name]
         features[site.name] = (patch_value.features - clean_value.features) * gradient.features
-        errors[site.name] = ((patch_value.error - clean_value.error) * gradient.error).sum(-1)
-    effects = NodeEffects(features, errors, patched - clean_metric, clean_metric, patched, method)
-    return NodeState(sites, clean_encoding, clean_values, patch_values, gradients, effects)
+        error_nodes[site.name] = ((patch_value.error - clean_value.error)
+                                  * gradient.error).sum(-1)
+    effects = NodeEffects(features, error_nodes, patched - clean_metric, clean_metric, patched,
+                          method)
+    return NodeState(sites, clean_encoding, clean_values, patch_values, gradients, effects,
+                     errors)
 
 
 def _set(values: SiteValues) -> Callable:
@@ -189,11 +199,11 @@ def _set(values: SiteValues) -> Callable:
 
 
 def _attribution_gradients(model: Any, sites: list[Site], encoding: dict[str, torch.Tensor],
-                           metric: Metric) -> dict[str, SiteValues]:
+                           metric: Metric, errors: str) -> dict[str, SiteValues]:
     store: dict[str, SiteValues] = {}
     with torch.enable_grad():
-        output = tracing.run(model, encoding, patch=splice(sites, "attribute", store),
-                             grad=True).logits
+        output = tracing.run(model, encoding, patch=splice(sites, "attribute", store,
+                                                           errors=errors), grad=True).logits
         leaves = [tensor for site in sites
                   for tensor in (store[site.name].features, store[site.name].error)]
         grads = torch.autograd.grad(metric(output).sum(), leaves, allow_unused=True)
@@ -201,12 +211,13 @@ def _attribution_gradients(model: Any, sites: list[Site], encoding: dict[str, to
     return {site.name: SiteValues(grads[2 * i], grads[2 * i + 1]) for i, site in enumerate(sites)}
 
 
-def _ig_gradients(model: Any, site: Site, encoding: dict[str, torch.Tensor],
+def _ig_gradients(model: Any, sites: list[Site], site: Site, encoding: dict[str, torch.Tensor],
                   metric: Metric, clean: SiteValues, patch: SiteValues, steps: int,
-                  offset: float) -> SiteValues:
+                  offset: float, errors: str) -> SiteValues:
     """The metric's gradients at `site`'s features and error, averaged over `steps` points
     alpha = (i + offset) / steps on the path clean + alpha (patch - clean), in one run over the
-    batch repeated `steps` times; the other sites are not spliced in."""
+    batch repeated `steps` times; the other sites are left as the model computes them (their
+    reconstructions with errors "zero")."""
     batch = encoding["input_ids"].shape[0]
     tiled = {key: _tile(value, steps) for key, value in encoding.items()}
     alphas = ((torch.arange(steps, dtype=torch.float64) + offset) / steps).repeat_interleave(batch)
@@ -218,8 +229,10 @@ def _ig_gradients(model: Any, site: Site, encoding: dict[str, torch.Tensor],
 
     store: dict[str, SiteValues] = {}
     with torch.enable_grad():
-        output = tracing.run(model, tiled, patch=splice([site], "attribute", store,
-                                                        {site.name: along_path}),
+        others = [other for other in sites if other is not site] if errors == "zero" else []
+        modes = {site.name: "attribute", **{other.name: "record" for other in others}}
+        output = tracing.run(model, tiled, patch=splice([site, *others], modes, store,
+                                                        {site.name: along_path}, errors),
                              grad=True).logits
         values = store[site.name]
         total = sum(metric(part).sum() for part in output.split(batch))  # each alpha's batch

@@ -10,6 +10,10 @@ x_in) is split into the dictionary's reconstruction and its error:
 so every feature and the error are nodes whose values sum (through the decoder) to exactly the
 model's value. Splicing never changes the model's computation unless values are replaced.
 
+With `errors="zero"` every site's value is first replaced by its reconstruction decode(encode(x)),
+differentiable in x: the replacement model, whose error nodes are zero (an SCAE suite's
+linearisation point, `circuits.scae`).
+
 Gradients (mode "attribute") follow Marks et al. 2024's convention: the value written back is x
 itself, differentiable in the upstream computation as before (so an upstream node's gradient
 passes through the downstream sites unchanged), while f and the error are leaves whose gradients
@@ -93,10 +97,12 @@ Replace = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tenso
 
 
 MODES = ("record", "attribute", "through", "frozen")
+ERRORS = ("keep", "zero")
 
 
 def splice(sites: list[Site], mode: str | Mapping[str, str], store: dict[str, SiteValues],
-           replace: Mapping[str, Replace] | None = None) -> dict[Any, Callable]:
+           replace: Mapping[str, Replace] | None = None, errors: str = "keep"
+           ) -> dict[Any, Callable]:
     """`tracing.run` patches for `sites`. Each site's features and error go into `store[name]`;
     `mode` (one for all, or `{name: mode}`):
     - "record": detached; the value is left as it is;
@@ -105,11 +111,13 @@ def splice(sites: list[Site], mode: str | Mapping[str, str], store: dict[str, Si
     - "through": computed from x with grad (functions of everything upstream), x left as it is;
     - "frozen": detached, and x written back detached: no gradient passes the site.
     `replace[name](features, error)` -> (features, error) writes decode(features) + error at that
-    site instead (from the recorded values, no grad through the site's own input)."""
+    site instead (from the recorded values, no grad through the site's own input). `errors="zero"`
+    first sets each site's value to its reconstruction (see the module's docstring)."""
     modes = {site.name: mode for site in sites} if isinstance(mode, str) else dict(mode)
     for name, value in modes.items():
         if value not in MODES:
             raise ValueError(f"mode of {name!r} must be one of {MODES}, got {value!r}")
+    check_errors(errors)
     replace = dict(replace or {})
     patches: dict[Any, Callable] = {}
     for site in sites:
@@ -117,8 +125,13 @@ def splice(sites: list[Site], mode: str | Mapping[str, str], store: dict[str, Si
         if site.source is not None:
             patches[site.source] = _stash(inputs)
         patches[site.point] = _site_patch(site, modes.get(site.name, "record"), store,
-                                          replace.get(site.name), inputs)
+                                          replace.get(site.name), inputs, errors == "zero")
     return patches
+
+
+def check_errors(errors: Any) -> None:
+    if errors not in ERRORS:
+        raise ValueError(f"errors must be one of {ERRORS}, got {errors!r}")
 
 
 def _stash(inputs: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -129,7 +142,8 @@ def _stash(inputs: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Te
 
 
 def _site_patch(site: Site, mode: str, store: dict[str, SiteValues], replace: Replace | None,
-                inputs: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+                inputs: dict[str, torch.Tensor], zero_errors: bool
+                ) -> Callable[[torch.Tensor], torch.Tensor]:
     dictionary = site.dictionary
     parameter = next(iter(dictionary.parameters()), None)
     work = parameter.dtype if parameter is not None else torch.float32
@@ -137,15 +151,20 @@ def _site_patch(site: Site, mode: str, store: dict[str, SiteValues], replace: Re
     def patch(value: torch.Tensor) -> torch.Tensor:
         x_in = inputs["x"] if site.source is not None else value
         dtype = value.dtype
+        if zero_errors:  # the replacement model
+            x = x_in.to(work)
+            value = dictionary.decode(dictionary.encode(x), x=x).to(dtype)
         if mode == "through":
             features = dictionary.encode(x_in.to(work))
             error = value.to(work) - dictionary.decode(features, x=x_in.to(work))
-            store[site.name] = SiteValues(features, error)
+            store[site.name] = SiteValues(features, error * 0 if zero_errors else error)
             return value
         x_in = x_in.detach().to(work)
         with torch.no_grad():
             features = dictionary.encode(x_in)
             error = value.detach().to(work) - dictionary.decode(features, x=x_in)
+            if zero_errors:  # (not the rounding of a lower-precision model's dtype)
+                error.zero_()
         if replace is not None:
             features, error = replace(features, error)
         if mode == "attribute":

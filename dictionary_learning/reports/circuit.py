@@ -1,6 +1,8 @@
-"""`circuit_report`: a sparse feature circuit over saved dictionaries (`python -m
+"""`circuit_report`: a sparse feature circuit over saved dictionaries or an SCAE suite (`python -m
 dictionary_learning circuit`): node effects on prompt pairs, faithfulness and completeness against
-the threshold by mean ablations, edges, the graph (PNG and circuit-tracer JSON), results.json."""
+the threshold by mean ablations, edges, the graph (PNG and circuit-tracer JSON), results.json; for
+a suite, in its replacement model, with its exact connection edges and their agreement with the
+attribution edges."""
 
 from __future__ import annotations
 
@@ -27,11 +29,13 @@ from ..circuits import (
     single_token_pairs,
     write_circuit_tracer_graph,
 )
+from ..circuits.scae import suite_edges, suite_sites
 from ..data import text_source
 from ..files import atomic_write_json
 from ..formats.weights import saved_hooks
 from ..models import DEFAULT_MODEL, HookPoint, load_model
 from ..progress import phase
+from ..scae import SCAESuite
 from ..utils import load_dictionary
 
 
@@ -54,7 +58,8 @@ def saved_sites(folders: list[str | Path]) -> tuple[list[Site], str | None]:
     return sites, model_name
 
 
-def circuit_report(dictionaries: list[str], model: str | None = None, case: str = "simple",
+def circuit_report(dictionaries: list[str] | None = None, model: str | None = None,
+                   case: str = "simple", suite: str | None = None,
                    prompts: str | None = None, pairs: int = 32, method: str = "ig",
                    steps: int = 10, thresholds: str = "0.5,0.2,0.1,0.05,0.02,0.01",
                    graph_threshold: float = 0.1, edges: bool = True, label_texts: int = 200,
@@ -66,9 +71,15 @@ def circuit_report(dictionaries: list[str], model: str | None = None, case: str 
     is drawn at `graph_threshold` of it, its features labelled by their top activating tokens on
     the first `label_texts` texts of the offline corpus (0: by index only). dashboards:
     comma-separated SITE=PAGE, a site's dictionary's dashboard page (`dashboard` writes
-    index.html), which its nodes in circuit.svg link to. Writes circuit.png, circuit.svg,
-    circuit.json (circuit-tracer's graph), faithfulness.png and results.json (the curve among
-    them) to `out`; returns the results."""
+    index.html), which its nodes in circuit.svg link to. suite: a saved SCAE suite folder instead
+    of `dictionaries`: the circuit of its replacement model, drawn with its exact connection edges
+    (`circuits.scae`), their agreement with the attribution edges in the results. Writes
+    circuit.png, circuit.svg, circuit.json (circuit-tracer's graph), faithfulness.png and
+    results.json (the curve among them) to `out`; returns the results."""
+    if bool(dictionaries) == (suite is not None):
+        raise ValueError("give saved dictionary folders or an SCAE suite folder (suite=...), "
+                         f"one of the two; got {len(dictionaries or [])} dictionaries and "
+                         f"suite={suite!r}")
     pages = {}
     for entry in filter(None, (dashboards or "").split(",")):
         site, _, page = entry.partition("=")
@@ -80,10 +91,15 @@ def circuit_report(dictionaries: list[str], model: str | None = None, case: str 
     except ValueError:
         raise ValueError(f"thresholds must be comma-separated numbers (fractions of the largest "
                          f"node effect), got {thresholds!r}") from None
-    sites, trained_on = saved_sites(dictionaries)
+    scae = SCAESuite.load(suite) if suite is not None else None
+    sites, trained_on = (saved_sites(dictionaries) if scae is None else ([], scae.model_name))
     name = model or trained_on or DEFAULT_MODEL
     with phase(f"loading {name} ...", progress):
-        lm = load_model(name)
+        # a suite's linearisation reads the attention patterns
+        lm = load_model(name, **({} if scae is None else {"attn_implementation": "eager"}))
+    if scae is not None:
+        scae.check_model(lm)
+        sites = suite_sites(scae, lm)
     source = load_prompt_pairs(prompts) if prompts else agreement_pairs(case, n=4 * pairs)
     kept = single_token_pairs(source, lm.tokenizer)
     by_length: dict[int, list] = {}
@@ -99,7 +115,7 @@ def circuit_report(dictionaries: list[str], model: str | None = None, case: str 
     with phase(f"node effects ({method}) on {len(chosen)} pairs at {len(sites)} sites ...",
                progress):
         state = node_state(lm, sites, batch["clean_ids"], batch["patch_ids"], metric,
-                           method=method, steps=steps)
+                           method=method, steps=steps, errors="keep" if scae is None else "zero")
     summed = state.effects.summed().mean()
     largest = max(float(v.abs().max()) for v in [*summed.features.values(),
                                                  *(e[None] for e in summed.errors.values())])
@@ -108,10 +124,13 @@ def circuit_report(dictionaries: list[str], model: str | None = None, case: str 
         curve = faithfulness_curve(lm, state, metric, [largest * f for f in fractions])
     seconds["faithfulness"], started = time.perf_counter() - started, time.perf_counter()
     shown = largest * graph_threshold
-    found = {}
+    found, agreement = {}, {}
     if edges:
         with phase("edges ...", progress):
-            found = edge_effects(lm, state=state, node_threshold=shown / 4)
+            if scae is None:
+                found = edge_effects(lm, state=state, node_threshold=shown / 4)
+            else:  # the suite's own edges drawn; the attribution edges beside them
+                found, _, agreement = suite_edges(scae, lm, state, node_threshold=shown / 4)
         seconds["edges"] = time.perf_counter() - started
     labels = {}
     if label_texts:
@@ -134,11 +153,18 @@ def circuit_report(dictionaries: list[str], model: str | None = None, case: str 
                "curve": [dataclasses.asdict(point) for point in curve],
                "graph": {"nodes": len(graph.nodes), "links": len(graph.links),
                          "threshold": shown}, "seconds": seconds}
+    if scae is not None:
+        results["suite"] = str(suite)
+        results["edge_agreement"] = [dataclasses.asdict(a) for a in agreement.values()]
     atomic_write_json(out / "results.json", results)
     for point in curve:
         print(f"threshold {point.threshold:.4g}: {point.nodes} features + {point.error_nodes} "
               f"error nodes, faithfulness {point.faithfulness:.3f}, completeness "
               f"{point.completeness:.3f}")
+    for a in agreement.values():
+        print(f"{a.upstream} -> {a.downstream}: the connections carry {a.captured:.1%} of the "
+              f"attribution edges' |effect|; exact vs attribution on them: relative error "
+              f"{a.error_on_connections:.3f}, correlation {a.correlation:.3f}")
     print(f"graph: {len(graph.nodes)} nodes, {len(graph.links)} edges -> {out / 'circuit.png'}, "
           f"{out / 'circuit.json'}")
     return results

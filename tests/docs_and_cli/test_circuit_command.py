@@ -55,3 +55,35 @@ def test_bad_input_is_refused(tmp_path, tiny_llama):
         main(["circuit", str(bare), "--out", str(tmp_path / "report")])
     with pytest.raises(ValueError, match="thresholds must be comma-separated numbers"):
         main(["circuit", str(bare), "--thresholds", "0.1,half", "--out", str(tmp_path / "r")])
+
+
+def test_circuit_command_on_an_scae_suite(tmp_path):
+    """--suite: the circuit of a saved SCAE suite's replacement model, drawn with
+    its exact connection edges, their agreement with the attribution edges in results.json."""
+    from dictionary_learning import load_model
+    from dictionary_learning.scae import all_connections
+
+    from ..helpers import make_suite
+
+    model = load_model("tiny-llama", attn_implementation="eager")
+    suite = make_suite(model, n_layer=2)
+    suite.connections = all_connections(suite, model)
+    suite.model_name = "tiny-llama"
+    folder = suite.save(tmp_path / "suite")
+    pairs = [PromptPair(f"ab{c}", f"ac{c}", "x", "y") for c in "defg"]
+    save_prompt_pairs(pairs, tmp_path / "pairs.jsonl")
+    out = tmp_path / "report"
+    main(["circuit", "--suite", str(folder), "--prompts", str(tmp_path / "pairs.jsonl"),
+          "--method", "attribution", "--thresholds=-1,100", "--label-texts", "0",
+          "--graph-threshold", "0.01", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert results["sites"] == suite.names and results["suite"] == str(folder)
+    everything, nothing = results["curve"]
+    assert everything["nodes"] == 4 * 96 and nothing["nodes"] == 0
+    assert everything["faithfulness"] == pytest.approx(1, abs=1e-4)
+    pairs_seen = {(a["upstream"], a["downstream"]) for a in results["edge_agreement"]}
+    assert ("attn_0", "mlp_1") in pairs_seen and len(pairs_seen) == 6
+    assert all(a["captured"] == pytest.approx(1) for a in results["edge_agreement"])
+    assert results["graph"]["links"] > 0
+    with pytest.raises(ValueError, match="one of the two"):
+        main(["circuit", "--out", str(tmp_path / "r")])
