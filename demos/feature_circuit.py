@@ -6,6 +6,12 @@ circuit's faithfulness and completeness at a few thresholds by real mean ablatio
 
     python demos/feature_circuit.py                        # SmolLM2-135M, resid of 6 layers
     python demos/feature_circuit.py --layers 3,9 --steps 30 --pairs 8    # a quick check
+    python demos/feature_circuit.py --suite runs/demo_scae/suite  # an SCAE suite from demos/scae.py
+
+With --suite, the circuit is that of the suite's replacement model (every attention output and MLP
+output its module's reconstruction: no error nodes), drawn with the exact edges of the suite's
+connections; results.json and the printout compare them with the attribution edges
+(`circuits.scae`). It is written to OUT/scae/.
 
 The prompts need a tokenizer in which " is" / " are" are single tokens (SmolLM2's; the tiny test
 models' byte tokenizer is not one).
@@ -41,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
                    help="simple, within_rc, across_rc or nounpp (default %(default)s)")
     p.add_argument("--pairs", type=int, default=32, help="prompt pairs (default %(default)s)")
     p.add_argument("--ig-steps", type=int, default=10, help="IG steps (default %(default)s)")
+    p.add_argument("--suite", default=None,
+                   help="a saved SCAE suite (demos/scae.py writes runs/demo_scae/suite): its "
+                   "circuit instead of SAEs trained here")
     p.add_argument("--out", default="runs/feature_circuit", help="(default %(default)s)")
     return p
 
@@ -67,6 +76,10 @@ def train_saes(model, layers: list[int], args) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if args.suite:
+        circuit_report(suite=args.suite, model=args.model, case=args.case, pairs=args.pairs,
+                       steps=args.ig_steps, out=Path(args.out) / "scae")
+        return
     model = load_model(args.model)
     layers = ([int(x) for x in args.layers.split(",")] if args.layers else
               sorted({round(i * (n_layers(model) - 1) / 5) for i in range(6)}))

@@ -57,9 +57,14 @@ def plain_metric(model, ids, replace=None):
             handles.append(module.register_forward_hook(swap))
         else:
             handles.append(module.register_forward_pre_hook(lambda m, args: (value, *args[1:])))
+    return hooked_metric(model, ids, handles)
+
+
+def hooked_metric(model, ids, handles):
+    """The metric of a plain forward with the hooks whose `handles` are given, then removed."""
     try:
         with torch.no_grad():
-            return METRIC(torch_model(ids).logits)
+            return METRIC(model._module(ids).logits)
     finally:
         for handle in handles:
             handle.remove()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dictionary_learning import load_model
-from dictionary_learning.circuits import edge_effects, logit_difference, node_state
+from dictionary_learning.circuits import edge_effects, node_state
 from dictionary_learning.circuits import scae as circuits_scae
 from dictionary_learning.models import norm_params
 from dictionary_learning.scae import (
@@ -24,8 +24,7 @@ from dictionary_learning.scae import (
 from dictionary_learning.scae.tracing import layer_points
 
 from ..helpers import make_suite
-
-METRIC = logit_difference(torch.tensor([3, 4]), torch.tensor([7, 9]))
+from .test_nodes import METRIC, hooked_metric
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2"])
@@ -71,12 +70,7 @@ def plain_replacement_metric(model, suite, ids, edit=None):
                 new = dictionary.decode(codes if change is None else change(codes))
                 return (new, *out[1:]) if isinstance(out, tuple) else new
             handles.append(module.register_forward_hook(swap))
-    try:
-        with torch.no_grad():
-            return METRIC(torch_model(ids).logits)
-    finally:
-        for handle in handles:
-            handle.remove()
+    return hooked_metric(model, ids, handles)
 
 
 def test_the_replacement_model_and_its_node_effects(eager64):
