@@ -38,7 +38,9 @@ Pair = tuple[str, str, list[str]]
 
 def suite_sites(suite: SCAESuite, model: Any) -> list[Site]:
     """The suite's modules as sites in execution order: each attention SAE at its attention output,
-    each transcoder from its MLP's input to its output."""
+    each transcoder from its MLP's input to its output (a suite of another model's shape, or
+    trained on another model, is refused)."""
+    suite.check_model(model)
     sites = []
     for layer in range(suite.n_layers):
         points = layer_points(model, layer)
@@ -81,6 +83,9 @@ def connection_edges(suite: SCAESuite, model: Any, state: NodeState, node_thresh
     by_name = {site.name: site for site in state.sites}
     results = {}
     for upstream, downstream, _ in pairs if pairs is not None else suite_pairs(suite, model):
+        if downstream not in suite.names or upstream not in sources_of(downstream, model):
+            raise ValueError(f"({upstream!r}, {downstream!r}) is not a pair of the suite: a "
+                             f"module's sources are the modules before it (suite_pairs)")
         rows = _chosen(state, by_name[downstream], node_threshold)
         results[(upstream, downstream)] = EdgeEffects(
             upstream, downstream, rows,

@@ -204,3 +204,6 @@ def test_bad_input_is_refused(eager64):
     with pytest.raises(ValueError, match="errors must be one of"):
         node_state(eager64, circuits_scae.suite_sites(suite, eager64), clean,
                                  None, METRIC, errors="drop")
+    with pytest.raises(ValueError, match="not a pair of the suite"):
+        circuits_scae.connection_edges(suite_of(eager64), eager64, state,
+                                       pairs=[("mlp_1", "attn_0", [])])
