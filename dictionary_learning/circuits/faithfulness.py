@@ -1,8 +1,9 @@
 """Circuits and how faithful they are, by real ablations (Marks et al. 2024, section 3): a circuit
 keeps the nodes whose effect (summed over positions, averaged over examples) exceeds a threshold;
-every other node (feature or error) is mean-ablated, replaced by its mean over the clean prompts'
-examples and positions. Sites run in order, each encoding what reaches it, so an ablation upstream
-moves the features downstream as in the model.
+every other node (feature or error) is mean-ablated, replaced at each position by its mean over
+the clean prompts at that position (the paper's, feature-circuits' `x.mean(dim=0)`). Sites run in
+order, each encoding what reaches it, so an ablation upstream moves the features downstream as in
+the model.
 
     faithfulness(C) = (m(C) - m(empty)) / (m(model) - m(empty))
 
@@ -34,9 +35,9 @@ def circuit_nodes(state: NodeState, threshold: float) -> dict[str, torch.Tensor]
 
 
 def mean_values(state: NodeState) -> dict[str, SiteValues]:
-    """Each site's features `[d_sae]` and error `[d]` averaged over the clean examples and
-    positions: the values an ablated node takes."""
-    return {name: SiteValues(values.features.mean((0, 1)), values.error.mean((0, 1)))
+    """Each site's features `[seq, d_sae]` and error `[seq, d]` at each position averaged over the
+    clean examples (the prompts are of one length): the values an ablated node takes."""
+    return {name: SiteValues(values.features.mean(0), values.error.mean(0))
             for name, values in state.clean.items()}
 
 

@@ -15,7 +15,7 @@ from dictionary_learning.circuits.nodes import node_state
 from dictionary_learning.circuits.sites import as_sites
 from dictionary_learning.dictionary import AutoEncoder
 
-from .test_nodes import METRIC, prompts, randomized
+from .test_nodes import METRIC, plain_value, prompts, randomized
 
 
 def two_sites(model):
@@ -57,6 +57,12 @@ def test_ablations_match_plain_hooks(model64):
     clean, patch = prompts(seed=7)
     state = node_state(model64, sites, clean, patch, METRIC)
     means = mean_values(state)
+    for site in sites:  # the paper's mean ablation: per position, over the examples
+        x = plain_value(model64, clean, site.point).double()
+        torch.testing.assert_close(means[site.name].features,
+                                   site.dictionary.encode(x).mean(0))
+        torch.testing.assert_close(means[site.name].error,
+                                   (x - site.dictionary(x)).mean(0))
     generator = torch.Generator().manual_seed(0)
     kept = {site.name: torch.rand(site.d_sae + 1, generator=generator) < 0.3 for site in sites}
     kept["resid_1"][-1] = True  # one error node kept, one ablated
