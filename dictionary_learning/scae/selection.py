@@ -147,6 +147,7 @@ def all_connections(suite: SCAESuite, model: Any) -> Connections:
     """Every feature connected to every source feature (C = all): the pruned pass then equals the
     dense one. Only for small suites: this is the dense d_sae x n_sources matrix the pruned
     pass otherwise avoids."""
+    suite.check_model(model)
     indices, weights = {}, {}
     for name in suite.names:
         n_sources = suite.n_sources(name, model)
@@ -163,6 +164,8 @@ def random_connections(suite: SCAESuite, C: int, seed: int = 0, model: Any = Non
     uniformly at random (all of them where fewer exist), with their virtual weights. Marked
     `random`, so `ce_versus_c` takes its first C per row as a random C-subset too."""
     check_C(C)
+    if model is not None:
+        suite.check_model(model)
     generator = torch.Generator().manual_seed(seed)
     indices, weights = {}, {}
     for name in suite.names:

@@ -16,7 +16,7 @@ from ..checks import integer, renamed_keywords
 from ..dictionary import AutoEncoderTopK, Dictionary
 from ..files import atomic_folder, atomic_write, atomic_write_json, read_json
 from ..formats.hooks import site_hooks
-from ..models import buffer_io, d_model, model_fingerprint, n_layers
+from ..models import buffer_io, d_model, model_fingerprint, n_layers, torch_model
 from ..models.adapters import parallel_residual
 from ..utils import download_from_hub, load_dictionary, push_to_hub, save_dictionary
 
@@ -158,6 +158,12 @@ class SCAESuite(nn.Module):
         width = d_model(model)
         if self.n_layers > n_layers(model):
             raise ValueError(f"the suite has {self.n_layers} layers, the model {n_layers(model)}")
+        mine, theirs = next(self.parameters()).dtype, next(torch_model(model).parameters()).dtype
+        if mine != theirs:  # the linearisation multiplies the suite's weights by the model's
+            raise ValueError(f"the suite's parameters are {str(mine).removeprefix('torch.')}, the "
+                             f"model's {str(theirs).removeprefix('torch.')}: load the model with "
+                             f"dtype=torch.{str(mine).removeprefix('torch.')} (or convert the "
+                             "suite with suite.to(...))")
         for name, module in self.dictionaries.items():
             if module.d_in != width or module.d_out != width:
                 raise ValueError(f"{name} maps {module.d_in} -> {module.d_out}, but "

@@ -35,6 +35,11 @@ def test_suite_save_load_and_errors(tmp_path, tiny_llama):
     wrong = SCAESuite.random(load_model("tiny-gpt2"), d_sae=16, k=2, n_layer=1)
     with pytest.raises(ValueError, match="width is 64"):
         wrong.check_model(tiny_llama)
+    # the linearisation multiplies the suite's weights by the model's: one dtype, or a clear error
+    # (every door that takes a model: run_suite, all_connections, random_connections)
+    bf16 = load_model("tiny-llama", dtype=torch.bfloat16, attn_implementation="eager")
+    with pytest.raises(ValueError, match="parameters are float32, the model.s bfloat16"):
+        all_connections(suite, bf16)
     with pytest.raises(ValueError, match="not a saved SCAESuite"):
         SCAESuite.load(tmp_path)
 
