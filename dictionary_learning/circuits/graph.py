@@ -82,17 +82,20 @@ def draw_graph(graph: CircuitGraph, path: str | Path, title: str | None = None) 
     """The graph drawn in layers (sites bottom to top), features as circles and error nodes as
     squares, blue for effects that raise the metric and red for those that lower it, edge width
     by |effect|; the format from the suffix (.png, .svg, .pdf). In an SVG a feature node with a
-    dashboard page links to it."""
+    dashboard page links to it. Labels alternate above and below the nodes of a layer, so
+    neighbours' labels do not overlap."""
     plt = pyplot()
     path = Path(path)
     rows: dict[int, list[dict]] = {}
     for node in graph.nodes:
         rows.setdefault(node["row"], []).append(node)
-    where = {}
+    where, below = {}, set()
     for row, members in rows.items():
         members.sort(key=lambda n: (n["feature"] == -1, -abs(n["effect"])))
         for i, node in enumerate(members):
             where[node["id"]] = ((i + 1) / (len(members) + 1), row)
+            if i % 2:
+                below.add(node["id"])
     width = max([len(m) for m in rows.values()] + [4])
     figure, axes = plt.subplots(figsize=(min(2 + 1.6 * width, 40), 1.5 + 1.3 * len(graph.sites)))
     largest = max([abs(link["weight"]) for link in graph.links] + [1e-12])
@@ -105,8 +108,10 @@ def draw_graph(graph: CircuitGraph, path: str | Path, title: str | None = None) 
         axes.scatter([x], [y], s=260, marker="s" if node["feature"] == -1 else "o",
                      color="tab:blue" if node["effect"] > 0 else "tab:red", edgecolor="black",
                      zorder=2, urls=[node.get("url")])
-        axes.annotate(node["label"], (x, y), textcoords="offset points", xytext=(0, 11),
-                      ha="center", fontsize=7, zorder=3)
+        under = node["id"] in below
+        axes.annotate(node["label"], (x, y), textcoords="offset points",
+                      xytext=(0, -11 if under else 11), ha="center",
+                      va="top" if under else "bottom", fontsize=7, zorder=3)
     axes.set_yticks(range(len(graph.sites)), graph.sites)
     axes.set_ylim(-0.7, len(graph.sites) - 0.3)
     axes.set_xlim(0, 1)
