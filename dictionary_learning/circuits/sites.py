@@ -151,20 +151,25 @@ def _site_patch(site: Site, mode: str, store: dict[str, SiteValues], replace: Re
     def patch(value: torch.Tensor) -> torch.Tensor:
         x_in = inputs["x"] if site.source is not None else value
         dtype = value.dtype
-        if zero_errors:  # the replacement model
-            x = x_in.to(work)
-            value = dictionary.decode(dictionary.encode(x), x=x).to(dtype)
+        if zero_errors:  # the replacement model: the value is the reconstruction (with grad)
+            live = dictionary.encode(x_in.to(work))
+            reconstruction = dictionary.decode(live, x=x_in.to(work))
+            value = reconstruction.to(dtype)
         if mode == "through":
+            if zero_errors:  # an error of zero, in the graph
+                store[site.name] = SiteValues(live, (value.to(work) - reconstruction) * 0)
+                return value
             features = dictionary.encode(x_in.to(work))
             error = value.to(work) - dictionary.decode(features, x=x_in.to(work))
-            store[site.name] = SiteValues(features, error * 0 if zero_errors else error)
+            store[site.name] = SiteValues(features, error)
             return value
         x_in = x_in.detach().to(work)
         with torch.no_grad():
-            features = dictionary.encode(x_in)
-            error = value.detach().to(work) - dictionary.decode(features, x=x_in)
-            if zero_errors:  # (not the rounding of a lower-precision model's dtype)
-                error.zero_()
+            if zero_errors:  # (zero, not the rounding of a lower-precision model's dtype)
+                features, error = live.detach(), torch.zeros_like(reconstruction)
+            else:
+                features = dictionary.encode(x_in)
+                error = value.detach().to(work) - dictionary.decode(features, x=x_in)
         if replace is not None:
             features, error = replace(features, error)
         if mode == "attribute":

@@ -159,7 +159,8 @@ class TopKTrainer(UpdateX, UpstreamTrainerAPI, Trainer):
 
     def before_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
         if step == 0 and not self.b_dec_initialised:
-            parts.initial_biases(self.ae, self.global_rows(x), self.global_rows(y))
+            targets = self.global_rows(y)  # (an SAE's are its inputs: gathered once)
+            parts.initial_biases(self.ae, targets if y is x else self.global_rows(x), targets)
             self.b_dec_initialised = True
 
     def after_step(self, step: int, x: torch.Tensor, y: torch.Tensor, out: StepOutput) -> None:
