@@ -98,8 +98,7 @@ def circuit_report(dictionaries: list[str] | None = None, model: str | None = No
         # a suite's linearisation reads the attention patterns
         lm = load_model(name, **({} if scae is None else {"attn_implementation": "eager"}))
     if scae is not None:
-        scae.check_model(lm)
-        sites = suite_sites(scae, lm)
+        sites = suite_sites(scae, lm)  # (checks the suite against the model)
     source = load_prompt_pairs(prompts) if prompts else agreement_pairs(case, n=4 * pairs)
     kept = single_token_pairs(source, lm.tokenizer)
     by_length: dict[int, list] = {}
